@@ -1,0 +1,29 @@
+# slimflow: `make run` and `make test` install whatever is missing first.
+VENV  := .venv
+PY    := $(VENV)/bin/python
+STAMP := $(VENV)/.slimflow-installed
+
+.PHONY: install run test test-fast bench repro ui clean-outputs
+
+$(STAMP): pyproject.toml scripts/install.sh
+	bash scripts/install.sh
+
+install: $(STAMP)
+
+run: $(STAMP)  ## the whole pipeline on the default data set
+	$(VENV)/bin/slimflow run
+
+test: $(STAMP)  ## the whole test suite, real Horovod/Prefect/MLflow/DVC included
+	$(PY) -m pytest
+
+test-fast: $(STAMP)  ## unit tests only
+	$(PY) -m pytest -m "not integration"
+
+bench: $(STAMP)  ## benchmarks (not part of the tests)
+	$(PY) benchmarks/run.py
+
+repro: $(STAMP)  ## reproduce with DVC directly
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/dvc repro
+
+ui: $(STAMP)  ## the MLflow UI on http://127.0.0.1:5000
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000

@@ -1,0 +1,205 @@
+"""The ``slimflow`` command line: run, serve, status, report, params."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+import flows  # noqa: F401  (sets Prefect's environment before Prefect is imported)
+from tasks.config import ParamsError, load_params, params_schema
+from tasks.paths import ProjectPaths
+
+app = typer.Typer(
+    help="slimflow: train with Horovod, compress, evaluate - orchestrated by Prefect, "
+    "versioned by DVC, tracked in MLflow.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=False)
+errors = Console(stderr=True)
+
+STAGE_NAMES = ("prepare", "train", "compress", "evaluate")
+
+
+def _fail(message: str, code: int = 2) -> None:
+    errors.print(f"[bold red]error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def comparison_table(rows: list[dict[str, Any]], title: str = "baseline vs. compressed variants") -> Table:
+    table = Table(title=title)
+    for column in ("model", "accuracy", "Δ accuracy", "size KB", "size ×", "p50 ms", "p95 ms", "latency ×", "samples/s"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    baseline = next((r for r in rows if r["model"] == "baseline"), None)
+
+    def ratio(value: Any, base: Any) -> str:
+        return f"{value / base:.2f}" if value and base else "-"
+
+    def num(value: Any, fmt: str) -> str:
+        return format(value, fmt) if isinstance(value, (int, float)) else "-"
+
+    for row in rows:
+        table.add_row(
+            row["model"],
+            num(row.get("accuracy"), ".4f"),
+            num(None if row["model"] == "baseline" else row.get("accuracy_change"), "+.4f"),
+            num((row.get("size_bytes") or 0) / 1024 if row.get("size_bytes") else None, ".1f"),
+            ratio(row.get("size_bytes"), baseline and baseline.get("size_bytes")),
+            num(row.get("latency_p50_ms"), ".3f"),
+            num(row.get("latency_p95_ms"), ".3f"),
+            ratio(row.get("latency_p50_ms"), baseline and baseline.get("latency_p50_ms")),
+            num(row.get("throughput_sps"), ".0f"),
+        )
+    return table
+
+
+@app.command()
+def run(
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a parameter: --set train.epochs=3 (repeatable); recorded in params.yaml.")] = None,
+    from_stage: Annotated[Optional[str], typer.Option("--from", help=f"First stage to run ({', '.join(STAGE_NAMES)}).")] = None,
+    to_stage: Annotated[Optional[str], typer.Option("--to", help="Last stage to run.")] = None,
+    force: Annotated[bool, typer.Option(help="Run the selected stages even if DVC says they are up to date.")] = False,
+    wait: Annotated[float, typer.Option(help="Seconds to wait for another pipeline run of this project to finish (default: refuse at once).")] = 0.0,
+) -> None:
+    """Run the pipeline (or a range of stages) as a Prefect flow; unchanged stages are skipped."""
+    paths = ProjectPaths.discover()
+    overrides = list(set_ or [])
+    for name in (from_stage, to_stage):
+        if name is not None and name not in STAGE_NAMES:
+            _fail(f"unknown stage {name!r}; stages: {', '.join(STAGE_NAMES)}")
+    try:
+        load_params(paths.params, overrides)  # refuse bad input before anything starts
+    except ParamsError as err:
+        _fail(str(err))
+
+    from flows.pipeline import pipeline
+    from tasks.dvc_stages import PipelineBusy
+
+    try:
+        result = pipeline(overrides=overrides, first=from_stage, last=to_stage, force=force, wait_s=wait)
+    except PipelineBusy as err:
+        _fail(str(err), code=3)
+    except Exception as err:  # the stage's own message is already on the terminal
+        _fail(f"pipeline failed: {err}", code=1)
+    if result["comparison"]:
+        console.print(comparison_table(result["comparison"]))
+    console.print(f"MLflow pipeline run: {result['mlflow_run_id']}  (see README: MLflow UI)")
+
+
+@app.command()
+def serve(
+    cron: Annotated[Optional[str], typer.Option(help='Cron schedule, e.g. "0 3 * * *".')] = None,
+    interval: Annotated[Optional[int], typer.Option(help="Run every N seconds instead of a cron schedule.")] = None,
+    name: Annotated[str, typer.Option(help="Deployment name.")] = "scheduled",
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Default parameter overrides for scheduled runs.")] = None,
+) -> None:
+    """Serve the pipeline as a Prefect deployment on a schedule (needs a Prefect server)."""
+    if (cron is None) == (interval is None):
+        _fail("give exactly one of --cron or --interval")
+    if not os.environ.get("PREFECT_API_URL"):
+        _fail(
+            "scheduled runs need a Prefect server (the temporary one has no scheduler). Start one with\n"
+            "  .venv/bin/prefect server start --host 127.0.0.1\n"
+            "and point slimflow at it:  export PREFECT_API_URL=http://127.0.0.1:4200/api"
+        )
+    overrides = list(set_ or [])
+    paths = ProjectPaths.discover()
+    try:
+        load_params(paths.params, overrides)
+    except ParamsError as err:
+        _fail(str(err))
+    from prefect import serve as prefect_serve
+
+    from flows.pipeline import pipeline
+
+    deployment = pipeline.to_deployment(
+        name=name, cron=cron, interval=interval,
+        parameters={"overrides": overrides, "wait_s": 3600.0},
+        description="slimflow pipeline on a schedule",
+    )
+    console.print(f"serving slimflow-pipeline/{name} ({'cron ' + cron if cron else f'every {interval} s'}); Ctrl-C stops")
+    prefect_serve(deployment)
+
+
+@app.command()
+def status(limit: Annotated[int, typer.Option(help="How many recent pipeline runs to list.")] = 5) -> None:
+    """The latest pipeline runs (MLflow status, Prefect flow run) and the current champion."""
+    paths = ProjectPaths.discover()
+    params = load_params(paths.params)
+    import mlflow
+    from mlflow import MlflowClient
+
+    from tasks import tracking
+
+    experiment_id = tracking.configure(paths.root, params.base.experiment)
+    runs = mlflow.search_runs(
+        experiment_ids=[experiment_id], filter_string="tags.pipeline = 'slimflow'",
+        order_by=["attributes.start_time DESC"], max_results=limit, output_format="list",
+    )
+    table = Table(title=f"latest pipeline runs ({os.environ['MLFLOW_TRACKING_URI']})")
+    for column in ("started", "MLflow status", "MLflow run id", "Prefect flow run", "stages ran", "error"):
+        table.add_column(column)
+    import datetime as dt
+
+    for r in runs:
+        table.add_row(
+            dt.datetime.fromtimestamp(r.info.start_time / 1000).strftime("%Y-%m-%d %H:%M:%S"),
+            r.info.status, r.info.run_id, r.data.tags.get("prefect_flow_run_id", "-"),
+            r.data.tags.get("stages_ran", "-"), (r.data.tags.get("error") or "")[:60],
+        )
+    console.print(table)
+    client = MlflowClient()
+    name = params.evaluate.registered_model
+    try:
+        version = client.get_model_version_by_alias(name, "champion")
+        console.print(f"champion: models:/{name}@champion = version {version.version} "
+                      f"({version.tags.get('variant', '?')}, run {version.run_id})")
+    except Exception:
+        console.print(f"champion: none registered yet under {name!r}")
+
+
+@app.command()
+def report() -> None:
+    """The comparison table of the latest evaluated run (metrics/evaluate.json)."""
+    from flows.pipeline import comparison_rows
+
+    paths = ProjectPaths.discover()
+    rows = comparison_rows(paths)
+    if not rows:
+        _fail(f"no evaluation found at {paths.metrics / 'evaluate.json'}; run `slimflow run` first", code=1)
+    console.print(comparison_table(rows))
+    report_file = paths.evaluation / "report.md"
+    if report_file.exists():
+        console.print(f"full report: {report_file}")
+
+
+@app.command()
+def params(
+    schema: Annotated[bool, typer.Option("--schema", help="Print the JSON schema of params.yaml.")] = False,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Show the result of these overrides.")] = None,
+) -> None:
+    """Validate params.yaml (with overrides) and print the effective values, or the schema."""
+    if schema:
+        console.print_json(json.dumps(params_schema()))
+        return
+    paths = ProjectPaths.discover()
+    try:
+        loaded = load_params(paths.params, list(set_ or []))
+    except ParamsError as err:
+        _fail(str(err))
+    console.print_json(loaded.model_dump_json())
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

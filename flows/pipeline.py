@@ -1,0 +1,152 @@
+"""The pipeline flow: prepare -> train -> compress -> evaluate, each a DVC stage.
+
+A Prefect task per stage runs that stage through DVC (so an unchanged stage is skipped
+here and by ``dvc repro`` alike). The flow opens one MLflow run for the pipeline run;
+stages open runs nested under it. One pipeline runs at a time per project.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.context import get_run_context
+from prefect.tasks import exponential_backoff
+
+from tasks import tracking
+from tasks.config import load_params, write_overrides
+from tasks.dvc_stages import STAGES, pipeline_lock, reproduce_stage
+from tasks.paths import ProjectPaths
+
+
+def _run_stage(stage: str, root: str, force: bool) -> dict[str, Any]:
+    logger = get_run_logger()
+    started = time.perf_counter()
+    ran = reproduce_stage(Path(root), stage, force=force)
+    seconds = time.perf_counter() - started
+    logger.info("%s %s in %.1f s", stage, "ran" if ran else "skipped (up to date)", seconds)
+    return {"stage": stage, "ran": ran, "seconds": seconds}
+
+
+# Stages write their outputs atomically and record nothing half-done, so retrying is safe;
+# a retried train stage resumes from its last checkpoint.
+_retry = {"retries": 2, "retry_delay_seconds": exponential_backoff(backoff_factor=2), "retry_jitter_factor": 0}
+
+
+@task(name="prepare", **_retry)
+def prepare(root: str, force: bool = False) -> dict[str, Any]:
+    return _run_stage("prepare", root, force)
+
+
+@task(name="train", retries=1, retry_delay_seconds=2)
+def train(root: str, force: bool = False) -> dict[str, Any]:
+    return _run_stage("train", root, force)
+
+
+@task(name="compress", **_retry)
+def compress(root: str, force: bool = False) -> dict[str, Any]:
+    return _run_stage("compress", root, force)
+
+
+@task(name="evaluate", **_retry)
+def evaluate(root: str, force: bool = False) -> dict[str, Any]:
+    return _run_stage("evaluate", root, force)
+
+
+STAGE_TASKS = {"prepare": prepare, "train": train, "compress": compress, "evaluate": evaluate}
+
+
+def select_stages(first: str | None, last: str | None) -> list[str]:
+    start = STAGES.index(first) if first else 0
+    end = STAGES.index(last) if last else len(STAGES) - 1
+    if start > end:
+        raise ValueError(f"stage range {first}..{last} is empty: stages run in the order {', '.join(STAGES)}")
+    return list(STAGES[start : end + 1])
+
+
+def comparison_rows(paths: ProjectPaths) -> list[dict[str, Any]]:
+    """Baseline and every variant from the evaluate stage's metrics, for tables."""
+    metrics_file = paths.metrics / "evaluate.json"
+    if not metrics_file.exists():
+        return []
+    metrics = json.loads(metrics_file.read_text())
+    baseline = metrics.get("baseline", {})
+    rows = []
+    for name, values in metrics.items():
+        if not isinstance(values, dict) or "accuracy" not in values:
+            continue
+        rows.append({
+            "model": name,
+            "accuracy": values.get("accuracy"),
+            "accuracy_change": values["accuracy"] - baseline["accuracy"] if "accuracy" in baseline else None,
+            "size_bytes": values.get("size_bytes"),
+            "latency_p50_ms": values.get("latency_p50_ms"),
+            "latency_p95_ms": values.get("latency_p95_ms"),
+            "throughput_sps": values.get("throughput_sps"),
+        })
+    return rows
+
+
+@flow(name="slimflow-pipeline", log_prints=False)
+def pipeline(
+    overrides: list[str] | None = None,
+    first: str | None = None,
+    last: str | None = None,
+    force: bool = False,
+    wait_s: float = 0.0,
+) -> dict[str, Any]:
+    """Run the pipeline stages (all, or ``first``..``last``) through DVC, tracked in MLflow."""
+    logger = get_run_logger()
+    paths = ProjectPaths.discover()
+    root = str(paths.root)
+    stages = select_stages(first, last)
+    flow_run_id = str(get_run_context().flow_run.id)
+    with pipeline_lock(paths.root, wait_s):
+        # Overrides are validated before anything runs, then recorded in params.yaml,
+        # so dvc.lock records them and `dvc repro` reproduces this run.
+        params = write_overrides(paths.params, overrides) if overrides else load_params(paths.params)
+        experiment_id = tracking.configure(paths.root, params.base.experiment)
+        import mlflow
+
+        tags = {**tracking.link_tags(paths.root), "prefect_flow_run_id": flow_run_id, "pipeline": "slimflow"}
+        with mlflow.start_run(run_name=f"pipeline {time.strftime('%Y-%m-%d %H:%M:%S')}", tags=tags) as run:
+            mlflow.log_params({k: str(v)[:6000] for k, v in tracking.flatten(params.model_dump()).items()})
+            if overrides:
+                mlflow.set_tag("overrides", " ".join(overrides))
+            os.environ[tracking.PARENT_RUN_ENV] = run.info.run_id
+            os.environ[tracking.FLOW_RUN_ENV] = flow_run_id
+            os.environ["MLFLOW_EXPERIMENT_ID"] = experiment_id
+            results = []
+            try:
+                for stage in stages:
+                    results.append(STAGE_TASKS[stage](root, force))
+            except BaseException as err:
+                mlflow.set_tag("error", str(err)[:5000])
+                raise
+            finally:
+                for key in (tracking.PARENT_RUN_ENV, tracking.FLOW_RUN_ENV, "MLFLOW_EXPERIMENT_ID"):
+                    os.environ.pop(key, None)
+            mlflow.set_tags({
+                "stages_ran": ",".join(r["stage"] for r in results if r["ran"]) or "none",
+                "stages_skipped": ",".join(r["stage"] for r in results if not r["ran"]) or "none",
+            })
+            mlflow.log_metrics({f"stage_seconds.{r['stage']}": r["seconds"] for r in results})
+            rows = comparison_rows(paths)
+            _publish_artifacts(rows, run.info.run_id, results)
+    logger.info("pipeline run %s finished: %s", run.info.run_id,
+                ", ".join(f"{r['stage']} {'ran' if r['ran'] else 'skipped'}" for r in results))
+    return {"mlflow_run_id": run.info.run_id, "stages": results, "comparison": rows}
+
+
+def _publish_artifacts(rows: list[dict[str, Any]], run_id: str, results: list[dict[str, Any]]) -> None:
+    """The comparison table and the MLflow run ids, as Prefect artifacts of this flow run."""
+    if rows:
+        create_table_artifact(key="variant-comparison", table=rows, description="Baseline and compressed variants")
+    lines = [f"MLflow pipeline run: `{run_id}`", "", "| stage | ran | seconds |", "|---|---|---|"]
+    lines += [f"| {r['stage']} | {'yes' if r['ran'] else 'skipped'} | {r['seconds']:.1f} |" for r in results]
+    create_markdown_artifact(key="mlflow-runs", markdown="\n".join(lines), description="MLflow run ids")

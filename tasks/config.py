@@ -1,0 +1,274 @@
+"""The one place ``params.yaml`` is loaded and validated.
+
+Every section is a frozen, strict pydantic model (unknown keys rejected, ranges
+checked). Overrides (``--set train.epochs=3``, deployment parameters, ``dvc exp run
+-S``) go through :func:`load_params` too, so they are validated exactly like the file.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from models import ModelSpec
+
+
+class ParamsError(ValueError):
+    """A parameter file or override is invalid; the message names the key and the problem."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+Fraction = Annotated[float, Field(gt=0.0, lt=1.0)]
+
+
+class BaseParams(_Strict):
+    seed: int = Field(42, ge=0)
+    experiment: str = Field("slimflow", min_length=1)
+
+
+class PrepareParams(_Strict):
+    source: Literal["digits", "breast_cancer", "idx", "npz", "csv", "image_folder"] = "digits"
+    # Path of the raw data, relative to the project root (a file or a folder, by source).
+    path: str | None = None
+    # idx: the label file beside the image file `path`.
+    labels_path: str | None = None
+    # npz: the names of the input and label arrays.
+    npz_inputs: str = "x"
+    npz_labels: str = "y"
+    # csv: the label column (every other column is a feature).
+    csv_label_column: str = "label"
+    # image_folder: every image is converted to `image_mode` and resized to image_size.
+    image_size: tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]] = (28, 28)
+    image_mode: Literal["L", "RGB"] = "L"
+    val_fraction: Fraction = 0.15
+    test_fraction: Fraction = 0.25
+
+    @model_validator(mode="after")
+    def _check(self) -> PrepareParams:
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError("val_fraction + test_fraction must be below 1")
+        if self.source in {"idx", "npz", "csv", "image_folder"} and not self.path:
+            raise ValueError(f"source {self.source!r} needs prepare.path")
+        if self.source == "idx" and not self.labels_path:
+            raise ValueError("source 'idx' needs prepare.labels_path (the IDX label file)")
+        return self
+
+
+class ModelParams(_Strict):
+    family: Literal["mlp", "cnn", "lstm", "gru"] = "cnn"
+    width: float = Field(1.0, gt=0.0, le=8.0)
+    hidden_sizes: tuple[Annotated[int, Field(ge=1)], ...] = (256, 128)
+    channels: tuple[Annotated[int, Field(ge=1)], ...] = (32, 64)
+    rnn_hidden: int = Field(64, ge=1)
+    rnn_layers: int = Field(1, ge=1)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+
+    def spec(self, **changes: Any) -> ModelSpec:
+        return ModelSpec.from_dict({**self.model_dump(), **changes})
+
+
+class TrainParams(_Strict):
+    model: ModelParams = ModelParams()
+    epochs: int = Field(15, ge=1, le=10_000)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(0.002, gt=0.0, le=10.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    warmup_epochs: int = Field(1, ge=0)
+    patience: int = Field(5, ge=1)
+    # Horovod: local worker processes, or hosts "hostA:4,hostB:4" (overrides workers).
+    workers: int = Field(2, ge=1, le=256)
+    hosts: str | None = None
+    network_interface: str | None = None
+    fp16_allreduce: bool = False
+    backward_passes_per_step: int = Field(1, ge=1)
+    # Threads per worker; null = usable cores // local workers.
+    threads_per_worker: int | None = Field(None, ge=1)
+    # Hardware acceleration: "auto" turns bf16 autocast / channels_last on for GPUs only.
+    mixed_precision: Literal["auto", "off", "bf16"] = "auto"
+    channels_last: Literal["auto", "off", "on"] = "auto"
+
+    @field_validator("hosts")
+    @classmethod
+    def _check_hosts(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        for entry in value.split(","):
+            host, _, slots = entry.strip().partition(":")
+            if not host or (slots and not slots.isdigit()) or (slots and int(slots) < 1):
+                raise ValueError(f"expected 'host:slots,host:slots', got {value!r}")
+        return value
+
+
+class CompressStep(_Strict):
+    method: Literal["prune", "quantize", "distill", "half"]
+    # prune
+    kind: Literal["unstructured", "structured"] | None = None
+    sparsity: float | None = Field(None, ge=0.0)
+    fine_tune_epochs: int = Field(0, ge=0)
+    # quantize
+    mode: Literal["dynamic", "static", "qat"] | None = None
+    runtime: Literal["onnxruntime", "torch"] = "onnxruntime"
+    # distill
+    student_family: Literal["mlp", "cnn", "lstm", "gru"] | None = None
+    student_width: float | None = Field(None, gt=0.0, le=8.0)
+    temperature: float = Field(4.0, gt=0.0)
+    alpha: float = Field(0.7, ge=0.0, le=1.0)
+    epochs: int = Field(10, ge=1)
+
+
+class Variant(_Strict):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
+    parent: str = "baseline"
+    steps: tuple[CompressStep, ...] = Field(min_length=1)
+
+
+class CompressParams(_Strict):
+    calibration_samples: int = Field(256, ge=1)
+    fine_tune_lr: float = Field(0.0005, gt=0.0)
+    variants: tuple[Variant, ...] = ()
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> CompressParams:
+        seen: set[str] = set()
+        for variant in self.variants:
+            if variant.name in seen or variant.name == "baseline":
+                raise ValueError(f"variant name {variant.name!r} is used twice (or is 'baseline')")
+            seen.add(variant.name)
+        return self
+
+
+class GateParams(_Strict):
+    max_accuracy_drop: float = Field(0.01, ge=0.0, le=1.0)
+    max_latency_p95_ms: float | None = Field(None, gt=0.0)
+    max_size_bytes: int | None = Field(None, gt=0)
+
+
+class EvaluateParams(_Strict):
+    latency_repeats: int = Field(30, ge=3)
+    warmup: int = Field(5, ge=0)
+    throughput_batch: int = Field(256, ge=1)
+    threads: int = Field(1, ge=1)
+    gate: GateParams = GateParams()
+    objective: Literal["smallest", "fastest"] = "smallest"
+    registered_model: str = Field("slimflow-classifier", min_length=1)
+    # Package-power figure (watts) for the energy estimate where no counter is readable.
+    estimate_cpu_watts_per_core: float = Field(10.0, gt=0.0)
+
+
+class Params(_Strict):
+    base: BaseParams = BaseParams()
+    prepare: PrepareParams = PrepareParams()
+    train: TrainParams = TrainParams()
+    compress: CompressParams = CompressParams()
+    evaluate: EvaluateParams = EvaluateParams()
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    lines = []
+    for problem in err.errors():
+        key = ".".join(str(part) for part in problem["loc"]) or "(top level)"
+        message = problem["msg"]
+        if problem["type"] == "extra_forbidden":
+            message = "unknown key"
+        lines.append(f"{source}: {key}: {message}")
+    return "\n".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``train.epochs=3`` -> (["train", "epochs"], 3). Values are parsed as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ParamsError(f"override {text!r}: expected key=value, e.g. train.epochs=3")
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of ``raw`` with each ``key=value`` set; unknown keys are caught by validation."""
+    merged = copy.deepcopy(raw)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = merged
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ParamsError(f"override {text!r}: {part!r} is not a section")
+            node = child
+        node[path[-1]] = value
+    return merged
+
+
+def validate_params(raw: Any, source: str = "params.yaml") -> Params:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise ParamsError(_format_error(err, source)) from None
+
+
+def read_params_file(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return {}
+    except OSError as err:
+        raise ParamsError(f"{path}: cannot read: {err.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path}: not valid YAML: {err}") from None
+    return raw or {}
+
+
+def load_params(path: Path | str = "params.yaml", overrides: list[str] | None = None) -> Params:
+    """Load, apply overrides and validate; raises :class:`ParamsError` naming the key."""
+    path = Path(path)
+    raw = read_params_file(path)
+    if overrides:
+        raw = apply_overrides(raw, overrides)
+    return validate_params(raw, path.name)
+
+
+def params_schema() -> dict[str, Any]:
+    return Params.model_json_schema()
+
+
+def write_overrides(path: Path | str, overrides: list[str]) -> Params:
+    """Validate ``overrides`` and record them in ``params.yaml`` (comments kept).
+
+    This is what ``dvc exp run -S`` does too: the file then says what the run used, so
+    ``dvc.lock`` records it and ``dvc repro`` reproduces it. Nothing is written when
+    validation fails.
+    """
+    from ruamel.yaml import YAML
+
+    path = Path(path)
+    params = load_params(path, overrides)
+    yaml_rt = YAML()
+    yaml_rt.preserve_quotes = True
+    document = yaml_rt.load(path.read_text()) if path.exists() else {}
+    document = document if document is not None else {}
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = document
+        for part in keys[:-1]:
+            if part not in node or node[part] is None:
+                node[part] = {}
+            node = node[part]
+        node[keys[-1]] = value
+    tmp = path.with_suffix(".yaml.tmp")
+    with tmp.open("w") as handle:
+        yaml_rt.dump(document, handle)
+    tmp.replace(path)
+    return params

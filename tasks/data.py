@@ -1,0 +1,102 @@
+"""The prepared-data contract between ``prepare`` and every later stage.
+
+``data/prepared/`` holds, per split (train, val, test), ``{split}_x.npy`` (float32,
+raw values, shape ``(N, *input_shape)``) and ``{split}_y.npy`` (int64 class indices),
+plus ``preprocess.json`` (input shape, classes and the normalization statistics
+computed on the train split only) and ``card.json`` (the data card). ``.npy`` files are
+written with ``np.save``, which is byte-deterministic, so DVC hashes never drift.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Normalization learnt on the train split; applied identically everywhere."""
+
+    input_shape: tuple[int, ...]
+    num_classes: int
+    class_names: tuple[str, ...]
+    mean: tuple[float, ...]  # per channel (images) or per feature (tabular)
+    std: tuple[float, ...]
+
+    @property
+    def is_image(self) -> bool:
+        return len(self.input_shape) == 3
+
+    def _stats(self) -> tuple[np.ndarray, np.ndarray]:
+        mean = np.asarray(self.mean, dtype=np.float32)
+        std = np.asarray(self.std, dtype=np.float32)
+        if self.is_image:
+            return mean.reshape(-1, 1, 1), std.reshape(-1, 1, 1)
+        return mean.reshape(self.input_shape), std.reshape(self.input_shape)
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        """Raw inputs ``(N, *input_shape)`` (or flat ``(N, prod(shape))``) -> normalized float32."""
+        x = np.asarray(x, dtype=np.float32)
+        if x.shape[1:] != tuple(self.input_shape):
+            x = x.reshape((x.shape[0], *self.input_shape))
+        mean, std = self._stats()
+        return (x - mean) / std
+
+    @classmethod
+    def fit(cls, x_train: np.ndarray, num_classes: int, class_names: list[str]) -> Preprocessing:
+        axes = (0, 2, 3) if x_train.ndim == 4 else (0,)
+        mean = x_train.mean(axis=axes, dtype=np.float64)
+        std = x_train.std(axis=axes, dtype=np.float64)
+        std = np.where(std < 1e-8, 1.0, std)  # constant features stay as they are
+        return cls(
+            input_shape=tuple(int(d) for d in x_train.shape[1:]),
+            num_classes=int(num_classes),
+            class_names=tuple(class_names),
+            mean=tuple(float(v) for v in np.ravel(mean)),
+            std=tuple(float(v) for v in np.ravel(std)),
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> Preprocessing:
+        data = json.loads(text)
+        return cls(
+            input_shape=tuple(data["input_shape"]),
+            num_classes=int(data["num_classes"]),
+            class_names=tuple(data["class_names"]),
+            mean=tuple(data["mean"]),
+            std=tuple(data["std"]),
+        )
+
+
+@dataclass(frozen=True)
+class Split:
+    x: np.ndarray  # normalized float32
+    y: np.ndarray  # int64
+
+
+def load_preprocessing(prepared: Path) -> Preprocessing:
+    return Preprocessing.from_json((prepared / "preprocess.json").read_text())
+
+
+def load_split(prepared: Path, split: str, preprocessing: Preprocessing | None = None) -> Split:
+    """Read one split and normalize it with the train-split statistics."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    preprocessing = preprocessing or load_preprocessing(prepared)
+    x = np.load(prepared / f"{split}_x.npy")
+    y = np.load(prepared / f"{split}_y.npy")
+    return Split(preprocessing.apply(x), y.astype(np.int64))
+
+
+def data_digest(prepared: Path) -> str:
+    """The digest of the data a run used, as recorded by ``prepare`` in the data card."""
+    card = json.loads((prepared / "card.json").read_text())
+    return str(card["digest"])

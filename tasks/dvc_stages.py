@@ -1,0 +1,81 @@
+"""Running the ``dvc.yaml`` stages from Python, one stage at a time, never two at once.
+
+The flow executes the very stages ``dvc repro`` runs, so an unchanged stage is skipped
+by both. DVC refuses a second concurrent ``repro`` in the same repository instead of
+waiting, so every call here holds a project-wide file lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+
+log = logging.getLogger(__name__)
+
+STAGES = ("prepare", "train", "compress", "evaluate")
+
+
+class PipelineBusy(RuntimeError):
+    """Another pipeline run holds the project lock."""
+
+
+def _lock_path(root: Path) -> Path:
+    folder = root / ".slimflow"
+    folder.mkdir(exist_ok=True)
+    return folder / "pipeline.lock"
+
+
+@contextmanager
+def pipeline_lock(root: Path, wait_s: float = 0.0) -> Iterator[None]:
+    """Hold the project's pipeline lock; raise :class:`PipelineBusy` if it is not free in ``wait_s``."""
+    path = _lock_path(root)
+    lock = FileLock(path)
+    try:
+        lock.acquire(timeout=wait_s)
+    except Timeout:
+        owner = ""
+        info = path.with_suffix(".owner")
+        if info.exists():
+            owner = f" (held by {info.read_text().strip()})"
+        raise PipelineBusy(
+            f"another slimflow pipeline run is in progress in {root}{owner}; "
+            f"it holds {path}. Wait for it to finish, or pass --wait SECONDS to queue behind it."
+        ) from None
+    try:
+        path.with_suffix(".owner").write_text(f"pid {os.getpid()}")
+        yield
+    finally:
+        path.with_suffix(".owner").unlink(missing_ok=True)
+        lock.release()
+
+
+def stage_environment() -> None:
+    """Stage commands say ``python``: make it this interpreter (the project venv)."""
+    bin_dir = str(Path(sys.executable).parent)
+    path = os.environ.get("PATH", "")
+    if not path.startswith(bin_dir + os.pathsep):
+        os.environ["PATH"] = bin_dir + os.pathsep + path
+
+
+def reproduce_stage(root: Path, stage: str, force: bool = False) -> bool:
+    """Reproduce one stage (not its upstream); True if it ran, False if DVC skipped it."""
+    from dvc.repo import Repo
+
+    stage_environment()
+    with Repo(str(root)) as repo:
+        ran = repo.reproduce(f"{root}/dvc.yaml:{stage}", single_item=True, force=force)
+    return bool(ran)
+
+
+def pipeline_status(root: Path) -> dict[str, list]:
+    """``dvc status`` as a dict: empty when every stage is up to date."""
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        return repo.status()

@@ -1,0 +1,71 @@
+"""Where the pipeline reads and writes, relative to the project root."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def find_project_root(start: Path | None = None) -> Path:
+    """The nearest folder holding ``dvc.yaml`` (or ``$SLIMFLOW_ROOT``)."""
+    if env := os.environ.get("SLIMFLOW_ROOT"):
+        return Path(env).resolve()
+    here = (start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / "dvc.yaml").is_file():
+            return folder
+    return here
+
+
+@dataclass(frozen=True)
+class ProjectPaths:
+    root: Path
+
+    @classmethod
+    def discover(cls, start: Path | None = None) -> ProjectPaths:
+        return cls(find_project_root(start))
+
+    @property
+    def params(self) -> Path:
+        return self.root / "params.yaml"
+
+    @property
+    def raw(self) -> Path:
+        return self.root / "data" / "raw"
+
+    @property
+    def prepared(self) -> Path:
+        return self.root / "data" / "prepared"
+
+    @property
+    def artifacts(self) -> Path:
+        return self.root / "artifacts"
+
+    @property
+    def model(self) -> Path:
+        """The trained baseline: the train stage's output folder."""
+        return self.artifacts / "model"
+
+    @property
+    def checkpoints(self) -> Path:
+        """Per-epoch training state, kept across runs (a persistent DVC output)."""
+        return self.artifacts / "checkpoints"
+
+    @property
+    def compressed(self) -> Path:
+        return self.artifacts / "compressed"
+
+    @property
+    def evaluation(self) -> Path:
+        return self.artifacts / "evaluation"
+
+    @property
+    def metrics(self) -> Path:
+        """DVC metrics files (small JSON, kept out of the cache)."""
+        return self.root / "metrics"
+
+    @property
+    def plots(self) -> Path:
+        """DVC plots data and images."""
+        return self.root / "plots"

@@ -1,0 +1,120 @@
+"""MLflow helpers shared by the stages: where to track, and runs that link up.
+
+With no configuration the store is ``sqlite:///<project>/mlflow.db`` (no server).
+A pipeline run (opened by the flow) passes its run id to the stage processes through
+``SLIMFLOW_PARENT_RUN_ID``; each stage then opens a run nested under it. A stage run
+by plain ``dvc repro`` has no parent and opens a top-level run of its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+PARENT_RUN_ENV = "SLIMFLOW_PARENT_RUN_ID"
+FLOW_RUN_ENV = "SLIMFLOW_FLOW_RUN_ID"
+
+
+def default_tracking_uri(root: Path) -> str:
+    return f"sqlite:///{(root / 'mlflow.db').resolve()}"
+
+
+def configure(root: Path, experiment: str) -> str:
+    """Point MLflow at the configured store and experiment; returns the experiment id."""
+    import mlflow
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(root)
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    mlflow.set_tracking_uri(uri)
+    if experiment_id := os.environ.get("MLFLOW_EXPERIMENT_ID"):
+        mlflow.set_experiment(experiment_id=experiment_id)
+        return experiment_id
+    return mlflow.set_experiment(experiment).experiment_id
+
+
+def git_commit(root: Path) -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"model": {"width": 1}} -> {"model.width": 1}; lists become their string form."""
+    flat: dict[str, Any] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def link_tags(root: Path, stage: str | None = None) -> dict[str, str]:
+    """Tags that tie a run to its code, its flow run and its pipeline stage."""
+    tags: dict[str, str] = {}
+    if commit := git_commit(root):
+        tags["mlflow.source.git.commit"] = commit
+        tags["git_commit"] = commit
+    if flow_run := os.environ.get(FLOW_RUN_ENV):
+        tags["prefect_flow_run_id"] = flow_run
+    if stage:
+        tags["stage"] = stage
+    return tags
+
+
+@contextlib.contextmanager
+def _sigterm_as_exit() -> Iterator[None]:
+    """Turn SIGTERM into SystemExit so ``with start_run()`` ends the run FAILED, not RUNNING."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def stage_run(
+    stage: str,
+    root: Path,
+    experiment: str,
+    params: Mapping[str, Any] | None = None,
+    run_name: str | None = None,
+    tags: Mapping[str, str] | None = None,
+    parent_run_id: str | None = None,
+) -> Iterator[Any]:
+    """Open the MLflow run of one stage (or one model), nested under the pipeline run.
+
+    The run ends FINISHED on success and FAILED on any exception, SIGTERM included.
+    """
+    import mlflow
+
+    configure(root, experiment)
+    parent = parent_run_id or os.environ.get(PARENT_RUN_ENV)
+    all_tags = {**link_tags(root, stage), **(tags or {})}
+    with _sigterm_as_exit(), mlflow.start_run(
+        run_name=run_name or stage,
+        parent_run_id=parent or None,
+        nested=bool(parent) or mlflow.active_run() is not None,
+        tags=all_tags,
+    ) as run:
+        if params:
+            mlflow.log_params({k: str(v)[:6000] for k, v in flatten(params).items()})
+        yield run

@@ -1,0 +1,131 @@
+"""The ``train`` stage: Horovod data-parallel training of the baseline model.
+
+``python -m tasks.train`` (the DVC stage command) validates the parameters, opens the
+stage's MLflow run, starts ``train.workers`` Horovod workers (or ``train.hosts``) that run
+:mod:`tasks.fit`, and, when they succeed, logs the trained model to MLflow. A re-run
+after a crash resumes from the last checkpoint in ``artifacts/checkpoints``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from tasks.config import Params, ParamsError, load_params
+from tasks.launcher import (
+    LaunchError, build_command, check_hosts_reachable, parse_hosts, run_workers,
+    threads_per_worker, worker_environment,
+)
+from tasks.paths import ProjectPaths
+
+log = logging.getLogger("slimflow.train")
+
+FAULT_ENV = "SLIMFLOW_FAULT_AFTER_EPOCH"  # tests: one worker dies after that epoch
+
+
+def fit_job(params: Params, paths: ProjectPaths, run_id: str | None):
+    from tasks.fit import FitJob
+
+    train = params.train
+    return FitJob(
+        spec=train.model.spec().to_dict(),
+        prepared=str(paths.prepared),
+        output=str(paths.model),
+        checkpoints=str(paths.checkpoints),
+        epochs=train.epochs,
+        batch_size=train.batch_size,
+        lr=train.lr,
+        seed=params.base.seed,
+        weight_decay=train.weight_decay,
+        warmup_epochs=train.warmup_epochs,
+        patience=train.patience,
+        fp16_allreduce=train.fp16_allreduce,
+        backward_passes_per_step=train.backward_passes_per_step,
+        mixed_precision=train.mixed_precision,
+        channels_last=train.channels_last,
+        run_id=run_id,
+        metrics_path=str(paths.metrics / "train.json"),
+        history_path=str(paths.plots / "train_history.json"),
+        manifest={"name": "baseline", "method": "baseline", "recipe": [], "parent": None},
+        fault_after_epoch=int(os.environ[FAULT_ENV]) if os.environ.get(FAULT_ENV) else None,
+    )
+
+
+def launch_fit(job: Any, train_params: Any, root: Path) -> None:
+    """Run a :class:`tasks.fit.FitJob` on the configured Horovod workers."""
+    hosts = parse_hosts(train_params.hosts, train_params.workers)
+    check_hosts_reachable(hosts)
+    local = max(h.slots for h in hosts)
+    threads = threads_per_worker(local, train_params.threads_per_worker)
+    with tempfile.TemporaryDirectory(prefix="slimflow-fit-") as tmp:
+        job_path = Path(tmp) / "job.json"
+        job.write(job_path)
+        if len(hosts) > 1:
+            # Remote workers read the job from the shared project folder.
+            job_path = root / ".slimflow" / "fit-job.json"
+            job_path.parent.mkdir(exist_ok=True)
+            job.write(job_path)
+        command = build_command(["-m", "tasks.fit", str(job_path)], hosts, train_params.network_interface)
+        run_workers(command, worker_environment(threads), root)
+
+
+def log_trained_model(paths: ProjectPaths) -> None:
+    """Log the trained baseline to the active MLflow run with a signature and an input example."""
+    import mlflow
+    import numpy as np
+    import torch
+    from mlflow.models import infer_signature
+
+    from tasks.data import load_preprocessing, load_split
+    from tasks.model_io import load_eager_model
+
+    model = load_eager_model(paths.model)
+    preprocessing = load_preprocessing(paths.prepared)
+    example = load_split(paths.prepared, "val", preprocessing).x[:2].copy()
+    with torch.inference_mode():
+        output = model(torch.from_numpy(example)).numpy()
+    mlflow.pytorch.log_model(
+        model, name="model", signature=infer_signature(example, output),
+        input_example=example, serialization_format="pickle",
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"],
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    paths = ProjectPaths.discover()
+    try:
+        params = load_params(paths.params)
+        if not (paths.prepared / "preprocess.json").exists():
+            raise ParamsError(f"{paths.prepared}: no prepared data; run the prepare stage first")
+    except ParamsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    from tasks import tracking
+
+    try:
+        with tracking.stage_run(
+            "train", paths.root, params.base.experiment,
+            params={"train": params.train.model_dump(), "seed": params.base.seed},
+        ) as run:
+            job = fit_job(params, paths, run.info.run_id)
+            launch_fit(job, params.train, paths.root)
+            result = json.loads((paths.metrics / "train.json").read_text())
+            import mlflow
+
+            mlflow.log_metrics({"best_epoch": result["best_epoch"], "epochs_run": result["epochs_run"]})
+            log_trained_model(paths)
+    except LaunchError as err:
+        print(f"error: train: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
