@@ -285,7 +285,7 @@ def run(job: FitJob) -> dict[str, Any] | None:
         started = time.perf_counter()
         loss_sum, correct, seen = 0.0, 0, 0
         batches = list(torch.split(indices, job.batch_size))
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad()
         for step, batch_idx in enumerate(batches, start=1):
             xb, yb = x_train[batch_idx], y_train[batch_idx]
             with autocast():
@@ -299,7 +299,7 @@ def run(job: FitJob) -> dict[str, Any] | None:
             (loss / accumulate).backward()
             if step % accumulate == 0 or step == len(batches):
                 optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                optimizer.zero_grad()
                 scheduler.step()
             loss_sum += loss.item() * len(yb)
             correct += int((logits.argmax(1) == yb).sum())

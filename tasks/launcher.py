@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -107,10 +108,33 @@ def build_command(
     return command + worker
 
 
+_WORKER_LINE = re.compile(r"^\[(\d+)\]<std(?:err|out)>:(.*)$")
+_EXCEPTION = re.compile(r"^\s*(\w+(Error|Exception|Interrupt)|Killed|Terminated)\b")
+_PROCESS_EXIT = re.compile(r"^Process (\d+) exit with status code (-?\d+)")
+
+
+def summarize_failure(lines: list[str]) -> str:
+    """The first worker that failed and why, from horovodrun's (or one worker's) output."""
+    first_exit = next((m for m in map(_PROCESS_EXIT.match, lines) if m), None)
+    errors: list[str] = []
+    for line in lines:
+        match = _WORKER_LINE.match(line)
+        rank, text = (match.group(1), match.group(2)) if match else ("0", line)
+        if _EXCEPTION.match(text):
+            errors.append(f"worker {rank}: {text.strip()}")
+    parts = []
+    if first_exit:
+        parts.append(f"worker {first_exit.group(1)} exited with status {first_exit.group(2)}")
+    if errors:
+        parts.append(errors[0] if first_exit is None else next(
+            (e for e in errors if e.startswith(f"worker {first_exit.group(1)}:")), errors[0]))
+    return "; ".join(parts) or "no error message from the workers (see the output above)"
+
+
 def run_workers(command: list[str], env: dict[str, str], cwd: Path) -> None:
     """Run the workers, streaming their output; raise :class:`LaunchError` naming the failure."""
     log.info("launching: %s", " ".join(command))
-    tail: deque[str] = deque(maxlen=20)
+    tail: deque[str] = deque(maxlen=400)
     with subprocess.Popen(
         command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     ) as process:
@@ -125,5 +149,4 @@ def run_workers(command: list[str], env: dict[str, str], cwd: Path) -> None:
             raise
         code = process.wait()
     if code != 0:
-        last = "\n".join(f"    {line}" for line in tail if line.strip())
-        raise LaunchError(f"training workers failed (exit code {code}); last output:\n{last}")
+        raise LaunchError(f"training workers failed (exit code {code}): {summarize_failure(list(tail))}")

@@ -1,0 +1,93 @@
+"""Shared fixtures: tiny projects made from this repository, a real MLflow store per test,
+and one Prefect test server per session."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+PROJECT_FILES = ("dvc.yaml", "params.yaml", ".dvcignore", "tasks", "models", "flows")
+
+# Small enough for a 2-core machine, large enough to learn digits.
+TINY_PARAMS = {
+    "train": {"epochs": 3, "batch_size": 32, "model": {"channels": [8, 16]}, "workers": 2, "patience": 3},
+    "compress": {"variants": [{"name": "int8-dynamic", "steps": [{"method": "quantize", "mode": "dynamic", "runtime": "torch"}]}]},
+    "evaluate": {"latency_repeats": 5, "warmup": 1, "throughput_batch": 64},
+}
+
+
+def deep_update(base: dict, changes: dict) -> dict:
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            deep_update(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def _git(root: Path, *args: str) -> None:
+    subprocess.run(["git", *args], cwd=root, check=True, capture_output=True)
+
+
+def make_project(dest: Path, params: dict | None = None) -> Path:
+    """A copy of this project (code, dvc.yaml, params.yaml) as its own git + DVC repository."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in PROJECT_FILES:
+        source = REPO / name
+        if source.is_dir():
+            shutil.copytree(source, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+        elif source.exists():
+            shutil.copy2(source, dest / name)
+    (dest / "data" / "raw").mkdir(parents=True, exist_ok=True)
+    (dest / "data" / "raw" / "README.md").write_text("raw data goes here\n")
+    merged = deep_update(yaml.safe_load((REPO / "params.yaml").read_text()), params or {})
+    (dest / "params.yaml").write_text(yaml.safe_dump(merged, sort_keys=False))
+    (dest / ".gitignore").write_text((REPO / ".gitignore").read_text() + ".slimflow/\n")
+    _git(dest, "init", "-q")
+    _git(dest, "config", "user.email", "tests@slimflow.invalid")
+    _git(dest, "config", "user.name", "slimflow tests")
+    dvc = str(Path(os.sys.executable).parent / "dvc")
+    subprocess.run([dvc, "init", "-q"], cwd=dest, check=True)
+    subprocess.run([dvc, "config", "core.analytics", "false"], cwd=dest, check=True)
+    _git(dest, "add", "-A")
+    _git(dest, "commit", "-qm", "tiny project")
+    return dest
+
+
+@pytest.fixture
+def mlflow_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh, real MLflow sqlite store for one test."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    for key in ("MLFLOW_EXPERIMENT_ID", "SLIMFLOW_PARENT_RUN_ID", "SLIMFLOW_FLOW_RUN_ID", "MLFLOW_RUN_ID"):
+        monkeypatch.delenv(key, raising=False)
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+@pytest.fixture(scope="session")
+def prefect_server() -> Iterator[None]:
+    """One temporary Prefect API for the whole session (13-17 s to start here)."""
+    import flows  # noqa: F401  (project Prefect settings first)
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+@pytest.fixture
+def tiny_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mlflow_uri: str) -> Path:
+    """A tiny project to run the real pipeline in; the test's working directory."""
+    root = make_project(tmp_path / "project", TINY_PARAMS)
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("SLIMFLOW_ROOT", str(root))
+    return root
