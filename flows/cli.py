@@ -60,6 +60,39 @@ def comparison_table(rows: list[dict[str, Any]], title: str = "baseline vs. comp
     return table
 
 
+def _is_prefect_server(process: Any) -> bool:
+    try:
+        command = " ".join(process.cmdline())
+    except Exception:
+        return False
+    return "prefect" in command and ("server" in command or "uvicorn" in command)
+
+
+def _interrupt_on_sigterm() -> None:
+    """SIGTERM behaves like Ctrl-C: stop the running stage, unwind, mark the runs FAILED.
+
+    A stage runs in a child process (DVC's command) that SIGTERM to this process alone
+    would leave running, holding the DVC lock; so the children are terminated first.
+    """
+    import signal
+
+    import psutil
+
+    def handler(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        # Not Prefect's temporary API server: the flow still has to report its state.
+        children = [c for c in psutil.Process().children(recursive=True) if not _is_prefect_server(c)]
+        for child in children:
+            try:
+                child.terminate()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(children, timeout=20)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 @app.command()
 def run(
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a parameter: --set train.epochs=3 (repeatable); recorded in params.yaml.")] = None,
@@ -80,14 +113,17 @@ def run(
         _fail(str(err))
 
     from flows.pipeline import pipeline
-    from tasks.dvc_stages import PipelineBusy
+    from tasks.dvc_stages import PipelineBusy, StageFailed
 
+    _interrupt_on_sigterm()
     try:
         result = pipeline(overrides=overrides, first=from_stage, last=to_stage, force=force, wait_s=wait)
     except PipelineBusy as err:
         _fail(str(err), code=3)
-    except Exception as err:  # the stage's own message is already on the terminal
+    except StageFailed as err:
         _fail(f"pipeline failed: {err}", code=1)
+    except KeyboardInterrupt:
+        _fail("pipeline interrupted; the MLflow runs are marked FAILED and no stage output is half-written", code=130)
     if result["comparison"]:
         console.print(comparison_table(result["comparison"]))
     console.print(f"MLflow pipeline run: {result['mlflow_run_id']}  (see README: MLflow UI)")
@@ -99,10 +135,15 @@ def serve(
     interval: Annotated[Optional[int], typer.Option(help="Run every N seconds instead of a cron schedule.")] = None,
     name: Annotated[str, typer.Option(help="Deployment name.")] = "scheduled",
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Default parameter overrides for scheduled runs.")] = None,
+    from_stage: Annotated[Optional[str], typer.Option("--from", help="First stage of each scheduled run.")] = None,
+    to_stage: Annotated[Optional[str], typer.Option("--to", help="Last stage of each scheduled run.")] = None,
 ) -> None:
     """Serve the pipeline as a Prefect deployment on a schedule (needs a Prefect server)."""
     if (cron is None) == (interval is None):
         _fail("give exactly one of --cron or --interval")
+    for stage_name in (from_stage, to_stage):
+        if stage_name is not None and stage_name not in STAGE_NAMES:
+            _fail(f"unknown stage {stage_name!r}; stages: {', '.join(STAGE_NAMES)}")
     if not os.environ.get("PREFECT_API_URL"):
         _fail(
             "scheduled runs need a Prefect server (the temporary one has no scheduler). Start one with\n"
@@ -121,7 +162,8 @@ def serve(
 
     deployment = pipeline.to_deployment(
         name=name, cron=cron, interval=interval,
-        parameters={"overrides": overrides, "wait_s": 3600.0},
+        # A scheduled run queues behind a run in progress instead of overlapping it.
+        parameters={"overrides": overrides, "first": from_stage, "last": to_stage, "wait_s": 3600.0},
         description="slimflow pipeline on a schedule",
     )
     console.print(f"serving slimflow-pipeline/{name} ({'cron ' + cron if cron else f'every {interval} s'}); Ctrl-C stops")

@@ -25,6 +25,10 @@ class PipelineBusy(RuntimeError):
     """Another pipeline run holds the project lock."""
 
 
+class StageFailed(RuntimeError):
+    """A stage's command failed; the message is the stage's own."""
+
+
 def _lock_path(root: Path) -> Path:
     folder = root / ".slimflow"
     folder.mkdir(exist_ok=True)
@@ -64,12 +68,30 @@ def stage_environment() -> None:
 
 
 def reproduce_stage(root: Path, stage: str, force: bool = False) -> bool:
-    """Reproduce one stage (not its upstream); True if it ran, False if DVC skipped it."""
+    """Reproduce one stage (not its upstream); True if it ran, False if DVC skipped it.
+
+    Raises :class:`StageFailed` with the stage's own error message when it fails.
+    """
+    from dvc.exceptions import DvcException
     from dvc.repo import Repo
 
+    from tasks.errors import ERROR_FILE_ENV
+
     stage_environment()
-    with Repo(str(root)) as repo:
-        ran = repo.reproduce(f"{root}/dvc.yaml:{stage}", single_item=True, force=force)
+    error_file = root / ".slimflow" / f"{stage}.error"
+    error_file.parent.mkdir(exist_ok=True)
+    error_file.unlink(missing_ok=True)
+    os.environ[ERROR_FILE_ENV] = str(error_file)
+    try:
+        with Repo(str(root)) as repo:
+            ran = repo.reproduce(f"{root}/dvc.yaml:{stage}", single_item=True, force=force)
+    except DvcException as err:
+        reason = error_file.read_text().strip() if error_file.exists() else ""
+        cause = err.__cause__ or err
+        raise StageFailed(reason or f"{stage}: {cause}") from None
+    finally:
+        os.environ.pop(ERROR_FILE_ENV, None)
+        error_file.unlink(missing_ok=True)
     return bool(ran)
 
 

@@ -117,4 +117,9 @@ def stage_run(
     ) as run:
         if params:
             mlflow.log_params({k: str(v)[:6000] for k, v in flatten(params).items()})
-        yield run
+        try:
+            yield run
+        except BaseException as err:
+            # The run ends FAILED (start_run's exit does that); say why, in the run itself.
+            mlflow.set_tag("error", (str(err) or type(err).__name__)[:5000])
+            raise

@@ -91,3 +91,18 @@ def tiny_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mlflow_uri: st
     monkeypatch.chdir(root)
     monkeypatch.setenv("SLIMFLOW_ROOT", str(root))
     return root
+
+
+@pytest.fixture(scope="session")
+def prefect_api_url(prefect_server: None) -> str:
+    """The session Prefect API, for `slimflow` subprocesses (no temporary server per run)."""
+    from prefect.settings import PREFECT_API_URL
+
+    return str(PREFECT_API_URL.value())
+
+
+def slimflow(root: Path, *args: str, env: dict | None = None, timeout: float = 600, **popen) -> subprocess.CompletedProcess:
+    """Run the `slimflow` console script of this venv in ``root``."""
+    exe = str(Path(os.sys.executable).parent / "slimflow")
+    full_env = {**os.environ, "SLIMFLOW_ROOT": str(root), **(env or {})}
+    return subprocess.run([exe, *args], cwd=root, env=full_env, capture_output=True, text=True, timeout=timeout, **popen)

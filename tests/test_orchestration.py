@@ -1,0 +1,230 @@
+"""Prefect orchestration for real: overrides, retries, failures, signals, no overlap, schedules.
+
+The `slimflow` CLI runs as a subprocess against the session's Prefect test server (and a
+real Prefect server for the schedule test), with a real MLflow store and real DVC.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import TINY_PARAMS, make_project, slimflow
+
+pytestmark = pytest.mark.integration
+
+
+def _runs(experiment: str = "slimflow"):
+    import mlflow
+
+    exp = mlflow.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    return mlflow.search_runs(experiment_ids=[exp.experiment_id], output_format="list", max_results=500)
+
+
+def _pipeline_runs():
+    return [r for r in _runs() if r.data.tags.get("pipeline") == "slimflow"]
+
+
+def _stage_runs(stage: str):
+    return [r for r in _runs() if r.data.tags.get("stage") == stage and not r.data.tags.get("variant")]
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [("train.epochs=-1", "train.epochs"), ("train.epochz=3", "train.epochz: unknown key")],
+)
+def test_invalid_override_is_refused_before_any_stage(tiny_project: Path, mlflow_uri: str, override: str, named: str) -> None:
+    before = (tiny_project / "params.yaml").read_text()
+    result = slimflow(tiny_project, "run", "--set", override, env={"MLFLOW_TRACKING_URI": mlflow_uri})
+    assert result.returncode == 2
+    assert named in result.stderr
+    assert not (tiny_project / "data" / "prepared").exists()
+    assert (tiny_project / "params.yaml").read_text() == before
+    assert _runs() == []
+
+
+def test_override_is_recorded_in_mlflow_and_dvc(tiny_project: Path, prefect_api_url: str, mlflow_uri: str) -> None:
+    env = {"PREFECT_API_URL": prefect_api_url, "MLFLOW_TRACKING_URI": mlflow_uri}
+    result = slimflow(tiny_project, "run", "--set", "train.epochs=1", "--to", "train", env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    lock = yaml.safe_load((tiny_project / "dvc.lock").read_text())
+    assert lock["stages"]["train"]["params"]["params.yaml"]["train"]["epochs"] == 1
+    assert yaml.safe_load((tiny_project / "params.yaml").read_text())["train"]["epochs"] == 1
+    (pipeline_run,) = _pipeline_runs()
+    assert pipeline_run.data.params["train.epochs"] == "1"
+    assert pipeline_run.data.tags["overrides"] == "train.epochs=1"
+    (train_run,) = _stage_runs("train")
+    assert train_run.data.params["train.epochs"] == "1"
+    # DVC agrees the recorded parameters reproduce this run: nothing left to do.
+    dvc = subprocess.run([str(Path(os.sys.executable).parent / "dvc"), "status", "train"], cwd=tiny_project,
+                         capture_output=True, text=True)
+    assert "up to date" in dvc.stdout
+
+
+def test_failed_train_stage_is_retried_and_resumes_from_its_checkpoint(
+    tiny_project: Path, prefect_api_url: str, mlflow_uri: str
+) -> None:
+    env = {"PREFECT_API_URL": prefect_api_url, "MLFLOW_TRACKING_URI": mlflow_uri, "SLIMFLOW_FAULT_AFTER_EPOCH": "2"}
+    result = slimflow(tiny_project, "run", "--to", "train", env=env)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert "resuming from checkpoint at epoch 2/3" in output
+    (pipeline_run,) = _pipeline_runs()
+    assert pipeline_run.info.status == "FINISHED"
+    statuses = sorted(r.info.status for r in _stage_runs("train"))
+    assert statuses == ["FAILED", "FINISHED"]
+
+
+def test_stage_that_always_fails_fails_the_flow_in_prefect_and_mlflow(
+    tmp_path: Path, prefect_api_url: str, mlflow_uri: str
+) -> None:
+    root = make_project(tmp_path / "broken", {**TINY_PARAMS, "prepare": {"source": "csv", "path": "data/raw/missing.csv"}})
+    env = {"PREFECT_API_URL": prefect_api_url, "MLFLOW_TRACKING_URI": mlflow_uri}
+    result = slimflow(root, "run", env=env)
+    assert result.returncode == 1
+    assert "missing.csv" in result.stderr
+    (pipeline_run,) = _pipeline_runs()
+    assert pipeline_run.info.status == "FAILED"
+    assert "missing.csv" in pipeline_run.data.tags["error"]
+    assert all(r.info.status == "FAILED" for r in _stage_runs("prepare"))
+    assert len(_stage_runs("prepare")) == 3  # the first attempt and two retries
+
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        flow_run = client.read_flow_run(pipeline_run.data.tags["prefect_flow_run_id"])
+    assert flow_run.state.is_failed()
+    assert "missing.csv" in flow_run.state.message
+    assert not (root / "data" / "prepared").exists()
+
+
+def test_two_runs_at_once_never_overlap_and_leave_consistent_outputs(
+    tiny_project: Path, prefect_api_url: str, mlflow_uri: str
+) -> None:
+    env = {**os.environ, "SLIMFLOW_ROOT": str(tiny_project), "PREFECT_API_URL": prefect_api_url, "MLFLOW_TRACKING_URI": mlflow_uri}
+    exe = str(Path(os.sys.executable).parent / "slimflow")
+    runs = [
+        subprocess.Popen([exe, "run", "--to", "prepare", "--force", "--wait", "300"], cwd=tiny_project, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for _ in range(2)
+    ]
+    outputs = [p.communicate(timeout=300)[0] for p in runs]
+    assert [p.returncode for p in runs] == [0, 0], outputs
+    first, second = sorted(_pipeline_runs(), key=lambda r: r.info.start_time)
+    assert first.info.status == second.info.status == "FINISHED"
+    assert first.info.end_time <= second.info.start_time  # serialized by the project lock
+    import numpy as np
+
+    prepared = tiny_project / "data" / "prepared"
+    assert np.load(prepared / "train_x.npy").shape[1:] == (1, 8, 8)
+    dvc = subprocess.run([str(Path(os.sys.executable).parent / "dvc"), "status", "prepare"], cwd=tiny_project,
+                         capture_output=True, text=True)
+    assert "up to date" in dvc.stdout
+
+
+def test_a_run_is_refused_with_a_clear_message_while_another_holds_the_project(
+    tiny_project: Path, prefect_api_url: str, mlflow_uri: str
+) -> None:
+    from tasks.dvc_stages import pipeline_lock
+
+    with pipeline_lock(tiny_project):
+        result = slimflow(tiny_project, "run", env={"PREFECT_API_URL": prefect_api_url, "MLFLOW_TRACKING_URI": mlflow_uri})
+    assert result.returncode == 3
+    assert "another slimflow pipeline run is in progress" in result.stderr
+    assert not (tiny_project / "data" / "prepared").exists()
+
+
+def test_sigterm_leaves_no_run_running_no_lock_and_no_half_written_output(
+    tiny_project: Path, prefect_api_url: str, mlflow_uri: str
+) -> None:
+    env = {**os.environ, "SLIMFLOW_ROOT": str(tiny_project), "PREFECT_API_URL": prefect_api_url, "MLFLOW_TRACKING_URI": mlflow_uri}
+    log = tiny_project / "run.log"
+    with log.open("w") as out:
+        process = subprocess.Popen([str(Path(os.sys.executable).parent / "slimflow"), "run"], cwd=tiny_project,
+                                   env=env, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 180
+        while "epoch 1/3" not in log.read_text() and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.5)
+        assert process.poll() is None, log.read_text()[-3000:]
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=120)
+    assert process.returncode != 0
+    assert [r for r in _runs() if r.info.status == "RUNNING"] == []
+    assert {r.info.status for r in _pipeline_runs()} == {"FAILED"}
+    # No DVC lock held: status answers; the interrupted stage left no output behind.
+    dvc = subprocess.run([str(Path(os.sys.executable).parent / "dvc"), "status"], cwd=tiny_project,
+                         capture_output=True, text=True, timeout=60)
+    assert dvc.returncode == 0, dvc.stderr
+    assert not (tiny_project / "artifacts" / "model" / "manifest.json").exists()
+    leftovers = subprocess.run(["pgrep", "-f", f"tasks.fit .*{tiny_project.name}"], capture_output=True)
+    assert leftovers.returncode == 1
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_scheduler_triggers_the_served_deployment_and_the_run_completes(
+    tiny_project: Path, tmp_path: Path, mlflow_uri: str
+) -> None:
+    import httpx
+
+    port = _free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {
+        **os.environ,
+        "SLIMFLOW_ROOT": str(tiny_project),
+        "PREFECT_HOME": str(tmp_path / "prefect-home"),
+        "PREFECT_API_URL": api,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5",
+        "PREFECT_RUNNER_POLL_FREQUENCY": "5",
+        "MLFLOW_TRACKING_URI": mlflow_uri,
+    }
+    bin_dir = Path(os.sys.executable).parent
+    server = subprocess.Popen([str(bin_dir / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                              cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    served = None
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{api}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(1)
+        else:
+            pytest.fail("Prefect server did not start in 120 s")
+        served = subprocess.Popen(
+            [str(bin_dir / "slimflow"), "serve", "--interval", "10", "--to", "prepare", "--name", "every-10s"],
+            cwd=tiny_project, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        completed = []
+        deadline = time.monotonic() + 180
+        while not completed and time.monotonic() < deadline:
+            time.sleep(3)
+            response = httpx.post(f"{api}/flow_runs/filter", json={
+                "flow_runs": {"state": {"type": {"any_": ["COMPLETED"]}}}}, timeout=10)
+            completed = [r for r in response.json() if r.get("deployment_id") and r.get("auto_scheduled")]
+        assert completed, "no scheduled flow run completed within 180 s"
+        assert (tiny_project / "data" / "prepared" / "card.json").exists()
+    finally:
+        for process in (served, server):  # the runner before the server it talks to
+            if process is not None:
+                process.terminate()
+                try:
+                    process.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    process.kill()
