@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from models import ModelSpec
+if TYPE_CHECKING:
+    from models import ModelSpec
 
 
 class ParamsError(ValueError):
@@ -71,6 +72,8 @@ class ModelParams(_Strict):
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
 
     def spec(self, **changes: Any) -> ModelSpec:
+        from models import ModelSpec  # torch: only stages that build models pay for it
+
         return ModelSpec.from_dict({**self.model_dump(), **changes})
 
 
@@ -107,7 +110,9 @@ class TrainParams(_Strict):
 
 
 class CompressStep(_Strict):
-    method: Literal["prune", "quantize", "distill", "half"]
+    # export: the model as it stands in a portable format for `runtime` (ONNX for
+    # onnxruntime, a torch.export program for torch), e.g. the fp32 ONNX reference.
+    method: Literal["prune", "quantize", "distill", "half", "export"]
     # prune
     kind: Literal["unstructured", "structured"] | None = None
     sparsity: float | None = Field(None, ge=0.0)
@@ -128,6 +133,27 @@ class Variant(_Strict):
     parent: str = "baseline"
     steps: tuple[CompressStep, ...] = Field(min_length=1)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _name_bad_steps(cls, data: Any) -> Any:
+        """A bad step is reported with its variant's name and step number, not list indices."""
+        if not isinstance(data, dict) or not isinstance(data.get("steps"), (list, tuple)):
+            return data
+        for number, step in enumerate(data["steps"], start=1):
+            if isinstance(step, CompressStep):
+                continue
+            try:
+                CompressStep.model_validate(step)
+            except ValidationError as err:
+                method = step.get("method") if isinstance(step, dict) else None
+                problems = "; ".join(
+                    f"{'.'.join(str(p) for p in problem['loc']) or 'step'}: "
+                    f"{'unknown key' if problem['type'] == 'extra_forbidden' else problem['msg']}"
+                    for problem in err.errors()
+                )
+                raise ValueError(f"variant {data.get('name')!r} step {number} ({method}): {problems}") from None
+        return data
+
 
 class CompressParams(_Strict):
     calibration_samples: int = Field(256, ge=1)
@@ -141,6 +167,11 @@ class CompressParams(_Strict):
             if variant.name in seen or variant.name == "baseline":
                 raise ValueError(f"variant name {variant.name!r} is used twice (or is 'baseline')")
             seen.add(variant.name)
+        # The recipe rules (settings each method needs, step order, parents) live with
+        # the compression code; the model-family rules run in the compress stage.
+        from tasks.compression.recipes import check_recipes
+
+        check_recipes(self)
         return self
 
 

@@ -50,8 +50,16 @@ class Preprocessing:
     @classmethod
     def fit(cls, x_train: np.ndarray, num_classes: int, class_names: list[str]) -> Preprocessing:
         axes = (0, 2, 3) if x_train.ndim == 4 else (0,)
-        mean = x_train.mean(axis=axes, dtype=np.float64)
-        std = x_train.std(axis=axes, dtype=np.float64)
+        # Two passes over chunks in float64: exact, without a float64 copy of the split.
+        chunk = max(1, (32 << 20) // max(1, x_train[:1].nbytes * 2))
+        total = sum(x_train[i : i + chunk].sum(axis=axes, dtype=np.float64) for i in range(0, len(x_train), chunk))
+        mean = total / (x_train.size / np.size(total))
+        shape = (1, -1, 1, 1) if x_train.ndim == 4 else (1, -1)
+        squares = sum(
+            ((x_train[i : i + chunk].astype(np.float64) - mean.reshape(shape)) ** 2).sum(axis=axes)
+            for i in range(0, len(x_train), chunk)
+        )
+        std = np.sqrt(squares / (x_train.size / np.size(total)))
         std = np.where(std < 1e-8, 1.0, std)  # constant features stay as they are
         return cls(
             input_shape=tuple(int(d) for d in x_train.shape[1:]),

@@ -1,0 +1,321 @@
+"""The prepare stage: read the raw data, validate it, split it, and write ``data/prepared``.
+
+:func:`prepare_data` is a pure function of the parameters and the raw files (it writes
+nothing); :func:`write_prepared` writes its result atomically; :func:`main` is the
+command-line entry the DVC stage runs (``python -m tasks.prepare``). The layout of the
+output is the contract in :mod:`tasks.data`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import secrets
+import shutil
+import sys
+import warnings
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from tasks.data import SPLITS, Preprocessing
+from tasks.errors import report_stage_error
+from tasks.paths import ProjectPaths
+from tasks.sources import (
+    DataError,
+    RawData,
+    check_splittable,
+    dvc_digest,
+    load_sklearn,
+    read_csv,
+    read_idx,
+    read_image_folder,
+    read_npz,
+    sklearn_digest,
+)
+
+if TYPE_CHECKING:
+    # tasks.config imports the model registry and with it torch (~2 s); only main() needs it.
+    from tasks.config import PrepareParams
+
+logger = logging.getLogger(__name__)
+
+BUILTIN_SOURCES = ("digits", "breast_cancer")
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    """The result of :func:`prepare_data`: raw float32 splits, train-split statistics, data card."""
+
+    splits: dict[str, tuple[np.ndarray, np.ndarray]]  # split -> (x float32 raw, y int64)
+    preprocessing: Preprocessing
+    card: dict[str, Any]
+
+    @property
+    def digest(self) -> str:
+        return str(self.card["digest"])
+
+    @property
+    def source_uri(self) -> str:
+        """Where the data came from: the raw path, or ``sklearn:<name>`` for a built-in set."""
+        return self.card["path"] or f"sklearn:{self.card['source']}"
+
+
+def read_raw(params: PrepareParams, root: Path) -> tuple[RawData, dict[str, Any]]:
+    """Read and validate the configured source; returns the data and its provenance for the card."""
+    if params.source in BUILTIN_SOURCES:
+        raw = load_sklearn(params.source)
+        return raw, {"source": params.source, "path": None, "digest": sklearn_digest(raw)}
+    assert params.path is not None  # PrepareParams guarantees it for file sources
+    path = root / params.path
+    if params.source == "idx":
+        assert params.labels_path is not None
+        labels = root / params.labels_path
+        raw = read_idx(path, labels, params.path, params.labels_path)
+        extra = {"labels_path": params.labels_path, "labels_digest": dvc_digest(labels)}
+    elif params.source == "npz":
+        raw, extra = read_npz(path, params.path, params.npz_inputs, params.npz_labels), {}
+    elif params.source == "csv":
+        raw, extra = read_csv(path, params.path, params.csv_label_column), {}
+    elif params.source == "image_folder":
+        raw = read_image_folder(path, params.path, tuple(params.image_size), params.image_mode)
+        extra = {"image_mode": params.image_mode, "image_size": list(params.image_size)}
+    else:
+        raise DataError(f"prepare.source: unknown source {params.source!r}")
+    return raw, {"source": params.source, "path": params.path, "digest": dvc_digest(path), **extra}
+
+
+def stratified_split(
+    y: np.ndarray, num_classes: int, val_fraction: float, test_fraction: float, seed: int
+) -> dict[str, np.ndarray]:
+    """Seeded, stratified train/val/test indices.
+
+    Each class gives ``floor(count * fraction)`` samples to val and to test and the rest
+    to train, so the per-class counts depend only on the class sizes (a new seed changes
+    which samples, never the proportions). Within a split the order is shuffled.
+    """
+    rng = np.random.default_rng(seed)
+    order = np.argsort(y, kind="stable")
+    counts = np.bincount(y, minlength=num_classes)
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    parts: dict[str, list[np.ndarray]] = {split: [] for split in SPLITS}
+    for label in range(num_classes):
+        members = rng.permutation(order[starts[label] : starts[label + 1]])
+        # 1e-9: 20 * 0.15 must give 3, not floor(2.9999999999999996) = 2.
+        n_test = math.floor(counts[label] * test_fraction + 1e-9)
+        n_val = math.floor(counts[label] * val_fraction + 1e-9)
+        parts["test"].append(members[:n_test])
+        parts["val"].append(members[n_test : n_test + n_val])
+        parts["train"].append(members[n_test + n_val :])
+    return {split: rng.permutation(np.concatenate(parts[split])) for split in SPLITS}
+
+
+def prepare_data(params: PrepareParams, seed: int, root: Path) -> PreparedData:
+    """Read, validate and split the raw data; fit the normalization on the train split. Writes nothing."""
+    raw, provenance = read_raw(params, root)
+    # Class sizes are a property of the labels: for IDX, name the label file.
+    shown = (params.labels_path if params.source == "idx" else params.path) or f"sklearn:{params.source}"
+    check_splittable(raw.y, raw.class_names, params.val_fraction, params.test_fraction, shown)
+    x, y, class_names = raw
+    del raw
+    value_range = {"min": float(x.min()), "max": float(x.max())}
+    index = stratified_split(y, len(class_names), params.val_fraction, params.test_fraction, seed)
+    splits = {split: (x[index[split]], y[index[split]]) for split in SPLITS}
+    num_samples, input_shape = len(x), [int(d) for d in x.shape[1:]]
+    # Drop the full array before the statistics: fit() needs a float64 temporary of the train split.
+    del x
+    preprocessing = Preprocessing.fit(splits["train"][0], len(class_names), list(class_names))
+    card = {
+        **provenance,
+        "num_samples": num_samples,
+        "input_shape": input_shape,
+        "dtype": "float32",
+        "value_range": value_range,
+        "num_classes": len(class_names),
+        "class_names": list(class_names),
+        "split_sizes": {split: int(len(splits[split][1])) for split in SPLITS},
+        "counts": {
+            split: {
+                name: int(count)
+                for name, count in zip(class_names, np.bincount(splits[split][1], minlength=len(class_names)))
+            }
+            for split in SPLITS
+        },
+        "fractions": {
+            "train": round(1.0 - params.val_fraction - params.test_fraction, 10),
+            "val": params.val_fraction,
+            "test": params.test_fraction,
+        },
+        "seed": seed,
+    }
+    return PreparedData(splits=splits, preprocessing=preprocessing, card=card)
+
+
+def card_json(card: dict[str, Any]) -> str:
+    """Deterministic JSON: sorted keys, fixed indentation, no timestamps."""
+    return json.dumps(card, indent=2, sort_keys=True) + "\n"
+
+
+def write_prepared(prepared: PreparedData, out_dir: Path) -> None:
+    """Write the splits, ``preprocess.json`` and ``card.json`` into ``out_dir``, all or nothing.
+
+    Everything goes into a temporary sibling folder that is then renamed into place; an
+    earlier ``out_dir`` is replaced only once the new one is complete.
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    token = f"{os.getpid()}-{secrets.token_hex(4)}"
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{token}")
+    os.mkdir(tmp)  # not mkdtemp: that makes the folder 0700, and it becomes out_dir
+    try:
+        for split, (x, y) in prepared.splits.items():
+            np.save(tmp / f"{split}_x.npy", np.ascontiguousarray(x, dtype=np.float32), allow_pickle=False)
+            np.save(tmp / f"{split}_y.npy", np.ascontiguousarray(y, dtype=np.int64), allow_pickle=False)
+        (tmp / "preprocess.json").write_text(prepared.preprocessing.to_json(), encoding="utf-8")
+        (tmp / "card.json").write_text(card_json(prepared.card), encoding="utf-8")
+        _swap_in(tmp, out_dir, token)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _swap_in(new: Path, target: Path, token: str) -> None:
+    # rename(2) cannot replace a non-empty folder, so the old one steps aside first.
+    if not target.exists() and not target.is_symlink():
+        os.replace(new, target)
+        return
+    old = target.with_name(f".{target.name}.old-{token}")
+    os.replace(target, old)
+    try:
+        os.replace(new, target)
+    except BaseException:
+        os.replace(old, target)
+        raise
+    if old.is_dir() and not old.is_symlink():
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        old.unlink()
+
+
+# --------------------------------------------------------------------------- MLflow
+
+
+def log_prepared(prepared: PreparedData) -> None:
+    """Log the train split as an MLflow dataset input (digest = the DVC md5), the card and counts."""
+    import mlflow
+
+    x_train, y_train = prepared.splits["train"]
+    source = prepared.source_uri
+    if source.startswith("sklearn:"):
+        _register_sklearn_source()
+    name = Path(prepared.card["path"]).name if prepared.card["path"] else prepared.card["source"]
+    with warnings.catch_warnings():
+        # A relative path matches MLflow's "local" source twice (a duplicate registration); harmless.
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+        dataset = mlflow.data.from_numpy(x_train, targets=y_train, source=source, name=name, digest=prepared.digest)
+    mlflow.log_input(dataset, context="training")
+    mlflow.log_dict(prepared.card, "data_card.json")
+    mlflow.log_text(prepared.preprocessing.to_json(), "preprocess.json")
+    sizes = prepared.card["split_sizes"]
+    mlflow.log_metrics(
+        {
+            "num_samples": prepared.card["num_samples"],
+            "num_classes": prepared.card["num_classes"],
+            **{f"num_{split}": sizes[split] for split in SPLITS},
+        }
+    )
+
+
+@cache
+def _register_sklearn_source() -> None:
+    """Teach MLflow the ``sklearn:<name>`` URI of the built-in sets (once per process)."""
+    from mlflow.data.dataset_source import DatasetSource
+    from mlflow.data.dataset_source_registry import register_dataset_source
+
+    class SklearnDatasetSource(DatasetSource):
+        """A data set bundled with scikit-learn, e.g. ``sklearn:digits``."""
+
+        def __init__(self, uri: str) -> None:
+            self.uri = uri
+
+        @staticmethod
+        def _get_source_type() -> str:
+            return "sklearn"
+
+        def load(self) -> Any:
+            from sklearn import datasets
+
+            return getattr(datasets, f"load_{self.uri.removeprefix('sklearn:')}")()
+
+        @staticmethod
+        def _can_resolve(raw_source: Any) -> bool:
+            return isinstance(raw_source, str) and raw_source.startswith("sklearn:")
+
+        @classmethod
+        def _resolve(cls, raw_source: Any) -> SklearnDatasetSource:
+            return cls(str(raw_source))
+
+        def to_dict(self) -> dict[str, Any]:
+            return {"uri": self.uri}
+
+        @classmethod
+        def from_dict(cls, source_dict: dict[Any, Any]) -> SklearnDatasetSource:
+            return cls(str(source_dict["uri"]))
+
+    register_dataset_source(SklearnDatasetSource)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m tasks.prepare [--set base.seed=7 ...]``: prepare ``data/prepared`` from params.yaml."""
+    parser = argparse.ArgumentParser(prog="python -m tasks.prepare", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a parameter, e.g. --set prepare.val_fraction=0.2 (validated like params.yaml)",
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from tasks.config import ParamsError, load_params
+
+    paths = ProjectPaths.discover()
+    try:
+        params = load_params(paths.params, args.overrides)
+        # Everything is read and validated before a run is opened or a file is written.
+        prepared = prepare_data(params.prepare, params.base.seed, paths.root)
+    except (DataError, ParamsError) as err:
+        report_stage_error("prepare", str(err))
+        return 2
+    card = prepared.card
+    logger.info(
+        "%s: %d samples, input %s, %d classes -> train %d / val %d / test %d (digest %s)",
+        prepared.source_uri, card["num_samples"], tuple(card["input_shape"]), card["num_classes"],
+        *(card["split_sizes"][split] for split in SPLITS), prepared.digest,
+    )
+
+    from tasks import tracking
+
+    try:
+        with tracking.stage_run(
+            "prepare", paths.root, params.base.experiment,
+            params={"prepare": params.prepare.model_dump(), "seed": params.base.seed},
+            tags={"data_digest": prepared.digest, "data_source": prepared.source_uri},
+        ):
+            log_prepared(prepared)
+            write_prepared(prepared, paths.prepared)
+    except OSError as err:
+        report_stage_error("prepare", f"{paths.prepared}: cannot write: {err}")
+        return 1
+    logger.info("wrote %s", paths.prepared)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
