@@ -22,7 +22,8 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-console = Console(stderr=False)
+# Off a terminal (CI logs, pipes) rich assumes 80 columns, too narrow for the table.
+console = Console(stderr=False, width=None if sys.stdout.isatty() else 160)
 errors = Console(stderr=True)
 
 STAGE_NAMES = ("prepare", "train", "compress", "evaluate")

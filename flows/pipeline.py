@@ -8,6 +8,7 @@ stages open runs nested under it. One pipeline runs at a time per project.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -26,6 +27,8 @@ from tasks.paths import ProjectPaths
 
 def _run_stage(stage: str, root: str, force: bool) -> dict[str, Any]:
     logger = get_run_logger()
+    # DVC's "to track the changes with git, run ..." hints are for its own CLI users.
+    logging.getLogger("dvc.repo.scm_context").setLevel(logging.WARNING)
     started = time.perf_counter()
     ran = reproduce_stage(Path(root), stage, force=force)
     seconds = time.perf_counter() - started
