@@ -94,6 +94,29 @@ def _interrupt_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+def _up_to_date(paths: ProjectPaths, first: str | None, last: str | None) -> bool:
+    """True (and say so) when DVC finds nothing to do: then no flow run is started.
+
+    Starting Prefect's temporary API costs more than the whole check (about 15 s), and a
+    run whose every stage would be skipped changes nothing anyone can see.
+    """
+    from tasks.dvc_stages import pipeline_status, select_stages
+
+    stages = select_stages(first, last)
+    try:
+        changed = pipeline_status(paths.root, stages)
+    except Exception:  # e.g. DVC busy: let the flow report it properly
+        return False
+    if changed:
+        return False
+    console.print(f"{', '.join(stages)}: up to date according to DVC; nothing to run (use --force to rerun)")
+    from flows.report import comparison_rows
+
+    if rows := comparison_rows(paths):
+        console.print(comparison_table(rows))
+    return True
+
+
 @app.command()
 def run(
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a parameter: --set train.epochs=3 (repeatable); recorded in params.yaml.")] = None,
@@ -112,6 +135,9 @@ def run(
         load_params(paths.params, overrides)  # refuse bad input before anything starts
     except ParamsError as err:
         _fail(str(err))
+
+    if not overrides and not force and _up_to_date(paths, from_stage, to_stage):
+        return
 
     from flows.pipeline import pipeline
     from tasks.dvc_stages import PipelineBusy, StageFailed
@@ -211,7 +237,7 @@ def status(limit: Annotated[int, typer.Option(help="How many recent pipeline run
 @app.command()
 def report() -> None:
     """The comparison table of the latest evaluated run (metrics/evaluate.json)."""
-    from flows.pipeline import comparison_rows
+    from flows.report import comparison_rows
 
     paths = ProjectPaths.discover()
     rows = comparison_rows(paths)

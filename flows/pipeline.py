@@ -7,7 +7,6 @@ stages open runs nested under it. One pipeline runs at a time per project.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -19,9 +18,10 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.context import get_run_context
 from prefect.tasks import exponential_backoff
 
+from flows.report import comparison_rows
 from tasks import tracking
 from tasks.config import load_params, write_overrides
-from tasks.dvc_stages import STAGES, pipeline_lock, reproduce_stage
+from tasks.dvc_stages import pipeline_lock, reproduce_stage, select_stages
 from tasks.paths import ProjectPaths
 
 
@@ -62,37 +62,6 @@ def evaluate(root: str, force: bool = False) -> dict[str, Any]:
 
 
 STAGE_TASKS = {"prepare": prepare, "train": train, "compress": compress, "evaluate": evaluate}
-
-
-def select_stages(first: str | None, last: str | None) -> list[str]:
-    start = STAGES.index(first) if first else 0
-    end = STAGES.index(last) if last else len(STAGES) - 1
-    if start > end:
-        raise ValueError(f"stage range {first}..{last} is empty: stages run in the order {', '.join(STAGES)}")
-    return list(STAGES[start : end + 1])
-
-
-def comparison_rows(paths: ProjectPaths) -> list[dict[str, Any]]:
-    """Baseline and every variant from the evaluate stage's metrics, for tables."""
-    metrics_file = paths.metrics / "evaluate.json"
-    if not metrics_file.exists():
-        return []
-    metrics = json.loads(metrics_file.read_text())
-    baseline = metrics.get("baseline", {})
-    rows = []
-    for name, values in metrics.items():
-        if not isinstance(values, dict) or "accuracy" not in values:
-            continue
-        rows.append({
-            "model": name,
-            "accuracy": values.get("accuracy"),
-            "accuracy_change": values["accuracy"] - baseline["accuracy"] if "accuracy" in baseline else None,
-            "size_bytes": values.get("size_bytes"),
-            "latency_p50_ms": values.get("latency_p50_ms"),
-            "latency_p95_ms": values.get("latency_p95_ms"),
-            "throughput_sps": values.get("throughput_sps"),
-        })
-    return rows
 
 
 @flow(name="slimflow-pipeline", log_prints=False)

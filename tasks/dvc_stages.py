@@ -21,6 +21,14 @@ log = logging.getLogger(__name__)
 STAGES = ("prepare", "train", "compress", "evaluate")
 
 
+def select_stages(first: str | None, last: str | None) -> list[str]:
+    start = STAGES.index(first) if first else 0
+    end = STAGES.index(last) if last else len(STAGES) - 1
+    if start > end:
+        raise ValueError(f"stage range {first}..{last} is empty: stages run in the order {', '.join(STAGES)}")
+    return list(STAGES[start : end + 1])
+
+
 class PipelineBusy(RuntimeError):
     """Another pipeline run holds the project lock."""
 
@@ -95,9 +103,38 @@ def reproduce_stage(root: Path, stage: str, force: bool = False) -> bool:
     return bool(ran)
 
 
-def pipeline_status(root: Path) -> dict[str, list]:
-    """``dvc status`` as a dict: empty when every stage is up to date."""
+def pipeline_status(root: Path, stages: list[str] | None = None) -> dict[str, list]:
+    """``dvc status`` (of ``stages``, or everything) as a dict: empty when up to date."""
+    from dvc.repo import Repo
+
+    targets = [f"{root}/dvc.yaml:{stage}" for stage in stages] if stages else None
+    with Repo(str(root)) as repo:
+        return repo.status(targets=targets)
+
+
+def default_remote(root: Path) -> str | None:
+    """The project's default DVC remote (``dvc remote add -d NAME URL``), or None."""
     from dvc.repo import Repo
 
     with Repo(str(root)) as repo:
-        return repo.status()
+        return repo.config["core"].get("remote") or None
+
+
+def push_outputs(root: Path, remote: str | None = None) -> int | None:
+    """``dvc push --run-cache``: share the data and stage outputs with the team's remote.
+
+    Pushes to ``remote`` or the project's default remote; returns the number of files
+    uploaded, or None (nothing done) when the project has no remote: the embedded default
+    keeps everything in the local cache. The run cache goes too, so a teammate's
+    ``dvc repro --pull`` restores outputs of parameters seen here instead of re-running.
+    Call it with the pipeline lock held (DVC refuses concurrent commands).
+    """
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        name = remote or repo.config["core"].get("remote")
+        if not name:
+            return None
+        pushed = repo.push(remote=name, run_cache=True)
+    log.info("dvc push: %d file(s) to remote %r", pushed, name)
+    return int(pushed)
