@@ -1,0 +1,409 @@
+"""The evaluate stage: identical metric keys for every model, sane timings, every declared
+output on disk and in MLflow, a champion that loads through pyfunc and predicts what the
+stage measured, and no half-written outputs on failure.
+
+The stage runs once per module on a tiny project (digits, a 2.4k-parameter MLP baseline, a
+narrower variant and an ONNX export) against a real MLflow sqlite store under tmp.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+
+from test_evaluate_support import build_project, make_params
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """The stage run once on a tiny project; its root, result and MLflow store."""
+    root = build_project(tmp_path_factory.mktemp("evaluate") / "project")
+    with pytest.MonkeyPatch.context() as patch:
+        uri = f"sqlite:///{root / 'mlflow.db'}"
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        for key in ("MLFLOW_EXPERIMENT_ID", "SLIMFLOW_PARENT_RUN_ID", "SLIMFLOW_FLOW_RUN_ID", "MLFLOW_RUN_ID"):
+            patch.delenv(key, raising=False)
+        patch.chdir(root)
+        patch.setenv("SLIMFLOW_ROOT", str(root))
+        import mlflow
+
+        mlflow.set_tracking_uri(uri)
+        from tasks.evaluate import run_evaluate
+        from tasks.paths import ProjectPaths
+
+        params = make_params()
+        evaluation = run_evaluate(ProjectPaths(root), params)
+        yield {"root": root, "evaluation": evaluation, "params": params, "uri": uri}
+
+
+def _metrics_json(root: Path) -> dict[str, Any]:
+    return json.loads((root / "metrics" / "evaluate.json").read_text())
+
+
+def _model_entries(document: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {name: values for name, values in document.items() if isinstance(values, dict)}
+
+
+# ---------------------------------------------------------------------------- the stage, end to end
+def test_every_model_has_the_same_metric_keys_in_json_and_mlflow(evaluated: dict[str, Any]) -> None:
+    import mlflow
+
+    models = _model_entries(_metrics_json(evaluated["root"]))
+    assert set(models) == {"baseline", "distilled-mlp-w0.5", "onnx-fp32"}
+    key_sets = {frozenset(values) for values in models.values()}
+    assert len(key_sets) == 1
+    keys = next(iter(key_sets))
+    assert {
+        "accuracy", "macro_f1", "precision_0", "recall_9", "size_bytes", "latency_p50_ms", "latency_p95_ms",
+        "throughput_sps", "size_ratio", "latency_ratio", "accuracy_delta", "parameters", "nonzeros", "flops",
+        "peak_memory_mb", "energy_per_1k_j", "threads", "passed_gate", "champion",
+    } <= keys
+    assert all(isinstance(v, (int, float)) or v is None for values in models.values() for v in values.values())
+
+    evaluation = evaluated["evaluation"]
+    runs = mlflow.search_runs(
+        experiment_names=["tests"], output_format="list",
+        filter_string=f"tags.mlflow.parentRunId = '{evaluation.stage_run_id}'",
+    )
+    by_variant = {r.data.tags["variant"]: r for r in runs}
+    assert set(by_variant) == set(models)
+    for name, run in by_variant.items():
+        assert run.info.status == "FINISHED"
+        assert set(run.data.metrics) == set(keys), name
+        assert run.data.tags["method"] == evaluation.models[name].method
+        assert run.data.tags["runtime"] in {"pytorch", "onnxruntime"}
+        assert run.data.tags["parent"] == ("none" if name == "baseline" else "baseline")
+        assert run.info.run_name == name
+        assert "manifest.format" in run.data.params
+    assert by_variant["onnx-fp32"].data.tags["runtime"] == "onnxruntime"
+
+
+def test_timings_are_ordered_and_ratios_refer_to_the_baseline(evaluated: dict[str, Any]) -> None:
+    from tasks.model_io import read_manifest
+
+    evaluation = evaluated["evaluation"]
+    for name, result in evaluation.models.items():
+        m = result.metrics
+        assert 0 < m["latency_p50_ms"] <= m["latency_p95_ms"], name
+        assert m["throughput_sps"] > 0 and m["energy_per_1k_j"] > 0
+        assert m["size_bytes"] == read_manifest(result.folder)["size_bytes"]
+        assert math.isfinite(m["peak_memory_mb"]) and m["peak_memory_mb"] >= 0
+        assert m["threads"] == 1
+        assert m["flops"] > 0  # counted for torch, the parent's for the ONNX export
+        assert result.notes["energy"] in {"rapl", "estimate"}
+    base = evaluation.models["baseline"].metrics
+    assert base["size_ratio"] == base["latency_ratio"] == 1.0 and base["accuracy_delta"] == 0.0
+    onnx = evaluation.models["onnx-fp32"].metrics
+    assert onnx["flops"] == base["flops"] and evaluation.models["onnx-fp32"].notes["flops"].startswith("parent")
+    assert onnx["accuracy"] == pytest.approx(base["accuracy"])  # the same weights in another runtime
+    narrow = evaluation.models["distilled-mlp-w0.5"].metrics
+    assert narrow["size_ratio"] == pytest.approx(narrow["size_bytes"] / base["size_bytes"])
+    assert narrow["parameters"] < base["parameters"]
+
+
+def test_every_declared_output_exists(evaluated: dict[str, Any]) -> None:
+    root = evaluated["root"]
+    stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["evaluate"]
+    declared = [next(iter(entry)) if isinstance(entry, dict) else entry
+                for section in ("outs", "metrics", "plots") for entry in stage.get(section, [])]
+    assert "plots/accuracy_vs_size.png" in declared
+    for output in declared:
+        assert (root / output).exists(), output
+        if output.endswith(".png"):
+            assert (root / output).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    evaluation_dir = root / "artifacts" / "evaluation"
+    assert (evaluation_dir / "training_curves.png").is_file()
+    report = (evaluation_dir / "report.md").read_text()
+    for name in evaluated["evaluation"].models:
+        assert f"| {name} |" in report
+    assert "Decision:" in report and "objective: **smallest**" in report
+
+    tradeoff = json.loads((root / "plots" / "tradeoff.json").read_text())
+    assert {row["model"] for row in tradeoff} == set(evaluated["evaluation"].models)
+    assert all(set(row) == {"model", "size_bytes", "latency_p50_ms", "accuracy", "pareto"} for row in tradeoff)
+    assert any(row["pareto"] for row in tradeoff)
+
+    with (root / "plots" / "confusion.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == len(evaluated["evaluation"].y_true)
+    assert set(rows[0]) == {"actual", "predicted"}
+    leftovers = [p.name for p in (root / "artifacts").iterdir() if p.name.startswith(".evaluation-staging-")]
+    assert leftovers == []
+
+
+def test_outputs_are_logged_to_the_stage_run(evaluated: dict[str, Any]) -> None:
+    import mlflow
+
+    evaluation = evaluated["evaluation"]
+    client = mlflow.MlflowClient()
+    stage = client.get_run(evaluation.stage_run_id)
+    assert stage.info.status == "FINISHED" and stage.data.tags["stage"] == "evaluate"
+    assert stage.data.tags["champion"] == evaluation.champion
+    logged = {
+        f"{folder}/{item.path.split('/')[-1]}"
+        for folder in ("plots", "metrics", "evaluation")
+        for item in client.list_artifacts(evaluation.stage_run_id, folder)
+    }
+    assert {
+        "plots/tradeoff.json", "plots/confusion.csv", "plots/accuracy_vs_size.png", "plots/accuracy_vs_latency.png",
+        "plots/confusion_matrix.png", "metrics/evaluate.json", "evaluation/report.md", "evaluation/training_curves.png",
+    } <= logged
+
+
+def test_champion_loads_through_pyfunc_and_predicts_like_the_stage(evaluated: dict[str, Any]) -> None:
+    import mlflow
+
+    evaluation = evaluated["evaluation"]
+    root = evaluated["root"]
+    name = evaluated["params"].evaluate.registered_model
+    assert evaluation.champion is not None and evaluation.promotion.promoted
+    version = mlflow.MlflowClient().get_model_version_by_alias(name, "champion")
+    assert str(version.version) == evaluation.promotion.version
+    assert version.tags["variant"] == evaluation.champion
+    assert version.tags["data_digest"] == "test-digest-0001"
+    assert {"metric.accuracy", "metric.size_bytes", "recipe", "model_digest", "source_run_id"} <= set(version.tags)
+    champion_accuracy = evaluation.models[evaluation.champion].metrics["accuracy"]
+    assert json.loads(version.tags["metric.accuracy"]) == pytest.approx(champion_accuracy)
+
+    model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
+    raw = np.load(root / "data" / "prepared" / "test_x.npy")  # raw, (N, 1, 8, 8)
+    expected = evaluation.models[evaluation.champion].predictions
+    shaped = np.asarray(model.predict(raw))
+    flat = np.asarray(model.predict(raw.reshape(len(raw), -1)))
+    assert shaped.dtype.kind == "i"
+    np.testing.assert_array_equal(shaped, expected)
+    np.testing.assert_array_equal(flat, expected)
+    with (root / "plots" / "confusion.csv").open() as handle:
+        published = [row["predicted"] for row in csv.DictReader(handle)]
+    assert published == [evaluation.class_names[i] for i in expected]
+    assert _metrics_json(root)["promoted"] == 1
+
+
+def test_a_failure_leaves_the_previous_outputs_whole(
+    evaluated: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mlflow
+
+    from tasks import evaluate
+    from tasks.paths import ProjectPaths
+
+    root = evaluated["root"]
+    files = [
+        root / "metrics" / "evaluate.json", root / "plots" / "tradeoff.json",
+        root / "plots" / "confusion_matrix.png", root / "artifacts" / "evaluation" / "report.md",
+    ]
+    before = {path: path.read_bytes() for path in files}
+    monkeypatch.setattr(evaluate, "measure_models", lambda *args, **kwargs: evaluated["evaluation"])
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(evaluate, "_confusion_png", broken)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        evaluate.run_evaluate(ProjectPaths(root), evaluated["params"])
+    assert {path: path.read_bytes() for path in files} == before
+    assert not [p for p in (root / "artifacts").iterdir() if p.name.startswith(".evaluation-staging-")]
+    failed = mlflow.search_runs(experiment_names=["tests"], output_format="list",
+                                filter_string="attributes.status = 'FAILED'")
+    assert any(r.data.tags.get("stage") == "evaluate" and "variant" not in r.data.tags for r in failed)
+
+
+def test_an_impossible_gate_promotes_nothing_and_says_why(
+    evaluated: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import copy
+    import shutil
+
+    import mlflow
+
+    from tasks import evaluate
+    from tasks.paths import ProjectPaths
+
+    root = tmp_path / "project"
+    shutil.copytree(evaluated["root"], root)  # the same project and registry, run again
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(root)
+    mlflow.set_tracking_uri(uri)
+    name = evaluated["params"].evaluate.registered_model
+    before = mlflow.MlflowClient().get_model_version_by_alias(name, "champion")
+    monkeypatch.setattr(evaluate, "measure_models", lambda *a, **k: copy.deepcopy(evaluated["evaluation"]))
+
+    params = make_params(gate={"max_accuracy_drop": 0.0, "max_size_bytes": 1})
+    result = evaluate.run_evaluate(ProjectPaths(root), params)
+
+    assert result.champion is None and not result.promotion.promoted
+    after = mlflow.MlflowClient().get_model_version_by_alias(name, "champion")
+    assert after.version == before.version  # the alias stays where it was
+    document = _metrics_json(root)
+    assert document["promoted"] == 0
+    assert all(values["passed_gate"] == 0 and values["champion"] == 0 for values in _model_entries(document).values())
+    report = (root / "artifacts" / "evaluation" / "report.md").read_text()
+    assert "nothing promoted" in report and "max_size_bytes 1" in report and "stays @champion" in report
+    with (root / "plots" / "confusion.csv").open() as handle:  # no champion: the baseline's predictions
+        published = [row["predicted"] for row in csv.DictReader(handle)]
+    assert published == [result.class_names[i] for i in result.models["baseline"].predictions]
+
+
+# ---------------------------------------------------------------------------- the command line
+def _cli_project(tmp_path: Path, params_text: str) -> Path:
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    (tmp_path / "params.yaml").write_text(params_text)
+    return tmp_path
+
+
+def test_main_rejects_a_bad_parameter_before_work_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tasks.evaluate import main
+
+    root = _cli_project(tmp_path, "evaluate:\n  latency_repeats: 1\n  objective: cheapest\n")
+    monkeypatch.setenv("SLIMFLOW_ROOT", str(root))
+    monkeypatch.delenv("SLIMFLOW_ERROR_FILE", raising=False)
+    assert main([]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "evaluate.latency_repeats" in err and "evaluate.objective" in err
+    assert not (root / "metrics").exists() and not (root / "mlflow.db").exists()
+
+
+def test_main_names_a_missing_baseline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tasks.evaluate import main
+
+    root = _cli_project(tmp_path, "evaluate:\n  latency_repeats: 3\n")
+    monkeypatch.setenv("SLIMFLOW_ROOT", str(root))
+    monkeypatch.delenv("SLIMFLOW_ERROR_FILE", raising=False)
+    assert main(["--set", "evaluate.threads=1"]) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and str(root / "artifacts" / "model" / "manifest.json") in err
+
+
+# ---------------------------------------------------------------------------- measurement units
+def test_pareto_flags() -> None:
+    from tasks.evaluate import pareto_flags
+
+    # (size, accuracy): b dominates d (smaller and more accurate); a/b/c trade off.
+    sizes, accuracy = [100, 50, 10, 60], [0.99, 0.98, 0.90, 0.97]
+    assert pareto_flags([sizes], accuracy) == [True, True, True, False]
+    # A second cost can rescue d: it is the fastest.
+    latency = [5, 5, 5, 1]
+    assert pareto_flags([sizes, latency], accuracy) == [True, True, True, True]
+
+
+def test_time_models_interleaves_rounds_and_orders_percentiles() -> None:
+    from tasks.measure import BATCH1_CALLS_PER_ROUND, CpuTimeEstimate, time_models
+
+    calls: list[tuple[str, int]] = []
+
+    def model(name: str):
+        def predict(x: np.ndarray) -> np.ndarray:
+            calls.append((name, len(x)))
+            return np.zeros((len(x), 3), dtype=np.float32)
+        return predict
+
+    x = np.zeros((10, 4), dtype=np.float32)
+    timings = time_models({"a": model("a"), "b": model("b")}, x, x[:8], repeats=4, warmup=2,
+                          meter=CpuTimeEstimate(10.0), seed=0)
+    for timing in timings.values():
+        assert len(timing.batch1_ms) == 4 * BATCH1_CALLS_PER_ROUND and len(timing.batch_s) == 4
+        summary = timing.summary()
+        assert summary["latency_p50_ms"] <= summary["latency_p95_ms"]
+        assert summary["throughput_sps"] > 0 and timing.predictions == 32
+    timed = calls[2 * (2 + 1):]  # after each model's warm-up (2 single + 1 batch call)
+    per_round = 2 * (BATCH1_CALLS_PER_ROUND + 1)
+    for start in range(0, len(timed), per_round):
+        assert {name for name, _ in timed[start:start + per_round]} == {"a", "b"}  # every round has both
+
+
+def test_energy_meter_prefers_rapl_and_labels_the_estimate(tmp_path: Path) -> None:
+    from tasks.measure import CpuTimeEstimate, RaplMeter, select_energy_meter
+
+    assert select_energy_meter(12.5, rapl_root=tmp_path / "none").source == "estimate"
+    domain = tmp_path / "intel-rapl:0"
+    domain.mkdir()
+    (domain / "energy_uj").write_text("1000000\n")
+    (domain / "max_energy_range_uj").write_text("2000000\n")
+    (tmp_path / "intel-rapl:0:0").mkdir()  # a sub-domain: not added to the package total
+    (tmp_path / "intel-rapl:0:0" / "energy_uj").write_text("5\n")
+    meter = select_energy_meter(12.5, rapl_root=tmp_path)
+    assert isinstance(meter, RaplMeter) and len(meter.files) == 1
+    start = meter.read()
+    (domain / "energy_uj").write_text("500000\n")  # wrapped around
+    assert meter.read() - start == pytest.approx(1.5)
+    estimate = CpuTimeEstimate(10.0)
+    assert estimate.source == "estimate" and "10 W" in estimate.describe()
+
+
+def test_nvml_energy_for_gpu_inference(monkeypatch: pytest.MonkeyPatch) -> None:
+    import types
+
+    from tasks.measure import NvmlMeter, select_energy_meter
+
+    readings = {0: 1_000, 1: 5_000}  # millijoules since driver load, per GPU
+    fake = types.SimpleNamespace(
+        nvmlInit=lambda: None, nvmlDeviceGetCount=lambda: 2, nvmlDeviceGetHandleByIndex=lambda i: i,
+        nvmlDeviceGetTotalEnergyConsumption=lambda handle: readings[handle],
+    )
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    meter = select_energy_meter(10.0, device="cuda:0")
+    assert isinstance(meter, NvmlMeter) and meter.source == "nvml"
+    start = meter.read()
+    readings[0] += 1_500
+    assert meter.read() - start == pytest.approx(1.5)
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # not installed -> the labelled estimate
+    assert select_energy_meter(10.0, device="cuda:0").source == "estimate"
+
+
+def test_quality_metrics_and_fixed_batch_prediction() -> None:
+    from tasks.measure import classification_metrics, predict_in_batches
+
+    y_true = np.array([0, 0, 1, 1, 2, 2])
+    y_pred = np.array([0, 1, 1, 1, 2, 0])
+    metrics, confusion = classification_metrics(y_true, y_pred, ["cat", "dog", "sea lion"])
+    assert metrics["accuracy"] == pytest.approx(4 / 6)
+    assert metrics["precision_dog"] == pytest.approx(2 / 3) and metrics["recall_sea_lion"] == pytest.approx(0.5)
+    assert confusion.tolist() == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
+
+    sizes: list[int] = []
+
+    def predict(x: np.ndarray) -> np.ndarray:
+        sizes.append(len(x))
+        return np.stack([x[:, 0], -x[:, 0]], axis=1)
+
+    x = np.arange(10, dtype=np.float32)[:, None]
+    logits = predict_in_batches(predict, x, 4)
+    assert sizes == [4, 4, 4] and np.array_equal(logits[:, 0], x[:, 0])
+
+
+def test_nan_metrics_keep_their_key_as_null() -> None:
+    from tasks.evaluate import _json_number
+
+    assert _json_number(math.nan) is None and _json_number(3.0) == 3 and _json_number(0.5) == 0.5
+    assert json.dumps({"flops": _json_number(math.inf)}) == '{"flops": null}'
+
+
+
+def test_flops_count_matrix_multiplies_including_fused_lstms() -> None:
+    from models import ModelSpec, build_model
+    from tasks.measure import count_flops
+
+    x = np.zeros((1, 1, 8, 8), dtype=np.float32)
+    mlp = build_model(ModelSpec(family="mlp", hidden_sizes=(32,)), (1, 8, 8), 10).eval()
+    assert count_flops(mlp, x) == 2 * (64 * 32 + 32 * 10)
+    # 8 rows = 8 steps of 8 features, hidden 16: gates x hidden x (input + hidden) x 2 per step, + the head.
+    for family, gates in (("lstm", 4), ("gru", 3)):  # GRU: counted by FlopCounterMode; LSTM: added from shapes
+        rnn = build_model(ModelSpec(family=family, rnn_hidden=16), (1, 8, 8), 10).eval()
+        assert count_flops(rnn, x) == 8 * 2 * gates * 16 * (8 + 16) + 2 * 16 * 10, family
+    assert count_flops(None, x) is None
