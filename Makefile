@@ -3,7 +3,7 @@ VENV  := .venv
 PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.slimflow-installed
 
-.PHONY: install run test test-fast bench repro ui clean-outputs
+.PHONY: install run test test-fast bench repro ui test-services
 
 $(STAMP): pyproject.toml scripts/install.sh
 	bash scripts/install.sh
@@ -13,7 +13,10 @@ install: $(STAMP)
 run: $(STAMP)  ## the whole pipeline on the default data set
 	$(VENV)/bin/slimflow run
 
-test: $(STAMP)  ## the whole test suite, real Horovod/Prefect/MLflow/DVC included
+test-services:  ## system services the team-mode tests start (sshd, PostgreSQL, iproute2); root installs what is missing
+	bash scripts/install_test_services.sh
+
+test: $(STAMP) test-services  ## the whole test suite, real Horovod/Prefect/MLflow/DVC included
 	$(PY) -m pytest
 
 test-fast: $(STAMP)  ## unit tests only

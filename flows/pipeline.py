@@ -21,7 +21,7 @@ from prefect.tasks import exponential_backoff
 from flows.report import comparison_rows
 from tasks import tracking
 from tasks.config import load_params, write_overrides
-from tasks.dvc_stages import pipeline_lock, reproduce_stage, select_stages
+from tasks.dvc_stages import pipeline_lock, push_outputs, reproduce_stage, select_stages
 from tasks.paths import ProjectPaths
 
 
@@ -61,6 +61,15 @@ def evaluate(root: str, force: bool = False) -> dict[str, Any]:
     return _run_stage("evaluate", root, force)
 
 
+@task(name="dvc-push", **_retry)
+def push(root: str) -> int | None:
+    """``dvc push --run-cache`` to the project's default DVC remote, if it has one."""
+    pushed = push_outputs(Path(root))
+    get_run_logger().info("dvc push: %s", "no DVC remote configured; outputs stay in .dvc/cache"
+                          if pushed is None else f"{pushed} file(s) sent")
+    return pushed
+
+
 STAGE_TASKS = {"prepare": prepare, "train": train, "compress": compress, "evaluate": evaluate}
 
 
@@ -71,6 +80,7 @@ def pipeline(
     last: str | None = None,
     force: bool = False,
     wait_s: float = 0.0,
+    push_data: bool = True,
 ) -> dict[str, Any]:
     """Run the pipeline stages (all, or ``first``..``last``) through DVC, tracked in MLflow."""
     logger = get_run_logger()
@@ -97,6 +107,9 @@ def pipeline(
             try:
                 for stage in stages:
                     results.append(STAGE_TASKS[stage](root, force))
+                # Share data and outputs with the team when the project has a DVC remote.
+                if push_data and (pushed := push(root)) is not None:
+                    mlflow.set_tag("dvc_pushed_files", str(pushed))
             except BaseException as err:
                 mlflow.set_tag("error", str(err)[:5000])
                 raise
@@ -109,16 +122,22 @@ def pipeline(
             })
             mlflow.log_metrics({f"stage_seconds.{r['stage']}": r["seconds"] for r in results})
             rows = comparison_rows(paths)
-            _publish_artifacts(rows, run.info.run_id, results)
+            _publish_artifacts(rows, run.info.run_id, experiment_id, results)
     logger.info("pipeline run %s finished: %s", run.info.run_id,
                 ", ".join(f"{r['stage']} {'ran' if r['ran'] else 'skipped'}" for r in results))
     return {"mlflow_run_id": run.info.run_id, "stages": results, "comparison": rows}
 
 
-def _publish_artifacts(rows: list[dict[str, Any]], run_id: str, results: list[dict[str, Any]]) -> None:
+def _publish_artifacts(
+    rows: list[dict[str, Any]], run_id: str, experiment_id: str, results: list[dict[str, Any]]
+) -> None:
     """The comparison table and the MLflow run ids, as Prefect artifacts of this flow run."""
+    import mlflow
+
     if rows:
         create_table_artifact(key="variant-comparison", table=rows, description="Baseline and compressed variants")
-    lines = [f"MLflow pipeline run: `{run_id}`", "", "| stage | ran | seconds |", "|---|---|---|"]
+    uri = mlflow.get_tracking_uri()
+    link = f"[`{run_id}`]({uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id})" if uri.startswith("http") else f"`{run_id}`"
+    lines = [f"MLflow pipeline run: {link}", "", "| stage | ran | seconds |", "|---|---|---|"]
     lines += [f"| {r['stage']} | {'yes' if r['ran'] else 'skipped'} | {r['seconds']:.1f} |" for r in results]
     create_markdown_artifact(key="mlflow-runs", markdown="\n".join(lines), description="MLflow run ids")
