@@ -78,7 +78,7 @@ def test_failed_train_stage_is_retried_and_resumes_from_its_checkpoint(
     result = slimflow(tiny_project, "run", "--to", "train", env=env)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
-    assert "resuming from checkpoint at epoch 2/3" in output
+    assert "resuming from checkpoint at epoch 2 of 3" in output
     (pipeline_run,) = _pipeline_runs()
     assert pipeline_run.info.status == "FINISHED"
     statuses = sorted(r.info.status for r in _stage_runs("train"))
