@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 import flows  # noqa: F401  (sets Prefect's environment before Prefect is imported)
-from tasks.config import ParamsError, load_params, params_schema
+from tasks.config import ParamsError, check_pipeline, load_params, params_schema
 from tasks.paths import ProjectPaths
 
 app = typer.Typer(
@@ -131,8 +131,8 @@ def run(
     for name in (from_stage, to_stage):
         if name is not None and name not in STAGE_NAMES:
             _fail(f"unknown stage {name!r}; stages: {', '.join(STAGE_NAMES)}")
-    try:
-        load_params(paths.params, overrides)  # refuse bad input before anything starts
+    try:  # refuse bad input before anything starts
+        check_pipeline(load_params(paths.params, overrides))
     except ParamsError as err:
         _fail(str(err))
 

@@ -20,7 +20,7 @@ from prefect.tasks import exponential_backoff
 
 from flows.report import comparison_rows
 from tasks import tracking
-from tasks.config import load_params, write_overrides
+from tasks.config import check_pipeline, load_params, write_overrides
 from tasks.dvc_stages import pipeline_lock, push_outputs, reproduce_stage, select_stages
 from tasks.paths import ProjectPaths
 
@@ -91,7 +91,10 @@ def pipeline(
     with pipeline_lock(paths.root, wait_s):
         # Overrides are validated before anything runs, then recorded in params.yaml,
         # so dvc.lock records them and `dvc repro` reproduces this run.
-        params = write_overrides(paths.params, overrides) if overrides else load_params(paths.params)
+        params = load_params(paths.params, overrides)
+        check_pipeline(params)
+        if overrides:
+            write_overrides(paths.params, overrides)
         experiment_id = tracking.configure(paths.root, params.base.experiment)
         import mlflow
 

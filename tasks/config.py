@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 if TYPE_CHECKING:
     from models import ModelSpec
@@ -126,12 +127,18 @@ class CompressStep(_Strict):
     temperature: float = Field(4.0, gt=0.0)
     alpha: float = Field(0.7, ge=0.0, le=1.0)
     epochs: int = Field(10, ge=1)
+    # prune / qat fine-tuning and distill: the step's learning rate (default:
+    # compress.fine_tune_lr for fine-tuning, train.lr per worker for distillation)
+    lr: float | None = Field(None, gt=0.0, le=10.0)
 
 
 class Variant(_Strict):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
     parent: str = "baseline"
     steps: tuple[CompressStep, ...] = Field(min_length=1)
+    # Made only when the baseline's model family is one of these (null: always), so one
+    # list of recipes can hold family-specific ones (e.g. structured pruning: mlp, cnn).
+    families: tuple[Literal["mlp", "cnn", "lstm", "gru"], ...] | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -151,7 +158,8 @@ class Variant(_Strict):
                     f"{'unknown key' if problem['type'] == 'extra_forbidden' else problem['msg']}"
                     for problem in err.errors()
                 )
-                raise ValueError(f"variant {data.get('name')!r} step {number} ({method}): {problems}") from None
+                message = f"variant {data.get('name')!r} step {number} ({method}): {problems}"
+                raise PydanticCustomError("recipe", "{message}", {"message": message}) from None
         return data
 
 
@@ -169,9 +177,12 @@ class CompressParams(_Strict):
             seen.add(variant.name)
         # The recipe rules (settings each method needs, step order, parents) live with
         # the compression code; the model-family rules run in the compress stage.
-        from tasks.compression.recipes import check_recipes
+        from tasks.compression.recipes import RecipeError, check_recipes
 
-        check_recipes(self)
+        try:
+            check_recipes(self)
+        except RecipeError as err:  # the message as it is, without pydantic's "Value error, "
+            raise PydanticCustomError("recipe", "{message}", {"message": str(err)}) from None
         return self
 
 
@@ -271,6 +282,17 @@ def load_params(path: Path | str = "params.yaml", overrides: list[str] | None = 
     return validate_params(raw, path.name)
 
 
+def check_pipeline(params: Params) -> None:
+    """Rules that span sections, checked before any stage runs: every compression recipe
+    must suit the trained model's family (e.g. no structured pruning of an LSTM)."""
+    from tasks.compression.recipes import check_recipes
+
+    try:
+        check_recipes(params.compress, params.train.model.family)
+    except ValueError as err:
+        raise ParamsError(f"params.yaml: compress: {err}") from None
+
+
 def params_schema() -> dict[str, Any]:
     return Params.model_json_schema()
 
@@ -288,6 +310,12 @@ def write_overrides(path: Path | str, overrides: list[str]) -> Params:
     params = load_params(path, overrides)
     yaml_rt = YAML()
     yaml_rt.preserve_quotes = True
+    yaml_rt.indent(mapping=2, sequence=4, offset=2)  # the file's own list style
+    yaml_rt.width = 4096
+    # Keep `null` written as `null`, not as an empty value.
+    yaml_rt.representer.add_representer(
+        type(None), lambda rep, _: rep.represent_scalar("tag:yaml.org,2002:null", "null")
+    )
     document = yaml_rt.load(path.read_text()) if path.exists() else {}
     document = document if document is not None else {}
     for text in overrides:

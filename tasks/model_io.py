@@ -148,6 +148,17 @@ LOADERS: dict[str, Callable[[Path, dict[str, Any]], LoadedModel]] = {
 }
 
 
+def _load_compressed_format(folder: Path, manifest: dict[str, Any]) -> LoadedModel:
+    # The formats compressed variants ship as are written and read in one place.
+    from tasks.compression.formats import load_variant
+
+    return load_variant(folder, manifest)
+
+
+for _format in ("torch-state-dict-gzip", "torch-state-dict-fp16", "torch-quantized", "torch-export", "onnx-gzip"):
+    LOADERS[_format] = _load_compressed_format
+
+
 def load_model_dir(folder: Path) -> LoadedModel:
     manifest = read_manifest(folder)
     try:

@@ -1,0 +1,109 @@
+"""The model between steps, and the training data the steps share."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models import ModelSpec, build_model
+
+log = logging.getLogger("slimflow.compress")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """An eager fp32 model between two steps of a recipe.
+
+    ``spec`` always rebuilds ``module``'s architecture (structured pruning rewrites it), so
+    any candidate can be saved as a state_dict, serve as a teacher, or be quantized.
+    """
+
+    module: nn.Module
+    spec: ModelSpec
+    input_shape: tuple[int, ...]
+    num_classes: int
+    sparse: bool = False  # holds unstructured zeros: stored compressed so its size shows them
+    # The saved model this is an unchanged copy of ("baseline" or a variant) and its
+    # torch-state-dict folder; None once a step has changed it.
+    origin: str | None = None
+    origin_folder: Path | None = None
+
+    def fresh_module(self) -> nn.Module:
+        """A private copy of the module for a step to change."""
+        return copy.deepcopy(self.module).eval()
+
+    def changed(self, module: nn.Module, **fields: object) -> Candidate:
+        """The candidate a step made: no longer a copy of a saved model."""
+        return replace(self, module=module.eval(), origin=None, origin_folder=None, **fields)
+
+    @property
+    def family(self) -> str:
+        return self.spec.family
+
+
+def rebuild(spec: ModelSpec, input_shape: tuple[int, ...], num_classes: int, state_dict: dict) -> nn.Module:
+    """``build_model(spec)`` with ``state_dict`` loaded strictly (floats cast to fp32)."""
+    model = build_model(spec, input_shape, num_classes)
+    from tasks.compression.formats import map_state_dict
+
+    model.load_state_dict(map_state_dict(state_dict, torch.Tensor.float))
+    return model.eval()
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """The normalized splits compression uses: train to fine-tune and calibrate, val to report."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+
+    def example(self, count: int = 2) -> torch.Tensor:
+        """A small batch for tracing/export: >= 2 rows so the batch dim stays dynamic, a copy not a view."""
+        return torch.from_numpy(self.x_train[:count]).clone()
+
+    def calibration(self, samples: int, seed: int) -> np.ndarray:
+        """A seeded random subset of the train split (never val/test) for int8 calibration."""
+        rng = np.random.default_rng(seed)
+        count = min(samples, len(self.x_train))
+        return np.ascontiguousarray(self.x_train[np.sort(rng.choice(len(self.x_train), count, replace=False))])
+
+
+def fine_tune(
+    module: nn.Module, data: TrainingData, epochs: int, lr: float, batch_size: int, seed: int, what: str
+) -> nn.Module:
+    """Train ``module`` in place for ``epochs`` on the train split (cross-entropy, AdamW).
+
+    Runs in this process: fine-tuning a compressed model is seconds of work, and pruning
+    masks / fake-quantization observers live on the module itself.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    x, y = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
+    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=lr)
+    for epoch in range(1, epochs + 1):
+        module.train()
+        total, correct, loss_sum = 0, 0, 0.0
+        for batch in torch.randperm(len(x), generator=generator).split(batch_size):
+            logits = module(x[batch])
+            loss = F.cross_entropy(logits, y[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.item() * len(batch)
+            correct += int((logits.argmax(1) == y[batch]).sum())
+            total += len(batch)
+        log.info("%s: fine-tune epoch %d/%d  loss %.4f  acc %.4f", what, epoch, epochs, loss_sum / total, correct / total)
+    return module.eval()
+
+
+def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
+    return float((np.asarray(logits).argmax(1) == labels).mean())

@@ -1,0 +1,115 @@
+"""Pruning: unstructured (zeros, ``torch.nn.utils.prune``) and structured (channels removed, torch-pruning).
+
+Unstructured pruning only writes zeros: the dense model keeps its shape and speed, and
+its size falls only when stored compressed, so a pruned variant is reported by its
+non-zeros and stored gzip-compressed. Structured pruning removes whole channels / units
+so the dense model is genuinely smaller and faster; the new widths are read back into a
+:class:`~models.ModelSpec`, so the pruned model is an ordinary model of its family.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import replace
+
+import torch
+from torch import nn
+from torch.nn.utils import prune
+
+from models import ModelSpec
+from tasks.compression.candidate import Candidate, rebuild
+
+log = logging.getLogger("slimflow.compress")
+
+
+def prunable_weights(module: nn.Module) -> list[tuple[nn.Module, str]]:
+    """The weight matrices pruning acts on: conv / linear weights and recurrent weight matrices.
+
+    Biases and normalization parameters are left alone (few values, large effect).
+    """
+    targets: list[tuple[nn.Module, str]] = []
+    for child in module.modules():
+        if isinstance(child, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+            targets.append((child, "weight"))
+        elif isinstance(child, nn.RNNBase):
+            targets += [(child, name) for name, _ in child.named_parameters(recurse=False) if name.startswith("weight_")]
+    return targets
+
+
+def weight_sparsity(module: nn.Module) -> float:
+    """The measured share of zeros among the prunable weights."""
+    weights = [getattr(owner, name).detach() for owner, name in prunable_weights(module)]
+    total = sum(w.numel() for w in weights)
+    zeros = sum(int((w == 0).sum()) for w in weights)
+    return zeros / total if total else 0.0
+
+
+def prune_unstructured(
+    candidate: Candidate, sparsity: float, fine_tune: Callable[[nn.Module], nn.Module] | None
+) -> Candidate:
+    """Global L1-magnitude pruning of ``sparsity`` of all prunable weights, fine-tuned under the mask."""
+    module = candidate.fresh_module()
+    targets = prunable_weights(module)
+    prune.global_unstructured(targets, pruning_method=prune.L1Unstructured, amount=sparsity)
+    if fine_tune is not None:
+        # The mask is applied in a forward pre-hook (weight = weight_orig * mask), so the
+        # pruned weights stay zero while the others adapt.
+        module = fine_tune(module)
+    for owner, name in targets:
+        prune.remove(owner, name)  # make the zeros permanent, drop weight_orig and the mask
+    log.info("unstructured pruning: %.1f%% of the weights are zero", 100 * weight_sparsity(module))
+    return candidate.changed(module, sparse=True)
+
+
+def _classifier(module: nn.Module) -> nn.Module:
+    linears = [child for child in module.modules() if isinstance(child, nn.Linear)]
+    if not linears:
+        raise ValueError("structured pruning: the model has no linear classifier layer")
+    return linears[-1]
+
+
+def spec_of(module: nn.Module, spec: ModelSpec) -> ModelSpec:
+    """The spec that builds ``module``'s (pruned) architecture: its actual widths, width 1."""
+    if spec.family == "cnn":
+        channels = tuple(c.out_channels for c in module.modules() if isinstance(c, nn.Conv2d))
+        return replace(spec, channels=channels, width=1.0)
+    if spec.family == "mlp":
+        hidden = tuple(c.out_features for c in module.modules() if isinstance(c, nn.Linear))[:-1]
+        return replace(spec, hidden_sizes=hidden, width=1.0)
+    raise ValueError(f"structured pruning does not support {spec.family} models")
+
+
+def prune_structured(
+    candidate: Candidate,
+    sparsity: float,
+    example: torch.Tensor,
+    fine_tune: Callable[[nn.Module], nn.Module] | None,
+) -> Candidate:
+    """Remove ``sparsity`` of the channels / hidden units of every layer by L1 magnitude (torch-pruning).
+
+    The classifier keeps its outputs; torch-pruning follows the dependencies (batch norm,
+    the next layer's inputs) so the result is a smaller dense model.
+    """
+    import torch_pruning as tp
+
+    module = candidate.fresh_module()
+    before = sum(p.numel() for p in module.parameters())
+    pruner = tp.pruner.MagnitudePruner(
+        module, example, importance=tp.importance.MagnitudeImportance(p=1),
+        pruning_ratio=sparsity, ignored_layers=[_classifier(module)],
+    )
+    pruner.step()
+    # Read the new widths back into a spec and rebuild: the pruned model is then an
+    # ordinary model of its family (saved as a state_dict, usable as a teacher).
+    spec = spec_of(module, candidate.spec)
+    module = rebuild(spec, candidate.input_shape, candidate.num_classes, module.state_dict())
+    if fine_tune is not None:
+        module = fine_tune(module)
+    after = sum(p.numel() for p in module.parameters())
+    log.info("structured pruning: %d -> %d parameters (%s)", before, after, _widths(spec))
+    return candidate.changed(module, spec=spec)
+
+
+def _widths(spec: ModelSpec) -> str:
+    return f"channels {list(spec.channels)}" if spec.family == "cnn" else f"hidden {list(spec.hidden_sizes)}"

@@ -1,0 +1,262 @@
+"""int8 quantization with the libraries made for it, and the ONNX export it starts from.
+
+- ``onnxruntime`` runtime: ``torch.onnx.export(dynamo=True)`` then ONNX Runtime's
+  ``quantize_static`` (QOperator, per-channel, QUInt8 activations, QInt8 weights,
+  calibrated on the train split) or ``quantize_dynamic`` (after ``quant_pre_process``,
+  without which an LSTM stays fp32). One self-contained file.
+- ``torch`` runtime: ``torch.ao.quantization`` - ``quantize_dynamic`` (the only torch path
+  that quantizes LSTM/GRU weights), eager-mode static post-training quantization, and
+  quantization-aware training (``prepare_qat``: fine-tuning with fake quantization,
+  then ``convert``). torch.ao warns that it is deprecated; on torch 2.13 it works, and
+  torchao's replacements either cover only linear layers or need torch.compile to be fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import tempfile
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+log = logging.getLogger("slimflow.compress")
+
+ONNX_INPUT = "input"
+ONNX_OUTPUT = "logits"
+# Layers torch's dynamic quantization covers (weights int8, activations quantized per batch).
+DYNAMIC_LAYERS = (nn.Linear, nn.LSTM, nn.GRU)
+# ONNX Runtime static int8 settings (recorded in each variant's manifest as they are).
+# reduce_range keeps weights to 7 bits: without VNNI (AVX2 only, as here) the u8 x s8
+# kernels can saturate, which cost 1.8 accuracy points on digits; with it, 0.2.
+ORT_STATIC = {
+    "quant_format": "QOperator", "per_channel": True, "activation_type": "QUInt8", "weight_type": "QInt8",
+    "reduce_range": True,
+}
+ORT_DYNAMIC = {"weight_type": "QInt8"}
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence the exporters' and torch.ao's deprecation chatter (it is known and harmless here)."""
+    noisy = [logging.getLogger(name) for name in ("torch.onnx", "torch._dynamo", "torch.export", "onnxscript", "onnx_ir", "onnxruntime")]
+    levels = [logger.level for logger in noisy]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for logger in noisy:
+            logger.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for logger, level in zip(noisy, levels):
+                logger.setLevel(level)
+
+
+# -- ONNX ----------------------------------------------------------------------------------
+
+
+def export_onnx(module: nn.Module, example: torch.Tensor) -> bytes:
+    """The fp32 model as one self-contained ONNX file (weights inside, dynamic batch dim).
+
+    The dynamo exporter attaches stack traces and module paths to every node; they are
+    debugging aids (8 KB of a 90 KB CNN), so they are dropped from the shipped file.
+    """
+    import onnx
+
+    with _quiet():
+        program = torch.onnx.export(
+            module.eval(), (example,), dynamo=True, external_data=False,
+            dynamic_shapes=({0: torch.export.Dim("batch")},),
+            input_names=[ONNX_INPUT], output_names=[ONNX_OUTPUT], verbose=False,
+        )
+    proto = program.model_proto
+    _strip_debug_metadata(proto.graph)
+    onnx.checker.check_model(proto)
+    return proto.SerializeToString()
+
+
+def _strip_debug_metadata(graph) -> None:  # noqa: ANN001 - onnx.GraphProto
+    for node in graph.node:
+        del node.metadata_props[:]
+        for attribute in node.attribute:
+            if attribute.HasField("g"):
+                _strip_debug_metadata(attribute.g)
+            for subgraph in attribute.graphs:
+                _strip_debug_metadata(subgraph)
+    for value in (*graph.value_info, *graph.input, *graph.output):
+        del value.metadata_props[:]
+
+
+def onnx_session(model: bytes, threads: int = 1):  # noqa: ANN201 - onnxruntime.InferenceSession
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
+def onnx_predictor(model: bytes) -> Callable[[np.ndarray], np.ndarray]:
+    session = onnx_session(model)
+    input_name = session.get_inputs()[0].name
+
+    def predict(x: np.ndarray) -> np.ndarray:
+        return session.run(None, {input_name: np.ascontiguousarray(x, dtype=np.float32)})[0]
+
+    return predict
+
+
+def _preprocessed(model: bytes, folder: Path) -> Path:
+    """ONNX Runtime's recommended pre-processing (shape inference, graph optimization)."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    source, target = folder / "fp32.onnx", folder / "pre.onnx"
+    source.write_bytes(model)
+    quant_pre_process(str(source), str(target))
+    return target
+
+
+def ort_static_int8(model: bytes, calibration: np.ndarray, batch: int = 32) -> bytes:
+    """Post-training static int8 (:data:`ORT_STATIC`), activation ranges calibrated on ``calibration``."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter(calibration[i : i + batch] for i in range(0, len(calibration), batch))
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            chunk = next(self.batches, None)
+            return None if chunk is None else {ONNX_INPUT: chunk}
+
+    with tempfile.TemporaryDirectory(prefix="slimflow-ort-") as tmp, _quiet():
+        folder = Path(tmp)
+        quantize_static(
+            str(_preprocessed(model, folder)), str(folder / "int8.onnx"), Reader(),
+            quant_format=QuantFormat[ORT_STATIC["quant_format"]], per_channel=ORT_STATIC["per_channel"],
+            reduce_range=ORT_STATIC["reduce_range"], activation_type=QuantType[ORT_STATIC["activation_type"]],
+            weight_type=QuantType[ORT_STATIC["weight_type"]],
+        )
+        return (folder / "int8.onnx").read_bytes()
+
+
+def ort_dynamic_int8(model: bytes) -> bytes:
+    """Dynamic int8 in ONNX Runtime: int8 weights, activations quantized per batch at run time."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with tempfile.TemporaryDirectory(prefix="slimflow-ort-") as tmp, _quiet():
+        folder = Path(tmp)
+        quantize_dynamic(
+            str(_preprocessed(model, folder)), str(folder / "int8.onnx"), weight_type=QuantType[ORT_DYNAMIC["weight_type"]]
+        )
+        return (folder / "int8.onnx").read_bytes()
+
+
+# -- torch.ao ------------------------------------------------------------------------------
+
+
+def quantized_engine() -> str:
+    """The quantized kernel backend: x86 (fbgemm + onednn) where available."""
+    engines = torch.backends.quantized.supported_engines
+    for engine in ("x86", "fbgemm", "qnnpack"):
+        if engine in engines:
+            return engine
+    raise RuntimeError(f"this torch build has no quantized engine (supported: {engines})")
+
+
+def torch_dynamic_int8(module: nn.Module) -> nn.Module:
+    """``torch.ao.quantization.quantize_dynamic`` on linear and recurrent layers (conv stays fp32)."""
+    from torch.ao.quantization import quantize_dynamic
+
+    torch.backends.quantized.engine = quantized_engine()
+    with _quiet():
+        return quantize_dynamic(module.eval(), set(DYNAMIC_LAYERS), dtype=torch.qint8)
+
+
+def _fusion_groups(module: nn.Module, prefix: str) -> list[list[str]]:
+    """conv-bn(-relu), conv-relu and linear-relu runs inside Sequentials, fused before quantizing."""
+    groups: list[list[str]] = []
+    for name, child in module.named_modules():
+        if not isinstance(child, nn.Sequential):
+            continue
+        items = list(child.named_children())
+        index = 0
+        while index < len(items):
+            first, layer = items[index]
+            group, index = [first], index + 1
+            if isinstance(layer, (nn.Conv2d, nn.Linear)):
+                if isinstance(layer, nn.Conv2d) and index < len(items) and isinstance(items[index][1], nn.BatchNorm2d):
+                    group.append(items[index][0])
+                    index += 1
+                if index < len(items) and isinstance(items[index][1], nn.ReLU):
+                    group.append(items[index][0])
+                    index += 1
+            if len(group) > 1:
+                groups.append([f"{prefix}{name}.{part}" if name else f"{prefix}{part}" for part in group])
+    return groups
+
+
+def _eager_skeleton(module: nn.Module, qat: bool) -> nn.Module:
+    """``module`` between a QuantStub and a DeQuantStub, fused, with the engine's qconfig."""
+    from torch.ao import quantization as tq
+
+    engine = quantized_engine()
+    torch.backends.quantized.engine = engine
+    wrapped = nn.Sequential(tq.QuantStub(), module, tq.DeQuantStub())
+    groups = _fusion_groups(module, "1.")
+    if qat:
+        wrapped.train()
+        wrapped = tq.fuse_modules_qat(wrapped, groups)
+        wrapped.qconfig = tq.get_default_qat_qconfig(engine)
+    else:
+        wrapped.eval()
+        wrapped = tq.fuse_modules(wrapped, groups)
+        wrapped.qconfig = tq.get_default_qconfig(engine)
+    return wrapped
+
+
+def torch_static_int8(module: nn.Module, calibration: np.ndarray, batch: int = 64) -> nn.Module:
+    """Eager-mode post-training static int8 (fused conv/linear, per-channel weights, calibrated observers)."""
+    from torch.ao import quantization as tq
+
+    with _quiet():
+        wrapped = tq.prepare(_eager_skeleton(module.eval(), qat=False))
+        with torch.inference_mode():
+            for start in range(0, len(calibration), batch):
+                wrapped(torch.from_numpy(calibration[start : start + batch]))
+        return tq.convert(wrapped.eval())
+
+
+def torch_qat_int8(module: nn.Module, fine_tune: Callable[[nn.Module], nn.Module]) -> nn.Module:
+    """Quantization-aware training: fine-tune with fake quantization, then convert to int8."""
+    from torch.ao import quantization as tq
+
+    with _quiet():
+        wrapped = tq.prepare_qat(_eager_skeleton(module, qat=True))
+        wrapped = fine_tune(wrapped)
+        return tq.convert(wrapped.eval())
+
+
+def quantized_skeleton(module: nn.Module, scheme: str) -> nn.Module:
+    """An int8 model of ``module``'s architecture with placeholder weights, to load a saved state_dict into."""
+    from torch.ao import quantization as tq
+
+    with _quiet():
+        if scheme == "dynamic":
+            return torch_dynamic_int8(module)
+        if scheme in {"static", "qat"}:  # QAT converts to the same modules as static
+            return tq.convert(tq.prepare(_eager_skeleton(module.eval(), qat=False)))
+    raise ValueError(f"unknown torch quantization scheme {scheme!r}")
+
+
+def quantized_share(module: nn.Module) -> float:
+    """The share of the prunable weights that quantize_dynamic turns into int8 (the rest stay fp32)."""
+    from tasks.compression.pruning import prunable_weights
+
+    sizes = [(owner, getattr(owner, name).numel()) for owner, name in prunable_weights(module)]
+    total = sum(size for _, size in sizes)
+    covered = sum(size for owner, size in sizes if isinstance(owner, DYNAMIC_LAYERS))
+    return covered / total if total else 0.0

@@ -1,0 +1,464 @@
+"""The compress stage: every method makes a variant that loads back, sizes are honest, bad recipes are refused.
+
+Each test builds its own tiny project under a temporary folder: a subset of the digits
+data written as ``data/prepared`` (the files ``tasks/data.py`` describes) and a small
+baseline trained in-process and saved with ``save_state_dict_model``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+from models import ModelSpec, build_model
+from tasks.compress import CompressError, compress_variants, main
+from tasks.compression.pruning import weight_sparsity
+from tasks.compression.recipes import RecipeError, check_recipes, selected_variants
+from tasks.config import ParamsError, validate_params
+from tasks.data import Preprocessing, load_split
+from tasks.model_io import count_nonzeros, load_model_dir, read_manifest, save_state_dict_model
+from tasks.paths import ProjectPaths
+
+# Small on purpose: these tests run on 2 CPU cores.
+SPECS = {
+    "cnn": {"family": "cnn", "channels": [16, 32]},
+    "mlp": {"family": "mlp", "hidden_sizes": [64, 32]},
+    "lstm": {"family": "lstm", "rnn_hidden": 32},
+}
+
+
+def _write_prepared(prepared: Path, seed: int = 0) -> None:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(digits.target))
+    x = digits.images.astype(np.float32)[:, None][order]
+    y = digits.target.astype(np.int64)[order]
+    splits = {"train": slice(0, 400), "val": slice(400, 520), "test": slice(520, 640)}
+    prepared.mkdir(parents=True)
+    for split, rows in splits.items():
+        np.save(prepared / f"{split}_x.npy", x[rows])
+        np.save(prepared / f"{split}_y.npy", y[rows])
+    preprocessing = Preprocessing.fit(x[splits["train"]], 10, [str(i) for i in range(10)])
+    (prepared / "preprocess.json").write_text(preprocessing.to_json())
+    (prepared / "card.json").write_text(json.dumps({"digest": "test-digits-640"}))
+
+
+def _train_baseline(root: Path, family: str, epochs: int = 4) -> None:
+    """A small baseline trained in-process (the train stage's Horovod run is tested elsewhere)."""
+    paths = ProjectPaths(root)
+    train = load_split(paths.prepared, "train")
+    spec = ModelSpec.from_dict(SPECS[family])
+    torch.manual_seed(0)
+    model = build_model(spec, (1, 8, 8), 10)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    x, y = torch.from_numpy(train.x), torch.from_numpy(train.y)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny model: threads only add overhead (and contention)
+    try:
+        for _ in range(epochs):
+            model.train()
+            for batch in torch.randperm(len(x)).split(32):
+                loss = F.cross_entropy(model(x[batch]), y[batch])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+    finally:
+        torch.set_num_threads(threads)
+    save_state_dict_model(model.eval(), spec, (1, 8, 8), 10, paths.model,
+                          {"name": "baseline", "method": "baseline", "recipe": [], "parent": None})
+
+
+def _params(variants: list[dict[str, Any]], family: str = "cnn", **compress: Any) -> dict[str, Any]:
+    return {
+        "base": {"seed": 0, "experiment": "test-compress"},
+        "train": {"model": SPECS[family], "epochs": 1, "batch_size": 32, "workers": 2, "warmup_epochs": 0},
+        "compress": {"calibration_samples": 64, "variants": variants, **compress},
+    }
+
+
+@pytest.fixture(scope="module")
+def baselines(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One prepared data set and a trained baseline per family (copied into each test's project)."""
+    made = {}
+    for family in SPECS:
+        root = tmp_path_factory.mktemp(f"baseline-{family}")
+        _write_prepared(root / "data" / "prepared")
+        _train_baseline(root, family)
+        made[family] = root
+    return made
+
+
+def _project(tmp_path: Path, baselines: dict[str, Path], family: str, variants: list[dict[str, Any]], **compress: Any):
+    """A project folder with data, the family's baseline and params.yaml; returns (Params, ProjectPaths)."""
+    import shutil
+
+    root = tmp_path / "project"
+    shutil.copytree(baselines[family], root)
+    (root / "dvc.yaml").write_text("stages: {}\n")
+    raw = _params(variants, family, **compress)
+    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    return validate_params(raw), ProjectPaths(root)
+
+
+def _x_test(paths: ProjectPaths) -> np.ndarray:
+    return load_split(paths.prepared, "test").x
+
+
+def _assert_round_trip(result: Any, x: np.ndarray) -> None:
+    """The saved variant predicts the classes of the in-memory model it was evaluated with."""
+    loaded = load_model_dir(result.folder)
+    assert loaded.name == result.name
+    np.testing.assert_array_equal(loaded.predict(x).argmax(1), result.artifact.predict(x).argmax(1))
+    manifest = read_manifest(result.folder)
+    assert manifest["size_bytes"] == (result.folder / manifest["file"]).stat().st_size
+    assert sorted(p.name for p in result.folder.iterdir()) == sorted(["manifest.json", manifest["file"]])
+    for key in ("name", "method", "recipe", "parent", "parent_digest", "parameters", "nonzeros", "file",
+                "size_bytes", "format", "runtime", "model_spec", "input_shape", "digest"):
+        assert key in manifest, key
+
+
+# -- every method ------------------------------------------------------------------------------
+
+CNN_VARIANTS = [
+    {"name": "int8-dynamic", "steps": [{"method": "quantize", "mode": "dynamic", "runtime": "torch"}]},
+    {"name": "fp32-onnx", "steps": [{"method": "export", "runtime": "onnxruntime"}]},
+    {"name": "fp32-pt2", "steps": [{"method": "export", "runtime": "torch"}]},
+    {"name": "fp16", "steps": [{"method": "half"}]},
+    {"name": "int8-static-ort", "steps": [{"method": "quantize", "mode": "static"}]},
+    {"name": "int8-static-torch", "steps": [{"method": "quantize", "mode": "static", "runtime": "torch"}]},
+    {"name": "int8-qat-torch", "steps": [{"method": "quantize", "mode": "qat", "runtime": "torch", "fine_tune_epochs": 1}]},
+    {"name": "pruned-l1-70", "steps": [{"method": "prune", "kind": "unstructured", "sparsity": 0.7, "fine_tune_epochs": 1}]},
+    {"name": "pruned-l1-70-int8-static-ort", "parent": "pruned-l1-70", "steps": [{"method": "quantize", "mode": "static"}]},
+    {"name": "pruned-l1-70-fp16", "parent": "pruned-l1-70", "steps": [{"method": "half"}]},
+    {"name": "pruned-structured-50", "steps": [{"method": "prune", "kind": "structured", "sparsity": 0.5, "fine_tune_epochs": 1}]},
+    {"name": "pruned-structured-50-int8-static-torch", "parent": "pruned-structured-50",
+     "steps": [{"method": "quantize", "mode": "static", "runtime": "torch"}]},
+]
+
+
+@pytest.fixture(scope="module")
+def cnn_results(baselines: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):
+    params, paths = _project(tmp_path_factory.mktemp("cnn"), baselines, "cnn", CNN_VARIANTS)
+    return paths, compress_variants(params, paths)
+
+
+def test_every_cnn_method_loads_back_and_predicts_like_the_evaluated_model(cnn_results) -> None:
+    paths, results = cnn_results
+    assert [r.name for r in results] == [v["name"] for v in CNN_VARIANTS]
+    x = _x_test(paths)
+    for result in results:
+        _assert_round_trip(result, x)
+    # Nothing else in the output: no checkpoints, no scratch folders, no leftovers beside it.
+    assert sorted(p.name for p in paths.compressed.iterdir()) == sorted(v["name"] for v in CNN_VARIANTS)
+    assert sorted(p.name for p in paths.artifacts.iterdir()) == ["compressed", "model"]
+
+
+def test_manifests_record_how_each_variant_was_made(cnn_results) -> None:
+    paths, results = cnn_results
+    by_name = {r.name: r.manifest for r in results}
+    baseline = read_manifest(paths.model)
+    child = by_name["pruned-l1-70-int8-static-ort"]
+    assert child["method"] == "prune+quantize"
+    assert child["parent"] == "pruned-l1-70" and child["parent_digest"] == by_name["pruned-l1-70"]["digest"]
+    assert child["recipe"] == [{"method": "quantize", "mode": "static", "runtime": "onnxruntime",
+                                "fine_tune_epochs": 0, "lr": None}]
+    assert [step["method"] for step in child["full_recipe"]] == ["prune", "quantize"]
+    assert by_name["fp16"]["parent_digest"] == baseline["digest"]
+    expected = {
+        "int8-dynamic": ("torch-quantized", "pytorch"), "fp32-onnx": ("onnx", "onnxruntime"),
+        "fp32-pt2": ("torch-export", "pytorch"), "fp16": ("torch-state-dict-fp16", "pytorch"),
+        "int8-static-ort": ("onnx", "onnxruntime"), "int8-qat-torch": ("torch-quantized", "pytorch"),
+        "pruned-l1-70": ("torch-state-dict-gzip", "pytorch"), "pruned-l1-70-int8-static-ort": ("onnx-gzip", "onnxruntime"),
+        "pruned-structured-50": ("torch-state-dict", "pytorch"),
+    }
+    for name, (fmt, runtime) in expected.items():
+        assert (by_name[name]["format"], by_name[name]["runtime"]) == (fmt, runtime), name
+    # Compression shrinks the file a user ships.
+    for name in ("fp16", "int8-static-ort", "int8-qat-torch", "pruned-l1-70", "pruned-l1-70-int8-static-ort"):
+        assert by_name[name]["size_bytes"] < baseline["size_bytes"], name
+    assert by_name["int8-static-ort"]["size_bytes"] < baseline["size_bytes"] / 2.5
+    assert by_name["fp16"]["size_bytes"] < baseline["size_bytes"] * 0.65  # weights halve; the zip framing stays
+
+
+def test_unstructured_sparsity_is_reported_as_measured(cnn_results) -> None:
+    paths, results = cnn_results
+    result = next(r for r in results if r.name == "pruned-l1-70")
+    module = load_model_dir(result.folder).module
+    measured = weight_sparsity(module)
+    assert result.manifest["sparsity"] == pytest.approx(measured, abs=1e-6)
+    assert measured == pytest.approx(0.7, abs=0.01)
+    assert result.manifest["nonzeros"] == count_nonzeros(module)
+    assert result.manifest["nonzeros"] < 0.4 * result.manifest["parameters"]
+    assert result.manifest["parameters"] == read_manifest(paths.model)["parameters"]  # zeros, same shape
+    # Stored compressed, so the zeros show on disk.
+    assert result.manifest["size_bytes"] < 0.6 * read_manifest(paths.model)["size_bytes"]
+
+
+def test_structured_pruning_makes_fewer_parameters_and_a_smaller_file(cnn_results) -> None:
+    paths, results = cnn_results
+    baseline = read_manifest(paths.model)
+    pruned = next(r for r in results if r.name == "pruned-structured-50").manifest
+    assert pruned["model_spec"]["channels"] == [8, 16]
+    assert pruned["parameters"] < 0.4 * baseline["parameters"]
+    assert pruned["size_bytes"] < 0.5 * baseline["size_bytes"]
+    assert pruned["sparsity"] == 0.0  # dense: smaller, not sparse
+
+
+def test_structured_pruning_of_an_mlp(baselines, tmp_path: Path) -> None:
+    variants = [
+        {"name": "pruned-structured-50", "steps": [{"method": "prune", "kind": "structured", "sparsity": 0.5}]},
+        {"name": "pruned-structured-50-int8-static-ort", "parent": "pruned-structured-50",
+         "steps": [{"method": "quantize", "mode": "static"}]},
+    ]
+    params, paths = _project(tmp_path, baselines, "mlp", variants)
+    results = compress_variants(params, paths)
+    baseline = read_manifest(paths.model)
+    assert results[0].manifest["model_spec"]["hidden_sizes"] == [32, 16]
+    assert results[0].manifest["parameters"] < 0.6 * baseline["parameters"]
+    assert results[0].manifest["size_bytes"] < 0.6 * baseline["size_bytes"]
+    for result in results:
+        _assert_round_trip(result, _x_test(paths))
+
+
+def test_lstm_dynamic_int8_and_unstructured_pruning(baselines, tmp_path: Path) -> None:
+    variants = [
+        {"name": "int8-dynamic", "steps": [{"method": "quantize", "mode": "dynamic", "runtime": "torch"}]},
+        {"name": "int8-dynamic-ort", "steps": [{"method": "quantize", "mode": "dynamic", "runtime": "onnxruntime"}]},
+        {"name": "pruned-l1-50", "steps": [{"method": "prune", "kind": "unstructured", "sparsity": 0.5}]},
+    ]
+    params, paths = _project(tmp_path, baselines, "lstm", variants)
+    results = compress_variants(params, paths)
+    baseline = read_manifest(paths.model)
+    by_name = {r.name: r for r in results}
+    for result in results:
+        _assert_round_trip(result, _x_test(paths))
+    # The LSTM's weights are quantized (not only the head): the file shrinks well.
+    assert by_name["int8-dynamic"].manifest["size_bytes"] < 0.5 * baseline["size_bytes"]
+    assert by_name["int8-dynamic-ort"].manifest["size_bytes"] < 0.5 * baseline["size_bytes"]
+    assert by_name["pruned-l1-50"].manifest["sparsity"] == pytest.approx(
+        weight_sparsity(load_model_dir(by_name["pruned-l1-50"].folder).module), abs=1e-6)
+
+
+@pytest.mark.integration
+def test_distilled_student_has_at_most_30_percent_of_the_teacher(baselines, tmp_path: Path, mlflow_uri: str) -> None:
+    """Distillation trains the student with Horovod (2 workers) like the baseline."""
+    from mlflow import MlflowClient
+
+    from tasks import tracking
+
+    variants = [
+        {"name": "distilled-cnn-w0.5", "steps": [{"method": "distill", "student_width": 0.5, "epochs": 2}]},
+        {"name": "distilled-cnn-w0.5-int8-static-ort", "parent": "distilled-cnn-w0.5",
+         "steps": [{"method": "quantize", "mode": "static"}]},
+    ]
+    params, paths = _project(tmp_path, baselines, "cnn", variants)
+    with tracking.stage_run("compress", paths.root, "test-compress") as stage:
+        results = compress_variants(params, paths, stage_run_id=stage.info.run_id)
+    teacher = read_manifest(paths.model)
+    student = results[0].manifest
+    assert student["parameters"] <= 0.3 * teacher["parameters"]
+    assert student["model_spec"]["width"] == 0.5
+    assert student["teacher"] == "baseline"
+    assert results[1].manifest["method"] == "distill+quantize"
+    for result in results:
+        _assert_round_trip(result, _x_test(paths))
+    # The student's checkpoints lived in scratch space, not in the output.
+    assert sorted(p.name for p in paths.compressed.iterdir()) == [v["name"] for v in variants]
+    assert sorted(p.name for p in paths.artifacts.iterdir()) == ["compressed", "model"]
+    assert not list(paths.compressed.rglob("*.pt.tmp")) and not list(paths.compressed.rglob("last.pt"))
+    # The student's training curves (rank 0 logs them) sit in a run nested under the variant's.
+    client = MlflowClient(mlflow_uri)
+    runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("test-compress").experiment_id])}
+    variant_run = runs["distilled-cnn-w0.5"]
+    training = runs["distilled-cnn-w0.5 student training"]
+    assert variant_run.data.tags["mlflow.parentRunId"] == stage.info.run_id
+    assert training.data.tags["mlflow.parentRunId"] == variant_run.info.run_id
+    assert len(client.get_metric_history(training.info.run_id, "val_loss")) == 2
+    assert variant_run.data.metrics["val_accuracy"] == pytest.approx(results[0].val_accuracy)
+
+
+# -- bad recipes -------------------------------------------------------------------------------
+
+PRUNE = {"method": "prune", "kind": "unstructured", "sparsity": 0.5}
+STATIC = {"method": "quantize", "mode": "static"}
+
+BAD_RECIPES = [
+    # (variants, family, words the one message must contain)
+    ([{"name": "v", "steps": [{"method": "squeeze"}]}], "cnn", ["'v' step 1 (squeeze)", "method"]),
+    ([{"name": "v", "steps": [PRUNE, {**PRUNE, "sparsity": 1.0}]}], "cnn", ["'v' step 2 (prune)", "below 1"]),
+    ([{"name": "v", "steps": [{**PRUNE, "sparsity": 1.5}]}], "cnn", ["'v' step 1 (prune)", "below 1"]),
+    ([{"name": "v", "steps": [{**PRUNE, "sparsity": -0.1}]}], "cnn", ["'v' step 1 (prune)", "sparsity"]),
+    ([{"name": "v", "steps": [{"method": "prune", "sparsity": 0.5}]}], "cnn", ["'v' step 1 (prune)", "kind"]),
+    ([{"name": "v", "steps": [{"method": "prune", "kind": "structured"}]}], "cnn", ["'v' step 1 (prune)", "needs sparsity"]),
+    ([{"name": "v", "steps": [{"method": "quantize"}]}], "cnn", ["'v' step 1 (quantize)", "needs mode"]),
+    ([{"name": "v", "steps": [{"method": "distill"}]}], "cnn", ["'v' step 1 (distill)", "student_width"]),
+    ([{"name": "v", "steps": [{"method": "prune", "kind": "structured", "sparsity": 0.5}]}], "lstm",
+     ["'v' step 1 (prune)", "structured", "lstm"]),
+    ([{"name": "v", "steps": [{"method": "prune", "kind": "structured", "sparsity": 0.5}]}], "gru",
+     ["'v' step 1 (prune)", "gru"]),
+    ([{"name": "v", "steps": [STATIC]}], "lstm", ["'v' step 1 (quantize)", "static", "mode: dynamic"]),
+    ([{"name": "v", "steps": [{"method": "quantize", "mode": "qat", "runtime": "torch", "fine_tune_epochs": 1}]}], "gru",
+     ["'v' step 1 (quantize)", "mode: dynamic"]),
+    ([{"name": "v", "steps": [STATIC, {"method": "quantize", "mode": "dynamic"}]}], "cnn",
+     ["'v' step 2 (quantize)", "quantize after quantize"]),
+    ([{"name": "p", "steps": [STATIC]}, {"name": "c", "parent": "p", "steps": [{"method": "quantize", "mode": "dynamic"}]}],
+     "cnn", ["'c' step 1 (quantize)", "quantize after quantize", "parent 'p'"]),
+    ([{"name": "v", "steps": [{"method": "half"}, PRUNE]}], "cnn", ["'v' step 2 (prune)", "last step"]),
+    ([{"name": "v", "parent": "nowhere", "steps": [PRUNE]}], "cnn", ["'v'", "parent 'nowhere'"]),
+    ([{"name": "c", "parent": "p", "steps": [PRUNE]}, {"name": "p", "steps": [PRUNE]}], "cnn",
+     ["'c'", "parent 'p'", "earlier"]),
+    ([{"name": "v", "steps": [{"method": "quantize", "mode": "qat"}]}], "cnn", ["'v' step 1 (quantize)", "runtime: torch"]),
+    ([{"name": "v", "steps": [{"method": "quantize", "mode": "qat", "runtime": "torch"}]}], "cnn",
+     ["'v' step 1 (quantize)", "fine_tune_epochs"]),
+    ([{"name": "v", "steps": [{**PRUNE, "mode": "static"}]}], "cnn", ["'v' step 1 (prune)", "mode does not apply"]),
+    ([{"name": "v", "steps": [{**PRUNE, "sparsty": 0.5}]}], "cnn", ["'v' step 1 (prune)", "sparsty", "unknown key"]),
+]
+
+
+@pytest.mark.parametrize(("variants", "family", "words"), BAD_RECIPES)
+def test_bad_recipes_are_refused_with_one_message_naming_variant_and_step(variants, family, words) -> None:
+    raw = _params(variants)
+    with pytest.raises((ParamsError, RecipeError)) as caught:
+        params = validate_params(raw)
+        check_recipes(params.compress, family)
+    message = str(caught.value)
+    for word in words:
+        assert word in message, (word, message)
+
+
+@pytest.mark.parametrize("family", ["mlp", "cnn", "lstm", "gru"])
+def test_the_default_recipes_are_valid_for_every_family(family: str) -> None:
+    from tasks.config import load_params
+
+    params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
+    check_recipes(params.compress, family)
+    made = {v.name for v in selected_variants(params.compress, family)}
+    assert "int8-dynamic" in made  # the skeleton's first variant, made for every family
+    if family in {"lstm", "gru"}:
+        assert not {"pruned-structured-50", "pruned-structured-50-int8-static-ort", "int8-static-ort"} & made
+
+
+def test_the_default_recipes_cover_every_method_for_the_default_cnn() -> None:
+    from tasks.config import load_params
+
+    params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
+    assert params.train.model.family == "cnn"
+    chains = check_recipes(params.compress, "cnn")
+    made = selected_variants(params.compress, "cnn")
+    steps = [item.step for variant in made for item in chains[variant.name]]
+    assert {step.method for step in steps} == {"prune", "quantize", "distill", "half", "export"}
+    kinds = {(step.kind, step.mode, step.runtime if step.method == "quantize" else None) for step in steps}
+    assert {("unstructured", None, None), ("structured", None, None), (None, "static", "onnxruntime"),
+            (None, "dynamic", "torch"), (None, "qat", "torch")} <= kinds
+    assert any(len({item.step.method for item in chains[v.name]}) > 1 for v in made)  # combinations
+    student = next(v for v in made if v.steps[0].method == "distill")
+    spec = params.train.model.spec()
+    teacher = build_model(spec, (1, 8, 8), 10)
+    pupil = build_model(ModelSpec(**{**spec.to_dict(), "width": student.steps[0].student_width}), (1, 8, 8), 10)
+    assert sum(p.numel() for p in pupil.parameters()) <= 0.3 * sum(p.numel() for p in teacher.parameters())
+
+
+def test_families_limit_a_variant_and_its_children() -> None:
+    raw = _params([
+        {"name": "structured", "families": ["mlp", "cnn"], "steps": [{"method": "prune", "kind": "structured", "sparsity": 0.5}]},
+        {"name": "structured-int8", "parent": "structured", "steps": [STATIC]},
+        {"name": "fp16", "steps": [{"method": "half"}]},
+    ])
+    compress = validate_params(raw).compress
+    assert [v.name for v in selected_variants(compress, "lstm")] == ["fp16"]
+    assert [v.name for v in selected_variants(compress, "cnn")] == ["structured", "structured-int8", "fp16"]
+    check_recipes(compress, "lstm")  # the structured recipe is not made for an lstm, so not refused
+
+
+def test_cli_refuses_a_bad_recipe_before_any_work(baselines, tmp_path: Path, monkeypatch, capsys, mlflow_uri) -> None:
+    variants = [{"name": "ok", "steps": [{"method": "half"}]},
+                {"name": "rnn-only", "steps": [{"method": "prune", "kind": "structured", "sparsity": 0.5}]}]
+    _, paths = _project(tmp_path, baselines, "lstm", variants)
+    monkeypatch.setenv("SLIMFLOW_ROOT", str(paths.root))
+    assert main([]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: variant 'rnn-only' step 1 (prune): structured pruning")
+    assert not paths.compressed.exists()
+    assert sorted(p.name for p in paths.artifacts.iterdir()) == ["model"]
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_cli_names_the_missing_baseline(tmp_path: Path, monkeypatch, capsys) -> None:
+    root = tmp_path / "project"
+    _write_prepared(root / "data" / "prepared")
+    (root / "dvc.yaml").write_text("stages: {}\n")
+    (root / "params.yaml").write_text(yaml.safe_dump(_params([{"name": "fp16", "steps": [{"method": "half"}]}])))
+    monkeypatch.setenv("SLIMFLOW_ROOT", str(root))
+    assert main([]) == 2
+    assert "no trained model" in capsys.readouterr().err
+    with pytest.raises(CompressError):
+        compress_variants(validate_params(_params([])), ProjectPaths(root))
+
+
+def test_a_failure_leaves_the_previous_output_untouched(baselines, tmp_path: Path, monkeypatch) -> None:
+    from tasks.compression import quantization
+
+    variants = [{"name": "fp16", "steps": [{"method": "half"}]}, {"name": "int8-static-ort", "steps": [STATIC]}]
+    params, paths = _project(tmp_path, baselines, "cnn", variants)
+    previous = paths.compressed / "old-variant"
+    previous.mkdir(parents=True)
+    (previous / "manifest.json").write_text("{}")
+
+    def broken(*args: Any, **kwargs: Any) -> bytes:
+        raise RuntimeError("calibration exploded")
+
+    monkeypatch.setattr(quantization, "ort_static_int8", broken)
+    with pytest.raises(RuntimeError, match="calibration exploded"):
+        compress_variants(params, paths)
+    assert sorted(p.name for p in paths.compressed.iterdir()) == ["old-variant"]
+    assert sorted(p.name for p in paths.artifacts.iterdir()) == ["compressed", "model"]
+
+
+def test_main_tracks_each_variant_as_a_run_nested_under_the_stage_run(
+    baselines, tmp_path: Path, monkeypatch, mlflow_uri: str
+) -> None:
+    from mlflow import MlflowClient
+
+    variants = [
+        {"name": "pruned-l1-50", "steps": [{"method": "prune", "kind": "unstructured", "sparsity": 0.5}]},
+        {"name": "pruned-l1-50-fp16", "parent": "pruned-l1-50", "steps": [{"method": "half"}]},
+    ]
+    _, paths = _project(tmp_path, baselines, "cnn", variants)
+    monkeypatch.setenv("SLIMFLOW_ROOT", str(paths.root))
+    assert main([]) == 0
+    client = MlflowClient(mlflow_uri)
+    experiment = client.get_experiment_by_name("test-compress")
+    runs = client.search_runs([experiment.experiment_id])
+    stage = next(r for r in runs if r.info.run_name == "compress")
+    children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == stage.info.run_id}
+    assert set(children) == {"pruned-l1-50", "pruned-l1-50-fp16"}
+    for run in [stage, *children.values()]:
+        assert run.info.status == "FINISHED"
+    child = children["pruned-l1-50-fp16"]
+    assert child.data.tags["variant"] == "pruned-l1-50-fp16"
+    assert child.data.tags["method"] == "prune+half"
+    assert child.data.tags["parent_run_id"] == stage.info.run_id
+    assert child.data.params["steps.1.method"] == "half" and child.data.params["parent"] == "pruned-l1-50"
+    for key in ("size_bytes", "val_accuracy", "sparsity", "nonzeros", "compression_ratio"):
+        assert key in child.data.metrics, key
+    logged = {a.path for a in client.list_artifacts(child.info.run_id, "variant")}
+    assert logged == {"variant/manifest.json", "variant/model.fp16.pt.gz"}
+    assert (paths.compressed / "pruned-l1-50-fp16" / "model.fp16.pt.gz").is_file()
+    assert os.listdir(paths.compressed) and sorted(os.listdir(paths.compressed)) == sorted(v["name"] for v in variants)
+
+
+def test_every_format_compression_writes_has_a_loader() -> None:
+    from tasks.compression.formats import FORMATS
+    from tasks.model_io import LOADERS
+
+    assert {"torch-state-dict", "onnx", *FORMATS} <= set(LOADERS)
