@@ -198,8 +198,11 @@ def serve(
 
 
 @app.command()
-def status(limit: Annotated[int, typer.Option(help="How many recent pipeline runs to list.")] = 5) -> None:
-    """The latest pipeline runs (MLflow status, Prefect flow run) and the current champion."""
+def status(
+    limit: Annotated[int, typer.Option(help="How many recent pipeline runs to list.")] = 5,
+    prefect_state: Annotated[bool, typer.Option(help="Also ask Prefect for each flow run's state (starts the temporary API when PREFECT_API_URL is unset, ~15 s).")] = False,
+) -> None:
+    """The latest pipeline runs (MLflow status, Prefect flow run and state) and the current champion."""
     paths = ProjectPaths.discover()
     params = load_params(paths.params)
     import mlflow
@@ -212,15 +215,18 @@ def status(limit: Annotated[int, typer.Option(help="How many recent pipeline run
         experiment_ids=[experiment_id], filter_string="tags.pipeline = 'slimflow'",
         order_by=["attributes.start_time DESC"], max_results=limit, output_format="list",
     )
+    states = _prefect_states([r.data.tags.get("prefect_flow_run_id") for r in runs]) \
+        if prefect_state or os.environ.get("PREFECT_API_URL") else {}
     table = Table(title=f"latest pipeline runs ({os.environ['MLFLOW_TRACKING_URI']})")
-    for column in ("started", "MLflow status", "MLflow run id", "Prefect flow run", "stages ran", "error"):
+    for column in ("started", "MLflow status", "MLflow run id", "Prefect flow run", "Prefect state", "stages ran", "error"):
         table.add_column(column)
     import datetime as dt
 
     for r in runs:
+        flow_run = r.data.tags.get("prefect_flow_run_id", "-")
         table.add_row(
             dt.datetime.fromtimestamp(r.info.start_time / 1000).strftime("%Y-%m-%d %H:%M:%S"),
-            r.info.status, r.info.run_id, r.data.tags.get("prefect_flow_run_id", "-"),
+            r.info.status, r.info.run_id, flow_run, states.get(flow_run, "-"),
             r.data.tags.get("stages_ran", "-"), (r.data.tags.get("error") or "")[:60],
         )
     console.print(table)
@@ -232,6 +238,20 @@ def status(limit: Annotated[int, typer.Option(help="How many recent pipeline run
                       f"({version.tags.get('variant', '?')}, run {version.run_id})")
     except Exception:
         console.print(f"champion: none registered yet under {name!r}")
+
+
+def _prefect_states(flow_run_ids: list[str | None]) -> dict[str, str]:
+    """Prefect's state name of each flow run (missing ones are left out)."""
+    from prefect.client.orchestration import get_client
+
+    states: dict[str, str] = {}
+    with get_client(sync_client=True) as client:
+        for flow_run_id in filter(None, flow_run_ids):
+            try:
+                states[flow_run_id] = client.read_flow_run(flow_run_id).state.name
+            except Exception:  # a run from another Prefect API (e.g. an earlier temporary one)
+                continue
+    return states
 
 
 @app.command()
