@@ -28,6 +28,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from tasks.errors import report_stage_error
 from tasks.config import CompressStep, Params, ParamsError, Variant, load_params
 from tasks.compression.recipes import (
     BASELINE, ChainStep, RecipeError, check_recipes, method_name, selected_variants, step_settings,
@@ -393,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
         params = load_params(paths.params)
         check_inputs(params, paths)
     except (ParamsError, CompressError, RecipeError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        report_stage_error("compress", str(err))
         return 2
 
     from tasks import tracking
@@ -409,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
         ) as run:
             compress_variants(params, paths, stage_run_id=run.info.run_id)
     except LaunchError as err:
-        print(f"error: compress: distillation: {err}", file=sys.stderr)
+        report_stage_error("compress", f"distillation: {err}")
         return 1
     return 0
 

@@ -387,7 +387,7 @@ def test_cli_refuses_a_bad_recipe_before_any_work(baselines, tmp_path: Path, mon
     monkeypatch.setenv("SLIMFLOW_ROOT", str(paths.root))
     assert main([]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: variant 'rnn-only' step 1 (prune): structured pruning")
+    assert len(err) == 1 and err[0].startswith("error: compress: variant 'rnn-only' step 1 (prune): structured pruning")
     assert not paths.compressed.exists()
     assert sorted(p.name for p in paths.artifacts.iterdir()) == ["model"]
     assert not (tmp_path / "mlflow.db").exists()
