@@ -21,7 +21,7 @@ from prefect.tasks import exponential_backoff
 from flows.report import comparison_rows
 from tasks import tracking
 from tasks.config import check_pipeline, load_params, write_overrides
-from tasks.dvc_stages import pipeline_lock, push_outputs, reproduce_stage, select_stages
+from tasks.dvc_stages import StageFailed, pipeline_lock, push_outputs, reproduce_stage, select_stages
 from tasks.paths import ProjectPaths
 
 
@@ -36,9 +36,21 @@ def _run_stage(stage: str, root: str, force: bool) -> dict[str, Any]:
     return {"stage": stage, "ran": ran, "seconds": seconds}
 
 
+def _worth_retrying(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry crashes, not bad input: a bad data file or parameter fails the same way again."""
+    try:
+        error = state.result(raise_on_failure=False)
+    except Exception:
+        return True
+    return not (isinstance(error, StageFailed) and error.bad_input)
+
+
 # Stages write their outputs atomically and record nothing half-done, so retrying is safe;
 # a retried train stage resumes from its last checkpoint.
-_retry = {"retries": 2, "retry_delay_seconds": exponential_backoff(backoff_factor=2), "retry_jitter_factor": 0}
+_retry = {
+    "retries": 2, "retry_delay_seconds": exponential_backoff(backoff_factor=2), "retry_jitter_factor": 0,
+    "retry_condition_fn": _worth_retrying,
+}
 
 
 @task(name="prepare", **_retry)
@@ -46,7 +58,7 @@ def prepare(root: str, force: bool = False) -> dict[str, Any]:
     return _run_stage("prepare", root, force)
 
 
-@task(name="train", retries=1, retry_delay_seconds=2)
+@task(name="train", retries=1, retry_delay_seconds=2, retry_condition_fn=_worth_retrying)
 def train(root: str, force: bool = False) -> dict[str, Any]:
     return _run_stage("train", root, force)
 

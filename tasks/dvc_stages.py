@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,7 +35,21 @@ class PipelineBusy(RuntimeError):
 
 
 class StageFailed(RuntimeError):
-    """A stage's command failed; the message is the stage's own."""
+    """A stage's command failed; the message is the stage's own.
+
+    ``exit_code`` 2 is the stages' convention for bad input (a bad data file, a bad
+    parameter): retrying cannot help, unlike a crash (any other code).
+    """
+
+    BAD_INPUT = 2
+
+    def __init__(self, message: str, exit_code: int | None = None) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+    @property
+    def bad_input(self) -> bool:
+        return self.exit_code == self.BAD_INPUT
 
 
 def _lock_path(root: Path) -> Path:
@@ -96,7 +111,8 @@ def reproduce_stage(root: Path, stage: str, force: bool = False) -> bool:
     except DvcException as err:
         reason = error_file.read_text().strip() if error_file.exists() else ""
         cause = err.__cause__ or err
-        raise StageFailed(reason or f"{stage}: {cause}") from None
+        exited = re.search(r"exited with (-?\d+)", str(cause))
+        raise StageFailed(reason or f"{stage}: {cause}", int(exited.group(1)) if exited else None) from None
     finally:
         os.environ.pop(ERROR_FILE_ENV, None)
         error_file.unlink(missing_ok=True)

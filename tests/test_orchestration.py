@@ -96,16 +96,39 @@ def test_stage_that_always_fails_fails_the_flow_in_prefect_and_mlflow(
     (pipeline_run,) = _pipeline_runs()
     assert pipeline_run.info.status == "FAILED"
     assert "missing.csv" in pipeline_run.data.tags["error"]
-    assert all(r.info.status == "FAILED" for r in _stage_runs("prepare"))
-    assert len(_stage_runs("prepare")) == 3  # the first attempt and two retries
+    assert [r for r in _runs() if r.info.status == "RUNNING"] == []
 
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
+    flow_run_id = pipeline_run.data.tags["prefect_flow_run_id"]
     with get_client(sync_client=True) as client:
-        flow_run = client.read_flow_run(pipeline_run.data.tags["prefect_flow_run_id"])
+        flow_run = client.read_flow_run(flow_run_id)
+        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
     assert flow_run.state.is_failed()
     assert "missing.csv" in flow_run.state.message
+    (prepare_task,) = [t for t in task_runs if t.name.startswith("prepare")]
+    assert prepare_task.state.is_failed()
+    assert prepare_task.run_count == 1  # bad input: not retried, it would fail the same way
     assert not (root / "data" / "prepared").exists()
+
+
+def test_a_crashing_stage_is_retried_with_back_off_until_it_gives_up(
+    tmp_path: Path, prefect_api_url: str, mlflow_uri: str
+) -> None:
+    # One worker dies after epoch 1 on every attempt: with 1 epoch there is no checkpoint
+    # past the crash to resume from, so each retry crashes again.
+    root = make_project(tmp_path / "crashing", {**TINY_PARAMS, "train": {**TINY_PARAMS["train"], "epochs": 1}})
+    env = {"PREFECT_API_URL": prefect_api_url, "MLFLOW_TRACKING_URI": mlflow_uri, "SLIMFLOW_FAULT_AFTER_EPOCH": "1"}
+    result = slimflow(root, "run", "--to", "train", env=env)
+    assert result.returncode == 1
+    assert "exited with status 17" in result.stderr
+    (pipeline_run,) = _pipeline_runs()
+    assert pipeline_run.info.status == "FAILED"
+    assert "exited with status 17" in pipeline_run.data.tags["error"]
+    train_runs = _stage_runs("train")
+    assert [r.info.status for r in train_runs] == ["FAILED", "FAILED"]  # the attempt and its retry
+    assert all("exited with status 17" in r.data.tags["error"] for r in train_runs)
 
 
 def test_two_runs_at_once_never_overlap_and_leave_consistent_outputs(
@@ -145,15 +168,18 @@ def test_a_run_is_refused_with_a_clear_message_while_another_holds_the_project(
 
 
 def test_sigterm_leaves_no_run_running_no_lock_and_no_half_written_output(
-    tiny_project: Path, prefect_api_url: str, mlflow_uri: str
+    tmp_path: Path, prefect_api_url: str, mlflow_uri: str
 ) -> None:
+    # Long enough training that SIGTERM lands while the workers are busy.
+    long_train = {**TINY_PARAMS["train"], "epochs": 300, "patience": 300}
+    tiny_project = make_project(tmp_path / "interrupted", {**TINY_PARAMS, "train": long_train})
     env = {**os.environ, "SLIMFLOW_ROOT": str(tiny_project), "PREFECT_API_URL": prefect_api_url, "MLFLOW_TRACKING_URI": mlflow_uri}
     log = tiny_project / "run.log"
     with log.open("w") as out:
         process = subprocess.Popen([str(Path(os.sys.executable).parent / "slimflow"), "run"], cwd=tiny_project,
                                    env=env, stdout=out, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 180
-        while "epoch 1/3" not in log.read_text() and time.monotonic() < deadline and process.poll() is None:
+        while "epoch 2/300" not in log.read_text() and time.monotonic() < deadline and process.poll() is None:
             time.sleep(0.5)
         assert process.poll() is None, log.read_text()[-3000:]
         process.send_signal(signal.SIGTERM)
