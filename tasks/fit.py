@@ -1,11 +1,15 @@
 """The Horovod data-parallel training loop, run by every worker.
 
-It follows Horovod's own order (examples/pytorch/pytorch_mnist.py): init, seed, pin the
-device to the local rank, set threads, shard with DistributedSampler, scale the learning
-rate by the world size, broadcast parameters and optimizer state from rank 0, wrap the
-optimizer in DistributedOptimizer, ``set_epoch`` every epoch, average metrics with
-allreduce; only rank 0 logs and writes files. With a ``teacher`` it trains a student
-by knowledge distillation on the same loop.
+It follows Horovod's own order (examples/pytorch/pytorch_mnist.py): init, set threads,
+seed, pin the device to the local rank, shard with DistributedSampler, scale the learning
+rate by the world size, wrap the optimizer in DistributedOptimizer, broadcast parameters
+and optimizer state from rank 0, ``set_epoch`` every epoch, average metrics with
+allreduce; only rank 0 logs and writes files. With a ``teacher`` it trains a student by
+knowledge distillation on the same loop.
+
+Every epoch rank 0 writes a checkpoint (model, optimizer, scheduler, progress, the RNG
+states of every rank and the settings that made it); a run started again with the same
+settings resumes from it and ends with the same model as an uninterrupted run.
 
 Started as ``python -m tasks.fit JOB.json`` by :mod:`tasks.launcher`, alone or under
 ``horovodrun``.
@@ -13,6 +17,7 @@ Started as ``python -m tasks.fit JOB.json`` by :mod:`tasks.launcher`, alone or u
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -20,6 +25,7 @@ import os
 import random
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +44,11 @@ log = logging.getLogger("slimflow.fit")
 
 CHECKPOINT = "last.pt"
 BEST = "best.pt"
+THREADS_ENV = "SLIMFLOW_THREADS_PER_WORKER"  # set by tasks.launcher.worker_environment
+FAULT_EXIT_CODE = 17
+
+# The code whose change makes a checkpoint stale (resuming it would mix two programs).
+_CODE_FILES = (Path(__file__), *sorted((Path(__file__).resolve().parents[1] / "models").glob("*.py")))
 
 
 @dataclass(frozen=True)
@@ -49,16 +60,16 @@ class FitJob:
     output: str  # model folder written by rank 0 from the best checkpoint
     checkpoints: str
     epochs: int
-    batch_size: int
-    lr: float
+    batch_size: int  # per worker: the global batch is batch_size x world size
+    lr: float  # per worker: scaled by the world size after the warm-up
     seed: int
     weight_decay: float = 0.0
     warmup_epochs: int = 1
     patience: int = 5
     fp16_allreduce: bool = False
     backward_passes_per_step: int = 1
-    mixed_precision: str = "auto"
-    channels_last: str = "auto"
+    mixed_precision: str = "auto"  # auto (bf16 on GPUs) | off | bf16
+    channels_last: str = "auto"  # auto (on for GPUs) | off | on
     teacher: str | None = None  # model folder of the teacher (distillation)
     temperature: float = 4.0
     alpha: float = 0.7  # weight of the soft-target loss
@@ -66,15 +77,16 @@ class FitJob:
     metrics_path: str | None = None  # summary metrics (JSON) written by rank 0
     history_path: str | None = None  # per-epoch history (JSON list) written by rank 0
     manifest: dict[str, Any] = field(default_factory=dict)
-    fault_after_epoch: int | None = None  # tests: kill this worker after that epoch
+    fault_after_epoch: int | None = None  # tests: the last rank dies after that epoch
 
     def fingerprint(self, world_size: int) -> str:
-        """What must match for a checkpoint to be resumed."""
-        import hashlib
-
-        keys = {k: v for k, v in asdict(self).items() if k not in {"run_id", "fault_after_epoch", "metrics_path", "history_path"}}
+        """What must match for a checkpoint to be resumed: settings, world size, data and code."""
+        ignored = {"run_id", "fault_after_epoch", "metrics_path", "history_path"}
+        keys: dict[str, Any] = {k: v for k, v in asdict(self).items() if k not in ignored}
         keys["world_size"] = world_size
-        keys["data"] = (Path(self.prepared) / "card.json").read_text() if (Path(self.prepared) / "card.json").exists() else ""
+        card = Path(self.prepared) / "card.json"
+        keys["data"] = card.read_text() if card.exists() else ""
+        keys["code"] = [hashlib.sha256(path.read_bytes()).hexdigest() for path in _CODE_FILES]
         return hashlib.sha256(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()
 
     def write(self, path: Path) -> None:
@@ -85,14 +97,65 @@ class FitJob:
         return cls(**json.loads(path.read_text()))
 
 
-def _set_threads() -> int:
-    threads = int(os.environ.get("SLIMFLOW_THREADS_PER_WORKER", "0")) or torch.get_num_threads()
+def set_threads(local_workers: int) -> int:
+    """Set torch's (OpenMP) intra-op threads: the launcher's choice, else usable cores // local workers.
+
+    Workers that each use every core oversubscribe the machine (28x slower measured
+    here), so this runs before any tensor work.
+    """
+    from tasks.launcher import threads_per_worker
+
+    configured = int(os.environ.get(THREADS_ENV) or 0) or None
+    threads = threads_per_worker(local_workers, configured)
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)  # for anything started later
     torch.set_num_threads(threads)
     try:
         torch.set_num_interop_threads(1)
-    except RuntimeError:  # already set, or parallel work already started
+    except RuntimeError:  # already set, or inter-op work already started
         pass
     return threads
+
+
+def measure_step_ms(job: FitJob, threads: int, steps: int = 4) -> float:
+    """Milliseconds of one training step (forward, backward, update) of ``job``'s model here.
+
+    Runs on zeros with ``threads`` torch threads, leaving the caller's thread count and
+    random state as they were. The fastest of ``steps`` (after a warm-up step): other
+    processes can only slow a step down.
+    """
+    preprocessing = load_preprocessing(Path(job.prepared))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            model = build_model(ModelSpec.from_dict(job.spec), preprocessing.input_shape, preprocessing.num_classes)
+            optimizer = torch.optim.AdamW(model.parameters(), lr=job.lr)
+            x = torch.zeros(job.batch_size, *preprocessing.input_shape)
+            y = torch.zeros(job.batch_size, dtype=torch.int64)
+            times = []
+            for _ in range(steps + 1):  # the first step warms up
+                started = time.perf_counter()
+                optimizer.zero_grad()
+                F.cross_entropy(model(x), y).backward()
+                optimizer.step()
+                times.append(time.perf_counter() - started)
+    finally:
+        torch.set_num_threads(before)
+    return 1000 * min(times[1:])
+
+
+def horovod_cycle_time_ms(step_ms: float) -> float:
+    """Horovod's background cycle for CPU workers whose steps take ``step_ms``.
+
+    Every cycle Horovod's background thread coordinates with the other ranks: with
+    Gloo on 2 cores that cost ~7.5% of a core per rank at the default 1 ms cycle, taken
+    from compute threads that fill every core; a longer cycle costs less but delays the
+    allreduce that ends each step by half a cycle on average. Per step that is
+    ``c / 2 + step_ms * 0.075 / c``, least at ``c = sqrt(0.15 * step_ms)``: Horovod's
+    1 ms for small models, ~2 ms for a 28x28 CNN step of ~30 ms (measured there: 2-3 ms
+    gave 10-20% more samples/s than 1 ms; on the 8x8 digits CNN 1 ms was best).
+    """
+    return min(5.0, max(1.0, math.sqrt(0.15 * step_ms)))
 
 
 def _seed_everything(seed: int) -> None:
@@ -102,25 +165,30 @@ def _seed_everything(seed: int) -> None:
 
 
 def _rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    return {
+        "python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+    }
 
 
 def _restore_rng(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
-def _warmup_factor(warmup_steps: int, world_size: int):
-    """LR multiplier: ramps from 1 to world_size over the warm-up (Goyal et al.), then cosine to 0.1."""
+def lr_multiplier(step: int, warmup_steps: int, total_steps: int, world_size: int) -> float:
+    """Learning-rate multiplier per optimizer step.
 
-    def factor(step: int, total: int) -> float:
-        if warmup_steps and step < warmup_steps:
-            return 1.0 + (world_size - 1) * step / warmup_steps
-        progress = (step - warmup_steps) / max(1, total - warmup_steps)
-        return world_size * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
-
-    return factor
+    Ramps linearly from 1 to ``world_size`` over the warm-up (Goyal et al., 2017: the
+    global batch is ``world_size`` times larger), then decays to 0.1 x that by a cosine.
+    """
+    if warmup_steps and step < warmup_steps:
+        return 1.0 + (world_size - 1) * step / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return world_size * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
 def distillation_loss(
@@ -135,7 +203,10 @@ def distillation_loss(
     return alpha * soft + (1.0 - alpha) * F.cross_entropy(student_logits, labels)
 
 
-def _evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int, autocast) -> tuple[float, int, int]:
+def _evaluate(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int, autocast: Callable
+) -> tuple[float, int, int]:
+    """Summed loss, correct predictions and count on this rank's shard."""
     model.eval()
     total_loss, correct = 0.0, 0
     with torch.inference_mode():
@@ -148,7 +219,7 @@ def _evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int, au
 
 
 class _MlflowLogger:
-    """Rank 0 logs into the run the launching stage opened (it ends the run, not us)."""
+    """Rank 0 logs into the run the launching stage opened (that stage ends the run, not us)."""
 
     def __init__(self, run_id: str | None) -> None:
         self.run_id = run_id
@@ -165,25 +236,54 @@ class _MlflowLogger:
             self.client.log_batch(self.run_id, params=[Param(k, str(v)) for k, v in values.items()])
 
     def metrics(self, values: dict[str, float], step: int) -> None:
-        if self.client:
+        self.history([{**values, "epoch": step}])
+
+    def history(self, rows: list[dict[str, float]]) -> None:
+        """Per-epoch metrics; ``epoch`` is the MLflow step."""
+        if self.client and rows:
             from mlflow.entities import Metric
 
             now = int(time.time() * 1000)
-            self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items()])
+            batch = [
+                Metric(k, float(v), now, int(row["epoch"])) for row in rows for k, v in row.items() if k != "epoch"
+            ]
+            for start in range(0, len(batch), 1000):  # MLflow's log_batch limit
+                self.client.log_batch(self.run_id, metrics=batch[start : start + 1000])
+
+
+def _read_checkpoint(path: Path, fingerprint: str) -> dict[str, Any] | None:
+    """The checkpoint at ``path`` if this very job made it and did not finish, else None."""
+    if not path.exists():
+        return None
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # a torn or foreign file: train from scratch rather than fail
+        log.warning("ignoring checkpoint %s: unreadable (%s)", path, err)
+        return None
+    if saved.get("fingerprint") != fingerprint:
+        log.info("ignoring checkpoint %s: made by other settings, data, code or world size", path)
+        return None
+    if saved.get("complete"):
+        log.info("ignoring checkpoint %s: that training finished; training again", path)
+        return None
+    return saved
 
 
 def run(job: FitJob) -> dict[str, Any] | None:
+    """Train ``job`` on this worker; rank 0 returns the summary metrics, other ranks None."""
     import horovod.torch as hvd
 
     # Horovod: initialize; everything below depends on rank and size.
     hvd.init()
     rank, size, local_rank = hvd.rank(), hvd.size(), hvd.local_rank()
+    # Threads first, before any tensor work: cores // local workers, never oversubscribed.
+    threads = set_threads(hvd.local_size())
     logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING,
         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", stream=sys.stderr,
     )
-    # Horovod: the same seed on every rank, so initial weights agree before the broadcast;
-    # the sampler shards the data and dropout differs per rank through its own offset.
+    # Horovod: the same seed on every rank, so the initial weights agree even before the
+    # broadcast; per-rank dropout streams are seeded below.
     _seed_everything(job.seed)
 
     use_cuda = torch.cuda.is_available()
@@ -191,13 +291,15 @@ def run(job: FitJob) -> dict[str, Any] | None:
         # Horovod: pin one GPU per local rank.
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
+        if rank == 0:
+            log.info("CUDA: one GPU per local rank, collectives over %s",
+                     "NCCL" if hvd.nccl_built() else "Gloo (this Horovod was built without NCCL)")
     else:
         device = torch.device("cpu")
         if rank == 0:
             log.info("no CUDA GPU found: training on CPU, Gloo collectives")
-    threads = _set_threads()
     bf16 = job.mixed_precision == "bf16" or (job.mixed_precision == "auto" and use_cuda)
-    channels_last = job.channels_last == "on" or (job.channels_last == "auto" and use_cuda)
+    want_channels_last = job.channels_last == "on" or (job.channels_last == "auto" and use_cuda)
 
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
@@ -208,117 +310,149 @@ def run(job: FitJob) -> dict[str, Any] | None:
     val = load_split(prepared, "val", preprocessing)
     x_train = torch.from_numpy(train.x).to(device)
     y_train = torch.from_numpy(train.y).to(device)
-    x_val_all, y_val_all = torch.from_numpy(val.x), torch.from_numpy(val.y)
-    # Horovod: each rank validates its own shard; sums are allreduced.
-    x_val = x_val_all[rank::size].to(device)
-    y_val = y_val_all[rank::size].to(device)
+    # Horovod: each rank validates its own shard of the validation split; sums are allreduced.
+    x_val = torch.from_numpy(np.ascontiguousarray(val.x[rank::size])).to(device)
+    y_val = torch.from_numpy(np.ascontiguousarray(val.y[rank::size])).to(device)
 
     spec = ModelSpec.from_dict(job.spec)
     model = build_model(spec, preprocessing.input_shape, preprocessing.num_classes).to(device)
-    memory_format = torch.channels_last if channels_last and x_train.dim() == 4 else torch.contiguous_format
-    model = model.to(memory_format=memory_format)
+    channels_last = want_channels_last and x_train.dim() == 4
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
     teacher = None
     if job.teacher:
         teacher = load_eager_model(Path(job.teacher)).to(device).eval()
         for parameter in teacher.parameters():
             parameter.requires_grad_(False)
 
+    # Horovod: shard the training data; set_epoch below gives a new shuffle every epoch,
+    # the same permutation on every rank, each rank taking its own slice.
     sampler = DistributedSampler(range(len(x_train)), num_replicas=size, rank=rank, shuffle=True, seed=job.seed)
-    steps_per_epoch = math.ceil(len(sampler) / job.batch_size)
-    # Horovod: scale the learning rate by the world size (ramped up over the warm-up).
-    optimizer = torch.optim.AdamW(model.parameters(), lr=job.lr, weight_decay=job.weight_decay)
-    factor = _warmup_factor(job.warmup_epochs * steps_per_epoch, size)
-    total_steps = job.epochs * steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: factor(step, total_steps))
-
-    # Resume: rank 0 reads the last checkpoint if it was made by this very job and
-    # training did not finish; everything it holds is broadcast below.
-    checkpoints = Path(job.checkpoints)
-    fingerprint = job.fingerprint(size)
-    state: dict[str, Any] = {"epoch": 0, "best_val_loss": math.inf, "bad_epochs": 0, "history": []}
-    rng_states: list[Any] | None = None
-    if rank == 0 and (checkpoints / CHECKPOINT).exists():
-        saved = torch.load(checkpoints / CHECKPOINT, map_location="cpu", weights_only=False)
-        if saved.get("fingerprint") == fingerprint and not saved.get("complete"):
-            model.load_state_dict(saved["model"])
-            optimizer.load_state_dict(saved["optimizer"])
-            scheduler.load_state_dict(saved["scheduler"])
-            state = saved["state"]
-            rng_states = saved["rng"]
-            log.info("resuming from checkpoint at epoch %d/%d", state["epoch"], job.epochs)
-        else:
-            log.info("ignoring checkpoint %s: made by other settings or finished", checkpoints / CHECKPOINT)
-    state = hvd.broadcast_object(state, root_rank=0, name="state")
-    rng_states = hvd.broadcast_object(rng_states, root_rank=0, name="rng")
-    scheduler.load_state_dict(hvd.broadcast_object(scheduler.state_dict(), root_rank=0, name="scheduler"))
-    # Horovod: every rank starts from rank 0's parameters and optimizer state.
-    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
-    hvd.broadcast_optimizer_state(optimizer, root_rank=0)
-    if rng_states is not None:
-        _restore_rng(rng_states[rank])
-    else:
-        torch.manual_seed(job.seed + rank)  # per-rank dropout streams
-
-    # Horovod: average gradients across ranks (optionally fp16 on the wire).
+    accumulate = job.backward_passes_per_step
+    batches_per_epoch = math.ceil(len(sampler) / job.batch_size)
+    steps_per_epoch = math.ceil(batches_per_epoch / accumulate)  # optimizer steps
+    # Horovod: average gradients across ranks (fp16 on the wire if asked). With
+    # backward_passes_per_step = k the allreduce fires on every k-th backward pass and
+    # step() must follow it: the loop steps once per k batches (and at the epoch's end).
     optimizer = hvd.DistributedOptimizer(
-        optimizer,
+        torch.optim.AdamW(model.parameters(), lr=job.lr, weight_decay=job.weight_decay),
         named_parameters=model.named_parameters(),
         compression=hvd.Compression.fp16 if job.fp16_allreduce else hvd.Compression.none,
-        backward_passes_per_step=job.backward_passes_per_step,
+        backward_passes_per_step=accumulate,
+    )
+    # Horovod: the learning rate is scaled by the world size, ramped up over the warm-up.
+    warmup_steps, total_steps = job.warmup_epochs * steps_per_epoch, job.epochs * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_multiplier(step, warmup_steps, total_steps, size)
     )
 
     mlflow_log = _MlflowLogger(job.run_id if rank == 0 else None)
-    if state["epoch"] == 0:
-        mlflow_log.params({"world_size": size, "threads_per_worker": threads, "device": device.type,
-                           "bf16": bf16, "channels_last": channels_last})
-    if rank == 0:
-        log.info("world_size=%d threads_per_worker=%d device=%s train=%d val=%d",
-                 size, threads, device.type, len(x_train), len(x_val_all))
 
+    # Resume: rank 0 reads the last checkpoint if this very job made it and training did
+    # not finish; what it holds reaches every rank through the broadcasts below.
+    checkpoints = Path(job.checkpoints)
+    fingerprint = job.fingerprint(size)
+    state: dict[str, Any] = {"epoch": 0, "best_val_loss": math.inf, "bad_epochs": 0, "history": [], "run_id": None}
+    rng_states: list[Any] | None = None
+    if rank == 0 and (saved := _read_checkpoint(checkpoints / CHECKPOINT, fingerprint)) is not None:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        state, rng_states = saved["state"], saved["rng"]
+        log.info("resuming from checkpoint at epoch %d of %d (the last one completed); continuing with epoch %d",
+                 state["epoch"], job.epochs, state["epoch"] + 1)
+    state = hvd.broadcast_object(state, root_rank=0, name="state")
+    rng_states = hvd.broadcast_object(rng_states, root_rank=0, name="rng")
+    resumed_from = state["epoch"]
+    if rng_states is not None:
+        # Horovod: rank 0's optimizer state (Adam moments, step counts) and schedule.
+        # A fresh run skips this: its optimizers are already identical everywhere, and
+        # Horovod would first take a zero-gradient step to create the state, which
+        # advances Adam's step count (and applies weight decay) before training starts.
+        hvd.broadcast_optimizer_state(optimizer, root_rank=0)
+        scheduler.load_state_dict(hvd.broadcast_object(scheduler.state_dict(), root_rank=0, name="scheduler"))
+        _restore_rng(rng_states[rank])
+    else:
+        torch.manual_seed(job.seed + rank)  # per-rank dropout streams
+    # Horovod: every rank starts from rank 0's parameters and buffers (last, so nothing
+    # above can leave the ranks' weights apart).
+    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+
+    if rank == 0:
+        mlflow_log.params({
+            "world_size": size, "threads_per_worker": threads, "device": device.type, "bf16": bf16,
+            "channels_last": channels_last, "resumed_from_epoch": resumed_from,
+        })
+        if state.get("run_id") != job.run_id:
+            mlflow_log.history(state["history"])  # a resumed run carries the whole curve
+        state["run_id"] = job.run_id
+        log.info("world_size=%d threads_per_worker=%d device=%s bf16=%s channels_last=%s train=%d val=%d",
+                 size, threads, device.type, bf16, channels_last, len(x_train), len(val.y))
+
+    def loss_of(logits: torch.Tensor, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        if teacher is None:
+            return F.cross_entropy(logits, yb)
+        with torch.no_grad():
+            teacher_logits = teacher(xb).float()
+        return distillation_loss(logits, teacher_logits, yb, job.temperature, job.alpha)
+
+    # BatchNorm running statistics are buffers: gradients are averaged, these are not.
+    float_buffers = [b for b in model.buffers() if b.is_floating_point()]
     history: list[dict[str, float]] = state["history"]
-    accumulate = job.backward_passes_per_step
+    # Horovod: start the clocks together (rank 0 has been opening MLflow and checkpoints).
+    hvd.barrier()
     for epoch in range(state["epoch"], job.epochs):
         # Horovod: a different shuffle every epoch, identical across ranks.
         sampler.set_epoch(epoch)
-        indices = torch.tensor(list(iter(sampler)), device=device)
+        batches = torch.tensor(list(sampler), device=device).split(job.batch_size)
         model.train()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        correct = torch.zeros((), dtype=torch.int64, device=device)
         started = time.perf_counter()
-        loss_sum, correct, seen = 0.0, 0, 0
-        batches = list(torch.split(indices, job.batch_size))
         optimizer.zero_grad()
-        for step, batch_idx in enumerate(batches, start=1):
-            xb, yb = x_train[batch_idx], y_train[batch_idx]
-            with autocast():
-                logits = model(xb.contiguous(memory_format=memory_format) if xb.dim() == 4 else xb).float()
-                if teacher is not None:
-                    with torch.no_grad():
-                        teacher_logits = teacher(xb).float()
-                    loss = distillation_loss(logits, teacher_logits, yb, job.temperature, job.alpha)
-                else:
-                    loss = F.cross_entropy(logits, yb)
-            (loss / accumulate).backward()
-            if step % accumulate == 0 or step == len(batches):
-                optimizer.step()
-                optimizer.zero_grad()
-                scheduler.step()
-            loss_sum += loss.item() * len(yb)
-            correct += int((logits.argmax(1) == yb).sum())
-            seen += len(yb)
+        for first in range(0, len(batches), accumulate):
+            group = batches[first : first + accumulate]
+            group_samples = sum(len(batch) for batch in group)
+            for batch in group:
+                xb, yb = x_train.index_select(0, batch), y_train.index_select(0, batch)
+                if channels_last:
+                    xb = xb.contiguous(memory_format=torch.channels_last)
+                with autocast():
+                    logits = model(xb).float()
+                    loss = loss_of(logits, xb, yb)
+                # Accumulated over the group, the gradient is that of the mean loss over all
+                # its samples (as one big batch, short last batches included); Horovod then
+                # averages it over the ranks.
+                (loss * (len(batch) / group_samples) if len(group) > 1 else loss).backward()
+                # Summed on the device: no host sync per step.
+                loss_sum.add_(loss.detach(), alpha=len(batch))
+                correct.add_((logits.argmax(1) == yb).sum())
+            # Horovod: step() waits for the allreduced gradients, then updates.
+            optimizer.step()
+            optimizer.zero_grad()
+            scheduler.step()
+        if use_cuda:
+            torch.cuda.synchronize()
         epoch_time = time.perf_counter() - started
+        seen = len(sampler)
 
+        if size > 1 and float_buffers:
+            # Horovod: average the BatchNorm statistics, so every rank holds the model rank 0
+            # saves and validation measures exactly that model.
+            hvd.grouped_allreduce_(float_buffers, op=hvd.Average, name="buffers")
         val_loss_sum, val_correct, val_seen = _evaluate(model, x_val, y_val, 1024, autocast)
-        # Horovod: global sums, so every rank sees identical metrics.
-        totals = hvd.allreduce(
-            torch.tensor([loss_sum, correct, seen, val_loss_sum, val_correct, val_seen, epoch_time], dtype=torch.float64),
-            op=hvd.Sum, name="epoch_metrics",
-        ).tolist()
+        # Horovod: global sums, so every rank sees identical metrics (and stops together).
+        local = [loss_sum.item(), correct.item(), seen, val_loss_sum, val_correct, val_seen]
+        sums = hvd.allreduce(torch.tensor(local, dtype=torch.float64), op=hvd.Sum, name="epoch_metrics").tolist()
+        # The epoch lasts as long as its slowest rank.
+        slowest = hvd.allreduce(torch.tensor([epoch_time], dtype=torch.float64), op=hvd.Max, name="epoch_time").item()
         metrics = {
-            "train_loss": totals[0] / totals[2],
-            "train_accuracy": totals[1] / totals[2],
-            "val_loss": totals[3] / totals[5],
-            "val_accuracy": totals[4] / totals[5],
-            "epoch_time_s": totals[6] / size,
-            "samples_per_s": totals[2] / (totals[6] / size),
+            "train_loss": sums[0] / sums[2],
+            "train_accuracy": sums[1] / sums[2],
+            "val_loss": sums[3] / sums[5],
+            "val_accuracy": sums[4] / sums[5],
+            "epoch_time_s": slowest,
+            "samples_per_s": sums[2] / slowest,  # global: every rank's samples
             "lr": optimizer.param_groups[0]["lr"],
         }
         history.append({"epoch": epoch + 1, **metrics})
@@ -331,6 +465,7 @@ def run(job: FitJob) -> dict[str, Any] | None:
         )
         stop = state["bad_epochs"] >= job.patience
         complete = stop or epoch + 1 == job.epochs
+        # Horovod: every rank's RNG state goes into the checkpoint, so dropout resumes exactly.
         all_rng = hvd.allgather_object(_rng_state(), name="rng_gather")
         if rank == 0:
             log.info(
@@ -340,16 +475,21 @@ def run(job: FitJob) -> dict[str, Any] | None:
             )
             mlflow_log.metrics(metrics, step=epoch + 1)
             checkpoints.mkdir(parents=True, exist_ok=True)
-            snapshot = {
+            if improved:
+                _atomic_save({"model": model.state_dict(), "epoch": epoch + 1, "metrics": metrics}, checkpoints / BEST)
+            _atomic_save({
                 "fingerprint": fingerprint, "complete": complete, "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "state": state, "rng": all_rng, "job": asdict(job),
-            }
-            _atomic_save(snapshot, checkpoints / CHECKPOINT)
-            if improved:
-                _atomic_save({"model": model.state_dict(), "epoch": epoch + 1, "metrics": metrics}, checkpoints / BEST)
+            }, checkpoints / CHECKPOINT)
+        # Horovod: nobody goes on before rank 0 has saved this epoch: a crash from here on
+        # resumes after it, and the next epoch's clocks start together.
+        hvd.barrier()
         if job.fault_after_epoch is not None and epoch + 1 == job.fault_after_epoch and rank == size - 1:
-            os._exit(17)  # simulated crash of one worker (tests only)
+            log.warning("fault injection: worker rank %d exits with status %d after epoch %d",
+                        rank, FAULT_EXIT_CODE, epoch + 1)
+            logging.shutdown()
+            os._exit(FAULT_EXIT_CODE)  # a simulated crash (tests only)
         if stop:
             if rank == 0:
                 log.info("early stopping: no val_loss improvement for %d epochs", job.patience)
@@ -369,6 +509,7 @@ def run(job: FitJob) -> dict[str, Any] | None:
             "best_epoch": best["epoch"], "epochs_run": state["epoch"], "world_size": size,
             "threads_per_worker": threads, "val_accuracy": best_metrics["val_accuracy"],
             "val_loss": best_metrics["val_loss"], "train_accuracy": best_metrics["train_accuracy"],
+            "train_loss": best_metrics["train_loss"],
             "samples_per_s": sum(h["samples_per_s"] for h in history) / len(history),
             "parameters": manifest["parameters"],
         }
@@ -376,6 +517,8 @@ def run(job: FitJob) -> dict[str, Any] | None:
             if target:
                 Path(target).parent.mkdir(parents=True, exist_ok=True)
                 Path(target).write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+        log.info("best epoch %d: val_loss %.4f val_acc %.4f; model written to %s",
+                 best["epoch"], best_metrics["val_loss"], best_metrics["val_accuracy"], job.output)
     hvd.shutdown()
     return result
 

@@ -75,15 +75,24 @@ def check_hosts_reachable(hosts: list[HostSlots], timeout_s: float = 5.0) -> Non
             ) from None
 
 
-def worker_environment(threads: int) -> dict[str, str]:
+def worker_environment(threads: int | None) -> dict[str, str]:
+    """The workers' environment: threads per worker set before Python starts (OpenMP reads it then).
+
+    ``None`` leaves the choice to each worker (its host's usable cores // its local
+    workers), for hosts that may differ from this one.
+    """
     env = dict(os.environ)
-    env.update(
-        OMP_NUM_THREADS=str(threads),
-        MKL_NUM_THREADS=str(threads),
-        SLIMFLOW_THREADS_PER_WORKER=str(threads),
-        PYTHONUNBUFFERED="1",
-    )
+    env["PYTHONUNBUFFERED"] = "1"
+    if threads is None:
+        for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "SLIMFLOW_THREADS_PER_WORKER"):
+            env.pop(key, None)
+    else:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), SLIMFLOW_THREADS_PER_WORKER=str(threads))
     return env
+
+
+def is_multi_host(hosts: list[HostSlots]) -> bool:
+    return any(not _is_local(h.host) for h in hosts)
 
 
 def build_command(
@@ -113,22 +122,53 @@ _EXCEPTION = re.compile(r"^\s*(\w+(Error|Exception|Interrupt)|Killed|Terminated)
 _PROCESS_EXIT = re.compile(r"^Process (\d+) exit with status code (-?\d+)")
 
 
+def _clip(text: str, limit: int = 300) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def summarize_failure(lines: list[str]) -> str:
-    """The first worker that failed and why, from horovodrun's (or one worker's) output."""
-    first_exit = next((m for m in map(_PROCESS_EXIT.match, lines) if m), None)
-    errors: list[str] = []
+    """The first worker that failed and why, from horovodrun's (or one worker's) output.
+
+    horovodrun prefixes each worker line with ``[rank]<stdout|stderr>:`` and prints
+    ``Process N exit with status code C.`` when a worker ends; the first worker to end
+    badly is the cause, the others were stopped because of it. A worker that died
+    without a traceback (killed, ``os._exit``) is described by its last line of output.
+    """
+    prefixed = any(_WORKER_LINE.match(line) for line in lines)
+    first_exit: tuple[str, str] | None = None
+    errors: dict[str, str] = {}  # rank -> its first exception line
+    last: dict[str, str] = {}  # rank -> its last line
     for line in lines:
+        if (exited := _PROCESS_EXIT.match(line)) and first_exit is None and exited.group(2) != "0":
+            first_exit = (exited.group(1), exited.group(2))
+            continue
         match = _WORKER_LINE.match(line)
-        rank, text = (match.group(1), match.group(2)) if match else ("0", line)
-        if _EXCEPTION.match(text):
-            errors.append(f"worker {rank}: {text.strip()}")
-    parts = []
+        if match:
+            rank, text = match.group(1), match.group(2).strip()
+        elif prefixed:
+            continue  # horovodrun's own output
+        else:
+            rank, text = "0", line.strip()
+        if not text:
+            continue
+        last[rank] = text
+        if rank not in errors and _EXCEPTION.match(text):
+            errors[rank] = text
     if first_exit:
-        parts.append(f"worker {first_exit.group(1)} exited with status {first_exit.group(2)}")
+        rank, code = first_exit
+        summary = f"worker {rank} exited with status {code} (the first to fail; the others were stopped)"
+        if rank in errors:
+            return f"{summary}: {_clip(errors[rank])}"
+        if rank in last:
+            return f"{summary} without an error message; its last output: {_clip(last[rank])}"
+        return summary
     if errors:
-        parts.append(errors[0] if first_exit is None else next(
-            (e for e in errors if e.startswith(f"worker {first_exit.group(1)}:")), errors[0]))
-    return "; ".join(parts) or "no error message from the workers (see the output above)"
+        rank, error = next(iter(errors.items()))
+        return f"worker {rank}: {_clip(error)}"
+    if last:
+        rank, text = next(reversed(last.items()))
+        return f"worker {rank} failed without an error message; its last output: {_clip(text)}"
+    return "no error message from the workers (see the output above)"
 
 
 def run_workers(command: list[str], env: dict[str, str], cwd: Path) -> None:

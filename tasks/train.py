@@ -16,9 +16,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from tasks.errors import report_stage_error
 from tasks.config import Params, ParamsError, load_params
 from tasks.launcher import (
-    LaunchError, build_command, check_hosts_reachable, parse_hosts, run_workers,
+    LaunchError, build_command, check_hosts_reachable, is_multi_host, parse_hosts, run_workers,
     threads_per_worker, worker_environment,
 )
 from tasks.paths import ProjectPaths
@@ -60,8 +61,11 @@ def launch_fit(job: Any, train_params: Any, root: Path) -> None:
     """Run a :class:`tasks.fit.FitJob` on the configured Horovod workers."""
     hosts = parse_hosts(train_params.hosts, train_params.workers)
     check_hosts_reachable(hosts)
-    local = max(h.slots for h in hosts)
-    threads = threads_per_worker(local, train_params.threads_per_worker)
+    if is_multi_host(hosts):
+        # Each worker divides its own host's cores (hosts may differ from this one).
+        threads = train_params.threads_per_worker
+    else:
+        threads = threads_per_worker(sum(h.slots for h in hosts), train_params.threads_per_worker)
     with tempfile.TemporaryDirectory(prefix="slimflow-fit-") as tmp:
         job_path = Path(tmp) / "job.json"
         job.write(job_path)
@@ -71,7 +75,31 @@ def launch_fit(job: Any, train_params: Any, root: Path) -> None:
             job_path.parent.mkdir(exist_ok=True)
             job.write(job_path)
         command = build_command(["-m", "tasks.fit", str(job_path)], hosts, train_params.network_interface)
-        run_workers(command, worker_environment(threads), root)
+        env = worker_environment(threads)
+        workers = sum(h.slots for h in hosts)
+        if workers > 1 and "HOROVOD_CYCLE_TIME" not in env and not _cuda_here():
+            env["HOROVOD_CYCLE_TIME"] = f"{cycle_time_for(job, threads):.2f}"
+        run_workers(command, env, root)
+
+
+def _cuda_here() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def cycle_time_for(job: Any, threads: int | None) -> float:
+    """Horovod's cycle for CPU workers, from one timed training step of the job's model here.
+
+    See :func:`tasks.fit.horovod_cycle_time_ms`; ``HOROVOD_CYCLE_TIME`` set by the user wins.
+    """
+    from tasks.fit import horovod_cycle_time_ms, measure_step_ms
+    from tasks.launcher import usable_cores
+
+    step_ms = measure_step_ms(job, threads or usable_cores())
+    cycle = horovod_cycle_time_ms(step_ms)
+    log.info("Horovod cycle time %.2f ms for CPU workers (one training step takes %.1f ms here)", cycle, step_ms)
+    return cycle
 
 
 def log_trained_model(paths: ProjectPaths) -> None:
@@ -104,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         if not (paths.prepared / "preprocess.json").exists():
             raise ParamsError(f"{paths.prepared}: no prepared data; run the prepare stage first")
     except ParamsError as err:
-        print(f"error: {err}", file=sys.stderr)
+        report_stage_error("train", str(err))
         return 2
 
     from tasks import tracking
@@ -119,10 +147,14 @@ def main(argv: list[str] | None = None) -> int:
             result = json.loads((paths.metrics / "train.json").read_text())
             import mlflow
 
-            mlflow.log_metrics({"best_epoch": result["best_epoch"], "epochs_run": result["epochs_run"]})
+            # The per-epoch curves, world size and threads were logged by rank 0 during training.
+            mlflow.log_metrics({
+                "best_epoch": result["best_epoch"], "epochs_run": result["epochs_run"],
+                "best_val_loss": result["val_loss"], "best_val_accuracy": result["val_accuracy"],
+            })
             log_trained_model(paths)
     except LaunchError as err:
-        print(f"error: train: {err}", file=sys.stderr)
+        report_stage_error("train", str(err))
         return 1
     return 0
 

@@ -1,0 +1,405 @@
+"""Horovod data-parallel training: accuracy, MLflow records, crash and resume, determinism.
+
+The integration tests run real workers in subprocesses (``horovodrun`` over Gloo for
+two workers, a plain process for one): ``hvd.init()`` can happen only once in a
+process, so pytest itself never initializes Horovod. Each ``horovodrun`` launch costs
+~10 s on the 2-core machine, so the stage runs are shared through module fixtures.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tasks.fit import FitJob, lr_multiplier
+from tasks.launcher import summarize_failure
+from tests.conftest import REPO, make_project
+
+TIMING_KEYS = {"samples_per_s", "epoch_time_s"}  # measured, not computed: differ between runs
+# Stage runs keep one cheap variant so the params stay valid whatever the compress defaults.
+ONE_VARIANT = {
+    "variants": [{"name": "int8-dynamic", "steps": [{"method": "quantize", "mode": "dynamic", "runtime": "torch"}]}]
+}
+STAGE_TIMEOUT_S = 420
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def write_digits(prepared: Path, seed: int = 42, val_fraction: float = 0.15, test_fraction: float = 0.25) -> None:
+    """The full digits set as the prepare stage lays it out: a stratified 60/15/25 split."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    from tasks.data import Preprocessing
+
+    digits = load_digits()
+    x = digits.images.astype(np.float32)[:, None, :, :]
+    y = digits.target.astype(np.int64)
+    index = np.arange(len(y))
+    rest, test = train_test_split(index, test_size=test_fraction, stratify=y, random_state=seed)
+    train, val = train_test_split(
+        rest, test_size=val_fraction / (1 - test_fraction), stratify=y[rest], random_state=seed
+    )
+    prepared.mkdir(parents=True, exist_ok=True)
+    for split, rows in (("train", train), ("val", val), ("test", test)):
+        np.save(prepared / f"{split}_x.npy", x[rows])
+        np.save(prepared / f"{split}_y.npy", y[rows])
+    preprocessing = Preprocessing.fit(x[train], 10, [str(name) for name in digits.target_names])
+    (prepared / "preprocess.json").write_text(preprocessing.to_json())
+    digest = hashlib.md5(x.tobytes() + y.tobytes()).hexdigest()
+    (prepared / "card.json").write_text(json.dumps({"source": "digits", "digest": digest}) + "\n")
+
+
+def digits_project(root: Path, experiment: str) -> Path:
+    """A project copy with params.yaml's training defaults and the digits data prepared."""
+    project = make_project(root, {"base": {"experiment": experiment}, "compress": ONE_VARIANT})
+    write_digits(project / "data" / "prepared")
+    return project
+
+
+def run_stage(project: Path, mlflow_uri: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """``python -m tasks.train`` in ``project``, as DVC runs it."""
+    environment = {**os.environ, "SLIMFLOW_ROOT": str(project), "MLFLOW_TRACKING_URI": mlflow_uri, **env}
+    for key in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID", "SLIMFLOW_PARENT_RUN_ID", "SLIMFLOW_FAULT_AFTER_EPOCH"):
+        if key not in env:
+            environment.pop(key, None)
+    return subprocess.run(
+        [sys.executable, "-m", "tasks.train"], cwd=project, env=environment,
+        capture_output=True, text=True, timeout=STAGE_TIMEOUT_S,
+    )
+
+
+def run_fit(
+    job: FitJob, workers: int, threads: int | None = None
+) -> tuple[dict, list[dict], dict[str, torch.Tensor]]:
+    """Launch ``job`` on ``workers`` local workers (no MLflow); returns metrics, history, weights."""
+    from tasks.config import TrainParams
+    from tasks.train import launch_fit
+
+    launch_fit(job, TrainParams(workers=workers, threads_per_worker=threads), REPO)
+    return read_outputs(Path(job.metrics_path), Path(job.history_path), Path(job.output))
+
+
+def read_outputs(metrics: Path, history: Path, model: Path) -> tuple[dict, list[dict], dict[str, torch.Tensor]]:
+    weights = torch.load(model / "model.pt", map_location="cpu", weights_only=True)["state_dict"]
+    return json.loads(metrics.read_text()), json.loads(history.read_text()), weights
+
+
+def fit_job(folder: Path, prepared: Path, **changes) -> FitJob:
+    """A job writing everything under ``folder``: the tiny budget unless ``changes`` say otherwise."""
+    settings = dict(
+        spec={"family": "cnn", "channels": [8, 16]}, prepared=str(prepared), output=str(folder / "model"),
+        checkpoints=str(folder / "checkpoints"), epochs=3, batch_size=32, lr=0.002, seed=42, patience=3,
+        metrics_path=str(folder / "train.json"), history_path=str(folder / "history.json"),
+    )
+    settings.update(changes)
+    return FitJob(**settings)
+
+
+def without_timing(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in rows]
+
+
+def assert_rows_close(actual: list[dict], expected: list[dict], rel: float) -> None:
+    """Same rows with the same keys; every value within ``rel`` (timings left out)."""
+    actual, expected = without_timing(actual), without_timing(expected)
+    assert len(actual) == len(expected)
+    for got, want in zip(actual, expected, strict=True):
+        assert got == pytest.approx(want, rel=rel, abs=1e-12)
+
+
+def accuracy_on_test_split(model_dir: Path, prepared: Path) -> float:
+    from tasks.data import load_split
+    from tasks.model_io import load_eager_model
+
+    model = load_eager_model(model_dir)
+    test = load_split(prepared, "test")
+    with torch.inference_mode():
+        predicted = model(torch.from_numpy(test.x)).argmax(1).numpy()
+    return float((predicted == test.y).mean())
+
+
+def mlflow_runs(mlflow_uri: str, experiment: str) -> list:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(mlflow_uri)
+    found = client.get_experiment_by_name(experiment)
+    assert found is not None, f"no MLflow experiment {experiment!r}"
+    return client.search_runs([found.experiment_id], order_by=["attributes.start_time ASC"])
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def shared_mlflow(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """One MLflow store for the module's stage runs (creating one costs seconds)."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
+@pytest.fixture(scope="module")
+def default_stage(tmp_path_factory: pytest.TempPathFactory, shared_mlflow: str) -> Path:
+    """The train stage with params.yaml's defaults (CNN, 2 workers) on the full digits set."""
+    project = digits_project(tmp_path_factory.mktemp("default") / "project", "default")
+    done = run_stage(project, shared_mlflow)
+    assert done.returncode == 0, done.stderr[-4000:]
+    (project / "stage.log").write_text(done.stderr)
+    return project
+
+
+# --------------------------------------------------------------------------- unit
+
+
+def test_learning_rate_ramps_to_world_size_then_decays() -> None:
+    warmup, total = 10, 100
+    assert lr_multiplier(0, warmup, total, world_size=4) == 1.0
+    assert lr_multiplier(5, warmup, total, world_size=4) == pytest.approx(2.5)
+    assert lr_multiplier(warmup, warmup, total, world_size=4) == pytest.approx(4.0)
+    assert lr_multiplier(total, warmup, total, world_size=4) == pytest.approx(0.4)
+    assert lr_multiplier(0, 0, total, world_size=1) == 1.0
+    ramp = [lr_multiplier(s, warmup, total, 4) for s in range(total + 1)]
+    assert ramp[: warmup + 1] == sorted(ramp[: warmup + 1])
+    assert ramp[warmup:] == sorted(ramp[warmup:], reverse=True)
+
+
+def test_checkpoint_fingerprint_covers_settings_and_world_size_not_run_bookkeeping(tmp_path: Path) -> None:
+    job = fit_job(tmp_path, tmp_path / "prepared")
+    assert job.fingerprint(2) == dataclasses.replace(job, run_id="abc", fault_after_epoch=1).fingerprint(2)
+    assert job.fingerprint(2) != job.fingerprint(1)
+    assert job.fingerprint(2) != dataclasses.replace(job, lr=0.001).fingerprint(2)
+    assert job.fingerprint(2) != dataclasses.replace(job, backward_passes_per_step=2).fingerprint(2)
+
+
+def test_failure_summary_names_the_first_worker_that_died() -> None:
+    lines = [
+        "[1]<stderr>:12:00:01 slimflow.fit: fault injection: worker rank 1 exits with status 17 after epoch 2",
+        "Process 1 exit with status code 17.",
+        "[0]<stderr>:RuntimeError: Horovod has been shut down. This was caused by an exception on one of the ranks",
+        "Process 0 exit with status code 1.",
+        "RuntimeError: Horovod detected that one or more processes exited with non-zero status",
+    ]
+    summary = summarize_failure(lines)
+    assert summary.startswith("worker 1 exited with status 17")
+    assert "fault injection" in summary and "Horovod has been shut down" not in summary
+    crashed = ["[0]<stdout>:ok", "[1]<stderr>:Traceback (most recent call last):", "[1]<stderr>:ValueError: bad shape",
+               "Process 1 exit with status code 1."]
+    assert summarize_failure(crashed) == (
+        "worker 1 exited with status 1 (the first to fail; the others were stopped): ValueError: bad shape"
+    )
+    assert summarize_failure(["Traceback (most recent call last):", "KeyError: 'x'"]) == "worker 0: KeyError: 'x'"
+
+
+def test_workers_set_threads_to_usable_cores_over_local_workers(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tasks.fit import THREADS_ENV, set_threads
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr("tasks.launcher.usable_cores", lambda: 4)
+    monkeypatch.delenv(THREADS_ENV, raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "99")
+    monkeypatch.setenv("MKL_NUM_THREADS", "99")
+    try:
+        assert set_threads(local_workers=2) == 2 and torch.get_num_threads() == 2
+        assert os.environ["OMP_NUM_THREADS"] == "2"
+        monkeypatch.setenv(THREADS_ENV, "3")  # the launcher's choice wins
+        assert set_threads(local_workers=2) == 3 and torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_worker_environment_carries_the_thread_count_or_leaves_it_to_each_host(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from tasks.launcher import worker_environment
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "8")
+    local = worker_environment(1)
+    assert local["OMP_NUM_THREADS"] == local["MKL_NUM_THREADS"] == local["SLIMFLOW_THREADS_PER_WORKER"] == "1"
+    remote = worker_environment(None)
+    assert "OMP_NUM_THREADS" not in remote and "SLIMFLOW_THREADS_PER_WORKER" not in remote
+
+
+# --------------------------------------------------------------------------- integration
+
+
+@pytest.mark.integration
+def test_default_cnn_on_two_workers_reaches_95_percent_and_is_recorded(default_stage: Path, shared_mlflow: str) -> None:
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.models import get_model_info
+
+    log = (default_stage / "stage.log").read_text()
+    assert "horovodrun --gloo -np 2 -H localhost:2" in log
+    assert "threads_per_worker=1" in log  # 2 cores // 2 local workers
+    assert re.search(r"epoch 1/15 .* samples/s", log), log[-3000:]
+    accuracy = accuracy_on_test_split(default_stage / "artifacts" / "model", default_stage / "data" / "prepared")
+    assert accuracy >= 0.95, f"test accuracy {accuracy:.4f}"
+
+    metrics = json.loads((default_stage / "metrics" / "train.json").read_text())
+    history = json.loads((default_stage / "plots" / "train_history.json").read_text())
+    assert metrics["world_size"] == 2 and len(history) == metrics["epochs_run"]
+    assert (default_stage / "artifacts" / "checkpoints" / "best.pt").exists()
+
+    (run,) = mlflow_runs(shared_mlflow, "default")
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["world_size"] == "2" and params["threads_per_worker"] == "1"
+    assert params["train.epochs"] == "15" and params["train.model.family"] == "cnn"
+    client = MlflowClient(shared_mlflow)
+    for key in ("train_loss", "val_loss", "train_accuracy", "val_accuracy", "samples_per_s", "epoch_time_s"):
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+        assert sorted(steps) == list(range(1, metrics["epochs_run"] + 1)), key
+    assert run.data.metrics["best_epoch"] == metrics["best_epoch"]
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(shared_mlflow)
+    try:
+        model_info = get_model_info(f"runs:/{run.info.run_id}/model")
+    finally:
+        mlflow.set_tracking_uri(previous)
+    assert model_info.signature is not None and model_info.saved_input_example_info is not None
+
+
+@pytest.mark.integration
+def test_two_worker_rerun_with_the_same_seed_is_identical(default_stage: Path, tmp_path: Path) -> None:
+    from tasks.config import load_params
+    from tasks.paths import ProjectPaths
+    from tasks.train import fit_job as stage_job
+
+    job = stage_job(load_params(default_stage / "params.yaml"), ProjectPaths(default_stage), None)
+    rerun = dataclasses.replace(
+        job, output=str(tmp_path / "model"), checkpoints=str(tmp_path / "checkpoints"),
+        metrics_path=str(tmp_path / "train.json"), history_path=str(tmp_path / "history.json"),
+    )
+    metrics, history, weights = run_fit(rerun, workers=2)
+    first_metrics, first_history, first_weights = read_outputs(
+        default_stage / "metrics" / "train.json", default_stage / "plots" / "train_history.json",
+        default_stage / "artifacts" / "model",
+    )
+    assert without_timing(history) == without_timing(first_history)
+    assert without_timing([metrics]) == without_timing([first_metrics])
+    for name, tensor in first_weights.items():
+        assert torch.equal(weights[name], tensor), name
+
+
+@pytest.mark.integration
+def test_a_crashed_worker_fails_the_stage_and_the_rerun_resumes_to_the_same_model(
+    default_stage: Path, tmp_path: Path, shared_mlflow: str
+) -> None:
+    project = digits_project(tmp_path / "project", "crash")
+    crashed = run_stage(project, shared_mlflow, SLIMFLOW_FAULT_AFTER_EPOCH="2")
+    assert crashed.returncode != 0
+    assert "error: train: training workers failed" in crashed.stderr
+    assert "worker 1 exited with status 17" in crashed.stderr, crashed.stderr[-3000:]
+    (failed,) = mlflow_runs(shared_mlflow, "crash")
+    assert failed.info.status == "FAILED"
+    assert not (project / "artifacts" / "model" / "manifest.json").exists()
+
+    resumed = run_stage(project, shared_mlflow)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    match = re.search(r"resuming from checkpoint at epoch (\d+)", resumed.stderr)
+    assert match and int(match.group(1)) == 2, resumed.stderr[-3000:]
+    assert "epoch 1/15 " not in resumed.stderr and "epoch 3/15 " in resumed.stderr
+    runs = mlflow_runs(shared_mlflow, "crash")
+    assert [r.info.status for r in runs] == ["FAILED", "FINISHED"]
+    assert runs[1].data.params["resumed_from_epoch"] == "2"
+
+    expected = read_outputs(default_stage / "metrics" / "train.json", default_stage / "plots" / "train_history.json",
+                            default_stage / "artifacts" / "model")
+    actual = read_outputs(project / "metrics" / "train.json", project / "plots" / "train_history.json",
+                          project / "artifacts" / "model")
+    assert_rows_close([actual[0]], [expected[0]], rel=1e-6)
+    assert_rows_close(actual[1], expected[1], rel=1e-6)
+    for name, tensor in expected[2].items():
+        torch.testing.assert_close(actual[2][name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.fixture(scope="module")
+def digits_prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    prepared = tmp_path_factory.mktemp("digits") / "prepared"
+    write_digits(prepared)
+    return prepared
+
+
+MLP_WITHOUT_DROPOUT = {"family": "mlp", "hidden_sizes": [32], "dropout": 0.0}
+# One-worker runs (plain processes, Horovod size 1) on the tiny budget, by name.
+ONE_WORKER_JOBS: dict[str, dict] = {
+    **{family: {"spec": {"family": family, "width": 0.5}, "epochs": 2} for family in ("mlp", "cnn", "lstm", "gru")},
+    "repeat-1": {"epochs": 2},
+    "repeat-2": {"epochs": 2},
+    "whole-batches": {"spec": MLP_WITHOUT_DROPOUT, "epochs": 2},
+    "accumulated-halves": {"spec": MLP_WITHOUT_DROPOUT, "epochs": 2, "batch_size": 16, "backward_passes_per_step": 2},
+}
+
+
+@pytest.fixture(scope="module")
+def one_worker_runs(digits_prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    """Every one-worker job, as many at a time as there are cores (one thread each).
+
+    Each entry is (metrics, history, weights, folder), or the exception its launch raised.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tasks.launcher import usable_cores
+
+    root = tmp_path_factory.mktemp("one-worker")
+
+    def launch(name: str) -> object:
+        folder = root / name
+        try:
+            return (*run_fit(fit_job(folder, digits_prepared, **ONE_WORKER_JOBS[name]), workers=1, threads=1), folder)
+        except Exception as err:  # reported by the test that needs this run
+            return err
+
+    with ThreadPoolExecutor(max_workers=usable_cores()) as pool:
+        return dict(zip(ONE_WORKER_JOBS, pool.map(launch, ONE_WORKER_JOBS), strict=True))
+
+
+def one_worker(runs: dict[str, object], name: str) -> tuple[dict, list[dict], dict[str, torch.Tensor], Path]:
+    outcome = runs[name]
+    if isinstance(outcome, Exception):
+        raise AssertionError(f"one-worker run {name!r} failed: {outcome}") from outcome
+    return outcome  # type: ignore[return-value]
+
+
+@pytest.mark.integration
+def test_one_worker_rerun_with_the_same_seed_is_identical(one_worker_runs: dict[str, object]) -> None:
+    first, second = one_worker(one_worker_runs, "repeat-1"), one_worker(one_worker_runs, "repeat-2")
+    assert first[0]["world_size"] == 1
+    assert without_timing(first[1]) == without_timing(second[1])
+    assert without_timing([first[0]]) == without_timing([second[0]])
+    for name, tensor in first[2].items():
+        assert torch.equal(second[2][name], tensor), name
+
+
+@pytest.mark.integration
+def test_gradient_accumulation_equals_one_batch_of_the_whole_group(one_worker_runs: dict[str, object]) -> None:
+    """backward_passes_per_step=2 over batches of 16 is one step on 32 samples (no dropout, no BN)."""
+    _, whole, whole_weights, _ = one_worker(one_worker_runs, "whole-batches")
+    _, split, split_weights, _ = one_worker(one_worker_runs, "accumulated-halves")
+    # As many optimizer steps, hence the same learning-rate schedule.
+    assert [row["lr"] for row in split] == pytest.approx([row["lr"] for row in whole], rel=1e-9)
+    assert_rows_close(split, whole, rel=1e-4)
+    for name, tensor in whole_weights.items():
+        torch.testing.assert_close(split_weights[name], tensor, rtol=1e-3, atol=1e-4, msg=name)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("family", ["mlp", "cnn", "lstm", "gru"])
+def test_each_model_family_learns_on_a_tiny_budget(
+    family: str, one_worker_runs: dict[str, object], digits_prepared: Path
+) -> None:
+    metrics, history, _, folder = one_worker(one_worker_runs, family)
+    accuracy = accuracy_on_test_split(folder / "model", digits_prepared)
+    assert accuracy > 0.2, f"{family}: test accuracy {accuracy:.3f} (chance 0.1)"
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert metrics["world_size"] == 1 and metrics["threads_per_worker"] == 1
