@@ -4,6 +4,10 @@
 stage's MLflow run, starts ``train.workers`` Horovod workers (or ``train.hosts``) that run
 :mod:`tasks.fit`, and, when they succeed, logs the trained model to MLflow. A re-run
 after a crash resumes from the last checkpoint in ``artifacts/checkpoints``.
+
+Workers get ``cores // local workers`` threads each; several CPU workers also get a
+Horovod cycle time sized to one training step of the model (``HOROVOD_CYCLE_TIME``, unless
+already set), see :func:`tasks.fit.horovod_cycle_time_ms`.
 """
 
 from __future__ import annotations

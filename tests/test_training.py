@@ -173,6 +173,18 @@ def test_learning_rate_ramps_to_world_size_then_decays() -> None:
     assert ramp[warmup:] == sorted(ramp[warmup:], reverse=True)
 
 
+def test_horovod_cycle_grows_with_the_step_within_horovods_range(tmp_path: Path) -> None:
+    from tasks.fit import horovod_cycle_time_ms, measure_step_ms
+
+    assert horovod_cycle_time_ms(3.5) == 1.0  # small models keep Horovod's default
+    assert horovod_cycle_time_ms(30.0) == pytest.approx(2.12, abs=0.01)
+    assert horovod_cycle_time_ms(10_000.0) == 5.0
+    write_digits(tmp_path / "prepared")
+    threads, rng = torch.get_num_threads(), torch.get_rng_state()
+    assert measure_step_ms(fit_job(tmp_path, tmp_path / "prepared"), threads=1) > 0
+    assert torch.get_num_threads() == threads and torch.equal(torch.get_rng_state(), rng)
+
+
 def test_checkpoint_fingerprint_covers_settings_and_world_size_not_run_bookkeeping(tmp_path: Path) -> None:
     job = fit_job(tmp_path, tmp_path / "prepared")
     assert job.fingerprint(2) == dataclasses.replace(job, run_id="abc", fault_after_epoch=1).fingerprint(2)
