@@ -110,7 +110,6 @@ def main() -> int:
             "latency_ratio_b1": m["latency_p50_ms"] / baseline["latency_p50_ms"],
             "throughput_ratio_large_batch": m["throughput_sps"] / baseline["throughput_sps"],
             "accuracy_change_pts": 100 * (m["accuracy"] - baseline["accuracy"]),
-            "runtime": m.get("runtime"),
         }
         for name, m in metrics.items() if isinstance(m, dict) and name != "baseline" and "accuracy" in m
     }
@@ -153,10 +152,10 @@ def main() -> int:
                           f"{breakdown[f'{s}.process_overhead_s']:.1f}")
     console.print(per_stage)
     variants_table = Table(title="compressed variants vs. fp32 baseline (evaluate stage, same run)")
-    for column in ("variant", "runtime", "size x", "latency x (b=1)", "throughput x (large batch)", "accuracy change (pts)"):
+    for column in ("variant", "size x", "latency x (b=1)", "throughput x (large batch)", "accuracy change (pts)"):
         variants_table.add_column(column)
     for name, v in variants.items():
-        variants_table.add_row(name, str(v["runtime"]), f"{v['size_ratio']:.2f}", f"{v['latency_ratio_b1']:.2f}",
+        variants_table.add_row(name, f"{v['size_ratio']:.2f}", f"{v['latency_ratio_b1']:.2f}",
                                f"{v['throughput_ratio_large_batch']:.2f}", f"{v['accuracy_change_pts']:+.1f}")
     console.print(variants_table)
     return 0
