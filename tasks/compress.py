@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.errors import report_stage_error
+from tasks.stage_cli import setup_logging
 from tasks.config import CompressStep, Params, ParamsError, Variant, load_params
 from tasks.compression.recipes import (
     BASELINE, ChainStep, RecipeError, check_recipes, method_name, selected_variants, step_settings,
@@ -388,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     if args:
         print("usage: python -m tasks.compress   (settings come from params.yaml: compress)", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    setup_logging()
     paths = ProjectPaths.discover()
     try:
         params = load_params(paths.params)

@@ -864,17 +864,10 @@ def summary_table(evaluation: Evaluation) -> Any:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m tasks.evaluate [--set evaluate.threads=2 ...]``: 0 on success, 2 on bad input."""
-    import argparse
-
     from tasks.errors import report_stage_error
+    from tasks.stage_cli import parse_stage_args
 
-    parser = argparse.ArgumentParser(prog="python -m tasks.evaluate", description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override a parameter, e.g. --set evaluate.objective=fastest (validated like params.yaml)",
-    )
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    args = parse_stage_args("evaluate", __doc__.splitlines()[0], argv, "evaluate.objective=fastest")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no tqdm bars in stage logs
     paths = ProjectPaths.discover()
     try:

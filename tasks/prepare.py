@@ -8,7 +8,6 @@ output is the contract in :mod:`tasks.data`.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -26,6 +25,7 @@ import numpy as np
 
 from tasks.data import SPLITS, Preprocessing
 from tasks.errors import report_stage_error
+from tasks.stage_cli import parse_stage_args
 from tasks.paths import ProjectPaths
 from tasks.sources import (
     DataError,
@@ -276,13 +276,7 @@ def _register_sklearn_source() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m tasks.prepare [--set base.seed=7 ...]``: prepare ``data/prepared`` from params.yaml."""
-    parser = argparse.ArgumentParser(prog="python -m tasks.prepare", description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override a parameter, e.g. --set prepare.val_fraction=0.2 (validated like params.yaml)",
-    )
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    args = parse_stage_args("prepare", __doc__.splitlines()[0], argv, "prepare.val_fraction=0.2")
     from tasks.config import ParamsError, load_params
 
     paths = ProjectPaths.discover()

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.errors import report_stage_error
+from tasks.stage_cli import setup_logging
 from tasks.config import Params, ParamsError, load_params
 from tasks.launcher import (
     LaunchError, build_command, check_hosts_reachable, is_multi_host, parse_hosts, run_workers,
@@ -129,7 +130,7 @@ def log_trained_model(paths: ProjectPaths) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    setup_logging()
     paths = ProjectPaths.discover()
     try:
         params = load_params(paths.params)

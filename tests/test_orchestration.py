@@ -21,6 +21,11 @@ from tests.conftest import TINY_PARAMS, make_project, slimflow
 pytestmark = pytest.mark.integration
 
 
+def _dvc_status(root: Path, *targets: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(Path(os.sys.executable).parent / "dvc"), "status", *targets], cwd=root,
+                          capture_output=True, text=True, timeout=60)
+
+
 def _runs(experiment: str = "slimflow"):
     import mlflow
 
@@ -66,8 +71,7 @@ def test_override_is_recorded_in_mlflow_and_dvc(tiny_project: Path, prefect_api_
     (train_run,) = _stage_runs("train")
     assert train_run.data.params["train.epochs"] == "1"
     # DVC agrees the recorded parameters reproduce this run: nothing left to do.
-    dvc = subprocess.run([str(Path(os.sys.executable).parent / "dvc"), "status", "train"], cwd=tiny_project,
-                         capture_output=True, text=True)
+    dvc = _dvc_status(tiny_project, "train")
     assert "up to date" in dvc.stdout
 
 
@@ -150,8 +154,7 @@ def test_two_runs_at_once_never_overlap_and_leave_consistent_outputs(
 
     prepared = tiny_project / "data" / "prepared"
     assert np.load(prepared / "train_x.npy").shape[1:] == (1, 8, 8)
-    dvc = subprocess.run([str(Path(os.sys.executable).parent / "dvc"), "status", "prepare"], cwd=tiny_project,
-                         capture_output=True, text=True)
+    dvc = _dvc_status(tiny_project, "prepare")
     assert "up to date" in dvc.stdout
 
 
@@ -188,8 +191,7 @@ def test_sigterm_leaves_no_run_running_no_lock_and_no_half_written_output(
     assert [r for r in _runs() if r.info.status == "RUNNING"] == []
     assert {r.info.status for r in _pipeline_runs()} == {"FAILED"}
     # No DVC lock held: status answers; the interrupted stage left no output behind.
-    dvc = subprocess.run([str(Path(os.sys.executable).parent / "dvc"), "status"], cwd=tiny_project,
-                         capture_output=True, text=True, timeout=60)
+    dvc = _dvc_status(tiny_project)
     assert dvc.returncode == 0, dvc.stderr
     assert not (tiny_project / "artifacts" / "model" / "manifest.json").exists()
     leftovers = subprocess.run(["pgrep", "-f", f"tasks.fit .*{tiny_project.name}"], capture_output=True)
