@@ -21,6 +21,7 @@ from prefect.tasks import exponential_backoff
 from flows.report import comparison_rows
 from tasks import tracking
 from tasks.config import check_pipeline, load_params, write_overrides
+from tasks.data import data_digest
 from tasks.dvc_stages import StageFailed, pipeline_lock, push_outputs, reproduce_stage, select_stages
 from tasks.paths import ProjectPaths
 
@@ -134,6 +135,7 @@ def pipeline(
             mlflow.set_tags({
                 "stages_ran": ",".join(r["stage"] for r in results if r["ran"]) or "none",
                 "stages_skipped": ",".join(r["stage"] for r in results if not r["ran"]) or "none",
+                **_lineage_tags(paths),
             })
             mlflow.log_metrics({f"stage_seconds.{r['stage']}": r["seconds"] for r in results})
             rows = comparison_rows(paths)
@@ -141,6 +143,19 @@ def pipeline(
     logger.info("pipeline run %s finished: %s", run.info.run_id,
                 ", ".join(f"{r['stage']} {'ran' if r['ran'] else 'skipped'}" for r in results))
     return {"mlflow_run_id": run.info.run_id, "stages": results, "comparison": rows}
+
+
+def _lineage_tags(paths: ProjectPaths) -> dict[str, str]:
+    """The data digest and the DVC lock this run left, so a run names exactly what it used."""
+    import hashlib
+
+    tags = {}
+    if (paths.prepared / "card.json").exists():
+        tags["data_digest"] = data_digest(paths.prepared)
+    lock = paths.root / "dvc.lock"
+    if lock.exists():
+        tags["dvc_lock_md5"] = hashlib.md5(lock.read_bytes()).hexdigest()
+    return tags
 
 
 def _publish_artifacts(

@@ -31,6 +31,9 @@ def test_flow_runs_every_stage_tracks_it_and_leaves_dvc_clean(tiny_project: Path
     pipeline_run = by_id[result["mlflow_run_id"]]
     assert pipeline_run.info.status == "FINISHED"
     assert pipeline_run.data.tags["prefect_flow_run_id"]
+    card = json.loads((tiny_project / "data" / "prepared" / "card.json").read_text())
+    assert pipeline_run.data.tags["data_digest"] == card["digest"]
+    assert len(pipeline_run.data.tags["dvc_lock_md5"]) == 32
     stage_runs = {
         r.data.tags.get("stage"): r for r in runs if r.data.tags.get("mlflow.parentRunId") == pipeline_run.info.run_id
     }
