@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
@@ -151,7 +150,9 @@ def run(
         _fail(f"pipeline failed: {err}", code=1)
     except KeyboardInterrupt:
         _fail("pipeline interrupted; the MLflow runs are marked FAILED and no stage output is half-written", code=130)
-    if result["comparison"]:
+    # When evaluate ran, its own closing table (same numbers) is already on the terminal.
+    evaluated_now = any(stage["stage"] == "evaluate" and stage["ran"] for stage in result["stages"])
+    if result["comparison"] and not evaluated_now:
         console.print(comparison_table(result["comparison"]))
     console.print(f"MLflow pipeline run: {result['mlflow_run_id']}  (see README: MLflow UI)")
 
