@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs slimflow into ./.venv: the pinned stack from pyproject.toml, then Horovod
-# 0.28.1 built from source with PyTorch + Gloo (C++17 fix) into a wheel cached outside
-# the repository, keyed by Horovod, torch and Python versions, so reinstalls reuse it.
+# 0.28.1 built from source with PyTorch + Gloo (C++17 fix, and slimflow's idle-cycle
+# patch: scripts/horovod/idle-cycle.patch) into a wheel cached outside the repository,
+# keyed by Horovod, the patch, torch and Python versions, so reinstalls reuse it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,11 +28,15 @@ log "installing slimflow and its pinned dependencies"
 "${PIP[@]}" install -q -e ".[dev]"
 
 PYVER=$("$PY" -c 'import sys; print(f"cp{sys.version_info.major}{sys.version_info.minor}")')
-KEY="horovod-$HOROVOD_VERSION-torch$TORCH_VERSION-$PYVER"
+PATCH="$PWD/scripts/horovod/idle-cycle.patch"
+PATCH_ID=$(sha256sum "$PATCH" | cut -c1-8)
+# The wheel's version says which patch it carries (tasks/launcher.py checks it too).
+LOCAL_VERSION="idlecycle.$PATCH_ID"
+KEY="horovod-$HOROVOD_VERSION+$LOCAL_VERSION-torch$TORCH_VERSION-$PYVER"
 WHEEL_DIR="$CACHE_ROOT/$KEY"
 
-if "$PY" -c "import horovod, horovod.torch as hvd; assert horovod.__version__ == '$HOROVOD_VERSION'" 2>/dev/null; then
-  log "horovod $HOROVOD_VERSION already installed"
+if "$PY" -c "import importlib.metadata as m, horovod.torch; assert m.version('horovod') == '$HOROVOD_VERSION+$LOCAL_VERSION'" 2>/dev/null; then
+  log "horovod $HOROVOD_VERSION+$LOCAL_VERSION already installed"
 else
   if ! ls "$WHEEL_DIR"/horovod-*.whl >/dev/null 2>&1; then
     log "building horovod $HOROVOD_VERSION wheel (about 12 minutes on 2 cores) -> $WHEEL_DIR"
@@ -44,12 +49,19 @@ else
     sed -i 's/set(CMAKE_CXX_STANDARD 14)/set(CMAKE_CXX_STANDARD 17)/' \
       "$SRC/CMakeLists.txt" "$SRC/horovod/torch/CMakeLists.txt"
     grep -q 'CMAKE_CXX_STANDARD 17' "$SRC/horovod/torch/CMakeLists.txt"
+    # slimflow's idle-cycle patch (HOROVOD_IDLE_CYCLE_TIME; see the patch's header).
+    if command -v patch >/dev/null; then
+      patch -s -p1 -d "$SRC" < "$PATCH"
+    else
+      (cd "$SRC" && git apply -p1 "$PATCH")  # outside a repository, git apply is plain patch
+    fi
     # The system CMake (3.25): the cmake 4.x wheel rejects horovod's cmake_minimum_required.
     "${PIP[@]}" uninstall -q -y cmake 2>/dev/null || true
     mkdir -p "$BUILD/wheel"
     PATH="/usr/bin:$PATH" \
     HOROVOD_WITH_PYTORCH=1 HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1 \
     HOROVOD_WITH_GLOO=1 HOROVOD_WITHOUT_MPI=1 HOROVOD_CMAKE=/usr/bin/cmake \
+    HOROVOD_LOCAL_VERSION="$LOCAL_VERSION" \
     MAKEFLAGS="-j$(nproc)" \
       "${PIP[@]}" wheel -q --no-build-isolation --no-deps "$SRC" -w "$BUILD/wheel"
     mkdir -p "$WHEEL_DIR"
