@@ -92,11 +92,25 @@ class TrainParams(_Strict):
     network_interface: str | None = None
     fp16_allreduce: bool = False
     backward_passes_per_step: int = Field(1, ge=1)
+    # How gradients are allreduced (Horovod's DistributedOptimizer `groups`): "auto" is one
+    # fused allreduce per step on CPU workers and one per gradient as it is ready (overlapped
+    # with the backward pass) on GPUs; a number N >= 1 makes N explicit groups, 0 one per
+    # gradient everywhere.
+    allreduce_groups: Literal["auto"] | Annotated[int, Field(ge=0)] = "auto"
     # Threads per worker; null = usable cores // local workers.
     threads_per_worker: int | None = Field(None, ge=1)
     # Hardware acceleration: "auto" turns bf16 autocast / channels_last on for GPUs only.
     mixed_precision: Literal["auto", "off", "bf16"] = "auto"
     channels_last: Literal["auto", "off", "on"] = "auto"
+
+    @field_validator("allreduce_groups", mode="before")
+    @classmethod
+    def _check_allreduce_groups(cls, value: Any) -> int | str:
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+            return value
+        raise PydanticCustomError(
+            "allreduce_groups", "expected 'auto' or a whole number >= 0, got {value}", {"value": repr(value)}
+        )
 
     @field_validator("hosts")
     @classmethod

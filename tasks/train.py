@@ -5,9 +5,9 @@ stage's MLflow run, starts ``train.workers`` Horovod workers (or ``train.hosts``
 :mod:`tasks.fit`, and, when they succeed, logs the trained model to MLflow. A re-run
 after a crash resumes from the last checkpoint in ``artifacts/checkpoints``.
 
-Workers get ``cores // local workers`` threads each; several CPU workers also get a
-Horovod cycle time sized to one training step of the model (``HOROVOD_CYCLE_TIME``, unless
-already set), see :func:`tasks.fit.horovod_cycle_time_ms`.
+Workers get ``cores // local workers`` threads each, and Horovod's background thread
+waits for work instead of coordinating every cycle (``HOROVOD_IDLE_CYCLE_TIME``, slimflow's
+Horovod patch; see :func:`tasks.launcher.worker_environment`).
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ def fit_job(params: Params, paths: ProjectPaths, run_id: str | None):
         patience=train.patience,
         fp16_allreduce=train.fp16_allreduce,
         backward_passes_per_step=train.backward_passes_per_step,
+        allreduce_groups=train.allreduce_groups,
         mixed_precision=train.mixed_precision,
         channels_last=train.channels_last,
         run_id=run_id,
@@ -80,31 +81,7 @@ def launch_fit(job: Any, train_params: Any, root: Path) -> None:
             job_path.parent.mkdir(exist_ok=True)
             job.write(job_path)
         command = build_command(["-m", "tasks.fit", str(job_path)], hosts, train_params.network_interface)
-        env = worker_environment(threads)
-        workers = sum(h.slots for h in hosts)
-        if workers > 1 and "HOROVOD_CYCLE_TIME" not in env and not _cuda_here():
-            env["HOROVOD_CYCLE_TIME"] = f"{cycle_time_for(job, threads):.2f}"
-        run_workers(command, env, root)
-
-
-def _cuda_here() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def cycle_time_for(job: Any, threads: int | None) -> float:
-    """Horovod's cycle for CPU workers, from one timed training step of the job's model here.
-
-    See :func:`tasks.fit.horovod_cycle_time_ms`; ``HOROVOD_CYCLE_TIME`` set by the user wins.
-    """
-    from tasks.fit import horovod_cycle_time_ms, measure_step_ms
-    from tasks.launcher import usable_cores
-
-    step_ms = measure_step_ms(job, threads or usable_cores())
-    cycle = horovod_cycle_time_ms(step_ms)
-    log.info("Horovod cycle time %.2f ms for CPU workers (one training step takes %.1f ms here)", cycle, step_ms)
-    return cycle
+        run_workers(command, worker_environment(threads), root)
 
 
 def log_trained_model(paths: ProjectPaths) -> None:

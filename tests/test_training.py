@@ -173,16 +173,13 @@ def test_learning_rate_ramps_to_world_size_then_decays() -> None:
     assert ramp[warmup:] == sorted(ramp[warmup:], reverse=True)
 
 
-def test_horovod_cycle_grows_with_the_step_within_horovods_range(tmp_path: Path) -> None:
-    from tasks.fit import horovod_cycle_time_ms, measure_step_ms
+def test_cpu_workers_allreduce_all_gradients_at_once_and_gpus_overlap_per_gradient() -> None:
+    from tasks.fit import allreduce_groups
 
-    assert horovod_cycle_time_ms(3.5) == 1.0  # small models keep Horovod's default
-    assert horovod_cycle_time_ms(30.0) == pytest.approx(2.12, abs=0.01)
-    assert horovod_cycle_time_ms(10_000.0) == 5.0
-    write_digits(tmp_path / "prepared")
-    threads, rng = torch.get_num_threads(), torch.get_rng_state()
-    assert measure_step_ms(fit_job(tmp_path, tmp_path / "prepared"), threads=1) > 0
-    assert torch.get_num_threads() == threads and torch.equal(torch.get_rng_state(), rng)
+    assert allreduce_groups("auto", use_cuda=False) == 1  # one fused allreduce per step
+    assert allreduce_groups("auto", use_cuda=True) is None  # Horovod's default: per gradient, overlapped
+    assert allreduce_groups(0, use_cuda=False) is None
+    assert allreduce_groups(3, use_cuda=True) == 3
 
 
 def test_checkpoint_fingerprint_covers_settings_and_world_size_not_run_bookkeeping(tmp_path: Path) -> None:
@@ -239,6 +236,17 @@ def test_worker_environment_carries_the_thread_count_or_leaves_it_to_each_host(
     assert local["OMP_NUM_THREADS"] == local["MKL_NUM_THREADS"] == local["SLIMFLOW_THREADS_PER_WORKER"] == "1"
     remote = worker_environment(None)
     assert "OMP_NUM_THREADS" not in remote and "SLIMFLOW_THREADS_PER_WORKER" not in remote
+
+
+def test_workers_get_horovods_idle_cycle_from_the_patched_build_unless_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tasks.launcher import IDLE_CYCLE_TIME_MS, horovod_has_idle_cycle, worker_environment
+
+    # scripts/install.sh built and installed Horovod with scripts/horovod/idle-cycle.patch.
+    assert horovod_has_idle_cycle()
+    monkeypatch.delenv("HOROVOD_IDLE_CYCLE_TIME", raising=False)
+    assert worker_environment(1)["HOROVOD_IDLE_CYCLE_TIME"] == str(IDLE_CYCLE_TIME_MS)
+    monkeypatch.setenv("HOROVOD_IDLE_CYCLE_TIME", "0")  # the user's choice (0: upstream behaviour) wins
+    assert worker_environment(1)["HOROVOD_IDLE_CYCLE_TIME"] == "0"
 
 
 # --------------------------------------------------------------------------- integration
@@ -301,6 +309,33 @@ def test_two_worker_rerun_with_the_same_seed_is_identical(default_stage: Path, t
     assert without_timing([metrics]) == without_timing([first_metrics])
     for name, tensor in first_weights.items():
         assert torch.equal(weights[name], tensor), name
+
+
+@pytest.mark.integration
+def test_per_gradient_allreduce_trains_the_same_model_as_the_fused_default(default_stage: Path, tmp_path: Path) -> None:
+    """allreduce_groups changes how gradients travel (one fused allreduce, or one per gradient
+    overlapped with backward), not what the workers learn."""
+    from tasks.config import load_params
+    from tasks.paths import ProjectPaths
+    from tasks.train import fit_job as stage_job
+
+    job = stage_job(load_params(default_stage / "params.yaml"), ProjectPaths(default_stage), None)
+    assert job.allreduce_groups == "auto"  # the default run: one fused allreduce per step on CPU
+    per_gradient = dataclasses.replace(
+        job, allreduce_groups=0, output=str(tmp_path / "model"), checkpoints=str(tmp_path / "checkpoints"),
+        metrics_path=str(tmp_path / "train.json"), history_path=str(tmp_path / "history.json"),
+    )
+    metrics, history, weights = run_fit(per_gradient, workers=2)
+    first_metrics, first_history, first_weights = read_outputs(
+        default_stage / "metrics" / "train.json", default_stage / "plots" / "train_history.json",
+        default_stage / "artifacts" / "model",
+    )
+    assert_rows_close(history, first_history, rel=1e-6)
+    assert_rows_close([metrics], [first_metrics], rel=1e-6)
+    for name, tensor in first_weights.items():
+        torch.testing.assert_close(weights[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+    log = (default_stage / "stage.log").read_text()
+    assert "allreduce=1 group(s) per step" in log
 
 
 @pytest.mark.integration

@@ -91,6 +91,7 @@ def distill(
         patience=train.patience,
         fp16_allreduce=train.fp16_allreduce,
         backward_passes_per_step=train.backward_passes_per_step,
+        allreduce_groups=train.allreduce_groups,
         mixed_precision=train.mixed_precision,
         channels_last=train.channels_last,
         teacher=str(teacher_folder(candidate, scratch).resolve()),
