@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     import horovod
     import torch
 
-    # The launcher's lines (the command, Horovod's cycle time) go to stderr beside the workers'.
+    # The launcher's lines (the command) go to stderr beside the workers'.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     threads = {"plain": args.cores, "slimflow-1": args.cores, "slimflow-2": max(1, args.cores // 2)}
     rates: dict[str, list[float]] = {case: [] for case in threads}
