@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=4, help="epochs per run; the first is warm-up")
     parser.add_argument("--rounds", type=int, default=5, help="rounds of (plain, 1 worker, 2 workers)")
     parser.add_argument("--batch-size", type=int, default=32, help="per worker")
-    parser.add_argument("--allreduce-groups", default="auto",
+    parser.add_argument("--allreduce-groups", default="auto", type=lambda v: v if v == "auto" else int(v),
                         help="train.allreduce_groups for slimflow (auto, 0 = per gradient, N); "
                              "HOROVOD_IDLE_CYCLE_TIME=0 in the environment turns Horovod's idle cycle off")
     parser.add_argument("--cores", type=int, default=2, help="threads: plain and 1 worker use all, 2 workers half each")
@@ -181,8 +181,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"round {round_ + 1}/{args.rounds}: {case}", file=sys.stderr, flush=True)
                 per_epoch, wall, in_epochs = slimflow_run(
                     prepared, Path(tmp) / f"{case}-{round_}", workers, threads[case],
-                    args.epochs, args.batch_size, lr, seed,
-                    args.allreduce_groups if args.allreduce_groups == "auto" else int(args.allreduce_groups),
+                    args.epochs, args.batch_size, lr, seed, args.allreduce_groups,
                 )
                 rates[case].append(per_epoch[1:])
                 overheads[case].append(wall - in_epochs)

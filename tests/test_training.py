@@ -158,6 +158,24 @@ def default_stage(tmp_path_factory: pytest.TempPathFactory, shared_mlflow: str) 
     return project
 
 
+def default_stage_job(default_stage: Path, scratch: Path, **changes: object) -> FitJob:
+    """The default stage's own training job (params.yaml of that project), writing under ``scratch``."""
+    from tasks.config import load_params
+    from tasks.paths import ProjectPaths
+    from tasks.train import fit_job as stage_job
+
+    job = stage_job(load_params(default_stage / "params.yaml"), ProjectPaths(default_stage), None)
+    return dataclasses.replace(
+        job, output=str(scratch / "model"), checkpoints=str(scratch / "checkpoints"),
+        metrics_path=str(scratch / "train.json"), history_path=str(scratch / "history.json"), **changes,
+    )
+
+
+def default_stage_outputs(default_stage: Path) -> tuple[dict, list[dict], dict[str, torch.Tensor]]:
+    return read_outputs(default_stage / "metrics" / "train.json", default_stage / "plots" / "train_history.json",
+                        default_stage / "artifacts" / "model")
+
+
 # --------------------------------------------------------------------------- unit
 
 
@@ -291,20 +309,8 @@ def test_default_cnn_on_two_workers_reaches_95_percent_and_is_recorded(default_s
 
 @pytest.mark.integration
 def test_two_worker_rerun_with_the_same_seed_is_identical(default_stage: Path, tmp_path: Path) -> None:
-    from tasks.config import load_params
-    from tasks.paths import ProjectPaths
-    from tasks.train import fit_job as stage_job
-
-    job = stage_job(load_params(default_stage / "params.yaml"), ProjectPaths(default_stage), None)
-    rerun = dataclasses.replace(
-        job, output=str(tmp_path / "model"), checkpoints=str(tmp_path / "checkpoints"),
-        metrics_path=str(tmp_path / "train.json"), history_path=str(tmp_path / "history.json"),
-    )
-    metrics, history, weights = run_fit(rerun, workers=2)
-    first_metrics, first_history, first_weights = read_outputs(
-        default_stage / "metrics" / "train.json", default_stage / "plots" / "train_history.json",
-        default_stage / "artifacts" / "model",
-    )
+    metrics, history, weights = run_fit(default_stage_job(default_stage, tmp_path), workers=2)
+    first_metrics, first_history, first_weights = default_stage_outputs(default_stage)
     assert without_timing(history) == without_timing(first_history)
     assert without_timing([metrics]) == without_timing([first_metrics])
     for name, tensor in first_weights.items():
@@ -315,21 +321,9 @@ def test_two_worker_rerun_with_the_same_seed_is_identical(default_stage: Path, t
 def test_per_gradient_allreduce_trains_the_same_model_as_the_fused_default(default_stage: Path, tmp_path: Path) -> None:
     """allreduce_groups changes how gradients travel (one fused allreduce, or one per gradient
     overlapped with backward), not what the workers learn."""
-    from tasks.config import load_params
-    from tasks.paths import ProjectPaths
-    from tasks.train import fit_job as stage_job
-
-    job = stage_job(load_params(default_stage / "params.yaml"), ProjectPaths(default_stage), None)
-    assert job.allreduce_groups == "auto"  # the default run: one fused allreduce per step on CPU
-    per_gradient = dataclasses.replace(
-        job, allreduce_groups=0, output=str(tmp_path / "model"), checkpoints=str(tmp_path / "checkpoints"),
-        metrics_path=str(tmp_path / "train.json"), history_path=str(tmp_path / "history.json"),
-    )
-    metrics, history, weights = run_fit(per_gradient, workers=2)
-    first_metrics, first_history, first_weights = read_outputs(
-        default_stage / "metrics" / "train.json", default_stage / "plots" / "train_history.json",
-        default_stage / "artifacts" / "model",
-    )
+    assert default_stage_job(default_stage, tmp_path).allreduce_groups == "auto"  # the default run: fused on CPU
+    metrics, history, weights = run_fit(default_stage_job(default_stage, tmp_path, allreduce_groups=0), workers=2)
+    first_metrics, first_history, first_weights = default_stage_outputs(default_stage)
     assert_rows_close(history, first_history, rel=1e-6)
     assert_rows_close([metrics], [first_metrics], rel=1e-6)
     for name, tensor in first_weights.items():
@@ -360,8 +354,7 @@ def test_a_crashed_worker_fails_the_stage_and_the_rerun_resumes_to_the_same_mode
     assert [r.info.status for r in runs] == ["FAILED", "FINISHED"]
     assert runs[1].data.params["resumed_from_epoch"] == "2"
 
-    expected = read_outputs(default_stage / "metrics" / "train.json", default_stage / "plots" / "train_history.json",
-                            default_stage / "artifacts" / "model")
+    expected = default_stage_outputs(default_stage)
     actual = read_outputs(project / "metrics" / "train.json", project / "plots" / "train_history.json",
                           project / "artifacts" / "model")
     assert_rows_close([actual[0]], [expected[0]], rel=1e-6)
