@@ -59,7 +59,7 @@ def _params_yaml(suffix: str) -> str:
 def worker(root: Path, suffix: str) -> None:
     """One in-process run; prints a JSON line with its timings and RSS."""
     sys.path.insert(0, str(REPO))
-    from tasks.config import PrepareParams
+    from tasks.core.config import PrepareParams
     from tasks.prepare import prepare_data, write_prepared
 
     rss_imports = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -124,7 +124,7 @@ def slimflow_run(
 ) -> tuple[list[float], float, float]:
     """``tasks.fit`` on ``workers`` local workers; (samples/s per epoch, wall s, s in epochs)."""
     from models import ModelSpec
-    from tasks.config import TrainParams
+    from tasks.core.config import TrainParams
     from tasks.fit import FitJob
     from tasks.train import launch_fit
 

@@ -8,12 +8,14 @@ import sys
 from typing import Annotated, Any, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-import flows  # noqa: F401  (sets Prefect's environment before Prefect is imported)
-from tasks.config import ParamsError, check_pipeline, load_params, params_schema
-from tasks.paths import ProjectPaths
+from flows.prefect_settings import use_project_prefect_settings
+from flows.report import comparison_table
+from tasks.core.config import ParamsError, check_pipeline, load_params, params_schema
+from tasks.core.dvc import stage_names
+from tasks.core.paths import ProjectPaths
+from tasks.core.tables import console as table_console
 
 app = typer.Typer(
     help="slimflow: train with Horovod, compress, evaluate - orchestrated by Prefect, "
@@ -21,43 +23,26 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-# Off a terminal (CI logs, pipes) rich assumes 80 columns, too narrow for the table.
-console = Console(stderr=False, width=None if sys.stdout.isatty() else 160)
-errors = Console(stderr=True)
+console = table_console()
+errors = table_console(stderr=True)
 
-STAGE_NAMES = ("prepare", "train", "compress", "evaluate")
+
+@app.callback()
+def _project_settings() -> None:
+    """Every command: Prefect's settings for this project, before Prefect is imported."""
+    use_project_prefect_settings(ProjectPaths.discover().root)
+
+
+def _check_stage_names(*names: str | None) -> None:
+    known = stage_names(ProjectPaths.discover().root)
+    for name in names:
+        if name is not None and name not in known:
+            _fail(f"unknown stage {name!r}; stages: {', '.join(known)}")
 
 
 def _fail(message: str, code: int = 2) -> None:
     errors.print(f"[bold red]error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
     raise typer.Exit(code)
-
-
-def comparison_table(rows: list[dict[str, Any]], title: str = "baseline vs. compressed variants") -> Table:
-    table = Table(title=title)
-    for column in ("model", "accuracy", "Δ accuracy", "size KB", "size ×", "p50 ms", "p95 ms", "latency ×", "samples/s"):
-        table.add_column(column, justify="left" if column == "model" else "right")
-    baseline = next((r for r in rows if r["model"] == "baseline"), None)
-
-    def ratio(value: Any, base: Any) -> str:
-        return f"{value / base:.2f}" if value and base else "-"
-
-    def num(value: Any, fmt: str) -> str:
-        return format(value, fmt) if isinstance(value, (int, float)) else "-"
-
-    for row in rows:
-        table.add_row(
-            row["model"],
-            num(row.get("accuracy"), ".4f"),
-            num(None if row["model"] == "baseline" else row.get("accuracy_change"), "+.4f"),
-            num((row.get("size_bytes") or 0) / 1024 if row.get("size_bytes") else None, ".1f"),
-            ratio(row.get("size_bytes"), baseline and baseline.get("size_bytes")),
-            num(row.get("latency_p50_ms"), ".3f"),
-            num(row.get("latency_p95_ms"), ".3f"),
-            ratio(row.get("latency_p50_ms"), baseline and baseline.get("latency_p50_ms")),
-            num(row.get("throughput_sps"), ".0f"),
-        )
-    return table
 
 
 def _is_prefect_server(process: Any) -> bool:
@@ -99,7 +84,7 @@ def _up_to_date(paths: ProjectPaths, first: str | None, last: str | None) -> boo
     Starting Prefect's temporary API costs more than the whole check (about 15 s), and a
     run whose every stage would be skipped changes nothing anyone can see.
     """
-    from tasks.dvc_stages import pipeline_status, select_stages
+    from tasks.core.dvc import pipeline_status, select_stages
 
     stages = select_stages(first, last)
     try:
@@ -119,7 +104,7 @@ def _up_to_date(paths: ProjectPaths, first: str | None, last: str | None) -> boo
 @app.command()
 def run(
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a parameter: --set train.epochs=3 (repeatable); recorded in params.yaml.")] = None,
-    from_stage: Annotated[Optional[str], typer.Option("--from", help=f"First stage to run ({', '.join(STAGE_NAMES)}).")] = None,
+    from_stage: Annotated[Optional[str], typer.Option("--from", help="First stage to run (a stage of dvc.yaml: prepare, train, compress, evaluate).")] = None,
     to_stage: Annotated[Optional[str], typer.Option("--to", help="Last stage to run.")] = None,
     force: Annotated[bool, typer.Option(help="Run the selected stages even if DVC says they are up to date.")] = False,
     wait: Annotated[float, typer.Option(help="Seconds to wait for another pipeline run of this project to finish (default: refuse at once).")] = 0.0,
@@ -127,9 +112,7 @@ def run(
     """Run the pipeline (or a range of stages) as a Prefect flow; unchanged stages are skipped."""
     paths = ProjectPaths.discover()
     overrides = list(set_ or [])
-    for name in (from_stage, to_stage):
-        if name is not None and name not in STAGE_NAMES:
-            _fail(f"unknown stage {name!r}; stages: {', '.join(STAGE_NAMES)}")
+    _check_stage_names(from_stage, to_stage)
     try:  # refuse bad input before anything starts
         check_pipeline(load_params(paths.params, overrides))
     except ParamsError as err:
@@ -139,7 +122,7 @@ def run(
         return
 
     from flows.pipeline import pipeline
-    from tasks.dvc_stages import PipelineBusy, StageFailed
+    from tasks.core.dvc import PipelineBusy, StageFailed
 
     _interrupt_on_sigterm()
     try:
@@ -169,9 +152,7 @@ def serve(
     """Serve the pipeline as a Prefect deployment on a schedule (needs a Prefect server)."""
     if (cron is None) == (interval is None):
         _fail("give exactly one of --cron or --interval")
-    for stage_name in (from_stage, to_stage):
-        if stage_name is not None and stage_name not in STAGE_NAMES:
-            _fail(f"unknown stage {stage_name!r}; stages: {', '.join(STAGE_NAMES)}")
+    _check_stage_names(from_stage, to_stage)
     if not os.environ.get("PREFECT_API_URL"):
         _fail(
             "scheduled runs need a Prefect server (the temporary one has no scheduler). Start one with\n"
@@ -209,7 +190,7 @@ def status(
     import mlflow
     from mlflow import MlflowClient
 
-    from tasks import tracking
+    from tasks.core import tracking
 
     experiment_id = tracking.configure(paths.root, params.base.experiment)
     runs = mlflow.search_runs(

@@ -8,7 +8,6 @@ stages open runs nested under it. One pipeline runs at a time per project.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -19,19 +18,20 @@ from prefect.context import get_run_context
 from prefect.tasks import exponential_backoff
 
 from flows.report import comparison_rows
-from tasks import tracking
-from tasks.config import check_pipeline, load_params, write_overrides
+from tasks.core import tracking
+from tasks.core.config import check_pipeline, load_params, write_overrides
+from tasks.core.dvc import StageFailed, pipeline_lock, push_outputs, reproduce_stage, select_stages
+from tasks.core.paths import ProjectPaths
+from tasks.core.run_context import RunContext
 from tasks.data import data_digest
-from tasks.dvc_stages import StageFailed, pipeline_lock, push_outputs, reproduce_stage, select_stages
-from tasks.paths import ProjectPaths
 
 
-def _run_stage(stage: str, root: str, force: bool) -> dict[str, Any]:
+def _run_stage(stage: str, root: str, force: bool, context: RunContext) -> dict[str, Any]:
     logger = get_run_logger()
     # DVC's "to track the changes with git, run ..." hints are for its own CLI users.
     logging.getLogger("dvc.repo.scm_context").setLevel(logging.WARNING)
     started = time.perf_counter()
-    ran = reproduce_stage(Path(root), stage, force=force)
+    ran = reproduce_stage(Path(root), stage, force=force, context=context)
     seconds = time.perf_counter() - started
     logger.info("%s %s in %.1f s", stage, "ran" if ran else "skipped (up to date)", seconds)
     return {"stage": stage, "ran": ran, "seconds": seconds}
@@ -54,24 +54,15 @@ _retry = {
 }
 
 
-@task(name="prepare", **_retry)
-def prepare(root: str, force: bool = False) -> dict[str, Any]:
-    return _run_stage("prepare", root, force)
+@task(**_retry)
+def run_stage(stage: str, root: str, force: bool, context: RunContext) -> dict[str, Any]:
+    """One ``dvc.yaml`` stage through DVC (skipped when up to date); its Prefect task is named after it."""
+    return _run_stage(stage, root, force, context)
 
 
-@task(name="train", retries=1, retry_delay_seconds=2, retry_condition_fn=_worth_retrying)
-def train(root: str, force: bool = False) -> dict[str, Any]:
-    return _run_stage("train", root, force)
-
-
-@task(name="compress", **_retry)
-def compress(root: str, force: bool = False) -> dict[str, Any]:
-    return _run_stage("compress", root, force)
-
-
-@task(name="evaluate", **_retry)
-def evaluate(root: str, force: bool = False) -> dict[str, Any]:
-    return _run_stage("evaluate", root, force)
+def stage_task(stage: str) -> Any:
+    """The Prefect task of ``stage``: :func:`run_stage` under the stage's own name."""
+    return run_stage.with_options(name=stage, task_run_name=stage)
 
 
 @task(name="dvc-push", **_retry)
@@ -81,9 +72,6 @@ def push(root: str) -> int | None:
     get_run_logger().info("dvc push: %s", "no DVC remote configured; outputs stay in .dvc/cache"
                           if pushed is None else f"{pushed} file(s) sent")
     return pushed
-
-
-STAGE_TASKS = {"prepare": prepare, "train": train, "compress": compress, "evaluate": evaluate}
 
 
 @flow(name="slimflow-pipeline", log_prints=False)
@@ -99,7 +87,7 @@ def pipeline(
     logger = get_run_logger()
     paths = ProjectPaths.discover()
     root = str(paths.root)
-    stages = select_stages(first, last)
+    stages = select_stages(first, last, paths.root)
     flow_run_id = str(get_run_context().flow_run.id)
     with pipeline_lock(paths.root, wait_s):
         # Overrides are validated before anything runs, then recorded in params.yaml,
@@ -116,22 +104,17 @@ def pipeline(
             mlflow.log_params({k: str(v)[:6000] for k, v in tracking.flatten(params.model_dump()).items()})
             if overrides:
                 mlflow.set_tag("overrides", " ".join(overrides))
-            os.environ[tracking.PARENT_RUN_ENV] = run.info.run_id
-            os.environ[tracking.FLOW_RUN_ENV] = flow_run_id
-            os.environ["MLFLOW_EXPERIMENT_ID"] = experiment_id
+            context = RunContext(parent_run_id=run.info.run_id, flow_run_id=flow_run_id, experiment_id=experiment_id)
             results = []
             try:
                 for stage in stages:
-                    results.append(STAGE_TASKS[stage](root, force))
+                    results.append(stage_task(stage)(stage, root, force, context))
                 # Share data and outputs with the team when the project has a DVC remote.
                 if push_data and (pushed := push(root)) is not None:
                     mlflow.set_tag("dvc_pushed_files", str(pushed))
             except BaseException as err:
                 mlflow.set_tag("error", str(err)[:5000])
                 raise
-            finally:
-                for key in (tracking.PARENT_RUN_ENV, tracking.FLOW_RUN_ENV, "MLFLOW_EXPERIMENT_ID"):
-                    os.environ.pop(key, None)
             mlflow.set_tags({
                 "stages_ran": ",".join(r["stage"] for r in results if r["ran"]) or "none",
                 "stages_skipped": ",".join(r["stage"] for r in results if not r["ran"]) or "none",

@@ -28,13 +28,13 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from tasks.errors import report_stage_error
-from tasks.stage_cli import setup_logging
-from tasks.config import CompressStep, Params, ParamsError, Variant, load_params
+from tasks.core.errors import report_stage_error
+from tasks.core.stage_cli import setup_logging
+from tasks.core.config import CompressStep, Params, ParamsError, Variant, load_params
 from tasks.compression.recipes import (
     BASELINE, ChainStep, RecipeError, check_recipes, method_name, selected_variants, step_settings,
 )
-from tasks.paths import ProjectPaths
+from tasks.core.paths import ProjectPaths
 
 log = logging.getLogger("slimflow.compress")
 
@@ -57,7 +57,7 @@ def check_inputs(params: Params, paths: ProjectPaths) -> dict[str, Any]:
 
     Returns the baseline's manifest. Raises :class:`CompressError` or :class:`RecipeError`.
     """
-    from tasks.model_io import MANIFEST, read_manifest
+    from tasks.core.model_files import MANIFEST, read_manifest
 
     if not (paths.model / MANIFEST).is_file():
         raise CompressError(f"{paths.model}: no trained model ({MANIFEST} missing); run the train stage first")
@@ -97,7 +97,7 @@ class _Work:
         )
 
     def onnx_fp32(self, candidate: Any) -> bytes:
-        from tasks.compression.quantization import export_onnx
+        from tasks.compression.onnx import export_onnx
 
         if candidate.origin is None:
             return export_onnx(candidate.module, self.data.example())
@@ -194,7 +194,7 @@ def _student_run(
     if variant_run_id is None:
         yield None
         return
-    from tasks import tracking
+    from tasks.core import tracking
 
     with tracking.stage_run(
         "compress", work.paths.root, work.params.base.experiment, params=step_settings(step),
@@ -212,7 +212,7 @@ def _variant_run(
     if stage_run_id is None:
         yield None
         return
-    from tasks import tracking
+    from tasks.core import tracking
 
     recipe = {
         "parent": variant.parent,
@@ -245,7 +245,7 @@ def compress_variants(
     from tasks.compression.pruning import weight_sparsity
     from models import ModelSpec
     from tasks.data import data_digest
-    from tasks.model_io import load_eager_model, read_manifest, torch_predictor, write_manifest
+    from tasks.core.model_files import load_eager_model, read_manifest, torch_predictor, write_manifest
 
     baseline_manifest = check_inputs(params, paths)
     family = baseline_manifest["model_spec"]["family"]
@@ -349,7 +349,7 @@ def compress_variants(
 
 def _check_reload(folder: Path, artifact: Any, x: Any) -> None:
     """The written file must predict what the evaluated in-memory model predicted."""
-    from tasks.model_io import load_model_dir
+    from tasks.compression.loading import load_model_dir
 
     expected = artifact.predict(x).argmax(1)
     got = load_model_dir(folder).predict(x).argmax(1)
@@ -398,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
         report_stage_error("compress", str(err))
         return 2
 
-    from tasks import tracking
+    from tasks.core import tracking
     from tasks.launcher import LaunchError
 
     try:

@@ -34,8 +34,8 @@ from typing import Any
 
 import numpy as np
 
-from tasks.config import EvaluateParams, Params, ParamsError, load_params
-from tasks.paths import ProjectPaths
+from tasks.core.config import EvaluateParams, Params, ParamsError, load_params
+from tasks.core.paths import ProjectPaths
 
 log = logging.getLogger("slimflow.evaluate")
 
@@ -103,7 +103,7 @@ class Evaluation:
 # ---------------------------------------------------------------------------- discovery
 def discover_models(paths: ProjectPaths) -> dict[str, Path]:
     """``{"baseline": artifacts/model, "<variant>": artifacts/compressed/<variant>, ...}``."""
-    from tasks.model_io import MANIFEST, read_manifest
+    from tasks.core.model_files import MANIFEST, read_manifest
 
     if not (paths.model / MANIFEST).is_file():
         raise EvaluateError(f"{paths.model / MANIFEST}: no baseline model; run the train stage first")
@@ -724,7 +724,7 @@ def log_model_run(
     """One nested run per model: identical metric keys, the manifest as params."""
     import mlflow
 
-    from tasks import tracking
+    from tasks.core import tracking
 
     manifest = {k: v for k, v in result.manifest.items() if k not in {"digest"}}
     manifest["recipe"] = json.dumps(manifest.get("recipe"), sort_keys=True, default=str)
@@ -746,7 +746,7 @@ def _evidence(
     result: ModelResult, evaluation: Evaluation, paths: ProjectPaths, params: EvaluateParams
 ) -> dict[str, Any]:
     """Version tags: the champion's metrics, recipe, data digest, git commit, runs, gate."""
-    from tasks import tracking
+    from tasks.core import tracking
     from tasks.data import data_digest
 
     try:
@@ -773,7 +773,7 @@ def run_evaluate(paths: ProjectPaths, params: Params) -> Evaluation:
     """Measure, compare, decide, register and publish; the outputs appear all together or not at all."""
     import mlflow
 
-    from tasks import tracking
+    from tasks.core import tracking
     from tasks.data import data_digest
     from tasks.registry import keep_champion, promote
 
@@ -864,8 +864,8 @@ def summary_table(evaluation: Evaluation) -> Any:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m tasks.evaluate [--set evaluate.threads=2 ...]``: 0 on success, 2 on bad input."""
-    from tasks.errors import report_stage_error
-    from tasks.stage_cli import parse_stage_args
+    from tasks.core.errors import report_stage_error
+    from tasks.core.stage_cli import parse_stage_args
 
     args = parse_stage_args("evaluate", __doc__.splitlines()[0], argv, "evaluate.objective=fastest")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no tqdm bars in stage logs

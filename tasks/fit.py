@@ -38,7 +38,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from models import ModelSpec, build_model
 from tasks.data import load_preprocessing, load_split
-from tasks.model_io import load_eager_model, save_state_dict_model
+from tasks.core.model_files import load_eager_model, save_state_dict_model
 
 log = logging.getLogger("slimflow.fit")
 

@@ -1,6 +1,6 @@
 """How a model is measured: quality, cost and speed, the same way for every model.
 
-Everything here is a plain function of a loaded model (:class:`tasks.model_io.LoadedModel`)
+Everything here is a plain function of a loaded model (:class:`tasks.core.model_files.LoadedModel`)
 and arrays; :mod:`tasks.evaluate` calls it for the baseline and every variant.
 
 Measurement choices, and why:
@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import gzip
 import importlib
 import json
 import logging
@@ -66,38 +65,12 @@ CODE_ROOT = Path(__file__).resolve().parent.parent  # the folder holding `tasks`
 
 
 # ---------------------------------------------------------------------------- loading
-def _ort_predictor(model: bytes, threads: int) -> Predict:
-    """An ONNX Runtime session like the shipped loaders open, with ``threads`` intra-op threads."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
-    input_name = session.get_inputs()[0].name
-
-    def predict(x: np.ndarray) -> np.ndarray:
-        return session.run(None, {input_name: x})[0]
-
-    return predict
-
-
 def load_for_measurement(folder: Path, threads: int = 1) -> Any:
-    """Load a model folder in its runtime (:func:`tasks.model_io.load_model_dir`).
+    """Load a model folder in its runtime, ONNX Runtime sessions with ``threads`` intra-op
+    threads, so torch and ORT run with equal threads."""
+    from tasks.compression.loading import load_model_dir
 
-    The shipped ONNX loaders open sessions with one intra-op thread; for ``threads > 1``
-    the same file gets a session with that many, so torch and ORT run with equal threads.
-    """
-    from tasks.model_io import load_model_dir
-
-    loaded = load_model_dir(folder)
-    if threads != 1 and loaded.runtime == "onnxruntime":
-        path = folder / str(loaded.manifest["file"])
-        data = path.read_bytes()
-        if path.name.endswith(".gz"):
-            data = gzip.decompress(data)
-        loaded.predict_fn = _ort_predictor(data, threads)
-    return loaded
+    return load_model_dir(folder, threads)
 
 
 @contextlib.contextmanager

@@ -24,9 +24,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tasks.data import SPLITS, Preprocessing
-from tasks.errors import report_stage_error
-from tasks.stage_cli import parse_stage_args
-from tasks.paths import ProjectPaths
+from tasks.core.errors import report_stage_error
+from tasks.core.stage_cli import parse_stage_args
+from tasks.core.paths import ProjectPaths
 from tasks.sources import (
     DataError,
     RawData,
@@ -41,8 +41,8 @@ from tasks.sources import (
 )
 
 if TYPE_CHECKING:
-    # tasks.config imports the model registry and with it torch (~2 s); only main() needs it.
-    from tasks.config import PrepareParams
+    # tasks.core.config imports the model registry and with it torch (~2 s); only main() needs it.
+    from tasks.core.config import PrepareParams
 
 logger = logging.getLogger(__name__)
 
@@ -277,7 +277,7 @@ def _register_sklearn_source() -> None:
 def main(argv: list[str] | None = None) -> int:
     """``python -m tasks.prepare [--set base.seed=7 ...]``: prepare ``data/prepared`` from params.yaml."""
     args = parse_stage_args("prepare", __doc__.splitlines()[0], argv, "prepare.val_fraction=0.2")
-    from tasks.config import ParamsError, load_params
+    from tasks.core.config import ParamsError, load_params
 
     paths = ProjectPaths.discover()
     try:
@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         *(card["split_sizes"][split] for split in SPLITS), prepared.digest,
     )
 
-    from tasks import tracking
+    from tasks.core import tracking
 
     try:
         with tracking.stage_run(

@@ -9,7 +9,7 @@
   version (earlier versions stay) and tags the version with its evidence.
 - :class:`SlimflowClassifier` predicts class indices from RAW inputs (flat or shaped):
   it applies the train-split normalization from ``preprocess.json`` and runs the model
-  folder through :func:`tasks.model_io.load_model_dir`, so
+  folder through :func:`tasks.compression.loading.load_model_dir`, so
   ``mlflow.pyfunc.load_model("models:/<name>@champion")`` and ``mlflow models serve``
   answer with exactly what the evaluate stage measured.
 """
@@ -27,7 +27,7 @@ from typing import Any
 import mlflow
 import numpy as np
 
-from tasks.config import GateParams
+from tasks.core.config import GateParams
 
 log = logging.getLogger("slimflow.registry")
 
@@ -148,7 +148,7 @@ class SlimflowClassifier(mlflow.pyfunc.PythonModel):
     """RAW inputs ``(N, *input_shape)`` or flat ``(N, prod(input_shape))`` -> class indices.
 
     Artifacts: ``model`` (a model folder with ``manifest.json``, any format
-    :func:`tasks.model_io.load_model_dir` reads) and ``preprocess`` (``preprocess.json``).
+    :func:`tasks.compression.loading.load_model_dir` reads) and ``preprocess`` (``preprocess.json``).
     """
 
     # The input is raw and either flat or shaped, so there is no type-hint schema to
@@ -157,7 +157,7 @@ class SlimflowClassifier(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context: Any) -> None:
         from tasks.data import Preprocessing
-        from tasks.model_io import load_model_dir
+        from tasks.compression.loading import load_model_dir
 
         self._preprocessing = Preprocessing.from_json(Path(context.artifacts["preprocess"]).read_text())
         self._model = load_model_dir(Path(context.artifacts["model"]))
@@ -188,7 +188,7 @@ def log_pyfunc_model(
     name: str = "champion_model",
 ) -> Any:
     """Log ``model_dir`` as a :class:`SlimflowClassifier` to the active run (and register it)."""
-    from tasks.model_io import read_manifest
+    from tasks.core.model_files import read_manifest
 
     manifest = read_manifest(model_dir)
     return mlflow.pyfunc.log_model(
@@ -244,7 +244,7 @@ def promote(
     ``evidence`` (metrics, recipe, data digest, git commit...) becomes version tags. When the
     champion already is this very model file on this very data, no new version is made.
     """
-    from tasks.model_io import read_manifest
+    from tasks.core.model_files import read_manifest
 
     client = mlflow.MlflowClient()
     manifest = read_manifest(model_dir)

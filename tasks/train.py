@@ -20,14 +20,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from tasks.errors import report_stage_error
-from tasks.stage_cli import setup_logging
-from tasks.config import Params, ParamsError, load_params
+from tasks.core.errors import report_stage_error
+from tasks.core.stage_cli import setup_logging
+from tasks.core.config import Params, ParamsError, load_params
 from tasks.launcher import (
     LaunchError, build_command, check_hosts_reachable, is_multi_host, parse_hosts, run_workers,
     threads_per_worker, worker_environment,
 )
-from tasks.paths import ProjectPaths
+from tasks.core.paths import ProjectPaths
 
 log = logging.getLogger("slimflow.train")
 
@@ -92,7 +92,7 @@ def log_trained_model(paths: ProjectPaths) -> None:
     from mlflow.models import infer_signature
 
     from tasks.data import load_preprocessing, load_split
-    from tasks.model_io import load_eager_model
+    from tasks.core.model_files import load_eager_model
 
     model = load_eager_model(paths.model)
     preprocessing = load_preprocessing(paths.prepared)
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         report_stage_error("train", str(err))
         return 2
 
-    from tasks import tracking
+    from tasks.core import tracking
 
     try:
         with tracking.stage_run(

@@ -66,7 +66,7 @@ def mlflow_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     """A fresh, real MLflow sqlite store for one test."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    for key in ("MLFLOW_EXPERIMENT_ID", "SLIMFLOW_PARENT_RUN_ID", "SLIMFLOW_FLOW_RUN_ID", "MLFLOW_RUN_ID"):
+    for key in ("MLFLOW_EXPERIMENT_ID", "SLIMFLOW_RUN_CONTEXT", "MLFLOW_RUN_ID"):
         monkeypatch.delenv(key, raising=False)
     import mlflow
 
@@ -77,7 +77,9 @@ def mlflow_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
 @pytest.fixture(scope="session")
 def prefect_server() -> Iterator[None]:
     """One temporary Prefect API for the whole session (13-17 s to start here)."""
-    import flows  # noqa: F401  (project Prefect settings first)
+    from flows.prefect_settings import use_project_prefect_settings
+
+    use_project_prefect_settings(REPO)  # what the CLI does before Prefect is imported
     from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness(server_startup_timeout=180):

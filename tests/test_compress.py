@@ -22,10 +22,11 @@ from models import ModelSpec, build_model
 from tasks.compress import CompressError, compress_variants, main
 from tasks.compression.pruning import weight_sparsity
 from tasks.compression.recipes import RecipeError, check_recipes, selected_variants
-from tasks.config import ParamsError, validate_params
+from tasks.core.config import ParamsError, validate_params
 from tasks.data import Preprocessing, load_split
-from tasks.model_io import count_nonzeros, load_model_dir, read_manifest, save_state_dict_model
-from tasks.paths import ProjectPaths
+from tasks.compression.loading import load_model_dir
+from tasks.core.model_files import count_nonzeros, read_manifest, save_state_dict_model
+from tasks.core.paths import ProjectPaths
 
 # Small on purpose: these tests run on 2 CPU cores.
 SPECS = {
@@ -254,7 +255,7 @@ def test_distilled_student_has_at_most_30_percent_of_the_teacher(baselines, tmp_
     """Distillation trains the student with Horovod (2 workers) like the baseline."""
     from mlflow import MlflowClient
 
-    from tasks import tracking
+    from tasks.core import tracking
 
     variants = [
         {"name": "distilled-cnn-w0.5", "steps": [{"method": "distill", "student_width": 0.5, "epochs": 2}]},
@@ -338,7 +339,7 @@ def test_bad_recipes_are_refused_with_one_message_naming_variant_and_step(varian
 
 @pytest.mark.parametrize("family", ["mlp", "cnn", "lstm", "gru"])
 def test_the_default_recipes_are_valid_for_every_family(family: str) -> None:
-    from tasks.config import load_params
+    from tasks.core.config import load_params
 
     params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
     check_recipes(params.compress, family)
@@ -349,7 +350,7 @@ def test_the_default_recipes_are_valid_for_every_family(family: str) -> None:
 
 
 def test_the_default_recipes_cover_every_method_for_the_default_cnn() -> None:
-    from tasks.config import load_params
+    from tasks.core.config import load_params
 
     params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
     assert params.train.model.family == "cnn"
@@ -459,6 +460,6 @@ def test_main_tracks_each_variant_as_a_run_nested_under_the_stage_run(
 
 def test_every_format_compression_writes_has_a_loader() -> None:
     from tasks.compression.formats import FORMATS
-    from tasks.model_io import LOADERS
+    from tasks.compression.loading import LOADERS
 
     assert {"torch-state-dict", "onnx", *FORMATS} <= set(LOADERS)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.config import ParamsError, load_params, write_overrides
+from tasks.core.config import ParamsError, load_params, write_overrides
 
 HERE = Path(__file__).parent
 REPO = HERE.parent

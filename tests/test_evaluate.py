@@ -32,7 +32,7 @@ def evaluated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, An
     with pytest.MonkeyPatch.context() as patch:
         uri = f"sqlite:///{root / 'mlflow.db'}"
         patch.setenv("MLFLOW_TRACKING_URI", uri)
-        for key in ("MLFLOW_EXPERIMENT_ID", "SLIMFLOW_PARENT_RUN_ID", "SLIMFLOW_FLOW_RUN_ID", "MLFLOW_RUN_ID"):
+        for key in ("MLFLOW_EXPERIMENT_ID", "SLIMFLOW_RUN_CONTEXT", "MLFLOW_RUN_ID"):
             patch.delenv(key, raising=False)
         patch.chdir(root)
         patch.setenv("SLIMFLOW_ROOT", str(root))
@@ -40,7 +40,7 @@ def evaluated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, An
 
         mlflow.set_tracking_uri(uri)
         from tasks.evaluate import run_evaluate
-        from tasks.paths import ProjectPaths
+        from tasks.core.paths import ProjectPaths
 
         params = make_params()
         evaluation = run_evaluate(ProjectPaths(root), params)
@@ -90,7 +90,7 @@ def test_every_model_has_the_same_metric_keys_in_json_and_mlflow(evaluated: dict
 
 
 def test_timings_are_ordered_and_ratios_refer_to_the_baseline(evaluated: dict[str, Any]) -> None:
-    from tasks.model_io import read_manifest
+    from tasks.core.model_files import read_manifest
 
     evaluation = evaluated["evaluation"]
     for name, result in evaluation.models.items():
@@ -196,7 +196,7 @@ def test_a_failure_leaves_the_previous_outputs_whole(
     import mlflow
 
     from tasks import evaluate
-    from tasks.paths import ProjectPaths
+    from tasks.core.paths import ProjectPaths
 
     root = evaluated["root"]
     files = [
@@ -228,7 +228,7 @@ def test_an_impossible_gate_promotes_nothing_and_says_why(
     import mlflow
 
     from tasks import evaluate
-    from tasks.paths import ProjectPaths
+    from tasks.core.paths import ProjectPaths
 
     root = tmp_path / "project"
     shutil.copytree(evaluated["root"], root)  # the same project and registry, run again
@@ -270,7 +270,7 @@ def test_main_rejects_a_bad_parameter_before_work_starts(
 
     root = _cli_project(tmp_path, "evaluate:\n  latency_repeats: 1\n  objective: cheapest\n")
     monkeypatch.setenv("SLIMFLOW_ROOT", str(root))
-    monkeypatch.delenv("SLIMFLOW_ERROR_FILE", raising=False)
+    monkeypatch.delenv("SLIMFLOW_RUN_CONTEXT", raising=False)
     assert main([]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and "evaluate.latency_repeats" in err and "evaluate.objective" in err
@@ -284,7 +284,7 @@ def test_main_names_a_missing_baseline(
 
     root = _cli_project(tmp_path, "evaluate:\n  latency_repeats: 3\n")
     monkeypatch.setenv("SLIMFLOW_ROOT", str(root))
-    monkeypatch.delenv("SLIMFLOW_ERROR_FILE", raising=False)
+    monkeypatch.delenv("SLIMFLOW_RUN_CONTEXT", raising=False)
     assert main(["--set", "evaluate.threads=1"]) == 2
     err = capsys.readouterr().err
     assert "error:" in err and str(root / "artifacts" / "model" / "manifest.json") in err

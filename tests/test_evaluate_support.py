@@ -12,9 +12,9 @@ import numpy as np
 import torch
 
 from models import ModelSpec, build_model
-from tasks.config import EvaluateParams, GateParams, Params
+from tasks.core.config import EvaluateParams, GateParams, Params
 from tasks.data import Preprocessing
-from tasks.model_io import count_nonzeros, save_state_dict_model, write_manifest
+from tasks.core.model_files import count_nonzeros, save_state_dict_model, write_manifest
 
 CLASS_NAMES = [str(i) for i in range(10)]
 SPEC = ModelSpec(family="mlp", hidden_sizes=(32,), dropout=0.0)

@@ -161,7 +161,7 @@ def test_two_runs_at_once_never_overlap_and_leave_consistent_outputs(
 def test_a_run_is_refused_with_a_clear_message_while_another_holds_the_project(
     tiny_project: Path, prefect_api_url: str, mlflow_uri: str
 ) -> None:
-    from tasks.dvc_stages import pipeline_lock
+    from tasks.core.dvc import pipeline_lock
 
     with pipeline_lock(tiny_project):
         result = slimflow(tiny_project, "run", env={"PREFECT_API_URL": prefect_api_url, "MLFLOW_TRACKING_URI": mlflow_uri})

@@ -20,7 +20,7 @@ def _runs(experiment: str = "slimflow"):
 
 def test_flow_runs_every_stage_tracks_it_and_leaves_dvc_clean(tiny_project: Path, prefect_server: None) -> None:
     from flows.pipeline import pipeline
-    from tasks.dvc_stages import pipeline_status
+    from tasks.core.dvc import pipeline_status
 
     result = pipeline()
     assert [s["stage"] for s in result["stages"]] == ["prepare", "train", "compress", "evaluate"]

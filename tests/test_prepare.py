@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tasks.config import PrepareParams
+from tasks.core.config import PrepareParams
 from tasks.data import SPLITS, Preprocessing, load_preprocessing, load_split
 from tasks.prepare import main, prepare_data, stratified_split, write_prepared
 from tasks.sources import (
@@ -502,7 +502,7 @@ def test_cli_bad_data_one_message_no_outputs(
     raw.mkdir(parents=True)
     root = make_project(tmp_path / "project", writer(raw))
     monkeypatch.delenv("SLIMFLOW_ROOT", raising=False)
-    monkeypatch.delenv("SLIMFLOW_ERROR_FILE", raising=False)
+    monkeypatch.delenv("SLIMFLOW_RUN_CONTEXT", raising=False)
     monkeypatch.chdir(root)
     assert main([]) == 2
     err = capsys.readouterr().err
@@ -526,7 +526,10 @@ def test_cli_failure_keeps_earlier_good_outputs(tmp_path: Path, monkeypatch: pyt
 
 def test_cli_subprocess_exit_code_and_stderr(tmp_path: Path) -> None:
     root = make_project(tmp_path, _no_label_column(tmp_path / "data" / "raw"))
-    env = {**os.environ, "PYTHONPATH": str(REPO), "SLIMFLOW_ERROR_FILE": str(tmp_path / "stage.error")}
+    from tasks.core.run_context import RunContext
+
+    context = RunContext(error_file=str(tmp_path / "stage.error"))
+    env = {**os.environ, "PYTHONPATH": str(REPO), **context.as_env()}
     env.pop("SLIMFLOW_ROOT", None)
     done = subprocess.run([sys.executable, "-m", "tasks.prepare"], cwd=root, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2

@@ -429,7 +429,7 @@ def _mlflow_links(api: str, flow_run_id: str) -> str:
 @pytest.mark.timeout(600)
 def test_dvc_remote_restores_data_and_outputs_in_a_fresh_clone(pipeline_run: PipelineRun, team_dir: Path) -> None:
     pipeline_run.require_success()
-    from tasks.dvc_stages import push_outputs
+    from tasks.core.dvc import push_outputs
 
     root = pipeline_run.root
     env = clean_env()

@@ -71,7 +71,7 @@ def digits_project(root: Path, experiment: str) -> Path:
 def run_stage(project: Path, mlflow_uri: str, **env: str) -> subprocess.CompletedProcess[str]:
     """``python -m tasks.train`` in ``project``, as DVC runs it."""
     environment = {**os.environ, "SLIMFLOW_ROOT": str(project), "MLFLOW_TRACKING_URI": mlflow_uri, **env}
-    for key in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID", "SLIMFLOW_PARENT_RUN_ID", "SLIMFLOW_FAULT_AFTER_EPOCH"):
+    for key in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID", "SLIMFLOW_RUN_CONTEXT", "SLIMFLOW_FAULT_AFTER_EPOCH"):
         if key not in env:
             environment.pop(key, None)
     return subprocess.run(
@@ -84,7 +84,7 @@ def run_fit(
     job: FitJob, workers: int, threads: int | None = None
 ) -> tuple[dict, list[dict], dict[str, torch.Tensor]]:
     """Launch ``job`` on ``workers`` local workers (no MLflow); returns metrics, history, weights."""
-    from tasks.config import TrainParams
+    from tasks.core.config import TrainParams
     from tasks.train import launch_fit
 
     launch_fit(job, TrainParams(workers=workers, threads_per_worker=threads), REPO)
@@ -121,7 +121,7 @@ def assert_rows_close(actual: list[dict], expected: list[dict], rel: float) -> N
 
 def accuracy_on_test_split(model_dir: Path, prepared: Path) -> float:
     from tasks.data import load_split
-    from tasks.model_io import load_eager_model
+    from tasks.core.model_files import load_eager_model
 
     model = load_eager_model(model_dir)
     test = load_split(prepared, "test")
@@ -160,8 +160,8 @@ def default_stage(tmp_path_factory: pytest.TempPathFactory, shared_mlflow: str) 
 
 def default_stage_job(default_stage: Path, scratch: Path, **changes: object) -> FitJob:
     """The default stage's own training job (params.yaml of that project), writing under ``scratch``."""
-    from tasks.config import load_params
-    from tasks.paths import ProjectPaths
+    from tasks.core.config import load_params
+    from tasks.core.paths import ProjectPaths
     from tasks.train import fit_job as stage_job
 
     job = stage_job(load_params(default_stage / "params.yaml"), ProjectPaths(default_stage), None)

@@ -15,7 +15,7 @@ from typing import Any
 
 from models import ModelSpec, build_model, count_parameters
 from tasks.compression.candidate import Candidate
-from tasks.model_io import load_eager_model, read_manifest, save_state_dict_model
+from tasks.core.model_files import load_eager_model, read_manifest, save_state_dict_model
 
 log = logging.getLogger("slimflow.compress")
 
@@ -51,7 +51,7 @@ def distill(
     alpha: float,
     epochs: int,
     lr: float | None,
-    params: Any,  # tasks.config.Params
+    params: Any,  # tasks.core.config.Params
     prepared: Path,
     root: Path,
     scratch: Path,

@@ -2,7 +2,7 @@
 
 Every variant is written by an :class:`Artifact` (the in-memory compressed model that
 was evaluated, which also writes itself) and read back by :func:`load_variant`, which
-``tasks.model_io.LOADERS`` calls for these formats. Sizes are honest: the file written is
+``tasks.compression.loading.LOADERS`` calls for these formats. Sizes are honest: the file written is
 the file a user ships, one self-contained file per variant.
 
 | format | file | runtime | what |
@@ -32,7 +32,7 @@ from torch import nn
 
 from models import ModelSpec, build_model
 from tasks.compression.candidate import Candidate, rebuild
-from tasks.model_io import LoadedModel, count_nonzeros, torch_predictor
+from tasks.core.model_files import LoadedModel, count_nonzeros, torch_predictor
 
 # Formats this module writes besides the baseline's "torch-state-dict" and plain "onnx".
 FORMATS = ("torch-state-dict-gzip", "torch-state-dict-fp16", "torch-quantized", "torch-export", "onnx-gzip")
@@ -147,7 +147,7 @@ def torch_quantized_artifact(candidate: Candidate, quantized: nn.Module, scheme:
 
 
 def onnx_artifact(model: bytes, compress: bool, details: dict[str, Any]) -> Artifact:
-    from tasks.compression.quantization import onnx_predictor
+    from tasks.compression.onnx import onnx_predictor
 
     return Artifact(
         format="onnx-gzip" if compress else "onnx",
@@ -160,7 +160,7 @@ def onnx_artifact(model: bytes, compress: bool, details: dict[str, Any]) -> Arti
 
 def export_artifact(candidate: Candidate, example: torch.Tensor) -> Artifact:
     """A ``torch.export`` program (.pt2): graph and weights, loadable without the model code."""
-    from tasks.compression.quantization import _quiet
+    from tasks.compression.onnx import quiet as _quiet
 
     with _quiet():
         program = torch.export.export(
@@ -203,9 +203,10 @@ def _torch_payload(path: Path) -> dict[str, Any]:
         return torch.load(io.BytesIO(read_file(path)), map_location="cpu", weights_only=True)
 
 
-def load_variant(folder: Path, manifest: dict[str, Any]) -> LoadedModel:
-    """Load a variant written in one of :data:`FORMATS` (``tasks.model_io.LOADERS`` calls this)."""
+def load_variant(folder: Path, manifest: dict[str, Any], threads: int = 1) -> LoadedModel:
+    """Load a variant written in one of :data:`FORMATS` (:func:`tasks.compression.loading.load_model_dir` calls this)."""
     from tasks.compression import quantization
+    from tasks.compression.onnx import onnx_predictor
 
     fmt, path = manifest["format"], folder / manifest["file"]
     if fmt in {"torch-state-dict-gzip", "torch-state-dict-fp16"}:
@@ -223,7 +224,7 @@ def load_variant(folder: Path, manifest: dict[str, Any]) -> LoadedModel:
         module = torch.export.load(path).module()
         return LoadedModel(folder.name, manifest, program_predictor(module), module)
     if fmt in {"onnx", "onnx-gzip"}:
-        return LoadedModel(folder.name, manifest, quantization.onnx_predictor(read_file(path)))
+        return LoadedModel(folder.name, manifest, onnx_predictor(read_file(path), threads))
     raise ValueError(f"{folder}: format {fmt!r} is not a compression format")
 
 

@@ -1,4 +1,4 @@
-"""int8 quantization with the libraries made for it, and the ONNX export it starts from.
+"""int8 quantization with the libraries made for it (the ONNX export it starts from: ``onnx.py``).
 
 - ``onnxruntime`` runtime: ``torch.onnx.export(dynamo=True)`` then ONNX Runtime's
   ``quantize_static`` (QOperator, per-channel, QUInt8 activations, QInt8 weights,
@@ -13,21 +13,19 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import tempfile
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from tasks.compression.onnx import ONNX_INPUT, quiet as _quiet
+
 log = logging.getLogger("slimflow.compress")
 
-ONNX_INPUT = "input"
-ONNX_OUTPUT = "logits"
 # Layers torch's dynamic quantization covers (weights int8, activations quantized per batch).
 DYNAMIC_LAYERS = (nn.Linear, nn.LSTM, nn.GRU)
 # ONNX Runtime static int8 settings (recorded in each variant's manifest as they are).
@@ -38,76 +36,6 @@ ORT_STATIC = {
     "reduce_range": True,
 }
 ORT_DYNAMIC = {"weight_type": "QInt8"}
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """Silence the exporters' and torch.ao's deprecation chatter (it is known and harmless here)."""
-    noisy = [logging.getLogger(name) for name in ("torch.onnx", "torch._dynamo", "torch.export", "onnxscript", "onnx_ir", "onnxruntime")]
-    levels = [logger.level for logger in noisy]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for logger in noisy:
-            logger.setLevel(logging.ERROR)
-        try:
-            yield
-        finally:
-            for logger, level in zip(noisy, levels):
-                logger.setLevel(level)
-
-
-# -- ONNX ----------------------------------------------------------------------------------
-
-
-def export_onnx(module: nn.Module, example: torch.Tensor) -> bytes:
-    """The fp32 model as one self-contained ONNX file (weights inside, dynamic batch dim).
-
-    The dynamo exporter attaches stack traces and module paths to every node; they are
-    debugging aids (8 KB of a 90 KB CNN), so they are dropped from the shipped file.
-    """
-    import onnx
-
-    with _quiet():
-        program = torch.onnx.export(
-            module.eval(), (example,), dynamo=True, external_data=False,
-            dynamic_shapes=({0: torch.export.Dim("batch")},),
-            input_names=[ONNX_INPUT], output_names=[ONNX_OUTPUT], verbose=False,
-        )
-    proto = program.model_proto
-    _strip_debug_metadata(proto.graph)
-    onnx.checker.check_model(proto)
-    return proto.SerializeToString()
-
-
-def _strip_debug_metadata(graph) -> None:  # noqa: ANN001 - onnx.GraphProto
-    for node in graph.node:
-        del node.metadata_props[:]
-        for attribute in node.attribute:
-            if attribute.HasField("g"):
-                _strip_debug_metadata(attribute.g)
-            for subgraph in attribute.graphs:
-                _strip_debug_metadata(subgraph)
-    for value in (*graph.value_info, *graph.input, *graph.output):
-        del value.metadata_props[:]
-
-
-def onnx_session(model: bytes, threads: int = 1):  # noqa: ANN201 - onnxruntime.InferenceSession
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
-
-
-def onnx_predictor(model: bytes) -> Callable[[np.ndarray], np.ndarray]:
-    session = onnx_session(model)
-    input_name = session.get_inputs()[0].name
-
-    def predict(x: np.ndarray) -> np.ndarray:
-        return session.run(None, {input_name: np.ascontiguousarray(x, dtype=np.float32)})[0]
-
-    return predict
 
 
 def _preprocessed(model: bytes, folder: Path) -> Path:

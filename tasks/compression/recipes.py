@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from tasks.config import CompressParams, CompressStep, Variant
+    from tasks.core.config import CompressParams, CompressStep, Variant
 
 BASELINE = "baseline"
 

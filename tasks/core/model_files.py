@@ -1,9 +1,10 @@
-"""Saving and loading every model the pipeline makes, baseline and variants alike.
+"""Model folders: the manifest, the baseline's state-dict file, and the loaded-model handle.
 
 A model lives in a folder with ``manifest.json`` (how it was made, its file, format and
-runtime, parameters, non-zeros, size on disk) beside the model file. ``load_model_dir``
-reads the manifest and returns a :class:`LoadedModel` whose ``predict`` takes
-normalized float32 inputs ``(N, *input_shape)`` and returns logits, whatever the format.
+runtime, parameters, non-zeros, size on disk) beside the model file.
+:func:`tasks.compression.loading.load_model_dir` reads any such folder into a
+:class:`LoadedModel` whose ``predict`` takes normalized float32 inputs ``(N, *input_shape)``
+and returns logits, whatever the format.
 """
 
 from __future__ import annotations
@@ -115,56 +116,3 @@ def torch_predictor(module: nn.Module) -> Callable[[np.ndarray], np.ndarray]:
             return module(torch.from_numpy(x)).float().numpy()
 
     return predict
-
-
-def onnx_predictor(path: Path, threads: int = 1) -> Callable[[np.ndarray], np.ndarray]:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    input_name = session.get_inputs()[0].name
-
-    def predict(x: np.ndarray) -> np.ndarray:
-        return session.run(None, {input_name: x})[0]
-
-    return predict
-
-
-def _load_state_dict_format(folder: Path, manifest: dict[str, Any]) -> LoadedModel:
-    module = load_eager_model(folder)
-    return LoadedModel(folder.name, manifest, torch_predictor(module), module)
-
-
-def _load_onnx_format(folder: Path, manifest: dict[str, Any]) -> LoadedModel:
-    return LoadedModel(folder.name, manifest, onnx_predictor(folder / manifest["file"]))
-
-
-# format name -> loader; compression registers the formats it writes.
-LOADERS: dict[str, Callable[[Path, dict[str, Any]], LoadedModel]] = {
-    "torch-state-dict": _load_state_dict_format,
-    "onnx": _load_onnx_format,
-}
-
-
-def _load_compressed_format(folder: Path, manifest: dict[str, Any]) -> LoadedModel:
-    # The formats compressed variants ship as are written and read in one place.
-    from tasks.compression.formats import load_variant
-
-    return load_variant(folder, manifest)
-
-
-for _format in ("torch-state-dict-gzip", "torch-state-dict-fp16", "torch-quantized", "torch-export", "onnx-gzip"):
-    LOADERS[_format] = _load_compressed_format
-
-
-def load_model_dir(folder: Path) -> LoadedModel:
-    manifest = read_manifest(folder)
-    try:
-        loader = LOADERS[manifest["format"]]
-    except KeyError:
-        raise ValueError(f"{folder / MANIFEST}: unknown model format {manifest.get('format')!r}") from None
-    loaded = loader(folder, manifest)
-    loaded.name = manifest.get("name", folder.name)
-    return loaded

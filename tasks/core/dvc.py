@@ -17,17 +17,35 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from tasks.core.paths import find_project_root
+from tasks.core.run_context import RunContext
+
 log = logging.getLogger(__name__)
 
-STAGES = ("prepare", "train", "compress", "evaluate")
+
+def stage_names(root: Path | None = None) -> tuple[str, ...]:
+    """The pipeline's stages in the order ``dvc.yaml`` defines them: the one list of names."""
+    import yaml
+
+    path = (root or find_project_root()) / "dvc.yaml"
+    try:
+        stages = (yaml.safe_load(path.read_text()) or {}).get("stages") or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise ValueError(f"{path}: cannot read the pipeline definition: {err}") from None
+    return tuple(stages)
 
 
-def select_stages(first: str | None, last: str | None) -> list[str]:
-    start = STAGES.index(first) if first else 0
-    end = STAGES.index(last) if last else len(STAGES) - 1
+def select_stages(first: str | None, last: str | None, root: Path | None = None) -> list[str]:
+    """The stages from ``first`` to ``last`` (inclusive; None: the ends), in pipeline order."""
+    stages = stage_names(root)
+    for name in (first, last):
+        if name is not None and name not in stages:
+            raise ValueError(f"unknown stage {name!r}: expected one of {', '.join(stages)}")
+    start = stages.index(first) if first else 0
+    end = stages.index(last) if last else len(stages) - 1
     if start > end:
-        raise ValueError(f"stage range {first}..{last} is empty: stages run in the order {', '.join(STAGES)}")
-    return list(STAGES[start : end + 1])
+        raise ValueError(f"stage range {first}..{last} is empty: stages run in the order {', '.join(stages)}")
+    return list(stages[start : end + 1])
 
 
 class PipelineBusy(RuntimeError):
@@ -90,23 +108,21 @@ def stage_environment() -> None:
         os.environ["PATH"] = bin_dir + os.pathsep + path
 
 
-def reproduce_stage(root: Path, stage: str, force: bool = False) -> bool:
+def reproduce_stage(root: Path, stage: str, force: bool = False, context: RunContext | None = None) -> bool:
     """Reproduce one stage (not its upstream); True if it ran, False if DVC skipped it.
 
+    The stage process gets ``context`` (with an error file added) as its run context.
     Raises :class:`StageFailed` with the stage's own error message when it fails.
     """
     from dvc.exceptions import DvcException
     from dvc.repo import Repo
 
-    from tasks.errors import ERROR_FILE_ENV
-
     stage_environment()
     error_file = root / ".slimflow" / f"{stage}.error"
     error_file.parent.mkdir(exist_ok=True)
     error_file.unlink(missing_ok=True)
-    os.environ[ERROR_FILE_ENV] = str(error_file)
     try:
-        with Repo(str(root)) as repo:
+        with (context or RunContext()).with_error_file(error_file).exported(), Repo(str(root)) as repo:
             ran = repo.reproduce(f"{root}/dvc.yaml:{stage}", single_item=True, force=force)
     except DvcException as err:
         reason = error_file.read_text().strip() if error_file.exists() else ""
@@ -114,7 +130,6 @@ def reproduce_stage(root: Path, stage: str, force: bool = False) -> bool:
         exited = re.search(r"exited with (-?\d+)", str(cause))
         raise StageFailed(reason or f"{stage}: {cause}", int(exited.group(1)) if exited else None) from None
     finally:
-        os.environ.pop(ERROR_FILE_ENV, None)
         error_file.unlink(missing_ok=True)
     return bool(ran)
 

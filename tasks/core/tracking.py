@@ -1,9 +1,11 @@
 """MLflow helpers shared by the stages: where to track, and runs that link up.
 
-With no configuration the store is ``sqlite:///<project>/mlflow.db`` (no server).
-A pipeline run (opened by the flow) passes its run id to the stage processes through
-``SLIMFLOW_PARENT_RUN_ID``; each stage then opens a run nested under it. A stage run
-by plain ``dvc repro`` has no parent and opens a top-level run of its own.
+With no configuration the store is ``sqlite:///<project>/mlflow.db`` (no server);
+``MLFLOW_TRACKING_URI`` points it elsewhere. A pipeline run (opened by the flow) hands
+its run id and experiment to the stage processes in the
+:class:`~tasks.core.run_context.RunContext`; each stage then opens a run nested under
+it. A stage run by plain ``dvc repro`` has no context and opens a top-level run of its
+own in ``base.experiment``.
 """
 
 from __future__ import annotations
@@ -16,24 +18,30 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-PARENT_RUN_ENV = "SLIMFLOW_PARENT_RUN_ID"
-FLOW_RUN_ENV = "SLIMFLOW_FLOW_RUN_ID"
+from tasks.core.run_context import RunContext
+
 
 
 def default_tracking_uri(root: Path) -> str:
     return f"sqlite:///{(root / 'mlflow.db').resolve()}"
 
 
-def configure(root: Path, experiment: str) -> str:
-    """Point MLflow at the configured store and experiment; returns the experiment id."""
+def configure(root: Path, experiment: str, context: RunContext | None = None) -> str:
+    """Point MLflow at the configured store and experiment; returns the experiment id.
+
+    Inside a pipeline run the run context's experiment wins (the flow resolved
+    ``base.experiment`` already); otherwise ``experiment`` is used, by name. The tracking
+    URI is exported so that processes this one starts (Horovod workers) use the same store.
+    """
     import mlflow
 
     uri = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(root)
     os.environ["MLFLOW_TRACKING_URI"] = uri
     mlflow.set_tracking_uri(uri)
-    if experiment_id := os.environ.get("MLFLOW_EXPERIMENT_ID"):
-        mlflow.set_experiment(experiment_id=experiment_id)
-        return experiment_id
+    context = context or RunContext.current()
+    if context.experiment_id:
+        mlflow.set_experiment(experiment_id=context.experiment_id)
+        return context.experiment_id
     return mlflow.set_experiment(experiment).experiment_id
 
 
@@ -59,14 +67,15 @@ def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def link_tags(root: Path, stage: str | None = None) -> dict[str, str]:
+def link_tags(root: Path, stage: str | None = None, context: RunContext | None = None) -> dict[str, str]:
     """Tags that tie a run to its code, its flow run and its pipeline stage."""
+    context = context or RunContext.current()
     tags: dict[str, str] = {}
     if commit := git_commit(root):
         tags["mlflow.source.git.commit"] = commit
         tags["git_commit"] = commit
-    if flow_run := os.environ.get(FLOW_RUN_ENV):
-        tags["prefect_flow_run_id"] = flow_run
+    if context.flow_run_id:
+        tags["prefect_flow_run_id"] = context.flow_run_id
     if stage:
         tags["stage"] = stage
     return tags
@@ -106,9 +115,10 @@ def stage_run(
     """
     import mlflow
 
-    configure(root, experiment)
-    parent = parent_run_id or os.environ.get(PARENT_RUN_ENV)
-    all_tags = {**link_tags(root, stage), **(tags or {})}
+    context = RunContext.current()
+    configure(root, experiment, context)
+    parent = parent_run_id or context.parent_run_id
+    all_tags = {**link_tags(root, stage, context), **(tags or {})}
     with _sigterm_as_exit(), mlflow.start_run(
         run_name=run_name or stage,
         parent_run_id=parent or None,

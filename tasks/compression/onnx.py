@@ -1,0 +1,93 @@
+"""ONNX: the fp32 export every ONNX variant starts from, and the one ONNX Runtime session builder.
+
+The compress stage (export, int8), the loaders and the evaluate stage's measurements all
+open sessions through :func:`onnx_session`, so threads and providers are set in one place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+ONNX_INPUT = "input"
+ONNX_OUTPUT = "logits"
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Silence the exporters' and torch.ao's deprecation chatter (it is known and harmless here)."""
+    noisy = [logging.getLogger(name) for name in ("torch.onnx", "torch._dynamo", "torch.export", "onnxscript", "onnx_ir", "onnxruntime")]
+    levels = [logger.level for logger in noisy]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for logger in noisy:
+            logger.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for logger, level in zip(noisy, levels):
+                logger.setLevel(level)
+
+
+# -- ONNX ----------------------------------------------------------------------------------
+
+
+def export_onnx(module: nn.Module, example: torch.Tensor) -> bytes:
+    """The fp32 model as one self-contained ONNX file (weights inside, dynamic batch dim).
+
+    The dynamo exporter attaches stack traces and module paths to every node; they are
+    debugging aids (8 KB of a 90 KB CNN), so they are dropped from the shipped file.
+    """
+    import onnx
+
+    with quiet():
+        program = torch.onnx.export(
+            module.eval(), (example,), dynamo=True, external_data=False,
+            dynamic_shapes=({0: torch.export.Dim("batch")},),
+            input_names=[ONNX_INPUT], output_names=[ONNX_OUTPUT], verbose=False,
+        )
+    proto = program.model_proto
+    _strip_debug_metadata(proto.graph)
+    onnx.checker.check_model(proto)
+    return proto.SerializeToString()
+
+
+def _strip_debug_metadata(graph) -> None:  # noqa: ANN001 - onnx.GraphProto
+    for node in graph.node:
+        del node.metadata_props[:]
+        for attribute in node.attribute:
+            if attribute.HasField("g"):
+                _strip_debug_metadata(attribute.g)
+            for subgraph in attribute.graphs:
+                _strip_debug_metadata(subgraph)
+    for value in (*graph.value_info, *graph.input, *graph.output):
+        del value.metadata_props[:]
+
+
+def onnx_session(model: bytes | Path, threads: int = 1):  # noqa: ANN201 - onnxruntime.InferenceSession
+    """The one way slimflow opens an ONNX Runtime session: CPU provider, ``threads``
+    intra-op threads, one inter-op thread (the evaluate stage fixes threads per runtime)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(model) if isinstance(model, Path) else model, options, providers=["CPUExecutionProvider"])
+
+
+def onnx_predictor(model: bytes | Path, threads: int = 1) -> Callable[[np.ndarray], np.ndarray]:
+    """Logits from normalized float32 inputs, through :func:`onnx_session`."""
+    session = onnx_session(model, threads)
+    input_name = session.get_inputs()[0].name
+
+    def predict(x: np.ndarray) -> np.ndarray:
+        return session.run(None, {input_name: np.ascontiguousarray(x, dtype=np.float32)})[0]
+
+    return predict

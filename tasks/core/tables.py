@@ -1,0 +1,104 @@
+"""The one renderer of results tables (rich): the compress stage's log, the evaluate
+stage's closing table, ``slimflow run`` / ``slimflow report`` all draw their tables here,
+from rows of plain values keyed by metric name, so a figure looks the same everywhere."""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+# Off a terminal (CI logs, `dvc repro` output, pipes) rich assumes 80 columns: too narrow.
+WIDTH_OFF_TERMINAL = 160
+
+
+def _number(spec: str, scale: float = 1.0) -> Callable[[Any], str]:
+    def render(value: Any) -> str:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return "-"
+        return format(value * scale, spec)
+
+    return render
+
+
+def _si(value: Any) -> str:
+    """4736 -> '4.74k', 1.2e9 -> '1.20G'."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return "-"
+    for factor, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= factor:
+            return f"{value / factor:.3g}{suffix}"
+    return f"{value:.3g}"
+
+
+def _text(value: Any) -> str:
+    return "-" if value is None or value == "" else str(value)
+
+
+@dataclass(frozen=True)
+class Column:
+    header: str
+    render: Callable[[Any], str]
+    justify: str = "right"
+
+
+# Row key -> how it is shown. Ratios are "times smaller / faster than the baseline" (> 1 is better).
+COLUMNS: dict[str, Column] = {
+    "model": Column("model", _text, "left"),
+    "method": Column("method", _text, "left"),
+    "format": Column("format", _text, "left"),
+    "runtime": Column("runtime", _text, "left"),
+    "accuracy": Column("accuracy %", _number(".2f", 100)),
+    "val_accuracy": Column("val acc %", _number(".2f", 100)),
+    "accuracy_change": Column("Δ acc (pts)", _number("+.2f", 100)),
+    "macro_f1": Column("macro F1", _number(".4f")),
+    "size_bytes": Column("size KiB", _number(",.1f", 1 / 1024)),
+    "size_reduction": Column("size ×", _number(".2f")),
+    "latency_p50_ms": Column("p50 ms", _number(".3f")),
+    "latency_p95_ms": Column("p95 ms", _number(".3f")),
+    "speedup": Column("speed ×", _number(".2f")),
+    "cpu_time_p50_ms": Column("CPU ms", _number(".3f")),
+    "throughput_sps": Column("samples/s", _number(",.0f")),
+    "flops": Column("FLOPs", _si),
+    "peak_memory_mb": Column("peak MB", _number(".1f")),
+    "energy_per_1k_j": Column("J / 1k", _number(".3f")),
+    "gate": Column("gate", _text, "left"),
+}
+
+
+def results_table(
+    rows: Sequence[Mapping[str, Any]],
+    columns: Sequence[str],
+    title: str | None = None,
+    caption: str | None = None,
+    highlight: Callable[[Mapping[str, Any]], bool] | None = None,
+) -> Table:
+    """A rich table of ``rows`` showing ``columns`` (keys of :data:`COLUMNS`)."""
+    unknown = [key for key in columns if key not in COLUMNS]
+    if unknown:
+        raise KeyError(f"no table column for {', '.join(unknown)}")
+    table = Table(title=title, caption=caption)
+    for key in columns:
+        table.add_column(COLUMNS[key].header, justify=COLUMNS[key].justify)  # type: ignore[arg-type]
+    for row in rows:
+        cells = [COLUMNS[key].render(row.get(key)) for key in columns]
+        table.add_row(*cells, style="bold green" if highlight and highlight(row) else None)
+    return table
+
+
+def console(stderr: bool = False) -> Console:
+    """A console that keeps tables readable off a terminal."""
+    probe = Console(stderr=stderr)
+    return probe if probe.is_terminal else Console(stderr=stderr, width=WIDTH_OFF_TERMINAL)
+
+
+def as_text(table: Table, width: int = WIDTH_OFF_TERMINAL) -> str:
+    """The table as plain text (for a log line or a Markdown code block)."""
+    buffer = io.StringIO()
+    Console(file=buffer, width=width, color_system=None, legacy_windows=False).print(table)
+    return buffer.getvalue().rstrip()
