@@ -6,8 +6,8 @@ batch 32 per worker. Three cases, interleaved round by round so that load from o
 processes falls on all of them alike:
 
 * ``plain``      a single-process PyTorch loop in a fresh process, torch threads = cores
-* ``slimflow-1`` ``tasks.fit`` on 1 worker (a plain process, Horovod size 1), threads = cores
-* ``slimflow-2`` ``tasks.fit`` on 2 workers under ``horovodrun`` (Gloo), threads = cores // 2 each
+* ``slimflow-1`` ``tasks.training`` on 1 worker (a plain process, Horovod size 1), threads = cores
+* ``slimflow-2`` ``tasks.training`` on 2 workers under ``horovodrun`` (Gloo), threads = cores // 2 each
 
 slimflow's throughput is what its workers measure (``samples_per_s`` per epoch in the
 history: every rank's samples over the slowest rank's time in the training loop), so
@@ -84,7 +84,8 @@ def plain_loop(prepared: Path, epochs: int, batch_size: int, lr: float, threads:
     import torch
     import torch.nn.functional as F
 
-    from models import ModelSpec, build_model
+    from models.factory import build_model
+    from models.spec import ModelSpec
     from tasks.data import load_preprocessing, load_split
 
     torch.set_num_threads(threads)
@@ -122,11 +123,10 @@ def slimflow_run(
     prepared: Path, scratch: Path, workers: int, threads: int, epochs: int, batch_size: int, lr: float, seed: int,
     allreduce_groups: int | str = "auto",
 ) -> tuple[list[float], float, float]:
-    """``tasks.fit`` on ``workers`` local workers; (samples/s per epoch, wall s, s in epochs)."""
-    from models import ModelSpec
+    """``tasks.training`` on ``workers`` local workers; (samples/s per epoch, wall s, s in epochs)."""
+    from models.spec import ModelSpec
     from tasks.core.config import TrainParams
-    from tasks.fit import FitJob
-    from tasks.train import launch_fit
+    from tasks.training import FitJob, launch_fit
 
     job = FitJob(
         spec=ModelSpec().to_dict(), prepared=str(prepared), output=str(scratch / "model"),

@@ -2,41 +2,32 @@
 
 ``python -m tasks.train`` (the DVC stage command) validates the parameters, opens the
 stage's MLflow run, starts ``train.workers`` Horovod workers (or ``train.hosts``) that run
-:mod:`tasks.fit`, and, when they succeed, logs the trained model to MLflow. A re-run
-after a crash resumes from the last checkpoint in ``artifacts/checkpoints``.
+the loop of :mod:`tasks.training`, and, when they succeed, logs the trained model to
+MLflow. A re-run after a crash resumes from the last checkpoint in ``artifacts/checkpoints``.
 
 Workers get ``cores // local workers`` threads each, and Horovod's background thread
 waits for work instead of coordinating every cycle (``HOROVOD_IDLE_CYCLE_TIME``, slimflow's
-Horovod patch; see :func:`tasks.launcher.worker_environment`).
+Horovod patch; see :func:`tasks.training.launcher.worker_environment`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
-import tempfile
-from pathlib import Path
-from typing import Any
 
-from tasks.core.errors import report_stage_error
-from tasks.core.stage_cli import setup_logging
 from tasks.core.config import Params, ParamsError, load_params
-from tasks.launcher import (
-    LaunchError, build_command, check_hosts_reachable, is_multi_host, parse_hosts, run_workers,
-    threads_per_worker, worker_environment,
-)
+from tasks.core.errors import report_stage_error
 from tasks.core.paths import ProjectPaths
+from tasks.core.stage_cli import setup_logging
+from tasks.training import FitJob, LaunchError, launch_fit
+from tasks.training.fault import fault_after_epoch_from_env
 
 log = logging.getLogger("slimflow.train")
 
-FAULT_ENV = "SLIMFLOW_FAULT_AFTER_EPOCH"  # tests: one worker dies after that epoch
 
-
-def fit_job(params: Params, paths: ProjectPaths, run_id: str | None):
-    from tasks.fit import FitJob
-
+def fit_job(params: Params, paths: ProjectPaths, run_id: str | None) -> FitJob:
+    """The baseline's training job: ``params.train`` on the prepared data, into the stage's outputs."""
     train = params.train
     return FitJob(
         spec=train.model.spec().to_dict(),
@@ -59,29 +50,8 @@ def fit_job(params: Params, paths: ProjectPaths, run_id: str | None):
         metrics_path=str(paths.metrics / "train.json"),
         history_path=str(paths.plots / "train_history.json"),
         manifest={"name": "baseline", "method": "baseline", "recipe": [], "parent": None},
-        fault_after_epoch=int(os.environ[FAULT_ENV]) if os.environ.get(FAULT_ENV) else None,
+        fault_after_epoch=fault_after_epoch_from_env(),  # tests only: see tasks.training.fault
     )
-
-
-def launch_fit(job: Any, train_params: Any, root: Path) -> None:
-    """Run a :class:`tasks.fit.FitJob` on the configured Horovod workers."""
-    hosts = parse_hosts(train_params.hosts, train_params.workers)
-    check_hosts_reachable(hosts)
-    if is_multi_host(hosts):
-        # Each worker divides its own host's cores (hosts may differ from this one).
-        threads = train_params.threads_per_worker
-    else:
-        threads = threads_per_worker(sum(h.slots for h in hosts), train_params.threads_per_worker)
-    with tempfile.TemporaryDirectory(prefix="slimflow-fit-") as tmp:
-        job_path = Path(tmp) / "job.json"
-        job.write(job_path)
-        if len(hosts) > 1:
-            # Remote workers read the job from the shared project folder.
-            job_path = root / ".slimflow" / "fit-job.json"
-            job_path.parent.mkdir(exist_ok=True)
-            job.write(job_path)
-        command = build_command(["-m", "tasks.fit", str(job_path)], hosts, train_params.network_interface)
-        run_workers(command, worker_environment(threads), root)
 
 
 def log_trained_model(paths: ProjectPaths) -> None:

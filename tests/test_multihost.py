@@ -240,7 +240,7 @@ def test_train_stage_runs_one_worker_on_each_of_two_hosts(hosts: Hosts, tmp_path
     # horovodrun reached each host over SSH and started one worker there, under that
     # host's own name: rank 0 on host a, rank 1 on host b.
     for name, rank in (("a", 0), ("b", 1)):
-        workers = [(hostname, command) for hostname, command in hosts.commands(name) if "tasks.fit" in command]
+        workers = [(hostname, command) for hostname, command in hosts.commands(name) if "tasks.training.worker" in command]
         assert len(workers) == 1, hosts.commands(name)
         hostname, command = workers[0]
         assert hostname == hosts.hostname[name]
@@ -259,6 +259,6 @@ def test_train_stage_runs_one_worker_on_each_of_two_hosts(hosts: Hosts, tmp_path
                              capture_output=True, text=True, timeout=120)
     assert refused.returncode != 0
     assert f"train.hosts: host '{unreachable}' is unreachable on SSH port {SSH_PORT}" in refused.stderr, refused.stderr[-3000:]
-    assert sum("tasks.fit" in command for _, command in hosts.commands("a")) == 1  # no new worker
+    assert sum("tasks.training.worker" in command for _, command in hosts.commands("a")) == 1  # no new worker
     assert (root / "metrics" / "train.json").stat().st_mtime_ns == before
     assert time.monotonic() - started < 60

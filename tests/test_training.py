@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.fit import FitJob, lr_multiplier
-from tasks.launcher import summarize_failure
+from tasks.training import FitJob
+from tasks.training.distributed import lr_multiplier
 from tests.conftest import REPO, make_project
 
 TIMING_KEYS = {"samples_per_s", "epoch_time_s"}  # measured, not computed: differ between runs
@@ -85,7 +85,7 @@ def run_fit(
 ) -> tuple[dict, list[dict], dict[str, torch.Tensor]]:
     """Launch ``job`` on ``workers`` local workers (no MLflow); returns metrics, history, weights."""
     from tasks.core.config import TrainParams
-    from tasks.train import launch_fit
+    from tasks.training import launch_fit
 
     launch_fit(job, TrainParams(workers=workers, threads_per_worker=threads), REPO)
     return read_outputs(Path(job.metrics_path), Path(job.history_path), Path(job.output))
@@ -192,7 +192,7 @@ def test_learning_rate_ramps_to_world_size_then_decays() -> None:
 
 
 def test_cpu_workers_allreduce_all_gradients_at_once_and_gpus_overlap_per_gradient() -> None:
-    from tasks.fit import allreduce_groups
+    from tasks.training.distributed import allreduce_groups
 
     assert allreduce_groups("auto", use_cuda=False) == 1  # one fused allreduce per step
     assert allreduce_groups("auto", use_cuda=True) is None  # Horovod's default: per gradient, overlapped
@@ -208,30 +208,37 @@ def test_checkpoint_fingerprint_covers_settings_and_world_size_not_run_bookkeepi
     assert job.fingerprint(2) != dataclasses.replace(job, backward_passes_per_step=2).fingerprint(2)
 
 
-def test_failure_summary_names_the_first_worker_that_died() -> None:
-    lines = [
-        "[1]<stderr>:12:00:01 slimflow.fit: fault injection: worker rank 1 exits with status 17 after epoch 2",
-        "Process 1 exit with status code 17.",
-        "[0]<stderr>:RuntimeError: Horovod has been shut down. This was caused by an exception on one of the ranks",
-        "Process 0 exit with status code 1.",
-        "RuntimeError: Horovod detected that one or more processes exited with non-zero status",
-    ]
-    summary = summarize_failure(lines)
-    assert summary.startswith("worker 1 exited with status 17")
-    assert "fault injection" in summary and "Horovod has been shut down" not in summary
-    crashed = ["[0]<stdout>:ok", "[1]<stderr>:Traceback (most recent call last):", "[1]<stderr>:ValueError: bad shape",
-               "Process 1 exit with status code 1."]
-    assert summarize_failure(crashed) == (
-        "worker 1 exited with status 1 (the first to fail; the others were stopped): ValueError: bad shape"
-    )
-    assert summarize_failure(["Traceback (most recent call last):", "KeyError: 'x'"]) == "worker 0: KeyError: 'x'"
+def test_early_stopping_counts_epochs_without_val_loss_improvement() -> None:
+    from tasks.training.checkpoint import fresh_state
+    from tasks.training.loop import record_epoch
+
+    state = fresh_state()
+    assert record_epoch(state, 1, {"val_loss": 1.0}, patience=2) == (True, False)
+    assert record_epoch(state, 2, {"val_loss": 1.0}, patience=2) == (False, False)
+    assert record_epoch(state, 3, {"val_loss": 1.5}, patience=2) == (False, True)
+    assert state["epoch"] == 3 and state["best_val_loss"] == 1.0 and len(state["history"]) == 3
+
+
+def test_only_an_unfinished_checkpoint_of_the_same_job_is_resumed(tmp_path: Path) -> None:
+    from tasks.training.checkpoint import atomic_save, read_checkpoint
+
+    path = tmp_path / "last.pt"
+    assert read_checkpoint(path, "f") is None  # none yet
+    atomic_save({"fingerprint": "f", "complete": False, "state": {"epoch": 2}}, path)
+    assert read_checkpoint(path, "f")["state"] == {"epoch": 2}
+    assert read_checkpoint(path, "other settings") is None
+    atomic_save({"fingerprint": "f", "complete": True}, path)
+    assert read_checkpoint(path, "f") is None  # that training finished
+    path.write_bytes(b"torn")
+    assert read_checkpoint(path, "f") is None
+    assert not path.with_suffix(".pt.tmp").exists()
 
 
 def test_workers_set_threads_to_usable_cores_over_local_workers(monkeypatch: pytest.MonkeyPatch) -> None:
-    from tasks.fit import THREADS_ENV, set_threads
+    from tasks.training.distributed import THREADS_ENV, set_threads
 
     before = torch.get_num_threads()
-    monkeypatch.setattr("tasks.launcher.usable_cores", lambda: 4)
+    monkeypatch.setattr("tasks.training.launcher.usable_cores", lambda: 4)
     monkeypatch.delenv(THREADS_ENV, raising=False)
     monkeypatch.setenv("OMP_NUM_THREADS", "99")
     monkeypatch.setenv("MKL_NUM_THREADS", "99")
@@ -242,29 +249,6 @@ def test_workers_set_threads_to_usable_cores_over_local_workers(monkeypatch: pyt
         assert set_threads(local_workers=2) == 3 and torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(before)
-
-
-def test_worker_environment_carries_the_thread_count_or_leaves_it_to_each_host(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    from tasks.launcher import worker_environment
-
-    monkeypatch.setenv("OMP_NUM_THREADS", "8")
-    local = worker_environment(1)
-    assert local["OMP_NUM_THREADS"] == local["MKL_NUM_THREADS"] == local["SLIMFLOW_THREADS_PER_WORKER"] == "1"
-    remote = worker_environment(None)
-    assert "OMP_NUM_THREADS" not in remote and "SLIMFLOW_THREADS_PER_WORKER" not in remote
-
-
-def test_workers_get_horovods_idle_cycle_from_the_patched_build_unless_set(monkeypatch: pytest.MonkeyPatch) -> None:
-    from tasks.launcher import IDLE_CYCLE_TIME_MS, horovod_has_idle_cycle, worker_environment
-
-    # scripts/install.sh built and installed Horovod with scripts/horovod/idle-cycle.patch.
-    assert horovod_has_idle_cycle()
-    monkeypatch.delenv("HOROVOD_IDLE_CYCLE_TIME", raising=False)
-    assert worker_environment(1)["HOROVOD_IDLE_CYCLE_TIME"] == str(IDLE_CYCLE_TIME_MS)
-    monkeypatch.setenv("HOROVOD_IDLE_CYCLE_TIME", "0")  # the user's choice (0: upstream behaviour) wins
-    assert worker_environment(1)["HOROVOD_IDLE_CYCLE_TIME"] == "0"
 
 
 # --------------------------------------------------------------------------- integration
@@ -389,7 +373,7 @@ def one_worker_runs(digits_prepared: Path, tmp_path_factory: pytest.TempPathFact
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    from tasks.launcher import usable_cores
+    from tasks.training.launcher import usable_cores
 
     root = tmp_path_factory.mktemp("one-worker")
 

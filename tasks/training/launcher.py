@@ -1,8 +1,9 @@
 """The Horovod launcher: how many workers where, how many threads each, and the command.
 
 One local worker runs in a plain process (Horovod with size 1, no launcher start-up);
-more, or several hosts, go through ``horovodrun`` over Gloo. The same worker code runs
-in every case.
+more, or several hosts, go through ``horovodrun`` over Gloo. The same worker code
+(:mod:`tasks.training.worker`) runs in every case; :func:`launch_fit` is the one call the
+stages make.
 """
 
 from __future__ import annotations
@@ -14,11 +15,20 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tasks.core.config import TrainParams
+    from tasks.training.job import FitJob
 
 log = logging.getLogger(__name__)
+
+WORKER_MODULE = "tasks.training.worker"  # what each worker runs: python -m WORKER_MODULE JOB.json
+THREADS_ENV = "SLIMFLOW_THREADS_PER_WORKER"  # the launcher's thread count, read by each worker
 
 
 class LaunchError(RuntimeError):
@@ -105,10 +115,10 @@ def worker_environment(threads: int | None) -> dict[str, str]:
     env["PYTHONUNBUFFERED"] = "1"
     env.setdefault("HOROVOD_IDLE_CYCLE_TIME", str(IDLE_CYCLE_TIME_MS))
     if threads is None:
-        for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "SLIMFLOW_THREADS_PER_WORKER"):
+        for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", THREADS_ENV):
             env.pop(key, None)
     else:
-        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), SLIMFLOW_THREADS_PER_WORKER=str(threads))
+        env.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), THREADS_ENV: str(threads)})
     return env
 
 
@@ -217,3 +227,27 @@ def run_workers(command: list[str], env: dict[str, str], cwd: Path) -> None:
         code = process.wait()
     if code != 0:
         raise LaunchError(f"training workers failed (exit code {code}): {summarize_failure(list(tail))}")
+
+
+def launch_fit(job: FitJob, train_params: TrainParams, root: Path) -> None:
+    """Run ``job`` on the configured Horovod workers (``train.workers`` or ``train.hosts``).
+
+    Raises :class:`LaunchError` when a host is unreachable or a worker fails.
+    """
+    hosts = parse_hosts(train_params.hosts, train_params.workers)
+    check_hosts_reachable(hosts)
+    if is_multi_host(hosts):
+        # Each worker divides its own host's cores (hosts may differ from this one).
+        threads = train_params.threads_per_worker
+    else:
+        threads = threads_per_worker(sum(h.slots for h in hosts), train_params.threads_per_worker)
+    with tempfile.TemporaryDirectory(prefix="slimflow-fit-") as tmp:
+        job_path = Path(tmp) / "job.json"
+        job.write(job_path)
+        if len(hosts) > 1:
+            # Remote workers read the job from the shared project folder.
+            job_path = root / ".slimflow" / "fit-job.json"
+            job_path.parent.mkdir(exist_ok=True)
+            job.write(job_path)
+        command = build_command(["-m", WORKER_MODULE, str(job_path)], hosts, train_params.network_interface)
+        run_workers(command, worker_environment(threads), root)

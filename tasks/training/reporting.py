@@ -1,0 +1,66 @@
+"""What rank 0 reports: MLflow params and per-epoch metrics, the summary and history files."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+
+class MlflowLogger:
+    """Rank 0 logs into the run the launching stage opened (that stage ends the run, not us).
+
+    Without a run id (other ranks, runs without MLflow) every call does nothing.
+    """
+
+    def __init__(self, run_id: str | None) -> None:
+        self.run_id = run_id
+        self.client = None
+        if run_id:
+            from mlflow import MlflowClient
+
+            self.client = MlflowClient()
+
+    def params(self, values: dict[str, Any]) -> None:
+        if self.client:
+            from mlflow.entities import Param
+
+            self.client.log_batch(self.run_id, params=[Param(k, str(v)) for k, v in values.items()])
+
+    def metrics(self, values: dict[str, float], step: int) -> None:
+        self.history([{**values, "epoch": step}])
+
+    def history(self, rows: list[dict[str, float]]) -> None:
+        """Per-epoch metrics; ``epoch`` is the MLflow step."""
+        if self.client and rows:
+            from mlflow.entities import Metric
+
+            now = int(time.time() * 1000)
+            batch = [
+                Metric(k, float(v), now, int(row["epoch"])) for row in rows for k, v in row.items() if k != "epoch"
+            ]
+            for start in range(0, len(batch), 1000):  # MLflow's log_batch limit
+                self.client.log_batch(self.run_id, metrics=batch[start : start + 1000])
+
+
+def summary(
+    best_epoch: int, history: list[dict[str, float]], epochs_run: int, world_size: int, threads: int, parameters: int
+) -> dict[str, Any]:
+    """The summary metrics of a finished run: those of its best epoch, and its mean throughput."""
+    best = history[best_epoch - 1]
+    return {
+        "best_epoch": best_epoch, "epochs_run": epochs_run, "world_size": world_size,
+        "threads_per_worker": threads, "val_accuracy": best["val_accuracy"],
+        "val_loss": best["val_loss"], "train_accuracy": best["train_accuracy"],
+        "train_loss": best["train_loss"],
+        "samples_per_s": sum(h["samples_per_s"] for h in history) / len(history),
+        "parameters": parameters,
+    }
+
+
+def write_json(target: str | None, payload: Any) -> None:
+    """Write ``payload`` to ``target`` (if any) as the stage's metrics and plots files are written."""
+    if target:
+        Path(target).parent.mkdir(parents=True, exist_ok=True)
+        Path(target).write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
