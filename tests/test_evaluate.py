@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -197,6 +196,7 @@ def test_a_failure_leaves_the_previous_outputs_whole(
 
     from tasks import evaluate
     from tasks.core.paths import ProjectPaths
+    from tasks.evaluation import plots
 
     root = evaluated["root"]
     files = [
@@ -209,7 +209,7 @@ def test_a_failure_leaves_the_previous_outputs_whole(
     def broken(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(evaluate, "_confusion_png", broken)
+    monkeypatch.setattr(plots, "confusion_png", broken)
     with pytest.raises(RuntimeError, match="disk on fire"):
         evaluate.run_evaluate(ProjectPaths(root), evaluated["params"])
     assert {path: path.read_bytes() for path in files} == before
@@ -256,6 +256,21 @@ def test_an_impossible_gate_promotes_nothing_and_says_why(
     assert published == [result.class_names[i] for i in result.models["baseline"].predictions]
 
 
+
+def test_the_closing_table_uses_the_shared_columns(evaluated: dict[str, Any]) -> None:
+    from tasks.core.tables import as_text
+    from tasks.evaluation.summary import summary_rows, summary_table
+
+    evaluation = evaluated["evaluation"]
+    text = as_text(summary_table(evaluation))
+    assert "size ×" in text and "speed ×" in text and "champion" in text
+    assert all(name in text for name in evaluation.models)
+    rows = {row["model"]: row for row in summary_rows(evaluation)}
+    narrow = evaluation.models["distilled-mlp-w0.5"].metrics
+    assert rows["distilled-mlp-w0.5"]["size_reduction"] == pytest.approx(1 / narrow["size_ratio"])
+    assert rows["baseline"]["speedup"] == 1.0 and rows[evaluation.champion]["gate"] == "champion"
+
+
 # ---------------------------------------------------------------------------- the command line
 def _cli_project(tmp_path: Path, params_text: str) -> Path:
     (tmp_path / "dvc.yaml").write_text("stages: {}\n")
@@ -288,122 +303,3 @@ def test_main_names_a_missing_baseline(
     assert main(["--set", "evaluate.threads=1"]) == 2
     err = capsys.readouterr().err
     assert "error:" in err and str(root / "artifacts" / "model" / "manifest.json") in err
-
-
-# ---------------------------------------------------------------------------- measurement units
-def test_pareto_flags() -> None:
-    from tasks.evaluate import pareto_flags
-
-    # (size, accuracy): b dominates d (smaller and more accurate); a/b/c trade off.
-    sizes, accuracy = [100, 50, 10, 60], [0.99, 0.98, 0.90, 0.97]
-    assert pareto_flags([sizes], accuracy) == [True, True, True, False]
-    # A second cost can rescue d: it is the fastest.
-    latency = [5, 5, 5, 1]
-    assert pareto_flags([sizes, latency], accuracy) == [True, True, True, True]
-
-
-def test_time_models_interleaves_rounds_and_orders_percentiles() -> None:
-    from tasks.measure import BATCH1_CALLS_PER_ROUND, CpuTimeEstimate, time_models
-
-    calls: list[tuple[str, int]] = []
-
-    def model(name: str):
-        def predict(x: np.ndarray) -> np.ndarray:
-            calls.append((name, len(x)))
-            return np.zeros((len(x), 3), dtype=np.float32)
-        return predict
-
-    x = np.zeros((10, 4), dtype=np.float32)
-    timings = time_models({"a": model("a"), "b": model("b")}, x, x[:8], repeats=4, warmup=2,
-                          meter=CpuTimeEstimate(10.0), seed=0)
-    for timing in timings.values():
-        assert len(timing.batch1_ms) == 4 * BATCH1_CALLS_PER_ROUND and len(timing.batch_s) == 4
-        summary = timing.summary()
-        assert summary["latency_p50_ms"] <= summary["latency_p95_ms"]
-        assert summary["throughput_sps"] > 0 and timing.predictions == 32
-    timed = calls[2 * (2 + 1):]  # after each model's warm-up (2 single + 1 batch call)
-    per_round = 2 * (BATCH1_CALLS_PER_ROUND + 1)
-    for start in range(0, len(timed), per_round):
-        assert {name for name, _ in timed[start:start + per_round]} == {"a", "b"}  # every round has both
-
-
-def test_energy_meter_prefers_rapl_and_labels_the_estimate(tmp_path: Path) -> None:
-    from tasks.measure import CpuTimeEstimate, RaplMeter, select_energy_meter
-
-    assert select_energy_meter(12.5, rapl_root=tmp_path / "none").source == "estimate"
-    domain = tmp_path / "intel-rapl:0"
-    domain.mkdir()
-    (domain / "energy_uj").write_text("1000000\n")
-    (domain / "max_energy_range_uj").write_text("2000000\n")
-    (tmp_path / "intel-rapl:0:0").mkdir()  # a sub-domain: not added to the package total
-    (tmp_path / "intel-rapl:0:0" / "energy_uj").write_text("5\n")
-    meter = select_energy_meter(12.5, rapl_root=tmp_path)
-    assert isinstance(meter, RaplMeter) and len(meter.files) == 1
-    start = meter.read()
-    (domain / "energy_uj").write_text("500000\n")  # wrapped around
-    assert meter.read() - start == pytest.approx(1.5)
-    estimate = CpuTimeEstimate(10.0)
-    assert estimate.source == "estimate" and "10 W" in estimate.describe()
-
-
-def test_nvml_energy_for_gpu_inference(monkeypatch: pytest.MonkeyPatch) -> None:
-    import types
-
-    from tasks.measure import NvmlMeter, select_energy_meter
-
-    readings = {0: 1_000, 1: 5_000}  # millijoules since driver load, per GPU
-    fake = types.SimpleNamespace(
-        nvmlInit=lambda: None, nvmlDeviceGetCount=lambda: 2, nvmlDeviceGetHandleByIndex=lambda i: i,
-        nvmlDeviceGetTotalEnergyConsumption=lambda handle: readings[handle],
-    )
-    monkeypatch.setitem(sys.modules, "pynvml", fake)
-    meter = select_energy_meter(10.0, device="cuda:0")
-    assert isinstance(meter, NvmlMeter) and meter.source == "nvml"
-    start = meter.read()
-    readings[0] += 1_500
-    assert meter.read() - start == pytest.approx(1.5)
-    monkeypatch.setitem(sys.modules, "pynvml", None)  # not installed -> the labelled estimate
-    assert select_energy_meter(10.0, device="cuda:0").source == "estimate"
-
-
-def test_quality_metrics_and_fixed_batch_prediction() -> None:
-    from tasks.measure import classification_metrics, predict_in_batches
-
-    y_true = np.array([0, 0, 1, 1, 2, 2])
-    y_pred = np.array([0, 1, 1, 1, 2, 0])
-    metrics, confusion = classification_metrics(y_true, y_pred, ["cat", "dog", "sea lion"])
-    assert metrics["accuracy"] == pytest.approx(4 / 6)
-    assert metrics["precision_dog"] == pytest.approx(2 / 3) and metrics["recall_sea_lion"] == pytest.approx(0.5)
-    assert confusion.tolist() == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
-
-    sizes: list[int] = []
-
-    def predict(x: np.ndarray) -> np.ndarray:
-        sizes.append(len(x))
-        return np.stack([x[:, 0], -x[:, 0]], axis=1)
-
-    x = np.arange(10, dtype=np.float32)[:, None]
-    logits = predict_in_batches(predict, x, 4)
-    assert sizes == [4, 4, 4] and np.array_equal(logits[:, 0], x[:, 0])
-
-
-def test_nan_metrics_keep_their_key_as_null() -> None:
-    from tasks.evaluate import _json_number
-
-    assert _json_number(math.nan) is None and _json_number(3.0) == 3 and _json_number(0.5) == 0.5
-    assert json.dumps({"flops": _json_number(math.inf)}) == '{"flops": null}'
-
-
-
-def test_flops_count_matrix_multiplies_including_fused_lstms() -> None:
-    from models import ModelSpec, build_model
-    from tasks.measure import count_flops
-
-    x = np.zeros((1, 1, 8, 8), dtype=np.float32)
-    mlp = build_model(ModelSpec(family="mlp", hidden_sizes=(32,)), (1, 8, 8), 10).eval()
-    assert count_flops(mlp, x) == 2 * (64 * 32 + 32 * 10)
-    # 8 rows = 8 steps of 8 features, hidden 16: gates x hidden x (input + hidden) x 2 per step, + the head.
-    for family, gates in (("lstm", 4), ("gru", 3)):  # GRU: counted by FlopCounterMode; LSTM: added from shapes
-        rnn = build_model(ModelSpec(family=family, rnn_hidden=16), (1, 8, 8), 10).eval()
-        assert count_flops(rnn, x) == 8 * 2 * gates * 16 * (8 + 16) + 2 * 16 * 10, family
-    assert count_flops(None, x) is None

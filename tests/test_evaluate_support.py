@@ -1,4 +1,4 @@
-"""Builders shared by the evaluate and registry tests: a tiny prepared data set, a tiny
+"""Builders shared by the evaluation tests (stage, gate, promotion): a tiny prepared data set, a tiny
 trained baseline and tiny variants (a narrower torch model and an ONNX export), written
 the way the pipeline writes them. No tests live here."""
 
@@ -11,7 +11,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from models import ModelSpec, build_model
+from models.factory import build_model
+from models.spec import ModelSpec
 from tasks.core.config import EvaluateParams, GateParams, Params
 from tasks.data import Preprocessing
 from tasks.core.model_files import count_nonzeros, save_state_dict_model, write_manifest

@@ -1,0 +1,140 @@
+"""The quality gate, the champion and the Pareto front: pure functions of measured metrics.
+
+:func:`select_champion`: every model (the baseline included) that keeps within the gate
+(accuracy drop vs. the baseline, and optionally p95 latency and size on disk) is a
+candidate; the objective (``smallest`` or ``fastest``) picks one. Impossible thresholds
+give no champion.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from tasks.core.config import EvaluateParams, GateParams
+from tasks.evaluation.results import BASELINE, Evaluation
+
+log = logging.getLogger("slimflow.evaluate")
+
+_EPS = 1e-9  # accuracies are ratios of integers: forgive float round-off at the threshold
+
+# Metric each objective minimises, and the tie-breakers after it.
+OBJECTIVES: dict[str, tuple[str, ...]] = {
+    "smallest": ("size_bytes", "latency_p50_ms"),
+    "fastest": ("latency_p50_ms", "size_bytes"),
+}
+
+
+def _number(metrics: Mapping[str, Any], key: str) -> float | None:
+    value = metrics.get(key)
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def gate_problems(metrics: Mapping[str, Any], baseline_accuracy: float, gate: GateParams) -> list[str]:
+    """Why a model fails the gate (empty when it passes)."""
+    problems = []
+    accuracy = _number(metrics, "accuracy")
+    if accuracy is None:
+        problems.append("accuracy not measured")
+    else:
+        drop = baseline_accuracy - accuracy
+        if drop > gate.max_accuracy_drop + _EPS:
+            problems.append(f"accuracy drop {drop:.4f} > max_accuracy_drop {gate.max_accuracy_drop:.4f}")
+    if gate.max_latency_p95_ms is not None:
+        p95 = _number(metrics, "latency_p95_ms")
+        if p95 is None:
+            problems.append("latency_p95_ms not measured")
+        elif p95 > gate.max_latency_p95_ms:
+            problems.append(f"latency p95 {p95:.3f} ms > max_latency_p95_ms {gate.max_latency_p95_ms:g}")
+    if gate.max_size_bytes is not None:
+        size = _number(metrics, "size_bytes")
+        if size is None:
+            problems.append("size_bytes not measured")
+        elif size > gate.max_size_bytes:
+            problems.append(f"size {size:.0f} B > max_size_bytes {gate.max_size_bytes}")
+    return problems
+
+
+def select_champion(
+    metrics: Mapping[str, Mapping[str, Any]],
+    gate: GateParams,
+    objective: str,
+    baseline: str = BASELINE,
+) -> tuple[str | None, dict[str, str]]:
+    """Pick the champion among every model that passes the gate; None when none does.
+
+    ``metrics`` maps a model name to its metrics (``accuracy``, ``size_bytes``,
+    ``latency_p50_ms``, ``latency_p95_ms``); the accuracy drop is measured against
+    ``metrics[baseline]``. Among the models that pass, ``objective`` ``smallest`` takes
+    the least ``size_bytes``, ``fastest`` the least ``latency_p50_ms``; ties go to the
+    higher accuracy, then the other measure, then the name. Returns the champion's name
+    (or None) and a one-line reason for every model.
+    """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}; expected one of {sorted(OBJECTIVES)}")
+    if baseline not in metrics:
+        raise ValueError(f"no metrics for the baseline {baseline!r}: the accuracy drop has no reference")
+    baseline_accuracy = _number(metrics[baseline], "accuracy")
+    if baseline_accuracy is None:
+        raise ValueError(f"the baseline {baseline!r} has no accuracy")
+    primary, secondary = OBJECTIVES[objective]
+
+    reasons: dict[str, str] = {}
+    passing: list[tuple[float, float, float, str]] = []
+    for name, values in metrics.items():
+        problems = gate_problems(values, baseline_accuracy, gate)
+        measure = _number(values, primary)
+        if measure is None and not problems:
+            problems.append(f"{primary} not measured (objective {objective})")
+        if problems:
+            reasons[name] = "fails the gate: " + "; ".join(problems)
+            continue
+        other = _number(values, secondary)
+        passing.append((measure, -float(values["accuracy"]), math.inf if other is None else other, name))
+
+    if not passing:
+        return None, {name: reasons[name] for name in metrics}
+    passing.sort()
+    winner = passing[0][3]
+    for measure, _, _, name in passing:
+        shown = f"{measure:.0f} B" if primary == "size_bytes" else f"{measure:.3f} ms p50"
+        if name == winner:
+            reasons[name] = f"champion: passes the gate and is the {objective} of {len(passing)} passing ({shown})"
+        else:
+            reasons[name] = f"passes the gate; not the {objective} ({shown})"
+    return winner, {name: reasons[name] for name in metrics}
+
+
+def apply_gate(evaluation: Evaluation, params: EvaluateParams) -> None:
+    """Run the gate; mark ``passed_gate`` and ``champion`` in every model's metrics."""
+    champion, reasons = select_champion(evaluation.metrics(), params.gate, params.objective, BASELINE)
+    evaluation.champion, evaluation.reasons = champion, reasons
+    for name, result in evaluation.models.items():
+        result.metrics["passed_gate"] = 0.0 if reasons[name].startswith("fails") else 1.0
+        result.metrics["champion"] = 1.0 if name == champion else 0.0
+    if champion:
+        log.info("gate: %s wins (objective %s)", champion, params.objective)
+    else:
+        log.warning("gate: no model passes (%s)", "; ".join(f"{k}: {v}" for k, v in reasons.items()))
+
+
+def pareto_flags(costs: Sequence[Sequence[float]], accuracy: Sequence[float]) -> list[bool]:
+    """True for points no other point beats: cost(s) no higher, accuracy no lower, one strictly."""
+    flags = []
+    for i in range(len(accuracy)):
+        dominated = False
+        for j in range(len(accuracy)):
+            if i == j:
+                continue
+            no_worse = all(cj[j] <= cj[i] for cj in costs) and accuracy[j] >= accuracy[i]
+            better = any(cj[j] < cj[i] for cj in costs) or accuracy[j] > accuracy[i]
+            if no_worse and better:
+                dominated = True
+                break
+        flags.append(not dominated)
+    return flags

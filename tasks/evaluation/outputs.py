@@ -1,0 +1,134 @@
+"""The evaluate stage's files: ``metrics/evaluate.json``, ``plots/`` (tradeoff rows, the
+confusion CSV, the PNGs declared in ``dvc.yaml``) and ``artifacts/evaluation/`` (figures,
+per-model details, training curves), built in a staging folder and moved into place only
+when all of them exist."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from tasks.core.paths import ProjectPaths
+from tasks.evaluation import plots
+from tasks.evaluation.gate import pareto_flags
+from tasks.evaluation.results import Evaluation, json_number, ordered_metrics
+
+log = logging.getLogger("slimflow.evaluate")
+
+# Figures of plots/ the report shows beside itself (copied into artifacts/evaluation/).
+REPORT_FIGURES = ("accuracy_vs_size.png", "accuracy_vs_latency.png", "confusion_matrix.png")
+
+
+def metrics_document(evaluation: Evaluation) -> dict[str, Any]:
+    """``metrics/evaluate.json``: ``{model: {metric: number}}`` plus ``promoted`` (1/0)."""
+    document: dict[str, Any] = {
+        name: {k: json_number(v) for k, v in ordered_metrics(result.metrics).items()}
+        for name, result in evaluation.models.items()
+    }
+    promoted = bool(evaluation.promotion and evaluation.promotion.promoted)
+    document["promoted"] = int(promoted)
+    return document
+
+
+def tradeoff_rows(evaluation: Evaluation) -> list[dict[str, Any]]:
+    """``plots/tradeoff.json``: size, latency and accuracy per model, and its Pareto flag."""
+    names = list(evaluation.models)
+    m = [evaluation.models[n].metrics for n in names]
+    flags = pareto_flags(
+        [[x["size_bytes"] for x in m], [x["latency_p50_ms"] for x in m]], [x["accuracy"] for x in m]
+    )
+    return [
+        {
+            "model": name,
+            "size_bytes": json_number(x["size_bytes"]),
+            "latency_p50_ms": json_number(x["latency_p50_ms"]),
+            "accuracy": json_number(x["accuracy"]),
+            "pareto": flag,
+        }
+        for name, x, flag in zip(names, m, flags, strict=True)
+    ]
+
+
+def write_json(path: Path, payload: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n")
+
+
+def write_confusion_csv(path: Path, evaluation: Evaluation) -> None:
+    """One row per test sample (actual, predicted), class names, for the shown model."""
+    predictions = evaluation.models[evaluation.shown_model].predictions
+    names = evaluation.class_names
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["actual", "predicted"])
+        for actual, predicted in zip(evaluation.y_true, predictions, strict=True):
+            writer.writerow([names[int(actual)], names[int(predicted)]])
+
+
+def read_history(path: Path) -> list[dict[str, Any]] | None:
+    """``plots/train_history.json`` (a list of per-epoch dicts), or None if absent/unreadable."""
+    try:
+        history = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return history if isinstance(history, list) and history and all(isinstance(r, dict) for r in history) else None
+
+
+def models_document(evaluation: Evaluation) -> dict[str, Any]:
+    """``artifacts/evaluation/models.json``: how each model was made, measured and judged."""
+    per_model = {
+        name: {
+            "method": r.method, "runtime": r.runtime, "manifest": r.manifest, "notes": r.notes,
+            "gate": evaluation.reasons.get(name), "confusion": r.confusion.tolist(),
+        }
+        for name, r in evaluation.models.items()
+    }
+    return {"class_names": list(evaluation.class_names), "models": per_model, "settings": evaluation.settings}
+
+
+def render_outputs(staging: Path, evaluation: Evaluation, history: list[dict[str, Any]] | None) -> None:
+    """Everything but the report and the metrics, into ``staging/{plots,evaluation}``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    plot_dir, evaluation_dir = staging / "plots", staging / "evaluation"
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    evaluation_dir.mkdir(parents=True, exist_ok=True)
+    write_json(plot_dir / "tradeoff.json", tradeoff_rows(evaluation))
+    write_confusion_csv(plot_dir / "confusion.csv", evaluation)
+    plots.tradeoff_png(plot_dir / "accuracy_vs_size.png", evaluation, "size_bytes", "size on disk (KiB)",
+                       "accuracy vs size on disk", scale=1 / 1024)
+    plots.tradeoff_png(plot_dir / "accuracy_vs_latency.png", evaluation, "latency_p50_ms",
+                       "latency p50, batch 1 (ms)",
+                       f"accuracy vs CPU latency ({evaluation.settings['threads']} thread(s))")
+    plots.confusion_png(plot_dir / "confusion_matrix.png", evaluation)
+    for name in REPORT_FIGURES:
+        shutil.copy2(plot_dir / name, evaluation_dir / name)  # the report shows them beside itself
+    if history:
+        plots.training_curves_png(evaluation_dir / "training_curves.png", history)
+    else:
+        log.warning("no training history (plots/train_history.json): training curves not drawn")
+    write_json(evaluation_dir / "models.json", models_document(evaluation))
+
+
+def publish(staging: Path, paths: ProjectPaths) -> None:
+    """Move the staged outputs into place: the evaluation folder swapped, each file replaced."""
+    destination = paths.evaluation
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    old = destination.with_name(destination.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if destination.exists():
+        os.replace(destination, old)
+    os.replace(staging / "evaluation", destination)
+    shutil.rmtree(old, ignore_errors=True)
+    for folder, target in (("plots", paths.plots), ("metrics", paths.metrics)):  # metrics last
+        target.mkdir(parents=True, exist_ok=True)
+        for item in sorted((staging / folder).iterdir()):
+            os.replace(item, target / item.name)

@@ -1,0 +1,137 @@
+"""Latency and throughput, timed the same way for every model.
+
+**Latency** is wall-clock time (``perf_counter_ns``) of one ``predict`` call at batch 1,
+after warm-up, with the thread count fixed (``torch.set_num_threads`` and ONNX Runtime's
+intra-op threads). Models are timed in interleaved rounds, in a shuffled order each
+round, so a noisy moment on the machine hits every model alike; p95 on a shared machine
+includes the moments the process was descheduled. ``cpu_time_p50_ms`` is the median
+process CPU time of the same calls (COMPRESSION.md's method), which other processes
+barely disturb. **Throughput** is samples per second of one call at a large batch,
+median of the rounds; energy (:mod:`tasks.evaluation.energy`) is read over those calls.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from tasks.evaluation.energy import EnergyMeter
+
+Predict = Callable[[np.ndarray], np.ndarray]
+
+# Batch-1 calls timed per model in each interleaved round (each call timed on its own).
+BATCH1_CALLS_PER_ROUND = 5
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values, dtype=np.float64), q))
+
+
+@dataclass
+class Timing:
+    """Raw timings of one model; summary() turns them into metrics."""
+
+    batch1_ms: list[float] = field(default_factory=list)  # wall clock
+    batch1_cpu_ms: list[float] = field(default_factory=list)  # process CPU time, all threads
+    batch_s: list[float] = field(default_factory=list)
+    batch_size: int = 1
+    energy_j: float = 0.0
+    predictions: int = 0
+
+    def summary(self) -> dict[str, float]:
+        median_batch_s = float(np.median(self.batch_s))
+        return {
+            "latency_p50_ms": percentile(self.batch1_ms, 50),
+            "latency_p95_ms": percentile(self.batch1_ms, 95),
+            "latency_mean_ms": float(np.mean(self.batch1_ms)),
+            "cpu_time_p50_ms": percentile(self.batch1_cpu_ms, 50) if self.batch1_cpu_ms else math.nan,
+            "throughput_sps": self.batch_size / median_batch_s if median_batch_s > 0 else math.nan,
+            "energy_per_1k_j": 1000.0 * self.energy_j / self.predictions if self.predictions else math.nan,
+        }
+
+
+def _warm_up(predict: Predict, singles: Sequence[np.ndarray], x_batch: np.ndarray, warmup: int) -> None:
+    """Lazy initialisation, caches, allocator arenas: not the model's steady cost."""
+    for i in range(max(warmup, 1)):
+        predict(singles[i % len(singles)])
+    predict(x_batch)
+
+
+def _time_batch1(predict: Predict, singles: Sequence[np.ndarray], first: int, timing: Timing) -> None:
+    """One untimed call, then ``BATCH1_CALLS_PER_ROUND`` single-sample calls, each timed."""
+    # The untimed call: the model that ran before evicted this one's weights from the
+    # caches (measured: the first call after a switch is 1.7-5x slower).
+    predict(singles[first % len(singles)])
+    for offset in range(BATCH1_CALLS_PER_ROUND):
+        x = singles[(first + offset) % len(singles)]
+        start, cpu_start = time.perf_counter_ns(), time.process_time_ns()
+        predict(x)
+        cpu_end, end = time.process_time_ns(), time.perf_counter_ns()
+        timing.batch1_ms.append((end - start) / 1e6)
+        timing.batch1_cpu_ms.append((cpu_end - cpu_start) / 1e6)
+
+
+def _time_batch(predict: Predict, x_batch: np.ndarray, meter: EnergyMeter, timing: Timing) -> None:
+    """One large-batch call, with the energy read around it."""
+    energy_before = meter.read()
+    start = time.perf_counter_ns()
+    predict(x_batch)
+    elapsed = (time.perf_counter_ns() - start) / 1e9
+    timing.energy_j += meter.read() - energy_before
+    timing.batch_s.append(elapsed)
+    timing.predictions += len(x_batch)
+
+
+def time_models(
+    predictors: Mapping[str, Predict],
+    x_single: np.ndarray,
+    x_batch: np.ndarray,
+    repeats: int,
+    warmup: int,
+    meter: EnergyMeter,
+    seed: int = 0,
+) -> dict[str, Timing]:
+    """Latency at batch 1 and throughput at ``len(x_batch)``, interleaved across models.
+
+    ``x_single`` holds samples fed one at a time (cycled); ``x_batch`` is the large batch.
+    Each of ``repeats`` rounds times every model in a freshly shuffled order: one untimed
+    call, ``BATCH1_CALLS_PER_ROUND`` single-sample calls each timed on its own (wall clock,
+    and process CPU time, which a busy machine disturbs less), then - in another shuffled
+    order - one large-batch call over which energy is read.
+    """
+    names = list(predictors)
+    timings = {name: Timing(batch_size=len(x_batch)) for name in names}
+    singles = [np.ascontiguousarray(x_single[i:i + 1]) for i in range(len(x_single))]
+    x_batch = np.ascontiguousarray(x_batch)
+    for name in names:
+        _warm_up(predictors[name], singles, x_batch, warmup)
+    rng = random.Random(seed)
+    order = list(names)
+    sample = 0
+    gc_was_enabled = gc.isenabled()
+    gc.disable()  # a collection in the middle of a call is noise, not the model
+    try:
+        for _ in range(repeats):
+            rng.shuffle(order)
+            for name in order:
+                _time_batch1(predictors[name], singles, sample, timings[name])
+                sample += BATCH1_CALLS_PER_ROUND
+            rng.shuffle(order)
+            for name in order:
+                _time_batch(predictors[name], x_batch, meter, timings[name])
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return timings
+
+
+def tile_to(x: np.ndarray, rows: int) -> np.ndarray:
+    """``rows`` samples taken from ``x`` in order, repeating it when it is shorter."""
+    index = np.arange(rows) % len(x)
+    return np.ascontiguousarray(x[index])

@@ -1,0 +1,94 @@
+"""The gate, the champion and the Pareto front on constructed metrics (:mod:`tasks.evaluation.gate`)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from test_evaluate_support import gate
+from tasks.evaluation.gate import select_champion
+
+
+def _m(accuracy: float, size: float, p50: float, p95: float | None = None) -> dict[str, float]:
+    return {"accuracy": accuracy, "size_bytes": size, "latency_p50_ms": p50,
+            "latency_p95_ms": p50 * 1.5 if p95 is None else p95}
+
+
+METRICS = {
+    "baseline": _m(0.980, 150_000, 0.50),
+    "int8-dynamic": _m(0.978, 40_000, 0.80),   # -0.2 pt, smallest but slow
+    "onnx-fp32": _m(0.980, 155_000, 0.10),     # same accuracy, fastest, larger
+    "pruned-90": _m(0.950, 20_000, 0.45),      # smallest of all, -3 pt
+}
+
+
+def test_smallest_passing_model_wins() -> None:
+    champion, reasons = select_champion(METRICS, gate(max_accuracy_drop=0.01), "smallest")
+    assert champion == "int8-dynamic"
+    assert reasons["pruned-90"].startswith("fails the gate: accuracy drop 0.0300")
+    assert reasons["int8-dynamic"].startswith("champion")
+    assert list(reasons) == list(METRICS)
+
+
+def test_fastest_passing_model_wins() -> None:
+    champion, _ = select_champion(METRICS, gate(max_accuracy_drop=0.01), "fastest")
+    assert champion == "onnx-fp32"
+
+
+def test_a_looser_gate_admits_the_pruned_model() -> None:
+    champion, _ = select_champion(METRICS, gate(max_accuracy_drop=0.05), "smallest")
+    assert champion == "pruned-90"
+
+
+def test_latency_and_size_limits_apply() -> None:
+    # int8 is too slow at p95 (1.2 ms) -> the next smallest passing one is the baseline.
+    champion, reasons = select_champion(METRICS, gate(max_accuracy_drop=0.01, max_latency_p95_ms=1.0), "smallest")
+    assert champion == "baseline" and "latency p95" in reasons["int8-dynamic"]
+    champion, reasons = select_champion(METRICS, gate(max_accuracy_drop=0.01, max_size_bytes=152_000), "fastest")
+    assert champion == "baseline" and "size 155000 B > max_size_bytes" in reasons["onnx-fp32"]
+
+
+def test_the_baseline_is_a_candidate_too() -> None:
+    only_worse = {"baseline": _m(0.98, 100, 1.0), "tiny": _m(0.90, 10, 0.1)}
+    assert select_champion(only_worse, gate(max_accuracy_drop=0.01), "smallest")[0] == "baseline"
+
+
+def test_impossible_thresholds_promote_nothing() -> None:
+    champion, reasons = select_champion(METRICS, gate(max_accuracy_drop=0.0, max_size_bytes=1), "smallest")
+    assert champion is None
+    assert all(reason.startswith("fails the gate") for reason in reasons.values())
+    champion, _ = select_champion(METRICS, gate(max_latency_p95_ms=1e-6), "fastest")
+    assert champion is None
+
+
+def test_unmeasured_figures_fail_and_ties_go_to_accuracy() -> None:
+    metrics = {
+        "baseline": _m(0.98, 100, 1.0),
+        "no-size": {**_m(0.98, 50, 1.0), "size_bytes": math.nan},
+        "twin-worse": _m(0.975, 80, 1.0),
+        "twin-better": _m(0.979, 80, 1.0),
+    }
+    champion, reasons = select_champion(metrics, gate(max_accuracy_drop=0.01), "smallest")
+    assert champion == "twin-better"
+    assert "size_bytes not measured" in reasons["no-size"]
+
+
+def test_exact_threshold_passes_and_bad_inputs_are_refused() -> None:
+    metrics = {"baseline": _m(0.98, 100, 1.0), "edge": _m(0.97, 10, 1.0)}  # drop == 0.01 exactly
+    assert select_champion(metrics, gate(max_accuracy_drop=0.01), "smallest")[0] == "edge"
+    with pytest.raises(ValueError, match="objective"):
+        select_champion(metrics, gate(), "cheapest")
+    with pytest.raises(ValueError, match="baseline"):
+        select_champion({"edge": _m(0.97, 10, 1.0)}, gate(), "smallest")
+
+
+def test_pareto_flags() -> None:
+    from tasks.evaluation.gate import pareto_flags
+
+    # (size, accuracy): b dominates d (smaller and more accurate); a/b/c trade off.
+    sizes, accuracy = [100, 50, 10, 60], [0.99, 0.98, 0.90, 0.97]
+    assert pareto_flags([sizes], accuracy) == [True, True, True, False]
+    # A second cost can rescue d: it is the fastest.
+    latency = [5, 5, 5, 1]
+    assert pareto_flags([sizes, latency], accuracy) == [True, True, True, True]

@@ -1,0 +1,123 @@
+"""Measuring one model: timing rounds, energy meters, quality metrics, FLOPs
+(:mod:`tasks.evaluation.timing`, :mod:`~tasks.evaluation.energy`, :mod:`~tasks.evaluation.measure`,
+:mod:`~tasks.evaluation.flops`), on constructed inputs."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+
+def test_time_models_interleaves_rounds_and_orders_percentiles() -> None:
+    from tasks.evaluation.energy import CpuTimeEstimate
+    from tasks.evaluation.timing import BATCH1_CALLS_PER_ROUND, time_models
+
+    calls: list[tuple[str, int]] = []
+
+    def model(name: str):
+        def predict(x: np.ndarray) -> np.ndarray:
+            calls.append((name, len(x)))
+            return np.zeros((len(x), 3), dtype=np.float32)
+        return predict
+
+    x = np.zeros((10, 4), dtype=np.float32)
+    timings = time_models({"a": model("a"), "b": model("b")}, x, x[:8], repeats=4, warmup=2,
+                          meter=CpuTimeEstimate(10.0), seed=0)
+    for timing in timings.values():
+        assert len(timing.batch1_ms) == 4 * BATCH1_CALLS_PER_ROUND and len(timing.batch_s) == 4
+        summary = timing.summary()
+        assert summary["latency_p50_ms"] <= summary["latency_p95_ms"]
+        assert summary["throughput_sps"] > 0 and timing.predictions == 32
+    timed = calls[2 * (2 + 1):]  # after each model's warm-up (2 single + 1 batch call)
+    per_round = 2 * (BATCH1_CALLS_PER_ROUND + 1)
+    for start in range(0, len(timed), per_round):
+        assert {name for name, _ in timed[start:start + per_round]} == {"a", "b"}  # every round has both
+
+
+def test_energy_meter_prefers_rapl_and_labels_the_estimate(tmp_path: Path) -> None:
+    from tasks.evaluation.energy import CpuTimeEstimate, RaplMeter, select_energy_meter
+
+    assert select_energy_meter(12.5, rapl_root=tmp_path / "none").source == "estimate"
+    domain = tmp_path / "intel-rapl:0"
+    domain.mkdir()
+    (domain / "energy_uj").write_text("1000000\n")
+    (domain / "max_energy_range_uj").write_text("2000000\n")
+    (tmp_path / "intel-rapl:0:0").mkdir()  # a sub-domain: not added to the package total
+    (tmp_path / "intel-rapl:0:0" / "energy_uj").write_text("5\n")
+    meter = select_energy_meter(12.5, rapl_root=tmp_path)
+    assert isinstance(meter, RaplMeter) and len(meter.files) == 1
+    start = meter.read()
+    (domain / "energy_uj").write_text("500000\n")  # wrapped around
+    assert meter.read() - start == pytest.approx(1.5)
+    estimate = CpuTimeEstimate(10.0)
+    assert estimate.source == "estimate" and "10 W" in estimate.describe()
+
+
+def test_nvml_energy_for_gpu_inference(monkeypatch: pytest.MonkeyPatch) -> None:
+    import types
+
+    from tasks.evaluation.energy import NvmlMeter, select_energy_meter
+
+    readings = {0: 1_000, 1: 5_000}  # millijoules since driver load, per GPU
+    fake = types.SimpleNamespace(
+        nvmlInit=lambda: None, nvmlDeviceGetCount=lambda: 2, nvmlDeviceGetHandleByIndex=lambda i: i,
+        nvmlDeviceGetTotalEnergyConsumption=lambda handle: readings[handle],
+    )
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    meter = select_energy_meter(10.0, device="cuda:0")
+    assert isinstance(meter, NvmlMeter) and meter.source == "nvml"
+    start = meter.read()
+    readings[0] += 1_500
+    assert meter.read() - start == pytest.approx(1.5)
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # not installed -> the labelled estimate
+    assert select_energy_meter(10.0, device="cuda:0").source == "estimate"
+
+
+def test_quality_metrics_and_fixed_batch_prediction() -> None:
+    from tasks.evaluation.measure import classification_metrics, predict_in_batches
+
+    y_true = np.array([0, 0, 1, 1, 2, 2])
+    y_pred = np.array([0, 1, 1, 1, 2, 0])
+    metrics, confusion = classification_metrics(y_true, y_pred, ["cat", "dog", "sea lion"])
+    assert metrics["accuracy"] == pytest.approx(4 / 6)
+    assert metrics["precision_dog"] == pytest.approx(2 / 3) and metrics["recall_sea_lion"] == pytest.approx(0.5)
+    assert confusion.tolist() == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
+
+    sizes: list[int] = []
+
+    def predict(x: np.ndarray) -> np.ndarray:
+        sizes.append(len(x))
+        return np.stack([x[:, 0], -x[:, 0]], axis=1)
+
+    x = np.arange(10, dtype=np.float32)[:, None]
+    logits = predict_in_batches(predict, x, 4)
+    assert sizes == [4, 4, 4] and np.array_equal(logits[:, 0], x[:, 0])
+
+
+def test_flops_count_matrix_multiplies_including_fused_lstms() -> None:
+    from models.factory import build_model
+    from models.spec import ModelSpec
+    from tasks.evaluation.flops import count_flops
+
+    x = np.zeros((1, 1, 8, 8), dtype=np.float32)
+    mlp = build_model(ModelSpec(family="mlp", hidden_sizes=(32,)), (1, 8, 8), 10).eval()
+    assert count_flops(mlp, x) == 2 * (64 * 32 + 32 * 10)
+    # 8 rows = 8 steps of 8 features, hidden 16: gates x hidden x (input + hidden) x 2 per step, + the head.
+    for family, gates in (("lstm", 4), ("gru", 3)):  # GRU: counted by FlopCounterMode; LSTM: added from shapes
+        rnn = build_model(ModelSpec(family=family, rnn_hidden=16), (1, 8, 8), 10).eval()
+        assert count_flops(rnn, x) == 8 * 2 * gates * 16 * (8 + 16) + 2 * 16 * 10, family
+    assert count_flops(None, x) is None
+
+
+def test_the_memory_probe_runs_its_own_module() -> None:
+    """The probe process is started as ``python -m <module>``: the name must be this module's."""
+    import importlib
+
+    from tasks.evaluation import memory
+
+    assert memory.PROBE_MODULE == memory.__name__
+    assert importlib.util.find_spec(memory.PROBE_MODULE) is not None
+    assert (memory.CODE_ROOT / "tasks" / "evaluation" / "memory.py").is_file()

@@ -1,0 +1,71 @@
+"""The evaluate stage's outputs on constructed values (the files themselves are checked
+end to end in test_evaluate.py)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def test_nan_metrics_keep_their_key_as_null() -> None:
+    from tasks.evaluation.results import json_number as _json_number
+
+    assert _json_number(math.nan) is None and _json_number(3.0) == 3 and _json_number(0.5) == 0.5
+    assert json.dumps({"flops": _json_number(math.inf)}) == '{"flops": null}'
+
+
+def _evaluation() -> Any:
+    """Two models with constructed figures; the variant's FLOPs were not countable (NaN)."""
+    from tasks.evaluation.results import Evaluation, ModelResult, add_ratios
+
+    def result(name: str, accuracy: float, size: float, p50: float, flops: float) -> ModelResult:
+        metrics = {"accuracy": accuracy, "macro_f1": accuracy, "size_bytes": size, "latency_p50_ms": p50,
+                   "latency_p95_ms": 1.5 * p50, "throughput_sps": 1000 / p50, "flops": flops}
+        manifest = {"name": name, "method": "baseline" if name == "baseline" else "quantize", "runtime": "pytorch"}
+        return ModelResult(name, Path(name), manifest, metrics, np.array([0, 1]), np.eye(2, dtype=np.int64))
+
+    models = {"baseline": result("baseline", 0.98, 4096, 0.5, 4736.0), "int8": result("int8", 0.975, 1024, 0.25,
+                                                                                      math.nan)}
+    add_ratios(models)
+    settings = {"threads": 1, "throughput_batch": 32, "energy_source": "estimate"}
+    return Evaluation(models, ("a", "b"), np.array([0, 1]), settings)
+
+
+def test_documents_keep_the_same_keys_and_mark_the_front() -> None:
+    from tasks.core.config import EvaluateParams
+    from tasks.evaluation.gate import apply_gate
+    from tasks.evaluation.outputs import metrics_document, tradeoff_rows
+
+    evaluation = _evaluation()
+    apply_gate(evaluation, EvaluateParams(gate={"max_accuracy_drop": 0.01}, objective="smallest"))
+    assert evaluation.champion == "int8"
+    document = metrics_document(evaluation)
+    assert document["promoted"] == 0  # nothing registered yet
+    assert list(document["baseline"]) == list(document["int8"])
+    assert document["int8"]["flops"] is None and document["int8"]["size_ratio"] == 0.25
+    json.dumps(document, allow_nan=False)
+    assert [row["pareto"] for row in tradeoff_rows(evaluation)] == [True, True]
+
+
+def test_report_and_table_cells_come_from_the_shared_columns() -> None:
+    from tasks.core.tables import COLUMNS
+    from tasks.evaluation.report import models_table
+    from tasks.evaluation.summary import REPORT_COLUMNS, summary_rows
+
+    evaluation = _evaluation()
+    for result in evaluation.models.values():
+        result.metrics.update(passed_gate=1.0, champion=float(result.name == "int8"))
+    rows = {row["model"]: row for row in summary_rows(evaluation)}
+    assert rows["int8"]["size_reduction"] == 4.0 and rows["int8"]["speedup"] == 2.0
+    assert rows["int8"]["gate"] == "champion" and rows["baseline"]["gate"] == "pass"
+    lines = models_table(evaluation)
+    assert lines[0] == "| " + " | ".join(COLUMNS[key].header for key in REPORT_COLUMNS) + " |"
+    int8 = next(line for line in lines if line.startswith("| int8 |")).split(" | ")
+    assert int8[REPORT_COLUMNS.index("size_reduction")] == "4.00"
+    assert int8[REPORT_COLUMNS.index("flops")] == "-"  # NaN: the shared placeholder
+    baseline = next(line for line in lines if line.startswith("| baseline |")).split(" | ")
+    assert baseline[REPORT_COLUMNS.index("flops")] == "4.74k"
