@@ -12,7 +12,8 @@ from rich.table import Table
 
 from flows.prefect_settings import use_project_prefect_settings
 from flows.report import comparison_table
-from tasks.core.config import ParamsError, check_pipeline, load_params, params_schema
+from tasks.compression.recipes import check_pipeline
+from tasks.core.config import ParamsError, load_params, params_schema
 from tasks.core.dvc import stage_names
 from tasks.core.paths import ProjectPaths
 from tasks.core.tables import console as table_console

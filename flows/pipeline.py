@@ -19,7 +19,8 @@ from prefect.tasks import exponential_backoff
 
 from flows.report import comparison_rows
 from tasks.core import tracking
-from tasks.core.config import check_pipeline, load_params, write_overrides
+from tasks.compression.recipes import check_pipeline
+from tasks.core.config import load_params, write_overrides
 from tasks.core.dvc import StageFailed, pipeline_lock, push_outputs, reproduce_stage, select_stages
 from tasks.core.paths import ProjectPaths
 from tasks.core.run_context import RunContext

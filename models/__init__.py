@@ -1,9 +1,8 @@
-"""PyTorch architectures and the registry that builds them.
+"""PyTorch architectures and the factory that builds them.
 
 Nothing here does I/O or knows about Prefect, MLflow, DVC or Horovod: a model is a
-pure function of its :class:`ModelSpec`, the input shape and the number of classes.
+pure function of its settings (:class:`models.spec.ModelSpec`), the input shape and the
+number of classes (:func:`models.factory.build_model`). ``models.spec`` imports no
+torch, so the params loader uses it; this package imports nothing itself, so code that
+needs only the settings does not depend on the architectures.
 """
-
-from models.registry import MODEL_FAMILIES, ModelSpec, build_model, count_parameters
-
-__all__ = ["MODEL_FAMILIES", "ModelSpec", "build_model", "count_parameters"]

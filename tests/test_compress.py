@@ -18,9 +18,10 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from models import ModelSpec, build_model
+from models.factory import build_model
+from models.spec import ModelSpec
 from tasks.compress import CompressError, compress_variants, main
-from tasks.compression.pruning import weight_sparsity
+from tasks.compression.weights import weight_sparsity
 from tasks.compression.recipes import RecipeError, check_recipes, selected_variants
 from tasks.core.config import ParamsError, validate_params
 from tasks.data import Preprocessing, load_split
@@ -293,36 +294,52 @@ def test_distilled_student_has_at_most_30_percent_of_the_teacher(baselines, tmp_
 PRUNE = {"method": "prune", "kind": "unstructured", "sparsity": 0.5}
 STATIC = {"method": "quantize", "mode": "static"}
 
+V1 = "compress.variants.1(v)"  # how messages name the first variant (numbered from 1, with its name)
+
 BAD_RECIPES = [
     # (variants, family, words the one message must contain)
-    ([{"name": "v", "steps": [{"method": "squeeze"}]}], "cnn", ["'v' step 1 (squeeze)", "method"]),
-    ([{"name": "v", "steps": [PRUNE, {**PRUNE, "sparsity": 1.0}]}], "cnn", ["'v' step 2 (prune)", "below 1"]),
-    ([{"name": "v", "steps": [{**PRUNE, "sparsity": 1.5}]}], "cnn", ["'v' step 1 (prune)", "below 1"]),
-    ([{"name": "v", "steps": [{**PRUNE, "sparsity": -0.1}]}], "cnn", ["'v' step 1 (prune)", "sparsity"]),
-    ([{"name": "v", "steps": [{"method": "prune", "sparsity": 0.5}]}], "cnn", ["'v' step 1 (prune)", "kind"]),
-    ([{"name": "v", "steps": [{"method": "prune", "kind": "structured"}]}], "cnn", ["'v' step 1 (prune)", "needs sparsity"]),
-    ([{"name": "v", "steps": [{"method": "quantize"}]}], "cnn", ["'v' step 1 (quantize)", "needs mode"]),
-    ([{"name": "v", "steps": [{"method": "distill"}]}], "cnn", ["'v' step 1 (distill)", "student_width"]),
+    ([{"name": "v", "steps": [{"method": "squeeze"}]}], "cnn", [f"{V1}.steps.1(squeeze).method: unknown method"]),
+    ([{"name": "v", "steps": [{"kind": "structured"}]}], "cnn", [f"{V1}.steps.1.method: every step needs a method"]),
+    ([{"name": "v", "steps": [PRUNE, {**PRUNE, "sparsity": 1.0}]}], "cnn", [f"{V1}.steps.2(prune).sparsity:", "less than 1"]),
+    ([{"name": "v", "steps": [{**PRUNE, "sparsity": 1.5}]}], "cnn", [f"{V1}.steps.1(prune).sparsity:", "less than 1", "1.5"]),
+    ([{"name": "v", "steps": [{**PRUNE, "sparsity": -0.1}]}], "cnn", [f"{V1}.steps.1(prune).sparsity:", "greater than 0"]),
+    ([{"name": "v", "steps": [{"method": "prune", "sparsity": 0.5}]}], "cnn", [f"{V1}.steps.1(prune).kind: prune needs kind"]),
+    ([{"name": "v", "steps": [{"method": "prune", "kind": "structured"}]}], "cnn",
+     [f"{V1}.steps.1(prune).sparsity: prune needs sparsity"]),
+    ([{"name": "v", "steps": [{**PRUNE, "lr": 0.01}]}], "cnn", [f"{V1}.steps.1(prune).lr:", "fine_tune_epochs >= 1"]),
+    ([{"name": "v", "steps": [{"method": "quantize"}]}], "cnn", [f"{V1}.steps.1(quantize).mode: quantize needs mode"]),
+    ([{"name": "v", "steps": [{"method": "distill"}]}], "cnn", [f"{V1}.steps.1(distill):", "student_width"]),
+    ([{"name": "v", "steps": [{"method": "distill", "student_family": "rnn"}]}], "cnn",
+     [f"{V1}.steps.1(distill).student_family:", "'mlp', 'cnn', 'lstm' or 'gru'", "got 'rnn'"]),
     ([{"name": "v", "steps": [{"method": "prune", "kind": "structured", "sparsity": 0.5}]}], "lstm",
-     ["'v' step 1 (prune)", "structured", "lstm"]),
+     [f"{V1}.steps.1(prune):", "structured", "lstm"]),
     ([{"name": "v", "steps": [{"method": "prune", "kind": "structured", "sparsity": 0.5}]}], "gru",
-     ["'v' step 1 (prune)", "gru"]),
-    ([{"name": "v", "steps": [STATIC]}], "lstm", ["'v' step 1 (quantize)", "static", "mode: dynamic"]),
+     [f"{V1}.steps.1(prune):", "gru"]),
+    ([{"name": "v", "steps": [STATIC]}], "lstm", [f"{V1}.steps.1(quantize):", "static", "mode: dynamic"]),
     ([{"name": "v", "steps": [{"method": "quantize", "mode": "qat", "runtime": "torch", "fine_tune_epochs": 1}]}], "gru",
-     ["'v' step 1 (quantize)", "mode: dynamic"]),
+     [f"{V1}.steps.1(quantize):", "mode: dynamic"]),
     ([{"name": "v", "steps": [STATIC, {"method": "quantize", "mode": "dynamic"}]}], "cnn",
-     ["'v' step 2 (quantize)", "quantize after quantize"]),
+     [f"{V1}.steps.2(quantize): quantize after quantize"]),
     ([{"name": "p", "steps": [STATIC]}, {"name": "c", "parent": "p", "steps": [{"method": "quantize", "mode": "dynamic"}]}],
-     "cnn", ["'c' step 1 (quantize)", "quantize after quantize", "parent 'p'"]),
-    ([{"name": "v", "steps": [{"method": "half"}, PRUNE]}], "cnn", ["'v' step 2 (prune)", "last step"]),
-    ([{"name": "v", "parent": "nowhere", "steps": [PRUNE]}], "cnn", ["'v'", "parent 'nowhere'"]),
+     "cnn", ["compress.variants.2(c).steps.1(quantize): quantize after quantize", "parent 'p'"]),
+    ([{"name": "v", "steps": [{"method": "half"}, PRUNE]}], "cnn", [f"{V1}.steps.2(prune): prune after half", "last step"]),
+    ([{"name": "v", "parent": "nowhere", "steps": [PRUNE]}], "cnn", [f"{V1}.parent: 'nowhere' is not a variant"]),
     ([{"name": "c", "parent": "p", "steps": [PRUNE]}, {"name": "p", "steps": [PRUNE]}], "cnn",
-     ["'c'", "parent 'p'", "earlier"]),
-    ([{"name": "v", "steps": [{"method": "quantize", "mode": "qat"}]}], "cnn", ["'v' step 1 (quantize)", "runtime: torch"]),
+     ["compress.variants.1(c).parent: 'p'", "earlier"]),
+    ([{"name": "v", "steps": [{"method": "quantize", "mode": "qat"}]}], "cnn",
+     [f"{V1}.steps.1(quantize).runtime:", "runtime: torch"]),
     ([{"name": "v", "steps": [{"method": "quantize", "mode": "qat", "runtime": "torch"}]}], "cnn",
-     ["'v' step 1 (quantize)", "fine_tune_epochs"]),
-    ([{"name": "v", "steps": [{**PRUNE, "mode": "static"}]}], "cnn", ["'v' step 1 (prune)", "mode does not apply"]),
-    ([{"name": "v", "steps": [{**PRUNE, "sparsty": 0.5}]}], "cnn", ["'v' step 1 (prune)", "sparsty", "unknown key"]),
+     [f"{V1}.steps.1(quantize).fine_tune_epochs:", "qat"]),
+    ([{"name": "v", "steps": [{**STATIC, "fine_tune_epochs": 2}]}], "cnn",
+     [f"{V1}.steps.1(quantize).fine_tune_epochs: applies to mode qat only"]),
+    ([{"name": "v", "steps": [{**PRUNE, "mode": "static"}]}], "cnn",
+     [f"{V1}.steps.1(prune).mode: unknown key for prune (it reads: kind, sparsity, fine_tune_epochs, lr)"]),
+    ([{"name": "v", "steps": [{**PRUNE, "sparsty": 0.5}]}], "cnn", [f"{V1}.steps.1(prune).sparsty: unknown key"]),
+    ([{"name": "v", "steps": [{"method": "half", "runtime": "torch"}]}], "cnn",
+     [f"{V1}.steps.1(half).runtime: unknown key for half (it reads: nothing)"]),
+    ([{"name": "v", "steps": []}], "cnn", [f"{V1}.steps:", "at least 1"]),
+    ([{"name": "v", "families": ["resnet"], "steps": [PRUNE]}], "cnn", [f"{V1}.families.0:", "got 'resnet'"]),
+    ([{"name": "baseline", "steps": [PRUNE]}], "cnn", ["compress.variants.1(baseline).name:", "trained model"]),
 ]
 
 
@@ -333,8 +350,39 @@ def test_bad_recipes_are_refused_with_one_message_naming_variant_and_step(varian
         params = validate_params(raw)
         check_recipes(params.compress, family)
     message = str(caught.value)
+    assert len(message.splitlines()) == 1, message
     for word in words:
         assert word in message, (word, message)
+
+
+def test_a_step_that_does_not_suit_the_model_family_is_refused_before_any_stage(tmp_path: Path) -> None:
+    """``slimflow run`` and the flow call check_pipeline: the family rules, named like params errors."""
+    from tasks.compression.recipes import check_pipeline
+
+    raw = _params([{"name": "ok", "steps": [{"method": "half"}]},
+                   {"name": "rnn-structured", "steps": [{"method": "prune", "kind": "structured", "sparsity": 0.5}]}],
+                  family="lstm")
+    with pytest.raises(ParamsError) as caught:
+        check_pipeline(validate_params(raw))
+    assert str(caught.value).startswith("params.yaml: compress.variants.2(rnn-structured).steps.1(prune): structured")
+    check_pipeline(validate_params(_params(raw["compress"]["variants"], family="cnn")))
+
+
+def test_steps_are_typed_per_method_with_their_own_defaults() -> None:
+    from tasks.core.config import DistillStep, ExportStep, HalfStep, PruneStep, QuantizeStep
+
+    steps = validate_params(_params([
+        {"name": "a", "steps": [PRUNE]}, {"name": "b", "steps": [{"method": "quantize", "mode": "dynamic"}]},
+        {"name": "c", "steps": [{"method": "distill", "student_width": 0.5}]}, {"name": "d", "steps": [{"method": "half"}]},
+        {"name": "e", "steps": [{"method": "export"}]},
+    ])).compress.variants
+    prune, quantize, distill, half, export = (variant.steps[0] for variant in steps)
+    assert isinstance(prune, PruneStep) and prune.model_dump() == {**PRUNE, "fine_tune_epochs": 0, "lr": None}
+    assert isinstance(quantize, QuantizeStep) and quantize.runtime == "onnxruntime" and quantize.fine_tune_epochs == 0
+    assert isinstance(distill, DistillStep) and (distill.temperature, distill.alpha, distill.epochs) == (4.0, 0.7, 10)
+    assert isinstance(half, HalfStep) and half.model_dump() == {"method": "half"}
+    assert isinstance(export, ExportStep) and export.runtime == "onnxruntime"
+    assert not hasattr(half, "mode") and not hasattr(prune, "runtime")  # each method has only its own fields
 
 
 @pytest.mark.parametrize("family", ["mlp", "cnn", "lstm", "gru"])
@@ -358,14 +406,17 @@ def test_the_default_recipes_cover_every_method_for_the_default_cnn() -> None:
     made = selected_variants(params.compress, "cnn")
     steps = [item.step for variant in made for item in chains[variant.name]]
     assert {step.method for step in steps} == {"prune", "quantize", "distill", "half", "export"}
-    kinds = {(step.kind, step.mode, step.runtime if step.method == "quantize" else None) for step in steps}
+    kinds = {
+        (getattr(step, "kind", None), getattr(step, "mode", None), step.runtime if step.method == "quantize" else None)
+        for step in steps
+    }
     assert {("unstructured", None, None), ("structured", None, None), (None, "static", "onnxruntime"),
             (None, "dynamic", "torch"), (None, "qat", "torch")} <= kinds
     assert any(len({item.step.method for item in chains[v.name]}) > 1 for v in made)  # combinations
     student = next(v for v in made if v.steps[0].method == "distill")
     spec = params.train.model.spec()
     teacher = build_model(spec, (1, 8, 8), 10)
-    pupil = build_model(ModelSpec(**{**spec.to_dict(), "width": student.steps[0].student_width}), (1, 8, 8), 10)
+    pupil = build_model(spec.spec(width=student.steps[0].student_width), (1, 8, 8), 10)
     assert sum(p.numel() for p in pupil.parameters()) <= 0.3 * sum(p.numel() for p in teacher.parameters())
 
 
@@ -388,7 +439,8 @@ def test_cli_refuses_a_bad_recipe_before_any_work(baselines, tmp_path: Path, mon
     monkeypatch.setenv("SLIMFLOW_ROOT", str(paths.root))
     assert main([]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: compress: variant 'rnn-only' step 1 (prune): structured pruning")
+    assert len(err) == 1, err
+    assert err[0].startswith("error: compress: params.yaml: compress.variants.2(rnn-only).steps.1(prune): structured pruning")
     assert not paths.compressed.exists()
     assert sorted(p.name for p in paths.artifacts.iterdir()) == ["model"]
     assert not (tmp_path / "mlflow.db").exists()
@@ -456,10 +508,3 @@ def test_main_tracks_each_variant_as_a_run_nested_under_the_stage_run(
     assert logged == {"variant/manifest.json", "variant/model.fp16.pt.gz"}
     assert (paths.compressed / "pruned-l1-50-fp16" / "model.fp16.pt.gz").is_file()
     assert os.listdir(paths.compressed) and sorted(os.listdir(paths.compressed)) == sorted(v["name"] for v in variants)
-
-
-def test_every_format_compression_writes_has_a_loader() -> None:
-    from tasks.compression.formats import FORMATS
-    from tasks.compression.loading import LOADERS
-
-    assert {"torch-state-dict", "onnx", *FORMATS} <= set(LOADERS)

@@ -3,11 +3,13 @@ is refused with a message naming the key."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from tasks.core.config import ParamsError, load_params, write_overrides
+from tasks.core.config import STEP_MODELS, Params, ParamsError, load_params, validate_params, write_overrides
 
 HERE = Path(__file__).parent
 REPO = HERE.parent
@@ -67,3 +69,44 @@ def test_invalid_override_writes_nothing(tmp_path: Path) -> None:
     with pytest.raises(ParamsError):
         write_overrides(path, ["train.epochs=0"])
     assert path.read_text() == original
+
+
+def test_the_schema_shows_each_compression_method_with_its_own_fields() -> None:
+    """``slimflow params --schema``: a step is a union chosen by ``method``, one schema per method."""
+    schema = Params.model_json_schema()
+    defs = schema["$defs"]
+    steps = defs["Variant"]["properties"]["steps"]["items"]
+    assert steps["discriminator"]["propertyName"] == "method"
+    mapping = steps["discriminator"]["mapping"]
+    assert set(mapping) == set(STEP_MODELS) == {"prune", "quantize", "distill", "half", "export"}
+    assert len(steps["oneOf"]) == 5
+    fields = {method: set(defs[ref.rsplit("/", 1)[-1]]["properties"]) for method, ref in mapping.items()}
+    assert fields["prune"] == {"method", "kind", "sparsity", "fine_tune_epochs", "lr"}
+    assert fields["quantize"] == {"method", "mode", "runtime", "fine_tune_epochs", "lr"}
+    assert fields["distill"] == {"method", "student_family", "student_width", "temperature", "alpha", "epochs", "lr"}
+    assert fields["half"] == {"method"} and fields["export"] == {"method", "runtime"}
+    prune = defs[mapping["prune"].rsplit("/", 1)[-1]]
+    assert set(prune["required"]) == {"method", "kind", "sparsity"}
+    assert prune["properties"]["sparsity"]["exclusiveMaximum"] == 1
+    assert all(defs[ref.rsplit("/", 1)[-1]]["additionalProperties"] is False for ref in mapping.values())
+    # train.model is the one model spec, with its ranges.
+    assert defs["ModelSpec"]["properties"]["family"]["enum"] == ["mlp", "cnn", "lstm", "gru"]
+
+
+def test_every_problem_is_one_line_naming_its_key() -> None:
+    raw = {"train": {"epochs": 0, "model": {"family": "resnet"}},
+           "compress": {"variants": [{"name": "v", "steps": [{"method": "prune", "kind": "sideways", "sparsity": 2}]}]}}
+    with pytest.raises(ParamsError) as caught:
+        validate_params(raw)
+    lines = str(caught.value).splitlines()
+    assert lines == [
+        "params.yaml: train.model.family: Input should be 'mlp', 'cnn', 'lstm' or 'gru', got 'resnet'",
+        "params.yaml: train.epochs: Input should be greater than or equal to 1, got 0",
+        "params.yaml: compress.variants.1(v).steps.1(prune).kind: Input should be 'unstructured' or 'structured', got 'sideways'",
+        "params.yaml: compress.variants.1(v).steps.1(prune).sparsity: Input should be less than 1, got 2",
+    ]
+
+
+def test_loading_params_imports_no_torch() -> None:
+    code = "import sys, tasks.core.config as c; c.load_params('params.yaml'); assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)

@@ -1,20 +1,26 @@
-"""The model registry and the distillation loss (fast: no Horovod, no files)."""
+"""The model spec and factory, and the distillation loss (fast: no Horovod, no files)."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
+from pydantic import ValidationError
 
-from models import MODEL_FAMILIES, ModelSpec, build_model, count_parameters
-from tasks.fit import distillation_loss
+from models.factory import build_model, count_parameters
+from models.spec import MODEL_FAMILIES, ModelSpec
+from models.factory import BUILDERS
+from tasks.training.losses import distillation_loss
 
 IMAGE = (1, 8, 8)
 FAMILIES = ("mlp", "cnn", "lstm", "gru")
 
 
-def test_every_family_is_registered() -> None:
-    assert set(MODEL_FAMILIES) == set(FAMILIES)
+def test_every_family_has_a_builder() -> None:
+    assert set(MODEL_FAMILIES) == set(FAMILIES) == set(BUILDERS)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -40,9 +46,21 @@ def test_cnn_refuses_non_image_inputs_with_a_clear_error() -> None:
         build_model(ModelSpec(family="cnn"), (30,), num_classes=2)
 
 
-def test_unknown_family_names_the_known_ones() -> None:
+def test_unknown_family_is_refused_naming_the_known_ones() -> None:
+    with pytest.raises(ValidationError, match="family") as caught:
+        ModelSpec(family="transformer")
+    assert "'mlp', 'cnn', 'lstm' or 'gru'" in str(caught.value)
+    # A spec made without validation still fails clearly when built.
     with pytest.raises(ValueError, match="unknown model family 'transformer'; known: cnn, gru, lstm, mlp"):
-        build_model(ModelSpec(family="transformer"), IMAGE, num_classes=10)
+        build_model(ModelSpec.model_construct(family="transformer"), IMAGE, num_classes=10)
+
+
+@pytest.mark.parametrize(
+    "changes", [{"width": 0.0}, {"width": 9.0}, {"channels": (8, 0)}, {"dropout": 1.0}, {"rnn_layers": 0}, {"depth": 3}]
+)
+def test_spec_ranges_are_checked(changes: dict) -> None:
+    with pytest.raises(ValidationError):
+        ModelSpec(**changes)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -61,6 +79,31 @@ def test_spec_round_trips_through_a_dict() -> None:
     spec = ModelSpec(family="cnn", width=0.5, channels=(8, 16, 32))
     assert ModelSpec.from_dict(spec.to_dict()) == spec
     assert ModelSpec.from_dict({**spec.to_dict(), "channels": [8, 16, 32]}) == spec  # JSON/YAML lists
+
+
+def test_spec_dicts_saved_by_earlier_versions_still_load() -> None:
+    """Checkpoints and manifests hold the spec as a dict (the dataclass's asdict, then JSON)."""
+    saved = {"family": "mlp", "width": 0.5, "hidden_sizes": [64, 32], "channels": [32, 64],
+             "rnn_hidden": 64, "rnn_layers": 1, "dropout": 0.1}
+    spec = ModelSpec.from_dict(saved)
+    assert spec == ModelSpec(family="mlp", width=0.5, hidden_sizes=(64, 32))
+    assert spec.to_dict() == {**saved, "hidden_sizes": (64, 32), "channels": (32, 64)}
+
+
+def test_spec_changes_are_validated_copies() -> None:
+    spec = ModelSpec(family="cnn")
+    assert spec.spec(width=0.5) == ModelSpec(family="cnn", width=0.5) and spec.width == 1.0
+    with pytest.raises(ValidationError):
+        spec.spec(family="transformer")
+    with pytest.raises(ValidationError):
+        spec.width = 2.0  # frozen
+
+
+def test_the_spec_module_and_the_package_import_no_torch() -> None:
+    """The params loader uses models.spec: it must stay light."""
+    code = ("import sys, models, models.spec, tasks.core.config; assert 'torch' not in sys.modules;"
+            "import models.factory; assert 'torch' in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 @pytest.mark.parametrize("family", ["lstm", "gru"])

@@ -1,8 +1,19 @@
 """Model compression: pruning, quantization, distillation and their combinations.
 
-``recipes`` checks the recipes in ``params.yaml`` (no torch import); the other modules do
-the work, each with the library made for it: ``pruning`` (torch.nn.utils.prune,
-torch-pruning), ``quantization`` (ONNX Runtime, torch.ao), ``distillation`` (the Horovod
-training loop with a teacher), and ``formats`` (the files variants ship as, and their
-loaders). ``tasks/compress.py`` is the stage that runs them.
+Imports go one way, top to bottom (no module imports one above it):
+
+    variants.py      every variant of compress.variants: made, written, checked, tracked, summarized
+    build.py         one variant's steps applied in order to its parent
+    recipes.py       full recipes and the model-family rules; check_pipeline (no torch)
+    loading.py       load_model_dir: any model folder, baseline or variant
+    formats.py       the files variants ship as: writers (Artifact) and loaders
+    distillation.py  a student trained from a teacher on the Horovod loop (tasks.training)
+    pruning.py       torch.nn.utils.prune, torch-pruning
+    quantization.py  ONNX Runtime and torch.ao int8
+    onnx.py          the fp32 ONNX export and the one ONNX Runtime session builder
+    candidate.py     the eager model between steps, the shared training data, fine-tuning
+    weights.py       helpers on weights (prunable weights, sparsity, state-dict mapping, counts)
+
+``tasks/compress.py`` is the stage that runs them; the per-method settings are typed in
+:mod:`tasks.core.compress_params`.
 """

@@ -12,7 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models import ModelSpec, build_model
+from models.factory import build_model
+from models.spec import ModelSpec
+from tasks.compression.weights import map_state_dict
 
 log = logging.getLogger("slimflow.compress")
 
@@ -51,8 +53,6 @@ class Candidate:
 def rebuild(spec: ModelSpec, input_shape: tuple[int, ...], num_classes: int, state_dict: dict) -> nn.Module:
     """``build_model(spec)`` with ``state_dict`` loaded strictly (floats cast to fp32)."""
     model = build_model(spec, input_shape, num_classes)
-    from tasks.compression.formats import map_state_dict
-
     model.load_state_dict(map_state_dict(state_dict, torch.Tensor.float))
     return model.eval()
 

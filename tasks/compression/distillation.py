@@ -9,11 +9,11 @@ Its checkpoints and output live in a scratch folder that is removed afterwards.
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from models import ModelSpec, build_model, count_parameters
+from models.factory import build_model, count_parameters
+from models.spec import ModelSpec
 from tasks.compression.candidate import Candidate
 from tasks.core.model_files import load_eager_model, read_manifest, save_state_dict_model
 
@@ -22,12 +22,8 @@ log = logging.getLogger("slimflow.compress")
 
 def student_spec(teacher: ModelSpec, student_family: str | None, student_width: float | None) -> ModelSpec:
     """The teacher's spec with the student's family and/or width (``width`` scales the spec's sizes)."""
-    spec = teacher
-    if student_family:
-        spec = replace(spec, family=student_family)
-    if student_width:
-        spec = replace(spec, width=student_width)
-    return spec
+    changes = {"family": student_family, "width": student_width}
+    return teacher.spec(**{key: value for key, value in changes.items() if value})
 
 
 def teacher_folder(candidate: Candidate, scratch: Path) -> Path:
@@ -62,8 +58,7 @@ def distill(
     The loop, batch size, warm-up and patience are the baseline's (``params.train``); ``lr``
     (per worker) defaults to ``train.lr``.
     """
-    from tasks.fit import FitJob
-    from tasks.train import launch_fit
+    from tasks.training import FitJob, launch_fit
 
     spec = student_spec(candidate.spec, student_family, student_width)
     teacher_params = count_parameters(candidate.module)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import gzip
 import io
 import warnings
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,9 +29,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from models import ModelSpec, build_model
+from models.factory import build_model
+from models.spec import ModelSpec
+from tasks.compression import quantization
 from tasks.compression.candidate import Candidate, rebuild
-from tasks.core.model_files import LoadedModel, count_nonzeros, torch_predictor
+from tasks.compression.onnx import onnx_predictor, quiet
+from tasks.compression.weights import map_state_dict
+from tasks.core.model_files import LoadedModel, torch_predictor
 
 # Formats this module writes besides the baseline's "torch-state-dict" and plain "onnx".
 FORMATS = ("torch-state-dict-gzip", "torch-state-dict-fp16", "torch-quantized", "torch-export", "onnx-gzip")
@@ -57,15 +60,6 @@ def torch_bytes(obj: Any) -> bytes:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     return buffer.getvalue()
-
-
-def map_state_dict(state_dict: dict, fn: Callable[[torch.Tensor], torch.Tensor]) -> dict:
-    """``fn`` applied to the floating tensors; keeps the version metadata modules load by."""
-    mapped = OrderedDict(
-        (k, fn(v) if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in state_dict.items()
-    )
-    mapped._metadata = getattr(state_dict, "_metadata", None)  # type: ignore[attr-defined]
-    return mapped
 
 
 def _payload(spec: ModelSpec, input_shape: tuple[int, ...], num_classes: int, state_dict: dict, **extra: Any) -> dict:
@@ -147,8 +141,6 @@ def torch_quantized_artifact(candidate: Candidate, quantized: nn.Module, scheme:
 
 
 def onnx_artifact(model: bytes, compress: bool, details: dict[str, Any]) -> Artifact:
-    from tasks.compression.onnx import onnx_predictor
-
     return Artifact(
         format="onnx-gzip" if compress else "onnx",
         runtime="onnxruntime",
@@ -160,9 +152,7 @@ def onnx_artifact(model: bytes, compress: bool, details: dict[str, Any]) -> Arti
 
 def export_artifact(candidate: Candidate, example: torch.Tensor) -> Artifact:
     """A ``torch.export`` program (.pt2): graph and weights, loadable without the model code."""
-    from tasks.compression.onnx import quiet as _quiet
-
-    with _quiet():
+    with quiet():
         program = torch.export.export(
             candidate.module.eval(), (example.clone(),), dynamic_shapes=({0: torch.export.Dim("batch")},)
         )
@@ -205,9 +195,6 @@ def _torch_payload(path: Path) -> dict[str, Any]:
 
 def load_variant(folder: Path, manifest: dict[str, Any], threads: int = 1) -> LoadedModel:
     """Load a variant written in one of :data:`FORMATS` (:func:`tasks.compression.loading.load_model_dir` calls this)."""
-    from tasks.compression import quantization
-    from tasks.compression.onnx import onnx_predictor
-
     fmt, path = manifest["format"], folder / manifest["file"]
     if fmt in {"torch-state-dict-gzip", "torch-state-dict-fp16"}:
         payload = _torch_payload(path)
@@ -226,8 +213,3 @@ def load_variant(folder: Path, manifest: dict[str, Any], threads: int = 1) -> Lo
     if fmt in {"onnx", "onnx-gzip"}:
         return LoadedModel(folder.name, manifest, onnx_predictor(read_file(path), threads))
     raise ValueError(f"{folder}: format {fmt!r} is not a compression format")
-
-
-def count_parameters(module: nn.Module) -> tuple[int, int]:
-    """(parameters, non-zeros) as the baseline's manifest counts them."""
-    return sum(p.numel() for p in module.parameters()), count_nonzeros(module)

@@ -4,45 +4,23 @@ Unstructured pruning only writes zeros: the dense model keeps its shape and spee
 its size falls only when stored compressed, so a pruned variant is reported by its
 non-zeros and stored gzip-compressed. Structured pruning removes whole channels / units
 so the dense model is genuinely smaller and faster; the new widths are read back into a
-:class:`~models.ModelSpec`, so the pruned model is an ordinary model of its family.
+:class:`~models.spec.ModelSpec`, so the pruned model is an ordinary model of its family.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import replace
 
 import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from models import ModelSpec
+from models.spec import ModelSpec
 from tasks.compression.candidate import Candidate, rebuild
+from tasks.compression.weights import prunable_weights, weight_sparsity
 
 log = logging.getLogger("slimflow.compress")
-
-
-def prunable_weights(module: nn.Module) -> list[tuple[nn.Module, str]]:
-    """The weight matrices pruning acts on: conv / linear weights and recurrent weight matrices.
-
-    Biases and normalization parameters are left alone (few values, large effect).
-    """
-    targets: list[tuple[nn.Module, str]] = []
-    for child in module.modules():
-        if isinstance(child, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
-            targets.append((child, "weight"))
-        elif isinstance(child, nn.RNNBase):
-            targets += [(child, name) for name, _ in child.named_parameters(recurse=False) if name.startswith("weight_")]
-    return targets
-
-
-def weight_sparsity(module: nn.Module) -> float:
-    """The measured share of zeros among the prunable weights."""
-    weights = [getattr(owner, name).detach() for owner, name in prunable_weights(module)]
-    total = sum(w.numel() for w in weights)
-    zeros = sum(int((w == 0).sum()) for w in weights)
-    return zeros / total if total else 0.0
 
 
 def prune_unstructured(
@@ -73,10 +51,10 @@ def spec_of(module: nn.Module, spec: ModelSpec) -> ModelSpec:
     """The spec that builds ``module``'s (pruned) architecture: its actual widths, width 1."""
     if spec.family == "cnn":
         channels = tuple(c.out_channels for c in module.modules() if isinstance(c, nn.Conv2d))
-        return replace(spec, channels=channels, width=1.0)
+        return spec.spec(channels=channels, width=1.0)
     if spec.family == "mlp":
         hidden = tuple(c.out_features for c in module.modules() if isinstance(c, nn.Linear))[:-1]
-        return replace(spec, hidden_sizes=hidden, width=1.0)
+        return spec.spec(hidden_sizes=hidden, width=1.0)
     raise ValueError(f"structured pruning does not support {spec.family} models")
 
 

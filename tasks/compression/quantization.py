@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from tasks.compression.onnx import ONNX_INPUT, quiet as _quiet
+from tasks.compression.weights import prunable_weights
 
 log = logging.getLogger("slimflow.compress")
 
@@ -182,8 +183,6 @@ def quantized_skeleton(module: nn.Module, scheme: str) -> nn.Module:
 
 def quantized_share(module: nn.Module) -> float:
     """The share of the prunable weights that quantize_dynamic turns into int8 (the rest stay fp32)."""
-    from tasks.compression.pruning import prunable_weights
-
     sizes = [(owner, getattr(owner, name).numel()) for owner, name in prunable_weights(module)]
     total = sum(size for _, size in sizes)
     covered = sum(size for owner, size in sizes if isinstance(owner, DYNAMIC_LAYERS))

@@ -3,20 +3,35 @@
 Every section is a frozen, strict pydantic model (unknown keys rejected, ranges
 checked). Overrides (``--set train.epochs=3``, deployment parameters, ``dvc exp run
 -S``) go through :func:`load_params` too, so they are validated exactly like the file.
+``train.model`` is :class:`models.spec.ModelSpec`; the ``compress`` section (variants and
+their typed steps) is in :mod:`tasks.core.compress_params`. A refused file gets one line
+per problem, ``<file>: <key>: <what is wrong>``, a step named by its variant and method:
+``params.yaml: compress.variants.6(pruned-l1-90).steps.1(prune).sparsity: ...``.
+
+Torch-free: the CLI and every stage load params before anything heavy.
 """
 
 from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-if TYPE_CHECKING:
-    from models import ModelSpec
+from models.spec import ModelSpec
+from tasks.core.compress_params import (
+    BASELINE, FINAL_METHODS, STEP_MODELS, CompressParams, CompressStep, DistillStep, ExportStep, HalfStep, PruneStep,
+    QuantizeStep, Variant, step_key,
+)
+
+__all__ = [
+    "BASELINE", "FINAL_METHODS", "STEP_MODELS", "CompressParams", "CompressStep", "DistillStep", "ExportStep",
+    "HalfStep", "Params", "ParamsError", "PruneStep", "QuantizeStep", "Variant", "load_params", "params_schema",
+    "step_key", "validate_params", "write_overrides",
+]
 
 
 class ParamsError(ValueError):
@@ -63,23 +78,8 @@ class PrepareParams(_Strict):
         return self
 
 
-class ModelParams(_Strict):
-    family: Literal["mlp", "cnn", "lstm", "gru"] = "cnn"
-    width: float = Field(1.0, gt=0.0, le=8.0)
-    hidden_sizes: tuple[Annotated[int, Field(ge=1)], ...] = (256, 128)
-    channels: tuple[Annotated[int, Field(ge=1)], ...] = (32, 64)
-    rnn_hidden: int = Field(64, ge=1)
-    rnn_layers: int = Field(1, ge=1)
-    dropout: float = Field(0.1, ge=0.0, lt=1.0)
-
-    def spec(self, **changes: Any) -> ModelSpec:
-        from models import ModelSpec  # torch: only stages that build models pay for it
-
-        return ModelSpec.from_dict({**self.model_dump(), **changes})
-
-
 class TrainParams(_Strict):
-    model: ModelParams = ModelParams()
+    model: ModelSpec = ModelSpec()
     epochs: int = Field(15, ge=1, le=10_000)
     batch_size: int = Field(64, ge=1)
     lr: float = Field(0.002, gt=0.0, le=10.0)
@@ -124,82 +124,6 @@ class TrainParams(_Strict):
         return value
 
 
-class CompressStep(_Strict):
-    # export: the model as it stands in a portable format for `runtime` (ONNX for
-    # onnxruntime, a torch.export program for torch), e.g. the fp32 ONNX reference.
-    method: Literal["prune", "quantize", "distill", "half", "export"]
-    # prune
-    kind: Literal["unstructured", "structured"] | None = None
-    sparsity: float | None = Field(None, ge=0.0)
-    fine_tune_epochs: int = Field(0, ge=0)
-    # quantize
-    mode: Literal["dynamic", "static", "qat"] | None = None
-    runtime: Literal["onnxruntime", "torch"] = "onnxruntime"
-    # distill
-    student_family: Literal["mlp", "cnn", "lstm", "gru"] | None = None
-    student_width: float | None = Field(None, gt=0.0, le=8.0)
-    temperature: float = Field(4.0, gt=0.0)
-    alpha: float = Field(0.7, ge=0.0, le=1.0)
-    epochs: int = Field(10, ge=1)
-    # prune / qat fine-tuning and distill: the step's learning rate (default:
-    # compress.fine_tune_lr for fine-tuning, train.lr per worker for distillation)
-    lr: float | None = Field(None, gt=0.0, le=10.0)
-
-
-class Variant(_Strict):
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
-    parent: str = "baseline"
-    steps: tuple[CompressStep, ...] = Field(min_length=1)
-    # Made only when the baseline's model family is one of these (null: always), so one
-    # list of recipes can hold family-specific ones (e.g. structured pruning: mlp, cnn).
-    families: tuple[Literal["mlp", "cnn", "lstm", "gru"], ...] | None = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _name_bad_steps(cls, data: Any) -> Any:
-        """A bad step is reported with its variant's name and step number, not list indices."""
-        if not isinstance(data, dict) or not isinstance(data.get("steps"), (list, tuple)):
-            return data
-        for number, step in enumerate(data["steps"], start=1):
-            if isinstance(step, CompressStep):
-                continue
-            try:
-                CompressStep.model_validate(step)
-            except ValidationError as err:
-                method = step.get("method") if isinstance(step, dict) else None
-                problems = "; ".join(
-                    f"{'.'.join(str(p) for p in problem['loc']) or 'step'}: "
-                    f"{'unknown key' if problem['type'] == 'extra_forbidden' else problem['msg']}"
-                    for problem in err.errors()
-                )
-                message = f"variant {data.get('name')!r} step {number} ({method}): {problems}"
-                raise PydanticCustomError("recipe", "{message}", {"message": message}) from None
-        return data
-
-
-class CompressParams(_Strict):
-    calibration_samples: int = Field(256, ge=1)
-    fine_tune_lr: float = Field(0.0005, gt=0.0)
-    variants: tuple[Variant, ...] = ()
-
-    @model_validator(mode="after")
-    def _unique_names(self) -> CompressParams:
-        seen: set[str] = set()
-        for variant in self.variants:
-            if variant.name in seen or variant.name == "baseline":
-                raise ValueError(f"variant name {variant.name!r} is used twice (or is 'baseline')")
-            seen.add(variant.name)
-        # The recipe rules (settings each method needs, step order, parents) live with
-        # the compression code; the model-family rules run in the compress stage.
-        from tasks.compression.recipes import RecipeError, check_recipes
-
-        try:
-            check_recipes(self)
-        except RecipeError as err:  # the message as it is, without pydantic's "Value error, "
-            raise PydanticCustomError("recipe", "{message}", {"message": str(err)}) from None
-        return self
-
-
 class GateParams(_Strict):
     max_accuracy_drop: float = Field(0.01, ge=0.0, le=1.0)
     max_latency_p95_ms: float | None = Field(None, gt=0.0)
@@ -226,14 +150,67 @@ class Params(_Strict):
     evaluate: EvaluateParams = EvaluateParams()
 
 
-def _format_error(err: ValidationError, source: str) -> str:
+def _key(problem: dict[str, Any], raw: Any) -> tuple[str, str | None]:
+    """The dotted key a problem is at, and the method of the step it is in (None: not in a step).
+
+    Variants and steps are named as :func:`step_key` names them; the union's tag that
+    pydantic puts after a step's index is left out (the step's method is beside it).
+    """
+    loc = [*problem["loc"], *(problem.get("ctx") or {}).get("key", ())]
+    if problem["type"] in {"union_tag_invalid", "union_tag_not_found"}:
+        loc.append("method")
+    parts: list[str] = []
+    node, method, container, after_step = raw, None, None, False
+    for part in loc:
+        if after_step and part == method:
+            after_step = False
+            continue
+        after_step = False
+        if isinstance(part, int) and container in {"variants", "steps"}:
+            node = node[part] if isinstance(node, (list, tuple)) and 0 <= part < len(node) else None
+            label = node.get("name" if container == "variants" else "method") if isinstance(node, dict) else None
+            parts.append(f"{part + 1}({label})" if label is not None else str(part + 1))
+            if container == "steps":
+                method, after_step = (str(label) if label is not None else None), True
+        else:
+            parts.append(str(part))
+            node = node.get(part) if isinstance(node, dict) else None
+        container = part
+    return ".".join(parts) or "(top level)", method
+
+
+def _message(problem: dict[str, Any], method: str | None) -> str:
+    """pydantic's message, said in the terms of params.yaml where pydantic's are vague."""
+    kind, field = problem["type"], str(problem["loc"][-1]) if problem["loc"] else ""
+    step = STEP_MODELS.get(method or "")
+    if kind == "union_tag_invalid":
+        return f"unknown method {problem['ctx']['tag']!r}; expected one of {', '.join(STEP_MODELS)}"
+    if kind == "union_tag_not_found":
+        return f"every step needs a method: {', '.join(STEP_MODELS)}"
+    if kind == "extra_forbidden":
+        if step is None:
+            return "unknown key"
+        reads = [name for name in step.model_fields if name != "method"]
+        return f"unknown key for {method} (it reads: {', '.join(reads) or 'nothing'})"
+    if kind == "missing" and step is not None and (info := step.model_fields.get(field)) and info.description:
+        return f"{method} needs {field}: {info.description}"
+    message = problem["msg"].removeprefix("Value error, ")
+    value = problem.get("input")
+    if kind != "missing" and isinstance(value, (str, int, float, bool)) and "got" not in message:
+        message += f", got {value!r}"
+    return message
+
+
+def _format_error(err: ValidationError, source: str, raw: Any) -> str:
+    """One line per problem: ``<file>: <key>: <what is wrong>``."""
+    problems = err.errors()
+    above = {problem["loc"][:end] for problem in problems for end in range(len(problem["loc"]))}
     lines = []
-    for problem in err.errors():
-        key = ".".join(str(part) for part in problem["loc"]) or "(top level)"
-        message = problem["msg"]
-        if problem["type"] == "extra_forbidden":
-            message = "unknown key"
-        lines.append(f"{source}: {key}: {message}")
+    for problem in problems:
+        if problem["type"] == "too_short" and problem["loc"] in above:
+            continue  # "steps: at least 1 item" because every step was refused: the steps' own errors say why
+        key, method = _key(problem, raw)
+        lines.append(f"{source}: {key}: {_message(problem, method)}")
     return "\n".join(lines)
 
 
@@ -242,7 +219,12 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise ParamsError(f"override {text!r}: expected key=value, e.g. train.epochs=3")
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or "cannot be parsed"
+        raise ParamsError(f"override {text}: not valid YAML ({problem}); quote lists, e.g. 'train.model.channels=[32, 64]'") from None
+    return key.strip().split("."), value
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -270,7 +252,7 @@ def validate_params(raw: Any, source: str = "params.yaml") -> Params:
     try:
         return Params.model_validate(raw)
     except ValidationError as err:
-        raise ParamsError(_format_error(err, source)) from None
+        raise ParamsError(_format_error(err, source, raw)) from None
 
 
 def read_params_file(path: Path) -> dict[str, Any]:
@@ -294,17 +276,6 @@ def load_params(path: Path | str = "params.yaml", overrides: list[str] | None = 
     if overrides:
         raw = apply_overrides(raw, overrides)
     return validate_params(raw, path.name)
-
-
-def check_pipeline(params: Params) -> None:
-    """Rules that span sections, checked before any stage runs: every compression recipe
-    must suit the trained model's family (e.g. no structured pruning of an LSTM)."""
-    from tasks.compression.recipes import check_recipes
-
-    try:
-        check_recipes(params.compress, params.train.model.family)
-    except ValueError as err:
-        raise ParamsError(f"params.yaml: compress: {err}") from None
 
 
 def params_schema() -> dict[str, Any]:

@@ -1,40 +1,15 @@
-"""One registry for every model family: ``build_model(spec, input_shape, num_classes)``."""
+"""Builds every model family: ``build_model(spec, input_shape, num_classes)``."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
-from typing import Any
 
 from torch import nn
 
 from models.cnn import SmallCNN
 from models.mlp import MLP
 from models.rnn import RecurrentClassifier
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """Architecture settings. ``width`` multiplies every hidden size (students use < 1)."""
-
-    family: str = "cnn"
-    width: float = 1.0
-    hidden_sizes: tuple[int, ...] = (256, 128)  # mlp
-    channels: tuple[int, ...] = (32, 64)  # cnn
-    rnn_hidden: int = 64  # lstm / gru
-    rnn_layers: int = 1
-    dropout: float = 0.1
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
-        data = dict(data)
-        for key in ("hidden_sizes", "channels"):
-            if key in data:
-                data[key] = tuple(data[key])
-        return cls(**data)
+from models.spec import ModelSpec
 
 
 def _scaled(size: int, width: float) -> int:
@@ -73,7 +48,8 @@ def _build_rnn(cell: str) -> Callable[[ModelSpec, Sequence[int], int], nn.Module
     return build
 
 
-MODEL_FAMILIES: dict[str, Callable[[ModelSpec, Sequence[int], int], nn.Module]] = {
+# One builder per name of models.spec.MODEL_FAMILIES (a test checks they match).
+BUILDERS: dict[str, Callable[[ModelSpec, Sequence[int], int], nn.Module]] = {
     "mlp": _build_mlp,
     "cnn": _build_cnn,
     "lstm": _build_rnn("lstm"),
@@ -84,9 +60,9 @@ MODEL_FAMILIES: dict[str, Callable[[ModelSpec, Sequence[int], int], nn.Module]] 
 def build_model(spec: ModelSpec, input_shape: Sequence[int], num_classes: int) -> nn.Module:
     """Build an untrained model of ``spec.family`` for inputs of ``input_shape`` (no batch dim)."""
     try:
-        builder = MODEL_FAMILIES[spec.family]
-    except KeyError:
-        known = ", ".join(sorted(MODEL_FAMILIES))
+        builder = BUILDERS[spec.family]
+    except KeyError:  # a spec made without validation (ModelSpec.model_construct)
+        known = ", ".join(sorted(BUILDERS))
         raise ValueError(f"unknown model family {spec.family!r}; known: {known}") from None
     return builder(spec, tuple(input_shape), num_classes)
 
@@ -95,4 +71,4 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["MODEL_FAMILIES", "ModelSpec", "build_model", "count_parameters"]
+__all__ = ["BUILDERS", "build_model", "count_parameters"]

@@ -1,0 +1,47 @@
+"""The one declaration of a model's architecture settings (no torch: the params loader uses it).
+
+``train.model`` in ``params.yaml`` is a :class:`ModelSpec`; checkpoints and manifests
+store it as a plain dict (:meth:`ModelSpec.to_dict`) and :meth:`ModelSpec.from_dict`
+reads it back. :func:`models.factory.build_model` builds the network it describes.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, get_args
+
+from pydantic import BaseModel, ConfigDict, Field
+
+ModelFamily = Literal["mlp", "cnn", "lstm", "gru"]
+# Every family :func:`models.factory.build_model` builds.
+MODEL_FAMILIES: tuple[str, ...] = get_args(ModelFamily)
+
+Size = Annotated[int, Field(ge=1)]
+
+
+class ModelSpec(BaseModel):
+    """Architecture settings. ``width`` multiplies every hidden size (students use < 1)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    family: ModelFamily = "cnn"
+    width: float = Field(1.0, gt=0.0, le=8.0)
+    hidden_sizes: tuple[Size, ...] = (256, 128)  # mlp
+    channels: tuple[Size, ...] = (32, 64)  # cnn
+    rnn_hidden: int = Field(64, ge=1)  # lstm / gru
+    rnn_layers: int = Field(1, ge=1)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump()
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
+        """A spec from a dict (JSON/YAML lists become tuples), validated."""
+        return cls.model_validate(data)
+
+    def spec(self, **changes: Any) -> ModelSpec:
+        """This spec with ``changes``, validated (``train.model.spec(width=0.5)``)."""
+        return self.model_validate({**self.model_dump(), **changes})
+
+
+__all__ = ["MODEL_FAMILIES", "ModelFamily", "ModelSpec"]
