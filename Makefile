@@ -3,7 +3,7 @@ VENV  := .venv
 PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.slimflow-installed
 
-.PHONY: install run test test-fast bench repro ui test-services
+.PHONY: install run test test-fast bench repro ui prefect-ui lint-imports test-services
 
 $(STAMP): pyproject.toml scripts/install.sh scripts/horovod/idle-cycle.patch
 	bash scripts/install.sh
@@ -30,3 +30,9 @@ repro: $(STAMP)  ## reproduce with DVC directly
 
 ui: $(STAMP)  ## the MLflow UI on http://127.0.0.1:5000
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+
+prefect-ui: $(STAMP)  ## the Prefect UI on http://127.0.0.1:4200 with this project's flow-run history (.prefect/)
+	PREFECT_HOME=$(CURDIR)/.prefect $(VENV)/bin/prefect server start --host 127.0.0.1 --port 4200
+
+lint-imports: $(STAMP)  ## the import contracts of pyproject.toml (also run by the tests)
+	$(VENV)/bin/lint-imports

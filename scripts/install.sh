@@ -30,7 +30,7 @@ log "installing slimflow and its pinned dependencies"
 PYVER=$("$PY" -c 'import sys; print(f"cp{sys.version_info.major}{sys.version_info.minor}")')
 PATCH="$PWD/scripts/horovod/idle-cycle.patch"
 PATCH_ID=$(sha256sum "$PATCH" | cut -c1-8)
-# The wheel's version says which patch it carries (tasks/launcher.py checks it too).
+# The wheel's version says which patch it carries (tasks/training/launcher.py checks it too).
 LOCAL_VERSION="idlecycle.$PATCH_ID"
 KEY="horovod-$HOROVOD_VERSION+$LOCAL_VERSION-torch$TORCH_VERSION-$PYVER"
 WHEEL_DIR="$CACHE_ROOT/$KEY"

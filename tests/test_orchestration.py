@@ -194,7 +194,7 @@ def test_sigterm_leaves_no_run_running_no_lock_and_no_half_written_output(
     dvc = _dvc_status(tiny_project)
     assert dvc.returncode == 0, dvc.stderr
     assert not (tiny_project / "artifacts" / "model" / "manifest.json").exists()
-    leftovers = subprocess.run(["pgrep", "-f", f"tasks.fit .*{tiny_project.name}"], capture_output=True)
+    leftovers = subprocess.run(["pgrep", "-f", "[-]m tasks.training.worker "], capture_output=True)
     assert leftovers.returncode == 1
 
 

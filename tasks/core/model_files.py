@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from models import ModelSpec, build_model
+from models.factory import build_model
+from models.spec import ModelSpec
 
 MANIFEST = "manifest.json"
 

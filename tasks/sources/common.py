@@ -1,0 +1,129 @@
+"""What every reader returns (:class:`RawData`), the error it raises (:class:`DataError`),
+and the checks made on any data set before anything is written."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+
+class DataError(ValueError):
+    """Raw data is missing or invalid; the message names the file and the problem."""
+
+
+class RawData(NamedTuple):
+    """What every reader returns; unpacks as ``x, y, class_names``."""
+
+    x: np.ndarray  # float32, (N, features) or (N, C, H, W), raw values
+    y: np.ndarray  # int64 class indices 0..K-1
+    class_names: tuple[str, ...]
+
+
+def check_file(path: Path, shown: str) -> None:
+    if not path.exists():
+        raise DataError(f"{shown}: file not found")
+    if not path.is_file():
+        raise DataError(f"{shown}: not a file")
+    if not os.access(path, os.R_OK):
+        raise DataError(f"{shown}: file is not readable (permission denied)")
+
+
+def check_finite(x: np.ndarray, shown: str, what: str) -> None:
+    """Raise on the first NaN/inf; chunked so a large array needs no full-size bool copy."""
+    rows = max(1, (1 << 22) // max(1, int(np.prod(x.shape[1:], dtype=np.int64))))
+    for start in range(0, len(x), rows):
+        block = x[start : start + rows]
+        if not np.isfinite(block).all():
+            where = np.argwhere(~np.isfinite(block))[0]
+            index = (start + int(where[0]), *(int(i) for i in where[1:]))
+            value = block[tuple(where)]
+            raise DataError(f"{shown}: {what} has a non-finite value ({value}) at index {list(index)}")
+
+
+def integer_labels(labels: np.ndarray, shown: str, what: str) -> tuple[np.ndarray, tuple[str, ...]]:
+    """Integer class indices -> (int64 labels, names '0'..'K-1'); rejects negatives and fractions."""
+    if labels.dtype.kind == "b":
+        labels = labels.astype(np.int64)
+    if labels.dtype.kind == "f":
+        bad = ~np.isfinite(labels) | (labels != np.round(labels))
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise DataError(f"{shown}: {what}[{i}] = {labels[i]} is not an integer class index")
+    elif labels.dtype.kind not in "iu":
+        raise DataError(f"{shown}: {what} has dtype {labels.dtype}; expected integer class indices or strings")
+    if labels.size == 0:
+        raise DataError(f"{shown}: {what} is empty")
+    low, high = labels.min(), labels.max()
+    if low < 0:
+        i = int(np.argmin(labels))
+        raise DataError(f"{shown}: {what}[{i}] = {labels[i]} is out of range; labels must be class indices >= 0")
+    # Indices must be dense 0..K-1; a label beyond the sample count means most classes are empty.
+    if high >= len(labels):
+        i = int(np.argmax(labels))
+        raise DataError(
+            f"{shown}: {what}[{i}] = {labels[i]} is out of range; labels must be class indices "
+            f"0..K-1 and there are only {len(labels)} samples"
+        )
+    return labels.astype(np.int64), tuple(str(i) for i in range(int(high) + 1))
+
+
+def string_labels(labels: np.ndarray) -> tuple[np.ndarray, tuple[str, ...]]:
+    """String labels -> (int64 indices into the sorted names, sorted names)."""
+    names, y = np.unique(labels.astype(str), return_inverse=True)
+    return y.astype(np.int64).ravel(), tuple(str(n) for n in names)
+
+
+def check_dataset(raw: RawData, shown: str, check_finite: bool = True, labels_shown: str | None = None) -> RawData:
+    """Checks every reader's result: dtypes, shapes, counts, finite values, label range, >= 2 classes.
+
+    ``labels_shown`` names the label file in label messages where labels have a file of their own.
+    """
+    x, y, names = raw
+    if x.dtype != np.float32 or y.dtype != np.int64:
+        raise TypeError(f"reader returned x {x.dtype} / y {y.dtype}; expected float32 / int64")
+    if x.ndim not in (2, 4):
+        raise DataError(f"{shown}: inputs have shape {x.shape}; expected (N, features) or (N, C, H, W)")
+    if len(x) == 0:
+        raise DataError(f"{shown}: contains no samples")
+    if y.shape != (len(x),):
+        raise DataError(f"{shown}: {len(x)} inputs but {len(y)} labels")
+    if min(x.shape[1:]) == 0:
+        raise DataError(f"{shown}: inputs have an empty dimension: shape {x.shape}")
+    if check_finite:
+        check_finite(x, shown, "inputs")
+    labels_shown = labels_shown or shown
+    if y.min() < 0 or y.max() >= len(names):
+        i = int(np.flatnonzero((y < 0) | (y >= len(names)))[0])
+        raise DataError(f"{labels_shown}: label {y[i]} at index {i} is out of range 0..{len(names) - 1}")
+    present = np.unique(y)
+    if len(present) < 2:
+        raise DataError(
+            f"{labels_shown}: all {len(y)} samples belong to one class ({names[int(present[0])]!r}); "
+            "need at least 2 classes"
+        )
+    return raw
+
+
+def min_samples_per_class(val_fraction: float, test_fraction: float) -> int:
+    """The smallest class that can give every split (train, val, test) at least one sample."""
+    fractions = (1.0 - val_fraction - test_fraction, val_fraction, test_fraction)
+    # 1e-9: 1 / 0.25 must be 4, not 4.000000000000001 -> 5.
+    return max(3, *(math.ceil(1.0 / f - 1e-9) for f in fractions))
+
+
+def check_splittable(
+    y: np.ndarray, class_names: tuple[str, ...], val_fraction: float, test_fraction: float, shown: str
+) -> None:
+    """Every class must be large enough for a stratified train/val/test split."""
+    need = min_samples_per_class(val_fraction, test_fraction)
+    counts = np.bincount(y, minlength=len(class_names))
+    for index in np.flatnonzero(counts < need):
+        raise DataError(
+            f"{shown}: class {class_names[index]!r} has {int(counts[index])} samples; a stratified "
+            f"train/val/test split with val_fraction={val_fraction} and test_fraction={test_fraction} "
+            f"needs at least {need} per class"
+        )

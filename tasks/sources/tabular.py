@@ -1,0 +1,141 @@
+"""NumPy ``.npz`` archives and CSV files with a label column."""
+
+from __future__ import annotations
+
+import csv
+import math
+import zipfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from tasks.sources.common import DataError, RawData, check_dataset, check_file, check_finite, integer_labels, string_labels
+
+
+def read_npz(path: Path, shown: str, inputs: str, labels: str) -> RawData:
+    """NPZ arrays: 2-D inputs are tabular, 3-D become (N, 1, H, W), 4-D NCHW stay as they are."""
+    check_file(path, shown)
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zlib.error, zipfile.BadZipFile) as err:
+        # np.load raises ValueError for bytes that are neither .npy nor .npz (pickle refused).
+        raise DataError(f"{shown}: cannot read as NPZ: {err}") from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise DataError(f"{shown}: a single .npy array, not an NPZ archive of {inputs!r} and {labels!r}")
+    with archive:
+        for key in (inputs, labels):
+            if key not in archive.files:
+                found = ", ".join(sorted(archive.files)) or "none"
+                raise DataError(f"{shown}: no array named {key!r} (arrays: {found})")
+        try:
+            x_raw = archive[inputs]
+            y_raw = archive[labels]
+        except (OSError, ValueError, EOFError, zlib.error, zipfile.BadZipFile) as err:
+            raise DataError(f"{shown}: cannot read as NPZ: {err}") from None
+    if x_raw.dtype.kind not in "biuf":
+        raise DataError(f"{shown}: array {inputs!r} has dtype {x_raw.dtype}; expected numbers")
+    if x_raw.dtype.kind == "f" and x_raw.ndim >= 1:
+        check_finite(x_raw, shown, f"array {inputs!r}")  # before reshaping: the index is the file's
+    if x_raw.ndim == 3:
+        x_raw = x_raw[:, None, :, :]
+    elif x_raw.ndim not in (2, 4):
+        raise DataError(
+            f"{shown}: array {inputs!r} has shape {x_raw.shape}; expected 2-D (N, features), "
+            "3-D (N, H, W) or 4-D (N, C, H, W)"
+        )
+    if y_raw.ndim == 2 and y_raw.shape[1] == 1:
+        y_raw = y_raw[:, 0]
+    if y_raw.ndim != 1:
+        raise DataError(f"{shown}: array {labels!r} has shape {y_raw.shape}; expected 1-D labels")
+    if len(x_raw) != len(y_raw):
+        raise DataError(f"{shown}: array {inputs!r} has {len(x_raw)} samples but {labels!r} has {len(y_raw)} labels")
+    if y_raw.dtype.kind in "US":
+        y, class_names = string_labels(y_raw)
+    else:
+        y, class_names = integer_labels(y_raw, shown, f"array {labels!r}")
+    x = np.ascontiguousarray(x_raw, dtype=np.float32)
+    # Checked again only where the conversion can overflow: float64 beyond float32's range -> inf.
+    overflow = x_raw.dtype.kind == "f" and x_raw.dtype.itemsize > 4
+    return check_dataset(RawData(x, y, class_names), shown, check_finite=overflow)
+
+
+def read_csv(path: Path, shown: str, label_column: str) -> RawData:
+    """A CSV with a header row: every column but ``label_column`` is a numeric feature.
+
+    Labels that are all integers are class indices (names '0'..'K-1'); otherwise they are
+    class names, sorted.
+    """
+    check_file(path, shown)
+    rows: list[list[float]] = []
+    labels: list[str] = []
+    lines: list[int] = []
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.reader(handle)
+            header = next(reader, None)
+            if header is None:
+                raise DataError(f"{shown}: empty file; expected a header row")
+            header = [name.strip() for name in header]
+            if label_column not in header:
+                raise DataError(
+                    f"{shown}: no label column {label_column!r} in the header (columns: {', '.join(header)})"
+                )
+            if len(header) < 2:
+                raise DataError(f"{shown}: only the label column {label_column!r}; no feature columns")
+            label_at = header.index(label_column)
+            feature_names = [n for i, n in enumerate(header) if i != label_at]
+            for fields in reader:
+                line = reader.line_num
+                if not fields or (len(fields) == 1 and not fields[0].strip()):
+                    continue  # blank line
+                if len(fields) != len(header):
+                    raise DataError(f"{shown}: line {line}: expected {len(header)} fields, found {len(fields)}")
+                label = fields.pop(label_at).strip()
+                if not label:
+                    raise DataError(f"{shown}: line {line}, column {label_column!r}: empty label")
+                values = _parse_floats(fields, feature_names, shown, line)
+                rows.append(values)
+                labels.append(label)
+                lines.append(line)
+    except DataError:
+        raise
+    except UnicodeDecodeError as err:
+        raise DataError(f"{shown}: not UTF-8 text: {err}") from None
+    except (OSError, csv.Error) as err:
+        raise DataError(f"{shown}: cannot read as CSV: {err}") from None
+    if not rows:
+        raise DataError(f"{shown}: header only; no data rows")
+    try:
+        indices = [int(v) for v in labels]
+    except ValueError:
+        y, class_names = string_labels(np.array(labels))
+    else:
+        for i, value in enumerate(indices):
+            # Integer labels are class indices; name the line of the first impossible one.
+            if value < 0 or value >= len(indices):
+                raise DataError(
+                    f"{shown}: line {lines[i]}, column {label_column!r}: label {value} is out of range; "
+                    f"integer labels are class indices 0..K-1 (and there are {len(indices)} rows)"
+                )
+        y, class_names = integer_labels(np.array(indices, dtype=np.int64), shown, "labels")
+    x = np.array(rows, dtype=np.float32)
+    return check_dataset(RawData(x, y, class_names), shown)
+
+
+def _parse_floats(fields: list[str], names: list[str], shown: str, line: int) -> list[float]:
+    try:
+        values = [float(f) for f in fields]
+        if all(math.isfinite(v) for v in values):
+            return values
+    except ValueError:
+        pass
+    # Slow path only on a bad row: find the column to name.
+    for name, field in zip(names, fields):
+        try:
+            value = float(field)
+        except ValueError:
+            raise DataError(f"{shown}: line {line}, column {name!r}: not a number: {field.strip()!r}") from None
+        if not math.isfinite(value):
+            raise DataError(f"{shown}: line {line}, column {name!r}: {field.strip()!r} is not a finite number")
+    raise AssertionError("unreachable")

@@ -1,0 +1,70 @@
+"""The ``slimflow`` command line, as a user types it (the console script in a subprocess)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import make_project, slimflow
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_project(tmp_path_factory.mktemp("cli") / "project")
+
+
+def _one_error_line(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, stderr
+    assert "Traceback" not in stderr
+    return lines[0]
+
+
+def test_params_schema_is_json_with_every_section(project: Path) -> None:
+    done = slimflow(project, "params", "--schema")
+    assert done.returncode == 0, done.stderr
+    schema = json.loads(done.stdout)
+    assert set(schema["properties"]) == {"base", "prepare", "train", "compress", "evaluate"}
+
+
+def test_params_shows_the_effective_values_with_overrides(project: Path) -> None:
+    done = slimflow(project, "params", "--set", "train.epochs=3")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["train"]["epochs"] == 3
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (("params", "--set", "train.epochs=0"), "train.epochs: Input should be greater than or equal to 1"),
+        (("params", "--set", "train.model.channels=[32,"), "train.model.channels=[32,: not valid YAML"),
+        (("run", "--from", "deploy"), "unknown stage 'deploy'; stages: prepare, train, compress, evaluate"),
+        (("run", "--set", "train.nope=1"), "train.nope: unknown key"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_code_2(project: Path, args: tuple[str, ...], expected: str) -> None:
+    done = slimflow(project, *args)
+    assert done.returncode == 2
+    assert expected in _one_error_line(done.stderr)
+
+
+def test_report_without_an_evaluation_says_what_to_run(project: Path) -> None:
+    done = slimflow(project, "report")
+    assert done.returncode == 1
+    assert "run `slimflow run` first" in _one_error_line(done.stderr)
+
+
+def test_report_draws_the_comparison_from_the_dvc_metrics(tmp_path: Path) -> None:
+    root = make_project(tmp_path / "project")
+    (root / "metrics").mkdir(exist_ok=True)
+    (root / "metrics" / "evaluate.json").write_text(json.dumps({
+        "baseline": {"accuracy": 0.9708, "size_bytes": 80_000, "latency_p50_ms": 0.2, "passed_gate": 1, "champion": 0},
+        "int8-dynamic": {"accuracy": 0.9798, "size_bytes": 20_000, "latency_p50_ms": 0.1, "passed_gate": 1, "champion": 1},
+    }))
+    done = slimflow(root, "report")
+    assert done.returncode == 0, done.stderr
+    line = next(line for line in done.stdout.splitlines() if "int8-dynamic" in line)
+    for cell in ("97.98", "+0.90", "19.5", "4.00", "2.00", "champion"):
+        assert cell in line, line

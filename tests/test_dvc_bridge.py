@@ -1,0 +1,103 @@
+"""The DVC bridge: stage names from dvc.yaml, stage selection, the project lock, and one
+stage reproduced through DVC's API with the run context handed to its process (real DVC)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tasks.core import dvc as dvc_bridge
+from tasks.core.run_context import RunContext
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_stage_names_come_from_dvc_yaml_in_its_order() -> None:
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    assert dvc_bridge.stage_names(REPO) == tuple(stages) == ("prepare", "train", "compress", "evaluate")
+
+
+@pytest.mark.parametrize(
+    ("first", "last", "expected"),
+    [(None, None, ["prepare", "train", "compress", "evaluate"]), ("train", "compress", ["train", "compress"]),
+     ("evaluate", None, ["evaluate"]), (None, "prepare", ["prepare"])],
+)
+def test_select_stages(first: str | None, last: str | None, expected: list[str]) -> None:
+    assert dvc_bridge.select_stages(first, last, REPO) == expected
+
+
+def test_select_stages_refuses_unknown_and_empty_ranges() -> None:
+    with pytest.raises(ValueError, match="unknown stage 'deploy': expected one of prepare, train, compress, evaluate"):
+        dvc_bridge.select_stages("deploy", None, REPO)
+    with pytest.raises(ValueError, match="stage range evaluate..train is empty"):
+        dvc_bridge.select_stages("evaluate", "train", REPO)
+
+
+def test_the_project_lock_is_exclusive_and_names_its_holder(tmp_path: Path) -> None:
+    with dvc_bridge.pipeline_lock(tmp_path):
+        code = ("import sys; from pathlib import Path; from tasks.core.dvc import pipeline_lock, PipelineBusy\n"
+                "try:\n    pipeline_lock(Path(sys.argv[1])).__enter__()\nexcept PipelineBusy as err:\n    print(err)")
+        done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60)
+    assert f"held by pid {os.getpid()}" in done.stdout
+    assert "--wait SECONDS" in done.stdout
+    with dvc_bridge.pipeline_lock(tmp_path):  # released: free again
+        pass
+
+
+@pytest.fixture
+def dvc_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A DVC project with two stages: one records the run context it got, one fails as
+    a stage does on bad input (one message, exit code 2)."""
+    root = tmp_path / "p"
+    (root / "tasks").mkdir(parents=True)
+    (root / "tasks" / "__init__.py").write_text("")
+    (root / "tasks" / "record.py").write_text(textwrap.dedent("""
+        import json, pathlib
+        from tasks.core.run_context import RunContext
+        pathlib.Path("out.json").write_text(json.dumps(RunContext.current().__dict__))
+    """))
+    (root / "tasks" / "refuse.py").write_text(textwrap.dedent("""
+        import sys
+        from tasks.core.errors import report_stage_error
+        report_stage_error("refuse", "params.yaml: refuse.x: must be positive")
+        sys.exit(2)
+    """))
+    pythonpath = f"{root}{os.pathsep}{REPO}"
+    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
+        "record": {"cmd": f"PYTHONPATH={pythonpath} python -m tasks.record", "deps": ["tasks/record.py"], "outs": ["out.json"]},
+        "refuse": {"cmd": f"PYTHONPATH={pythonpath} python -m tasks.refuse", "deps": ["tasks/refuse.py"]},
+    }}))
+    for command in (["git", "init", "-q"], [str(Path(sys.executable).parent / "dvc"), "init", "-q"]):
+        subprocess.run(command, cwd=root, check=True)
+    monkeypatch.chdir(root)  # the flow runs in the project root, as `dvc repro` does
+    return root
+
+
+@pytest.mark.integration
+def test_a_stage_gets_the_run_context_and_runs_once(dvc_project: Path) -> None:
+    context = RunContext(parent_run_id="run-1", flow_run_id="flow-1", experiment_id="3")
+    assert dvc_bridge.reproduce_stage(dvc_project, "record", context=context) is True
+    got = json.loads((dvc_project / "out.json").read_text())
+    assert {k: got[k] for k in ("parent_run_id", "flow_run_id", "experiment_id")} == \
+        {"parent_run_id": "run-1", "flow_run_id": "flow-1", "experiment_id": "3"}
+    assert got["error_file"].endswith(".slimflow/record.error")
+    assert dvc_bridge.reproduce_stage(dvc_project, "record", context=context) is False  # up to date: skipped
+    assert dvc_bridge.pipeline_status(dvc_project, ["record"]) == {}
+    assert "SLIMFLOW_RUN_CONTEXT" not in os.environ
+
+
+@pytest.mark.integration
+def test_a_failing_stage_raises_its_own_message_and_exit_code(dvc_project: Path) -> None:
+    with pytest.raises(dvc_bridge.StageFailed) as failed:
+        dvc_bridge.reproduce_stage(dvc_project, "refuse")
+    assert str(failed.value) == "refuse: params.yaml: refuse.x: must be positive"
+    assert failed.value.bad_input
+    assert not (dvc_project / ".slimflow" / "refuse.error").exists()

@@ -1,0 +1,68 @@
+"""MLflow helpers shared by the stages, on a real MLflow store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tasks.core import tracking
+from tasks.core.run_context import ENV, RunContext
+
+
+def _run(run_id: str):
+    import mlflow
+
+    return mlflow.get_run(run_id)
+
+
+def test_without_a_context_a_stage_run_is_top_level_in_the_named_experiment(
+    tmp_path: Path, mlflow_uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mlflow
+
+    monkeypatch.delenv(ENV, raising=False)
+    with tracking.stage_run("train", tmp_path, "my-experiment", params={"model": {"width": 0.5}}) as run:
+        run_id = run.info.run_id
+    got = _run(run_id)
+    assert got.info.status == "FINISHED"
+    assert mlflow.get_experiment(got.info.experiment_id).name == "my-experiment"
+    assert "mlflow.parentRunId" not in got.data.tags
+    assert got.data.tags["stage"] == "train"
+    assert got.data.params == {"model.width": "0.5"}
+
+
+def test_inside_a_pipeline_run_the_context_links_the_stage_run(
+    tmp_path: Path, mlflow_uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mlflow
+
+    experiment_id = mlflow.create_experiment("pipeline-experiment")
+    with mlflow.start_run(experiment_id=experiment_id) as parent:
+        pass
+    context = RunContext(parent_run_id=parent.info.run_id, flow_run_id="flow-123", experiment_id=experiment_id)
+    monkeypatch.setenv(ENV, context.as_env()[ENV])
+    # base.experiment says otherwise: the pipeline run's experiment wins inside a run.
+    with tracking.stage_run("evaluate", tmp_path, "another-name") as run:
+        run_id = run.info.run_id
+    got = _run(run_id)
+    assert got.info.experiment_id == experiment_id
+    assert got.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert got.data.tags["prefect_flow_run_id"] == "flow-123"
+
+
+def test_a_failing_stage_run_ends_failed_with_its_reason(tmp_path: Path, mlflow_uri: str) -> None:
+    with pytest.raises(RuntimeError), tracking.stage_run("compress", tmp_path, "e") as run:
+        run_id = run.info.run_id
+        raise RuntimeError("disk full")
+    got = _run(run_id)
+    assert got.info.status == "FAILED"
+    assert got.data.tags["error"] == "disk full"
+
+
+def test_the_default_store_is_the_projects_sqlite_file(tmp_path: Path) -> None:
+    assert tracking.default_tracking_uri(tmp_path) == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+
+
+def test_flatten_names_nested_keys_with_dots() -> None:
+    assert tracking.flatten({"a": {"b": 1, "c": {"d": [1, 2]}}, "e": None}) == {"a.b": 1, "a.c.d": [1, 2], "e": None}
