@@ -23,7 +23,7 @@ class RawData(NamedTuple):
     class_names: tuple[str, ...]
 
 
-def check_file(path: Path, shown: str) -> None:
+def require_file(path: Path, shown: str) -> None:
     if not path.exists():
         raise DataError(f"{shown}: file not found")
     if not path.is_file():
@@ -32,7 +32,7 @@ def check_file(path: Path, shown: str) -> None:
         raise DataError(f"{shown}: file is not readable (permission denied)")
 
 
-def check_finite(x: np.ndarray, shown: str, what: str) -> None:
+def require_finite(x: np.ndarray, shown: str, what: str) -> None:
     """Raise on the first NaN/inf; chunked so a large array needs no full-size bool copy."""
     rows = max(1, (1 << 22) // max(1, int(np.prod(x.shape[1:], dtype=np.int64))))
     for start in range(0, len(x), rows):
@@ -94,7 +94,7 @@ def check_dataset(raw: RawData, shown: str, check_finite: bool = True, labels_sh
     if min(x.shape[1:]) == 0:
         raise DataError(f"{shown}: inputs have an empty dimension: shape {x.shape}")
     if check_finite:
-        check_finite(x, shown, "inputs")
+        require_finite(x, shown, "inputs")
     labels_shown = labels_shown or shown
     if y.min() < 0 or y.max() >= len(names):
         i = int(np.flatnonzero((y < 0) | (y >= len(names)))[0])

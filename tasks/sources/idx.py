@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.sources.common import DataError, RawData, check_dataset, check_file, integer_labels
+from tasks.sources.common import DataError, RawData, check_dataset, require_file, integer_labels
 
 
 IDX_IMAGES_MAGIC = 0x00000803  # unsigned bytes, 3 dimensions (N, H, W)
@@ -49,7 +49,7 @@ def _parse_idx_header(head: bytes, shown: str, magic: int, what: str) -> tuple[i
 
 def _open_idx(path: Path, shown: str, magic: int, what: str) -> tuple[tuple[int, ...], bool]:
     """Validate the file and its header; returns (dims, gzipped) without reading the data."""
-    check_file(path, shown)
+    require_file(path, shown)
     ndim = magic & 0xFF
     try:
         gzipped = _is_gzip(path)

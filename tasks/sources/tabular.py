@@ -10,12 +10,12 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.sources.common import DataError, RawData, check_dataset, check_file, check_finite, integer_labels, string_labels
+from tasks.sources.common import DataError, RawData, check_dataset, require_file, require_finite, integer_labels, string_labels
 
 
 def read_npz(path: Path, shown: str, inputs: str, labels: str) -> RawData:
     """NPZ arrays: 2-D inputs are tabular, 3-D become (N, 1, H, W), 4-D NCHW stay as they are."""
-    check_file(path, shown)
+    require_file(path, shown)
     try:
         archive = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError, zlib.error, zipfile.BadZipFile) as err:
@@ -36,7 +36,7 @@ def read_npz(path: Path, shown: str, inputs: str, labels: str) -> RawData:
     if x_raw.dtype.kind not in "biuf":
         raise DataError(f"{shown}: array {inputs!r} has dtype {x_raw.dtype}; expected numbers")
     if x_raw.dtype.kind == "f" and x_raw.ndim >= 1:
-        check_finite(x_raw, shown, f"array {inputs!r}")  # before reshaping: the index is the file's
+        require_finite(x_raw, shown, f"array {inputs!r}")  # before reshaping: the index is the file's
     if x_raw.ndim == 3:
         x_raw = x_raw[:, None, :, :]
     elif x_raw.ndim not in (2, 4):
@@ -66,7 +66,7 @@ def read_csv(path: Path, shown: str, label_column: str) -> RawData:
     Labels that are all integers are class indices (names '0'..'K-1'); otherwise they are
     class names, sorted.
     """
-    check_file(path, shown)
+    require_file(path, shown)
     rows: list[list[float]] = []
     labels: list[str] = []
     lines: list[int] = []
