@@ -10,6 +10,7 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.table import Table
 
+from flows.champion import app as champion_app
 from flows.prefect_settings import use_project_prefect_settings
 from flows.report import comparison_table
 from tasks.compression.recipes import check_pipeline
@@ -24,6 +25,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
+app.add_typer(champion_app, name="champion")
 console = table_console()
 errors = table_console(stderr=True)
 

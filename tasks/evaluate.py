@@ -8,8 +8,11 @@ and the ratios to the baseline. It then
 
 - opens the stage's MLflow run with one nested run per model (same metric keys, so the
   MLflow compare view lines them up), the manifest as params;
-- applies the gate (:func:`tasks.evaluation.gate.select_champion`) and registers the winner
-  as a pyfunc model under ``evaluate.registered_model`` with the ``champion`` alias;
+- applies the gate (:func:`tasks.evaluation.gate.select_champion`); the winner then
+  challenges the current ``@champion`` of ``evaluate.registered_model``
+  (:mod:`tasks.evaluation.challenge`) and is registered with the alias only if it takes
+  the same input and is not worse on the same data (:mod:`tasks.evaluation.registration`);
+  the decision and both models' figures go to ``artifacts/evaluation/promotion.json``;
 - writes ``metrics/evaluate.json``, ``plots/tradeoff.json``, ``plots/confusion.csv``, the
   PNGs declared in ``dvc.yaml`` and ``artifacts/evaluation/`` (report, training curves),
   built in a staging folder and moved into place only when all of them exist;
@@ -39,7 +42,7 @@ log = logging.getLogger("slimflow.evaluate")
 def run_evaluate(paths: ProjectPaths, params: Params) -> Evaluation:
     """Measure, compare, decide, register and publish; the outputs appear all together or not at all."""
     from tasks.core import tracking
-    from tasks.evaluation import runs  # MLflow: imported once the inputs are known to be there
+    from tasks.evaluation import registration, runs  # MLflow: imported once the inputs are known to be there
 
     settings = params.evaluate
     model_dirs = discover_models(paths)
@@ -62,9 +65,10 @@ def run_evaluate(paths: ProjectPaths, params: Params) -> Evaluation:
                 )
             render_outputs(staging, evaluation, read_history(paths.plots / "train_history.json"))
             # The registry is the one change that cannot be rolled back: do it last.
-            evaluation.promotion = runs.register_champion(evaluation, paths, settings)
+            evaluation.promotion = registration.register_champion(evaluation, paths, settings)
+            write_json(staging / "evaluation" / "promotion.json", evaluation.promotion.decision)
             curves = (staging / "evaluation" / "training_curves.png").is_file()
-            digest = runs.data_digest_or_none(paths.prepared)
+            digest = registration.data_digest_or_none(paths)
             (staging / "evaluation" / "report.md").write_text(report_markdown(evaluation, settings, digest, curves))
             write_json(staging / "metrics" / "evaluate.json", metrics_document(evaluation))
             runs.log_stage_summary(evaluation, staging)

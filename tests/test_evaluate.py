@@ -179,10 +179,12 @@ def test_champion_loads_through_pyfunc_and_predicts_like_the_stage(evaluated: di
     raw = np.load(root / "data" / "prepared" / "test_x.npy")  # raw, (N, 1, 8, 8)
     expected = evaluation.models[evaluation.champion].predictions
     shaped = np.asarray(model.predict(raw))
-    flat = np.asarray(model.predict(raw.reshape(len(raw), -1)))
     assert shaped.dtype.kind == "i"
     np.testing.assert_array_equal(shaped, expected)
-    np.testing.assert_array_equal(flat, expected)
+    from mlflow.exceptions import MlflowException
+
+    with pytest.raises(MlflowException, match=r"expected shape \(-1, 1, 8, 8\)"):  # the signature: shaped only
+        model.predict(raw.reshape(len(raw), -1))
     with (root / "plots" / "confusion.csv").open() as handle:
         published = [row["predicted"] for row in csv.DictReader(handle)]
     assert published == [evaluation.class_names[i] for i in expected]

@@ -46,12 +46,13 @@ def write_prepared(folder: Path, test_size: int = 150) -> Preprocessing:
 
 
 def train_tiny(spec: ModelSpec, prepared: Path, steps: int = 60, seed: int = 0) -> torch.nn.Module:
-    """Full-batch Adam for a few dozen steps: enough for digits, well under a second."""
-    from tasks.data import load_split
+    """Full-batch Adam for a few dozen steps: enough for digits, well under a second (0 steps: untrained)."""
+    from tasks.data import load_preprocessing, load_split
 
     torch.manual_seed(seed)
-    train = load_split(prepared, "train")
-    model = build_model(spec, (1, 8, 8), 10)
+    preprocessing = load_preprocessing(prepared)
+    train = load_split(prepared, "train", preprocessing)
+    model = build_model(spec, tuple(preprocessing.input_shape), preprocessing.num_classes)
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
     x, y = torch.from_numpy(train.x), torch.from_numpy(train.y)
     for _ in range(steps):
@@ -61,9 +62,11 @@ def train_tiny(spec: ModelSpec, prepared: Path, steps: int = 60, seed: int = 0) 
     return model.eval()
 
 
-def save_baseline(model: torch.nn.Module, folder: Path, spec: ModelSpec = SPEC) -> dict[str, Any]:
+def save_baseline(
+    model: torch.nn.Module, folder: Path, spec: ModelSpec = SPEC, input_shape: tuple[int, ...] = (1, 8, 8)
+) -> dict[str, Any]:
     return save_state_dict_model(
-        model, spec, (1, 8, 8), 10, folder, {"name": "baseline", "method": "baseline", "recipe": [], "parent": None}
+        model, spec, input_shape, 10, folder, {"name": "baseline", "method": "baseline", "recipe": [], "parent": None}
     )
 
 

@@ -1,5 +1,8 @@
-"""Promotion in a real MLflow registry (the alias moves, earlier versions stay), and the
-champion served by ``mlflow models serve`` (:mod:`tasks.evaluation.promotion`, :mod:`~tasks.evaluation.pyfunc`)."""
+"""Promotion in a real MLflow registry (complete versions, the alias moves last, earlier
+versions stay, rollback), the signature and input example of every version, and the
+champion served by ``mlflow models serve``, refusing ill-shaped requests
+(:mod:`tasks.evaluation.promotion`, :mod:`~tasks.evaluation.pyfunc`,
+:mod:`~tasks.evaluation.signature`, :mod:`flows.champion`)."""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -36,44 +40,143 @@ def two_models(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mlflow_uri: str)
 
 def test_a_second_promotion_moves_the_alias_and_keeps_version_1(two_models: dict[str, Path]) -> None:
     import mlflow
+    from mlflow.exceptions import MlflowException
 
     client = mlflow.MlflowClient()
     name = "registry-test"
-    preprocess = two_models["prepared"] / "preprocess.json"
     evidence = {"data_digest": "d1", "git_commit": "abc123", "metric.accuracy": 0.97, "recipe": []}
     assert keep_champion(name, "nothing passed").version is None  # nothing registered yet
 
     with mlflow.start_run():
-        first = promote("baseline", two_models["baseline"], preprocess, name, evidence)
-    assert first.promoted and first.new_version and first.version == "1"
+        first = promote("baseline", two_models["baseline"], two_models["prepared"], name, evidence)
+    assert first.promoted and first.new_version and first.version == "1" and first.previous_version is None
     assert str(client.get_model_version_by_alias(name, CHAMPION_ALIAS).version) == "1"
 
     with mlflow.start_run():
-        second = promote("distilled-mlp-w0.5", two_models["narrow"], preprocess, name,
+        second = promote("distilled-mlp-w0.5", two_models["narrow"], two_models["prepared"], name,
                          {**evidence, "recipe": [{"method": "distill"}]})
     assert second.promoted and second.version == "2" and second.previous_version == "1"
     champion = client.get_model_version_by_alias(name, CHAMPION_ALIAS)
     assert str(champion.version) == "2"
+    # Tags and description came with the version (one create_model_version call).
     assert champion.tags["variant"] == "distilled-mlp-w0.5" and champion.tags["data_digest"] == "d1"
     assert json.loads(champion.tags["recipe"]) == [{"method": "distill"}]
     assert champion.tags["git_commit"] == "abc123" and champion.tags["model_digest"]
+    assert champion.tags["previous_champion"] == "1" and champion.tags["promoted_at"]
+    assert champion.description.startswith("slimflow distilled-mlp-w0.5")
     version_1 = client.get_model_version(name, "1")
     assert version_1.tags["variant"] == "baseline" and CHAMPION_ALIAS not in version_1.aliases
-
-    # The same model on the same data again: no new version, the alias stays.
-    with mlflow.start_run():
-        again = promote("distilled-mlp-w0.5", two_models["narrow"], preprocess, name, evidence)
-    assert again.promoted and not again.new_version and again.version == "2"
+    assert "previous_champion" not in version_1.tags
     kept = keep_champion(name, "no model passes the gate")
     assert not kept.promoted and kept.version == "2" and "no model passes the gate" in kept.reason
     assert {str(v.version) for v in client.search_model_versions(f"name='{name}'")} == {"1", "2"}
 
-    # The champion predicts from raw inputs, flat or shaped, and returns class indices.
+    # The champion takes raw SHAPED inputs and returns class indices; anything else is
+    # refused with the expected shape, by MLflow's schema check and by predict() itself.
     model = mlflow.pyfunc.load_model(f"models:/{name}@{CHAMPION_ALIAS}")
     raw = np.load(two_models["prepared"] / "test_x.npy")
-    shaped, flat = model.predict(raw[:20]), model.predict(raw[:20].reshape(20, -1).tolist())
+    shaped = model.predict(raw[:20])
     assert shaped.shape == (20,) and shaped.dtype == np.int64
-    np.testing.assert_array_equal(shaped, flat)
+    with pytest.raises(MlflowException, match=r"expected shape \(-1, 1, 8, 8\)"):
+        model.predict(raw[:20].reshape(20, -1))
+    with pytest.raises(MlflowException, match=r"expected shape \(-1, 1, 8, 8\)") as refused:
+        model.unwrap_python_model().predict(None, raw[:20].reshape(20, -1))
+    assert refused.value.error_code == "INVALID_PARAMETER_VALUE"  # `mlflow models serve` answers 400
+
+
+def test_the_registered_version_has_a_signature_an_input_example_and_no_pickle(
+    two_models: dict[str, Path],
+) -> None:
+    import mlflow
+    from mlflow.models import Model
+
+    name = "signature-test"
+    with mlflow.start_run():
+        promote("baseline", two_models["baseline"], two_models["prepared"], name, {"data_digest": "d"})
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}@{CHAMPION_ALIAS}"))
+    mlmodel = Model.load(str(local / "MLmodel"))
+    assert mlmodel.signature is not None
+    inputs = mlmodel.signature.inputs
+    assert inputs.is_tensor_spec() and inputs.input_names() == ["raw_shaped_input"]
+    assert inputs.inputs[0].shape == (-1, 1, 8, 8) and str(inputs.inputs[0].type) == "float32"
+    assert mlmodel.saved_input_example_info is not None
+    example = mlmodel.load_input_example(str(local))  # {tensor name: array}
+    assert np.asarray(example["raw_shaped_input"]).shape == (2, 1, 8, 8)
+    serving = json.loads((local / "serving_input_example.json").read_text())
+    assert np.asarray(serving["inputs"]).shape == (2, 1, 8, 8)  # the request body `mlflow models serve` takes
+    # "Models from code": the model is this file, not a pickled object.
+    pyfunc = mlmodel.flavors["python_function"]
+    assert pyfunc["loader_module"] == "mlflow.pyfunc.loaders.code_model"
+    assert (local / "champion_model.py").is_file() and not list(local.rglob("python_model.pkl"))
+
+
+def test_a_tabular_version_has_a_column_schema(tmp_path: Path, two_models: dict[str, Path]) -> None:
+    from tasks.data import Preprocessing
+    from tasks.evaluation.signature import input_example, input_schema, model_signature
+
+    preprocessing = Preprocessing((4,), 2, ("a", "b"), (0.0,) * 4, (1.0,) * 4)
+    np.save(tmp_path / "test_x.npy", np.ones((3, 4), np.float32))
+    signature = model_signature(preprocessing)
+    assert not signature.inputs.is_tensor_spec() and signature.inputs.input_names() == ["x0", "x1", "x2", "x3"]
+    assert list(input_example(tmp_path, preprocessing).columns) == ["x0", "x1", "x2", "x3"]
+    assert input_schema(preprocessing) == {"type": "columns", "dtype": "double", "columns": 4,
+                                           "layout": "raw, one column per feature"}
+
+
+# ---------------------------------------------------------------------------- rollback
+def test_rollback_moves_the_alias_back_and_records_the_reason(
+    two_models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`slimflow champion show / rollback` (the typer sub-app, in-process) on a real registry."""
+    import mlflow
+    from typer.testing import CliRunner
+
+    from flows.champion import app as champion_app
+
+    name = "rollback-test"
+    with mlflow.start_run():
+        promote("baseline", two_models["baseline"], two_models["prepared"], name, {"data_digest": "d1"})
+    with mlflow.start_run():
+        promote("distilled-mlp-w0.5", two_models["narrow"], two_models["prepared"], name, {"data_digest": "d1"})
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    (tmp_path / "params.yaml").write_text(f"base:\n  experiment: registry-tests\nevaluate:\n  registered_model: {name}\n")
+    monkeypatch.setenv("SLIMFLOW_ROOT", str(tmp_path))
+    runner, client = CliRunner(), mlflow.MlflowClient()
+
+    shown = runner.invoke(champion_app, ["show"])
+    assert shown.exit_code == 0, shown.output
+    assert "distilled-mlp-w0.5" in shown.output and "previous champion" in shown.output
+
+    done = runner.invoke(champion_app, ["rollback", "--reason", "latency regression in production"])
+    assert done.exit_code == 0, done.output
+    assert "version 2 -> 1" in done.output
+    champion = client.get_model_version_by_alias(name, CHAMPION_ALIAS)
+    assert str(champion.version) == "1"
+    assert champion.tags["rollback_reason"] == "latency regression in production"
+    assert champion.tags["rolled_back_from"] == "2"
+    assert json.loads(client.get_model_version(name, "2").tags["rolled_back"])["reason"] == (
+        "latency regression in production")
+    shown = runner.invoke(champion_app, ["show"])
+    assert "latency regression in production" in shown.output
+
+    # Version 1 had no champion before it: say so, move nothing.
+    again = runner.invoke(champion_app, ["rollback", "--reason", "again"])
+    assert again.exit_code == 1 and "records no previous champion" in again.output
+    missing = runner.invoke(champion_app, ["rollback", "--reason", "x", "--to", "9"])
+    assert missing.exit_code == 1 and "no version 9" in missing.output
+    assert str(client.get_model_version_by_alias(name, CHAMPION_ALIAS).version) == "1"
+    forward = runner.invoke(champion_app, ["rollback", "--reason", "fixed", "--to", "2"])
+    assert forward.exit_code == 0, forward.output
+    assert str(client.get_model_version_by_alias(name, CHAMPION_ALIAS).version) == "2"
+
+
+def test_the_cli_has_the_champion_commands() -> None:
+    from typer.main import get_command
+
+    from flows.cli import app
+
+    group = get_command(app).commands["champion"]
+    assert set(group.commands) == {"show", "rollback"}
 
 
 # ---------------------------------------------------------------------------- serving
@@ -92,14 +195,13 @@ def _post(url: str, payload: Any, timeout: float = 10.0) -> Any:
 
 
 @pytest.mark.integration
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(240)
 def test_mlflow_models_serve_answers_with_the_champion(two_models: dict[str, Path], mlflow_uri: str) -> None:
     import mlflow
 
     name = "served-test"
     with mlflow.start_run():
-        promote("baseline", two_models["baseline"], two_models["prepared"] / "preprocess.json", name,
-                {"data_digest": "d"})
+        promote("baseline", two_models["baseline"], two_models["prepared"], name, {"data_digest": "d"})
     expected = mlflow.pyfunc.load_model(f"models:/{name}@champion")
     raw = np.load(two_models["prepared"] / "test_x.npy")[:16]
 
@@ -127,8 +229,16 @@ def test_mlflow_models_serve_answers_with_the_champion(two_models: dict[str, Pat
             if time.monotonic() > deadline:
                 pytest.fail("mlflow models serve did not answer /ping within 60 s")
             time.sleep(0.5)
-        answer = _post(f"http://127.0.0.1:{port}/invocations", {"inputs": raw.reshape(len(raw), -1).tolist()})
+        # A request in the documented form: raw values, shaped (N, 1, 8, 8).
+        answer = _post(f"http://127.0.0.1:{port}/invocations", {"inputs": raw.tolist()})
         assert answer["predictions"] == expected.predict(raw).tolist()
+        # Wrongly shaped (flat rows, or another image size): HTTP 400 naming the expected shape.
+        for wrong in (raw.reshape(len(raw), -1), np.zeros((2, 1, 28, 28))):
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                _post(f"http://127.0.0.1:{port}/invocations", {"inputs": wrong.tolist()})
+            assert refused.value.code == 400
+            message = json.loads(refused.value.read())["message"]
+            assert "expected shape (-1, 1, 8, 8)" in message, message[-500:]
     finally:
         os.killpg(server.pid, signal.SIGTERM)  # the server and its gunicorn/uvicorn workers
         try:

@@ -2,7 +2,10 @@
 
 Measuring: ``measure`` (loading, quality), ``flops``, ``timing``, ``energy``, ``memory``
 (a fresh process per model), ``benchmark`` (every model alike, into ``results``).
-Deciding: ``gate``. Publishing: ``outputs`` (files), ``plots``, ``report``, ``summary``
-(rows for the shared table renderer), ``runs`` (MLflow), ``promotion`` and ``pyfunc``
-(the model registry). The stage entry :mod:`tasks.evaluate` strings them together.
+Deciding: ``gate`` (within one run), ``challenge`` (the gate's winner against the current
+champion). Publishing: ``outputs`` (files), ``plots``, ``report``, ``summary`` (rows for
+the shared table renderer), ``runs`` (MLflow). The registry: ``registration`` (the stage's
+registry step), ``promotion`` (versions, alias, rollback), ``pyfunc`` and
+``champion_model`` (the served model, logged as code), ``signature`` (its input contract).
+The stage entry :mod:`tasks.evaluate` strings them together.
 """

@@ -1,29 +1,39 @@
-"""The MLflow Model Registry: the gate's winner logged as a pyfunc model, registered, and
-given the ``champion`` alias.
+"""The MLflow Model Registry: versions, the ``champion`` alias, rollback.
 
-:func:`promote` logs the winner as a :class:`~tasks.evaluation.pyfunc.SlimflowClassifier`,
-registers it under ``evaluate.registered_model``, moves the ``champion`` alias to the new
-version (earlier versions stay) and tags the version with its evidence;
-:func:`keep_champion` leaves the alias where it is and says why.
+:func:`promote` logs a model as a :class:`~tasks.evaluation.pyfunc.SlimflowClassifier`
+("models from code", with a signature and an input example), creates the registered
+version WITH its evidence tags and description in one call, and moves the ``champion``
+alias last, so a crash leaves either nothing or a complete version that no alias points
+at. :func:`keep_champion` leaves the alias where it is. :func:`rollback_champion` points it
+back at the champion before (the ``previous_champion`` tag each promotion records), with
+the reason as a tag. Whether a challenger may be promoted at all is decided in
+:mod:`tasks.evaluation.challenge`.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import mlflow
 
-from tasks.evaluation.pyfunc import SlimflowClassifier, pip_requirements
+from tasks.evaluation.pyfunc import pip_requirements
+from tasks.evaluation.signature import describe, input_example, input_schema, model_signature, same_input
 
 log = logging.getLogger("slimflow.registry")
 
 CHAMPION_ALIAS = "champion"
 CODE_ROOT = Path(__file__).resolve().parents[2]  # holds the `tasks` and `models` packages
+MODEL_CODE = Path(__file__).with_name("champion_model.py")  # logged as the model's code
+
+
+class RegistryError(RuntimeError):
+    """A registry request that cannot be done; the message says why in one line."""
 
 
 @dataclass(frozen=True)
@@ -37,26 +47,35 @@ class Promotion:
     previous_version: str | None
     reason: str
     new_version: bool = False  # a version was registered by this run
+    decision: dict[str, Any] = field(default_factory=dict)  # the evidence: promotion.json
 
 
-def log_pyfunc_model(
-    model_dir: Path,
-    preprocess_json: Path,
-    registered_model: str | None = None,
-    name: str = "champion_model",
-) -> Any:
-    """Log ``model_dir`` as a :class:`SlimflowClassifier` to the active run (and register it)."""
+def now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def tag_value(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
+    return text[:5000]
+
+
+def log_pyfunc_model(model_dir: Path, prepared: Path, name: str = "champion_model") -> Any:
+    """Log ``model_dir`` as models-from-code to the active run, with signature and input example."""
     from tasks.core.model_files import read_manifest
+    from tasks.data import load_preprocessing
 
     manifest = read_manifest(model_dir)
+    preprocessing = load_preprocessing(prepared)
     return mlflow.pyfunc.log_model(
         name=name,
-        python_model=SlimflowClassifier(),
-        artifacts={"model": str(model_dir), "preprocess": str(preprocess_json)},
+        python_model=str(MODEL_CODE),
+        artifacts={"model": str(model_dir), "preprocess": str(prepared / "preprocess.json")},
         code_paths=[str(CODE_ROOT / "tasks"), str(CODE_ROOT / "models")],
         pip_requirements=pip_requirements(manifest),
-        registered_model_name=registered_model,
-        metadata={"slimflow_model": manifest.get("name", model_dir.name), "input": "raw, flat or shaped"},
+        signature=model_signature(preprocessing),
+        input_example=input_example(prepared, preprocessing),
+        metadata={"slimflow_model": manifest.get("name", model_dir.name),
+                  "input": describe(input_schema(preprocessing)) + ", raw values"},
     )
 
 
@@ -64,70 +83,158 @@ def current_champion(registered_model: str) -> Any | None:
     """The model version the ``champion`` alias points at, or None."""
     from mlflow.exceptions import MlflowException
 
-    client = mlflow.MlflowClient()
     try:
-        return client.get_model_version_by_alias(registered_model, CHAMPION_ALIAS)
+        return mlflow.MlflowClient().get_model_version_by_alias(registered_model, CHAMPION_ALIAS)
     except MlflowException:
         return None
 
 
-def _tag_value(value: Any) -> str:
-    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
-    return text[:5000]
+def version_input_schema(version: Any) -> dict[str, Any] | None:
+    """A registered version's input contract: its ``input_schema`` tag, else its ``preprocess.json``."""
+    if text := version.tags.get("input_schema"):
+        return json.loads(text)
+    try:  # a version registered before the tag existed: read the preprocessing it ships with
+        from tasks.data import Preprocessing
+
+        uri = mlflow.MlflowClient().get_model_version_download_uri(version.name, version.version)
+        local = mlflow.artifacts.download_artifacts(artifact_uri=f"{uri}/artifacts/preprocess.json")
+        return input_schema(Preprocessing.from_json(Path(local).read_text()))
+    except Exception as err:  # noqa: BLE001 - an unreadable contract is "unknown", decided by the caller
+        log.warning("version %s of %s: input schema unknown (%s)", version.version, version.name, err)
+        return None
+
+
+def _register_version(registered_model: str, info: Any, run_id: str | None, tags: Mapping[str, Any],
+                      description: str) -> str:
+    """One ``create_model_version`` call carries the tags and the description: no half-tagged version."""
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.MlflowClient()
+    try:
+        client.create_registered_model(registered_model)
+    except MlflowException as err:
+        if err.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            raise
+    version = client.create_model_version(
+        registered_model, source=info.model_uri, run_id=run_id, description=description,
+        tags={key: tag_value(value) for key, value in tags.items() if value is not None},
+        model_id=getattr(info, "model_id", None),
+    )
+    return str(version.version)
 
 
 def promote(
-    model_name: str,
-    model_dir: Path,
-    preprocess_json: Path,
-    registered_model: str,
-    evidence: Mapping[str, Any],
+    model_name: str, model_dir: Path, prepared: Path, registered_model: str, evidence: Mapping[str, Any],
+    decision: Mapping[str, Any] | None = None,
 ) -> Promotion:
-    """Register ``model_dir`` from the active run and point the ``champion`` alias at it.
+    """Register ``model_dir`` from the active run and point the ``champion`` alias at it (last).
 
-    ``evidence`` (metrics, recipe, data digest, git commit...) becomes version tags. When the
-    champion already is this very model file on this very data, no new version is made.
+    ``evidence`` (figures, recipe, data digest, git commit...) becomes version tags, with
+    ``previous_champion`` (the version the alias leaves) and ``promoted_at``.
     """
     from tasks.core.model_files import read_manifest
 
-    client = mlflow.MlflowClient()
     manifest = read_manifest(model_dir)
     previous = current_champion(registered_model)
     previous_version = str(previous.version) if previous else None
-    if previous is not None and previous.tags.get("model_digest") == manifest.get("digest") and previous.tags.get(
-        "data_digest"
-    ) == str(evidence.get("data_digest")):
-        return Promotion(
-            True, registered_model, model_name, previous_version, previous_version,
-            f"{model_name} is already the champion (version {previous_version}, same model file and data); "
-            "no new version",
-        )
-    info = log_pyfunc_model(model_dir, preprocess_json, registered_model)
-    version = str(info.registered_model_version)
-    tags = {"model_digest": manifest.get("digest"), "variant": model_name, **evidence}
-    for key, value in tags.items():
-        if value is not None:
-            client.set_model_version_tag(registered_model, version, key, _tag_value(value))
-    client.update_model_version(
-        registered_model, version,
-        description=f"slimflow {model_name} ({manifest.get('method', 'baseline')}, {manifest.get('runtime')}): "
-        "predicts class indices from raw inputs, flat or shaped.",
+    info = log_pyfunc_model(model_dir, prepared)
+    run = mlflow.active_run()
+    tags = {"model_digest": manifest.get("digest"), "variant": model_name, **evidence,
+            "previous_champion": previous_version, "promoted_at": now()}
+    schema = evidence.get("input_schema")
+    description = (
+        f"slimflow {model_name} ({manifest.get('method', 'baseline')}, {manifest.get('runtime')}): predicts "
+        f"class indices from raw inputs, {describe(schema) if schema else 'shaped (N, *input_shape)'}."
     )
-    client.set_registered_model_alias(registered_model, CHAMPION_ALIAS, version)
+    version = _register_version(registered_model, info, run.info.run_id if run else None, tags, description)
+    # The alias moves last: until here a crash leaves the old champion serving.
+    mlflow.MlflowClient().set_registered_model_alias(registered_model, CHAMPION_ALIAS, version)
     log.info("registered %s as %s version %s, alias @%s", model_name, registered_model, version, CHAMPION_ALIAS)
     return Promotion(
         True, registered_model, model_name, version, previous_version,
         f"{model_name} registered as version {version}; @{CHAMPION_ALIAS} moved"
         + (f" from version {previous_version}" if previous_version else ""),
-        new_version=True,
+        new_version=True, decision=dict(decision or {}),
     )
 
 
-def keep_champion(registered_model: str, why: str) -> Promotion:
-    """Nothing passed: leave the alias where it is and say why."""
+def keep_champion(registered_model: str, why: str, decision: Mapping[str, Any] | None = None) -> Promotion:
+    """The alias stays where it is; say why and where it points."""
     previous = current_champion(registered_model)
     version = str(previous.version) if previous else None
     holder = previous.tags.get("variant") if previous else None
-    where = f"version {version} ({holder}) stays @{CHAMPION_ALIAS}" if previous else "no champion yet"
+    where = (f"version {version} ({holder}) stays @{CHAMPION_ALIAS}" if previous
+             else f"no version of {registered_model} holds @{CHAMPION_ALIAS}")
     log.warning("no model promoted: %s; %s", why, where)
-    return Promotion(False, registered_model, holder, version, version, f"nothing promoted: {why}; {where}")
+    return Promotion(False, registered_model, holder, version, version, f"nothing promoted: {why}; {where}",
+                     decision=dict(decision or {}))
+
+
+@dataclass(frozen=True)
+class Rollback:
+    registered_model: str
+    from_version: str
+    to_version: str
+    reason: str
+
+
+def rollback_champion(registered_model: str, reason: str, to: str | None = None) -> Rollback:
+    """Point ``@champion`` at the champion before (or version ``to``); the reason becomes tags."""
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.MlflowClient()
+    current = current_champion(registered_model)
+    if current is None:
+        raise RegistryError(f"{registered_model}: no version holds @{CHAMPION_ALIAS}; nothing to roll back")
+    target = str(to or current.tags.get("previous_champion") or "")
+    if not target:
+        raise RegistryError(f"{registered_model} version {current.version} records no previous champion; "
+                            "name the version with --to VERSION")
+    if target == str(current.version):
+        raise RegistryError(f"{registered_model} version {target} already holds @{CHAMPION_ALIAS}")
+    try:
+        wanted = client.get_model_version(registered_model, target)
+    except MlflowException:
+        raise RegistryError(f"{registered_model} has no version {target}") from None
+    ours, theirs = version_input_schema(current), version_input_schema(wanted)
+    if not same_input(ours, theirs):
+        raise RegistryError(f"{registered_model} version {target} takes {describe(theirs)}, the champion "
+                            f"(version {current.version}) {describe(ours)}: a rollback never changes the input")
+    at = now()
+    client.set_model_version_tag(registered_model, target, "rollback_reason", reason[:5000])
+    client.set_model_version_tag(registered_model, target, "rolled_back_from", str(current.version))
+    client.set_model_version_tag(registered_model, target, "rolled_back_at", at)
+    client.set_model_version_tag(registered_model, str(current.version), "rolled_back",
+                                 tag_value({"to": target, "reason": reason, "at": at}))
+    client.set_registered_model_alias(registered_model, CHAMPION_ALIAS, target)  # last
+    log.info("@%s of %s: version %s -> %s (%s)", CHAMPION_ALIAS, registered_model, current.version, target, reason)
+    return Rollback(registered_model, str(current.version), target, reason)
+
+
+def describe_champion(registered_model: str) -> dict[str, Any] | None:
+    """What ``slimflow champion show`` prints: the version behind the alias and its evidence."""
+    from tasks.evaluation.challenge import recorded_figures
+
+    current = current_champion(registered_model)
+    if current is None:
+        return None
+    tags = current.tags
+    created = dt.datetime.fromtimestamp(current.creation_timestamp / 1000, dt.timezone.utc)
+    return {
+        "registered_model": registered_model,
+        "version": str(current.version),
+        "variant": tags.get("variant"),
+        "method": tags.get("method"),
+        "data_digest": tags.get("data_digest"),
+        "input": describe(version_input_schema(current)),
+        "figures": recorded_figures(tags),
+        "promoted_at": tags.get("promoted_at") or created.isoformat(timespec="seconds"),
+        "pipeline_run_id": tags.get("pipeline_run_id"),
+        "evaluate_run_id": tags.get("evaluate_run_id"),
+        "prefect_flow_run_id": tags.get("prefect_flow_run_id"),
+        "model_run_id": current.run_id,
+        "git_commit": tags.get("git_commit"),
+        "previous_champion": tags.get("previous_champion"),
+        "rollback": {key: tags[key] for key in ("rolled_back_from", "rolled_back_at", "rollback_reason")
+                     if key in tags} or None,
+    }

@@ -1,15 +1,20 @@
 """The model people load from the MLflow registry.
 
-:class:`SlimflowClassifier` predicts class indices from RAW inputs (flat or shaped): it
-applies the train-split normalization from ``preprocess.json`` and runs the model folder
-through :func:`tasks.compression.loading.load_model_dir`, so
+:class:`SlimflowClassifier` predicts class indices from RAW, SHAPED inputs ``(N,
+*input_shape)`` (tabular: one column per feature): it applies the train-split
+normalization from ``preprocess.json`` and runs the model folder through
+:func:`tasks.compression.loading.load_model_dir`, so
 ``mlflow.pyfunc.load_model("models:/<name>@champion")`` and ``mlflow models serve``
-answer with exactly what the evaluate stage measured.
+answer with exactly what the evaluate stage measured. It is logged as MLflow "models from
+code" (:mod:`tasks.evaluation.champion_model`), never pickled; the signature
+(:mod:`tasks.evaluation.signature`) makes MLflow refuse ill-shaped input before
+``predict``, and ``predict`` checks the shape again for callers without schema enforcement.
 """
 
 from __future__ import annotations
 
 import json
+import platform
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -19,30 +24,36 @@ import numpy as np
 
 
 def _as_array(model_input: Any) -> np.ndarray:
-    """Whatever pyfunc hands over (array, list, DataFrame, {"inputs": ...}) as float32 rows."""
-    if isinstance(model_input, Mapping):
-        model_input = model_input.get("inputs", model_input.get("instances"))
-    if hasattr(model_input, "to_numpy"):  # pandas DataFrame / Series
-        values = model_input.to_numpy()
-        if values.dtype == object:  # one column of per-row lists
-            rows = values.reshape(len(values), -1)[:, 0]
-            values = np.stack([np.asarray(row, dtype=np.float32).ravel() for row in rows])
-        model_input = values
-    x = np.asarray(model_input, dtype=np.float32)
-    if x.ndim == 1:  # one sample, flat
-        x = x[None, :]
-    return x
+    """Whatever pyfunc hands over (array, list, DataFrame, ``{name: array}``) as a float32 array."""
+    if isinstance(model_input, Mapping):  # a named tensor: {"raw_shaped_input": array}
+        if len(model_input) != 1:
+            raise _invalid(f"expected one input tensor, got {sorted(model_input)}")
+        model_input = next(iter(model_input.values()))
+    if hasattr(model_input, "to_numpy"):  # pandas DataFrame / Series (tabular: the columns in order)
+        model_input = model_input.to_numpy()
+    try:
+        return np.asarray(model_input, dtype=np.float32)
+    except (TypeError, ValueError) as err:
+        raise _invalid(f"input is not numeric: {err}") from None
+
+
+def _invalid(message: str) -> Exception:
+    """An error ``mlflow models serve`` answers with HTTP 400 and this message."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
 
 
 class SlimflowClassifier(mlflow.pyfunc.PythonModel):
-    """RAW inputs ``(N, *input_shape)`` or flat ``(N, prod(input_shape))`` -> class indices.
+    """RAW inputs ``(N, *input_shape)`` -> class indices (int64).
 
     Artifacts: ``model`` (a model folder with ``manifest.json``, any format
     :func:`tasks.compression.loading.load_model_dir` reads) and ``preprocess`` (``preprocess.json``).
     """
 
-    # The input is raw and either flat or shaped, so there is no type-hint schema to
-    # validate against; this also stops MLflow warning that predict() has no type hints.
+    # The signature describes the input (a tensor or columns); predict() has no type hints
+    # for MLflow to validate against, and this stops it warning that there are none.
     _skip_type_hint_validation = True
 
     def load_context(self, context: Any) -> None:
@@ -53,9 +64,17 @@ class SlimflowClassifier(mlflow.pyfunc.PythonModel):
         self._model = load_model_dir(Path(context.artifacts["model"]))
 
     def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201 - see above
-        """Class indices (int64) for raw inputs."""
-        x = self._preprocessing.apply(_as_array(model_input))
-        return np.asarray(self._model.predict(x)).argmax(axis=1).astype(np.int64)
+        """Class indices (int64) for raw inputs of shape ``(N, *input_shape)``."""
+        x = _as_array(model_input)
+        expected = tuple(self._preprocessing.input_shape)
+        if x.shape == expected:  # one sample without its batch axis
+            x = x[None]
+        if x.shape[1:] != expected:
+            raise _invalid(
+                f"input of shape {tuple(x.shape)} does not match the expected shape (-1, "
+                + ", ".join(str(d) for d in expected) + ") (raw values, float32, shaped: (N, *input_shape))"
+            )
+        return np.asarray(self._model.predict(self._preprocessing.apply(x))).argmax(axis=1).astype(np.int64)
 
 
 def pip_requirements(manifest: Mapping[str, Any]) -> list[str]:
@@ -69,3 +88,16 @@ def pip_requirements(manifest: Mapping[str, Any]) -> list[str]:
     if "torchao" in json.dumps(manifest):
         requirements.append(pinned("torchao"))
     return requirements
+
+
+def runtime_versions() -> dict[str, str]:
+    """The runtime a model was measured in: recorded on each version; a change means re-measuring."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"python": platform.python_version()}
+    for package in ("mlflow", "torch", "onnxruntime", "numpy"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = "absent"
+    return found

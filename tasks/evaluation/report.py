@@ -4,6 +4,8 @@ report shows the same figures as the closing table."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from tasks.core.config import EvaluateParams
 from tasks.core.tables import COLUMNS
 from tasks.evaluation.results import Evaluation
@@ -53,11 +55,48 @@ def _gate_section(evaluation: Evaluation, params: EvaluateParams) -> list[str]:
     ]
     lines += [f"- **{name}**: {reason}" for name, reason in evaluation.reasons.items()]
     lines += ["", f"**Decision:** {promotion.reason if promotion else 'registry not updated'}."]
-    if promotion and promotion.version:
+    if promotion:
+        lines += ["", *_champion_section(promotion)]
+    return lines
+
+
+def _figure(value: object, key: str) -> str:
+    if value is None:
+        return "-"
+    return f"{float(value):.0f}" if key in {"size_bytes", "throughput_sps"} else f"{float(value):.4g}"
+
+
+def _champion_section(promotion: Any) -> list[str]:
+    """Challenger and champion side by side, and the version ``@champion`` points at after the run."""
+    decision = promotion.decision or {}
+    name = promotion.registered_model
+    lines = ["## Challenger vs. champion", ""]
+    champion = decision.get("champion")
+    if decision.get("challenger") and champion:
+        ours, recorded = decision["challenger"]["figures"], champion.get("recorded") or {}
+        remeasured = champion.get("remeasured") or {}
+        lines += [
+            f"Basis: {decision.get('basis') or 'input contract'}; tolerance: max_accuracy_drop "
+            f"{decision['tolerance']['max_accuracy_drop']:g} on accuracy.",
+            "",
+            f"| figure | challenger {decision['challenger']['model']} | champion v{champion['version']} "
+            "(re-measured, this split) | champion (recorded) |",
+            "|---|---|---|---|",
+        ]
+        for key in ("accuracy", "macro_f1", "size_bytes", "latency_p50_ms"):
+            lines.append(f"| {key} | {_figure(ours.get(key), key)} | {_figure(remeasured.get(key), key)} | "
+                         f"{_figure(recorded.get(key), key)} |")
+        lines.append("")
+    elif decision.get("verdict") == "first_champion":
+        lines += [f"No champion under `{name}` before this run.", ""]
+    if promotion.version:
         lines.append(
-            f"Load it with `mlflow.pyfunc.load_model(\"models:/{promotion.registered_model}@champion\")` "
-            f"(version {promotion.version}, raw inputs, returns class indices)."
+            f"**@champion of `{name}` after this run: version {promotion.version}** ({promotion.champion}). "
+            f"Load it with `mlflow.pyfunc.load_model(\"models:/{name}@champion\")` (raw, shaped inputs; "
+            "returns class indices). The evidence is in `promotion.json`."
         )
+    else:
+        lines.append(f"**@champion of `{name}` after this run: none** (no version holds the alias).")
     return lines
 
 

@@ -1,30 +1,18 @@
 """The evaluate stage in MLflow: one nested run per model (identical metric keys, the
-manifest as params, so the compare view lines them up), the stage run's summary metrics,
-tags and artifacts, and the champion's registration with its evidence as version tags."""
+manifest as params, so the compare view lines them up), and the stage run's summary
+metrics, tags (the gate's and the promotion's decisions) and artifacts. The registry step
+is :mod:`tasks.evaluation.registration`."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import mlflow
 
 from tasks.core import tracking
-from tasks.core.config import EvaluateParams
 from tasks.core.paths import ProjectPaths
-from tasks.evaluation.promotion import Promotion, keep_champion, promote
-from tasks.evaluation.results import BASELINE, Evaluation, ModelResult, json_number, ordered_metrics
-
-
-def data_digest_or_none(prepared: Path) -> str | None:
-    """The prepared data's digest, or None when it cannot be read."""
-    from tasks.data import data_digest
-
-    try:
-        return data_digest(prepared)
-    except (OSError, KeyError, ValueError):
-        return None
+from tasks.evaluation.results import BASELINE, Evaluation, ModelResult, ordered_metrics
 
 
 def _model_tags(result: ModelResult) -> dict[str, str]:
@@ -61,50 +49,28 @@ def log_model_run(
         return run.info.run_id
 
 
-def evidence(
-    result: ModelResult, evaluation: Evaluation, paths: ProjectPaths, params: EvaluateParams
-) -> dict[str, Any]:
-    """Version tags: the champion's metrics, recipe, data digest, git commit, runs, gate."""
-    found: dict[str, Any] = {f"metric.{k}": json_number(v) for k, v in ordered_metrics(result.metrics).items()}
-    found.update(
-        method=result.method,
-        runtime=result.runtime,
-        recipe=result.manifest.get("recipe") or [],
-        data_digest=data_digest_or_none(paths.prepared),
-        git_commit=tracking.git_commit(paths.root),
-        source_run_id=evaluation.run_ids.get(result.name),
-        evaluate_run_id=evaluation.stage_run_id,
-        gate=params.gate.model_dump(),
-        objective=params.objective,
-    )
-    return found
-
-
-def register_champion(evaluation: Evaluation, paths: ProjectPaths, params: EvaluateParams) -> Promotion:
-    """Register the gate's winner with the ``champion`` alias, or keep the alias and say why."""
-    if not evaluation.champion:
-        return keep_champion(params.registered_model, "no model passes the gate (see the reasons per model)")
-    champion = evaluation.models[evaluation.champion]
-    # The pyfunc model is logged into the champion's own run (resumed).
-    with mlflow.start_run(run_id=evaluation.run_ids[champion.name], nested=True):
-        return promote(
-            champion.name, champion.folder, paths.prepared / "preprocess.json",
-            params.registered_model, evidence(champion, evaluation, paths, params),
-        )
-
-
 def log_stage_summary(evaluation: Evaluation, staging: Path) -> None:
-    """Into the active (stage) run: the decision as metrics and tags, the staged outputs as artifacts."""
-    mlflow.log_metrics({
-        "promoted": float(evaluation.promotion.promoted),
-        "registered_new_version": float(evaluation.promotion.new_version),
+    """Into the active (stage) run: the decisions as metrics and tags, the staged outputs
+    (``evaluation/promotion.json`` among them) as artifacts."""
+    promotion = evaluation.promotion
+    decision = promotion.decision
+    metrics = {
+        "promoted": float(promotion.promoted),
+        "registered_new_version": float(promotion.new_version),
         "models_evaluated": float(len(evaluation.models)),
         "models_passing": float(sum(r.metrics["passed_gate"] for r in evaluation.models.values())),
-    })
+    }
+    champion = decision.get("champion") or {}
+    for source in ("recorded", "remeasured"):  # the current champion's figures beside the challenger's
+        for key, value in (champion.get(source) or {}).items():
+            if key in {"accuracy", "macro_f1"} and value is not None:
+                metrics[f"current_champion_{source}_{key}"] = float(value)
+    mlflow.log_metrics(metrics)
     mlflow.set_tags({
         "champion": evaluation.champion or "none",
-        "champion_version": evaluation.promotion.version or "none",
-        "gate_decision": evaluation.promotion.reason[:5000],
+        "champion_version": promotion.version or "none",
+        "gate_decision": promotion.reason[:5000],
+        "promotion_decision": f"{decision.get('verdict', 'none')}: {decision.get('reason', '')}"[:5000],
     })
     for folder in ("plots", "metrics", "evaluation"):
         mlflow.log_artifacts(str(staging / folder), folder)

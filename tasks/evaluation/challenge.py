@@ -1,0 +1,217 @@
+"""A challenger against the current champion: may it take ``@champion``?
+
+The gate (:mod:`tasks.evaluation.gate`) compares the models of ONE run with that run's
+baseline. Before its winner (the challenger) takes the alias, :func:`decide` compares it
+with the version the alias points at now:
+
+1. another input contract (tensor shape and dtype, or columns; or another number of
+   classes): never - the run says which ``evaluate.registered_model`` to set instead;
+2. the same model file on the same data: it already is the champion (no new version);
+3. the same data digest, git commit and runtime (package versions): the champion's
+   recorded figures are compared;
+4. otherwise (other data, other code or runtime, no recorded figures): the champion is
+   re-measured on THIS run's test split, in a fresh process through its own pyfunc code,
+   side by side with the challenger.
+
+In 3 and 4 the challenger may not be worse than the champion by more than the gate's
+``max_accuracy_drop`` on accuracy. The :class:`Decision` and both models' figures become
+``promotion.json``, a tag of the evaluate run and a tag of the version.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tasks.evaluation.signature import describe, same_input
+
+_EPS = 1e-9
+# The figures a version keeps as tags (``metric.<key>``) and a decision shows side by side.
+HEADLINE = ("accuracy", "macro_f1", "accuracy_delta", "size_bytes", "latency_p50_ms", "latency_p95_ms",
+            "throughput_sps")
+QUALITY = ("accuracy", "macro_f1")  # what a re-measurement on another split gives
+
+# Runs in a fresh interpreter outside the project, so the champion's own logged code
+# (not this checkout's `tasks`) loads it, as `mlflow models serve` would.
+_PREDICT = """
+import sys
+import numpy as np
+import mlflow
+uri, x_path, out = sys.argv[1:4]
+model = mlflow.pyfunc.load_model(uri)
+schema = model.metadata.get_input_schema()
+x = np.load(x_path)
+def rows(chunk):
+    if schema is not None and not schema.is_tensor_spec():
+        import pandas as pd
+        return pd.DataFrame(chunk.reshape(len(chunk), -1).astype("float64"), columns=schema.input_names())
+    return np.ascontiguousarray(chunk, dtype=np.float32)
+parts = [np.asarray(model.predict(rows(x[i:i + 512]))).reshape(-1) for i in range(0, len(x), 512)]
+np.save(out, np.concatenate(parts).astype(np.int64))
+"""
+
+
+class RemeasureError(RuntimeError):
+    """The champion could not be run on this run's test split."""
+
+
+@dataclass(frozen=True)
+class Challenger:
+    """The gate's winner of this run, as the decision needs it."""
+
+    name: str
+    figures: dict[str, float]
+    input_schema: dict[str, Any]
+    num_classes: int
+    data_digest: str | None
+    model_digest: str | None
+    git_commit: str | None
+    runtime_versions: dict[str, str]
+
+
+@dataclass
+class Decision:
+    """May the challenger take ``@champion``, and on what evidence."""
+
+    allowed: bool
+    verdict: str  # first_champion | already_champion | other_input | not_worse | worse | unmeasured
+    reason: str
+    basis: str | None = None  # "recorded evidence" | "re-measured on this run's test split"
+    champion: dict[str, Any] | None = None  # the current champion's version, contract and figures
+    suggested_name: str | None = None
+
+    def document(self, challenger: Challenger, registered_model: str, tolerance: float,
+                 test_samples: int) -> dict[str, Any]:
+        """``promotion.json``: the decision and both models' figures on the same split."""
+        return {
+            "registered_model": registered_model,
+            "verdict": self.verdict,
+            "allowed": self.allowed,
+            "reason": self.reason,
+            "basis": self.basis,
+            "tolerance": {"max_accuracy_drop": tolerance, "on": "accuracy"},
+            "split": {"data_digest": challenger.data_digest, "test_samples": test_samples},
+            "challenger": {
+                "model": challenger.name, "figures": challenger.figures, "input_schema": challenger.input_schema,
+                "num_classes": challenger.num_classes, "data_digest": challenger.data_digest,
+                "git_commit": challenger.git_commit,
+            },
+            "champion": self.champion,
+            "suggested_registered_model": self.suggested_name,
+        }
+
+
+def suggested_name(registered_model: str, schema: dict[str, Any]) -> str:
+    """A registered name for another input: ``slimflow-digits-1x28x28`` / ``...-30cols``."""
+    if schema.get("type") == "columns":
+        return f"{registered_model}-{schema['columns']}cols"
+    return f"{registered_model}-{'x'.join(str(d) for d in schema['shape'][1:])}"
+
+
+def recorded_figures(tags: dict[str, str]) -> dict[str, float]:
+    found = {}
+    for key in HEADLINE:
+        try:
+            found[key] = float(json.loads(tags[f"metric.{key}"]))
+        except (KeyError, TypeError, ValueError):
+            continue
+    return found
+
+
+def remeasure(model_uri: str, prepared: Path, class_names: Sequence[str], threads: int = 1) -> dict[str, float]:
+    """Accuracy and macro F1 of a registered model on ``prepared``'s test split (raw inputs)."""
+    from tasks.evaluation.measure import classification_metrics
+
+    with tempfile.TemporaryDirectory(prefix="slimflow-remeasure-") as tmp:
+        out = Path(tmp) / "predictions.npy"
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+        done = subprocess.run(
+            [sys.executable, "-c", _PREDICT, model_uri, str(prepared.resolve() / "test_x.npy"), str(out)],
+            cwd=tmp, env=env, capture_output=True, text=True, timeout=900,
+        )
+        if done.returncode != 0:
+            lines = [line for line in done.stderr.splitlines() if line.strip()]
+            raise RemeasureError(f"{model_uri}: {lines[-1] if lines else f'exited with {done.returncode}'}")
+        predictions = np.load(out)
+    y = np.load(prepared / "test_y.npy")
+    if predictions.shape != y.shape:
+        raise RemeasureError(f"{model_uri}: {predictions.shape[0]} predictions for {y.shape[0]} test rows")
+    quality, _ = classification_metrics(y, predictions, class_names)
+    return {key: quality[key] for key in QUALITY}
+
+
+def _champion_card(version: Any, schema: dict[str, Any] | None) -> dict[str, Any]:
+    tags = version.tags
+    runtime = tags.get("runtime_versions")
+    return {
+        "version": str(version.version), "variant": tags.get("variant"), "input_schema": schema,
+        "num_classes": int(tags["num_classes"]) if tags.get("num_classes") else None,
+        "data_digest": tags.get("data_digest"), "git_commit": tags.get("git_commit"),
+        "runtime_versions": json.loads(runtime) if runtime else None,
+        "recorded": recorded_figures(tags), "remeasured": None,
+    }
+
+
+def _contract_problem(challenger: Challenger, card: dict[str, Any], registered_model: str) -> str | None:
+    """Why the challenger cannot replace this champion for its clients (None: same contract)."""
+    held = f"the champion of {registered_model} (version {card['version']}, {card['variant']})"
+    if card["input_schema"] is None:
+        return f"{held} records no input schema, so {challenger.name} cannot be shown to take the same input"
+    if not same_input(card["input_schema"], challenger.input_schema):
+        return (f"{held} takes {describe(card['input_schema'])}; {challenger.name} takes "
+                f"{describe(challenger.input_schema)}")
+    if card["num_classes"] is not None and card["num_classes"] != challenger.num_classes:
+        return f"{held} predicts {card['num_classes']} classes; {challenger.name} predicts {challenger.num_classes}"
+    return None
+
+
+def decide(
+    challenger: Challenger, current: Any | None, current_schema: dict[str, Any] | None, registered_model: str,
+    tolerance: float, remeasure_champion: Any,
+) -> Decision:
+    """The decision (see the module docstring). ``remeasure_champion(model_uri)`` gives the
+    champion's quality figures on this run's test split, or raises :class:`RemeasureError`."""
+    if current is None:
+        return Decision(True, "first_champion", f"no champion under {registered_model} yet")
+    card = _champion_card(current, current_schema)
+    if problem := _contract_problem(challenger, card, registered_model):
+        name = suggested_name(registered_model, challenger.input_schema)
+        return Decision(
+            False, "other_input",
+            f"{problem}: a model for another input never takes @champion. To register {challenger.name}, set "
+            f"evaluate.registered_model to a new name, e.g. `slimflow run --set evaluate.registered_model={name}`",
+            champion=card, suggested_name=name,
+        )
+    same_data = card["data_digest"] is not None and card["data_digest"] == challenger.data_digest
+    if same_data and current.tags.get("model_digest") == challenger.model_digest:
+        return Decision(True, "already_champion",
+                        f"{challenger.name} already is the champion (version {card['version']}, same model file "
+                        "and data); no new version", basis="same model file", champion=card)
+    same_code = (challenger.git_commit is not None and card["git_commit"] == challenger.git_commit
+                 and card["runtime_versions"] == challenger.runtime_versions)
+    if same_data and same_code and "accuracy" in card["recorded"]:
+        basis, theirs = "recorded evidence", card["recorded"]["accuracy"]
+    else:
+        try:
+            card["remeasured"] = remeasure_champion(f"models:/{registered_model}/{card['version']}")
+        except RemeasureError as err:
+            return Decision(False, "unmeasured", f"the champion (version {card['version']}) could not be "
+                            f"re-measured on this run's test split: {err}", champion=card)
+        basis, theirs = "re-measured on this run's test split", card["remeasured"]["accuracy"]
+    ours = challenger.figures["accuracy"]
+    versus = (f"{challenger.name} accuracy {ours:.4f} vs the champion's (version {card['version']}, "
+              f"{card['variant']}) {theirs:.4f}, {basis}")
+    if ours + tolerance + _EPS < theirs:
+        return Decision(False, "worse", f"{versus}: {theirs - ours:.4f} worse, more than max_accuracy_drop "
+                        f"{tolerance:g}", basis=basis, champion=card)
+    return Decision(True, "not_worse", f"{versus}: within max_accuracy_drop {tolerance:g}", basis=basis,
+                    champion=card)

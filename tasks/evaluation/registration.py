@@ -1,0 +1,155 @@
+"""The evaluate stage's registry step: the gate's winner challenges the current champion
+(:mod:`tasks.evaluation.challenge`) and is registered with its evidence, or the alias stays
+(:mod:`tasks.evaluation.promotion`); either way the decision and both models' figures
+become ``promotion.json``."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import replace
+from typing import Any
+
+import mlflow
+
+from tasks.core import tracking
+from tasks.core.config import EvaluateParams
+from tasks.core.paths import ProjectPaths
+from tasks.core.run_context import RunContext
+from tasks.evaluation.challenge import HEADLINE, Challenger, Decision, decide, remeasure
+from tasks.evaluation.promotion import (
+    CHAMPION_ALIAS, Promotion, current_champion, keep_champion, promote, tag_value, version_input_schema,
+)
+from tasks.evaluation.pyfunc import runtime_versions
+from tasks.evaluation.results import Evaluation, ModelResult, json_number
+from tasks.evaluation.signature import input_schema
+
+log = logging.getLogger("slimflow.registry")
+
+
+def data_digest_or_none(paths: ProjectPaths) -> str | None:
+    """The prepared data's digest, or None when it cannot be read."""
+    from tasks.data import data_digest
+
+    try:
+        return data_digest(paths.prepared)
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def _lock_md5(paths: ProjectPaths) -> str | None:
+    lock = paths.root / "dvc.lock"
+    return hashlib.md5(lock.read_bytes()).hexdigest() if lock.is_file() else None
+
+
+def challenger_of(result: ModelResult, paths: ProjectPaths) -> Challenger:
+    from tasks.data import load_preprocessing
+
+    preprocessing = load_preprocessing(paths.prepared)
+    return Challenger(
+        name=result.name,
+        figures={key: json_number(result.metrics[key]) for key in HEADLINE if key in result.metrics},
+        input_schema=input_schema(preprocessing),
+        num_classes=preprocessing.num_classes,
+        data_digest=data_digest_or_none(paths),
+        model_digest=result.manifest.get("digest"),
+        git_commit=tracking.git_commit(paths.root),
+        runtime_versions=runtime_versions(),
+    )
+
+
+def evidence(
+    result: ModelResult, challenger: Challenger, evaluation: Evaluation, paths: ProjectPaths,
+    params: EvaluateParams, decision: Decision,
+) -> dict[str, Any]:
+    """Version tags: what a reviewer needs (the full metrics stay on the model's run)."""
+    context = RunContext.current()
+    found: dict[str, Any] = {f"metric.{key}": value for key, value in challenger.figures.items()}
+    found.update(
+        method=result.method,
+        runtime=result.runtime,
+        recipe=result.manifest.get("recipe") or [],
+        data_digest=challenger.data_digest,
+        dvc_lock_md5_at_evaluate=_lock_md5(paths),  # prepare/train/compress as this run left them
+        git_commit=challenger.git_commit,
+        runtime_versions=challenger.runtime_versions,
+        input_schema=challenger.input_schema,
+        num_classes=challenger.num_classes,
+        gate=params.gate.model_dump(),
+        objective=params.objective,
+        gate_decision=evaluation.reasons.get(result.name),
+        promotion_decision=decision.reason,
+        source_run_id=evaluation.run_ids.get(result.name),
+        evaluate_run_id=evaluation.stage_run_id,
+        pipeline_run_id=context.parent_run_id or evaluation.stage_run_id,
+        prefect_flow_run_id=context.flow_run_id,
+    )
+    return found
+
+
+def register_champion(evaluation: Evaluation, paths: ProjectPaths, params: EvaluateParams) -> Promotion:
+    """Challenge the champion with the gate's winner; register it or keep the alias, and say why."""
+    name = params.registered_model
+    if not evaluation.champion:
+        why = "no model passes the gate (see the reasons per model)"
+        promotion = keep_champion(name, why, {"registered_model": name, "verdict": "no_candidate",
+                                              "allowed": False, "reason": why})
+        return _settled(promotion, evaluation)
+    result = evaluation.models[evaluation.champion]
+    challenger = challenger_of(result, paths)
+    current = current_champion(name)
+    decision = decide(
+        challenger, current, version_input_schema(current) if current else None, name,
+        params.gate.max_accuracy_drop,
+        lambda uri: remeasure(uri, paths.prepared, evaluation.class_names, params.threads),
+    )
+    document = decision.document(challenger, name, params.gate.max_accuracy_drop,
+                                 int(evaluation.settings["test_samples"]))
+    log.info("promotion: %s", decision.reason)
+    if decision.verdict == "already_champion":
+        version = str(current.version)
+        promotion = Promotion(True, name, result.name, version, version, decision.reason, decision=document)
+    elif not decision.allowed:
+        promotion = keep_champion(name, decision.reason, document)
+        if current is not None:  # the champion that stayed keeps a note of the challenge
+            mlflow.MlflowClient().set_model_version_tag(
+                name, str(current.version), "last_challenge", tag_value(_compact(document, evaluation)))
+    else:
+        # The pyfunc model is logged into the champion's own run (resumed).
+        with mlflow.start_run(run_id=evaluation.run_ids[result.name], nested=True):
+            tags = evidence(result, challenger, evaluation, paths, params, decision)
+            tags["promotion_evidence"] = _compact(document, evaluation)
+            promotion = promote(result.name, result.folder, paths.prepared, name, tags, document)
+        promotion = replace(promotion, reason=f"{promotion.reason} ({decision.reason})")
+    return _settled(promotion, evaluation)
+
+
+def _compact(document: dict[str, Any], evaluation: Evaluation) -> dict[str, Any]:
+    """The decision for a version tag (< 5000 characters): verdict, basis, both models' figures."""
+    champion = document.get("champion") or {}
+    return {
+        "verdict": document.get("verdict"), "basis": document.get("basis"),
+        "split": document.get("split"), "evaluate_run_id": evaluation.stage_run_id,
+        "challenger": {"model": document["challenger"]["model"], **document["challenger"]["figures"]},
+        "champion": {"version": champion.get("version"), "variant": champion.get("variant"),
+                     "recorded": champion.get("recorded"), "remeasured": champion.get("remeasured")}
+        if champion else None,
+    }
+
+
+def _settled(promotion: Promotion, evaluation: Evaluation) -> Promotion:
+    """The registry as it is now: the version ``@champion`` points at goes into the report."""
+    holder = current_champion(promotion.registered_model)
+    version = str(holder.version) if holder else None
+    variant = holder.tags.get("variant") if holder else None
+    document = {
+        **promotion.decision,
+        "outcome": {
+            "promoted": promotion.promoted, "new_version": promotion.new_version,
+            "alias": CHAMPION_ALIAS, "champion_version": version, "champion_variant": variant,
+            "previous_version": promotion.previous_version,
+        },
+        "evaluate_run_id": evaluation.stage_run_id,
+        "pipeline_run_id": RunContext.current().parent_run_id or evaluation.stage_run_id,
+    }
+    return replace(promotion, version=version, champion=variant, decision=document)

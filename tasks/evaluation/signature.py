@@ -1,0 +1,89 @@
+"""The registered model's contract: what it takes and what it returns.
+
+Every registered version carries an MLflow signature and an input example built here, so
+the MLflow UI shows its schema and ``mlflow models serve`` refuses a request that does not
+fit it (HTTP 400 naming the expected shape or columns):
+
+- image and sequence data (``input_shape`` of 2 or 3 dimensions): one tensor named
+  :data:`SHAPED_INPUT` (``raw_shaped_input``), float32, shape ``(-1, *input_shape)``: RAW
+  values (the pyfunc normalizes them itself), SHAPED (not flattened);
+- tabular data (``input_shape == (features,)``): one ``double`` column per feature,
+  ``x0 .. x{F-1}``, raw values.
+
+The output is one int64 class index per row. :func:`input_schema` is the same contract as
+a small JSON-able dict (a version tag, compared before a challenger may take
+``@champion``: a model for another input never replaces a champion).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tasks.data import Preprocessing
+
+SHAPED_INPUT = "raw_shaped_input"  # the tensor's name says what it takes: raw values, shaped
+EXAMPLE_ROWS = 2
+
+
+def is_tabular(preprocessing: Preprocessing) -> bool:
+    return len(preprocessing.input_shape) == 1
+
+
+def column_names(features: int) -> list[str]:
+    return [f"x{i}" for i in range(features)]
+
+
+def input_schema(preprocessing: Preprocessing) -> dict[str, Any]:
+    """The input contract as plain data: ``{"type": "tensor", "dtype", "shape"}`` or ``{"type": "columns", ...}``."""
+    shape = [int(d) for d in preprocessing.input_shape]
+    if len(shape) == 1:
+        return {"type": "columns", "dtype": "double", "columns": shape[0], "layout": "raw, one column per feature"}
+    return {"type": "tensor", "dtype": "float32", "shape": [-1, *shape], "layout": "raw, shaped"}
+
+
+def same_input(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
+    """Whether two contracts accept the same requests (the ``layout`` prose aside)."""
+    if a is None or b is None:
+        return False
+
+    def key(schema: dict[str, Any]) -> tuple[Any, ...]:
+        return schema.get("type"), schema.get("dtype"), tuple(schema.get("shape") or ()), schema.get("columns")
+
+    return key(a) == key(b)
+
+
+def describe(schema: dict[str, Any] | None) -> str:
+    """``tensor float32 (-1, 1, 8, 8)`` / ``30 double columns x0..x29``, for messages."""
+    if not schema:
+        return "an unknown input"
+    if schema.get("type") == "columns":
+        n = int(schema["columns"])
+        return f"{n} {schema['dtype']} columns x0..x{n - 1}"
+    return f"tensor {schema['dtype']} {tuple(schema['shape'])}"
+
+
+def model_signature(preprocessing: Preprocessing) -> Any:
+    """The MLflow ``ModelSignature`` of the pyfunc (see the module docstring)."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ColSpec, Schema, TensorSpec
+
+    if is_tabular(preprocessing):
+        inputs = Schema([ColSpec("double", name) for name in column_names(preprocessing.input_shape[0])])
+    else:
+        inputs = Schema([TensorSpec(np.dtype(np.float32), (-1, *preprocessing.input_shape), name=SHAPED_INPUT)])
+    return ModelSignature(inputs=inputs, outputs=Schema([TensorSpec(np.dtype(np.int64), (-1,))]))
+
+
+def input_example(prepared: Path, preprocessing: Preprocessing) -> Any:
+    """Two raw test rows in exactly the form the signature takes."""
+    x = np.load(prepared / "test_x.npy", mmap_mode="r")[:EXAMPLE_ROWS]
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if is_tabular(preprocessing):
+        import pandas as pd
+
+        return pd.DataFrame(x.astype(np.float64), columns=column_names(x.shape[1]))
+    return x
+
