@@ -77,6 +77,9 @@ def string_labels(labels: np.ndarray) -> tuple[np.ndarray, tuple[str, ...]]:
     return y.astype(np.int64).ravel(), tuple(str(n) for n in names)
 
 
+_check_finite = check_finite  # check_dataset's flag of the same name shadows the function
+
+
 def check_dataset(raw: RawData, shown: str, check_finite: bool = True, labels_shown: str | None = None) -> RawData:
     """Checks every reader's result: dtypes, shapes, counts, finite values, label range, >= 2 classes.
 
@@ -94,7 +97,7 @@ def check_dataset(raw: RawData, shown: str, check_finite: bool = True, labels_sh
     if min(x.shape[1:]) == 0:
         raise DataError(f"{shown}: inputs have an empty dimension: shape {x.shape}")
     if check_finite:
-        check_finite(x, shown, "inputs")
+        _check_finite(x, shown, "inputs")
     labels_shown = labels_shown or shown
     if y.min() < 0 or y.max() >= len(names):
         i = int(np.flatnonzero((y < 0) | (y >= len(names)))[0])
