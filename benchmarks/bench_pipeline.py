@@ -160,7 +160,7 @@ def intervals(procs: list[Proc]) -> list[tuple[float, float, int, str]]:
         if role == "cli":
             out.append((p.created, p.exited, 1, CLI))
             for label, start, end in p.spans:
-                if label == "import:mlflow" or label == "mlflow":
+                if label == "import:mlflow" or _is_mlflow_call(label):
                     out.append((start, end, 9, MLFLOW))
                 elif label.startswith(("import:dvc", "dvc.")):
                     out.append((start, end, 3, DVC))
@@ -173,7 +173,7 @@ def intervals(procs: list[Proc]) -> list[tuple[float, float, int, str]]:
             for label, start, end in p.spans:
                 if label.startswith("import:"):
                     out.append((start, end, 8, STAGE_START))
-                elif label == "mlflow":
+                elif _is_mlflow_call(label):
                     out.append((start, end, 9, MLFLOW))
                 elif label == "run_workers":
                     inside = [e for e in epochs if start - SLACK_S <= e[1] <= end]
@@ -189,9 +189,32 @@ def intervals(procs: list[Proc]) -> list[tuple[float, float, int, str]]:
             for label, start, end in p.spans:
                 if label == "run_epochs":
                     out.append((start, end, 7, EPOCHS))
-                elif label == "mlflow":
+                elif _is_mlflow_call(label):
                     out.append((start, end, 9, MLFLOW))
     return out
+
+
+def _is_mlflow_call(label: str) -> bool:
+    return label == "mlflow" or label.startswith(("mlflow:", "mlflow."))
+
+
+def mlflow_calls(procs: list[Proc]) -> dict[str, Any]:
+    """MLflow's time by API function and by process (outermost calls; workers: rank 0)."""
+    by_call: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    by_process: dict[str, float] = defaultdict(float)
+    for p in procs:
+        if p.role == "other" or (p.role == "worker" and p.rank not in (None, "0")):
+            continue
+        for label, start, end in p.spans:
+            if _is_mlflow_call(label):
+                entry = by_call[label.removeprefix("mlflow:")]
+                entry[0] += end - start
+                entry[1] += 1
+                by_process[p.role] += end - start
+            elif label == "import:mlflow":
+                by_process[f"{p.role} (import mlflow)"] += end - start
+    calls = sorted(((name, round(s, 3), n) for name, (s, n) in by_call.items()), key=lambda x: -x[1])
+    return {"by_call": calls, "by_process": {k: round(v, 3) for k, v in by_process.items()}}
 
 
 def attribute(spans: list[tuple[float, float, int, str]], t0: float, t1: float) -> dict[str, float]:
@@ -209,7 +232,8 @@ def attribute(spans: list[tuple[float, float, int, str]], t0: float, t1: float) 
 def trace_breakdown(procs: list[Proc], t0: float, t1: float) -> dict[str, Any]:
     """The run's wall time by cause, per stage (within DVC's reproduce call) and the Horovod launch's steps."""
     spans = intervals(procs)
-    result: dict[str, Any] = {"causes_s": attribute(spans, t0, t1), "stages": {}, "horovod_launch": [], "imports": {}}
+    result: dict[str, Any] = {"causes_s": attribute(spans, t0, t1), "stages": {}, "horovod_launch": [], "imports": {},
+                              "mlflow": mlflow_calls(procs)}
     cli = next((p for p in procs if p.role == "cli"), None)
     stage_procs = [p for p in procs if p.role.startswith("stage:")]
     for label, start, end in (cli.spans if cli else []):
@@ -390,6 +414,7 @@ def main() -> int:
         "work_by_kind_s": {c: causes.get(c, 0.0) for c in WORK},
         "per_stage": traced_result["stages"], "horovod_launch": traced_result["horovod_launch"],
         "imports_in_run": traced_result["imports"], "imports_alone": raw["imports"],
+        "mlflow_calls": traced_result["mlflow"],
         "mlflow_view": raw["mlflow_view"], "variants": variant_ratios(raw["metrics"]),
         "processes_traced": len(procs), "noop_said_up_to_date": raw["noop_said_up_to_date"],
         "targets": [
@@ -468,6 +493,18 @@ def print_tables(result: dict[str, Any]) -> None:
         in_run.add_row(role, f"{m['interpreter_s']:.2f}", f"{m['total_s']:.2f}",
                        ", ".join(f"{n} {s:.2f}" for n, s in m["top"]))
     console.print(in_run)
+
+    calls = result["mlflow_calls"]
+    mlflow_table = Table(title="MLflow: seconds in its API, by process (and `import mlflow`) and by function")
+    for column in ("process", "seconds", "function", "seconds ", "calls"):
+        mlflow_table.add_column(column)
+    processes, functions = list(calls["by_process"].items()), calls["by_call"][:len(calls["by_process"])]
+    for i in range(max(len(processes), len(functions))):
+        left = processes[i] if i < len(processes) else ("", None)
+        right = functions[i] if i < len(functions) else ("", None, None)
+        mlflow_table.add_row(left[0], "" if left[1] is None else f"{left[1]:.2f}",
+                             right[0], "" if right[1] is None else f"{right[1]:.2f}", "" if right[2] is None else str(right[2]))
+    console.print(mlflow_table)
 
     variants_table = Table(title="compressed variants vs. fp32 baseline (evaluate stage, same run)")
     for column in ("variant", "size x", "latency x (b=1)", "throughput x (large batch)", "accuracy change (pts)"):

@@ -11,7 +11,7 @@ loads :mod:`sitecustomize`, which calls :func:`install`. At exit each process wr
 - ``spans``: ``[label, start, end]`` (epoch seconds) of
   - ``import:<package>``: the first, outermost import of each top-level package
     (``import mlflow`` counts pandas and SQLAlchemy under mlflow);
-  - ``mlflow``: every outermost call into MLflow's API (fluent functions, ``MlflowClient``,
+  - ``mlflow:<function>``: every outermost call into MLflow's API (fluent functions, ``MlflowClient``,
     ``log_model``, the registry, ``mlflow.data``);
   - ``dvc.<method>``: ``Repo()``, ``Repo.reproduce``, ``Repo.status``, ``Repo.push``;
   - ``prefect.server.start``/``stop``: Prefect's temporary API server;
@@ -78,13 +78,14 @@ def _timed(fn: Callable, label: str, group: str) -> Callable:
     return timed
 
 
-def _wrap_attrs(owner: Any, names: list[str], label: str | None, group: str) -> None:
+def _wrap_attrs(owner: Any, names: list[str], prefix: str, group: str) -> None:
+    """Time each of ``owner``'s ``names`` as ``<prefix>:<name>``, outermost within ``group``."""
     for name in names:
         value = owner.__dict__.get(name) if isinstance(owner, type) else getattr(owner, name, None)
         if isinstance(value, (staticmethod, classmethod)):
             continue
         if callable(value):
-            setattr(owner, name, _timed(value, label or name, group))
+            setattr(owner, name, _timed(value, f"{prefix}:{name}", group))
 
 
 def _public_functions(module: Any) -> list[str]:
@@ -109,11 +110,11 @@ def _patch_mlflow(module: Any) -> None:
 
 
 def _patch_log_model(module: Any) -> None:
-    _wrap_attrs(module, ["log_model", "save_model"], "mlflow", "mlflow")
+    _wrap_attrs(module, ["log_model", "save_model"], module.__name__, "mlflow")
 
 
 def _patch_mlflow_data(module: Any) -> None:
-    _wrap_attrs(module, _public_functions(module), "mlflow", "mlflow")
+    _wrap_attrs(module, _public_functions(module), "mlflow.data", "mlflow")
 
 
 def _patch_registry_fluent(module: Any) -> None:
