@@ -152,9 +152,10 @@ EOF
 
 # Build settings from the pip packages (links added where CMake looks), and the wheel's key.
 horovod_settings() {
-  local site
+  local site exports
   site=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-  eval "$("$PY" "$HELPER" cuda-env "$site")"
+  exports=$("$PY" "$HELPER" cuda-env "$site") || return 1
+  eval "$exports"
   export PATH="$SLIMFLOW_CUDA_BIN:$VENV/bin:$PATH"
   export LD_LIBRARY_PATH="$SLIMFLOW_CUDA_LIBS${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
   export HOROVOD_BUILD_CUDA_CC_LIST="$CC_LIST" HOROVOD_CMAKE="$VENV/bin/cmake"
