@@ -5,7 +5,7 @@ STAMP := $(VENV)/.slimflow-installed
 
 .PHONY: install run test test-fast bench repro ui prefect-ui lint-imports test-services
 
-$(STAMP): pyproject.toml scripts/install.sh scripts/horovod/idle-cycle.patch
+$(STAMP): pyproject.toml scripts/install.sh scripts/lib/horovod_build.sh scripts/horovod/idle-cycle.patch
 	bash scripts/install.sh
 
 install: $(STAMP)

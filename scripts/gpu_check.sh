@@ -1,0 +1,293 @@
+#!/usr/bin/env bash
+# slimflow's GPU proof in one call, on a fresh Linux host with NVIDIA GPUs and this
+# project checked out (Python 3.11; PyPI reachable; no CUDA toolkit needed):
+#
+#   1. a venv of its own (.venv-gpu) with the CUDA build of torch 2.13.0 from PyPI;
+#   2. CUDA's nvcc/headers and NCCL from their pip packages, Horovod 0.28.1 built with
+#      NCCL (HOROVOD_GPU_OPERATIONS=NCCL) by the same steps as scripts/install.sh
+#      (scripts/lib/horovod_build.sh), the wheel cached like the CPU one, keyed also by
+#      the CUDA version and the GPUs' compute capabilities;
+#   3. `horovodrun --check-build` (NCCL must be listed);
+#   4. Horovod's allreduce over NCCL, one process per GPU (scripts/gpu_check.py allreduce);
+#   5. the pipeline (`slimflow run`) in a temporary copy of the project, one Horovod worker
+#      per GPU, bf16;
+#   6. training throughput per GPU with 1 GPU and, where there are several, all of them
+#      (scaling efficiency), and the GPUs' energy from NVML over each;
+#   7. the trained baseline's inference latency on the GPU, timed as the evaluate stage
+#      times models (fp32 and bf16), with NVML energy per 1,000 predictions.
+#
+# Every figure lands in one JSON file (default gpu_check.json); a summary is printed.
+# Budget: 10 minutes on a 16-core host with one GPU, build included.
+#
+#   scripts/gpu_check.sh [--dry-run] [--out FILE] [--venv DIR] [--epochs N] [--keep-work]
+#
+# --dry-run (or SLIMFLOW_GPU_CHECK_DRY_RUN=1) needs no GPU and installs nothing: it
+# reuses an installed venv (--venv, default .venv), computes the wheel's cache key and
+# the build settings without building, and runs every other step on CPU with one process
+# (Gloo): check-build, allreduce, prepare + a short training run + latency timing, the
+# NVML reader (which reports why it cannot read), and the JSON report. tests/test_gpu_check.py runs it.
+set -euo pipefail
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+cd "$REPO"
+
+TORCH_VERSION=2.13.0
+CMAKE_SPEC="cmake==3.31.10"  # CMake 4 rejects Horovod's (and Gloo's) cmake_minimum_required
+DRY_RUN=${SLIMFLOW_GPU_CHECK_DRY_RUN:-0}
+OUT=gpu_check.json
+VENV=""
+EPOCHS=6
+KEEP=0
+
+usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
+log() { printf '[gpu-check] %s\n' "$*" >&2; }
+die() { log "error: $*"; exit 2; }
+
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --dry-run) DRY_RUN=1 ;;
+    --out) [ $# -ge 2 ] || die "--out needs a file"; OUT=$2; shift ;;
+    --venv) [ $# -ge 2 ] || die "--venv needs a folder"; VENV=$2; shift ;;
+    --epochs) [ $# -ge 2 ] || die "--epochs needs a number"; EPOCHS=$2; shift ;;
+    --keep-work) KEEP=1 ;;
+    -h|--help) usage; exit 0 ;;
+    *) die "unknown argument: $1 (see --help)" ;;
+  esac
+  shift
+done
+case "$EPOCHS" in ''|*[!0-9]*|0|1) die "--epochs must be a whole number >= 2 (the first epoch is warm-up)" ;; esac
+case "$DRY_RUN" in 1|true|yes) DRY_RUN=1 ;; *) DRY_RUN=0 ;; esac
+case "$OUT" in /*) ;; *) OUT="$REPO/$OUT" ;; esac
+if [ -z "$VENV" ]; then
+  if [ "$DRY_RUN" = 1 ]; then VENV=.venv; else VENV=.venv-gpu; fi
+fi
+case "$VENV" in /*) ;; *) VENV="$REPO/$VENV" ;; esac
+
+WORK=${SLIMFLOW_GPU_CHECK_WORK:-$(mktemp -d "${TMPDIR:-/tmp}/slimflow-gpu-check.XXXXXX")}
+mkdir -p "$WORK"
+: > "$WORK/steps.tsv"
+cleanup() { if [ "$KEEP" = 0 ] && [ -z "${SLIMFLOW_GPU_CHECK_WORK:-}" ]; then rm -rf "$WORK"; fi; }
+trap cleanup EXIT
+PY="$VENV/bin/python"
+HELPER="$REPO/scripts/gpu_check.py"
+
+now_ns() { date +%s%N; }
+# seconds since START_NS, e.g. 12.34 (no bc on a bare host)
+seconds_since() {
+  local ns=$(( $(now_ns) - $1 ))
+  printf '%d.%02d' $(( ns / 1000000000 )) $(( ns / 10000000 % 100 ))
+}
+
+# step NAME CMD...: run one step, timed, into steps.tsv; on failure write the report and stop.
+step() {
+  local name=$1 started status=ok
+  shift
+  log "$name"
+  started=$(now_ns)
+  "$@" || status=failed
+  printf '%s\t%s\t%s\n' "$name" "$status" "$(seconds_since "$started")" >> "$WORK/steps.tsv"
+  if [ "$status" = failed ]; then
+    log "step '$name' failed; figures so far in $OUT"
+    report || true
+    exit 1
+  fi
+}
+skipped() { printf '%s\tskipped\t0\n' "$1" >> "$WORK/steps.tsv"; log "$1: skipped ($2)"; }
+report() {
+  local flag=()
+  [ "$DRY_RUN" = 1 ] && flag=(--dry-run)
+  "$PY" "$HELPER" report --work "$WORK" --out "$OUT" "${flag[@]}"
+}
+
+# --- 0. the GPUs ---------------------------------------------------------------------------
+NGPU=0
+CC_LIST=""
+if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
+  nvidia-smi --query-gpu=index,name,compute_cap,memory.total,driver_version --format=csv,noheader > "$WORK/gpus.csv"
+  NGPU=$(wc -l < "$WORK/gpus.csv")
+  CC_LIST=$(cut -d, -f3 "$WORK/gpus.csv" | tr -d ' .' | sort -u | paste -sd, -)
+fi
+python3 - "$WORK/gpus.csv" "$WORK/gpus.json" <<'EOF'
+import json, sys
+from pathlib import Path
+src, rows = Path(sys.argv[1]), []
+if src.is_file():
+    for line in src.read_text().splitlines():
+        index, name, cc, memory, driver = (f.strip() for f in line.split(","))
+        rows.append({"index": int(index), "name": name, "compute_capability": cc, "memory": memory, "driver": driver})
+Path(sys.argv[2]).write_text(json.dumps(rows, indent=2) + "\n")
+EOF
+log "GPUs: $NGPU (compute capabilities: ${CC_LIST:-none}); work folder $WORK"
+if [ "$DRY_RUN" = 1 ]; then
+  log "dry run: no GPU used, nothing installed or built (venv $VENV)"
+  CC_LIST=${CC_LIST:-90}  # what the cache key would carry on an H100/H200
+  [ -x "$PY" ] || die "dry run: $PY not found: it reuses an installed venv (make install, or --venv DIR)"
+elif [ "$NGPU" = 0 ]; then
+  die "no NVIDIA GPU found (nvidia-smi -L); use --dry-run to exercise the CPU-side steps"
+fi
+
+# --- 1-2. venv, CUDA torch, the project, Horovod with NCCL ----------------------------------
+install_stack() {
+  [ -x "$PY" ] || "${PYTHON:-python3.11}" -m venv "$VENV"
+  local pip=("$PY" -m pip --disable-pip-version-check)
+  # A find-links folder of CPU wheels (torch 2.13.0+cpu sorts above 2.13.0) must not win here.
+  export PIP_FIND_LINKS=""
+  "${pip[@]}" install -q --upgrade "pip>=24" "setuptools>=69,<81" wheel
+  # PyPI's Linux torch 2.13.0 is the CUDA build (CUDA 13.0: cuda-toolkit, nvidia-nccl-cu13).
+  "${pip[@]}" install -q "torch==$TORCH_VERSION"
+  # nvcc, the CUDA headers and runtime of exactly torch's CUDA (its cuda-toolkit pin), NVML.
+  local toolkit
+  toolkit=$("$PY" - <<'EOF'
+import importlib.metadata as m, re
+for req in m.requires("torch") or []:
+    if match := re.match(r"cuda-toolkit\[[^]]*\]\s*==\s*([\d.]+)", req):
+        print(match.group(1)); break
+else:
+    raise SystemExit("torch has no cuda-toolkit requirement: not a CUDA 13 build from PyPI")
+EOF
+)
+  "${pip[@]}" install -q "cuda-toolkit[cudart,nvcc,cccl]==$toolkit" nvidia-ml-py "$CMAKE_SPEC"
+  "$PY" -c "import torch; assert torch.version.cuda and torch.cuda.is_available(), 'torch sees no CUDA GPU'"
+  "${pip[@]}" install -q -e .
+}
+
+# Build settings from the pip packages (links added where CMake looks), and the wheel's key.
+horovod_settings() {
+  local site exports
+  site=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  exports=$("$PY" "$HELPER" cuda-env "$site") || return 1
+  eval "$exports"
+  export PATH="$SLIMFLOW_CUDA_BIN:$VENV/bin:$PATH"
+  export LD_LIBRARY_PATH="$SLIMFLOW_CUDA_LIBS${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  export HOROVOD_BUILD_CUDA_CC_LIST="$CC_LIST" HOROVOD_CMAKE="$VENV/bin/cmake"
+}
+
+# shellcheck source=lib/horovod_build.sh
+source "$REPO/scripts/lib/horovod_build.sh"
+wheel_record() {  # the cache key and build settings, for the report
+  local key=$1
+  "$PY" - "$WORK/wheel.json" "$key" "$(horovod_cache_root)/$key" "$DRY_RUN" <<'EOF'
+import json, os, sys
+from pathlib import Path
+out, key, folder, dry = sys.argv[1:]
+keys = ("HOROVOD_GPU_OPERATIONS", "HOROVOD_CUDA_HOME", "HOROVOD_NCCL_HOME", "HOROVOD_NCCL_LINK",
+        "HOROVOD_BUILD_CUDA_CC_LIST", "HOROVOD_CMAKE")
+Path(out).write_text(json.dumps({"key": key, "folder": folder, "cached": any(Path(folder).glob("horovod-*.whl")),
+    "built": dry != "1", "settings": {k: os.environ.get(k) for k in keys}}, indent=2) + "\n")
+EOF
+}
+
+build_horovod() {
+  horovod_settings
+  local key
+  key=$(horovod_wheel_key "$PY" "$TORCH_VERSION" "-$SLIMFLOW_CUDA_TAG-sm${CC_LIST//,/-sm}")
+  wheel_record "$key"
+  if horovod_is_installed "$PY" && "$PY" -c "import horovod.torch as h, sys; sys.exit(not h.nccl_built())"; then
+    log "horovod with NCCL already installed in $VENV"
+  else
+    horovod_install "$PY" "$(horovod_cache_root)/$key"
+  fi
+}
+
+if [ "$DRY_RUN" = 1 ]; then
+  skipped install "dry run: reusing $VENV"
+  # The key a GPU build would use; the CUDA tag comes from pip's CUDA packages on a GPU host.
+  step wheel-key wheel_record "$(horovod_wheel_key "$PY" "$TORCH_VERSION" "-cu130-sm${CC_LIST//,/-sm}")"
+  horovod_is_installed "$PY" || log "note: $VENV's Horovod is not slimflow's patched build"
+else
+  step install install_stack
+  step horovod-build build_horovod
+fi
+"$PY" - "$WORK/versions.json" <<'EOF'
+import importlib.metadata as m, json, sys
+import torch
+def version(name):
+    try:
+        return m.version(name)
+    except m.PackageNotFoundError:
+        return None
+info = {"torch": torch.__version__, "cuda": torch.version.cuda, "horovod": version("horovod"),
+        "nccl": ".".join(map(str, torch.cuda.nccl.version())) if torch.version.cuda else None,
+        "nvidia-ml-py": version("nvidia-ml-py"), "cuda-toolkit": version("cuda-toolkit")}
+open(sys.argv[1], "w").write(json.dumps(info, indent=2) + "\n")
+EOF
+
+# --- 3. horovodrun --check-build ------------------------------------------------------------
+check_build() {
+  "$VENV/bin/horovodrun" --check-build > "$WORK/check-build.txt"
+  cat "$WORK/check-build.txt" >&2
+  grep -q '\[X\] PyTorch' "$WORK/check-build.txt"
+  if [ "$DRY_RUN" = 0 ]; then grep -q '\[X\] NCCL' "$WORK/check-build.txt"; fi
+}
+step check-build check_build
+
+# --- 4. allreduce over NCCL (Gloo on CPU in the dry run) -------------------------------------
+export PYTHONUNBUFFERED=1
+if [ "$DRY_RUN" = 1 ]; then
+  step allreduce "$PY" "$HELPER" allreduce --cpu --sizes-mb 0.004 4 --iterations 3 --out "$WORK/allreduce.json"
+else
+  step allreduce "$VENV/bin/horovodrun" -np "$NGPU" -H "localhost:$NGPU" \
+    "$PY" "$HELPER" allreduce --out "$WORK/allreduce.json"
+fi
+
+# --- 5. the pipeline, in a temporary copy of the project --------------------------------------
+COPY="$WORK/project"
+make_copy() {
+  mkdir -p "$COPY"
+  # What a fresh clone holds: tracked files and untracked ones git does not ignore.
+  git ls-files -z --cached --others --exclude-standard | xargs -0 -I{} cp --parents -P {} "$COPY"/ 2>/dev/null || true
+  [ -f "$COPY/dvc.yaml" ] || return 1
+  ln -s "$VENV" "$COPY/.venv"
+  (cd "$COPY" && rm -rf .dvc && git init -q && git add -A \
+    && git -c user.email=gpu-check@slimflow.invalid -c user.name=gpu-check commit -qm gpu-check \
+    && "$VENV/bin/dvc" init -q && "$VENV/bin/dvc" config core.analytics false)
+}
+run_pipeline() {
+  local started
+  started=$(now_ns)
+  (cd "$COPY" && PYTHONPATH="$COPY" "$VENV/bin/slimflow" run \
+     --set "train.workers=$NGPU" --set train.mixed_precision=bf16 --set train.channels_last=auto)
+  "$PY" - "$COPY" "$WORK/pipeline.json" "$(seconds_since "$started")" "$NGPU" <<'EOF'
+import json, sys
+from pathlib import Path
+root, out, wall, workers = Path(sys.argv[1]), Path(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
+train = json.loads((root / "metrics/train.json").read_text())
+evaluate = json.loads((root / "metrics/evaluate.json").read_text())
+out.write_text(json.dumps({"wall_s": wall, "workers": workers, "precision": "bf16", "train": train,
+    "baseline": evaluate.get("baseline"), "models_evaluated": sorted(k for k, v in evaluate.items() if isinstance(v, dict))},
+    indent=2) + "\n")
+EOF
+}
+step copy make_copy
+export PYTHONPATH="$COPY"
+if [ "$DRY_RUN" = 1 ]; then
+  skipped pipeline "dry run: would run slimflow run --set train.workers=N --set train.mixed_precision=bf16"
+  step prepare bash -c "cd '$COPY' && '$PY' -m tasks.prepare"
+else
+  step pipeline run_pipeline
+fi
+
+# --- 6. training throughput: 1 GPU, then every GPU ---------------------------------------------
+if [ "$DRY_RUN" = 1 ]; then
+  step throughput-1 "$PY" "$HELPER" throughput --project "$COPY" --workers 1 --epochs 2 \
+    --work "$WORK" --out "$WORK/throughput-1.json"
+else
+  step throughput-1 "$PY" "$HELPER" throughput --project "$COPY" --workers 1 --epochs "$EPOCHS" \
+    --precision bf16 --work "$WORK" --out "$WORK/throughput-1.json"
+  if [ "$NGPU" -gt 1 ]; then
+    step "throughput-$NGPU" "$PY" "$HELPER" throughput --project "$COPY" --workers "$NGPU" --epochs "$EPOCHS" \
+      --precision bf16 --work "$WORK" --out "$WORK/throughput-$NGPU.json"
+  fi
+fi
+
+# --- 7. inference latency of the trained baseline, and NVML ------------------------------------
+MODEL="$COPY/artifacts/model"
+[ -f "$MODEL/manifest.json" ] || MODEL="$WORK/fit-1/model"  # the dry run trains no pipeline
+if [ "$DRY_RUN" = 1 ]; then
+  step latency "$PY" "$HELPER" latency --model "$MODEL" --prepared "$COPY/data/prepared" --cpu --repeats 3 \
+    --batch 64 --out "$WORK/latency.json"
+else
+  step latency "$PY" "$HELPER" latency --model "$MODEL" --prepared "$COPY/data/prepared" --out "$WORK/latency.json"
+fi
+step nvml "$PY" "$HELPER" nvml --out "$WORK/nvml.json"
+
+report

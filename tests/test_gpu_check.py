@@ -1,0 +1,203 @@
+"""scripts/gpu_check.sh and scripts/gpu_check.py: every step that needs no GPU, here; the
+GPU path (NCCL allreduce, NVML energy) where a CUDA GPU exists.
+
+The GPU test is skipped without a GPU unless ``SLIMFLOW_TEST_GPU=1`` demands it (then it
+fails), like Horovod's ``skip_or_fail_gpu_test``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "scripts" / "gpu_check.sh"
+HELPER = REPO / "scripts" / "gpu_check.py"
+VENV = Path(sys.prefix)  # the installed project venv: the dry run reuses it
+
+
+def _helper() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("gpu_check", HELPER)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+gpu_check = _helper()
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def skip_or_fail_gpu_test(reason: str) -> None:
+    """Skip, unless the environment demands GPU tests (SLIMFLOW_TEST_GPU=1): then fail."""
+    if os.environ.get("SLIMFLOW_TEST_GPU") == "1":
+        pytest.fail(f"SLIMFLOW_TEST_GPU=1 but {reason}")
+    pytest.skip(reason)
+
+
+def _run(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(SCRIPT), *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def _fake_pip_cuda(site: Path) -> None:
+    """The layout of CUDA 13's and NCCL's pip packages, as far as the build looks."""
+    home = site / "nvidia" / "cu13"
+    for folder in ("bin", "include", "lib"):
+        (home / folder).mkdir(parents=True)
+    (home / "bin" / "nvcc").write_text("#!/bin/sh\n")
+    (home / "include" / "cuda_runtime.h").write_text("")
+    (home / "include" / "cuda_runtime_api.h").write_text("#define CUDART_VERSION 13000\n")
+    (home / "lib" / "libcudart.so.13").write_text("")
+    nccl = site / "nvidia" / "nccl"
+    (nccl / "include").mkdir(parents=True)
+    (nccl / "lib").mkdir()
+    (nccl / "include" / "nccl.h").write_text("")
+    (nccl / "lib" / "libnccl.so.2").write_text("")
+
+
+def test_cuda_env_from_pip_packages(tmp_path: Path) -> None:
+    _fake_pip_cuda(tmp_path)
+    env = gpu_check.cuda_env(tmp_path)
+    home = tmp_path / "nvidia" / "cu13"
+    assert env["HOROVOD_GPU_OPERATIONS"] == "NCCL"
+    assert env["HOROVOD_CUDA_HOME"] == env["CUDA_HOME"] == str(home)
+    assert env["HOROVOD_NCCL_HOME"] == str(tmp_path / "nvidia" / "nccl")
+    assert env["HOROVOD_NCCL_LINK"] == "SHARED"
+    assert env["SLIMFLOW_CUDA_TAG"] == "cu130"
+    # The unversioned names CMake looks for, and nvcc's targets/ folder, now resolve.
+    assert (home / "lib" / "libcudart.so").resolve() == (home / "lib" / "libcudart.so.13").resolve()
+    assert (tmp_path / "nvidia/nccl/lib/libnccl.so").resolve().name == "libnccl.so.2"
+    assert (home / "targets/x86_64-linux/include/cuda_runtime.h").is_file()
+    assert (home / "lib64" / "libcudart.so.13").exists()
+    assert gpu_check.cuda_env(tmp_path) == env  # a second call changes nothing
+
+
+def test_cuda_env_says_what_is_missing(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="no nvcc"):
+        gpu_check.cuda_env(tmp_path)
+    _fake_pip_cuda(tmp_path)
+    (tmp_path / "nvidia/nccl/lib/libnccl.so.2").unlink()
+    with pytest.raises(SystemExit, match="no NCCL"):
+        gpu_check.cuda_env(tmp_path)
+
+
+def test_nvml_reader_without_nvml(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # import fails, as where nvidia-ml-py is missing
+    reader = gpu_check.NvmlReader()
+    assert not reader.available and "not installed" in reader.reason
+    assert reader.energy_j() is None
+    with gpu_check.EnergyWindow(reader) as window:
+        pass
+    assert window.figures()["energy_j"] is None and window.figures()["mean_power_w"] is None
+
+
+def test_report_merges_every_step(tmp_path: Path) -> None:
+    (tmp_path / "steps.tsv").write_text("install\tok\t200.5\ncheck-build\tok\t3.0\npipeline\tskipped\t0\n")
+    for workers, per_worker in ((1, 1000.0), (4, 900.0)):
+        gpu_check.write_json(tmp_path / f"throughput-{workers}.json", {
+            "workers": workers, "precision": "bf16", "samples_per_s_per_worker": per_worker,
+            "energy_j": None, "wall_s": 9.0})
+    out = tmp_path / "gpu_check.json"
+    result = gpu_check.report(tmp_path, out, dry_run=True)
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result, default=str))
+    assert result["ok"] and result["within_budget"] and result["total_s"] == pytest.approx(203.5)
+    assert result["scaling"] == {"workers": 4, "efficiency": pytest.approx(0.9)}
+    (tmp_path / "steps.tsv").write_text("install\tfailed\t700\n")
+    failed = gpu_check.report(tmp_path, out, dry_run=True)
+    assert not failed["ok"] and not failed["within_budget"]
+
+
+def test_wheel_cache_key_adds_cuda_to_the_cpu_key() -> None:
+    done = subprocess.run(
+        ["bash", "-c", f'set -euo pipefail; source scripts/lib/horovod_build.sh; '
+                       f'horovod_wheel_key "{sys.executable}" 2.13.0; horovod_wheel_key "{sys.executable}" 2.13.0 -cu130-sm90'],
+        cwd=REPO, capture_output=True, text=True, check=True)
+    cpu, gpu = done.stdout.split()
+    assert cpu.startswith("horovod-0.28.1+idlecycle.") and cpu.endswith(f"-torch2.13.0-cp{sys.version_info.major}{sys.version_info.minor}")
+    assert gpu == cpu + "-cu130-sm90"
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--bogus"], "unknown argument: --bogus"),
+    (["--epochs", "1"], "--epochs must be"),
+    (["--out"], "--out needs a file"),
+])
+def test_bad_arguments_are_refused(args: list[str], message: str) -> None:
+    done = _run(*args)
+    assert done.returncode == 2 and message in done.stderr
+
+
+def test_help_and_no_gpu_without_dry_run(tmp_path: Path) -> None:
+    done = _run("--help")
+    assert done.returncode == 0 and "--dry-run" in done.stdout
+    if shutil.which("nvidia-smi"):
+        pytest.skip("this host has nvidia-smi")
+    done = _run("--out", str(tmp_path / "x.json"), env={"SLIMFLOW_GPU_CHECK_DRY_RUN": "0"})
+    assert done.returncode == 2 and "no NVIDIA GPU found" in done.stderr
+
+
+@pytest.mark.integration
+def test_dry_run_exercises_every_cpu_step(tmp_path: Path) -> None:
+    """The whole script on CPU, reusing the installed venv: nothing installed, nothing built."""
+    out = tmp_path / "gpu_check.json"
+    done = _run("--out", str(out), "--venv", str(VENV), env={"SLIMFLOW_GPU_CHECK_DRY_RUN": "1",
+                                                              "SLIMFLOW_WHEEL_CACHE": str(tmp_path / "wheels")},
+                timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["dry_run"] and result["ok"], result["steps"]
+    steps = {s["step"]: s["status"] for s in result["steps"]}
+    assert steps == {"install": "skipped", "wheel-key": "ok", "check-build": "ok", "allreduce": "ok", "copy": "ok",
+                     "pipeline": "skipped", "prepare": "ok", "throughput-1": "ok", "latency": "ok", "nvml": "ok"}
+    assert result["wheel"]["key"].endswith("-cu130-sm90") and not result["wheel"]["cached"]
+    assert not (tmp_path / "wheels").exists()  # nothing built
+    assert "PyTorch" in result["horovod_check_build"]
+    allreduce = result["allreduce"]
+    assert allreduce["all_correct"] and allreduce["world_size"] == 1 and allreduce["device"] == "cpu"
+    assert result["throughput_1"]["samples_per_s_per_worker"] > 0 and result["throughput_1"]["epochs"] == 2
+    assert result["throughput_n"] is None and result["scaling"] is None
+    assert set(result["latency"]["models"]) == {"fp32", "bf16-autocast"}
+    assert result["latency"]["models"]["fp32"]["latency_p50_ms"] > 0
+    assert not result["nvml"]["available"] and result["nvml"]["reason"]
+    assert "slimflow GPU check (dry run" in done.stdout
+
+
+def test_gpu_allreduce_and_nvml_meter(tmp_path: Path) -> None:
+    """On a GPU: Horovod's allreduce of CUDA tensors (NCCL where built) and NVML's energy counter."""
+    if not _cuda_available():
+        skip_or_fail_gpu_test("no CUDA GPU visible to torch")
+    out = tmp_path / "allreduce.json"
+    subprocess.run([sys.executable, str(HELPER), "allreduce", "--sizes-mb", "4", "--iterations", "3", "--out", str(out)],
+                   check=True, timeout=300)
+    result = json.loads(out.read_text())
+    assert result["device"] == "cuda" and result["all_correct"]
+    if not result["nccl_built"]:
+        skip_or_fail_gpu_test("this Horovod was built without NCCL (scripts/gpu_check.sh builds one with it)")
+    assert result["gpu_operations"] == "NCCL"
+    reader = gpu_check.NvmlReader()
+    if not reader.available:
+        skip_or_fail_gpu_test(f"NVML energy counters unreadable: {reader.reason}")
+    import torch
+
+    with gpu_check.EnergyWindow(reader) as window:
+        x = torch.randn(4096, 4096, device="cuda")
+        for _ in range(50):
+            x = x @ x.T / 4096
+        torch.cuda.synchronize()
+    assert window.joules is not None and window.joules > 0
