@@ -75,13 +75,14 @@ class Adaptation:
     def qat(self) -> bool:
         return self.job.qat is not None
 
-    def prepare(self, model: nn.Module) -> nn.Module:
-        """Initial weights, QAT preparation, masks: the model training starts from (on CPU)."""
+    def prepare(self, model: nn.Module, device: torch.device) -> nn.Module:
+        """Initial weights, QAT preparation, masks: the model training starts from, on ``device``."""
         if self.job.init_from:
             load_initial_weights(model, Path(self.job.init_from))
         if self.qat:
             model = qat.prepare_qat_model(model, self.job.qat)
-        if self.job.prune_masks:
+        model = model.to(device)
+        if self.job.prune_masks:  # on the parameters' device
             self.masks = PruneMasks.load(Path(self.job.prune_masks), model, qat.MODEL_PREFIX if self.qat else "")
             self.masks.apply()
         return model

@@ -104,7 +104,7 @@ def build_trainer(job: FitJob, hvd: Any, place: Placement) -> Trainer:
     spec = ModelSpec.from_dict(job.spec)
     adapt = Adaptation(job)
     model = build_model(spec, data.preprocessing.input_shape, data.preprocessing.num_classes)
-    model = adapt.prepare(model).to(place.device)
+    model = adapt.prepare(model, place.device)
     channels_last = want_channels_last and data.x_train.dim() == 4
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
