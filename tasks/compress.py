@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         ) as run:
             compress_variants(params, paths, stage_run_id=run.info.run_id)
     except LaunchError as err:
-        report_stage_error("compress", f"distillation: {err}")
+        report_stage_error("compress", f"fine-tuning: {err}")
         return 1
     return 0
 

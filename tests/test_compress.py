@@ -216,6 +216,84 @@ def test_structured_pruning_makes_fewer_parameters_and_a_smaller_file(cnn_result
     assert pruned["sparsity"] == 0.0  # dense: smaller, not sparse
 
 
+@pytest.mark.integration
+def test_two_worker_pruning_fine_tune_keeps_the_exact_sparsity_and_identical_ranks(cnn_results) -> None:
+    """The fine-tunes ran on 2 Horovod workers: every pruned tensor holds exactly its mask's
+    zeros, and both ranks ended with the same weights (each rank's own digest of them)."""
+    from tasks.compression.candidate import Candidate
+    from tasks.compression.pruning import prune_unstructured
+
+    paths, results = cnn_results
+    by_name = {r.name: r.manifest for r in results}
+    (training,) = by_name["pruned-l1-70"]["training"]
+    assert (training["method"], training["world_size"], training["epochs_run"]) == ("prune", 2, 1)
+    ranks = training["ranks_at_end"]
+    assert len(ranks["weights_sha256"]) == 2 and ranks["identical"]
+    assert len(set(ranks["weights_sha256"])) == 1
+    assert ranks["masked_nonzeros"] == [0, 0]
+    # The masks pruning makes from this baseline (deterministic), against the saved weights.
+    baseline = Candidate(load_model_dir(paths.model).module, ModelSpec.from_dict(SPECS["cnn"]), (1, 8, 8), 10)
+    _, masks = prune_unstructured(baseline, 0.7)
+    weights = load_model_dir(next(r for r in results if r.name == "pruned-l1-70").folder).module.state_dict()
+    pruned_total = sum(int((~mask).sum()) for mask in masks.values())
+    assert pruned_total == round(0.7 * sum(mask.numel() for mask in masks.values()))
+    for name, mask in masks.items():
+        assert int((weights[name][~mask] != 0).sum()) == 0, name  # pruned: exactly zero
+        assert int((weights[name] == 0).sum()) == int((~mask).sum()), name  # exactly the mask's zeros
+    # QAT and structured pruning trained on the same loop, the ranks (QAT observers included) as one.
+    for name in ("int8-qat-torch", "pruned-structured-50"):
+        (training,) = by_name[name]["training"]
+        assert training["world_size"] == 2 and training["ranks_at_end"]["identical"], name
+    (structured,) = by_name["pruned-structured-50"]["training"]
+    assert structured["start_val_accuracy"] < 1.0 and "val_accuracy" in structured
+
+
+@pytest.mark.integration
+def test_a_fine_tune_killed_mid_way_resumes_on_the_rerun_to_the_same_model(
+    baselines, tmp_path: Path, monkeypatch, capfd, mlflow_uri: str
+) -> None:
+    from mlflow import MlflowClient
+
+    from tasks.core import tracking
+    from tasks.training import LaunchError
+    from tasks.training.fault import FAULT_ENV
+
+    variants = [{"name": "pruned-l1-70", "steps": [
+        {"method": "prune", "kind": "unstructured", "sparsity": 0.7, "fine_tune_epochs": 3}]}]
+    params, paths = _project(tmp_path / "crash", baselines, "cnn", variants)
+    monkeypatch.setenv(FAULT_ENV, "1")
+    with pytest.raises(LaunchError, match="worker 1 exited with status 17"):
+        compress_variants(params, paths)
+    step = paths.checkpoints / "pruned-l1-70" / "step1"
+    assert (step / "checkpoints" / "last.pt").is_file()
+    assert not paths.compressed.exists()
+
+    monkeypatch.delenv(FAULT_ENV)
+    capfd.readouterr()
+    with tracking.stage_run("compress", paths.root, "test-compress") as stage:
+        (resumed,) = compress_variants(params, paths, stage_run_id=stage.info.run_id)
+    err = capfd.readouterr().err
+    assert "resuming from checkpoint at epoch 1 of 3" in err, err[-3000:]
+    assert "epoch 1/3 " not in err and "epoch 3/3 " in err
+    assert not (paths.checkpoints / "pruned-l1-70").exists()  # removed once published
+
+    reference_params, reference_paths = _project(tmp_path / "reference", baselines, "cnn", variants)
+    (reference,) = compress_variants(reference_params, reference_paths)
+    got, want = load_model_dir(resumed.folder).module.state_dict(), load_model_dir(reference.folder).module.state_dict()
+    for name, tensor in want.items():
+        torch.testing.assert_close(got[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+    assert resumed.manifest["sparsity"] == reference.manifest["sparsity"]
+    # The variant's run carries the whole curve: step 0 (the pruned model before fine-tuning) to 3.
+    client = MlflowClient(mlflow_uri)
+    runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("test-compress").experiment_id])}
+    history = client.get_metric_history(runs["pruned-l1-70"].info.run_id, "fine_tune/val_accuracy")
+    assert sorted(m.step for m in history) == [0, 1, 2, 3]
+    assert runs["pruned-l1-70"].data.params["fine_tune/resumed_from_epoch"] == "1"
+    curve = json.loads((paths.plots / "fine_tune" / "pruned-l1-70.json").read_text())
+    assert [row["epoch"] for row in curve] == [1, 2, 3]
+    assert {"train_loss", "val_loss", "train_accuracy", "val_accuracy"} <= set(curve[0])
+
+
 def test_structured_pruning_of_an_mlp(baselines, tmp_path: Path) -> None:
     variants = [
         {"name": "pruned-structured-50", "steps": [{"method": "prune", "kind": "structured", "sparsity": 0.5}]},
@@ -274,19 +352,22 @@ def test_distilled_student_has_at_most_30_percent_of_the_teacher(baselines, tmp_
     assert results[1].manifest["method"] == "distill+quantize"
     for result in results:
         _assert_round_trip(result, _x_test(paths))
-    # The student's checkpoints lived in scratch space, not in the output.
+    # The student's checkpoints lived in the variant's checkpoint folder, removed once published.
     assert sorted(p.name for p in paths.compressed.iterdir()) == [v["name"] for v in variants]
     assert sorted(p.name for p in paths.artifacts.iterdir()) == ["compressed", "model"]
     assert not list(paths.compressed.rglob("*.pt.tmp")) and not list(paths.compressed.rglob("last.pt"))
-    # The student's training curves (rank 0 logs them) sit in a run nested under the variant's.
+    # The student's training curve (rank 0 logs it) sits in the variant's own run, beside its
+    # final figures, and in a DVC plot.
     client = MlflowClient(mlflow_uri)
     runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("test-compress").experiment_id])}
     variant_run = runs["distilled-cnn-w0.5"]
-    training = runs["distilled-cnn-w0.5 student training"]
     assert variant_run.data.tags["mlflow.parentRunId"] == stage.info.run_id
-    assert training.data.tags["mlflow.parentRunId"] == variant_run.info.run_id
-    assert len(client.get_metric_history(training.info.run_id, "val_loss")) == 2
+    assert len(client.get_metric_history(variant_run.info.run_id, "fine_tune/val_loss")) == 2
+    assert variant_run.data.params["fine_tune/world_size"] == "2"
     assert variant_run.data.metrics["val_accuracy"] == pytest.approx(results[0].val_accuracy)
+    curve = json.loads((paths.plots / "fine_tune" / "distilled-cnn-w0.5.json").read_text())
+    assert [row["epoch"] for row in curve] == [1, 2]
+    assert student["training"][0]["method"] == "distill" and student["training"][0]["world_size"] == 2
 
 
 # -- bad recipes -------------------------------------------------------------------------------

@@ -234,6 +234,114 @@ def test_only_an_unfinished_checkpoint_of_the_same_job_is_resumed(tmp_path: Path
     assert not path.with_suffix(".pt.tmp").exists()
 
 
+def test_checkpoints_load_with_weights_only_and_restore_every_rng(tmp_path: Path) -> None:
+    """No pickled code in a checkpoint: RNG states are plain values, restored exactly."""
+    import random
+
+    from tasks.training.checkpoint import atomic_save, fresh_state, restore_rng, rng_state
+
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    atomic_save({"state": fresh_state(), "rng": [rng_state()]}, tmp_path / "last.pt")
+    expected = (random.random(), np.random.rand(3).tolist(), torch.rand(3))
+    saved = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert saved["state"]["best_val_loss"] == float("inf") and saved["state"]["start"] is None
+    restore_rng(saved["rng"][0])
+    got = (random.random(), np.random.rand(3).tolist(), torch.rand(3))
+    assert got[:2] == expected[:2] and torch.equal(got[2], expected[2])
+
+
+def test_early_stopping_on_val_accuracy_keeps_the_most_accurate_epoch() -> None:
+    from tasks.training.checkpoint import fresh_state
+    from tasks.training.loop import record_epoch
+
+    state = fresh_state()
+    epochs = [(0.80, 0.50), (0.90, 0.60), (0.90, 0.55), (0.85, 0.40), (0.90, 0.58)]
+    outcomes = [record_epoch(state, n, {"val_accuracy": a, "val_loss": l}, 2, "val_accuracy")
+                for n, (a, l) in enumerate(epochs, start=1)]
+    # higher accuracy improves; as accurate with a lower loss improves; a lower loss alone does not
+    assert outcomes == [(True, False), (True, False), (True, False), (False, False), (False, True)]
+    assert (state["best_val_accuracy"], state["best_val_loss"]) == (0.90, 0.55)
+    with pytest.raises(ValueError, match="monitor"):
+        fit_job(Path("x"), Path("y"), monitor="val_f1")
+
+
+def test_fingerprint_counts_the_files_a_job_starts_from_by_content(tmp_path: Path) -> None:
+    """A compress stage that writes a fine-tune's start weights and masks again, identically,
+    resumes it; different masks are a different job."""
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        torch.save({"w": torch.ones(3, dtype=torch.bool)}, tmp_path / folder / "masks.pt")
+    job = fit_job(tmp_path, tmp_path / "prepared", prune_masks=str(tmp_path / "a" / "masks.pt"))
+    moved = dataclasses.replace(job, prune_masks=str(tmp_path / "b" / "masks.pt"), metric_prefix="fine_tune/")
+    assert job.fingerprint(2) == moved.fingerprint(2)
+    torch.save({"w": torch.tensor([True, False, True])}, tmp_path / "b" / "masks.pt")
+    assert job.fingerprint(2) != moved.fingerprint(2)
+
+
+def test_prune_masks_put_pruned_weights_back_to_zero_after_a_step(tmp_path: Path) -> None:
+    from tasks.training.adaptation import PruneMasks
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    mask = torch.rand(4, 6) > 0.5
+    torch.save({"0.weight": mask}, tmp_path / "masks.pt")
+    masks = PruneMasks.load(tmp_path / "masks.pt", model)
+    masks.apply()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    torch.nn.functional.cross_entropy(model(torch.randn(8, 6)), torch.randint(0, 2, (8,))).backward()
+    optimizer.step()
+    assert masks.violations() > 0  # the step moved pruned weights...
+    masks.apply()
+    assert masks.violations() == 0  # ...and the mask put them back
+    assert int((model[0].weight == 0).sum()) == int((~mask).sum())
+    torch.save({"2.weight": mask}, tmp_path / "wrong.pt")
+    with pytest.raises(ValueError, match="matches no parameter"):
+        PruneMasks.load(tmp_path / "wrong.pt", model)
+
+
+def test_qat_observers_averaged_over_ranks_give_every_rank_one_quantization() -> None:
+    """Two ranks that observed different data hold the same ranges, scales and zero points
+    after average_observers (the allreduce simulated: each tensor replaced by the ranks' mean)."""
+    import copy
+
+    from models.factory import build_model
+    from models.spec import ModelSpec
+    from tasks.training import qat
+
+    torch.manual_seed(0)
+    base = build_model(ModelSpec.from_dict({"family": "mlp", "hidden_sizes": [16], "dropout": 0.0}), (1, 8, 8), 10)
+    ranks = [qat.prepare_qat_model(model, qat.quantized_engine()) for model in (base, copy.deepcopy(base))]
+    for scale, model in zip((1.0, 3.0), ranks, strict=True):
+        model(torch.randn(32, 1, 8, 8) * scale)  # each rank observes its own shard
+    ranges = [[b.clone() for b in _ranges(model)] for model in ranks]
+    assert not all(torch.equal(a, b) for a, b in zip(*ranges, strict=True))
+    means = [(a + b) / 2 for a, b in zip(*ranges, strict=True)]
+
+    class TwoRanks:
+        Average = "average"
+
+        def size(self) -> int:
+            return 2
+
+        def grouped_allreduce_(self, tensors, op, name) -> None:
+            for tensor, mean in zip(tensors, means, strict=True):
+                tensor.copy_(mean)
+
+    for model in ranks:
+        qat.average_observers(TwoRanks(), model)
+    first, second = (model.state_dict() for model in ranks)
+    for key in first:
+        if "activation_post_process" in key or key.endswith(("scale", "zero_point")):
+            assert torch.equal(first[key], second[key]), key
+
+
+def _ranges(model: torch.nn.Module) -> list[torch.Tensor]:
+    from tasks.training import qat
+
+    return [b for fq in qat.fake_quantizers(model)
+            for b in (fq.activation_post_process.min_val, fq.activation_post_process.max_val) if b.numel()]
+
+
 def test_workers_set_threads_to_usable_cores_over_local_workers(monkeypatch: pytest.MonkeyPatch) -> None:
     from tasks.training.distributed import THREADS_ENV, set_threads
 

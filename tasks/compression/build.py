@@ -2,43 +2,47 @@
 
 :func:`make_variant` turns the parent :class:`~tasks.compression.candidate.Candidate`
 into the variant's last eager model and the :class:`~tasks.compression.formats.Artifact`
-it ships as. :class:`Work` holds what every variant's steps share (data, settings,
-scratch space, the fp32 ONNX exports of unchanged models).
+it ships as. :class:`Work` holds what every variant's steps share (data, settings, the
+fp32 ONNX exports of unchanged models, the fine-tuning curves).
+
+What needs no training (export, fp16, static and dynamic int8, the pruning itself) runs
+in this process; the steps that train (pruning and QAT fine-tuning, distillation) run on
+the Horovod loop, each as a :class:`~tasks.compression.fine_tuning.TrainingStep`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import shutil
 import time
-from collections.abc import Callable, Iterator
-from functools import partial
-from pathlib import Path
 from typing import Any
 
-from torch import nn
-
 from tasks.compression import formats, pruning, quantization
-from tasks.compression.candidate import Candidate, TrainingData, fine_tune
+from tasks.compression.candidate import Candidate, TrainingData
 from tasks.compression.distillation import distill
+from tasks.compression.fine_tuning import Trained, TrainingStep, fine_tune
 from tasks.compression.formats import Artifact
 from tasks.compression.onnx import export_onnx
 from tasks.core.config import (
     CompressStep, DistillStep, ExportStep, HalfStep, Params, PruneStep, QuantizeStep, Variant,
 )
+from tasks.core.model_files import load_eager_model
 from tasks.core.paths import ProjectPaths
 
 log = logging.getLogger("slimflow.compress")
 
 
-class Work:
-    """What the steps of every variant share: data, settings, scratch space, caches."""
+def trains(step: CompressStep) -> bool:
+    """Whether ``step`` trains (on the Horovod loop): fine-tuning, QAT, distillation."""
+    return isinstance(step, DistillStep) or (isinstance(step, (PruneStep, QuantizeStep)) and step.fine_tune_epochs > 0)
 
-    def __init__(self, params: Params, paths: ProjectPaths, scratch: Path) -> None:
+
+class Work:
+    """What the steps of every variant share: data, settings, caches, the fine-tuning curves."""
+
+    def __init__(self, params: Params, paths: ProjectPaths) -> None:
         from tasks.data import load_preprocessing, load_split
 
-        self.params, self.paths, self.scratch = params, paths, scratch
+        self.params, self.paths = params, paths
         preprocessing = load_preprocessing(paths.prepared)
         train = load_split(paths.prepared, "train", preprocessing)
         val = load_split(paths.prepared, "val", preprocessing)
@@ -46,15 +50,16 @@ class Work:
         self.input_shape = tuple(preprocessing.input_shape)
         self.num_classes = preprocessing.num_classes
         self.onnx_exports: dict[str, bytes] = {}  # fp32 exports of unchanged saved models, by name
+        # Per-epoch curves of every training step, by plot name (plots/fine_tune/<name>.json).
+        self.curves: dict[str, list[dict[str, Any]]] = {}
 
-    def fine_tuner(self, step: PruneStep | QuantizeStep, what: str) -> Callable[[nn.Module], nn.Module] | None:
-        """The step's fine-tuning (None without fine_tune_epochs), on the train split in this process."""
-        if step.fine_tune_epochs < 1:
-            return None
-        return partial(
-            fine_tune, data=self.data, epochs=step.fine_tune_epochs, lr=step.lr or self.params.compress.fine_tune_lr,
-            batch_size=self.params.train.batch_size, seed=self.params.base.seed, what=what,
-        )
+    def trained(self, step: TrainingStep, trained: Trained, method: str, epochs: int, extra: dict[str, Any]) -> None:
+        """Keep a finished training step's curve (for its DVC plot) and record (for the manifest)."""
+        self.curves[step.curve_name] = trained.history
+        extra.setdefault("training", []).append(trained.record(method, epochs, step.number))
+
+    def fine_tune_lr(self, step: PruneStep | QuantizeStep) -> float:
+        return step.lr or self.params.compress.fine_tune_lr
 
     def onnx_fp32(self, candidate: Candidate) -> bytes:
         """The candidate as fp32 ONNX, exported once per saved model it is a copy of."""
@@ -85,7 +90,10 @@ def _quantize_ort(candidate: Candidate, step: QuantizeStep, work: Work, what: st
     )
 
 
-def _quantize_torch(candidate: Candidate, step: QuantizeStep, work: Work, what: str) -> Artifact:
+def _quantize_torch(
+    candidate: Candidate, step: QuantizeStep, work: Work, what: str, training: TrainingStep | None,
+    extra: dict[str, Any],
+) -> Artifact:
     engine = quantization.quantized_engine()
     if step.mode == "dynamic":
         share = quantization.quantized_share(candidate.module)
@@ -99,18 +107,37 @@ def _quantize_torch(candidate: Candidate, step: QuantizeStep, work: Work, what: 
         calibration = work.data.calibration(work.params.compress.calibration_samples, work.params.base.seed)
         quantized = quantization.torch_static_int8(candidate.fresh_module(), calibration)
     else:
-        quantized = quantization.torch_qat_int8(candidate.fresh_module(), work.fine_tuner(step, f"{what} (QAT)"))
+        # QAT trains on the Horovod loop (a sparse model keeps its zeros), then converts here.
+        assert training is not None
+        trained = fine_tune(
+            candidate, training, epochs=step.fine_tune_epochs, lr=work.fine_tune_lr(step), qat_engine=engine,
+            masks=pruning.zero_masks(candidate.module) if candidate.sparse else None,
+        )
+        work.trained(training, trained, "quantize", step.fine_tune_epochs, extra)
+        quantized = quantization.convert_qat(trained.folder)
     artifact = formats.torch_quantized_artifact(candidate, quantized, step.mode, engine)
     if step.mode == "static":
         artifact.extra["quantization"].update(work.calibration_details())
     return artifact
 
 
-def _prune(candidate: Candidate, step: PruneStep, work: Work, what: str) -> Candidate:
-    fine_tune_step = work.fine_tuner(step, what)
+def _prune(
+    candidate: Candidate, step: PruneStep, work: Work, training: TrainingStep | None, extra: dict[str, Any]
+) -> Candidate:
+    """Prune here; fine-tune on the Horovod loop: under the masks (unstructured), or the
+    physically smaller model (structured)."""
+    masks = None
     if step.kind == "unstructured":
-        return pruning.prune_unstructured(candidate, step.sparsity, fine_tune_step)
-    return pruning.prune_structured(candidate, step.sparsity, work.data.example(), fine_tune_step)
+        pruned, masks = pruning.prune_unstructured(candidate, step.sparsity)
+    else:
+        pruned = pruning.prune_structured(candidate, step.sparsity, work.data.example())
+    if training is None:
+        return pruned
+    if masks is None and pruned.sparse:  # a sparse parent's zeros stay zeros
+        masks = pruning.zero_masks(pruned.module)
+    trained = fine_tune(pruned, training, epochs=step.fine_tune_epochs, lr=work.fine_tune_lr(step), masks=masks)
+    work.trained(training, trained, "prune", step.fine_tune_epochs, extra)
+    return pruned.changed(load_eager_model(trained.folder))
 
 
 def _export(candidate: Candidate, step: ExportStep, work: Work) -> Artifact:
@@ -119,16 +146,12 @@ def _export(candidate: Candidate, step: ExportStep, work: Work) -> Artifact:
     return formats.export_artifact(candidate, work.data.example())
 
 
-def _distill(candidate: Candidate, step: DistillStep, work: Work, variant: Variant, number: int, run_id: str | None) -> Candidate:
-    scratch = work.scratch / f"{variant.name}-step{number}"
-    with _student_run(variant, number, step, work, run_id) as student_run_id:
-        student = distill(
-            candidate, student_family=step.student_family, student_width=step.student_width,
-            temperature=step.temperature, alpha=step.alpha, epochs=step.epochs, lr=step.lr,
-            params=work.params, prepared=work.paths.prepared, root=work.paths.root, scratch=scratch,
-            run_id=student_run_id,
-        )
-    shutil.rmtree(scratch, ignore_errors=True)  # checkpoints and the student's scratch copy
+def _distill(candidate: Candidate, step: DistillStep, work: Work, training: TrainingStep, extra: dict[str, Any]) -> Candidate:
+    student, trained = distill(
+        candidate, training, student_family=step.student_family, student_width=step.student_width,
+        temperature=step.temperature, alpha=step.alpha, epochs=step.epochs, lr=step.lr,
+    )
+    work.trained(training, trained, "distill", step.epochs, extra)
     return student
 
 
@@ -139,41 +162,27 @@ def make_variant(
 
     Eager steps (prune, distill) change the candidate; a final step (quantize, half,
     export) makes the artifact; without one the artifact is the eager model's state_dict.
+    Training steps log their curves into ``run_id`` (the variant's MLflow run).
     """
     candidate, artifact, extra = parent, None, {}
+    several = sum(trains(step) for step in variant.steps) > 1
     for number, step in enumerate(variant.steps, start=1):
         what = f"{variant.name} step {number} ({step.method})"
+        training = TrainingStep(work.params, work.paths, variant.name, number, run_id, several) if trains(step) else None
         started, cpu = time.perf_counter(), time.process_time()
         if isinstance(step, PruneStep):
-            candidate = _prune(candidate, step, work, what)
+            candidate = _prune(candidate, step, work, training, extra)
         elif isinstance(step, DistillStep):
             extra["teacher"] = candidate.origin or f"{variant.name} before step {number}"
-            candidate = _distill(candidate, step, work, variant, number, run_id)
+            candidate = _distill(candidate, step, work, training, extra)
         elif isinstance(step, QuantizeStep):
-            quantize = _quantize_ort if step.runtime == "onnxruntime" else _quantize_torch
-            artifact = quantize(candidate, step, work, what)
+            if step.runtime == "onnxruntime":
+                artifact = _quantize_ort(candidate, step, work, what)
+            else:
+                artifact = _quantize_torch(candidate, step, work, what, training, extra)
         elif isinstance(step, HalfStep):
             artifact = formats.half_artifact(candidate)
         elif isinstance(step, ExportStep):
             artifact = _export(candidate, step, work)
         log.info("%s: done in %.1fs (%.1fs CPU here)", what, time.perf_counter() - started, time.process_time() - cpu)
     return candidate, artifact or formats.state_dict_artifact(candidate), extra
-
-
-@contextlib.contextmanager
-def _student_run(
-    variant: Variant, number: int, step: CompressStep, work: Work, variant_run_id: str | None
-) -> Iterator[str | None]:
-    """A run nested under the variant's for the student's training curves (its keys are the
-    baseline's train_loss, val_accuracy...; the variant's run keeps the final figures)."""
-    if variant_run_id is None:
-        yield None
-        return
-    from tasks.core import tracking
-
-    with tracking.stage_run(
-        "compress", work.paths.root, work.params.base.experiment, params=step.model_dump(),
-        run_name=f"{variant.name} student training", parent_run_id=variant_run_id,
-        tags={"variant": variant.name, "role": "distillation-training", "step": str(number)},
-    ) as run:
-        yield run.info.run_id

@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 import copy
-import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from models.factory import build_model
 from models.spec import ModelSpec
 from tasks.compression.weights import map_state_dict
-
-log = logging.getLogger("slimflow.compress")
 
 
 @dataclass(frozen=True)
@@ -75,34 +71,6 @@ class TrainingData:
         rng = np.random.default_rng(seed)
         count = min(samples, len(self.x_train))
         return np.ascontiguousarray(self.x_train[np.sort(rng.choice(len(self.x_train), count, replace=False))])
-
-
-def fine_tune(
-    module: nn.Module, data: TrainingData, epochs: int, lr: float, batch_size: int, seed: int, what: str
-) -> nn.Module:
-    """Train ``module`` in place for ``epochs`` on the train split (cross-entropy, AdamW).
-
-    Runs in this process: fine-tuning a compressed model is seconds of work, and pruning
-    masks / fake-quantization observers live on the module itself.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    x, y = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
-    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=lr)
-    for epoch in range(1, epochs + 1):
-        module.train()
-        total, correct, loss_sum = 0, 0, 0.0
-        for batch in torch.randperm(len(x), generator=generator).split(batch_size):
-            logits = module(x[batch])
-            loss = F.cross_entropy(logits, y[batch])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += loss.item() * len(batch)
-            correct += int((logits.argmax(1) == y[batch]).sum())
-            total += len(batch)
-        log.info("%s: fine-tune epoch %d/%d  loss %.4f  acc %.4f", what, epoch, epochs, loss_sum / total, correct / total)
-    return module.eval()
 
 
 def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:

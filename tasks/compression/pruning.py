@@ -5,12 +5,15 @@ its size falls only when stored compressed, so a pruned variant is reported by i
 non-zeros and stored gzip-compressed. Structured pruning removes whole channels / units
 so the dense model is genuinely smaller and faster; the new widths are read back into a
 :class:`~models.spec.ModelSpec`, so the pruned model is an ordinary model of its family.
+
+Both prune in this process (seconds); their fine-tuning runs on the Horovod loop
+(:mod:`tasks.compression.fine_tuning`): unstructured with the masks returned here, held
+after every optimizer step; structured on the physically smaller model.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -23,21 +26,36 @@ from tasks.compression.weights import prunable_weights, weight_sparsity
 log = logging.getLogger("slimflow.compress")
 
 
-def prune_unstructured(
-    candidate: Candidate, sparsity: float, fine_tune: Callable[[nn.Module], nn.Module] | None
-) -> Candidate:
-    """Global L1-magnitude pruning of ``sparsity`` of all prunable weights, fine-tuned under the mask."""
+def prune_unstructured(candidate: Candidate, sparsity: float) -> tuple[Candidate, dict[str, torch.Tensor]]:
+    """Global L1-magnitude pruning of ``sparsity`` of all prunable weights.
+
+    Returns the pruned candidate (zeros in place) and its masks, {parameter name: bool
+    tensor, False where pruned}, which fine-tuning holds.
+    """
     module = candidate.fresh_module()
-    targets = prunable_weights(module)
-    prune.global_unstructured(targets, pruning_method=prune.L1Unstructured, amount=sparsity)
-    if fine_tune is not None:
-        # The mask is applied in a forward pre-hook (weight = weight_orig * mask), so the
-        # pruned weights stay zero while the others adapt.
-        module = fine_tune(module)
-    for owner, name in targets:
+    targets = _named_targets(module)
+    prune.global_unstructured([(owner, name) for _, owner, name in targets], pruning_method=prune.L1Unstructured,
+                              amount=sparsity)
+    masks = {}
+    for full_name, owner, name in targets:
+        masks[full_name] = getattr(owner, f"{name}_mask").detach().bool().clone()
         prune.remove(owner, name)  # make the zeros permanent, drop weight_orig and the mask
     log.info("unstructured pruning: %.1f%% of the weights are zero", 100 * weight_sparsity(module))
-    return candidate.changed(module, sparse=True)
+    return candidate.changed(module, sparse=True), masks
+
+
+def zero_masks(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Masks that keep a sparse module's zeros (False where a prunable weight is zero)."""
+    return {full_name: getattr(owner, name).detach() != 0 for full_name, owner, name in _named_targets(module)}
+
+
+def _named_targets(module: nn.Module) -> list[tuple[str, nn.Module, str]]:
+    """The prunable weights as (parameter name in ``module``, owner, attribute)."""
+    owners = {id(owner): name for name, owner in module.named_modules()}
+    return [
+        (f"{owners[id(owner)]}.{name}" if owners[id(owner)] else name, owner, name)
+        for owner, name in prunable_weights(module)
+    ]
 
 
 def _classifier(module: nn.Module) -> nn.Module:
@@ -58,12 +76,7 @@ def spec_of(module: nn.Module, spec: ModelSpec) -> ModelSpec:
     raise ValueError(f"structured pruning does not support {spec.family} models")
 
 
-def prune_structured(
-    candidate: Candidate,
-    sparsity: float,
-    example: torch.Tensor,
-    fine_tune: Callable[[nn.Module], nn.Module] | None,
-) -> Candidate:
+def prune_structured(candidate: Candidate, sparsity: float, example: torch.Tensor) -> Candidate:
     """Remove ``sparsity`` of the channels / hidden units of every layer by L1 magnitude (torch-pruning).
 
     The classifier keeps its outputs; torch-pruning follows the dependencies (batch norm,
@@ -82,8 +95,6 @@ def prune_structured(
     # ordinary model of its family (saved as a state_dict, usable as a teacher).
     spec = spec_of(module, candidate.spec)
     module = rebuild(spec, candidate.input_shape, candidate.num_classes, module.state_dict())
-    if fine_tune is not None:
-        module = fine_tune(module)
     after = sum(p.numel() for p in module.parameters())
     log.info("structured pruning: %d -> %d parameters (%s)", before, after, _widths(spec))
     return candidate.changed(module, spec=spec)

@@ -6,9 +6,11 @@
   without which an LSTM stays fp32). One self-contained file.
 - ``torch`` runtime: ``torch.ao.quantization`` - ``quantize_dynamic`` (the only torch path
   that quantizes LSTM/GRU weights), eager-mode static post-training quantization, and
-  quantization-aware training (``prepare_qat``: fine-tuning with fake quantization,
-  then ``convert``). torch.ao warns that it is deprecated; on torch 2.13 it works, and
-  torchao's replacements either cover only linear layers or need torch.compile to be fast.
+  quantization-aware training (``prepare_qat``: fine-tuning with fake quantization on the
+  Horovod loop, then ``convert`` here). torch.ao warns that it is deprecated; on torch 2.13
+  it works, and torchao's replacements either cover only linear layers or need
+  torch.compile to be fast. The eager-mode wrapping and fusing that static int8 and QAT
+  share lives with the training loop (:mod:`tasks.training.qat`), which trains QAT.
 """
 
 from __future__ import annotations
@@ -22,8 +24,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from models.factory import build_model
+from models.spec import ModelSpec
 from tasks.compression.onnx import ONNX_INPUT, quiet as _quiet
 from tasks.compression.weights import prunable_weights
+from tasks.core.model_files import read_manifest
+from tasks.training.qat import eager_skeleton, prepare_qat_model, quantized_engine
 
 log = logging.getLogger("slimflow.compress")
 
@@ -87,15 +93,6 @@ def ort_dynamic_int8(model: bytes) -> bytes:
 # -- torch.ao ------------------------------------------------------------------------------
 
 
-def quantized_engine() -> str:
-    """The quantized kernel backend: x86 (fbgemm + onednn) where available."""
-    engines = torch.backends.quantized.supported_engines
-    for engine in ("x86", "fbgemm", "qnnpack"):
-        if engine in engines:
-            return engine
-    raise RuntimeError(f"this torch build has no quantized engine (supported: {engines})")
-
-
 def torch_dynamic_int8(module: nn.Module) -> nn.Module:
     """``torch.ao.quantization.quantize_dynamic`` on linear and recurrent layers (conv stays fp32)."""
     from torch.ao.quantization import quantize_dynamic
@@ -105,68 +102,46 @@ def torch_dynamic_int8(module: nn.Module) -> nn.Module:
         return quantize_dynamic(module.eval(), set(DYNAMIC_LAYERS), dtype=torch.qint8)
 
 
-def _fusion_groups(module: nn.Module, prefix: str) -> list[list[str]]:
-    """conv-bn(-relu), conv-relu and linear-relu runs inside Sequentials, fused before quantizing."""
-    groups: list[list[str]] = []
-    for name, child in module.named_modules():
-        if not isinstance(child, nn.Sequential):
-            continue
-        items = list(child.named_children())
-        index = 0
-        while index < len(items):
-            first, layer = items[index]
-            group, index = [first], index + 1
-            if isinstance(layer, (nn.Conv2d, nn.Linear)):
-                if isinstance(layer, nn.Conv2d) and index < len(items) and isinstance(items[index][1], nn.BatchNorm2d):
-                    group.append(items[index][0])
-                    index += 1
-                if index < len(items) and isinstance(items[index][1], nn.ReLU):
-                    group.append(items[index][0])
-                    index += 1
-            if len(group) > 1:
-                groups.append([f"{prefix}{name}.{part}" if name else f"{prefix}{part}" for part in group])
-    return groups
-
-
-def _eager_skeleton(module: nn.Module, qat: bool) -> nn.Module:
-    """``module`` between a QuantStub and a DeQuantStub, fused, with the engine's qconfig."""
-    from torch.ao import quantization as tq
-
-    engine = quantized_engine()
-    torch.backends.quantized.engine = engine
-    wrapped = nn.Sequential(tq.QuantStub(), module, tq.DeQuantStub())
-    groups = _fusion_groups(module, "1.")
-    if qat:
-        wrapped.train()
-        wrapped = tq.fuse_modules_qat(wrapped, groups)
-        wrapped.qconfig = tq.get_default_qat_qconfig(engine)
-    else:
-        wrapped.eval()
-        wrapped = tq.fuse_modules(wrapped, groups)
-        wrapped.qconfig = tq.get_default_qconfig(engine)
-    return wrapped
-
-
 def torch_static_int8(module: nn.Module, calibration: np.ndarray, batch: int = 64) -> nn.Module:
     """Eager-mode post-training static int8 (fused conv/linear, per-channel weights, calibrated observers)."""
     from torch.ao import quantization as tq
 
     with _quiet():
-        wrapped = tq.prepare(_eager_skeleton(module.eval(), qat=False))
+        wrapped = tq.prepare(eager_skeleton(module.eval(), qat=False))
         with torch.inference_mode():
             for start in range(0, len(calibration), batch):
                 wrapped(torch.from_numpy(calibration[start : start + batch]))
         return tq.convert(wrapped.eval())
 
 
-def torch_qat_int8(module: nn.Module, fine_tune: Callable[[nn.Module], nn.Module]) -> nn.Module:
-    """Quantization-aware training: fine-tune with fake quantization, then convert to int8."""
+def torch_qat_int8(module: nn.Module, train: Callable[[nn.Module], nn.Module]) -> nn.Module:
+    """QAT in this process: prepare ``module``, let ``train`` train it with fake quantization,
+    convert to int8. (The pipeline trains on the Horovod loop instead and converts its
+    output with :func:`convert_qat`; this serves tests and interactive use.)"""
     from torch.ao import quantization as tq
 
     with _quiet():
-        wrapped = tq.prepare_qat(_eager_skeleton(module, qat=True))
-        wrapped = fine_tune(wrapped)
-        return tq.convert(wrapped.eval())
+        return tq.convert(train(prepare_qat_model(module, quantized_engine())).eval())
+
+
+def convert_qat(folder: Path) -> nn.Module:
+    """The int8 model of a quantization-aware training's output folder (``torch-qat-state-dict``):
+    the QAT model rebuilt from its spec, its trained weights and observers loaded, converted.
+
+    Conversion runs here, in the compress process, not on the Horovod workers: it is a
+    one-off, deterministic transformation of the trained weights and observer ranges, which
+    are the same on every rank (``tasks.training.qat.average_observers``); about 50 ms for
+    the default CNN on 28x28 inputs, nothing to gain from distributing it.
+    """
+    from torch.ao import quantization as tq
+
+    payload = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
+    module = build_model(ModelSpec.from_dict(payload["spec"]), payload["input_shape"], payload["num_classes"])
+    engine = read_manifest(folder).get("qat_engine") or quantized_engine()
+    with _quiet():
+        prepared = prepare_qat_model(module, engine)
+        prepared.load_state_dict(payload["state_dict"])
+        return tq.convert(prepared.eval())
 
 
 def quantized_skeleton(module: nn.Module, scheme: str) -> nn.Module:
@@ -177,7 +152,7 @@ def quantized_skeleton(module: nn.Module, scheme: str) -> nn.Module:
         if scheme == "dynamic":
             return torch_dynamic_int8(module)
         if scheme in {"static", "qat"}:  # QAT converts to the same modules as static
-            return tq.convert(tq.prepare(_eager_skeleton(module.eval(), qat=False)))
+            return tq.convert(tq.prepare(eager_skeleton(module.eval(), qat=False)))
     raise ValueError(f"unknown torch quantization scheme {scheme!r}")
 
 

@@ -3,8 +3,11 @@
 Each variant is made (:func:`tasks.compression.build.make_variant`), written to
 ``<output>/<variant>/`` (model file + ``manifest.json``), loaded back and checked against
 the in-memory model it was evaluated with, and tracked as its own MLflow run nested
-under the stage's run. The output folder is built beside ``output`` and swapped in at
-the end, so a failure leaves the previous output as it was.
+under the stage's run (its fine-tuning curve under ``fine_tune/...`` keys). The output
+folder is built beside ``output`` and swapped in at the end, so a failure leaves the
+previous output as it was; then every fine-tuning curve is written as a DVC plot
+(``plots/fine_tune/<variant>.json``) and the variants' checkpoint folders
+(``artifacts/checkpoints/<variant>/``, kept until then so a re-run resumes) are removed.
 
 Torch and the compression libraries load on the first call, not on import, so the stage
 refuses bad input before paying for them.
@@ -101,12 +104,11 @@ def compress_variants(
     output = output or paths.compressed
     output.parent.mkdir(parents=True, exist_ok=True)
     build = Path(tempfile.mkdtemp(prefix=f".{output.name}-build-", dir=output.parent))
-    scratch = Path(tempfile.mkdtemp(prefix=f".{output.name}-scratch-", dir=output.parent))
     try:
         with _one_thread():
             from tasks.compression.build import Work
 
-            work = Work(params, paths, scratch)
+            work = Work(params, paths)
             baseline = _load_baseline(work, baseline_manifest)
             results = _make_all(variants, work, baseline, build, output, stage_run_id)
         log.info("compressed variants:\n%s", as_text(summary_table(results, baseline.manifest, baseline.val_accuracy)))
@@ -114,15 +116,37 @@ def compress_variants(
     except BaseException:
         shutil.rmtree(build, ignore_errors=True)
         raise
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    _write_curves(paths.plots / "fine_tune", work.curves)
+    _remove_checkpoints(paths.checkpoints, [variant.name for variant in variants])
     return results
+
+
+def _write_curves(folder: Path, curves: dict[str, list[dict[str, Any]]]) -> None:
+    """One DVC plot file per training step (epoch, train/val loss and accuracy, lr, throughput);
+    the folder holds exactly this run's curves."""
+    import json
+
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    for name, rows in curves.items():
+        (folder / f"{name}.json").write_text(json.dumps(rows, indent=2, sort_keys=True) + "\n")
+
+
+def _remove_checkpoints(checkpoints: Path, names: list[str]) -> None:
+    """The variants' training folders, once their models are published (the train stage's own
+    checkpoints beside them stay)."""
+    for name in names:
+        shutil.rmtree(checkpoints / name, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        checkpoints.rmdir()  # only when empty
 
 
 @contextlib.contextmanager
 def _one_thread() -> Iterator[None]:
-    """One intra-op thread: for models this size threads cost more than they give, and on a
-    busy machine their spin-waits made a 2-epoch fine-tune 10x slower (0.8 s -> 9 s here)."""
+    """One intra-op thread for the work done in this process (pruning, export, calibration,
+    checks): for models this size threads cost more than they give, and on a busy machine
+    their spin-waits made a 2-epoch fine-tune 10x slower (0.8 s -> 9 s here). The training
+    steps run in Horovod workers with their own threads (cores // workers)."""
     import torch
 
     threads = torch.get_num_threads()

@@ -57,8 +57,14 @@ def save_state_dict_model(
     num_classes: int,
     folder: Path,
     manifest: dict[str, Any],
+    format_name: str = "torch-state-dict",
 ) -> dict[str, Any]:
-    """Save an eager model as its architecture plus state_dict (``model.pt``)."""
+    """Save an eager model as its architecture plus state_dict (``model.pt``).
+
+    ``format_name`` names what the state_dict fits: ``torch-state-dict`` is ``build_model(spec)``
+    itself (:func:`load_eager_model`); ``torch-qat-state-dict`` the model prepared for
+    quantization-aware training (``tasks.compression.quantization`` loads it and converts).
+    """
     folder.mkdir(parents=True, exist_ok=True)
     payload = {
         "spec": spec.to_dict(),
@@ -72,7 +78,7 @@ def save_state_dict_model(
         {
             **manifest,
             "file": "model.pt",
-            "format": "torch-state-dict",
+            "format": format_name,
             "runtime": "pytorch",
             "parameters": sum(p.numel() for p in model.parameters()),
             "nonzeros": count_nonzeros(model),

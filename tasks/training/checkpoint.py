@@ -4,6 +4,10 @@ resumes from it and ends with the same model as an uninterrupted run.
 ``last.pt`` holds the model, optimizer, scheduler, progress, the RNG states of every rank
 and the fingerprint of the settings, world size, data and code that made it; ``best.pt``
 the weights of the best epoch so far. Both are replaced atomically.
+
+Both are read with ``torch.load(weights_only=True)``: loading a checkpoint runs no pickled
+code, so everything in them is a tensor or a plain value (numbers, strings, lists, tuples,
+dicts). The one RNG state that is not (numpy's keys array) is stored as a list of ints.
 """
 
 from __future__ import annotations
@@ -30,20 +34,33 @@ BEST = "best.pt"
 
 
 def fresh_state() -> dict[str, Any]:
-    """The progress of a run that has not trained yet (what a checkpoint's ``state`` holds)."""
-    return {"epoch": 0, "best_val_loss": math.inf, "bad_epochs": 0, "history": [], "run_id": None}
+    """The progress of a run that has not trained yet (what a checkpoint's ``state`` holds).
+
+    ``best_val_accuracy`` / ``best_val_loss`` are those of the best epoch by the job's
+    ``monitor``; ``start`` is the validation figures of the model training started from
+    (jobs with ``init_from``), measured once before the first epoch.
+    """
+    return {
+        "epoch": 0, "best_val_loss": math.inf, "best_val_accuracy": -math.inf, "bad_epochs": 0,
+        "history": [], "run_id": None, "start": None,
+    }
 
 
 def rng_state() -> dict[str, Any]:
+    """This process's RNG states, as values ``torch.load(weights_only=True)`` reads back."""
+    name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
     return {
-        "python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+        "python": random.getstate(),  # (version, tuple of ints, float or None)
+        "numpy": [name, keys.tolist(), position, has_gauss, cached_gaussian],
+        "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
     }
 
 
 def restore_rng(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, position, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached_gaussian))
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -61,8 +78,8 @@ def read_checkpoint(path: Path, fingerprint: str) -> dict[str, Any] | None:
     if not path.exists():
         return None
     try:
-        saved = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # a torn or foreign file: train from scratch rather than fail
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a torn or foreign file (or one holding pickled code): train from scratch
         log.warning("ignoring checkpoint %s: unreadable (%s)", path, err)
         return None
     if saved.get("fingerprint") != fingerprint:

@@ -1,4 +1,11 @@
-"""The fit job: everything a worker needs, written to JSON by the launching stage."""
+"""The fit job: everything a worker needs, written to JSON by the launching stage.
+
+One job type runs every training of the pipeline: the baseline, and the compression
+methods that train (distillation, pruning and quantization-aware fine-tuning). What sets
+those apart are generic hooks the loop applies without knowing compression: start from
+saved weights (``init_from``), hold pruned weights at zero (``prune_masks``), train with
+fake quantization (``qat``), learn from a ``teacher``.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +22,8 @@ _CODE_FILES = (
     *sorted(p for p in _PACKAGE.glob("*.py") if p.name not in {"__init__.py", "launcher.py"}),
     *sorted((_PACKAGE.parents[1] / "models").glob("*.py")),
 )
+
+MONITORS = ("val_loss", "val_accuracy")
 
 
 @dataclass(frozen=True)
@@ -40,21 +49,42 @@ class FitJob:
     teacher: str | None = None  # model folder of the teacher (distillation)
     temperature: float = 4.0
     alpha: float = 0.7  # weight of the soft-target loss
+    # A torch-state-dict model folder whose weights training starts from (its spec is ``spec``).
+    init_from: str | None = None
+    # A file of {parameter name: bool mask} (torch.save): the weights where the mask is False
+    # are zero from the start and set to zero again after every optimizer step, on every rank.
+    prune_masks: str | None = None
+    # A torch.ao quantized engine (x86, fbgemm, qnnpack): train with fake quantization
+    # (prepare_qat) for it; the output is the QAT model's state (format torch-qat-state-dict).
+    qat: str | None = None
+    monitor: str = "val_loss"  # val_loss | val_accuracy: what early stopping and the best checkpoint follow
     run_id: str | None = None  # MLflow run that rank 0 logs into
+    metric_prefix: str = ""  # prefix of rank 0's MLflow params and metrics (e.g. "fine_tune/")
     metrics_path: str | None = None  # summary metrics (JSON) written by rank 0
     history_path: str | None = None  # per-epoch history (JSON list) written by rank 0
     manifest: dict[str, Any] = field(default_factory=dict)
     fault_after_epoch: int | None = None  # tests only: see tasks.training.fault
 
     def fingerprint(self, world_size: int) -> str:
-        """What must match for a checkpoint to be resumed: settings, world size, data and code."""
-        ignored = {"run_id", "fault_after_epoch", "metrics_path", "history_path"}
+        """What must match for a checkpoint to be resumed: settings, world size, data and code.
+
+        The files a job starts from (initial weights, masks, teacher) count by their
+        content, not their path: a stage that writes them again, identically, resumes.
+        """
+        ignored = {"run_id", "fault_after_epoch", "metrics_path", "history_path", "metric_prefix"}
         keys: dict[str, Any] = {k: v for k, v in asdict(self).items() if k not in ignored}
+        for name in ("init_from", "prune_masks", "teacher"):
+            if keys[name]:
+                keys[name] = _content_digest(Path(keys[name]))
         keys["world_size"] = world_size
         card = Path(self.prepared) / "card.json"
         keys["data"] = card.read_text() if card.exists() else ""
         keys["code"] = [hashlib.sha256(path.read_bytes()).hexdigest() for path in _CODE_FILES]
         return hashlib.sha256(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()
+
+    def __post_init__(self) -> None:
+        if self.monitor not in MONITORS:
+            raise ValueError(f"FitJob.monitor: expected one of {', '.join(MONITORS)}, got {self.monitor!r}")
 
     def write(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=2, sort_keys=True))
@@ -62,3 +92,9 @@ class FitJob:
     @classmethod
     def read(cls, path: Path) -> FitJob:
         return cls(**json.loads(path.read_text()))
+
+
+def _content_digest(path: Path) -> str:
+    """sha256 of a file, or of a model folder's ``model.pt``; "missing" when absent."""
+    target = path / "model.pt" if path.is_dir() else path
+    return hashlib.sha256(target.read_bytes()).hexdigest() if target.is_file() else "missing"

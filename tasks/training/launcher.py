@@ -52,6 +52,11 @@ def parse_hosts(hosts: str | None, workers: int) -> list[HostSlots]:
     return parsed
 
 
+def world_size(train_params: TrainParams) -> int:
+    """How many workers ``launch_fit`` starts for these settings (``train.hosts`` or ``train.workers``)."""
+    return sum(h.slots for h in parse_hosts(train_params.hosts, train_params.workers))
+
+
 def usable_cores() -> int:
     try:
         return len(os.sched_getaffinity(0))

@@ -4,8 +4,10 @@ It follows Horovod's own order (examples/pytorch/pytorch_mnist.py): shard with
 DistributedSampler, scale the learning rate by the world size, wrap the optimizer in
 DistributedOptimizer, broadcast parameters and optimizer state from rank 0,
 ``set_epoch`` every epoch, average metrics with allreduce; only rank 0 logs and writes
-files. With a ``teacher`` it trains a student by knowledge distillation on the same loop.
-(Init, threads and seeds come first, in :mod:`tasks.training.worker`.)
+files. With a ``teacher`` it trains a student by knowledge distillation on the same loop;
+with ``init_from``, ``prune_masks`` or ``qat`` it fine-tunes a compressed model
+(:mod:`tasks.training.adaptation`). (Init, threads and seeds come first, in
+:mod:`tasks.training.worker`.)
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from models.spec import ModelSpec
 from tasks.core.model_files import load_eager_model, save_state_dict_model
 from tasks.data import Preprocessing, load_preprocessing, load_split
 from tasks.training import fault
+from tasks.training.adaptation import Adaptation
 from tasks.training.checkpoint import Checkpoints, rng_state
 from tasks.training.distributed import (
     Placement, allreduce_groups, autocast_factory, gather_epoch_metrics, lr_multiplier, place_worker,
@@ -72,6 +75,7 @@ class Trainer:
     bf16: bool
     channels_last: bool
     autocast: Callable
+    adapt: Adaptation
 
 
 def load_shards(job: FitJob, place: Placement) -> Shards:
@@ -92,11 +96,15 @@ def load_shards(job: FitJob, place: Placement) -> Shards:
 
 def build_trainer(job: FitJob, hvd: Any, place: Placement) -> Trainer:
     """Data, model (and teacher), sampler, Horovod optimizer and learning-rate schedule."""
-    bf16 = job.mixed_precision == "bf16" or (job.mixed_precision == "auto" and place.use_cuda)
+    # QAT trains in fp32: fake quantization simulates int8 rounding on fp32 values (torch.ao's
+    # fused fake-quantize kernels take fp32), and bf16 would add rounding of its own.
+    bf16 = job.qat is None and (job.mixed_precision == "bf16" or (job.mixed_precision == "auto" and place.use_cuda))
     want_channels_last = job.channels_last == "on" or (job.channels_last == "auto" and place.use_cuda)
     data = load_shards(job, place)
     spec = ModelSpec.from_dict(job.spec)
-    model = build_model(spec, data.preprocessing.input_shape, data.preprocessing.num_classes).to(place.device)
+    adapt = Adaptation(job)
+    model = build_model(spec, data.preprocessing.input_shape, data.preprocessing.num_classes)
+    model = adapt.prepare(model, place.device)
     channels_last = want_channels_last and data.x_train.dim() == 4
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -133,7 +141,7 @@ def build_trainer(job: FitJob, hvd: Any, place: Placement) -> Trainer:
     )
     return Trainer(
         job, hvd, place, data, spec, model, training_loss(teacher, job.temperature, job.alpha), sampler,
-        optimizer, scheduler, groups, bf16, channels_last, autocast_factory(place.device, bf16),
+        optimizer, scheduler, groups, bf16, channels_last, autocast_factory(place.device, bf16), adapt,
     )
 
 
@@ -141,15 +149,28 @@ def fit(job: FitJob, hvd: Any, threads: int) -> dict[str, Any] | None:
     """Train ``job`` on this (initialized, seeded) worker; rank 0 returns the summary metrics, other ranks None."""
     place = place_worker(hvd)
     t = build_trainer(job, hvd, place)
-    mlflow_log = MlflowLogger(job.run_id if place.is_root else None)
+    mlflow_log = MlflowLogger(job.run_id if place.is_root else None, job.metric_prefix)
     checkpoints = Checkpoints.of(job, place.size)
     state = checkpoints.resume(hvd, place, t.model, t.optimizer, t.scheduler)
+    if job.init_from and state["start"] is None:
+        state["start"] = validate_start(t)
     if place.is_root:
         log_start(t, mlflow_log, state, threads)
     # Horovod: start the clocks together (rank 0 has been opening MLflow and checkpoints).
     hvd.barrier()
     run_epochs(t, checkpoints, mlflow_log, state)
-    return finish(t, checkpoints, state, threads) if place.is_root else None
+    # Horovod: every rank's own evidence that the ranks ended as one model (and the masks held).
+    checks = hvd.allgather_object(t.adapt.check(t.model), name="rank_checks")
+    return finish(t, checkpoints, state, threads, checks) if place.is_root else None
+
+
+def validate_start(t: Trainer) -> dict[str, float]:
+    """Validation loss and accuracy of the model training starts from (every rank takes part)."""
+    with t.adapt.as_started(t.model):
+        loss, correct, count = evaluate(t.model, t.data.x_val, t.data.y_val, VAL_BATCH, t.autocast)
+    rows = t.hvd.allgather(torch.tensor([[loss, correct, count]], dtype=torch.float64), name="start_metrics")
+    loss, correct, count = rows.sum(0).tolist()
+    return {"val_loss": loss / count, "val_accuracy": correct / count}
 
 
 def log_start(t: Trainer, mlflow_log: MlflowLogger, state: dict[str, Any], threads: int) -> None:
@@ -161,7 +182,9 @@ def log_start(t: Trainer, mlflow_log: MlflowLogger, state: dict[str, Any], threa
         "allreduce_groups_used": "per-gradient" if t.groups is None else t.groups,
     })
     if state.get("run_id") != t.job.run_id:
-        mlflow_log.history(state["history"])  # a resumed run carries the whole curve
+        # A fine-tune's curve starts at step 0 with the model it starts from; a resumed
+        # run carries the whole curve.
+        mlflow_log.history(([{"epoch": 0, **state["start"]}] if state["start"] else []) + state["history"])
     state["run_id"] = t.job.run_id
     log.info("world_size=%d threads_per_worker=%d device=%s bf16=%s channels_last=%s allreduce=%s train=%d val=%d",
              place.size, threads, place.device.type, t.bf16, t.channels_last,
@@ -172,20 +195,22 @@ def log_start(t: Trainer, mlflow_log: MlflowLogger, state: dict[str, Any], threa
 def run_epochs(t: Trainer, checkpoints: Checkpoints, mlflow_log: MlflowLogger, state: dict[str, Any]) -> None:
     """From the epoch after ``state["epoch"]`` to the last, or until early stopping; updates ``state``."""
     job, place, hvd = t.job, t.place, t.hvd
-    # BatchNorm running statistics are buffers: gradients are averaged, these are not.
-    float_buffers = [b for b in t.model.buffers() if b.is_floating_point()]
     for epoch in range(state["epoch"], job.epochs):
         train_counts, epoch_time = train_epoch(t, epoch)
+        # BatchNorm running statistics are buffers: gradients are averaged, these are not.
+        float_buffers = [b for b in t.model.buffers() if b.is_floating_point() and b.numel()]
         if place.size > 1 and float_buffers:
             # Horovod: average the BatchNorm statistics, so every rank holds the model rank 0
             # saves and validation measures exactly that model.
             hvd.grouped_allreduce_(float_buffers, op=hvd.Average, name="buffers")
-        val_counts = evaluate(t.model, t.data.x_val, t.data.y_val, VAL_BATCH, t.autocast)
+        t.adapt.after_buffer_sync(hvd, t.model)  # QAT: fake-quantization ranges from the averaged observers
+        with t.adapt.evaluating(t.model):
+            val_counts = evaluate(t.model, t.data.x_val, t.data.y_val, VAL_BATCH, t.autocast)
         metrics = {
             **gather_epoch_metrics(hvd, train_counts, val_counts, epoch_time),
             "lr": t.optimizer.param_groups[0]["lr"],
         }
-        improved, stop = record_epoch(state, epoch + 1, metrics, job.patience)
+        improved, stop = record_epoch(state, epoch + 1, metrics, job.patience, job.monitor)
         complete = stop or epoch + 1 == job.epochs
         # Horovod: every rank's RNG state goes into the checkpoint, so dropout resumes exactly.
         all_rng = hvd.allgather_object(rng_state(), name="rng_gather")
@@ -203,7 +228,7 @@ def run_epochs(t: Trainer, checkpoints: Checkpoints, mlflow_log: MlflowLogger, s
         fault.crash_if_due(job.fault_after_epoch, epoch + 1, place.rank, place.size)  # tests only
         if stop:
             if place.is_root:
-                log.info("early stopping: no val_loss improvement for %d epochs", job.patience)
+                log.info("early stopping: no %s improvement for %d epochs", job.monitor, job.patience)
             break
 
 
@@ -238,6 +263,7 @@ def train_epoch(t: Trainer, epoch: int) -> tuple[tuple[float, float, float], flo
             correct.add_((logits.argmax(1) == yb).sum())
         # Horovod: step() waits for the allreduced gradients, then updates.
         optimizer.step()
+        t.adapt.after_step()  # pruning: the masked weights back to zero, on every rank alike
         optimizer.zero_grad()
         t.scheduler.step()
     if t.place.use_cuda:
@@ -261,30 +287,57 @@ def evaluate(
     return total_loss, correct, len(x)
 
 
-def record_epoch(state: dict[str, Any], epoch: int, metrics: dict[str, float], patience: int) -> tuple[bool, bool]:
-    """Add finished ``epoch`` to ``state``; (whether val_loss improved, whether to stop early)."""
+def record_epoch(
+    state: dict[str, Any], epoch: int, metrics: dict[str, float], patience: int, monitor: str = "val_loss"
+) -> tuple[bool, bool]:
+    """Add finished ``epoch`` to ``state``; (whether it is the best so far by ``monitor``, whether to stop early).
+
+    ``val_loss``: lower by more than 1e-6. ``val_accuracy``: higher, or as high with a lower
+    val_loss (accuracy on a validation split moves in steps of one sample).
+    """
     state["history"].append({"epoch": epoch, **metrics})
-    improved = metrics["val_loss"] < state["best_val_loss"] - 1e-6
-    state.update(
-        epoch=epoch,
-        best_val_loss=min(state["best_val_loss"], metrics["val_loss"]),
-        bad_epochs=0 if improved else state["bad_epochs"] + 1,
-    )
+    if monitor == "val_loss":
+        improved = metrics["val_loss"] < state["best_val_loss"] - 1e-6
+        state["best_val_loss"] = min(state["best_val_loss"], metrics["val_loss"])
+    else:
+        accuracy, best = metrics["val_accuracy"], state["best_val_accuracy"]
+        improved = accuracy > best + 1e-9 or (accuracy >= best - 1e-9 and metrics["val_loss"] < state["best_val_loss"])
+        if improved:  # the best epoch's figures
+            state.update(best_val_accuracy=accuracy, best_val_loss=metrics["val_loss"])
+    state.update(epoch=epoch, bad_epochs=0 if improved else state["bad_epochs"] + 1)
     return improved, state["bad_epochs"] >= patience
 
 
-def finish(t: Trainer, checkpoints: Checkpoints, state: dict[str, Any], threads: int) -> dict[str, Any]:
-    """Rank 0: write the best epoch's model and the summary and history files; return the summary."""
+def finish(
+    t: Trainer, checkpoints: Checkpoints, state: dict[str, Any], threads: int, checks: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """Rank 0: write the best epoch's model and the summary and history files; return the summary.
+
+    The model's manifest records the job's fingerprint and every rank's end-of-training
+    evidence (``checks``: a digest of its weights, the non-zeros its masks let through).
+    """
     job, size, history = t.job, t.place.size, state["history"]
     best = checkpoints.load_best()
     t.model.load_state_dict(best["model"])
     model = t.model.to("cpu", memory_format=torch.contiguous_format)
     preprocessing = t.data.preprocessing
+    ranks = {
+        "weights_sha256": [check["weights_sha256"] for check in checks],
+        "identical": len({check["weights_sha256"] for check in checks}) == 1,
+        **({"masked_nonzeros": [check["masked_nonzeros"] for check in checks]} if job.prune_masks else {}),
+    }
+    if not ranks["identical"]:
+        log.warning("the ranks ended with different weights (digests %s)", ranks["weights_sha256"])
     manifest = save_state_dict_model(
         model, t.spec, preprocessing.input_shape, preprocessing.num_classes, Path(job.output),
-        {**job.manifest, "best_epoch": best["epoch"], "world_size": size},
+        {**job.manifest, "best_epoch": best["epoch"], "world_size": size, "fingerprint": checkpoints.fingerprint,
+         "ranks_at_end": ranks, **({"start": state["start"]} if state["start"] else {}),
+         **({"qat_engine": job.qat} if job.qat else {})},
+        format_name="torch-qat-state-dict" if job.qat else "torch-state-dict",
     )
     result = summary(best["epoch"], history, state["epoch"], size, threads, manifest["parameters"])
+    if state["start"]:
+        result.update(start_val_loss=state["start"]["val_loss"], start_val_accuracy=state["start"]["val_accuracy"])
     write_json(job.metrics_path, result)
     write_json(job.history_path, history)
     log.info("best epoch %d: val_loss %.4f val_acc %.4f; model written to %s",

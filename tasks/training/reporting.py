@@ -11,11 +11,14 @@ from typing import Any
 class MlflowLogger:
     """Rank 0 logs into the run the launching stage opened (that stage ends the run, not us).
 
-    Without a run id (other ranks, runs without MLflow) every call does nothing.
+    Without a run id (other ranks, runs without MLflow) every call does nothing. ``prefix``
+    goes before every key: a compressed variant's run holds its own final figures under the
+    plain keys and its fine-tuning curve under ``fine_tune/...``.
     """
 
-    def __init__(self, run_id: str | None) -> None:
+    def __init__(self, run_id: str | None, prefix: str = "") -> None:
         self.run_id = run_id
+        self.prefix = prefix
         self.client = None
         if run_id:
             from mlflow import MlflowClient
@@ -26,7 +29,7 @@ class MlflowLogger:
         if self.client:
             from mlflow.entities import Param
 
-            self.client.log_batch(self.run_id, params=[Param(k, str(v)) for k, v in values.items()])
+            self.client.log_batch(self.run_id, params=[Param(self.prefix + k, str(v)) for k, v in values.items()])
 
     def metrics(self, values: dict[str, float], step: int) -> None:
         self.history([{**values, "epoch": step}])
@@ -38,7 +41,8 @@ class MlflowLogger:
 
             now = int(time.time() * 1000)
             batch = [
-                Metric(k, float(v), now, int(row["epoch"])) for row in rows for k, v in row.items() if k != "epoch"
+                Metric(self.prefix + k, float(v), now, int(row["epoch"]))
+                for row in rows for k, v in row.items() if k != "epoch"
             ]
             for start in range(0, len(batch), 1000):  # MLflow's log_batch limit
                 self.client.log_batch(self.run_id, metrics=batch[start : start + 1000])
