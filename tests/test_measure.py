@@ -121,3 +121,30 @@ def test_the_memory_probe_runs_its_own_module() -> None:
     assert memory.PROBE_MODULE == memory.__name__
     assert importlib.util.find_spec(memory.PROBE_MODULE) is not None
     assert (memory.CODE_ROOT / "tasks" / "evaluation" / "memory.py").is_file()
+
+
+def test_the_forked_memory_probe_ranks_a_big_model_above_a_small_one(tmp_path: Path) -> None:
+    """One probe process, a forked child per model: a model with ~30x the weights loads
+    more and peaks higher at a large batch, and every model is measured (none failed)."""
+    import torch
+
+    from tests.test_evaluate_support import SPEC, save_baseline, save_onnx_variant, train_tiny, write_prepared
+    from models.spec import ModelSpec
+    from tasks.evaluation.memory import measure_memory_all
+
+    prepared = tmp_path / "prepared"
+    write_prepared(prepared)
+    small = train_tiny(SPEC, prepared, steps=0)
+    save_baseline(small, tmp_path / "small")
+    big_spec = ModelSpec(family="mlp", hidden_sizes=(2048, 2048), dropout=0.0)
+    save_baseline(train_tiny(big_spec, prepared, steps=0), tmp_path / "big", spec=big_spec)
+    with torch.no_grad():
+        save_onnx_variant(small, tmp_path / "onnx")
+    memory = measure_memory_all(
+        {"small": tmp_path / "small", "big": tmp_path / "big", "onnx": tmp_path / "onnx"},
+        prepared, batch=512, threads=1,
+    )
+    assert {m["method"] for m in memory.values()} == {"vmhwm-delta-fork"}, memory
+    assert memory["big"]["load_mb"] > memory["small"]["load_mb"] + 10, memory  # 4.3M weights ~ 17 MB
+    assert memory["big"]["peak_mb"] > memory["small"]["peak_mb"], memory
+    assert memory["onnx"]["peak_mb"] is not None and memory["onnx"]["peak_mb"] >= 0, memory
