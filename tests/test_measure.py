@@ -97,6 +97,31 @@ def test_quality_metrics_and_fixed_batch_prediction() -> None:
     assert sizes == [4, 4, 4] and np.array_equal(logits[:, 0], x[:, 0])
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_quality_metrics_equal_scikit_learns(seed: int) -> None:
+    """The numpy metrics give scikit-learn's figures, a class never predicted and one
+    never present (zero_division=0) included."""
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+
+    from tasks.evaluation.measure import classification_metrics
+
+    rng = np.random.default_rng(seed)
+    names = [f"c{i}" for i in range(6)]
+    y_true = rng.integers(0, 5, 200)  # class 5 never present
+    y_pred = np.where(rng.random(200) < 0.7, y_true, rng.integers(0, 6, 200))
+    y_pred[y_pred == 3] = 4  # class 3 never predicted
+    labels = list(range(6))
+    metrics, confusion = classification_metrics(y_true, y_pred, names)
+    precision, recall, _, _ = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
+    assert metrics["accuracy"] == pytest.approx(accuracy_score(y_true, y_pred))
+    assert metrics["macro_f1"] == pytest.approx(
+        f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0))
+    for i, name in enumerate(names):
+        assert metrics[f"precision_{name}"] == pytest.approx(precision[i])
+        assert metrics[f"recall_{name}"] == pytest.approx(recall[i])
+    assert np.array_equal(confusion, confusion_matrix(y_true, y_pred, labels=labels))
+
+
 def test_flops_count_matrix_multiplies_including_fused_lstms() -> None:
     from models.factory import build_model
     from models.spec import ModelSpec
