@@ -97,6 +97,31 @@ def test_quality_metrics_and_fixed_batch_prediction() -> None:
     assert sizes == [4, 4, 4] and np.array_equal(logits[:, 0], x[:, 0])
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_quality_metrics_equal_scikit_learns(seed: int) -> None:
+    """The numpy metrics give scikit-learn's figures, a class never predicted and one
+    never present (zero_division=0) included."""
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+
+    from tasks.evaluation.measure import classification_metrics
+
+    rng = np.random.default_rng(seed)
+    names = [f"c{i}" for i in range(6)]
+    y_true = rng.integers(0, 5, 200)  # class 5 never present
+    y_pred = np.where(rng.random(200) < 0.7, y_true, rng.integers(0, 6, 200))
+    y_pred[y_pred == 3] = 4  # class 3 never predicted
+    labels = list(range(6))
+    metrics, confusion = classification_metrics(y_true, y_pred, names)
+    precision, recall, _, _ = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
+    assert metrics["accuracy"] == pytest.approx(accuracy_score(y_true, y_pred))
+    assert metrics["macro_f1"] == pytest.approx(
+        f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0))
+    for i, name in enumerate(names):
+        assert metrics[f"precision_{name}"] == pytest.approx(precision[i])
+        assert metrics[f"recall_{name}"] == pytest.approx(recall[i])
+    assert np.array_equal(confusion, confusion_matrix(y_true, y_pred, labels=labels))
+
+
 def test_flops_count_matrix_multiplies_including_fused_lstms() -> None:
     from models.factory import build_model
     from models.spec import ModelSpec
@@ -121,3 +146,30 @@ def test_the_memory_probe_runs_its_own_module() -> None:
     assert memory.PROBE_MODULE == memory.__name__
     assert importlib.util.find_spec(memory.PROBE_MODULE) is not None
     assert (memory.CODE_ROOT / "tasks" / "evaluation" / "memory.py").is_file()
+
+
+def test_the_forked_memory_probe_ranks_a_big_model_above_a_small_one(tmp_path: Path) -> None:
+    """One probe process, a forked child per model: a model with ~30x the weights loads
+    more and peaks higher at a large batch, and every model is measured (none failed)."""
+    import torch
+
+    from tests.test_evaluate_support import SPEC, save_baseline, save_onnx_variant, train_tiny, write_prepared
+    from models.spec import ModelSpec
+    from tasks.evaluation.memory import measure_memory_all
+
+    prepared = tmp_path / "prepared"
+    write_prepared(prepared)
+    small = train_tiny(SPEC, prepared, steps=0)
+    save_baseline(small, tmp_path / "small")
+    big_spec = ModelSpec(family="mlp", hidden_sizes=(2048, 2048), dropout=0.0)
+    save_baseline(train_tiny(big_spec, prepared, steps=0), tmp_path / "big", spec=big_spec)
+    with torch.no_grad():
+        save_onnx_variant(small, tmp_path / "onnx")
+    memory = measure_memory_all(
+        {"small": tmp_path / "small", "big": tmp_path / "big", "onnx": tmp_path / "onnx"},
+        prepared, batch=512, threads=1,
+    )
+    assert {m["method"] for m in memory.values()} == {"vmhwm-delta-fork"}, memory
+    assert memory["big"]["load_mb"] > memory["small"]["load_mb"] + 10, memory  # 4.3M weights ~ 17 MB
+    assert memory["big"]["peak_mb"] > memory["small"]["peak_mb"], memory
+    assert memory["onnx"]["peak_mb"] is not None and memory["onnx"]["peak_mb"] >= 0, memory

@@ -1,7 +1,7 @@
 """Evaluation: measuring models, the gate and the champion, the outputs and the registry.
 
 Measuring: ``measure`` (loading, quality), ``flops``, ``timing``, ``energy``, ``memory``
-(a fresh process per model), ``benchmark`` (every model alike, into ``results``).
+(a child forked per model from one probe process), ``benchmark`` (every model alike, into ``results``).
 Deciding: ``gate`` (within one run), ``challenge`` (the gate's winner against the current
 champion). Publishing: ``outputs`` (files), ``plots``, ``report``, ``summary`` (rows for
 the shared table renderer), ``runs`` (MLflow). The registry: ``registration`` (the stage's

@@ -28,7 +28,7 @@ log = logging.getLogger("slimflow.evaluate")
 
 MEMORY_METHOD = (
     "peak resident set rise (VmHWM) over the loaded model, one cold call at the "
-    "throughput batch, in a fresh process per model"
+    "throughput batch, in a child forked per model from one probe process that imported the runtimes once"
 )
 
 
@@ -63,7 +63,7 @@ def measure_models(
         raise EvaluateError(f"{prepared}: the test split is empty")
     class_names = tuple(preprocessing.class_names)
 
-    log.info("measuring peak inference memory of %d model(s) in fresh processes", len(model_dirs))
+    log.info("measuring peak inference memory of %d model(s), a forked child each", len(model_dirs))
     memory = measure_memory_all(model_dirs, prepared, params.throughput_batch, params.threads)
     meter = select_energy_meter(params.estimate_cpu_watts_per_core)
 

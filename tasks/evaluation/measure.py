@@ -3,7 +3,7 @@
 Everything here is a plain function of a model folder, a loaded model
 (:class:`tasks.core.model_files.LoadedModel`) or arrays; the cost figures live beside it:
 :mod:`~tasks.evaluation.timing` (latency, throughput), :mod:`~tasks.evaluation.energy`,
-:mod:`~tasks.evaluation.memory` (peak inference memory, in a fresh process) and
+:mod:`~tasks.evaluation.memory` (peak inference memory, a forked child per model) and
 :mod:`~tasks.evaluation.flops`. :mod:`tasks.evaluation.benchmark` measures every model
 with them, the baseline and each variant alike.
 """
@@ -68,18 +68,33 @@ def predict_in_batches(predict: Predict, x: np.ndarray, batch: int) -> np.ndarra
 def classification_metrics(
     y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequence[str]
 ) -> tuple[dict[str, float], np.ndarray]:
-    """Accuracy, macro F1, per-class precision and recall, and the confusion matrix."""
-    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+    """Accuracy, macro F1, per-class precision and recall, and the confusion matrix.
 
-    labels = list(range(len(class_names)))
-    precision, recall, _, _ = precision_recall_fscore_support(
-        y_true, y_pred, labels=labels, zero_division=0
-    )
+    The definitions of scikit-learn's ``accuracy_score``, ``f1_score(average="macro")``,
+    ``precision_recall_fscore_support`` and ``confusion_matrix`` with ``labels=0..K-1`` and
+    ``zero_division=0`` (tests/test_measure.py checks them against scikit-learn), in numpy:
+    importing ``sklearn.metrics`` (scipy) cost the evaluate stage ~2.6 s of start-up.
+    """
+    classes = len(class_names)
+    y_true = np.asarray(y_true, dtype=np.int64).ravel()
+    y_pred = np.asarray(y_pred, dtype=np.int64).ravel()
+    known = (y_true >= 0) & (y_true < classes) & (y_pred >= 0) & (y_pred < classes)
+    confusion = np.bincount(
+        y_true[known] * classes + y_pred[known], minlength=classes * classes
+    ).reshape(classes, classes)  # rows: true label, columns: predicted
+    true_positives = np.diag(confusion).astype(np.float64)
+    predicted = confusion.sum(axis=0).astype(np.float64)
+    actual = confusion.sum(axis=1).astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precision = np.where(predicted > 0, true_positives / predicted, 0.0)
+        recall = np.where(actual > 0, true_positives / actual, 0.0)
+        f1_denominator = predicted + actual  # 2 tp + fp + fn
+        f1 = np.where(f1_denominator > 0, 2 * true_positives / f1_denominator, 0.0)
     metrics = {
-        "accuracy": float(accuracy_score(y_true, y_pred)),
-        "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
+        "accuracy": float(np.mean(y_true == y_pred)) if len(y_true) else 0.0,
+        "macro_f1": float(f1.mean()) if classes else 0.0,
     }
     for index, name in enumerate(class_names):
         metrics[f"precision_{safe_key(name)}"] = float(precision[index])
         metrics[f"recall_{safe_key(name)}"] = float(recall[index])
-    return metrics, confusion_matrix(y_true, y_pred, labels=labels)
+    return metrics, confusion

@@ -37,15 +37,14 @@ def log_model_run(
     manifest["recipe"] = json.dumps(manifest.get("recipe"), sort_keys=True, default=str)
     run_params = {"manifest": manifest, "model_digest": result.manifest.get("digest"),
                   "evaluation": {k: v for k, v in evaluation.settings.items() if k != "memory_method"}}
+    tags = {**_model_tags(result), "gate": evaluation.reasons.get(result.name, "")[:5000]}
     with tracking.stage_run(
-        "evaluate", paths.root, experiment, params=run_params, run_name=result.name,
-        tags=_model_tags(result), parent_run_id=parent_run_id,
+        "evaluate", paths.root, experiment, params=run_params, run_name=result.name, tags=tags,
+        parent_run_id=parent_run_id, metrics={k: float(v) for k, v in ordered_metrics(result.metrics).items()},
     ) as run:
-        mlflow.log_metrics({k: float(v) for k, v in ordered_metrics(result.metrics).items()})
         mlflow.log_dict(
             {"labels": list(evaluation.class_names), "matrix": result.confusion.tolist()}, "confusion.json"
         )
-        mlflow.set_tag("gate", evaluation.reasons.get(result.name, "")[:5000])
         return run.info.run_id
 
 
