@@ -16,7 +16,7 @@ import logging
 import time
 from typing import Any
 
-from tasks.compression import formats, pruning, quantization
+from tasks.compression import formats, pruning, quantization, search
 from tasks.compression.candidate import Candidate, TrainingData
 from tasks.compression.distillation import distill
 from tasks.compression.fine_tuning import Trained, TrainingStep, fine_tune
@@ -52,6 +52,9 @@ class Work:
         self.onnx_exports: dict[str, bytes] = {}  # fp32 exports of unchanged saved models, by name
         # Per-epoch curves of every training step, by plot name (plots/fine_tune/<name>.json).
         self.curves: dict[str, list[dict[str, Any]]] = {}
+        # Every searched variant's trials (plots/search/<variant>.json), by variant.
+        self.searches: dict[str, list[dict[str, Any]]] = {}
+        self.baseline_accuracy: float | None = None  # the baseline's val accuracy: the budget's reference
 
     def trained(self, step: TrainingStep, trained: Trained, method: str, epochs: int, extra: dict[str, Any]) -> None:
         """Keep a finished training step's curve (for its DVC plot) and record (for the manifest)."""
@@ -125,7 +128,10 @@ def _prune(
     candidate: Candidate, step: PruneStep, work: Work, training: TrainingStep | None, extra: dict[str, Any]
 ) -> Candidate:
     """Prune here; fine-tune on the Horovod loop: under the masks (unstructured), or the
-    physically smaller model (structured)."""
+    physically smaller model (structured). ``sparsity: auto``: searched (:func:`_prune_searched`)."""
+    if step.sparsity == "auto":
+        assert training is not None
+        return _prune_searched(candidate, step, work, training, extra)
     masks = None
     if step.kind == "unstructured":
         pruned, masks = pruning.prune_unstructured(candidate, step.sparsity)
@@ -138,6 +144,71 @@ def _prune(
     trained = fine_tune(pruned, training, epochs=step.fine_tune_epochs, lr=work.fine_tune_lr(step), masks=masks)
     work.trained(training, trained, "prune", step.fine_tune_epochs, extra)
     return pruned.changed(load_eager_model(trained.folder))
+
+
+def _prune_searched(
+    candidate: Candidate, step: PruneStep, work: Work, training: TrainingStep, extra: dict[str, Any]
+) -> Candidate:
+    """``sparsity: auto``: gradual (cubic) pruning while fine-tuning, one trial per final
+    sparsity, bisected to the highest within the budget (:func:`tasks.compression.search.search_sparsity`);
+    each trial continues from the best passing one. Records the trail (manifest ``search``,
+    MLflow, ``plots/search``)."""
+    from dataclasses import replace
+
+    from tasks.compression.candidate import accuracy
+    from tasks.compression.weights import parameters_and_nonzeros, weight_sparsity
+    from tasks.core.model_files import torch_predictor
+
+    assert work.baseline_accuracy is not None
+    budget = search.Budget.of(work.params, work.baseline_accuracy)
+    trained_by_trial: dict[int, tuple[TrainingStep, Trained]] = {}
+
+    def run_trial(target: float, warm: search.Trial | None, number: int) -> search.Trial:
+        started = time.perf_counter()
+        origin: Candidate = warm.model if warm is not None else candidate
+        trial_step = replace(training, trial=number)
+        schedule = search.cubic_schedule(min(weight_sparsity(origin.module), target), target, step.fine_tune_epochs)
+        trained = fine_tune(origin, trial_step, epochs=step.fine_tune_epochs, lr=work.fine_tune_lr(step),
+                            masks=pruning.zero_masks(origin.module), prune_schedule=schedule)
+        trained_by_trial[number] = (trial_step, trained)
+        model = origin.changed(load_eager_model(trained.folder), sparse=True)
+        val_accuracy = accuracy(torch_predictor(model.module)(work.data.x_val), work.data.y_val)
+        _, nonzeros = parameters_and_nonzeros(model.module)
+        size = len(formats.gzip.compress(formats.torch_bytes(model.module.state_dict()), compresslevel=9, mtime=0))
+        return search.Trial(
+            number, target, val_accuracy, budget.drop_points(val_accuracy), budget.fits(val_accuracy), size,
+            nonzeros, round(weight_sparsity(model.module), 6), time.perf_counter() - started,
+            warm.setting if warm is not None else None, model,
+        )
+
+    outcome = search.search_sparsity(run_trial, budget)
+    trial_step, trained = trained_by_trial[outcome.best.number]
+    work.curves[training.curve_name] = trained.history
+    extra.setdefault("training", []).append(
+        {**trained.record("prune", step.fine_tune_epochs, training.number), "trial": outcome.best.number}
+    )
+    extra["search"] = outcome.record()
+    rows = [trial.row() for trial in outcome.trials]
+    work.searches[training.variant] = rows
+    if training.run_id is not None:
+        _log_search(training.run_id, rows, extra["search"])
+    log.info("%s: %s", training.variant, outcome.message)
+    return outcome.best.model
+
+
+def _log_search(run_id: str, rows: list[dict[str, Any]], record: dict[str, Any]) -> None:
+    """Each trial as step-indexed ``search/...`` metrics, the table and the chosen setting in the variant's run."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    for row in rows:
+        for key in ("setting", "val_accuracy", "drop_points", "size_bytes", "nonzeros", "sparsity", "seconds"):
+            client.log_metric(run_id, f"search/{key}", float(row[key]), step=row["number"])
+        client.log_metric(run_id, "search/within_budget", float(row["within_budget"]), step=row["number"])
+    client.log_dict(run_id, rows, "search/trials.json")
+    client.log_dict(run_id, record, "search/chosen.json")
+    client.set_tag(run_id, "search", f"{record['knob']}={record['chosen']:g}"
+                   + ("" if record["within_budget"] else " (over budget)"))
 
 
 def _export(candidate: Candidate, step: ExportStep, work: Work) -> Artifact:
