@@ -1,0 +1,298 @@
+"""Compression to a budget: searched knobs (``sparsity: auto``), bounded, always with an answer.
+
+The search's rules are tested on their own with made-up trials (fast); the real search
+runs in the compress stage on a data set generated here (not the digits the recipes were
+tuned on): noisy, shifted 28x28 images of 10 classes, 600 samples, a small CNN baseline
+trained in-process, each trial fine-tuned on 2 Horovod workers.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+from tasks.compression.search import Budget, Trial, cubic_schedule, search_sparsity
+from tasks.core.config import ParamsError, validate_params
+
+# -- the search's rules, with made-up trials ----------------------------------------------------
+
+
+def _fake_trials(breaking_point: float, budget: Budget, seconds: float = 1.0, clock: list[float] | None = None):
+    """Trials that pass up to ``breaking_point`` and lose 5 points above it; each advances ``clock``."""
+    calls: list[tuple[float, float | None]] = []
+
+    def run(sparsity: float, warm: Trial | None, number: int) -> Trial:
+        calls.append((sparsity, warm.setting if warm else None))
+        if clock is not None:
+            clock[0] += seconds
+        accuracy = budget.baseline_accuracy - (0.0 if sparsity <= breaking_point else 0.05) - sparsity / 1000
+        return Trial(number, sparsity, accuracy, budget.drop_points(accuracy), budget.fits(accuracy),
+                     int(1000 * (1 - sparsity)), int(1000 * (1 - sparsity)), sparsity, seconds,
+                     warm.setting if warm else None)
+
+    return run, calls
+
+
+def test_bisection_finds_the_highest_sparsity_within_budget_warm_starting_from_the_best_passing() -> None:
+    budget = Budget(max_drop_points=1.0, max_trials=10, max_minutes=10, baseline_accuracy=0.9)
+    run, calls = _fake_trials(0.87, budget)
+    outcome = search_sparsity(run, budget)
+    assert outcome.within_budget and outcome.best.setting == 0.87 and outcome.stopped_by == "converged"
+    assert [s for s, _ in calls] == [0.8, 0.9, 0.85, 0.88, 0.86, 0.87]
+    # each trial starts from the best passing one so far (None: from the parent)
+    assert [w for _, w in calls] == [None, 0.8, 0.8, 0.85, 0.85, 0.86]
+    assert outcome.record()["chosen"] == 0.87 and "within the budget" in outcome.message
+
+
+def test_max_trials_is_honoured_and_the_best_so_far_returned() -> None:
+    budget = Budget(1.0, max_trials=3, max_minutes=10, baseline_accuracy=0.9)
+    run, calls = _fake_trials(0.87, budget)
+    outcome = search_sparsity(run, budget)
+    assert len(calls) == len(outcome.trials) == 3 and outcome.stopped_by == "max_trials"
+    assert outcome.best.setting == 0.85 and outcome.within_budget
+
+
+def test_max_minutes_is_honoured_no_trial_starts_that_would_end_past_it() -> None:
+    clock = [0.0]
+    budget = Budget(1.0, max_trials=50, max_minutes=1.0, baseline_accuracy=0.9)  # 60 s, trials of 25 s
+    run, calls = _fake_trials(0.87, budget, seconds=25.0, clock=clock)
+    outcome = search_sparsity(run, budget, clock=lambda: clock[0])
+    assert len(calls) == 2 and outcome.stopped_by == "max_minutes" and clock[0] <= 60.0
+    # the first trial always runs: a search never returns nothing
+    tiny = Budget(1.0, max_trials=50, max_minutes=0.001, baseline_accuracy=0.9)
+    clock[0] = 0.0
+    run, calls = _fake_trials(0.87, tiny, seconds=25.0, clock=clock)
+    assert len(search_sparsity(run, tiny, clock=lambda: clock[0]).trials) == 1
+
+
+def test_a_search_that_cannot_fit_returns_the_least_bad_trial_with_a_message() -> None:
+    budget = Budget(0.0, max_trials=4, max_minutes=10, baseline_accuracy=0.9)
+    run, _ = _fake_trials(-1.0, budget)  # every sparsity loses accuracy
+    outcome = search_sparsity(run, budget)
+    assert not outcome.within_budget and len(outcome.trials) == 4
+    assert outcome.best.val_accuracy == max(t.val_accuracy for t in outcome.trials)
+    assert "no trial fits the budget" in outcome.message and "least-bad" in outcome.message
+    assert outcome.record()["within_budget"] is False
+
+
+def test_the_cubic_schedule_rises_gradually_to_the_final_sparsity() -> None:
+    schedule = cubic_schedule(0.0, 0.9, 5)
+    assert schedule == sorted(schedule) and schedule[-2:] == [0.9, 0.9] and 0 < schedule[0] < 0.9
+    # Zhu & Gupta: most of the pruning happens early (the steps shrink)
+    steps = np.diff([0.0, *schedule[:-1]])
+    assert all(a >= b for a, b in zip(steps, steps[1:]))
+    assert cubic_schedule(0.5, 0.8, 1) == [0.8]  # one epoch: one-shot
+    assert cubic_schedule(0.6, 0.8, 3)[0] >= 0.6  # a warm start never un-prunes
+
+
+def test_gradual_pruning_masks_reach_the_exact_global_sparsity_and_keep_earlier_zeros(tmp_path: Path) -> None:
+    from tasks.training.adaptation import PruneMasks
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(10, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    first = torch.rand(8, 10) > 0.2
+    torch.save({"0.weight": first, "2.weight": torch.ones(4, 8, dtype=torch.bool)}, tmp_path / "masks.pt")
+    masks = PruneMasks.load(tmp_path / "masks.pt", model)
+    masks.apply()
+    for sparsity in (0.3, 0.6, 0.6, 0.9):
+        masks.raise_to(sparsity)
+        assert masks.sparsity() == pytest.approx(round(sparsity * 112) / 112)
+        assert masks.violations() == 0
+        zeros = int((model[0].weight == 0).sum()) + int((model[2].weight == 0).sum())
+        assert zeros == round(sparsity * 112)
+    assert bool((model[0].weight[~first] == 0).all())  # what was pruned stays pruned
+
+
+def test_epochs_before_the_final_sparsity_are_never_the_best() -> None:
+    from tasks.training.checkpoint import fresh_state
+    from tasks.training.job import FitJob
+    from tasks.training.loop import record_epoch
+
+    job = FitJob(spec={}, prepared="p", output="o", checkpoints="c", epochs=3, batch_size=8, lr=0.1, seed=0,
+                 prune_masks="m.pt", prune_schedule=[0.5, 0.9, 0.9], monitor="val_accuracy")
+    state = fresh_state()
+    outcomes = [record_epoch(state, n, {"val_accuracy": a, "val_loss": 1.0}, 1, "val_accuracy", job.eligible(n))
+                for n, a in ((1, 0.95), (2, 0.80), (3, 0.70))]
+    assert outcomes == [(False, False), (True, False), (False, True)]
+    assert state["best_val_accuracy"] == 0.80
+    with pytest.raises(ValueError, match="prune_schedule"):
+        FitJob(spec={}, prepared="p", output="o", checkpoints="c", epochs=2, batch_size=8, lr=0.1, seed=0,
+               prune_masks="m.pt", prune_schedule=[0.9, 0.5])
+
+
+AUTO = {"method": "prune", "kind": "unstructured", "sparsity": "auto", "fine_tune_epochs": 2}
+
+
+@pytest.mark.parametrize(("compress", "words"), [
+    ({"budget": {"max_accuracy_drop": -1}}, "budget.max_accuracy_drop"),
+    ({"budget": {"max_trials": 0}}, "budget.max_trials"),
+    ({"budget": {"max_minutes": 0}}, "budget.max_minutes"),
+    ({"budget": {"max_seconds": 5}}, "max_seconds"),
+    ({"variants": [{"name": "a", "steps": [{**AUTO, "kind": "structured"}]}]}, "unstructured pruning only"),
+    ({"variants": [{"name": "a", "steps": [{**AUTO, "fine_tune_epochs": 0}]}]}, "fine_tune_epochs >= 1"),
+    ({"variants": [{"name": "a", "steps": [{**AUTO, "sparsity": "most"}]}]}, "sparsity"),
+])
+def test_bad_budgets_and_searched_knobs_are_refused(compress: dict[str, Any], words: str) -> None:
+    with pytest.raises(ParamsError, match=words):
+        validate_params({"compress": compress})
+
+
+def test_the_budget_defaults_to_the_gate() -> None:
+    params = validate_params({"evaluate": {"gate": {"max_accuracy_drop": 0.02}}})
+    assert Budget.of(params, 0.9).max_drop_points == pytest.approx(2.0)
+    params = validate_params({"compress": {"budget": {"max_accuracy_drop": 0.5}}})
+    assert Budget.of(params, 0.9).max_drop_points == 0.5
+
+
+# -- the real search, in the compress stage, on generated data ----------------------------------
+
+SPEC = {"family": "cnn", "channels": [8, 16]}
+
+
+def _noisy_shifted_images(prepared: Path, samples: int = 600, seed: int = 0) -> None:
+    """10 classes of 28x28 images: a fixed random pattern per class, shifted by up to 3 pixels,
+    under heavy Gaussian noise; written as the prepared splits (train 400 / val 100 / test 100)."""
+    from tasks.data import Preprocessing
+
+    rng = np.random.default_rng(seed)
+    patterns = rng.normal(size=(10, 28, 28)).astype(np.float32)
+    patterns = np.stack([np.convolve(p.ravel(), np.ones(5) / 5, "same").reshape(28, 28) for p in patterns])
+    y = rng.integers(0, 10, samples)
+    x = np.stack([np.roll(patterns[c], tuple(rng.integers(-3, 4, 2)), axis=(0, 1)) for c in y])
+    x = (x + rng.normal(scale=0.6, size=x.shape)).astype(np.float32)[:, None]
+    splits = {"train": slice(0, 400), "val": slice(400, 500), "test": slice(500, samples)}
+    prepared.mkdir(parents=True)
+    for split, rows in splits.items():
+        np.save(prepared / f"{split}_x.npy", x[rows])
+        np.save(prepared / f"{split}_y.npy", y[rows].astype(np.int64))
+    preprocessing = Preprocessing.fit(x[splits["train"]], 10, [str(i) for i in range(10)])
+    (prepared / "preprocess.json").write_text(preprocessing.to_json())
+    (prepared / "card.json").write_text(json.dumps({"digest": "test-noisy-shifted-600"}))
+
+
+@pytest.fixture(scope="module")
+def noisy_baseline(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from models.factory import build_model
+    from models.spec import ModelSpec
+    from tasks.core.model_files import save_state_dict_model
+    from tasks.core.paths import ProjectPaths
+    from tasks.data import load_split
+
+    root = tmp_path_factory.mktemp("noisy")
+    paths = ProjectPaths(root)
+    _noisy_shifted_images(paths.prepared)
+    train = load_split(paths.prepared, "train")
+    spec = ModelSpec.from_dict(SPEC)
+    torch.manual_seed(0)
+    model = build_model(spec, (1, 28, 28), 10)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.005)
+    x, y = torch.from_numpy(train.x), torch.from_numpy(train.y)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for _ in range(6):
+            model.train()
+            for batch in torch.randperm(len(x)).split(32):
+                loss = F.cross_entropy(model(x[batch]), y[batch])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+    finally:
+        torch.set_num_threads(threads)
+    save_state_dict_model(model.eval(), spec, (1, 28, 28), 10, paths.model,
+                          {"name": "baseline", "method": "baseline", "recipe": [], "parent": None})
+    return root
+
+
+def _run_compress(root: Path, tmp_path: Path, budget: dict[str, Any], step: dict[str, Any], monkeypatch):
+    """The compress stage (``main``: MLflow runs, plots) on a copy of the noisy project."""
+    from tasks.compress import main
+    from tasks.core.paths import ProjectPaths
+
+    project = tmp_path / "project"
+    shutil.copytree(root, project)
+    (project / "dvc.yaml").write_text("stages: {}\n")
+    raw = {
+        "base": {"seed": 0, "experiment": "test-budget"},
+        "train": {"model": SPEC, "epochs": 1, "batch_size": 32, "workers": 2, "warmup_epochs": 0, "patience": 5},
+        "compress": {"calibration_samples": 64, "fine_tune_lr": 0.002, "budget": budget,
+                     "variants": [{"name": "pruned-l1-auto", "steps": [step]}]},
+    }
+    (project / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    monkeypatch.setenv("SLIMFLOW_ROOT", str(project))
+    assert main([]) == 0
+    paths = ProjectPaths(project)
+    manifest = json.loads((paths.compressed / "pruned-l1-auto" / "manifest.json").read_text())
+    return paths, manifest
+
+
+def _baseline_val_accuracy(paths) -> float:
+    from tasks.compression.loading import load_model_dir
+    from tasks.data import load_split
+
+    val = load_split(paths.prepared, "val")
+    return float((load_model_dir(paths.model).predict(val.x).argmax(1) == val.y).mean())
+
+
+@pytest.mark.integration
+def test_searched_sparsity_ends_within_budget_and_shows_its_work(
+    noisy_baseline: Path, tmp_path: Path, monkeypatch, mlflow_uri: str
+) -> None:
+    from mlflow import MlflowClient
+
+    from tasks.compression.loading import load_model_dir
+    from tasks.compression.weights import weight_sparsity
+    from tasks.data import load_split
+
+    paths, manifest = _run_compress(
+        noisy_baseline, tmp_path, {"max_accuracy_drop": 5.0, "max_trials": 2, "max_minutes": 10}, AUTO, monkeypatch
+    )
+    search = manifest["search"]
+    assert search["knob"] == "sparsity" and search["within_budget"] and 1 <= search["trials"] <= 2
+    # within budget on validation, measured again on the written model
+    val = load_split(paths.prepared, "val")
+    model = load_model_dir(paths.compressed / "pruned-l1-auto")
+    accuracy = float((model.predict(val.x).argmax(1) == val.y).mean())
+    assert accuracy == pytest.approx(manifest["val_accuracy"])
+    assert 100 * (_baseline_val_accuracy(paths) - accuracy) <= 5.0 + 1e-9
+    # the sparsity after the search is the manifest's figure, and the chosen one
+    assert weight_sparsity(model.module) == pytest.approx(manifest["sparsity"], abs=1e-6)
+    assert search["sparsity"] == pytest.approx(manifest["sparsity"], abs=1e-6)
+    assert search["sparsity"] == pytest.approx(search["chosen"], abs=2e-3)
+    # the trail: trials table (DVC plot and MLflow), step-indexed metrics
+    rows = json.loads((paths.plots / "search" / "pruned-l1-auto.json").read_text())
+    assert len(rows) == search["trials"]
+    for key in ("setting", "val_accuracy", "size_bytes", "nonzeros", "seconds", "within_budget"):
+        assert key in rows[0], key
+    client = MlflowClient(mlflow_uri)
+    experiment = client.get_experiment_by_name("test-budget")
+    (run,) = [r for r in client.search_runs([experiment.experiment_id]) if r.info.run_name == "pruned-l1-auto"]
+    history = client.get_metric_history(run.info.run_id, "search/val_accuracy")
+    assert [m.step for m in history] == [r["number"] for r in rows]
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "search")} >= {"search/trials.json"}
+    assert run.data.tags["search"].startswith("sparsity=")
+
+
+@pytest.mark.integration
+def test_a_search_that_cannot_fit_returns_the_least_bad_within_its_minutes(
+    noisy_baseline: Path, tmp_path: Path, monkeypatch, mlflow_uri: str
+) -> None:
+    """No accuracy to give and a tiny learning rate: nothing fits; max_minutes (tiny) stops
+    the search after the one trial that always runs, and its model is kept with a message."""
+    step = {**AUTO, "fine_tune_epochs": 1, "lr": 1e-7}
+    paths, manifest = _run_compress(
+        noisy_baseline, tmp_path, {"max_accuracy_drop": 0.0, "max_trials": 5, "max_minutes": 0.001}, step, monkeypatch
+    )
+    search = manifest["search"]
+    assert search["trials"] == 1 and search["stopped_by"] == "max_minutes"
+    assert not search["within_budget"] and "least-bad" in search["message"]
+    assert (paths.compressed / "pruned-l1-auto" / manifest["file"]).is_file()
+    assert manifest["sparsity"] == pytest.approx(search["sparsity"], abs=1e-6)
