@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from tasks.compression.search import Budget, Trial, cubic_schedule, search_sparsity
+from tasks.compression.search import Budget, Trial, cubic_schedule, search_fallback, search_sparsity
 from tasks.core.config import ParamsError, validate_params
 
 # -- the search's rules, with made-up trials ----------------------------------------------------
@@ -83,6 +83,29 @@ def test_a_search_that_cannot_fit_returns_the_least_bad_trial_with_a_message() -
     assert outcome.record()["within_budget"] is False
 
 
+def _fallback_trials(harm: dict[str, float], budget: Budget):
+    """Static int8 trials: each int8 layer costs its ``harm`` in accuracy."""
+    def run(fp32_layers: list[str], number: int) -> Trial:
+        accuracy = budget.baseline_accuracy - sum(v for k, v in harm.items() if k not in fp32_layers)
+        return Trial(number, float(len(fp32_layers)), accuracy, budget.drop_points(accuracy),
+                     budget.fits(accuracy), 100 + 50 * len(fp32_layers), 0, 0.0, 0.1, None, list(fp32_layers))
+
+    return run
+
+
+def test_fallback_keeps_the_worst_layers_in_fp32_one_at_a_time_until_the_drop_fits() -> None:
+    harm = {"conv1": 0.004, "conv2": 0.02, "fc": 0.001}
+    budget = Budget(1.0, max_trials=6, max_minutes=10, baseline_accuracy=0.9)
+    outcome = search_fallback(["conv2", "conv1", "fc"], _fallback_trials(harm, budget), budget)
+    assert [t.setting for t in outcome.trials] == [0.0, 1.0]  # all int8 (-2.5 pt), then conv2 in fp32 (-0.5)
+    assert outcome.within_budget and outcome.best.model == ["conv2"]
+    # nothing fits in 2 trials: the least-bad, labelled
+    strict = Budget(0.0, max_trials=2, max_minutes=10, baseline_accuracy=0.9)
+    outcome = search_fallback(["conv2", "conv1", "fc"], _fallback_trials(harm, strict), strict)
+    assert outcome.stopped_by == "max_trials" and not outcome.within_budget
+    assert outcome.best.model == ["conv2"] and "least-bad" in outcome.message
+
+
 def test_the_cubic_schedule_rises_gradually_to_the_final_sparsity() -> None:
     schedule = cubic_schedule(0.0, 0.9, 5)
     assert schedule == sorted(schedule) and schedule[-2:] == [0.9, 0.9] and 0 < schedule[0] < 0.9
@@ -139,6 +162,8 @@ AUTO = {"method": "prune", "kind": "unstructured", "sparsity": "auto", "fine_tun
     ({"variants": [{"name": "a", "steps": [{**AUTO, "kind": "structured"}]}]}, "unstructured pruning only"),
     ({"variants": [{"name": "a", "steps": [{**AUTO, "fine_tune_epochs": 0}]}]}, "fine_tune_epochs >= 1"),
     ({"variants": [{"name": "a", "steps": [{**AUTO, "sparsity": "most"}]}]}, "sparsity"),
+    ({"variants": [{"name": "a", "steps": [{"method": "quantize", "mode": "dynamic", "fallback": "auto"}]}]},
+     "fallback applies to mode static"),
 ])
 def test_bad_budgets_and_searched_knobs_are_refused(compress: dict[str, Any], words: str) -> None:
     with pytest.raises(ParamsError, match=words):
@@ -212,7 +237,9 @@ def noisy_baseline(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def _run_compress(root: Path, tmp_path: Path, budget: dict[str, Any], step: dict[str, Any], monkeypatch):
+def _run_compress(
+    root: Path, tmp_path: Path, budget: dict[str, Any], step: dict[str, Any], monkeypatch, name: str = "pruned-l1-auto"
+):
     """The compress stage (``main``: MLflow runs, plots) on a copy of the noisy project."""
     from tasks.compress import main
     from tasks.core.paths import ProjectPaths
@@ -224,13 +251,13 @@ def _run_compress(root: Path, tmp_path: Path, budget: dict[str, Any], step: dict
         "base": {"seed": 0, "experiment": "test-budget"},
         "train": {"model": SPEC, "epochs": 1, "batch_size": 32, "workers": 2, "warmup_epochs": 0, "patience": 5},
         "compress": {"calibration_samples": 64, "fine_tune_lr": 0.002, "budget": budget,
-                     "variants": [{"name": "pruned-l1-auto", "steps": [step]}]},
+                     "variants": [{"name": name, "steps": [step]}]},
     }
     (project / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     monkeypatch.setenv("SLIMFLOW_ROOT", str(project))
     assert main([]) == 0
     paths = ProjectPaths(project)
-    manifest = json.loads((paths.compressed / "pruned-l1-auto" / "manifest.json").read_text())
+    manifest = json.loads((paths.compressed / name / "manifest.json").read_text())
     return paths, manifest
 
 
@@ -296,3 +323,35 @@ def test_a_search_that_cannot_fit_returns_the_least_bad_within_its_minutes(
     assert not search["within_budget"] and "least-bad" in search["message"]
     assert (paths.compressed / "pruned-l1-auto" / manifest["file"]).is_file()
     assert manifest["sparsity"] == pytest.approx(search["sparsity"], abs=1e-6)
+
+
+def test_static_int8_fallback_ends_within_a_strict_budget_and_records_the_fp32_layers(
+    noisy_baseline: Path, tmp_path: Path, monkeypatch, mlflow_uri: str
+) -> None:
+    """No accuracy to give: layers fall back to fp32, the most harmful first, until it fits
+    (all of them at worst: then nothing is int8 and nothing is lost); no Horovod involved."""
+    from mlflow import MlflowClient
+
+    from tasks.compression.loading import load_model_dir
+    from tasks.data import load_split
+
+    step = {"method": "quantize", "mode": "static", "runtime": "onnxruntime", "fallback": "auto"}
+    paths, manifest = _run_compress(noisy_baseline, tmp_path, {"max_accuracy_drop": 0.0, "max_trials": 10},
+                                    step, monkeypatch, name="int8-static-ort")
+    search = manifest["search"]
+    assert search["knob"] == "fallback" and search["within_budget"], search["message"]
+    assert manifest["quantization"]["fp32_layers"] == search["fp32_layers"]
+    assert search["chosen"] == len(search["fp32_layers"]) and len(search["sensitivity"]) == 3
+    # the fp32 layers are the most harmful ones, in order
+    ranked = sorted(search["sensitivity"], key=lambda name: -search["sensitivity"][name])
+    assert search["fp32_layers"] == ranked[: len(search["fp32_layers"])]
+    val = load_split(paths.prepared, "val")
+    accuracy = float((load_model_dir(paths.compressed / "int8-static-ort").predict(val.x).argmax(1) == val.y).mean())
+    assert 100 * (_baseline_val_accuracy(paths) - accuracy) <= 1e-9
+    rows = json.loads((paths.plots / "search" / "int8-static-ort.json").read_text())
+    assert [row["setting"] for row in rows] == list(range(len(rows)))  # one more fp32 layer per trial
+    client = MlflowClient(mlflow_uri)
+    experiment = client.get_experiment_by_name("test-budget")
+    (run,) = [r for r in client.search_runs([experiment.experiment_id]) if r.info.run_name == "int8-static-ort"]
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "search")} >= {
+        "search/trials.json", "search/sensitivity.json"}

@@ -77,12 +77,18 @@ class Work:
         return {"calibration_split": "train", "calibration_samples": min(samples, len(self.data.x_train))}
 
 
-def _quantize_ort(candidate: Candidate, step: QuantizeStep, work: Work, what: str) -> Artifact:
+def _quantize_ort(
+    candidate: Candidate, step: QuantizeStep, work: Work, what: str, run_id: str | None, extra: dict[str, Any]
+) -> Artifact:
     fp32 = work.onnx_fp32(candidate)
     if step.mode == "static":
         calibration = work.data.calibration(work.params.compress.calibration_samples, work.params.base.seed)
-        model = quantization.ort_static_int8(fp32, calibration)
         details = {**quantization.ORT_STATIC, **work.calibration_details()}
+        if step.fallback == "auto":
+            model, fp32_layers = _fallback_searched(candidate, fp32, calibration, work, what, run_id, extra)
+            details["fp32_layers"] = fp32_layers  # the layers that fell back
+        else:
+            model = quantization.ort_static_int8(fp32, calibration)
     else:
         if candidate.family == "cnn":
             log.warning("%s: ONNX Runtime dynamic int8 runs convolutions slowly; mode: static suits CNNs", what)
@@ -196,6 +202,66 @@ def _prune_searched(
     return outcome.best.model
 
 
+SENSITIVITY_SAMPLES = 256  # validation samples the per-layer output error is measured on
+
+
+def _fallback_searched(
+    candidate: Candidate, fp32: bytes, calibration: Any, work: Work, what: str, run_id: str | None,
+    extra: dict[str, Any],
+) -> tuple[bytes, list[str]]:
+    """``fallback: auto``: rank the weighted layers by the output error each costs when it
+    alone is int8 (normalized MSE of the logits against fp32 on the validation split), then
+    keep the worst in fp32, one more per trial, until the drop fits (:func:`search.search_fallback`).
+    Returns the chosen model and its fp32 layers."""
+    import numpy as np
+
+    from tasks.compression.candidate import accuracy
+    from tasks.compression.onnx import onnx_predictor
+    from tasks.compression.weights import parameters_and_nonzeros, weight_sparsity
+
+    assert work.baseline_accuracy is not None
+    budget = search.Budget.of(work.params, work.baseline_accuracy)
+    started = time.perf_counter()
+    layers = quantization.ort_weighted_nodes(fp32)
+    x_val, y_val = work.data.x_val, work.data.y_val
+    probe = x_val[:SENSITIVITY_SAMPLES]
+    reference = onnx_predictor(fp32)(probe)
+    sensitivity: dict[str, float] = {}
+    for layer in layers:  # this layer alone in int8
+        alone = quantization.ort_static_int8(fp32, calibration, nodes_to_exclude=[n for n in layers if n != layer])
+        error = float(np.mean((onnx_predictor(alone)(probe) - reference) ** 2) / max(np.mean(reference**2), 1e-12))
+        sensitivity[layer] = error
+    ranked = sorted(layers, key=lambda name: -sensitivity[name])
+    log.info("%s: layers by the output error int8 costs them: %s", what,
+             ", ".join(f"{name} {sensitivity[name]:.2e}" for name in ranked))
+    _, nonzeros = parameters_and_nonzeros(candidate.module)
+    sparsity = round(weight_sparsity(candidate.module), 6)
+
+    def run_trial(fp32_layers: list[str], number: int) -> search.Trial:
+        began = time.perf_counter()
+        model = quantization.ort_static_int8(fp32, calibration, nodes_to_exclude=fp32_layers)
+        val_accuracy = accuracy(onnx_predictor(model)(x_val), y_val)
+        return search.Trial(number, float(len(fp32_layers)), val_accuracy, budget.drop_points(val_accuracy),
+                            budget.fits(val_accuracy), len(model), nonzeros, sparsity,
+                            time.perf_counter() - began, None, (model, list(fp32_layers)))
+
+    outcome = search.search_fallback(ranked, run_trial, budget, started=started)
+    model, fp32_layers = outcome.best.model
+    record = {**outcome.record(), "fp32_layers": fp32_layers, "sensitivity": sensitivity,
+              "ranking_seconds": round(outcome.seconds - sum(t.seconds for t in outcome.trials), 2)}
+    extra["search"] = record
+    rows = [{**trial.row(), "fp32_layers": trial.model[1]} for trial in outcome.trials]
+    name = what.split(" step ")[0]
+    work.searches[name] = rows
+    if run_id is not None:
+        _log_search(run_id, rows, record)
+        import mlflow
+
+        mlflow.MlflowClient().log_dict(run_id, sensitivity, "search/sensitivity.json")
+    log.info("%s: %s; fp32 layers: %s", what, outcome.message, fp32_layers or "none")
+    return model, fp32_layers
+
+
 def _log_search(run_id: str, rows: list[dict[str, Any]], record: dict[str, Any]) -> None:
     """Each trial as step-indexed ``search/...`` metrics, the table and the chosen setting in the variant's run."""
     import mlflow
@@ -248,7 +314,7 @@ def make_variant(
             candidate = _distill(candidate, step, work, training, extra)
         elif isinstance(step, QuantizeStep):
             if step.runtime == "onnxruntime":
-                artifact = _quantize_ort(candidate, step, work, what)
+                artifact = _quantize_ort(candidate, step, work, what, run_id, extra)
             else:
                 artifact = _quantize_torch(candidate, step, work, what, training, extra)
         elif isinstance(step, HalfStep):

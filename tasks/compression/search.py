@@ -159,6 +159,36 @@ def search_sparsity(
     return _outcome("sparsity", trials, budget, stopped_by, bounds.elapsed(), key=lambda t: t.sparsity)
 
 
+def search_fallback(
+    layers_by_harm: list[str],
+    run_trial: Callable[[list[str], int], Trial],
+    budget: Budget,
+    *,
+    clock: Callable[[], float] = time.perf_counter,
+    started: float | None = None,
+) -> Outcome:
+    """Static int8 with fallback: everything int8 first, then the most harmful layers kept in
+    fp32, one more per trial (cumulatively), until the drop fits; the answer has the fewest
+    fp32 layers within budget. ``run_trial(fp32_layers, number)``; the trial's ``setting`` is
+    the number of fp32 layers. ``started``: when the search began (its ranking counts)."""
+    bounds = _Clock(budget, clock)
+    if started is not None:
+        bounds.started = started
+    trials: list[Trial] = []
+    stopped_by = "converged"
+    for count in range(len(layers_by_harm) + 1):
+        if (reason := bounds.stop_reason(trials)) is not None:
+            stopped_by = reason
+            break
+        trial = run_trial(layers_by_harm[:count], len(trials) + 1)
+        trials.append(trial)
+        log.info("search trial %d: %d layers fp32 -> val accuracy %.4f (%+.2f pt, %s)", trial.number, count,
+                 trial.val_accuracy, -trial.drop_points, "within budget" if trial.within_budget else "over budget")
+        if trial.within_budget:
+            break
+    return _outcome("fallback", trials, budget, stopped_by, bounds.elapsed(), key=lambda t: -t.setting)
+
+
 def _outcome(
     knob: str, trials: list[Trial], budget: Budget, stopped_by: str, seconds: float, key: Callable[[Trial], float]
 ) -> Outcome:

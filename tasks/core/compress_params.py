@@ -95,9 +95,20 @@ class QuantizeStep(_Strict):
     runtime: Literal["onnxruntime", "torch"] = Field("onnxruntime", description="the runtime the model ships in")
     fine_tune_epochs: int = Field(0, ge=0, description="qat: the epochs trained with fake quantization")
     lr: LearningRate | None = Field(None, description="qat: the fine-tuning learning rate (default: compress.fine_tune_lr)")
+    fallback: Literal["auto"] | None = Field(
+        None,
+        description="static onnxruntime: auto keeps the layers that cost the most accuracy in fp32, the worst first, "
+        "until the validation drop fits compress.budget (null: every layer int8)",
+    )
+
+    @property
+    def searched(self) -> bool:
+        return self.fallback == "auto"
 
     @model_validator(mode="after")
     def _check_qat(self) -> QuantizeStep:
+        if self.fallback is not None and (self.mode, self.runtime) != ("static", "onnxruntime"):
+            raise _problem("fallback applies to mode static, runtime onnxruntime only", "fallback")
         if self.mode == "qat":
             if self.runtime != "torch":
                 raise _problem("mode qat trains and runs in PyTorch: set runtime: torch", "runtime")
