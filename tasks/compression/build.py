@@ -193,7 +193,11 @@ def _prune_searched(
     extra.setdefault("training", []).append(
         {**trained.record("prune", step.fine_tune_epochs, training.number), "trial": outcome.best.number}
     )
-    extra["search"] = outcome.record()
+    extra["search"] = {
+        **outcome.record(),
+        # the search's cost in epochs: every trial's fine-tuning (early stopping may cut one short)
+        "epochs_run": sum(trained_by_trial[t.number][1].summary.get("epochs_run", 0) for t in outcome.trials),
+    }
     rows = [trial.row() for trial in outcome.trials]
     work.searches[training.variant] = rows
     if training.run_id is not None:
