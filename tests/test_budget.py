@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from tasks.compression.search import Budget, Trial, cubic_schedule, search_fallback, search_sparsity
+from tasks.compression.search import Budget, Trial, cubic_schedule, search_fallback, search_sparsity, search_width
 from tasks.core.config import ParamsError, validate_params
 
 # -- the search's rules, with made-up trials ----------------------------------------------------
@@ -106,6 +106,26 @@ def test_fallback_keeps_the_worst_layers_in_fp32_one_at_a_time_until_the_drop_fi
     assert outcome.best.model == ["conv2"] and "least-bad" in outcome.message
 
 
+def test_student_width_search_stops_at_the_smallest_width_that_fits() -> None:
+    tried: list[float] = []
+
+    def trials(budget: Budget):
+        def run(width: float, number: int) -> Trial:
+            tried.append(width)
+            accuracy = 0.9 - (0.03 if width < 0.5 else 0.005)
+            return Trial(number, width, accuracy, budget.drop_points(accuracy), budget.fits(accuracy), 0, 0, 0.0, 0.1)
+
+        return run
+
+    budget = Budget(1.0, max_trials=6, max_minutes=10, baseline_accuracy=0.9)
+    outcome = search_width([0.25, 0.5, 0.75], trials(budget), budget)
+    assert tried == [0.25, 0.5] and outcome.best.setting == 0.5 and outcome.within_budget
+    tried.clear()
+    strict = Budget(0.0, max_trials=6, max_minutes=10, baseline_accuracy=0.9)
+    outcome = search_width([0.25, 0.5, 0.75], trials(strict), strict)
+    assert tried == [0.25, 0.5, 0.75] and not outcome.within_budget and outcome.best.setting in (0.5, 0.75)
+
+
 def test_the_cubic_schedule_rises_gradually_to_the_final_sparsity() -> None:
     schedule = cubic_schedule(0.0, 0.9, 5)
     assert schedule == sorted(schedule) and schedule[-2:] == [0.9, 0.9] and 0 < schedule[0] < 0.9
@@ -164,6 +184,7 @@ AUTO = {"method": "prune", "kind": "unstructured", "sparsity": "auto", "fine_tun
     ({"variants": [{"name": "a", "steps": [{**AUTO, "sparsity": "most"}]}]}, "sparsity"),
     ({"variants": [{"name": "a", "steps": [{"method": "quantize", "mode": "dynamic", "fallback": "auto"}]}]},
      "fallback applies to mode static"),
+    ({"variants": [{"name": "a", "steps": [{"method": "distill", "student_width": "small"}]}]}, "or auto"),
 ])
 def test_bad_budgets_and_searched_knobs_are_refused(compress: dict[str, Any], words: str) -> None:
     with pytest.raises(ParamsError, match=words):
@@ -355,3 +376,19 @@ def test_static_int8_fallback_ends_within_a_strict_budget_and_records_the_fp32_l
     (run,) = [r for r in client.search_runs([experiment.experiment_id]) if r.info.run_name == "int8-static-ort"]
     assert {a.path for a in client.list_artifacts(run.info.run_id, "search")} >= {
         "search/trials.json", "search/sensitivity.json"}
+
+
+@pytest.mark.integration
+def test_student_width_auto_keeps_the_smallest_student_that_fits(
+    noisy_baseline: Path, tmp_path: Path, monkeypatch, mlflow_uri: str
+) -> None:
+    """A generous budget: the smallest student (a quarter of the teacher's width) fits at
+    once, and the search stops there (one distillation on 2 workers)."""
+    step = {"method": "distill", "student_width": "auto", "epochs": 1, "lr": 0.005}
+    paths, manifest = _run_compress(noisy_baseline, tmp_path, {"max_accuracy_drop": 100.0, "max_trials": 3},
+                                    step, monkeypatch, name="distilled-auto")
+    search = manifest["search"]
+    assert search["knob"] == "student_width" and search["within_budget"] and search["trials"] == 1
+    assert search["chosen"] == 0.25 == manifest["model_spec"]["width"]
+    assert search["widths"] == [0.25, 0.5, 0.75]
+    assert len(json.loads((paths.plots / "search" / "distilled-auto.json").read_text())) == 1

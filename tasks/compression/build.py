@@ -206,6 +206,53 @@ def _prune_searched(
     return outcome.best.model
 
 
+def _distill_searched(
+    candidate: Candidate, step: DistillStep, work: Work, training: TrainingStep, extra: dict[str, Any]
+) -> Candidate:
+    """``student_width: auto``: students of :data:`search.STUDENT_WIDTHS` x the teacher's width,
+    smallest first, each distilled on the Horovod loop; the first within budget is kept
+    (:func:`search.search_width`)."""
+    from dataclasses import replace
+
+    from tasks.compression.candidate import accuracy
+    from tasks.compression.weights import parameters_and_nonzeros, weight_sparsity
+    from tasks.core.model_files import torch_predictor
+
+    assert work.baseline_accuracy is not None
+    budget = search.Budget.of(work.params, work.baseline_accuracy)
+    widths = [round(share * candidate.spec.width, 6) for share in search.STUDENT_WIDTHS]
+    trained_by_trial: dict[int, Trained] = {}
+
+    def run_trial(width: float, number: int) -> search.Trial:
+        began = time.perf_counter()
+        student, trained = distill(
+            candidate, replace(training, trial=number), student_family=step.student_family, student_width=width,
+            temperature=step.temperature, alpha=step.alpha, epochs=step.epochs, lr=step.lr,
+        )
+        trained_by_trial[number] = trained
+        val_accuracy = accuracy(torch_predictor(student.module)(work.data.x_val), work.data.y_val)
+        _, nonzeros = parameters_and_nonzeros(student.module)
+        size = len(formats.torch_bytes(student.module.state_dict()))
+        return search.Trial(number, width, val_accuracy, budget.drop_points(val_accuracy), budget.fits(val_accuracy),
+                            size, nonzeros, round(weight_sparsity(student.module), 6),
+                            time.perf_counter() - began, None, student)
+
+    outcome = search.search_width(widths, run_trial, budget)
+    trained = trained_by_trial[outcome.best.number]
+    work.curves[training.curve_name] = trained.history
+    extra.setdefault("training", []).append(
+        {**trained.record("distill", step.epochs, training.number), "trial": outcome.best.number}
+    )
+    extra["search"] = {**outcome.record(), "widths": widths,
+                       "epochs_run": sum(t.summary.get("epochs_run", 0) for t in trained_by_trial.values())}
+    rows = [trial.row() for trial in outcome.trials]
+    work.searches[training.variant] = rows
+    if training.run_id is not None:
+        _log_search(training.run_id, rows, extra["search"])
+    log.info("%s: %s", training.variant, outcome.message)
+    return outcome.best.model
+
+
 SENSITIVITY_SAMPLES = 256  # validation samples the per-layer output error is measured on
 
 
@@ -288,6 +335,8 @@ def _export(candidate: Candidate, step: ExportStep, work: Work) -> Artifact:
 
 
 def _distill(candidate: Candidate, step: DistillStep, work: Work, training: TrainingStep, extra: dict[str, Any]) -> Candidate:
+    if step.student_width == "auto":
+        return _distill_searched(candidate, step, work, training, extra)
     student, trained = distill(
         candidate, training, student_family=step.student_family, student_width=step.student_width,
         temperature=step.temperature, alpha=step.alpha, epochs=step.epochs, lr=step.lr,

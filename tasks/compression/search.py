@@ -171,22 +171,47 @@ def search_fallback(
     fp32, one more per trial (cumulatively), until the drop fits; the answer has the fewest
     fp32 layers within budget. ``run_trial(fp32_layers, number)``; the trial's ``setting`` is
     the number of fp32 layers. ``started``: when the search began (its ranking counts)."""
+    settings = [layers_by_harm[:count] for count in range(len(layers_by_harm) + 1)]
+    return _first_that_fits("fallback", settings, run_trial, budget, clock, started)
+
+
+STUDENT_WIDTHS = (0.25, 0.5, 0.75)  # ``student_width: auto``: shares of the teacher's width, smallest first
+
+
+def search_width(
+    widths: list[float],
+    run_trial: Callable[[float, int], Trial],
+    budget: Budget,
+    *,
+    clock: Callable[[], float] = time.perf_counter,
+) -> Outcome:
+    """Distillation ``student_width: auto``: the smallest width (``widths`` ascending) whose
+    student fits; stops at the first that does. ``run_trial(width, number)``."""
+    return _first_that_fits("student_width", list(widths), run_trial, budget, clock, None)
+
+
+def _first_that_fits(
+    knob: str, settings: list[Any], run_trial: Callable[[Any, int], Trial], budget: Budget,
+    clock: Callable[[], float], started: float | None,
+) -> Outcome:
+    """Try ``settings`` in order (most compressed first) until one fits the budget or a bound
+    stops the search; the trial's ``setting`` is a number that grows as compression falls."""
     bounds = _Clock(budget, clock)
     if started is not None:
         bounds.started = started
     trials: list[Trial] = []
     stopped_by = "converged"
-    for count in range(len(layers_by_harm) + 1):
+    for setting in settings:
         if (reason := bounds.stop_reason(trials)) is not None:
             stopped_by = reason
             break
-        trial = run_trial(layers_by_harm[:count], len(trials) + 1)
+        trial = run_trial(setting, len(trials) + 1)
         trials.append(trial)
-        log.info("search trial %d: %d layers fp32 -> val accuracy %.4f (%+.2f pt, %s)", trial.number, count,
+        log.info("search trial %d: %s %g -> val accuracy %.4f (%+.2f pt, %s)", trial.number, knob, trial.setting,
                  trial.val_accuracy, -trial.drop_points, "within budget" if trial.within_budget else "over budget")
         if trial.within_budget:
             break
-    return _outcome("fallback", trials, budget, stopped_by, bounds.elapsed(), key=lambda t: -t.setting)
+    return _outcome(knob, trials, budget, stopped_by, bounds.elapsed(), key=lambda t: -t.setting)
 
 
 def _outcome(

@@ -126,9 +126,27 @@ class DistillStep(_Strict):
 
     method: Literal["distill"]
     student_family: ModelFamily | None = Field(None, description="the student's model family (default: the teacher's)")
-    student_width: float | None = Field(
-        None, gt=0.0, le=8.0, description="the student's model width (default: the teacher's)"
+    student_width: Annotated[float, Field(gt=0.0, le=8.0)] | Literal["auto"] | None = Field(
+        None, description="the student's model width (default: the teacher's); auto: the smallest of 0.25, 0.5, "
+        "0.75 x the teacher's width whose student fits compress.budget (smallest first, one training each)"
     )
+
+    @field_validator("student_width", mode="before")
+    @classmethod
+    def _width_or_auto(cls, value: object) -> object:
+        """One clear message, not one per member of the union."""
+        if value is None or value == "auto":
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise PydanticCustomError("student_width", "expected a width above 0 and at most 8, or auto")
+        if not 0 < value <= 8:
+            rule = "greater than 0" if value <= 0 else "less than or equal to 8"
+            raise PydanticCustomError("student_width", "Input should be {rule}", {"rule": rule})
+        return float(value)
+
+    @property
+    def searched(self) -> bool:
+        return self.student_width == "auto"
     temperature: float = Field(4.0, gt=0.0, description="softens both models' outputs for the soft-target loss")
     alpha: float = Field(0.7, ge=0.0, le=1.0, description="the soft-target loss's weight (the labels': 1 - alpha)")
     epochs: int = Field(10, ge=1)
