@@ -204,47 +204,74 @@ SPEC = {"family": "cnn", "channels": [8, 16]}
 
 
 def _noisy_shifted_images(prepared: Path, samples: int = 600, seed: int = 0) -> None:
-    """10 classes of 28x28 images: a fixed random pattern per class, shifted by up to 3 pixels,
-    under heavy Gaussian noise; written as the prepared splits (train 400 / val 100 / test 100)."""
-    from tasks.data import Preprocessing
+    """10 classes of 28x28 images: a fixed smooth random pattern per class, shifted by up to
+    3 pixels, under Gaussian noise (0.8 x the pattern's std); train 400 / val 100 / test 100."""
+    from scipy import ndimage
 
     rng = np.random.default_rng(seed)
-    patterns = rng.normal(size=(10, 28, 28)).astype(np.float32)
-    patterns = np.stack([np.convolve(p.ravel(), np.ones(5) / 5, "same").reshape(28, 28) for p in patterns])
+    patterns = np.stack([ndimage.gaussian_filter(p, 3) for p in rng.normal(size=(10, 28, 28))])
+    patterns /= patterns.std(axis=(1, 2), keepdims=True)
     y = rng.integers(0, 10, samples)
     x = np.stack([np.roll(patterns[c], tuple(rng.integers(-3, 4, 2)), axis=(0, 1)) for c in y])
-    x = (x + rng.normal(scale=0.6, size=x.shape)).astype(np.float32)[:, None]
-    splits = {"train": slice(0, 400), "val": slice(400, 500), "test": slice(500, samples)}
+    x = x + rng.normal(scale=0.8, size=x.shape)
+    _write_splits(prepared, x[:, None], y, 10, "test-noisy-shifted-600")
+
+
+def _write_splits(prepared: Path, x: np.ndarray, y: np.ndarray, num_classes: int, digest: str) -> None:
+    """``x``/``y`` as the prepared splits: the first 400 train, the next 100 val, the rest test."""
+    from tasks.data import Preprocessing
+
+    splits = {"train": slice(0, 400), "val": slice(400, 500), "test": slice(500, len(y))}
     prepared.mkdir(parents=True)
     for split, rows in splits.items():
-        np.save(prepared / f"{split}_x.npy", x[rows])
+        np.save(prepared / f"{split}_x.npy", x[rows].astype(np.float32))
         np.save(prepared / f"{split}_y.npy", y[rows].astype(np.int64))
-    preprocessing = Preprocessing.fit(x[splits["train"]], 10, [str(i) for i in range(10)])
+    preprocessing = Preprocessing.fit(x[splits["train"]].astype(np.float32), num_classes,
+                                      [str(i) for i in range(num_classes)])
     (prepared / "preprocess.json").write_text(preprocessing.to_json())
-    (prepared / "card.json").write_text(json.dumps({"digest": "test-noisy-shifted-600"}))
+    (prepared / "card.json").write_text(json.dumps({"digest": digest}))
 
 
-@pytest.fixture(scope="module")
-def noisy_baseline(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def _tabular(prepared: Path, samples: int = 600, seed: int = 1) -> None:
+    """8 features, 2 classes: a noisy linear rule with one interaction."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(samples, 8))
+    score = x @ rng.normal(size=8) + 1.5 * x[:, 0] * x[:, 1] + rng.normal(scale=0.5, size=samples)
+    _write_splits(prepared, x, (score > 0).astype(np.int64), 2, "test-tabular-600")
+
+
+def _sequences(prepared: Path, samples: int = 600, seed: int = 2) -> None:
+    """Sequences of 12 steps x 4 features (one row per step), 2 classes: a slow or a fast wave in noise."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, samples)
+    t = np.arange(12)[None, :, None]
+    frequency = np.where(y == 1, 0.9, 0.3)[:, None, None]
+    phase = rng.uniform(0, 2 * np.pi, size=(samples, 1, 4))
+    x = np.sin(frequency * t + phase) + rng.normal(scale=0.5, size=(samples, 12, 4))
+    _write_splits(prepared, x[:, None], y, 2, "test-sequences-600")
+
+
+def _trained_baseline(root: Path, spec_raw: dict[str, Any], epochs: int = 6) -> Path:
+    """A baseline of ``spec_raw`` trained in-process on ``root``'s prepared train split."""
     from models.factory import build_model
     from models.spec import ModelSpec
     from tasks.core.model_files import save_state_dict_model
     from tasks.core.paths import ProjectPaths
-    from tasks.data import load_split
+    from tasks.data import load_preprocessing, load_split
 
-    root = tmp_path_factory.mktemp("noisy")
     paths = ProjectPaths(root)
-    _noisy_shifted_images(paths.prepared)
-    train = load_split(paths.prepared, "train")
-    spec = ModelSpec.from_dict(SPEC)
+    preprocessing = load_preprocessing(paths.prepared)
+    shape, classes = tuple(preprocessing.input_shape), preprocessing.num_classes
+    train = load_split(paths.prepared, "train", preprocessing)
+    spec = ModelSpec.from_dict(spec_raw)
     torch.manual_seed(0)
-    model = build_model(spec, (1, 28, 28), 10)
+    model = build_model(spec, shape, classes)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.005)
     x, y = torch.from_numpy(train.x), torch.from_numpy(train.y)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        for _ in range(6):
+        for _ in range(epochs):
             model.train()
             for batch in torch.randperm(len(x)).split(32):
                 loss = F.cross_entropy(model(x[batch]), y[batch])
@@ -253,13 +280,23 @@ def noisy_baseline(tmp_path_factory: pytest.TempPathFactory) -> Path:
                 optimizer.step()
     finally:
         torch.set_num_threads(threads)
-    save_state_dict_model(model.eval(), spec, (1, 28, 28), 10, paths.model,
+    save_state_dict_model(model.eval(), spec, shape, classes, paths.model,
                           {"name": "baseline", "method": "baseline", "recipe": [], "parent": None})
     return root
 
 
+@pytest.fixture(scope="module")
+def noisy_baseline(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tasks.core.paths import ProjectPaths
+
+    root = tmp_path_factory.mktemp("noisy")
+    _noisy_shifted_images(ProjectPaths(root).prepared)
+    return _trained_baseline(root, SPEC, epochs=40)  # about 94% on validation: the budget has something to lose
+
+
 def _run_compress(
-    root: Path, tmp_path: Path, budget: dict[str, Any], step: dict[str, Any], monkeypatch, name: str = "pruned-l1-auto"
+    root: Path, tmp_path: Path, budget: dict[str, Any], step: dict[str, Any], monkeypatch, name: str = "pruned-l1-auto",
+    spec: dict[str, Any] = SPEC,
 ):
     """The compress stage (``main``: MLflow runs, plots) on a copy of the noisy project."""
     from tasks.compress import main
@@ -270,7 +307,7 @@ def _run_compress(
     (project / "dvc.yaml").write_text("stages: {}\n")
     raw = {
         "base": {"seed": 0, "experiment": "test-budget"},
-        "train": {"model": SPEC, "epochs": 1, "batch_size": 32, "workers": 2, "warmup_epochs": 0, "patience": 5},
+        "train": {"model": spec, "epochs": 1, "batch_size": 32, "workers": 2, "warmup_epochs": 0, "patience": 5},
         "compress": {"calibration_samples": 64, "fine_tune_lr": 0.002, "budget": budget,
                      "variants": [{"name": name, "steps": [step]}]},
     }
@@ -392,3 +429,33 @@ def test_student_width_auto_keeps_the_smallest_student_that_fits(
     assert search["chosen"] == 0.25 == manifest["model_spec"]["width"]
     assert search["widths"] == [0.25, 0.5, 0.75]
     assert len(json.loads((paths.plots / "search" / "distilled-auto.json").read_text())) == 1
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(("make_data", "spec"), [
+    (_tabular, {"family": "mlp", "hidden_sizes": [32, 16]}),
+    (_sequences, {"family": "lstm", "rnn_hidden": 16}),
+], ids=["tabular-8-features-mlp", "sequences-lstm"])
+def test_searched_sparsity_ends_within_budget_on_tabular_and_sequence_data(
+    make_data, spec: dict[str, Any], tmp_path: Path, monkeypatch, mlflow_uri: str
+) -> None:
+    """Not only images: an 8-feature binary table (MLP) and 12-step sequences (LSTM)."""
+    from tasks.compression.loading import load_model_dir
+    from tasks.compression.weights import weight_sparsity
+    from tasks.core.paths import ProjectPaths
+    from tasks.data import load_split
+
+    source = tmp_path / "source"
+    make_data(ProjectPaths(source).prepared)
+    _trained_baseline(source, spec)
+    paths, manifest = _run_compress(
+        source, tmp_path, {"max_accuracy_drop": 5.0, "max_trials": 2, "max_minutes": 10}, AUTO, monkeypatch, spec=spec
+    )
+    search = manifest["search"]
+    assert search["within_budget"], search["message"]
+    val = load_split(paths.prepared, "val")
+    model = load_model_dir(paths.compressed / "pruned-l1-auto")
+    accuracy = float((model.predict(val.x).argmax(1) == val.y).mean())
+    assert 100 * (_baseline_val_accuracy(paths) - accuracy) <= 5.0 + 1e-9
+    assert weight_sparsity(model.module) == pytest.approx(manifest["sparsity"], abs=1e-6)
+    assert search["sparsity"] == pytest.approx(manifest["sparsity"], abs=1e-6) and search["sparsity"] > 0.3
