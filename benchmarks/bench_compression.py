@@ -46,7 +46,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "compression.json"
 PROJECT_FILES = ("dvc.yaml", "params.yaml", "tasks", "models")
-PRUNED = "pruned-l1-90"
+PRUNED = "pruned-l1-90"  # the pruned CNN of checkouts before searched recipes
+SEARCHED_PRUNED = "pruned-l1-auto"  # ... and since (sparsity: auto; its curve is the chosen trial's)
 THROUGHPUT_TARGET = 0.9
 WALL_FACTOR = 1.25
 
@@ -141,8 +142,15 @@ def fine_tuning(project: Path, output: str, train_samples: int) -> dict[str, obj
     manifests = {p.parent.name: json.loads(p.read_text()) for p in (project / "artifacts" / "compressed").glob("*/manifest.json")}
     records = {name: m["training"] for name, m in manifests.items() if m.get("training")}
     if records:  # steps on the Horovod loop record themselves (epochs run, curve)
-        epochs = sum(step["epochs_run"] for steps in records.values() for step in steps)
-        curve = json.loads((project / "plots" / "fine_tune" / f"{PRUNED}.json").read_text())
+        # a searched variant counts every trial's epochs (its search records them), not only the chosen one's
+        epochs = sum(
+            manifests[name]["search"]["epochs_run"] if "epochs_run" in manifests[name].get("search", {})
+            else sum(step["epochs_run"] for step in steps)
+            for name, steps in records.items()
+        )
+        curves = project / "plots" / "fine_tune"
+        pruned = SEARCHED_PRUNED if (curves / f"{SEARCHED_PRUNED}.json").is_file() else PRUNED
+        curve = json.loads((curves / f"{pruned}.json").read_text())
         rate = after_first([row["samples_per_s"] for row in curve])
         how = "measured by the workers (median of epochs 2+)"
         per_variant = {

@@ -173,7 +173,7 @@ def test_manifests_record_how_each_variant_was_made(cnn_results) -> None:
     assert child["method"] == "prune+quantize"
     assert child["parent"] == "pruned-l1-70" and child["parent_digest"] == by_name["pruned-l1-70"]["digest"]
     assert child["recipe"] == [{"method": "quantize", "mode": "static", "runtime": "onnxruntime",
-                                "fine_tune_epochs": 0, "lr": None}]
+                                "fine_tune_epochs": 0, "lr": None, "fallback": None}]
     assert [step["method"] for step in child["full_recipe"]] == ["prune", "quantize"]
     assert by_name["fp16"]["parent_digest"] == baseline["digest"]
     expected = {

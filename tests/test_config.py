@@ -82,12 +82,13 @@ def test_the_schema_shows_each_compression_method_with_its_own_fields() -> None:
     assert len(steps["oneOf"]) == 5
     fields = {method: set(defs[ref.rsplit("/", 1)[-1]]["properties"]) for method, ref in mapping.items()}
     assert fields["prune"] == {"method", "kind", "sparsity", "fine_tune_epochs", "lr"}
-    assert fields["quantize"] == {"method", "mode", "runtime", "fine_tune_epochs", "lr"}
+    assert fields["quantize"] == {"method", "mode", "runtime", "fine_tune_epochs", "lr", "fallback"}
     assert fields["distill"] == {"method", "student_family", "student_width", "temperature", "alpha", "epochs", "lr"}
     assert fields["half"] == {"method"} and fields["export"] == {"method", "runtime"}
     prune = defs[mapping["prune"].rsplit("/", 1)[-1]]
     assert set(prune["required"]) == {"method", "kind", "sparsity"}
-    assert prune["properties"]["sparsity"]["exclusiveMaximum"] == 1
+    share, auto = prune["properties"]["sparsity"]["anyOf"]  # a share, or searched (auto)
+    assert share["exclusiveMaximum"] == 1 and auto["const"] == "auto"
     assert all(defs[ref.rsplit("/", 1)[-1]]["additionalProperties"] is False for ref in mapping.values())
     # train.model is the one model spec, with its ranges.
     assert defs["ModelSpec"]["properties"]["family"]["enum"] == ["mlp", "cnn", "lstm", "gru"]

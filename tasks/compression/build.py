@@ -16,7 +16,7 @@ import logging
 import time
 from typing import Any
 
-from tasks.compression import formats, pruning, quantization
+from tasks.compression import formats, pruning, quantization, search
 from tasks.compression.candidate import Candidate, TrainingData
 from tasks.compression.distillation import distill
 from tasks.compression.fine_tuning import Trained, TrainingStep, fine_tune
@@ -52,6 +52,9 @@ class Work:
         self.onnx_exports: dict[str, bytes] = {}  # fp32 exports of unchanged saved models, by name
         # Per-epoch curves of every training step, by plot name (plots/fine_tune/<name>.json).
         self.curves: dict[str, list[dict[str, Any]]] = {}
+        # Every searched variant's trials (plots/search/<variant>.json), by variant.
+        self.searches: dict[str, list[dict[str, Any]]] = {}
+        self.baseline_accuracy: float | None = None  # the baseline's val accuracy: the budget's reference
 
     def trained(self, step: TrainingStep, trained: Trained, method: str, epochs: int, extra: dict[str, Any]) -> None:
         """Keep a finished training step's curve (for its DVC plot) and record (for the manifest)."""
@@ -74,12 +77,18 @@ class Work:
         return {"calibration_split": "train", "calibration_samples": min(samples, len(self.data.x_train))}
 
 
-def _quantize_ort(candidate: Candidate, step: QuantizeStep, work: Work, what: str) -> Artifact:
+def _quantize_ort(
+    candidate: Candidate, step: QuantizeStep, work: Work, what: str, run_id: str | None, extra: dict[str, Any]
+) -> Artifact:
     fp32 = work.onnx_fp32(candidate)
     if step.mode == "static":
         calibration = work.data.calibration(work.params.compress.calibration_samples, work.params.base.seed)
-        model = quantization.ort_static_int8(fp32, calibration)
         details = {**quantization.ORT_STATIC, **work.calibration_details()}
+        if step.fallback == "auto":
+            model, fp32_layers = _fallback_searched(candidate, fp32, calibration, work, what, run_id, extra)
+            details["fp32_layers"] = fp32_layers  # the layers that fell back
+        else:
+            model = quantization.ort_static_int8(fp32, calibration)
     else:
         if candidate.family == "cnn":
             log.warning("%s: ONNX Runtime dynamic int8 runs convolutions slowly; mode: static suits CNNs", what)
@@ -125,7 +134,10 @@ def _prune(
     candidate: Candidate, step: PruneStep, work: Work, training: TrainingStep | None, extra: dict[str, Any]
 ) -> Candidate:
     """Prune here; fine-tune on the Horovod loop: under the masks (unstructured), or the
-    physically smaller model (structured)."""
+    physically smaller model (structured). ``sparsity: auto``: searched (:func:`_prune_searched`)."""
+    if step.sparsity == "auto":
+        assert training is not None
+        return _prune_searched(candidate, step, work, training, extra)
     masks = None
     if step.kind == "unstructured":
         pruned, masks = pruning.prune_unstructured(candidate, step.sparsity)
@@ -140,6 +152,182 @@ def _prune(
     return pruned.changed(load_eager_model(trained.folder))
 
 
+def _prune_searched(
+    candidate: Candidate, step: PruneStep, work: Work, training: TrainingStep, extra: dict[str, Any]
+) -> Candidate:
+    """``sparsity: auto``: gradual (cubic) pruning while fine-tuning, one trial per final
+    sparsity, bisected to the highest within the budget (:func:`tasks.compression.search.search_sparsity`);
+    each trial continues from the best passing one. Records the trail (manifest ``search``,
+    MLflow, ``plots/search``)."""
+    from dataclasses import replace
+
+    from tasks.compression.candidate import accuracy
+    from tasks.compression.weights import parameters_and_nonzeros, weight_sparsity
+    from tasks.core.model_files import torch_predictor
+
+    assert work.baseline_accuracy is not None
+    budget = search.Budget.of(work.params, work.baseline_accuracy)
+    trained_by_trial: dict[int, tuple[TrainingStep, Trained]] = {}
+
+    def run_trial(target: float, warm: search.Trial | None, number: int) -> search.Trial:
+        started = time.perf_counter()
+        origin: Candidate = warm.model if warm is not None else candidate
+        trial_step = replace(training, trial=number)
+        schedule = search.cubic_schedule(min(weight_sparsity(origin.module), target), target, step.fine_tune_epochs)
+        trained = fine_tune(origin, trial_step, epochs=step.fine_tune_epochs, lr=work.fine_tune_lr(step),
+                            masks=pruning.zero_masks(origin.module), prune_schedule=schedule)
+        trained_by_trial[number] = (trial_step, trained)
+        model = origin.changed(load_eager_model(trained.folder), sparse=True)
+        val_accuracy = accuracy(torch_predictor(model.module)(work.data.x_val), work.data.y_val)
+        _, nonzeros = parameters_and_nonzeros(model.module)
+        size = len(formats.gzip.compress(formats.torch_bytes(model.module.state_dict()), compresslevel=9, mtime=0))
+        return search.Trial(
+            number, target, val_accuracy, budget.drop_points(val_accuracy), budget.fits(val_accuracy), size,
+            nonzeros, round(weight_sparsity(model.module), 6), time.perf_counter() - started,
+            warm.setting if warm is not None else None, model,
+        )
+
+    outcome = search.search_sparsity(run_trial, budget)
+    trial_step, trained = trained_by_trial[outcome.best.number]
+    work.curves[training.curve_name] = trained.history
+    extra.setdefault("training", []).append(
+        {**trained.record("prune", step.fine_tune_epochs, training.number), "trial": outcome.best.number}
+    )
+    extra["search"] = {
+        **outcome.record(),
+        # the search's cost in epochs: every trial's fine-tuning (early stopping may cut one short)
+        "epochs_run": sum(trained_by_trial[t.number][1].summary.get("epochs_run", 0) for t in outcome.trials),
+    }
+    rows = [trial.row() for trial in outcome.trials]
+    work.searches[training.variant] = rows
+    if training.run_id is not None:
+        _log_search(training.run_id, rows, extra["search"])
+    log.info("%s: %s", training.variant, outcome.message)
+    return outcome.best.model
+
+
+def _distill_searched(
+    candidate: Candidate, step: DistillStep, work: Work, training: TrainingStep, extra: dict[str, Any]
+) -> Candidate:
+    """``student_width: auto``: students of :data:`search.STUDENT_WIDTHS` x the teacher's width,
+    smallest first, each distilled on the Horovod loop; the first within budget is kept
+    (:func:`search.search_width`)."""
+    from dataclasses import replace
+
+    from tasks.compression.candidate import accuracy
+    from tasks.compression.weights import parameters_and_nonzeros, weight_sparsity
+    from tasks.core.model_files import torch_predictor
+
+    assert work.baseline_accuracy is not None
+    budget = search.Budget.of(work.params, work.baseline_accuracy)
+    widths = [round(share * candidate.spec.width, 6) for share in search.STUDENT_WIDTHS]
+    trained_by_trial: dict[int, Trained] = {}
+
+    def run_trial(width: float, number: int) -> search.Trial:
+        began = time.perf_counter()
+        student, trained = distill(
+            candidate, replace(training, trial=number), student_family=step.student_family, student_width=width,
+            temperature=step.temperature, alpha=step.alpha, epochs=step.epochs, lr=step.lr,
+        )
+        trained_by_trial[number] = trained
+        val_accuracy = accuracy(torch_predictor(student.module)(work.data.x_val), work.data.y_val)
+        _, nonzeros = parameters_and_nonzeros(student.module)
+        size = len(formats.torch_bytes(student.module.state_dict()))
+        return search.Trial(number, width, val_accuracy, budget.drop_points(val_accuracy), budget.fits(val_accuracy),
+                            size, nonzeros, round(weight_sparsity(student.module), 6),
+                            time.perf_counter() - began, None, student)
+
+    outcome = search.search_width(widths, run_trial, budget)
+    trained = trained_by_trial[outcome.best.number]
+    work.curves[training.curve_name] = trained.history
+    extra.setdefault("training", []).append(
+        {**trained.record("distill", step.epochs, training.number), "trial": outcome.best.number}
+    )
+    extra["search"] = {**outcome.record(), "widths": widths,
+                       "epochs_run": sum(t.summary.get("epochs_run", 0) for t in trained_by_trial.values())}
+    rows = [trial.row() for trial in outcome.trials]
+    work.searches[training.variant] = rows
+    if training.run_id is not None:
+        _log_search(training.run_id, rows, extra["search"])
+    log.info("%s: %s", training.variant, outcome.message)
+    return outcome.best.model
+
+
+SENSITIVITY_SAMPLES = 256  # validation samples the per-layer output error is measured on
+
+
+def _fallback_searched(
+    candidate: Candidate, fp32: bytes, calibration: Any, work: Work, what: str, run_id: str | None,
+    extra: dict[str, Any],
+) -> tuple[bytes, list[str]]:
+    """``fallback: auto``: rank the weighted layers by the output error each costs when it
+    alone is int8 (normalized MSE of the logits against fp32 on the validation split), then
+    keep the worst in fp32, one more per trial, until the drop fits (:func:`search.search_fallback`).
+    Returns the chosen model and its fp32 layers."""
+    import numpy as np
+
+    from tasks.compression.candidate import accuracy
+    from tasks.compression.onnx import onnx_predictor
+    from tasks.compression.weights import parameters_and_nonzeros, weight_sparsity
+
+    assert work.baseline_accuracy is not None
+    budget = search.Budget.of(work.params, work.baseline_accuracy)
+    started = time.perf_counter()
+    layers = quantization.ort_weighted_nodes(fp32)
+    x_val, y_val = work.data.x_val, work.data.y_val
+    probe = x_val[:SENSITIVITY_SAMPLES]
+    reference = onnx_predictor(fp32)(probe)
+    sensitivity: dict[str, float] = {}
+    for layer in layers:  # this layer alone in int8
+        alone = quantization.ort_static_int8(fp32, calibration, nodes_to_exclude=[n for n in layers if n != layer])
+        error = float(np.mean((onnx_predictor(alone)(probe) - reference) ** 2) / max(np.mean(reference**2), 1e-12))
+        sensitivity[layer] = error
+    ranked = sorted(layers, key=lambda name: -sensitivity[name])
+    log.info("%s: layers by the output error int8 costs them: %s", what,
+             ", ".join(f"{name} {sensitivity[name]:.2e}" for name in ranked))
+    _, nonzeros = parameters_and_nonzeros(candidate.module)
+    sparsity = round(weight_sparsity(candidate.module), 6)
+
+    def run_trial(fp32_layers: list[str], number: int) -> search.Trial:
+        began = time.perf_counter()
+        model = quantization.ort_static_int8(fp32, calibration, nodes_to_exclude=fp32_layers)
+        val_accuracy = accuracy(onnx_predictor(model)(x_val), y_val)
+        return search.Trial(number, float(len(fp32_layers)), val_accuracy, budget.drop_points(val_accuracy),
+                            budget.fits(val_accuracy), len(model), nonzeros, sparsity,
+                            time.perf_counter() - began, None, (model, list(fp32_layers)))
+
+    outcome = search.search_fallback(ranked, run_trial, budget, started=started)
+    model, fp32_layers = outcome.best.model
+    record = {**outcome.record(), "fp32_layers": fp32_layers, "sensitivity": sensitivity,
+              "ranking_seconds": round(outcome.seconds - sum(t.seconds for t in outcome.trials), 2)}
+    extra["search"] = record
+    rows = [{**trial.row(), "fp32_layers": trial.model[1]} for trial in outcome.trials]
+    name = what.split(" step ")[0]
+    work.searches[name] = rows
+    if run_id is not None:
+        _log_search(run_id, rows, record)
+        import mlflow
+
+        mlflow.MlflowClient().log_dict(run_id, sensitivity, "search/sensitivity.json")
+    log.info("%s: %s; fp32 layers: %s", what, outcome.message, fp32_layers or "none")
+    return model, fp32_layers
+
+
+def _log_search(run_id: str, rows: list[dict[str, Any]], record: dict[str, Any]) -> None:
+    """Each trial as step-indexed ``search/...`` metrics, the table and the chosen setting in the variant's run."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    for row in rows:
+        for key in ("setting", "val_accuracy", "drop_points", "size_bytes", "nonzeros", "sparsity", "seconds"):
+            client.log_metric(run_id, f"search/{key}", float(row[key]), step=row["number"])
+        client.log_metric(run_id, "search/within_budget", float(row["within_budget"]), step=row["number"])
+    client.log_dict(run_id, rows, "search/trials.json")
+    client.log_dict(run_id, record, "search/chosen.json")
+    client.set_tag(run_id, "search", f"{record['knob']}={record['chosen']:g}"
+                   + ("" if record["within_budget"] else " (over budget)"))
+
+
 def _export(candidate: Candidate, step: ExportStep, work: Work) -> Artifact:
     if step.runtime == "onnxruntime":
         return formats.onnx_artifact(work.onnx_fp32(candidate), candidate.sparse, {})
@@ -147,6 +335,8 @@ def _export(candidate: Candidate, step: ExportStep, work: Work) -> Artifact:
 
 
 def _distill(candidate: Candidate, step: DistillStep, work: Work, training: TrainingStep, extra: dict[str, Any]) -> Candidate:
+    if step.student_width == "auto":
+        return _distill_searched(candidate, step, work, training, extra)
     student, trained = distill(
         candidate, training, student_family=step.student_family, student_width=step.student_width,
         temperature=step.temperature, alpha=step.alpha, epochs=step.epochs, lr=step.lr,
@@ -177,7 +367,7 @@ def make_variant(
             candidate = _distill(candidate, step, work, training, extra)
         elif isinstance(step, QuantizeStep):
             if step.runtime == "onnxruntime":
-                artifact = _quantize_ort(candidate, step, work, what)
+                artifact = _quantize_ort(candidate, step, work, what, run_id, extra)
             else:
                 artifact = _quantize_torch(candidate, step, work, what, training, extra)
         elif isinstance(step, HalfStep):

@@ -46,14 +46,17 @@ class TrainingStep:
     number: int  # the step's number in the variant's recipe, from 1
     run_id: str | None  # the variant's MLflow run
     several: bool = False  # the variant has more than one training step: keys and files say which
+    trial: int | None = None  # a searched step's trial (from 1): its own folder and metric keys
 
     @property
     def folder(self) -> Path:
-        return self.paths.checkpoints / self.variant / f"step{self.number}"
+        folder = self.paths.checkpoints / self.variant / f"step{self.number}"
+        return folder / f"trial{self.trial}" if self.trial is not None else folder
 
     @property
     def metric_prefix(self) -> str:
-        return f"{PREFIX}step{self.number}/" if self.several else PREFIX
+        prefix = f"{PREFIX}step{self.number}/" if self.several else PREFIX
+        return f"{prefix}trial{self.trial}/" if self.trial is not None else prefix
 
     @property
     def curve_name(self) -> str:
@@ -151,6 +154,7 @@ def fine_tune(
     lr: float,
     masks: dict[str, torch.Tensor] | None = None,
     qat_engine: str | None = None,
+    prune_schedule: list[float] | None = None,
 ) -> Trained:
     """Fine-tune ``candidate`` (its architecture and weights) on the Horovod loop.
 
@@ -164,6 +168,8 @@ def fine_tune(
         path = step.folder / "masks.pt"
         torch.save({name: mask.cpu().bool() for name, mask in masks.items()}, path)
         hooks["prune_masks"] = str(path.resolve())
+    if prune_schedule:  # gradual pruning: the masks grow at each epoch start
+        hooks["prune_schedule"] = list(prune_schedule)
     if qat_engine:
         hooks["qat"] = qat_engine
     what = "quantization-aware training" if qat_engine else "fine-tuning"

@@ -55,8 +55,26 @@ def _preprocessed(model: bytes, folder: Path) -> Path:
     return target
 
 
-def ort_static_int8(model: bytes, calibration: np.ndarray, batch: int = 32) -> bytes:
-    """Post-training static int8 (:data:`ORT_STATIC`), activation ranges calibrated on ``calibration``."""
+# The ONNX operators whose weights static int8 quantizes: the layers a fallback can keep in fp32.
+ORT_WEIGHTED_OPS = ("Conv", "Gemm", "MatMul")
+
+
+def ort_weighted_nodes(model: bytes) -> list[str]:
+    """The names of the weighted layers (:data:`ORT_WEIGHTED_OPS`) in ``model`` as
+    :func:`ort_static_int8` sees it (after ONNX Runtime's pre-processing), in graph order:
+    what ``nodes_to_exclude`` can name."""
+    import onnx
+
+    with tempfile.TemporaryDirectory(prefix="slimflow-ort-") as tmp, _quiet():
+        graph = onnx.load(str(_preprocessed(model, Path(tmp)))).graph
+    return [node.name for node in graph.node if node.op_type in ORT_WEIGHTED_OPS and node.name]
+
+
+def ort_static_int8(
+    model: bytes, calibration: np.ndarray, batch: int = 32, nodes_to_exclude: list[str] | None = None
+) -> bytes:
+    """Post-training static int8 (:data:`ORT_STATIC`), activation ranges calibrated on ``calibration``;
+    the layers named in ``nodes_to_exclude`` stay fp32."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     class Reader(CalibrationDataReader):
@@ -73,7 +91,7 @@ def ort_static_int8(model: bytes, calibration: np.ndarray, batch: int = 32) -> b
             str(_preprocessed(model, folder)), str(folder / "int8.onnx"), Reader(),
             quant_format=QuantFormat[ORT_STATIC["quant_format"]], per_channel=ORT_STATIC["per_channel"],
             reduce_range=ORT_STATIC["reduce_range"], activation_type=QuantType[ORT_STATIC["activation_type"]],
-            weight_type=QuantType[ORT_STATIC["weight_type"]],
+            weight_type=QuantType[ORT_STATIC["weight_type"]], nodes_to_exclude=list(nodes_to_exclude or []),
         )
         return (folder / "int8.onnx").read_bytes()
 

@@ -40,7 +40,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("slimflow.compress")
 
-SUMMARY_COLUMNS = ("model", "method", "format", "size_bytes", "size_reduction", "val_accuracy", "accuracy_change")
+SUMMARY_COLUMNS = (
+    "model", "method", "search", "format", "size_bytes", "size_reduction", "val_accuracy", "accuracy_change",
+)
 
 
 class CompressError(ValueError):
@@ -117,6 +119,7 @@ def compress_variants(
         shutil.rmtree(build, ignore_errors=True)
         raise
     _write_curves(paths.plots / "fine_tune", work.curves)
+    _write_curves(paths.plots / "search", work.searches)  # accuracy vs sparsity, one point per trial
     _remove_checkpoints(paths.checkpoints, [variant.name for variant in variants])
     return results
 
@@ -169,6 +172,7 @@ def _load_baseline(work: Work, manifest: dict[str, Any]) -> _Baseline:
         work.input_shape, work.num_classes, origin=BASELINE, origin_folder=paths.model,
     )
     val_accuracy = accuracy(torch_predictor(candidate.module)(work.data.x_val), work.data.y_val)
+    work.baseline_accuracy = val_accuracy  # what searched variants' budgets are measured against
     log.info("baseline: %d parameters, %d bytes, val accuracy %.4f",
              manifest["parameters"], manifest["size_bytes"], val_accuracy)
     try:
@@ -316,13 +320,22 @@ def _publish(build: Path, output: Path) -> None:
 
 def summary_table(results: list[VariantResult], baseline: dict[str, Any], baseline_accuracy: float) -> Table:
     """The closing table: the baseline and every variant, size and val accuracy against the baseline's."""
-    rows = [{"model": BASELINE, "method": None, "format": baseline["format"], "size_bytes": baseline["size_bytes"],
-             "size_reduction": 1.0, "val_accuracy": baseline_accuracy, "accuracy_change": None}]
+    rows = [{"model": BASELINE, "method": None, "search": None, "format": baseline["format"],
+             "size_bytes": baseline["size_bytes"], "size_reduction": 1.0, "val_accuracy": baseline_accuracy,
+             "accuracy_change": None}]
     for result in results:
         m = result.manifest
         rows.append({
-            "model": result.name, "method": m["method"], "format": m["format"], "size_bytes": m["size_bytes"],
+            "model": result.name, "method": m["method"], "search": _search_cell(m.get("search")),
+            "format": m["format"], "size_bytes": m["size_bytes"],
             "size_reduction": baseline["size_bytes"] / m["size_bytes"], "val_accuracy": result.val_accuracy,
             "accuracy_change": result.val_accuracy - baseline_accuracy,
         })
     return results_table(rows, SUMMARY_COLUMNS, title="compressed variants (validation split)")
+
+
+def _search_cell(search: dict[str, Any] | None) -> str | None:
+    """The searched setting, as the summary table shows it (e.g. ``sparsity=0.87``)."""
+    if not search:
+        return None
+    return f"{search['knob']}={search['chosen']:g}" + ("" if search["within_budget"] else " (over budget)")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from models.spec import ModelFamily
@@ -45,19 +45,43 @@ class PruneStep(_Strict):
     kind: Literal["unstructured", "structured"] = Field(
         description="unstructured (zeros in place) or structured (whole channels / units removed; mlp and cnn)"
     )
-    sparsity: float = Field(
-        gt=0.0, lt=1.0,
+    sparsity: Annotated[float, Field(gt=0.0, lt=1.0)] | Literal["auto"] = Field(
         description="the share of weights (unstructured) or of channels per layer (structured) to remove, "
-        "above 0 and below 1",
+        "above 0 and below 1; auto (unstructured): gradual pruning and a search for the highest sparsity "
+        "within compress.budget",
     )
     fine_tune_epochs: int = Field(0, ge=0, description="epochs fine-tuned under the pruning mask")
     lr: LearningRate | None = Field(None, description="the fine-tuning learning rate (default: compress.fine_tune_lr)")
+
+    @field_validator("sparsity", mode="before")
+    @classmethod
+    def _share_or_auto(cls, value: object) -> object:
+        """One clear message, not one per member of the union."""
+        if value == "auto":
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise PydanticCustomError("sparsity", "expected a share above 0 and below 1, or auto")
+        if not 0 < value < 1:
+            rule = "greater than 0" if value <= 0 else "less than 1"
+            raise PydanticCustomError("sparsity", "Input should be {rule}", {"rule": rule})
+        return float(value)
 
     @model_validator(mode="after")
     def _lr_needs_fine_tuning(self) -> PruneStep:
         if "lr" in self.model_fields_set and self.fine_tune_epochs < 1:
             raise _problem("lr is the fine-tuning learning rate: set fine_tune_epochs >= 1 too", "lr")
+        if self.sparsity == "auto":
+            if self.kind != "unstructured":
+                raise _problem("sparsity auto is searched for unstructured pruning only: give structured a number",
+                               "sparsity")
+            if self.fine_tune_epochs < 1:
+                raise _problem("sparsity auto prunes gradually while fine-tuning: set fine_tune_epochs >= 1",
+                               "fine_tune_epochs")
         return self
+
+    @property
+    def searched(self) -> bool:
+        return self.sparsity == "auto"
 
 
 class QuantizeStep(_Strict):
@@ -71,9 +95,20 @@ class QuantizeStep(_Strict):
     runtime: Literal["onnxruntime", "torch"] = Field("onnxruntime", description="the runtime the model ships in")
     fine_tune_epochs: int = Field(0, ge=0, description="qat: the epochs trained with fake quantization")
     lr: LearningRate | None = Field(None, description="qat: the fine-tuning learning rate (default: compress.fine_tune_lr)")
+    fallback: Literal["auto"] | None = Field(
+        None,
+        description="static onnxruntime: auto keeps the layers that cost the most accuracy in fp32, the worst first, "
+        "until the validation drop fits compress.budget (null: every layer int8)",
+    )
+
+    @property
+    def searched(self) -> bool:
+        return self.fallback == "auto"
 
     @model_validator(mode="after")
     def _check_qat(self) -> QuantizeStep:
+        if self.fallback is not None and (self.mode, self.runtime) != ("static", "onnxruntime"):
+            raise _problem("fallback applies to mode static, runtime onnxruntime only", "fallback")
         if self.mode == "qat":
             if self.runtime != "torch":
                 raise _problem("mode qat trains and runs in PyTorch: set runtime: torch", "runtime")
@@ -91,9 +126,27 @@ class DistillStep(_Strict):
 
     method: Literal["distill"]
     student_family: ModelFamily | None = Field(None, description="the student's model family (default: the teacher's)")
-    student_width: float | None = Field(
-        None, gt=0.0, le=8.0, description="the student's model width (default: the teacher's)"
+    student_width: Annotated[float, Field(gt=0.0, le=8.0)] | Literal["auto"] | None = Field(
+        None, description="the student's model width (default: the teacher's); auto: the smallest of 0.25, 0.5, "
+        "0.75 x the teacher's width whose student fits compress.budget (smallest first, one training each)"
     )
+
+    @field_validator("student_width", mode="before")
+    @classmethod
+    def _width_or_auto(cls, value: object) -> object:
+        """One clear message, not one per member of the union."""
+        if value is None or value == "auto":
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise PydanticCustomError("student_width", "expected a width above 0 and at most 8, or auto")
+        if not 0 < value <= 8:
+            rule = "greater than 0" if value <= 0 else "less than or equal to 8"
+            raise PydanticCustomError("student_width", "Input should be {rule}", {"rule": rule})
+        return float(value)
+
+    @property
+    def searched(self) -> bool:
+        return self.student_width == "auto"
     temperature: float = Field(4.0, gt=0.0, description="softens both models' outputs for the soft-target loss")
     alpha: float = Field(0.7, ge=0.0, le=1.0, description="the soft-target loss's weight (the labels': 1 - alpha)")
     epochs: int = Field(10, ge=1)
@@ -155,9 +208,26 @@ class Variant(_Strict):
         return self
 
 
+class Budget(_Strict):
+    """What a searched knob (``auto``) may cost, and how long it may search."""
+
+    max_accuracy_drop: float | None = Field(
+        None, ge=0.0, le=100.0,
+        description="accuracy points on the validation split a searched variant may lose against the baseline "
+        "(default: evaluate.gate.max_accuracy_drop x 100)",
+    )
+    max_trials: int = Field(6, ge=1, le=100, description="trials per searched variant (each one fine-tune)")
+    max_minutes: float = Field(
+        10.0, gt=0.0, le=24 * 60,
+        description="wall-clock minutes per searched variant: no trial starts that would end past it "
+        "(the first trial always runs: a search always returns a model)",
+    )
+
+
 class CompressParams(_Strict):
     calibration_samples: int = Field(256, ge=1)
     fine_tune_lr: float = Field(0.0005, gt=0.0)
+    budget: Budget = Budget()
     variants: tuple[Variant, ...] = ()
 
     @model_validator(mode="after")

@@ -6,7 +6,7 @@ checked). Overrides (``--set train.epochs=3``, deployment parameters, ``dvc exp 
 ``train.model`` is :class:`models.spec.ModelSpec`; the ``compress`` section (variants and
 their typed steps) is in :mod:`tasks.core.compress_params`. A refused file gets one line
 per problem, ``<file>: <key>: <what is wrong>``, a step named by its variant and method:
-``params.yaml: compress.variants.6(pruned-l1-90).steps.1(prune).sparsity: ...``.
+``params.yaml: compress.variants.6(pruned-l1-auto).steps.1(prune).sparsity: ...``.
 
 Torch-free: the CLI and every stage load params before anything heavy.
 """

@@ -51,6 +51,7 @@ class Column:
 COLUMNS: dict[str, Column] = {
     "model": Column("model", _text, "left"),
     "method": Column("method", _text, "left"),
+    "search": Column("searched", _text, "left"),  # a searched knob's chosen setting (compress)
     "format": Column("format", _text, "left"),
     "runtime": Column("runtime", _text, "left"),
     "accuracy": Column("accuracy %", _number(".2f", 100)),

@@ -59,6 +59,32 @@ class PruneMasks:
             for _, parameter, mask in self.pairs:
                 parameter.masked_fill_(~mask, 0.0)
 
+    def raise_to(self, sparsity: float) -> None:
+        """Global magnitude pruning: extend the masks so that ``sparsity`` of all the masked
+        parameters' entries are pruned (already pruned entries stay pruned). Every rank holds
+        the same weights, so every rank computes the same masks."""
+        with torch.no_grad():
+            flat = torch.cat([parameter.detach().abs().reshape(-1).cpu() for _, parameter, _ in self.pairs])
+            kept = torch.cat([mask.reshape(-1).cpu() for _, _, mask in self.pairs])
+            target = int(round(sparsity * flat.numel()))
+            if target <= int((~kept).sum()):
+                return
+            # pruned entries first (they are zero anyway), then by magnitude; stable: ties by position
+            order = torch.argsort(torch.where(kept, flat, torch.full_like(flat, -1.0)), stable=True)
+            keep = torch.ones_like(kept)
+            keep[order[:target]] = False
+            start, pairs = 0, []
+            for name, parameter, mask in self.pairs:
+                count = mask.numel()
+                pairs.append((name, parameter, keep[start : start + count].reshape(mask.shape).to(mask.device)))
+                start += count
+            object.__setattr__(self, "pairs", tuple(pairs))
+        self.apply()
+
+    def sparsity(self) -> float:
+        total = sum(mask.numel() for _, _, mask in self.pairs)
+        return sum(int((~mask).sum()) for _, _, mask in self.pairs) / total if total else 0.0
+
     def violations(self) -> int:
         """Pruned entries that are not zero (0 whenever the masks hold)."""
         return sum(int((parameter.detach()[~mask] != 0).sum()) for _, parameter, mask in self.pairs)
@@ -86,6 +112,12 @@ class Adaptation:
             self.masks = PruneMasks.load(Path(self.job.prune_masks), model, qat.MODEL_PREFIX if self.qat else "")
             self.masks.apply()
         return model
+
+    def before_epoch(self, epoch: int) -> None:
+        """At the start of epoch ``epoch`` (from 0): gradual pruning raises the masks to the
+        schedule's sparsity (after a resume, the zeros already there count as pruned)."""
+        if self.masks is not None and self.job.prune_schedule:
+            self.masks.raise_to(self.job.prune_schedule[epoch])
 
     def after_step(self) -> None:
         """After every optimizer step: the pruned weights back to exactly zero."""

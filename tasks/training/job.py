@@ -54,6 +54,11 @@ class FitJob:
     # A file of {parameter name: bool mask} (torch.save): the weights where the mask is False
     # are zero from the start and set to zero again after every optimizer step, on every rank.
     prune_masks: str | None = None
+    # Gradual pruning (needs ``prune_masks``): the global sparsity of the masked parameters
+    # at the start of each epoch (one entry per epoch, non-decreasing); at each epoch start
+    # the smallest-magnitude weights are added to the masks up to that share. Epochs before
+    # the last entry's sparsity is reached cannot be the best epoch (the output must have it).
+    prune_schedule: list[float] | None = None
     # A torch.ao quantized engine (x86, fbgemm, qnnpack): train with fake quantization
     # (prepare_qat) for it; the output is the QAT model's state (format torch-qat-state-dict).
     qat: str | None = None
@@ -85,6 +90,21 @@ class FitJob:
     def __post_init__(self) -> None:
         if self.monitor not in MONITORS:
             raise ValueError(f"FitJob.monitor: expected one of {', '.join(MONITORS)}, got {self.monitor!r}")
+        if self.prune_schedule is not None:
+            schedule = list(self.prune_schedule)
+            if not self.prune_masks:
+                raise ValueError("FitJob.prune_schedule needs prune_masks (the parameters it prunes)")
+            if len(schedule) != self.epochs or any(not 0.0 <= s < 1.0 for s in schedule) or schedule != sorted(schedule):
+                raise ValueError(
+                    f"FitJob.prune_schedule: expected {self.epochs} non-decreasing sparsities in [0, 1), got {schedule}"
+                )
+
+    def eligible(self, epoch: int) -> bool:
+        """Whether finished ``epoch`` (from 1) may be the best epoch: under gradual pruning,
+        only once the final sparsity is in force."""
+        if not self.prune_schedule:
+            return True
+        return self.prune_schedule[epoch - 1] >= self.prune_schedule[-1]
 
     def write(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=2, sort_keys=True))

@@ -196,6 +196,7 @@ def run_epochs(t: Trainer, checkpoints: Checkpoints, mlflow_log: MlflowLogger, s
     """From the epoch after ``state["epoch"]`` to the last, or until early stopping; updates ``state``."""
     job, place, hvd = t.job, t.place, t.hvd
     for epoch in range(state["epoch"], job.epochs):
+        t.adapt.before_epoch(epoch)  # gradual pruning: the masks at this epoch's sparsity
         train_counts, epoch_time = train_epoch(t, epoch)
         # BatchNorm running statistics are buffers: gradients are averaged, these are not.
         float_buffers = [b for b in t.model.buffers() if b.is_floating_point() and b.numel()]
@@ -210,7 +211,7 @@ def run_epochs(t: Trainer, checkpoints: Checkpoints, mlflow_log: MlflowLogger, s
             **gather_epoch_metrics(hvd, train_counts, val_counts, epoch_time),
             "lr": t.optimizer.param_groups[0]["lr"],
         }
-        improved, stop = record_epoch(state, epoch + 1, metrics, job.patience, job.monitor)
+        improved, stop = record_epoch(state, epoch + 1, metrics, job.patience, job.monitor, job.eligible(epoch + 1))
         complete = stop or epoch + 1 == job.epochs
         # Horovod: every rank's RNG state goes into the checkpoint, so dropout resumes exactly.
         all_rng = hvd.allgather_object(rng_state(), name="rng_gather")
@@ -288,7 +289,8 @@ def evaluate(
 
 
 def record_epoch(
-    state: dict[str, Any], epoch: int, metrics: dict[str, float], patience: int, monitor: str = "val_loss"
+    state: dict[str, Any], epoch: int, metrics: dict[str, float], patience: int, monitor: str = "val_loss",
+    eligible: bool = True,
 ) -> tuple[bool, bool]:
     """Add finished ``epoch`` to ``state``; (whether it is the best so far by ``monitor``, whether to stop early).
 
@@ -296,6 +298,9 @@ def record_epoch(
     val_loss (accuracy on a validation split moves in steps of one sample).
     """
     state["history"].append({"epoch": epoch, **metrics})
+    if not eligible:  # gradual pruning before its final sparsity: neither best nor a bad epoch
+        state.update(epoch=epoch)
+        return False, False
     if monitor == "val_loss":
         improved = metrics["val_loss"] < state["best_val_loss"] - 1e-6
         state["best_val_loss"] = min(state["best_val_loss"], metrics["val_loss"])

@@ -1,0 +1,240 @@
+"""Searching a knob to the accuracy budget: bounded, always with an answer, its trail kept.
+
+A search runs trials (each one fine-tune, or one quantization) until its knob converges,
+``compress.budget.max_trials`` trials have run, or the next trial would end past
+``compress.budget.max_minutes`` (judged by the mean trial so far; the first trial always
+runs, so a search never returns nothing). Its answer is the most compressed trial within
+``max_accuracy_drop`` points of the baseline's validation accuracy or, when none is, the
+least-bad trial with a message saying so (the gate then decides).
+
+The search itself is pure (a function that runs one trial is passed in), so its rules are
+tested on their own; :mod:`tasks.compression.build` runs the trials on the Horovod loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from tasks.core.config import Params
+
+log = logging.getLogger("slimflow.compress")
+
+SPARSITY_RANGE = (0.0, 0.98)  # bisection bounds of ``sparsity: auto`` (0: the unpruned model passes)
+FIRST_SPARSITY = 0.8  # the first guess: where one-shot recipes usually sit
+RESOLUTION = 0.01  # sparsities are tried in steps of 1 point
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A searched variant's budget, resolved against the baseline."""
+
+    max_drop_points: float
+    max_trials: int
+    max_minutes: float
+    baseline_accuracy: float
+
+    @classmethod
+    def of(cls, params: Params, baseline_accuracy: float) -> Budget:
+        budget = params.compress.budget
+        drop = budget.max_accuracy_drop
+        if drop is None:  # the gate's own allowance, in points
+            drop = 100.0 * params.evaluate.gate.max_accuracy_drop
+        return cls(float(drop), budget.max_trials, budget.max_minutes, baseline_accuracy)
+
+    def drop_points(self, accuracy: float) -> float:
+        return 100.0 * (self.baseline_accuracy - accuracy)
+
+    def fits(self, accuracy: float) -> bool:
+        return self.drop_points(accuracy) <= self.max_drop_points + 1e-9
+
+
+@dataclass
+class Trial:
+    """One trial: its knob's value, what it measured, what it cost."""
+
+    number: int  # from 1
+    setting: float  # the knob's value (sparsity: the target share of zeros)
+    val_accuracy: float
+    drop_points: float
+    within_budget: bool
+    size_bytes: int
+    nonzeros: int
+    sparsity: float  # measured share of zeros among the prunable weights
+    seconds: float
+    warm_start: float | None = None  # the setting of the trial it started from (None: the parent)
+    model: Any = field(default=None, repr=False)  # what the trial made (not recorded)
+
+    def row(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if k != "model"}
+
+
+@dataclass
+class Outcome:
+    """A search's answer and its trail."""
+
+    knob: str
+    best: Trial
+    trials: list[Trial]
+    within_budget: bool
+    stopped_by: str  # converged | max_trials | max_minutes
+    seconds: float
+    budget: Budget
+    message: str
+
+    def record(self) -> dict[str, Any]:
+        """What the variant's manifest keeps (``search``)."""
+        return {
+            "knob": self.knob, "chosen": self.best.setting, "sparsity": self.best.sparsity,
+            "val_accuracy": self.best.val_accuracy, "drop_points": round(self.best.drop_points, 4),
+            "within_budget": self.within_budget, "message": self.message, "trials": len(self.trials),
+            "stopped_by": self.stopped_by, "seconds": round(self.seconds, 2),
+            "budget": {"max_accuracy_drop": self.budget.max_drop_points, "max_trials": self.budget.max_trials,
+                       "max_minutes": self.budget.max_minutes, "baseline_val_accuracy": self.budget.baseline_accuracy},
+        }
+
+
+class _Clock:
+    """The bounds: trials and minutes."""
+
+    def __init__(self, budget: Budget, clock: Callable[[], float]) -> None:
+        self.budget, self.clock, self.started = budget, clock, clock()
+
+    def elapsed(self) -> float:
+        return self.clock() - self.started
+
+    def stop_reason(self, trials: list[Trial]) -> str | None:
+        """Why no further trial may start (None: one may)."""
+        if len(trials) >= self.budget.max_trials:
+            return "max_trials"
+        if trials:
+            mean = sum(t.seconds for t in trials) / len(trials)
+            if self.elapsed() + mean > 60.0 * self.budget.max_minutes:
+                return "max_minutes"
+        return None
+
+
+def _rounded(value: float) -> float:
+    return round(round(value / RESOLUTION) * RESOLUTION, 6)
+
+
+def search_sparsity(
+    run_trial: Callable[[float, Trial | None, int], Trial],
+    budget: Budget,
+    *,
+    first: float = FIRST_SPARSITY,
+    clock: Callable[[], float] = time.perf_counter,
+) -> Outcome:
+    """The highest sparsity within ``budget`` by bisection between the highest passing and
+    the lowest failing sparsity tried (steps of :data:`RESOLUTION`).
+
+    ``run_trial(sparsity, warm_start, number)`` makes and measures one trial; ``warm_start``
+    is the best passing trial so far (the trial continues from its model), or None.
+    """
+    bounds = _Clock(budget, clock)
+    trials: list[Trial] = []
+    low = SPARSITY_RANGE[0]  # the highest passing sparsity (0: the unpruned model passes by definition)
+    high = SPARSITY_RANGE[1] + RESOLUTION  # the lowest failing one (above the range until a trial fails)
+    passing: Trial | None = None
+    target, stopped_by = _rounded(first), "converged"
+    while True:
+        if (reason := bounds.stop_reason(trials)) is not None:
+            stopped_by = reason
+            break
+        trial = run_trial(target, passing, len(trials) + 1)
+        trials.append(trial)
+        log.info("search trial %d: sparsity %.2f -> val accuracy %.4f (%+.2f pt, %s), %.1fs",
+                 trial.number, target, trial.val_accuracy, -trial.drop_points,
+                 "within budget" if trial.within_budget else "over budget", trial.seconds)
+        if trial.within_budget:
+            low, passing = target, trial
+        else:
+            high = target
+        target = _rounded((low + high) / 2)
+        if target <= low or target >= high or any(abs(t.setting - target) < 1e-9 for t in trials):
+            break  # converged: no untried sparsity between the bounds
+    return _outcome("sparsity", trials, budget, stopped_by, bounds.elapsed(), key=lambda t: t.sparsity)
+
+
+def search_fallback(
+    layers_by_harm: list[str],
+    run_trial: Callable[[list[str], int], Trial],
+    budget: Budget,
+    *,
+    clock: Callable[[], float] = time.perf_counter,
+    started: float | None = None,
+) -> Outcome:
+    """Static int8 with fallback: everything int8 first, then the most harmful layers kept in
+    fp32, one more per trial (cumulatively), until the drop fits; the answer has the fewest
+    fp32 layers within budget. ``run_trial(fp32_layers, number)``; the trial's ``setting`` is
+    the number of fp32 layers. ``started``: when the search began (its ranking counts)."""
+    settings = [layers_by_harm[:count] for count in range(len(layers_by_harm) + 1)]
+    return _first_that_fits("fallback", settings, run_trial, budget, clock, started)
+
+
+STUDENT_WIDTHS = (0.25, 0.5, 0.75)  # ``student_width: auto``: shares of the teacher's width, smallest first
+
+
+def search_width(
+    widths: list[float],
+    run_trial: Callable[[float, int], Trial],
+    budget: Budget,
+    *,
+    clock: Callable[[], float] = time.perf_counter,
+) -> Outcome:
+    """Distillation ``student_width: auto``: the smallest width (``widths`` ascending) whose
+    student fits; stops at the first that does. ``run_trial(width, number)``."""
+    return _first_that_fits("student_width", list(widths), run_trial, budget, clock, None)
+
+
+def _first_that_fits(
+    knob: str, settings: list[Any], run_trial: Callable[[Any, int], Trial], budget: Budget,
+    clock: Callable[[], float], started: float | None,
+) -> Outcome:
+    """Try ``settings`` in order (most compressed first) until one fits the budget or a bound
+    stops the search; the trial's ``setting`` is a number that grows as compression falls."""
+    bounds = _Clock(budget, clock)
+    if started is not None:
+        bounds.started = started
+    trials: list[Trial] = []
+    stopped_by = "converged"
+    for setting in settings:
+        if (reason := bounds.stop_reason(trials)) is not None:
+            stopped_by = reason
+            break
+        trial = run_trial(setting, len(trials) + 1)
+        trials.append(trial)
+        log.info("search trial %d: %s %g -> val accuracy %.4f (%+.2f pt, %s)", trial.number, knob, trial.setting,
+                 trial.val_accuracy, -trial.drop_points, "within budget" if trial.within_budget else "over budget")
+        if trial.within_budget:
+            break
+    return _outcome(knob, trials, budget, stopped_by, bounds.elapsed(), key=lambda t: -t.setting)
+
+
+def _outcome(
+    knob: str, trials: list[Trial], budget: Budget, stopped_by: str, seconds: float, key: Callable[[Trial], float]
+) -> Outcome:
+    """The most compressed (by ``key``) trial within budget, else the least-bad one."""
+    within = [t for t in trials if t.within_budget]
+    if within:
+        best = max(within, key=lambda t: (key(t), t.val_accuracy))
+        message = (f"{knob} {best.setting:g}: {best.drop_points:.2f} points below the baseline, within the budget "
+                   f"of {budget.max_drop_points:g} ({len(trials)} trials, stopped: {stopped_by})")
+    else:
+        best = max(trials, key=lambda t: (t.val_accuracy, key(t)))
+        message = (f"no trial fits the budget of {budget.max_drop_points:g} points: kept the least-bad, {knob} "
+                   f"{best.setting:g}, {best.drop_points:.2f} points below the baseline ({len(trials)} trials, "
+                   f"stopped: {stopped_by})")
+        log.warning("%s", message)
+    return Outcome(knob, best, trials, bool(within), stopped_by, seconds, budget, message)
+
+
+def cubic_schedule(start: float, final: float, epochs: int) -> list[float]:
+    """Gradual pruning (Zhu & Gupta 2017), s_t = s_f + (s_i - s_f)(1 - t/T)^3: the sparsity
+    at the start of each of ``epochs`` epochs, rising from ``start`` to ``final`` over
+    T = epochs - 1 steps (the last epoch trains at ``final``; one epoch: one-shot)."""
+    ramp = max(1, epochs - 1)
+    return [round(final + (start - final) * (1.0 - min(1.0, (t + 1) / ramp)) ** 3, 6) for t in range(epochs)]

@@ -1,0 +1,461 @@
+"""Compression to a budget: searched knobs (``sparsity: auto``), bounded, always with an answer.
+
+The search's rules are tested on their own with made-up trials (fast); the real search
+runs in the compress stage on a data set generated here (not the digits the recipes were
+tuned on): noisy, shifted 28x28 images of 10 classes, 600 samples, a small CNN baseline
+trained in-process, each trial fine-tuned on 2 Horovod workers.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+from tasks.compression.search import Budget, Trial, cubic_schedule, search_fallback, search_sparsity, search_width
+from tasks.core.config import ParamsError, validate_params
+
+# -- the search's rules, with made-up trials ----------------------------------------------------
+
+
+def _fake_trials(breaking_point: float, budget: Budget, seconds: float = 1.0, clock: list[float] | None = None):
+    """Trials that pass up to ``breaking_point`` and lose 5 points above it; each advances ``clock``."""
+    calls: list[tuple[float, float | None]] = []
+
+    def run(sparsity: float, warm: Trial | None, number: int) -> Trial:
+        calls.append((sparsity, warm.setting if warm else None))
+        if clock is not None:
+            clock[0] += seconds
+        accuracy = budget.baseline_accuracy - (0.0 if sparsity <= breaking_point else 0.05) - sparsity / 1000
+        return Trial(number, sparsity, accuracy, budget.drop_points(accuracy), budget.fits(accuracy),
+                     int(1000 * (1 - sparsity)), int(1000 * (1 - sparsity)), sparsity, seconds,
+                     warm.setting if warm else None)
+
+    return run, calls
+
+
+def test_bisection_finds_the_highest_sparsity_within_budget_warm_starting_from_the_best_passing() -> None:
+    budget = Budget(max_drop_points=1.0, max_trials=10, max_minutes=10, baseline_accuracy=0.9)
+    run, calls = _fake_trials(0.87, budget)
+    outcome = search_sparsity(run, budget)
+    assert outcome.within_budget and outcome.best.setting == 0.87 and outcome.stopped_by == "converged"
+    assert [s for s, _ in calls] == [0.8, 0.9, 0.85, 0.88, 0.86, 0.87]
+    # each trial starts from the best passing one so far (None: from the parent)
+    assert [w for _, w in calls] == [None, 0.8, 0.8, 0.85, 0.85, 0.86]
+    assert outcome.record()["chosen"] == 0.87 and "within the budget" in outcome.message
+
+
+def test_max_trials_is_honoured_and_the_best_so_far_returned() -> None:
+    budget = Budget(1.0, max_trials=3, max_minutes=10, baseline_accuracy=0.9)
+    run, calls = _fake_trials(0.87, budget)
+    outcome = search_sparsity(run, budget)
+    assert len(calls) == len(outcome.trials) == 3 and outcome.stopped_by == "max_trials"
+    assert outcome.best.setting == 0.85 and outcome.within_budget
+
+
+def test_max_minutes_is_honoured_no_trial_starts_that_would_end_past_it() -> None:
+    clock = [0.0]
+    budget = Budget(1.0, max_trials=50, max_minutes=1.0, baseline_accuracy=0.9)  # 60 s, trials of 25 s
+    run, calls = _fake_trials(0.87, budget, seconds=25.0, clock=clock)
+    outcome = search_sparsity(run, budget, clock=lambda: clock[0])
+    assert len(calls) == 2 and outcome.stopped_by == "max_minutes" and clock[0] <= 60.0
+    # the first trial always runs: a search never returns nothing
+    tiny = Budget(1.0, max_trials=50, max_minutes=0.001, baseline_accuracy=0.9)
+    clock[0] = 0.0
+    run, calls = _fake_trials(0.87, tiny, seconds=25.0, clock=clock)
+    assert len(search_sparsity(run, tiny, clock=lambda: clock[0]).trials) == 1
+
+
+def test_a_search_that_cannot_fit_returns_the_least_bad_trial_with_a_message() -> None:
+    budget = Budget(0.0, max_trials=4, max_minutes=10, baseline_accuracy=0.9)
+    run, _ = _fake_trials(-1.0, budget)  # every sparsity loses accuracy
+    outcome = search_sparsity(run, budget)
+    assert not outcome.within_budget and len(outcome.trials) == 4
+    assert outcome.best.val_accuracy == max(t.val_accuracy for t in outcome.trials)
+    assert "no trial fits the budget" in outcome.message and "least-bad" in outcome.message
+    assert outcome.record()["within_budget"] is False
+
+
+def _fallback_trials(harm: dict[str, float], budget: Budget):
+    """Static int8 trials: each int8 layer costs its ``harm`` in accuracy."""
+    def run(fp32_layers: list[str], number: int) -> Trial:
+        accuracy = budget.baseline_accuracy - sum(v for k, v in harm.items() if k not in fp32_layers)
+        return Trial(number, float(len(fp32_layers)), accuracy, budget.drop_points(accuracy),
+                     budget.fits(accuracy), 100 + 50 * len(fp32_layers), 0, 0.0, 0.1, None, list(fp32_layers))
+
+    return run
+
+
+def test_fallback_keeps_the_worst_layers_in_fp32_one_at_a_time_until_the_drop_fits() -> None:
+    harm = {"conv1": 0.004, "conv2": 0.02, "fc": 0.001}
+    budget = Budget(1.0, max_trials=6, max_minutes=10, baseline_accuracy=0.9)
+    outcome = search_fallback(["conv2", "conv1", "fc"], _fallback_trials(harm, budget), budget)
+    assert [t.setting for t in outcome.trials] == [0.0, 1.0]  # all int8 (-2.5 pt), then conv2 in fp32 (-0.5)
+    assert outcome.within_budget and outcome.best.model == ["conv2"]
+    # nothing fits in 2 trials: the least-bad, labelled
+    strict = Budget(0.0, max_trials=2, max_minutes=10, baseline_accuracy=0.9)
+    outcome = search_fallback(["conv2", "conv1", "fc"], _fallback_trials(harm, strict), strict)
+    assert outcome.stopped_by == "max_trials" and not outcome.within_budget
+    assert outcome.best.model == ["conv2"] and "least-bad" in outcome.message
+
+
+def test_student_width_search_stops_at_the_smallest_width_that_fits() -> None:
+    tried: list[float] = []
+
+    def trials(budget: Budget):
+        def run(width: float, number: int) -> Trial:
+            tried.append(width)
+            accuracy = 0.9 - (0.03 if width < 0.5 else 0.005)
+            return Trial(number, width, accuracy, budget.drop_points(accuracy), budget.fits(accuracy), 0, 0, 0.0, 0.1)
+
+        return run
+
+    budget = Budget(1.0, max_trials=6, max_minutes=10, baseline_accuracy=0.9)
+    outcome = search_width([0.25, 0.5, 0.75], trials(budget), budget)
+    assert tried == [0.25, 0.5] and outcome.best.setting == 0.5 and outcome.within_budget
+    tried.clear()
+    strict = Budget(0.0, max_trials=6, max_minutes=10, baseline_accuracy=0.9)
+    outcome = search_width([0.25, 0.5, 0.75], trials(strict), strict)
+    assert tried == [0.25, 0.5, 0.75] and not outcome.within_budget and outcome.best.setting in (0.5, 0.75)
+
+
+def test_the_cubic_schedule_rises_gradually_to_the_final_sparsity() -> None:
+    schedule = cubic_schedule(0.0, 0.9, 5)
+    assert schedule == sorted(schedule) and schedule[-2:] == [0.9, 0.9] and 0 < schedule[0] < 0.9
+    # Zhu & Gupta: most of the pruning happens early (the steps shrink)
+    steps = np.diff([0.0, *schedule[:-1]])
+    assert all(a >= b for a, b in zip(steps, steps[1:]))
+    assert cubic_schedule(0.5, 0.8, 1) == [0.8]  # one epoch: one-shot
+    assert cubic_schedule(0.6, 0.8, 3)[0] >= 0.6  # a warm start never un-prunes
+
+
+def test_gradual_pruning_masks_reach_the_exact_global_sparsity_and_keep_earlier_zeros(tmp_path: Path) -> None:
+    from tasks.training.adaptation import PruneMasks
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(10, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    first = torch.rand(8, 10) > 0.2
+    torch.save({"0.weight": first, "2.weight": torch.ones(4, 8, dtype=torch.bool)}, tmp_path / "masks.pt")
+    masks = PruneMasks.load(tmp_path / "masks.pt", model)
+    masks.apply()
+    for sparsity in (0.3, 0.6, 0.6, 0.9):
+        masks.raise_to(sparsity)
+        assert masks.sparsity() == pytest.approx(round(sparsity * 112) / 112)
+        assert masks.violations() == 0
+        zeros = int((model[0].weight == 0).sum()) + int((model[2].weight == 0).sum())
+        assert zeros == round(sparsity * 112)
+    assert bool((model[0].weight[~first] == 0).all())  # what was pruned stays pruned
+
+
+def test_epochs_before_the_final_sparsity_are_never_the_best() -> None:
+    from tasks.training.checkpoint import fresh_state
+    from tasks.training.job import FitJob
+    from tasks.training.loop import record_epoch
+
+    job = FitJob(spec={}, prepared="p", output="o", checkpoints="c", epochs=3, batch_size=8, lr=0.1, seed=0,
+                 prune_masks="m.pt", prune_schedule=[0.5, 0.9, 0.9], monitor="val_accuracy")
+    state = fresh_state()
+    outcomes = [record_epoch(state, n, {"val_accuracy": a, "val_loss": 1.0}, 1, "val_accuracy", job.eligible(n))
+                for n, a in ((1, 0.95), (2, 0.80), (3, 0.70))]
+    assert outcomes == [(False, False), (True, False), (False, True)]
+    assert state["best_val_accuracy"] == 0.80
+    with pytest.raises(ValueError, match="prune_schedule"):
+        FitJob(spec={}, prepared="p", output="o", checkpoints="c", epochs=2, batch_size=8, lr=0.1, seed=0,
+               prune_masks="m.pt", prune_schedule=[0.9, 0.5])
+
+
+AUTO = {"method": "prune", "kind": "unstructured", "sparsity": "auto", "fine_tune_epochs": 2}
+
+
+@pytest.mark.parametrize(("compress", "words"), [
+    ({"budget": {"max_accuracy_drop": -1}}, "budget.max_accuracy_drop"),
+    ({"budget": {"max_trials": 0}}, "budget.max_trials"),
+    ({"budget": {"max_minutes": 0}}, "budget.max_minutes"),
+    ({"budget": {"max_seconds": 5}}, "max_seconds"),
+    ({"variants": [{"name": "a", "steps": [{**AUTO, "kind": "structured"}]}]}, "unstructured pruning only"),
+    ({"variants": [{"name": "a", "steps": [{**AUTO, "fine_tune_epochs": 0}]}]}, "fine_tune_epochs >= 1"),
+    ({"variants": [{"name": "a", "steps": [{**AUTO, "sparsity": "most"}]}]}, "sparsity"),
+    ({"variants": [{"name": "a", "steps": [{"method": "quantize", "mode": "dynamic", "fallback": "auto"}]}]},
+     "fallback applies to mode static"),
+    ({"variants": [{"name": "a", "steps": [{"method": "distill", "student_width": "small"}]}]}, "or auto"),
+])
+def test_bad_budgets_and_searched_knobs_are_refused(compress: dict[str, Any], words: str) -> None:
+    with pytest.raises(ParamsError, match=words):
+        validate_params({"compress": compress})
+
+
+def test_the_budget_defaults_to_the_gate() -> None:
+    params = validate_params({"evaluate": {"gate": {"max_accuracy_drop": 0.02}}})
+    assert Budget.of(params, 0.9).max_drop_points == pytest.approx(2.0)
+    params = validate_params({"compress": {"budget": {"max_accuracy_drop": 0.5}}})
+    assert Budget.of(params, 0.9).max_drop_points == 0.5
+
+
+# -- the real search, in the compress stage, on generated data ----------------------------------
+
+SPEC = {"family": "cnn", "channels": [8, 16]}
+
+
+def _noisy_shifted_images(prepared: Path, samples: int = 600, seed: int = 0) -> None:
+    """10 classes of 28x28 images: a fixed smooth random pattern per class, shifted by up to
+    3 pixels, under Gaussian noise (0.8 x the pattern's std); train 400 / val 100 / test 100."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    patterns = np.stack([ndimage.gaussian_filter(p, 3) for p in rng.normal(size=(10, 28, 28))])
+    patterns /= patterns.std(axis=(1, 2), keepdims=True)
+    y = rng.integers(0, 10, samples)
+    x = np.stack([np.roll(patterns[c], tuple(rng.integers(-3, 4, 2)), axis=(0, 1)) for c in y])
+    x = x + rng.normal(scale=0.8, size=x.shape)
+    _write_splits(prepared, x[:, None], y, 10, "test-noisy-shifted-600")
+
+
+def _write_splits(prepared: Path, x: np.ndarray, y: np.ndarray, num_classes: int, digest: str) -> None:
+    """``x``/``y`` as the prepared splits: the first 400 train, the next 100 val, the rest test."""
+    from tasks.data import Preprocessing
+
+    splits = {"train": slice(0, 400), "val": slice(400, 500), "test": slice(500, len(y))}
+    prepared.mkdir(parents=True)
+    for split, rows in splits.items():
+        np.save(prepared / f"{split}_x.npy", x[rows].astype(np.float32))
+        np.save(prepared / f"{split}_y.npy", y[rows].astype(np.int64))
+    preprocessing = Preprocessing.fit(x[splits["train"]].astype(np.float32), num_classes,
+                                      [str(i) for i in range(num_classes)])
+    (prepared / "preprocess.json").write_text(preprocessing.to_json())
+    (prepared / "card.json").write_text(json.dumps({"digest": digest}))
+
+
+def _tabular(prepared: Path, samples: int = 600, seed: int = 1) -> None:
+    """8 features, 2 classes: a noisy linear rule with one interaction."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(samples, 8))
+    score = x @ rng.normal(size=8) + 1.5 * x[:, 0] * x[:, 1] + rng.normal(scale=0.5, size=samples)
+    _write_splits(prepared, x, (score > 0).astype(np.int64), 2, "test-tabular-600")
+
+
+def _sequences(prepared: Path, samples: int = 600, seed: int = 2) -> None:
+    """Sequences of 12 steps x 4 features (one row per step), 2 classes: a slow or a fast wave in noise."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, samples)
+    t = np.arange(12)[None, :, None]
+    frequency = np.where(y == 1, 0.9, 0.3)[:, None, None]
+    phase = rng.uniform(0, 2 * np.pi, size=(samples, 1, 4))
+    x = np.sin(frequency * t + phase) + rng.normal(scale=0.5, size=(samples, 12, 4))
+    _write_splits(prepared, x[:, None], y, 2, "test-sequences-600")
+
+
+def _trained_baseline(root: Path, spec_raw: dict[str, Any], epochs: int = 6) -> Path:
+    """A baseline of ``spec_raw`` trained in-process on ``root``'s prepared train split."""
+    from models.factory import build_model
+    from models.spec import ModelSpec
+    from tasks.core.model_files import save_state_dict_model
+    from tasks.core.paths import ProjectPaths
+    from tasks.data import load_preprocessing, load_split
+
+    paths = ProjectPaths(root)
+    preprocessing = load_preprocessing(paths.prepared)
+    shape, classes = tuple(preprocessing.input_shape), preprocessing.num_classes
+    train = load_split(paths.prepared, "train", preprocessing)
+    spec = ModelSpec.from_dict(spec_raw)
+    torch.manual_seed(0)
+    model = build_model(spec, shape, classes)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.005)
+    x, y = torch.from_numpy(train.x), torch.from_numpy(train.y)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for _ in range(epochs):
+            model.train()
+            for batch in torch.randperm(len(x)).split(32):
+                loss = F.cross_entropy(model(x[batch]), y[batch])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+    finally:
+        torch.set_num_threads(threads)
+    save_state_dict_model(model.eval(), spec, shape, classes, paths.model,
+                          {"name": "baseline", "method": "baseline", "recipe": [], "parent": None})
+    return root
+
+
+@pytest.fixture(scope="module")
+def noisy_baseline(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tasks.core.paths import ProjectPaths
+
+    root = tmp_path_factory.mktemp("noisy")
+    _noisy_shifted_images(ProjectPaths(root).prepared)
+    return _trained_baseline(root, SPEC, epochs=40)  # about 94% on validation: the budget has something to lose
+
+
+def _run_compress(
+    root: Path, tmp_path: Path, budget: dict[str, Any], step: dict[str, Any], monkeypatch, name: str = "pruned-l1-auto",
+    spec: dict[str, Any] = SPEC,
+):
+    """The compress stage (``main``: MLflow runs, plots) on a copy of the noisy project."""
+    from tasks.compress import main
+    from tasks.core.paths import ProjectPaths
+
+    project = tmp_path / "project"
+    shutil.copytree(root, project)
+    (project / "dvc.yaml").write_text("stages: {}\n")
+    raw = {
+        "base": {"seed": 0, "experiment": "test-budget"},
+        "train": {"model": spec, "epochs": 1, "batch_size": 32, "workers": 2, "warmup_epochs": 0, "patience": 5},
+        "compress": {"calibration_samples": 64, "fine_tune_lr": 0.002, "budget": budget,
+                     "variants": [{"name": name, "steps": [step]}]},
+    }
+    (project / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    monkeypatch.setenv("SLIMFLOW_ROOT", str(project))
+    assert main([]) == 0
+    paths = ProjectPaths(project)
+    manifest = json.loads((paths.compressed / name / "manifest.json").read_text())
+    return paths, manifest
+
+
+def _baseline_val_accuracy(paths) -> float:
+    from tasks.compression.loading import load_model_dir
+    from tasks.data import load_split
+
+    val = load_split(paths.prepared, "val")
+    return float((load_model_dir(paths.model).predict(val.x).argmax(1) == val.y).mean())
+
+
+@pytest.mark.integration
+def test_searched_sparsity_ends_within_budget_and_shows_its_work(
+    noisy_baseline: Path, tmp_path: Path, monkeypatch, mlflow_uri: str
+) -> None:
+    from mlflow import MlflowClient
+
+    from tasks.compression.loading import load_model_dir
+    from tasks.compression.weights import weight_sparsity
+    from tasks.data import load_split
+
+    paths, manifest = _run_compress(
+        noisy_baseline, tmp_path, {"max_accuracy_drop": 5.0, "max_trials": 2, "max_minutes": 10}, AUTO, monkeypatch
+    )
+    search = manifest["search"]
+    assert search["knob"] == "sparsity" and search["within_budget"] and 1 <= search["trials"] <= 2
+    # within budget on validation, measured again on the written model
+    val = load_split(paths.prepared, "val")
+    model = load_model_dir(paths.compressed / "pruned-l1-auto")
+    accuracy = float((model.predict(val.x).argmax(1) == val.y).mean())
+    assert accuracy == pytest.approx(manifest["val_accuracy"])
+    assert 100 * (_baseline_val_accuracy(paths) - accuracy) <= 5.0 + 1e-9
+    # the sparsity after the search is the manifest's figure, and the chosen one
+    assert weight_sparsity(model.module) == pytest.approx(manifest["sparsity"], abs=1e-6)
+    assert search["sparsity"] == pytest.approx(manifest["sparsity"], abs=1e-6)
+    assert search["sparsity"] == pytest.approx(search["chosen"], abs=2e-3)
+    # the trail: trials table (DVC plot and MLflow), step-indexed metrics
+    rows = json.loads((paths.plots / "search" / "pruned-l1-auto.json").read_text())
+    assert len(rows) == search["trials"]
+    for key in ("setting", "val_accuracy", "size_bytes", "nonzeros", "seconds", "within_budget"):
+        assert key in rows[0], key
+    client = MlflowClient(mlflow_uri)
+    experiment = client.get_experiment_by_name("test-budget")
+    (run,) = [r for r in client.search_runs([experiment.experiment_id]) if r.info.run_name == "pruned-l1-auto"]
+    history = client.get_metric_history(run.info.run_id, "search/val_accuracy")
+    assert [m.step for m in history] == [r["number"] for r in rows]
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "search")} >= {"search/trials.json"}
+    assert run.data.tags["search"].startswith("sparsity=")
+
+
+@pytest.mark.integration
+def test_a_search_that_cannot_fit_returns_the_least_bad_within_its_minutes(
+    noisy_baseline: Path, tmp_path: Path, monkeypatch, mlflow_uri: str
+) -> None:
+    """No accuracy to give and a tiny learning rate: nothing fits; max_minutes (tiny) stops
+    the search after the one trial that always runs, and its model is kept with a message."""
+    step = {**AUTO, "fine_tune_epochs": 1, "lr": 1e-7}
+    paths, manifest = _run_compress(
+        noisy_baseline, tmp_path, {"max_accuracy_drop": 0.0, "max_trials": 5, "max_minutes": 0.001}, step, monkeypatch
+    )
+    search = manifest["search"]
+    assert search["trials"] == 1 and search["stopped_by"] == "max_minutes"
+    assert not search["within_budget"] and "least-bad" in search["message"]
+    assert (paths.compressed / "pruned-l1-auto" / manifest["file"]).is_file()
+    assert manifest["sparsity"] == pytest.approx(search["sparsity"], abs=1e-6)
+
+
+def test_static_int8_fallback_ends_within_a_strict_budget_and_records_the_fp32_layers(
+    noisy_baseline: Path, tmp_path: Path, monkeypatch, mlflow_uri: str
+) -> None:
+    """No accuracy to give: layers fall back to fp32, the most harmful first, until it fits
+    (all of them at worst: then nothing is int8 and nothing is lost); no Horovod involved."""
+    from mlflow import MlflowClient
+
+    from tasks.compression.loading import load_model_dir
+    from tasks.data import load_split
+
+    step = {"method": "quantize", "mode": "static", "runtime": "onnxruntime", "fallback": "auto"}
+    paths, manifest = _run_compress(noisy_baseline, tmp_path, {"max_accuracy_drop": 0.0, "max_trials": 10},
+                                    step, monkeypatch, name="int8-static-ort")
+    search = manifest["search"]
+    assert search["knob"] == "fallback" and search["within_budget"], search["message"]
+    assert manifest["quantization"]["fp32_layers"] == search["fp32_layers"]
+    assert search["chosen"] == len(search["fp32_layers"]) and len(search["sensitivity"]) == 3
+    # the fp32 layers are the most harmful ones, in order
+    ranked = sorted(search["sensitivity"], key=lambda name: -search["sensitivity"][name])
+    assert search["fp32_layers"] == ranked[: len(search["fp32_layers"])]
+    val = load_split(paths.prepared, "val")
+    accuracy = float((load_model_dir(paths.compressed / "int8-static-ort").predict(val.x).argmax(1) == val.y).mean())
+    assert 100 * (_baseline_val_accuracy(paths) - accuracy) <= 1e-9
+    rows = json.loads((paths.plots / "search" / "int8-static-ort.json").read_text())
+    assert [row["setting"] for row in rows] == list(range(len(rows)))  # one more fp32 layer per trial
+    client = MlflowClient(mlflow_uri)
+    experiment = client.get_experiment_by_name("test-budget")
+    (run,) = [r for r in client.search_runs([experiment.experiment_id]) if r.info.run_name == "int8-static-ort"]
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "search")} >= {
+        "search/trials.json", "search/sensitivity.json"}
+
+
+@pytest.mark.integration
+def test_student_width_auto_keeps_the_smallest_student_that_fits(
+    noisy_baseline: Path, tmp_path: Path, monkeypatch, mlflow_uri: str
+) -> None:
+    """A generous budget: the smallest student (a quarter of the teacher's width) fits at
+    once, and the search stops there (one distillation on 2 workers)."""
+    step = {"method": "distill", "student_width": "auto", "epochs": 1, "lr": 0.005}
+    paths, manifest = _run_compress(noisy_baseline, tmp_path, {"max_accuracy_drop": 100.0, "max_trials": 3},
+                                    step, monkeypatch, name="distilled-auto")
+    search = manifest["search"]
+    assert search["knob"] == "student_width" and search["within_budget"] and search["trials"] == 1
+    assert search["chosen"] == 0.25 == manifest["model_spec"]["width"]
+    assert search["widths"] == [0.25, 0.5, 0.75]
+    assert len(json.loads((paths.plots / "search" / "distilled-auto.json").read_text())) == 1
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(("make_data", "spec"), [
+    (_tabular, {"family": "mlp", "hidden_sizes": [32, 16]}),
+    (_sequences, {"family": "lstm", "rnn_hidden": 16}),
+], ids=["tabular-8-features-mlp", "sequences-lstm"])
+def test_searched_sparsity_ends_within_budget_on_tabular_and_sequence_data(
+    make_data, spec: dict[str, Any], tmp_path: Path, monkeypatch, mlflow_uri: str
+) -> None:
+    """Not only images: an 8-feature binary table (MLP) and 12-step sequences (LSTM)."""
+    from tasks.compression.loading import load_model_dir
+    from tasks.compression.weights import weight_sparsity
+    from tasks.core.paths import ProjectPaths
+    from tasks.data import load_split
+
+    source = tmp_path / "source"
+    make_data(ProjectPaths(source).prepared)
+    _trained_baseline(source, spec)
+    paths, manifest = _run_compress(
+        source, tmp_path, {"max_accuracy_drop": 5.0, "max_trials": 2, "max_minutes": 10}, AUTO, monkeypatch, spec=spec
+    )
+    search = manifest["search"]
+    assert search["within_budget"], search["message"]
+    val = load_split(paths.prepared, "val")
+    model = load_model_dir(paths.compressed / "pruned-l1-auto")
+    accuracy = float((model.predict(val.x).argmax(1) == val.y).mean())
+    assert 100 * (_baseline_val_accuracy(paths) - accuracy) <= 5.0 + 1e-9
+    assert weight_sparsity(model.module) == pytest.approx(manifest["sparsity"], abs=1e-6)
+    assert search["sparsity"] == pytest.approx(manifest["sparsity"], abs=1e-6) and search["sparsity"] > 0.3
