@@ -252,46 +252,54 @@ def test_two_worker_pruning_fine_tune_keeps_the_exact_sparsity_and_identical_ran
 def test_a_fine_tune_killed_mid_way_resumes_on_the_rerun_to_the_same_model(
     baselines, tmp_path: Path, monkeypatch, capfd, mlflow_uri: str
 ) -> None:
+    """A worker dies after epoch 2 of the second variant's fine-tune: the stage fails, keeps
+    the checkpoints; the re-run reuses the first variant's finished fine-tune, resumes the
+    second at epoch 3 and ends with the model an uninterrupted run makes."""
     from mlflow import MlflowClient
 
     from tasks.core import tracking
     from tasks.training import LaunchError
     from tasks.training.fault import FAULT_ENV
 
-    variants = [{"name": "pruned-l1-70", "steps": [
-        {"method": "prune", "kind": "unstructured", "sparsity": 0.7, "fine_tune_epochs": 3}]}]
-    params, paths = _project(tmp_path / "crash", baselines, "cnn", variants)
-    monkeypatch.setenv(FAULT_ENV, "1")
+    structured = {"name": "pruned-structured-50", "steps": [
+        {"method": "prune", "kind": "structured", "sparsity": 0.5, "fine_tune_epochs": 1}]}
+    unstructured = {"name": "pruned-l1-70", "steps": [
+        {"method": "prune", "kind": "unstructured", "sparsity": 0.7, "fine_tune_epochs": 3}]}
+    params, paths = _project(tmp_path / "crash", baselines, "cnn", [structured, unstructured])
+    monkeypatch.setenv(FAULT_ENV, "2")  # the 1-epoch fine-tune never gets there
     with pytest.raises(LaunchError, match="worker 1 exited with status 17"):
         compress_variants(params, paths)
-    step = paths.checkpoints / "pruned-l1-70" / "step1"
-    assert (step / "checkpoints" / "last.pt").is_file()
+    assert (paths.checkpoints / "pruned-l1-70" / "step1" / "checkpoints" / "last.pt").is_file()
+    assert (paths.checkpoints / "pruned-structured-50" / "step1" / "model" / "manifest.json").is_file()
     assert not paths.compressed.exists()
 
     monkeypatch.delenv(FAULT_ENV)
     capfd.readouterr()
     with tracking.stage_run("compress", paths.root, "test-compress") as stage:
-        (resumed,) = compress_variants(params, paths, stage_run_id=stage.info.run_id)
+        _, resumed = compress_variants(params, paths, stage_run_id=stage.info.run_id)
     err = capfd.readouterr().err
-    assert "resuming from checkpoint at epoch 1 of 3" in err, err[-3000:]
-    assert "epoch 1/3 " not in err and "epoch 3/3 " in err
-    assert not (paths.checkpoints / "pruned-l1-70").exists()  # removed once published
+    assert "pruned-structured-50 step 1: reusing the finished training" in err, err[-3000:]
+    assert "resuming from checkpoint at epoch 2 of 3" in err, err[-3000:]
+    assert "epoch 2/3 " not in err and "epoch 3/3 " in err
+    assert not paths.checkpoints.exists()  # removed once the output is published
 
-    reference_params, reference_paths = _project(tmp_path / "reference", baselines, "cnn", variants)
+    reference_params, reference_paths = _project(tmp_path / "reference", baselines, "cnn", [unstructured])
     (reference,) = compress_variants(reference_params, reference_paths)
     got, want = load_model_dir(resumed.folder).module.state_dict(), load_model_dir(reference.folder).module.state_dict()
     for name, tensor in want.items():
         torch.testing.assert_close(got[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
     assert resumed.manifest["sparsity"] == reference.manifest["sparsity"]
-    # The variant's run carries the whole curve: step 0 (the pruned model before fine-tuning) to 3.
+    # Each variant's run carries its whole curve: step 0 (the pruned model before fine-tuning) on.
     client = MlflowClient(mlflow_uri)
     runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("test-compress").experiment_id])}
-    history = client.get_metric_history(runs["pruned-l1-70"].info.run_id, "fine_tune/val_accuracy")
-    assert sorted(m.step for m in history) == [0, 1, 2, 3]
-    assert runs["pruned-l1-70"].data.params["fine_tune/resumed_from_epoch"] == "1"
+    for name, steps in (("pruned-l1-70", [0, 1, 2, 3]), ("pruned-structured-50", [0, 1])):
+        history = client.get_metric_history(runs[name].info.run_id, "fine_tune/val_accuracy")
+        assert sorted(m.step for m in history) == steps, name
+    assert runs["pruned-l1-70"].data.params["fine_tune/resumed_from_epoch"] == "2"
     curve = json.loads((paths.plots / "fine_tune" / "pruned-l1-70.json").read_text())
     assert [row["epoch"] for row in curve] == [1, 2, 3]
     assert {"train_loss", "val_loss", "train_accuracy", "val_accuracy"} <= set(curve[0])
+    assert sorted(p.name for p in (paths.plots / "fine_tune").iterdir()) == ["pruned-l1-70.json", "pruned-structured-50.json"]
 
 
 def test_structured_pruning_of_an_mlp(baselines, tmp_path: Path) -> None:

@@ -30,6 +30,7 @@ from tasks.core.model_files import MANIFEST, read_manifest, save_state_dict_mode
 from tasks.core.paths import ProjectPaths
 from tasks.training import FitJob, launch_fit, world_size
 from tasks.training.fault import fault_after_epoch_from_env
+from tasks.training.reporting import MlflowLogger
 
 log = logging.getLogger("slimflow.compress")
 
@@ -123,14 +124,18 @@ def run(step: TrainingStep, job: FitJob) -> Trained:
     output = Path(job.output)
     fingerprint = job.fingerprint(world_size(step.params.train))
     reused = (output / MANIFEST).is_file() and read_manifest(output).get("fingerprint") == fingerprint
+    if not reused:
+        launch_fit(job, step.params.train, step.paths.root)
+    manifest = read_manifest(output)
+    summary = json.loads(Path(job.metrics_path).read_text())
+    history = json.loads(Path(job.history_path).read_text())
     if reused:
         log.info("%s step %d: reusing the finished training in %s (same job, data and code)",
                  step.variant, step.number, output)
-    else:
-        launch_fit(job, step.params.train, step.paths.root)
-    summary = json.loads(Path(job.metrics_path).read_text())
-    history = json.loads(Path(job.history_path).read_text())
-    return Trained(output, read_manifest(output), summary, history, reused)
+        # This run's variant run gets the curve the workers logged into an earlier one.
+        start = [{"epoch": 0, **manifest["start"]}] if manifest.get("start") else []
+        MlflowLogger(step.run_id, step.metric_prefix).history(start + history)
+    return Trained(output, manifest, summary, history, reused)
 
 
 def start_folder(candidate: Candidate, step: TrainingStep, name: str) -> Path:
