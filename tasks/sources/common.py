@@ -44,6 +44,9 @@ def check_finite(x: np.ndarray, shown: str, what: str) -> None:
             raise DataError(f"{shown}: {what} has a non-finite value ({value}) at index {list(index)}")
 
 
+_check_finite = check_finite  # check_dataset's keyword argument of the same name hides it there
+
+
 def integer_labels(labels: np.ndarray, shown: str, what: str) -> tuple[np.ndarray, tuple[str, ...]]:
     """Integer class indices -> (int64 labels, names '0'..'K-1'); rejects negatives and fractions."""
     if labels.dtype.kind == "b":
@@ -94,7 +97,7 @@ def check_dataset(raw: RawData, shown: str, check_finite: bool = True, labels_sh
     if min(x.shape[1:]) == 0:
         raise DataError(f"{shown}: inputs have an empty dimension: shape {x.shape}")
     if check_finite:
-        check_finite(x, shown, "inputs")
+        _check_finite(x, shown, "inputs")
     labels_shown = labels_shown or shown
     if y.min() < 0 or y.max() >= len(names):
         i = int(np.flatnonzero((y < 0) | (y >= len(names)))[0])
