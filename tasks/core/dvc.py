@@ -2,7 +2,7 @@
 
 The flow executes the very stages ``dvc repro`` runs, so an unchanged stage is skipped
 by both. DVC refuses a second concurrent ``repro`` in the same repository instead of
-waiting, so every call here holds a project-wide file lock.
+waiting, so every call here holds the project's pipeline lock (:mod:`tasks.core.lock`).
 """
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from filelock import FileLock, Timeout
-
+from tasks.core.lock import PipelineBusy, pipeline_lock
 from tasks.core.paths import find_project_root
 from tasks.core.run_context import RunContext
+
+__all__ = ["PipelineBusy", "StageFailed", "pipeline_lock", "reproduce_stage", "select_stages", "stage_names"]
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +49,6 @@ def select_stages(first: str | None, last: str | None, root: Path | None = None)
     return list(stages[start : end + 1])
 
 
-class PipelineBusy(RuntimeError):
-    """Another pipeline run holds the project lock."""
-
-
 class StageFailed(RuntimeError):
     """A stage's command failed; the message is the stage's own.
 
@@ -68,36 +65,6 @@ class StageFailed(RuntimeError):
     @property
     def bad_input(self) -> bool:
         return self.exit_code == self.BAD_INPUT
-
-
-def _lock_path(root: Path) -> Path:
-    folder = root / ".slimflow"
-    folder.mkdir(exist_ok=True)
-    return folder / "pipeline.lock"
-
-
-@contextmanager
-def pipeline_lock(root: Path, wait_s: float = 0.0) -> Iterator[None]:
-    """Hold the project's pipeline lock; raise :class:`PipelineBusy` if it is not free in ``wait_s``."""
-    path = _lock_path(root)
-    lock = FileLock(path)
-    try:
-        lock.acquire(timeout=wait_s)
-    except Timeout:
-        owner = ""
-        info = path.with_suffix(".owner")
-        if info.exists():
-            owner = f" (held by {info.read_text().strip()})"
-        raise PipelineBusy(
-            f"another slimflow pipeline run is in progress in {root}{owner}; "
-            f"it holds {path}. Wait for it to finish, or pass --wait SECONDS to queue behind it."
-        ) from None
-    try:
-        path.with_suffix(".owner").write_text(f"pid {os.getpid()}")
-        yield
-    finally:
-        path.with_suffix(".owner").unlink(missing_ok=True)
-        lock.release()
 
 
 def stage_environment() -> None:
