@@ -1,15 +1,22 @@
-"""The ``slimflow`` command line: run, serve, status, report, params."""
+"""The ``slimflow`` command line: run, serve, status, report, params.
+
+Every error is one line on stderr (:mod:`flows.errors`); ``slimflow run --debug`` prints
+the traceback.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import sys
-from typing import Annotated, Any, Optional
+import traceback
+from typing import Annotated, Any, NoReturn, Optional
 
 import typer
 from rich.table import Table
 
+from flows import errors
+from flows.errors import OneLineErrors, one_line, one_line_console_logs, print_error
 from flows.prefect_settings import use_project_prefect_settings
 from flows.report import comparison_table
 from tasks.compression.recipes import check_pipeline
@@ -18,14 +25,13 @@ from tasks.core.dvc import stage_names
 from tasks.core.paths import ProjectPaths
 from tasks.core.tables import console as table_console
 
-app = typer.Typer(
+app = OneLineErrors(
     help="slimflow: train with Horovod, compress, evaluate - orchestrated by Prefect, "
     "versioned by DVC, tracked in MLflow.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
 console = table_console()
-errors = table_console(stderr=True)
 
 
 @app.callback()
@@ -41,9 +47,22 @@ def _check_stage_names(*names: str | None) -> None:
             _fail(f"unknown stage {name!r}; stages: {', '.join(known)}")
 
 
-def _fail(message: str, code: int = 2) -> None:
-    errors.print(f"[bold red]error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
+def _fail(message: str, code: int = 2, err: BaseException | None = None, single: bool = True) -> NoReturn:
+    """Print ``error: <message>`` (one line unless told) and exit with ``code``."""
+    if err is not None and errors.debug():
+        traceback.print_exception(err)
+    print_error(" ".join(message.split()) if single else message, err)
     raise typer.Exit(code)
+
+
+def _check_servers() -> None:
+    """Stop in seconds, with one line, when a configured server does not answer."""
+    from flows.health import ServerDown, check_servers
+
+    try:
+        check_servers()
+    except ServerDown as err:
+        _fail(str(err), code=1)
 
 
 def _is_prefect_server(process: Any) -> bool:
@@ -55,10 +74,13 @@ def _is_prefect_server(process: Any) -> bool:
 
 
 def _interrupt_on_sigterm() -> None:
-    """SIGTERM behaves like Ctrl-C: stop the running stage, unwind, mark the runs FAILED.
+    """SIGTERM (and SIGHUP: a closed terminal) behaves like Ctrl-C: stop the running
+    stage, unwind, mark the runs FAILED.
 
     A stage runs in a child process (DVC's command) that SIGTERM to this process alone
     would leave running, holding the DVC lock; so the children are terminated first.
+    (SIGKILL cannot be handled: then the run's reaper and the parent-death signals of
+    tasks.core.processes stop the children, and the next run repairs the states.)
     """
     import signal
 
@@ -77,6 +99,7 @@ def _interrupt_on_sigterm() -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGHUP, handler)
 
 
 def _up_to_date(paths: ProjectPaths, first: str | None, last: str | None) -> bool:
@@ -108,9 +131,12 @@ def run(
     from_stage: Annotated[Optional[str], typer.Option("--from", help="First stage to run (a stage of dvc.yaml: prepare, train, compress, evaluate).")] = None,
     to_stage: Annotated[Optional[str], typer.Option("--to", help="Last stage to run.")] = None,
     force: Annotated[bool, typer.Option(help="Run the selected stages even if DVC says they are up to date.")] = False,
-    wait: Annotated[float, typer.Option(help="Seconds to wait for another pipeline run of this project to finish (default: refuse at once).")] = 0.0,
+    wait: Annotated[float, typer.Option(help="Seconds to wait for another pipeline run of this project to finish (default: refuse at once); waiting runs start in the order they were started.")] = 0.0,
+    debug: Annotated[bool, typer.Option("--debug", help="Print the traceback of an error (otherwise kept in .slimflow/last-error.log).")] = False,
 ) -> None:
     """Run the pipeline (or a range of stages) as a Prefect flow; unchanged stages are skipped."""
+    if debug:
+        errors.set_debug()
     paths = ProjectPaths.discover()
     overrides = list(set_ or [])
     _check_stage_names(from_stage, to_stage)
@@ -122,23 +148,38 @@ def run(
     if not overrides and not force and _up_to_date(paths, from_stage, to_stage):
         return
 
+    _check_servers()
+    from tasks.core.processes import own_process_tree
+
+    # From here on every process this run starts (Prefect's temporary API server, the
+    # stages, horovodrun and its workers) dies with it, even on kill -9.
+    own_process_tree()
+    _interrupt_on_sigterm()
+    result = _run_pipeline(overrides, from_stage, to_stage, force, wait)
+    # When evaluate ran, its own closing table (same numbers) is already on the terminal.
+    evaluated_now = any(stage["stage"] == "evaluate" and stage["ran"] for stage in result["stages"])
+    if result["comparison"] and not evaluated_now:
+        console.print(comparison_table(result["comparison"]))
+    console.print(f"MLflow pipeline run: {result['mlflow_run_id']}  (see README: MLflow UI)")
+
+
+def _run_pipeline(overrides: list[str], first: str | None, last: str | None, force: bool, wait: float) -> Any:
+    """The flow, its failures as one line each."""
     from flows.pipeline import pipeline
     from tasks.core.dvc import PipelineBusy, StageFailed
 
-    _interrupt_on_sigterm()
+    if not errors.debug():
+        one_line_console_logs()
     try:
-        result = pipeline(overrides=overrides, first=from_stage, last=to_stage, force=force, wait_s=wait)
+        return pipeline(overrides=overrides, first=first, last=last, force=force, wait_s=wait)
     except PipelineBusy as err:
         _fail(str(err), code=3)
     except StageFailed as err:
         _fail(f"pipeline failed: {err}", code=1)
     except KeyboardInterrupt:
         _fail("pipeline interrupted; the MLflow runs are marked FAILED and no stage output is half-written", code=130)
-    # When evaluate ran, its own closing table (same numbers) is already on the terminal.
-    evaluated_now = any(stage["stage"] == "evaluate" and stage["ran"] for stage in result["stages"])
-    if result["comparison"] and not evaluated_now:
-        console.print(comparison_table(result["comparison"]))
-    console.print(f"MLflow pipeline run: {result['mlflow_run_id']}  (see README: MLflow UI)")
+    except Exception as err:
+        _fail(f"pipeline failed: {one_line(err)}", code=1, err=err)
 
 
 @app.command()
@@ -158,7 +199,8 @@ def serve(
         _fail(
             "scheduled runs need a Prefect server (the temporary one has no scheduler). Start one with\n"
             "  .venv/bin/prefect server start --host 127.0.0.1\n"
-            "and point slimflow at it:  export PREFECT_API_URL=http://127.0.0.1:4200/api"
+            "and point slimflow at it:  export PREFECT_API_URL=http://127.0.0.1:4200/api",
+            single=False,
         )
     overrides = list(set_ or [])
     paths = ProjectPaths.discover()
@@ -166,9 +208,15 @@ def serve(
         load_params(paths.params, overrides)
     except ParamsError as err:
         _fail(str(err))
+    _check_servers()
     from prefect import serve as prefect_serve
 
     from flows.pipeline import pipeline
+    from tasks.core.processes import own_process_tree
+
+    # The flow-run processes Prefect's runner starts (each in a session of its own, out of
+    # reach of Ctrl-C) carry this process's token: they die with it.
+    token = own_process_tree()
 
     deployment = pipeline.to_deployment(
         name=name, cron=cron, interval=interval,
@@ -177,7 +225,21 @@ def serve(
         description="slimflow pipeline on a schedule",
     )
     console.print(f"serving slimflow-pipeline/{name} ({'cron ' + cron if cron else f'every {interval} s'}); Ctrl-C stops")
-    prefect_serve(deployment)
+    try:
+        prefect_serve(deployment)  # returns on Ctrl-C or SIGTERM
+    finally:
+        _stop_served_runs(paths, token)
+
+
+def _stop_served_runs(paths: ProjectPaths, token: str) -> None:
+    """Stop the flow runs still in progress and end their states: Prefect's runner leaves
+    them running, in a session of their own, and their flow runs Running."""
+    from flows.recovery import repair_stale_runs
+    from tasks.core.processes import kill_marked
+
+    if killed := kill_marked(token):
+        console.print(f"stopped {killed} process(es) of the flow runs in progress")
+    repair_stale_runs(paths.root, note=lambda message: console.print(message, highlight=False, soft_wrap=True))
 
 
 @app.command()
@@ -191,9 +253,15 @@ def status(
     import mlflow
     from mlflow import MlflowClient
 
+    from flows.recovery import repair_stale_runs
     from tasks.core import tracking
 
+    _check_servers()
     experiment_id = tracking.configure(paths.root, params.base.experiment)
+    # A run whose process died shows as what it is (FAILED), not RUNNING; Prefect's side
+    # too when a Prefect server is configured (else the next run does it).
+    repair_stale_runs(paths.root, prefect=bool(os.environ.get("PREFECT_API_URL")),
+                      note=lambda message: console.print(message, highlight=False, soft_wrap=True))
     runs = mlflow.search_runs(
         experiment_ids=[experiment_id], filter_string="tags.pipeline = 'slimflow'",
         order_by=["attributes.start_time DESC"], max_results=limit, output_format="list",
