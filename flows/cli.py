@@ -65,12 +65,17 @@ def _check_servers() -> None:
         _fail(str(err), code=1)
 
 
-def _is_prefect_server(process: Any) -> bool:
+def _spared(process: Any) -> bool:
+    """Prefect's temporary API server (the flow still has to report its state) and the run's
+    reaper (it has to outlive the run) are not stopped with the stage."""
+    from tasks.core.processes import is_reaper
+
     try:
-        command = " ".join(process.cmdline())
+        cmdline = process.cmdline()
     except Exception:
         return False
-    return "prefect" in command and ("server" in command or "uvicorn" in command)
+    command = " ".join(cmdline)
+    return is_reaper(cmdline) or ("prefect" in command and ("server" in command or "uvicorn" in command))
 
 
 def _interrupt_on_sigterm() -> None:
@@ -88,14 +93,20 @@ def _interrupt_on_sigterm() -> None:
 
     def handler(signum: int, frame: Any) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        # Not Prefect's temporary API server: the flow still has to report its state.
-        children = [c for c in psutil.Process().children(recursive=True) if not _is_prefect_server(c)]
+        children = [c for c in psutil.Process().children(recursive=True) if not _spared(c)]
         for child in children:
             try:
                 child.terminate()
             except psutil.NoSuchProcess:
                 pass
-        psutil.wait_procs(children, timeout=20)
+        # Time for the stage to end its MLflow run and stop its workers (horovodrun gives
+        # them 5 s, the launcher horovodrun 30 s); what is left then is killed.
+        _, alive = psutil.wait_procs(children, timeout=40)
+        for child in alive:
+            try:
+                child.kill()
+            except psutil.NoSuchProcess:
+                pass
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, handler)
@@ -177,9 +188,25 @@ def _run_pipeline(overrides: list[str], first: str | None, last: str | None, for
     except StageFailed as err:
         _fail(f"pipeline failed: {err}", code=1)
     except KeyboardInterrupt:
+        _end_interrupted_run()
         _fail("pipeline interrupted; the MLflow runs are marked FAILED and no stage output is half-written", code=130)
     except Exception as err:
         _fail(f"pipeline failed: {one_line(err)}", code=1, err=err)
+
+
+def _end_interrupted_run() -> None:
+    """After Ctrl-C or SIGTERM: nothing of the run keeps running, and no MLflow run of it
+    stays RUNNING (a stage killed before it could end its own run)."""
+    from flows.recovery import end_own_runs
+    from tasks.core.processes import kill_marked, owned_token
+
+    if token := owned_token():
+        kill_marked(token)
+    try:
+        end_own_runs(ProjectPaths.discover().root, "interrupted (Ctrl-C, SIGTERM or SIGHUP) while in progress")
+    except Exception as err:  # the next start repairs it
+        console.print(f"could not mark the interrupted run's MLflow runs FAILED ({one_line(err)}); the next run will",
+                      highlight=False, soft_wrap=True)
 
 
 @app.command()

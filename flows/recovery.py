@@ -90,19 +90,32 @@ class RunRecord:
                 f"marked by the next slimflow start at {now}")
 
 
-def stale_records(root: Path) -> list[RunRecord]:
-    """Records of runs whose process is gone (on this host)."""
+def _records(root: Path) -> list[RunRecord]:
     records = []
     for path in sorted(_records_dir(root).glob("*.json")):
         try:
             data = json.loads(path.read_text())
-            record = RunRecord(**{k: data[k] for k in RunRecord.__dataclass_fields__ if k in data})
+            records.append(RunRecord(**{k: data[k] for k in RunRecord.__dataclass_fields__ if k in data}))
         except (OSError, ValueError, TypeError, KeyError):
             path.unlink(missing_ok=True)
-            continue
-        if record.owner_dead():
-            records.append(record)
     return records
+
+
+def stale_records(root: Path) -> list[RunRecord]:
+    """Records of runs whose process is gone (on this host)."""
+    return [record for record in _records(root) if record.owner_dead()]
+
+
+def end_own_runs(root: Path, why: str) -> list[str]:
+    """This process's pipeline runs: their MLflow runs still RUNNING (a stage stopped before it
+    could end its own) end FAILED with ``why``; returns the run ids changed."""
+    from mlflow import MlflowClient
+
+    changed = []
+    for record in _records(root):
+        if record.pid == os.getpid() and record.mlflow_run_id and record.tracking_uri:
+            changed += fail_run_tree(MlflowClient(record.tracking_uri), record.mlflow_run_id, why)
+    return changed
 
 
 def _fail_mlflow(record: RunRecord) -> list[str]:

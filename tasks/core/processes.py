@@ -149,6 +149,12 @@ def own_process_tree() -> str:
     return token
 
 
+def is_reaper(cmdline: list[str]) -> bool:
+    """Whether a process with this command line is a reaper (to be left alone by those who
+    stop a run's children: it has to outlive the run)."""
+    return "tasks.core.processes" in cmdline and "reap" in cmdline
+
+
 def owned_token() -> str | None:
     """The token of this process's own tree, if :func:`own_process_tree` ran here."""
     return _owned[1] if _owned is not None and _owned[0] == os.getpid() else None
