@@ -18,19 +18,23 @@ class ServerDown(RuntimeError):
     """A configured server did not answer its health check."""
 
 
-def _get(url: str, timeout_s: float) -> str | None:
-    """None if ``url`` answered 200, else what went wrong, in a few words."""
+def _get(url: str, timeout_s: float, auth: tuple[str, str] | None = None, token: str | None = None) -> str | None:
+    """None if the server at ``url`` answered, else what went wrong, in a few words.
+
+    401 and 403 count as answers (the server is up; credentials are another matter);
+    404 (a wrong URL) and server errors do not."""
     import httpx
 
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
-        response = httpx.get(url, timeout=timeout_s, follow_redirects=True)
+        response = httpx.get(url, timeout=timeout_s, follow_redirects=True, auth=auth, headers=headers)
     except httpx.TimeoutException:
         return f"no answer within {timeout_s:.0f} s"
     except httpx.ConnectError as err:
         return f"cannot connect ({_reason(err)})"
     except httpx.HTTPError as err:
         return f"{type(err).__name__}: {_reason(err)}"
-    if response.status_code != 200:
+    if response.status_code not in (200, 401, 403):
         return f"HTTP {response.status_code} from {url}"
     return None
 
@@ -45,7 +49,9 @@ def check_tracking_server(timeout_s: float = TIMEOUT_S) -> None:
     uri = os.environ.get("MLFLOW_TRACKING_URI", "")
     if not uri.startswith(("http://", "https://")):
         return
-    if problem := _get(f"{uri.rstrip('/')}/health", timeout_s):
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    auth = (user, password) if user and password else None
+    if problem := _get(f"{uri.rstrip('/')}/health", timeout_s, auth, os.environ.get("MLFLOW_TRACKING_TOKEN")):
         raise ServerDown(f"MLflow tracking server {uri} (MLFLOW_TRACKING_URI) is not reachable: {problem}")
 
 
@@ -54,7 +60,9 @@ def check_prefect_api(timeout_s: float = TIMEOUT_S) -> None:
     url = os.environ.get("PREFECT_API_URL", "")
     if not url:
         return
-    if problem := _get(f"{url.rstrip('/')}/health", timeout_s):
+    user, _, password = os.environ.get("PREFECT_API_AUTH_STRING", "").partition(":")
+    auth = (user, password) if password else None
+    if problem := _get(f"{url.rstrip('/')}/health", timeout_s, auth, os.environ.get("PREFECT_API_KEY")):
         raise ServerDown(f"Prefect API {url} (PREFECT_API_URL) is not reachable: {problem}")
 
 
