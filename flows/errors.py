@@ -91,7 +91,7 @@ class _OneLine(logging.Formatter):
 def one_line_console_logs() -> None:
     """Console log records of this process (Prefect's, MLflow's) as one line each, without
     tracebacks: a failure reads as its one error line, not as pages of SQL and frames."""
-    import mlflow  # noqa: F401  (its logger gets its console handler on import)
+    import mlflow  # noqa: F401  # its logger gets its console handler on import
 
     for name in (None, "prefect", "mlflow"):
         for handler in logging.getLogger(name).handlers:

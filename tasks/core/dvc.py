@@ -12,8 +12,6 @@ import os
 import re
 import shutil
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from tasks.core.errors import NO_SPACE, disk_full_message, prepare_error_file, read_error_file
@@ -21,7 +19,10 @@ from tasks.core.lock import PipelineBusy, pipeline_lock
 from tasks.core.paths import find_project_root
 from tasks.core.run_context import RunContext
 
-__all__ = ["PipelineBusy", "StageFailed", "pipeline_lock", "reproduce_stage", "select_stages", "stage_names"]
+__all__ = [  # PipelineBusy and pipeline_lock live in tasks.core.lock; importable from here too
+    "PipelineBusy", "StageFailed", "default_remote", "pipeline_lock", "pipeline_status", "push_outputs",
+    "reproduce_stage", "restore_dvc_lock", "select_stages", "stage_environment", "stage_names",
+]
 
 log = logging.getLogger(__name__)
 
