@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import json
 import os
 import signal
 import socket
@@ -22,45 +21,19 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import REPO, TINY_PARAMS, make_project, slimflow
+from tests.conftest import REPO, TINY_PARAMS, make_project, run_processes, seconds_until_gone, slimflow
 
 PYTHON = sys.executable
 SLIMFLOW = str(Path(sys.executable).parent / "slimflow")
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def run_processes(root: Path) -> dict[int, str]:
-    """pid -> command line of every live process of the runs of project ``root``."""
-    needle = f"SLIMFLOW_ROOT={root}".encode()
-    found = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            environ = Path(f"/proc/{entry.name}/environ").read_bytes()
-            stat = Path(f"/proc/{entry.name}/stat").read_bytes()
-            cmdline = Path(f"/proc/{entry.name}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if needle in environ.split(b"\0") and b") Z " not in stat:
-            found[int(entry.name)] = cmdline.replace(b"\0", b" ").decode(errors="replace").strip()
-    return found
-
-
-def seconds_until_gone(root: Path, limit_s: float = 30.0) -> float:
-    started = time.monotonic()
-    while run_processes(root) and time.monotonic() - started < limit_s:
-        time.sleep(0.05)
-    return time.monotonic() - started
 
 
 def wait_for_text(log: Path, text: str, process: subprocess.Popen, timeout_s: float = 300) -> None:
