@@ -1,16 +1,23 @@
-"""The ``slimflow`` command line: run, serve, status, report, params."""
+"""The ``slimflow`` command line: run, serve, status, report, params.
+
+Every error is one line on stderr (:mod:`flows.errors`); ``slimflow run --debug`` prints
+the traceback.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import sys
-from typing import Annotated, Any, Optional
+import traceback
+from typing import Annotated, Any, NoReturn, Optional
 
 import typer
 from rich.table import Table
 
 from flows.champion import app as champion_app
+from flows import errors
+from flows.errors import OneLineErrors, one_line, one_line_console_logs, print_error
 from flows.prefect_settings import use_project_prefect_settings
 from flows.report import comparison_table
 from tasks.compression.recipes import check_pipeline
@@ -19,7 +26,7 @@ from tasks.core.dvc import stage_names
 from tasks.core.paths import ProjectPaths
 from tasks.core.tables import console as table_console
 
-app = typer.Typer(
+app = OneLineErrors(
     help="slimflow: train with Horovod, compress, evaluate - orchestrated by Prefect, "
     "versioned by DVC, tracked in MLflow.",
     no_args_is_help=True,
@@ -27,7 +34,6 @@ app = typer.Typer(
 )
 app.add_typer(champion_app, name="champion")
 console = table_console()
-errors = table_console(stderr=True)
 
 
 @app.callback()
@@ -43,24 +49,45 @@ def _check_stage_names(*names: str | None) -> None:
             _fail(f"unknown stage {name!r}; stages: {', '.join(known)}")
 
 
-def _fail(message: str, code: int = 2) -> None:
-    errors.print(f"[bold red]error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
+def _fail(message: str, code: int = 2, err: BaseException | None = None, single: bool = True) -> NoReturn:
+    """Print ``error: <message>`` (one line unless told) and exit with ``code``."""
+    if err is not None and errors.debug():
+        traceback.print_exception(err)
+    print_error(" ".join(message.split()) if single else message, err)
     raise typer.Exit(code)
 
 
-def _is_prefect_server(process: Any) -> bool:
+def _check_servers() -> None:
+    """Stop in seconds, with one line, when a configured server does not answer."""
+    from flows.health import ServerDown, check_servers
+
     try:
-        command = " ".join(process.cmdline())
+        check_servers()
+    except ServerDown as err:
+        _fail(str(err), code=1)
+
+
+def _spared(process: Any) -> bool:
+    """Prefect's temporary API server (the flow still has to report its state) and the run's
+    reaper (it has to outlive the run) are not stopped with the stage."""
+    from tasks.core.processes import is_reaper
+
+    try:
+        cmdline = process.cmdline()
     except Exception:
         return False
-    return "prefect" in command and ("server" in command or "uvicorn" in command)
+    command = " ".join(cmdline)
+    return is_reaper(cmdline) or ("prefect" in command and ("server" in command or "uvicorn" in command))
 
 
 def _interrupt_on_sigterm() -> None:
-    """SIGTERM behaves like Ctrl-C: stop the running stage, unwind, mark the runs FAILED.
+    """SIGTERM (and SIGHUP: a closed terminal) behaves like Ctrl-C: stop the running
+    stage, unwind, mark the runs FAILED.
 
     A stage runs in a child process (DVC's command) that SIGTERM to this process alone
     would leave running, holding the DVC lock; so the children are terminated first.
+    (SIGKILL cannot be handled: then the run's reaper and the parent-death signals of
+    tasks.core.processes stop the children, and the next run repairs the states.)
     """
     import signal
 
@@ -68,17 +95,24 @@ def _interrupt_on_sigterm() -> None:
 
     def handler(signum: int, frame: Any) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        # Not Prefect's temporary API server: the flow still has to report its state.
-        children = [c for c in psutil.Process().children(recursive=True) if not _is_prefect_server(c)]
+        children = [c for c in psutil.Process().children(recursive=True) if not _spared(c)]
         for child in children:
             try:
                 child.terminate()
             except psutil.NoSuchProcess:
                 pass
-        psutil.wait_procs(children, timeout=20)
+        # Time for the stage to end its MLflow run and stop its workers (horovodrun gives
+        # them 5 s, the launcher horovodrun 30 s); what is left then is killed.
+        _, alive = psutil.wait_procs(children, timeout=40)
+        for child in alive:
+            try:
+                child.kill()
+            except psutil.NoSuchProcess:
+                pass
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGHUP, handler)
 
 
 def _up_to_date(paths: ProjectPaths, first: str | None, last: str | None) -> bool:
@@ -110,9 +144,12 @@ def run(
     from_stage: Annotated[Optional[str], typer.Option("--from", help="First stage to run (a stage of dvc.yaml: prepare, train, compress, evaluate).")] = None,
     to_stage: Annotated[Optional[str], typer.Option("--to", help="Last stage to run.")] = None,
     force: Annotated[bool, typer.Option(help="Run the selected stages even if DVC says they are up to date.")] = False,
-    wait: Annotated[float, typer.Option(help="Seconds to wait for another pipeline run of this project to finish (default: refuse at once).")] = 0.0,
+    wait: Annotated[float, typer.Option(help="Seconds to wait for another pipeline run of this project to finish (default: refuse at once); waiting runs start in the order they were started.")] = 0.0,
+    debug: Annotated[bool, typer.Option("--debug", help="Print the traceback of an error (otherwise kept in .slimflow/last-error.log).")] = False,
 ) -> None:
     """Run the pipeline (or a range of stages) as a Prefect flow; unchanged stages are skipped."""
+    if debug:
+        errors.set_debug()
     paths = ProjectPaths.discover()
     overrides = list(set_ or [])
     _check_stage_names(from_stage, to_stage)
@@ -124,23 +161,54 @@ def run(
     if not overrides and not force and _up_to_date(paths, from_stage, to_stage):
         return
 
-    from flows.pipeline import pipeline
-    from tasks.core.dvc import PipelineBusy, StageFailed
+    _check_servers()
+    from tasks.core.processes import own_process_tree
 
+    # From here on every process this run starts (Prefect's temporary API server, the
+    # stages, horovodrun and its workers) dies with it, even on kill -9.
+    own_process_tree()
     _interrupt_on_sigterm()
-    try:
-        result = pipeline(overrides=overrides, first=from_stage, last=to_stage, force=force, wait_s=wait)
-    except PipelineBusy as err:
-        _fail(str(err), code=3)
-    except StageFailed as err:
-        _fail(f"pipeline failed: {err}", code=1)
-    except KeyboardInterrupt:
-        _fail("pipeline interrupted; the MLflow runs are marked FAILED and no stage output is half-written", code=130)
+    result = _run_pipeline(overrides, from_stage, to_stage, force, wait)
     # When evaluate ran, its own closing table (same numbers) is already on the terminal.
     evaluated_now = any(stage["stage"] == "evaluate" and stage["ran"] for stage in result["stages"])
     if result["comparison"] and not evaluated_now:
         console.print(comparison_table(result["comparison"]))
     console.print(f"MLflow pipeline run: {result['mlflow_run_id']}  (see README: MLflow UI)")
+
+
+def _run_pipeline(overrides: list[str], first: str | None, last: str | None, force: bool, wait: float) -> Any:
+    """The flow, its failures as one line each."""
+    from flows.pipeline import pipeline
+    from tasks.core.dvc import PipelineBusy, StageFailed
+
+    if not errors.debug():
+        one_line_console_logs()
+    try:
+        return pipeline(overrides=overrides, first=first, last=last, force=force, wait_s=wait)
+    except PipelineBusy as err:
+        _fail(str(err), code=3)
+    except StageFailed as err:
+        _fail(f"pipeline failed: {err}", code=1)
+    except KeyboardInterrupt:
+        _end_interrupted_run()
+        _fail("pipeline interrupted; the MLflow runs are marked FAILED and no stage output is half-written", code=130)
+    except Exception as err:
+        _fail(f"pipeline failed: {one_line(err)}", code=1, err=err)
+
+
+def _end_interrupted_run() -> None:
+    """After Ctrl-C or SIGTERM: nothing of the run keeps running, and no MLflow run of it
+    stays RUNNING (a stage killed before it could end its own run)."""
+    from flows.recovery import end_own_runs
+    from tasks.core.processes import kill_marked, owned_token
+
+    if token := owned_token():
+        kill_marked(token)
+    try:
+        end_own_runs(ProjectPaths.discover().root, "interrupted (Ctrl-C, SIGTERM or SIGHUP) while in progress")
+    except Exception as err:  # the next start repairs it
+        console.print(f"could not mark the interrupted run's MLflow runs FAILED ({one_line(err)}); the next run will",
+                      highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -160,7 +228,8 @@ def serve(
         _fail(
             "scheduled runs need a Prefect server (the temporary one has no scheduler). Start one with\n"
             "  .venv/bin/prefect server start --host 127.0.0.1\n"
-            "and point slimflow at it:  export PREFECT_API_URL=http://127.0.0.1:4200/api"
+            "and point slimflow at it:  export PREFECT_API_URL=http://127.0.0.1:4200/api",
+            single=False,
         )
     overrides = list(set_ or [])
     paths = ProjectPaths.discover()
@@ -168,9 +237,15 @@ def serve(
         load_params(paths.params, overrides)
     except ParamsError as err:
         _fail(str(err))
+    _check_servers()
     from prefect import serve as prefect_serve
 
     from flows.pipeline import pipeline
+    from tasks.core.processes import own_process_tree
+
+    # The flow-run processes Prefect's runner starts (each in a session of its own, out of
+    # reach of Ctrl-C) carry this process's token: they die with it.
+    token = own_process_tree()
 
     deployment = pipeline.to_deployment(
         name=name, cron=cron, interval=interval,
@@ -179,7 +254,21 @@ def serve(
         description="slimflow pipeline on a schedule",
     )
     console.print(f"serving slimflow-pipeline/{name} ({'cron ' + cron if cron else f'every {interval} s'}); Ctrl-C stops")
-    prefect_serve(deployment)
+    try:
+        prefect_serve(deployment)  # returns on Ctrl-C or SIGTERM
+    finally:
+        _stop_served_runs(paths, token)
+
+
+def _stop_served_runs(paths: ProjectPaths, token: str) -> None:
+    """Stop the flow runs still in progress and end their states: Prefect's runner leaves
+    them running, in a session of their own, and their flow runs Running."""
+    from flows.recovery import repair_stale_runs
+    from tasks.core.processes import kill_marked
+
+    if killed := kill_marked(token):
+        console.print(f"stopped {killed} process(es) of the flow runs in progress")
+    repair_stale_runs(paths.root, note=lambda message: console.print(message, highlight=False, soft_wrap=True))
 
 
 @app.command()
@@ -193,9 +282,15 @@ def status(
     import mlflow
     from mlflow import MlflowClient
 
+    from flows.recovery import repair_stale_runs
     from tasks.core import tracking
 
+    _check_servers()
     experiment_id = tracking.configure(paths.root, params.base.experiment)
+    # A run whose process died shows as what it is (FAILED), not RUNNING; Prefect's side
+    # too when a Prefect server is configured (else the next run does it).
+    repair_stale_runs(paths.root, prefect=bool(os.environ.get("PREFECT_API_URL")),
+                      note=lambda message: console.print(message, highlight=False, soft_wrap=True))
     runs = mlflow.search_runs(
         experiment_ids=[experiment_id], filter_string="tags.pipeline = 'slimflow'",
         order_by=["attributes.start_time DESC"], max_results=limit, output_format="list",

@@ -2,13 +2,17 @@
 
 A Prefect task per stage runs that stage through DVC (so an unchanged stage is skipped
 here and by ``dvc repro`` alike). The flow opens one MLflow run for the pipeline run;
-stages open runs nested under it. One pipeline runs at a time per project.
+stages open runs nested under it. One pipeline runs at a time per project; waiting runs
+start in the order they were scheduled (:mod:`tasks.core.lock`). A run owns its process
+tree (:mod:`tasks.core.processes`), and its first act under the lock is to repair what a
+dead run left (:mod:`flows.recovery`).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +22,14 @@ from prefect.context import get_run_context
 from prefect.tasks import exponential_backoff
 
 from flows.report import comparison_rows
-from tasks.core import tracking
+from flows.recovery import RunRecord, repair_after_crash
 from tasks.compression.recipes import check_pipeline
+from tasks.core import tracking
 from tasks.core.config import load_params, write_overrides
 from tasks.core.dvc import StageFailed, pipeline_lock, push_outputs, reproduce_stage, select_stages
+from tasks.core.errors import disk_full_message
 from tasks.core.paths import ProjectPaths
+from tasks.core.processes import own_process_tree
 from tasks.core.run_context import RunContext
 from tasks.data import data_digest
 
@@ -39,12 +46,12 @@ def _run_stage(stage: str, root: str, force: bool, context: RunContext) -> dict[
 
 
 def _worth_retrying(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry crashes, not bad input: a bad data file or parameter fails the same way again."""
+    """Retry crashes, not bad input or a full disk: those fail the same way again."""
     try:
         error = state.result(raise_on_failure=False)
     except Exception:
         return True
-    return not (isinstance(error, StageFailed) and error.bad_input)
+    return not (isinstance(error, StageFailed) and error.retry_futile)
 
 
 # Stages write their outputs atomically and record nothing half-done, so retrying is safe;
@@ -87,46 +94,81 @@ def pipeline(
     """Run the pipeline stages (all, or ``first``..``last``) through DVC, tracked in MLflow."""
     logger = get_run_logger()
     paths = ProjectPaths.discover()
-    root = str(paths.root)
     stages = select_stages(first, last, paths.root)
-    flow_run_id = str(get_run_context().flow_run.id)
-    with pipeline_lock(paths.root, wait_s):
+    flow_run = get_run_context().flow_run
+    # Everything this run starts from here on dies with it (tasks.core.processes), and a
+    # record lets the next start end its states if it dies (flows.recovery).
+    own_process_tree()
+    record = RunRecord.begin(paths.root, str(flow_run.id))
+    scheduled = flow_run.expected_start_time.timestamp() if flow_run.expected_start_time else None
+    with ExitStack() as held:
+        try:
+            lock = held.enter_context(pipeline_lock(paths.root, wait_s, scheduled_at=scheduled, on_wait=logger.info))
+        except BaseException:
+            record.end(paths.root)  # it never started: nothing to repair
+            raise
         # Overrides are validated before anything runs, then recorded in params.yaml,
         # so dvc.lock records them and `dvc repro` reproduces this run.
         params = load_params(paths.params, overrides)
         check_pipeline(params)
+        experiment_id = tracking.configure(paths.root, params.base.experiment)
+        repair_after_crash(paths, lock, logger.warning)
         if overrides:
             write_overrides(paths.params, overrides)
-        experiment_id = tracking.configure(paths.root, params.base.experiment)
-        import mlflow
+        result = _tracked_run(paths, params, overrides, stages, force, push_data, record, experiment_id)
+    record.end(paths.root)  # only now: a run that raised leaves it, and the next start checks its states
+    logger.info("pipeline run %s finished: %s", result["mlflow_run_id"],
+                ", ".join(f"{r['stage']} {'ran' if r['ran'] else 'skipped'}" for r in result["stages"]))
+    return result
 
-        tags = {**tracking.link_tags(paths.root), "prefect_flow_run_id": flow_run_id, "pipeline": "slimflow"}
-        with mlflow.start_run(run_name=f"pipeline {time.strftime('%Y-%m-%d %H:%M:%S')}", tags=tags) as run:
-            mlflow.log_params({k: str(v)[:6000] for k, v in tracking.flatten(params.model_dump()).items()})
-            if overrides:
-                mlflow.set_tag("overrides", " ".join(overrides))
-            context = RunContext(parent_run_id=run.info.run_id, flow_run_id=flow_run_id, experiment_id=experiment_id)
-            results = []
-            try:
-                for stage in stages:
-                    results.append(stage_task(stage)(stage, root, force, context))
-                # Share data and outputs with the team when the project has a DVC remote.
-                if push_data and (pushed := push(root)) is not None:
-                    mlflow.set_tag("dvc_pushed_files", str(pushed))
-            except BaseException as err:
-                mlflow.set_tag("error", str(err)[:5000])
-                raise
-            mlflow.set_tags({
-                "stages_ran": ",".join(r["stage"] for r in results if r["ran"]) or "none",
-                "stages_skipped": ",".join(r["stage"] for r in results if not r["ran"]) or "none",
-                **_lineage_tags(paths),
-            })
-            mlflow.log_metrics({f"stage_seconds.{r['stage']}": r["seconds"] for r in results})
-            rows = comparison_rows(paths)
-            _publish_artifacts(rows, run.info.run_id, experiment_id, results)
-    logger.info("pipeline run %s finished: %s", run.info.run_id,
-                ", ".join(f"{r['stage']} {'ran' if r['ran'] else 'skipped'}" for r in results))
+
+def _tracked_run(
+    paths: ProjectPaths, params: Any, overrides: list[str] | None, stages: list[str], force: bool,
+    push_data: bool, record: RunRecord, experiment_id: str,
+) -> dict[str, Any]:
+    """The pipeline's MLflow run around its stages; ends FAILED, with the error, if one fails."""
+    import mlflow
+
+    root = str(paths.root)
+    flow_run_id = record.flow_run_id
+    tags = {**tracking.link_tags(paths.root), "prefect_flow_run_id": flow_run_id, "pipeline": "slimflow",
+            "slimflow.pid": str(record.pid), "slimflow.host": record.host}
+    with mlflow.start_run(run_name=f"pipeline {time.strftime('%Y-%m-%d %H:%M:%S')}", tags=tags) as run:
+        record.update(paths.root, mlflow_run_id=run.info.run_id, tracking_uri=mlflow.get_tracking_uri())
+        mlflow.log_params({k: str(v)[:6000] for k, v in tracking.flatten(params.model_dump()).items()})
+        if overrides:
+            mlflow.set_tag("overrides", " ".join(overrides))
+        context = RunContext(parent_run_id=run.info.run_id, flow_run_id=flow_run_id, experiment_id=experiment_id)
+        results = []
+        try:
+            for stage in stages:
+                results.append(stage_task(stage)(stage, root, force, context))
+            # Share data and outputs with the team when the project has a DVC remote.
+            if push_data and (pushed := push(root)) is not None:
+                mlflow.set_tag("dvc_pushed_files", str(pushed))
+        except BaseException as err:
+            _tag_error(err)
+            raise
+        mlflow.set_tags({
+            "stages_ran": ",".join(r["stage"] for r in results if r["ran"]) or "none",
+            "stages_skipped": ",".join(r["stage"] for r in results if not r["ran"]) or "none",
+            **_lineage_tags(paths),
+        })
+        mlflow.log_metrics({f"stage_seconds.{r['stage']}": r["seconds"] for r in results})
+        rows = comparison_rows(paths)
+        _publish_artifacts(rows, run.info.run_id, experiment_id, results)
     return {"mlflow_run_id": run.info.run_id, "stages": results, "comparison": rows}
+
+
+def _tag_error(err: BaseException) -> None:
+    """The error as a tag of the pipeline run (best effort: on a full disk MLflow may not write)."""
+    import mlflow
+
+    message = disk_full_message(err) or str(err) or type(err).__name__
+    try:
+        mlflow.set_tag("error", message[:5000])
+    except Exception as tag_err:
+        get_run_logger().warning("could not tag the MLflow run with its error: %s", tag_err)
 
 
 def _lineage_tags(paths: ProjectPaths) -> dict[str, str]:

@@ -18,13 +18,15 @@ import sys
 from tasks.compression.recipes import RecipeError
 from tasks.compression.variants import CompressError, VariantResult, check_inputs, compress_variants
 from tasks.core.config import ParamsError, load_params
-from tasks.core.errors import report_stage_error
+from tasks.core.errors import report_stage_error, stage_main
 from tasks.core.paths import ProjectPaths
+from tasks.core.processes import die_with_parent
 from tasks.core.stage_cli import setup_logging
 
 __all__ = ["CompressError", "VariantResult", "compress_variants", "main"]
 
 
+@stage_main("compress", lambda: ProjectPaths.discover().compressed)
 def main(argv: list[str] | None = None) -> int:
     """``python -m tasks.compress``: compress the baseline as ``params.yaml`` says."""
     args = sys.argv[1:] if argv is None else argv
@@ -62,4 +64,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    die_with_parent()  # the stage dies with the run that started it (tasks.core.processes)
     sys.exit(main())

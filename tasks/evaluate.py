@@ -29,7 +29,9 @@ import tempfile
 from pathlib import Path
 
 from tasks.core.config import Params, ParamsError, load_params
+from tasks.core.errors import disk_full_message, stage_main
 from tasks.core.paths import ProjectPaths
+from tasks.core.processes import die_with_parent
 from tasks.evaluation.benchmark import discover_models, measure_models
 from tasks.evaluation.gate import apply_gate
 from tasks.evaluation.outputs import metrics_document, publish, read_history, render_outputs, write_json
@@ -78,6 +80,7 @@ def run_evaluate(paths: ProjectPaths, params: Params) -> Evaluation:
     return evaluation
 
 
+@stage_main("evaluate", lambda: ProjectPaths.discover().evaluation)
 def main(argv: list[str] | None = None) -> int:
     """``python -m tasks.evaluate [--set evaluate.threads=2 ...]``: 0 on success, 2 on bad input."""
     from tasks.core.errors import report_stage_error
@@ -95,11 +98,13 @@ def main(argv: list[str] | None = None) -> int:
         report_stage_error("evaluate", str(err))
         return 2
     except OSError as err:
-        report_stage_error("evaluate", f"cannot read or write {err.filename or ''}: {err.strerror or err}")
+        report_stage_error("evaluate", disk_full_message(err, paths.evaluation)
+                           or f"cannot read or write {err.filename or ''}: {err.strerror or err}")
         return 1
     console().print(summary_table(evaluation))
     return 0
 
 
 if __name__ == "__main__":
+    die_with_parent()  # the stage dies with the run that started it (tasks.core.processes)
     sys.exit(main())

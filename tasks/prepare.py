@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tasks.data import SPLITS, Preprocessing
-from tasks.core.errors import report_stage_error
+from tasks.core.errors import disk_full_message, report_stage_error, stage_main
+from tasks.core.processes import die_with_parent
 from tasks.core.stage_cli import parse_stage_args
 from tasks.core.paths import ProjectPaths
 from tasks.sources import (
@@ -274,6 +275,7 @@ def _register_sklearn_source() -> None:
 # --------------------------------------------------------------------------- CLI
 
 
+@stage_main("prepare", lambda: ProjectPaths.discover().prepared)
 def main(argv: list[str] | None = None) -> int:
     """``python -m tasks.prepare [--set base.seed=7 ...]``: prepare ``data/prepared`` from params.yaml."""
     args = parse_stage_args("prepare", __doc__.splitlines()[0], argv, "prepare.val_fraction=0.2")
@@ -305,11 +307,12 @@ def main(argv: list[str] | None = None) -> int:
             log_prepared(prepared)
             write_prepared(prepared, paths.prepared)
     except OSError as err:
-        report_stage_error("prepare", f"{paths.prepared}: cannot write: {err}")
+        report_stage_error("prepare", disk_full_message(err, paths.prepared) or f"{paths.prepared}: cannot write: {err}")
         return 1
     logger.info("wrote %s", paths.prepared)
     return 0
 
 
 if __name__ == "__main__":
+    die_with_parent()  # the stage dies with the run that started it (tasks.core.processes)
     sys.exit(main())

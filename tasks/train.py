@@ -17,8 +17,9 @@ import logging
 import sys
 
 from tasks.core.config import Params, ParamsError, load_params
-from tasks.core.errors import report_stage_error
+from tasks.core.errors import report_stage_error, stage_main
 from tasks.core.paths import ProjectPaths
+from tasks.core.processes import die_with_parent
 from tasks.core.stage_cli import setup_logging
 from tasks.training import FitJob, LaunchError, launch_fit
 from tasks.training.fault import fault_after_epoch_from_env
@@ -76,6 +77,7 @@ def log_trained_model(paths: ProjectPaths) -> None:
     )
 
 
+@stage_main("train", lambda: ProjectPaths.discover().model)
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     paths = ProjectPaths.discover()
@@ -112,4 +114,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    die_with_parent()  # the stage dies with the run that started it (tasks.core.processes)
     sys.exit(main())

@@ -103,6 +103,36 @@ def prefect_api_url(prefect_server: None) -> str:
     return str(PREFECT_API_URL.value())
 
 
+def run_processes(root: Path) -> dict[int, str]:
+    """pid -> command line of every live process of the runs of the project at ``root``: those
+    whose environment has ``SLIMFLOW_ROOT=<root>`` (:func:`slimflow` sets it, every process a run
+    starts inherits it), so other work on a shared machine is never counted."""
+    needle = f"SLIMFLOW_ROOT={root}".encode()
+    found = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            environ = Path(f"/proc/{entry.name}/environ").read_bytes()
+            stat = Path(f"/proc/{entry.name}/stat").read_bytes()
+            cmdline = Path(f"/proc/{entry.name}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if needle in environ.split(b"\0") and b") Z " not in stat:
+            found[int(entry.name)] = cmdline.replace(b"\0", b" ").decode(errors="replace").strip()
+    return found
+
+
+def seconds_until_gone(root: Path, limit_s: float = 30.0) -> float:
+    """How long until no process of the runs of ``root`` is left (``limit_s`` at most)."""
+    import time
+
+    started = time.monotonic()
+    while run_processes(root) and time.monotonic() - started < limit_s:
+        time.sleep(0.05)
+    return time.monotonic() - started
+
+
 def slimflow(root: Path, *args: str, env: dict | None = None, timeout: float = 600, **popen) -> subprocess.CompletedProcess:
     """Run the `slimflow` console script of this venv in ``root``."""
     exe = str(Path(os.sys.executable).parent / "slimflow")

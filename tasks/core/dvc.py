@@ -2,7 +2,7 @@
 
 The flow executes the very stages ``dvc repro`` runs, so an unchanged stage is skipped
 by both. DVC refuses a second concurrent ``repro`` in the same repository instead of
-waiting, so every call here holds a project-wide file lock.
+waiting, so every call here holds the project's pipeline lock (:mod:`tasks.core.lock`).
 """
 
 from __future__ import annotations
@@ -10,15 +10,19 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-from filelock import FileLock, Timeout
-
+from tasks.core.errors import NO_SPACE, disk_full_message, prepare_error_file, read_error_file
+from tasks.core.lock import PipelineBusy, pipeline_lock
 from tasks.core.paths import find_project_root
 from tasks.core.run_context import RunContext
+
+__all__ = [  # PipelineBusy and pipeline_lock live in tasks.core.lock; importable from here too
+    "PipelineBusy", "StageFailed", "default_remote", "pipeline_lock", "pipeline_status", "push_outputs",
+    "reproduce_stage", "restore_dvc_lock", "select_stages", "stage_environment", "stage_names",
+]
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +52,6 @@ def select_stages(first: str | None, last: str | None, root: Path | None = None)
     return list(stages[start : end + 1])
 
 
-class PipelineBusy(RuntimeError):
-    """Another pipeline run holds the project lock."""
-
-
 class StageFailed(RuntimeError):
     """A stage's command failed; the message is the stage's own.
 
@@ -69,35 +69,10 @@ class StageFailed(RuntimeError):
     def bad_input(self) -> bool:
         return self.exit_code == self.BAD_INPUT
 
-
-def _lock_path(root: Path) -> Path:
-    folder = root / ".slimflow"
-    folder.mkdir(exist_ok=True)
-    return folder / "pipeline.lock"
-
-
-@contextmanager
-def pipeline_lock(root: Path, wait_s: float = 0.0) -> Iterator[None]:
-    """Hold the project's pipeline lock; raise :class:`PipelineBusy` if it is not free in ``wait_s``."""
-    path = _lock_path(root)
-    lock = FileLock(path)
-    try:
-        lock.acquire(timeout=wait_s)
-    except Timeout:
-        owner = ""
-        info = path.with_suffix(".owner")
-        if info.exists():
-            owner = f" (held by {info.read_text().strip()})"
-        raise PipelineBusy(
-            f"another slimflow pipeline run is in progress in {root}{owner}; "
-            f"it holds {path}. Wait for it to finish, or pass --wait SECONDS to queue behind it."
-        ) from None
-    try:
-        path.with_suffix(".owner").write_text(f"pid {os.getpid()}")
-        yield
-    finally:
-        path.with_suffix(".owner").unlink(missing_ok=True)
-        lock.release()
+    @property
+    def retry_futile(self) -> bool:
+        """Bad input, or a full disk: trying again fails the same way."""
+        return self.bad_input or NO_SPACE in str(self)
 
 
 def stage_environment() -> None:
@@ -108,29 +83,79 @@ def stage_environment() -> None:
         os.environ["PATH"] = bin_dir + os.pathsep + path
 
 
+def _lock_backup(root: Path) -> Path:
+    return root / ".slimflow" / "dvc.lock.backup"
+
+
+def _guard_dvc_lock(root: Path) -> None:
+    """Copy ``dvc.lock`` aside before a stage: DVC rewrites it in place, so a full disk or a
+    kill while it writes leaves it truncated (measured: 4,096 of 4,483 bytes, then every
+    DVC command fails on it)."""
+    lock, backup = root / "dvc.lock", _lock_backup(root)
+    try:
+        if lock.exists():
+            shutil.copyfile(lock, backup)
+            return
+    except OSError:
+        pass
+    backup.unlink(missing_ok=True)
+
+
+def restore_dvc_lock(root: Path, only_if_broken: bool = False) -> bool:
+    """Put back the ``dvc.lock`` of before the last stage if it changed (a failed stage) or,
+    with ``only_if_broken``, if it no longer parses (a dead run); True if it did.
+
+    A rename: it needs no free space."""
+    import yaml
+
+    lock, backup = root / "dvc.lock", _lock_backup(root)
+    if not backup.exists():
+        return False
+    current = lock.read_bytes() if lock.exists() else b""
+    if only_if_broken:
+        try:
+            broken = not isinstance(yaml.safe_load(current), dict)
+        except yaml.YAMLError:
+            broken = True
+        restore = broken
+    else:
+        restore = current != backup.read_bytes()
+    if restore:
+        os.replace(backup, lock)
+        log.warning("dvc.lock restored to what it was before the failed stage")
+    else:
+        backup.unlink(missing_ok=True)
+    return restore
+
+
 def reproduce_stage(root: Path, stage: str, force: bool = False, context: RunContext | None = None) -> bool:
     """Reproduce one stage (not its upstream); True if it ran, False if DVC skipped it.
 
     The stage process gets ``context`` (with an error file added) as its run context.
-    Raises :class:`StageFailed` with the stage's own error message when it fails.
+    Raises :class:`StageFailed` with the stage's own error message when it fails; a
+    ``dvc.lock`` that DVC changed (or truncated) on the way is put back as it was.
     """
     from dvc.exceptions import DvcException
     from dvc.repo import Repo
 
     stage_environment()
     error_file = root / ".slimflow" / f"{stage}.error"
-    error_file.parent.mkdir(exist_ok=True)
-    error_file.unlink(missing_ok=True)
+    prepare_error_file(error_file)
+    _guard_dvc_lock(root)
     try:
         with (context or RunContext()).with_error_file(error_file).exported(), Repo(str(root)) as repo:
             ran = repo.reproduce(f"{root}/dvc.yaml:{stage}", single_item=True, force=force)
-    except DvcException as err:
-        reason = error_file.read_text().strip() if error_file.exists() else ""
+    except (DvcException, OSError) as err:
+        restore_dvc_lock(root)
+        # The stage's own words first; then a full disk met by DVC itself (caching outputs).
+        full = disk_full_message(err, root)
+        reason = read_error_file(error_file) or (f"{stage}: {full}" if full else "")
         cause = err.__cause__ or err
         exited = re.search(r"exited with (-?\d+)", str(cause))
         raise StageFailed(reason or f"{stage}: {cause}", int(exited.group(1)) if exited else None) from None
     finally:
         error_file.unlink(missing_ok=True)
+    _lock_backup(root).unlink(missing_ok=True)
     return bool(ran)
 
 

@@ -83,20 +83,22 @@ def link_tags(root: Path, stage: str | None = None, context: RunContext | None =
 
 @contextlib.contextmanager
 def _sigterm_as_exit() -> Iterator[None]:
-    """Turn SIGTERM into SystemExit so ``with start_run()`` ends the run FAILED, not RUNNING."""
+    """Turn SIGTERM (and SIGHUP: the terminal closed) into SystemExit so ``with start_run()``
+    ends the run FAILED, not RUNNING. (SIGKILL cannot be caught: the next start repairs.)"""
 
     def handler(signum: int, frame: Any) -> None:
         raise SystemExit(128 + signum)
 
     try:
-        previous = signal.signal(signal.SIGTERM, handler)
+        previous = {number: signal.signal(number, handler) for number in (signal.SIGTERM, signal.SIGHUP)}
     except ValueError:  # not the main thread
         yield
         return
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for number, old in previous.items():
+            signal.signal(number, old)
 
 
 def _log_batch(run_id: str, params: Mapping[str, Any], metrics: Mapping[str, float]) -> None:

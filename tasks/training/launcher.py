@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from tasks.core.processes import parent_death_preexec
+
 if TYPE_CHECKING:
     from tasks.core.config import TrainParams
     from tasks.training.job import FitJob
@@ -217,8 +219,12 @@ def run_workers(command: list[str], env: dict[str, str], cwd: Path) -> None:
         )
     log.info("launching: %s", " ".join(command))
     tail: deque[str] = deque(maxlen=400)
+    # horovodrun (or the one worker) dies with this stage, even on SIGKILL: the kernel's
+    # parent-death signal. Horovod's middlemen then stop the workers, and the run's reaper
+    # kills anything left that carries the run's token (see tasks.core.processes).
     with subprocess.Popen(
-        command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        preexec_fn=parent_death_preexec(),
     ) as process:
         try:
             assert process.stdout is not None
