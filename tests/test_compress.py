@@ -250,7 +250,7 @@ def test_two_worker_pruning_fine_tune_keeps_the_exact_sparsity_and_identical_ran
 
 @pytest.mark.integration
 def test_a_fine_tune_killed_mid_way_resumes_on_the_rerun_to_the_same_model(
-    baselines, tmp_path: Path, monkeypatch, capfd, mlflow_uri: str
+    baselines, tmp_path: Path, monkeypatch, capfd, caplog, mlflow_uri: str
 ) -> None:
     """A worker dies after epoch 2 of the second variant's fine-tune: the stage fails, keeps
     the checkpoints; the re-run reuses the first variant's finished fine-tune, resumes the
@@ -275,10 +275,12 @@ def test_a_fine_tune_killed_mid_way_resumes_on_the_rerun_to_the_same_model(
 
     monkeypatch.delenv(FAULT_ENV)
     capfd.readouterr()
+    caplog.set_level("INFO", logger="slimflow.compress")
     with tracking.stage_run("compress", paths.root, "test-compress") as stage:
         _, resumed = compress_variants(params, paths, stage_run_id=stage.info.run_id)
-    err = capfd.readouterr().err
-    assert "pruned-structured-50 step 1: reusing the finished training" in err, err[-3000:]
+    err = capfd.readouterr().err  # the workers' output
+    assert "pruned-structured-50 step 1: reusing the finished training" in caplog.text
+    assert err.count("world_size=2") == 1  # one launch: the killed fine-tune's
     assert "resuming from checkpoint at epoch 2 of 3" in err, err[-3000:]
     assert "epoch 2/3 " not in err and "epoch 3/3 " in err
     assert not paths.checkpoints.exists()  # removed once the output is published
