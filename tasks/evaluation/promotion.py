@@ -82,11 +82,14 @@ def promote(
     preprocess_json: Path,
     registered_model: str,
     evidence: Mapping[str, Any],
+    model_uri: str | None = None,
 ) -> Promotion:
     """Register ``model_dir`` from the active run and point the ``champion`` alias at it.
 
     ``evidence`` (metrics, recipe, data digest, git commit...) becomes version tags. When the
     champion already is this very model file on this very data, no new version is made.
+    ``model_uri`` (``models:/<model_id>``) registers that already logged model instead of
+    logging the model again.
     """
     from tasks.core.model_files import read_manifest
 
@@ -102,8 +105,10 @@ def promote(
             f"{model_name} is already the champion (version {previous_version}, same model file and data); "
             "no new version",
         )
-    info = log_pyfunc_model(model_dir, preprocess_json, registered_model)
-    version = str(info.registered_model_version)
+    if model_uri:
+        version = str(mlflow.register_model(model_uri, registered_model).version)
+    else:
+        version = str(log_pyfunc_model(model_dir, preprocess_json, registered_model).registered_model_version)
     tags = {"model_digest": manifest.get("digest"), "variant": model_name, **evidence}
     for key, value in tags.items():
         if value is not None:

@@ -1,10 +1,9 @@
-"""The evaluate stage in MLflow: one nested run per model (identical metric keys, the
-manifest as params, so the compare view lines them up), the stage run's summary metrics,
-tags and artifacts, and the champion's registration with its evidence as version tags."""
+"""The evaluate stage in MLflow: the stage run's summary metrics, tags and artifacts, and the
+champion's registration with its evidence as version tags. Each model's own run (its
+logged model and figures) is completed by :mod:`tasks.evaluation.model_runs`."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,7 @@ from tasks.core import tracking
 from tasks.core.config import EvaluateParams
 from tasks.core.paths import ProjectPaths
 from tasks.evaluation.promotion import Promotion, keep_champion, promote
-from tasks.evaluation.results import BASELINE, Evaluation, ModelResult, json_number, ordered_metrics
+from tasks.evaluation.results import Evaluation, ModelResult, json_number, ordered_metrics
 
 
 def data_digest_or_none(prepared: Path) -> str | None:
@@ -25,40 +24,6 @@ def data_digest_or_none(prepared: Path) -> str | None:
         return data_digest(prepared)
     except (OSError, KeyError, ValueError):
         return None
-
-
-def _model_tags(result: ModelResult) -> dict[str, str]:
-    manifest = result.manifest
-    return {
-        "variant": result.name,
-        "method": result.method,
-        "runtime": result.runtime,
-        "format": str(manifest.get("format", "")),
-        "parent": str(manifest.get("parent") or ("none" if result.name == BASELINE else BASELINE)),
-        "energy_source": result.notes.get("energy", ""),
-        "flops_source": result.notes.get("flops", ""),
-        "memory_method": result.notes.get("memory", ""),
-    }
-
-
-def log_model_run(
-    result: ModelResult, evaluation: Evaluation, paths: ProjectPaths, experiment: str, parent_run_id: str
-) -> str:
-    """One nested run per model: identical metric keys, the manifest as params."""
-    manifest = {k: v for k, v in result.manifest.items() if k not in {"digest"}}
-    manifest["recipe"] = json.dumps(manifest.get("recipe"), sort_keys=True, default=str)
-    run_params = {"manifest": manifest, "model_digest": result.manifest.get("digest"),
-                  "evaluation": {k: v for k, v in evaluation.settings.items() if k != "memory_method"}}
-    with tracking.stage_run(
-        "evaluate", paths.root, experiment, params=run_params, run_name=result.name,
-        tags=_model_tags(result), parent_run_id=parent_run_id,
-    ) as run:
-        mlflow.log_metrics({k: float(v) for k, v in ordered_metrics(result.metrics).items()})
-        mlflow.log_dict(
-            {"labels": list(evaluation.class_names), "matrix": result.confusion.tolist()}, "confusion.json"
-        )
-        mlflow.set_tag("gate", evaluation.reasons.get(result.name, "")[:5000])
-        return run.info.run_id
 
 
 def evidence(
@@ -85,12 +50,14 @@ def register_champion(evaluation: Evaluation, paths: ProjectPaths, params: Evalu
     if not evaluation.champion:
         return keep_champion(params.registered_model, "no model passes the gate (see the reasons per model)")
     champion = evaluation.models[evaluation.champion]
-    # The pyfunc model is logged into the champion's own run (resumed).
+    found = evidence(champion, evaluation, paths, params)
+    if champion.name in evaluation.model_uris:  # the model its own run logged: registered, not logged again
+        return promote(champion.name, champion.folder, paths.prepared / "preprocess.json",
+                       params.registered_model, found, model_uri=evaluation.model_uris[champion.name])
+    # No logged model yet: the pyfunc model is logged into the champion's own run (resumed).
     with mlflow.start_run(run_id=evaluation.run_ids[champion.name], nested=True):
-        return promote(
-            champion.name, champion.folder, paths.prepared / "preprocess.json",
-            params.registered_model, evidence(champion, evaluation, paths, params),
-        )
+        return promote(champion.name, champion.folder, paths.prepared / "preprocess.json",
+                       params.registered_model, found)
 
 
 def log_stage_summary(evaluation: Evaluation, staging: Path) -> None:
@@ -104,6 +71,7 @@ def log_stage_summary(evaluation: Evaluation, staging: Path) -> None:
     mlflow.set_tags({
         "champion": evaluation.champion or "none",
         "champion_version": evaluation.promotion.version or "none",
+        "champion_run_id": evaluation.run_ids.get(evaluation.champion or "", "none"),
         "gate_decision": evaluation.promotion.reason[:5000],
     })
     for folder in ("plots", "metrics", "evaluation"):
