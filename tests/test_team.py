@@ -404,7 +404,7 @@ def test_pipeline_tracks_to_an_mlflow_server_on_postgresql(pipeline_run: Pipelin
         "from sklearn.datasets import load_digits\n"
         f"model = mlflow.pyfunc.load_model('models:/{name}@champion')\n"
         "digits = load_digits()\n"
-        "x, y = digits.data[-300:].astype(np.float32), digits.target[-300:]\n"
+        "x, y = digits.data[-300:].reshape(-1, 1, 8, 8).astype(np.float32), digits.target[-300:]  # shaped input: the signature says (-1, 1, 8, 8)\n"
         "predicted = np.asarray(model.predict(x)).ravel()\n"
         "print(json.dumps({'n': len(predicted), 'accuracy': float((predicted == y).mean())}))\n"
     )
