@@ -214,3 +214,43 @@ def test_the_evaluate_stage_is_never_replayed_from_the_run_cache(tmp_path: Path)
             dep.get_hash = lambda: HashInfo("md5", "0" * 32)
     assert _can_hash(train)  # the run cache serves the other stages...
     assert not _can_hash(evaluate)  # ...never the one with the registry step
+
+
+# ---------------------------------------------------------------------------- a kill mid-registration
+def test_a_kill_during_registration_leaves_no_version_without_evidence_and_the_next_run_converges(
+    project: Path,
+) -> None:
+    """kill -9 of the evaluate stage between the new version and the alias (issue 15)."""
+    import os
+    import sys
+
+    import mlflow
+
+    from tasks.evaluation.promotion import FAULT_BEFORE_ALIAS_ENV
+
+    name = "tiny-killed"
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["evaluate"]["registered_model"] = name
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), FAULT_BEFORE_ALIAS_ENV: "1"}
+    killed = subprocess.run([sys.executable, "-m", "tasks.evaluate"], cwd=project, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+
+    client = mlflow.MlflowClient()
+    versions = client.search_model_versions(f"name = '{name}'")
+    assert len(versions) == 1  # created in one call, with everything a reviewer needs...
+    for version in versions:
+        assert version.description and version.tags.get("variant") and version.tags.get("promoted_at")
+        assert version.tags.get("data_digest") and version.tags.get("model_digest")
+    assert client.get_registered_model(name).aliases == {}  # ...and the alias never moved
+
+    env.pop(FAULT_BEFORE_ALIAS_ENV)
+    done = subprocess.run([sys.executable, "-m", "tasks.evaluate"], cwd=project, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    champion = _champion(name)
+    assert champion.tags.get("variant") and champion.description
+    assert all(v.description and v.tags.get("promoted_at") for v in client.search_model_versions(f"name = '{name}'"))
+    assert _promotion(project)["outcome"]["champion_version"] == str(champion.version)
+    assert f"version {champion.version}" in (project / "artifacts" / "evaluation" / "report.md").read_text()

@@ -15,6 +15,8 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import os
+import signal
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +30,9 @@ from tasks.evaluation.signature import describe, input_example, input_schema, mo
 log = logging.getLogger("slimflow.registry")
 
 CHAMPION_ALIAS = "champion"
+# Tests only: SIGKILL this process between creating a version and moving the alias, the
+# moment a crash could leave the registry half-changed (tests/test_champion.py).
+FAULT_BEFORE_ALIAS_ENV = "SLIMFLOW_FAULT_BEFORE_ALIAS"
 CODE_ROOT = Path(__file__).resolve().parents[2]  # holds the `tasks` and `models` packages
 MODEL_CODE = Path(__file__).with_name("champion_model.py")  # logged as the model's code
 
@@ -148,6 +153,8 @@ def promote(
     )
     version = _register_version(registered_model, info, run.info.run_id if run else None, tags, description)
     # The alias moves last: until here a crash leaves the old champion serving.
+    if os.environ.get(FAULT_BEFORE_ALIAS_ENV):  # tests only
+        os.kill(os.getpid(), signal.SIGKILL)
     mlflow.MlflowClient().set_registered_model_alias(registered_model, CHAMPION_ALIAS, version)
     log.info("registered %s as %s version %s, alias @%s", model_name, registered_model, version, CHAMPION_ALIAS)
     return Promotion(
