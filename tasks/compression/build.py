@@ -198,12 +198,7 @@ def _prune_searched(
         # the search's cost in epochs: every trial's fine-tuning (early stopping may cut one short)
         "epochs_run": sum(trained_by_trial[t.number][1].summary.get("epochs_run", 0) for t in outcome.trials),
     }
-    rows = [trial.row() for trial in outcome.trials]
-    work.searches[training.variant] = rows
-    if training.run_id is not None:
-        _log_search(training.run_id, rows, extra["search"])
-    log.info("%s: %s", training.variant, outcome.message)
-    return outcome.best.model
+    return _recorded(outcome, training, work, extra["search"])
 
 
 def _distill_searched(
@@ -245,12 +240,7 @@ def _distill_searched(
     )
     extra["search"] = {**outcome.record(), "widths": widths,
                        "epochs_run": sum(t.summary.get("epochs_run", 0) for t in trained_by_trial.values())}
-    rows = [trial.row() for trial in outcome.trials]
-    work.searches[training.variant] = rows
-    if training.run_id is not None:
-        _log_search(training.run_id, rows, extra["search"])
-    log.info("%s: %s", training.variant, outcome.message)
-    return outcome.best.model
+    return _recorded(outcome, training, work, extra["search"])
 
 
 SENSITIVITY_SAMPLES = 256  # validation samples the per-layer output error is measured on
@@ -376,3 +366,13 @@ def make_variant(
             artifact = _export(candidate, step, work)
         log.info("%s: done in %.1fs (%.1fs CPU here)", what, time.perf_counter() - started, time.process_time() - cpu)
     return candidate, artifact or formats.state_dict_artifact(candidate), extra
+
+
+def _recorded(outcome: Any, training: Any, work: Any, search: dict[str, Any]) -> Any:
+    """Keep a finished search's trials (compress table, MLflow run) and return its best model."""
+    rows = [trial.row() for trial in outcome.trials]
+    work.searches[training.variant] = rows
+    if training.run_id is not None:
+        _log_search(training.run_id, rows, search)
+    log.info("%s: %s", training.variant, outcome.message)
+    return outcome.best.model
