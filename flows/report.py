@@ -8,19 +8,29 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from tasks.core import metric_names as names
 from tasks.core.paths import ProjectPaths
 
 # What `slimflow run` and `slimflow report` show (keys of tasks.core.tables.COLUMNS).
 COMPARISON_COLUMNS = (
-    "model", "accuracy", "accuracy_change", "size_bytes", "size_reduction",
-    "latency_p50_ms", "latency_p95_ms", "speedup", "throughput_sps", "gate",
+    "model", names.ACCURACY, names.ACCURACY_CHANGE_PTS, names.SIZE_BYTES, names.SIZE_REDUCTION_X,
+    names.LATENCY_P50_MS, names.LATENCY_P95_MS, names.SPEEDUP_X, names.THROUGHPUT_SPS, "gate",
 )
 
 
-def _ratio(baseline: Any, value: Any) -> float | None:
-    if isinstance(baseline, (int, float)) and isinstance(value, (int, float)) and value:
-        return baseline / value
+def _ratio(numerator: Any, denominator: Any) -> float | None:
+    if isinstance(numerator, (int, float)) and isinstance(denominator, (int, float)) and denominator:
+        return numerator / denominator
     return None
+
+
+def _gate(name: str, values: dict[str, Any], champion: Any) -> str | None:
+    # `champion` is the model's name at the top of the file (older files: a 0/1 per model).
+    if name == champion or values.get("champion") == 1:
+        return "champion"
+    if values.get(names.PASSED_GATE) is None:
+        return None
+    return "pass" if values.get(names.PASSED_GATE) else "fail"
 
 
 def comparison_rows(paths: ProjectPaths) -> list[dict[str, Any]]:
@@ -32,20 +42,20 @@ def comparison_rows(paths: ProjectPaths) -> list[dict[str, Any]]:
     baseline = metrics.get("baseline", {})
     rows = []
     for name, values in metrics.items():
-        if not isinstance(values, dict) or "accuracy" not in values:
+        if not isinstance(values, dict) or names.ACCURACY not in values:
             continue
-        gate = "champion" if values.get("champion") else ("pass" if values.get("passed_gate") else "fail")
+        change = _ratio(values[names.ACCURACY] - baseline[names.ACCURACY], 0.01) if names.ACCURACY in baseline else None
         rows.append({
             "model": name,
-            "accuracy": values.get("accuracy"),
-            "accuracy_change": values["accuracy"] - baseline["accuracy"] if "accuracy" in baseline else None,
-            "size_bytes": values.get("size_bytes"),
-            "size_reduction": _ratio(baseline.get("size_bytes"), values.get("size_bytes")),
-            "latency_p50_ms": values.get("latency_p50_ms"),
-            "latency_p95_ms": values.get("latency_p95_ms"),
-            "speedup": _ratio(baseline.get("latency_p50_ms"), values.get("latency_p50_ms")),
-            "throughput_sps": values.get("throughput_sps"),
-            "gate": gate if "passed_gate" in values else None,
+            names.ACCURACY: values.get(names.ACCURACY),
+            names.ACCURACY_CHANGE_PTS: change,
+            names.SIZE_BYTES: values.get(names.SIZE_BYTES),
+            names.SIZE_REDUCTION_X: _ratio(baseline.get(names.SIZE_BYTES), values.get(names.SIZE_BYTES)),
+            names.LATENCY_P50_MS: values.get(names.LATENCY_P50_MS),
+            names.LATENCY_P95_MS: values.get(names.LATENCY_P95_MS),
+            names.SPEEDUP_X: _ratio(baseline.get(names.LATENCY_P50_MS), values.get(names.LATENCY_P50_MS)),
+            names.THROUGHPUT_SPS: values.get(names.THROUGHPUT_SPS),
+            "gate": _gate(name, values, metrics.get("champion")),
         })
     return rows
 

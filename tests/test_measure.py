@@ -81,9 +81,10 @@ def test_quality_metrics_and_fixed_batch_prediction() -> None:
 
     y_true = np.array([0, 0, 1, 1, 2, 2])
     y_pred = np.array([0, 1, 1, 1, 2, 0])
-    metrics, confusion = classification_metrics(y_true, y_pred, ["cat", "dog", "sea lion"])
-    assert metrics["accuracy"] == pytest.approx(4 / 6)
-    assert metrics["precision_dog"] == pytest.approx(2 / 3) and metrics["recall_sea_lion"] == pytest.approx(0.5)
+    metrics, per_class, confusion = classification_metrics(y_true, y_pred, ["cat", "dog", "sea lion"])
+    assert metrics == {"accuracy": pytest.approx(4 / 6), "macro_f1": pytest.approx(metrics["macro_f1"])}
+    assert per_class["dog"]["precision"] == pytest.approx(2 / 3) and per_class["sea lion"]["recall"] == pytest.approx(0.5)
+    assert per_class["cat"]["support"] == 2 and set(per_class["cat"]) == {"precision", "recall", "f1", "support"}
     assert confusion.tolist() == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
 
     sizes: list[int] = []

@@ -26,7 +26,9 @@ def _evaluation() -> Any:
         metrics = {"accuracy": accuracy, "macro_f1": accuracy, "size_bytes": size, "latency_p50_ms": p50,
                    "latency_p95_ms": 1.5 * p50, "throughput_sps": 1000 / p50, "flops": flops}
         manifest = {"name": name, "method": "baseline" if name == "baseline" else "quantize", "runtime": "pytorch"}
-        return ModelResult(name, Path(name), manifest, metrics, np.array([0, 1]), np.eye(2, dtype=np.int64))
+        per_class = {"a": {"precision": 1.0, "recall": 0.5, "f1": 0.667, "support": 2}}
+        return ModelResult(name, Path(name), manifest, metrics, np.array([0, 1]), np.eye(2, dtype=np.int64),
+                           per_class=per_class)
 
     models = {"baseline": result("baseline", 0.98, 4096, 0.5, 4736.0), "int8": result("int8", 0.975, 1024, 0.25,
                                                                                       math.nan)}
@@ -46,7 +48,15 @@ def test_documents_keep_the_same_keys_and_mark_the_front() -> None:
     document = metrics_document(evaluation)
     assert document["promoted"] == 0  # nothing registered yet
     assert list(document["baseline"]) == list(document["int8"])
-    assert document["int8"]["flops"] is None and document["int8"]["size_ratio"] == 0.25
+    assert document["int8"]["flops"] is None and document["int8"]["size_reduction_x"] == 4.0
+    assert document["int8"]["speedup_x"] == 2.0 and document["int8"]["accuracy_change_pts"] == -0.5
+    assert document["champion"] == "int8" and "champion" not in document["int8"]
+    # Headline figures first, the per-class table nested last; every key a name of the vocabulary.
+    from tasks.core.metric_names import MODEL_FIGURES, MODEL_HEADLINE
+
+    assert list(document["int8"])[: len(MODEL_HEADLINE)] == list(MODEL_HEADLINE)
+    assert list(document["int8"]) == [*MODEL_FIGURES, "per_class"]
+    assert document["int8"]["per_class"]["a"] == {"precision": 1, "recall": 0.5, "f1": 0.667, "support": 2}
     json.dumps(document, allow_nan=False)
     assert [row["pareto"] for row in tradeoff_rows(evaluation)] == [True, True]
 
@@ -54,18 +64,38 @@ def test_documents_keep_the_same_keys_and_mark_the_front() -> None:
 def test_report_and_table_cells_come_from_the_shared_columns() -> None:
     from tasks.core.tables import COLUMNS
     from tasks.evaluation.report import models_table
-    from tasks.evaluation.summary import REPORT_COLUMNS, summary_rows
+    from tasks.evaluation.summary import DETAIL_COLUMNS, HEADLINE_COLUMNS, summary_rows
 
     evaluation = _evaluation()
     for result in evaluation.models.values():
-        result.metrics.update(passed_gate=1.0, champion=float(result.name == "int8"))
+        result.metrics.update(passed_gate=1.0)
+    evaluation.champion = "int8"
     rows = {row["model"]: row for row in summary_rows(evaluation)}
-    assert rows["int8"]["size_reduction"] == 4.0 and rows["int8"]["speedup"] == 2.0
+    assert rows["int8"]["size_reduction_x"] == 4.0 and rows["int8"]["speedup_x"] == 2.0
     assert rows["int8"]["gate"] == "champion" and rows["baseline"]["gate"] == "pass"
-    lines = models_table(evaluation)
-    assert lines[0] == "| " + " | ".join(COLUMNS[key].header for key in REPORT_COLUMNS) + " |"
+    lines = models_table(evaluation, HEADLINE_COLUMNS)
+    assert lines[0] == "| " + " | ".join(COLUMNS[key].header for key in HEADLINE_COLUMNS) + " |"
     int8 = next(line for line in lines if line.startswith("| int8 |")).split(" | ")
-    assert int8[REPORT_COLUMNS.index("size_reduction")] == "4.00"
-    assert int8[REPORT_COLUMNS.index("flops")] == "-"  # NaN: the shared placeholder
-    baseline = next(line for line in lines if line.startswith("| baseline |")).split(" | ")
-    assert baseline[REPORT_COLUMNS.index("flops")] == "4.74k"
+    assert int8[HEADLINE_COLUMNS.index("size_reduction_x")] == "4.00"
+    assert int8[HEADLINE_COLUMNS.index("accuracy_change_pts")] == "-0.50"
+    details = models_table(evaluation, DETAIL_COLUMNS)
+    int8 = next(line for line in details if line.startswith("| int8 |")).split(" | ")
+    assert int8[DETAIL_COLUMNS.index("flops")] == "-"  # NaN: the shared placeholder
+    baseline = next(line for line in details if line.startswith("| baseline |")).split(" | ")
+    assert baseline[DETAIL_COLUMNS.index("flops")] == "4.74k"
+    # Two tables that fit a page, not one of 17 columns.
+    assert len(HEADLINE_COLUMNS) <= 10 and len(DETAIL_COLUMNS) <= 12
+
+
+def test_the_html_report_embeds_its_images_and_renders_its_tables(tmp_path: Path) -> None:
+    import base64
+
+    from tasks.evaluation.report import report_html
+
+    png = b"\x89PNG\r\n\x1a\n" + b"0" * 16
+    (tmp_path / "accuracy_vs_size.png").write_bytes(png)
+    text = "# report\n\n| model | size × |\n|---|---|\n| int8 | 4.00 |\n\n![accuracy vs size](accuracy_vs_size.png)\n"
+    page = report_html(text, tmp_path)
+    assert "<table>" in page and "<td>int8</td>" in page
+    assert f'src="data:image/png;base64,{base64.b64encode(png).decode()}"' in page
+    assert 'src="accuracy_vs_size.png"' not in page

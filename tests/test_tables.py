@@ -7,20 +7,28 @@ import pytest
 from tasks.core.tables import as_text, results_table
 
 ROWS = [
-    {"model": "baseline", "accuracy": 0.9708, "accuracy_change": 0.0, "size_bytes": 83_537, "size_reduction": 1.0, "gate": "pass"},
-    {"model": "int8", "accuracy": 0.9798, "accuracy_change": 0.009, "size_bytes": 20_480, "size_reduction": 4.079, "gate": "champion"},
+    {"model": "baseline", "accuracy": 0.9708, "accuracy_change_pts": 0.0, "size_bytes": 83_537, "size_reduction_x": 1.0, "gate": "pass"},
+    {"model": "int8", "accuracy": 0.9798, "accuracy_change_pts": 0.9, "size_bytes": 20_480, "size_reduction_x": 4.079, "gate": "champion"},
     {"model": "broken", "accuracy": float("nan"), "size_bytes": None},
 ]
 
 
 def test_figures_are_formatted_once_for_every_table() -> None:
-    text = as_text(results_table(ROWS, ["model", "accuracy", "accuracy_change", "size_bytes", "size_reduction", "gate"]))
+    text = as_text(results_table(ROWS, ["model", "accuracy", "accuracy_change_pts", "size_bytes", "size_reduction_x", "gate"]))
     assert "accuracy %" in text and "Δ acc (pts)" in text and "size KiB" in text
     # Two decimals of a percentage: 97.08 and 97.98 stay apart.
     assert "97.08" in text and "97.98" in text and "+0.90" in text
     assert "81.6" in text and "4.08" in text and "champion" in text
     broken = next(line for line in text.splitlines() if "broken" in line)
     assert "nan" not in broken.lower() and "-" in broken
+
+
+def test_every_figure_column_is_a_name_of_the_vocabulary() -> None:
+    from tasks.core.metric_names import is_known
+    from tasks.core.tables import COLUMNS
+
+    labels = {"model", "method", "format", "runtime", "gate"}
+    assert all(is_known(key) for key in COLUMNS if key not in labels)
 
 
 def test_an_unknown_column_is_refused() -> None:

@@ -35,7 +35,9 @@ def file_digest(path: Path) -> str:
 
 
 def count_nonzeros(model: nn.Module) -> int:
-    return int(sum(int(torch.count_nonzero(p)) for p in model.state_dict().values() if p.is_floating_point()))
+    """Non-zero parameters: buffers (BatchNorm running statistics...) are not parameters, so
+    this never exceeds the parameter count."""
+    return int(sum(int(torch.count_nonzero(p.detach())) for p in model.parameters()))
 
 
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:

@@ -13,6 +13,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from tasks.core import metric_names as names
+
 # Off a terminal (CI logs, `dvc repro` output, pipes) rich assumes 80 columns: too narrow.
 WIDTH_OFF_TERMINAL = 160
 
@@ -47,29 +49,43 @@ class Column:
     justify: str = "right"
 
 
-# Row key -> how it is shown. Ratios are "times smaller / faster than the baseline" (> 1 is better).
+# Row key -> how it is shown. Figures are keyed by their names in tasks.core.metric_names;
+# ratios are "times smaller / faster than the baseline" (> 1 is better).
 COLUMNS: dict[str, Column] = {
     "model": Column("model", _text, "left"),
     "method": Column("method", _text, "left"),
     "search": Column("searched", _text, "left"),  # a searched knob's chosen setting (compress)
     "format": Column("format", _text, "left"),
     "runtime": Column("runtime", _text, "left"),
-    "accuracy": Column("accuracy %", _number(".2f", 100)),
-    "val_accuracy": Column("val acc %", _number(".2f", 100)),
-    "accuracy_change": Column("Δ acc (pts)", _number("+.2f", 100)),
-    "macro_f1": Column("macro F1", _number(".4f")),
-    "size_bytes": Column("size KiB", _number(",.1f", 1 / 1024)),
-    "size_reduction": Column("size ×", _number(".2f")),
-    "latency_p50_ms": Column("p50 ms", _number(".3f")),
-    "latency_p95_ms": Column("p95 ms", _number(".3f")),
-    "speedup": Column("speed ×", _number(".2f")),
-    "cpu_time_p50_ms": Column("CPU ms", _number(".3f")),
-    "throughput_sps": Column("samples/s", _number(",.0f")),
-    "flops": Column("FLOPs", _si),
-    "peak_memory_mb": Column("peak MB", _number(".1f")),
-    "energy_per_1k_j": Column("J / 1k", _number(".3f")),
+    names.ACCURACY: Column("accuracy %", _number(".2f", 100)),
+    names.VAL_ACCURACY: Column("val acc %", _number(".2f", 100)),
+    names.ACCURACY_CHANGE_PTS: Column("Δ acc (pts)", _number("+.2f")),
+    names.VAL_ACCURACY_CHANGE_PTS: Column("Δ val acc (pts)", _number("+.2f")),
+    names.MACRO_F1: Column("macro F1", _number(".4f")),
+    names.SIZE_BYTES: Column("size KiB", _number(",.1f", 1 / 1024)),
+    names.SIZE_REDUCTION_X: Column("size ×", _number(".2f")),
+    names.LATENCY_P50_MS: Column("p50 ms", _number(".3f")),
+    names.LATENCY_P95_MS: Column("p95 ms", _number(".3f")),
+    names.SPEEDUP_X: Column("speed ×", _number(".2f")),
+    names.CPU_TIME_P50_MS: Column("CPU ms", _number(".3f")),
+    names.THROUGHPUT_SPS: Column("samples/s", _number(",.0f")),
+    names.THROUGHPUT_GAIN_X: Column("samples/s ×", _number(".2f")),
+    names.PARAMETERS: Column("params", _si),
+    names.NONZEROS: Column("non-zeros", _si),
+    names.FLOPS: Column("FLOPs", _si),
+    names.PEAK_MEMORY_MB: Column("peak MB", _number(".1f")),
+    names.ENERGY_PER_1K_J: Column("J / 1k", _number(".3f")),
     "gate": Column("gate", _text, "left"),
 }
+
+
+def times(ratio: Any, better: str, worse: str) -> str:
+    """A "times better" ratio in words: 4.08 -> '4.08× smaller', 0.5 -> '2.00× larger', 1 -> 'the same'."""
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio) or ratio <= 0:
+        return "-"
+    if round(ratio, 2) == 1.0:
+        return "the same"
+    return f"{ratio:.2f}× {better}" if ratio >= 1 else f"{1 / ratio:.2f}× {worse}"
 
 
 def results_table(

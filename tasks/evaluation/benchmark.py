@@ -91,7 +91,7 @@ def measure_models(
 
     for name, result in results.items():
         result.metrics["flops"], result.notes["flops"] = flops[name]
-        _add_costs(result, loaded[name].module, memory[name], timings[name], params.threads)
+        _add_costs(result, loaded[name].module, memory[name], timings[name])
         result.notes["memory"] = str(memory[name].get("method"))
         result.notes["energy"] = meter.source
     add_ratios(results)
@@ -107,13 +107,15 @@ def _score(
     for name, model in loaded.items():
         logits = predict_in_batches(model.predict, x, batch)
         predictions = logits.argmax(axis=1).astype(np.int64)
-        quality, confusion = classification_metrics(y, predictions, class_names)
-        results[name] = ModelResult(name, model_dirs[name], dict(model.manifest), quality, predictions, confusion)
+        quality, per_class, confusion = classification_metrics(y, predictions, class_names)
+        results[name] = ModelResult(
+            name, model_dirs[name], dict(model.manifest), quality, predictions, confusion, per_class=per_class
+        )
         log.info("%s (%s): accuracy %.4f", name, model.runtime, quality["accuracy"])
     return results
 
 
-def _add_costs(result: ModelResult, module: Any, memory: Mapping[str, Any], timing: Timing, threads: int) -> None:
+def _add_costs(result: ModelResult, module: Any, memory: Mapping[str, Any], timing: Timing) -> None:
     """Size, parameters, sparsity, memory and timings into ``result.metrics``."""
     manifest = result.manifest
     parameters = _float(manifest.get("parameters"))
@@ -126,7 +128,6 @@ def _add_costs(result: ModelResult, module: Any, memory: Mapping[str, Any], timi
         size_bytes=_float(manifest.get("size_bytes")),
         peak_memory_mb=_float(memory.get("peak_mb")),
         load_memory_mb=_float(memory.get("load_mb")),
-        threads=float(threads),
         **timing.summary(),
     )
 

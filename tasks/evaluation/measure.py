@@ -11,7 +11,6 @@ with them, the baseline and each variant alike.
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -44,11 +43,6 @@ def torch_threads(threads: int) -> Iterator[None]:
 
 
 # ---------------------------------------------------------------------------- quality
-def safe_key(text: str) -> str:
-    """A class name as a metric-key fragment MLflow and DVC both accept."""
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", str(text)) or "_"
-
-
 def predict_in_batches(predict: Predict, x: np.ndarray, batch: int) -> np.ndarray:
     """Logits for all of ``x`` in calls of exactly ``batch`` rows (the last one padded).
 
@@ -67,8 +61,11 @@ def predict_in_batches(predict: Predict, x: np.ndarray, batch: int) -> np.ndarra
 
 def classification_metrics(
     y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequence[str]
-) -> tuple[dict[str, float], np.ndarray]:
-    """Accuracy, macro F1, per-class precision and recall, and the confusion matrix.
+) -> tuple[dict[str, float], dict[str, dict[str, float]], np.ndarray]:
+    """Accuracy and macro F1; per class precision, recall, F1 and support; the confusion matrix.
+
+    Per-class figures are a table (``{class: {precision, recall, f1, support}}``), not
+    metrics: one metric per class and figure would bury the headline figures.
 
     The definitions of scikit-learn's ``accuracy_score``, ``f1_score(average="macro")``,
     ``precision_recall_fscore_support`` and ``confusion_matrix`` with ``labels=0..K-1`` and
@@ -94,7 +91,9 @@ def classification_metrics(
         "accuracy": float(np.mean(y_true == y_pred)) if len(y_true) else 0.0,
         "macro_f1": float(f1.mean()) if classes else 0.0,
     }
-    for index, name in enumerate(class_names):
-        metrics[f"precision_{safe_key(name)}"] = float(precision[index])
-        metrics[f"recall_{safe_key(name)}"] = float(recall[index])
-    return metrics, confusion
+    per_class = {
+        str(name): {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
+                    "support": int(actual[i])}
+        for i, name in enumerate(class_names)
+    }
+    return metrics, per_class, confusion

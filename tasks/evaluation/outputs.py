@@ -25,14 +25,40 @@ REPORT_FIGURES = ("accuracy_vs_size.png", "accuracy_vs_latency.png", "confusion_
 
 
 def metrics_document(evaluation: Evaluation) -> dict[str, Any]:
-    """``metrics/evaluate.json``: ``{model: {metric: number}}`` plus ``promoted`` (1/0)."""
+    """``metrics/evaluate.json``: ``{model: {figure: number, ..., "per_class": {class: {...}}}}``
+    (the names of :mod:`tasks.core.metric_names`, headline first), plus ``champion`` (the
+    model's name, or null) and ``promoted`` (1/0)."""
     document: dict[str, Any] = {
-        name: {k: json_number(v) for k, v in ordered_metrics(result.metrics).items()}
+        name: {
+            **{k: json_number(v) for k, v in ordered_metrics(result.metrics).items()},
+            "per_class": {c: {k: json_number(v) for k, v in row.items()} for c, row in result.per_class.items()},
+        }
         for name, result in evaluation.models.items()
     }
     promoted = bool(evaluation.promotion and evaluation.promotion.promoted)
+    document["champion"] = evaluation.champion
     document["promoted"] = int(promoted)
     return document
+
+
+def result_document(evaluation: Evaluation) -> dict[str, Any]:
+    """``artifacts/evaluation/result.json``: the decision and where everything is in MLflow
+    (each model's run and logged model, the stage run, the registered version), for the
+    pipeline run and the flow run's artifacts to show."""
+    promotion = evaluation.promotion
+    return {
+        "champion": evaluation.champion,
+        "gate": {name: evaluation.reasons.get(name) for name in evaluation.models},
+        "decision": promotion.reason if promotion else None,
+        "promoted": bool(promotion and promotion.promoted),
+        "registered_model": promotion.registered_model if promotion else None,
+        "registered_version": promotion.version if promotion else None,
+        "new_version": bool(promotion and promotion.new_version),
+        "champion_holder": promotion.champion if promotion else None,
+        "evaluate_run_id": evaluation.stage_run_id,
+        "model_runs": dict(evaluation.run_ids),
+        "logged_models": dict(evaluation.model_uris),
+    }
 
 
 def tradeoff_rows(evaluation: Evaluation) -> list[dict[str, Any]]:
@@ -108,6 +134,8 @@ def render_outputs(staging: Path, evaluation: Evaluation, history: list[dict[str
                        "latency p50, batch 1 (ms)",
                        f"accuracy vs CPU latency ({evaluation.settings['threads']} thread(s))")
     plots.confusion_png(plot_dir / "confusion_matrix.png", evaluation)
+    for name in evaluation.models:  # each model's own, for its MLflow run
+        plots.confusion_png(evaluation_dir / "confusion" / f"{name}.png", evaluation, name)
     for name in REPORT_FIGURES:
         shutil.copy2(plot_dir / name, evaluation_dir / name)  # the report shows them beside itself
     if history:

@@ -102,11 +102,14 @@ def tradeoff_png(
     fig.savefig(path)
 
 
-def confusion_png(path: Path, evaluation: Evaluation) -> None:
-    """The shown model's confusion matrix (counts written in the cells up to 30 classes)."""
+def confusion_png(path: Path, evaluation: Evaluation, model: str | None = None) -> None:
+    """The confusion matrix of ``model`` (default: the shown model), counts written in the
+    cells up to 30 classes."""
     from matplotlib.figure import Figure
 
-    matrix = evaluation.models[evaluation.shown_model].confusion
+    model = model or evaluation.shown_model
+    path.parent.mkdir(parents=True, exist_ok=True)
+    matrix = evaluation.models[model].confusion
     names = evaluation.class_names
     size = max(4.0, 0.45 * len(names) + 2)
     fig = Figure(figsize=(size + 1, size), dpi=110, layout="constrained")
@@ -124,7 +127,7 @@ def confusion_png(path: Path, evaluation: Evaluation) -> None:
             if count:
                 ax.text(j, i, str(count), ha="center", va="center", fontsize=7,
                         color="white" if count > threshold else "black")
-    ax.set_title(f"confusion matrix: {evaluation.shown_model} (test split)", fontsize=10)
+    ax.set_title(f"confusion matrix: {model} (test split)", fontsize=10)
     fig.savefig(path)
 
 

@@ -1,31 +1,60 @@
-"""``artifacts/evaluation/report.md``: the table of every model, the gate decision, and how
-every figure was obtained. Cells are rendered by :data:`tasks.core.tables.COLUMNS`, so the
-report shows the same figures as the closing table."""
+"""``artifacts/evaluation/report.md``: the result first, the tables of every model (headline
+figures, then details), the gate decision, and how every figure was obtained. Cells are
+rendered by :data:`tasks.core.tables.COLUMNS`, so the report shows the same figures as the
+closing table. ``report.html`` is the same report with its images embedded: MLflow's
+artifact viewer shows it whole (it does not display a Markdown file's relative images)."""
 
 from __future__ import annotations
 
+import base64
+import html
+import re
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
+from tasks.core import metric_names as names
 from tasks.core.config import EvaluateParams
-from tasks.core.tables import COLUMNS
-from tasks.evaluation.results import Evaluation
-from tasks.evaluation.summary import REPORT_COLUMNS, summary_rows
+from tasks.core.tables import COLUMNS, times
+from tasks.evaluation.results import BASELINE, Evaluation
+from tasks.evaluation.summary import DETAIL_COLUMNS, HEADLINE_COLUMNS, summary_rows
 
 
-def models_table(evaluation: Evaluation) -> list[str]:
-    """The Markdown table of every model (one line per row)."""
+def models_table(evaluation: Evaluation, columns: Sequence[str] = HEADLINE_COLUMNS) -> list[str]:
+    """The Markdown table of every model (one line per row) showing ``columns``."""
     lines = [
-        "| " + " | ".join(COLUMNS[key].header for key in REPORT_COLUMNS) + " |",
-        "|" + "---|" * len(REPORT_COLUMNS),
+        "| " + " | ".join(COLUMNS[key].header for key in columns) + " |",
+        "|" + "---|" * len(columns),
     ]
     for row in summary_rows(evaluation):
-        lines.append("| " + " | ".join(COLUMNS[key].render(row.get(key)) for key in REPORT_COLUMNS) + " |")
+        lines.append("| " + " | ".join(COLUMNS[key].render(row.get(key)) for key in columns) + " |")
     return lines
+
+
+def headline(evaluation: Evaluation) -> str:
+    """One sentence: the champion and what it gains over the baseline (or that there is none)."""
+    promotion = evaluation.promotion
+    if not evaluation.champion:
+        return f"**No champion**: no model passes the gate. {promotion.reason if promotion else ''}".strip()
+    m = evaluation.models[evaluation.champion].metrics
+    cell = {key: COLUMNS[key].render(m.get(key)) for key in COLUMNS if key in m}
+    registered = (
+        f" Registered as `{promotion.registered_model}` version {promotion.version} (@champion)."
+        if promotion and promotion.version else ""
+    )
+    if evaluation.champion == BASELINE:
+        return f"**Champion: baseline** (accuracy {cell[names.ACCURACY]}%): no variant beats it within the gate.{registered}"
+    return (
+        f"**Champion: {evaluation.champion}**: accuracy {cell[names.ACCURACY]}% "
+        f"({cell[names.ACCURACY_CHANGE_PTS]} pts vs the baseline), {cell[names.SIZE_BYTES]} KiB "
+        f"({times(m.get(names.SIZE_REDUCTION_X), 'smaller', 'larger')}), latency p50 {cell[names.LATENCY_P50_MS]} ms "
+        f"({times(m.get(names.SPEEDUP_X), 'faster', 'slower')}) than the baseline.{registered}"
+    )
 
 
 def _methods(evaluation: Evaluation, data_digest: str | None) -> list[str]:
     s = evaluation.settings
-    return [
+    return [f"- {line}" for line in [
         f"Test split: {s['test_samples']} samples, {s['classes']} classes"
         + (f", data digest `{data_digest}`" if data_digest else "") + ".",
         f"CPU: {s['cpu']}; {s['threads']} thread(s) (torch intra-op and ONNX Runtime intra-op).",
@@ -35,8 +64,10 @@ def _methods(evaluation: Evaluation, data_digest: str | None) -> list[str]:
         f"{s['latency_repeats']} calls at batch {s['throughput_batch']}.",
         f"Energy: {s['energy_method']}, over the throughput calls (`energy_source: {s['energy_source']}`).",
         f"Peak memory: {s['memory_method']}.",
-        "Size × and speed ×: times smaller / faster (latency p50) than the baseline.",
-    ]
+        "Size × and speed ×: times smaller / faster (latency p50) than the baseline; samples/s ×: "
+        "throughput / the baseline's. Per-class precision and recall: `per_class` in "
+        "`metrics/evaluate.json` and `per_class.json` in each model's MLflow run.",
+    ]]
 
 
 def _gate_section(evaluation: Evaluation, params: EvaluateParams) -> list[str]:
@@ -118,12 +149,48 @@ def _plots_section(evaluation: Evaluation, training_curves: bool) -> list[str]:
 def report_markdown(
     evaluation: Evaluation, params: EvaluateParams, data_digest: str | None, training_curves: bool = True
 ) -> str:
-    """``artifacts/evaluation/report.md``: the table of every model, the gate decision, the methods."""
-    lines = ["# slimflow evaluation", "", *_methods(evaluation, data_digest), "", "## Models", ""]
-    lines += models_table(evaluation)
+    """``artifacts/evaluation/report.md``: the result, the tables of every model (headline
+    figures, then details), the plots, the gate decision, the methods."""
+    lines = ["# slimflow evaluation", "", headline(evaluation), "", "## Models", ""]
+    lines += models_table(evaluation, HEADLINE_COLUMNS)
+    lines += ["", *_plots_section(evaluation, training_curves), "", "## Details", ""]
+    lines += models_table(evaluation, DETAIL_COLUMNS)
     lines += ["", *_gate_section(evaluation, params), "", "## How figures were obtained", ""]
+    lines += [*_methods(evaluation, data_digest), ""]
     for name, result in evaluation.models.items():
         notes = ", ".join(f"{k}: {v}" for k, v in result.notes.items())
         lines.append(f"- {name}: {notes}")
-    lines += ["", *_plots_section(evaluation, training_curves)]
     return "\n".join(lines) + "\n"
+
+
+_IMAGE = re.compile(r'<img src="([^"/]+\.png)"')
+
+_STYLE = """
+body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; font-size: 14px;
+       line-height: 1.45; max-width: 1100px; margin: 1.5em auto; padding: 0 1em; color: #1f2328; }
+table { border-collapse: collapse; margin: 0.5em 0 1em; font-size: 13px; }
+th, td { border: 1px solid #d0d7de; padding: 3px 8px; text-align: right; white-space: nowrap; }
+th:first-child, td:first-child { text-align: left; }
+tr:nth-child(even) { background: #f6f8fa; }
+img { max-width: 100%; display: block; margin: 0.5em 0 1em; }
+code { background: #eff1f3; padding: 0 3px; border-radius: 3px; }
+"""
+
+
+def report_html(markdown_text: str, folder: Path) -> str:
+    """``report.md`` as one HTML page, the PNGs it shows (in ``folder``) embedded as data URIs."""
+    from markdown_it import MarkdownIt  # rich's Markdown parser: already installed
+
+    body = MarkdownIt("commonmark").enable("table").render(markdown_text)
+
+    def embed(match: re.Match[str]) -> str:
+        image = folder / match.group(1)
+        if not image.is_file():
+            return match.group(0)
+        return f'<img src="data:image/png;base64,{base64.b64encode(image.read_bytes()).decode()}"'
+
+    title = html.escape("slimflow evaluation")
+    return (
+        f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{title}</title>"
+        f"<style>{_STYLE}</style></head>\n<body>\n{_IMAGE.sub(embed, body)}</body></html>\n"
+    )

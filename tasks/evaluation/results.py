@@ -12,15 +12,9 @@ from typing import Any
 
 import numpy as np
 
+from tasks.core import metric_names as names
+
 BASELINE = "baseline"
-# Metric keys in the order tables show them; per-class precision/recall follow macro_f1.
-HEAD_KEYS = ("accuracy", "accuracy_delta", "macro_f1")
-TAIL_KEYS = (
-    "parameters", "nonzeros", "sparsity", "size_bytes", "size_ratio", "flops",
-    "latency_p50_ms", "latency_p95_ms", "latency_mean_ms", "latency_ratio", "cpu_time_p50_ms",
-    "throughput_sps", "throughput_ratio", "peak_memory_mb", "load_memory_mb",
-    "energy_per_1k_j", "threads", "passed_gate", "champion",
-)
 
 
 class EvaluateError(RuntimeError):
@@ -38,6 +32,7 @@ class ModelResult:
     predictions: np.ndarray
     confusion: np.ndarray
     notes: dict[str, str] = field(default_factory=dict)  # how a figure was obtained
+    per_class: dict[str, dict[str, float]] = field(default_factory=dict)  # {class: {precision, recall, f1, support}}
 
     @property
     def method(self) -> str:
@@ -59,7 +54,8 @@ class Evaluation:
     champion: str | None = None
     reasons: dict[str, str] = field(default_factory=dict)
     promotion: Any = None  # tasks.evaluation.promotion.Promotion
-    run_ids: dict[str, str] = field(default_factory=dict)
+    run_ids: dict[str, str] = field(default_factory=dict)  # each model's own MLflow run
+    model_uris: dict[str, str] = field(default_factory=dict)  # each model's logged MLflow model
     stage_run_id: str | None = None
 
     def metrics(self) -> dict[str, dict[str, float]]:
@@ -72,7 +68,7 @@ class Evaluation:
 
 
 def add_ratios(results: Mapping[str, ModelResult]) -> None:
-    """size_ratio, latency_ratio, throughput_ratio and accuracy_delta vs. the baseline."""
+    """The figures relative to the baseline: accuracy change (points) and "times better" ratios."""
     base = results[BASELINE].metrics
 
     def ratio(value: float, reference: float) -> float:
@@ -80,20 +76,18 @@ def add_ratios(results: Mapping[str, ModelResult]) -> None:
 
     for result in results.values():
         metrics = result.metrics
-        metrics["accuracy_delta"] = metrics["accuracy"] - base["accuracy"]
-        metrics["size_ratio"] = ratio(metrics["size_bytes"], base["size_bytes"])
-        metrics["latency_ratio"] = ratio(metrics["latency_p50_ms"], base["latency_p50_ms"])
-        metrics["throughput_ratio"] = ratio(metrics["throughput_sps"], base["throughput_sps"])
-        metrics.setdefault("passed_gate", math.nan)
-        metrics.setdefault("champion", 0.0)
+        # Rounded: accuracies are ratios of counts, and -0.5000000000000004 pts helps nobody.
+        metrics[names.ACCURACY_CHANGE_PTS] = round(100.0 * (metrics[names.ACCURACY] - base[names.ACCURACY]), 6)
+        metrics[names.SIZE_REDUCTION_X] = ratio(base[names.SIZE_BYTES], metrics[names.SIZE_BYTES])
+        metrics[names.SPEEDUP_X] = ratio(base[names.LATENCY_P50_MS], metrics[names.LATENCY_P50_MS])
+        metrics[names.THROUGHPUT_GAIN_X] = ratio(metrics[names.THROUGHPUT_SPS], base[names.THROUGHPUT_SPS])
+        metrics.setdefault(names.PASSED_GATE, math.nan)
 
 
 def ordered_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
-    """The metric dict in table order (head, per-class, tail)."""
-    head = {k: metrics[k] for k in HEAD_KEYS if k in metrics}
-    tail = {k: metrics[k] for k in TAIL_KEYS if k in metrics}
-    middle = {k: v for k, v in metrics.items() if k not in head and k not in tail}
-    return {**head, **dict(sorted(middle.items(), key=lambda kv: (kv[0].split("_", 1)[0], kv[0]))), **tail}
+    """The model figures of the vocabulary, headline first (missing ones as NaN, so every
+    model has the same keys); anything else in ``metrics`` is not a figure and is left out."""
+    return {key: metrics.get(key, math.nan) for key in names.MODEL_FIGURES}
 
 
 def json_number(value: Any) -> Any:

@@ -1,53 +1,47 @@
 """Baseline and every variant as rows for :func:`tasks.core.tables.results_table`: the
-closing table the stage prints, and the cells of the report's Markdown table."""
+closing table the stage prints, and the cells of the report's Markdown tables."""
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from rich.table import Table
 
+from tasks.core import metric_names as names
 from tasks.core.tables import results_table
 from tasks.evaluation.results import Evaluation
 
-# Keys of tasks.core.tables.COLUMNS: every figure (the report), and the closing table's.
-REPORT_COLUMNS = (
-    "model", "method", "runtime", "accuracy", "accuracy_change", "macro_f1", "size_bytes", "size_reduction",
-    "latency_p50_ms", "latency_p95_ms", "speedup", "cpu_time_p50_ms", "throughput_sps", "flops",
-    "peak_memory_mb", "energy_per_1k_j", "gate",
+# Keys of tasks.core.tables.COLUMNS. The report shows every figure in two tables that fit a
+# page: the headline figures, then the details; the closing table shows the headline.
+HEADLINE_COLUMNS = (
+    "model", "method", names.ACCURACY, names.ACCURACY_CHANGE_PTS, names.SIZE_BYTES, names.SIZE_REDUCTION_X,
+    names.LATENCY_P50_MS, names.SPEEDUP_X, "gate",
+)
+DETAIL_COLUMNS = (
+    "model", "runtime", names.MACRO_F1, names.LATENCY_P95_MS, names.CPU_TIME_P50_MS, names.THROUGHPUT_SPS,
+    names.THROUGHPUT_GAIN_X, names.PARAMETERS, names.NONZEROS, names.FLOPS, names.PEAK_MEMORY_MB,
+    names.ENERGY_PER_1K_J,
 )
 SUMMARY_COLUMNS = (
-    "model", "runtime", "accuracy", "accuracy_change", "size_bytes", "size_reduction",
-    "latency_p50_ms", "latency_p95_ms", "speedup", "throughput_sps", "gate",
+    "model", "runtime", names.ACCURACY, names.ACCURACY_CHANGE_PTS, names.SIZE_BYTES, names.SIZE_REDUCTION_X,
+    names.LATENCY_P50_MS, names.LATENCY_P95_MS, names.SPEEDUP_X, names.THROUGHPUT_SPS, "gate",
 )
 
 
-def _times_better(ratio: float) -> float:
-    """A value / baseline ratio as "times smaller / faster than the baseline"."""
-    return 1.0 / ratio if ratio and math.isfinite(ratio) else math.nan
-
-
-def gate_mark(metrics: dict[str, float]) -> str:
-    return "champion" if metrics["champion"] else ("pass" if metrics["passed_gate"] else "fail")
+def gate_mark(evaluation: Evaluation, name: str) -> str:
+    """``champion``, ``pass`` or ``fail``: the gate's verdict on one model, as a word."""
+    if name == evaluation.champion:
+        return "champion"
+    return "pass" if evaluation.models[name].metrics.get(names.PASSED_GATE) == 1.0 else "fail"
 
 
 def summary_rows(evaluation: Evaluation) -> list[dict[str, Any]]:
     """One row per model, keyed like ``COLUMNS`` (the table and the report share them)."""
-    rows = []
-    for name, result in evaluation.models.items():
-        m = result.metrics
-        rows.append({
-            **m,
-            "model": name,
-            "method": result.method,
-            "runtime": result.runtime,
-            "accuracy_change": m["accuracy_delta"],
-            "size_reduction": _times_better(m["size_ratio"]),
-            "speedup": _times_better(m["latency_ratio"]),
-            "gate": gate_mark(m),
-        })
-    return rows
+    return [
+        {**result.metrics, "model": name, "method": result.method, "runtime": result.runtime,
+         "gate": gate_mark(evaluation, name)}
+        for name, result in evaluation.models.items()
+    ]
 
 
 def summary_table(evaluation: Evaluation) -> Table:
