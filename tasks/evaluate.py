@@ -6,15 +6,19 @@
 :mod:`tasks.evaluation.benchmark` for how), with one identical set of metric keys per model
 and the ratios to the baseline. It then
 
-- opens the stage's MLflow run with one nested run per model (same metric keys, so the
-  MLflow compare view lines them up), the manifest as params;
+- opens the stage's MLflow run and completes each model's own run (the train stage's for
+  the baseline, the compress stage's for a variant; see :mod:`tasks.evaluation.model_runs`)
+  with its logged model and figures under the same metric keys, so the MLflow compare view
+  and Models tab line them up;
 - applies the gate (:func:`tasks.evaluation.gate.select_champion`); the winner then
   challenges the current ``@champion`` of ``evaluate.registered_model``
-  (:mod:`tasks.evaluation.challenge`) and is registered with the alias only if it takes
-  the same input and is not worse on the same data (:mod:`tasks.evaluation.registration`);
-  the decision and both models' figures go to ``artifacts/evaluation/promotion.json``;
+  (:mod:`tasks.evaluation.challenge`) and is registered (from its own run's logged model)
+  with the alias only if it takes the same input and is not worse on the same data
+  (:mod:`tasks.evaluation.registration`); the decision and both models' figures go to
+  ``artifacts/evaluation/promotion.json``;
 - writes ``metrics/evaluate.json``, ``plots/tradeoff.json``, ``plots/confusion.csv``, the
-  PNGs declared in ``dvc.yaml`` and ``artifacts/evaluation/`` (report, training curves),
+  PNGs declared in ``dvc.yaml`` and ``artifacts/evaluation/`` (report.md and .html,
+  result.json, training curves, each model's confusion matrix),
   built in a staging folder and moved into place only when all of them exist;
 - prints a closing table of every model.
 """
@@ -34,8 +38,10 @@ from tasks.core.paths import ProjectPaths
 from tasks.core.processes import die_with_parent
 from tasks.evaluation.benchmark import discover_models, measure_models
 from tasks.evaluation.gate import apply_gate
-from tasks.evaluation.outputs import metrics_document, publish, read_history, render_outputs, write_json
-from tasks.evaluation.report import report_markdown
+from tasks.evaluation.outputs import (
+    metrics_document, publish, read_history, render_outputs, result_document, write_json,
+)
+from tasks.evaluation.report import report_html, report_markdown
 from tasks.evaluation.results import EvaluateError, Evaluation
 
 log = logging.getLogger("slimflow.evaluate")
@@ -44,7 +50,7 @@ log = logging.getLogger("slimflow.evaluate")
 def run_evaluate(paths: ProjectPaths, params: Params) -> Evaluation:
     """Measure, compare, decide, register and publish; the outputs appear all together or not at all."""
     from tasks.core import tracking
-    from tasks.evaluation import registration, runs  # MLflow: imported once the inputs are known to be there
+    from tasks.evaluation import model_runs, registration, runs  # MLflow: imported once the inputs are known to be there
 
     settings = params.evaluate
     model_dirs = discover_models(paths)
@@ -61,17 +67,20 @@ def run_evaluate(paths: ProjectPaths, params: Params) -> Evaluation:
             evaluation = measure_models(model_dirs, paths.prepared, settings, params.base.seed)
             evaluation.stage_run_id = stage.info.run_id
             apply_gate(evaluation, settings)
-            for name, result in evaluation.models.items():
-                evaluation.run_ids[name] = runs.log_model_run(
-                    result, evaluation, paths, params.base.experiment, stage.info.run_id
-                )
             render_outputs(staging, evaluation, read_history(paths.plots / "train_history.json"))
+            # Each model's figures go into the run that made it, beside its logged model.
+            model_runs.log_model_runs(evaluation, paths, params.base.experiment, stage.info.run_id,
+                                      staging / "evaluation")
             # The registry is the one change that cannot be rolled back: do it last.
             evaluation.promotion = registration.register_champion(evaluation, paths, settings)
+            model_runs.tag_registration(evaluation)
             write_json(staging / "evaluation" / "promotion.json", evaluation.promotion.decision)
             curves = (staging / "evaluation" / "training_curves.png").is_file()
             digest = registration.data_digest_or_none(paths)
-            (staging / "evaluation" / "report.md").write_text(report_markdown(evaluation, settings, digest, curves))
+            report = report_markdown(evaluation, settings, digest, curves)
+            (staging / "evaluation" / "report.md").write_text(report)
+            (staging / "evaluation" / "report.html").write_text(report_html(report, staging / "evaluation"))
+            write_json(staging / "evaluation" / "result.json", result_document(evaluation))
             write_json(staging / "metrics" / "evaluate.json", metrics_document(evaluation))
             runs.log_stage_summary(evaluation, staging)
             publish(staging, paths)

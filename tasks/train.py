@@ -2,8 +2,8 @@
 
 ``python -m tasks.train`` (the DVC stage command) validates the parameters, opens the
 stage's MLflow run, starts ``train.workers`` Horovod workers (or ``train.hosts``) that run
-the loop of :mod:`tasks.training`, and, when they succeed, logs the trained model to
-MLflow. A re-run after a crash resumes from the last checkpoint in ``artifacts/checkpoints``.
+the loop of :mod:`tasks.training`, and, when they succeed, records the run in the model's
+manifest: it is the baseline's run, where the evaluate stage logs the model and its figures. A re-run after a crash resumes from the last checkpoint in ``artifacts/checkpoints``.
 
 Workers get ``cores // local workers`` threads each, and Horovod's background thread
 waits for work instead of coordinating every cycle (``HOROVOD_IDLE_CYCLE_TIME``, slimflow's
@@ -55,26 +55,19 @@ def fit_job(params: Params, paths: ProjectPaths, run_id: str | None) -> FitJob:
     )
 
 
-def log_trained_model(paths: ProjectPaths) -> None:
-    """Log the trained baseline to the active MLflow run with a signature and an input example."""
+def record_model_run(paths: ProjectPaths, run_id: str) -> None:
+    """Make the stage's run the baseline's one place in MLflow.
+
+    The run's id goes into the baseline's manifest, so the evaluate stage adds its figures
+    and logs the model (as a pyfunc taking raw inputs, like every variant) in this same run;
+    the model folder is logged here as plain files.
+    """
     import mlflow
-    import numpy as np
-    import torch
-    from mlflow.models import infer_signature
 
-    from tasks.data import load_preprocessing, load_split
-    from tasks.core.model_files import load_eager_model
+    from tasks.core.model_files import read_manifest, write_manifest
 
-    model = load_eager_model(paths.model)
-    preprocessing = load_preprocessing(paths.prepared)
-    example = load_split(paths.prepared, "val", preprocessing).x[:2].copy()
-    with torch.inference_mode():
-        output = model(torch.from_numpy(example)).numpy()
-    mlflow.pytorch.log_model(
-        model, name="model", signature=infer_signature(example, output),
-        input_example=example, serialization_format="pickle",
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"],
-    )
+    write_manifest(paths.model, {**read_manifest(paths.model), "mlflow_run_id": run_id})
+    mlflow.log_artifacts(str(paths.model), artifact_path="baseline")
 
 
 @stage_main("train", lambda: ProjectPaths.discover().model)
@@ -91,10 +84,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from tasks.core import tracking
 
+    from tasks.core import metric_names as names
+
     try:
         with tracking.stage_run(
             "train", paths.root, params.base.experiment,
             params={"train": params.train.model_dump(), "seed": params.base.seed},
+            run_name="train baseline", tags={"model": "baseline", "method": "baseline"},
         ) as run:
             job = fit_job(params, paths, run.info.run_id)
             launch_fit(job, params.train, paths.root)
@@ -103,10 +99,10 @@ def main(argv: list[str] | None = None) -> int:
 
             # The per-epoch curves, world size and threads were logged by rank 0 during training.
             mlflow.log_metrics({
-                "best_epoch": result["best_epoch"], "epochs_run": result["epochs_run"],
-                "best_val_loss": result["val_loss"], "best_val_accuracy": result["val_accuracy"],
+                names.BEST_EPOCH: result["best_epoch"], names.EPOCHS_RUN: result["epochs_run"],
+                names.BEST_VAL_LOSS: result["val_loss"], names.BEST_VAL_ACCURACY: result["val_accuracy"],
             })
-            log_trained_model(paths)
+            record_model_run(paths, run.info.run_id)
     except LaunchError as err:
         report_stage_error("train", str(err))
         return 1

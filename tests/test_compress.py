@@ -592,9 +592,18 @@ def test_main_tracks_each_variant_as_a_run_nested_under_the_stage_run(
     assert child.data.tags["variant"] == "pruned-l1-50-fp16"
     assert child.data.tags["method"] == "prune+half"
     assert child.data.tags["parent_run_id"] == stage.info.run_id
-    assert child.data.params["steps.1.method"] == "half" and child.data.params["parent"] == "pruned-l1-50"
-    for key in ("size_bytes", "val_accuracy", "sparsity", "nonzeros", "compression_ratio"):
+    assert child.data.params["recipe.step1.method"] == "half" and child.data.params["recipe.parent"] == "pruned-l1-50"
+    assert child.data.tags["model"] == "pruned-l1-50-fp16"
+    for key in ("size_bytes", "val_accuracy", "sparsity", "nonzeros", "size_reduction_x", "val_accuracy_change_pts"):
         assert key in child.data.metrics, key
+    from tasks.core.metric_names import is_known
+
+    assert all(is_known(key) for run in children.values() for key in run.data.metrics)
+    # The evaluate stage finds the variant's run through its manifest.
+    manifest = json.loads((paths.compressed / "pruned-l1-50-fp16" / "manifest.json").read_text())
+    assert manifest["mlflow_run_id"] == child.info.run_id
+    recipe = json.loads(Path(client.download_artifacts(child.info.run_id, "recipe.json")).read_text())
+    assert recipe["steps"][0]["method"] == "half" and recipe["parent"] == "pruned-l1-50"
     logged = {a.path for a in client.list_artifacts(child.info.run_id, "variant")}
     assert logged == {"variant/manifest.json", "variant/model.fp16.pt.gz"}
     assert (paths.compressed / "pruned-l1-50-fp16" / "model.fp16.pt.gz").is_file()

@@ -58,34 +58,44 @@ def _model_entries(document: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def test_every_model_has_the_same_metric_keys_in_json_and_mlflow(evaluated: dict[str, Any]) -> None:
     import mlflow
 
-    models = _model_entries(_metrics_json(evaluated["root"]))
-    assert set(models) == {"baseline", "distilled-mlp-w0.5", "onnx-fp32"}
-    key_sets = {frozenset(values) for values in models.values()}
-    assert len(key_sets) == 1
-    keys = next(iter(key_sets))
-    assert {
-        "accuracy", "macro_f1", "precision_0", "recall_9", "size_bytes", "latency_p50_ms", "latency_p95_ms",
-        "throughput_sps", "size_ratio", "latency_ratio", "accuracy_delta", "parameters", "nonzeros", "flops",
-        "peak_memory_mb", "energy_per_1k_j", "threads", "passed_gate", "champion",
-    } <= keys
-    assert all(isinstance(v, (int, float)) or v is None for values in models.values() for v in values.values())
+    from tasks.core.metric_names import MODEL_FIGURES
 
+    document = _metrics_json(evaluated["root"])
+    models = _model_entries(document)
+    assert set(models) == {"baseline", "distilled-mlp-w0.5", "onnx-fp32"}
+    for values in models.values():  # the vocabulary's figures, headline first, then the per-class table
+        assert list(values) == [*MODEL_FIGURES, "per_class"]
+        assert all(isinstance(v, (int, float)) or v is None for k, v in values.items() if k != "per_class")
+        assert set(values["per_class"]) == {str(i) for i in range(10)}
+        assert set(values["per_class"]["0"]) == {"precision", "recall", "f1", "support"}
     evaluation = evaluated["evaluation"]
+    assert document["champion"] == evaluation.champion
+
+    # These model folders name no MLflow run (made outside a pipeline): each model gets a run
+    # under the stage run, holding its logged model and every figure.
     runs = mlflow.search_runs(
         experiment_names=["tests"], output_format="list",
         filter_string=f"tags.mlflow.parentRunId = '{evaluation.stage_run_id}'",
     )
-    by_variant = {r.data.tags["variant"]: r for r in runs}
-    assert set(by_variant) == set(models)
-    for name, run in by_variant.items():
+    by_model = {r.data.tags["model"]: r for r in runs}
+    assert set(by_model) == set(models)
+    client = mlflow.MlflowClient()
+    for name, run in by_model.items():
         assert run.info.status == "FINISHED"
-        assert set(run.data.metrics) == set(keys), name
+        assert set(run.data.metrics) == set(MODEL_FIGURES), name
         assert run.data.tags["method"] == evaluation.models[name].method
         assert run.data.tags["runtime"] in {"pytorch", "onnxruntime"}
         assert run.data.tags["parent"] == ("none" if name == "baseline" else "baseline")
+        assert run.data.tags["champion"] == str(name == evaluation.champion).lower()
+        assert run.data.tags["gate"] in {"champion", "pass", "fail"}
         assert run.info.run_name == name
-        assert "manifest.format" in run.data.params
-    assert by_variant["onnx-fp32"].data.tags["runtime"] == "onnxruntime"
+        assert [o.model_id for o in run.outputs.model_outputs] == [evaluation.model_uris[name].split("/")[-1]]
+        files = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"recipe.json", "manifest.json", "per_class.json", "confusion_matrix.png"} <= files, files
+    assert by_model["onnx-fp32"].data.tags["runtime"] == "onnxruntime"
+    recipe = json.loads(Path(client.download_artifacts(by_model["distilled-mlp-w0.5"].info.run_id,
+                                                       "recipe.json")).read_text())
+    assert recipe["steps"][0]["method"] == "distill" and recipe["parent"] == "baseline"
 
 
 def test_timings_are_ordered_and_ratios_refer_to_the_baseline(evaluated: dict[str, Any]) -> None:
@@ -98,17 +108,20 @@ def test_timings_are_ordered_and_ratios_refer_to_the_baseline(evaluated: dict[st
         assert m["throughput_sps"] > 0 and m["energy_per_1k_j"] > 0
         assert m["size_bytes"] == read_manifest(result.folder)["size_bytes"]
         assert math.isfinite(m["peak_memory_mb"]) and m["peak_memory_mb"] >= 0
-        assert m["threads"] == 1
         assert m["flops"] > 0  # counted for torch, the parent's for the ONNX export
         assert result.notes["energy"] in {"rapl", "estimate"}
+    assert evaluation.settings["threads"] == 1
     base = evaluation.models["baseline"].metrics
-    assert base["size_ratio"] == base["latency_ratio"] == 1.0 and base["accuracy_delta"] == 0.0
+    assert base["size_reduction_x"] == base["speedup_x"] == base["throughput_gain_x"] == 1.0
+    assert base["accuracy_change_pts"] == 0.0
     onnx = evaluation.models["onnx-fp32"].metrics
     assert onnx["flops"] == base["flops"] and evaluation.models["onnx-fp32"].notes["flops"].startswith("parent")
     assert onnx["accuracy"] == pytest.approx(base["accuracy"])  # the same weights in another runtime
     narrow = evaluation.models["distilled-mlp-w0.5"].metrics
-    assert narrow["size_ratio"] == pytest.approx(narrow["size_bytes"] / base["size_bytes"])
+    assert narrow["size_reduction_x"] == pytest.approx(base["size_bytes"] / narrow["size_bytes"])
+    assert narrow["speedup_x"] == pytest.approx(base["latency_p50_ms"] / narrow["latency_p50_ms"])
     assert narrow["parameters"] < base["parameters"]
+    assert all(r.metrics["nonzeros"] <= r.metrics["parameters"] for r in evaluation.models.values())
 
 
 def test_every_declared_output_exists(evaluated: dict[str, Any]) -> None:
@@ -157,7 +170,11 @@ def test_outputs_are_logged_to_the_stage_run(evaluated: dict[str, Any]) -> None:
     assert {
         "plots/tradeoff.json", "plots/confusion.csv", "plots/accuracy_vs_size.png", "plots/accuracy_vs_latency.png",
         "plots/confusion_matrix.png", "metrics/evaluate.json", "evaluation/report.md", "evaluation/training_curves.png",
+        "evaluation/report.html", "evaluation/result.json",
     } <= logged
+    result = json.loads((evaluated["root"] / "artifacts" / "evaluation" / "result.json").read_text())
+    assert result["champion"] == evaluation.champion and result["model_runs"] == evaluation.run_ids
+    assert result["registered_version"] == evaluation.promotion.version
 
 
 def test_champion_loads_through_pyfunc_and_predicts_like_the_stage(evaluated: dict[str, Any]) -> None:
@@ -172,6 +189,12 @@ def test_champion_loads_through_pyfunc_and_predicts_like_the_stage(evaluated: di
     assert version.tags["variant"] == evaluation.champion
     assert version.tags["data_digest"] == "test-digest-0001"
     assert {"metric.accuracy", "metric.size_bytes", "recipe", "model_digest", "source_run_id"} <= set(version.tags)
+    # The champion's own logged model was registered: no second copy logged for the registry.
+    assert version.run_id == evaluation.run_ids[evaluation.champion]
+    assert version.source == evaluation.model_uris[evaluation.champion]
+    experiment = mlflow.get_experiment_by_name("tests").experiment_id
+    assert len(mlflow.search_logged_models(experiment_ids=[experiment], output_format="list")) == len(
+        evaluation.models)
     champion_accuracy = evaluation.models[evaluation.champion].metrics["accuracy"]
     assert json.loads(version.tags["metric.accuracy"]) == pytest.approx(champion_accuracy)
 
@@ -249,8 +272,8 @@ def test_an_impossible_gate_promotes_nothing_and_says_why(
     after = mlflow.MlflowClient().get_model_version_by_alias(name, "champion")
     assert after.version == before.version  # the alias stays where it was
     document = _metrics_json(root)
-    assert document["promoted"] == 0
-    assert all(values["passed_gate"] == 0 and values["champion"] == 0 for values in _model_entries(document).values())
+    assert document["promoted"] == 0 and document["champion"] is None
+    assert all(values["passed_gate"] == 0 for values in _model_entries(document).values())
     report = (root / "artifacts" / "evaluation" / "report.md").read_text()
     assert "nothing promoted" in report and "max_size_bytes 1" in report and "stays @champion" in report
     with (root / "plots" / "confusion.csv").open() as handle:  # no champion: the baseline's predictions
@@ -269,8 +292,8 @@ def test_the_closing_table_uses_the_shared_columns(evaluated: dict[str, Any]) ->
     assert all(name in text for name in evaluation.models)
     rows = {row["model"]: row for row in summary_rows(evaluation)}
     narrow = evaluation.models["distilled-mlp-w0.5"].metrics
-    assert rows["distilled-mlp-w0.5"]["size_reduction"] == pytest.approx(1 / narrow["size_ratio"])
-    assert rows["baseline"]["speedup"] == 1.0 and rows[evaluation.champion]["gate"] == "champion"
+    assert rows["distilled-mlp-w0.5"]["size_reduction_x"] == narrow["size_reduction_x"]
+    assert rows["baseline"]["speedup_x"] == 1.0 and rows[evaluation.champion]["gate"] == "champion"
 
 
 # ---------------------------------------------------------------------------- the command line

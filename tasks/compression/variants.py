@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tasks.compression.recipes import ChainStep, check_recipes, method_name, selected_variants
+from tasks.core import metric_names as names
 from tasks.core.config import BASELINE, FINAL_METHODS, Params, Variant
 from tasks.core.paths import ProjectPaths
 from tasks.core.tables import as_text, results_table
@@ -41,7 +42,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("slimflow.compress")
 
 SUMMARY_COLUMNS = (
-    "model", "method", "search", "format", "size_bytes", "size_reduction", "val_accuracy", "accuracy_change",
+    "model", "method", "search", "format", names.SIZE_BYTES, names.SIZE_REDUCTION_X, names.VAL_ACCURACY,
+    names.VAL_ACCURACY_CHANGE_PTS,
 )
 
 
@@ -201,6 +203,8 @@ def _make_all(
             folder = build / variant.name
             folder.mkdir()
             extra = {**extra, "parent_digest": digests[variant.parent]}
+            if run_id is not None:  # the evaluate stage adds its figures to this same run
+                extra["mlflow_run_id"] = run_id
             manifest, val_accuracy = _write_variant(folder, variant, chain, candidate, artifact, extra, work, baseline)
             if run_id is not None:
                 _log_variant(folder, manifest, baseline, time.perf_counter() - started)
@@ -260,13 +264,17 @@ def _log_variant(folder: Path, manifest: dict[str, Any], baseline: _Baseline, se
     import mlflow
 
     mlflow.log_metrics({
-        "size_bytes": manifest["size_bytes"], "compression_ratio": baseline.manifest["size_bytes"] / manifest["size_bytes"],
-        "parameters": manifest["parameters"], "nonzeros": manifest["nonzeros"], "sparsity": manifest["sparsity"],
-        "val_accuracy": manifest["val_accuracy"], "val_accuracy_change": manifest["val_accuracy"] - baseline.val_accuracy,
-        "compress_time_s": seconds,
+        names.SIZE_BYTES: manifest["size_bytes"],
+        names.SIZE_REDUCTION_X: baseline.manifest["size_bytes"] / manifest["size_bytes"],
+        names.PARAMETERS: manifest["parameters"], names.NONZEROS: manifest["nonzeros"],
+        names.SPARSITY: manifest["sparsity"], names.VAL_ACCURACY: manifest["val_accuracy"],
+        names.VAL_ACCURACY_CHANGE_PTS: 100 * (manifest["val_accuracy"] - baseline.val_accuracy),
+        names.COMPRESS_TIME_S: seconds,
     })
     mlflow.set_tags({"format": manifest["format"], "runtime": manifest["runtime"]})
     mlflow.log_artifacts(str(folder), artifact_path="variant")
+    mlflow.log_dict({"variant": manifest["name"], "parent": manifest["parent"], "method": manifest["method"],
+                     "steps": manifest["recipe"], "chain_from_baseline": manifest["full_recipe"]}, "recipe.json")
 
 
 @contextlib.contextmanager
@@ -280,17 +288,15 @@ def _variant_run(
     from tasks.core import tracking
 
     recipe = {
-        "parent": variant.parent,
-        "method": method_name(chain),
-        "steps": {str(number): step.model_dump() for number, step in enumerate(variant.steps, start=1)},
+        **tracking.recipe_params(variant.parent, method_name(chain), [step.model_dump() for step in variant.steps]),
         "calibration_samples": params.compress.calibration_samples,
         "fine_tune_lr": params.compress.fine_tune_lr,
         "seed": params.base.seed,
     }
     with tracking.stage_run(
         "compress", paths.root, params.base.experiment, params=recipe, run_name=variant.name,
-        tags={"variant": variant.name, "method": method_name(chain), "parent_run_id": stage_run_id,
-              "parent_variant": variant.parent},
+        tags={"model": variant.name, "variant": variant.name, "method": method_name(chain),
+              "parent_run_id": stage_run_id, "parent_variant": variant.parent},
         parent_run_id=stage_run_id,
     ) as run:
         yield run.info.run_id
@@ -321,15 +327,15 @@ def _publish(build: Path, output: Path) -> None:
 def summary_table(results: list[VariantResult], baseline: dict[str, Any], baseline_accuracy: float) -> Table:
     """The closing table: the baseline and every variant, size and val accuracy against the baseline's."""
     rows = [{"model": BASELINE, "method": None, "search": None, "format": baseline["format"],
-             "size_bytes": baseline["size_bytes"], "size_reduction": 1.0, "val_accuracy": baseline_accuracy,
-             "accuracy_change": None}]
+             names.SIZE_BYTES: baseline["size_bytes"], names.SIZE_REDUCTION_X: 1.0,
+             names.VAL_ACCURACY: baseline_accuracy, names.VAL_ACCURACY_CHANGE_PTS: None}]
     for result in results:
         m = result.manifest
         rows.append({
             "model": result.name, "method": m["method"], "search": _search_cell(m.get("search")),
-            "format": m["format"], "size_bytes": m["size_bytes"],
-            "size_reduction": baseline["size_bytes"] / m["size_bytes"], "val_accuracy": result.val_accuracy,
-            "accuracy_change": result.val_accuracy - baseline_accuracy,
+            "format": m["format"], names.SIZE_BYTES: m["size_bytes"],
+            names.SIZE_REDUCTION_X: baseline["size_bytes"] / m["size_bytes"], names.VAL_ACCURACY: result.val_accuracy,
+            names.VAL_ACCURACY_CHANGE_PTS: 100 * (result.val_accuracy - baseline_accuracy),
         })
     return results_table(rows, SUMMARY_COLUMNS, title="compressed variants (validation split)")
 

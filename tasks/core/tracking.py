@@ -67,6 +67,26 @@ def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def readable_params(params: Mapping[str, Any]) -> dict[str, str]:
+    """MLflow params people can read: nested keys flattened, lists and dicts as JSON (not a
+    Python repr), each value cut to MLflow's 6,000 characters."""
+    import json
+
+    def text(value: Any) -> str:
+        return json.dumps(value, default=str) if isinstance(value, (list, tuple, dict)) else str(value)
+
+    return {key: text(value)[:6000] for key, value in flatten(params).items()}
+
+
+def recipe_params(parent: str | None, method: str, steps: list[Mapping[str, Any]]) -> dict[str, Any]:
+    """A variant's recipe as params: ``recipe.parent``, ``recipe.method``,
+    ``recipe.step1.method``, ``recipe.step1.sparsity``... (None settings left out)."""
+    recipe: dict[str, Any] = {"parent": parent or "baseline", "method": method}
+    for number, step in enumerate(steps, start=1):
+        recipe[f"step{number}"] = {k: v for k, v in step.items() if v is not None}
+    return {"recipe": recipe}
+
+
 def link_tags(root: Path, stage: str | None = None, context: RunContext | None = None) -> dict[str, str]:
     """Tags that tie a run to its code, its flow run and its pipeline stage."""
     context = context or RunContext.current()
@@ -112,8 +132,22 @@ def _log_batch(run_id: str, params: Mapping[str, Any], metrics: Mapping[str, flo
     mlflow.MlflowClient().log_batch(
         run_id,
         metrics=[Metric(key, float(value), now, 0) for key, value in metrics.items()],
-        params=[Param(key, str(value)[:6000]) for key, value in flatten(params).items()],
+        params=[Param(key, value) for key, value in readable_params(params).items()],
     )
+
+
+@contextlib.contextmanager
+def resumed_run(run_id: str) -> Iterator[Any]:
+    """Reopen a run to add to it (nested in the active run, if any), as the evaluate stage
+    does with each model's run. It ends FINISHED, or FAILED on any exception, SIGTERM included."""
+    import mlflow
+
+    with _sigterm_as_exit(), mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None) as run:
+        try:
+            yield run
+        except BaseException as err:
+            mlflow.set_tag("error", (str(err) or type(err).__name__)[:5000])
+            raise
 
 
 @contextlib.contextmanager

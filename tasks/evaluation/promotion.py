@@ -20,6 +20,7 @@ import signal
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import mlflow
@@ -130,19 +131,24 @@ def _register_version(registered_model: str, info: Any, run_id: str | None, tags
 
 def promote(
     model_name: str, model_dir: Path, prepared: Path, registered_model: str, evidence: Mapping[str, Any],
-    decision: Mapping[str, Any] | None = None,
+    decision: Mapping[str, Any] | None = None, model_uri: str | None = None,
 ) -> Promotion:
     """Register ``model_dir`` from the active run and point the ``champion`` alias at it (last).
 
     ``evidence`` (figures, recipe, data digest, git commit...) becomes version tags, with
     ``previous_champion`` (the version the alias leaves) and ``promoted_at``.
+    ``model_uri`` (``models:/<model_id>``) registers that already logged model (the model's own
+    run logged it) instead of logging the model again.
     """
     from tasks.core.model_files import read_manifest
 
     manifest = read_manifest(model_dir)
     previous = current_champion(registered_model)
     previous_version = str(previous.version) if previous else None
-    info = log_pyfunc_model(model_dir, prepared)
+    if model_uri:
+        info = SimpleNamespace(model_uri=model_uri, model_id=model_uri.removeprefix("models:/"))
+    else:
+        info = log_pyfunc_model(model_dir, prepared)
     run = mlflow.active_run()
     tags = {"model_digest": manifest.get("digest"), "variant": model_name, **evidence,
             "previous_champion": previous_version, "promoted_at": now()}

@@ -115,11 +115,12 @@ def register_champion(evaluation: Evaluation, paths: ProjectPaths, params: Evalu
             mlflow.MlflowClient().set_model_version_tag(
                 name, str(current.version), "last_challenge", tag_value(_compact(document, evaluation)))
     else:
-        # The pyfunc model is logged into the champion's own run (resumed).
+        # Registered from the model its own run logged (not logged twice), inside that run (resumed).
         with mlflow.start_run(run_id=evaluation.run_ids[result.name], nested=True):
             tags = evidence(result, challenger, evaluation, paths, params, decision)
             tags["promotion_evidence"] = _compact(document, evaluation)
-            promotion = promote(result.name, result.folder, paths.prepared, name, tags, document)
+            promotion = promote(result.name, result.folder, paths.prepared, name, tags, document,
+                                model_uri=evaluation.model_uris.get(result.name))
         promotion = replace(promotion, reason=f"{promotion.reason} ({decision.reason})")
     return _settled(promotion, evaluation)
 

@@ -1,51 +1,15 @@
-"""The evaluate stage in MLflow: one nested run per model (identical metric keys, the
-manifest as params, so the compare view lines them up), and the stage run's summary
-metrics, tags (the gate's and the promotion's decisions) and artifacts. The registry step
-is :mod:`tasks.evaluation.registration`."""
+"""The evaluate stage in MLflow: the stage run's summary metrics, tags (the gate's and the
+promotion's decisions) and artifacts. Each model's own run (its logged model and figures) is
+completed by :mod:`tasks.evaluation.model_runs`; the registry step is
+:mod:`tasks.evaluation.registration`."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import mlflow
 
-from tasks.core import tracking
-from tasks.core.paths import ProjectPaths
-from tasks.evaluation.results import BASELINE, Evaluation, ModelResult, ordered_metrics
-
-
-def _model_tags(result: ModelResult) -> dict[str, str]:
-    manifest = result.manifest
-    return {
-        "variant": result.name,
-        "method": result.method,
-        "runtime": result.runtime,
-        "format": str(manifest.get("format", "")),
-        "parent": str(manifest.get("parent") or ("none" if result.name == BASELINE else BASELINE)),
-        "energy_source": result.notes.get("energy", ""),
-        "flops_source": result.notes.get("flops", ""),
-        "memory_method": result.notes.get("memory", ""),
-    }
-
-
-def log_model_run(
-    result: ModelResult, evaluation: Evaluation, paths: ProjectPaths, experiment: str, parent_run_id: str
-) -> str:
-    """One nested run per model: identical metric keys, the manifest as params."""
-    manifest = {k: v for k, v in result.manifest.items() if k not in {"digest"}}
-    manifest["recipe"] = json.dumps(manifest.get("recipe"), sort_keys=True, default=str)
-    run_params = {"manifest": manifest, "model_digest": result.manifest.get("digest"),
-                  "evaluation": {k: v for k, v in evaluation.settings.items() if k != "memory_method"}}
-    tags = {**_model_tags(result), "gate": evaluation.reasons.get(result.name, "")[:5000]}
-    with tracking.stage_run(
-        "evaluate", paths.root, experiment, params=run_params, run_name=result.name, tags=tags,
-        parent_run_id=parent_run_id, metrics={k: float(v) for k, v in ordered_metrics(result.metrics).items()},
-    ) as run:
-        mlflow.log_dict(
-            {"labels": list(evaluation.class_names), "matrix": result.confusion.tolist()}, "confusion.json"
-        )
-        return run.info.run_id
+from tasks.evaluation.results import Evaluation
 
 
 def log_stage_summary(evaluation: Evaluation, staging: Path) -> None:
@@ -68,6 +32,7 @@ def log_stage_summary(evaluation: Evaluation, staging: Path) -> None:
     mlflow.set_tags({
         "champion": evaluation.champion or "none",
         "champion_version": promotion.version or "none",
+        "champion_run_id": evaluation.run_ids.get(evaluation.champion or "", "none"),
         "gate_decision": promotion.reason[:5000],
         "promotion_decision": f"{decision.get('verdict', 'none')}: {decision.get('reason', '')}"[:5000],
     })

@@ -1,0 +1,215 @@
+"""Each model's one place in MLflow: the run that made it, completed by the evaluate stage.
+
+The baseline's run is the train stage's run; a variant's run is its run in the compress
+stage. Each records its run in the model's ``manifest.json`` (``mlflow_run_id``). The
+evaluate stage reopens that run and adds, for every model alike:
+
+- the model logged as an MLflow model (a pyfunc taking raw inputs, so every model appears
+  in the experiment's Models tab and the champion is registered from it, not logged twice);
+- the evaluation figures under the names of :mod:`tasks.core.metric_names` (linked to the
+  logged model, so the Models tab compares them too);
+- ``recipe.json`` (how it was made), ``manifest.json``, ``per_class.json`` (precision,
+  recall, F1, support per class) and its ``confusion_matrix.png``;
+- tags: ``model``, ``method``, ``runtime``, ``gate`` (champion / pass / fail) and why,
+  ``champion`` (true / false), ``evaluate_run_id``; a one-paragraph description.
+
+A manifest that names no run of this experiment (a model folder made outside a pipeline, a
+run since deleted) gets a new run nested under the evaluate stage's run instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import mlflow
+
+from tasks.core import metric_names as names
+from tasks.core import tracking
+from tasks.core.paths import ProjectPaths
+from tasks.core.tables import COLUMNS, times
+from tasks.evaluation.results import BASELINE, Evaluation, ModelResult, ordered_metrics
+from tasks.evaluation.summary import gate_mark
+
+log = logging.getLogger("slimflow.evaluate")
+
+LOGGED_MODEL_NAME = "model"
+RUN_ID_KEY = "mlflow_run_id"  # the manifest key naming the run that made the model
+
+
+def log_model_runs(evaluation: Evaluation, paths: ProjectPaths, experiment: str, stage_run_id: str,
+                   figures: Path) -> None:
+    """Complete every model's run; fills ``evaluation.run_ids`` and ``evaluation.model_uris``.
+
+    ``figures`` holds each model's confusion matrix as ``confusion/<model>.png``.
+    """
+    for name, result in evaluation.models.items():
+        with _model_run(result, paths, experiment, stage_run_id) as run:
+            run_id = run.info.run_id
+            uri = _logged_model_uri(run_id, result) or _log_model(result, paths)
+            _log_evaluation(result, evaluation, uri, figures / "confusion" / f"{name}.png", stage_run_id)
+        evaluation.run_ids[name], evaluation.model_uris[name] = run_id, uri
+        log.info("%s: MLflow run %s, logged model %s", name, run_id, uri)
+
+
+def _existing_run(manifest: dict[str, Any]) -> str | None:
+    """The run the manifest names, if it is in this store and the active experiment."""
+    from mlflow.exceptions import MlflowException
+
+    run_id = manifest.get(RUN_ID_KEY)
+    if not run_id:
+        return None
+    try:
+        run = mlflow.MlflowClient().get_run(run_id)
+    except MlflowException:
+        return None
+    active = mlflow.active_run()  # the evaluate stage's run: its experiment is this one
+    experiment = active.info.experiment_id if active else None
+    if run.info.lifecycle_stage != "active" or (experiment and run.info.experiment_id != experiment):
+        return None
+    return run_id
+
+
+@contextlib.contextmanager
+def _model_run(result: ModelResult, paths: ProjectPaths, experiment: str, stage_run_id: str) -> Iterator[Any]:
+    """The model's own run, reopened; or a new one under the evaluate stage's run."""
+    run_id = _existing_run(result.manifest)
+    if run_id:
+        with tracking.resumed_run(run_id) as run:
+            yield run
+        return
+    manifest = result.manifest
+    params = tracking.recipe_params(manifest.get("parent"), result.method, manifest.get("recipe") or [])
+    with tracking.stage_run("evaluate", paths.root, experiment, params=params, run_name=result.name,
+                            parent_run_id=stage_run_id) as run:
+        yield run
+
+
+def _logged_model_uri(run_id: str, result: ModelResult) -> str | None:
+    """This model file's logged model in the run, if an earlier evaluation logged it already."""
+    client = mlflow.MlflowClient()
+    outputs = client.get_run(run_id).outputs
+    for output in (outputs.model_outputs if outputs else None) or []:
+        model = client.get_logged_model(output.model_id)
+        if model.name == LOGGED_MODEL_NAME and model.tags.get("model_digest") == result.manifest.get("digest"):
+            return f"models:/{model.model_id}"
+    return None
+
+
+def _log_model(result: ModelResult, paths: ProjectPaths) -> str:
+    """Log the model folder as a pyfunc (raw inputs in, class indices out) into the active run."""
+    from tasks.evaluation.promotion import log_pyfunc_model
+
+    info = log_pyfunc_model(result.folder, paths.prepared, name=LOGGED_MODEL_NAME)
+    mlflow.MlflowClient().set_logged_model_tags(
+        info.model_id, {"model": result.name, "model_digest": str(result.manifest.get("digest")),
+                        "method": result.method, "runtime": result.runtime},
+    )
+    return info.model_uri if info.model_uri.startswith("models:/") else f"models:/{info.model_id}"
+
+
+def recipe_document(result: ModelResult) -> dict[str, Any]:
+    """``recipe.json``: how the model was made, from its manifest (readable, not a repr)."""
+    manifest = result.manifest
+    document: dict[str, Any] = {
+        "model": result.name,
+        "method": result.method,
+        "parent": manifest.get("parent") or (None if result.name == BASELINE else BASELINE),
+        "steps": manifest.get("recipe") or [],
+    }
+    if manifest.get("full_recipe"):
+        document["chain_from_baseline"] = manifest["full_recipe"]
+    for key in ("teacher", "model_spec", "format", "runtime", "best_epoch", "world_size"):
+        if manifest.get(key) is not None:
+            document[key] = manifest[key]
+    return document
+
+
+def _tags(result: ModelResult, evaluation: Evaluation, stage_run_id: str) -> dict[str, str]:
+    manifest = result.manifest
+    gate = gate_mark(evaluation, result.name)
+    return {
+        "model": result.name,
+        "method": result.method,
+        "runtime": result.runtime,
+        "format": str(manifest.get("format", "")),
+        "parent": str(manifest.get("parent") or ("none" if result.name == BASELINE else BASELINE)),
+        "gate": gate,
+        "gate_reason": evaluation.reasons.get(result.name, "")[:5000],
+        "champion": str(gate == "champion").lower(),
+        "evaluate_run_id": stage_run_id,
+        "model_digest": str(manifest.get("digest", "")),
+        "energy_source": result.notes.get("energy", ""),
+        "flops_source": result.notes.get("flops", ""),
+        "memory_method": result.notes.get("memory", ""),
+        "mlflow.note.content": describe(result, evaluation),
+    }
+
+
+def describe(result: ModelResult, evaluation: Evaluation) -> str:
+    """The run's description: what the model is and how it fared, in one paragraph."""
+    m = result.metrics
+    made = "the trained baseline" if result.name == BASELINE else (
+        f"{result.method} of {result.manifest.get('parent') or BASELINE}"
+    )
+    figures = (
+        f"test accuracy {COLUMNS[names.ACCURACY].render(m.get(names.ACCURACY))}% "
+        f"({COLUMNS[names.ACCURACY_CHANGE_PTS].render(m.get(names.ACCURACY_CHANGE_PTS))} pts vs the baseline), "
+        f"{COLUMNS[names.SIZE_BYTES].render(m.get(names.SIZE_BYTES))} KiB "
+        f"({times(m.get(names.SIZE_REDUCTION_X), 'smaller', 'larger')}), "
+        f"latency p50 {COLUMNS[names.LATENCY_P50_MS].render(m.get(names.LATENCY_P50_MS))} ms "
+        f"({times(m.get(names.SPEEDUP_X), 'faster', 'slower')})"
+    )
+    return (
+        f"**{result.name}**: {made}, {result.runtime}. {figures[0].upper()}{figures[1:]}. "
+        f"Gate: {evaluation.reasons.get(result.name, '-')}. "
+        "Artifacts: the logged model, recipe.json, manifest.json, per_class.json, confusion_matrix.png."
+    )
+
+
+def _log_evaluation(result: ModelResult, evaluation: Evaluation, model_uri: str, confusion_png: Path,
+                    stage_run_id: str) -> None:
+    """Figures, tags and per-model files into the active (model's) run."""
+    # Every model gets every key (NaN where a figure could not be taken), so runs line up.
+    figures = {k: float(v) for k, v in ordered_metrics(result.metrics).items()}
+    mlflow.log_metrics(figures, model_id=model_uri.removeprefix("models:/"))
+    client = mlflow.MlflowClient()
+    run_id = mlflow.active_run().info.run_id
+    if "error" in client.get_run(run_id).data.tags:  # from an earlier attempt that failed
+        client.delete_tag(run_id, "error")
+    mlflow.set_tags(_tags(result, evaluation, stage_run_id))
+    mlflow.log_dict(recipe_document(result), "recipe.json")
+    mlflow.log_text(json.dumps(result.manifest, indent=2, sort_keys=True) + "\n", "manifest.json")
+    classes = list(result.per_class)
+    table = {"class": classes}
+    for column in names.PER_CLASS_COLUMNS:
+        table[column] = [result.per_class[c][column] for c in classes]
+    mlflow.log_table(table, "per_class.json")
+    if confusion_png.is_file():
+        _log_file_as(confusion_png, "confusion_matrix.png")
+
+
+def _log_file_as(source: Path, name: str) -> None:
+    """Log ``source`` into the active run under ``name`` (on disk it is named after its model)."""
+    import shutil
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        target = Path(folder) / name
+        shutil.copy2(source, target)
+        mlflow.log_artifact(str(target))
+
+
+def tag_registration(evaluation: Evaluation) -> None:
+    """The champion's run names the registry version made from its logged model."""
+    promotion = evaluation.promotion
+    if not (promotion and promotion.promoted and promotion.version and evaluation.champion in evaluation.run_ids):
+        return
+    run_id = evaluation.run_ids[evaluation.champion]
+    client = mlflow.MlflowClient()
+    client.set_tag(run_id, "registered_model", promotion.registered_model)
+    client.set_tag(run_id, "registered_version", str(promotion.version))
