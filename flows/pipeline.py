@@ -17,12 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.context import get_run_context
 from prefect.tasks import exponential_backoff
 
-from flows.report import comparison_rows
 from flows.recovery import RunRecord, repair_after_crash
+from flows.results import log_pipeline_params, publish_result
 from tasks.compression.recipes import check_pipeline
 from tasks.core import tracking
 from tasks.core.config import load_params, write_overrides
@@ -119,6 +118,8 @@ def pipeline(
     record.end(paths.root)  # only now: a run that raised leaves it, and the next start checks its states
     logger.info("pipeline run %s finished: %s", result["mlflow_run_id"],
                 ", ".join(f"{r['stage']} {'ran' if r['ran'] else 'skipped'}" for r in result["stages"]))
+    for line in result.pop("result_lines"):  # the flow run's log ends with the result
+        logger.info("%s", line)
     return result
 
 
@@ -135,7 +136,7 @@ def _tracked_run(
             "slimflow.pid": str(record.pid), "slimflow.host": record.host}
     with mlflow.start_run(run_name=f"pipeline {time.strftime('%Y-%m-%d %H:%M:%S')}", tags=tags) as run:
         record.update(paths.root, mlflow_run_id=run.info.run_id, tracking_uri=mlflow.get_tracking_uri())
-        mlflow.log_params({k: str(v)[:6000] for k, v in tracking.flatten(params.model_dump()).items()})
+        log_pipeline_params(params)
         if overrides:
             mlflow.set_tag("overrides", " ".join(overrides))
         context = RunContext(parent_run_id=run.info.run_id, flow_run_id=flow_run_id, experiment_id=experiment_id)
@@ -154,10 +155,9 @@ def _tracked_run(
             "stages_skipped": ",".join(r["stage"] for r in results if not r["ran"]) or "none",
             **_lineage_tags(paths),
         })
-        mlflow.log_metrics({f"stage_seconds.{r['stage']}": r["seconds"] for r in results})
-        rows = comparison_rows(paths)
-        _publish_artifacts(rows, run.info.run_id, experiment_id, results)
-    return {"mlflow_run_id": run.info.run_id, "stages": results, "comparison": rows}
+        outcome = publish_result(paths, run.info.run_id, experiment_id, results)
+    return {"mlflow_run_id": run.info.run_id, "stages": results, "comparison": outcome.rows,
+            "champion": outcome.champion, "result_lines": outcome.lines}
 
 
 def _tag_error(err: BaseException) -> None:
@@ -182,18 +182,3 @@ def _lineage_tags(paths: ProjectPaths) -> dict[str, str]:
     if lock.exists():
         tags["dvc_lock_md5"] = hashlib.md5(lock.read_bytes()).hexdigest()
     return tags
-
-
-def _publish_artifacts(
-    rows: list[dict[str, Any]], run_id: str, experiment_id: str, results: list[dict[str, Any]]
-) -> None:
-    """The comparison table and the MLflow run ids, as Prefect artifacts of this flow run."""
-    import mlflow
-
-    if rows:
-        create_table_artifact(key="variant-comparison", table=rows, description="Baseline and compressed variants")
-    uri = mlflow.get_tracking_uri()
-    link = f"[`{run_id}`]({uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id})" if uri.startswith("http") else f"`{run_id}`"
-    lines = [f"MLflow pipeline run: {link}", "", "| stage | ran | seconds |", "|---|---|---|"]
-    lines += [f"| {r['stage']} | {'yes' if r['ran'] else 'skipped'} | {r['seconds']:.1f} |" for r in results]
-    create_markdown_artifact(key="mlflow-runs", markdown="\n".join(lines), description="MLflow run ids")

@@ -48,21 +48,114 @@ def test_flow_runs_every_stage_tracks_it_and_leaves_dvc_clean(tiny_project: Path
     assert len(history) == 3  # one point per epoch (TINY_PARAMS: 3 epochs)
     assert {"val_accuracy", "samples_per_s", "epoch_time_s"} <= set(train_run.data.metrics)
 
-    # One evaluation run per model, with identical metric keys.
-    model_runs = [r for r in runs if r.data.tags.get("variant")
-                  and r.data.tags.get("mlflow.parentRunId") == stage_runs["evaluate"].info.run_id]
-    names = {r.data.tags["variant"] for r in model_runs}
-    assert {"baseline", "int8-dynamic"} <= names
-    keys = {frozenset(r.data.metrics) for r in model_runs}
-    assert len(keys) == 1 and "accuracy" in next(iter(keys))
+    _assert_one_run_per_model(runs, stage_runs, tiny_project)
+    _assert_one_name_per_figure(runs)
+    _assert_the_pipeline_run_shows_the_result(pipeline_run, result, tiny_project)
 
     metrics = json.loads((tiny_project / "metrics" / "evaluate.json").read_text())
     assert metrics["baseline"]["accuracy"] > 0.5
     assert "accuracy" in metrics["int8-dynamic"]
 
     assert pipeline_status(tiny_project) == {}
+    _assert_the_flow_run_shows_the_result(pipeline_run.data.tags["prefect_flow_run_id"], result["champion"])
 
     # A second run skips every stage, and still leaves DVC clean.
     again = pipeline()
     assert not any(s["ran"] for s in again["stages"])
     assert pipeline_status(tiny_project) == {}
+
+
+def _assert_one_run_per_model(runs, stage_runs, root: Path) -> None:
+    """Each model has one run holding its logged model, recipe, figures and plots: the train
+    run for the baseline, its compress run for a variant; the Models tab lists one each."""
+    import mlflow
+
+    from tasks.core.metric_names import MODEL_FIGURES
+
+    models = [name for name, values in json.loads((root / "metrics" / "evaluate.json").read_text()).items()
+              if isinstance(values, dict)]
+    assert sorted(models) == ["baseline", "int8-dynamic"]
+    client = mlflow.MlflowClient()
+    logged = mlflow.search_logged_models(experiment_ids=[runs[0].info.experiment_id], output_format="list")
+    assert len(logged) == len(models)  # the Models tab: one logged model per model
+    for name in models:
+        holding = [r for r in runs if r.data.tags.get("model") == name
+                   and (client.get_run(r.info.run_id).outputs.model_outputs or [])]
+        assert len(holding) == 1, (name, [r.info.run_name for r in holding])
+        (run,) = holding
+        assert set(MODEL_FIGURES) <= set(run.data.metrics), name
+        files = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"recipe.json", "manifest.json", "per_class.json", "confusion_matrix.png"} <= files, (name, files)
+        assert run.data.tags["evaluate_run_id"] == stage_runs["evaluate"].info.run_id
+        assert run.data.tags["champion"] in {"true", "false"} and "champion" not in run.data.metrics
+        folder = root / "artifacts" / ("model" if name == "baseline" else f"compressed/{name}")
+        assert json.loads((folder / "manifest.json").read_text())["mlflow_run_id"] == run.info.run_id
+        manifest = json.loads((folder / "manifest.json").read_text())
+        assert manifest["nonzeros"] <= manifest["parameters"]
+    baseline_run = next(r for r in runs if r.data.tags.get("model") == "baseline")
+    assert baseline_run.info.run_id == stage_runs["train"].info.run_id  # with its training curves
+    variant_run = next(r for r in runs if r.data.tags.get("model") == "int8-dynamic")
+    assert variant_run.data.tags["stage"] == "compress" and variant_run.data.params["recipe.step1.method"] == "quantize"
+    assert {"val_accuracy", "size_reduction_x", "compress_time_s"} <= set(variant_run.data.metrics)
+    # No second, unlinked run per model under the evaluate stage.
+    assert not [r for r in runs if r.data.tags.get("mlflow.parentRunId") == stage_runs["evaluate"].info.run_id]
+
+
+def _assert_one_name_per_figure(runs) -> None:
+    """Every metric any run logged is a name of the one vocabulary (which defines each figure once)."""
+    from tasks.core.metric_names import is_known
+
+    unknown = {(r.info.run_name, key) for r in runs for key in r.data.metrics if not is_known(key)}
+    assert not unknown, sorted(unknown)
+
+
+def _assert_the_pipeline_run_shows_the_result(pipeline_run, result, root: Path) -> None:
+    import mlflow
+
+    tags, metrics = pipeline_run.data.tags, pipeline_run.data.metrics
+    evaluated = json.loads((root / "metrics" / "evaluate.json").read_text())
+    champion = evaluated["champion"]
+    assert champion and tags["champion"] == champion == result["champion"]
+    decision = json.loads((root / "artifacts" / "evaluation" / "result.json").read_text())
+    assert tags["champion_version"] == str(decision["registered_version"])
+    assert tags["champion_registered_model"] == "slimflow-digits"
+    assert tags["champion_run_id"] == decision["model_runs"][champion]
+    assert tags["gate_decision"] and tags["data_digest"]
+    for key in ("accuracy", "accuracy_change_pts", "size_reduction_x", "speedup_x", "size_bytes", "latency_p50_ms"):
+        assert metrics[key] == pytest.approx(evaluated[champion][key]), key
+    assert {"stage_time_s.train", "stage_time_s.evaluate"} <= set(metrics)
+    files = {a.path for a in mlflow.MlflowClient().list_artifacts(pipeline_run.info.run_id, "result")}
+    assert {"result/comparison.csv", "result/comparison.json", "result/accuracy_vs_size.png",
+            "result/accuracy_vs_latency.png", "result/report.md", "result/report.html"} <= files
+    # Params people can read: the recipes as an artifact, not a Python repr.
+    params = pipeline_run.data.params
+    assert json.loads(params["compress.variants"]) == ["int8-dynamic"]
+    assert max(len(v) for v in params.values()) < 500
+    root_files = {a.path for a in mlflow.MlflowClient().list_artifacts(pipeline_run.info.run_id)}
+    assert {"recipes.json", "params.yaml"} <= root_files
+
+
+def _assert_the_flow_run_shows_the_result(flow_run_id: str, champion: str) -> None:
+    """The flow run's log ends with the result; its artifacts are formatted and link the runs."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, LogFilter, LogFilterFlowRunId
+
+    from prefect.logging.handlers import APILogHandler
+
+    APILogHandler().flush()  # the flow's last lines may still be on their way to the API
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    messages = [entry.message for entry in sorted(logs, key=lambda entry: entry.timestamp)]
+    # The flow's own last lines (Prefect then adds its "Finished in state ..." line).
+    own = [m for m in messages if not m.startswith("Finished in state")]
+    assert own[-1].startswith("result: MLflow pipeline run"), own[-5:]
+    assert any(m.startswith(f"result: champion {champion}") and "accuracy" in m and "latency p50" in m for m in own)
+    by_key = {a.key: a for a in artifacts}
+    table = json.loads(by_key["variant-comparison"].data) if isinstance(by_key["variant-comparison"].data, str) \
+        else by_key["variant-comparison"].data
+    cells = [str(v) for row in table for v in row.values()]
+    assert "champion" in cells and all(len(c) <= 12 for c in cells if c[:1].isdigit())  # no 0.19512649999999998
+    runs_md = str(by_key["mlflow-runs"].data)
+    assert "Champion" in runs_md and "stage train" in runs_md and f"model {champion}" in runs_md

@@ -1,0 +1,56 @@
+"""What a pipeline run shows about its result (flows/results.py), on constructed values."""
+
+from __future__ import annotations
+
+from flows.results import PipelineResult, _Links, champion_sentence, comparison_table, result_lines, runs_markdown
+
+ROWS = [
+    {"model": "baseline", "accuracy": 0.9708, "accuracy_change_pts": 0.0, "size_bytes": 80_000, "size_reduction_x": 1.0,
+     "latency_p50_ms": 0.2, "latency_p95_ms": 0.3, "speedup_x": 1.0, "throughput_sps": 19512.649999999998,
+     "gate": "pass"},
+    {"model": "int8", "accuracy": 0.9798, "accuracy_change_pts": 0.9, "size_bytes": 20_000, "size_reduction_x": 4.0,
+     "latency_p50_ms": 0.4, "latency_p95_ms": 0.5, "speedup_x": 0.5, "throughput_sps": 30000.0, "gate": "champion"},
+]
+DECISION = {"decision": "int8 registered as version 3", "registered_model": "slimflow-digits",
+            "registered_version": "3", "new_version": True, "champion_holder": "int8",
+            "model_runs": {"baseline": "run-b", "int8": "run-i"}}
+
+
+def test_the_champion_in_one_sentence() -> None:
+    sentence = champion_sentence("int8", ROWS[1])
+    assert sentence == ("int8: accuracy 97.98% (+0.90 pts), size 19.5 KiB (4.00× smaller), "
+                        "latency p50 0.400 ms (2.00× slower) vs the baseline")
+    assert champion_sentence("baseline", ROWS[0]).startswith("baseline (no variant does better")
+    assert champion_sentence(None, {}) == "no champion: no model passes the gate"
+
+
+def test_the_comparison_artifact_is_formatted() -> None:
+    table = comparison_table(ROWS)
+    assert table[1]["model"] == "int8" and table[1]["gate"] == "champion"
+    assert table[1]["accuracy %"] == "97.98" and table[1]["Δ acc (pts)"] == "+0.90" and table[1]["size ×"] == "4.00"
+    assert table[0]["samples/s"] == "19,513"  # not 19512.649999999998
+
+
+def test_the_flow_log_ends_with_the_result() -> None:
+    outcome = PipelineResult(rows=ROWS, champion="int8")
+    lines = result_lines(outcome, DECISION, "run-p")
+    assert lines[0].startswith("result: champion int8: accuracy 97.98%")
+    assert "2 of 2 models pass the gate" in lines[1]
+    assert "models:/slimflow-digits@champion = version 3" in lines[2]
+    assert lines[-1] == "result: MLflow pipeline run run-p (report: result/report.html)"
+    assert result_lines(PipelineResult(), {}, "run-p")[0].startswith("result: no evaluation")
+
+
+def test_the_runs_artifact_links_every_run(monkeypatch) -> None:
+    import flows.results as results
+
+    monkeypatch.setattr(results, "_stage_runs", lambda run_id: {"train": "run-t", "evaluate": "run-e"})
+    stages = [{"stage": "train", "ran": True, "seconds": 12.0}, {"stage": "evaluate", "ran": False, "seconds": 0.1}]
+    text = runs_markdown(PipelineResult(rows=ROWS, champion="int8"), DECISION, "run-p",
+                         _Links("sqlite:///mlflow.db", "7"), stages)
+    assert "http://127.0.0.1:5000/#/experiments/7/runs/run-p" in text and "`make ui`" in text
+    assert "| stage train | [`run-t`]" in text and "skipped (up to date)" in text
+    assert "| model int8 (champion) | [`run-i`]" in text
+    assert "[`slimflow-digits` version 3](http://127.0.0.1:5000/#/models/slimflow-digits/versions/3)" in text
+    server = runs_markdown(PipelineResult(), {}, "run-p", _Links("http://mlflow:5000/", "7"), [])
+    assert "http://mlflow:5000/#/experiments/7/runs/run-p" in server and "make ui" not in server
