@@ -345,7 +345,7 @@ def stage_breakdown(root: Path, uri: str) -> dict[str, float]:
     out: dict[str, float] = {"pipeline_run_s": (pipeline.info.end_time - pipeline.info.start_time) / 1000}
     history = json.loads((root / "plots" / "train_history.json").read_text())
     for stage, run in stage_runs.items():
-        task_s = pipeline.data.metrics[f"stage_seconds.{stage}"]
+        task_s = pipeline.data.metrics[f"stage_time_s.{stage}"]
         run_s = (run.info.end_time - run.info.start_time) / 1000
         out[f"{stage}.task_s"] = task_s
         out[f"{stage}.mlflow_run_s"] = run_s

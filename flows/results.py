@@ -73,10 +73,10 @@ def publish_result(
         outcome.rows = comparison_rows(paths)
     evaluated = _read_json(paths.metrics / "evaluate.json") if outcome.rows else {}
     decision = _read_json(paths.evaluation / "result.json") if outcome.rows else {}
+    links = _Links(mlflow.get_tracking_uri(), experiment_id)
     if outcome.rows:
         outcome.champion = evaluated.get("champion")
-        _log_result(paths, outcome, evaluated, decision)
-    links = _Links(mlflow.get_tracking_uri(), experiment_id)
+        _log_result(paths, outcome, evaluated, decision, links)
     outcome.lines = result_lines(outcome, decision, run_id)
     _prefect_artifacts(outcome, decision, run_id, links, results)
     return outcome
@@ -91,7 +91,7 @@ def _read_json(path: Any) -> dict[str, Any]:
 
 
 def _log_result(paths: ProjectPaths, outcome: PipelineResult, evaluated: dict[str, Any],
-                decision: dict[str, Any]) -> None:
+                decision: dict[str, Any], links: _Links) -> None:
     """Tags, metrics and artifacts of the result on the active (pipeline) run."""
     import mlflow
 
@@ -113,7 +113,7 @@ def _log_result(paths: ProjectPaths, outcome: PipelineResult, evaluated: dict[st
             key: float(figures[key]) for key in names.PIPELINE_RESULT_FIGURES
             if isinstance(figures.get(key), (int, float))
         })
-    tags["mlflow.note.content"] = _description(outcome, decision)
+    tags["mlflow.note.content"] = _description(outcome, decision, links)
     mlflow.set_tags(tags)
     mlflow.log_text(_csv(outcome.rows), "result/comparison.csv")
     mlflow.log_dict({"champion": champion, "models": outcome.rows}, "result/comparison.json")
@@ -171,8 +171,12 @@ def _registered(decision: dict[str, Any]) -> str | None:
             f"({decision.get('champion_holder') or '?'}; {state})")
 
 
-def _description(outcome: PipelineResult, decision: dict[str, Any]) -> str:
+def _description(outcome: PipelineResult, decision: dict[str, Any], links: _Links) -> str:
     lines = [f"**Champion**: {champion_sentence(outcome.champion, _figures(outcome))}."]
+    model_runs = list((decision.get("model_runs") or {}).values())
+    if model_runs:  # a link within the MLflow UI, whatever its address
+        lines.append(f"[Compare the {len(model_runs)} models]({links.compare(model_runs, relative=True)}) "
+                     "(Scatter Plot: X size_bytes, Y accuracy).")
     if registered := _registered(decision):
         lines.append(f"Registered: `{registered}`.")
     if decision.get("decision"):
@@ -206,6 +210,13 @@ class _Links:
     def experiment(self) -> str:
         """The experiment in MLflow's "Model training" view (not the GenAI view it may open in)."""
         return f"{self.base}/#/experiments/{self.experiment_id}?workflowType=machine_learning"
+
+    def compare(self, run_ids: list[str], relative: bool = False) -> str:
+        """MLflow's compare page for ``run_ids`` (``#/...`` only, with ``relative``)."""
+        runs = "[" + ",".join(f"%22{run_id}%22" for run_id in run_ids) + "]"
+        page = (f"#/compare-runs?runs={runs}&experiments=[%22{self.experiment_id}%22]"
+                "&workflowType=machine_learning")
+        return page if relative else f"{self.base}/{page}"
 
     def run(self, run_id: str | None, label: str | None = None) -> str:
         if not run_id:
@@ -255,9 +266,13 @@ def runs_markdown(outcome: PipelineResult, decision: dict[str, Any], run_id: str
     for r in results:
         state = f"ran in {r['seconds']:.1f} s" if r["ran"] else "skipped (up to date)"
         lines.append(f"| stage {r['stage']} | {links.run(stage_runs.get(r['stage']))} | {state} |")
-    for model, model_run in (decision.get("model_runs") or {}).items():
+    model_runs = decision.get("model_runs") or {}
+    for model, model_run in model_runs.items():
         mark = " (champion)" if model == outcome.champion else ""
         lines.append(f"| model {model}{mark} | {links.run(model_run)} | its model, recipe and figures |")
+    if model_runs:
+        lines += ["", f"[Compare the {len(model_runs)} models in MLflow]({links.compare(list(model_runs.values()))})"
+                      " (Scatter Plot: X `size_bytes`, Y `accuracy`)."]
     return "\n".join(lines) + "\n"
 
 

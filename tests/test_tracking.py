@@ -66,3 +66,33 @@ def test_the_default_store_is_the_projects_sqlite_file(tmp_path: Path) -> None:
 
 def test_flatten_names_nested_keys_with_dots() -> None:
     assert tracking.flatten({"a": {"b": 1, "c": {"d": [1, 2]}}, "e": None}) == {"a.b": 1, "a.c.d": [1, 2], "e": None}
+
+
+def test_a_resumed_run_keeps_its_duration_and_a_failure_ends_it_failed(tmp_path: Path, mlflow_uri: str,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import mlflow
+
+    monkeypatch.delenv(ENV, raising=False)
+    with tracking.stage_run("compress", tmp_path, "resume", run_name="int8") as run:
+        run_id = run.info.run_id
+    ended = _run(run_id).info.end_time
+    with tracking.stage_run("evaluate", tmp_path, "resume"):
+        with tracking.resumed_run(run_id):
+            mlflow.log_metric("accuracy", 0.9)
+    got = _run(run_id)
+    assert got.info.status == "FINISHED" and got.info.end_time == ended  # its duration: the making of the model
+    assert got.data.metrics["accuracy"] == 0.9 and "mlflow.parentRunId" not in got.data.tags
+    with pytest.raises(RuntimeError):
+        with tracking.resumed_run(run_id):
+            raise RuntimeError("no disk")
+    assert _run(run_id).info.status == "FAILED" and _run(run_id).data.tags["error"] == "no disk"
+
+
+def test_readable_params_write_lists_as_json() -> None:
+    params = tracking.readable_params({"model": {"channels": [8, 16], "width": 0.5, "name": None}})
+    assert params == {"model.channels": "[8, 16]", "model.width": "0.5", "model.name": "None"}
+    recipe = tracking.recipe_params("baseline", "prune", [{"method": "prune", "sparsity": 0.9, "lr": None}])
+    assert tracking.readable_params(recipe) == {
+        "recipe.parent": "baseline", "recipe.method": "prune", "recipe.step1.method": "prune",
+        "recipe.step1.sparsity": "0.9",
+    }

@@ -139,15 +139,20 @@ def _log_batch(run_id: str, params: Mapping[str, Any], metrics: Mapping[str, flo
 @contextlib.contextmanager
 def resumed_run(run_id: str) -> Iterator[Any]:
     """Reopen a run to add to it (nested in the active run, if any), as the evaluate stage
-    does with each model's run. It ends FINISHED, or FAILED on any exception, SIGTERM included."""
+    does with each model's run. It ends FINISHED with its own end time kept (its duration
+    stays the time it took to make the model), or FAILED on any exception, SIGTERM included."""
     import mlflow
 
+    client = mlflow.MlflowClient()
+    ended = client.get_run(run_id).info.end_time
     with _sigterm_as_exit(), mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None) as run:
         try:
             yield run
         except BaseException as err:
             mlflow.set_tag("error", (str(err) or type(err).__name__)[:5000])
             raise
+    if ended:
+        client.set_terminated(run_id, "FINISHED", end_time=ended)
 
 
 @contextlib.contextmanager
