@@ -9,7 +9,8 @@ evaluate stage reopens that run and adds, for every model alike:
 - the evaluation figures under the names of :mod:`tasks.core.metric_names` (linked to the
   logged model, so the Models tab compares them too);
 - ``recipe.json`` (how it was made), ``manifest.json``, ``per_class.json`` (precision,
-  recall, F1, support per class) and its ``confusion_matrix.png``;
+  recall, F1, support per class) and its confusion matrix (``confusion_matrix.png``,
+  ``confusion.json``);
 - tags: ``model``, ``method``, ``runtime``, ``gate`` (champion / pass / fail) and why,
   ``champion`` (true / false), ``evaluate_run_id``; a one-paragraph description.
 
@@ -189,6 +190,7 @@ def _log_evaluation(result: ModelResult, evaluation: Evaluation, model_uri: str,
     for column in names.PER_CLASS_COLUMNS:
         table[column] = [result.per_class[c][column] for c in classes]
     mlflow.log_table(table, "per_class.json")
+    mlflow.log_dict({"labels": list(evaluation.class_names), "matrix": result.confusion.tolist()}, "confusion.json")
     if confusion_png.is_file():
         _log_file_as(confusion_png, "confusion_matrix.png")
 
