@@ -112,14 +112,16 @@ def test_quality_metrics_equal_scikit_learns(seed: int) -> None:
     y_pred = np.where(rng.random(200) < 0.7, y_true, rng.integers(0, 6, 200))
     y_pred[y_pred == 3] = 4  # class 3 never predicted
     labels = list(range(6))
-    metrics, confusion = classification_metrics(y_true, y_pred, names)
-    precision, recall, _, _ = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
+    metrics, per_class, confusion = classification_metrics(y_true, y_pred, names)
+    precision, recall, f1, support = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
     assert metrics["accuracy"] == pytest.approx(accuracy_score(y_true, y_pred))
     assert metrics["macro_f1"] == pytest.approx(
         f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0))
     for i, name in enumerate(names):
-        assert metrics[f"precision_{name}"] == pytest.approx(precision[i])
-        assert metrics[f"recall_{name}"] == pytest.approx(recall[i])
+        assert per_class[name]["precision"] == pytest.approx(precision[i])
+        assert per_class[name]["recall"] == pytest.approx(recall[i])
+        assert per_class[name]["f1"] == pytest.approx(f1[i])
+        assert per_class[name]["support"] == support[i]
     assert np.array_equal(confusion, confusion_matrix(y_true, y_pred, labels=labels))
 
 

@@ -307,11 +307,12 @@ def _log_search(run_id: str, rows: list[dict[str, Any]], record: dict[str, Any])
     """Each trial as step-indexed ``search/...`` metrics, the table and the chosen setting in the variant's run."""
     import mlflow
 
+    from tasks.core.metric_names import SEARCH_TRIAL_KEYS
+
     client = mlflow.MlflowClient()
     for row in rows:
-        for key in ("setting", "val_accuracy", "drop_points", "size_bytes", "nonzeros", "sparsity", "seconds"):
-            client.log_metric(run_id, f"search/{key}", float(row[key]), step=row["number"])
-        client.log_metric(run_id, "search/within_budget", float(row["within_budget"]), step=row["number"])
+        for name, key in SEARCH_TRIAL_KEYS.items():
+            client.log_metric(run_id, name, float(row[key]), step=row["number"])
     client.log_dict(run_id, rows, "search/trials.json")
     client.log_dict(run_id, record, "search/chosen.json")
     client.set_tag(run_id, "search", f"{record['knob']}={record['chosen']:g}"

@@ -118,11 +118,48 @@ MODELS_EVALUATED = _figure("models_evaluated", "count", "models measured (baseli
 MODELS_PASSING = _figure("models_passing", "count", "models that pass the gate")
 EVALUATE_FIGURES = (PROMOTED, REGISTERED_NEW_VERSION, MODELS_EVALUATED, MODELS_PASSING)
 
+# The current champion's figures beside the challenger's, on the evaluate stage's run:
+# as its version recorded them and as measured again on this run's test split.
+CURRENT_CHAMPION_FIGURES = tuple(
+    _figure(f"current_champion_{source}_{key}", "fraction", f"the current @champion's {key}, {how}")
+    for source, how in (("recorded", "as its version recorded it"), ("remeasured", "on this run's test split"))
+    for key in (ACCURACY, MACRO_F1)
+)
+
+# ---------------------------------------------------------------- a searched variant (compress.budget), per trial
+# Step-indexed by trial number in the variant's run.
+SEARCH_SETTING = _figure("search/setting", "knob value", "the searched knob's setting of the trial")
+SEARCH_VAL_ACCURACY = _figure("search/val_accuracy", "fraction", "validation accuracy of the trial's model")
+SEARCH_ACCURACY_DROP_PTS = _figure(
+    "search/accuracy_drop_pts", "percentage points", "the baseline's validation accuracy minus the trial's"
+)
+SEARCH_SIZE_BYTES = _figure("search/size_bytes", "bytes", "size of the trial's model")
+SEARCH_NONZEROS = _figure("search/nonzeros", "count", "non-zero parameters of the trial's model")
+SEARCH_SPARSITY = _figure("search/sparsity", "fraction", "share of zeros among the trial's prunable weights")
+SEARCH_TRIAL_TIME_S = _figure("search/trial_time_s", "s", "wall-clock time of the trial")
+SEARCH_WITHIN_BUDGET = _figure("search/within_budget", "0/1", "1 when the trial's accuracy drop fits the budget")
+# The search-trial key each figure is logged from (tasks/compression/search.py's trial rows).
+SEARCH_TRIAL_KEYS = {
+    SEARCH_SETTING: "setting", SEARCH_VAL_ACCURACY: "val_accuracy", SEARCH_ACCURACY_DROP_PTS: "drop_points",
+    SEARCH_SIZE_BYTES: "size_bytes", SEARCH_NONZEROS: "nonzeros", SEARCH_SPARSITY: "sparsity",
+    SEARCH_TRIAL_TIME_S: "seconds", SEARCH_WITHIN_BUDGET: "within_budget",
+}
+
 # ---------------------------------------------------------------- the pipeline run
 # The champion's figures under their model names (the run's `champion` tag says which model).
 PIPELINE_RESULT_FIGURES = MODEL_HEADLINE + (LATENCY_P95_MS, THROUGHPUT_GAIN_X)
 STAGE_TIME_S = "stage_time_s.{stage}"  # wall-clock time of one stage in the flow (skipped: ~0)
 _TEMPLATES = {STAGE_TIME_S: Figure(STAGE_TIME_S, "s", "wall-clock time of the stage in the flow run")}
+
+# A variant's fine-tuning curve, in its own run: the training figures under ``fine_tune/``
+# (``fine_tune/step<N>/`` when the recipe trains in several steps); the step is the epoch.
+FINE_TUNE_PREFIX = "fine_tune/"
+_FINE_TUNE = re.compile(r"fine_tune/(?:step[0-9]+/)?(?P<figure>[a-z0-9_]+)")
+_FINE_TUNE_FIGURES = frozenset(EPOCH_FIGURES + TRAIN_FIGURES + (
+    _figure("world_size", "workers", "training processes (Horovod ranks)"),
+    _figure("threads_per_worker", "threads", "torch intra-op threads of each training process"),
+    PARAMETERS,
+))
 
 VOCABULARY: dict[str, Figure] = {**_ALL, **_TEMPLATES}
 
@@ -135,6 +172,8 @@ def figure(name: str) -> Figure | None:
     """The figure ``name`` stands for (templates such as ``stage_time_s.train`` included), or None."""
     if name in _ALL:
         return _ALL[name]
+    if (match := _FINE_TUNE.fullmatch(name)) and match["figure"] in _FINE_TUNE_FIGURES:
+        return _ALL[match["figure"]]
     for template, known in _TEMPLATES.items():
         prefix, _, suffix = template.partition("{stage}")
         if re.fullmatch(re.escape(prefix) + r"[A-Za-z0-9_-]+" + re.escape(suffix), name):
