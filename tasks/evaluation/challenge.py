@@ -145,7 +145,7 @@ def remeasure(model_uri: str, prepared: Path, class_names: Sequence[str], thread
     y = np.load(prepared / "test_y.npy")
     if predictions.shape != y.shape:
         raise RemeasureError(f"{model_uri}: {predictions.shape[0]} predictions for {y.shape[0]} test rows")
-    quality, _ = classification_metrics(y, predictions, class_names)
+    quality, _, _ = classification_metrics(y, predictions, class_names)
     return {key: quality[key] for key in QUALITY}
 
 
