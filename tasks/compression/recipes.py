@@ -110,6 +110,14 @@ def check_recipes(compress: CompressParams, family: str) -> dict[str, list[Chain
 def check_pipeline(params: Params, source: str = "params.yaml") -> None:
     """Rules that span sections, checked before any stage runs: every compression recipe
     must suit the trained model's family. Raises :class:`ParamsError` naming the step."""
+    from models.spec import TOKEN_FAMILIES
+
+    family = params.train.model.family
+    if params.prepare.source in {"text_table", "text_folder"} and family not in TOKEN_FAMILIES:
+        raise ParamsError(
+            f"{source}: train.model.family: {family} does not read text (prepare.source {params.prepare.source}); "
+            f"use one of {', '.join(TOKEN_FAMILIES)}"
+        )
     try:
         check_recipes(params.compress, params.train.model.family)
     except RecipeError as err:
