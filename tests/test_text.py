@@ -235,3 +235,32 @@ def test_padding_is_masked_out() -> None:
             embedding.weight[15] += torch.randn(32)  # a real token's embedding: the first text changes
             after = model(ids)
         assert not torch.allclose(before[0], after[0]) and torch.allclose(before[1], after[1], atol=1e-5)
+
+
+# --------------------------------------------------------------------------- compression
+
+
+def test_structured_pruning_removes_whole_heads_and_ffn_units_of_a_transformer() -> None:
+    from tasks.compression.candidate import Candidate
+    from tasks.compression.onnx import onnx_predictor, export_onnx
+    from tasks.compression.pruning import prune_structured
+    from tasks.compression.quantization import ort_dynamic_int8
+
+    torch.manual_seed(0)
+    spec = ModelSpec(family="transformer", vocab_size=60, embed_dim=32, heads=4, ffn_dim=64, layers=2)
+    model = build_model(spec, (12,), 3).eval()
+    example = torch.randint(2, 60, (4, 12)).float()
+    example[:, 9:] = 0
+    pruned = prune_structured(Candidate(model, spec, (12,), 3), 0.5, example[:2].clone())
+    assert (pruned.spec.heads, pruned.spec.head_dim, pruned.spec.ffn_dim, pruned.spec.embed_dim) == (2, 8, 32, 32)
+    for layer in pruned.module.layers:  # rebuilt from the spec: the heads it kept, and nothing else
+        assert layer.attention.heads == 2 and layer.attention.query.out_features == 16 == layer.attention.out.in_features
+        assert layer.ffn[0].out_features == 32 and layer.ffn[3].out_features == 32
+    # The kept heads keep their weights: query rows of layer 0 are rows of the original.
+    original = model.layers[0].attention.query.weight.detach()
+    kept = pruned.module.layers[0].attention.query.weight.detach()
+    assert all(any(torch.equal(row, other) for other in original) for row in kept)
+    # It exports and quantizes like any model (ONNX Runtime dynamic int8 of its Linear layers).
+    int8 = ort_dynamic_int8(export_onnx(pruned.module, example[:2].clone()))
+    logits = onnx_predictor(int8)(example.numpy())
+    assert logits.shape == (4, 3) and np.isfinite(logits).all()

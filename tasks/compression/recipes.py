@@ -22,7 +22,8 @@ from tasks.core.config import (
 )
 
 RECURRENT = frozenset({"lstm", "gru"})
-FAMILIES_WITH_CHANNELS = frozenset({"mlp", "cnn"})
+# Structured pruning: channels / units (mlp, cnn), attention heads and FFN units (transformer).
+FAMILIES_WITH_CHANNELS = frozenset({"mlp", "cnn", "transformer"})
 
 
 class RecipeError(ValueError):
@@ -57,7 +58,7 @@ def family_problem(step: CompressStep, family: str) -> str | None:
     """Why ``step`` cannot run on a model of ``family`` (None: it can)."""
     if isinstance(step, PruneStep) and step.kind == "structured" and family not in FAMILIES_WITH_CHANNELS:
         return (
-            f"structured pruning supports mlp and cnn models, not {family} "
+            f"structured pruning supports mlp, cnn and transformer models, not {family} "
             "(torch-pruning cannot remove LSTM/GRU units); use kind: unstructured"
         )
     if isinstance(step, QuantizeStep) and family in RECURRENT:
