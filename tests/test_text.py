@@ -264,3 +264,16 @@ def test_structured_pruning_removes_whole_heads_and_ffn_units_of_a_transformer()
     int8 = ort_dynamic_int8(export_onnx(pruned.module, example[:2].clone()))
     logits = onnx_predictor(int8)(example.numpy())
     assert logits.shape == (4, 3) and np.isfinite(logits).all()
+
+
+def test_a_transformer_student_with_fewer_layers_is_a_recipe_and_other_families_refuse_it() -> None:
+    from tasks.compression.distillation import student_spec
+    from tasks.compression.recipes import RecipeError, check_recipes
+
+    teacher = ModelSpec(family="transformer", layers=4, vocab_size=100)
+    assert student_spec(teacher, None, 0.5, 2) == teacher.spec(width=0.5, layers=2)
+    compress = validate_params({"compress": {"variants": [
+        {"name": "distilled-l2", "steps": [{"method": "distill", "student_layers": 2}]}]}}).compress
+    assert list(check_recipes(compress, "transformer")) == ["distilled-l2"]
+    with pytest.raises(RecipeError, match=r"distilled-l2\).steps.1\(distill\): student_layers sets a transformer"):
+        check_recipes(compress, "lstm")

@@ -268,7 +268,7 @@ def _distill_searched(
         began = time.perf_counter()
         student, trained = distill(
             candidate, replace(training, trial=number), student_family=step.student_family, student_width=width,
-            temperature=step.temperature, alpha=step.alpha, epochs=step.epochs, lr=step.lr,
+            student_layers=step.student_layers, temperature=step.temperature, alpha=step.alpha, epochs=step.epochs, lr=step.lr,
         )
         trained_by_trial[number] = trained
         val_accuracy = accuracy(torch_predictor(student.module)(work.data.x_val), work.data.y_val)
@@ -375,7 +375,7 @@ def _distill(candidate: Candidate, step: DistillStep, work: Work, training: Trai
         return _distill_searched(candidate, step, work, training, extra)
     student, trained = distill(
         candidate, training, student_family=step.student_family, student_width=step.student_width,
-        temperature=step.temperature, alpha=step.alpha, epochs=step.epochs, lr=step.lr,
+        student_layers=step.student_layers, temperature=step.temperature, alpha=step.alpha, epochs=step.epochs, lr=step.lr,
     )
     work.trained(training, trained, "distill", step.epochs, extra)
     return student

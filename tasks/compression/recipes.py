@@ -61,6 +61,8 @@ def family_problem(step: CompressStep, family: str) -> str | None:
             f"structured pruning supports mlp, cnn and transformer models, not {family} "
             "(torch-pruning cannot remove LSTM/GRU units); use kind: unstructured"
         )
+    if isinstance(step, DistillStep) and step.student_layers is not None and (step.student_family or family) != "transformer":
+        return f"student_layers sets a transformer student's encoder layers; the student is {step.student_family or family}"
     if isinstance(step, QuantizeStep) and family in RECURRENT:
         if step.mode == "static":
             return (

@@ -128,6 +128,10 @@ class DistillStep(_Strict):
         "0.75 x the teacher's width whose student fits compress.budget (smallest first, one training each)"
     )
 
+    student_layers: int | None = Field(
+        None, ge=1, description="transformer students: the encoder layers (default: the teacher's), e.g. fewer"
+    )
+
     @field_validator("student_width", mode="before")
     @classmethod
     def _width_or_auto(cls, value: object) -> object:
@@ -151,8 +155,10 @@ class DistillStep(_Strict):
 
     @model_validator(mode="after")
     def _needs_a_student(self) -> DistillStep:
-        if self.student_width is None and self.student_family is None:
-            raise _problem("distill needs student_width and/or student_family (the student's architecture)")
+        if self.student_width is None and self.student_family is None and self.student_layers is None:
+            raise _problem(
+                "distill needs student_width, student_family and/or student_layers (the student's architecture)"
+            )
         return self
 
 
