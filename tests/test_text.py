@@ -277,3 +277,37 @@ def test_a_transformer_student_with_fewer_layers_is_a_recipe_and_other_families_
     assert list(check_recipes(compress, "transformer")) == ["distilled-l2"]
     with pytest.raises(RecipeError, match=r"distilled-l2\).steps.1\(distill\): student_layers sets a transformer"):
         check_recipes(compress, "lstm")
+
+
+# --------------------------------------------------------------------------- the Horovod loop
+
+
+def test_transformer_warm_up_starts_low_and_ramps_to_the_world_size() -> None:
+    from tasks.training.distributed import lr_multiplier
+    from tasks.training.loop import WARMUP_START
+
+    start = WARMUP_START["transformer"]
+    assert lr_multiplier(0, 10, 100, 2, start) == pytest.approx(start)
+    assert lr_multiplier(5, 10, 100, 2, start) == pytest.approx(start + (2 - start) / 2)
+    assert lr_multiplier(10, 10, 100, 2, start) == pytest.approx(2.0)
+    assert lr_multiplier(0, 10, 100, 2) == 1.0  # the other families: as before
+
+
+@pytest.mark.integration
+def test_the_transformer_trains_on_text_with_two_horovod_workers(text_root: Path, tmp_path: Path) -> None:
+    from tasks.core.config import TrainParams
+    from tasks.training import FitJob, launch_fit
+
+    write_prepared(prepare_data(text_params(), 42, text_root), tmp_path / "prepared")
+    job = FitJob(
+        spec=ModelSpec(family="transformer", **SMALL).to_dict(), prepared=str(tmp_path / "prepared"),
+        output=str(tmp_path / "model"), checkpoints=str(tmp_path / "checkpoints"), epochs=10, batch_size=32,
+        lr=0.002, seed=0, patience=4, metrics_path=str(tmp_path / "train.json"),
+        history_path=str(tmp_path / "history.json"),
+    )
+    launch_fit(job, TrainParams(workers=2, threads_per_worker=1), Path(__file__).resolve().parents[1])
+    metrics = json.loads((tmp_path / "train.json").read_text())
+    assert metrics["world_size"] == 2
+    assert metrics["val_accuracy"] >= 0.65, metrics  # chance: about 0.5
+    saved = torch.load(tmp_path / "model" / "model.pt", map_location="cpu", weights_only=True)
+    assert saved["spec"]["vocab_size"] == load_preprocessing(tmp_path / "prepared").vocab_size  # filled from the data
