@@ -9,14 +9,23 @@ from torch import nn
 from models.cnn import SmallCNN
 from models.mlp import MLP
 from models.rnn import RecurrentClassifier
-from models.spec import ModelSpec
+from models.spec import TOKEN_FAMILIES, ModelSpec
+from models.transformer import TransformerClassifier
 
 
 def _scaled(size: int, width: float) -> int:
     return max(1, round(size * width))
 
 
+def _refuse_tokens(spec: ModelSpec) -> None:
+    if spec.vocab_size is not None:
+        raise ValueError(
+            f"{spec.family} does not read token ids (text); use one of {', '.join(TOKEN_FAMILIES)}"
+        )
+
+
 def _build_mlp(spec: ModelSpec, input_shape: Sequence[int], num_classes: int) -> nn.Module:
+    _refuse_tokens(spec)
     in_features = 1
     for dim in input_shape:
         in_features *= dim
@@ -25,6 +34,7 @@ def _build_mlp(spec: ModelSpec, input_shape: Sequence[int], num_classes: int) ->
 
 
 def _build_cnn(spec: ModelSpec, input_shape: Sequence[int], num_classes: int) -> nn.Module:
+    _refuse_tokens(spec)
     if len(input_shape) != 3:
         raise ValueError(f"cnn needs image inputs (C, H, W), got input shape {tuple(input_shape)}")
     channels = [_scaled(c, spec.width) for c in spec.channels]
@@ -33,6 +43,12 @@ def _build_cnn(spec: ModelSpec, input_shape: Sequence[int], num_classes: int) ->
 
 def _build_rnn(cell: str) -> Callable[[ModelSpec, Sequence[int], int], nn.Module]:
     def build(spec: ModelSpec, input_shape: Sequence[int], num_classes: int) -> nn.Module:
+        if spec.vocab_size is not None:  # token ids (L,) -> embedding -> recurrent -> head
+            _token_shape(spec, input_shape)
+            return RecurrentClassifier(
+                cell, _scaled(spec.embed_dim, spec.width), _scaled(spec.rnn_hidden, spec.width), spec.rnn_layers,
+                num_classes, spec.dropout, vocab_size=spec.vocab_size,
+            )
         # Images are read one row per time step: (C, H, W) -> H steps of C*W features.
         if len(input_shape) == 3:
             steps_features = input_shape[0] * input_shape[2]
@@ -48,12 +64,43 @@ def _build_rnn(cell: str) -> Callable[[ModelSpec, Sequence[int], int], nn.Module
     return build
 
 
+def _token_shape(spec: ModelSpec, input_shape: Sequence[int]) -> int:
+    if len(input_shape) != 1:
+        raise ValueError(f"{spec.family} with vocab_size reads token ids (L,), got input shape {tuple(input_shape)}")
+    return int(input_shape[0])
+
+
+def _build_transformer(spec: ModelSpec, input_shape: Sequence[int], num_classes: int) -> nn.Module:
+    """Token ids ``(L,)`` with ``spec.vocab_size``, or images ``(C, H, W)`` as patches."""
+    heads = spec.heads
+    head_dim = spec.head_dim or max(1, round(spec.embed_dim * spec.width / heads))
+    dim = _scaled(spec.embed_dim, spec.width)
+    settings = dict(
+        dim=dim, heads=heads, head_dim=head_dim, ffn_dim=_scaled(spec.ffn_dim, spec.width), layers=spec.layers,
+        num_classes=num_classes, dropout=spec.dropout,
+    )
+    if spec.vocab_size is not None:
+        return TransformerClassifier(positions=_token_shape(spec, input_shape), vocab_size=spec.vocab_size, **settings)
+    if len(input_shape) != 3:
+        raise ValueError(
+            f"transformer needs token ids (a text source) or image inputs (C, H, W), got input shape {tuple(input_shape)}"
+        )
+    channels, height, width = input_shape
+    patch = spec.patch_size
+    if patch > min(height, width):
+        raise ValueError(f"transformer: patch_size {patch} is larger than the image ({height}x{width})")
+    return TransformerClassifier(
+        positions=(height // patch) * (width // patch), in_channels=channels, patch_size=patch, **settings
+    )
+
+
 # One builder per name of models.spec.MODEL_FAMILIES (a test checks they match).
 BUILDERS: dict[str, Callable[[ModelSpec, Sequence[int], int], nn.Module]] = {
     "mlp": _build_mlp,
     "cnn": _build_cnn,
     "lstm": _build_rnn("lstm"),
     "gru": _build_rnn("gru"),
+    "transformer": _build_transformer,
 }
 
 

@@ -11,9 +11,11 @@ from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
-ModelFamily = Literal["mlp", "cnn", "lstm", "gru"]
+ModelFamily = Literal["mlp", "cnn", "lstm", "gru", "transformer"]
 # Every family :func:`models.factory.build_model` builds.
 MODEL_FAMILIES: tuple[str, ...] = get_args(ModelFamily)
+# The families that read token ids (text): lstm/gru through an embedding front end.
+TOKEN_FAMILIES: tuple[str, ...] = ("lstm", "gru", "transformer")
 
 Size = Annotated[int, Field(ge=1)]
 
@@ -29,6 +31,15 @@ class ModelSpec(BaseModel):
     channels: tuple[Size, ...] = (32, 64)  # cnn
     rnn_hidden: int = Field(64, ge=1)  # lstm / gru
     rnn_layers: int = Field(1, ge=1)
+    # Token inputs (text): the tokenizer's vocabulary size. Left null in params.yaml: the
+    # training job sets it from the prepared data (tokenizer.json), and saved models keep it.
+    vocab_size: int | None = Field(None, ge=2)
+    embed_dim: int = Field(64, ge=1)  # lstm / gru token embedding; transformer model width (x width)
+    heads: int = Field(4, ge=1)  # transformer attention heads
+    head_dim: int | None = Field(None, ge=1)  # per head (null: embed_dim x width / heads)
+    ffn_dim: int = Field(128, ge=1)  # transformer feed-forward units (x width)
+    layers: int = Field(2, ge=1)  # transformer encoder layers
+    patch_size: int = Field(2, ge=1)  # transformer on images: ViT-style square patches
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
 
     def to_dict(self) -> dict[str, Any]:
@@ -44,4 +55,4 @@ class ModelSpec(BaseModel):
         return self.model_validate({**self.model_dump(), **changes})
 
 
-__all__ = ["MODEL_FAMILIES", "ModelFamily", "ModelSpec"]
+__all__ = ["MODEL_FAMILIES", "TOKEN_FAMILIES", "ModelFamily", "ModelSpec"]

@@ -3,7 +3,9 @@
 ``data/prepared/`` holds, per split (train, val, test), ``{split}_x.npy`` (float32,
 raw values, shape ``(N, *input_shape)``) and ``{split}_y.npy`` (int64 class indices),
 plus ``preprocess.json`` (input shape, classes and the normalization statistics
-computed on the train split only) and ``card.json`` (the data card). ``.npy`` files are
+computed on the train split only) and ``card.json`` (the data card). Text data stores
+token ids ``(N, max_length)`` in ``{split}_x.npy`` (float32, exact; 0 pads), is not
+normalized, and adds ``tokenizer.json`` (trained on the train split only). ``.npy`` files are
 written with ``np.save``, which is byte-deterministic, so DVC hashes never drift.
 """
 
@@ -25,12 +27,22 @@ class Preprocessing:
     input_shape: tuple[int, ...]
     num_classes: int
     class_names: tuple[str, ...]
-    mean: tuple[float, ...]  # per channel (images) or per feature (tabular)
+    mean: tuple[float, ...]  # per channel (images) or per feature (tabular); empty for token ids
     std: tuple[float, ...]
+    vocab_size: int | None = None  # token ids (text): the tokenizer's vocabulary; not normalized
 
     @property
     def is_image(self) -> bool:
         return len(self.input_shape) == 3
+
+    @property
+    def is_text(self) -> bool:
+        return self.vocab_size is not None
+
+    @classmethod
+    def for_tokens(cls, max_length: int, vocab_size: int, class_names: list[str]) -> Preprocessing:
+        """Token ids ``(max_length,)``: passed through as they are (an id is not a measurement)."""
+        return cls((int(max_length),), len(class_names), tuple(class_names), (), (), int(vocab_size))
 
     def _stats(self) -> tuple[np.ndarray, np.ndarray]:
         mean = np.asarray(self.mean, dtype=np.float32)
@@ -44,6 +56,8 @@ class Preprocessing:
         x = np.asarray(x, dtype=np.float32)
         if x.shape[1:] != tuple(self.input_shape):
             x = x.reshape((x.shape[0], *self.input_shape))
+        if self.is_text:
+            return x
         mean, std = self._stats()
         return (x - mean) / std
 
@@ -70,7 +84,10 @@ class Preprocessing:
         )
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+        data = asdict(self)
+        if data["vocab_size"] is None:  # image / tabular files stay as they were
+            del data["vocab_size"]
+        return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
     @classmethod
     def from_json(cls, text: str) -> Preprocessing:
@@ -81,6 +98,7 @@ class Preprocessing:
             class_names=tuple(data["class_names"]),
             mean=tuple(data["mean"]),
             std=tuple(data["std"]),
+            vocab_size=data.get("vocab_size"),
         )
 
 

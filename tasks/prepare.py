@@ -31,14 +31,20 @@ from tasks.core.paths import ProjectPaths
 from tasks.sources import (
     DataError,
     RawData,
+    RawText,
     check_splittable,
     dvc_digest,
+    encode,
     load_sklearn,
     read_csv,
     read_idx,
     read_image_folder,
     read_npz,
+    read_text_folder,
+    read_text_table,
     sklearn_digest,
+    tokenizer_card,
+    train_tokenizer,
 )
 
 if TYPE_CHECKING:
@@ -48,6 +54,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 BUILTIN_SOURCES = ("digits", "breast_cancer")
+TEXT_SOURCES = ("text_table", "text_folder")
+TOKENIZER_FILE = "tokenizer.json"
 
 
 @dataclass(frozen=True)
@@ -57,6 +65,7 @@ class PreparedData:
     splits: dict[str, tuple[np.ndarray, np.ndarray]]  # split -> (x float32 raw, y int64)
     preprocessing: Preprocessing
     card: dict[str, Any]
+    tokenizer_json: str | None = None  # text: the tokenizer trained on the train split
 
     @property
     def digest(self) -> str:
@@ -68,7 +77,7 @@ class PreparedData:
         return self.card["path"] or f"sklearn:{self.card['source']}"
 
 
-def read_raw(params: PrepareParams, root: Path) -> tuple[RawData, dict[str, Any]]:
+def read_raw(params: PrepareParams, root: Path) -> tuple[RawData | RawText, dict[str, Any]]:
     """Read and validate the configured source; returns the data and its provenance for the card."""
     if params.source in BUILTIN_SOURCES:
         raw = load_sklearn(params.source)
@@ -87,6 +96,11 @@ def read_raw(params: PrepareParams, root: Path) -> tuple[RawData, dict[str, Any]
     elif params.source == "image_folder":
         raw = read_image_folder(path, params.path, tuple(params.image_size), params.image_mode)
         extra = {"image_mode": params.image_mode, "image_size": list(params.image_size)}
+    elif params.source == "text_table":
+        raw = read_text_table(path, params.path, params.text_column, params.csv_label_column)
+        extra = {"text_column": params.text_column, "label_column": params.csv_label_column}
+    elif params.source == "text_folder":
+        raw, extra = read_text_folder(path, params.path), {}
     else:
         raise DataError(f"prepare.source: unknown source {params.source!r}")
     return raw, {"source": params.source, "path": params.path, "digest": dvc_digest(path), **extra}
@@ -123,6 +137,8 @@ def prepare_data(params: PrepareParams, seed: int, root: Path) -> PreparedData:
     # Class sizes are a property of the labels: for IDX, name the label file.
     shown = (params.labels_path if params.source == "idx" else params.path) or f"sklearn:{params.source}"
     check_splittable(raw.y, raw.class_names, params.val_fraction, params.test_fraction, shown)
+    if isinstance(raw, RawText):
+        return _prepare_text(raw, provenance, params, seed)
     x, y, class_names = raw
     del raw
     value_range = {"min": float(x.min()), "max": float(x.max())}
@@ -132,7 +148,30 @@ def prepare_data(params: PrepareParams, seed: int, root: Path) -> PreparedData:
     # Drop the full array before the statistics: fit() needs a float64 temporary of the train split.
     del x
     preprocessing = Preprocessing.fit(splits["train"][0], len(class_names), list(class_names))
-    card = {
+    card = _card(provenance, num_samples, input_shape, value_range, class_names, splits, params, seed)
+    return PreparedData(splits=splits, preprocessing=preprocessing, card=card)
+
+
+def _prepare_text(raw: RawText, provenance: dict[str, Any], params: PrepareParams, seed: int) -> PreparedData:
+    """Split the texts, train the tokenizer on the train split only, store every split as token ids."""
+    texts, y, class_names = raw
+    index = stratified_split(y, len(class_names), params.val_fraction, params.test_fraction, seed)
+    split_texts = {split: [texts[i] for i in index[split]] for split in SPLITS}
+    tokenizer = train_tokenizer(split_texts["train"], params.text_vocab_size, params.text_max_length, params.text_lowercase)
+    ids = {split: encode(tokenizer, split_texts[split]) for split in SPLITS}
+    splits = {split: (ids[split], y[index[split]]) for split in SPLITS}
+    preprocessing = Preprocessing.for_tokens(params.text_max_length, tokenizer.get_vocab_size(), list(class_names))
+    value_range = {"min": float(min(a.min() for a in ids.values())), "max": float(max(a.max() for a in ids.values()))}
+    card = _card(provenance, len(texts), [params.text_max_length], value_range, class_names, splits, params, seed)
+    card.update(dtype="float32 token ids (0 = padding)", tokenizer=tokenizer_card(tokenizer, ids, split_texts))
+    return PreparedData(splits=splits, preprocessing=preprocessing, card=card, tokenizer_json=tokenizer.to_str())
+
+
+def _card(
+    provenance: dict[str, Any], num_samples: int, input_shape: list[int], value_range: dict[str, float],
+    class_names: tuple[str, ...], splits: dict[str, tuple[np.ndarray, np.ndarray]], params: PrepareParams, seed: int,
+) -> dict[str, Any]:
+    return {
         **provenance,
         "num_samples": num_samples,
         "input_shape": input_shape,
@@ -155,7 +194,6 @@ def prepare_data(params: PrepareParams, seed: int, root: Path) -> PreparedData:
         },
         "seed": seed,
     }
-    return PreparedData(splits=splits, preprocessing=preprocessing, card=card)
 
 
 def card_json(card: dict[str, Any]) -> str:
@@ -179,6 +217,8 @@ def write_prepared(prepared: PreparedData, out_dir: Path) -> None:
             np.save(tmp / f"{split}_x.npy", np.ascontiguousarray(x, dtype=np.float32), allow_pickle=False)
             np.save(tmp / f"{split}_y.npy", np.ascontiguousarray(y, dtype=np.int64), allow_pickle=False)
         (tmp / "preprocess.json").write_text(prepared.preprocessing.to_json(), encoding="utf-8")
+        if prepared.tokenizer_json is not None:
+            (tmp / TOKENIZER_FILE).write_text(prepared.tokenizer_json, encoding="utf-8")
         (tmp / "card.json").write_text(card_json(prepared.card), encoding="utf-8")
         _swap_in(tmp, out_dir, token)
     except BaseException:
@@ -223,6 +263,8 @@ def log_prepared(prepared: PreparedData) -> None:
     mlflow.log_input(dataset, context="training")
     mlflow.log_dict(prepared.card, "data_card.json")
     mlflow.log_text(prepared.preprocessing.to_json(), "preprocess.json")
+    if prepared.tokenizer_json is not None:
+        mlflow.log_text(prepared.tokenizer_json, TOKENIZER_FILE)
     sizes = prepared.card["split_sizes"]
     mlflow.log_metrics(
         {

@@ -41,6 +41,7 @@ def fit_job(params: Params, paths: ProjectPaths, run_id: str | None) -> FitJob:
         seed=params.base.seed,
         weight_decay=train.weight_decay,
         warmup_epochs=train.warmup_epochs,
+        warmup_start=train.warmup_start,
         patience=train.patience,
         fp16_allreduce=train.fp16_allreduce,
         backward_passes_per_step=train.backward_passes_per_step,
@@ -53,6 +54,19 @@ def fit_job(params: Params, paths: ProjectPaths, run_id: str | None) -> FitJob:
         manifest={"name": "baseline", "method": "baseline", "recipe": [], "parent": None},
         fault_after_epoch=fault_after_epoch_from_env(),  # tests only: see tasks.training.fault
     )
+
+
+def _check_family_reads_data(params: Params, paths: ProjectPaths) -> None:
+    """Token ids (text) are read by the token families only: refuse the others before workers start."""
+    from models.spec import TOKEN_FAMILIES
+    from tasks.data import load_preprocessing
+
+    family = params.train.model.family
+    if load_preprocessing(paths.prepared).is_text and family not in TOKEN_FAMILIES:
+        raise ParamsError(
+            f"params.yaml: train.model.family: {family} does not read text (the prepared data is token ids); "
+            f"use one of {', '.join(TOKEN_FAMILIES)}"
+        )
 
 
 def record_model_run(paths: ProjectPaths, run_id: str) -> None:
@@ -78,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         params = load_params(paths.params)
         if not (paths.prepared / "preprocess.json").exists():
             raise ParamsError(f"{paths.prepared}: no prepared data; run the prepare stage first")
+        _check_family_reads_data(params, paths)
     except ParamsError as err:
         report_stage_error("train", str(err))
         return 2

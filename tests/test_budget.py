@@ -19,7 +19,9 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from tasks.compression.search import Budget, Trial, cubic_schedule, search_fallback, search_sparsity, search_width
+from tasks.compression.search import (
+    Budget, Trial, cubic_schedule, search_fallback, search_sparsity, search_structured, search_width,
+)
 from tasks.core.config import ParamsError, validate_params
 
 # -- the search's rules, with made-up trials ----------------------------------------------------
@@ -126,6 +128,28 @@ def test_student_width_search_stops_at_the_smallest_width_that_fits() -> None:
     assert tried == [0.25, 0.5, 0.75] and not outcome.within_budget and outcome.best.setting in (0.5, 0.75)
 
 
+def test_structured_search_keeps_the_highest_share_that_fits_trying_highest_first() -> None:
+    tried: list[float] = []
+
+    def trials(budget: Budget, breaking_point: float):  # noqa: ANN202
+        def run(sparsity: float, number: int) -> Trial:
+            tried.append(sparsity)
+            accuracy = budget.baseline_accuracy - (0.0 if sparsity <= breaking_point else 0.05) - sparsity / 1000
+            return Trial(number, sparsity, accuracy, budget.drop_points(accuracy), budget.fits(accuracy),
+                         int(1000 * (1 - sparsity)), int(1000 * (1 - sparsity)), sparsity, 1.0)
+        return run
+
+    budget = Budget(1.0, max_trials=6, max_minutes=10, baseline_accuracy=0.9)
+    outcome = search_structured(trials(budget, 0.5), budget)
+    assert tried == [0.75, 0.5] and outcome.best.setting == 0.5 and outcome.within_budget
+    tried.clear()
+    outcome = search_structured(trials(budget, 0.0), budget)  # nothing fits: the least-bad, labelled
+    assert tried == [0.75, 0.5, 0.25] and not outcome.within_budget and outcome.best.setting == 0.25
+    assert outcome.message.startswith("no trial fits the budget")
+    tried.clear()
+    assert validate_params({"compress": {"variants": [{"name": "a", "steps": [{**AUTO, "kind": "structured"}]}]}})
+
+
 def test_the_cubic_schedule_rises_gradually_to_the_final_sparsity() -> None:
     schedule = cubic_schedule(0.0, 0.9, 5)
     assert schedule == sorted(schedule) and schedule[-2:] == [0.9, 0.9] and 0 < schedule[0] < 0.9
@@ -179,7 +203,8 @@ AUTO = {"method": "prune", "kind": "unstructured", "sparsity": "auto", "fine_tun
     ({"budget": {"max_trials": 0}}, "budget.max_trials"),
     ({"budget": {"max_minutes": 0}}, "budget.max_minutes"),
     ({"budget": {"max_seconds": 5}}, "max_seconds"),
-    ({"variants": [{"name": "a", "steps": [{**AUTO, "kind": "structured"}]}]}, "unstructured pruning only"),
+    ({"variants": [{"name": "a", "steps": [{**AUTO, "kind": "structured", "fine_tune_epochs": 0}]}]},
+     "fine_tune_epochs >= 1"),
     ({"variants": [{"name": "a", "steps": [{**AUTO, "fine_tune_epochs": 0}]}]}, "fine_tune_epochs >= 1"),
     ({"variants": [{"name": "a", "steps": [{**AUTO, "sparsity": "most"}]}]}, "sparsity"),
     ({"variants": [{"name": "a", "steps": [{"method": "quantize", "mode": "dynamic", "fallback": "auto"}]}]},

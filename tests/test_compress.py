@@ -401,7 +401,7 @@ BAD_RECIPES = [
     ([{"name": "v", "steps": [{"method": "quantize"}]}], "cnn", [f"{V1}.steps.1(quantize).mode: quantize needs mode"]),
     ([{"name": "v", "steps": [{"method": "distill"}]}], "cnn", [f"{V1}.steps.1(distill):", "student_width"]),
     ([{"name": "v", "steps": [{"method": "distill", "student_family": "rnn"}]}], "cnn",
-     [f"{V1}.steps.1(distill).student_family:", "'mlp', 'cnn', 'lstm' or 'gru'", "got 'rnn'"]),
+     [f"{V1}.steps.1(distill).student_family:", "'mlp', 'cnn', 'lstm', 'gru' or 'transformer'", "got 'rnn'"]),
     ([{"name": "v", "steps": [{"method": "prune", "kind": "structured", "sparsity": 0.5}]}], "lstm",
      [f"{V1}.steps.1(prune):", "structured", "lstm"]),
     ([{"name": "v", "steps": [{"method": "prune", "kind": "structured", "sparsity": 0.5}]}], "gru",

@@ -42,7 +42,7 @@ def test_invalid_params(path: Path) -> None:
         ("train.epochs=-1", "train.epochs"),
         ("train.nope=1", "train.nope: unknown key"),
         ("nosection.x=1", "nosection: unknown key"),
-        ("train.model.family=transformer", "train.model.family"),
+        ("train.model.family=resnet", "train.model.family"),
         ("prepare.test_fraction=0.9", "val_fraction + test_fraction"),
         ("train.epochs", "expected key=value"),
     ],
@@ -83,7 +83,7 @@ def test_the_schema_shows_each_compression_method_with_its_own_fields() -> None:
     fields = {method: set(defs[ref.rsplit("/", 1)[-1]]["properties"]) for method, ref in mapping.items()}
     assert fields["prune"] == {"method", "kind", "sparsity", "fine_tune_epochs", "lr"}
     assert fields["quantize"] == {"method", "mode", "runtime", "fine_tune_epochs", "lr", "fallback"}
-    assert fields["distill"] == {"method", "student_family", "student_width", "temperature", "alpha", "epochs", "lr"}
+    assert fields["distill"] == {"method", "student_family", "student_width", "student_layers", "temperature", "alpha", "epochs", "lr"}
     assert fields["half"] == {"method"} and fields["export"] == {"method", "runtime"}
     prune = defs[mapping["prune"].rsplit("/", 1)[-1]]
     assert set(prune["required"]) == {"method", "kind", "sparsity"}
@@ -91,7 +91,7 @@ def test_the_schema_shows_each_compression_method_with_its_own_fields() -> None:
     assert share["exclusiveMaximum"] == 1 and auto["const"] == "auto"
     assert all(defs[ref.rsplit("/", 1)[-1]]["additionalProperties"] is False for ref in mapping.values())
     # train.model is the one model spec, with its ranges.
-    assert defs["ModelSpec"]["properties"]["family"]["enum"] == ["mlp", "cnn", "lstm", "gru"]
+    assert defs["ModelSpec"]["properties"]["family"]["enum"] == ["mlp", "cnn", "lstm", "gru", "transformer"]
 
 
 def test_every_problem_is_one_line_naming_its_key() -> None:
@@ -101,7 +101,7 @@ def test_every_problem_is_one_line_naming_its_key() -> None:
         validate_params(raw)
     lines = str(caught.value).splitlines()
     assert lines == [
-        "params.yaml: train.model.family: Input should be 'mlp', 'cnn', 'lstm' or 'gru', got 'resnet'",
+        "params.yaml: train.model.family: Input should be 'mlp', 'cnn', 'lstm', 'gru' or 'transformer', got 'resnet'",
         "params.yaml: train.epochs: Input should be greater than or equal to 1, got 0",
         "params.yaml: compress.variants.1(v).steps.1(prune).kind: Input should be 'unstructured' or 'structured', got 'sideways'",
         "params.yaml: compress.variants.1(v).steps.1(prune).sparsity: Input should be less than 1, got 2",

@@ -16,7 +16,7 @@ from models.factory import BUILDERS
 from tasks.training.losses import distillation_loss
 
 IMAGE = (1, 8, 8)
-FAMILIES = ("mlp", "cnn", "lstm", "gru")
+FAMILIES = ("mlp", "cnn", "lstm", "gru", "transformer")
 
 
 def test_every_family_has_a_builder() -> None:
@@ -48,11 +48,11 @@ def test_cnn_refuses_non_image_inputs_with_a_clear_error() -> None:
 
 def test_unknown_family_is_refused_naming_the_known_ones() -> None:
     with pytest.raises(ValidationError, match="family") as caught:
-        ModelSpec(family="transformer")
-    assert "'mlp', 'cnn', 'lstm' or 'gru'" in str(caught.value)
+        ModelSpec(family="resnet")
+    assert "'mlp', 'cnn', 'lstm', 'gru' or 'transformer'" in str(caught.value)
     # A spec made without validation still fails clearly when built.
-    with pytest.raises(ValueError, match="unknown model family 'transformer'; known: cnn, gru, lstm, mlp"):
-        build_model(ModelSpec.model_construct(family="transformer"), IMAGE, num_classes=10)
+    with pytest.raises(ValueError, match="unknown model family 'resnet'; known: cnn, gru, lstm, mlp, transformer"):
+        build_model(ModelSpec.model_construct(family="resnet"), IMAGE, num_classes=10)
 
 
 @pytest.mark.parametrize(
@@ -87,14 +87,15 @@ def test_spec_dicts_saved_by_earlier_versions_still_load() -> None:
              "rnn_hidden": 64, "rnn_layers": 1, "dropout": 0.1}
     spec = ModelSpec.from_dict(saved)
     assert spec == ModelSpec(family="mlp", width=0.5, hidden_sizes=(64, 32))
-    assert spec.to_dict() == {**saved, "hidden_sizes": (64, 32), "channels": (32, 64)}
+    # Fields added since take their defaults.
+    assert spec.to_dict() == {**ModelSpec().to_dict(), **saved, "hidden_sizes": (64, 32), "channels": (32, 64)}
 
 
 def test_spec_changes_are_validated_copies() -> None:
     spec = ModelSpec(family="cnn")
     assert spec.spec(width=0.5) == ModelSpec(family="cnn", width=0.5) and spec.width == 1.0
     with pytest.raises(ValidationError):
-        spec.spec(family="transformer")
+        spec.spec(family="resnet")
     with pytest.raises(ValidationError):
         spec.width = 2.0  # frozen
 

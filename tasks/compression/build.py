@@ -137,6 +137,8 @@ def _prune(
     physically smaller model (structured). ``sparsity: auto``: searched (:func:`_prune_searched`)."""
     if step.sparsity == "auto":
         assert training is not None
+        if step.kind == "structured":
+            return _prune_structured_searched(candidate, step, work, training, extra)
         return _prune_searched(candidate, step, work, training, extra)
     masks = None
     if step.kind == "unstructured":
@@ -201,6 +203,50 @@ def _prune_searched(
     return _recorded(outcome, training, work, extra["search"])
 
 
+def _prune_structured_searched(
+    candidate: Candidate, step: PruneStep, work: Work, training: TrainingStep, extra: dict[str, Any]
+) -> Candidate:
+    """Structured ``sparsity: auto``: prune :data:`search.STRUCTURED_SPARSITIES` of the channels /
+    heads / units from the parent, highest first, each fine-tuned on the Horovod loop; the
+    first within budget is kept (:func:`search.search_structured`)."""
+    from dataclasses import replace
+
+    from tasks.compression.candidate import accuracy
+    from tasks.compression.weights import parameters_and_nonzeros
+    from tasks.core.model_files import torch_predictor
+
+    assert work.baseline_accuracy is not None
+    budget = search.Budget.of(work.params, work.baseline_accuracy)
+    before, _ = parameters_and_nonzeros(candidate.module)
+    trained_by_trial: dict[int, Trained] = {}
+
+    def run_trial(sparsity: float, number: int) -> search.Trial:
+        began = time.perf_counter()
+        pruned = pruning.prune_structured(candidate, sparsity, work.data.example())
+        trained = fine_tune(pruned, replace(training, trial=number), epochs=step.fine_tune_epochs,
+                            lr=work.fine_tune_lr(step))
+        trained_by_trial[number] = trained
+        model = pruned.changed(load_eager_model(trained.folder))
+        val_accuracy = accuracy(torch_predictor(model.module)(work.data.x_val), work.data.y_val)
+        parameters, nonzeros = parameters_and_nonzeros(model.module)
+        return search.Trial(
+            number, sparsity, val_accuracy, budget.drop_points(val_accuracy), budget.fits(val_accuracy),
+            len(formats.torch_bytes(model.module.state_dict())), nonzeros,
+            round(1.0 - parameters / before, 6),  # the share of the parameters removed
+            time.perf_counter() - began, None, model,
+        )
+
+    outcome = search.search_structured(run_trial, budget)
+    trained = trained_by_trial[outcome.best.number]
+    work.curves[training.curve_name] = trained.history
+    extra.setdefault("training", []).append(
+        {**trained.record("prune", step.fine_tune_epochs, training.number), "trial": outcome.best.number}
+    )
+    extra["search"] = {**outcome.record(), "sparsities": list(search.STRUCTURED_SPARSITIES),
+                       "epochs_run": sum(t.summary.get("epochs_run", 0) for t in trained_by_trial.values())}
+    return _recorded(outcome, training, work, extra["search"])
+
+
 def _distill_searched(
     candidate: Candidate, step: DistillStep, work: Work, training: TrainingStep, extra: dict[str, Any]
 ) -> Candidate:
@@ -222,7 +268,7 @@ def _distill_searched(
         began = time.perf_counter()
         student, trained = distill(
             candidate, replace(training, trial=number), student_family=step.student_family, student_width=width,
-            temperature=step.temperature, alpha=step.alpha, epochs=step.epochs, lr=step.lr,
+            student_layers=step.student_layers, temperature=step.temperature, alpha=step.alpha, epochs=step.epochs, lr=step.lr,
         )
         trained_by_trial[number] = trained
         val_accuracy = accuracy(torch_predictor(student.module)(work.data.x_val), work.data.y_val)
@@ -330,7 +376,7 @@ def _distill(candidate: Candidate, step: DistillStep, work: Work, training: Trai
         return _distill_searched(candidate, step, work, training, extra)
     student, trained = distill(
         candidate, training, student_family=step.student_family, student_width=step.student_width,
-        temperature=step.temperature, alpha=step.alpha, epochs=step.epochs, lr=step.lr,
+        student_layers=step.student_layers, temperature=step.temperature, alpha=step.alpha, epochs=step.epochs, lr=step.lr,
     )
     work.trained(training, trained, "distill", step.epochs, extra)
     return student

@@ -21,9 +21,12 @@ from tasks.core.model_files import load_eager_model
 log = logging.getLogger("slimflow.compress")
 
 
-def student_spec(teacher: ModelSpec, student_family: str | None, student_width: float | None) -> ModelSpec:
-    """The teacher's spec with the student's family and/or width (``width`` scales the spec's sizes)."""
-    changes = {"family": student_family, "width": student_width}
+def student_spec(
+    teacher: ModelSpec, student_family: str | None, student_width: float | None, student_layers: int | None = None
+) -> ModelSpec:
+    """The teacher's spec with the student's family, width (``width`` scales the spec's sizes)
+    and/or transformer encoder layers."""
+    changes = {"family": student_family, "width": student_width, "layers": student_layers}
     return teacher.spec(**{key: value for key, value in changes.items() if value})
 
 
@@ -34,6 +37,7 @@ def distill(
     student_family: str | None,
     student_width: float | None,
     temperature: float,
+    student_layers: int | None = None,
     alpha: float,
     epochs: int,
     lr: float | None,
@@ -44,7 +48,7 @@ def distill(
     (per worker) defaults to ``train.lr``.
     """
     params = step.params
-    spec = student_spec(candidate.spec, student_family, student_width)
+    spec = student_spec(candidate.spec, student_family, student_width, student_layers)
     teacher_params = count_parameters(candidate.module)
     student_params = count_parameters(build_model(spec, candidate.input_shape, candidate.num_classes))
     log.info(

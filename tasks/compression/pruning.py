@@ -67,6 +67,16 @@ def _classifier(module: nn.Module) -> nn.Module:
 
 def spec_of(module: nn.Module, spec: ModelSpec) -> ModelSpec:
     """The spec that builds ``module``'s (pruned) architecture: its actual widths, width 1."""
+    if spec.family == "transformer":
+        layers = list(module.layers)
+        head_dim = layers[0].attention.head_dim
+        heads = {layer.attention.query.out_features // head_dim for layer in layers}
+        ffn = {layer.ffn[0].out_features for layer in layers}
+        if len(heads) != 1 or len(ffn) != 1:  # the spec describes layers of one width
+            raise ValueError(f"structured pruning left layers of different widths (heads {heads}, FFN {ffn})")
+        return spec.spec(
+            embed_dim=module.head.in_features, heads=heads.pop(), head_dim=head_dim, ffn_dim=ffn.pop(), width=1.0,
+        )
     if spec.family == "cnn":
         channels = tuple(c.out_channels for c in module.modules() if isinstance(c, nn.Conv2d))
         return spec.spec(channels=channels, width=1.0)
@@ -86,10 +96,13 @@ def prune_structured(candidate: Candidate, sparsity: float, example: torch.Tenso
 
     module = candidate.fresh_module()
     before = sum(p.numel() for p in module.parameters())
-    pruner = tp.pruner.MagnitudePruner(
-        module, example, importance=tp.importance.MagnitudeImportance(p=1),
-        pruning_ratio=sparsity, ignored_layers=[_classifier(module)],
-    )
+    if candidate.spec.family == "transformer":
+        pruner = _transformer_pruner(module, example, sparsity)
+    else:
+        pruner = tp.pruner.MagnitudePruner(
+            module, example, importance=tp.importance.MagnitudeImportance(p=1),
+            pruning_ratio=sparsity, ignored_layers=[_classifier(module)],
+        )
     pruner.step()
     # Read the new widths back into a spec and rebuild: the pruned model is then an
     # ordinary model of its family (saved as a state_dict, usable as a teacher).
@@ -100,5 +113,26 @@ def prune_structured(candidate: Candidate, sparsity: float, example: torch.Tenso
     return candidate.changed(module, spec=spec)
 
 
+def _transformer_pruner(module: nn.Module, example: torch.Tensor, sparsity: float):  # noqa: ANN202 - tp.pruner.MetaPruner
+    """torch-pruning on a transformer: ``sparsity`` of the attention heads (whole heads: their
+    query, key and value rows and the output projection's columns) and of the FFN units of
+    every layer, by L1 magnitude; the residual width (embeddings, norms, positions) stays."""
+    import torch_pruning as tp
+
+    num_heads: dict[nn.Module, int] = {}
+    ignored: list[nn.Module] = [module.head, module.embed]
+    for layer in module.layers:
+        attention = layer.attention
+        num_heads.update({attention.query: attention.heads, attention.key: attention.heads, attention.value: attention.heads})
+        ignored += [attention.out, layer.ffn[3]]  # their outputs are the residual stream
+    return tp.pruner.MetaPruner(
+        module, example, importance=tp.importance.MagnitudeImportance(p=1), pruning_ratio=sparsity,
+        num_heads=num_heads, prune_num_heads=True, prune_head_dims=False, head_pruning_ratio=sparsity,
+        ignored_layers=ignored, unwrapped_parameters=[(module.position, 2)],
+    )
+
+
 def _widths(spec: ModelSpec) -> str:
+    if spec.family == "transformer":
+        return f"{spec.heads} heads of {spec.head_dim}, FFN {spec.ffn_dim}"
     return f"channels {list(spec.channels)}" if spec.family == "cnn" else f"hidden {list(spec.hidden_sizes)}"

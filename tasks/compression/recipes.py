@@ -22,7 +22,8 @@ from tasks.core.config import (
 )
 
 RECURRENT = frozenset({"lstm", "gru"})
-FAMILIES_WITH_CHANNELS = frozenset({"mlp", "cnn"})
+# Structured pruning: channels / units (mlp, cnn), attention heads and FFN units (transformer).
+FAMILIES_WITH_CHANNELS = frozenset({"mlp", "cnn", "transformer"})
 
 
 class RecipeError(ValueError):
@@ -57,9 +58,11 @@ def family_problem(step: CompressStep, family: str) -> str | None:
     """Why ``step`` cannot run on a model of ``family`` (None: it can)."""
     if isinstance(step, PruneStep) and step.kind == "structured" and family not in FAMILIES_WITH_CHANNELS:
         return (
-            f"structured pruning supports mlp and cnn models, not {family} "
+            f"structured pruning supports mlp, cnn and transformer models, not {family} "
             "(torch-pruning cannot remove LSTM/GRU units); use kind: unstructured"
         )
+    if isinstance(step, DistillStep) and step.student_layers is not None and (step.student_family or family) != "transformer":
+        return f"student_layers sets a transformer student's encoder layers; the student is {step.student_family or family}"
     if isinstance(step, QuantizeStep) and family in RECURRENT:
         if step.mode == "static":
             return (
@@ -110,6 +113,14 @@ def check_recipes(compress: CompressParams, family: str) -> dict[str, list[Chain
 def check_pipeline(params: Params, source: str = "params.yaml") -> None:
     """Rules that span sections, checked before any stage runs: every compression recipe
     must suit the trained model's family. Raises :class:`ParamsError` naming the step."""
+    from models.spec import TOKEN_FAMILIES
+
+    family = params.train.model.family
+    if params.prepare.source in {"text_table", "text_folder"} and family not in TOKEN_FAMILIES:
+        raise ParamsError(
+            f"{source}: train.model.family: {family} does not read text (prepare.source {params.prepare.source}); "
+            f"use one of {', '.join(TOKEN_FAMILIES)}"
+        )
     try:
         check_recipes(params.compress, params.train.model.family)
     except RecipeError as err:

@@ -175,6 +175,21 @@ def search_fallback(
     return _first_that_fits("fallback", settings, run_trial, budget, clock, started)
 
 
+STRUCTURED_SPARSITIES = (0.75, 0.5, 0.25)  # structured ``sparsity: auto``: shares of heads / units, highest first
+
+
+def search_structured(
+    run_trial: Callable[[float, int], Trial],
+    budget: Budget,
+    *,
+    clock: Callable[[], float] = time.perf_counter,
+) -> Outcome:
+    """Structured pruning ``sparsity: auto``: the shares of :data:`STRUCTURED_SPARSITIES`,
+    highest first, each pruned from the parent and fine-tuned; the first that fits is kept.
+    (Not bisected: a share removes whole heads / units, so nearby shares are the same model.)"""
+    return _first_that_fits("sparsity", list(STRUCTURED_SPARSITIES), run_trial, budget, clock, None, descending=True)
+
+
 STUDENT_WIDTHS = (0.25, 0.5, 0.75)  # ``student_width: auto``: shares of the teacher's width, smallest first
 
 
@@ -192,10 +207,11 @@ def search_width(
 
 def _first_that_fits(
     knob: str, settings: list[Any], run_trial: Callable[[Any, int], Trial], budget: Budget,
-    clock: Callable[[], float], started: float | None,
+    clock: Callable[[], float], started: float | None, descending: bool = False,
 ) -> Outcome:
     """Try ``settings`` in order (most compressed first) until one fits the budget or a bound
-    stops the search; the trial's ``setting`` is a number that grows as compression falls."""
+    stops the search; the trial's ``setting`` is a number that grows as compression falls
+    (``descending``: that falls as compression falls, e.g. a sparsity)."""
     bounds = _Clock(budget, clock)
     if started is not None:
         bounds.started = started
@@ -211,7 +227,8 @@ def _first_that_fits(
                  trial.val_accuracy, -trial.drop_points, "within budget" if trial.within_budget else "over budget")
         if trial.within_budget:
             break
-    return _outcome(knob, trials, budget, stopped_by, bounds.elapsed(), key=lambda t: -t.setting)
+    return _outcome(knob, trials, budget, stopped_by, bounds.elapsed(),
+                    key=(lambda t: t.setting) if descending else (lambda t: -t.setting))
 
 
 def _outcome(

@@ -43,12 +43,12 @@ class PruneStep(_Strict):
 
     method: Literal["prune"]
     kind: Literal["unstructured", "structured"] = Field(
-        description="unstructured (zeros in place) or structured (whole channels / units removed; mlp and cnn)"
+        description="unstructured (zeros in place) or structured (whole channels / units removed: mlp, cnn; attention heads and FFN units: transformer)"
     )
     sparsity: Annotated[float, Field(gt=0.0, lt=1.0)] | Literal["auto"] = Field(
         description="the share of weights (unstructured) or of channels per layer (structured) to remove, "
-        "above 0 and below 1; auto (unstructured): gradual pruning and a search for the highest sparsity "
-        "within compress.budget",
+        "above 0 and below 1; auto: a search for the highest sparsity within compress.budget (unstructured: "
+        "gradual pruning, bisected; structured: 0.75, 0.5, 0.25, the first that fits)",
     )
     fine_tune_epochs: int = Field(0, ge=0, description="epochs fine-tuned under the pruning mask")
     lr: LearningRate | None = Field(None, description="the fine-tuning learning rate (default: compress.fine_tune_lr)")
@@ -71,9 +71,6 @@ class PruneStep(_Strict):
         if "lr" in self.model_fields_set and self.fine_tune_epochs < 1:
             raise _problem("lr is the fine-tuning learning rate: set fine_tune_epochs >= 1 too", "lr")
         if self.sparsity == "auto":
-            if self.kind != "unstructured":
-                raise _problem("sparsity auto is searched for unstructured pruning only: give structured a number",
-                               "sparsity")
             if self.fine_tune_epochs < 1:
                 raise _problem("sparsity auto prunes gradually while fine-tuning: set fine_tune_epochs >= 1",
                                "fine_tune_epochs")
@@ -131,6 +128,10 @@ class DistillStep(_Strict):
         "0.75 x the teacher's width whose student fits compress.budget (smallest first, one training each)"
     )
 
+    student_layers: int | None = Field(
+        None, ge=1, description="transformer students: the encoder layers (default: the teacher's), e.g. fewer"
+    )
+
     @field_validator("student_width", mode="before")
     @classmethod
     def _width_or_auto(cls, value: object) -> object:
@@ -154,8 +155,10 @@ class DistillStep(_Strict):
 
     @model_validator(mode="after")
     def _needs_a_student(self) -> DistillStep:
-        if self.student_width is None and self.student_family is None:
-            raise _problem("distill needs student_width and/or student_family (the student's architecture)")
+        if self.student_width is None and self.student_family is None and self.student_layers is None:
+            raise _problem(
+                "distill needs student_width, student_family and/or student_layers (the student's architecture)"
+            )
         return self
 
 

@@ -51,7 +51,7 @@ class BaseParams(_Strict):
 
 
 class PrepareParams(_Strict):
-    source: Literal["digits", "breast_cancer", "idx", "npz", "csv", "image_folder"] = "digits"
+    source: Literal["digits", "breast_cancer", "idx", "npz", "csv", "image_folder", "text_table", "text_folder"] = "digits"
     # Path of the raw data, relative to the project root (a file or a folder, by source).
     path: str | None = None
     # idx: the label file beside the image file `path`.
@@ -59,8 +59,15 @@ class PrepareParams(_Strict):
     # npz: the names of the input and label arrays.
     npz_inputs: str = "x"
     npz_labels: str = "y"
-    # csv: the label column (every other column is a feature).
+    # csv: the label column (every other column is a feature); text_table: the label column.
     csv_label_column: str = "label"
+    # text_table (a .csv, or .tsv tab-separated) / text_folder (one sub-folder of .txt per
+    # class): a word-level tokenizer trained on the train split, text_vocab_size words at
+    # most; every text becomes text_max_length token ids (truncated, or padded with id 0).
+    text_column: str = "text"
+    text_max_length: int = Field(64, ge=2, le=4096)
+    text_vocab_size: int = Field(8000, ge=3, le=1_000_000)
+    text_lowercase: bool = True
     # image_folder: every image is converted to `image_mode` and resized to image_size.
     image_size: tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]] = (28, 28)
     image_mode: Literal["L", "RGB"] = "L"
@@ -71,7 +78,7 @@ class PrepareParams(_Strict):
     def _check(self) -> PrepareParams:
         if self.val_fraction + self.test_fraction >= 1.0:
             raise ValueError("val_fraction + test_fraction must be below 1")
-        if self.source in {"idx", "npz", "csv", "image_folder"} and not self.path:
+        if self.source in {"idx", "npz", "csv", "image_folder", "text_table", "text_folder"} and not self.path:
             raise ValueError(f"source {self.source!r} needs prepare.path")
         if self.source == "idx" and not self.labels_path:
             raise ValueError("source 'idx' needs prepare.labels_path (the IDX label file)")
@@ -85,6 +92,9 @@ class TrainParams(_Strict):
     lr: float = Field(0.002, gt=0.0, le=10.0)
     weight_decay: float = Field(0.0, ge=0.0)
     warmup_epochs: int = Field(1, ge=0)
+    # The warm-up's first learning rate as a share of lr (null: 0.05 for transformers, else 1:
+    # the warm-up then only ramps up to the world-size-scaled rate).
+    warmup_start: float | None = Field(None, gt=0.0, le=1.0)
     patience: int = Field(5, ge=1)
     # Horovod: local worker processes, or hosts "hostA:4,hostB:4" (overrides workers).
     workers: int = Field(2, ge=1, le=256)

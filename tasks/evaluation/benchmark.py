@@ -95,7 +95,10 @@ def measure_models(
         result.notes["memory"] = str(memory[name].get("method"))
         result.notes["energy"] = meter.source
     add_ratios(results)
-    return Evaluation(results, class_names, test.y, _settings(len(test.y), len(class_names), params, meter))
+    settings = _settings(len(test.y), len(class_names), params, meter)
+    if preprocessing.is_text:  # a text model's cost grows with the sequence: say which one was timed
+        settings["sequence_length"] = int(preprocessing.input_shape[0])
+    return Evaluation(results, class_names, test.y, settings)
 
 
 def _score(

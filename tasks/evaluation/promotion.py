@@ -26,7 +26,9 @@ from typing import Any
 import mlflow
 
 from tasks.evaluation.pyfunc import pip_requirements
-from tasks.evaluation.signature import describe, input_example, input_schema, model_signature, same_input
+from tasks.evaluation.signature import (
+    TOKENIZER_FILE, describe, input_example, input_schema, model_signature, same_input,
+)
 
 log = logging.getLogger("slimflow.registry")
 
@@ -75,7 +77,11 @@ def log_pyfunc_model(model_dir: Path, prepared: Path, name: str = "champion_mode
     return mlflow.pyfunc.log_model(
         name=name,
         python_model=str(MODEL_CODE),
-        artifacts={"model": str(model_dir), "preprocess": str(prepared / "preprocess.json")},
+        artifacts={
+            "model": str(model_dir), "preprocess": str(prepared / "preprocess.json"),
+            # Text: the tokenizer trained in prepare, so the served model takes raw text.
+            **({"tokenizer": str(prepared / TOKENIZER_FILE)} if preprocessing.is_text else {}),
+        },
         code_paths=[str(CODE_ROOT / "tasks"), str(CODE_ROOT / "models")],
         pip_requirements=pip_requirements(manifest),
         signature=model_signature(preprocessing),

@@ -8,7 +8,9 @@ normalization from ``preprocess.json`` and runs the model folder through
 answer with exactly what the evaluate stage measured. It is logged as MLflow "models from
 code" (:mod:`tasks.evaluation.champion_model`), never pickled; the signature
 (:mod:`tasks.evaluation.signature`) makes MLflow refuse ill-shaped input before
-``predict``, and ``predict`` checks the shape again for callers without schema enforcement.
+``predict``, and ``predict`` checks the shape again for callers without schema enforcement. A text model
+(a ``tokenizer`` artifact) takes RAW TEXT, one string per row in the column ``text``, and
+tokenizes it inside with the tokenizer trained in ``prepare``.
 """
 
 from __future__ import annotations
@@ -37,6 +39,28 @@ def _as_array(model_input: Any) -> np.ndarray:
         raise _invalid(f"input is not numeric: {err}") from None
 
 
+def _as_texts(model_input: Any) -> list[str]:
+    """Raw text in any form pyfunc hands over: a DataFrame / dict with a ``text`` column, a list, a string."""
+    from tasks.evaluation.signature import TEXT_COLUMN
+
+    if isinstance(model_input, str):
+        model_input = [model_input]
+    if isinstance(model_input, Mapping) or hasattr(model_input, "columns"):
+        columns = list(model_input.keys()) if isinstance(model_input, Mapping) else list(model_input.columns)
+        if columns != [TEXT_COLUMN]:
+            raise _invalid(f"expected one column {TEXT_COLUMN!r} of raw text, got columns {columns}")
+        model_input = model_input[TEXT_COLUMN]
+    if hasattr(model_input, "tolist"):
+        model_input = model_input.tolist()
+    if isinstance(model_input, str):
+        model_input = [model_input]
+    texts = list(model_input)
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise _invalid(f"row {i}: expected raw text (a string), got {type(text).__name__}")
+    return texts
+
+
 def _invalid(message: str) -> Exception:
     """An error ``mlflow models serve`` answers with HTTP 400 and this message."""
     from mlflow.exceptions import MlflowException
@@ -62,9 +86,19 @@ class SlimflowClassifier(mlflow.pyfunc.PythonModel):
 
         self._preprocessing = Preprocessing.from_json(Path(context.artifacts["preprocess"]).read_text())
         self._model = load_model_dir(Path(context.artifacts["model"]))
+        self._tokenizer = None
+        if "tokenizer" in context.artifacts:
+            from tasks.sources.text import load_tokenizer
+
+            self._tokenizer = load_tokenizer(Path(context.artifacts["tokenizer"]))
 
     def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201 - see above
-        """Class indices (int64) for raw inputs of shape ``(N, *input_shape)``."""
+        """Class indices (int64) for raw inputs of shape ``(N, *input_shape)`` (text models: raw text)."""
+        if self._tokenizer is not None:
+            from tasks.sources.text import encode
+
+            ids = encode(self._tokenizer, _as_texts(model_input))
+            return np.asarray(self._model.predict(ids)).argmax(axis=1).astype(np.int64)
         x = _as_array(model_input)
         expected = tuple(self._preprocessing.input_shape)
         if x.shape == expected:  # one sample without its batch axis
@@ -84,7 +118,7 @@ def pip_requirements(manifest: Mapping[str, Any]) -> list[str]:
     def pinned(package: str) -> str:
         return f"{package}=={version(package).split('+')[0]}"
 
-    requirements = [pinned("mlflow"), pinned("torch"), pinned("numpy"), pinned("onnxruntime")]
+    requirements = [pinned("mlflow"), pinned("torch"), pinned("numpy"), pinned("onnxruntime"), pinned("tokenizers")]
     if "torchao" in json.dumps(manifest):
         requirements.append(pinned("torchao"))
     return requirements

@@ -61,7 +61,9 @@ def _methods(evaluation: Evaluation, data_digest: str | None) -> list[str]:
         f"Latency: wall clock at batch 1, {s['latency_repeats']} interleaved rounds x "
         f"{s['batch1_calls_per_round']} timed calls per model (after {s['warmup']} warm-up call(s), and one "
         f"untimed call per round); CPU ms = median process CPU time of those calls; throughput: median of "
-        f"{s['latency_repeats']} calls at batch {s['throughput_batch']}.",
+        f"{s['latency_repeats']} calls at batch {s['throughput_batch']}"
+        + (f"; every input a sequence of {s['sequence_length']} token ids (text, padded)" if "sequence_length" in s else "")
+        + ".",
         f"Energy: {s['energy_method']}, over the throughput calls (`energy_source: {s['energy_source']}`).",
         f"Peak memory: {s['memory_method']}.",
         "Size × and speed ×: times smaller / faster (latency p50) than the baseline; samples/s ×: "

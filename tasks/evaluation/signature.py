@@ -8,7 +8,9 @@ fit it (HTTP 400 naming the expected shape or columns):
   :data:`SHAPED_INPUT` (``raw_shaped_input``), float32, shape ``(-1, *input_shape)``: RAW
   values (the pyfunc normalizes them itself), SHAPED (not flattened);
 - tabular data (``input_shape == (features,)``): one ``double`` column per feature,
-  ``x0 .. x{F-1}``, raw values.
+  ``x0 .. x{F-1}``, raw values;
+- text (token ids prepared by a tokenizer): one ``string`` column :data:`TEXT_COLUMN`
+  (``text``), raw text: the pyfunc tokenizes it with the tokenizer trained in ``prepare``.
 
 The output is one int64 class index per row. :func:`input_schema` is the same contract as
 a small JSON-able dict (a version tag, compared before a challenger may take
@@ -24,12 +26,14 @@ import numpy as np
 
 from tasks.data import Preprocessing
 
+TOKENIZER_FILE = "tokenizer.json"  # beside preprocess.json in the prepared data (text)
 SHAPED_INPUT = "raw_shaped_input"  # the tensor's name says what it takes: raw values, shaped
+TEXT_COLUMN = "text"  # text models take raw text in this column
 EXAMPLE_ROWS = 2
 
 
 def is_tabular(preprocessing: Preprocessing) -> bool:
-    return len(preprocessing.input_shape) == 1
+    return len(preprocessing.input_shape) == 1 and not preprocessing.is_text
 
 
 def column_names(features: int) -> list[str]:
@@ -39,6 +43,9 @@ def column_names(features: int) -> list[str]:
 def input_schema(preprocessing: Preprocessing) -> dict[str, Any]:
     """The input contract as plain data: ``{"type": "tensor", "dtype", "shape"}`` or ``{"type": "columns", ...}``."""
     shape = [int(d) for d in preprocessing.input_shape]
+    if preprocessing.is_text:
+        return {"type": "text", "dtype": "string", "columns": [TEXT_COLUMN],
+                "layout": f"raw text, tokenized inside to {shape[0]} token ids"}
     if len(shape) == 1:
         return {"type": "columns", "dtype": "double", "columns": shape[0], "layout": "raw, one column per feature"}
     return {"type": "tensor", "dtype": "float32", "shape": [-1, *shape], "layout": "raw, shaped"}
@@ -59,6 +66,8 @@ def describe(schema: dict[str, Any] | None) -> str:
     """``tensor float32 (-1, 1, 8, 8)`` / ``30 double columns x0..x29``, for messages."""
     if not schema:
         return "an unknown input"
+    if schema.get("type") == "text":
+        return f"raw text (one string column {schema['columns'][0]!r})"
     if schema.get("type") == "columns":
         n = int(schema["columns"])
         return f"{n} {schema['dtype']} columns x0..x{n - 1}"
@@ -70,7 +79,9 @@ def model_signature(preprocessing: Preprocessing) -> Any:
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ColSpec, Schema, TensorSpec
 
-    if is_tabular(preprocessing):
+    if preprocessing.is_text:
+        inputs = Schema([ColSpec("string", TEXT_COLUMN)])
+    elif is_tabular(preprocessing):
         inputs = Schema([ColSpec("double", name) for name in column_names(preprocessing.input_shape[0])])
     else:
         inputs = Schema([TensorSpec(np.dtype(np.float32), (-1, *preprocessing.input_shape), name=SHAPED_INPUT)])
@@ -78,8 +89,17 @@ def model_signature(preprocessing: Preprocessing) -> Any:
 
 
 def input_example(prepared: Path, preprocessing: Preprocessing) -> Any:
-    """Two raw test rows in exactly the form the signature takes."""
+    """Two raw test rows in exactly the form the signature takes (text: the test rows'
+    token ids decoded back to words, the words the tokenizer knows)."""
     x = np.load(prepared / "test_x.npy", mmap_mode="r")[:EXAMPLE_ROWS]
+    if preprocessing.is_text:
+        import pandas as pd
+
+        from tasks.sources.text import load_tokenizer
+
+        tokenizer = load_tokenizer(prepared / TOKENIZER_FILE)
+        texts = tokenizer.decode_batch([[int(i) for i in row] for row in x])
+        return pd.DataFrame({TEXT_COLUMN: texts})
     x = np.ascontiguousarray(x, dtype=np.float32)
     if is_tabular(preprocessing):
         import pandas as pd

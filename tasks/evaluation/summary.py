@@ -49,7 +49,8 @@ def summary_table(evaluation: Evaluation) -> Table:
     s = evaluation.settings
     promotion = evaluation.promotion
     caption = (
-        f"{s['threads']} thread(s), p50/p95 at batch 1, samples/s at batch {s['throughput_batch']}; "
+        f"{s['threads']} thread(s), p50/p95 at batch 1, samples/s at batch {s['throughput_batch']}"
+        + (f", sequences of {s['sequence_length']} token ids" if "sequence_length" in s else "") + "; "
         f"energy: {s['energy_source']}; size × / speed × = times smaller / faster than the baseline. "
         + (promotion.reason if promotion else "")
     )

@@ -1,6 +1,6 @@
 """Readers for the raw data formats users bring, and the checks made before anything is written.
 
-Every reader is a pure function that returns :class:`RawData` - ``x`` float32 of shape
+Every reader is a pure function that returns :class:`RawData` (text: :class:`RawText`) - ``x`` float32 of shape
 ``(N, features)`` or ``(N, C, H, W)``, ``y`` int64 class indices and the class names -
 or raises :class:`DataError` with one message naming the file (and the line, column or
 index where it applies) and the problem. Nothing here writes files.
@@ -15,9 +15,11 @@ from tasks.sources.digest import dvc_digest
 from tasks.sources.idx import IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC, read_idx
 from tasks.sources.images import IMAGE_SUFFIXES, read_image_folder
 from tasks.sources.tabular import read_csv, read_npz
+from tasks.sources.text import RawText, encode, read_text_folder, read_text_table, tokenizer_card, train_tokenizer
 
 __all__ = [
-    "IDX_IMAGES_MAGIC", "IDX_LABELS_MAGIC", "IMAGE_SUFFIXES", "DataError", "RawData", "check_dataset",
-    "check_splittable", "dvc_digest", "load_sklearn", "min_samples_per_class", "read_csv", "read_idx",
-    "read_image_folder", "read_npz", "sklearn_digest",
+    "IDX_IMAGES_MAGIC", "IDX_LABELS_MAGIC", "IMAGE_SUFFIXES", "DataError", "RawData", "RawText", "check_dataset",
+    "check_splittable", "dvc_digest", "encode", "load_sklearn", "min_samples_per_class", "read_csv", "read_idx",
+    "read_image_folder", "read_npz", "read_text_folder", "read_text_table", "sklearn_digest", "tokenizer_card",
+    "train_tokenizer",
 ]

@@ -102,14 +102,15 @@ def allreduce_groups(setting: int | str, use_cuda: bool) -> int | None:
     return int(setting) or None
 
 
-def lr_multiplier(step: int, warmup_steps: int, total_steps: int, world_size: int) -> float:
+def lr_multiplier(step: int, warmup_steps: int, total_steps: int, world_size: int, start: float = 1.0) -> float:
     """Learning-rate multiplier per optimizer step.
 
-    Ramps linearly from 1 to ``world_size`` over the warm-up (Goyal et al., 2017: the
-    global batch is ``world_size`` times larger), then decays to 0.1 x that by a cosine.
+    Ramps linearly from ``start`` to ``world_size`` over the warm-up (Goyal et al., 2017: the
+    global batch is ``world_size`` times larger; transformers also need a gentle start, so
+    theirs starts below 1), then decays to 0.1 x that by a cosine.
     """
     if warmup_steps and step < warmup_steps:
-        return 1.0 + (world_size - 1) * step / warmup_steps
+        return start + (world_size - start) * step / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return world_size * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 

@@ -40,6 +40,9 @@ class FitJob:
     seed: int
     weight_decay: float = 0.0
     warmup_epochs: int = 1
+    # The warm-up's first learning rate as a share of ``lr`` (None: by model family,
+    # tasks.training.loop.WARMUP_START).
+    warmup_start: float | None = None
     patience: int = 5
     fp16_allreduce: bool = False
     backward_passes_per_step: int = 1

@@ -43,6 +43,22 @@ from tasks.training.reporting import MlflowLogger, summary, write_json
 log = logging.getLogger("slimflow.fit")
 
 VAL_BATCH = 1024
+# Where the warm-up starts, as a share of the learning rate, by model family (the rest: 1,
+# a warm-up that only scales to the world size). Transformers diverge or stall on a full
+# learning rate at their first steps (post-LN and pre-LN alike benefit from a ramp).
+WARMUP_START = {"transformer": 0.05}
+
+
+def spec_for_data(spec: ModelSpec, preprocessing: Preprocessing) -> ModelSpec:
+    """``spec`` with the vocabulary of token data (text) filled in from the prepared data."""
+    if not preprocessing.is_text:
+        return spec
+    if spec.vocab_size not in (None, preprocessing.vocab_size):
+        raise ValueError(
+            f"train.model.vocab_size is {spec.vocab_size} but the prepared data's tokenizer has "
+            f"{preprocessing.vocab_size} ids; leave it null (it is set from the data)"
+        )
+    return spec.spec(vocab_size=preprocessing.vocab_size)
 
 
 @dataclass(frozen=True)
@@ -101,7 +117,7 @@ def build_trainer(job: FitJob, hvd: Any, place: Placement) -> Trainer:
     bf16 = job.qat is None and (job.mixed_precision == "bf16" or (job.mixed_precision == "auto" and place.use_cuda))
     want_channels_last = job.channels_last == "on" or (job.channels_last == "auto" and place.use_cuda)
     data = load_shards(job, place)
-    spec = ModelSpec.from_dict(job.spec)
+    spec = spec_for_data(ModelSpec.from_dict(job.spec), data.preprocessing)
     adapt = Adaptation(job)
     model = build_model(spec, data.preprocessing.input_shape, data.preprocessing.num_classes)
     model = adapt.prepare(model, place.device)
@@ -136,8 +152,9 @@ def build_trainer(job: FitJob, hvd: Any, place: Placement) -> Trainer:
     )
     # Horovod: the learning rate is scaled by the world size, ramped up over the warm-up.
     warmup_steps, total_steps = job.warmup_epochs * steps_per_epoch, job.epochs * steps_per_epoch
+    start = job.warmup_start if job.warmup_start is not None else WARMUP_START.get(spec.family, 1.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_multiplier(step, warmup_steps, total_steps, place.size)
+        optimizer, lambda step: lr_multiplier(step, warmup_steps, total_steps, place.size, start)
     )
     return Trainer(
         job, hvd, place, data, spec, model, training_loss(teacher, job.temperature, job.alpha), sampler,
