@@ -47,8 +47,9 @@ class PruneStep(_Strict):
     )
     sparsity: Annotated[float, Field(gt=0.0, lt=1.0)] | Literal["auto"] = Field(
         description="the share of weights (unstructured) or of channels per layer (structured) to remove, "
-        "above 0 and below 1; auto (unstructured): gradual pruning and a search for the highest sparsity "
-        "within compress.budget",
+        "above 0 and below 1; auto: a search for the highest within compress.budget (unstructured: gradual "
+        "pruning; structured: per-layer ratios from each layer's measured sensitivity, the least sensitive "
+        "pruned most)",
     )
     fine_tune_epochs: int = Field(0, ge=0, description="epochs fine-tuned under the pruning mask")
     lr: LearningRate | None = Field(None, description="the fine-tuning learning rate (default: compress.fine_tune_lr)")
@@ -71,12 +72,9 @@ class PruneStep(_Strict):
         if "lr" in self.model_fields_set and self.fine_tune_epochs < 1:
             raise _problem("lr is the fine-tuning learning rate: set fine_tune_epochs >= 1 too", "lr")
         if self.sparsity == "auto":
-            if self.kind != "unstructured":
-                raise _problem("sparsity auto is searched for unstructured pruning only: give structured a number",
-                               "sparsity")
             if self.fine_tune_epochs < 1:
-                raise _problem("sparsity auto prunes gradually while fine-tuning: set fine_tune_epochs >= 1",
-                               "fine_tune_epochs")
+                why = "prunes gradually while fine-tuning" if self.kind == "unstructured" else "fine-tunes every trial"
+                raise _problem(f"sparsity auto {why}: set fine_tune_epochs >= 1", "fine_tune_epochs")
         return self
 
     @property
