@@ -286,15 +286,20 @@ def _outcome(
     within = [t for t in trials if t.within_budget]
     if within:
         best = max(within, key=lambda t: (key(t), t.val_accuracy))
-        message = (f"{knob} {best.setting:g}: {best.drop_points:.2f} points below the baseline, within the budget "
+        message = (f"{knob} {best.setting:g}: {_versus_baseline(best.drop_points)}, within the budget "
                    f"of {budget.max_drop_points:g} ({len(trials)} trials, stopped: {stopped_by})")
     else:
         best = max(trials, key=lambda t: (t.val_accuracy, key(t)))
         message = (f"no trial fits the budget of {budget.max_drop_points:g} points: kept the least-bad, {knob} "
-                   f"{best.setting:g}, {best.drop_points:.2f} points below the baseline ({len(trials)} trials, "
+                   f"{best.setting:g}, {_versus_baseline(best.drop_points)} ({len(trials)} trials, "
                    f"stopped: {stopped_by})")
         log.warning("%s", message)
     return Outcome(knob, best, trials, bool(within), stopped_by, seconds, budget, message)
+
+
+def _versus_baseline(drop_points: float) -> str:
+    """``1.50 points below the baseline``; a model that gained reads ``0.40 points above``."""
+    return f"{abs(drop_points):.2f} points {'below' if drop_points >= 0 else 'above'} the baseline"
 
 
 def cubic_schedule(start: float, final: float, epochs: int) -> list[float]:
