@@ -1,9 +1,9 @@
 """Benchmark compression at training speed: the compress stage's fine-tuning against the train stage.
 
-Workload: a generated MNIST-like set, not one every model aces: scikit-learn's 1,797
-8x8 digits, upscaled to 20x20 and drawn again and again into 28x28 canvases with a random
-rotation (+-10 degrees), shift (+-4 px), contrast and brightness, Gaussian noise and an
-occluding bar; 12,000 samples by default, split 60/15/25 like the prepare stage does.
+Workload: a generated MNIST-like set, not one every model aces (``tasks.synthetic.noisy_digits``:
+scikit-learn's 1,797 8x8 digits drawn again and again into 28x28 canvases with a random
+rotation, shift, contrast and brightness, Gaussian noise and an occluding bar); 12,000
+samples by default, split 60/15/25 like the prepare stage does.
 
 In a fresh copy of CODE (default: this checkout; ``--code /other/checkout`` measures
 another version, e.g. the one before a change, on the same data) with its own
@@ -41,7 +41,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "compression.json"
@@ -56,48 +55,13 @@ IN_PROCESS_EPOCH = re.compile(r"(\S+) step \d+ \(\w+\)(?: \(QAT\))?: fine-tune e
 STEP_DONE = re.compile(r"(\S+) step (\d+) \((\w+)\): done in ([\d.]+)s")
 
 
-def generated_digits(samples: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """``samples`` noisy 28x28 digits (uint8-range floats, shape (N, 1, 28, 28)) and their labels."""
-    from scipy import ndimage
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    rng = np.random.default_rng(seed)
-    bank = np.stack([ndimage.zoom(image / 16.0, 2, order=1) for image in digits.images]).clip(0, 1)
-    picks = rng.integers(0, len(bank), size=samples)
-    x = np.zeros((samples, 28, 28), dtype=np.float32)
-    for row, pick in enumerate(picks):
-        glyph = ndimage.rotate(bank[pick], rng.uniform(-10, 10), reshape=False, order=1)
-        top, left = rng.integers(2, 11, size=2)  # a 16x16 glyph, shifted up to +-4 px from the centre
-        x[row, top : top + 16, left : left + 16] = glyph
-        if rng.random() < 0.1:  # an occluding bar, horizontal or vertical
-            at, width = rng.integers(4, 24), rng.integers(2, 5)
-            if rng.random() < 0.5:
-                x[row, at : at + width, :] = rng.uniform(0.0, 1.0)
-            else:
-                x[row, :, at : at + width] = rng.uniform(0.0, 1.0)
-    contrast = rng.uniform(0.6, 1.3, size=(samples, 1, 1))
-    brightness = rng.uniform(-0.05, 0.1, size=(samples, 1, 1))
-    x = x * contrast + brightness + rng.normal(0.0, 0.1, size=x.shape)
-    return (255.0 * x.clip(-0.5, 1.5)).astype(np.float32)[:, None], digits.target[picks].astype(np.int64)
-
-
 def write_prepared(prepared: Path, samples: int, seed: int = 0) -> dict[str, int]:
-    """The generated set in the prepared-data layout (``tasks/data.py``), split 60/15/25."""
-    from tasks.data import Preprocessing
+    """The generated set (``tasks.synthetic.noisy_digits``) in the prepared-data layout, split 60/15/25."""
+    from tasks import synthetic
 
-    x, y = generated_digits(samples, seed)
-    cut_train, cut_val = int(0.6 * samples), int(0.75 * samples)
-    splits = {"train": slice(0, cut_train), "val": slice(cut_train, cut_val), "test": slice(cut_val, samples)}
-    prepared.mkdir(parents=True)
-    for split, rows in splits.items():
-        np.save(prepared / f"{split}_x.npy", x[rows])
-        np.save(prepared / f"{split}_y.npy", y[rows])
-    preprocessing = Preprocessing.fit(x[splits["train"]], 10, [str(c) for c in range(10)])
-    (prepared / "preprocess.json").write_text(preprocessing.to_json())
-    card = {"source": "generated noisy 28x28 digits", "digest": f"bench-seed{seed}-n{samples}"}
-    (prepared / "card.json").write_text(json.dumps(card) + "\n")
-    return {split: rows.stop - rows.start for split, rows in splits.items()}
+    x, y = synthetic.noisy_digits(samples, seed)
+    return synthetic.write_splits(prepared, x, y, 10, f"bench-seed{seed}-n{samples}",
+                                  source="generated noisy 28x28 digits")
 
 
 def make_project(code: Path, dest: Path) -> Path:

@@ -30,24 +30,13 @@ log = logging.getLogger("slimflow.train")
 def fit_job(params: Params, paths: ProjectPaths, run_id: str | None) -> FitJob:
     """The baseline's training job: ``params.train`` on the prepared data, into the stage's outputs."""
     train = params.train
-    return FitJob(
+    return FitJob.from_train(
+        train,
         spec=train.model.spec().to_dict(),
         prepared=str(paths.prepared),
         output=str(paths.model),
         checkpoints=str(paths.checkpoints),
-        epochs=train.epochs,
-        batch_size=train.batch_size,
-        lr=train.lr,
         seed=params.base.seed,
-        weight_decay=train.weight_decay,
-        warmup_epochs=train.warmup_epochs,
-        warmup_start=train.warmup_start,
-        patience=train.patience,
-        fp16_allreduce=train.fp16_allreduce,
-        backward_passes_per_step=train.backward_passes_per_step,
-        allreduce_groups=train.allreduce_groups,
-        mixed_precision=train.mixed_precision,
-        channels_last=train.channels_last,
         run_id=run_id,
         metrics_path=str(paths.metrics / "train.json"),
         history_path=str(paths.plots / "train_history.json"),

@@ -19,8 +19,10 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from tasks import synthetic
 from tasks.compression.search import (
-    Budget, Trial, cubic_schedule, search_fallback, search_sparsity, search_structured, search_width,
+    Budget, Trial, cubic_schedule, kept_widths, layer_ratios, search_fallback, search_ratio, search_sparsity,
+    search_structured, search_width,
 )
 from tasks.core.config import ParamsError, validate_params
 
@@ -83,6 +85,37 @@ def test_a_search_that_cannot_fit_returns_the_least_bad_trial_with_a_message() -
     assert outcome.best.val_accuracy == max(t.val_accuracy for t in outcome.trials)
     assert "no trial fits the budget" in outcome.message and "least-bad" in outcome.message
     assert outcome.record()["within_budget"] is False
+
+
+def test_the_channel_ratio_search_bisects_up_to_its_own_bound() -> None:
+    budget = Budget(1.0, max_trials=10, max_minutes=10, baseline_accuracy=0.9)
+    run, calls = _fake_trials(0.62, budget)
+    outcome = search_ratio(run, budget)
+    assert outcome.knob == "ratio" and outcome.best.setting == 0.62 and outcome.within_budget
+    assert [s for s, _ in calls][:3] == [0.5, 0.7, 0.6]
+    run, calls = _fake_trials(1.0, budget)  # everything passes: stops at 0.9 (each layer keeps 10%)
+    assert search_ratio(run, budget).best.setting == 0.9 and max(s for s, _ in calls) == 0.9
+
+
+def test_layer_ratios_prune_the_least_sensitive_layers_most_and_remove_the_global_share() -> None:
+    widths = {"conv1": 8, "conv2": 16, "fc": 32}
+    scores = {"conv1": 20.0, "conv2": 3.0, "fc": 0.0}  # mean drop (points) of each layer pruned alone
+    for ratio in (0.2, 0.5, 0.8):
+        ratios = layer_ratios(ratio, widths, scores)
+        assert ratios["fc"] >= ratios["conv2"] >= ratios["conv1"] > 0
+        assert ratio > 0.5 or ratios["fc"] > ratios["conv2"] > ratios["conv1"]
+        assert max(ratios.values()) <= 0.9
+        removed = sum(widths[name] * ratios[name] for name in widths)
+        assert removed == pytest.approx(ratio * sum(widths.values()), abs=1e-3)
+    # the cap holds the least sensitive layer and the rest is shared among the others
+    high = layer_ratios(0.8, widths, scores)
+    assert high["fc"] == 0.9 and high["conv2"] > layer_ratios(0.5, widths, scores)["conv2"]
+    # equal sensitivity: the same share everywhere; widths never below one channel
+    assert set(layer_ratios(0.5, widths, {}).values()) == {0.5}
+    assert kept_widths(widths, layer_ratios(0.9, widths, {})) == {"conv1": 1, "conv2": 2, "fc": 3}
+    # a higher global ratio never keeps more channels in any layer (a trial can continue from a passing one)
+    kept = [kept_widths(widths, layer_ratios(r / 20, widths, scores)) for r in range(19)]
+    assert all(a[name] >= b[name] for a, b in zip(kept, kept[1:]) for name in widths)
 
 
 def _fallback_trials(harm: dict[str, float], budget: Budget):
@@ -204,7 +237,7 @@ AUTO = {"method": "prune", "kind": "unstructured", "sparsity": "auto", "fine_tun
     ({"budget": {"max_minutes": 0}}, "budget.max_minutes"),
     ({"budget": {"max_seconds": 5}}, "max_seconds"),
     ({"variants": [{"name": "a", "steps": [{**AUTO, "kind": "structured", "fine_tune_epochs": 0}]}]},
-     "fine_tune_epochs >= 1"),
+     "fine-tunes every trial"),
     ({"variants": [{"name": "a", "steps": [{**AUTO, "fine_tune_epochs": 0}]}]}, "fine_tune_epochs >= 1"),
     ({"variants": [{"name": "a", "steps": [{**AUTO, "sparsity": "most"}]}]}, "sparsity"),
     ({"variants": [{"name": "a", "steps": [{"method": "quantize", "mode": "dynamic", "fallback": "auto"}]}]},
@@ -228,52 +261,22 @@ def test_the_budget_defaults_to_the_gate() -> None:
 SPEC = {"family": "cnn", "channels": [8, 16]}
 
 
-def _noisy_shifted_images(prepared: Path, samples: int = 600, seed: int = 0) -> None:
-    """10 classes of 28x28 images: a fixed smooth random pattern per class, shifted by up to
-    3 pixels, under Gaussian noise (0.8 x the pattern's std); train 400 / val 100 / test 100."""
-    from scipy import ndimage
-
-    rng = np.random.default_rng(seed)
-    patterns = np.stack([ndimage.gaussian_filter(p, 3) for p in rng.normal(size=(10, 28, 28))])
-    patterns /= patterns.std(axis=(1, 2), keepdims=True)
-    y = rng.integers(0, 10, samples)
-    x = np.stack([np.roll(patterns[c], tuple(rng.integers(-3, 4, 2)), axis=(0, 1)) for c in y])
-    x = x + rng.normal(scale=0.8, size=x.shape)
-    _write_splits(prepared, x[:, None], y, 10, "test-noisy-shifted-600")
+def _noisy_shifted_images(prepared: Path) -> None:
+    """600 noisy, shifted 28x28 images of 10 classes: train 400 / val 100 / test 100."""
+    x, y = synthetic.noisy_patterns(600, seed=0)
+    synthetic.write_splits(prepared, x, y, 10, "test-noisy-shifted-600", cuts=(400, 500))
 
 
-def _write_splits(prepared: Path, x: np.ndarray, y: np.ndarray, num_classes: int, digest: str) -> None:
-    """``x``/``y`` as the prepared splits: the first 400 train, the next 100 val, the rest test."""
-    from tasks.data import Preprocessing
-
-    splits = {"train": slice(0, 400), "val": slice(400, 500), "test": slice(500, len(y))}
-    prepared.mkdir(parents=True)
-    for split, rows in splits.items():
-        np.save(prepared / f"{split}_x.npy", x[rows].astype(np.float32))
-        np.save(prepared / f"{split}_y.npy", y[rows].astype(np.int64))
-    preprocessing = Preprocessing.fit(x[splits["train"]].astype(np.float32), num_classes,
-                                      [str(i) for i in range(num_classes)])
-    (prepared / "preprocess.json").write_text(preprocessing.to_json())
-    (prepared / "card.json").write_text(json.dumps({"digest": digest}))
+def _tabular(prepared: Path) -> None:
+    """8 features, 2 classes (600 rows)."""
+    x, y = synthetic.tabular(600, seed=1)
+    synthetic.write_splits(prepared, x, y, 2, "test-tabular-600", cuts=(400, 500))
 
 
-def _tabular(prepared: Path, samples: int = 600, seed: int = 1) -> None:
-    """8 features, 2 classes: a noisy linear rule with one interaction."""
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(samples, 8))
-    score = x @ rng.normal(size=8) + 1.5 * x[:, 0] * x[:, 1] + rng.normal(scale=0.5, size=samples)
-    _write_splits(prepared, x, (score > 0).astype(np.int64), 2, "test-tabular-600")
-
-
-def _sequences(prepared: Path, samples: int = 600, seed: int = 2) -> None:
-    """Sequences of 12 steps x 4 features (one row per step), 2 classes: a slow or a fast wave in noise."""
-    rng = np.random.default_rng(seed)
-    y = rng.integers(0, 2, samples)
-    t = np.arange(12)[None, :, None]
-    frequency = np.where(y == 1, 0.9, 0.3)[:, None, None]
-    phase = rng.uniform(0, 2 * np.pi, size=(samples, 1, 4))
-    x = np.sin(frequency * t + phase) + rng.normal(scale=0.5, size=(samples, 12, 4))
-    _write_splits(prepared, x[:, None], y, 2, "test-sequences-600")
+def _sequences(prepared: Path) -> None:
+    """12-step sequences of 4 features, 2 classes (600)."""
+    x, y = synthetic.sequences(600, seed=2)
+    synthetic.write_splits(prepared, x, y, 2, "test-sequences-600", cuts=(400, 500))
 
 
 def _trained_baseline(root: Path, spec_raw: dict[str, Any], epochs: int = 6) -> Path:
@@ -389,6 +392,57 @@ def test_searched_sparsity_ends_within_budget_and_shows_its_work(
     assert [m.step for m in history] == [r["number"] for r in rows]
     assert {a.path for a in client.list_artifacts(run.info.run_id, "search")} >= {"search/trials.json"}
     assert run.data.tags["search"].startswith("sparsity=")
+
+
+@pytest.mark.integration
+def test_structured_ratio_search_measures_each_layer_and_ends_within_budget(
+    noisy_baseline: Path, tmp_path: Path, monkeypatch, mlflow_uri: str
+) -> None:
+    """Structured ``sparsity: auto``: every layer pruned alone at 3 ratios (the sensitivity
+    shown as a table, chart and DVC plot), then the global channel ratio searched, shared out
+    by sensitivity; the chosen model is smaller, its widths are the manifest's, and it fits."""
+    from mlflow import MlflowClient
+
+    from tasks.compression import pruning
+    from tasks.compression.loading import load_model_dir
+    from tasks.data import load_split
+
+    step = {**AUTO, "kind": "structured", "fine_tune_epochs": 20, "lr": 0.005}  # 0.1 s an epoch
+    paths, manifest = _run_compress(noisy_baseline, tmp_path, {"max_accuracy_drop": 5.0, "max_trials": 2,
+                                                               "max_minutes": 10}, step, monkeypatch,
+                                    name="pruned-structured-auto")
+    search = manifest["search"]
+    assert search["knob"] == "ratio" and 1 <= search["trials"] <= 2
+    assert search["within_budget"], search["message"]
+    model = load_model_dir(paths.compressed / "pruned-structured-auto")
+    val = load_split(paths.prepared, "val")
+    accuracy = float((model.predict(val.x).argmax(1) == val.y).mean())
+    assert accuracy == pytest.approx(manifest["val_accuracy"])
+    assert 100 * (_baseline_val_accuracy(paths) - accuracy) <= 5.0 + 1e-9
+    # the written model has the chosen widths: fewer channels, fewer parameters
+    widths = pruning.layer_widths(model.module)
+    assert widths == search["widths"] and search["widths_before"] == {"features.0": 8, "features.4": 16}
+    assert sum(widths.values()) < 24 and manifest["model_spec"]["channels"] == list(widths.values())
+    assert manifest["parameters"] < json.loads((paths.model / "manifest.json").read_text())["parameters"]
+    # per-layer ratios follow the sensitivity: the less sensitive layer loses the larger share
+    low, high = sorted(search["sensitivity"], key=lambda layer: search["sensitivity"][layer])
+    if search["sensitivity"][low] < search["sensitivity"][high]:
+        assert search["layer_ratios"][low] > search["layer_ratios"][high]
+    # the sensitivity: 2 layers x 3 ratios, measured (the drops differ), as DVC plot and MLflow artifacts
+    rows = json.loads((paths.plots / "sensitivity" / "pruned-structured-auto.json").read_text())
+    assert len(rows) == 6 and {r["layer"] for r in rows} == set(widths) and {r["ratio"] for r in rows} == {0.25, 0.5, 0.75}
+    assert len({r["drop_points"] for r in rows}) > 1
+    for layer in widths:  # a layer loses more (or as much) the more of it is pruned, within one sample's noise
+        drops = [r["drop_points"] for r in rows if r["layer"] == layer]
+        assert drops[-1] >= drops[0] - 2.0
+    trials = json.loads((paths.plots / "search" / "pruned-structured-auto.json").read_text())
+    assert [t["setting"] for t in trials][0] == 0.5
+    client = MlflowClient(mlflow_uri)
+    experiment = client.get_experiment_by_name("test-budget")
+    (run,) = [r for r in client.search_runs([experiment.experiment_id]) if r.info.run_name == "pruned-structured-auto"]
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "search")} >= {
+        "search/trials.json", "search/sensitivity.json", "search/sensitivity.png", "search/sensitivity.txt"}
+    assert run.data.tags["search"].startswith("ratio=")
 
 
 @pytest.mark.integration

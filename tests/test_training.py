@@ -179,6 +179,29 @@ def default_stage_outputs(default_stage: Path) -> tuple[dict, list[dict], dict[s
 # --------------------------------------------------------------------------- unit
 
 
+def test_the_baseline_and_a_fine_tune_take_train_s_settings_through_one_constructor(tmp_path: Path) -> None:
+    """FitJob.from_train: every shared setting of ``train`` reaches both jobs; a fine-tune's
+    own epochs, lr and shortened warm-up override them."""
+    from tasks.compression.fine_tuning import TrainingStep
+    from tasks.compression.fine_tuning import fit_job as step_job
+    from tasks.core.config import validate_params
+    from tasks.core.paths import ProjectPaths
+    from tasks.train import fit_job as stage_job
+
+    params = validate_params({"train": {"batch_size": 48, "weight_decay": 0.01, "warmup_epochs": 3, "patience": 2,
+                                        "fp16_allreduce": True, "backward_passes_per_step": 2, "allreduce_groups": 3,
+                                        "mixed_precision": "off", "channels_last": "on", "epochs": 7, "lr": 0.004}})
+    paths = ProjectPaths(tmp_path)
+    baseline = stage_job(params, paths, None)
+    tuned = step_job(TrainingStep(params, paths, "v", 1, None), params.train.model.spec(), epochs=2, lr=0.001)
+    shared = {"batch_size": 48, "weight_decay": 0.01, "patience": 2, "fp16_allreduce": True,
+              "backward_passes_per_step": 2, "allreduce_groups": 3, "mixed_precision": "off", "channels_last": "on"}
+    for job in (baseline, tuned):
+        assert {key: getattr(job, key) for key in shared} == shared
+    assert (baseline.epochs, baseline.lr, baseline.warmup_epochs) == (7, 0.004, 3)
+    assert (tuned.epochs, tuned.lr, tuned.warmup_epochs, tuned.monitor) == (2, 0.001, 1, "val_accuracy")
+
+
 def test_learning_rate_ramps_to_world_size_then_decays() -> None:
     warmup, total = 10, 100
     assert lr_multiplier(0, warmup, total, world_size=4) == 1.0

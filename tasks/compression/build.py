@@ -54,6 +54,8 @@ class Work:
         self.curves: dict[str, list[dict[str, Any]]] = {}
         # Every searched variant's trials (plots/search/<variant>.json), by variant.
         self.searches: dict[str, list[dict[str, Any]]] = {}
+        # Structured searches' per-layer sensitivity (plots/sensitivity/<variant>.json), by variant.
+        self.sensitivities: dict[str, list[dict[str, Any]]] = {}
         self.baseline_accuracy: float | None = None  # the baseline's val accuracy: the budget's reference
 
     def trained(self, step: TrainingStep, trained: Trained, method: str, epochs: int, extra: dict[str, Any]) -> None:
@@ -206,7 +208,103 @@ def _prune_searched(
 def _prune_structured_searched(
     candidate: Candidate, step: PruneStep, work: Work, training: TrainingStep, extra: dict[str, Any]
 ) -> Candidate:
-    """Structured ``sparsity: auto``: prune :data:`search.STRUCTURED_SPARSITIES` of the channels /
+    """Structured ``sparsity: auto`` (mlp, cnn; a transformer: :func:`_prune_heads_searched`):
+    measure each layer's sensitivity (pruned alone at
+    :data:`search.SENSITIVITY_RATIOS`, no fine-tuning), then bisect the global channel ratio
+    (:func:`search.search_ratio`), shared out between the layers by their sensitivity
+    (:func:`search.layer_ratios`: the least sensitive pruned most); each trial prunes (from the
+    best passing trial, or the parent) to its per-layer widths and fine-tunes on the Horovod
+    loop. Records the sensitivity (table in the log, chart and rows in MLflow, ``plots/sensitivity``)
+    and the trail (manifest ``search``, MLflow, ``plots/search``)."""
+    from dataclasses import replace
+
+    if candidate.spec.family == "transformer":
+        return _prune_heads_searched(candidate, step, work, training, extra)
+    from tasks.compression import sensitivity
+    from tasks.compression.candidate import accuracy
+    from tasks.compression.weights import parameters_and_nonzeros, weight_sparsity
+    from tasks.core.model_files import torch_predictor
+    from tasks.core.tables import as_text
+
+    assert work.baseline_accuracy is not None
+    budget = search.Budget.of(work.params, work.baseline_accuracy)
+    example, x_val, y_val = work.data.example(), work.data.x_val, work.data.y_val
+
+    def val_accuracy(model: Candidate) -> float:
+        return accuracy(torch_predictor(model.module)(x_val), y_val)
+
+    began = time.perf_counter()
+    widths = pruning.layer_widths(candidate.module)
+    measured = pruning.structured_sensitivity(candidate, example, search.SENSITIVITY_RATIOS, val_accuracy)
+    rows = sensitivity.rows(measured, widths, val_accuracy(candidate))
+    scores = {layer: search.sensitivity_score(drops) for layer, drops in sensitivity.drops_by_layer(rows).items()}
+    sensitivity_seconds = time.perf_counter() - began
+    trained_by_trial: dict[int, Trained] = {}
+    ratios_by_trial: dict[int, dict[str, float]] = {}
+
+    def run_trial(ratio: float, warm: search.Trial | None, number: int) -> search.Trial:
+        started = time.perf_counter()
+        ratios = search.layer_ratios(ratio, widths, scores)
+        keep = search.kept_widths(widths, ratios)
+        origin: Candidate = warm.model if warm is not None else candidate
+        current = pruning.layer_widths(origin.module)
+        pruned = pruning.prune_structured(origin, 0.0, example, {k: min(keep[k], current[k]) for k in keep})
+        masks = pruning.zero_masks(pruned.module) if pruned.sparse else None  # a sparse parent's zeros stay zeros
+        trial_step = replace(training, trial=number)
+        trained = fine_tune(pruned, trial_step, epochs=step.fine_tune_epochs, lr=work.fine_tune_lr(step), masks=masks)
+        trained_by_trial[number], ratios_by_trial[number] = trained, ratios
+        model = pruned.changed(load_eager_model(trained.folder))
+        accuracy_now = val_accuracy(model)
+        _, nonzeros = parameters_and_nonzeros(model.module)
+        return search.Trial(
+            number, ratio, accuracy_now, budget.drop_points(accuracy_now), budget.fits(accuracy_now),
+            len(formats.torch_bytes(model.module.state_dict())), nonzeros, round(weight_sparsity(model.module), 6),
+            time.perf_counter() - started, warm.setting if warm is not None else None, model,
+        )
+
+    outcome = search.search_ratio(run_trial, budget)
+    best = outcome.best
+    trained = trained_by_trial[best.number]
+    work.curves[training.curve_name] = trained.history
+    extra.setdefault("training", []).append(
+        {**trained.record("prune", step.fine_tune_epochs, training.number), "trial": best.number}
+    )
+    extra["search"] = {
+        **outcome.record(),
+        "layer_ratios": ratios_by_trial[best.number], "widths_before": widths,
+        "widths": pruning.layer_widths(best.model.module), "sensitivity": scores,
+        "sensitivity_seconds": round(sensitivity_seconds, 2),
+        "epochs_run": sum(t.summary.get("epochs_run", 0) for t in trained_by_trial.values()),
+    }
+    work.sensitivities[training.variant] = rows
+    shown = sensitivity.table(rows, ratios_by_trial[best.number], title=f"{training.variant}: sensitivity per layer")
+    log.info("%s: per-layer sensitivity (%.1fs):\n%s", training.variant, sensitivity_seconds, as_text(shown))
+    if training.run_id is not None:
+        import mlflow
+
+        client = mlflow.MlflowClient()
+        client.log_dict(training.run_id, rows, "search/sensitivity.json")
+        client.log_text(training.run_id, as_text(shown), "search/sensitivity.txt")
+        _log_png(client, training.run_id, sensitivity.chart_png(rows, f"{training.variant}: per-layer sensitivity"),
+                 "search/sensitivity.png")
+    return _recorded(outcome, training, work, extra["search"])
+
+
+def _log_png(client: Any, run_id: str, png: bytes, artifact: str) -> None:
+    """PNG bytes as the run's ``artifact`` (MLflow logs files: through a temporary folder)."""
+    import tempfile
+    from pathlib import Path
+
+    folder, name = artifact.rsplit("/", 1)
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / name).write_bytes(png)
+        client.log_artifact(run_id, str(Path(tmp) / name), folder)
+
+
+def _prune_heads_searched(
+    candidate: Candidate, step: PruneStep, work: Work, training: TrainingStep, extra: dict[str, Any]
+) -> Candidate:
+    """Structured ``sparsity: auto`` of a transformer: prune :data:`search.STRUCTURED_SPARSITIES` of the channels /
     heads / units from the parent, highest first, each fine-tuned on the Horovod loop; the
     first within budget is kept (:func:`search.search_structured`)."""
     from dataclasses import replace

@@ -90,23 +90,16 @@ def fit_job(step: TrainingStep, spec: ModelSpec, epochs: int, lr: float, **hooks
     epochs and learning rate (per worker, scaled by the world size like ``train.lr``), and
     ``hooks`` (``init_from``, ``prune_masks``, ``qat``, ``teacher``, ``temperature``, ``alpha``)."""
     train, folder = step.params.train, step.folder.resolve()
-    return FitJob(
+    return FitJob.from_train(
+        train,
         spec=spec.to_dict(),
         prepared=str(step.paths.prepared.resolve()),
         output=str(folder / "model"),
         checkpoints=str(folder / "checkpoints"),
         epochs=epochs,
-        batch_size=train.batch_size,
         lr=lr,
         seed=step.params.base.seed,
-        weight_decay=train.weight_decay,
         warmup_epochs=min(train.warmup_epochs, epochs - 1),
-        patience=train.patience,
-        fp16_allreduce=train.fp16_allreduce,
-        backward_passes_per_step=train.backward_passes_per_step,
-        allreduce_groups=train.allreduce_groups,
-        mixed_precision=train.mixed_precision,
-        channels_last=train.channels_last,
         monitor="val_accuracy",  # compressed models are judged by accuracy (the gate's measure)
         run_id=step.run_id,
         metric_prefix=step.metric_prefix,

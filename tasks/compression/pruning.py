@@ -14,6 +14,7 @@ after every optimizer step; structured on the physically smaller model.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -86,8 +87,29 @@ def spec_of(module: nn.Module, spec: ModelSpec) -> ModelSpec:
     raise ValueError(f"structured pruning does not support {spec.family} models")
 
 
-def prune_structured(candidate: Candidate, sparsity: float, example: torch.Tensor) -> Candidate:
-    """Remove ``sparsity`` of the channels / hidden units of every layer by L1 magnitude (torch-pruning).
+def structured_layers(module: nn.Module) -> dict[str, nn.Module]:
+    """The layers structured pruning can narrow, by name: every convolution and linear layer
+    but the classifier (which keeps its outputs), in the model's order."""
+    classifier = _classifier(module)
+    return {name: child for name, child in module.named_modules()
+            if isinstance(child, (nn.Conv2d, nn.Linear)) and child is not classifier}
+
+
+def layer_widths(module: nn.Module) -> dict[str, int]:
+    """Each structured layer's output channels / units."""
+    return {name: _width(layer) for name, layer in structured_layers(module).items()}
+
+
+def _width(layer: nn.Module) -> int:
+    return layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features
+
+
+def prune_structured(
+    candidate: Candidate, sparsity: float, example: torch.Tensor, widths: dict[str, int] | None = None
+) -> Candidate:
+    """Remove ``sparsity`` of the channels / hidden units of every layer by L1 magnitude (torch-pruning),
+    or, with ``widths`` ({layer name: channels to keep}), prune each named layer to its width
+    (the others keep theirs; ``sparsity`` is then ignored).
 
     The classifier keeps its outputs; torch-pruning follows the dependencies (batch norm,
     the next layer's inputs) so the result is a smaller dense model.
@@ -96,12 +118,21 @@ def prune_structured(candidate: Candidate, sparsity: float, example: torch.Tenso
 
     module = candidate.fresh_module()
     before = sum(p.numel() for p in module.parameters())
-    if candidate.spec.family == "transformer":
+    ratios = None
+    if widths is not None:
+        layers = structured_layers(module)
+        # torch-pruning keeps int(channels x (1 - ratio)): just under the exact share keeps exactly the width
+        ratios = {layers[name]: max(0.0, (_width(layers[name]) - keep) / _width(layers[name]) - 1e-9)
+                  for name, keep in widths.items() if keep < _width(layers[name])}
+        if not ratios:
+            return candidate.changed(module)
+    if candidate.spec.family == "transformer" and ratios is None:
         pruner = _transformer_pruner(module, example, sparsity)
     else:
         pruner = tp.pruner.MagnitudePruner(
             module, example, importance=tp.importance.MagnitudeImportance(p=1),
-            pruning_ratio=sparsity, ignored_layers=[_classifier(module)],
+            pruning_ratio=0.0 if ratios is not None else sparsity, pruning_ratio_dict=ratios,
+            ignored_layers=[_classifier(module)],
         )
     pruner.step()
     # Read the new widths back into a spec and rebuild: the pruned model is then an
@@ -130,6 +161,21 @@ def _transformer_pruner(module: nn.Module, example: torch.Tensor, sparsity: floa
         num_heads=num_heads, prune_num_heads=True, prune_head_dims=False, head_pruning_ratio=sparsity,
         ignored_layers=ignored, unwrapped_parameters=[(module.position, 2)],
     )
+
+
+def structured_sensitivity(
+    candidate: Candidate, example: torch.Tensor, ratios: tuple[float, ...], measure: Callable[[Candidate], float]
+) -> dict[str, dict[float, float]]:
+    """Per-layer sensitivity: each structured layer pruned alone, at each of ``ratios``, without
+    fine-tuning, measured by ``measure`` (e.g. validation accuracy); {layer: {ratio: figure}}."""
+    widths = layer_widths(candidate.module)
+    figures: dict[str, dict[float, float]] = {}
+    for name, width in widths.items():
+        figures[name] = {}
+        for ratio in ratios:
+            keep = max(1, round(width * (1.0 - ratio)))
+            figures[name][ratio] = measure(prune_structured(candidate, 0.0, example, {name: keep}))
+    return figures
 
 
 def _widths(spec: ModelSpec) -> str:

@@ -122,6 +122,7 @@ def compress_variants(
         raise
     _write_curves(paths.plots / "fine_tune", work.curves)
     _write_curves(paths.plots / "search", work.searches)  # accuracy vs sparsity, one point per trial
+    _write_curves(paths.plots / "sensitivity", work.sensitivities)  # structured searches: drop per layer and ratio
     _remove_checkpoints(paths.checkpoints, [variant.name for variant in variants])
     return results
 

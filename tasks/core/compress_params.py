@@ -47,8 +47,9 @@ class PruneStep(_Strict):
     )
     sparsity: Annotated[float, Field(gt=0.0, lt=1.0)] | Literal["auto"] = Field(
         description="the share of weights (unstructured) or of channels per layer (structured) to remove, "
-        "above 0 and below 1; auto: a search for the highest sparsity within compress.budget (unstructured: "
-        "gradual pruning, bisected; structured: 0.75, 0.5, 0.25, the first that fits)",
+        "above 0 and below 1; auto: a search for the highest within compress.budget (unstructured: gradual "
+        "pruning, bisected; structured mlp/cnn: per-layer ratios from each layer's measured sensitivity, the "
+        "least sensitive pruned most; transformer: 0.75, 0.5, 0.25 of heads and FFN units, the first that fits)",
     )
     fine_tune_epochs: int = Field(0, ge=0, description="epochs fine-tuned under the pruning mask")
     lr: LearningRate | None = Field(None, description="the fine-tuning learning rate (default: compress.fine_tune_lr)")
@@ -72,8 +73,8 @@ class PruneStep(_Strict):
             raise _problem("lr is the fine-tuning learning rate: set fine_tune_epochs >= 1 too", "lr")
         if self.sparsity == "auto":
             if self.fine_tune_epochs < 1:
-                raise _problem("sparsity auto prunes gradually while fine-tuning: set fine_tune_epochs >= 1",
-                               "fine_tune_epochs")
+                why = "prunes gradually while fine-tuning" if self.kind == "unstructured" else "fine-tunes every trial"
+                raise _problem(f"sparsity auto {why}: set fine_tune_epochs >= 1", "fine_tune_epochs")
         return self
 
     @property

@@ -13,7 +13,10 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tasks.core.config import TrainParams
 
 _PACKAGE = Path(__file__).resolve().parent
 # The code whose change makes a checkpoint stale (resuming it would mix two programs): the
@@ -108,6 +111,20 @@ class FitJob:
         if not self.prune_schedule:
             return True
         return self.prune_schedule[epoch - 1] >= self.prune_schedule[-1]
+
+    @classmethod
+    def from_train(cls, train: TrainParams, **job: Any) -> FitJob:
+        """A job with ``train``'s shared training settings (batch size, schedule, Horovod and
+        hardware options); ``job`` gives the rest (spec, data, folders, epochs, lr, seed,
+        hooks) and may override any of them (e.g. ``warmup_epochs`` for a short fine-tune)."""
+        shared = {
+            "batch_size": train.batch_size, "lr": train.lr, "epochs": train.epochs,
+            "weight_decay": train.weight_decay, "warmup_epochs": train.warmup_epochs, "patience": train.patience,
+            "fp16_allreduce": train.fp16_allreduce, "backward_passes_per_step": train.backward_passes_per_step,
+            "allreduce_groups": train.allreduce_groups, "mixed_precision": train.mixed_precision,
+            "channels_last": train.channels_last,
+        }
+        return cls(**{**shared, **job})
 
     def write(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=2, sort_keys=True))
