@@ -25,7 +25,9 @@ from tasks.training import FitJob
 from tasks.training.distributed import lr_multiplier
 from tests.conftest import REPO, make_project
 
-TIMING_KEYS = {"samples_per_s", "epoch_time_s"}  # measured, not computed: differ between runs
+# Measured, not computed: differ between runs.
+TIMING_KEYS = {"samples_per_s", "epoch_time_s", "epoch_energy_j", "train_energy_j", "train_energy_cpu_j",
+               "train_energy_gpu_j"}
 # Stage runs keep one cheap variant so the params stay valid whatever the compress defaults.
 ONE_VARIANT = {
     "variants": [{"name": "int8-dynamic", "steps": [{"method": "quantize", "mode": "dynamic", "runtime": "torch"}]}]
