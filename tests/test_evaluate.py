@@ -141,10 +141,12 @@ def test_every_declared_output_exists(evaluated: dict[str, Any]) -> None:
     for name in evaluated["evaluation"].models:
         assert f"| {name} |" in report
     assert "Decision:" in report and "objective: **smallest**" in report
+    assert "## Energy" in report and "payback (preds)" in report and "accuracy_vs_energy.png" in report
 
     tradeoff = json.loads((root / "plots" / "tradeoff.json").read_text())
     assert {row["model"] for row in tradeoff} == set(evaluated["evaluation"].models)
-    assert all(set(row) == {"model", "size_bytes", "latency_p50_ms", "accuracy", "pareto"} for row in tradeoff)
+    assert all(set(row) == {"model", "size_bytes", "latency_p50_ms", "energy_per_1k_j", "accuracy", "pareto"}
+               for row in tradeoff)
     assert any(row["pareto"] for row in tradeoff)
 
     with (root / "plots" / "confusion.csv").open() as handle:
@@ -163,6 +165,9 @@ def test_outputs_are_logged_to_the_stage_run(evaluated: dict[str, Any]) -> None:
     stage = client.get_run(evaluation.stage_run_id)
     assert stage.info.status == "FINISHED" and stage.data.tags["stage"] == "evaluate"
     assert stage.data.tags["champion"] == evaluation.champion
+    # What measuring cost (the memory probes, forked children, left out), labelled.
+    assert stage.data.metrics["energy_j"] > 0 and stage.data.metrics["co2e_g"] > 0
+    assert stage.data.tags["stage_energy_source"] == evaluation.settings["energy_source"]
     logged = {
         f"{folder}/{item.path.split('/')[-1]}"
         for folder in ("plots", "metrics", "evaluation")
@@ -170,7 +175,7 @@ def test_outputs_are_logged_to_the_stage_run(evaluated: dict[str, Any]) -> None:
     }
     assert {
         "plots/tradeoff.json", "plots/confusion.csv", "plots/accuracy_vs_size.png", "plots/accuracy_vs_latency.png",
-        "plots/confusion_matrix.png", "metrics/evaluate.json", "evaluation/report.md", "evaluation/training_curves.png",
+        "plots/accuracy_vs_energy.png", "plots/confusion_matrix.png", "metrics/evaluate.json", "evaluation/report.md", "evaluation/training_curves.png",
         "evaluation/report.html", "evaluation/result.json",
     } <= logged
     result = json.loads((evaluated["root"] / "artifacts" / "evaluation" / "result.json").read_text())

@@ -62,7 +62,7 @@ def test_the_closing_comparison_shows_energy_and_payback(tmp_path) -> None:
     assert rows["lean"]["payback_predictions"] == pytest.approx(100_000)
     assert rows["greedy"]["payback_predictions"] == float("inf") and rows["baseline"]["payback_predictions"] is None
     text = as_text(comparison_table(list(rows.values())))
-    assert "J / 1k" in text and "make J" in text and "payback (predictions)" in text
+    assert "J / 1k" in text and "make J" in text and "payback (preds)" in text
     lean, greedy = (next(line for line in text.splitlines() if f" {name} " in line) for name in ("lean", "greedy"))
     assert "100k" in lean and "4.000" in lean and "600" in lean
     assert "never" in greedy

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -108,26 +109,29 @@ class EnergyMeter:
             tracker.start_task("r0")
             self._tracker = tracker
             self._cpu_label, self._gpu_label = _labels(tracker, self.gpu_index is not None)
-        except BaseException as err:  # noqa: BLE001 - re-raised in the thread that reads
+        except Exception as err:  # noqa: BLE001 - energy is reported as unknown; the work goes on
             self._error = err
+            log.warning("energy meter: CodeCarbon could not start (%s); energy is not measured", err)
         finally:
             self._ready.set()
 
-    def _wait(self) -> None:
+    def _wait(self) -> bool:
+        """Whether the tracker runs (after its set-up); a meter that could not start reads NaN."""
         self._ready.wait()
-        if self._error is not None:
-            raise RuntimeError(f"energy meter: CodeCarbon could not start: {self._error}") from self._error
+        return self._tracker is not None
 
     def _raw(self) -> Joules:
         """Everything since the start, exclusions included."""
-        self._wait()
+        if not self._wait():
+            return Joules(math.nan, math.nan)  # unknown, and labelled so: never a made-up 0
         with self._lock:
             data = self._tracker.stop_task()
             self._reads += 1
             self._tracker.start_task(f"r{self._reads}")
-            cpu = data.cpu_energy * J_PER_KWH if self.count_cpu else 0.0
-            gpu = data.gpu_energy * J_PER_KWH if self.gpu_index is not None else 0.0
-            self._total = self._total + Joules(max(cpu, 0.0), max(gpu, 0.0))
+            if data is not None:  # None: CodeCarbon had no task running (it logged why)
+                cpu = data.cpu_energy * J_PER_KWH if self.count_cpu else 0.0
+                gpu = data.gpu_energy * J_PER_KWH if self.gpu_index is not None else 0.0
+                self._total = self._total + Joules(max(cpu, 0.0), max(gpu, 0.0))
             return self._total
 
     def read(self) -> Joules:
@@ -160,7 +164,8 @@ class EnergyMeter:
     @property
     def source(self) -> str:
         """``rapl``, ``nvml``, ``estimate (<method>)``, or a GPU and a CPU part joined by ``+``."""
-        self._wait()
+        if not self._wait():
+            return f"unavailable (CodeCarbon could not start: {self._error})"
         cpu = self._cpu_label if self.count_cpu else "rapl (counted by local rank 0)"
         return f"{self._gpu_label} (GPU {self.gpu_index}) + {cpu} (CPU)" if self._gpu_label else cpu
 
