@@ -182,7 +182,11 @@ class EnergyMeter:
 
 
 def _labels(tracker: object, want_gpu: bool) -> tuple[str, str]:
-    """How CodeCarbon set itself up: the CPU's label and (where a GPU counter is read) ``nvml``."""
+    """How CodeCarbon set itself up: the CPU's label and (where a GPU counter is read) ``nvml``.
+
+    CodeCarbon has no public call for this; its hardware objects' attributes are read here
+    only (``codecarbon`` is pinned), and an attribute it renames gives a vaguer label, not an error.
+    """
     hardware = getattr(tracker, "_hardware", [])
     cpu = next((h for h in hardware if type(h).__name__ == "CPU"), None)
     mode = getattr(cpu, "_mode", None)
