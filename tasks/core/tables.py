@@ -84,7 +84,7 @@ COLUMNS: dict[str, Column] = {
     names.ENERGY_PER_1K_J: Column("J / 1k", _number(".3f")),
     names.ENERGY_PER_1K_BATCH1_J: Column("J / 1k (batch 1)", _number(".3f")),
     names.CO2E_PER_1K_G: Column("g CO2e / 1k", _number(".3g")),
-    names.MAKE_ENERGY_J: Column("make J", _number(",.0f")),
+    names.MAKE_ENERGY_J: Column("make J", _si),
     names.PAYBACK_PREDICTIONS: Column("payback (preds)", _payback),
     "gate": Column("gate", _text, "left"),
 }
