@@ -53,12 +53,19 @@ def test_the_cpu_estimate_is_labelled_and_counts_cpu_time_not_waiting(meter: Ene
         _burn(work)
         return (meter.read() - before).total, time.process_time() - cpu
 
-    once, cpu_once = spent(1_500_000)
-    twice, cpu_twice = spent(3_000_000)
-    assert once > 0 and twice > 0
-    assert SCALING[0] <= twice / once <= SCALING[1], (once, twice)
-    # The figure is CPU time at the stated power (the meter's own reading costs a few ms of CPU).
-    assert twice == pytest.approx(cpu_twice * watts_per_thread, rel=0.15), (twice, cpu_twice)
+    # CPU time comes in 10 ms ticks: windows of ~0.3 s and ~0.6 s keep that below ~7%. Like the
+    # training runs below, a pair disturbed by other work may be repeated (TRAINING_ATTEMPTS).
+    pairs = []
+    for _ in range(TRAINING_ATTEMPTS):
+        (once, cpu_once), (twice, cpu_twice) = spent(6_000_000), spent(12_000_000)
+        assert once > 0 and twice > 0
+        # The figure is CPU time at the stated power (a reading itself costs a few ms of CPU).
+        assert twice == pytest.approx(cpu_twice * watts_per_thread, rel=0.15), (twice, cpu_twice)
+        pairs.append((once, twice))
+        if SCALING[0] <= twice / once <= SCALING[1]:
+            break
+    else:
+        pytest.fail(f"twice the work gave {[round(t / o, 2) for o, t in pairs]} x the energy")
     before = meter.read()
     time.sleep(0.4)  # waiting costs (almost) nothing
     assert (meter.read() - before).total < 0.1 * 0.4 * watts_per_thread
