@@ -11,10 +11,12 @@ from typing import Any
 from tasks.core import metric_names as names
 from tasks.core.paths import ProjectPaths
 
-# What `slimflow run` and `slimflow report` show (keys of tasks.core.tables.COLUMNS).
+# What `slimflow run` and `slimflow report` show (keys of tasks.core.tables.COLUMNS); it fits
+# 160 columns with the energy figures (p95 is in the report and metrics/evaluate.json).
 COMPARISON_COLUMNS = (
     "model", names.ACCURACY, names.ACCURACY_CHANGE_PTS, names.SIZE_BYTES, names.SIZE_REDUCTION_X,
-    names.LATENCY_P50_MS, names.LATENCY_P95_MS, names.SPEEDUP_X, names.THROUGHPUT_SPS, "gate",
+    names.LATENCY_P50_MS, names.SPEEDUP_X, names.THROUGHPUT_SPS, names.ENERGY_PER_1K_J,
+    names.MAKE_ENERGY_J, names.PAYBACK_PREDICTIONS, "gate",
 )
 
 
@@ -22,6 +24,18 @@ def _ratio(numerator: Any, denominator: Any) -> float | None:
     if isinstance(numerator, (int, float)) and isinstance(denominator, (int, float)) and denominator:
         return numerator / denominator
     return None
+
+
+def _payback(name: str, values: dict[str, Any], baseline: dict[str, Any]) -> float | None:
+    """Predictions until the variant repays its making (inf: never); None for the baseline or
+    without energy figures (the file holds inf as null, so it is computed again here)."""
+    from tasks.evaluation.results import payback_predictions
+
+    make, energy, reference = (values.get(names.MAKE_ENERGY_J), values.get(names.ENERGY_PER_1K_J),
+                               baseline.get(names.ENERGY_PER_1K_J))
+    if name == "baseline" or not all(isinstance(v, (int, float)) for v in (make, energy, reference)):
+        return None
+    return payback_predictions(float(make), float(reference) - float(energy))
 
 
 def _gate(name: str, values: dict[str, Any], champion: Any) -> str | None:
@@ -55,6 +69,9 @@ def comparison_rows(paths: ProjectPaths) -> list[dict[str, Any]]:
             names.LATENCY_P95_MS: values.get(names.LATENCY_P95_MS),
             names.SPEEDUP_X: _ratio(baseline.get(names.LATENCY_P50_MS), values.get(names.LATENCY_P50_MS)),
             names.THROUGHPUT_SPS: values.get(names.THROUGHPUT_SPS),
+            names.ENERGY_PER_1K_J: values.get(names.ENERGY_PER_1K_J),
+            names.MAKE_ENERGY_J: values.get(names.MAKE_ENERGY_J),
+            names.PAYBACK_PREDICTIONS: _payback(name, values, baseline),
             "gate": _gate(name, values, metrics.get("champion")),
         })
     return rows

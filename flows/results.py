@@ -32,7 +32,7 @@ log = logging.getLogger("slimflow.results")
 # Where `make ui` serves the local store: links in Prefect artifacts point there when the
 # tracking URI is not a server.
 LOCAL_UI = "http://127.0.0.1:5000"
-PLOTS = ("accuracy_vs_size.png", "accuracy_vs_latency.png")
+PLOTS = ("accuracy_vs_size.png", "accuracy_vs_latency.png", "accuracy_vs_energy.png")
 REPORTS = ("report.html", "report.md")
 
 
@@ -67,6 +67,7 @@ def publish_result(
     import mlflow
 
     mlflow.log_metrics({names.stage_time_s(r["stage"]): r["seconds"] for r in results})
+    log_pipeline_energy(paths, run_id, [r["stage"] for r in results if r["ran"]])
     outcome = PipelineResult()
     # Only a run that reached the evaluate stage (ran or up to date) has a result of its own.
     if any(r["stage"] == "evaluate" for r in results):
@@ -80,6 +81,35 @@ def publish_result(
     outcome.lines = result_lines(outcome, decision, run_id)
     _prefect_artifacts(outcome, decision, run_id, links, results)
     return outcome
+
+
+def log_pipeline_energy(paths: ProjectPaths, run_id: str, ran: list[str]) -> float | None:
+    """The run's energy on the pipeline run: each stage that ran (its run's ``energy_j``) as
+    ``stage_energy_j.<stage>``, their sum as ``energy_j``, and its CO2e (``co2e_g``) at
+    ``evaluate.grid_co2e_g_per_kwh``. Stages found up to date spent nothing in this run."""
+    import mlflow
+
+    from tasks.core.config import ParamsError, load_params
+    from tasks.core.energy import co2e_g
+
+    stage_runs = _stage_runs(run_id)
+    client = mlflow.MlflowClient()
+    spent = {}
+    for stage in ran:
+        if stage in stage_runs and names.ENERGY_J in (metrics := client.get_run(stage_runs[stage]).data.metrics):
+            spent[stage] = metrics[names.ENERGY_J]
+    if not spent:
+        return None
+    try:
+        intensity = load_params(paths.params).evaluate.grid_co2e_g_per_kwh
+    except ParamsError:  # validated before the run started; edited since
+        intensity = None
+    total = sum(spent.values())
+    figures = {names.stage_energy_j(stage): joules for stage, joules in spent.items()} | {names.ENERGY_J: total}
+    if intensity is not None:
+        figures[names.CO2E_G] = co2e_g(total, intensity)
+    mlflow.log_metrics(figures)
+    return total
 
 
 def _read_json(path: Any) -> dict[str, Any]:

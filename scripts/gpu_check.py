@@ -283,7 +283,7 @@ def throughput(project: Path, workers: int, epochs: int, out: Path, precision: s
 
 def latency(model_dir: Path, prepared: Path, out: Path, cpu: bool, repeats: int, batch: int) -> dict[str, Any]:
     """The evaluate stage's timing (tasks.evaluation.timing: interleaved rounds, batch-1
-    latency p50/p95, large-batch throughput, energy over the large batches) of the trained
+    latency p50/p95, large-batch throughput, energy windows at batch 1 and the large batch) of the trained
     baseline on the GPU, fp32 and bf16 autocast. The evaluate stage itself measures on CPU.
     The project's code comes from ``PYTHONPATH`` (gpu_check.sh points it at the copy)."""
     import numpy as np
@@ -291,7 +291,7 @@ def latency(model_dir: Path, prepared: Path, out: Path, cpu: bool, repeats: int,
 
     from tasks.core.model_files import load_eager_model
     from tasks.data import load_preprocessing, load_split
-    from tasks.evaluation.energy import select_energy_meter
+    from tasks.core.energy import EnergyMeter
     from tasks.evaluation.timing import tile_to, time_models
 
     device = torch.device("cuda") if torch.cuda.is_available() and not cpu else torch.device("cpu")
@@ -305,7 +305,7 @@ def latency(model_dir: Path, prepared: Path, out: Path, cpu: bool, repeats: int,
         return predict
 
     predictors = {"fp32": predictor(False), "bf16-autocast": predictor(True)}
-    meter = select_energy_meter(10.0, device.type)
+    meter = EnergyMeter(gpu_index=torch.cuda.current_device() if device.type == "cuda" else None)
     timings = time_models(predictors, x_single=test.x[:64], x_batch=tile_to(test.x, batch),
                           repeats=repeats, warmup=10, meter=meter)
     accuracy = {name: float((predict(test.x).argmax(1) == test.y).mean()) for name, predict in predictors.items()}

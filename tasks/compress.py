@@ -46,7 +46,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from tasks.core import tracking
+    from tasks.core.energy import process_meter
     from tasks.training import LaunchError
+
+    meter = process_meter()  # sets itself up in the background while torch loads
 
     try:
         with tracking.stage_run(
@@ -57,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
                     "seed": params.base.seed},
         ) as run:
             compress_variants(params, paths, stage_run_id=run.info.run_id)
+            tracking.log_stage_energy(meter.read().total, meter.sources())
     except LaunchError as err:
         report_stage_error("compress", f"fine-tuning: {err}")
         return 1

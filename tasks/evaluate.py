@@ -52,7 +52,10 @@ def run_evaluate(paths: ProjectPaths, params: Params) -> Evaluation:
     from tasks.core import tracking
     from tasks.evaluation import model_runs, registration, runs  # MLflow: imported once the inputs are known to be there
 
+    from tasks.core.energy import process_meter
+
     settings = params.evaluate
+    meter = process_meter()  # sets itself up in the background while the models load
     model_dirs = discover_models(paths)
     if not (paths.prepared / "preprocess.json").is_file():
         raise EvaluateError(f"{paths.prepared}: no prepared data; run the prepare stage first")
@@ -83,6 +86,7 @@ def run_evaluate(paths: ProjectPaths, params: Params) -> Evaluation:
             write_json(staging / "evaluation" / "result.json", result_document(evaluation))
             write_json(staging / "metrics" / "evaluate.json", metrics_document(evaluation))
             runs.log_stage_summary(evaluation, staging)
+            tracking.log_stage_energy(meter.read().total, meter.source, settings.grid_co2e_g_per_kwh)
             publish(staging, paths)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

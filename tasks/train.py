@@ -105,7 +105,10 @@ def main(argv: list[str] | None = None) -> int:
             mlflow.log_metrics({
                 names.BEST_EPOCH: result["best_epoch"], names.EPOCHS_RUN: result["epochs_run"],
                 names.BEST_VAL_LOSS: result["val_loss"], names.BEST_VAL_ACCURACY: result["val_accuracy"],
+                names.TRAIN_ENERGY_J: result["train_energy_j"],
             })
+            # The stage's computation is its workers' (each measured itself; rank 0 summed them).
+            tracking.log_stage_energy(result["train_energy_j"], result["energy_source"])
             record_model_run(paths, run.info.run_id)
     except LaunchError as err:
         report_stage_error("train", str(err))

@@ -190,6 +190,18 @@ def test_manifests_record_how_each_variant_was_made(cnn_results) -> None:
         assert by_name[name]["size_bytes"] < baseline["size_bytes"], name
     assert by_name["int8-static-ort"]["size_bytes"] < baseline["size_bytes"] / 2.5
     assert by_name["fp16"]["size_bytes"] < baseline["size_bytes"] * 0.65  # weights halve; the zip framing stays
+    # What making each variant cost: its steps, and from the baseline (its parent's steps too).
+    # CPU time comes in 10 ms ticks (0.04 J at 4 W per thread): a step quicker than that (fp16)
+    # may read 0; a variant that trains never does.
+    for name, manifest in by_name.items():
+        energy = manifest["energy"]
+        assert energy["make_j"] >= energy["steps_j"] >= energy["train_j"] >= 0, name
+        assert "estimate (CodeCarbon" in energy["source"] or "rapl" in energy["source"], name
+    for name in ("int8-qat-torch", "pruned-l1-70"):  # trained on the Horovod workers
+        assert by_name[name]["energy"]["train_j"] > 0, name
+    assert by_name["int8-dynamic"]["energy"]["train_j"] == 0  # no training, only this process's work
+    assert child["energy"]["make_j"] == pytest.approx(
+        by_name["pruned-l1-70"]["energy"]["make_j"] + child["energy"]["steps_j"])
 
 
 def test_unstructured_sparsity_is_reported_as_measured(cnn_results) -> None:
@@ -594,8 +606,11 @@ def test_main_tracks_each_variant_as_a_run_nested_under_the_stage_run(
     assert child.data.tags["parent_run_id"] == stage.info.run_id
     assert child.data.params["recipe.step1.method"] == "half" and child.data.params["recipe.parent"] == "pruned-l1-50"
     assert child.data.tags["model"] == "pruned-l1-50-fp16"
-    for key in ("size_bytes", "val_accuracy", "sparsity", "nonzeros", "size_reduction_x", "val_accuracy_change_pts"):
+    for key in ("size_bytes", "val_accuracy", "sparsity", "nonzeros", "size_reduction_x", "val_accuracy_change_pts",
+                "make_energy_j", "train_energy_j"):
         assert key in child.data.metrics, key
+    assert child.data.metrics["make_energy_j"] > children["pruned-l1-50"].data.metrics["make_energy_j"] > 0
+    assert stage.data.metrics["energy_j"] > 0 and stage.data.tags["stage_energy_source"]
     from tasks.core.metric_names import is_known
 
     assert all(is_known(key) for run in children.values() for key in run.data.metrics)

@@ -92,3 +92,35 @@ def test_pareto_flags() -> None:
     # A second cost can rescue d: it is the fastest.
     latency = [5, 5, 5, 1]
     assert pareto_flags([sizes, latency], accuracy) == [True, True, True, True]
+
+
+ENERGY = {  # joules per 1,000 predictions at the throughput batch
+    "baseline": 9.0, "int8-dynamic": 2.5, "onnx-fp32": 4.0, "pruned-90": 1.0,
+}
+
+
+def _with_energy() -> dict[str, dict[str, float]]:
+    return {name: {**values, "energy_per_1k_j": ENERGY[name]} for name, values in METRICS.items()}
+
+
+def test_lowest_energy_picks_the_least_energy_per_1k_among_those_that_pass() -> None:
+    # pruned-90 spends the least energy of all but fails the accuracy gate: int8-dynamic wins.
+    champion, reasons = select_champion(_with_energy(), gate(max_accuracy_drop=0.01), "lowest_energy")
+    assert champion == "int8-dynamic"
+    assert "2.5 J per 1k predictions" in reasons["int8-dynamic"]
+    assert reasons["pruned-90"].startswith("fails the gate: accuracy drop")
+    champion, _ = select_champion(_with_energy(), gate(max_accuracy_drop=0.05), "lowest_energy")
+    assert champion == "pruned-90"
+
+
+def test_max_energy_per_1k_limit_applies_and_an_unmeasured_energy_fails_it() -> None:
+    metrics = _with_energy()
+    champion, reasons = select_champion(metrics, gate(max_accuracy_drop=0.01, max_energy_per_1k_j=3.0), "fastest")
+    assert champion == "int8-dynamic"  # the fast onnx-fp32 spends 4 J per 1k
+    assert "energy 4 J per 1k predictions > max_energy_per_1k_j 3" in reasons["onnx-fp32"]
+    metrics["int8-dynamic"]["energy_per_1k_j"] = math.nan
+    champion, reasons = select_champion(metrics, gate(max_accuracy_drop=0.01, max_energy_per_1k_j=3.0), "fastest")
+    assert champion is None and "energy_per_1k_j not measured" in reasons["int8-dynamic"]
+    # Without an energy figure the objective cannot rank a model: it does not pass.
+    champion, reasons = select_champion(METRICS, gate(max_accuracy_drop=0.01), "lowest_energy")
+    assert champion is None and "energy_per_1k_j not measured" in reasons["baseline"]

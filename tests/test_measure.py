@@ -1,10 +1,9 @@
-"""Measuring one model: timing rounds, energy meters, quality metrics, FLOPs
-(:mod:`tasks.evaluation.timing`, :mod:`~tasks.evaluation.energy`, :mod:`~tasks.evaluation.measure`,
-:mod:`~tasks.evaluation.flops`), on constructed inputs."""
+"""Measuring one model: timing rounds and energy windows, quality metrics, FLOPs
+(:mod:`tasks.evaluation.timing`, :mod:`~tasks.evaluation.measure`, :mod:`~tasks.evaluation.flops`),
+on constructed inputs. The energy meter itself: tests/test_energy.py."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +11,7 @@ import pytest
 
 
 def test_time_models_interleaves_rounds_and_orders_percentiles() -> None:
-    from tasks.evaluation.energy import CpuTimeEstimate
+    from tasks.core.energy import process_meter
     from tasks.evaluation.timing import BATCH1_CALLS_PER_ROUND, time_models
 
     calls: list[tuple[str, int]] = []
@@ -25,55 +24,32 @@ def test_time_models_interleaves_rounds_and_orders_percentiles() -> None:
 
     x = np.zeros((10, 4), dtype=np.float32)
     timings = time_models({"a": model("a"), "b": model("b")}, x, x[:8], repeats=4, warmup=2,
-                          meter=CpuTimeEstimate(10.0), seed=0)
+                          meter=process_meter(), seed=0, energy_window_s=0.05)
     for timing in timings.values():
         assert len(timing.batch1_ms) == 4 * BATCH1_CALLS_PER_ROUND and len(timing.batch_s) == 4
         summary = timing.summary()
         assert summary["latency_p50_ms"] <= summary["latency_p95_ms"]
-        assert summary["throughput_sps"] > 0 and timing.predictions == 32
+        assert summary["throughput_sps"] > 0
+        # The energy windows: back-to-back calls after the rounds, whole batches of 8.
+        assert timing.predictions % 8 == 0 and timing.predictions >= 8 and timing.batch1_predictions >= 5
+        assert summary["energy_per_1k_j"] >= 0 and summary["energy_per_1k_batch1_j"] >= 0
     timed = calls[2 * (2 + 1):]  # after each model's warm-up (2 single + 1 batch call)
     per_round = 2 * (BATCH1_CALLS_PER_ROUND + 1)
-    for start in range(0, len(timed), per_round):
-        assert {name for name, _ in timed[start:start + per_round]} == {"a", "b"}  # every round has both
+    calls_per_round = 2 * (1 + BATCH1_CALLS_PER_ROUND + 1)  # per model: untimed, timed batch-1 calls, one batch
+    rounds, windows = timed[:4 * calls_per_round], timed[4 * calls_per_round:]
+    for start in range(0, len(rounds), per_round):
+        assert {name for name, _ in rounds[start:start + per_round]} == {"a", "b"}  # every round has both
+    # Each model's windows are one run of calls (batch 1, then batch 8), one model after the other.
+    changes = sum(1 for before, after in zip(windows, windows[1:]) if before[0] != after[0])
+    assert changes == 1 and sum(timing.predictions + timing.batch1_predictions for timing in timings.values()) == \
+        sum(n for _, n in windows)
 
 
-def test_energy_meter_prefers_rapl_and_labels_the_estimate(tmp_path: Path) -> None:
-    from tasks.evaluation.energy import CpuTimeEstimate, RaplMeter, select_energy_meter
+def test_energy_windows_fill_the_window_and_stay_bounded() -> None:
+    from tasks.evaluation.timing import calls_for
 
-    assert select_energy_meter(12.5, rapl_root=tmp_path / "none").source == "estimate"
-    domain = tmp_path / "intel-rapl:0"
-    domain.mkdir()
-    (domain / "energy_uj").write_text("1000000\n")
-    (domain / "max_energy_range_uj").write_text("2000000\n")
-    (tmp_path / "intel-rapl:0:0").mkdir()  # a sub-domain: not added to the package total
-    (tmp_path / "intel-rapl:0:0" / "energy_uj").write_text("5\n")
-    meter = select_energy_meter(12.5, rapl_root=tmp_path)
-    assert isinstance(meter, RaplMeter) and len(meter.files) == 1
-    start = meter.read()
-    (domain / "energy_uj").write_text("500000\n")  # wrapped around
-    assert meter.read() - start == pytest.approx(1.5)
-    estimate = CpuTimeEstimate(10.0)
-    assert estimate.source == "estimate" and "10 W" in estimate.describe()
-
-
-def test_nvml_energy_for_gpu_inference(monkeypatch: pytest.MonkeyPatch) -> None:
-    import types
-
-    from tasks.evaluation.energy import NvmlMeter, select_energy_meter
-
-    readings = {0: 1_000, 1: 5_000}  # millijoules since driver load, per GPU
-    fake = types.SimpleNamespace(
-        nvmlInit=lambda: None, nvmlDeviceGetCount=lambda: 2, nvmlDeviceGetHandleByIndex=lambda i: i,
-        nvmlDeviceGetTotalEnergyConsumption=lambda handle: readings[handle],
-    )
-    monkeypatch.setitem(sys.modules, "pynvml", fake)
-    meter = select_energy_meter(10.0, device="cuda:0")
-    assert isinstance(meter, NvmlMeter) and meter.source == "nvml"
-    start = meter.read()
-    readings[0] += 1_500
-    assert meter.read() - start == pytest.approx(1.5)
-    monkeypatch.setitem(sys.modules, "pynvml", None)  # not installed -> the labelled estimate
-    assert select_energy_meter(10.0, device="cuda:0").source == "estimate"
+    assert calls_for(0.5, 0.01) == 50 and calls_for(0.5, 2.0) == 1 and calls_for(0.5, 0.2, least=5) == 5
+    assert calls_for(0.5, 1e-9) == 100_000 and calls_for(0.5, float("nan")) == 100_000
 
 
 def test_quality_metrics_and_fixed_batch_prediction() -> None:

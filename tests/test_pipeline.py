@@ -49,6 +49,7 @@ def test_flow_runs_every_stage_tracks_it_and_leaves_dvc_clean(tiny_project: Path
     assert {"val_accuracy", "samples_per_s", "epoch_time_s"} <= set(train_run.data.metrics)
 
     _assert_one_run_per_model(runs, stage_runs, tiny_project)
+    _assert_every_computing_stage_records_its_energy(runs, stage_runs, pipeline_run, tiny_project)
     _assert_one_name_per_figure(runs)
     _assert_the_pipeline_run_shows_the_result(pipeline_run, result, tiny_project)
 
@@ -101,6 +102,38 @@ def _assert_one_run_per_model(runs, stage_runs, root: Path) -> None:
     assert not [r for r in runs if r.data.tags.get("mlflow.parentRunId") == stage_runs["evaluate"].info.run_id]
 
 
+def _assert_every_computing_stage_records_its_energy(runs, stage_runs, pipeline_run, root: Path) -> None:
+    """Train, compress and evaluate each record their energy, labelled (on this CPU machine: the
+    estimate, its method named); every model its making and its energy per 1,000 predictions;
+    the pipeline run the total."""
+    import mlflow
+
+    from tasks.core.energy import rapl_readable
+
+    label = "rapl" if rapl_readable() else "estimate (CodeCarbon: process CPU time x "
+    for stage in ("train", "compress", "evaluate"):
+        run = stage_runs[stage]
+        assert run.data.metrics["energy_j"] > 0, stage
+        assert run.data.tags["stage_energy_source"].startswith(label), (stage, run.data.tags["stage_energy_source"])
+    train = json.loads((root / "metrics" / "train.json").read_text())
+    epochs = mlflow.MlflowClient().get_metric_history(stage_runs["train"].info.run_id, "epoch_energy_j")
+    assert len(epochs) == 3 and all(m.value > 0 for m in epochs)  # per epoch, both ranks summed
+    assert train["train_energy_j"] >= sum(m.value for m in epochs)
+    evaluated = json.loads((root / "metrics" / "evaluate.json").read_text())
+    assert evaluated["baseline"]["make_energy_j"] == pytest.approx(train["train_energy_j"])
+    for name in ("baseline", "int8-dynamic"):
+        figures = evaluated[name]
+        assert figures["energy_per_1k_j"] > 0 and figures["energy_per_1k_batch1_j"] > 0, name
+        assert figures["make_energy_j"] > 0 and figures["make_co2e_g"] > 0, name
+        run = next(r for r in runs if r.data.tags.get("model") == name and "energy_source" in r.data.tags)
+        assert run.data.tags["energy_source"].startswith(label) and run.data.tags["make_energy_source"], name
+    assert "payback_predictions" in evaluated["int8-dynamic"]
+    total = pipeline_run.data.metrics
+    stages = sum(total[f"stage_energy_j.{stage}"] for stage in ("train", "compress", "evaluate"))
+    assert total["energy_j"] == pytest.approx(stages) and total["co2e_g"] > 0
+    assert total["stage_energy_j.train"] == pytest.approx(stage_runs["train"].data.metrics["energy_j"])
+
+
 def _assert_one_name_per_figure(runs) -> None:
     """Every metric any run logged is a name of the one vocabulary (which defines each figure once)."""
     from tasks.core.metric_names import is_known
@@ -126,7 +159,8 @@ def _assert_the_pipeline_run_shows_the_result(pipeline_run, result, root: Path) 
     assert {"stage_time_s.train", "stage_time_s.evaluate"} <= set(metrics)
     files = {a.path for a in mlflow.MlflowClient().list_artifacts(pipeline_run.info.run_id, "result")}
     assert {"result/comparison.csv", "result/comparison.json", "result/accuracy_vs_size.png",
-            "result/accuracy_vs_latency.png", "result/report.md", "result/report.html"} <= files
+            "result/accuracy_vs_latency.png", "result/accuracy_vs_energy.png", "result/report.md",
+            "result/report.html"} <= files
     # Params people can read: the recipes as an artifact, not a Python repr.
     params = pipeline_run.data.params
     assert json.loads(params["compress.variants"]) == ["int8-dynamic"]

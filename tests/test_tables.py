@@ -39,3 +39,30 @@ def test_an_unknown_column_is_refused() -> None:
 def test_highlighted_rows_are_styled() -> None:
     table = results_table(ROWS, ["model"], highlight=lambda row: row.get("gate") == "champion")
     assert [row.style for row in table.rows] == [None, "bold green", None]
+
+
+def test_the_closing_comparison_shows_energy_and_payback(tmp_path) -> None:
+    """`slimflow run` / `slimflow report` read metrics/evaluate.json (inf is null there): the
+    payback is computed again, 'never' for a variant that saves no energy."""
+    import json
+
+    from flows.report import comparison_rows, comparison_table
+    from tasks.core.paths import ProjectPaths
+
+    (tmp_path / "metrics").mkdir()
+    figures = {"accuracy": 0.97, "size_bytes": 80_000, "latency_p50_ms": 0.5, "latency_p95_ms": 0.7,
+               "throughput_sps": 9000}
+    (tmp_path / "metrics" / "evaluate.json").write_text(json.dumps({
+        "baseline": {**figures, "energy_per_1k_j": 10.0, "make_energy_j": 900.0, "payback_predictions": None},
+        "lean": {**figures, "energy_per_1k_j": 4.0, "make_energy_j": 600.0, "payback_predictions": 100000},
+        "greedy": {**figures, "energy_per_1k_j": 12.0, "make_energy_j": 50.0, "payback_predictions": None},
+        "champion": "lean",
+    }))
+    rows = {row["model"]: row for row in comparison_rows(ProjectPaths(tmp_path))}
+    assert rows["lean"]["payback_predictions"] == pytest.approx(100_000)
+    assert rows["greedy"]["payback_predictions"] == float("inf") and rows["baseline"]["payback_predictions"] is None
+    text = as_text(comparison_table(list(rows.values())))
+    assert "J / 1k" in text and "make J" in text and "payback (preds)" in text
+    lean, greedy = (next(line for line in text.splitlines() if f" {name} " in line) for name in ("lean", "greedy"))
+    assert "100k" in lean and "4.000" in lean and "600" in lean
+    assert "never" in greedy

@@ -25,7 +25,9 @@ from tasks.training import FitJob
 from tasks.training.distributed import lr_multiplier
 from tests.conftest import REPO, make_project
 
-TIMING_KEYS = {"samples_per_s", "epoch_time_s"}  # measured, not computed: differ between runs
+# Measured, not computed: differ between runs (and how the energy was measured, a label).
+TIMING_KEYS = {"samples_per_s", "epoch_time_s", "epoch_energy_j", "train_energy_j", "train_energy_cpu_j",
+               "train_energy_gpu_j", "energy_source"}
 # Stage runs keep one cheap variant so the params stay valid whatever the compress defaults.
 ONE_VARIANT = {
     "variants": [{"name": "int8-dynamic", "steps": [{"method": "quantize", "mode": "dynamic", "runtime": "torch"}]}]
@@ -472,6 +474,8 @@ def test_a_crashed_worker_fails_the_stage_and_the_rerun_resumes_to_the_same_mode
                           project / "artifacts" / "model")
     assert_rows_close([actual[0]], [expected[0]], rel=1e-6)
     assert_rows_close(actual[1], expected[1], rel=1e-6)
+    # The energy of the epochs before the crash counts too (from the checkpoint's history).
+    assert actual[0]["train_energy_j"] >= sum(row["epoch_energy_j"] for row in actual[1]) > 0
     for name, tensor in expected[2].items():
         torch.testing.assert_close(actual[2][name], tensor, rtol=1e-5, atol=1e-6, msg=name)
 

@@ -26,6 +26,7 @@ import torch
 from models.spec import ModelSpec
 from tasks.compression.candidate import Candidate
 from tasks.core.config import Params
+from tasks.core.energy import Joules, credit_children
 from tasks.core.model_files import MANIFEST, read_manifest, save_state_dict_model
 from tasks.core.paths import ProjectPaths
 from tasks.training import FitJob, launch_fit, world_size
@@ -121,6 +122,10 @@ def run(step: TrainingStep, job: FitJob) -> Trained:
         launch_fit(job, step.params.train, step.paths.root)
     manifest = read_manifest(output)
     summary = json.loads(Path(job.metrics_path).read_text())
+    # The workers' energy goes to the variant that this process is making (a reused step's
+    # was spent by an earlier run of the stage, for the same model).
+    credit_children(Joules(summary.get("train_energy_cpu_j", 0.0), summary.get("train_energy_gpu_j", 0.0)),
+                    summary.get("energy_source", "unknown"))
     history = json.loads(Path(job.history_path).read_text())
     if reused:
         log.info("%s step %d: reusing the finished training in %s (same job, data and code)",

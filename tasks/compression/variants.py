@@ -190,20 +190,30 @@ def _make_all(
 ) -> list[VariantResult]:
     """Make the variants in order; a child starts from its parent's eager model."""
     from tasks.compression.build import make_variant
+    from tasks.core.energy import process_meter
 
     chains = check_recipes(work.params.compress, baseline.candidate.family)
     states: dict[str, Candidate] = {BASELINE: baseline.candidate}
     digests = {BASELINE: baseline.manifest["digest"]}
+    made_j = {BASELINE: 0.0}  # energy from the trained baseline to each model
+    meter = process_meter()
     results: list[VariantResult] = []
     for variant in variants:
         chain = chains[variant.name]
         started = time.perf_counter()
+        energy_before, trained_before = meter.read(), meter.credited
         log.info("variant %s: %s from %s", variant.name, method_name(chain), variant.parent)
         with _variant_run(variant, chain, work.params, work.paths, stage_run_id) as run_id:
             candidate, artifact, extra = make_variant(variant, states[variant.parent], work, run_id)
+            spent, trained = (meter.read() - energy_before).total, (meter.credited - trained_before).total
+            made_j[variant.name] = made_j[variant.parent] + spent
             folder = build / variant.name
             folder.mkdir()
-            extra = {**extra, "parent_digest": digests[variant.parent]}
+            extra = {**extra, "parent_digest": digests[variant.parent], "energy": {
+                # this variant's steps (this process's work and its training workers'), and with
+                # its parent's: everything spent getting from the baseline to it
+                "steps_j": spent, "train_j": trained, "make_j": made_j[variant.name], "source": meter.sources(),
+            }}
             if run_id is not None:  # the evaluate stage adds its figures to this same run
                 extra["mlflow_run_id"] = run_id
             manifest, val_accuracy = _write_variant(folder, variant, chain, candidate, artifact, extra, work, baseline)
@@ -271,8 +281,10 @@ def _log_variant(folder: Path, manifest: dict[str, Any], baseline: _Baseline, se
         names.SPARSITY: manifest["sparsity"], names.VAL_ACCURACY: manifest["val_accuracy"],
         names.VAL_ACCURACY_CHANGE_PTS: 100 * (manifest["val_accuracy"] - baseline.val_accuracy),
         names.COMPRESS_TIME_S: seconds,
+        names.TRAIN_ENERGY_J: manifest["energy"]["train_j"], names.MAKE_ENERGY_J: manifest["energy"]["make_j"],
     })
-    mlflow.set_tags({"format": manifest["format"], "runtime": manifest["runtime"]})
+    mlflow.set_tags({"format": manifest["format"], "runtime": manifest["runtime"],
+                     "make_energy_source": manifest["energy"]["source"]})
     mlflow.log_artifacts(str(folder), artifact_path="variant")
     mlflow.log_dict({"variant": manifest["name"], "parent": manifest["parent"], "method": manifest["method"],
                      "steps": manifest["recipe"], "chain_from_baseline": manifest["full_recipe"]}, "recipe.json")

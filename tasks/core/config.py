@@ -138,6 +138,7 @@ class GateParams(_Strict):
     max_accuracy_drop: float = Field(0.01, ge=0.0, le=1.0)
     max_latency_p95_ms: float | None = Field(None, gt=0.0)
     max_size_bytes: int | None = Field(None, gt=0)
+    max_energy_per_1k_j: float | None = Field(None, gt=0.0)  # energy per 1,000 predictions (throughput batch)
 
 
 class EvaluateParams(_Strict):
@@ -146,10 +147,13 @@ class EvaluateParams(_Strict):
     throughput_batch: int = Field(256, ge=1)
     threads: int = Field(1, ge=1)
     gate: GateParams = GateParams()
-    objective: Literal["smallest", "fastest"] = "smallest"
+    objective: Literal["smallest", "fastest", "lowest_energy"] = "smallest"
     registered_model: str = Field("slimflow-classifier", min_length=1)
-    # Package-power figure (watts) for the energy estimate where no counter is readable.
-    estimate_cpu_watts_per_core: float = Field(10.0, gt=0.0)
+    # Seconds of back-to-back calls per energy reading (batch 1, then the throughput batch).
+    energy_window_s: float = Field(0.5, gt=0.0, le=60.0)
+    # Grid carbon intensity (g CO2e per kWh) for the CO2e beside every energy figure. 475: the
+    # world average of electricity generation (IEA); set your grid's.
+    grid_co2e_g_per_kwh: float = Field(475.0, ge=0.0)
 
 
 class Params(_Strict):

@@ -3,7 +3,7 @@ metrics file has one name, defined here once, with its unit and what it means.
 
 Rules the names follow:
 
-- the unit is in the name: ``_bytes``, ``_ms``, ``_s``, ``_mb``, ``_j``; ``_pts`` for
+- the unit is in the name: ``_bytes``, ``_ms``, ``_s``, ``_mb``, ``_j``, ``_g`` (grams CO2e); ``_pts`` for
   percentage points; ``_x`` for a ratio to the baseline;
 - every ratio to the baseline reads "times better", so above 1 is always better:
   ``size_reduction_x`` = baseline size / this size, ``speedup_x`` = baseline latency / this
@@ -71,13 +71,30 @@ SPARSITY = _figure("sparsity", "fraction", "share of zeros among the prunable we
 FLOPS = _figure("flops", "count", "floating-point operations of one prediction")
 PEAK_MEMORY_MB = _figure("peak_memory_mb", "MB", "peak resident memory rise of one call at the throughput batch")
 LOAD_MEMORY_MB = _figure("load_memory_mb", "MB", "resident memory rise of loading the model")
-ENERGY_PER_1K_J = _figure("energy_per_1k_j", "J", "energy per 1,000 predictions")
+ENERGY_PER_1K_J = _figure("energy_per_1k_j", "J", "energy per 1,000 predictions at the throughput batch")
+ENERGY_PER_1K_BATCH1_J = _figure("energy_per_1k_batch1_j", "J", "energy per 1,000 predictions made one at a time")
+CO2E_PER_1K_G = _figure("co2e_per_1k_g", "g", "CO2-equivalent of 1,000 predictions at the throughput batch")
+ENERGY_SAVED_PER_1K_J = _figure(
+    "energy_saved_per_1k_j", "J", "the baseline's energy_per_1k_j minus this model's (> 0: it saves energy)"
+)
+MAKE_ENERGY_J = _figure(
+    "make_energy_j", "J",
+    "energy spent making the model: the baseline's training; a variant's steps from the baseline "
+    "(its parent's included): training, calibration, quantization, export",
+)
+MAKE_CO2E_G = _figure("make_co2e_g", "g", "CO2-equivalent of make_energy_j")
+PAYBACK_PREDICTIONS = _figure(
+    "payback_predictions", "predictions",
+    "predictions after which a variant's energy saved per prediction has repaid make_energy_j "
+    "(inf: it saves nothing)",
+)
 PASSED_GATE = _figure("passed_gate", "0/1", "1 when the model passes the evaluate gate")
 
 MODEL_HEADLINE = (ACCURACY, ACCURACY_CHANGE_PTS, SIZE_BYTES, SIZE_REDUCTION_X, LATENCY_P50_MS, SPEEDUP_X)
 MODEL_DETAILS = (
     MACRO_F1, LATENCY_P95_MS, LATENCY_MEAN_MS, CPU_TIME_P50_MS, THROUGHPUT_SPS, THROUGHPUT_GAIN_X,
-    PARAMETERS, NONZEROS, SPARSITY, FLOPS, PEAK_MEMORY_MB, LOAD_MEMORY_MB, ENERGY_PER_1K_J, PASSED_GATE,
+    PARAMETERS, NONZEROS, SPARSITY, FLOPS, PEAK_MEMORY_MB, LOAD_MEMORY_MB, ENERGY_PER_1K_J, ENERGY_PER_1K_BATCH1_J,
+    CO2E_PER_1K_G, ENERGY_SAVED_PER_1K_J, MAKE_ENERGY_J, MAKE_CO2E_G, PAYBACK_PREDICTIONS, PASSED_GATE,
 )
 MODEL_FIGURES = MODEL_HEADLINE + MODEL_DETAILS  # in the order runs, files and tables show them
 
@@ -90,11 +107,16 @@ VAL_ACCURACY_CHANGE_PTS = _figure(
     "val_accuracy_change_pts", "percentage points", "validation accuracy minus the baseline's"
 )
 COMPRESS_TIME_S = _figure("compress_time_s", "s", "wall-clock time to make the variant")
+TRAIN_ENERGY_J = _figure(
+    "train_energy_j", "J",
+    "energy of the model's training on the Horovod loop, every worker summed (a variant: all its "
+    "training steps and search trials)",
+)
 # A variant's run also gets, from `compress`: size_bytes, size_reduction_x, parameters,
-# nonzeros, sparsity (the figures above, the same values `evaluate` logs again).
+# nonzeros, sparsity (the figures above, the same values `evaluate` logs again) and make_energy_j.
 COMPRESS_FIGURES = (
     SIZE_BYTES, SIZE_REDUCTION_X, PARAMETERS, NONZEROS, SPARSITY, VAL_ACCURACY, VAL_ACCURACY_CHANGE_PTS,
-    COMPRESS_TIME_S,
+    COMPRESS_TIME_S, TRAIN_ENERGY_J, MAKE_ENERGY_J,
 )
 
 # ---------------------------------------------------------------- training (the baseline, distilled students)
@@ -104,12 +126,19 @@ TRAIN_ACCURACY = _figure("train_accuracy", "fraction", "training accuracy of the
 SAMPLES_PER_S = _figure("samples_per_s", "samples/s", "training samples per second, all workers")
 EPOCH_TIME_S = _figure("epoch_time_s", "s", "wall-clock time of the epoch (slowest worker)")
 LR = _figure("lr", "learning rate", "learning rate at the end of the epoch")
-EPOCH_FIGURES = (TRAIN_LOSS, VAL_LOSS, TRAIN_ACCURACY, VAL_ACCURACY, SAMPLES_PER_S, EPOCH_TIME_S, LR)
+EPOCH_ENERGY_J = _figure("epoch_energy_j", "J", "energy of the epoch (training and validation), every worker summed")
+EPOCH_FIGURES = (TRAIN_LOSS, VAL_LOSS, TRAIN_ACCURACY, VAL_ACCURACY, SAMPLES_PER_S, EPOCH_TIME_S, LR, EPOCH_ENERGY_J)
 BEST_EPOCH = _figure("best_epoch", "epoch", "the epoch whose model was kept (lowest val_loss)")
 EPOCHS_RUN = _figure("epochs_run", "epochs", "epochs trained (early stopping may end sooner)")
 BEST_VAL_LOSS = _figure("best_val_loss", "nats", "val_loss of the kept epoch")
 BEST_VAL_ACCURACY = _figure("best_val_accuracy", "fraction", "val_accuracy of the kept epoch")
-TRAIN_FIGURES = (BEST_EPOCH, EPOCHS_RUN, BEST_VAL_LOSS, BEST_VAL_ACCURACY)
+TRAIN_FIGURES = (BEST_EPOCH, EPOCHS_RUN, BEST_VAL_LOSS, BEST_VAL_ACCURACY, TRAIN_ENERGY_J)
+
+# ---------------------------------------------------------------- what a stage's computation cost
+# On each stage's run (train, compress, evaluate) and, summed, on the pipeline run.
+ENERGY_J = _figure("energy_j", "J", "energy of the run's computation, every process that computed summed")
+CO2E_G = _figure("co2e_g", "g", "CO2-equivalent of energy_j at evaluate.grid_co2e_g_per_kwh")
+STAGE_ENERGY_FIGURES = (ENERGY_J, CO2E_G)
 
 # ---------------------------------------------------------------- the evaluate stage's decision
 PROMOTED = _figure("promoted", "0/1", "1 when the gate's winner holds @champion after the run")
@@ -149,7 +178,11 @@ SEARCH_TRIAL_KEYS = {
 # The champion's figures under their model names (the run's `champion` tag says which model).
 PIPELINE_RESULT_FIGURES = MODEL_HEADLINE + (LATENCY_P95_MS, THROUGHPUT_GAIN_X)
 STAGE_TIME_S = "stage_time_s.{stage}"  # wall-clock time of one stage in the flow (skipped: ~0)
-_TEMPLATES = {STAGE_TIME_S: Figure(STAGE_TIME_S, "s", "wall-clock time of the stage in the flow run")}
+STAGE_ENERGY_J = "stage_energy_j.{stage}"  # energy_j of one stage's run (skipped: not counted again)
+_TEMPLATES = {
+    STAGE_TIME_S: Figure(STAGE_TIME_S, "s", "wall-clock time of the stage in the flow run"),
+    STAGE_ENERGY_J: Figure(STAGE_ENERGY_J, "J", "energy_j of the stage in the flow run"),
+}
 
 # A variant's fine-tuning curve, in its own run: the training figures under ``fine_tune/``
 # (``fine_tune/step<N>/`` when the recipe trains in several steps); the step is the epoch.
@@ -166,6 +199,10 @@ VOCABULARY: dict[str, Figure] = {**_ALL, **_TEMPLATES}
 
 def stage_time_s(stage: str) -> str:
     return STAGE_TIME_S.format(stage=stage)
+
+
+def stage_energy_j(stage: str) -> str:
+    return STAGE_ENERGY_J.format(stage=stage)
 
 
 def figure(name: str) -> Figure | None:

@@ -38,6 +38,13 @@ def _si(value: Any) -> str:
     return f"{value:.3g}"
 
 
+def _payback(value: Any) -> str:
+    """Predictions until a variant repays its making: 'never' when it saves nothing."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isinf(value) and value > 0:
+        return "never"
+    return _si(value)
+
+
 def _text(value: Any) -> str:
     return "-" if value is None or value == "" else str(value)
 
@@ -75,6 +82,10 @@ COLUMNS: dict[str, Column] = {
     names.FLOPS: Column("FLOPs", _si),
     names.PEAK_MEMORY_MB: Column("peak MB", _number(".1f")),
     names.ENERGY_PER_1K_J: Column("J / 1k", _number(".3f")),
+    names.ENERGY_PER_1K_BATCH1_J: Column("J / 1k (batch 1)", _number(".3f")),
+    names.CO2E_PER_1K_G: Column("g CO2e / 1k", _number(".3g")),
+    names.MAKE_ENERGY_J: Column("make J", _si),
+    names.PAYBACK_PREDICTIONS: Column("payback (preds)", _payback),
     "gate": Column("gate", _text, "left"),
 }
 

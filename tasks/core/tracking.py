@@ -193,3 +193,20 @@ def stage_run(
             # The run ends FAILED (start_run's exit does that); say why, in the run itself.
             mlflow.set_tag("error", (str(err) or type(err).__name__)[:5000])
             raise
+
+
+def log_stage_energy(joules: float, source: str, grid_co2e_g_per_kwh: float | None = None) -> None:
+    """The stage's energy (every process that computed for it) on its active run, how it was
+    obtained and, where the stage reads the grid intensity, its CO2e."""
+    import mlflow
+
+    from tasks.core import metric_names as names
+    from tasks.core.energy import co2e_g
+
+    figures = {names.ENERGY_J: joules}
+    if grid_co2e_g_per_kwh is not None:
+        figures[names.CO2E_G] = co2e_g(joules, grid_co2e_g_per_kwh)
+    mlflow.log_metrics(figures)
+    # Not `energy_source`: on a model's run (the train stage's is the baseline's) that tag
+    # says how its energy per 1,000 predictions was measured.
+    mlflow.set_tag("stage_energy_source", source)

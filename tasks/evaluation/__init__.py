@@ -1,6 +1,6 @@
 """Evaluation: measuring models, the gate and the champion, the outputs and the registry.
 
-Measuring: ``measure`` (loading, quality), ``flops``, ``timing``, ``energy``, ``memory``
+Measuring: ``measure`` (loading, quality), ``flops``, ``timing`` (and energy, with :mod:`tasks.core.energy`), ``memory``
 (a child forked per model from one probe process), ``benchmark`` (every model alike, into ``results``).
 Deciding: ``gate`` (within one run), ``challenge`` (the gate's winner against the current
 champion). Publishing: ``outputs`` (files), ``plots``, ``report``, ``summary`` (rows for

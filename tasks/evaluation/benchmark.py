@@ -15,9 +15,10 @@ from typing import Any
 
 import numpy as np
 
+from tasks.core import metric_names as names
 from tasks.core.config import EvaluateParams
+from tasks.core.energy import EnergyMeter, children_excluded, co2e_g, process_meter
 from tasks.core.paths import ProjectPaths
-from tasks.evaluation.energy import EnergyMeter, select_energy_meter
 from tasks.evaluation.flops import all_models_flops
 from tasks.evaluation.measure import classification_metrics, load_for_measurement, predict_in_batches, torch_threads
 from tasks.evaluation.memory import measure_memory_all
@@ -63,9 +64,10 @@ def measure_models(
         raise EvaluateError(f"{prepared}: the test split is empty")
     class_names = tuple(preprocessing.class_names)
 
+    meter = process_meter()  # on the CPU, where the models run here; it sets up while memory is probed
     log.info("measuring peak inference memory of %d model(s), a forked child each", len(model_dirs))
-    memory = measure_memory_all(model_dirs, prepared, params.throughput_batch, params.threads)
-    meter = select_energy_meter(params.estimate_cpu_watts_per_core)
+    with children_excluded():  # the probes are forked children: not this process's measuring
+        memory = measure_memory_all(model_dirs, prepared, params.throughput_batch, params.threads)
 
     with torch_threads(params.threads):
         loaded = {name: load_for_measurement(folder, params.threads) for name, folder in model_dirs.items()}
@@ -87,6 +89,7 @@ def measure_models(
             warmup=params.warmup,
             meter=meter,
             seed=seed,
+            energy_window_s=params.energy_window_s,
         )
 
     for name, result in results.items():
@@ -94,6 +97,7 @@ def measure_models(
         _add_costs(result, loaded[name].module, memory[name], timings[name])
         result.notes["memory"] = str(memory[name].get("method"))
         result.notes["energy"] = meter.source
+        _add_energy(result, params.grid_co2e_g_per_kwh)
     add_ratios(results)
     settings = _settings(len(test.y), len(class_names), params, meter)
     if preprocessing.is_text:  # a text model's cost grows with the sequence: say which one was timed
@@ -135,6 +139,19 @@ def _add_costs(result: ModelResult, module: Any, memory: Mapping[str, Any], timi
     )
 
 
+def _add_energy(result: ModelResult, grid_co2e_g_per_kwh: float) -> None:
+    """What making the model cost (its manifest's ``energy``, written where it was made) and the
+    CO2e of that and of 1,000 predictions."""
+    energy = result.manifest.get("energy") or {}
+    make_j = _float(energy.get("make_j"))
+    result.notes["make_energy"] = str(energy.get("source", ""))
+    result.metrics.update({
+        names.MAKE_ENERGY_J: make_j,
+        names.MAKE_CO2E_G: co2e_g(make_j, grid_co2e_g_per_kwh),
+        names.CO2E_PER_1K_G: co2e_g(result.metrics[names.ENERGY_PER_1K_J], grid_co2e_g_per_kwh),
+    })
+
+
 def _settings(test_samples: int, classes: int, params: EvaluateParams, meter: EnergyMeter) -> dict[str, Any]:
     """How the figures were obtained (the report's methods section, the runs' params)."""
     return {
@@ -146,7 +163,12 @@ def _settings(test_samples: int, classes: int, params: EvaluateParams, meter: En
         "warmup": params.warmup,
         "throughput_batch": params.throughput_batch,
         "energy_source": meter.source,
-        "energy_method": meter.describe(),
+        "energy_method": (
+            f"{meter.source}; read over {params.energy_window_s:g} s of back-to-back calls per model, "
+            f"at batch 1 and at batch {params.throughput_batch}"
+        ),
+        "energy_window_s": params.energy_window_s,
+        "grid_co2e_g_per_kwh": params.grid_co2e_g_per_kwh,
         "memory_method": MEMORY_METHOD,
         "cpu": _cpu_name(),
     }

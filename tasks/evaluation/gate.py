@@ -1,9 +1,9 @@
 """The quality gate, the champion and the Pareto front: pure functions of measured metrics.
 
 :func:`select_champion`: every model (the baseline included) that keeps within the gate
-(accuracy drop vs. the baseline, and optionally p95 latency and size on disk) is a
-candidate; the objective (``smallest`` or ``fastest``) picks one. Impossible thresholds
-give no champion.
+(accuracy drop vs. the baseline, and optionally p95 latency, size on disk and energy per
+1,000 predictions) is a candidate; the objective (``smallest``, ``fastest`` or
+``lowest_energy``) picks one. Impossible thresholds give no champion.
 """
 
 from __future__ import annotations
@@ -24,7 +24,10 @@ _EPS = 1e-9  # accuracies are ratios of integers: forgive float round-off at the
 OBJECTIVES: dict[str, tuple[str, ...]] = {
     "smallest": ("size_bytes", "latency_p50_ms"),
     "fastest": ("latency_p50_ms", "size_bytes"),
+    "lowest_energy": ("energy_per_1k_j", "latency_p50_ms"),
 }
+# How the objective's measure reads in a reason.
+_SHOWN = {"size_bytes": "{:.0f} B", "latency_p50_ms": "{:.3f} ms p50", "energy_per_1k_j": "{:.4g} J per 1k predictions"}
 
 
 def _number(metrics: Mapping[str, Any], key: str) -> float | None:
@@ -57,6 +60,12 @@ def gate_problems(metrics: Mapping[str, Any], baseline_accuracy: float, gate: Ga
             problems.append("size_bytes not measured")
         elif size > gate.max_size_bytes:
             problems.append(f"size {size:.0f} B > max_size_bytes {gate.max_size_bytes}")
+    if gate.max_energy_per_1k_j is not None:
+        energy = _number(metrics, "energy_per_1k_j")
+        if energy is None:
+            problems.append("energy_per_1k_j not measured")
+        elif energy > gate.max_energy_per_1k_j:
+            problems.append(f"energy {energy:.4g} J per 1k predictions > max_energy_per_1k_j {gate.max_energy_per_1k_j:g}")
     return problems
 
 
@@ -69,10 +78,11 @@ def select_champion(
     """Pick the champion among every model that passes the gate; None when none does.
 
     ``metrics`` maps a model name to its metrics (``accuracy``, ``size_bytes``,
-    ``latency_p50_ms``, ``latency_p95_ms``); the accuracy drop is measured against
-    ``metrics[baseline]``. Among the models that pass, ``objective`` ``smallest`` takes
-    the least ``size_bytes``, ``fastest`` the least ``latency_p50_ms``; ties go to the
-    higher accuracy, then the other measure, then the name. Returns the champion's name
+    ``latency_p50_ms``, ``latency_p95_ms``, ``energy_per_1k_j``); the accuracy drop is
+    measured against ``metrics[baseline]``. Among the models that pass, ``objective``
+    ``smallest`` takes the least ``size_bytes``, ``fastest`` the least ``latency_p50_ms``,
+    ``lowest_energy`` the least ``energy_per_1k_j``; ties go to the higher accuracy, then
+    the second measure of :data:`OBJECTIVES`, then the name. Returns the champion's name
     (or None) and a one-line reason for every model.
     """
     if objective not in OBJECTIVES:
@@ -102,7 +112,7 @@ def select_champion(
     passing.sort()
     winner = passing[0][3]
     for measure, _, _, name in passing:
-        shown = f"{measure:.0f} B" if primary == "size_bytes" else f"{measure:.3f} ms p50"
+        shown = _SHOWN[primary].format(measure)
         if name == winner:
             reasons[name] = f"champion: passes the gate and is the {objective} of {len(passing)} passing ({shown})"
         else:

@@ -2,7 +2,7 @@
 
 Everything here is a plain function of a model folder, a loaded model
 (:class:`tasks.core.model_files.LoadedModel`) or arrays; the cost figures live beside it:
-:mod:`~tasks.evaluation.timing` (latency, throughput), :mod:`~tasks.evaluation.energy`,
+:mod:`~tasks.evaluation.timing` (latency, throughput, energy), :mod:`~tasks.core.energy`,
 :mod:`~tasks.evaluation.memory` (peak inference memory, a forked child per model) and
 :mod:`~tasks.evaluation.flops`. :mod:`tasks.evaluation.benchmark` measures every model
 with them, the baseline and each variant alike.

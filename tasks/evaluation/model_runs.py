@@ -145,6 +145,7 @@ def _tags(result: ModelResult, evaluation: Evaluation, stage_run_id: str) -> dic
         "evaluate_run_id": stage_run_id,
         "model_digest": str(manifest.get("digest", "")),
         "energy_source": result.notes.get("energy", ""),
+        "make_energy_source": result.notes.get("make_energy", ""),
         "flops_source": result.notes.get("flops", ""),
         "memory_method": result.notes.get("memory", ""),
         "mlflow.note.content": describe(result, evaluation),

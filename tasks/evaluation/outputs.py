@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import os
 import shutil
 from pathlib import Path
@@ -21,7 +22,7 @@ from tasks.evaluation.results import Evaluation, json_number, ordered_metrics
 log = logging.getLogger("slimflow.evaluate")
 
 # Figures of plots/ the report shows beside itself (copied into artifacts/evaluation/).
-REPORT_FIGURES = ("accuracy_vs_size.png", "accuracy_vs_latency.png", "confusion_matrix.png")
+REPORT_FIGURES = ("accuracy_vs_size.png", "accuracy_vs_latency.png", "accuracy_vs_energy.png", "confusion_matrix.png")
 
 
 def metrics_document(evaluation: Evaluation) -> dict[str, Any]:
@@ -62,7 +63,8 @@ def result_document(evaluation: Evaluation) -> dict[str, Any]:
 
 
 def tradeoff_rows(evaluation: Evaluation) -> list[dict[str, Any]]:
-    """``plots/tradeoff.json``: size, latency and accuracy per model, and its Pareto flag."""
+    """``plots/tradeoff.json``: size, latency, energy per 1,000 predictions and accuracy per
+    model, and its Pareto flag (over size and latency)."""
     names = list(evaluation.models)
     m = [evaluation.models[n].metrics for n in names]
     flags = pareto_flags(
@@ -73,11 +75,17 @@ def tradeoff_rows(evaluation: Evaluation) -> list[dict[str, Any]]:
             "model": name,
             "size_bytes": json_number(x["size_bytes"]),
             "latency_p50_ms": json_number(x["latency_p50_ms"]),
+            "energy_per_1k_j": json_number(x.get("energy_per_1k_j", math.nan)),
             "accuracy": json_number(x["accuracy"]),
             "pareto": flag,
         }
         for name, x, flag in zip(names, m, flags, strict=True)
     ]
+
+
+def _short(source: str) -> str:
+    """An energy label's kind without its method: ``estimate``, ``rapl``, ``nvml (GPU 0) + ...``."""
+    return source.split(" (", 1)[0] if source.startswith(("estimate", "rapl")) else source.split(";", 1)[0][:60]
 
 
 def write_json(path: Path, payload: Any) -> None:
@@ -133,6 +141,10 @@ def render_outputs(staging: Path, evaluation: Evaluation, history: list[dict[str
     plots.tradeoff_png(plot_dir / "accuracy_vs_latency.png", evaluation, "latency_p50_ms",
                        "latency p50, batch 1 (ms)",
                        f"accuracy vs CPU latency ({evaluation.settings['threads']} thread(s))")
+    plots.tradeoff_png(plot_dir / "accuracy_vs_energy.png", evaluation, "energy_per_1k_j",
+                       f"energy per 1,000 predictions at batch {evaluation.settings['throughput_batch']} (J)",
+                       f"accuracy vs energy ({_short(evaluation.settings['energy_source'])}); "
+                       "labels: predictions until a variant pays back its making", label_key="payback_predictions")
     plots.confusion_png(plot_dir / "confusion_matrix.png", evaluation)
     for name in evaluation.models:  # each model's own, for its MLflow run
         plots.confusion_png(evaluation_dir / "confusion" / f"{name}.png", evaluation, name)

@@ -1,4 +1,4 @@
-"""The evaluate stage's figures (matplotlib, Agg): accuracy against size and latency with
+"""The evaluate stage's figures (matplotlib, Agg): accuracy against size, latency and energy with
 the Pareto front, the shown model's confusion matrix, and the baseline's training curves.
 Every function draws one PNG at ``path``; nothing here measures or decides."""
 
@@ -67,9 +67,13 @@ def _tradeoff_legend(has_champion: bool) -> list[Any]:
 
 
 def tradeoff_png(
-    path: Path, evaluation: Evaluation, cost_key: str, xlabel: str, title: str, scale: float = 1.0
+    path: Path, evaluation: Evaluation, cost_key: str, xlabel: str, title: str, scale: float = 1.0,
+    label_key: str | None = None,
 ) -> None:
-    """Accuracy against one cost, every point labelled, the 2-D Pareto front in red."""
+    """Accuracy against one cost, every point labelled (with ``label_key``'s figure where it has
+    one, e.g. the payback), the 2-D Pareto front in red."""
+    from tasks.core.tables import COLUMNS
+
     from matplotlib.figure import Figure
 
     names = list(evaluation.models)
@@ -97,7 +101,14 @@ def tradeoff_png(
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    points = [(n, x, y) for n, x, y in zip(names, cost, accuracy, strict=True) if math.isfinite(x) and math.isfinite(y)]
+    labels = {n: n for n in names}
+    if label_key:
+        for n in names:
+            value = evaluation.models[n].metrics.get(label_key, math.nan)
+            if not (isinstance(value, float) and math.isnan(value)):
+                labels[n] = f"{n} ({COLUMNS[label_key].header}: {COLUMNS[label_key].render(value)})"
+    points = [(labels[n], x, y) for n, x, y in zip(names, cost, accuracy, strict=True)
+              if math.isfinite(x) and math.isfinite(y)]
     _label_points(fig, ax, points)
     fig.savefig(path)
 

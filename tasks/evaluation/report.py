@@ -17,7 +17,7 @@ from tasks.core import metric_names as names
 from tasks.core.config import EvaluateParams
 from tasks.core.tables import COLUMNS, times
 from tasks.evaluation.results import BASELINE, Evaluation
-from tasks.evaluation.summary import DETAIL_COLUMNS, HEADLINE_COLUMNS, summary_rows
+from tasks.evaluation.summary import DETAIL_COLUMNS, ENERGY_COLUMNS, HEADLINE_COLUMNS, summary_rows
 
 
 def models_table(evaluation: Evaluation, columns: Sequence[str] = HEADLINE_COLUMNS) -> list[str]:
@@ -64,7 +64,13 @@ def _methods(evaluation: Evaluation, data_digest: str | None) -> list[str]:
         f"{s['latency_repeats']} calls at batch {s['throughput_batch']}"
         + (f"; every input a sequence of {s['sequence_length']} token ids (text, padded)" if "sequence_length" in s else "")
         + ".",
-        f"Energy: {s['energy_method']}, over the throughput calls (`energy_source: {s['energy_source']}`).",
+        f"Energy per 1,000 predictions: {s['energy_method']} (`energy_source: {s['energy_source']}`). "
+        f"CO2e: joules x {s['grid_co2e_g_per_kwh']:g} g/kWh (`evaluate.grid_co2e_g_per_kwh`).",
+        "Energy to make a model (`make_energy_j`): the baseline's training, every Horovod worker summed; a "
+        "variant's steps from the baseline (its parent's included): training on the Horovod workers, "
+        "calibration, quantization, export in the compress stage (each model's `make_energy` note says how "
+        "it was measured). Payback: make_energy_j / (the baseline's energy per prediction - the variant's); "
+        "`never` when the variant saves nothing.",
         f"Peak memory: {s['memory_method']}.",
         "Size × and speed ×: times smaller / faster (latency p50) than the baseline; samples/s ×: "
         "throughput / the baseline's. Per-class precision and recall: `per_class` in "
@@ -79,6 +85,8 @@ def _gate_section(evaluation: Evaluation, params: EvaluateParams) -> list[str]:
         limits.append(f"latency p95 <= {gate.max_latency_p95_ms:g} ms")
     if gate.max_size_bytes is not None:
         limits.append(f"size <= {gate.max_size_bytes} B")
+    if gate.max_energy_per_1k_j is not None:
+        limits.append(f"energy <= {gate.max_energy_per_1k_j:g} J per 1,000 predictions")
     promotion = evaluation.promotion
     lines = [
         "## Gate and champion",
@@ -139,6 +147,7 @@ def _plots_section(evaluation: Evaluation, training_curves: bool) -> list[str]:
         "",
         "![accuracy vs size](accuracy_vs_size.png)",
         "![accuracy vs latency](accuracy_vs_latency.png)",
+        "![accuracy vs energy](accuracy_vs_energy.png)",
         f"![confusion matrix of {evaluation.shown_model}](confusion_matrix.png)",
     ]
     if training_curves:
@@ -157,6 +166,7 @@ def report_markdown(
     lines += models_table(evaluation, HEADLINE_COLUMNS)
     lines += ["", *_plots_section(evaluation, training_curves), "", "## Details", ""]
     lines += models_table(evaluation, DETAIL_COLUMNS)
+    lines += ["", "## Energy", "", *models_table(evaluation, ENERGY_COLUMNS)]
     lines += ["", *_gate_section(evaluation, params), "", "## How figures were obtained", ""]
     lines += [*_methods(evaluation, data_digest), ""]
     for name, result in evaluation.models.items():

@@ -81,7 +81,26 @@ def add_ratios(results: Mapping[str, ModelResult]) -> None:
         metrics[names.SIZE_REDUCTION_X] = ratio(base[names.SIZE_BYTES], metrics[names.SIZE_BYTES])
         metrics[names.SPEEDUP_X] = ratio(base[names.LATENCY_P50_MS], metrics[names.LATENCY_P50_MS])
         metrics[names.THROUGHPUT_GAIN_X] = ratio(metrics[names.THROUGHPUT_SPS], base[names.THROUGHPUT_SPS])
+        saved = base.get(names.ENERGY_PER_1K_J, math.nan) - metrics.get(names.ENERGY_PER_1K_J, math.nan)
+        metrics[names.ENERGY_SAVED_PER_1K_J] = saved
+        metrics[names.PAYBACK_PREDICTIONS] = (
+            math.nan if result.name == BASELINE else payback_predictions(metrics.get(names.MAKE_ENERGY_J, math.nan), saved)
+        )
         metrics.setdefault(names.PASSED_GATE, math.nan)
+
+
+def payback_predictions(make_energy_j: float, saved_per_1k_j: float) -> float:
+    """Predictions after which a variant has repaid the energy spent making it.
+
+    ``make_energy_j``: what making it cost (from the trained baseline); ``saved_per_1k_j``:
+    the baseline's energy per 1,000 predictions minus the variant's. A variant that saves
+    nothing never pays back (inf); an unknown figure gives NaN.
+    """
+    if math.isnan(make_energy_j) or math.isnan(saved_per_1k_j):
+        return math.nan
+    if saved_per_1k_j <= 0:
+        return math.inf
+    return make_energy_j / (saved_per_1k_j / 1000.0)
 
 
 def ordered_metrics(metrics: Mapping[str, float]) -> dict[str, float]:

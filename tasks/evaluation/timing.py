@@ -7,7 +7,9 @@ round, so a noisy moment on the machine hits every model alike; p95 on a shared 
 includes the moments the process was descheduled. ``cpu_time_p50_ms`` is the median
 process CPU time of the same calls (COMPRESSION.md's method), which other processes
 barely disturb. **Throughput** is samples per second of one call at a large batch,
-median of the rounds; energy (:mod:`tasks.evaluation.energy`) is read over those calls.
+median of the rounds. **Energy** (:mod:`tasks.core.energy`) is read after the rounds, per
+model, over windows of back-to-back calls long enough for the meter (``energy_window_s``
+each): batch-1 calls, then throughput-batch calls; per 1,000 predictions of each.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from tasks.evaluation.energy import EnergyMeter
+from tasks.core.energy import EnergyMeter
 
 Predict = Callable[[np.ndarray], np.ndarray]
 
@@ -41,8 +43,10 @@ class Timing:
     batch1_cpu_ms: list[float] = field(default_factory=list)  # process CPU time, all threads
     batch_s: list[float] = field(default_factory=list)
     batch_size: int = 1
-    energy_j: float = 0.0
+    energy_j: float = 0.0  # over `predictions` predictions at the throughput batch
     predictions: int = 0
+    batch1_energy_j: float = 0.0  # over `batch1_predictions` batch-1 calls
+    batch1_predictions: int = 0
 
     def summary(self) -> dict[str, float]:
         median_batch_s = float(np.median(self.batch_s))
@@ -53,6 +57,9 @@ class Timing:
             "cpu_time_p50_ms": percentile(self.batch1_cpu_ms, 50) if self.batch1_cpu_ms else math.nan,
             "throughput_sps": self.batch_size / median_batch_s if median_batch_s > 0 else math.nan,
             "energy_per_1k_j": 1000.0 * self.energy_j / self.predictions if self.predictions else math.nan,
+            "energy_per_1k_batch1_j": (
+                1000.0 * self.batch1_energy_j / self.batch1_predictions if self.batch1_predictions else math.nan
+            ),
         }
 
 
@@ -77,15 +84,37 @@ def _time_batch1(predict: Predict, singles: Sequence[np.ndarray], first: int, ti
         timing.batch1_cpu_ms.append((cpu_end - cpu_start) / 1e6)
 
 
-def _time_batch(predict: Predict, x_batch: np.ndarray, meter: EnergyMeter, timing: Timing) -> None:
-    """One large-batch call, with the energy read around it."""
-    energy_before = meter.read()
+def _time_batch(predict: Predict, x_batch: np.ndarray, timing: Timing) -> None:
+    """One large-batch call, timed."""
     start = time.perf_counter_ns()
     predict(x_batch)
-    elapsed = (time.perf_counter_ns() - start) / 1e9
-    timing.energy_j += meter.read() - energy_before
-    timing.batch_s.append(elapsed)
-    timing.predictions += len(x_batch)
+    timing.batch_s.append((time.perf_counter_ns() - start) / 1e9)
+
+
+def calls_for(window_s: float, seconds_per_call: float, least: int = 1, most: int = 100_000) -> int:
+    """Back-to-back calls that fill ``window_s`` at ``seconds_per_call`` each."""
+    if not math.isfinite(seconds_per_call) or seconds_per_call <= 0:
+        return most
+    return int(min(most, max(least, math.ceil(window_s / seconds_per_call))))
+
+
+def _measure_energy(
+    predict: Predict, singles: Sequence[np.ndarray], x_batch: np.ndarray, meter: EnergyMeter, window_s: float,
+    timing: Timing,
+) -> None:
+    """Energy of back-to-back batch-1 calls, then of throughput-batch calls, each over ~``window_s``."""
+    calls = calls_for(window_s, float(np.median(timing.batch1_ms)) / 1e3, least=BATCH1_CALLS_PER_ROUND)
+    before = meter.read()
+    for i in range(calls):
+        predict(singles[i % len(singles)])
+    timing.batch1_energy_j += (meter.read() - before).total
+    timing.batch1_predictions += calls
+    calls = calls_for(window_s, float(np.median(timing.batch_s)))
+    before = meter.read()
+    for _ in range(calls):
+        predict(x_batch)
+    timing.energy_j += (meter.read() - before).total
+    timing.predictions += calls * len(x_batch)
 
 
 def time_models(
@@ -96,14 +125,17 @@ def time_models(
     warmup: int,
     meter: EnergyMeter,
     seed: int = 0,
+    energy_window_s: float = 0.5,
 ) -> dict[str, Timing]:
-    """Latency at batch 1 and throughput at ``len(x_batch)``, interleaved across models.
+    """Latency at batch 1 and throughput at ``len(x_batch)``, interleaved across models; then energy.
 
     ``x_single`` holds samples fed one at a time (cycled); ``x_batch`` is the large batch.
     Each of ``repeats`` rounds times every model in a freshly shuffled order: one untimed
     call, ``BATCH1_CALLS_PER_ROUND`` single-sample calls each timed on its own (wall clock,
     and process CPU time, which a busy machine disturbs less), then - in another shuffled
-    order - one large-batch call over which energy is read.
+    order - one large-batch call. After the rounds, in a shuffled order, each model's energy
+    is read over ``energy_window_s`` of batch-1 calls and as long of large-batch calls (a
+    reading costs milliseconds: one per call would measure the meter).
     """
     names = list(predictors)
     timings = {name: Timing(batch_size=len(x_batch)) for name in names}
@@ -124,7 +156,10 @@ def time_models(
                 sample += BATCH1_CALLS_PER_ROUND
             rng.shuffle(order)
             for name in order:
-                _time_batch(predictors[name], x_batch, meter, timings[name])
+                _time_batch(predictors[name], x_batch, timings[name])
+        rng.shuffle(order)
+        for name in order:
+            _measure_energy(predictors[name], singles, x_batch, meter, energy_window_s, timings[name])
     finally:
         if gc_was_enabled:
             gc.enable()

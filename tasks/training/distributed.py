@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from tasks.core.energy import EnergyMeter, Joules, process_meter, rapl_readable
 from tasks.training.launcher import THREADS_ENV, threads_per_worker
 
 log = logging.getLogger("slimflow.fit")
@@ -35,6 +36,16 @@ def set_threads(local_workers: int) -> int:
     except RuntimeError:  # already set, or inter-op work already started
         pass
     return threads
+
+
+def start_meter(local_rank: int) -> EnergyMeter:
+    """This rank's energy meter: the GPU it is pinned to (one per local rank), else the CPU.
+
+    Summed over the ranks, every GPU counts once; the RAPL package counters (the whole
+    package, shared by the host's ranks) count on local rank 0 only.
+    """
+    gpu = local_rank if torch.cuda.is_available() else None
+    return process_meter(gpu_index=gpu, count_cpu=local_rank == 0 or not rapl_readable())
 
 
 def seed_everything(seed: int) -> None:
@@ -117,13 +128,14 @@ def lr_multiplier(step: int, warmup_steps: int, total_steps: int, world_size: in
 
 def gather_epoch_metrics(
     hvd: Any, train_counts: tuple[float, float, float], val_counts: tuple[float, float, float], epoch_time: float,
+    energy: Joules = Joules(),
 ) -> dict[str, float]:
-    """Global epoch metrics from every rank's (loss sum, correct, count) and time.
+    """Global epoch metrics from every rank's (loss sum, correct, count), time and energy.
 
     Horovod: one allgather (a row per rank), so every rank sees identical global metrics
-    (and stops together).
+    (and stops together). The epoch's energy is every rank's, summed.
     """
-    local = torch.tensor([[*train_counts, *val_counts, epoch_time]], dtype=torch.float64)
+    local = torch.tensor([[*train_counts, *val_counts, epoch_time, energy.total]], dtype=torch.float64)
     rows = hvd.allgather(local, name="epoch_metrics")
     sums = rows[:, :6].sum(0).tolist()
     slowest = rows[:, 6].max().item()  # the epoch lasts as long as its slowest rank
@@ -134,4 +146,14 @@ def gather_epoch_metrics(
         "val_accuracy": sums[4] / sums[5],
         "epoch_time_s": slowest,
         "samples_per_s": sums[2] / slowest,  # global: every rank's samples
+        "epoch_energy_j": rows[:, 7].sum().item(),
     }
+
+
+def gather_energy(hvd: Any, meter: EnergyMeter) -> dict[str, Any]:
+    """Every rank's energy since its meter started, summed (on every rank), and how it was obtained."""
+    rows = hvd.allgather_object({"joules": meter.read().as_list(), "source": meter.source}, name="energy_totals")
+    cpu, gpu = (sum(row["joules"][i] for row in rows) for i in (0, 1))
+    sources = sorted({row["source"] for row in rows})
+    return {"train_energy_j": cpu + gpu, "train_energy_cpu_j": cpu, "train_energy_gpu_j": gpu,
+            "energy_source": "; ".join(sources)}

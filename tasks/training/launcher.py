@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from tasks.core.energy import children_excluded
 from tasks.core.processes import parent_death_preexec
 
 if TYPE_CHECKING:
@@ -261,4 +262,7 @@ def launch_fit(job: FitJob, train_params: TrainParams, root: Path) -> None:
             job_path.parent.mkdir(exist_ok=True)
             job.write(job_path)
         command = build_command(["-m", WORKER_MODULE, str(job_path)], hosts, train_params.network_interface)
-        run_workers(command, worker_environment(threads), root)
+        # The workers measure their own energy (the job's summary); a meter of this process
+        # leaves them out rather than count part of them as its children.
+        with children_excluded():
+            run_workers(command, worker_environment(threads), root)

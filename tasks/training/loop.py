@@ -33,8 +33,9 @@ from tasks.data import Preprocessing, load_preprocessing, load_split
 from tasks.training import fault
 from tasks.training.adaptation import Adaptation
 from tasks.training.checkpoint import Checkpoints, rng_state
+from tasks.core.energy import process_meter
 from tasks.training.distributed import (
-    Placement, allreduce_groups, autocast_factory, gather_epoch_metrics, lr_multiplier, place_worker,
+    Placement, allreduce_groups, autocast_factory, gather_energy, gather_epoch_metrics, lr_multiplier, place_worker,
 )
 from tasks.training.job import FitJob
 from tasks.training.losses import LossFn, training_loss
@@ -175,10 +176,15 @@ def fit(job: FitJob, hvd: Any, threads: int) -> dict[str, Any] | None:
         log_start(t, mlflow_log, state, threads)
     # Horovod: start the clocks together (rank 0 has been opening MLflow and checkpoints).
     hvd.barrier()
+    resumed_from = state["epoch"]
     run_epochs(t, checkpoints, mlflow_log, state)
+    # Horovod: every rank's energy from its set-up to its last epoch, summed; epochs run
+    # before a resume were measured then (their per-epoch figures are in the history).
+    energy = gather_energy(hvd, process_meter())
+    energy["train_energy_j"] += sum(h.get("epoch_energy_j", 0.0) for h in state["history"][:resumed_from])
     # Horovod: every rank's own evidence that the ranks ended as one model (and the masks held).
     checks = hvd.allgather_object(t.adapt.check(t.model), name="rank_checks")
-    return finish(t, checkpoints, state, threads, checks) if place.is_root else None
+    return finish(t, checkpoints, state, threads, checks, energy) if place.is_root else None
 
 
 def validate_start(t: Trainer) -> dict[str, float]:
@@ -212,7 +218,9 @@ def log_start(t: Trainer, mlflow_log: MlflowLogger, state: dict[str, Any], threa
 def run_epochs(t: Trainer, checkpoints: Checkpoints, mlflow_log: MlflowLogger, state: dict[str, Any]) -> None:
     """From the epoch after ``state["epoch"]`` to the last, or until early stopping; updates ``state``."""
     job, place, hvd = t.job, t.place, t.hvd
+    meter = process_meter()
     for epoch in range(state["epoch"], job.epochs):
+        energy_start = meter.read()
         t.adapt.before_epoch(epoch)  # gradual pruning: the masks at this epoch's sparsity
         train_counts, epoch_time = train_epoch(t, epoch)
         # BatchNorm running statistics are buffers: gradients are averaged, these are not.
@@ -225,7 +233,7 @@ def run_epochs(t: Trainer, checkpoints: Checkpoints, mlflow_log: MlflowLogger, s
         with t.adapt.evaluating(t.model):
             val_counts = evaluate(t.model, t.data.x_val, t.data.y_val, VAL_BATCH, t.autocast)
         metrics = {
-            **gather_epoch_metrics(hvd, train_counts, val_counts, epoch_time),
+            **gather_epoch_metrics(hvd, train_counts, val_counts, epoch_time, meter.read() - energy_start),
             "lr": t.optimizer.param_groups[0]["lr"],
         }
         improved, stop = record_epoch(state, epoch + 1, metrics, job.patience, job.monitor, job.eligible(epoch + 1))
@@ -331,7 +339,8 @@ def record_epoch(
 
 
 def finish(
-    t: Trainer, checkpoints: Checkpoints, state: dict[str, Any], threads: int, checks: list[dict[str, Any]]
+    t: Trainer, checkpoints: Checkpoints, state: dict[str, Any], threads: int, checks: list[dict[str, Any]],
+    energy: dict[str, Any],
 ) -> dict[str, Any]:
     """Rank 0: write the best epoch's model and the summary and history files; return the summary.
 
@@ -354,14 +363,18 @@ def finish(
         model, t.spec, preprocessing.input_shape, preprocessing.num_classes, Path(job.output),
         {**job.manifest, "best_epoch": best["epoch"], "world_size": size, "fingerprint": checkpoints.fingerprint,
          "ranks_at_end": ranks, **({"start": state["start"]} if state["start"] else {}),
-         **({"qat_engine": job.qat} if job.qat else {})},
+         **({"qat_engine": job.qat} if job.qat else {}),
+         # what training it cost, every rank summed (the baseline's make_energy_j)
+         "energy": {"train_j": energy["train_energy_j"], "make_j": energy["train_energy_j"],
+                    "source": energy["energy_source"]}},
         format_name="torch-qat-state-dict" if job.qat else "torch-state-dict",
     )
-    result = summary(best["epoch"], history, state["epoch"], size, threads, manifest["parameters"])
+    result = {**summary(best["epoch"], history, state["epoch"], size, threads, manifest["parameters"]), **energy}
     if state["start"]:
         result.update(start_val_loss=state["start"]["val_loss"], start_val_accuracy=state["start"]["val_accuracy"])
     write_json(job.metrics_path, result)
     write_json(job.history_path, history)
-    log.info("best epoch %d: val_loss %.4f val_acc %.4f; model written to %s",
-             best["epoch"], result["val_loss"], result["val_accuracy"], job.output)
+    log.info("best epoch %d: val_loss %.4f val_acc %.4f; model written to %s; energy %.1f J (%s)",
+             best["epoch"], result["val_loss"], result["val_accuracy"], job.output, energy["train_energy_j"],
+             energy["energy_source"])
     return result

@@ -15,11 +15,14 @@ def run(job: FitJob) -> dict[str, Any] | None:
     """Train ``job`` on this worker; rank 0 returns the summary metrics, other ranks None."""
     import horovod.torch as hvd
 
-    from tasks.training.distributed import seed_everything, set_threads
+    from tasks.training.distributed import seed_everything, set_threads, start_meter
     from tasks.training.loop import fit
 
     # Horovod: initialize; everything below depends on rank and size.
     hvd.init()
+    # Each rank measures its own energy (its GPU's NVML counter, or its CPU); the meter sets
+    # itself up in the background while the worker loads data and builds the model.
+    start_meter(hvd.local_rank())
     # Threads first, before any tensor work: cores // local workers, never oversubscribed.
     threads = set_threads(hvd.local_size())
     logging.basicConfig(
