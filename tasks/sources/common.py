@@ -5,14 +5,27 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
 
 class DataError(ValueError):
     """Raw data is missing or invalid; the message names the file and the problem."""
+
+
+def csv_records(reader: Any, width: int, shown: str) -> Iterator[tuple[int, list[str]]]:
+    """The rows of a ``csv.reader`` past its header, with their line numbers: blank lines are
+    skipped, a row of another number of fields than ``width`` is refused naming its line."""
+    for fields in reader:
+        line = reader.line_num
+        if not fields or (len(fields) == 1 and not fields[0].strip()):
+            continue  # blank line
+        if len(fields) != width:
+            raise DataError(f"{shown}: line {line}: expected {width} fields, found {len(fields)}")
+        yield line, fields
 
 
 class RawData(NamedTuple):

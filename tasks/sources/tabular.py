@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.sources.common import DataError, RawData, check_dataset, require_file, require_finite, integer_labels, string_labels
+from tasks.sources.common import DataError, RawData, check_dataset, csv_records, require_file, require_finite, integer_labels, string_labels
 
 
 def read_npz(path: Path, shown: str, inputs: str, labels: str) -> RawData:
@@ -85,12 +85,7 @@ def read_csv(path: Path, shown: str, label_column: str) -> RawData:
                 raise DataError(f"{shown}: only the label column {label_column!r}; no feature columns")
             label_at = header.index(label_column)
             feature_names = [n for i, n in enumerate(header) if i != label_at]
-            for fields in reader:
-                line = reader.line_num
-                if not fields or (len(fields) == 1 and not fields[0].strip()):
-                    continue  # blank line
-                if len(fields) != len(header):
-                    raise DataError(f"{shown}: line {line}: expected {len(header)} fields, found {len(fields)}")
+            for line, fields in csv_records(reader, len(header), shown):
                 label = fields.pop(label_at).strip()
                 if not label:
                     raise DataError(f"{shown}: line {line}, column {label_column!r}: empty label")

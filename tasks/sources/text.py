@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
-from tasks.sources.common import DataError, integer_labels, require_file, string_labels
+from tasks.sources.common import DataError, csv_records, integer_labels, require_file, string_labels
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -90,12 +90,7 @@ def read_text_table(path: Path, shown: str, text_column: str, label_column: str)
             if column not in header:
                 raise DataError(f"{shown}: no column {column!r} in the header (columns: {', '.join(header)})")
         text_at, label_at = header.index(text_column), header.index(label_column)
-        for fields in reader:
-            line = reader.line_num
-            if not fields or (len(fields) == 1 and not fields[0].strip()):
-                continue  # blank line
-            if len(fields) != len(header):
-                raise DataError(f"{shown}: line {line}: expected {len(header)} fields, found {len(fields)}")
+        for line, fields in csv_records(reader, len(header), shown):
             label = fields[label_at].strip()
             if not label:
                 raise DataError(f"{shown}: line {line}, column {label_column!r}: missing label")
