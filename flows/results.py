@@ -251,10 +251,10 @@ class _Links:
     def run(self, run_id: str | None, label: str | None = None) -> str:
         if not run_id:
             return "-"
-        return f"[`{label or run_id}`]({self.base}/#/experiments/{self.experiment_id}/runs/{run_id})"
+        return f"[{label or run_id}]({self.base}/#/experiments/{self.experiment_id}/runs/{run_id})"
 
     def version(self, name: str, version: str) -> str:
-        return f"[`{name}` version {version}]({self.base}/#/models/{name}/versions/{version})"
+        return f"[{name} version {version}]({self.base}/#/models/{name}/versions/{version})"
 
 
 def _stage_runs(run_id: str) -> dict[str, str]:

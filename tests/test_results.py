@@ -49,9 +49,9 @@ def test_the_runs_artifact_links_every_run(monkeypatch) -> None:
     text = runs_markdown(PipelineResult(rows=ROWS, champion="int8"), DECISION, "run-p",
                          _Links("sqlite:///mlflow.db", "7"), stages)
     assert "http://127.0.0.1:5000/#/experiments/7/runs/run-p" in text and "`make ui`" in text
-    assert "| stage train | [`run-t`]" in text and "skipped (up to date)" in text
-    assert "| model int8 (champion) | [`run-i`]" in text
-    assert "[`slimflow-digits` version 3](http://127.0.0.1:5000/#/models/slimflow-digits/versions/3)" in text
+    assert "| stage train | [run-t]" in text and "skipped (up to date)" in text
+    assert "| model int8 (champion) | [run-i]" in text
+    assert "[slimflow-digits version 3](http://127.0.0.1:5000/#/models/slimflow-digits/versions/3)" in text
     assert "(http://127.0.0.1:5000/#/compare-runs?runs=[%22run-b%22,%22run-i%22]&experiments=[%227%22]" in text
     server = runs_markdown(PipelineResult(), {}, "run-p", _Links("http://mlflow:5000/", "7"), [])
     assert "http://mlflow:5000/#/experiments/7/runs/run-p" in server and "make ui" not in server
