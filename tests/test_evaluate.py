@@ -198,6 +198,10 @@ def test_champion_loads_through_pyfunc_and_predicts_like_the_stage(evaluated: di
     # The champion's own logged model was registered: no second copy logged for the registry.
     assert version.run_id == evaluation.run_ids[evaluation.champion]
     assert version.source == evaluation.model_uris[evaluation.champion]
+    # ...and the logged model names its version, as mlflow.register_model records it (the
+    # runs table's Models column then shows "<registered model> v<N>" on the champion's run).
+    logged = mlflow.MlflowClient().get_logged_model(version.source.removeprefix("models:/"))
+    assert {"name": name, "version": version.version} in json.loads(logged.tags["mlflow.modelVersions"])
     experiment = mlflow.get_experiment_by_name("tests").experiment_id
     assert len(mlflow.search_logged_models(experiment_ids=[experiment], output_format="list")) == len(
         evaluation.models)

@@ -132,7 +132,19 @@ def _register_version(registered_model: str, info: Any, run_id: str | None, tags
         tags={key: tag_value(value) for key, value in tags.items() if value is not None},
         model_id=getattr(info, "model_id", None),
     )
+    if model_id := getattr(info, "model_id", None):
+        _link_logged_model(client, model_id, registered_model, str(version.version))
     return str(version.version)
+
+
+def _link_logged_model(client: Any, model_id: str, registered_model: str, version: str) -> None:
+    """What ``mlflow.register_model`` records: the logged model lists the versions made from it
+    (the UI shows them in the run's Models column and on the logged model's page)."""
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
+    known = client.get_logged_model(model_id).tags.get(MLFLOW_MODEL_VERSIONS)
+    versions = [*json.loads(known or "[]"), {"name": registered_model, "version": int(version)}]
+    client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(versions)})
 
 
 def promote(
