@@ -4,6 +4,8 @@ Imports go one way, top to bottom (no module imports one above it):
 
     variants.py      every variant of compress.variants: made, written, checked, tracked, summarized
     build.py         one variant's steps applied in order to its parent
+    searched.py      the steps with an ``auto`` knob: trials, decided by search.py, recorded
+    work.py          what every variant's steps share (data, settings, exports, curves, trials)
     recipes.py       full recipes and the model-family rules; check_pipeline (no torch)
     loading.py       load_model_dir: any model folder, baseline or variant
     formats.py       the files variants ship as: writers (Artifact) and loaders

@@ -35,7 +35,7 @@ from tasks.core.tables import as_text, results_table
 if TYPE_CHECKING:
     from rich.table import Table
 
-    from tasks.compression.build import Work
+    from tasks.compression.work import Work
     from tasks.compression.candidate import Candidate
     from tasks.compression.formats import Artifact
 
@@ -110,7 +110,7 @@ def compress_variants(
     build = Path(tempfile.mkdtemp(prefix=f".{output.name}-build-", dir=output.parent))
     try:
         with _one_thread():
-            from tasks.compression.build import Work
+            from tasks.compression.work import Work
 
             work = Work(params, paths)
             baseline = _load_baseline(work, baseline_manifest)
