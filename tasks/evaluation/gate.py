@@ -48,24 +48,19 @@ def gate_problems(metrics: Mapping[str, Any], baseline_accuracy: float, gate: Ga
         drop = baseline_accuracy - accuracy
         if drop > gate.max_accuracy_drop + _EPS:
             problems.append(f"accuracy drop {drop:.4f} > max_accuracy_drop {gate.max_accuracy_drop:.4f}")
-    if gate.max_latency_p95_ms is not None:
-        p95 = _number(metrics, "latency_p95_ms")
-        if p95 is None:
-            problems.append("latency_p95_ms not measured")
-        elif p95 > gate.max_latency_p95_ms:
-            problems.append(f"latency p95 {p95:.3f} ms > max_latency_p95_ms {gate.max_latency_p95_ms:g}")
-    if gate.max_size_bytes is not None:
-        size = _number(metrics, "size_bytes")
-        if size is None:
-            problems.append("size_bytes not measured")
-        elif size > gate.max_size_bytes:
-            problems.append(f"size {size:.0f} B > max_size_bytes {gate.max_size_bytes}")
-    if gate.max_energy_per_1k_j is not None:
-        energy = _number(metrics, "energy_per_1k_j")
-        if energy is None:
-            problems.append("energy_per_1k_j not measured")
-        elif energy > gate.max_energy_per_1k_j:
-            problems.append(f"energy {energy:.4g} J per 1k predictions > max_energy_per_1k_j {gate.max_energy_per_1k_j:g}")
+    limits = (  # (upper limit, metric, how the value reads, how the limit reads)
+        (gate.max_latency_p95_ms, "latency_p95_ms", "latency p95 {:.3f} ms", "{:g}"),
+        (gate.max_size_bytes, "size_bytes", "size {:.0f} B", "{}"),
+        (gate.max_energy_per_1k_j, "energy_per_1k_j", "energy {:.4g} J per 1k predictions", "{:g}"),
+    )
+    for limit, key, value_text, limit_text in limits:
+        if limit is None:
+            continue
+        value = _number(metrics, key)
+        if value is None:
+            problems.append(f"{key} not measured")
+        elif value > limit:
+            problems.append(f"{value_text.format(value)} > max_{key} {limit_text.format(limit)}")
     return problems
 
 

@@ -28,6 +28,19 @@ def csv_records(reader: Any, width: int, shown: str) -> Iterator[tuple[int, list
         yield line, fields
 
 
+def class_folders(folder: Path, shown: str, source: str) -> list[Path]:
+    """The class sub-folders of ``folder`` (hidden ones left out), sorted; refused in one line
+    when the folder is missing, is a file, or holds none."""
+    if not folder.exists():
+        raise DataError(f"{shown}: folder not found")
+    if not folder.is_dir():
+        raise DataError(f"{shown}: not a folder; source {source} expects one sub-folder per class")
+    class_dirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not class_dirs:
+        raise DataError(f"{shown}: no class sub-folders")
+    return class_dirs
+
+
 class RawData(NamedTuple):
     """What every reader returns; unpacks as ``x, y, class_names``."""
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.sources.common import DataError, RawData, check_dataset
+from tasks.sources.common import DataError, class_folders, RawData, check_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -19,13 +19,7 @@ def read_image_folder(folder: Path, shown: str, size: tuple[int, int], mode: str
     """One sub-folder per class of PNG/JPEG files -> (N, C, H, W), converted to ``mode`` and resized."""
     from PIL import Image
 
-    if not folder.exists():
-        raise DataError(f"{shown}: folder not found")
-    if not folder.is_dir():
-        raise DataError(f"{shown}: not a folder; source image_folder expects one sub-folder per class")
-    class_dirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not class_dirs:
-        raise DataError(f"{shown}: no class sub-folders")
+    class_dirs = class_folders(folder, shown, "image_folder")
     files: list[tuple[Path, int]] = []
     for index, class_dir in enumerate(class_dirs):
         for item in sorted(class_dir.iterdir()):

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
-from tasks.sources.common import DataError, csv_records, integer_labels, require_file, string_labels
+from tasks.sources.common import DataError, class_folders, csv_records, integer_labels, require_file, string_labels
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -110,13 +110,7 @@ def read_text_table(path: Path, shown: str, text_column: str, label_column: str)
 
 def read_text_folder(folder: Path, shown: str) -> RawText:
     """One sub-folder per class of ``.txt`` files, one sample per file (UTF-8)."""
-    if not folder.exists():
-        raise DataError(f"{shown}: folder not found")
-    if not folder.is_dir():
-        raise DataError(f"{shown}: not a folder; source text_folder expects one sub-folder per class")
-    class_dirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not class_dirs:
-        raise DataError(f"{shown}: no class sub-folders")
+    class_dirs = class_folders(folder, shown, "text_folder")
     texts: list[str] = []
     labels: list[int] = []
     for index, class_dir in enumerate(class_dirs):
