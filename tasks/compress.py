@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from tasks.core import tracking
     from tasks.core.energy import process_meter
-    from tasks.training import LaunchError
+    from tasks.training import LaunchError, worker_pool
 
     meter = process_meter()  # sets itself up in the background while torch loads
 
@@ -58,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
                     "fine_tune_lr": params.compress.fine_tune_lr,
                     "variants": ",".join(v.name for v in params.compress.variants),
                     "seed": params.base.seed},
-        ) as run:
+        ) as run, worker_pool(params.train, paths.root):
+            # Every step that trains (QAT, fine-tunes, search trials, distillation) runs on
+            # one set of Horovod workers, started at the first of them.
             compress_variants(params, paths, stage_run_id=run.info.run_id)
             tracking.log_stage_energy(meter.read().total, meter.sources())
     except LaunchError as err:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -91,18 +93,96 @@ def test_workers_get_horovods_idle_cycle_from_the_patched_build_unless_set(monke
     assert worker_environment(1)["HOROVOD_IDLE_CYCLE_TIME"] == "0"
 
 
-def test_launch_fit_starts_the_worker_module_on_the_job(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+# A stand-in for `python -m tasks.training.worker --serve FOLDER` that follows the pool's
+# protocol without Horovod: records each job it gets, fails on a job whose seed is 13.
+STAND_IN_WORKER = """
+import json, os, sys, time
+from pathlib import Path
+control = Path(sys.argv[-1])
+number = 1
+while True:
+    job, stop = control / f"job-{number}.json", control / "stop"
+    while not job.exists():
+        if stop.exists():
+            sys.exit(0)
+        time.sleep(0.01)
+    sent = json.loads(job.read_text())
+    if sent["seed"] == 13:
+        print("ValueError: bad job", flush=True)
+        sys.exit(3)
+    with open(os.environ["RECEIVED"], "a") as received:
+        received.write(json.dumps({"pid": os.getpid(), "argv": sys.argv[1:], "threads": os.environ["SLIMFLOW_THREADS_PER_WORKER"], "job": sent}) + "\\n")
+    (control / f"done-{number}").write_text("")
+    number += 1
+"""
+
+
+def stand_in_workers(monkeypatch: pytest.MonkeyPatch, tmp_path) -> Path:
+    """Pools start the stand-in (the real command's arguments passed on); returns its record."""
+    import subprocess
+
+    from tasks.training import pool
+
+    received = tmp_path / "received.jsonl"
+    monkeypatch.setenv("RECEIVED", str(received))
+
+    def start(command: list[str], env: dict[str, str], cwd) -> subprocess.Popen[str]:
+        assert command[:3] == [sys.executable, "-m", WORKER_MODULE]  # one local worker: no horovodrun
+        return subprocess.Popen([sys.executable, "-c", STAND_IN_WORKER, *command[3:]], cwd=cwd, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    monkeypatch.setattr(pool, "start_workers", start)
+    return received
+
+
+def received_jobs(received) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in received.read_text().splitlines()] if received.exists() else []
+
+
+def small_job(seed: int = 1):
+    from tasks.training import FitJob
+
+    return FitJob(spec={"family": "mlp"}, prepared="p", output="o", checkpoints="c", epochs=1, batch_size=8,
+                  lr=0.1, seed=seed)
+
+
+def test_a_pool_sends_a_stages_jobs_in_turn_to_workers_started_once(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     from tasks.core.config import TrainParams
-    from tasks.training import FitJob, launch_fit
+    from tasks.training import launch_fit, worker_pool
 
-    started = []
+    received = stand_in_workers(monkeypatch, tmp_path)
+    params = TrainParams(workers=1, threads_per_worker=1)
+    with worker_pool(params, tmp_path) as pool:
+        for seed in (1, 2, 3):
+            launch_fit(small_job(seed), params, tmp_path)
+            assert [r["job"]["seed"] for r in received_jobs(received)][-1] == seed  # done before it returns
+        # Other settings (here: threads) get workers of their own, for that job alone.
+        launch_fit(small_job(4), TrainParams(workers=1, threads_per_worker=2), tmp_path)
+    rows = received_jobs(received)
+    assert [r["job"]["seed"] for r in rows] == [1, 2, 3, 4]
+    assert len({r["pid"] for r in rows[:3]}) == 1 and rows[3]["pid"] != rows[0]["pid"]
+    assert rows[0]["argv"][0] == "--serve" and [r["threads"] for r in rows] == ["1", "1", "1", "2"]
+    assert rows[0]["job"] == json.loads(small_job(1).to_json())
+    assert pool.launches == 1 and pool.jobs == 3
+    control = Path(rows[0]["argv"][1])
+    assert not control.exists()  # the control folder goes with the pool
 
-    def fake_run_workers(command: list[str], env: dict[str, str], cwd) -> None:
-        started.append((command, env["SLIMFLOW_THREADS_PER_WORKER"], FitJob.read(tmp_path.joinpath(command[-1]))))
 
-    monkeypatch.setattr("tasks.training.launcher.run_workers", fake_run_workers)
-    job = FitJob(spec={"family": "mlp"}, prepared="p", output="o", checkpoints="c", epochs=1, batch_size=8, lr=0.1,
-                 seed=1)
-    launch_fit(job, TrainParams(workers=1, threads_per_worker=1), tmp_path)
-    ((command, threads, sent),) = started
-    assert command[:3] == [sys.executable, "-m", WORKER_MODULE] and threads == "1" and sent == job
+def test_a_failed_job_names_the_worker_and_the_pool_starts_new_workers_for_the_next(
+    monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
+    from tasks.core.config import TrainParams
+    from tasks.training import launch_fit, worker_pool
+
+    received = stand_in_workers(monkeypatch, tmp_path)
+    params = TrainParams(workers=1, threads_per_worker=1)
+    with worker_pool(params, tmp_path) as pool:
+        launch_fit(small_job(1), params, tmp_path)
+        with pytest.raises(LaunchError, match=r"exit code 3\): worker 0: ValueError: bad job"):
+            launch_fit(small_job(13), params, tmp_path)
+        launch_fit(small_job(2), params, tmp_path)
+    rows = received_jobs(received)
+    assert [r["job"]["seed"] for r in rows] == [1, 2]
+    assert rows[0]["pid"] != rows[1]["pid"] and pool.launches == 2

@@ -433,6 +433,34 @@ def test_two_worker_rerun_with_the_same_seed_is_identical(default_stage: Path, t
 
 
 @pytest.mark.integration
+def test_jobs_in_turn_on_one_set_of_workers_train_as_if_each_were_launched_alone(
+    default_stage: Path, digits_prepared: Path, tmp_path: Path
+) -> None:
+    """The compress stage's pool: after another job (another model, seed and data order) on
+    the same two workers, the default job trains exactly the model its own launch trained."""
+    from tasks.core.config import TrainParams
+    from tasks.training import launch_fit, worker_pool
+
+    params = TrainParams(workers=2)
+    other = fit_job(tmp_path / "other", digits_prepared, spec={"family": "mlp", "hidden_sizes": [64]}, seed=7)
+    default = default_stage_job(default_stage, tmp_path / "default")
+    with worker_pool(params, REPO) as pool:
+        launch_fit(other, params, REPO)
+        launch_fit(default, params, REPO)
+    assert (pool.launches, pool.jobs) == (1, 2)
+    metrics, history, weights = read_outputs(Path(default.metrics_path), Path(default.history_path),
+                                             Path(default.output))
+    first_metrics, first_history, first_weights = default_stage_outputs(default_stage)
+    assert without_timing(history) == without_timing(first_history)
+    assert without_timing([metrics]) == without_timing([first_metrics])
+    for name, tensor in first_weights.items():
+        assert torch.equal(weights[name], tensor), name
+    # The second job's energy starts where the first's ended: its epochs and little else.
+    epochs_energy = sum(row["epoch_energy_j"] for row in history)
+    assert epochs_energy <= metrics["train_energy_j"] < 1.5 * epochs_energy + 10.0
+
+
+@pytest.mark.integration
 def test_per_gradient_allreduce_trains_the_same_model_as_the_fused_default(default_stage: Path, tmp_path: Path) -> None:
     """allreduce_groups changes how gradients travel (one fused allreduce, or one per gradient
     overlapped with backward), not what the workers learn."""

@@ -15,9 +15,12 @@ loads :mod:`sitecustomize`, which calls :func:`install`. At exit each process wr
     ``log_model``, the registry, ``mlflow.data``);
   - ``dvc.<method>``: ``Repo()``, ``Repo.reproduce``, ``Repo.status``, ``Repo.push``;
   - ``prefect.server.start``/``stop``: Prefect's temporary API server;
+    ``prefect.server.ensure``: the project's background server (started, or found);
   - ``horovod.init``/``shutdown``, and the project's own milestones, by wrapping module
     attributes after import: ``load_params`` (a stage's ``main`` has begun),
-    ``run_workers`` (the Horovod launcher), ``run_epochs`` (the epochs of a worker).
+    ``run_workers`` (a one-job launch, or one job of a stage's worker pool: the first
+    starts the workers), ``pool.close`` (the pool's workers leaving), ``run_epochs`` (the
+    epochs of a worker).
 
 Wrapping happens after a module is imported and before anyone binds its names, so
 ``from tasks.core.config import load_params`` gets the timed function. Nothing here
@@ -135,6 +138,12 @@ def _patch_prefect_server(module: Any) -> None:
     server.stop = _timed(server.stop, "prefect.server.stop", "prefect_server")
 
 
+def _patch_worker_pool(module: Any) -> None:
+    pool = module.WorkerPool
+    pool.run = _timed(pool.run, "run_workers", "run_workers")  # a job: launch (first) or hand-over
+    pool.close = _timed(pool.close, "pool.close", "pool.close")
+
+
 def _patch_horovod(module: Any) -> None:
     for name in ("init", "shutdown"):
         if hasattr(module, name):
@@ -162,6 +171,8 @@ PATCHES: dict[str, Callable[[Any], None]] = {
     "horovod.torch": _patch_horovod,
     "tasks.core.config": _patch_named({"load_params": "load_params"}),
     "tasks.training.launcher": _patch_named({"run_workers": "run_workers"}),
+    "tasks.training.pool": _patch_worker_pool,
+    "flows.prefect_server": _patch_named({"ensure": "prefect.server.ensure", "stop": "prefect.server.stop"}),
     "tasks.training.loop": _patch_named({"run_epochs": "run_epochs"}),
 }
 

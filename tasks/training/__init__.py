@@ -6,7 +6,8 @@ generic hooks (initial weights, pruning masks, fake quantization, a teacher).
 
     job.py          FitJob: what a worker trains, and the fingerprint a resume must match
     launcher.py     hosts, threads, worker environment, the horovodrun command, failures
-    worker.py       the worker process (``python -m tasks.training.worker JOB.json``)
+    pool.py         launch_fit: workers started once per stage, running its jobs in turn
+    worker.py       the worker process (one job, or ``--serve`` a pool's jobs)
     loop.py         the fit loop: epochs, evaluation, early stopping, the final model
     adaptation.py   the job's hooks on the model: initial weights, pruning masks, QAT
     qat.py          torch.ao fake quantization, observers averaged over the ranks
@@ -20,6 +21,7 @@ Importing this package is light (no torch, no Horovod): the stages import it at 
 """
 
 from tasks.training.job import FitJob
-from tasks.training.launcher import LaunchError, launch_fit, world_size
+from tasks.training.launcher import LaunchError, world_size
+from tasks.training.pool import launch_fit, worker_pool
 
-__all__ = ["FitJob", "LaunchError", "launch_fit", "world_size"]
+__all__ = ["FitJob", "LaunchError", "launch_fit", "worker_pool", "world_size"]

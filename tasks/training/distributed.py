@@ -150,9 +150,11 @@ def gather_epoch_metrics(
     }
 
 
-def gather_energy(hvd: Any, meter: EnergyMeter) -> dict[str, Any]:
-    """Every rank's energy since its meter started, summed (on every rank), and how it was obtained."""
-    rows = hvd.allgather_object({"joules": meter.read().as_list(), "source": meter.source}, name="energy_totals")
+def gather_energy(hvd: Any, meter: EnergyMeter, since: Joules | None = None) -> dict[str, Any]:
+    """Every rank's energy since ``since`` (a reading of its meter; None: since the meter
+    started), summed (on every rank), and how it was obtained."""
+    joules = meter.read() - since if since is not None else meter.read()
+    rows = hvd.allgather_object({"joules": joules.as_list(), "source": meter.source}, name="energy_totals")
     cpu, gpu = (sum(row["joules"][i] for row in rows) for i in (0, 1))
     sources = sorted({row["source"] for row in rows})
     return {"train_energy_j": cpu + gpu, "train_energy_cpu_j": cpu, "train_energy_gpu_j": gpu,

@@ -126,8 +126,11 @@ class FitJob:
         }
         return cls(**{**shared, **job})
 
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
     def write(self, path: Path) -> None:
-        path.write_text(json.dumps(asdict(self), indent=2, sort_keys=True))
+        path.write_text(self.to_json())
 
     @classmethod
     def read(cls, path: Path) -> FitJob:

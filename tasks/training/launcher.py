@@ -2,8 +2,8 @@
 
 One local worker runs in a plain process (Horovod with size 1, no launcher start-up);
 more, or several hosts, go through ``horovodrun`` over Gloo. The same worker code
-(:mod:`tasks.training.worker`) runs in every case; :func:`launch_fit` is the one call the
-stages make.
+(:mod:`tasks.training.worker`) runs in every case; the stages call
+:func:`tasks.training.pool.launch_fit`, which starts workers here once and runs its jobs on them.
 """
 
 from __future__ import annotations
@@ -15,22 +15,19 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tasks.core.energy import children_excluded
 from tasks.core.processes import parent_death_preexec
 
 if TYPE_CHECKING:
     from tasks.core.config import TrainParams
-    from tasks.training.job import FitJob
 
 log = logging.getLogger(__name__)
 
-WORKER_MODULE = "tasks.training.worker"  # what each worker runs: python -m WORKER_MODULE JOB.json
+WORKER_MODULE = "tasks.training.worker"  # what each worker runs: python -m WORKER_MODULE (JOB.json | --serve DIR)
 THREADS_ENV = "SLIMFLOW_THREADS_PER_WORKER"  # the launcher's thread count, read by each worker
 
 
@@ -56,7 +53,7 @@ def parse_hosts(hosts: str | None, workers: int) -> list[HostSlots]:
 
 
 def world_size(train_params: TrainParams) -> int:
-    """How many workers ``launch_fit`` starts for these settings (``train.hosts`` or ``train.workers``)."""
+    """How many workers a launch starts for these settings (``train.hosts`` or ``train.workers``)."""
     return sum(h.slots for h in parse_hosts(train_params.hosts, train_params.workers))
 
 
@@ -210,8 +207,8 @@ def summarize_failure(lines: list[str]) -> str:
     return "no error message from the workers (see the output above)"
 
 
-def run_workers(command: list[str], env: dict[str, str], cwd: Path) -> None:
-    """Run the workers, streaming their output; raise :class:`LaunchError` naming the failure."""
+def start_workers(command: list[str], env: dict[str, str], cwd: Path) -> subprocess.Popen[str]:
+    """Start the workers (``horovodrun`` or the one worker); their output, merged, on ``stdout``."""
     if not horovod_has_idle_cycle():
         log.warning(
             "this Horovod build lacks slimflow's idle-cycle patch: its background thread "
@@ -219,14 +216,19 @@ def run_workers(command: list[str], env: dict[str, str], cwd: Path) -> None:
             "scripts/install.sh builds the patched wheel"
         )
     log.info("launching: %s", " ".join(command))
-    tail: deque[str] = deque(maxlen=400)
     # horovodrun (or the one worker) dies with this stage, even on SIGKILL: the kernel's
     # parent-death signal. Horovod's middlemen then stop the workers, and the run's reaper
     # kills anything left that carries the run's token (see tasks.core.processes).
-    with subprocess.Popen(
+    return subprocess.Popen(
         command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         preexec_fn=parent_death_preexec(),
-    ) as process:
+    )
+
+
+def run_workers(command: list[str], env: dict[str, str], cwd: Path) -> None:
+    """Run the workers to their end, streaming their output; raise :class:`LaunchError` naming the failure."""
+    tail: deque[str] = deque(maxlen=400)
+    with start_workers(command, env, cwd) as process:
         try:
             assert process.stdout is not None
             for line in process.stdout:
@@ -239,30 +241,3 @@ def run_workers(command: list[str], env: dict[str, str], cwd: Path) -> None:
         code = process.wait()
     if code != 0:
         raise LaunchError(f"training workers failed (exit code {code}): {summarize_failure(list(tail))}")
-
-
-def launch_fit(job: FitJob, train_params: TrainParams, root: Path) -> None:
-    """Run ``job`` on the configured Horovod workers (``train.workers`` or ``train.hosts``).
-
-    Raises :class:`LaunchError` when a host is unreachable or a worker fails.
-    """
-    hosts = parse_hosts(train_params.hosts, train_params.workers)
-    check_hosts_reachable(hosts)
-    if is_multi_host(hosts):
-        # Each worker divides its own host's cores (hosts may differ from this one).
-        threads = train_params.threads_per_worker
-    else:
-        threads = threads_per_worker(sum(h.slots for h in hosts), train_params.threads_per_worker)
-    with tempfile.TemporaryDirectory(prefix="slimflow-fit-") as tmp:
-        job_path = Path(tmp) / "job.json"
-        job.write(job_path)
-        if len(hosts) > 1:
-            # Remote workers read the job from the shared project folder.
-            job_path = root / ".slimflow" / "fit-job.json"
-            job_path.parent.mkdir(exist_ok=True)
-            job.write(job_path)
-        command = build_command(["-m", WORKER_MODULE, str(job_path)], hosts, train_params.network_interface)
-        # The workers measure their own energy (the job's summary); a meter of this process
-        # leaves them out rather than count part of them as its children.
-        with children_excluded():
-            run_workers(command, worker_environment(threads), root)

@@ -33,7 +33,7 @@ from tasks.data import Preprocessing, load_preprocessing, load_split
 from tasks.training import fault
 from tasks.training.adaptation import Adaptation
 from tasks.training.checkpoint import Checkpoints, rng_state
-from tasks.core.energy import process_meter
+from tasks.core.energy import Joules, process_meter
 from tasks.training.distributed import (
     Placement, allreduce_groups, autocast_factory, gather_energy, gather_epoch_metrics, lr_multiplier, place_worker,
 )
@@ -163,8 +163,12 @@ def build_trainer(job: FitJob, hvd: Any, place: Placement) -> Trainer:
     )
 
 
-def fit(job: FitJob, hvd: Any, threads: int) -> dict[str, Any] | None:
-    """Train ``job`` on this (initialized, seeded) worker; rank 0 returns the summary metrics, other ranks None."""
+def fit(job: FitJob, hvd: Any, threads: int, energy_since: Joules | None = None) -> dict[str, Any] | None:
+    """Train ``job`` on this (initialized, seeded) worker; rank 0 returns the summary metrics, other ranks None.
+
+    The job's energy is each rank's since ``energy_since`` (a reading of its meter; None:
+    since the meter started, i.e. the worker's set-up included).
+    """
     place = place_worker(hvd)
     t = build_trainer(job, hvd, place)
     mlflow_log = MlflowLogger(job.run_id if place.is_root else None, job.metric_prefix)
@@ -178,9 +182,9 @@ def fit(job: FitJob, hvd: Any, threads: int) -> dict[str, Any] | None:
     hvd.barrier()
     resumed_from = state["epoch"]
     run_epochs(t, checkpoints, mlflow_log, state)
-    # Horovod: every rank's energy from its set-up to its last epoch, summed; epochs run
-    # before a resume were measured then (their per-epoch figures are in the history).
-    energy = gather_energy(hvd, process_meter())
+    # Horovod: every rank's energy from its set-up (or the previous job) to its last epoch,
+    # summed; epochs run before a resume were measured then (their figures are in the history).
+    energy = gather_energy(hvd, process_meter(), energy_since)
     energy["train_energy_j"] += sum(h.get("epoch_energy_j", 0.0) for h in state["history"][:resumed_from])
     # Horovod: every rank's own evidence that the ranks ended as one model (and the masks held).
     checks = hvd.allgather_object(t.adapt.check(t.model), name="rank_checks")

@@ -1,22 +1,29 @@
-"""The worker process: ``python -m tasks.training.worker JOB.json``, started by
-:mod:`tasks.training.launcher` alone or under ``horovodrun``, once per rank."""
+"""The worker process, started by :mod:`tasks.training.launcher` alone or under
+``horovodrun``, once per rank:
+
+    python -m tasks.training.worker JOB.json            one fit job, then exit
+    python -m tasks.training.worker --serve FOLDER      fit jobs from FOLDER until told to stop
+
+``--serve`` is what :mod:`tasks.training.pool` starts: Horovod, torch, the energy meter and
+MLflow are set up once for every job of a stage.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 from tasks.training.job import FitJob
+from tasks.training.pool import POLL_S, SERVE_FLAG, STOP_FILE, done_file, job_file, write_atomically
 
 
-def run(job: FitJob) -> dict[str, Any] | None:
-    """Train ``job`` on this worker; rank 0 returns the summary metrics, other ranks None."""
-    import horovod.torch as hvd
-
-    from tasks.training.distributed import seed_everything, set_threads, start_meter
-    from tasks.training.loop import fit
+def start(hvd: Any) -> int:
+    """Initialize Horovod, this rank's energy meter, threads and logging; the thread count."""
+    from tasks.training.distributed import set_threads, start_meter
 
     # Horovod: initialize; everything below depends on rank and size.
     hvd.init()
@@ -29,20 +36,69 @@ def run(job: FitJob) -> dict[str, Any] | None:
         level=logging.INFO if hvd.rank() == 0 else logging.WARNING,
         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", stream=sys.stderr,
     )
+    return threads
+
+
+def run_job(job: FitJob, hvd: Any, threads: int, energy_since: Any = None) -> dict[str, Any] | None:
+    """Train ``job`` on this (started) worker; rank 0 returns the summary metrics, other ranks None."""
+    from tasks.training.distributed import seed_everything
+    from tasks.training.loop import fit
+
     # Horovod: the same seed on every rank, so the initial weights agree even before the
     # broadcast; per-rank dropout streams are seeded when resuming (tasks.training.checkpoint).
     seed_everything(job.seed)
-    result = fit(job, hvd, threads)
+    return fit(job, hvd, threads, energy_since)
+
+
+def run(job: FitJob) -> dict[str, Any] | None:
+    """Train ``job`` in this process, from Horovod's start to its shutdown."""
+    import horovod.torch as hvd
+
+    result = run_job(job, hvd, start(hvd))
     hvd.shutdown()
     return result
 
 
+def next_job(control: Path, number: int) -> Path | None:
+    """Wait for job ``number`` in ``control``; None when told to stop (or orphaned)."""
+    path, stop = job_file(control, number), control / STOP_FILE
+    while not path.exists():
+        if stop.exists() or not control.is_dir() or os.getppid() == 1:
+            return None
+        time.sleep(POLL_S)
+    return path
+
+
+def serve(control: Path) -> None:
+    """Run the fit jobs the stage writes into ``control``, in order, until it says stop.
+
+    Each job's energy is this rank's since the previous job ended (the first job's: since
+    the meter started), so the jobs' figures add up to everything the workers used.
+    """
+    import horovod.torch as hvd
+
+    from tasks.core.energy import process_meter
+
+    threads = start(hvd)
+    number, since = 1, None
+    while (path := next_job(control, number)) is not None:
+        run_job(FitJob.read(path), hvd, threads, since)
+        since = process_meter().read()
+        if hvd.rank() == 0:
+            write_atomically(done_file(control, number), "")
+        number += 1
+    hvd.shutdown()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m tasks.training.worker JOB.json", file=sys.stderr)
+    if len(args) == 2 and args[0] == SERVE_FLAG:
+        serve(Path(args[1]))
+    elif len(args) == 1:
+        run(FitJob.read(Path(args[0])))
+    else:
+        print(f"usage: python -m tasks.training.worker (JOB.json | {SERVE_FLAG} FOLDER)", file=sys.stderr)
         return 2
-    run(FitJob.read(Path(args[0])))
     return 0
 
 
