@@ -20,6 +20,10 @@ from typing import Any
 
 from tasks.core.run_context import RunContext
 
+# (tracking URI, experiment) -> experiment id, for what this process configured already:
+# set_experiment is a database round trip (0.3-0.4 s each here), and the evaluate stage
+# opens a run per model.
+_CONFIGURED: dict[tuple[str, str], str] = {}
 
 
 def default_tracking_uri(root: Path) -> str:
@@ -37,12 +41,24 @@ def configure(root: Path, experiment: str, context: RunContext | None = None) ->
 
     uri = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(root)
     os.environ["MLFLOW_TRACKING_URI"] = uri
-    mlflow.set_tracking_uri(uri)
     context = context or RunContext.current()
+    key = (uri, f"id:{context.experiment_id}" if context.experiment_id else f"name:{experiment}")
+    if key in _CONFIGURED and mlflow.get_tracking_uri() == uri and _active_experiment_id() == _CONFIGURED[key]:
+        return _CONFIGURED[key]
+    mlflow.set_tracking_uri(uri)
     if context.experiment_id:
         mlflow.set_experiment(experiment_id=context.experiment_id)
-        return context.experiment_id
-    return mlflow.set_experiment(experiment).experiment_id
+        _CONFIGURED[key] = context.experiment_id
+    else:
+        _CONFIGURED[key] = mlflow.set_experiment(experiment).experiment_id
+    return _CONFIGURED[key]
+
+
+def _active_experiment_id() -> str | None:
+    """MLflow's active experiment in this process (what ``start_run`` uses), if set."""
+    from mlflow.tracking import fluent
+
+    return getattr(fluent, "_active_experiment_id", None)
 
 
 def git_commit(root: Path) -> str | None:
