@@ -31,8 +31,8 @@ repro: $(STAMP)  ## reproduce with DVC directly
 ui: $(STAMP)  ## the MLflow UI on http://127.0.0.1:5000
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
 
-prefect-ui: $(STAMP)  ## the Prefect UI on http://127.0.0.1:4200 with this project's flow-run history (.prefect/)
-	PREFECT_HOME=$(CURDIR)/.prefect $(VENV)/bin/prefect server start --host 127.0.0.1 --port 4200
+prefect-ui: $(STAMP)  ## the Prefect UI with this project's flow runs: the background server runs use (started if none; prints its URL)
+	$(VENV)/bin/slimflow prefect-server
 
 lint-imports: $(STAMP)  ## the import contracts of pyproject.toml (also run by the tests)
 	$(VENV)/bin/lint-imports

@@ -6,6 +6,7 @@ the traceback.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -16,7 +17,7 @@ import typer
 from rich.table import Table
 
 from flows.champion import app as champion_app
-from flows import errors
+from flows import errors, prefect_server
 from flows.errors import OneLineErrors, one_line, one_line_console_logs, print_error
 from flows.prefect_settings import use_project_prefect_settings
 from flows.report import comparison_table
@@ -68,8 +69,9 @@ def _check_servers() -> None:
 
 
 def _spared(process: Any) -> bool:
-    """Prefect's temporary API server (the flow still has to report its state) and the run's
-    reaper (it has to outlive the run) are not stopped with the stage."""
+    """Prefect's temporary API server (the flow still has to report its state), the project's
+    background server (``flows.prefect_server``: it outlives runs) and the run's reaper (it
+    has to outlive the run) are not stopped with the stage."""
     from tasks.core.processes import is_reaper
 
     try:
@@ -162,18 +164,53 @@ def run(
         return
 
     _check_servers()
+    server_url = _project_prefect_server(paths)
     from tasks.core.processes import own_process_tree
 
-    # From here on every process this run starts (Prefect's temporary API server, the
-    # stages, horovodrun and its workers) dies with it, even on kill -9.
+    # From here on every process this run starts (the stages, horovodrun and its workers;
+    # Prefect's temporary API server if one is used) dies with it, even on kill -9.
     own_process_tree()
     _interrupt_on_sigterm()
-    result = _run_pipeline(overrides, from_stage, to_stage, force, wait)
+    with prefect_server.in_use(paths.root) if server_url else contextlib.nullcontext():
+        result = _run_pipeline(overrides, from_stage, to_stage, force, wait)
     # When evaluate ran, its own closing table (same numbers) is already on the terminal.
     evaluated_now = any(stage["stage"] == "evaluate" and stage["ran"] for stage in result["stages"])
     if result["comparison"] and not evaluated_now:
         console.print(comparison_table(result["comparison"]))
     console.print(f"MLflow pipeline run: {result['mlflow_run_id']}  (see README: MLflow UI)")
+    if server_url:
+        console.print(f"Prefect UI: {server_url}  (this project's background server; `slimflow prefect-server --stop` stops it)")
+
+
+def _project_prefect_server(paths: ProjectPaths) -> str | None:
+    """Point Prefect at this project's background server (started if none runs), unless
+    ``PREFECT_API_URL`` is set or the temporary server is asked for; its UI's URL, or None."""
+    try:
+        if not prefect_server.wanted():
+            return None
+        os.environ["PREFECT_API_URL"] = prefect_server.ensure(paths.root)
+    except prefect_server.PrefectServerError as err:
+        _fail(str(err), code=1)
+    return os.environ["PREFECT_API_URL"].removesuffix("/api")
+
+
+@app.command("prefect-server")
+def prefect_server_command(
+    stop: Annotated[bool, typer.Option("--stop", help="Stop the server (the next run starts it again).")] = False,
+) -> None:
+    """This project's background Prefect server (its flow runs and their logs in the UI):
+    start it if none runs and print its URL, or stop it. It stops by itself after
+    SLIMFLOW_PREFECT_IDLE_MINUTES (60) without a run."""
+    paths = ProjectPaths.discover()
+    if stop:
+        console.print("stopped" if prefect_server.stop(paths.root) else "no background Prefect server was running")
+        return
+    try:
+        url = prefect_server.ensure(paths.root).removesuffix("/api")
+    except prefect_server.PrefectServerError as err:
+        _fail(str(err), code=1)
+    console.print(f"Prefect UI: {url}  (history in {os.environ['PREFECT_HOME']}; stops after "
+                  f"{prefect_server.idle_minutes():g} idle minutes, or with --stop)")
 
 
 def _run_pipeline(overrides: list[str], first: str | None, last: str | None, force: bool, wait: float) -> Any:
@@ -220,16 +257,15 @@ def serve(
     from_stage: Annotated[Optional[str], typer.Option("--from", help="First stage of each scheduled run.")] = None,
     to_stage: Annotated[Optional[str], typer.Option("--to", help="Last stage of each scheduled run.")] = None,
 ) -> None:
-    """Serve the pipeline as a Prefect deployment on a schedule (needs a Prefect server)."""
+    """Serve the pipeline as a Prefect deployment on a schedule (on PREFECT_API_URL, else the
+    project's background Prefect server)."""
     if (cron is None) == (interval is None):
         _fail("give exactly one of --cron or --interval")
     _check_stage_names(from_stage, to_stage)
-    if not os.environ.get("PREFECT_API_URL"):
+    if not os.environ.get("PREFECT_API_URL") and not prefect_server.wanted():
         _fail(
-            "scheduled runs need a Prefect server (the temporary one has no scheduler). Start one with\n"
-            "  .venv/bin/prefect server start --host 127.0.0.1\n"
-            "and point slimflow at it:  export PREFECT_API_URL=http://127.0.0.1:4200/api",
-            single=False,
+            "scheduled runs need a Prefect server that stays up (the temporary one has no scheduler): "
+            f"unset {prefect_server.MODE_ENV} to use the project's background server, or set PREFECT_API_URL"
         )
     overrides = list(set_ or [])
     paths = ProjectPaths.discover()
@@ -238,6 +274,8 @@ def serve(
     except ParamsError as err:
         _fail(str(err))
     _check_servers()
+    # No PREFECT_API_URL: the project's background server, kept from going idle while serving.
+    server_url = _project_prefect_server(paths)
     from prefect import serve as prefect_serve
 
     from flows.pipeline import pipeline
@@ -253,9 +291,11 @@ def serve(
         parameters={"overrides": overrides, "first": from_stage, "last": to_stage, "wait_s": 3600.0},
         description="slimflow pipeline on a schedule",
     )
-    console.print(f"serving slimflow-pipeline/{name} ({'cron ' + cron if cron else f'every {interval} s'}); Ctrl-C stops")
+    console.print(f"serving slimflow-pipeline/{name} ({'cron ' + cron if cron else f'every {interval} s'}); Ctrl-C stops"
+                  + (f"; Prefect UI: {server_url}" if server_url else ""))
     try:
-        prefect_serve(deployment)  # returns on Ctrl-C or SIGTERM
+        with prefect_server.in_use(paths.root) if server_url else contextlib.nullcontext():
+            prefect_serve(deployment)  # returns on Ctrl-C or SIGTERM
     finally:
         _stop_served_runs(paths, token)
 
@@ -286,6 +326,8 @@ def status(
     from tasks.core import tracking
 
     _check_servers()
+    if not os.environ.get("PREFECT_API_URL") and (server := prefect_server.running(paths.root)):
+        os.environ["PREFECT_API_URL"] = server["api_url"]  # the project's background server, if up
     experiment_id = tracking.configure(paths.root, params.base.experiment)
     # A run whose process died shows as what it is (FAILED), not RUNNING; Prefect's side
     # too when a Prefect server is configured (else the next run does it).

@@ -4,10 +4,9 @@ Prefect reads its settings from the environment when it is first imported, so
 :func:`use_project_prefect_settings` runs first in every ``slimflow`` command (never as an
 import side effect). It sets, unless already set:
 
-- ``PREFECT_HOME=<project>/.prefect``: the flow-run history of the temporary API server
-  lives with the project (``~/.prefect`` is shared by everything on the machine). To see
-  that history in the UI, start the server with the same home:
-  ``PREFECT_HOME=$PWD/.prefect prefect server start`` (``make prefect-ui``);
+- ``PREFECT_HOME=<project>/.prefect``: the flow-run history of the project's background
+  API server (:mod:`flows.prefect_server`; ``make prefect-ui`` prints its URL) or of the
+  temporary one lives with the project (``~/.prefect`` is shared by everything on the machine);
 - no telemetry (nothing may reach the internet), no client metrics, no print capture;
 - a start-up timeout long enough for Prefect's temporary server on a loaded 2-core
   machine (it counts only its sleeps: the real wait is longer).

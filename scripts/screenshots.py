@@ -128,6 +128,10 @@ def main() -> None:
     if found.returncode != 0:
         raise SystemExit(f"screenshots: {found.stderr.strip().splitlines()[-1]}")
     run = json.loads(found.stdout.strip().splitlines()[-1])
+    # One server at a time on the project's Prefect database: the background one `make run`
+    # left (flows/prefect_server.py) goes first.
+    subprocess.run([str(venv / "slimflow"), "prefect-server", "--stop"], cwd=root, capture_output=True,
+                   env={**os.environ, "SLIMFLOW_ROOT": str(root)}, check=False)
     mlflow_port, prefect_port = free_port(), free_port()
     prefect_env = {**os.environ, "PREFECT_HOME": str(root / ".prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                    "PREFECT_UI_API_URL": f"http://127.0.0.1:{prefect_port}/api"}

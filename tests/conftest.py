@@ -123,12 +123,13 @@ def run_processes(root: Path) -> dict[int, str]:
     return found
 
 
-def seconds_until_gone(root: Path, limit_s: float = 30.0) -> float:
-    """How long until no process of the runs of ``root`` is left (``limit_s`` at most)."""
+def seconds_until_gone(root: Path, limit_s: float = 30.0, ignore: set[int] = frozenset()) -> float:
+    """How long until no process of the runs of ``root`` is left, but those in ``ignore``
+    (``limit_s`` at most)."""
     import time
 
     started = time.monotonic()
-    while run_processes(root) and time.monotonic() - started < limit_s:
+    while set(run_processes(root)) - set(ignore) and time.monotonic() - started < limit_s:
         time.sleep(0.05)
     return time.monotonic() - started
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import signal
 import socket
@@ -298,45 +299,67 @@ def _long_training(epochs: int = 60) -> dict:
     return {**TINY_PARAMS, "train": {**TINY_PARAMS["train"], "epochs": epochs, "patience": epochs}}
 
 
+def background_server(root: Path) -> dict[int, str]:
+    """pid -> command line of the project's background Prefect server: supervisor, server, uvicorn."""
+    import psutil
+
+    from flows.prefect_server import record_path
+
+    record = json.loads(record_path(root).read_text())
+    supervisor = psutil.Process(record["supervisor_pid"])
+    return {p.pid: " ".join(p.cmdline()) for p in (supervisor, *supervisor.children(recursive=True))}
+
+
 @pytest.mark.integration
 def test_kill_9_during_training_leaves_no_process_and_the_next_run_repairs_and_resumes(
     tmp_path: Path, mlflow_uri: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # No PREFECT_API_URL: the run starts Prefect's temporary API server, which must die too.
+    # No PREFECT_API_URL: the run starts the project's background Prefect server, which
+    # outlives the run (the next one uses it); everything else of the run must die.
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.delenv("SLIMFLOW_PREFECT_SERVER", raising=False)
     root = make_project(tmp_path / "killed", _long_training())
     env = {"MLFLOW_TRACKING_URI": mlflow_uri}
     log = tmp_path / "first.log"
     first = start(root, "run", "--to", "train", env=env, log=log)
-    wait_for_text(log, "epoch 3/60", first)
-    before = run_processes(root)
-    for part in ("tasks.training.worker", "horovodrun", "-m tasks.train", "prefect.server.api.server:create_app"):
-        assert any(part in command for command in before.values()), (part, before)
+    try:
+        wait_for_text(log, "epoch 3/60", first)
+        server = background_server(root)
+        assert any("prefect" in command and "server" in command and "start" in command for command in server.values())
+        before = {pid: command for pid, command in run_processes(root).items() if pid not in server}
+        for part in ("tasks.training.worker", "horovodrun", "-m tasks.train"):
+            assert any(part in command for command in before.values()), (part, before)
 
-    os.kill(first.pid, signal.SIGKILL)
-    first.wait()
-    seconds = seconds_until_gone(root)
-    print(f"kill -9: {len(before)} processes of the run gone {seconds:.2f} s after the kill")
-    assert seconds < 5, run_processes(root)
-    (stale,) = [r for r in runs_of() if r.data.tags.get("pipeline") == "slimflow"]
-    assert stale.info.status == "RUNNING"  # nobody could end it
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait()
+        seconds = seconds_until_gone(root, ignore=set(server))
+        print(f"kill -9: {len(before)} processes of the run gone {seconds:.2f} s after the kill")
+        assert seconds < 5, run_processes(root)
+        assert set(run_processes(root)) == set(server)  # the server alone is left, by design
+        (stale,) = [r for r in runs_of() if r.data.tags.get("pipeline") == "slimflow"]
+        assert stale.info.status == "RUNNING"  # nobody could end it
 
-    second = slimflow(root, "run", "--to", "train", env=env, timeout=900)
-    output = second.stdout + second.stderr
-    assert second.returncode == 0, output[-4000:]
-    assert f"took over the pipeline lock from pid {first.pid}" in output
-    assert "resuming from checkpoint at epoch" in output
-    stale = next(r for r in runs_of() if r.info.run_id == stale.info.run_id)
-    assert stale.info.status == "FAILED"
-    assert f"pid {first.pid}" in stale.data.tags["error"] and "died" in stale.data.tags["error"]
-    assert [r for r in runs_of() if r.info.status == "RUNNING"] == []
-    assert any(r.info.status == "FAILED" for r in runs_of() if r.data.tags.get("stage") == "train")
-    flow_run_id = stale.data.tags["prefect_flow_run_id"]
-    with sqlite3.connect(root / ".prefect" / "prefect.db") as db:
-        (state,) = db.execute("SELECT state_type FROM flow_run WHERE id = ?", (flow_run_id,)).fetchone()
-    assert state == "CRASHED"
-    assert not list((root / ".slimflow" / "runs").glob("*.json"))
-    assert not (root / ".slimflow" / "pipeline.owner").exists()
+        second = slimflow(root, "run", "--to", "train", env=env, timeout=900)
+        output = second.stdout + second.stderr
+        assert second.returncode == 0, output[-4000:]
+        assert background_server(root) == server  # the same server, found, not started again
+        assert "Prefect UI: http://127.0.0.1:" in output
+        assert f"took over the pipeline lock from pid {first.pid}" in output
+        assert "resuming from checkpoint at epoch" in output
+        stale = next(r for r in runs_of() if r.info.run_id == stale.info.run_id)
+        assert stale.info.status == "FAILED"
+        assert f"pid {first.pid}" in stale.data.tags["error"] and "died" in stale.data.tags["error"]
+        assert [r for r in runs_of() if r.info.status == "RUNNING"] == []
+        assert any(r.info.status == "FAILED" for r in runs_of() if r.data.tags.get("stage") == "train")
+        flow_run_id = stale.data.tags["prefect_flow_run_id"]
+        with sqlite3.connect(root / ".prefect" / "prefect.db") as db:
+            (state,) = db.execute("SELECT state_type FROM flow_run WHERE id = ?", (flow_run_id,)).fetchone()
+        assert state == "CRASHED"
+        assert not list((root / ".slimflow" / "runs").glob("*.json"))
+        assert not (root / ".slimflow" / "pipeline.owner").exists()
+    finally:
+        stopped = slimflow(root, "prefect-server", "--stop", timeout=60)
+    assert stopped.stdout.strip() == "stopped", stopped.stdout + stopped.stderr
     assert run_processes(root) == {}
 
 

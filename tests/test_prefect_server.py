@@ -1,0 +1,95 @@
+"""The project's background Prefect server (flows/prefect_server.py): started once, found by
+the next commands, stopped on request or when idle; the temporary server on request.
+
+Real ``prefect server start`` processes through the ``slimflow`` console script, in a
+project of their own (its ``.prefect/``); each test stops what it started.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from flows.prefect_server import record_path
+from tests.conftest import TINY_PARAMS, make_project, run_processes, seconds_until_gone, slimflow
+
+pytestmark = pytest.mark.integration
+
+NO_SERVER: dict[str, str] = {}
+
+
+@pytest.fixture(autouse=True)
+def _no_configured_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The session's test server (or a user's) must not be what these commands find."""
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.delenv("SLIMFLOW_PREFECT_SERVER", raising=False)
+
+
+def _url(output: str) -> str:
+    line = next(line for line in output.splitlines() if line.startswith("Prefect UI: "))
+    return line.split()[2]
+
+
+def test_the_server_is_started_once_found_after_and_stopped_on_request(tmp_path: Path) -> None:
+    root = make_project(tmp_path / "project", TINY_PARAMS)
+    try:
+        first = slimflow(root, "prefect-server", env=NO_SERVER, timeout=240)
+        assert first.returncode == 0, first.stdout + first.stderr
+        url = _url(first.stdout)
+        record = json.loads(record_path(root).read_text())
+        assert record["url"] == url and url.startswith("http://127.0.0.1:")
+        assert httpx.get(f"{url}/api/health", timeout=10).status_code == 200
+        assert "stops after 60 idle minutes" in first.stdout
+
+        started = time.monotonic()
+        again = slimflow(root, "prefect-server", env=NO_SERVER, timeout=60)
+        assert _url(again.stdout) == url and time.monotonic() - started < 15
+        assert json.loads(record_path(root).read_text())["supervisor_pid"] == record["supervisor_pid"]
+    finally:
+        stopped = slimflow(root, "prefect-server", "--stop", env=NO_SERVER, timeout=60)
+    assert stopped.stdout.strip() == "stopped"
+    assert not record_path(root).exists() and run_processes(root) == {}
+    assert slimflow(root, "prefect-server", "--stop", env=NO_SERVER).stdout.strip() == (
+        "no background Prefect server was running"
+    )
+
+
+def test_an_idle_server_stops_by_itself(tmp_path: Path) -> None:
+    root = make_project(tmp_path / "project", TINY_PARAMS)
+    env = {**NO_SERVER, "SLIMFLOW_PREFECT_IDLE_MINUTES": "0.05"}  # 3 s
+    try:
+        started = slimflow(root, "prefect-server", env=env, timeout=240)
+        assert started.returncode == 0, started.stdout + started.stderr
+        deadline = time.monotonic() + 60
+        while record_path(root).exists() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not record_path(root).exists()
+        deadline = time.monotonic() + 30
+        while run_processes(root) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert run_processes(root) == {}
+        assert "idle for 0.05 minutes: stopping" in (root / ".prefect" / "slimflow-server.log").read_text()
+    finally:
+        slimflow(root, "prefect-server", "--stop", env=NO_SERVER, timeout=60)
+
+
+def test_a_bad_idle_setting_is_one_line_and_starts_nothing(tmp_path: Path) -> None:
+    root = make_project(tmp_path / "project", TINY_PARAMS)
+    done = slimflow(root, "prefect-server", env={**NO_SERVER, "SLIMFLOW_PREFECT_IDLE_MINUTES": "soon"}, timeout=60)
+    assert done.returncode == 1
+    assert done.stderr.strip() == "error: SLIMFLOW_PREFECT_IDLE_MINUTES='soon': expected a number of minutes"
+    assert not record_path(root).exists() and run_processes(root) == {}
+
+
+def test_the_temporary_server_on_request_leaves_no_server_behind(tmp_path: Path, mlflow_uri: str) -> None:
+    root = make_project(tmp_path / "project", TINY_PARAMS)
+    env = {**NO_SERVER, "SLIMFLOW_PREFECT_SERVER": "temporary", "MLFLOW_TRACKING_URI": mlflow_uri}
+    done = slimflow(root, "run", "--to", "prepare", env=env, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "Prefect UI:" not in done.stdout
+    assert not record_path(root).exists()
+    assert seconds_until_gone(root) < 5, run_processes(root)  # the run's reaper leaves just after it
