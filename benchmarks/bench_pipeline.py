@@ -16,7 +16,9 @@ In a fresh copy of this project (its own git + DVC repository, the project's ven
    computation and the training epochs. Overhead = wall - work.
 2. ``python -X importtime -c "import <module>"`` and a timestamped plain import of each
    stage entry, the worker and the CLI, and a bare interpreter start.
-3. ``slimflow run`` again with nothing to do: every stage up to date.
+3. ``slimflow run`` again with nothing to do: every stage up to date; then
+   ``slimflow run --force``: the same work as the first run, untraced, as later runs
+   find the project (its background Prefect server up); then the server is stopped.
 4. Every compressed variant against the fp32 baseline, from the evaluate stage's own
    measurements in that run (same process, interleaved): size, latency at batch 1,
    throughput at a large batch, accuracy change.
@@ -53,12 +55,12 @@ IMPORT_MODULES = ("flows.cli", "tasks.prepare", "tasks.train", "tasks.compress",
                   "tasks.training.worker")
 
 # Causes, in the order they are printed; WORK are the stages' own computation.
-PREFECT_SERVER = "Prefect: temporary API server (start + stop)"
+PREFECT_SERVER = "Prefect: API server (the project's background one started or found; or the temporary one)"
 CLI = "Prefect flow/task engine + CLI (interpreter, imports, params check)"
 DVC = "DVC bookkeeping (import, Repo(), status, reproduce minus the stage process)"
 STAGE_START = "stage process start (interpreter + imports)"
-HVD_LAUNCH = "Horovod launch (launcher call -> rank 0's first epoch)"
-HVD_TEARDOWN = "Horovod teardown (last epoch -> workers gone; rank 0 writes the model)"
+HVD_LAUNCH = "Horovod launch / job hand-over (job sent -> rank 0's first epoch)"
+HVD_TEARDOWN = "Horovod teardown (last epoch -> job done: rank 0 writes the model; the workers leaving)"
 MLFLOW = "MLflow (import in the CLI, set-up, logging, registry)"
 OUTSIDE = "outside the CLI process (process start/exit)"
 HELPER_START = "helper processes' start (interpreter + imports; evaluate's per-model memory probes)"
@@ -93,14 +95,14 @@ def make_copy(dest: Path, venv: Path) -> Path:
     return dest
 
 
-def timed_run(root: Path, env: dict[str, str]) -> tuple[float, float, float, str]:
-    """``slimflow run`` in ``root`` (what ``make run`` runs once installed): (start, end, wall, output).
+def timed_run(root: Path, env: dict[str, str], *args: str) -> tuple[float, float, float, str]:
+    """``slimflow run ARGS`` in ``root`` (what ``make run`` runs once installed): (start, end, wall, output).
 
     Called directly rather than through make: make would reinstall into the shared venv
     when this checkout's install files are newer than its stamp.
     """
     started, clock = time.time(), time.perf_counter()
-    done = subprocess.run([str(root / ".venv" / "bin" / "slimflow"), "run"], cwd=root, env=env,
+    done = subprocess.run([str(root / ".venv" / "bin" / "slimflow"), "run", *args], cwd=root, env=env,
                           capture_output=True, text=True)
     wall = time.perf_counter() - clock
     if done.returncode != 0:
@@ -175,6 +177,8 @@ def intervals(procs: list[Proc]) -> list[tuple[float, float, int, str]]:
                     out.append((start, end, 8, STAGE_START))
                 elif _is_mlflow_call(label):
                     out.append((start, end, 9, MLFLOW))
+                elif label == "pool.close":
+                    out.append((start, end, 6, HVD_TEARDOWN))
                 elif label == "run_workers":
                     inside = [e for e in epochs if start - SLACK_S <= e[1] <= end]
                     first, last = (inside[0][1], inside[-1][2]) if inside else (end, end)
@@ -382,15 +386,23 @@ def measure() -> dict[str, Any]:
         # The copy's code, not the venv's editable install; the tracer first, for the cold run only.
         env["PYTHONPATH"] = str(root)
         traced = {**env, "PYTHONPATH": f"{TRACE_CODE}{os.pathsep}{root}", "SLIMFLOW_BENCH_TRACE": str(trace)}
-        t0, t1, cold_wall, _ = timed_run(root, traced)
-        _, _, noop_wall, noop_output = timed_run(root, env)
-        raw = {
-            "t0": t0, "t1": t1, "cold_wall": cold_wall, "noop_wall": noop_wall,
-            "noop_said_up_to_date": "up to date" in noop_output,
-            "imports": import_costs(root, env),
-            "mlflow_view": stage_breakdown(root, f"sqlite:///{root / 'mlflow.db'}"),
-            "metrics": json.loads((root / "metrics" / "evaluate.json").read_text()),
-        }
+        try:
+            t0, t1, cold_wall, _ = timed_run(root, traced)
+            _, _, noop_wall, noop_output = timed_run(root, env)
+            raw = {
+                "t0": t0, "t1": t1, "cold_wall": cold_wall, "noop_wall": noop_wall,
+                "noop_said_up_to_date": "up to date" in noop_output,
+                "imports": import_costs(root, env),
+                "mlflow_view": stage_breakdown(root, f"sqlite:///{root / 'mlflow.db'}"),
+                "metrics": json.loads((root / "metrics" / "evaluate.json").read_text()),
+            }
+            # The same work again, as every later run of the project finds it: the project's
+            # Prefect server already up (the first run started it), the venv's files cached.
+            raw["again_wall"] = timed_run(root, env, "--force")[2]
+        finally:
+            # The copy's background Prefect server goes with the copy.
+            subprocess.run([str(venv / "bin" / "slimflow"), "prefect-server", "--stop"], cwd=root,
+                           env={**env, "SLIMFLOW_ROOT": str(root)}, capture_output=True, check=False)
         shutil.rmtree(RAW, ignore_errors=True)
         shutil.copytree(trace, RAW / "trace")
     (RAW / "raw.json").write_text(json.dumps(raw, indent=2) + "\n")
@@ -408,7 +420,7 @@ def main() -> int:
     overhead = cold_wall - work
     share = overhead / cold_wall
     result = {
-        "default_run_s": cold_wall, "noop_rerun_s": noop_wall, "work_s": work,
+        "default_run_s": cold_wall, "noop_rerun_s": noop_wall, "again_run_s": raw.get("again_wall"), "work_s": work,
         "overhead_s": overhead, "overhead_share": share,
         "overhead_by_cause_s": {c: causes.get(c, 0.0) for c in CAUSES},
         "work_by_kind_s": {c: causes.get(c, 0.0) for c in WORK},
@@ -422,6 +434,9 @@ def main() -> int:
              "target": "<= 0.20", "met": share <= 0.20},
             {"name": "no-op re-run, seconds", "value": noop_wall, "target": "<= 2", "met": noop_wall <= 2.0},
             {"name": "default run (slimflow run), seconds", "value": cold_wall, "target": "<= 60", "met": cold_wall <= 60.0},
+            *([{"name": "default run again, Prefect server up (slimflow run --force), seconds",
+                "value": raw["again_wall"], "target": "<= 60", "met": raw["again_wall"] <= 60.0}]
+              if "again_wall" in raw else []),
         ],
         "load_average": os.getloadavg(),
     }
