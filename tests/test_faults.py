@@ -316,8 +316,8 @@ def test_kill_9_during_training_leaves_no_process_and_the_next_run_repairs_and_r
 ) -> None:
     # No PREFECT_API_URL: the run starts the project's background Prefect server, which
     # outlives the run (the next one uses it); everything else of the run must die.
-    monkeypatch.delenv("PREFECT_API_URL", raising=False)
-    monkeypatch.delenv("SLIMFLOW_PREFECT_SERVER", raising=False)
+    for key in ("PREFECT_API_URL", "SLIMFLOW_PREFECT_SERVER", "PREFECT_HOME"):  # the project's own
+        monkeypatch.delenv(key, raising=False)
     root = make_project(tmp_path / "killed", _long_training())
     env = {"MLFLOW_TRACKING_URI": mlflow_uri}
     log = tmp_path / "first.log"

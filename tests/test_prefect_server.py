@@ -24,9 +24,10 @@ NO_SERVER: dict[str, str] = {}
 
 @pytest.fixture(autouse=True)
 def _no_configured_server(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The session's test server (or a user's) must not be what these commands find."""
-    monkeypatch.delenv("PREFECT_API_URL", raising=False)
-    monkeypatch.delenv("SLIMFLOW_PREFECT_SERVER", raising=False)
+    """The session's test server (or a user's) must not be what these commands find, and
+    each project keeps its own Prefect home (the session's points at the repository's)."""
+    for key in ("PREFECT_API_URL", "SLIMFLOW_PREFECT_SERVER", "PREFECT_HOME"):
+        monkeypatch.delenv(key, raising=False)
 
 
 def _url(output: str) -> str:
