@@ -204,6 +204,36 @@ def test_the_baseline_and_a_fine_tune_take_train_s_settings_through_one_construc
     assert (tuned.epochs, tuned.lr, tuned.warmup_epochs, tuned.monitor) == (2, 0.001, 1, "val_accuracy")
 
 
+def test_rank_0s_reports_reach_the_stages_mlflow_run_as_whole_lines(tmp_path: Path, mlflow_uri: str) -> None:
+    """The workers never import MLflow: rank 0 appends reports, the stage forwards each
+    finished line once (a line rank 0 is still writing waits for the next call)."""
+    from mlflow import MlflowClient
+
+    from tasks.training.reporting import EventForwarder, EventLog, MlflowLogger
+
+    client = MlflowClient()
+    run_id = client.create_run(client.create_experiment("events")).info.run_id
+    path = tmp_path / "events.jsonl"
+    forwarder = EventForwarder(path, MlflowLogger(run_id, "fine_tune/"))
+    forwarder.forward()  # nothing written yet
+    reports = EventLog(str(path))
+    reports.params({"world_size": 2, "bf16": False})
+    reports.metrics({"val_accuracy": 0.5, "lr": 0.01}, step=1)
+    with path.open("a") as events:
+        events.write('{"history": [{"epoch": 2, "val_accuracy": 0.7')  # rank 0 mid-write
+    forwarder.forward()
+    data = client.get_run(run_id).data
+    assert data.params == {"fine_tune/world_size": "2", "fine_tune/bf16": "False"}
+    assert data.metrics == {"fine_tune/val_accuracy": 0.5, "fine_tune/lr": 0.01}
+    with path.open("a") as events:
+        events.write("}]}\n")
+    forwarder.forward()
+    forwarder.forward()
+    history = client.get_metric_history(run_id, "fine_tune/val_accuracy")
+    assert [(m.step, m.value) for m in history] == [(1, 0.5), (2, 0.7)]
+    EventLog(None).metrics({"val_accuracy": 1.0}, step=3)  # other ranks: nothing kept
+
+
 def test_learning_rate_ramps_to_world_size_then_decays() -> None:
     warmup, total = 10, 100
     assert lr_multiplier(0, warmup, total, world_size=4) == 1.0

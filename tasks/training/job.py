@@ -69,8 +69,11 @@ class FitJob:
     # (prepare_qat) for it; the output is the QAT model's state (format torch-qat-state-dict).
     qat: str | None = None
     monitor: str = "val_loss"  # val_loss | val_accuracy: what early stopping and the best checkpoint follow
-    run_id: str | None = None  # MLflow run that rank 0 logs into
+    run_id: str | None = None  # MLflow run that rank 0's params and metrics go into
     metric_prefix: str = ""  # prefix of rank 0's MLflow params and metrics (e.g. "fine_tune/")
+    # Where rank 0 appends them (JSON lines) for the launching stage to log: set by the
+    # launcher (tasks.training.pool) when there is a run_id.
+    events_path: str | None = None
     metrics_path: str | None = None  # summary metrics (JSON) written by rank 0
     history_path: str | None = None  # per-epoch history (JSON list) written by rank 0
     manifest: dict[str, Any] = field(default_factory=dict)
@@ -82,7 +85,7 @@ class FitJob:
         The files a job starts from (initial weights, masks, teacher) count by their
         content, not their path: a stage that writes them again, identically, resumes.
         """
-        ignored = {"run_id", "fault_after_epoch", "metrics_path", "history_path", "metric_prefix"}
+        ignored = {"run_id", "fault_after_epoch", "metrics_path", "history_path", "metric_prefix", "events_path"}
         keys: dict[str, Any] = {k: v for k, v in asdict(self).items() if k not in ignored}
         for name in ("init_from", "prune_masks", "teacher"):
             if keys[name]:

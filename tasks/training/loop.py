@@ -39,7 +39,7 @@ from tasks.training.distributed import (
 )
 from tasks.training.job import FitJob
 from tasks.training.losses import LossFn, training_loss
-from tasks.training.reporting import MlflowLogger, summary, write_json
+from tasks.training.reporting import EventLog, summary, write_json
 
 log = logging.getLogger("slimflow.fit")
 
@@ -171,7 +171,7 @@ def fit(job: FitJob, hvd: Any, threads: int, energy_since: Joules | None = None)
     """
     place = place_worker(hvd)
     t = build_trainer(job, hvd, place)
-    mlflow_log = MlflowLogger(job.run_id if place.is_root else None, job.metric_prefix)
+    mlflow_log = EventLog(job.events_path if place.is_root else None)  # the stage logs it into MLflow
     checkpoints = Checkpoints.of(job, place.size)
     state = checkpoints.resume(hvd, place, t.model, t.optimizer, t.scheduler)
     if job.init_from and state["start"] is None:
@@ -200,7 +200,7 @@ def validate_start(t: Trainer) -> dict[str, float]:
     return {"val_loss": loss / count, "val_accuracy": correct / count}
 
 
-def log_start(t: Trainer, mlflow_log: MlflowLogger, state: dict[str, Any], threads: int) -> None:
+def log_start(t: Trainer, mlflow_log: EventLog, state: dict[str, Any], threads: int) -> None:
     """Rank 0: the run's settings (and, when resumed into a new MLflow run, the curve so far)."""
     place = t.place
     mlflow_log.params({
@@ -219,7 +219,7 @@ def log_start(t: Trainer, mlflow_log: MlflowLogger, state: dict[str, Any], threa
              len(t.data.x_train), t.data.val_total)
 
 
-def run_epochs(t: Trainer, checkpoints: Checkpoints, mlflow_log: MlflowLogger, state: dict[str, Any]) -> None:
+def run_epochs(t: Trainer, checkpoints: Checkpoints, mlflow_log: EventLog, state: dict[str, Any]) -> None:
     """From the epoch after ``state["epoch"]`` to the last, or until early stopping; updates ``state``."""
     job, place, hvd = t.job, t.place, t.hvd
     meter = process_meter()

@@ -16,6 +16,7 @@ one-job launch. Outside a pool, :func:`launch_fit` starts a pool for the one job
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tasks.core.energy import children_excluded
+from tasks.training.reporting import EventForwarder, MlflowLogger
 from tasks.training.launcher import (
     WORKER_MODULE, LaunchError, build_command, check_hosts_reachable, is_multi_host, parse_hosts, start_workers,
     summarize_failure, threads_per_worker, worker_environment,
@@ -130,6 +132,10 @@ class WorkerPool:
         assert self._process is not None and self._control is not None
         self.jobs += 1
         done = done_file(self._control, self.jobs)
+        events = None
+        if job.run_id:  # rank 0 reports into a file; this process logs it into MLflow
+            job = dataclasses.replace(job, events_path=str(self._control / f"events-{self.jobs}.jsonl"))
+            events = EventForwarder(Path(job.events_path), MlflowLogger(job.run_id, job.metric_prefix))
         write_atomically(job_file(self._control, self.jobs), job.to_json())
         # The workers measure their own energy (the job's summary); a meter of this process
         # leaves them out rather than count part of them as its children.
@@ -141,7 +147,11 @@ class WorkerPool:
                     shutil.rmtree(self._control, ignore_errors=True)
                     self._control = None
                     raise failure
+                if events:
+                    events.forward()
                 time.sleep(POLL_S)
+            if events:
+                events.forward()
 
     def close(self, abort: bool = False) -> None:
         """Tell the workers to leave after their job and wait for them (``abort``: stop them

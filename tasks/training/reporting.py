@@ -1,4 +1,11 @@
-"""What rank 0 reports: MLflow params and per-epoch metrics, the summary and history files."""
+"""What rank 0 reports: params and per-epoch metrics (for MLflow), the summary and history files.
+
+The workers never import MLflow (1.5-2 s of a worker's start, on the way to its first
+epoch while the other ranks wait): rank 0 appends its reports to the job's event file
+(:class:`EventLog`), and the stage that launched the job, MLflow already loaded, logs them
+into its run as they come (:class:`EventForwarder`, called by :mod:`tasks.training.pool`
+while it waits), so the curves still fill in live in the MLflow UI.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +16,10 @@ from typing import Any
 
 
 class MlflowLogger:
-    """Rank 0 logs into the run the launching stage opened (that stage ends the run, not us).
+    """Logs into the run the launching stage opened (that stage ends the run, not us): rank
+    0's reports (:class:`EventForwarder`), or a reused training's curve.
 
-    Without a run id (other ranks, runs without MLflow) every call does nothing. ``prefix``
+    Without a run id (runs without MLflow) every call does nothing. ``prefix``
     goes before every key: a compressed variant's run holds its own final figures under the
     plain keys and its fine-tuning curve under ``fine_tune/...``.
     """
@@ -46,6 +54,55 @@ class MlflowLogger:
             ]
             for start in range(0, len(batch), 1000):  # MLflow's log_batch limit
                 self.client.log_batch(self.run_id, metrics=batch[start : start + 1000])
+
+
+class EventLog:
+    """Rank 0's params and per-epoch metrics as JSON lines in ``path`` (None: nothing is kept)."""
+
+    def __init__(self, path: str | None) -> None:
+        self.path = Path(path) if path else None
+
+    def params(self, values: dict[str, Any]) -> None:
+        self._append({"params": {key: str(value) for key, value in values.items()}})
+
+    def metrics(self, values: dict[str, float], step: int) -> None:
+        self.history([{**values, "epoch": step}])
+
+    def history(self, rows: list[dict[str, float]]) -> None:
+        """Per-epoch metrics; ``epoch`` is the MLflow step."""
+        if rows:
+            self._append({"history": rows})
+
+    def _append(self, event: dict[str, Any]) -> None:
+        if self.path is not None:
+            with self.path.open("a") as events:
+                events.write(json.dumps(event) + "\n")
+
+
+class EventForwarder:
+    """The launching stage's side of :class:`EventLog`: what rank 0 reported since the last
+    call, logged into the job's MLflow run (only whole lines: rank 0 may be mid-write)."""
+
+    def __init__(self, path: Path, logger: MlflowLogger) -> None:
+        self.path = path
+        self.logger = logger
+        self.offset = 0
+
+    def forward(self) -> None:
+        try:
+            with self.path.open("rb") as events:
+                events.seek(self.offset)
+                data = events.read()
+        except FileNotFoundError:
+            return
+        complete = data[: data.rfind(b"\n") + 1]
+        self.offset += len(complete)
+        for line in complete.splitlines():
+            event = json.loads(line)
+            if "params" in event:
+                self.logger.params(event["params"])
+            if "history" in event:
+                self.logger.history(event["history"])
 
 
 def summary(
