@@ -25,6 +25,9 @@ In a fresh copy of this project (its own git + DVC repository, the project's ven
 
     .venv/bin/python benchmarks/bench_pipeline.py      # or: make bench
 
+Then the overhead by cause beside the reference figures of the code before issue 21's cuts
+(benchmarks/reference/pipeline-before-issue21.json; ``--before FILE`` for another).
+
 Targets on this 2-core machine (issue 21's acceptance): overhead <= 20% of the default
 run; default run <= 60 s; no-op re-run <= 2 s. Prints tables; writes
 benchmarks/results/pipeline.json. The tracing itself costs well under a second a run.
@@ -47,6 +50,9 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "pipeline.json"
+# The figures before the cuts of issue 21 (worker pool, the project's Prefect server), same
+# machine: printed beside this run's (--before FILE for another reference).
+BEFORE = REPO / "benchmarks" / "reference" / "pipeline-before-issue21.json"
 TRACE_CODE = REPO / "benchmarks" / "trace"
 PROJECT_FILES = ("dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", "Makefile", "pyproject.toml",
                  "scripts", "tasks", "models", "flows", "data/raw/README.md")
@@ -443,7 +449,31 @@ def main() -> int:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     print_tables(result)
+    before = Path(sys.argv[sys.argv.index("--before") + 1]) if "--before" in sys.argv else BEFORE
+    if before.exists():
+        print_before_after(json.loads(before.read_text()), result)
     return 0
+
+
+def print_before_after(before: dict[str, Any], now: dict[str, Any]) -> None:
+    """This run's overhead by cause beside a reference run's (e.g. the code before a change)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"overhead by cause, seconds: before ({before.get('code', '?')}, {before.get('measured', '?')}) and now")
+    for column in ("cause", "before", "now"):
+        table.add_column(column)
+    for cause in CAUSES:
+        table.add_row(cause, f"{before['overhead_by_cause_s'].get(cause, 0.0):.1f}",
+                      f"{now['overhead_by_cause_s'].get(cause, 0.0):.1f}")
+    table.add_row("[b]overhead[/b]", f"{before['overhead_s']:.1f} ({100 * before['overhead_share']:.0f}%)",
+                  f"{now['overhead_s']:.1f} ({100 * now['overhead_share']:.0f}%)")
+    table.add_row("work", f"{before['work_s']:.1f}", f"{now['work_s']:.1f}")
+    table.add_row("[b]default run, wall[/b]", f"{before['default_run_s']:.1f}", f"{now['default_run_s']:.1f}")
+    for stage, seconds in before.get("per_stage_reproduce_s", {}).items():
+        table.add_row(f"{stage} stage (DVC's reproduce call)", f"{seconds:.1f}",
+                      f"{now['per_stage'].get(stage, {}).get('reproduce_s', float('nan')):.1f}")
+    Console(width=150).print(table)
 
 
 def print_tables(result: dict[str, Any]) -> None:
