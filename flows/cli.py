@@ -182,16 +182,12 @@ def run(
         console.print(f"Prefect UI: {server_url}  (this project's background server; `slimflow prefect-server --stop` stops it)")
 
 
-def _project_prefect_server(paths: ProjectPaths) -> str | None:
-    """Point Prefect at this project's background server (started if none runs), unless
-    ``PREFECT_API_URL`` is set or the temporary server is asked for; its UI's URL, or None."""
+def _project_prefect_server(paths: ProjectPaths, start: bool = True) -> str | None:
+    """:func:`flows.prefect_server.use`, its errors as one line."""
     try:
-        if not prefect_server.wanted():
-            return None
-        os.environ["PREFECT_API_URL"] = prefect_server.ensure(paths.root)
+        return prefect_server.use(paths.root, start)
     except prefect_server.PrefectServerError as err:
         _fail(str(err), code=1)
-    return os.environ["PREFECT_API_URL"].removesuffix("/api")
 
 
 @app.command("prefect-server")
@@ -326,8 +322,7 @@ def status(
     from tasks.core import tracking
 
     _check_servers()
-    if not os.environ.get("PREFECT_API_URL") and (server := prefect_server.running(paths.root)):
-        os.environ["PREFECT_API_URL"] = server["api_url"]  # the project's background server, if up
+    _project_prefect_server(paths, start=False)  # the project's background server, if it is up
     experiment_id = tracking.configure(paths.root, params.base.experiment)
     # A run whose process died shows as what it is (FAILED), not RUNNING; Prefect's side
     # too when a Prefect server is configured (else the next run does it).

@@ -173,6 +173,22 @@ def ensure(root: Path, timeout_s: float = START_TIMEOUT_S) -> str:
         )
 
 
+def use(root: Path, start: bool = True) -> str | None:
+    """Point this process's Prefect (``PREFECT_API_URL``) at the project's background server,
+    started first if none runs (``start``; else only a running one), unless
+    ``PREFECT_API_URL`` is set or the temporary server is asked for; its UI's URL, or None."""
+    if not wanted():
+        return None
+    if start:
+        api_url = ensure(root)
+    elif record := running(root):
+        api_url = record["api_url"]
+    else:
+        return None
+    os.environ["PREFECT_API_URL"] = api_url
+    return api_url.removesuffix("/api")
+
+
 def stop(root: Path, timeout_s: float = 30.0) -> bool:
     """Stop this project's background server; False if none was running."""
     try:

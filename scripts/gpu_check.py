@@ -240,8 +240,7 @@ def throughput(project: Path, workers: int, epochs: int, out: Path, precision: s
     from tasks.core.config import load_params
     from tasks.core.paths import ProjectPaths
     from tasks.train import fit_job
-    from tasks.training.launcher import HostSlots, WORKER_MODULE, build_command, run_workers, \
-        threads_per_worker, worker_environment
+    from tasks.training import launch_fit
 
     paths = ProjectPaths(project)
     params = load_params(paths.params)
@@ -253,14 +252,12 @@ def throughput(project: Path, workers: int, epochs: int, out: Path, precision: s
         fault_after_epoch=None,
     )
     folder.mkdir(parents=True, exist_ok=True)
-    job.write(folder / "job.json")
-    command = build_command(["-m", WORKER_MODULE, str(folder / "job.json")], [HostSlots("localhost", workers)])
-    env = worker_environment(threads_per_worker(workers, params.train.threads_per_worker))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(project), env.get("PYTHONPATH")]))
+    # The workers run the copy's code too (they inherit this environment).
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(project), os.environ.get("PYTHONPATH")]))
     reader = NvmlReader()
     started = time.perf_counter()
     with EnergyWindow(reader) as energy:
-        run_workers(command, env, project)
+        launch_fit(job, params.train.model_copy(update={"workers": workers, "hosts": None}), project)
     wall = time.perf_counter() - started
     history = json.loads((folder / "history.json").read_text())
     steady = [h["samples_per_s"] for h in history[1:]] or [h["samples_per_s"] for h in history]

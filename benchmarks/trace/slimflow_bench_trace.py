@@ -18,7 +18,7 @@ loads :mod:`sitecustomize`, which calls :func:`install`. At exit each process wr
     ``prefect.server.ensure``: the project's background server (started, or found);
   - ``horovod.init``/``shutdown``, and the project's own milestones, by wrapping module
     attributes after import: ``load_params`` (a stage's ``main`` has begun),
-    ``run_workers`` (a one-job launch, or one job of a stage's worker pool: the first
+    ``run_workers`` (one job of a stage's worker pool: the first
     starts the workers), ``pool.close`` (the pool's workers leaving), ``run_epochs`` (the
     epochs of a worker).
 
@@ -170,7 +170,6 @@ PATCHES: dict[str, Callable[[Any], None]] = {
     "prefect.server.api.server": _patch_prefect_server,
     "horovod.torch": _patch_horovod,
     "tasks.core.config": _patch_named({"load_params": "load_params"}),
-    "tasks.training.launcher": _patch_named({"run_workers": "run_workers"}),
     "tasks.training.pool": _patch_worker_pool,
     "flows.prefect_server": _patch_named({"ensure": "prefect.server.ensure", "stop": "prefect.server.stop"}),
     "tasks.training.loop": _patch_named({"run_epochs": "run_epochs"}),

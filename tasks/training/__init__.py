@@ -7,7 +7,7 @@ generic hooks (initial weights, pruning masks, fake quantization, a teacher).
     job.py          FitJob: what a worker trains, and the fingerprint a resume must match
     launcher.py     hosts, threads, worker environment, the horovodrun command, failures
     pool.py         launch_fit: workers started once per stage, running its jobs in turn
-    worker.py       the worker process (one job, or ``--serve`` a pool's jobs)
+    worker.py       the worker process (``--serve``: a pool's jobs, in turn)
     loop.py         the fit loop: epochs, evaluation, early stopping, the final model
     adaptation.py   the job's hooks on the model: initial weights, pruning masks, QAT
     qat.py          torch.ao fake quantization, observers averaged over the ranks

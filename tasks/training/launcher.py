@@ -15,7 +15,6 @@ import shutil
 import socket
 import subprocess
 import sys
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,7 +26,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-WORKER_MODULE = "tasks.training.worker"  # what each worker runs: python -m WORKER_MODULE (JOB.json | --serve DIR)
+WORKER_MODULE = "tasks.training.worker"  # what each worker runs: python -m WORKER_MODULE --serve DIR
 THREADS_ENV = "SLIMFLOW_THREADS_PER_WORKER"  # the launcher's thread count, read by each worker
 
 
@@ -224,20 +223,3 @@ def start_workers(command: list[str], env: dict[str, str], cwd: Path) -> subproc
         preexec_fn=parent_death_preexec(),
     )
 
-
-def run_workers(command: list[str], env: dict[str, str], cwd: Path) -> None:
-    """Run the workers to their end, streaming their output; raise :class:`LaunchError` naming the failure."""
-    tail: deque[str] = deque(maxlen=400)
-    with start_workers(command, env, cwd) as process:
-        try:
-            assert process.stdout is not None
-            for line in process.stdout:
-                sys.stderr.write(line)
-                tail.append(line.rstrip())
-        except BaseException:
-            process.terminate()
-            process.wait(timeout=30)
-            raise
-        code = process.wait()
-    if code != 0:
-        raise LaunchError(f"training workers failed (exit code {code}): {summarize_failure(list(tail))}")

@@ -1,11 +1,7 @@
-"""The worker process, started by :mod:`tasks.training.launcher` alone or under
-``horovodrun``, once per rank:
-
-    python -m tasks.training.worker JOB.json            one fit job, then exit
-    python -m tasks.training.worker --serve FOLDER      fit jobs from FOLDER until told to stop
-
-``--serve`` is what :mod:`tasks.training.pool` starts: Horovod, torch, the energy meter and
-MLflow are set up once for every job of a stage.
+"""The worker process, ``python -m tasks.training.worker --serve FOLDER``: started by
+:mod:`tasks.training.pool` (through :mod:`tasks.training.launcher`) alone or under
+``horovodrun``, once per rank; it runs the fit jobs the stage writes into FOLDER until told
+to stop. Horovod, torch and the energy meter are set up once for every job of a stage.
 """
 
 from __future__ import annotations
@@ -50,15 +46,6 @@ def run_job(job: FitJob, hvd: Any, threads: int, energy_since: Any = None) -> di
     return fit(job, hvd, threads, energy_since)
 
 
-def run(job: FitJob) -> dict[str, Any] | None:
-    """Train ``job`` in this process, from Horovod's start to its shutdown."""
-    import horovod.torch as hvd
-
-    result = run_job(job, hvd, start(hvd))
-    hvd.shutdown()
-    return result
-
-
 def next_job(control: Path, number: int) -> Path | None:
     """Wait for job ``number`` in ``control``; None when told to stop (or orphaned)."""
     path, stop = job_file(control, number), control / STOP_FILE
@@ -92,13 +79,10 @@ def serve(control: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    if len(args) == 2 and args[0] == SERVE_FLAG:
-        serve(Path(args[1]))
-    elif len(args) == 1:
-        run(FitJob.read(Path(args[0])))
-    else:
-        print(f"usage: python -m tasks.training.worker (JOB.json | {SERVE_FLAG} FOLDER)", file=sys.stderr)
+    if len(args) != 2 or args[0] != SERVE_FLAG:
+        print(f"usage: python -m tasks.training.worker {SERVE_FLAG} FOLDER", file=sys.stderr)
         return 2
+    serve(Path(args[1]))
     return 0
 
 
