@@ -11,6 +11,7 @@ dead run left (:mod:`flows.recovery`).
 from __future__ import annotations
 
 import logging
+import os
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -27,6 +28,7 @@ from tasks.core import tracking
 from tasks.core.config import load_params, write_overrides
 from tasks.core.dvc import StageFailed, pipeline_lock, push_outputs, reproduce_stage, select_stages
 from tasks.core.errors import disk_full_message
+from tasks.core.fork_server import fork_server
 from tasks.core.paths import ProjectPaths
 from tasks.core.processes import own_process_tree
 from tasks.core.run_context import RunContext
@@ -110,7 +112,13 @@ def pipeline(
         # so dvc.lock records them and `dvc repro` reproduces this run.
         params = load_params(paths.params, overrides)
         check_pipeline(params)
+        # Stage processes and Horovod workers start as children of one process that has
+        # imported torch, MLflow and the rest already (tasks.core.fork_server); it starts
+        # loading now, while the run sets up.
+        server = held.enter_context(fork_server(paths.root))
         experiment_id = tracking.configure(paths.root, params.base.experiment)
+        if server is not None:
+            server.tracking_ready(os.environ["MLFLOW_TRACKING_URI"])  # configure exported it
         repair_after_crash(paths, lock, logger.warning)
         if overrides:
             write_overrides(paths.params, overrides)

@@ -20,6 +20,7 @@ from tasks.compression.variants import CompressError, VariantResult, check_input
 from tasks.core.config import ParamsError, load_params
 from tasks.core.errors import report_stage_error, stage_main
 from tasks.core.paths import ProjectPaths
+from tasks.core.fork_server import run_forked
 from tasks.core.processes import die_with_parent
 from tasks.core.stage_cli import setup_logging
 
@@ -70,5 +71,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    run_forked("tasks.compress")  # in a pipeline run: a child of its fork server, imports done (tasks.core.fork_server)
     die_with_parent()  # the stage dies with the run that started it (tasks.core.processes)
     sys.exit(main())

@@ -35,6 +35,7 @@ from pathlib import Path
 from tasks.core.config import Params, ParamsError, load_params
 from tasks.core.errors import disk_full_message, stage_main
 from tasks.core.paths import ProjectPaths
+from tasks.core.fork_server import run_forked
 from tasks.core.processes import die_with_parent
 from tasks.evaluation.benchmark import discover_models, measure_models
 from tasks.evaluation.gate import apply_gate
@@ -119,5 +120,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    run_forked("tasks.evaluate")  # in a pipeline run: a child of its fork server, imports done (tasks.core.fork_server)
     die_with_parent()  # the stage dies with the run that started it (tasks.core.processes)
     sys.exit(main())

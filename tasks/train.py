@@ -19,6 +19,7 @@ import sys
 from tasks.core.config import Params, ParamsError, load_params
 from tasks.core.errors import report_stage_error, stage_main
 from tasks.core.paths import ProjectPaths
+from tasks.core.fork_server import run_forked
 from tasks.core.processes import die_with_parent
 from tasks.core.stage_cli import setup_logging
 from tasks.training import FitJob, LaunchError, launch_fit
@@ -117,5 +118,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    run_forked("tasks.train")  # in a pipeline run: a child of its fork server, imports done (tasks.core.fork_server)
     die_with_parent()  # the stage dies with the run that started it (tasks.core.processes)
     sys.exit(main())

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tasks.core.fork_server import run_forked
 from tasks.training.job import FitJob
 from tasks.training.pool import POLL_S, SERVE_FLAG, STOP_FILE, done_file, job_file, write_atomically
 
@@ -87,4 +88,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    run_forked("tasks.training.worker")  # in a pipeline run: a child of its fork server (tasks.core.fork_server)
     sys.exit(main())

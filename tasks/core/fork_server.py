@@ -1,0 +1,472 @@
+"""A run's fork server: stage and worker processes that start with their imports done.
+
+Every stage is its own process (DVC runs ``python -m tasks.<stage>``), and so is every
+Horovod worker. Each used to spend 2-4 s importing torch, MLflow, ONNX and scikit-learn
+and checking the MLflow database's schema before its first line of work: about 20 s of a
+90 s default run on two cores. A pipeline run now starts one *fork server* first
+(``python -m tasks.core.fork_server SOCKET``): it imports all of that once, opens the
+MLflow stores once, and waits.
+
+The processes themselves do not change: DVC still starts ``python -m tasks.train``, and
+``horovodrun`` still starts ``python -m tasks.training.worker``. Each entry's first act
+is :func:`run_forked`: when ``SLIMFLOW_FORK_SERVER`` names a server, the process hands it
+its command line, working directory, environment, ``sys.path`` and its stdin, stdout and
+stderr (the descriptors themselves), and the server forks a child that becomes that
+process (``runpy``, as ``python -m`` runs a module) with everything already imported.
+The entry waits, passes on the signals it gets (SIGTERM, SIGINT, SIGHUP), and exits with
+the child's exit status, so DVC and ``horovodrun`` see what they always saw. If the
+entry dies (kill -9, or the parent-death signal of :mod:`tasks.core.processes`), the
+child notices the closed connection and kills itself. Without the variable (plain
+``dvc repro``, a test, a manual run), or when no server answers, the entry runs as
+before, in its own process.
+
+The server never runs torch, ONNX Runtime or MLflow work itself and has one thread when
+it forks (OpenMP's pool and SQLite connections do not survive a fork; neither exists
+yet). It serves one pipeline run and dies with it: it carries the run's token and
+parent-death signal, and the flow stops it when the run ends.
+
+``SLIMFLOW_FORK_SERVER=off`` in the environment of ``slimflow run`` keeps the old way:
+every process imports for itself.
+"""
+
+from __future__ import annotations
+
+import array
+import atexit
+import json
+import logging
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+ENV = "SLIMFLOW_FORK_SERVER"  # the socket of the run's fork server; "off": do not start one
+OFF = "off"
+# What the stages and workers import, in the order the pipeline needs it: the server
+# serves a request between two steps, so the prepare stage (MLflow, numpy) need not wait
+# for torch and ONNX, which load while it runs. A module that fails to import is skipped:
+# the process that needs it reports it in its own words, as it would without the server.
+# Not ONNX Runtime or scikit-learn: importing them starts threads of their own (measured),
+# and a fork copies only the thread that forks. The threads numpy's OpenBLAS and pandas'
+# jemalloc start are made for forking (both re-arm in the child through pthread_atfork).
+PRELOAD = (
+    "numpy", "pandas", "mlflow", "@mlflow-stores", "tasks.prepare",                    # prepare
+    "torch", "torch.nn", "torch._dynamo", "horovod.torch", "codecarbon", "@cpu-model",  # train
+    "mlflow.pytorch", "tasks.train", "tasks.training.worker", "tasks.training.loop", "tasks.training.distributed",
+    "torch.ao.quantization", "torch.onnx", "onnx", "mlflow.pyfunc", "mlflow.models",    # compress
+    "tasks.compress", "tasks.compression.variants",
+    "psutil", "matplotlib.figure", "matplotlib.backends.backend_agg",                   # evaluate
+    "tasks.evaluate", "tasks.evaluation.benchmark", "tasks.evaluation.registration",
+)
+# MLflow's stores are opened once the run says its tracking store exists (the marker file
+# beside the socket, :meth:`ForkServer.tracking_ready`): on a new project the run creates
+# the database, and two processes creating MLflow's tables at once can fail.
+STORES_STEP = "@mlflow-stores"
+TRACKING_READY = "tracking-ready"
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+_HEADER = struct.Struct("!I")
+_in_child = False  # True in a process the server forked: it runs its module, never forwards
+_client: int | None = None  # in such a process: the pid of the entry it stands for
+
+
+# ---------------------------------------------------------------- messages
+
+
+def _send(sock: socket.socket, message: dict[str, Any], fds: list[int] | None = None) -> None:
+    body = json.dumps(message).encode()
+    data = _HEADER.pack(len(body)) + body
+    if fds:
+        socket.send_fds(sock, [data], fds)
+    else:
+        sock.sendall(data)
+
+
+def _recv_exact(sock: socket.socket, size: int, fds: list[int] | None = None) -> bytes:
+    chunks, got = [], 0
+    while got < size:
+        if fds is not None and not chunks:
+            chunk, received, _, _ = socket.recv_fds(sock, size - got, 3)
+            fds.extend(received)
+        else:
+            chunk = sock.recv(size - got)
+        if not chunk:
+            raise ConnectionError("connection closed")
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+def _recv(sock: socket.socket, fds: list[int] | None = None) -> dict[str, Any]:
+    (size,) = _HEADER.unpack(_recv_exact(sock, _HEADER.size, fds))
+    return json.loads(_recv_exact(sock, size))
+
+
+# ---------------------------------------------------------------- the entry's side
+
+
+def run_forked(module: str) -> None:
+    """Become ``python -m module`` in a child of the run's fork server, if there is one.
+
+    Returns at once (the caller runs the module itself) outside a pipeline run, in a
+    process the server forked, or when no server answers; otherwise never returns: the
+    process exits with the child's status.
+    """
+    path = os.environ.get(ENV)
+    if _in_child or not path or path == OFF:
+        return
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(path)
+    except OSError:  # the run ended, or this process is on another host: run here
+        sock.close()
+        return
+    request = {
+        "module": module, "argv": sys.argv, "orig_argv": getattr(sys, "orig_argv", sys.argv),
+        "cwd": os.getcwd(), "env": dict(os.environ), "path": sys.path, "client_pid": os.getpid(),
+    }
+    try:
+        _send(sock, request, fds=[0, 1, 2])
+    except OSError:
+        sock.close()
+        return
+
+    def forward(signum: int, frame: Any) -> None:
+        try:
+            _send(sock, {"signal": signum})
+        except OSError:
+            pass
+
+    for signum in FORWARDED_SIGNALS:
+        signal.signal(signum, forward)
+    try:
+        status = _recv(sock)
+    except (OSError, ConnectionError, ValueError):
+        status = {"exit": 1, "error": "the fork server went away"}
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if "signal" in status:  # die as the child died, so the parent sees the same status
+        signum = int(status["signal"])
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+    if status.get("error"):
+        print(f"slimflow: {status['error']}", file=sys.stderr)
+    os._exit(int(status.get("exit", 1)))
+
+
+def client_pid() -> int | None:
+    """In a child of the fork server: the pid of the entry process it stands for (which DVC
+    or ``horovodrun`` started and waits on); None elsewhere."""
+    return _client if _in_child else None
+
+
+# ---------------------------------------------------------------- the server
+
+
+def _preload_step(name: str, tracking_ready: Path) -> None:
+    """Import ``name``, or run the warm-up ``@name``; failures are left to the processes."""
+    import importlib
+
+    try:
+        if name == STORES_STEP:
+            _open_mlflow_stores(tracking_ready.read_text().strip())
+        elif name == "@cpu-model":
+            # CodeCarbon's CPU model: py-cpuinfo runs a Python subprocess for it (1.2 s);
+            # CodeCarbon caches the answer, so every child's energy meter gets it for free.
+            from codecarbon.core.util import detect_cpu_model
+
+            detect_cpu_model()
+        else:
+            importlib.import_module(name)
+    except Exception as err:  # noqa: BLE001 - any error: the process that needs it reports it
+        log.debug("fork server: %s not loaded ahead: %s", name, err)
+
+
+def _open_mlflow_stores(uri: str) -> None:
+    """Create MLflow's tracking and registry stores for ``uri`` (the schema check: about a
+    second per process), then close their connections: children reuse the checked stores
+    (MLflow caches them by URI) and open connections of their own."""
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    os.environ["MLFLOW_TRACKING_URI"] = uri  # resolved as the stages resolve it
+    for store in (tracking_utils._get_store(), registry_utils._get_store()):
+        engine = getattr(store, "engine", None)
+        if engine is not None:
+            engine.dispose()
+
+
+def _become(request: dict[str, Any], fds: list[int], conn: socket.socket, inherited: list[int]) -> None:
+    """In the forked child: turn into the process that asked, run its module, exit."""
+    global _in_child, _client
+    _in_child, _client = True, request.get("client_pid")
+    for fd in inherited:  # the server's: its socket, the other children's connections and pidfds
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD):  # as a new interpreter has them
+        signal.signal(signum, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C: KeyboardInterrupt
+    for target, fd in zip((0, 1, 2), fds):
+        os.dup2(fd, target)
+    for fd in fds:
+        if fd > 2:
+            os.close(fd)
+    os.chdir(request["cwd"])
+    os.environ.clear()
+    os.environ.update(request["env"])
+    sys.path[:] = request["path"]
+    sys.argv[:] = request["argv"]
+    sys.orig_argv = request["orig_argv"]
+    _fresh_root_logger()
+    threading.Thread(target=_watch_client, args=(conn,), name="fork-client", daemon=True).start()
+    code = 0
+    try:
+        import runpy
+
+        runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
+    except SystemExit as exit_:
+        code = _exit_code(exit_.code)
+    except BaseException:  # noqa: BLE001 - as the interpreter does: the traceback, then status 1
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    _finish(code)
+
+
+def _fresh_root_logger() -> None:
+    """The root logger as a new interpreter has it, so the module's ``logging.basicConfig``
+    takes effect: some imports configure it (``mlflow.pytorch`` calls ``basicConfig`` with
+    level ERROR), which a stage that sets up logging before importing them never sees."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    root.setLevel(logging.WARNING)
+
+
+def _exit_code(code: Any) -> int:
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code
+    print(code, file=sys.stderr)
+    return 1
+
+
+def _finish(code: int) -> None:
+    """Leave as an interpreter leaves: wait for non-daemon threads, run the exit handlers,
+    flush; then ``_exit`` (never the server's own clean-up)."""
+    try:
+        threading._shutdown()  # type: ignore[attr-defined]
+    except Exception:  # noqa: BLE001
+        pass
+    try:
+        atexit._run_exitfuncs()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # noqa: BLE001
+                pass
+        os._exit(code)
+
+
+def _watch_client(conn: socket.socket) -> None:
+    """Pass on the signals the entry got; kill this child when the entry is gone."""
+    while True:
+        try:
+            message = _recv(conn)
+        except (OSError, ConnectionError, ValueError):
+            os.kill(os.getpid(), signal.SIGKILL)
+            return
+        if "signal" in message:
+            os.kill(os.getpid(), int(message["signal"]))
+
+
+def serve(path: str, preload: tuple[str, ...] = PRELOAD) -> None:
+    """Listen on ``path``; fork a child per request; send each entry its child's status.
+
+    Loads ``preload`` one step at a time, serving the requests that came in between steps.
+    """
+    import selectors
+
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(64)  # entries that connect wait in the backlog until the current step is done
+    selector = selectors.DefaultSelector()
+    selector.register(listener, selectors.EVENT_READ, None)
+    stopping = False
+
+    def stop(signum: int, frame: Any) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C reaches the run, which stops the server
+    parent, pending = os.getppid(), list(preload)
+    tracking_ready = Path(path).parent / TRACKING_READY
+    while not stopping:
+        # Steps not yet possible (MLflow's stores before the run created them) wait their turn.
+        ready = [step for step in pending if step != STORES_STEP or tracking_ready.exists()]
+        for key, _ in selector.select(timeout=0 if ready else (0.2 if pending else 1.0)):
+            if key.data is None:
+                _accept(listener, selector)
+            else:
+                _reap(key, selector)
+        if os.getppid() != parent:  # the run is gone (and its parent-death signal missed)
+            break
+        if ready and not stopping:
+            pending.remove(ready[0])
+            _preload_step(ready[0], tracking_ready)
+            sys.stdout.flush()
+            sys.stderr.flush()
+    listener.close()
+
+
+def _accept(listener: socket.socket, selector: Any) -> None:
+    import selectors
+
+    conn, _ = listener.accept()
+    fds: list[int] = []
+    try:
+        request = _recv(conn, fds)
+    except (OSError, ConnectionError, ValueError):
+        conn.close()
+        for fd in fds:
+            os.close(fd)
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            _become(request, fds, conn, _server_fds(listener, selector))
+        finally:
+            os._exit(1)
+    for fd in fds:
+        os.close(fd)
+    pidfd = os.pidfd_open(pid)
+    selector.register(pidfd, selectors.EVENT_READ, (pid, conn))
+
+
+def _server_fds(listener: socket.socket, selector: Any) -> list[int]:
+    """In a child: the server's descriptors, released by their owners (closed by the caller)."""
+    fds = []
+    for key in list(selector.get_map().values()):
+        if key.data is None:
+            continue
+        fds.append(key.fd)  # another child's pidfd
+        fds.append(key.data[1].detach())  # another entry's connection
+    selector.close()
+    fds.append(listener.detach())
+    return fds
+
+
+def _reap(key: Any, selector: Any) -> None:
+    pid, conn = key.data
+    selector.unregister(key.fd)
+    os.close(key.fd)
+    _, status = os.waitpid(pid, 0)
+    reply = {"signal": os.WTERMSIG(status)} if os.WIFSIGNALED(status) else {"exit": os.WEXITSTATUS(status)}
+    try:
+        _send(conn, reply)
+    except OSError:  # the entry is gone already
+        pass
+    conn.close()
+
+
+# ---------------------------------------------------------------- the run's side
+
+
+@dataclass(frozen=True)
+class ForkServer:
+    """A running fork server, as the run that started it sees it."""
+
+    socket_path: str
+    pid: int
+
+    def tracking_ready(self, uri: str) -> None:
+        """Say the run's MLflow store at ``uri`` exists: the server opens it for its children."""
+        marker = Path(self.socket_path).parent / TRACKING_READY
+        partial = marker.with_suffix(".partial")
+        partial.write_text(uri)
+        partial.replace(marker)
+
+
+@contextmanager
+def fork_server(root: Path) -> Iterator[ForkServer | None]:
+    """Start the run's fork server for the processes started inside the block (exported as
+    ``SLIMFLOW_FORK_SERVER``); stop it after. Yields it, or None when
+    ``SLIMFLOW_FORK_SERVER=off`` or it could not start (processes then import for themselves)."""
+    import shutil
+    import tempfile
+
+    from tasks.core.processes import parent_death_preexec
+
+    previous = os.environ.get(ENV)
+    if previous == OFF or sys.platform != "linux":
+        yield None
+        return
+    folder = Path(tempfile.mkdtemp(prefix="slimflow-fork-"))  # short: a socket path has 107 bytes at most
+    path = str(folder / "socket")
+    env = {k: v for k, v in os.environ.items() if k != ENV}
+    try:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "tasks.core.fork_server", path], cwd=root, env=env,
+            stdin=subprocess.DEVNULL, preexec_fn=parent_death_preexec(),
+        )
+    except OSError as err:
+        log.warning("fork server not started (%s): every process imports for itself", err)
+        shutil.rmtree(folder, ignore_errors=True)
+        yield None
+        return
+    deadline = time.monotonic() + 10.0
+    while not os.path.exists(path) and server.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)  # bound in milliseconds: before its imports
+    os.environ[ENV] = path
+    try:
+        yield ForkServer(path, server.pid)
+    finally:
+        if previous is None:
+            os.environ.pop(ENV, None)
+        else:
+            os.environ[ENV] = previous
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m tasks.core.fork_server SOCKET_PATH", file=sys.stderr)
+        return 2
+    from tasks.core.processes import die_with_parent
+
+    die_with_parent()
+    serve(args[0])
+    _finish(0)  # exit handlers, but not the interpreter's slow tear-down of torch and the rest
+
+
+if __name__ == "__main__":
+    # Serve from the module as imported (not this __main__ copy), so that the entries, which
+    # import tasks.core.fork_server, see the same state (``_in_child``) in the children.
+    from tasks.core.fork_server import main as serve_main
+
+    sys.exit(serve_main())

@@ -1,0 +1,214 @@
+"""The run's fork server (tasks.core.fork_server): an entry that finds one becomes a child
+of it, with its imports done, and looks to whoever started it exactly like the process it
+would have been: same output streams, exit status, signals, working directory and
+environment; it dies when the entry dies; without a server it runs by itself."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tasks.core import fork_server
+from tasks.core.fork_server import ENV, OFF
+
+REPO = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.integration
+
+# A module written like the stage entries: it asks for a fork first, then reports what it is.
+PROBE = '''
+import json, os, sys, time
+from tasks.core.fork_server import client_pid, run_forked
+
+if __name__ == "__main__":
+    run_forked("probe")
+    print(json.dumps({
+        "pid": os.getpid(), "ppid": os.getppid(), "argv": sys.argv[1:], "cwd": os.getcwd(),
+        "colour": os.environ.get("PROBE_COLOUR"), "torch_loaded": "torch" in sys.modules,
+        "client": client_pid(), "main": __name__,
+    }), flush=True)
+    print("a line on stderr", file=sys.stderr, flush=True)
+    command = sys.argv[1] if len(sys.argv) > 1 else "exit0"
+    if command == "store":  # how many tracking stores MLflow has cached in this process
+        from mlflow.tracking._tracking_service import utils
+        print(utils._tracking_store_registry._get_store_with_resolved_uri.cache_info().currsize, flush=True)
+        sys.exit(0)
+    if command == "log":  # a stage sets up logging as in a new interpreter
+        import logging
+        logging.basicConfig(level=logging.INFO)
+        logging.getLogger("probe").info("an info line")
+        print("mlflow.pytorch" in sys.modules, flush=True)
+        sys.exit(0)
+    if command == "sleep":
+        time.sleep(60)
+    if command == "raise":
+        raise RuntimeError("the probe failed on purpose")
+    sys.exit(int(command.removeprefix("exit")))
+'''
+
+
+@pytest.fixture(scope="module")
+def probe_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("probe")
+    (folder / "probe.py").write_text(PROBE)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server_handle(tmp_path_factory: pytest.TempPathFactory) -> Iterator[fork_server.ForkServer]:
+    """One fork server for the module (its imports take a few seconds), as a run starts it."""
+    saved = os.environ.pop(ENV, None)
+    try:
+        with fork_server.fork_server(REPO) as server:
+            assert server is not None and os.environ[ENV] == server.socket_path
+            yield server
+        assert ENV not in os.environ and not Path(server.socket_path).exists()  # stopped and cleaned up after
+        assert not psutil.pid_exists(server.pid) or psutil.Process(server.pid).status() == psutil.STATUS_ZOMBIE
+    finally:
+        if saved is not None:
+            os.environ[ENV] = saved
+
+
+@pytest.fixture()
+def server(server_handle: fork_server.ForkServer) -> str:
+    return server_handle.socket_path
+
+
+def _server_pid(path: str) -> int:
+    for process in psutil.Process().children():
+        if "tasks.core.fork_server" in process.cmdline() and path in process.cmdline():
+            return process.pid
+    raise AssertionError("no fork server among this process's children")
+
+
+def _start(probe_dir: Path, socket_path: str | None, *args: str, cwd: Path | None = None,
+           **env: str) -> subprocess.Popen[str]:
+    environ = {k: v for k, v in os.environ.items() if k != ENV}
+    environ["PYTHONPATH"] = os.pathsep.join([str(REPO), str(probe_dir)])
+    if socket_path:
+        environ[ENV] = socket_path
+    environ.update(env)
+    return subprocess.Popen([sys.executable, "-m", "probe", *args], cwd=cwd or probe_dir, env=environ,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _report(process: subprocess.Popen[str]) -> dict:
+    return json.loads(process.stdout.readline())
+
+
+def test_an_entry_becomes_a_child_of_the_server_with_its_command_line_and_environment(
+    server: str, probe_dir: Path, tmp_path: Path
+) -> None:
+    entry = _start(probe_dir, server, "exit3", cwd=tmp_path, PROBE_COLOUR="teal")
+    out, err = entry.communicate(timeout=60)
+    report = json.loads(out)
+    assert entry.returncode == 3  # the module's own exit status, as DVC would see it
+    assert report["ppid"] == _server_pid(server) and report["pid"] != entry.pid
+    assert report["client"] == entry.pid
+    assert report["main"] == "__main__" and report["argv"] == ["exit3"]
+    assert report["cwd"] == str(tmp_path) and report["colour"] == "teal"
+    assert "a line on stderr" in err  # the entry's own streams, handed over
+
+
+def test_children_start_with_torch_imported_once_the_server_has_loaded_it(server: str, probe_dir: Path) -> None:
+    """The server loads step by step, serving requests in between; within its load time
+    (a few seconds here) every child finds torch imported already."""
+    deadline, loaded = time.monotonic() + 90, False
+    while not loaded and time.monotonic() < deadline:
+        entry = _start(probe_dir, server, "exit0")
+        out, _ = entry.communicate(timeout=60)
+        loaded = json.loads(out)["torch_loaded"]
+        time.sleep(0.2)
+    assert loaded
+
+
+def test_children_reuse_the_mlflow_store_the_server_opened_once_the_run_said_it_exists(
+    server_handle: fork_server.ForkServer, probe_dir: Path, tmp_path: Path
+) -> None:
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.MlflowClient(uri).search_experiments()  # the run creates its store (tracking.configure)
+    server_handle.tracking_ready(uri)
+    deadline, cached = time.monotonic() + 90, 0
+    while not cached and time.monotonic() < deadline:
+        entry = _start(probe_dir, server_handle.socket_path, "store", MLFLOW_TRACKING_URI=uri)
+        out, _ = entry.communicate(timeout=60)
+        cached = int(out.splitlines()[1])
+        time.sleep(0.2)
+    assert cached == 1
+
+
+def test_a_child_sets_up_logging_as_a_new_interpreter_would(server: str, probe_dir: Path) -> None:
+    """Importing mlflow.pytorch configures the root logger (level ERROR); the server's
+    children must not inherit that, or every stage's INFO lines vanish."""
+    deadline, loaded = time.monotonic() + 90, False
+    while not loaded and time.monotonic() < deadline:
+        entry = _start(probe_dir, server, "log")
+        out, err = entry.communicate(timeout=60)
+        loaded = out.splitlines()[1] == "True"
+        assert "INFO:probe:an info line" in err
+        time.sleep(0.2)
+    assert loaded
+
+
+def test_an_uncaught_error_prints_its_traceback_and_exits_1(server: str, probe_dir: Path) -> None:
+    entry = _start(probe_dir, server, "raise")
+    _, err = entry.communicate(timeout=60)
+    assert entry.returncode == 1
+    assert "RuntimeError: the probe failed on purpose" in err and "Traceback" in err
+
+
+def test_a_signal_to_the_entry_reaches_the_child_and_the_entry_dies_of_it(server: str, probe_dir: Path) -> None:
+    entry = _start(probe_dir, server, "sleep")
+    child = psutil.Process(_report(entry)["pid"])
+    entry.send_signal(signal.SIGTERM)
+    assert entry.wait(timeout=30) == -signal.SIGTERM
+    assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
+
+
+def test_the_child_dies_with_its_entry(server: str, probe_dir: Path) -> None:
+    entry = _start(probe_dir, server, "sleep")
+    child = psutil.Process(_report(entry)["pid"])
+    entry.kill()  # kill -9: the entry cannot pass anything on
+    entry.wait(timeout=30)
+    deadline = time.monotonic() + 10
+    while child.is_running() and child.status() != psutil.STATUS_ZOMBIE and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
+
+
+def test_two_entries_at_once_run_side_by_side(server: str, probe_dir: Path) -> None:
+    """Horovod's two workers ask at the same moment."""
+    first, second = _start(probe_dir, server, "sleep"), _start(probe_dir, server, "exit0")
+    assert second.wait(timeout=60) == 0
+    assert first.poll() is None  # still sleeping in its own child
+    first.kill()
+    first.wait(timeout=30)
+
+
+def test_without_a_server_the_entry_runs_by_itself(probe_dir: Path, tmp_path: Path) -> None:
+    for socket_path in (None, str(tmp_path / "no-such-socket"), OFF):
+        entry = _start(probe_dir, socket_path, "exit0")
+        out, _ = entry.communicate(timeout=60)
+        report = json.loads(out)
+        assert entry.returncode == 0 and report["pid"] == entry.pid and report["client"] is None
+        assert not report["torch_loaded"]
+
+
+def test_off_starts_no_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(ENV, OFF)
+    before = {p.pid for p in psutil.Process().children()}
+    with fork_server.fork_server(REPO) as server:
+        assert server is None
+        assert {p.pid for p in psutil.Process().children()} == before
+    assert os.environ[ENV] == OFF
