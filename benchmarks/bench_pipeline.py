@@ -64,7 +64,8 @@ IMPORT_MODULES = ("flows.cli", "tasks.prepare", "tasks.train", "tasks.compress",
 PREFECT_SERVER = "Prefect: API server (the project's background one started or found; or the temporary one)"
 CLI = "Prefect flow/task engine + CLI (interpreter, imports, params check)"
 DVC = "DVC bookkeeping (import, Repo(), status, reproduce minus the stage process)"
-STAGE_START = "stage process start (interpreter + imports)"
+STAGE_START = "stage process start (interpreter + imports)"  # in a run with a fork server: its fork
+FORK_SERVER = "fork server's imports (once per run, beside the CLI's start)"
 HVD_LAUNCH = "Horovod launch / job hand-over (job sent -> rank 0's first epoch)"
 HVD_TEARDOWN = "Horovod teardown (last epoch -> job done: rank 0 writes the model; the workers leaving)"
 MLFLOW = "MLflow (import in the CLI, set-up, logging, registry)"
@@ -72,7 +73,7 @@ OUTSIDE = "outside the CLI process (process start/exit)"
 HELPER_START = "helper processes' start (interpreter + imports; evaluate's per-model memory probes)"
 STAGE_WORK = "stage work (the stages' own computation)"
 EPOCHS = "training epochs (Horovod workers)"
-CAUSES = (PREFECT_SERVER, CLI, DVC, STAGE_START, HELPER_START, HVD_LAUNCH, HVD_TEARDOWN, MLFLOW, OUTSIDE)
+CAUSES = (PREFECT_SERVER, CLI, DVC, FORK_SERVER, STAGE_START, HELPER_START, HVD_LAUNCH, HVD_TEARDOWN, MLFLOW, OUTSIDE)
 PROJECT_PACKAGES = {"tasks", "flows", "models"}
 SLACK_S = 0.5  # /proc start times are 10 ms ticks, taken against another clock
 WORK = (STAGE_WORK, EPOCHS)
@@ -139,6 +140,8 @@ class Proc:
             return "worker"
         if any(a.endswith("/slimflow") for a in args[:2]):
             return "cli"
+        if "tasks.core.fork_server" in args:
+            return "fork-server"
         for i, arg in enumerate(args[:-1]):
             if arg == "-m" and args[i + 1].startswith("tasks.") and args[i + 1][6:] in STAGES:
                 return f"stage:{args[i + 1][6:]}"
@@ -152,7 +155,10 @@ def load_trace(folder: Path) -> list[Proc]:
     procs = []
     for path in sorted(folder.glob("*.json")):
         r = json.loads(path.read_text())
-        procs.append(Proc(r["pid"], r["ppid"], r["created"], r["site"], r["exited"], r["cmdline"],
+        # A child of the run's fork server stands for the entry process that asked for it
+        # (DVC's stage command, a worker horovodrun started): it starts when that one did.
+        created = r.get("client_created") or r["created"]
+        procs.append(Proc(r["pid"], r["ppid"], created, r["site"], r["exited"], r["cmdline"],
                           r.get("horovod_rank"), [tuple(s) for s in r["spans"]]))
     return procs
 
@@ -195,6 +201,8 @@ def intervals(procs: list[Proc]) -> list[tuple[float, float, int, str]]:
             # its start-up is a process start; the rest of it is the stage's work.
             out.append((p.created, p.site, 8, HELPER_START))
             out.extend((start, end, 8, HELPER_START) for label, start, end in p.spans if label.startswith("import:"))
+        elif role == "fork-server":  # its imports, once for every stage and worker of the run
+            out.extend((start, end, 2, FORK_SERVER) for label, start, end in p.spans if label.startswith("import:"))
         elif role == "worker" and p.rank in (None, "0"):
             for label, start, end in p.spans:
                 if label == "run_epochs":
@@ -258,7 +266,7 @@ def trace_breakdown(procs: list[Proc], t0: float, t1: float) -> dict[str, Any]:
             if label == "run_workers":
                 result["horovod_launch"].append(launch_steps(procs, launcher, start, end))
     for p in procs:
-        if p.role in ("cli", "worker", "horovodrun") or p.role.startswith("stage:"):
+        if p.role in ("cli", "worker", "horovodrun", "fork-server") or p.role.startswith("stage:"):
             if p.role == "worker" and p.rank not in (None, "0"):
                 continue
             imports = sorted(((s[0][7:], s[2] - s[1]) for s in p.spans if s[0].startswith("import:")),

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -57,3 +58,32 @@ def test_tracer_records_a_process(tmp_path: Path) -> None:
     assert not record.get("patch_errors")
     procs = bench.load_trace(tmp_path)
     assert procs[0].role == "other" and procs[0].cmdline[:2] == [sys.executable, "-c"]
+
+
+@pytest.mark.integration
+def test_a_fork_server_child_is_timed_as_the_stage_process_it_became(tmp_path: Path) -> None:
+    """In a run with a fork server the stage process DVC starts hands over to a forked child:
+    the trace keeps one record for the stage, under its own command line, from the moment
+    DVC started it; the server keeps its own."""
+    trace = tmp_path / "trace"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "benchmarks" / "trace"), str(REPO)]),
+           "SLIMFLOW_BENCH_TRACE": str(trace)}
+    env.pop("SLIMFLOW_FORK_SERVER", None)
+    socket_path = tmp_path / "socket"
+    server = subprocess.Popen([sys.executable, "-m", "tasks.core.fork_server", str(socket_path)], cwd=REPO, env=env)
+    try:
+        deadline = time.monotonic() + 30
+        while not socket_path.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        started = time.time()
+        stage = subprocess.run([sys.executable, "-m", "tasks.prepare", "--help"], cwd=REPO, capture_output=True,
+                               text=True, env={**env, "SLIMFLOW_FORK_SERVER": str(socket_path)}, timeout=120)
+        assert stage.returncode == 0 and "--set KEY=VALUE" in stage.stdout
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    procs = bench.load_trace(trace)
+    (prepare,) = [p for p in procs if p.role == "stage:prepare"]  # the entry itself left no record
+    (fork_server,) = [p for p in procs if p.role == "fork-server"]
+    assert prepare.ppid == fork_server.pid
+    assert started - 0.05 <= prepare.created <= prepare.site <= prepare.exited  # from DVC's start of it

@@ -230,10 +230,19 @@ class _ImportTimer:
 def _write(folder: Path) -> None:
     _record["exited"] = time.time()
     _record["spans"] = sorted(_spans, key=lambda s: s[1])
+    if _record.get("forked"):  # a child of the run's fork server: the command it became
+        _record["cmdline"] = list(getattr(sys, "orig_argv", sys.argv))
+        _record["horovod_rank"] = os.environ.get("HOROVOD_RANK")
+        _record["client_created"] = _client_created()
+        return _save(folder)
     try:
         _record["cmdline"] = Path("/proc/self/cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
     except OSError:
         _record["cmdline"] = list(sys.argv)
+    _save(folder)
+
+
+def _save(folder: Path) -> None:
     path = folder / f"{os.getpid()}.json"
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(_record))
@@ -250,3 +259,29 @@ def install(folder: str) -> None:
     )
     sys.meta_path.insert(0, _ImportTimer())
     atexit.register(_write, target)
+    os.register_at_fork(after_in_child=_forked)
+
+
+def _forked() -> None:
+    """A forked child (the fork server's: a stage or a worker) keeps its own record."""
+    now = time.time()
+    _spans.clear()
+    _record.update(pid=os.getpid(), ppid=os.getppid(), created=now, site=now, forked=True)
+
+
+def _client_created() -> float | None:
+    """When the process this child became (the entry that asked the fork server) started."""
+    try:
+        from tasks.core import fork_server
+
+        pid = fork_server.client_pid()
+    except Exception:
+        return None
+    if not pid:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - int(fields[19]) / os.sysconf("SC_CLK_TCK")
+        return time.time() - age
+    except (OSError, ValueError, IndexError):
+        return None
