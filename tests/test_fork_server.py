@@ -56,10 +56,24 @@ if __name__ == "__main__":
 '''
 
 
+# The same, on "another host": what a Horovod worker started over SSH on a host that shares
+# the filesystem (and so finds the socket) sends.
+ELSEWHERE = """
+import json, os, sys
+from tasks.core import fork_server
+
+if __name__ == "__main__":
+    fork_server.machine_identity = lambda: {"hostname": "another-host", "net": 1, "uts": 1, "mnt": 1}
+    fork_server.run_forked("elsewhere")
+    print(json.dumps({"pid": os.getpid(), "client": fork_server.client_pid()}), flush=True)
+"""
+
+
 @pytest.fixture(scope="module")
 def probe_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("probe")
     (folder / "probe.py").write_text(PROBE)
+    (folder / "elsewhere.py").write_text(ELSEWHERE)
     return folder
 
 
@@ -203,6 +217,15 @@ def test_without_a_server_the_entry_runs_by_itself(probe_dir: Path, tmp_path: Pa
         report = json.loads(out)
         assert entry.returncode == 0 and report["pid"] == entry.pid and report["client"] is None
         assert not report["torch_loaded"]
+
+
+def test_an_entry_from_another_host_runs_by_itself(server: str, probe_dir: Path) -> None:
+    environ = {**os.environ, ENV: server, "PYTHONPATH": os.pathsep.join([str(REPO), str(probe_dir)])}
+    entry = subprocess.Popen([sys.executable, "-m", "elsewhere"], cwd=probe_dir, env=environ,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = entry.communicate(timeout=60)
+    assert entry.returncode == 0, err
+    assert json.loads(out) == {"pid": entry.pid, "client": None}  # not forked: the server refused
 
 
 def test_off_starts_no_server(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -115,6 +115,19 @@ def _recv(sock: socket.socket, fds: list[int] | None = None) -> dict[str, Any]:
 # ---------------------------------------------------------------- the entry's side
 
 
+def machine_identity() -> dict[str, Any]:
+    """What makes two processes the same host to Horovod: hostname and the network, UTS
+    and mount namespaces. A worker ``horovodrun`` starts over SSH on another host of a
+    shared filesystem finds the socket too; it must run there, not be forked here."""
+    identity: dict[str, Any] = {"hostname": socket.gethostname()}
+    for name in ("net", "uts", "mnt"):
+        try:
+            identity[name] = os.stat(f"/proc/self/ns/{name}").st_ino
+        except OSError:
+            identity[name] = None
+    return identity
+
+
 def run_forked(module: str) -> None:
     """Become ``python -m module`` in a child of the run's fork server, if there is one.
 
@@ -134,6 +147,7 @@ def run_forked(module: str) -> None:
     request = {
         "module": module, "argv": sys.argv, "orig_argv": getattr(sys, "orig_argv", sys.argv),
         "cwd": os.getcwd(), "env": dict(os.environ), "path": sys.path, "client_pid": os.getpid(),
+        "machine": machine_identity(),
     }
     try:
         _send(sock, request, fds=[0, 1, 2])
@@ -147,12 +161,16 @@ def run_forked(module: str) -> None:
         except OSError:
             pass
 
-    for signum in FORWARDED_SIGNALS:
-        signal.signal(signum, forward)
+    previous = {signum: signal.signal(signum, forward) for signum in FORWARDED_SIGNALS}
     try:
         status = _recv(sock)
     except (OSError, ConnectionError, ValueError):
         status = {"exit": 1, "error": "the fork server went away"}
+    if status.get("refused"):  # another host that shares the socket's folder: run here
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        sock.close()
+        return
     sys.stdout.flush()
     sys.stderr.flush()
     if "signal" in status:  # die as the child died, so the parent sees the same status
@@ -347,6 +365,9 @@ def _accept(listener: socket.socket, selector: Any) -> None:
         for fd in fds:
             os.close(fd)
         return
+    if request.get("machine") != machine_identity():
+        _refuse(conn, fds)
+        return
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
@@ -359,6 +380,17 @@ def _accept(listener: socket.socket, selector: Any) -> None:
         os.close(fd)
     pidfd = os.pidfd_open(pid)
     selector.register(pidfd, selectors.EVENT_READ, (pid, conn))
+
+
+def _refuse(conn: socket.socket, fds: list[int]) -> None:
+    """Tell an entry from another host (or namespace) to run by itself."""
+    for fd in fds:
+        os.close(fd)
+    try:
+        _send(conn, {"refused": True})
+    except OSError:
+        pass
+    conn.close()
 
 
 def _server_fds(listener: socket.socket, selector: Any) -> list[int]:
