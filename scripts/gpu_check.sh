@@ -247,15 +247,23 @@ run_pipeline() {
   (cd "$COPY" && PYTHONPATH="$COPY" "$VENV/bin/slimflow" run \
      --set "train.workers=$NGPU" --set train.mixed_precision=bf16 --set train.channels_last=auto)
   "$PY" - "$COPY" "$WORK/pipeline.json" "$(seconds_since "$started")" "$NGPU" <<'EOF'
-import json, sys
+import json, os, sys
 from pathlib import Path
 root, out, wall, workers = Path(sys.argv[1]), Path(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
 train = json.loads((root / "metrics/train.json").read_text())
 evaluate = json.loads((root / "metrics/evaluate.json").read_text())
 out.write_text(json.dumps({"wall_s": wall, "workers": workers, "precision": "bf16", "train": train,
+    "fork_server": os.environ.get("SLIMFLOW_FORK_SERVER") != "off",
     "baseline": evaluate.get("baseline"), "models_evaluated": sorted(k for k, v in evaluate.items() if isinstance(v, dict))},
     indent=2) + "\n")
 EOF
+}
+# The stage processes and workers are forks of the run's fork server (tasks/core/fork_server.py),
+# never run on a GPU before this script: if the pipeline fails that way, it runs again without.
+run_pipeline_either() {
+  run_pipeline && return 0
+  log "the pipeline failed with the fork server; again with SLIMFLOW_FORK_SERVER=off"
+  SLIMFLOW_FORK_SERVER=off run_pipeline
 }
 step copy make_copy
 export PYTHONPATH="$COPY"
@@ -263,7 +271,7 @@ if [ "$DRY_RUN" = 1 ]; then
   skipped pipeline "dry run: would run slimflow run --set train.workers=N --set train.mixed_precision=bf16"
   step prepare bash -c "cd '$COPY' && '$PY' -m tasks.prepare"
 else
-  step pipeline run_pipeline
+  step pipeline run_pipeline_either
 fi
 
 # --- 6. training throughput: 1 GPU, then every GPU ---------------------------------------------

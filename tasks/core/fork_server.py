@@ -492,6 +492,9 @@ def main(argv: list[str] | None = None) -> int:
     from tasks.core.processes import die_with_parent
 
     die_with_parent()
+    # Nothing here may initialize CUDA: a child of a process that did cannot use the GPU.
+    # Should an import ask torch whether CUDA is there, NVML answers, not the driver.
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
     serve(args[0])
     _finish(0)  # exit handlers, but not the interpreter's slow tear-down of torch and the rest
 
