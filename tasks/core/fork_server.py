@@ -53,27 +53,26 @@ log = logging.getLogger(__name__)
 
 ENV = "SLIMFLOW_FORK_SERVER"  # the socket of the run's fork server; "off": do not start one
 OFF = "off"
-# What the stages and workers import, in the order the pipeline needs it: the server
-# serves a request between two steps, so the prepare stage (MLflow, numpy) need not wait
-# for torch and ONNX, which load while it runs. A module that fails to import is skipped:
-# the process that needs it reports it in its own words, as it would without the server.
-# Not ONNX Runtime or scikit-learn: importing them starts threads of their own (measured),
-# and a fork copies only the thread that forks. The threads numpy's OpenBLAS and pandas'
-# jemalloc start are made for forking (both re-arm in the child through pthread_atfork).
-PRELOAD = (
-    "numpy", "pandas", "mlflow", "@mlflow-stores", "tasks.prepare",                    # prepare
-    "torch", "torch.nn", "torch._dynamo", "horovod.torch", "codecarbon", "@cpu-model",  # train
-    "mlflow.pytorch", "tasks.train", "tasks.training.worker", "tasks.training.loop", "tasks.training.distributed",
-    "torch.ao.quantization", "torch.onnx", "onnx", "mlflow.pyfunc", "mlflow.models",    # compress
-    "tasks.compress", "tasks.compression.variants",
-    "psutil", "matplotlib.figure", "matplotlib.backends.backend_agg",                   # evaluate
-    "tasks.evaluate", "tasks.evaluation.benchmark", "tasks.evaluation.registration",
-)
 # MLflow's stores are opened once the run says its tracking store exists (the marker file
 # beside the socket, :meth:`ForkServer.tracking_ready`): on a new project the run creates
 # the database, and two processes creating MLflow's tables at once can fail.
 STORES_STEP = "@mlflow-stores"
 TRACKING_READY = "tracking-ready"
+# What the stages and workers import, in the order the pipeline needs it: the server
+# serves a request between two steps, so the prepare stage (MLflow, numpy) need not wait
+# for torch and ONNX, which load while it runs. Libraries only: the project's own modules
+# are each stage's, small (0.1-0.2 s), and a stage's DVC deps must not grow by every module
+# named here. A module that fails to import is skipped:
+# the process that needs it reports it in its own words, as it would without the server.
+# Not ONNX Runtime or scikit-learn: importing them starts threads of their own (measured),
+# and a fork copies only the thread that forks. The threads numpy's OpenBLAS and pandas'
+# jemalloc start are made for forking (both re-arm in the child through pthread_atfork).
+PRELOAD = (
+    "numpy", "pandas", "mlflow", STORES_STEP,                                          # prepare
+    "torch", "torch.nn", "torch._dynamo", "horovod.torch", "codecarbon", "@cpu-model",  # train
+    "mlflow.pytorch", "torch.ao.quantization", "torch.onnx", "onnx", "mlflow.pyfunc",   # compress
+    "mlflow.models", "psutil", "matplotlib.figure", "matplotlib.backends.backend_agg",  # evaluate
+)
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _HEADER = struct.Struct("!I")
 _in_child = False  # True in a process the server forked: it runs its module, never forwards
