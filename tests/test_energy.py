@@ -74,12 +74,17 @@ def test_the_cpu_estimate_is_labelled_and_counts_cpu_time_not_waiting(meter: Ene
 
 def test_excluded_children_and_credited_energy(meter: EnergyMeter) -> None:
     start = meter.read()
+    _burn(5_000_000)  # the same work, counted: what leaving it out must save
+    counted = (meter.read() - start).total
+    start = meter.read()
     with meter.excluded():
-        _burn(1_000_000)  # stands for child processes that measure themselves
+        _burn(5_000_000)  # stands for child processes that measure themselves
     inside = (meter.read() - start).total
     meter.credit(Joules(cpu=5.0, gpu=2.0), "nvml (GPU 0) + estimate (workers)")
     after = meter.read() - start
-    assert inside < 0.05  # only the readings' own cost is left
+    # Only the readings' own cost is left (0.01-0.08 J measured, more on a busy machine):
+    # a ratio to the same work counted, not a fixed bound.
+    assert counted > 0 and inside < 0.25 * counted
     assert after.gpu == pytest.approx(2.0) and after.cpu == pytest.approx(5.0, abs=0.1)
     assert meter.credited.total >= 7.0 and "nvml (GPU 0) + estimate (workers)" in meter.sources()
 
