@@ -164,14 +164,20 @@ def run(
         return
 
     _check_servers()
-    server_url = _project_prefect_server(paths)
+    from tasks.core.fork_server import fork_server
     from tasks.core.processes import own_process_tree
 
     # From here on every process this run starts (the stages, horovodrun and its workers;
-    # Prefect's temporary API server if one is used) dies with it, even on kill -9.
+    # Prefect's temporary API server if one is used; not the project's background Prefect
+    # server, which outlives runs) dies with it, even on kill -9.
     own_process_tree()
-    _interrupt_on_sigterm()
-    with prefect_server.in_use(paths.root) if server_url else contextlib.nullcontext():
+    with contextlib.ExitStack() as held:
+        # The stages' and workers' imports load while Prefect's server starts or is found.
+        held.enter_context(fork_server(paths.root))
+        server_url = _project_prefect_server(paths)
+        _interrupt_on_sigterm()
+        if server_url:
+            held.enter_context(prefect_server.in_use(paths.root))
         result = _run_pipeline(overrides, from_stage, to_stage, force, wait)
     # When evaluate ran, its own closing table (same numbers) is already on the terminal.
     evaluated_now = any(stage["stage"] == "evaluate" and stage["ran"] for stage in result["stages"])

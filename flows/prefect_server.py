@@ -150,7 +150,9 @@ def ensure(root: Path, timeout_s: float = START_TIMEOUT_S) -> str:
         idle_minutes()  # a bad setting is refused here, not by the supervisor later
         record_path(root).unlink(missing_ok=True)
         port = _free_port()
-        env = {k: v for k, v in os.environ.items() if k not in ("SLIMFLOW_RUN_TOKENS", "PREFECT_API_URL")}
+        # Not the run's: its token (the server outlives the run), its fork server, an API URL.
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("SLIMFLOW_RUN_TOKENS", "SLIMFLOW_FORK_SERVER", "PREFECT_API_URL")}
         with open(_home(root) / LOG, "ab") as log:
             # Its own session: the run's Ctrl-C, kill or reaper never reach it (it outlives runs).
             supervisor = subprocess.Popen(

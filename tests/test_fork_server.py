@@ -228,6 +228,16 @@ def test_an_entry_from_another_host_runs_by_itself(server: str, probe_dir: Path)
     assert json.loads(out) == {"pid": entry.pid, "client": None}  # not forked: the server refused
 
 
+def test_a_nested_block_uses_the_running_server_and_leaves_it_running(
+    server_handle: fork_server.ForkServer,
+) -> None:
+    """``slimflow run`` starts the server before it waits for Prefect; the flow enters again."""
+    with fork_server.fork_server(REPO) as again:
+        assert again is server_handle
+    assert os.environ[ENV] == server_handle.socket_path
+    assert psutil.Process(server_handle.pid).status() != psutil.STATUS_ZOMBIE
+
+
 def test_off_starts_no_server(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(ENV, OFF)
     before = {p.pid for p in psutil.Process().children()}

@@ -436,11 +436,19 @@ class ForkServer:
         partial.replace(marker)
 
 
+_started: tuple[int, ForkServer] | None = None  # (pid, server) of the one this process runs
+
+
 @contextmanager
 def fork_server(root: Path) -> Iterator[ForkServer | None]:
     """Start the run's fork server for the processes started inside the block (exported as
     ``SLIMFLOW_FORK_SERVER``); stop it after. Yields it, or None when
-    ``SLIMFLOW_FORK_SERVER=off`` or it could not start (processes then import for themselves)."""
+    ``SLIMFLOW_FORK_SERVER=off`` or it could not start (processes then import for themselves).
+
+    Inside a block of its own (``slimflow run`` starts the server before it waits for
+    Prefect, so the imports overlap that wait; the flow then enters again), the running
+    server is yielded and left running."""
+    global _started
     import shutil
     import tempfile
 
@@ -449,6 +457,9 @@ def fork_server(root: Path) -> Iterator[ForkServer | None]:
     previous = os.environ.get(ENV)
     if previous == OFF or sys.platform != "linux":
         yield None
+        return
+    if _started is not None and _started[0] == os.getpid() and previous == _started[1].socket_path:
+        yield _started[1]
         return
     folder = Path(tempfile.mkdtemp(prefix="slimflow-fork-"))  # short: a socket path has 107 bytes at most
     path = str(folder / "socket")
@@ -467,9 +478,11 @@ def fork_server(root: Path) -> Iterator[ForkServer | None]:
     while not os.path.exists(path) and server.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)  # bound in milliseconds: before its imports
     os.environ[ENV] = path
+    _started = (os.getpid(), ForkServer(path, server.pid))
     try:
-        yield ForkServer(path, server.pid)
+        yield _started[1]
     finally:
+        _started = None
         if previous is None:
             os.environ.pop(ENV, None)
         else:
