@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from flows.prefect_server import record_path
+from flows.prefect_server import DATABASE_URL_SETTINGS, LOG, database_template, record_path, seed_database
 from tests.conftest import TINY_PARAMS, make_project, run_processes, seconds_until_gone, slimflow
 
 pytestmark = pytest.mark.integration
@@ -45,6 +45,9 @@ def test_the_server_is_started_once_found_after_and_stopped_on_request(tmp_path:
         assert record["url"] == url and url.startswith("http://127.0.0.1:")
         assert httpx.get(f"{url}/api/health", timeout=10).status_code == 200
         assert "stops after 60 idle minutes" in first.stdout
+        # A new project's server starts on a copy of the database make install migrated.
+        assert database_template().is_file()
+        assert f"a new database: a copy of {database_template()}" in (root / ".prefect" / LOG).read_text()
 
         started = time.monotonic()
         again = slimflow(root, "prefect-server", env=NO_SERVER, timeout=60)
@@ -57,6 +60,24 @@ def test_the_server_is_started_once_found_after_and_stopped_on_request(tmp_path:
     assert slimflow(root, "prefect-server", "--stop", env=NO_SERVER).stdout.strip() == (
         "no background Prefect server was running"
     )
+
+
+def test_the_template_seeds_only_a_project_without_a_database(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    template = tmp_path / "prefect-template.db"
+    template.write_bytes(b"a migrated database")
+    home = tmp_path / "home"
+    home.mkdir()
+    assert seed_database(home, template)
+    assert (home / "prefect.db").read_bytes() == b"a migrated database"
+    (home / "prefect.db").write_bytes(b"this project's history")
+    assert not seed_database(home, template)  # never over a project's own history
+    assert (home / "prefect.db").read_bytes() == b"this project's history"
+    other = tmp_path / "other"
+    other.mkdir()
+    monkeypatch.setenv(DATABASE_URL_SETTINGS[0], "postgresql+asyncpg://prefect@db/prefect")
+    assert not seed_database(other, template) and not (other / "prefect.db").exists()
+    monkeypatch.delenv(DATABASE_URL_SETTINGS[0])
+    assert not seed_database(other, tmp_path / "no-template.db") and not (other / "prefect.db").exists()
 
 
 def test_an_idle_server_stops_by_itself(tmp_path: Path) -> None:
