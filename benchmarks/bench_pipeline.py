@@ -202,7 +202,7 @@ def intervals(procs: list[Proc]) -> list[tuple[float, float, int, str]]:
             out.append((p.created, p.site, 8, HELPER_START))
             out.extend((start, end, 8, HELPER_START) for label, start, end in p.spans if label.startswith("import:"))
         elif role == "fork-server":  # its imports, once for every stage and worker of the run
-            out.extend((start, end, 2, FORK_SERVER) for label, start, end in p.spans if label.startswith("import:"))
+            out.extend((start, end, 1.5, FORK_SERVER) for label, start, end in p.spans if label.startswith("import:"))
         elif role == "worker" and p.rank in (None, "0"):
             for label, start, end in p.spans:
                 if label == "run_epochs":

@@ -7,9 +7,11 @@ the traceback.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import os
 import sys
+import threading
 import traceback
 from typing import Annotated, Any, NoReturn, Optional
 
@@ -172,8 +174,10 @@ def run(
     # server, which outlives runs) dies with it, even on kill -9.
     own_process_tree()
     with contextlib.ExitStack() as held:
-        # The stages' and workers' imports load while Prefect's server starts or is found.
+        # The stages' and workers' imports load while Prefect's server starts or is found,
+        # and so does this process's MLflow (the flow's first call would import it).
         held.enter_context(fork_server(paths.root))
+        threading.Thread(target=importlib.import_module, args=("mlflow",), name="import-mlflow", daemon=True).start()
         server_url = _project_prefect_server(paths)
         _interrupt_on_sigterm()
         if server_url:

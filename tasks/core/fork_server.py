@@ -64,14 +64,15 @@ TRACKING_READY = "tracking-ready"
 # are each stage's, small (0.1-0.2 s), and a stage's DVC deps must not grow by every module
 # named here. A module that fails to import is skipped:
 # the process that needs it reports it in its own words, as it would without the server.
-# Not ONNX Runtime or scikit-learn: importing them starts threads of their own (measured),
-# and a fork copies only the thread that forks. The threads numpy's OpenBLAS and pandas'
-# jemalloc start are made for forking (both re-arm in the child through pthread_atfork).
+# Not ONNX Runtime: importing it starts a thread of its own (measured), and a fork copies
+# only the thread that forks. The threads numpy's and scipy's OpenBLAS and pandas' jemalloc
+# start at import are made for forking (they re-arm in the child through pthread_atfork).
 PRELOAD = (
-    "numpy", "pandas", "mlflow", STORES_STEP,                                          # prepare
+    "numpy", "pandas", "mlflow", STORES_STEP, "sklearn.datasets",                      # prepare
     "torch", "torch.nn", "torch._dynamo", "horovod.torch", "codecarbon", "@cpu-model",  # train
-    "mlflow.pytorch", "torch.ao.quantization", "torch.onnx", "onnx", "mlflow.pyfunc",   # compress
-    "mlflow.models", "psutil", "matplotlib.figure", "matplotlib.backends.backend_agg",  # evaluate
+    "mlflow.pytorch", "torch.ao.quantization", "torch.onnx", "onnx", "onnxscript",      # compress
+    "networkx", "mlflow.pyfunc", "mlflow.models",
+    "psutil", "matplotlib.figure", "matplotlib.backends.backend_agg",                   # evaluate
 )
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _HEADER = struct.Struct("!I")
