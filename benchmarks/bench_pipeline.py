@@ -134,7 +134,7 @@ class Proc:
     @property
     def role(self) -> str:
         args = self.cmdline
-        if any(a.endswith("/horovodrun") or a == "horovodrun" for a in args):
+        if any(a.endswith("/horovodrun") or a in ("horovodrun", "tasks.training.horovodrun") for a in args):
             return "horovodrun"
         if "tasks.training.worker" in args:
             return "worker"

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tasks.training.launcher import (
-    IDLE_CYCLE_TIME_MS, WORKER_MODULE, HostSlots, LaunchError, build_command, check_hosts_reachable,
+    HOROVODRUN_MODULE, IDLE_CYCLE_TIME_MS, WORKER_MODULE, HostSlots, LaunchError, build_command, check_hosts_reachable,
     horovod_has_idle_cycle, parse_hosts, summarize_failure, threads_per_worker, worker_environment,
 )
 
@@ -21,8 +21,8 @@ def test_one_local_worker_runs_without_horovodrun() -> None:
 
 def test_local_workers_go_through_horovodrun_over_gloo() -> None:
     command = build_command(["-m", WORKER_MODULE, "job.json"], parse_hosts(None, 2))
-    assert command[0].endswith("horovodrun")
-    assert command[1:6] == ["--gloo", "-np", "2", "-H", "localhost:2"]
+    assert command[:3] == [sys.executable, "-m", HOROVODRUN_MODULE]  # Horovod's horovodrun, our entry
+    assert command[3:8] == ["--gloo", "-np", "2", "-H", "localhost:2"]
     assert command[-3:] == ["-m", WORKER_MODULE, "job.json"]
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
@@ -27,6 +26,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 WORKER_MODULE = "tasks.training.worker"  # what each worker runs: python -m WORKER_MODULE --serve DIR
+HOROVODRUN_MODULE = "tasks.training.horovodrun"  # horovodrun, as python -m HOROVODRUN_MODULE ARGS
 THREADS_ENV = "SLIMFLOW_THREADS_PER_WORKER"  # the launcher's thread count, read by each worker
 
 
@@ -138,9 +138,10 @@ def build_command(
     total = sum(h.slots for h in hosts)
     if total == 1 and _is_local(hosts[0].host):
         return worker
-    horovodrun = shutil.which("horovodrun", path=str(Path(sys.executable).parent)) or "horovodrun"
+    # Horovod's horovodrun, through an entry of ours so that a run's fork server starts it
+    # with torch imported (tasks/training/horovodrun.py says why).
     command = [
-        horovodrun, "--gloo", "-np", str(total),
+        sys.executable, "-m", HOROVODRUN_MODULE, "--gloo", "-np", str(total),
         "-H", ",".join(f"{h.host}:{h.slots}" for h in hosts),
     ]
     if ssh_port := os.environ.get("HOROVOD_SSH_PORT"):
