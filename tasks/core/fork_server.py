@@ -1,9 +1,9 @@
 """A run's fork server: stage and worker processes that start with their imports done.
 
 Every stage is its own process (DVC runs ``python -m tasks.<stage>``), and so is every
-Horovod worker. Each used to spend 2-4 s importing torch, MLflow, ONNX and scikit-learn
-and checking the MLflow database's schema before its first line of work: about 20 s of a
-90 s default run on two cores. A pipeline run now starts one *fork server* first
+Horovod worker (and ``horovodrun``). Each used to spend 2-4 s importing torch, MLflow,
+ONNX and scikit-learn and checking the MLflow database's schema before its first line of
+work: about 20 s of a 90 s default run on two cores. A pipeline run now starts one *fork server* first
 (``python -m tasks.core.fork_server SOCKET``): it imports all of that once, opens the
 MLflow stores once, and waits.
 
@@ -20,10 +20,11 @@ child notices the closed connection and kills itself. Without the variable (plai
 ``dvc repro``, a test, a manual run), or when no server answers, the entry runs as
 before, in its own process.
 
-The server never runs torch, ONNX Runtime or MLflow work itself and has one thread when
-it forks (OpenMP's pool and SQLite connections do not survive a fork; neither exists
-yet). It serves one pipeline run and dies with it: it carries the run's token and
-parent-death signal, and the flow stops it when the run ends.
+The server never runs torch, ONNX Runtime or SQL work itself, and has one Python thread
+when it forks (OpenMP's pool, CUDA and SQLite connections do not survive a fork; none
+exists in it). It serves one pipeline run and dies with it: it carries the run's token
+and parent-death signal, and the run (``slimflow run``, or the flow) stops it at the end.
+Workers ``horovodrun`` starts on other hosts are refused and start there by themselves.
 
 ``SLIMFLOW_FORK_SERVER=off`` in the environment of ``slimflow run`` keeps the old way:
 every process imports for itself.
@@ -31,7 +32,6 @@ every process imports for itself.
 
 from __future__ import annotations
 
-import array
 import atexit
 import json
 import logging
