@@ -238,6 +238,26 @@ def test_a_nested_block_uses_the_running_server_and_leaves_it_running(
     assert psutil.Process(server_handle.pid).status() != psutil.STATUS_ZOMBIE
 
 
+def test_a_dead_servers_folder_is_removed_a_live_ones_kept(server_handle: fork_server.ForkServer, tmp_path: Path) -> None:
+    """kill -9 of a run leaves its server's socket folder; the next server start removes it."""
+    import socket as sockets
+
+    dead = tmp_path / f"{fork_server.FOLDER_PREFIX}dead"
+    dead.mkdir()
+    bound = sockets.socket(sockets.AF_UNIX, sockets.SOCK_STREAM)
+    bound.bind(str(dead / "socket"))  # bound, then its process died: nothing listens
+    bound.close()
+    new = tmp_path / f"{fork_server.FOLDER_PREFIX}starting"
+    new.mkdir()
+    an_hour_ago = time.time() - 3600
+    os.utime(dead, (an_hour_ago, an_hour_ago))
+    assert fork_server.remove_stale_folders(tmp_path) == [dead]
+    assert not dead.exists() and new.exists()
+    live = Path(server_handle.socket_path).parent
+    os.utime(live, (an_hour_ago, an_hour_ago))  # a live server's folder, however old, stays
+    assert live not in fork_server.remove_stale_folders(live.parent) and live.exists()
+
+
 def test_off_starts_no_server(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(ENV, OFF)
     before = {p.pid for p in psutil.Process().children()}

@@ -437,6 +437,36 @@ class ForkServer:
         partial.replace(marker)
 
 
+FOLDER_PREFIX = "slimflow-fork-"  # the socket's folder, in the temporary directory
+STALE_AFTER_S = 60.0
+
+
+def remove_stale_folders(parent: Path, older_than_s: float = STALE_AFTER_S) -> list[Path]:
+    """Remove the socket folders of fork servers that are gone (a run killed with -9 leaves
+    its folder): nothing listens on the socket, and the folder is not new (a server that
+    is starting has not bound its socket yet). Returns what was removed."""
+    import shutil
+
+    removed = []
+    for folder in parent.glob(f"{FOLDER_PREFIX}*"):
+        try:
+            if not folder.is_dir() or time.time() - folder.stat().st_mtime < older_than_s:
+                continue
+        except OSError:
+            continue
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(folder / "socket"))
+            continue  # a live server
+        except OSError:
+            pass
+        finally:
+            probe.close()
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
+
+
 _started: tuple[int, ForkServer] | None = None  # (pid, server) of the one this process runs
 
 
@@ -462,7 +492,8 @@ def fork_server(root: Path) -> Iterator[ForkServer | None]:
     if _started is not None and _started[0] == os.getpid() and previous == _started[1].socket_path:
         yield _started[1]
         return
-    folder = Path(tempfile.mkdtemp(prefix="slimflow-fork-"))  # short: a socket path has 107 bytes at most
+    remove_stale_folders(Path(tempfile.gettempdir()))
+    folder = Path(tempfile.mkdtemp(prefix=FOLDER_PREFIX))  # short: a socket path has 107 bytes at most
     path = str(folder / "socket")
     env = {k: v for k, v in os.environ.items() if k != ENV}
     try:
