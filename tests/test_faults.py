@@ -94,11 +94,15 @@ def test_a_killed_owner_takes_its_whole_process_tree_with_it(tmp_path: Path) -> 
     env = {**os.environ, "PYTHONPATH": str(REPO), "SLIMFLOW_ROOT": str(tmp_path)}
     owner = subprocess.Popen([PYTHON, "-c", OWNER], env=env, stdout=subprocess.PIPE, text=True)
     assert owner.stdout.readline().strip() == "started"
+    def sleeps(processes: dict[int, str]) -> list[str]:
+        return sorted(c for c in processes.values() if c.startswith("sleep "))
+
+    # Until all three sleeps have exec'd (a forked sh shows its parent's command line until then).
     deadline = time.monotonic() + 10
-    while len(run_processes(tmp_path)) < 6 and time.monotonic() < deadline:  # owner, reaper, sh, 3 sleeps
+    while sleeps(run_processes(tmp_path)) != ["sleep 600", "sleep 601", "sleep 602"] and time.monotonic() < deadline:
         time.sleep(0.05)
     before = run_processes(tmp_path)
-    assert sorted(c for c in before.values() if c.startswith("sleep ")) == ["sleep 600", "sleep 601", "sleep 602"], before
+    assert sleeps(before) == ["sleep 600", "sleep 601", "sleep 602"], before
     owner.kill()
     owner.wait()
     assert seconds_until_gone(tmp_path, 10) < 5, run_processes(tmp_path)
