@@ -44,16 +44,16 @@ _local = threading.local()
 _record: dict[str, Any] = {}
 
 
-def _process_created() -> float:
-    """Epoch seconds at which the kernel started this process."""
+def _process_created(pid: int | str = "self") -> float | None:
+    """Epoch seconds at which the kernel started process ``pid`` (None if it cannot tell)."""
     try:
-        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         start_ticks = int(fields[19])  # field 22 of stat(5); the first two were cut off
         ticks = os.sysconf("SC_CLK_TCK")
         age = time.clock_gettime(time.CLOCK_BOOTTIME) - start_ticks / ticks
         return time.time() - age
     except (OSError, ValueError, IndexError, AttributeError):
-        return time.time()
+        return None
 
 
 def _depth(group: str) -> int:
@@ -254,7 +254,7 @@ def install(folder: str) -> None:
     target = Path(folder)
     target.mkdir(parents=True, exist_ok=True)
     _record.update(
-        pid=os.getpid(), ppid=os.getppid(), created=_process_created(), site=time.time(),
+        pid=os.getpid(), ppid=os.getppid(), created=_process_created() or time.time(), site=time.time(),
         horovod_rank=os.environ.get("HOROVOD_RANK"),
     )
     sys.meta_path.insert(0, _ImportTimer())
@@ -277,11 +277,4 @@ def _client_created() -> float | None:
         pid = fork_server.client_pid()
     except Exception:
         return None
-    if not pid:
-        return None
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        age = time.clock_gettime(time.CLOCK_BOOTTIME) - int(fields[19]) / os.sysconf("SC_CLK_TCK")
-        return time.time() - age
-    except (OSError, ValueError, IndexError):
-        return None
+    return _process_created(pid) if pid else None
