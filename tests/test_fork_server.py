@@ -258,6 +258,24 @@ def test_a_dead_servers_folder_is_removed_a_live_ones_kept(server_handle: fork_s
     assert live not in fork_server.remove_stale_folders(live.parent) and live.exists()
 
 
+def test_an_idle_server_stops_as_soon_as_it_is_asked(tmp_path: Path) -> None:
+    """The run ends by stopping its server: SIGTERM must not wait for the idle wait's end."""
+    path = tmp_path / "socket"
+    server = subprocess.Popen([sys.executable, "-c", f"from tasks.core.fork_server import serve; serve({str(path)!r}, ())"],
+                              cwd=REPO)
+    try:
+        deadline = time.monotonic() + 30
+        while not path.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.3)  # inside its idle wait (fork_server.IDLE_CHECK_S long)
+        asked = time.monotonic()
+        server.terminate()
+        assert server.wait(timeout=fork_server.IDLE_CHECK_S * 2) == 0
+        assert time.monotonic() - asked < fork_server.IDLE_CHECK_S / 2
+    finally:
+        server.kill()
+
+
 def test_off_starts_no_server(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(ENV, OFF)
     before = {p.pid for p in psutil.Process().children()}

@@ -313,6 +313,16 @@ def _watch_client(conn: socket.socket) -> None:
             os.kill(os.getpid(), int(message["signal"]))
 
 
+IDLE_CHECK_S = 5.0  # how often an idle server looks whether its run is still there
+
+
+@dataclass(frozen=True)
+class _WakeUp:
+    """The selector's key for the server's wake-up pipe (its read end)."""
+
+    write_fd: int
+
+
 def serve(path: str, preload: tuple[str, ...] = PRELOAD) -> None:
     """Listen on ``path``; fork a child per request; send each entry its child's status.
 
@@ -325,11 +335,20 @@ def serve(path: str, preload: tuple[str, ...] = PRELOAD) -> None:
     listener.listen(64)  # entries that connect wait in the backlog until the current step is done
     selector = selectors.DefaultSelector()
     selector.register(listener, selectors.EVENT_READ, None)
+    # SIGTERM must end a wait at once: select() resumes after a signal handler (PEP 475),
+    # so the handler also writes to a pipe the selector watches.
+    wake_read, wake_write = os.pipe()
+    os.set_blocking(wake_write, False)
+    selector.register(wake_read, selectors.EVENT_READ, _WakeUp(wake_write))
     stopping = False
 
     def stop(signum: int, frame: Any) -> None:
         nonlocal stopping
         stopping = True
+        try:
+            os.write(wake_write, b"x")
+        except OSError:  # the pipe is full: a wake-up is pending already
+            pass
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C reaches the run, which stops the server
@@ -338,10 +357,10 @@ def serve(path: str, preload: tuple[str, ...] = PRELOAD) -> None:
     while not stopping:
         # Steps not yet possible (MLflow's stores before the run created them) wait their turn.
         ready = [step for step in pending if step != STORES_STEP or tracking_ready.exists()]
-        for key, _ in selector.select(timeout=0 if ready else (0.2 if pending else 1.0)):
+        for key, _ in selector.select(timeout=0 if ready else (0.2 if pending else IDLE_CHECK_S)):
             if key.data is None:
                 _accept(listener, selector)
-            else:
+            elif not isinstance(key.data, _WakeUp):
                 _reap(key, selector)
         if os.getppid() != parent:  # the run is gone (and its parent-death signal missed)
             break
@@ -351,6 +370,8 @@ def serve(path: str, preload: tuple[str, ...] = PRELOAD) -> None:
             sys.stdout.flush()
             sys.stderr.flush()
     listener.close()
+    for fd in (wake_read, wake_write):
+        os.close(fd)
 
 
 def _accept(listener: socket.socket, selector: Any) -> None:
@@ -398,6 +419,9 @@ def _server_fds(listener: socket.socket, selector: Any) -> list[int]:
     fds = []
     for key in list(selector.get_map().values()):
         if key.data is None:
+            continue
+        if isinstance(key.data, _WakeUp):
+            fds += [key.fd, key.data.write_fd]
             continue
         fds.append(key.fd)  # another child's pidfd
         fds.append(key.data[1].detach())  # another entry's connection
