@@ -241,7 +241,9 @@ def database_template() -> Path:
     """Where ``make install`` leaves an empty, migrated database for this venv's Prefect."""
     from importlib.metadata import version
 
-    return Path(sys.prefix) / "share" / "slimflow" / f"prefect-{version('prefect')}.db"
+    from tasks.core.paths import install_share
+
+    return install_share() / f"prefect-{version('prefect')}.db"
 
 
 def write_database_template(template: Path | None = None) -> Path:

@@ -41,5 +41,9 @@ fi
 # about 4 s instead of migrating a new one (9 s) during the first `make run` (flows/prefect_server.py).
 "$PY" -m flows.prefect_server --write-database-template | sed 's/^/[install] /' \
   || log "no Prefect database template: a project's first Prefect server migrates its own"
+# The same for MLflow: a new project's store starts from a copy with its tables made
+# (MLflow creates them one migration at a time: 1-2 s of the first run; tasks/core/tracking.py).
+"$PY" -m tasks.core.tracking --write-store-template | sed 's/^/[install] /' \
+  || log "no MLflow store template: a project's first run creates MLflow's tables itself"
 touch "$VENV/.slimflow-installed"
 log "done"

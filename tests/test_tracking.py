@@ -96,3 +96,65 @@ def test_readable_params_write_lists_as_json() -> None:
         "recipe.parent": "baseline", "recipe.method": "prune", "recipe.step1.method": "prune",
         "recipe.step1.sparsity": "0.9",
     }
+
+
+def _schema(database: Path) -> tuple[dict[str, list[str]], str]:
+    """Every table's columns, and the schema revision MLflow stamped."""
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(f"sqlite:///{database}")
+    try:
+        inspector = sqlalchemy.inspect(engine)
+        tables = {name: sorted(column["name"] for column in inspector.get_columns(name))
+                  for name in inspector.get_table_names()}
+        with engine.connect() as connection:
+            revision = connection.execute(sqlalchemy.text("SELECT version_num FROM alembic_version")).scalar_one()
+    finally:
+        engine.dispose()
+    return tables, revision
+
+
+def test_a_new_store_is_a_copy_of_the_install_template_that_mlflow_takes_as_its_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`make install` leaves MLflow's tables made; a new project's store starts from a copy,
+    and MLflow adds the Default experiment with the project's artifact root, not the template's."""
+    import mlflow
+
+    assert tracking.store_template().is_file()  # made by scripts/install.sh
+    template = tracking.write_store_template(tmp_path / "template" / "mlflow.db")
+    project = tmp_path / "project"
+    project.mkdir()
+    monkeypatch.chdir(project)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv(ENV, raising=False)
+    uri = tracking.default_tracking_uri(project)
+    assert tracking.seed_store(uri, template)
+    experiment_id = tracking.configure(project, "seeded")
+    client = mlflow.MlflowClient(uri)
+    assert client.get_experiment(experiment_id).name == "seeded"
+    assert Path(client.get_experiment("0").artifact_location).parent == project / "mlruns"
+    run = client.create_run(experiment_id)
+    client.log_metric(run.info.run_id, "accuracy", 0.9)
+    assert client.get_run(run.info.run_id).data.metrics == {"accuracy": 0.9}
+    # The same tables and schema revision as a store MLflow makes itself.
+    made = tmp_path / "made" / "mlflow.db"
+    made.parent.mkdir()
+    mlflow.MlflowClient(f"sqlite:///{made}").search_experiments()
+    assert _schema(project / "mlflow.db") == _schema(made)
+
+
+def test_the_template_never_replaces_a_store_and_only_seeds_sqlite_files(tmp_path: Path) -> None:
+    template = tmp_path / "template.db"
+    template.write_bytes(b"the template")
+    existing = tmp_path / "mlflow.db"
+    existing.write_bytes(b"a project's history")
+    assert not tracking.seed_store(f"sqlite:///{existing}", template)
+    assert existing.read_bytes() == b"a project's history"
+    assert not tracking.seed_store("http://127.0.0.1:5000", template)
+    assert not tracking.seed_store(f"sqlite:///{tmp_path / 'no-folder' / 'mlflow.db'}", template)
+    new = tmp_path / "new.db"
+    assert not tracking.seed_store(f"sqlite:///{new}", tmp_path / "no-template.db") and not new.exists()
+    assert tracking.seed_store(f"sqlite:///{new}?timeout=30", template)
+    assert new.read_bytes() == b"the template"
+    assert not [path.name for path in tmp_path.iterdir() if path.name.endswith(".partial")]

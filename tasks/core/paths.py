@@ -7,6 +7,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+def install_share() -> Path:
+    """Where ``make install`` leaves files for every project of this venv (database templates)."""
+    import sys
+
+    return Path(sys.prefix) / "share" / "slimflow"
+
+
 def find_project_root(start: Path | None = None) -> Path:
     """The nearest folder holding ``dvc.yaml`` (or ``$SLIMFLOW_ROOT``)."""
     if env := os.environ.get("SLIMFLOW_ROOT"):

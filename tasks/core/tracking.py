@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
+import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,68 @@ _CONFIGURED: dict[tuple[str, str], str] = {}
 
 def default_tracking_uri(root: Path) -> str:
     return f"sqlite:///{(root / 'mlflow.db').resolve()}"
+
+
+def store_template() -> Path:
+    """Where ``make install`` leaves an empty SQLite database with this MLflow's tables."""
+    from importlib.metadata import version
+
+    from tasks.core.paths import install_share
+
+    return install_share() / f"mlflow-{version('mlflow')}.db"
+
+
+def write_store_template(template: Path | None = None) -> Path:
+    """Create MLflow's tables (its initial schema, then every migration) in a new database.
+
+    Tables only, as MLflow's SQL store creates them in a database that has none
+    (``_initialize_tables``): the store adds its Default experiment, with the project's
+    artifact root, when a project first opens its copy.
+    """
+    import sqlalchemy
+    from mlflow.store.db.utils import _initialize_tables
+
+    template = template or store_template()
+    template.parent.mkdir(parents=True, exist_ok=True)
+    partial = template.with_name(f".{template.name}.partial")
+    partial.unlink(missing_ok=True)
+    engine = sqlalchemy.create_engine(f"sqlite:///{partial}")
+    try:
+        _initialize_tables(engine)
+    finally:
+        engine.dispose()
+    os.replace(partial, template)
+    return template
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` tracking URI, else None."""
+    if not uri.startswith("sqlite:///") or uri.startswith("sqlite:///:memory:"):
+        return None
+    return Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
+
+
+def seed_store(uri: str, template: Path | None = None) -> bool:
+    """Start a new SQLite tracking store as a copy of :func:`store_template`.
+
+    MLflow creates its tables in a new database, one migration after another: 1-2 s of a
+    new project's first run on the 2-core machine. Never over an existing database (one
+    made meanwhile by another process included), and only where the template exists and
+    the URI is a SQLite file; True when it copied.
+    """
+    target = sqlite_path(uri)
+    template = template or store_template()
+    if target is None or target.exists() or not template.is_file() or not target.parent.is_dir():
+        return False
+    partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+    try:
+        shutil.copyfile(template, partial)
+        os.link(partial, target)  # unlike a rename, never replaces a database made meanwhile
+    except OSError:  # made meanwhile, or not possible here: MLflow creates its tables itself
+        return False
+    finally:
+        partial.unlink(missing_ok=True)
+    return True
 
 
 def configure(root: Path, experiment: str, context: RunContext | None = None) -> str:
@@ -45,6 +109,7 @@ def configure(root: Path, experiment: str, context: RunContext | None = None) ->
     key = (uri, f"id:{context.experiment_id}" if context.experiment_id else f"name:{experiment}")
     if key in _CONFIGURED and mlflow.get_tracking_uri() == uri and _active_experiment_id() == _CONFIGURED[key]:
         return _CONFIGURED[key]
+    seed_store(uri)
     mlflow.set_tracking_uri(uri)
     if context.experiment_id:
         mlflow.set_experiment(experiment_id=context.experiment_id)
@@ -226,3 +291,10 @@ def log_stage_energy(joules: float, source: str, grid_co2e_g_per_kwh: float | No
     # Not `energy_source`: on a model's run (the train stage's is the baseline's) that tag
     # says how its energy per 1,000 predictions was measured.
     mlflow.set_tag("stage_energy_source", source)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--write-store-template"]:  # make install
+        print(f"MLflow store template: {write_store_template()}")
+        sys.exit(0)
+    sys.exit("usage: python -m tasks.core.tracking --write-store-template")
