@@ -175,13 +175,18 @@ def run(
     own_process_tree()
     with contextlib.ExitStack() as held:
         # The stages' and workers' imports load while Prefect's server starts or is found,
-        # and so does this process's MLflow (the flow's first call would import it).
+        # and so does this process's MLflow (the flow's first calls would import it). Two
+        # threads importing the same package at once can meet a half-imported module, so
+        # the wait imports nothing but httpx (first), and the flow starts after the thread.
         held.enter_context(fork_server(paths.root))
-        threading.Thread(target=importlib.import_module, args=("mlflow",), name="import-mlflow", daemon=True).start()
+        importlib.import_module("httpx")
+        importer = threading.Thread(target=_import_mlflow, name="import-mlflow", daemon=True)
+        importer.start()
         server_url = _project_prefect_server(paths)
         _interrupt_on_sigterm()
         if server_url:
             held.enter_context(prefect_server.in_use(paths.root))
+        importer.join()
         result = _run_pipeline(overrides, from_stage, to_stage, force, wait)
     # When evaluate ran, its own closing table (same numbers) is already on the terminal.
     evaluated_now = any(stage["stage"] == "evaluate" and stage["ran"] for stage in result["stages"])
@@ -190,6 +195,16 @@ def run(
     console.print(f"MLflow pipeline run: {result['mlflow_run_id']}  (see README: MLflow UI)")
     if server_url:
         console.print(f"Prefect UI: {server_url}  (this project's background server; `slimflow prefect-server --stop` stops it)")
+
+
+def _import_mlflow() -> None:
+    """MLflow and its SQL stores (the flow's first tracking call opens them: 0.6 s of imports);
+    an import that fails is left to the flow, which reports it in its own words."""
+    for name in ("mlflow", "mlflow.store.tracking.sqlalchemy_store", "mlflow.store.model_registry.sqlalchemy_store"):
+        try:
+            importlib.import_module(name)
+        except Exception:  # noqa: BLE001
+            return
 
 
 def _project_prefect_server(paths: ProjectPaths, start: bool = True) -> str | None:
