@@ -618,3 +618,25 @@ def test_each_model_family_learns_on_a_tiny_budget(
     assert accuracy > 0.2, f"{family}: test accuracy {accuracy:.3f} (chance 0.1)"
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     assert metrics["world_size"] == 1 and metrics["threads_per_worker"] == 1
+
+
+def test_a_killed_stages_shared_pool_folder_is_removed_by_the_next_pool_of_its_host(tmp_path: Path) -> None:
+    """kill -9 of a multi-host stage leaves its control folder in the project's .slimflow/;
+    the next pool on that host removes it, and keeps live stages' and other hosts' folders."""
+    import socket
+
+    from tasks.training.pool import SHARED_FOLDER_PREFIX, remove_dead_control_folders, shared_control_folder
+
+    folder = tmp_path / ".slimflow"
+    dead_pid = subprocess.Popen(["true"])  # a stage that is gone
+    dead_pid.wait()
+    here = f"{SHARED_FOLDER_PREFIX}{socket.gethostname()}-"
+    dead = folder / f"{here}{dead_pid.pid}"
+    live = shared_control_folder(tmp_path)
+    elsewhere = folder / f"{SHARED_FOLDER_PREFIX}another-host-{dead_pid.pid}"
+    for control in (dead, live, elsewhere):
+        control.mkdir(parents=True)
+        (control / "job-1.json").write_text("{}")
+    assert live.parent == folder and live.name == f"{here}{os.getpid()}"
+    assert remove_dead_control_folders(folder) == [dead]
+    assert not dead.exists() and live.exists() and elsewhere.exists()

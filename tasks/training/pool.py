@@ -20,6 +20,7 @@ import dataclasses
 import logging
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -49,6 +50,7 @@ SERVE_FLAG = "--serve"  # python -m tasks.training.worker --serve CONTROL_FOLDER
 STOP_FILE = "stop"
 POLL_S = 0.02  # how often the stage and idle workers look at the control folder
 STOP_WAIT_S = 60.0  # how long the workers may take to leave after ``stop``
+SHARED_FOLDER_PREFIX = "fit-pool-"  # + host + "-" + the stage's pid, in the project's .slimflow/
 
 
 def job_file(control: Path, number: int) -> Path:
@@ -57,6 +59,36 @@ def job_file(control: Path, number: int) -> Path:
 
 def done_file(control: Path, number: int) -> Path:
     return control / f"done-{number}"
+
+
+def shared_control_folder(root: Path) -> Path:
+    """A pool's control folder for several hosts: in the shared project folder, named after
+    this host and this process (the stage)."""
+    return root / ".slimflow" / f"{SHARED_FOLDER_PREFIX}{socket.gethostname()}-{os.getpid()}"
+
+
+def remove_dead_control_folders(folder: Path) -> list[Path]:
+    """Remove the shared control folders this host's killed stages left (kill -9 skips the
+    pool's clean-up): those whose process is gone. Other hosts' folders stay. Returns them."""
+    prefix = f"{SHARED_FOLDER_PREFIX}{socket.gethostname()}-"
+    removed = []
+    for control in folder.glob(f"{prefix}*"):
+        pid = control.name.removeprefix(prefix)
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        shutil.rmtree(control, ignore_errors=True)
+        removed.append(control)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def write_atomically(path: Path, text: str) -> None:
@@ -94,7 +126,8 @@ class WorkerPool:
         if is_multi_host(self.hosts):
             # Remote workers read their jobs from the shared project folder; each host's
             # workers divide their own host's cores (hosts may differ from this one).
-            self._control = self.root / ".slimflow" / f"fit-pool-{os.getpid()}"
+            remove_dead_control_folders(self.root / ".slimflow")
+            self._control = shared_control_folder(self.root)
             shutil.rmtree(self._control, ignore_errors=True)
             self._control.mkdir(parents=True)
             threads = self.train_params.threads_per_worker
