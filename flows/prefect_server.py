@@ -17,7 +17,8 @@ server answers; the file's modification time is the last use.
 
 A new server migrates its new database first: 9 s of the first run on the 2-core machine,
 against 4 s for a server on a migrated one. ``make install`` therefore leaves an empty,
-migrated database for the venv's Prefect (:func:`write_database_template`), and the
+migrated database for the venv's Prefect (:func:`write_database_template`; a server has
+started on it once, so Prefect's block types are registered: 4.8 -> 4.4 s), and the
 supervisor copies it into a project that has none (:func:`seed_database`).
 
 ``PREFECT_API_URL`` set (a team server, the tests' server) wins, and
@@ -246,22 +247,57 @@ def database_template() -> Path:
     return install_share() / f"prefect-{version('prefect')}.db"
 
 
-def write_database_template(template: Path | None = None) -> Path:
-    """Migrate a new Prefect database (``prefect server database reset``) into ``template``."""
+def write_database_template(template: Path | None = None) -> tuple[Path, bool]:
+    """Migrate a new Prefect database (``prefect server database reset``) into ``template``,
+    with Prefect's block types registered where a server could start on it; returns the
+    template and whether they are."""
     from flows.prefect_settings import PROJECT_DEFAULTS
 
     template = template or database_template()
     template.parent.mkdir(parents=True, exist_ok=True)
     prefect = Path(sys.executable).parent / "prefect"
     with tempfile.TemporaryDirectory(prefix="slimflow-prefect-") as home:
-        env = {k: v for k, v in os.environ.items() if k not in DATABASE_URL_SETTINGS}
+        env = {k: v for k, v in os.environ.items() if k not in (*DATABASE_URL_SETTINGS, "PREFECT_API_URL")}
         env.update(PROJECT_DEFAULTS, PREFECT_HOME=home)
         subprocess.run([str(prefect), "server", "database", "reset", "-y"], env=env, check=True,
                        stdin=subprocess.DEVNULL, capture_output=True, timeout=600)
+        registered = _register_block_types(prefect, env, Path(home) / "prefect.db")
         partial = template.with_name(f".{template.name}.partial")
         shutil.copyfile(Path(home) / "prefect.db", partial)
         os.replace(partial, template)
-    return template
+    return template, registered
+
+
+def _register_block_types(prefect: Path, env: dict[str, str], database: Path, timeout_s: float = 180.0) -> bool:
+    """Start a server on the new database once and stop it when it answers: a server's first
+    start registers Prefect's block types (0.4 s of a project's first server start on the
+    2-core machine); its write-ahead log is then folded into the file. Best effort: where
+    it fails, the project's first server registers them."""
+    import sqlite3
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not (answered := _answers(f"http://127.0.0.1:{port}", timeout_s=2.0)):
+            if server.poll() is not None or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+    with contextlib.closing(sqlite3.connect(database)) as connection:
+        connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    return answered
 
 
 def seed_database(home: Path, template: Path | None = None) -> bool:
@@ -327,6 +363,7 @@ def supervise(root: Path, port: int) -> int:
 
 if __name__ == "__main__":
     if sys.argv[1:] == ["--write-database-template"]:  # make install
-        print(f"Prefect database template: {write_database_template()}")
+        path, registered = write_database_template()
+        print(f"Prefect database template: {path} ({'block types registered' if registered else 'migrated only'})")
         sys.exit(0)
     sys.exit(supervise(Path(sys.argv[1]), int(sys.argv[2])))

@@ -7,7 +7,9 @@ project of their own (its ``.prefect/``); each test stops what it started.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sqlite3
 import time
 from pathlib import Path
 
@@ -45,8 +47,11 @@ def test_the_server_is_started_once_found_after_and_stopped_on_request(tmp_path:
         assert record["url"] == url and url.startswith("http://127.0.0.1:")
         assert httpx.get(f"{url}/api/health", timeout=10).status_code == 200
         assert "stops after 60 idle minutes" in first.stdout
-        # A new project's server starts on a copy of the database make install migrated.
+        # A new project's server starts on a copy of the database make install migrated,
+        # with Prefect's block types registered (what a server's first start does).
         assert database_template().is_file()
+        with contextlib.closing(sqlite3.connect(database_template())) as template:
+            assert template.execute("SELECT count(*) FROM block_type").fetchone()[0] > 0
         assert f"a new database: a copy of {database_template()}" in (root / ".prefect" / LOG).read_text()
 
         started = time.monotonic()
