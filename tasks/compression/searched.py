@@ -321,13 +321,16 @@ def fallback_searched(
 def _log_search(run_id: str, rows: list[dict[str, Any]], record: dict[str, Any]) -> None:
     """Each trial as step-indexed ``search/...`` metrics, the table and the chosen setting in the variant's run."""
     import mlflow
+    from mlflow.entities import Metric
 
     from tasks.core.metric_names import SEARCH_TRIAL_KEYS
 
     client = mlflow.MlflowClient()
-    for row in rows:
-        for name, key in SEARCH_TRIAL_KEYS.items():
-            client.log_metric(run_id, name, float(row[key]), step=row["number"])
+    now = int(time.time() * 1000)
+    trials = [Metric(name, float(row[key]), now, int(row["number"]))
+              for row in rows for name, key in SEARCH_TRIAL_KEYS.items()]
+    for start in range(0, len(trials), 1000):  # one transaction per 1,000 values (MLflow's limit), not one each
+        client.log_batch(run_id, metrics=trials[start : start + 1000])
     client.log_dict(run_id, rows, "search/trials.json")
     client.log_dict(run_id, record, "search/chosen.json")
     client.set_tag(run_id, "search", f"{record['knob']}={record['chosen']:g}"
