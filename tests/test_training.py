@@ -231,6 +231,14 @@ def test_rank_0s_reports_reach_the_stages_mlflow_run_as_whole_lines(tmp_path: Pa
     forwarder.forward()
     history = client.get_metric_history(run_id, "fine_tune/val_accuracy")
     assert [(m.step, m.value) for m in history] == [(1, 0.5), (2, 0.7)]
+    # While a job runs the stage forwards at most every so often; at the end, everything.
+    reports.metrics({"val_accuracy": 0.8, "lr": 0.01}, step=3)
+    reports.metrics({"val_accuracy": 0.9, "lr": 0.01}, step=4)
+    forwarder.forward(at_most_every_s=600)  # the last forward was just now: not yet
+    assert len(client.get_metric_history(run_id, "fine_tune/val_accuracy")) == 2
+    forwarder.forward()
+    history = client.get_metric_history(run_id, "fine_tune/val_accuracy")
+    assert [(m.step, m.value) for m in history] == [(1, 0.5), (2, 0.7), (3, 0.8), (4, 0.9)]
     EventLog(None).metrics({"val_accuracy": 1.0}, step=3)  # other ranks: nothing kept
 
 

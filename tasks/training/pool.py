@@ -50,6 +50,7 @@ SERVE_FLAG = "--serve"  # python -m tasks.training.worker --serve CONTROL_FOLDER
 STOP_FILE = "stop"
 POLL_S = 0.02  # how often the stage and idle workers look at the control folder
 STOP_WAIT_S = 60.0  # how long the workers may take to leave after ``stop``
+FORWARD_EVERY_S = 1.0  # how often a running job's epochs are logged into MLflow (a transaction each)
 SHARED_FOLDER_PREFIX = "fit-pool-"  # + host + "-" + the stage's pid, in the project's .slimflow/
 
 
@@ -180,8 +181,8 @@ class WorkerPool:
                     shutil.rmtree(self._control, ignore_errors=True)
                     self._control = None
                     raise failure
-                if events:
-                    events.forward()
+                if events:  # the epochs reach the run live, at most once a second
+                    events.forward(at_most_every_s=FORWARD_EVERY_S)
                 time.sleep(POLL_S)
             if events:
                 events.forward()

@@ -10,6 +10,7 @@ while it waits), so the curves still fill in live in the MLflow UI.
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -87,22 +88,33 @@ class EventForwarder:
         self.path = path
         self.logger = logger
         self.offset = 0
+        self.forwarded_at = -math.inf
 
-    def forward(self) -> None:
+    def forward(self, at_most_every_s: float = 0.0) -> None:
+        """Log what came since the last call, in one ``log_batch`` for the params and one for
+        the epochs (a SQLite transaction each); with ``at_most_every_s``, a call sooner than
+        that after the last one that logged does nothing (while a job runs)."""
+        now = time.monotonic()
+        if now - self.forwarded_at < at_most_every_s:
+            return
         try:
             with self.path.open("rb") as events:
                 events.seek(self.offset)
                 data = events.read()
         except FileNotFoundError:
             return
+        self.forwarded_at = now
         complete = data[: data.rfind(b"\n") + 1]
         self.offset += len(complete)
+        params: dict[str, Any] = {}
+        rows: list[dict[str, float]] = []
         for line in complete.splitlines():
             event = json.loads(line)
-            if "params" in event:
-                self.logger.params(event["params"])
-            if "history" in event:
-                self.logger.history(event["history"])
+            params.update(event.get("params", {}))
+            rows.extend(event.get("history", []))
+        if params:
+            self.logger.params(params)
+        self.logger.history(rows)
 
 
 def summary(
