@@ -67,9 +67,11 @@ TRACKING_READY = "tracking-ready"
 # Not ONNX Runtime: importing it starts a thread of its own (measured), and a fork copies
 # only the thread that forks. The threads numpy's and scipy's OpenBLAS and pandas' jemalloc
 # start at import are made for forking (they re-arm in the child through pthread_atfork).
+# "git" is GitPython (MLflow's start_run reads the commit); "tabulate", horovodrun's tables.
 PRELOAD = (
-    "numpy", "pandas", "mlflow", STORES_STEP, "sklearn.datasets",                      # prepare
-    "torch", "torch.nn", "torch._dynamo", "horovod.torch", "codecarbon", "@cpu-model",  # train
+    "numpy", "pandas", "mlflow", "mlflow.store.tracking.sqlalchemy_store",             # prepare
+    "mlflow.store.model_registry.sqlalchemy_store", STORES_STEP, "git", "sklearn.datasets",
+    "torch", "torch.nn", "torch._dynamo", "horovod.torch", "tabulate", "codecarbon", "@cpu-model",  # train
     "mlflow.pytorch", "torch.ao.quantization", "torch.onnx", "onnx", "onnxscript",      # compress
     "networkx", "mlflow.pyfunc", "mlflow.models",
     "psutil", "matplotlib.figure", "matplotlib.backends.backend_agg",                   # evaluate
@@ -357,6 +359,10 @@ def serve(path: str, preload: tuple[str, ...] = PRELOAD) -> None:
     while not stopping:
         # Steps not yet possible (MLflow's stores before the run created them) wait their turn.
         ready = [step for step in pending if step != STORES_STEP or tracking_ready.exists()]
+        if STORES_STEP in ready:  # before forking anyone: a stage forked now would open them itself
+            pending.remove(STORES_STEP)
+            _preload_step(STORES_STEP, tracking_ready)
+            continue
         for key, _ in selector.select(timeout=0 if ready else (0.2 if pending else IDLE_CHECK_S)):
             if key.data is None:
                 _accept(listener, selector)
