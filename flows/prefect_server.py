@@ -275,6 +275,8 @@ def _register_block_types(prefect: Path, env: dict[str, str], database: Path, ti
     it fails, the project's first server registers them."""
     import sqlite3
 
+    from tasks.core.processes import stop_process
+
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -289,12 +291,7 @@ def _register_block_types(prefect: Path, env: dict[str, str], database: Path, ti
                 break
             time.sleep(0.2)
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop_process(server, grace_s=30)
     with contextlib.closing(sqlite3.connect(database)) as connection:
         connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     return answered

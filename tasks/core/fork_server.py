@@ -513,7 +513,7 @@ def fork_server(root: Path) -> Iterator[ForkServer | None]:
     import shutil
     import tempfile
 
-    from tasks.core.processes import parent_death_preexec
+    from tasks.core.processes import parent_death_preexec, stop_process
 
     previous = os.environ.get(ENV)
     if previous == OFF or sys.platform != "linux":
@@ -549,12 +549,7 @@ def fork_server(root: Path) -> Iterator[ForkServer | None]:
             os.environ.pop(ENV, None)
         else:
             os.environ[ENV] = previous
-        server.terminate()
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop_process(server, grace_s=10)
         shutil.rmtree(folder, ignore_errors=True)
 
 

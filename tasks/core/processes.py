@@ -38,6 +38,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -209,6 +210,16 @@ def kill_marked(token: str, rounds: int = 20) -> int:
                 pass
         time.sleep(0.05)
     return len(killed)
+
+
+def stop_process(process: subprocess.Popen[Any], grace_s: float) -> int:
+    """SIGTERM ``process``; SIGKILL it if it is still there after ``grace_s``; its exit status."""
+    process.terminate()
+    try:
+        return process.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        return process.wait()
 
 
 def _exists(pid: int) -> bool:

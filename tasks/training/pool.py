@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tasks.core.energy import children_excluded
+from tasks.core.processes import stop_process
 from tasks.training.reporting import EventForwarder, MlflowLogger
 from tasks.training.launcher import (
     WORKER_MODULE, LaunchError, build_command, check_hosts_reachable, is_multi_host, parse_hosts, start_workers,
@@ -212,12 +213,7 @@ class WorkerPool:
                 return process.wait(timeout=STOP_WAIT_S)
             except subprocess.TimeoutExpired:
                 log.warning("the training workers did not stop within %.0f s; stopping them", STOP_WAIT_S)
-        process.terminate()  # horovodrun stops its workers
-        try:
-            return process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            return process.wait()
+        return stop_process(process, grace_s=30)  # SIGTERM: horovodrun stops its workers
 
 
 # The pool of the innermost enclosing worker_pool() block, per thread (a new thread starts
