@@ -200,7 +200,9 @@ def run(
 def _import_mlflow() -> None:
     """MLflow and its SQL stores (the flow's first tracking call opens them: 0.6 s of imports);
     an import that fails is left to the flow, which reports it in its own words."""
-    for name in ("mlflow", "mlflow.store.tracking.sqlalchemy_store", "mlflow.store.model_registry.sqlalchemy_store"):
+    from tasks.core.fork_server import MLFLOW_SQL_STORES
+
+    for name in ("mlflow", *MLFLOW_SQL_STORES):
         try:
             importlib.import_module(name)
         except Exception:  # noqa: BLE001

@@ -300,14 +300,11 @@ def _register_block_types(prefect: Path, env: dict[str, str], database: Path, ti
 def seed_database(home: Path, template: Path | None = None) -> bool:
     """Copy the migrated template into a project's Prefect home that has no database yet
     (never over a project's history; not when the database is configured elsewhere)."""
-    template = template or database_template()
-    target = home / "prefect.db"
-    if any(os.environ.get(name) for name in DATABASE_URL_SETTINGS) or target.exists() or not template.is_file():
+    from tasks.core.paths import copy_if_missing
+
+    if any(os.environ.get(name) for name in DATABASE_URL_SETTINGS):
         return False
-    partial = target.with_name(f".{target.name}.partial")
-    shutil.copyfile(template, partial)
-    os.replace(partial, target)
-    return True
+    return copy_if_missing(template or database_template(), home / "prefect.db")
 
 
 def supervise(root: Path, port: int) -> int:

@@ -68,9 +68,9 @@ TRACKING_READY = "tracking-ready"
 # only the thread that forks. The threads numpy's and scipy's OpenBLAS and pandas' jemalloc
 # start at import are made for forking (they re-arm in the child through pthread_atfork).
 # "git" is GitPython (MLflow's start_run reads the commit); "tabulate", horovodrun's tables.
+MLFLOW_SQL_STORES = ("mlflow.store.tracking.sqlalchemy_store", "mlflow.store.model_registry.sqlalchemy_store")
 PRELOAD = (
-    "numpy", "pandas", "mlflow", "mlflow.store.tracking.sqlalchemy_store",             # prepare
-    "mlflow.store.model_registry.sqlalchemy_store", STORES_STEP, "git", "sklearn.datasets",
+    "numpy", "pandas", "mlflow", *MLFLOW_SQL_STORES, STORES_STEP, "git", "sklearn.datasets",  # prepare
     "torch", "torch.nn", "torch._dynamo", "horovod.torch", "tabulate", "codecarbon", "@cpu-model",  # train
     "mlflow.pytorch", "torch.ao.quantization", "torch.onnx", "onnx", "onnxscript",      # compress
     "networkx", "mlflow.pyfunc", "mlflow.models",

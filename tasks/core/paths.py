@@ -14,6 +14,25 @@ def install_share() -> Path:
     return Path(sys.prefix) / "share" / "slimflow"
 
 
+def copy_if_missing(source: Path, target: Path) -> bool:
+    """Copy ``source`` to ``target`` unless ``target`` exists (a database template into a new
+    project): whole or not at all, and never over a file another process made meanwhile
+    (``os.link`` of a private partial copy). False when it did not copy."""
+    import shutil
+
+    if target.exists() or not source.is_file() or not target.parent.is_dir():
+        return False
+    partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+    try:
+        shutil.copyfile(source, partial)
+        os.link(partial, target)
+    except OSError:  # made meanwhile, or not possible here
+        return False
+    finally:
+        partial.unlink(missing_ok=True)
+    return True
+
+
 def find_project_root(start: Path | None = None) -> Path:
     """The nearest folder holding ``dvc.yaml`` (or ``$SLIMFLOW_ROOT``)."""
     if env := os.environ.get("SLIMFLOW_ROOT"):

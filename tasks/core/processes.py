@@ -199,7 +199,7 @@ def kill_marked(token: str, rounds: int = 20) -> int:
     start a child between a scan and its kill); returns how many were killed."""
     killed: set[int] = set()
     for _ in range(rounds):
-        pids = [pid for pid in marked_processes(token) if pid not in killed or _exists(pid)]
+        pids = [pid for pid in marked_processes(token) if pid not in killed or is_running(pid)]
         if not pids:
             break
         for pid in pids:
@@ -222,7 +222,8 @@ def stop_process(process: subprocess.Popen[Any], grace_s: float) -> int:
         return process.wait()
 
 
-def _exists(pid: int) -> bool:
+def is_running(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host and is not a zombie."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as handle:
             return b") Z " not in handle.read()  # a zombie is dead already

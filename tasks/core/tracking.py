@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -79,19 +78,10 @@ def seed_store(uri: str, template: Path | None = None) -> bool:
     made meanwhile by another process included), and only where the template exists and
     the URI is a SQLite file; True when it copied.
     """
+    from tasks.core.paths import copy_if_missing
+
     target = sqlite_path(uri)
-    template = template or store_template()
-    if target is None or target.exists() or not template.is_file() or not target.parent.is_dir():
-        return False
-    partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
-    try:
-        shutil.copyfile(template, partial)
-        os.link(partial, target)  # unlike a rename, never replaces a database made meanwhile
-    except OSError:  # made meanwhile, or not possible here: MLflow creates its tables itself
-        return False
-    finally:
-        partial.unlink(missing_ok=True)
-    return True
+    return target is not None and copy_if_missing(template or store_template(), target)
 
 
 def configure(root: Path, experiment: str, context: RunContext | None = None) -> str:

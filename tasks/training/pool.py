@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tasks.core.energy import children_excluded
-from tasks.core.processes import stop_process
+from tasks.core.processes import is_running, stop_process
 from tasks.training.reporting import EventForwarder, MlflowLogger
 from tasks.training.launcher import (
     WORKER_MODULE, LaunchError, build_command, check_hosts_reachable, is_multi_host, parse_hosts, start_workers,
@@ -76,21 +76,11 @@ def remove_dead_control_folders(folder: Path) -> list[Path]:
     removed = []
     for control in folder.glob(f"{prefix}*"):
         pid = control.name.removeprefix(prefix)
-        if not pid.isdigit() or _alive(int(pid)):
+        if not pid.isdigit() or is_running(int(pid)):
             continue
         shutil.rmtree(control, ignore_errors=True)
         removed.append(control)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
 
 
 def write_atomically(path: Path, text: str) -> None:
