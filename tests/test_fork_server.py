@@ -48,6 +48,11 @@ if __name__ == "__main__":
         logging.getLogger("probe").info("an info line")
         print("mlflow.pytorch" in sys.modules, flush=True)
         sys.exit(0)
+    if command == "cpu":  # whether CodeCarbon's CPU model is known already, and what it is
+        from codecarbon.core.util import detect_cpu_model
+        known = detect_cpu_model.cache_info().currsize == 1
+        print(json.dumps({"known": known, "model": detect_cpu_model() if known else None}), flush=True)
+        sys.exit(0)
     if command == "sleep":
         time.sleep(60)
     if command == "raise":
@@ -160,6 +165,23 @@ def test_children_reuse_the_mlflow_store_the_server_opened_once_the_run_said_it_
         cached = int(out.splitlines()[1])
         time.sleep(0.2)
     assert cached == 1
+
+
+def test_children_know_the_cpu_model_the_servers_probe_found(server: str, probe_dir: Path) -> None:
+    """py-cpuinfo's subprocess runs once, beside the server; children get CodeCarbon's
+    answer without running it, and it is the answer py-cpuinfo gives a process by itself."""
+    import cpuinfo
+
+    deadline, report = time.monotonic() + 90, {"known": False}
+    while not report["known"] and time.monotonic() < deadline:
+        entry = _start(probe_dir, server, "cpu")
+        out, _ = entry.communicate(timeout=60)
+        report = json.loads(out.splitlines()[1])
+        time.sleep(0.2)
+    assert report["known"]
+    assert report["model"] == cpuinfo.get_cpu_info().get("brand_raw", "")
+    probes = [p for p in psutil.Process(_server_pid(server)).children() if "--json" in p.cmdline()]
+    assert not probes  # the probe is done and reaped
 
 
 def test_a_child_sets_up_logging_as_a_new_interpreter_would(server: str, probe_dir: Path) -> None:
