@@ -13,6 +13,7 @@ import os
 import sys
 import threading
 import traceback
+from collections.abc import Callable
 from typing import Annotated, Any, NoReturn, Optional
 
 import typer
@@ -175,14 +176,16 @@ def run(
     own_process_tree()
     with contextlib.ExitStack() as held:
         # The stages' and workers' imports load while Prefect's server starts or is found,
-        # and so does this process's MLflow (the flow's first calls would import it). Two
+        # and so do this process's MLflow and Prefect (the flow's first calls would import
+        # them; Prefect once its server's URL is set: it reads its settings at import). Two
         # threads importing the same package at once can meet a half-imported module, so
         # the wait imports nothing but httpx (first), and the flow starts after the thread.
         held.enter_context(fork_server(paths.root))
         importlib.import_module("httpx")
-        importer = threading.Thread(target=_import_mlflow, name="import-mlflow", daemon=True)
+        settled = threading.Event()
+        importer = threading.Thread(target=_import_flow, args=(settled,), name="import-flow", daemon=True)
         importer.start()
-        server_url = _project_prefect_server(paths)
+        server_url = _project_prefect_server(paths, settled=settled.set)
         _interrupt_on_sigterm()
         if server_url:
             held.enter_context(prefect_server.in_use(paths.root))
@@ -197,22 +200,26 @@ def run(
         console.print(f"Prefect UI: {server_url}  (this project's background server; `slimflow prefect-server --stop` stops it)")
 
 
-def _import_mlflow() -> None:
-    """MLflow and its SQL stores (the flow's first tracking call opens them: 0.6 s of imports);
+def _import_flow(settled: threading.Event) -> None:
+    """MLflow and its SQL stores (the flow's first tracking call opens them: 0.6 s of imports),
+    then, once ``settled`` says Prefect's settings are final, the flow and Prefect (0.7 s);
     an import that fails is left to the flow, which reports it in its own words."""
     from tasks.core.fork_server import MLFLOW_SQL_STORES
 
-    for name in ("mlflow", *MLFLOW_SQL_STORES):
-        try:
+    try:
+        for name in ("mlflow", *MLFLOW_SQL_STORES):
             importlib.import_module(name)
-        except Exception:  # noqa: BLE001
-            return
+        settled.wait()
+        importlib.import_module("flows.pipeline")
+    except Exception:  # noqa: BLE001
+        return
 
 
-def _project_prefect_server(paths: ProjectPaths, start: bool = True) -> str | None:
+def _project_prefect_server(paths: ProjectPaths, start: bool = True,
+                            settled: Callable[[], None] | None = None) -> str | None:
     """:func:`flows.prefect_server.use`, its errors as one line."""
     try:
-        return prefect_server.use(paths.root, start)
+        return prefect_server.use(paths.root, start, settled)
     except prefect_server.PrefectServerError as err:
         _fail(str(err), code=1)
 

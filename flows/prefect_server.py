@@ -39,7 +39,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 RECORD = "slimflow-server.json"  # in PREFECT_HOME (the project's .prefect/)
@@ -153,11 +153,21 @@ def _free_port() -> int:
     raise PrefectServerError("no free port on 127.0.0.1")
 
 
-def ensure(root: Path, timeout_s: float = START_TIMEOUT_S) -> str:
-    """The API URL of this project's background server, started first if none runs."""
+def _api_url(port: int) -> str:
+    return f"http://127.0.0.1:{port}/api"
+
+
+def ensure(root: Path, timeout_s: float = START_TIMEOUT_S, known: Callable[[str], None] | None = None) -> str:
+    """The API URL of this project's background server, started first if none runs.
+
+    ``known`` is called with the URL as soon as it is known: before the wait when a server
+    is started (the caller can import Prefect meanwhile; Prefect reads its settings once).
+    """
     with _start_lock(root):
         if record := running(root):
             touch(root)
+            if known is not None:
+                known(record["api_url"])
             return record["api_url"]
         idle_minutes()  # a bad setting is refused here, not by the supervisor later
         record_path(root).unlink(missing_ok=True)
@@ -172,6 +182,8 @@ def ensure(root: Path, timeout_s: float = START_TIMEOUT_S) -> str:
                 cwd=root, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
+        if known is not None:
+            known(_api_url(port))
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if (record := running(root)) is not None:
@@ -187,20 +199,29 @@ def ensure(root: Path, timeout_s: float = START_TIMEOUT_S) -> str:
         )
 
 
-def use(root: Path, start: bool = True) -> str | None:
+def use(root: Path, start: bool = True, settled: Callable[[], None] | None = None) -> str | None:
     """Point this process's Prefect (``PREFECT_API_URL``) at the project's background server,
     started first if none runs (``start``; else only a running one), unless
-    ``PREFECT_API_URL`` is set or the temporary server is asked for; its UI's URL, or None."""
-    if not wanted():
-        return None
-    if start:
-        api_url = ensure(root)
-    elif record := running(root):
+    ``PREFECT_API_URL`` is set or the temporary server is asked for; its UI's URL, or None.
+
+    ``settled`` is called once Prefect's settings are final (``PREFECT_API_URL`` set, or
+    known to stay as it is), which for a server being started is before it answers.
+    """
+    def point_at(api_url: str) -> None:
+        os.environ["PREFECT_API_URL"] = api_url
+        if settled is not None:
+            settled()
+
+    if wanted() and start:
+        api_url = ensure(root, known=point_at)
+    elif wanted() and (record := running(root)):
         api_url = record["api_url"]
+        point_at(api_url)
     else:
-        return None
-    os.environ["PREFECT_API_URL"] = api_url
-    return api_url.removesuffix("/api")
+        api_url = None
+        if settled is not None:
+            settled()
+    return api_url.removesuffix("/api") if api_url else None
 
 
 def stop(root: Path, timeout_s: float = 30.0) -> bool:

@@ -120,3 +120,21 @@ def test_the_temporary_server_on_request_leaves_no_server_behind(tmp_path: Path,
     assert "Prefect UI:" not in done.stdout
     assert not record_path(root).exists()
     assert seconds_until_gone(root) < 5, run_processes(root)  # the run's reaper leaves just after it
+
+
+def test_a_run_that_starts_the_server_sends_its_flow_run_to_it(tmp_path: Path, mlflow_uri: str) -> None:
+    """The run imports Prefect while the server starts; Prefect reads its settings once, at
+    import, so the server's URL must be set by then. With Prefect's temporary server
+    forbidden, a run that missed it fails instead of starting one."""
+    root = make_project(tmp_path / "project", TINY_PARAMS)
+    env = {**NO_SERVER, "PREFECT_SERVER_EPHEMERAL_ENABLED": "false", "MLFLOW_TRACKING_URI": mlflow_uri}
+    try:
+        done = slimflow(root, "run", "--to", "prepare", env=env, timeout=600)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+        url = _url(done.stdout)
+        assert json.loads(record_path(root).read_text())["url"] == url
+        runs = httpx.post(f"{url}/api/flow_runs/filter", json={}, timeout=30).json()
+        assert [run["state_type"] for run in runs] == ["COMPLETED"]
+    finally:
+        slimflow(root, "prefect-server", "--stop", env=NO_SERVER, timeout=60)
+    assert run_processes(root) == {}
