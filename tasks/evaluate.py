@@ -38,10 +38,9 @@ from tasks.core.paths import ProjectPaths
 from tasks.core.fork_server import run_forked
 from tasks.core.processes import die_with_parent
 from tasks.evaluation.benchmark import discover_models, measure_models
+from tasks.evaluation.drawing import figures_drawn_meanwhile
 from tasks.evaluation.gate import apply_gate
-from tasks.evaluation.outputs import (
-    metrics_document, publish, read_history, render_outputs, result_document, write_json,
-)
+from tasks.evaluation.outputs import metrics_document, publish, read_history, result_document, write_json
 from tasks.evaluation.report import report_html, report_markdown
 from tasks.evaluation.results import EvaluateError, Evaluation
 
@@ -71,10 +70,11 @@ def run_evaluate(paths: ProjectPaths, params: Params) -> Evaluation:
             evaluation = measure_models(model_dirs, paths.prepared, settings, params.base.seed)
             evaluation.stage_run_id = stage.info.run_id
             apply_gate(evaluation, settings)
-            render_outputs(staging, evaluation, read_history(paths.plots / "train_history.json"))
-            # Each model's figures go into the run that made it, beside its logged model.
-            model_runs.log_model_runs(evaluation, paths, params.base.experiment, stage.info.run_id,
-                                      staging / "evaluation")
+            # Each model's figures go into the run that made it, beside its logged model,
+            # while another process draws the plots (both take seconds; they share nothing).
+            with figures_drawn_meanwhile(staging, evaluation, read_history(paths.plots / "train_history.json")):
+                model_runs.log_model_runs(evaluation, paths, params.base.experiment, stage.info.run_id)
+            model_runs.log_confusion_matrices(evaluation, staging / "evaluation")
             # The registry is the one change that cannot be rolled back: do it last.
             evaluation.promotion = registration.register_champion(evaluation, paths, settings)
             model_runs.tag_registration(evaluation)

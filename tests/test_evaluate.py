@@ -224,14 +224,21 @@ def test_champion_loads_through_pyfunc_and_predicts_like_the_stage(evaluated: di
     assert _metrics_json(root)["promoted"] == 1
 
 
+@pytest.mark.parametrize("failure", ["drawing", "after drawing"])
 def test_a_failure_leaves_the_previous_outputs_whole(
-    evaluated: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+    evaluated: dict[str, Any], monkeypatch: pytest.MonkeyPatch, failure: str
 ) -> None:
+    """The figures are drawn in a process of their own (tasks.evaluation.drawing): its
+    failure, or one after it, leaves every published output as it was."""
+    import copy
+
     import mlflow
+    import numpy as np
 
     from tasks import evaluate
     from tasks.core.paths import ProjectPaths
-    from tasks.evaluation import plots
+    from tasks.evaluation import model_runs
+    from tasks.evaluation.drawing import DrawingFailed
 
     root = evaluated["root"]
     files = [
@@ -239,13 +246,19 @@ def test_a_failure_leaves_the_previous_outputs_whole(
         root / "plots" / "confusion_matrix.png", root / "artifacts" / "evaluation" / "report.md",
     ]
     before = {path: path.read_bytes() for path in files}
-    monkeypatch.setattr(evaluate, "measure_models", lambda *args, **kwargs: evaluated["evaluation"])
+    evaluation = copy.deepcopy(evaluated["evaluation"])
+    monkeypatch.setattr(evaluate, "measure_models", lambda *args, **kwargs: evaluation)
+    if failure == "drawing":  # a matrix matplotlib cannot draw: the drawing process fails midway
+        last = list(evaluation.models)[-1]
+        evaluation.models[last].confusion = np.zeros(3, dtype=np.int64)
+        expected: tuple[type[BaseException], str] = (DrawingFailed, "drawing the evaluation figures")
+    else:
+        def broken(*args: Any, **kwargs: Any) -> None:
+            raise RuntimeError("disk on fire")
 
-    def broken(*args: Any, **kwargs: Any) -> None:
-        raise RuntimeError("disk on fire")
-
-    monkeypatch.setattr(plots, "confusion_png", broken)
-    with pytest.raises(RuntimeError, match="disk on fire"):
+        monkeypatch.setattr(model_runs, "log_confusion_matrices", broken)
+        expected = (RuntimeError, "disk on fire")
+    with pytest.raises(expected[0], match=expected[1]):
         evaluate.run_evaluate(ProjectPaths(root), evaluated["params"])
     assert {path: path.read_bytes() for path in files} == before
     assert not [p for p in (root / "artifacts").iterdir() if p.name.startswith(".evaluation-staging-")]

@@ -42,19 +42,33 @@ LOGGED_MODEL_NAME = "model"
 RUN_ID_KEY = "mlflow_run_id"  # the manifest key naming the run that made the model
 
 
-def log_model_runs(evaluation: Evaluation, paths: ProjectPaths, experiment: str, stage_run_id: str,
-                   figures: Path) -> None:
-    """Complete every model's run; fills ``evaluation.run_ids`` and ``evaluation.model_uris``.
-
-    ``figures`` holds each model's confusion matrix as ``confusion/<model>.png``.
-    """
+def log_model_runs(evaluation: Evaluation, paths: ProjectPaths, experiment: str, stage_run_id: str) -> None:
+    """Complete every model's run (all but its confusion matrix picture: see
+    :func:`log_confusion_matrices`); fills ``evaluation.run_ids`` and ``evaluation.model_uris``."""
     for name, result in evaluation.models.items():
         with _model_run(result, paths, experiment, stage_run_id) as run:
             run_id = run.info.run_id
             uri = _logged_model_uri(run_id, result) or _log_model(result, paths)
-            _log_evaluation(result, evaluation, uri, figures / "confusion" / f"{name}.png", stage_run_id)
+            _log_evaluation(result, evaluation, uri, stage_run_id)
         evaluation.run_ids[name], evaluation.model_uris[name] = run_id, uri
         log.info("%s: MLflow run %s, logged model %s", name, run_id, uri)
+
+
+def log_confusion_matrices(evaluation: Evaluation, figures: Path) -> None:
+    """Each model's ``confusion/<model>.png`` under ``figures`` into its run (named
+    ``confusion_matrix.png`` there), once :func:`log_model_runs` has named the runs."""
+    import shutil
+    import tempfile
+
+    client = mlflow.MlflowClient()
+    for name, run_id in evaluation.run_ids.items():
+        picture = figures / "confusion" / f"{name}.png"
+        if not picture.is_file():
+            continue
+        with tempfile.TemporaryDirectory() as folder:  # on disk it is named after its model
+            target = Path(folder) / "confusion_matrix.png"
+            shutil.copy2(picture, target)
+            client.log_artifact(run_id, str(target))
 
 
 def _existing_run(manifest: dict[str, Any]) -> str | None:
@@ -173,8 +187,7 @@ def describe(result: ModelResult, evaluation: Evaluation) -> str:
     )
 
 
-def _log_evaluation(result: ModelResult, evaluation: Evaluation, model_uri: str, confusion_png: Path,
-                    stage_run_id: str) -> None:
+def _log_evaluation(result: ModelResult, evaluation: Evaluation, model_uri: str, stage_run_id: str) -> None:
     """Figures, tags and per-model files into the active (model's) run."""
     # Every model gets every key (NaN where a figure could not be taken), so runs line up.
     figures = {k: float(v) for k, v in ordered_metrics(result.metrics).items()}
@@ -192,19 +205,6 @@ def _log_evaluation(result: ModelResult, evaluation: Evaluation, model_uri: str,
         table[column] = [result.per_class[c][column] for c in classes]
     mlflow.log_table(table, "per_class.json")
     mlflow.log_dict({"labels": list(evaluation.class_names), "matrix": result.confusion.tolist()}, "confusion.json")
-    if confusion_png.is_file():
-        _log_file_as(confusion_png, "confusion_matrix.png")
-
-
-def _log_file_as(source: Path, name: str) -> None:
-    """Log ``source`` into the active run under ``name`` (on disk it is named after its model)."""
-    import shutil
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as folder:
-        target = Path(folder) / name
-        shutil.copy2(source, target)
-        mlflow.log_artifact(str(target))
 
 
 def tag_registration(evaluation: Evaluation) -> None:

@@ -1,0 +1,90 @@
+"""The evaluate stage's figures, drawn in a process of their own while the stage logs its
+models to MLflow: the two used to run one after the other on one core (4-5 s each in the
+default run, on two cores).
+
+``python -m tasks.evaluation.drawing STAGING`` reads ``STAGING/drawing-input.pickle`` (the
+:class:`~tasks.evaluation.results.Evaluation` after the gate, and the training history),
+draws everything :func:`tasks.evaluation.outputs.render_outputs` makes into ``STAGING``,
+and removes the input. In a pipeline run it is a child of the run's fork server, which has
+imported matplotlib already; by itself (``dvc repro``) it imports what it needs (0.6 s).
+Its log lines and any error go to the stage's own output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from tasks.core.errors import stage_main
+from tasks.core.paths import ProjectPaths
+from tasks.core.stage_cli import setup_logging
+from tasks.evaluation.results import Evaluation
+
+MODULE = "tasks.evaluation.drawing"
+INPUT = "drawing-input.pickle"
+CODE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding `tasks` and `models`
+
+
+class DrawingFailed(RuntimeError):
+    """The drawing process exited with an error (its traceback is in the stage's output)."""
+
+
+@contextlib.contextmanager
+def figures_drawn_meanwhile(staging: Path, evaluation: Evaluation,
+                            history: list[dict[str, Any]] | None) -> Iterator[None]:
+    """Draw the figures of ``evaluation`` into ``staging`` in another process while the
+    block runs; on leaving, wait for it (:class:`DrawingFailed` if it failed). A block that
+    raises stops the drawing."""
+    from tasks.core.processes import stop_process
+
+    source = staging / INPUT
+    with open(source, "wb") as handle:
+        pickle.dump((evaluation, history), handle, protocol=pickle.HIGHEST_PROTOCOL)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(CODE_ROOT), os.environ.get("PYTHONPATH")]))}
+    process = subprocess.Popen([sys.executable, "-m", MODULE, str(staging)], env=env, stdin=subprocess.DEVNULL)
+    try:
+        yield
+    except BaseException:
+        stop_process(process, grace_s=2.0)
+        raise
+    code = process.wait()
+    if code != 0:
+        raise DrawingFailed(f"drawing the evaluation figures into {staging} failed (exit {code}; its error is above)")
+
+
+def draw(staging: Path) -> None:
+    """The process's work: render the pickled evaluation into ``staging``."""
+    from tasks.evaluation.outputs import render_outputs
+
+    source = staging / INPUT
+    with open(source, "rb") as handle:
+        evaluation, history = pickle.load(handle)
+    render_outputs(staging, evaluation, history)
+    source.unlink()
+
+
+@stage_main("evaluate", lambda: ProjectPaths.discover().evaluation)
+def main(argv: list[str] | None = None) -> int:
+    """A failure is one line (the traceback kept as the stage's, see :func:`stage_main`), exit 1."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print(f"usage: python -m {MODULE} STAGING", file=sys.stderr)
+        return 2
+    setup_logging()
+    draw(Path(args[0]))
+    return 0
+
+
+if __name__ == "__main__":
+    from tasks.core.fork_server import run_forked
+    from tasks.core.processes import die_with_parent
+
+    run_forked(MODULE)  # in a pipeline run: a child of its fork server, matplotlib imported
+    die_with_parent()  # the drawing dies with the stage that asked for it
+    sys.exit(main())
