@@ -224,6 +224,25 @@ def test_champion_loads_through_pyfunc_and_predicts_like_the_stage(evaluated: di
     assert _metrics_json(root)["promoted"] == 1
 
 
+def test_the_figures_are_drawn_meanwhile_and_their_energy_counts(evaluated: dict[str, Any], tmp_path: Path) -> None:
+    """The drawing process leaves every figure, no input or energy report behind, and (with
+    a per-process estimate meter, which cannot see it) its energy is credited to the stage."""
+    from tasks.core.energy import process_meter
+    from tasks.evaluation.drawing import ENERGY, INPUT, figures_drawn_meanwhile
+
+    evaluation = evaluated["evaluation"]
+    meter = process_meter()
+    before = meter.credited.total
+    with figures_drawn_meanwhile(tmp_path, evaluation, [{"epoch": 1, "train_loss": 1.0, "val_loss": 1.2}]):
+        pass
+    drawn = {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.png")}
+    assert {"plots/confusion_matrix.png", "plots/accuracy_vs_size.png", "evaluation/training_curves.png"} <= drawn
+    assert {f"evaluation/confusion/{name}.png" for name in evaluation.models} <= drawn
+    assert not (tmp_path / INPUT).exists() and not (tmp_path / ENERGY).exists()
+    credited = meter.credited.total - before
+    assert credited > 0 if meter.estimated else credited == 0, (meter.source, credited)
+
+
 @pytest.mark.parametrize("failure", ["drawing", "after drawing"])
 def test_a_failure_leaves_the_previous_outputs_whole(
     evaluated: dict[str, Any], monkeypatch: pytest.MonkeyPatch, failure: str

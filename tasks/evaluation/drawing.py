@@ -8,11 +8,16 @@ draws everything :func:`tasks.evaluation.outputs.render_outputs` makes into ``ST
 and removes the input. In a pipeline run it is a child of the run's fork server, which has
 imported matplotlib already; by itself (``dvc repro``) it imports what it needs (0.6 s).
 Its log lines and any error go to the stage's own output.
+
+Energy: the process measures its own (``drawing-energy.json``). Where the stage's meter
+is a per-process estimate, which does not see this process, the stage is credited with
+it; a RAPL meter reads the whole CPU package, this process included, and is not.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pickle
 import subprocess
@@ -28,6 +33,7 @@ from tasks.evaluation.results import Evaluation
 
 MODULE = "tasks.evaluation.drawing"
 INPUT = "drawing-input.pickle"
+ENERGY = "drawing-energy.json"  # {"cpu_j", "gpu_j", "source"}: what drawing used
 CODE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding `tasks` and `models`
 
 
@@ -56,17 +62,32 @@ def figures_drawn_meanwhile(staging: Path, evaluation: Evaluation,
     code = process.wait()
     if code != 0:
         raise DrawingFailed(f"drawing the evaluation figures into {staging} failed (exit {code}; its error is above)")
+    _credit_energy(staging / ENERGY)
+
+
+def _credit_energy(report: Path) -> None:
+    from tasks.core.energy import Joules, credit_children, process_meter
+
+    used = json.loads(report.read_text())
+    report.unlink()
+    if process_meter().estimated:
+        credit_children(Joules(used["cpu_j"], used["gpu_j"]), used["source"])
 
 
 def draw(staging: Path) -> None:
-    """The process's work: render the pickled evaluation into ``staging``."""
+    """The process's work: render the pickled evaluation into ``staging``; then say what
+    energy that took."""
+    from tasks.core.energy import process_meter
     from tasks.evaluation.outputs import render_outputs
 
+    meter = process_meter()  # sets itself up in the background
     source = staging / INPUT
     with open(source, "rb") as handle:
         evaluation, history = pickle.load(handle)
     render_outputs(staging, evaluation, history)
     source.unlink()
+    used = meter.read()
+    (staging / ENERGY).write_text(json.dumps({"cpu_j": used.cpu, "gpu_j": used.gpu, "source": meter.source}))
 
 
 @stage_main("evaluate", lambda: ProjectPaths.discover().evaluation)
