@@ -132,3 +132,23 @@ def test_an_unknown_format_is_refused_naming_the_manifest(tmp_path: Path) -> Non
     write_manifest(tmp_path, {"file": "model.bin", "format": "tflite", "runtime": "tflite"})
     with pytest.raises(ValueError, match=r"manifest.json: unknown model format 'tflite'"):
         load_model_dir(tmp_path)
+
+
+def test_onnx_exports_reuse_the_torchlib_table_and_export_the_same() -> None:
+    """The exporter's table of torchlib functions is built once per process (0.9 s a call
+    otherwise); an export made with the reused table is the same file, and runs."""
+    from onnxscript._framework_apis import torch_2_5
+
+    from tasks.compression.onnx import onnx_predictor, reuse_torchlib_table
+
+    assert reuse_torchlib_table()
+    example = torch.from_numpy(_inputs(2))
+    first = export_onnx(_candidate("cnn").module, example)
+    hits = torch_2_5.get_torchlib_ops.cache_info().hits
+    again = export_onnx(_candidate("cnn").module, example)
+    mlp = _candidate("mlp").module
+    other = export_onnx(mlp, example)
+    assert torch_2_5.get_torchlib_ops.cache_info().hits == hits + 2
+    assert again == first
+    x = _inputs(5)
+    np.testing.assert_allclose(onnx_predictor(other)(x), mlp(torch.from_numpy(x)).detach().numpy(), rtol=1e-4, atol=1e-5)
