@@ -145,9 +145,10 @@ def render_outputs(staging: Path, evaluation: Evaluation, history: list[dict[str
                        f"energy per 1,000 predictions at batch {evaluation.settings['throughput_batch']} (J)",
                        f"accuracy vs energy ({_short(evaluation.settings['energy_source'])}); "
                        "labels: predictions until a variant pays back its making", label_key="payback_predictions")
-    plots.confusion_png(plot_dir / "confusion_matrix.png", evaluation)
     for name in evaluation.models:  # each model's own, for its MLflow run
         plots.confusion_png(evaluation_dir / "confusion" / f"{name}.png", evaluation, name)
+    # DVC's (and the report's) is the shown model's, the same picture.
+    shutil.copy2(evaluation_dir / "confusion" / f"{evaluation.shown_model}.png", plot_dir / "confusion_matrix.png")
     for name in REPORT_FIGURES:
         shutil.copy2(plot_dir / name, evaluation_dir / name)  # the report shows them beside itself
     if history:

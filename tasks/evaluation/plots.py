@@ -136,8 +136,8 @@ def confusion_png(path: Path, evaluation: Evaluation, model: str | None = None) 
     if len(names) <= 30:
         for (i, j), count in np.ndenumerate(matrix):
             if count:
-                ax.text(j, i, str(count), ha="center", va="center", fontsize=7,
-                        color="white" if count > threshold else "black")
+                ax.text(j, i, str(count), ha="center", va="center", fontsize=7,  # inside the axes:
+                        color="white" if count > threshold else "black", in_layout=False)  # not laid out
     ax.set_title(f"confusion matrix: {model} (test split)", fontsize=10)
     fig.savefig(path)
 
