@@ -38,7 +38,8 @@ CODE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding `tasks` an
 
 
 class DrawingFailed(RuntimeError):
-    """The drawing process exited with an error (its traceback is in the stage's output)."""
+    """The drawing process exited with an error (its one-line error is in the stage's output,
+    its traceback in ``.slimflow/evaluate-traceback.log``)."""
 
 
 @contextlib.contextmanager
