@@ -204,7 +204,7 @@ def _import_flow(settled: threading.Event) -> None:
     """MLflow and its SQL stores (the flow's first tracking call opens them: 0.6 s of imports),
     then, once ``settled`` says Prefect's settings are final, the flow and Prefect (0.7 s);
     an import that fails is left to the flow, which reports it in its own words."""
-    from tasks.core.fork_server import MLFLOW_SQL_STORES
+    from tasks.core.fork_preload import MLFLOW_SQL_STORES
 
     try:
         for name in ("mlflow", *MLFLOW_SQL_STORES):

@@ -352,7 +352,7 @@ def supervise(root: Path, port: int) -> int:
             if not recorded:
                 if _answers(url):
                     payload = {"supervisor_pid": os.getpid(), "server_pid": server.pid, "port": port, "url": url,
-                               "api_url": f"{url}/api", "started": time.time(), "idle_minutes": idle_s / 60}
+                               "api_url": _api_url(port), "started": time.time(), "idle_minutes": idle_s / 60}
                     partial = record.with_name(f".{record.name}.partial")
                     partial.write_text(json.dumps(payload, indent=2) + "\n")
                     partial.replace(record)

@@ -7,6 +7,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+CODE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding the `tasks` and `models` packages
+
+
+def code_on_path(env: dict[str, str]) -> dict[str, str]:
+    """``env`` with :data:`CODE_ROOT` first on ``PYTHONPATH``: a ``python -m tasks...``
+    helper process imports this code, not an installed copy of it."""
+    return {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(CODE_ROOT), env.get("PYTHONPATH")]))}
+
+
 def install_share() -> Path:
     """Where ``make install`` leaves files for every project of this venv (database templates)."""
     import sys

@@ -162,9 +162,10 @@ def owned_token() -> str | None:
 
 
 def _start_reaper(owner: ProcessId, token: str) -> None:
-    env = {k: v for k, v in os.environ.items() if k != TOKENS_ENV}  # the reaper is no prey
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    from tasks.core.paths import CODE_ROOT, code_on_path
+
+    env = code_on_path({k: v for k, v in os.environ.items() if k != TOKENS_ENV})  # the reaper is no prey
+    root = str(CODE_ROOT)
     try:
         subprocess.Popen(
             [sys.executable, "-m", "tasks.core.processes", "reap", str(owner.pid), repr(owner.started), token],

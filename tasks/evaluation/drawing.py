@@ -27,14 +27,13 @@ from pathlib import Path
 from typing import Any
 
 from tasks.core.errors import stage_main
-from tasks.core.paths import ProjectPaths
+from tasks.core.paths import ProjectPaths, code_on_path
 from tasks.core.stage_cli import setup_logging
 from tasks.evaluation.results import Evaluation
 
 MODULE = "tasks.evaluation.drawing"
 INPUT = "drawing-input.pickle"
 ENERGY = "drawing-energy.json"  # {"cpu_j", "gpu_j", "source"}: what drawing used
-CODE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding `tasks` and `models`
 
 
 class DrawingFailed(RuntimeError):
@@ -53,8 +52,8 @@ def figures_drawn_meanwhile(staging: Path, evaluation: Evaluation,
     source = staging / INPUT
     with open(source, "wb") as handle:
         pickle.dump((evaluation, history), handle, protocol=pickle.HIGHEST_PROTOCOL)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(CODE_ROOT), os.environ.get("PYTHONPATH")]))}
-    process = subprocess.Popen([sys.executable, "-m", MODULE, str(staging)], env=env, stdin=subprocess.DEVNULL)
+    process = subprocess.Popen([sys.executable, "-m", MODULE, str(staging)], env=code_on_path(dict(os.environ)),
+                               stdin=subprocess.DEVNULL)
     try:
         yield
     except BaseException:

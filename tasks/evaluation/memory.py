@@ -40,9 +40,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from tasks.core.paths import CODE_ROOT, code_on_path
+
 log = logging.getLogger("slimflow.measure")
 
-CODE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding `tasks` and `models`
 PROBE_MODULE = "tasks.evaluation.memory"
 MADV_POPULATE_READ = 22  # linux/mman.h, Linux >= 5.14
 _PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -222,7 +223,7 @@ def measure_memory_all(
         *(str(model_dirs[name].resolve()) for name in names),
         "--batch", str(batch), "--threads", str(threads), "--timeout", str(timeout_s),
     ]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(CODE_ROOT), os.environ.get("PYTHONPATH")]))}
+    env = code_on_path(dict(os.environ))
     env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     try:
         done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=CODE_ROOT,

@@ -25,6 +25,7 @@ from typing import Any
 
 import mlflow
 
+from tasks.core.paths import CODE_ROOT
 from tasks.evaluation.pyfunc import pip_requirements
 from tasks.evaluation.signature import (
     TOKENIZER_FILE, describe, input_example, input_schema, model_signature, same_input,
@@ -36,7 +37,6 @@ CHAMPION_ALIAS = "champion"
 # Tests only: SIGKILL this process between creating a version and moving the alias, the
 # moment a crash could leave the registry half-changed (tests/test_champion.py).
 FAULT_BEFORE_ALIAS_ENV = "SLIMFLOW_FAULT_BEFORE_ALIAS"
-CODE_ROOT = Path(__file__).resolve().parents[2]  # holds the `tasks` and `models` packages
 MODEL_CODE = Path(__file__).with_name("champion_model.py")  # logged as the model's code
 
 

@@ -1,0 +1,140 @@
+"""What the run's fork server (:mod:`tasks.core.fork_server`) loads before it forks: the
+libraries every stage and worker imports, MLflow's stores, and CodeCarbon's CPU model,
+one step at a time (the server serves requests between two steps)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+log = logging.getLogger("tasks.core.fork_server")
+
+# MLflow's stores are opened once the run says its tracking store exists (the marker file
+# beside the socket, :meth:`ForkServer.tracking_ready`): on a new project the run creates
+# the database, and two processes creating MLflow's tables at once can fail.
+STORES_STEP = "@mlflow-stores"
+# CodeCarbon's CPU model comes from py-cpuinfo, which runs a Python subprocess for it
+# (``cpuinfo.py --json``: 1.2 s, a 1 s sleep of its clock measurement among it). The server
+# starts that subprocess first thing and answers requests meanwhile; the step runs when it
+# has finished (measured: a stage that asked during the old in-line call waited 1.2 s).
+CPU_MODEL_STEP = "@cpu-model"
+# What the stages and workers import, in the order the pipeline needs it: the server
+# serves a request between two steps, so the prepare stage (MLflow, numpy) need not wait
+# for torch and ONNX, which load while it runs. Libraries only: the project's own modules
+# are each stage's, small (0.1-0.2 s), and a stage's DVC deps must not grow by every module
+# named here. A module that fails to import is skipped:
+# the process that needs it reports it in its own words, as it would without the server.
+# Not ONNX Runtime: importing it starts a thread of its own (measured), and a fork copies
+# only the thread that forks. The threads numpy's and scipy's OpenBLAS and pandas' jemalloc
+# start at import are made for forking (they re-arm in the child through pthread_atfork).
+# "git" is GitPython (MLflow's start_run reads the commit); "tabulate", horovodrun's tables.
+MLFLOW_SQL_STORES = ("mlflow.store.tracking.sqlalchemy_store", "mlflow.store.model_registry.sqlalchemy_store")
+PRELOAD = (
+    "numpy", "pandas", "mlflow", *MLFLOW_SQL_STORES, STORES_STEP, "git", "sklearn.datasets",  # prepare
+    "torch", "torch.nn", "torch._dynamo", "horovod.torch", "tabulate", "codecarbon", CPU_MODEL_STEP,  # train
+    "mlflow.pytorch", "torch.ao.quantization", "torch.onnx", "onnx", "onnxscript",      # compress
+    "networkx", "mlflow.pyfunc", "mlflow.models",
+    "psutil", "matplotlib.figure", "matplotlib.backends.backend_agg",                   # evaluate
+)
+
+
+def preload_step(name: str, tracking_ready: Path, cpu_model: CpuModelProbe | None = None) -> None:
+    """Import ``name``, or run the warm-up ``@name``; failures are left to the processes."""
+    import importlib
+
+    try:
+        if name == STORES_STEP:
+            open_mlflow_stores(tracking_ready.read_text().strip())
+        elif name == CPU_MODEL_STEP:
+            if cpu_model is not None:
+                cpu_model.remember()
+        else:
+            importlib.import_module(name)
+    except Exception as err:  # noqa: BLE001 - any error: the process that needs it reports it
+        log.debug("fork server: %s not loaded ahead: %s", name, err)
+
+
+class CpuModelProbe:
+    """py-cpuinfo's own subprocess, run beside the server; its answer goes into CodeCarbon's
+    cache (``detect_cpu_model``), so every child's energy meter has the CPU model for free.
+
+    Its stdout is in the server's selector: :meth:`read` takes what arrived, and
+    :attr:`finished` is set at end of file. A probe that fails leaves the cache empty;
+    the children then ask py-cpuinfo themselves, as without the server.
+    """
+
+    def __init__(self) -> None:
+        import importlib
+
+        # One small module; the command is the one cpuinfo.get_cpu_info() runs.
+        script = importlib.import_module("cpuinfo.cpuinfo").__file__
+        self.process = subprocess.Popen(
+            [sys.executable, script, "--json"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        )
+        assert self.process.stdout is not None
+        self.fd = self.process.stdout.fileno()
+        os.set_blocking(self.fd, False)
+        self.output = b""
+        self.finished = False
+
+    def read(self) -> None:
+        """Take what the probe wrote; at end of file, reap it."""
+        try:
+            data = os.read(self.fd, 65536)
+        except BlockingIOError:
+            return
+        if data:
+            self.output += data
+            return
+        self.process.wait()
+        self.finished = True
+
+    def remember(self) -> None:
+        """Put the probe's answer into CodeCarbon's cache (it calls ``cpuinfo.get_cpu_info()``)."""
+        import cpuinfo
+        from codecarbon.core.util import detect_cpu_model
+
+        if self.process.returncode != 0:
+            return
+        info = json.loads(self.output.decode() or "{}")
+        asked = cpuinfo.get_cpu_info
+        cpuinfo.get_cpu_info = lambda: info
+        try:
+            detect_cpu_model()
+        finally:
+            cpuinfo.get_cpu_info = asked
+
+    def close(self) -> None:
+        from tasks.core.processes import stop_process
+
+        if not self.finished:
+            stop_process(self.process, grace_s=0.5)
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+
+
+def open_mlflow_stores(uri: str) -> None:
+    """Create MLflow's tracking and registry stores for ``uri`` (the schema check: about a
+    second per process), then close their connections: children reuse the checked stores
+    (MLflow caches them by URI) and open connections of their own."""
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    os.environ["MLFLOW_TRACKING_URI"] = uri  # resolved as the stages resolve it
+    for store in (tracking_utils._get_store(), registry_utils._get_store()):
+        engine = getattr(store, "engine", None)
+        if engine is not None:
+            engine.dispose()
+
+
+def start_cpu_model_probe() -> CpuModelProbe | None:
+    try:
+        return CpuModelProbe()
+    except Exception as err:  # noqa: BLE001 - no py-cpuinfo, no subprocess: the children ask themselves
+        log.debug("fork server: no CPU model probe: %s", err)
+        return None
