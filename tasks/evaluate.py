@@ -36,7 +36,7 @@ from tasks.core.config import Params, ParamsError, load_params
 from tasks.core.errors import disk_full_message, stage_main
 from tasks.core.paths import ProjectPaths
 from tasks.core.fork_server import run_forked
-from tasks.core.processes import die_with_parent
+from tasks.core.processes import die_with_parent, exit_process
 from tasks.evaluation.benchmark import discover_models, measure_models
 from tasks.evaluation.drawing import figures_drawn_meanwhile
 from tasks.evaluation.gate import apply_gate
@@ -122,4 +122,4 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     run_forked("tasks.evaluate")  # in a pipeline run: a child of its fork server, imports done (tasks.core.fork_server)
     die_with_parent()  # the stage dies with the run that started it (tasks.core.processes)
-    sys.exit(main())
+    exit_process(main())

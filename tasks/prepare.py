@@ -26,7 +26,7 @@ import numpy as np
 from tasks.data import SPLITS, Preprocessing
 from tasks.core.errors import disk_full_message, report_stage_error, stage_main
 from tasks.core.fork_server import run_forked
-from tasks.core.processes import die_with_parent
+from tasks.core.processes import die_with_parent, exit_process
 from tasks.core.stage_cli import parse_stage_args
 from tasks.core.paths import ProjectPaths
 from tasks.sources import (
@@ -359,4 +359,4 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     run_forked("tasks.prepare")  # in a pipeline run: a child of its fork server, imports done (tasks.core.fork_server)
     die_with_parent()  # the stage dies with the run that started it (tasks.core.processes)
-    sys.exit(main())
+    exit_process(main())

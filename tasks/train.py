@@ -20,7 +20,7 @@ from tasks.core.config import Params, ParamsError, load_params
 from tasks.core.errors import report_stage_error, stage_main
 from tasks.core.paths import ProjectPaths
 from tasks.core.fork_server import run_forked
-from tasks.core.processes import die_with_parent
+from tasks.core.processes import die_with_parent, exit_process
 from tasks.core.stage_cli import setup_logging
 from tasks.training import FitJob, LaunchError, launch_fit
 from tasks.training.fault import fault_after_epoch_from_env
@@ -120,4 +120,4 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     run_forked("tasks.train")  # in a pipeline run: a child of its fork server, imports done (tasks.core.fork_server)
     die_with_parent()  # the stage dies with the run that started it (tasks.core.processes)
-    sys.exit(main())
+    exit_process(main())

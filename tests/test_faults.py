@@ -118,6 +118,29 @@ def _dead_process() -> tuple[int, float]:
     return child.pid, started
 
 
+@pytest.mark.parametrize(("code", "status", "said"), [(0, 0, ""), (3, 3, ""), ("bad input: x", 1, "bad input: x")])
+def test_a_process_that_exits_quickly_still_runs_its_exit_handlers_and_keeps_its_status(
+    tmp_path: Path, code: int | str, status: int, said: str,
+) -> None:
+    """The stage entries and the CLI leave through exit_process (no last garbage collection
+    through their imports' objects): what the process writes at exit, its buffered output
+    and its exit status are as with sys.exit."""
+    flushed = tmp_path / "flushed"
+    program = textwrap.dedent(f"""
+        import atexit, sys
+        from tasks.core.processes import exit_process
+        atexit.register(lambda: open({str(flushed)!r}, "w").write("handler ran"))
+        cycle = [];  cycle.append(cycle)  # alive at exit, in a reference cycle
+        sys.stdout.write("buffered, not flushed")
+        exit_process({code!r})
+    """)
+    done = subprocess.run([PYTHON, "-c", program], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == status, done.stderr
+    assert flushed.read_text() == "handler ran"
+    assert done.stdout == "buffered, not flushed"
+    assert done.stderr.strip() == said
+
+
 def test_a_lock_whose_owner_died_is_taken_over_and_says_so(tmp_path: Path) -> None:
     from tasks.core.lock import Holder, lock_paths, pipeline_lock
 

@@ -29,6 +29,7 @@ defence. Process groups are not used: Horovod's middleman leaves the group (``se
 from __future__ import annotations
 
 import ctypes
+import gc
 import logging
 import os
 import secrets
@@ -38,7 +39,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,15 @@ class ProcessId:
             return same and process.status() != psutil.STATUS_ZOMBIE
         except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
             return False
+
+
+def exit_process(code: Any = 0) -> NoReturn:
+    """``sys.exit(code)`` for an entry point that is done. The exit handlers run as usual,
+    but the interpreter's last garbage collection leaves alone what is alive now
+    (``gc.freeze``): walking the objects of torch, MLflow and Prefect took 0.6-0.9 s at
+    the end of each such process (measured), for memory the OS takes back anyway."""
+    gc.freeze()
+    sys.exit(code)
 
 
 # ---------------------------------------------------------------- parent-death signal

@@ -104,8 +104,8 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     from tasks.core.fork_server import run_forked
-    from tasks.core.processes import die_with_parent
+    from tasks.core.processes import die_with_parent, exit_process
 
     run_forked(MODULE)  # in a pipeline run: a child of its fork server, matplotlib imported
     die_with_parent()  # the drawing dies with the stage that asked for it
-    sys.exit(main())
+    exit_process(main())

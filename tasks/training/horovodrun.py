@@ -26,5 +26,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    from tasks.core.processes import exit_process
+
     run_forked(MODULE)
-    sys.exit(main())
+    exit_process(main())

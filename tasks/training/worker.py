@@ -88,5 +88,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from tasks.core.processes import exit_process
+
     run_forked("tasks.training.worker")  # in a pipeline run: a child of its fork server (tasks.core.fork_server)
-    sys.exit(main())
+    exit_process(main())
