@@ -24,6 +24,13 @@ In a fresh copy of this project (its own git + DVC repository, the project's ven
    throughput at a large batch, accuracy change.
 
     .venv/bin/python benchmarks/bench_pipeline.py      # or: make bench
+    .venv/bin/python benchmarks/bench_pipeline.py --data noisy28:10000
+
+``--data noisy28:N`` runs the same on N generated noisy 28x28 digits
+(``tasks.synthetic.noisy_digits``, an ``npz`` under ``data/raw/`` tracked with ``dvc add``)
+instead of the embedded digits: more and larger samples, so more work per stage, and the
+same fixed costs, or not; that is what it shows. Its figures go to
+``benchmarks/results/pipeline-noisy28-nN.json``; the targets are the default run's.
 
 Then the overhead by cause beside the reference figures of the code before issue 21's cuts
 (benchmarks/reference/pipeline-before-issue21.json; ``--before FILE`` for another).
@@ -386,11 +393,46 @@ def variant_ratios(metrics: dict[str, Any]) -> dict[str, dict[str, float]]:
     }
 
 
-RAW = RESULTS.with_name("pipeline-raw")
+NOISY = "noisy28"
 
 
-def measure() -> dict[str, Any]:
-    """Run everything; keep the raw figures and the trace in benchmarks/results/pipeline-raw/."""
+def data_option(argv: list[str]) -> tuple[str, int | None]:
+    """``--data digits`` (the default: the embedded data set) or ``--data noisy28:N``."""
+    if "--data" not in argv:
+        return "digits", None
+    spec = argv[argv.index("--data") + 1] if argv.index("--data") + 1 < len(argv) else ""
+    name, _, samples = spec.partition(":")
+    if name == "digits" and not samples:
+        return name, None
+    if name == NOISY and samples.isdigit() and int(samples) >= 500:
+        return name, int(samples)
+    raise SystemExit(f"--data {spec!r}: expected digits or {NOISY}:N (N >= 500 samples)")
+
+
+def result_paths(data: str, samples: int | None) -> tuple[Path, Path]:
+    """Where a data set's figures go (pipeline.json for the default) and its raw record."""
+    results = RESULTS if data == "digits" else RESULTS.with_name(f"pipeline-{data}-n{samples}.json")
+    return results, results.with_name(f"{results.stem}-raw")
+
+
+def use_noisy_digits(root: Path, samples: int, env: dict[str, str]) -> list[str]:
+    """Write ``samples`` noisy 28x28 digits into the copy as ``data/raw/noisy28.npz``,
+    ``dvc add`` it; the ``slimflow run`` options that make it the run's data."""
+    import numpy as np
+
+    sys.path.insert(0, str(REPO))
+    from tasks.synthetic import noisy_digits
+
+    x, y = noisy_digits(samples, seed=0)
+    target = root / "data" / "raw" / f"{NOISY}.npz"
+    np.savez_compressed(target, x=x[:, 0], y=y)
+    subprocess.run([str(root / ".venv" / "bin" / "dvc"), "add", "-q", str(target.relative_to(root))],
+                   cwd=root, env=env, check=True, capture_output=True)
+    return ["--set", "prepare.source=npz", "--set", f"prepare.path=data/raw/{target.name}"]
+
+
+def measure(raw_dir: Path, data: str = "digits", samples: int | None = None) -> dict[str, Any]:
+    """Run everything; keep the raw figures and the trace in ``raw_dir``."""
     venv = venv_dir()
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("MLFLOW_", "PREFECT_", "SLIMFLOW_", "PYTHONPATH", "HOROVOD_"))}
@@ -400,8 +442,10 @@ def measure() -> dict[str, Any]:
         # The copy's code, not the venv's editable install; the tracer first, for the cold run only.
         env["PYTHONPATH"] = str(root)
         traced = {**env, "PYTHONPATH": f"{TRACE_CODE}{os.pathsep}{root}", "SLIMFLOW_BENCH_TRACE": str(trace)}
+        # Overrides are written into params.yaml by the first run: the later runs use them too.
+        data_args = use_noisy_digits(root, samples, env) if data == NOISY and samples else []
         try:
-            t0, t1, cold_wall, _ = timed_run(root, traced)
+            t0, t1, cold_wall, _ = timed_run(root, traced, *data_args)
             _, _, noop_wall, noop_output = timed_run(root, env)
             raw = {
                 "t0": t0, "t1": t1, "cold_wall": cold_wall, "noop_wall": noop_wall,
@@ -409,6 +453,8 @@ def measure() -> dict[str, Any]:
                 "imports": import_costs(root, env),
                 "mlflow_view": stage_breakdown(root, f"sqlite:///{root / 'mlflow.db'}"),
                 "metrics": json.loads((root / "metrics" / "evaluate.json").read_text()),
+                "data": {"name": data, "samples": samples,
+                         "card": json.loads((root / "data" / "prepared" / "card.json").read_text())},
             }
             # The same work again, as every later run of the project finds it: the project's
             # Prefect server already up (the first run started it), the venv's files cached.
@@ -417,16 +463,18 @@ def measure() -> dict[str, Any]:
             # The copy's background Prefect server goes with the copy.
             subprocess.run([str(venv / "bin" / "slimflow"), "prefect-server", "--stop"], cwd=root,
                            env={**env, "SLIMFLOW_ROOT": str(root)}, capture_output=True, check=False)
-        shutil.rmtree(RAW, ignore_errors=True)
-        shutil.copytree(trace, RAW / "trace")
-    (RAW / "raw.json").write_text(json.dumps(raw, indent=2) + "\n")
+        shutil.rmtree(raw_dir, ignore_errors=True)
+        shutil.copytree(trace, raw_dir / "trace")
+    (raw_dir / "raw.json").write_text(json.dumps(raw, indent=2) + "\n")
     return raw
 
 
 def main() -> int:
+    data, samples = data_option(sys.argv[1:])
+    results, raw_dir = result_paths(data, samples)
     # --reanalyze: the last run's raw figures and trace again (benchmarks/results/pipeline-raw/).
-    raw = json.loads((RAW / "raw.json").read_text()) if "--reanalyze" in sys.argv[1:] else measure()
-    procs = load_trace(RAW / "trace")
+    raw = json.loads((raw_dir / "raw.json").read_text()) if "--reanalyze" in sys.argv[1:] else measure(raw_dir, data, samples)
+    procs = load_trace(raw_dir / "trace")
     t0, t1, cold_wall, noop_wall = raw["t0"], raw["t1"], raw["cold_wall"], raw["noop_wall"]
     traced_result = trace_breakdown(procs, t0, t1)
     causes = traced_result["causes_s"]
@@ -454,11 +502,12 @@ def main() -> int:
         ],
         "load_average": os.getloadavg(),
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    result["data"] = raw.get("data", {"name": "digits", "samples": None})
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(json.dumps(result, indent=2) + "\n")
     print_tables(result)
     before = Path(sys.argv[sys.argv.index("--before") + 1]) if "--before" in sys.argv else BEFORE
-    if before.exists():
+    if before.exists() and data == "digits":
         print_before_after(json.loads(before.read_text()), result)
     return 0
 
@@ -490,12 +539,19 @@ def print_tables(result: dict[str, Any]) -> None:
 
     console = Console(width=150)
     wall, share = result["default_run_s"], result["overhead_share"]
-    table = Table(title="pipeline: default run, no-op re-run, orchestration overhead")
+    data = result.get("data") or {"name": "digits"}
+    default_data = data["name"] == "digits"
+    card = data.get("card") or {}
+    shown = "the embedded digits" if default_data else (
+        f"{data['name']}, {data['samples']} samples, input {card.get('input_shape', '?')}")
+    table = Table(title=f"pipeline on {shown}: a run, no-op re-run, orchestration overhead"
+                  + ("" if default_data else " (the targets are the default data set's)"))
     for column in ("figure", "value", "target", "met"):
         table.add_column(column)
     for target in result["targets"]:
         value = f"{100 * target['value']:.0f}%" if "share" in target["name"] else f"{target['value']:.1f} s"
-        table.add_row(target["name"], value, target["target"], "yes" if target["met"] else "NO")
+        met = ("yes" if target["met"] else "NO") if default_data else "n/a"
+        table.add_row(target["name"], value, target["target"], met)
     console.print(table)
 
     causes = Table(title=f"where the default run's {wall:.1f} s go (each instant to its innermost cause)")
