@@ -10,7 +10,6 @@ import contextlib
 import importlib
 import json
 import os
-import sys
 import threading
 import traceback
 from collections.abc import Callable

@@ -14,7 +14,6 @@ import math
 import os
 import secrets
 import shutil
-import sys
 import warnings
 from dataclasses import dataclass
 from functools import cache

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 
 from tasks.core.config import Params, ParamsError, load_params
 from tasks.core.errors import report_stage_error, stage_main
