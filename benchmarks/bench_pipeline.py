@@ -380,6 +380,34 @@ def stage_breakdown(root: Path, uri: str) -> dict[str, float]:
     return out
 
 
+def mlflow_shape(root: Path, uri: str) -> dict[str, int]:
+    """What the first run wrote to MLflow: its runs (the pipeline's and every run under it),
+    their metric values, params and tags, and the models logged (benchmarks/bench_floor.py
+    logs as much to time MLflow's own share)."""
+    import sqlite3
+
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=["slimflow"], output_format="list", max_results=1000)
+    pipelines = sorted((r for r in runs if r.data.tags.get("pipeline") == "slimflow"), key=lambda r: r.info.start_time)
+    tree, parents = [pipelines[0]], {pipelines[0].info.run_id}
+    while added := [r for r in runs if r not in tree and r.data.tags.get("mlflow.parentRunId") in parents]:
+        tree += added
+        parents |= {r.info.run_id for r in added}
+    ids = [r.info.run_id for r in tree]
+    marks = ",".join("?" * len(ids))
+    with sqlite3.connect(root / "mlflow.db") as db:
+        def rows(table: str) -> int:
+            return db.execute(f"SELECT COUNT(*) FROM {table} WHERE run_uuid IN ({marks})", ids).fetchone()[0]
+
+        shape = {"runs": len(ids), "metric_values": rows("metrics"), "params": rows("params"), "tags": rows("tags")}
+        shape["nested_runs"] = len(ids) - 1
+        shape["models_logged"] = db.execute(
+            f"SELECT COUNT(*) FROM logged_models WHERE source_run_id IN ({marks})", ids).fetchone()[0]
+    return shape
+
+
 def variant_ratios(metrics: dict[str, Any]) -> dict[str, dict[str, float]]:
     baseline = metrics["baseline"]
     return {
@@ -452,6 +480,7 @@ def measure(raw_dir: Path, data: str = "digits", samples: int | None = None) -> 
                 "noop_said_up_to_date": "up to date" in noop_output,
                 "imports": import_costs(root, env),
                 "mlflow_view": stage_breakdown(root, f"sqlite:///{root / 'mlflow.db'}"),
+                "mlflow_shape": mlflow_shape(root, f"sqlite:///{root / 'mlflow.db'}"),
                 "metrics": json.loads((root / "metrics" / "evaluate.json").read_text()),
                 "data": {"name": data, "samples": samples,
                          "card": json.loads((root / "data" / "prepared" / "card.json").read_text())},
@@ -489,7 +518,7 @@ def main() -> int:
         "per_stage": traced_result["stages"], "horovod_launch": traced_result["horovod_launch"],
         "imports_in_run": traced_result["imports"], "imports_alone": raw["imports"],
         "mlflow_calls": traced_result["mlflow"],
-        "mlflow_view": raw["mlflow_view"], "variants": variant_ratios(raw["metrics"]),
+        "mlflow_view": raw["mlflow_view"], "mlflow_shape": raw.get("mlflow_shape"), "variants": variant_ratios(raw["metrics"]),
         "processes_traced": len(procs), "noop_said_up_to_date": raw["noop_said_up_to_date"],
         "targets": [
             {"name": "orchestration overhead share of the default run", "value": share,
