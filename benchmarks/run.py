@@ -1,8 +1,9 @@
 """`make bench`: every benchmark in one go, then one summary table of targets.
 
 Runs benchmarks/bench_prepare.py, bench_training.py, bench_compression.py,
-bench_search.py (compression to a budget: fixed vs searched recipes), bench_pipeline.py
-and bench_text.py (each writes its own JSON under benchmarks/results/) and prints every
+bench_search.py (compression to a budget: fixed vs searched recipes), bench_pipeline.py,
+bench_floor.py (what the pipeline's invariants cost alone, beside its overhead) and
+bench_text.py (each writes its own JSON under benchmarks/results/) and prints every
 target with its figure and whether it is met. Ratios are measured within one run, so a
 noisy machine still gives meaningful figures; absolute seconds are context.
 """
@@ -21,7 +22,7 @@ RESULTS = HERE / "results"
 def main() -> int:
     failed = []
     for script in ("bench_prepare.py", "bench_training.py", "bench_compression.py", "bench_search.py",
-                   "bench_pipeline.py", "bench_text.py"):
+                   "bench_pipeline.py", "bench_floor.py", "bench_text.py"):
         print(f"\n=== {script}", flush=True)
         if subprocess.run([sys.executable, str(HERE / script)]).returncode != 0:
             failed.append(script)
@@ -43,7 +44,7 @@ def main() -> int:
         table.add_row(suite, f"{target['name']} ({goal})", f"{figure:.3g}", "yes" if target["met"] else "NO")
     Console(width=140).print(table)
     summary = {suite: json.loads((RESULTS / f"{suite}.json").read_text())
-               for suite in ("prepare", "training", "compression", "search", "pipeline", "text")
+               for suite in ("prepare", "training", "compression", "search", "pipeline", "floor", "text")
                if (RESULTS / f"{suite}.json").exists()}
     (RESULTS / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if failed:

@@ -87,3 +87,48 @@ def test_a_fork_server_child_is_timed_as_the_stage_process_it_became(tmp_path: P
     (fork_server,) = [p for p in procs if p.role == "fork-server"]
     assert prepare.ppid == fork_server.pid
     assert started - 0.05 <= prepare.created <= prepare.site <= prepare.exited  # from DVC's start of it
+
+
+def test_the_mlflow_shape_counts_the_first_pipeline_run_and_every_run_under_it(tmp_path: Path) -> None:
+    """bench_floor.py logs as much as the run wrote: the first pipeline's tree only, nested
+    runs at any depth, every metric value (history included), and the models logged."""
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_experiment("slimflow")
+    try:
+        with mlflow.start_run(tags={"pipeline": "slimflow"}):
+            mlflow.log_param("p", 1)
+            with mlflow.start_run(nested=True):  # a stage
+                mlflow.log_metric("loss", 1.0, step=0)
+                mlflow.log_metric("loss", 0.5, step=1)
+                with mlflow.start_run(nested=True):  # a model under the stage
+                    mlflow.log_metric("accuracy", 0.9)
+                    mlflow.pyfunc.log_model(name="model", python_model=mlflow.pyfunc.PythonModel(),
+                                            pip_requirements=["mlflow"])
+        time.sleep(0.01)
+        with mlflow.start_run(tags={"pipeline": "slimflow"}):  # a later pipeline run: not counted
+            mlflow.log_metric("x", 1.0)
+        shape = bench.mlflow_shape(tmp_path, f"sqlite:///{tmp_path / 'mlflow.db'}")
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert shape["runs"] == 3 and shape["nested_runs"] == 2
+    assert shape["metric_values"] == 3 and shape["params"] == 1 and shape["models_logged"] == 1
+    assert shape["tags"] >= 3  # ours and MLflow's own (user, source, parent)
+
+
+def test_the_floor_groups_every_overhead_cause_once() -> None:
+    import bench_floor
+
+    causes = {"Prefect: API server": 3.0, "Prefect flow/task engine": 1.0, "DVC bookkeeping": 2.0,
+              "MLflow (import in the CLI, ...)": 9.0, "Horovod launch": 2.5, "Horovod teardown": 0.5,
+              "stage process start": 3.0, "fork server's imports": 1.0}
+    figures = {"prefect_server_start_s": 4.0, "dvc_reproduce_s": 0.2, "mlflow": {"cpu_s": 3.0, "wall_s": 3.2},
+               "horovod_rendezvous_s": 0.1, "imports_s": {"prefect": 1.2, "mlflow": 1.6, "torch": 1.5}}
+    gap = {group: (measured, least) for group, measured, least in bench_floor.gap_by_cause(causes, figures, pools=2)}
+    assert sum(measured for measured, _ in gap.values()) == pytest.approx(sum(causes.values()))
+    assert gap["Prefect"] == (4.0, 4.0) and gap["Horovod"] == (3.0, pytest.approx(0.2))
+    assert gap["process starts and imports"] == (4.0, 0.0) and gap["MLflow"] == (9.0, 1.5)
+    bounds = bench_floor.floor(figures, pools=2)
+    assert bounds["cold_s"] == pytest.approx(4.0 + 0.2 + 1.5 + 0.2)
+    assert bounds["warm_s"] == pytest.approx(1.6 + 0.2 + 1.5 + 0.2)  # the largest import instead of the server
