@@ -23,9 +23,9 @@ below what any implementation of the same design pays on this machine:
 
 The lower bound it prints is deliberately generous to the target: on a cold run, the server
 start plus DVC's per-stage cost plus half of MLflow's CPU time (the most two cores can
-hide) - imports, process starts, Horovod and everything else counted as free. With the server
-already up (every later run), the larger of the CLI's and the trainer's imports takes the
-server's place. Writes benchmarks/results/floor.json.
+hide) plus Horovod's rendezvous per worker pool - imports, process starts, data loading and
+everything else counted as free. With the server already up (every later run), the
+largest of the three imports takes the server's place. Writes benchmarks/results/floor.json.
 
     .venv/bin/python benchmarks/bench_floor.py     # after bench_pipeline.py (make bench runs both)
 """
