@@ -40,7 +40,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -65,9 +64,12 @@ def free_port() -> int:
 
 def prefect_server_start() -> float:
     """``prefect server start`` on a copy of the migrated database, to its first answer."""
-    from flows.prefect_server import database_template
+    import importlib
+
+    from flows.prefect_server import _answers, database_template
     from flows.prefect_settings import PROJECT_DEFAULTS
 
+    importlib.import_module("httpx")  # before the clock: the health check imports it
     template = database_template()
     if not template.exists():
         raise SystemExit(f"{template}: no migrated Prefect database; run `make install` first")
@@ -82,16 +84,11 @@ def prefect_server_start() -> float:
             env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         try:
-            while True:
-                try:
-                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=1) as answer:
-                        if answer.status == 200:
-                            return time.perf_counter() - clock
-                except OSError:
-                    pass
+            while not _answers(f"http://127.0.0.1:{port}", timeout_s=1.0):
                 if server.poll() is not None:
                     raise SystemExit(f"prefect server start exited with {server.returncode} before answering")
                 time.sleep(0.02)
+            return time.perf_counter() - clock
         finally:
             server.terminate()
             server.wait(timeout=30)
@@ -241,24 +238,30 @@ def import_alone(module: str) -> float:
     return min(timed([PYTHON, "-c", f"import {module}"]) for _ in range(REPEATS))
 
 
+CAUSES = ("Prefect", "DVC", "MLflow", "Horovod")  # pipeline.json's causes start with these names
+OTHER = "process starts and imports"
+
+
+def floor_by_cause(figures: dict[str, Any], pools: int) -> dict[str, float]:
+    """Each cause's share of the cold run's floor: MLflow's CPU halved (two cores), the rest free."""
+    return {"Prefect": figures["prefect_server_start_s"], "DVC": figures["dvc_reproduce_s"],
+            "MLflow": figures["mlflow"]["cpu_s"] / 2, "Horovod": pools * figures["horovod_rendezvous_s"], OTHER: 0.0}
+
+
 def floor(figures: dict[str, Any], pools: int) -> dict[str, float]:
-    """The lower bounds, cold (no server) and warm (the project's server up)."""
-    shared = figures["dvc_reproduce_s"] + figures["mlflow"]["cpu_s"] / 2 + pools * figures["horovod_rendezvous_s"]
-    return {
-        "cold_s": figures["prefect_server_start_s"] + shared,
-        "warm_s": max(figures["imports_s"]["prefect"], figures["imports_s"]["mlflow"], figures["imports_s"]["torch"]) + shared,
-    }
+    """The lower bounds, cold (no server) and warm (the project's server up: the largest
+    import instead of the server's start)."""
+    causes = floor_by_cause(figures, pools)
+    cold = sum(causes.values())
+    return {"cold_s": cold, "warm_s": cold - causes["Prefect"] + max(figures["imports_s"].values())}
 
 
 def gap_by_cause(overhead_by_cause: dict[str, float], figures: dict[str, Any], pools: int) -> list[tuple[str, float, float]]:
     """The default run's overhead by cause (pipeline.json), grouped, beside the floor's share of each."""
-    groups = {"Prefect": 0.0, "DVC": 0.0, "MLflow": 0.0, "Horovod": 0.0, "process starts and imports": 0.0}
+    floors = floor_by_cause(figures, pools)
+    groups = dict.fromkeys(floors, 0.0)
     for cause, seconds in overhead_by_cause.items():
-        group = next((g for g in ("Prefect", "DVC", "MLflow", "Horovod") if cause.startswith(g)), "process starts and imports")
-        groups[group] += seconds
-    floors = {"Prefect": figures["prefect_server_start_s"], "DVC": figures["dvc_reproduce_s"],
-              "MLflow": figures["mlflow"]["cpu_s"] / 2, "Horovod": pools * figures["horovod_rendezvous_s"],
-              "process starts and imports": 0.0}
+        groups[next((g for g in CAUSES if cause.startswith(g)), OTHER)] += seconds
     return [(group, seconds, floors[group]) for group, seconds in groups.items()]
 
 
