@@ -50,8 +50,10 @@ if __name__ == "__main__":
         sys.exit(0)
     if command == "cpu":  # whether CodeCarbon's CPU model is known already, and what it is
         from codecarbon.core.util import detect_cpu_model
+        from codecarbon.core import hardware_cache
         known = detect_cpu_model.cache_info().currsize == 1
-        print(json.dumps({"known": known, "model": detect_cpu_model() if known else None}), flush=True)
+        print(json.dumps({"known": known, "model": detect_cpu_model() if known else None,
+                          "tdp": getattr(hardware_cache._tdp, "model", None)}), flush=True)
         sys.exit(0)
     if command == "sleep":
         time.sleep(60)
@@ -184,6 +186,9 @@ def test_children_know_the_cpu_model_the_servers_probe_found(server: str, probe_
         time.sleep(0.2)
     assert report["known"]
     assert report["model"] == cpuinfo.get_cpu_info().get("brand_raw", "")
+    # CodeCarbon's CPU power lookup (its tables and the TDP found in them) is done, too:
+    # an energy meter in a child starts without it.
+    assert report["tdp"] is not None
     def probe(process: psutil.Process) -> bool:
         try:
             return "--json" in process.cmdline()
@@ -305,6 +310,47 @@ def test_an_idle_server_stops_as_soon_as_it_is_asked(tmp_path: Path) -> None:
         assert time.monotonic() - asked < fork_server.IDLE_CHECK_S / 2
     finally:
         server.kill()
+
+
+# Two preload steps for the test below: the first waits for a file, the second takes seconds.
+GATE = """
+import os, time
+while not os.path.exists(os.environ["GATE_FILE"]):
+    time.sleep(0.02)
+"""
+SLOW = "import time; time.sleep(4)"
+
+
+def test_an_entry_gets_its_childs_status_while_the_server_is_loading(probe_dir: Path, tmp_path: Path) -> None:
+    """The server reaps its children only between two preload steps; the entry (and DVC,
+    waiting on it) must not wait for the step in progress to learn that its child is done."""
+    (tmp_path / "gate_step.py").write_text(GATE)
+    (tmp_path / "slow_step.py").write_text(SLOW)
+    path, gate = tmp_path / "socket", tmp_path / "go"
+    env = {k: v for k, v in os.environ.items() if k != ENV}
+    env.update(PYTHONPATH=os.pathsep.join([str(REPO), str(tmp_path)]), GATE_FILE=str(gate))
+    server = subprocess.Popen(
+        [sys.executable, "-c", f"from tasks.core.fork_server import serve; serve({str(path)!r}, ('gate_step', 'slow_step'))"],
+        cwd=REPO, env=env)
+    try:
+        deadline = time.monotonic() + 30
+        while not path.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        entry = _start(probe_dir, str(path), "exit3")  # waits in the backlog while the gate step runs
+        time.sleep(0.5)
+        opened = time.monotonic()
+        gate.touch()  # the gate step ends: the server forks the entry's child, then starts the slow step
+        out, _ = entry.communicate(timeout=30)
+        assert entry.returncode == 3
+        assert _report_line(out)["client"] == entry.pid  # it ran as the server's child
+        assert time.monotonic() - opened < 2.5  # not after the slow step's 4 s
+    finally:
+        server.kill()
+        server.wait()
+
+
+def _report_line(out: str) -> dict:
+    return json.loads(out.splitlines()[0])
 
 
 def test_off_starts_no_server(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -62,6 +62,7 @@ FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _HEADER = struct.Struct("!I")
 _in_child = False  # True in a process the server forked: it runs its module, never forwards
 _client: int | None = None  # in such a process: the pid of the entry it stands for
+_reported = threading.Event()  # in such a process: its status is sent; the entry may go
 
 
 # ---------------------------------------------------------------- messages
@@ -212,7 +213,7 @@ def _become(request: dict[str, Any], fds: list[int], conn: socket.socket, inheri
 
         traceback.print_exc()
         code = 1
-    _finish(code)
+    _finish(code, conn)
 
 
 def _fresh_root_logger() -> None:
@@ -234,9 +235,15 @@ def _exit_code(code: Any) -> int:
     return 1
 
 
-def _finish(code: int) -> None:
+def _finish(code: int, conn: socket.socket | None = None) -> None:
     """Leave as an interpreter leaves: wait for non-daemon threads, run the exit handlers,
-    flush; then ``_exit`` (never the server's own clean-up)."""
+    flush; tell the entry the status itself; then ``_exit`` (never the server's own clean-up).
+
+    The entry learns the status from here rather than from the server's reaping: the server
+    reaps only between two of its preload steps, and an import step can take a second
+    (measured: the prepare stage's entry, and so DVC, waited 0.8 s for the status). Deaths
+    by a signal, which never get here, are still reported by the server.
+    """
     try:
         threading._shutdown()  # type: ignore[attr-defined]
     except Exception:  # noqa: BLE001
@@ -249,6 +256,12 @@ def _finish(code: int) -> None:
                 stream.flush()
             except Exception:  # noqa: BLE001
                 pass
+        if conn is not None:
+            _reported.set()  # the entry leaves once it has the status: not a reason to kill this one
+            try:
+                _send(conn, {"exit": code})
+            except OSError:
+                pass
         os._exit(code)
 
 
@@ -258,7 +271,8 @@ def _watch_client(conn: socket.socket) -> None:
         try:
             message = _recv(conn)
         except (OSError, ConnectionError, ValueError):
-            os.kill(os.getpid(), signal.SIGKILL)
+            if not _reported.is_set():
+                os.kill(os.getpid(), signal.SIGKILL)
             return
         if "signal" in message:
             os.kill(os.getpid(), int(message["signal"]))
