@@ -31,11 +31,12 @@ CPU_MODEL_STEP = "@cpu-model"
 # Not ONNX Runtime: importing it starts a thread of its own (measured), and a fork copies
 # only the thread that forks. The threads numpy's and scipy's OpenBLAS and pandas' jemalloc
 # start at import are made for forking (they re-arm in the child through pthread_atfork).
-# "git" is GitPython (MLflow's start_run reads the commit); "tabulate", horovodrun's tables.
+# "git" is GitPython (MLflow's start_run reads the commit); "horovod.runner.launch" and
+# "tabulate" are horovodrun's (the launcher imports setuptools, through distutils).
 MLFLOW_SQL_STORES = ("mlflow.store.tracking.sqlalchemy_store", "mlflow.store.model_registry.sqlalchemy_store")
 PRELOAD = (
     "numpy", "pandas", "mlflow", *MLFLOW_SQL_STORES, STORES_STEP, "git", "sklearn.datasets",  # prepare
-    "torch", "torch.nn", "torch._dynamo", "horovod.torch", "tabulate", "codecarbon", CPU_MODEL_STEP,  # train
+    "torch", "torch.nn", "torch._dynamo", "horovod.torch", "horovod.runner.launch", "tabulate", "codecarbon", CPU_MODEL_STEP,  # train
     "mlflow.pytorch", "torch.ao.quantization", "torch.onnx", "onnx", "onnxscript",      # compress
     "networkx", "mlflow.pyfunc", "mlflow.models",
     "psutil", "matplotlib.figure", "matplotlib.backends.backend_agg",                   # evaluate
@@ -108,6 +109,7 @@ class CpuModelProbe:
             detect_cpu_model()
         finally:
             cpuinfo.get_cpu_info = asked
+        warm_cpu_power_table()
 
     def close(self) -> None:
         from tasks.core.processes import stop_process
@@ -116,6 +118,16 @@ class CpuModelProbe:
             stop_process(self.process, grace_s=0.5)
         if self.process.stdout is not None:
             self.process.stdout.close()
+
+
+def warm_cpu_power_table() -> None:
+    """CodeCarbon's per-process CPU power lookup (its reference tables, read with pandas and
+    json, and the CPU's TDP found in them), done once here instead of in every child's
+    energy meter, where it ran in the meter's set-up thread beside the stage's own start.
+    It needs the CPU model, so it runs after :meth:`CpuModelProbe.remember` filled its cache."""
+    from codecarbon.core import cpu, hardware_cache
+
+    hardware_cache.get_cached_tdp(cpu)
 
 
 def open_mlflow_stores(uri: str) -> None:
