@@ -349,6 +349,75 @@ def test_an_entry_gets_its_childs_status_while_the_server_is_loading(probe_dir: 
         server.wait()
 
 
+# What the entries of the hand-over tests below report: who forked them, what was loaded.
+LOADED = """
+import json, os, sys
+from tasks.core.fork_server import run_forked
+
+if __name__ == "__main__":
+    run_forked("loaded")
+    print(json.dumps({"ppid": os.getppid(), "gate": "gate_step" in sys.modules}), flush=True)
+"""
+
+
+def _serve_in_background(tmp_path: Path, preload: tuple[str, ...]) -> tuple[subprocess.Popen, Path, dict]:
+    for name, text in (("gate_step", GATE), ("loaded", LOADED), ("dying_step", "import os; os._exit(3)")):
+        (tmp_path / f"{name}.py").write_text(text)
+    path = tmp_path / "socket"
+    env = {k: v for k, v in os.environ.items() if k != ENV}
+    env.update(PYTHONPATH=os.pathsep.join([str(REPO), str(tmp_path)]), GATE_FILE=str(tmp_path / "go"))
+    server = subprocess.Popen(
+        [sys.executable, "-c", f"from tasks.core.fork_server import serve; serve({str(path)!r}, {preload!r})"],
+        cwd=REPO, env=env)
+    deadline = time.monotonic() + 30
+    while not path.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return server, path, {**env, ENV: str(path)}
+
+
+def _ask(env: dict, cwd: Path) -> dict:
+    done = subprocess.run([sys.executable, "-m", "loaded"], env=env, cwd=cwd, capture_output=True, text=True,
+                          timeout=30)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_the_server_serves_while_its_successor_loads_the_rest_then_hands_over(tmp_path: Path) -> None:
+    """At the hand-over step a successor loads the remaining steps; until it is done the
+    server forks requests at once with what it has, then the successor forks them with
+    everything loaded; stopping the server stops both."""
+    server, _, env = _serve_in_background(tmp_path, ("@handover", "gate_step"))
+    try:
+        early = _ask(env, tmp_path)  # the successor waits in its gate step: the server answers
+        assert early == {"ppid": server.pid, "gate": False}
+        (tmp_path / "go").touch()
+        deadline, report = time.monotonic() + 30, early
+        while report["ppid"] == server.pid and time.monotonic() < deadline:
+            time.sleep(0.05)
+            report = _ask(env, tmp_path)
+        assert report["gate"] and report["ppid"] != server.pid
+        successor = psutil.Process(report["ppid"])
+        assert successor.ppid() == server.pid
+        server.terminate()
+        assert server.wait(timeout=10) == 0
+        assert not psutil.pid_exists(successor.pid)  # stopped and reaped by the server
+    finally:
+        server.kill()
+        server.wait()
+
+
+def test_the_server_goes_on_serving_when_its_successor_dies_loading(tmp_path: Path) -> None:
+    server, _, env = _serve_in_background(tmp_path, ("@handover", "dying_step"))
+    try:
+        time.sleep(1.0)  # the successor has died by now
+        assert _ask(env, tmp_path)["ppid"] == server.pid
+        assert server.poll() is None
+        assert not [p for p in psutil.Process(server.pid).children() if p.status() != psutil.STATUS_ZOMBIE]
+    finally:
+        server.kill()
+        server.wait()
+
+
 def _report_line(out: str) -> dict:
     return json.loads(out.splitlines()[0])
 

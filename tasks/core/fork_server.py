@@ -26,6 +26,14 @@ exists in it). It serves one pipeline run and dies with it: it carries the run's
 and parent-death signal, and the run (``slimflow run``, or the flow) stops it at the end.
 Workers ``horovodrun`` starts on other hosts are refused and start there by themselves.
 
+The server loads its imports one step at a time and forks between steps: an import in
+progress cannot be interrupted. So that the train stage's processes need not wait for the
+compress and evaluate stages' libraries, the server forks a *successor* at the hand-over
+step (:data:`~tasks.core.fork_preload.HANDOVER_STEP`), which loads the rest while the
+server goes on forking with what it has; once loaded, the successor takes the requests
+(the same listening socket) and the server only waits for its own children. The run stops
+the server, which stops its successor.
+
 ``SLIMFLOW_FORK_SERVER=off`` in the environment of ``slimflow run`` keeps the old way:
 every process imports for itself.
 """
@@ -49,7 +57,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tasks.core.fork_preload import CPU_MODEL_STEP, PRELOAD, STORES_STEP, CpuModelProbe, preload_step, start_cpu_model_probe
+from tasks.core.fork_preload import (
+    CPU_MODEL_STEP, HANDOVER_STEP, PRELOAD, STORES_STEP, CpuModelProbe, preload_step, start_cpu_model_probe,
+)
 
 log = logging.getLogger(__name__)
 
@@ -288,24 +298,44 @@ class _WakeUp:
     write_fd: int
 
 
+@dataclass(frozen=True)
+class _Successor:
+    """The selector's key for the read end of a successor's ready pipe."""
+
+    pid: int
+
+
 def serve(path: str, preload: tuple[str, ...] = PRELOAD) -> None:
     """Listen on ``path``; fork a child per request; send each entry its child's status.
 
     Loads ``preload`` one step at a time, serving the requests that came in between steps.
+    At :data:`HANDOVER_STEP` the server forks a *successor* that loads the remaining steps
+    while this one goes on serving with what it has; once the successor has loaded them
+    all it takes the requests, and this one only waits for its own children.
     """
-    import selectors
-
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen(64)  # entries that connect wait in the backlog until the current step is done
+    _serve(listener, Path(path).parent / TRACKING_READY, list(preload), os.getppid(), None)
+
+
+def _serve(listener: socket.socket, tracking_ready: Path, pending: list[str], parent: int,
+           ready_fd: int | None) -> None:
+    """One server generation's loop: the first (``ready_fd`` None) accepts requests at once;
+    a successor accepts once its steps are loaded, and says so on ``ready_fd``."""
+    import selectors
+
     selector = selectors.DefaultSelector()
-    selector.register(listener, selectors.EVENT_READ, None)
+    accepting = ready_fd is None
+    if accepting:
+        selector.register(listener, selectors.EVENT_READ, None)
     # SIGTERM must end a wait at once: select() resumes after a signal handler (PEP 475),
     # so the handler also writes to a pipe the selector watches.
     wake_read, wake_write = os.pipe()
     os.set_blocking(wake_write, False)
     selector.register(wake_read, selectors.EVENT_READ, _WakeUp(wake_write))
     stopping = False
+    successor: int | None = None
 
     def stop(signum: int, frame: Any) -> None:
         nonlocal stopping
@@ -317,8 +347,6 @@ def serve(path: str, preload: tuple[str, ...] = PRELOAD) -> None:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C reaches the run, which stops the server
-    parent, pending = os.getppid(), list(preload)
-    tracking_ready = Path(path).parent / TRACKING_READY
     cpu_model = start_cpu_model_probe() if CPU_MODEL_STEP in pending else None
     if cpu_model is not None:
         selector.register(cpu_model.fd, selectors.EVENT_READ, cpu_model)
@@ -327,17 +355,26 @@ def serve(path: str, preload: tuple[str, ...] = PRELOAD) -> None:
 
     def possible(step: str) -> bool:
         """Steps not yet possible (MLflow's stores before the run made them, the CPU model
-        before its probe answered) wait their turn."""
+        before its probe answered, the hand-over before the CPU model) wait their turn."""
         if step == STORES_STEP:
             return tracking_ready.exists()
+        if step == HANDOVER_STEP:
+            return CPU_MODEL_STEP not in pending
         return step != CPU_MODEL_STEP or (cpu_model is not None and cpu_model.finished)
 
     while not stopping:
-        ready = [step for step in pending if possible(step)]
+        # Nothing after a hand-over loads here: that is the successor's.
+        upto = pending.index(HANDOVER_STEP) + 1 if HANDOVER_STEP in pending else len(pending)
+        ready = [step for step in pending[:upto] if possible(step)]
         if STORES_STEP in ready:  # before forking anyone: a stage forked now would open them itself
             pending.remove(STORES_STEP)
             preload_step(STORES_STEP, tracking_ready)
             continue
+        # A successor takes over once loaded (MLflow's stores, if still waiting, open later).
+        if not accepting and ready_fd is not None and all(step == STORES_STEP for step in pending):
+            selector.register(listener, selectors.EVENT_READ, None)
+            accepting = True
+            _say_ready(ready_fd)
         for key, _ in selector.select(timeout=0 if ready else (0.2 if pending else IDLE_CHECK_S)):
             if key.data is None:
                 _accept(listener, selector)
@@ -345,20 +382,95 @@ def serve(path: str, preload: tuple[str, ...] = PRELOAD) -> None:
                 key.data.read()
                 if key.data.finished:
                     selector.unregister(key.fd)
+            elif isinstance(key.data, _Successor):
+                selector.unregister(key.fd)
+                took_over = _read_ready(key.fd)
+                if took_over and accepting:  # it serves from now on
+                    selector.unregister(listener)
+                    accepting = False
+                elif not took_over:  # it died loading: this one goes on serving
+                    log.warning("fork server: the successor died before it was ready")
+                    _reap_quietly(key.data.pid)
+                    successor = None
             elif not isinstance(key.data, _WakeUp):
                 _reap(key, selector)
         if os.getppid() != parent:  # the run is gone (and its parent-death signal missed)
             break
         if ready and not stopping:
-            pending.remove(ready[0])
-            preload_step(ready[0], tracking_ready, cpu_model)
+            step = ready[0]
+            pending.remove(step)
+            if step == HANDOVER_STEP:
+                successor, pending = _fork_successor(listener, selector, tracking_ready, pending)
+                continue
+            preload_step(step, tracking_ready, cpu_model)
             sys.stdout.flush()
             sys.stderr.flush()
+    if successor is not None:  # it dies with this one: stop it and wait (it is a child)
+        try:
+            os.kill(successor, signal.SIGTERM)
+            os.waitpid(successor, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
     listener.close()
     if cpu_model is not None:
         cpu_model.close()
     for fd in (wake_read, wake_write):
         os.close(fd)
+
+
+def _fork_successor(listener: socket.socket, selector: Any, tracking_ready: Path,
+                    pending: list[str]) -> tuple[int, list[str]]:
+    """Fork the successor that loads ``pending``; returns its pid and what this server still
+    loads: MLflow's stores, if the run has not made them yet (both then open them)."""
+    import selectors
+
+    read_end, write_end = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    parent = os.getpid()
+    pid = os.fork()
+    if pid == 0:  # the successor: this server's listener and nothing else of its state
+        os.close(read_end)
+        for fd in _server_fds(listener, selector, keep_listener=True):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        from tasks.core.processes import die_with_parent
+
+        die_with_parent()
+        try:
+            _serve(listener, tracking_ready, pending, parent, write_end)
+        finally:
+            _finish(0)
+    os.close(write_end)
+    selector.register(read_end, selectors.EVENT_READ, _Successor(pid))
+    return pid, [STORES_STEP] if STORES_STEP in pending else []
+
+
+def _read_ready(fd: int) -> bool:
+    """Whether the successor said it took over (else it died: end of file)."""
+    try:
+        return os.read(fd, 1) == b"r"
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def _reap_quietly(pid: int) -> None:
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass
+
+
+def _say_ready(fd: int) -> None:
+    try:
+        os.write(fd, b"r")
+    except OSError:  # the server before it is gone: this one is the run's server now
+        pass
+    os.close(fd)
 
 
 def _accept(listener: socket.socket, selector: Any) -> None:
@@ -401,8 +513,9 @@ def _refuse(conn: socket.socket, fds: list[int]) -> None:
     conn.close()
 
 
-def _server_fds(listener: socket.socket, selector: Any) -> list[int]:
-    """In a child: the server's descriptors, released by their owners (closed by the caller)."""
+def _server_fds(listener: socket.socket, selector: Any, keep_listener: bool = False) -> list[int]:
+    """In a child (or a successor, which keeps the listener): the server's descriptors,
+    released by their owners (closed by the caller)."""
     fds = []
     for key in list(selector.get_map().values()):
         if key.data is None:
@@ -410,13 +523,14 @@ def _server_fds(listener: socket.socket, selector: Any) -> list[int]:
         if isinstance(key.data, _WakeUp):
             fds += [key.fd, key.data.write_fd]
             continue
-        if isinstance(key.data, CpuModelProbe):  # the probe's stdout
+        if isinstance(key.data, (CpuModelProbe, _Successor)):  # the probe's stdout; a successor's pipe
             fds.append(key.fd)
             continue
         fds.append(key.fd)  # another child's pidfd
         fds.append(key.data[1].detach())  # another entry's connection
     selector.close()
-    fds.append(listener.detach())
+    if not keep_listener:
+        fds.append(listener.detach())
     return fds
 
 
