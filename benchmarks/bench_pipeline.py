@@ -32,6 +32,10 @@ instead of the embedded digits: more and larger samples, so more work per stage,
 same fixed costs, or not; that is what it shows. Its figures go to
 ``benchmarks/results/pipeline-noisy28-nN.json``; the targets are the default run's.
 
+``--timeline`` also prints every traced process of the run on one clock, with its spans
+(imports, MLflow calls, DVC, the Horovod milestones): where the waits are. With
+``--reanalyze`` (the last run's trace and figures again, nothing run) it costs nothing.
+
 Then the overhead by cause beside the reference figures of the code before issue 21's cuts
 (benchmarks/reference/pipeline-before-issue21.json; ``--before FILE`` for another).
 
@@ -311,6 +315,20 @@ def launch_steps(procs: list[Proc], launcher: Proc, start: float, end: float) ->
     return steps
 
 
+def timeline(procs: list[Proc], t0: float, min_span_s: float = 0.05) -> list[str]:
+    """Every traced process in the order it started (a fork-server child: when its entry
+    started), with its spans of at least ``min_span_s``; seconds since ``t0``. Where a
+    process waited shows as a gap: between its entry's start and its fork, between spans."""
+    lines = []
+    for p in sorted(procs, key=lambda p: p.created):
+        rank = f" rank {p.rank}" if p.rank is not None else ""
+        lines.append(f"{p.role}{rank} (pid {p.pid}): started {p.created - t0:.2f}, interpreter up "
+                     f"{p.site - t0:.2f}, exited {p.exited - t0:.2f}")
+        lines.extend(f"  {start - t0:7.2f} {end - t0:7.2f} {end - start:6.2f}  {label}"
+                     for label, start, end in sorted(p.spans, key=lambda s: s[1]) if end - start >= min_span_s)
+    return lines
+
+
 # --- imports measured on their own -------------------------------------------------------
 
 def parse_importtime(stderr: str) -> dict[str, float]:
@@ -505,6 +523,8 @@ def main() -> int:
     raw = json.loads((raw_dir / "raw.json").read_text()) if "--reanalyze" in sys.argv[1:] else measure(raw_dir, data, samples)
     procs = load_trace(raw_dir / "trace")
     t0, t1, cold_wall, noop_wall = raw["t0"], raw["t1"], raw["cold_wall"], raw["noop_wall"]
+    if "--timeline" in sys.argv[1:]:  # every process's spans on one clock (with --reanalyze: the last run's)
+        print("\n".join(timeline(procs, t0)))
     traced_result = trace_breakdown(procs, t0, t1)
     causes = traced_result["causes_s"]
     work = sum(causes.get(c, 0.0) for c in WORK)

@@ -31,6 +31,21 @@ def test_each_instant_goes_to_its_innermost_cause() -> None:
     assert sum(seconds.values()) == pytest.approx(12.0)
 
 
+def test_the_timeline_lists_processes_in_start_order_with_their_longer_spans() -> None:
+    cli = bench.Proc(10, 1, 100.0, 100.05, 130.0, ["python", ".venv/bin/slimflow", "run"], None,
+                     [("import:mlflow", 100.5, 103.0), ("mlflow:end_run", 129.0, 129.01)])
+    stage = bench.Proc(20, 11, 107.5, 107.5, 108.0, ["python", "-m", "tasks.prepare"], None, [])
+    worker = bench.Proc(30, 11, 109.0, 109.0, 112.0, ["python", "-m", "tasks.training.worker", "--serve"], "0",
+                        [("run_epochs", 109.2, 111.9)])
+    lines = bench.timeline([worker, stage, cli], t0=100.0)
+    assert lines[0] == "cli (pid 10): started 0.00, interpreter up 0.05, exited 30.00"
+    assert lines[1].split() == ["0.50", "3.00", "2.50", "import:mlflow"]  # the 10 ms end_run is left out
+    assert lines[2] == "stage:prepare (pid 20): started 7.50, interpreter up 7.50, exited 8.00"
+    assert lines[3] == "worker rank 0 (pid 30): started 9.00, interpreter up 9.00, exited 12.00"
+    assert lines[4].split() == ["9.20", "11.90", "2.70", "run_epochs"]
+    assert len(lines) == 5
+
+
 def test_importtime_counts_what_the_project_imports_itself() -> None:
     # -X importtime prints a module after its imports, indented by depth.
     stderr = "\n".join([
