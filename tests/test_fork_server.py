@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tasks.core import fork_server
+from tasks.core import fork_server, fork_server_process
 from tasks.core.fork_server import ENV, OFF
 
 REPO = Path(__file__).resolve().parents[1]
@@ -297,17 +297,17 @@ def test_a_dead_servers_folder_is_removed_a_live_ones_kept(server_handle: fork_s
 def test_an_idle_server_stops_as_soon_as_it_is_asked(tmp_path: Path) -> None:
     """The run ends by stopping its server: SIGTERM must not wait for the idle wait's end."""
     path = tmp_path / "socket"
-    server = subprocess.Popen([sys.executable, "-c", f"from tasks.core.fork_server import serve; serve({str(path)!r}, ())"],
+    server = subprocess.Popen([sys.executable, "-c", f"from tasks.core.fork_server_process import serve; serve({str(path)!r}, ())"],
                               cwd=REPO)
     try:
         deadline = time.monotonic() + 30
         while not path.exists() and time.monotonic() < deadline:
             time.sleep(0.02)
-        time.sleep(0.3)  # inside its idle wait (fork_server.IDLE_CHECK_S long)
+        time.sleep(0.3)  # inside its idle wait (fork_server_process.IDLE_CHECK_S long)
         asked = time.monotonic()
         server.terminate()
-        assert server.wait(timeout=fork_server.IDLE_CHECK_S * 2) == 0
-        assert time.monotonic() - asked < fork_server.IDLE_CHECK_S / 2
+        assert server.wait(timeout=fork_server_process.IDLE_CHECK_S * 2) == 0
+        assert time.monotonic() - asked < fork_server_process.IDLE_CHECK_S / 2
     finally:
         server.kill()
 
@@ -330,7 +330,7 @@ def test_an_entry_gets_its_childs_status_while_the_server_is_loading(probe_dir: 
     env = {k: v for k, v in os.environ.items() if k != ENV}
     env.update(PYTHONPATH=os.pathsep.join([str(REPO), str(tmp_path)]), GATE_FILE=str(gate))
     server = subprocess.Popen(
-        [sys.executable, "-c", f"from tasks.core.fork_server import serve; serve({str(path)!r}, ('gate_step', 'slow_step'))"],
+        [sys.executable, "-c", f"from tasks.core.fork_server_process import serve; serve({str(path)!r}, ('gate_step', 'slow_step'))"],
         cwd=REPO, env=env)
     try:
         deadline = time.monotonic() + 30
@@ -367,7 +367,7 @@ def _serve_in_background(tmp_path: Path, preload: tuple[str, ...]) -> tuple[subp
     env = {k: v for k, v in os.environ.items() if k != ENV}
     env.update(PYTHONPATH=os.pathsep.join([str(REPO), str(tmp_path)]), GATE_FILE=str(tmp_path / "go"))
     server = subprocess.Popen(
-        [sys.executable, "-c", f"from tasks.core.fork_server import serve; serve({str(path)!r}, {preload!r})"],
+        [sys.executable, "-c", f"from tasks.core.fork_server_process import serve; serve({str(path)!r}, {preload!r})"],
         cwd=REPO, env=env)
     deadline = time.monotonic() + 30
     while not path.exists() and time.monotonic() < deadline:

@@ -23,7 +23,7 @@ STORES_STEP = "@mlflow-stores"
 # has finished (measured: a stage that asked during the old in-line call waited 1.2 s).
 CPU_MODEL_STEP = "@cpu-model"
 # From here the server forks a successor that loads the remaining steps while it goes on
-# serving (:func:`tasks.core.fork_server.serve`): the train stage's processes, which ask
+# serving (:func:`tasks.core.fork_server_process.serve`): the train stage's processes, which ask
 # while the compress and evaluate stages' libraries load, need none of them (measured: the
 # train stage, horovodrun and the workers waited 0.4-0.8 s, 0.2-0.3 s and 0.1-0.6 s for a
 # step of ONNX or matplotlib to end).
