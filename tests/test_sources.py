@@ -25,6 +25,7 @@ from tasks.sources import (
     read_idx,
     read_image_folder,
     read_npz,
+    sklearn_digest,
 )
 
 from raw_files import HEIGHT, PER_CLASS, WIDTH, sample_images, tabular_rows, write_csv, write_idx, write_image_folder
@@ -102,6 +103,30 @@ def test_builtin_sklearn_sets() -> None:
     assert (x.min(), x.max()) == (0.0, 16.0) and names == tuple(str(i) for i in range(10))
     x, y, names = load_sklearn("breast_cancer")
     assert x.shape == (569, 30) and names == ("malignant", "benign") and set(y) == {0, 1}
+
+
+@pytest.mark.parametrize("name", ["digits", "breast_cancer"])
+def test_builtin_sets_read_from_sklearns_files_equal_its_loaders_without_importing_it(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The files are read as scikit-learn's loaders read them (the same bytes, so the same
+    digest in MLflow and DVC), and scikit-learn is not imported: the fork server no longer
+    loads it; a scikit-learn without the files falls back to its loaders."""
+    from tasks.sources import builtin
+
+    probe = (f"import sys; from tasks.sources import load_sklearn; load_sklearn({name!r}); "
+             "print(sorted(m for m in ('sklearn', 'scipy') if m in sys.modules))")
+    imported = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert imported.stdout.strip() == "[]"
+
+    read = load_sklearn(name)
+    monkeypatch.setattr(builtin, "_sklearn_data_folder", lambda: None)
+    loaded = load_sklearn(name)
+    assert read.x.dtype == loaded.x.dtype and read.y.dtype == loaded.y.dtype
+    np.testing.assert_array_equal(read.x, loaded.x)
+    np.testing.assert_array_equal(read.y, loaded.y)
+    assert read.class_names == loaded.class_names
+    assert sklearn_digest(read) == sklearn_digest(loaded)
 
 
 # --------------------------------------------------------------------------- readers: bad data

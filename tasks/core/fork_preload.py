@@ -38,10 +38,12 @@ HANDOVER_STEP = "@handover"
 # only the thread that forks. The threads numpy's and scipy's OpenBLAS and pandas' jemalloc
 # start at import are made for forking (they re-arm in the child through pthread_atfork).
 # "git" is GitPython (MLflow's start_run reads the commit); "horovod.runner.launch" and
-# "tabulate" are horovodrun's (the launcher imports setuptools, through distutils).
+# "tabulate" are horovodrun's (the launcher imports setuptools, through distutils). Not
+# scikit-learn: the built-in data sets are read from its files without it (1.0-1.2 CPU-s,
+# tasks.sources.builtin).
 MLFLOW_SQL_STORES = ("mlflow.store.tracking.sqlalchemy_store", "mlflow.store.model_registry.sqlalchemy_store")
 PRELOAD = (
-    "numpy", "pandas", "mlflow", *MLFLOW_SQL_STORES, STORES_STEP, "git", "sklearn.datasets",  # prepare
+    "numpy", "pandas", "mlflow", *MLFLOW_SQL_STORES, STORES_STEP, "git",                    # prepare
     "torch", "torch.nn", "torch._dynamo", "horovod.torch", "horovod.runner.launch", "tabulate",  # train
     "codecarbon", CPU_MODEL_STEP,
     HANDOVER_STEP,
