@@ -8,8 +8,8 @@ and the ratios to the baseline. It then
 
 - opens the stage's MLflow run and completes each model's own run (the train stage's for
   the baseline, the compress stage's for a variant; see :mod:`tasks.evaluation.model_runs`)
-  with its logged model and figures under the same metric keys, so the MLflow compare view
-  and Models tab line them up;
+  with its logged model (while the memory probe runs, before anything is timed) and figures
+  under the same metric keys, so the MLflow compare view and Models tab line them up;
 - applies the gate (:func:`tasks.evaluation.gate.select_champion`); the winner then
   challenges the current ``@champion`` of ``evaluate.registered_model``
   (:mod:`tasks.evaluation.challenge`) and is registered (from its own run's logged model)
@@ -37,7 +37,7 @@ from tasks.core.paths import ProjectPaths
 from tasks.core.fork_server import run_forked
 from tasks.core.processes import die_with_parent, exit_process
 from tasks.evaluation.benchmark import discover_models, measure_models
-from tasks.evaluation.drawing import figures_drawn_meanwhile
+from tasks.evaluation.drawing import MODEL_FIGURES, figures_drawn_meanwhile
 from tasks.evaluation.gate import apply_gate
 from tasks.evaluation.outputs import metrics_document, publish, read_history, result_document, write_json
 from tasks.evaluation.report import report_html, report_markdown
@@ -66,14 +66,29 @@ def run_evaluate(paths: ProjectPaths, params: Params) -> Evaluation:
             "evaluate", paths.root, params.base.experiment,
             params={"evaluate": settings.model_dump(), "seed": params.base.seed},
         ) as stage:
-            evaluation = measure_models(model_dirs, paths.prepared, settings, params.base.seed)
+            # Each model is logged into the run that made it, and its figures drawn, while the
+            # memory probe runs, before the timing, which must have the machine to itself.
+            history = read_history(paths.plots / "train_history.json")
+            logged: dict[str, tuple[str, str]] = {}
+
+            def log_and_draw_models(scored: Evaluation) -> None:
+                with figures_drawn_meanwhile(staging, scored, history, MODEL_FIGURES):
+                    logged.update(model_runs.log_models(scored.models, scored.class_names, paths,
+                                                        params.base.experiment, stage.info.run_id))
+                model_runs.log_confusion_matrices({name: run_id for name, (run_id, _) in logged.items()},
+                                                  staging / "evaluation")
+
+            evaluation = measure_models(model_dirs, paths.prepared, settings, params.base.seed,
+                                        meanwhile=log_and_draw_models)
             evaluation.stage_run_id = stage.info.run_id
             apply_gate(evaluation, settings)
-            # Each model's figures go into the run that made it, beside its logged model,
-            # while another process draws the plots (both take seconds; they share nothing).
-            with figures_drawn_meanwhile(staging, evaluation, read_history(paths.plots / "train_history.json")):
-                model_runs.log_model_runs(evaluation, paths, params.base.experiment, stage.info.run_id)
-            model_runs.log_confusion_matrices(evaluation, staging / "evaluation")
+            # Each model's figures and gate go into its run while another process draws the
+            # comparison (they share nothing).
+            with figures_drawn_meanwhile(staging, evaluation, history):
+                model_runs.log_model_runs(evaluation, paths, params.base.experiment, stage.info.run_id, logged)
+            model_runs.log_confusion_matrices(  # those not logged while the models were timed
+                {name: run_id for name, run_id in evaluation.run_ids.items() if name not in logged},
+                staging / "evaluation")
             # The registry is the one change that cannot be rolled back: do it last.
             evaluation.promotion = registration.register_champion(evaluation, paths, settings)
             model_runs.tag_registration(evaluation)

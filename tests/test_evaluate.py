@@ -225,20 +225,29 @@ def test_champion_loads_through_pyfunc_and_predicts_like_the_stage(evaluated: di
 
 
 def test_the_figures_are_drawn_meanwhile_and_their_energy_counts(evaluated: dict[str, Any], tmp_path: Path) -> None:
-    """The drawing process leaves every figure, no input or energy report behind, and (with
-    a per-process estimate meter, which cannot see it) its energy is credited to the stage."""
+    """The drawing processes leave every figure, no input or energy report behind, and (with
+    a per-process estimate meter, which cannot see them) their energy is credited to the
+    stage. The first part (while the models are logged) draws what needs only the scored
+    models; the second the comparison, and it does not draw the first part's again."""
     from tasks.core.energy import process_meter
-    from tasks.evaluation.drawing import ENERGY, INPUT, figures_drawn_meanwhile
+    from tasks.evaluation.drawing import COMPARISON, ENERGY, INPUT, MODEL_FIGURES, figures_drawn_meanwhile
 
     evaluation = evaluated["evaluation"]
+    history = [{"epoch": 1, "train_loss": 1.0, "val_loss": 1.2}]
     meter = process_meter()
     before = meter.credited.total
-    with figures_drawn_meanwhile(tmp_path, evaluation, [{"epoch": 1, "train_loss": 1.0, "val_loss": 1.2}]):
+    with figures_drawn_meanwhile(tmp_path, evaluation, history, MODEL_FIGURES):
         pass
-    drawn = {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.png")}
-    assert {"plots/confusion_matrix.png", "plots/accuracy_vs_size.png", "evaluation/training_curves.png"} <= drawn
-    assert {f"evaluation/confusion/{name}.png" for name in evaluation.models} <= drawn
-    assert not (tmp_path / INPUT).exists() and not (tmp_path / ENERGY).exists()
+    first = {p.relative_to(tmp_path).as_posix(): p.stat().st_mtime_ns for p in tmp_path.rglob("*.png")}
+    assert set(first) == {"evaluation/training_curves.png"} | {
+        f"evaluation/confusion/{name}.png" for name in evaluation.models}
+    with figures_drawn_meanwhile(tmp_path, evaluation, history):
+        pass
+    drawn = {p.relative_to(tmp_path).as_posix(): p.stat().st_mtime_ns for p in tmp_path.rglob("*.png")}
+    assert {"plots/confusion_matrix.png", "plots/accuracy_vs_size.png", "evaluation/accuracy_vs_energy.png"} <= set(drawn)
+    assert {name: drawn[name] for name in first} == first  # not drawn twice
+    for part in (MODEL_FIGURES, COMPARISON):
+        assert not (tmp_path / INPUT.format(part=part)).exists() and not (tmp_path / ENERGY.format(part=part)).exists()
     credited = meter.credited.total - before
     assert credited > 0 if meter.estimated else credited == 0, (meter.source, credited)
 

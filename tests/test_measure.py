@@ -5,8 +5,10 @@ on constructed inputs. The energy meter itself: tests/test_energy.py."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import psutil
 import pytest
 
 
@@ -152,3 +154,48 @@ def test_the_forked_memory_probe_ranks_a_big_model_above_a_small_one(tmp_path: P
     assert memory["big"]["load_mb"] > memory["small"]["load_mb"] + 10, memory  # 4.3M weights ~ 17 MB
     assert memory["big"]["peak_mb"] > memory["small"]["peak_mb"], memory
     assert memory["onnx"]["peak_mb"] is not None and memory["onnx"]["peak_mb"] >= 0, memory
+
+
+def test_models_are_handed_over_scored_while_the_memory_probe_runs_and_before_any_timing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The evaluate stage logs its models to MLflow in ``meanwhile``: it must get every model
+    scored (predictions, accuracy) while the probe process still runs, and the timing must
+    start only after both are done (it needs the machine to itself)."""
+    from tasks.core.config import EvaluateParams
+    from tasks.evaluation import benchmark
+    from tasks.evaluation.memory import MemoryProbe
+    from tests.test_evaluate_support import SPEC, save_baseline, save_onnx_variant, train_tiny, write_prepared
+
+    prepared = tmp_path / "prepared"
+    write_prepared(prepared)
+    model = train_tiny(SPEC, prepared, steps=5)
+    save_baseline(model, tmp_path / "baseline")
+    save_onnx_variant(model, tmp_path / "onnx")
+    events: list[str] = []
+    result, time_models = MemoryProbe.result, benchmark.time_models
+
+    def probe_result(self: MemoryProbe) -> dict:
+        events.append("probe read")
+        return result(self)
+
+    def timing(*args: Any, **kwargs: Any) -> Any:
+        events.append("timing")
+        return time_models(*args, **kwargs)
+
+    def meanwhile(scored: Any) -> None:
+        probe = [p for p in psutil.Process().children() if "tasks.evaluation.memory" in " ".join(p.cmdline())]
+        events.append(f"meanwhile, probe running: {bool(probe)}")
+        assert list(scored.models) == ["baseline", "onnx"] and len(scored.class_names) == 10
+        assert all("accuracy" in r.metrics and "latency_p50_ms" not in r.metrics for r in scored.models.values())
+        assert all(len(r.predictions) == len(scored.y_true) == 150 for r in scored.models.values())
+
+    monkeypatch.setattr(MemoryProbe, "result", probe_result)
+    monkeypatch.setattr(benchmark, "time_models", timing)
+    params = EvaluateParams(latency_repeats=3, warmup=1, energy_window_s=0.01, throughput_batch=64)
+    evaluation = benchmark.measure_models({"baseline": tmp_path / "baseline", "onnx": tmp_path / "onnx"},
+                                          prepared, params, meanwhile=meanwhile)
+    assert events == ["meanwhile, probe running: True", "probe read", "timing"]
+    assert {r.notes["memory"] for r in evaluation.models.values()} == {"vmhwm-delta-fork"}
+    assert all(r.metrics["latency_p50_ms"] > 0 and r.metrics["peak_memory_mb"] >= 0
+               for r in evaluation.models.values())

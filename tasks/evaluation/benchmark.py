@@ -9,7 +9,7 @@ import logging
 import math
 import os
 import platform
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +17,11 @@ import numpy as np
 
 from tasks.core import metric_names as names
 from tasks.core.config import EvaluateParams
-from tasks.core.energy import EnergyMeter, children_excluded, co2e_g, process_meter
+from tasks.core.energy import EnergyMeter, co2e_g, process_meter
 from tasks.core.paths import ProjectPaths
 from tasks.evaluation.flops import all_models_flops
 from tasks.evaluation.measure import classification_metrics, load_for_measurement, predict_in_batches, torch_threads
-from tasks.evaluation.memory import measure_memory_all
+from tasks.evaluation.memory import MemoryProbe
 from tasks.evaluation.results import BASELINE, EvaluateError, Evaluation, ModelResult, add_ratios
 from tasks.evaluation.timing import BATCH1_CALLS_PER_ROUND, Timing, tile_to, time_models
 
@@ -53,9 +53,15 @@ def discover_models(paths: ProjectPaths) -> dict[str, Path]:
 
 
 def measure_models(
-    model_dirs: Mapping[str, Path], prepared: Path, params: EvaluateParams, seed: int = 0
+    model_dirs: Mapping[str, Path], prepared: Path, params: EvaluateParams, seed: int = 0,
+    meanwhile: Callable[[Evaluation], None] | None = None,
 ) -> Evaluation:
-    """Measure every model on the test split; no MLflow, no files written."""
+    """Measure every model on the test split; no MLflow, no files written.
+
+    ``meanwhile(scored)`` runs once the models are scored (an :class:`Evaluation` with
+    predictions, accuracy and confusion matrices; no costs yet) while the memory probe
+    process runs, before anything is timed: the evaluate stage logs the models to MLflow
+    and draws their figures there (work the timing must not share the CPU with)."""
     from tasks.data import load_preprocessing, load_split
 
     preprocessing = load_preprocessing(prepared)
@@ -66,31 +72,37 @@ def measure_models(
 
     meter = process_meter()  # on the CPU, where the models run here; it sets up while memory is probed
     log.info("measuring peak inference memory of %d model(s), a forked child each", len(model_dirs))
-    with children_excluded():  # the probes are forked children: not this process's measuring
-        memory = measure_memory_all(model_dirs, prepared, params.throughput_batch, params.threads)
-
-    with torch_threads(params.threads):
-        loaded = {name: load_for_measurement(folder, params.threads) for name, folder in model_dirs.items()}
-        results = _score(loaded, model_dirs, test.x, test.y, class_names, params.throughput_batch)
-        flops = all_models_flops(
-            {name: r.manifest for name, r in results.items()},
-            {name: model.module for name, model in loaded.items()},
-            np.ascontiguousarray(test.x[:1]),
-        )
-        log.info(
-            "timing %d model(s): %d interleaved rounds, batch 1 and batch %d, %d thread(s)",
-            len(loaded), params.latency_repeats, params.throughput_batch, params.threads,
-        )
-        timings = time_models(
-            {name: model.predict for name, model in loaded.items()},
-            x_single=test.x[:64],
-            x_batch=tile_to(test.x, params.throughput_batch),
-            repeats=params.latency_repeats,
-            warmup=params.warmup,
-            meter=meter,
-            seed=seed,
-            energy_window_s=params.energy_window_s,
-        )
+    # The probe is not this process's measuring: CodeCarbon's per-process estimate counts the
+    # children alive when it is read, and the probe has exited before the first reading.
+    probe = MemoryProbe(model_dirs, prepared, params.throughput_batch, params.threads)
+    try:
+        with torch_threads(params.threads):
+            loaded = {name: load_for_measurement(folder, params.threads) for name, folder in model_dirs.items()}
+            results = _score(loaded, model_dirs, test.x, test.y, class_names, params.throughput_batch)
+            if meanwhile is not None:
+                meanwhile(Evaluation(results, class_names, test.y, {}))
+            memory = probe.result()
+            flops = all_models_flops(
+                {name: r.manifest for name, r in results.items()},
+                {name: model.module for name, model in loaded.items()},
+                np.ascontiguousarray(test.x[:1]),
+            )
+            log.info(
+                "timing %d model(s): %d interleaved rounds, batch 1 and batch %d, %d thread(s)",
+                len(loaded), params.latency_repeats, params.throughput_batch, params.threads,
+            )
+            timings = time_models(
+                {name: model.predict for name, model in loaded.items()},
+                x_single=test.x[:64],
+                x_batch=tile_to(test.x, params.throughput_batch),
+                repeats=params.latency_repeats,
+                warmup=params.warmup,
+                meter=meter,
+                seed=seed,
+                energy_window_s=params.energy_window_s,
+            )
+    finally:
+        probe.stop()
 
     for name, result in results.items():
         result.metrics["flops"], result.notes["flops"] = flops[name]

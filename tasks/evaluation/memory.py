@@ -210,34 +210,74 @@ def memory_probe_many(
     return [_fork_measure(folder, x, threads, ranges, timeout_s) for folder in model_dirs]
 
 
+class MemoryProbe:
+    """The probe process (``python -m tasks.evaluation.memory``), started: the caller goes on
+    with other work while it runs on another core (it only reads the kernel's figures of its
+    own children, which nothing else changes); :meth:`result` waits for it."""
+
+    def __init__(self, model_dirs: Mapping[str, Path], prepared: Path, batch: int, threads: int,
+                 timeout_s: float = 300.0) -> None:
+        import tempfile
+
+        self.names = list(model_dirs)
+        self._deadline = time.monotonic() + 60 + timeout_s * len(self.names)
+        self._process: subprocess.Popen[bytes] | None = None
+        # Files, not pipes: the caller reads nothing until result(), and a full pipe would stall the probe.
+        self._stdout, self._stderr = tempfile.TemporaryFile(), tempfile.TemporaryFile()
+        if not self.names:
+            return
+        command = [
+            sys.executable, "-m", PROBE_MODULE, str(prepared.resolve()),
+            *(str(model_dirs[name].resolve()) for name in self.names),
+            "--batch", str(batch), "--threads", str(threads), "--timeout", str(timeout_s),
+        ]
+        env = code_on_path(dict(os.environ))
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+        self._process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=self._stdout,
+                                         stderr=self._stderr, env=env, cwd=CODE_ROOT)
+
+    def result(self) -> dict[str, dict[str, Any]]:
+        """Every model's memory figures; a failure gives ``method: failed``, never raises."""
+        try:
+            if self._process is None:
+                return {}
+            try:
+                code = self._process.wait(timeout=max(self._deadline - time.monotonic(), 0.0))
+            except subprocess.TimeoutExpired:
+                self.stop()
+                log.warning("memory probe process timed out")
+                return {name: dict(FAILED) for name in self.names}
+            stdout, stderr = (self._read(handle) for handle in (self._stdout, self._stderr))
+        finally:
+            self._stdout.close()
+            self._stderr.close()
+        for line in stderr.strip().splitlines()[-20:]:
+            log.info("memory probe: %s", line)
+        if code != 0 or not stdout.strip():
+            log.warning("memory probe process failed (exit %s)", code)
+            return {name: dict(FAILED) for name in self.names}
+        results = json.loads(stdout.strip().splitlines()[-1])
+        return dict(zip(self.names, results, strict=True))
+
+    def stop(self) -> None:
+        """End the probe (the caller failed, or it ran past its time)."""
+        from tasks.core.processes import stop_process
+
+        if self._process is not None and self._process.poll() is None:
+            stop_process(self._process, grace_s=2.0)
+
+    @staticmethod
+    def _read(handle: Any) -> str:
+        handle.seek(0)
+        return handle.read().decode(errors="replace")
+
+
 def measure_memory_all(
     model_dirs: Mapping[str, Path], prepared: Path, batch: int, threads: int, timeout_s: float = 300.0
 ) -> dict[str, dict[str, Any]]:
     """Every model's memory figures from one fresh ``python -m tasks.evaluation.memory``
     process (see the module docstring); a failure gives ``method: failed``, never raises."""
-    names = list(model_dirs)
-    if not names:
-        return {}
-    command = [
-        sys.executable, "-m", PROBE_MODULE, str(prepared.resolve()),
-        *(str(model_dirs[name].resolve()) for name in names),
-        "--batch", str(batch), "--threads", str(threads), "--timeout", str(timeout_s),
-    ]
-    env = code_on_path(dict(os.environ))
-    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=CODE_ROOT,
-                              timeout=60 + timeout_s * len(names))
-    except subprocess.TimeoutExpired:
-        log.warning("memory probe process timed out")
-        return {name: dict(FAILED) for name in names}
-    for line in done.stderr.strip().splitlines()[-20:]:
-        log.info("memory probe: %s", line)
-    if done.returncode != 0 or not done.stdout.strip():
-        log.warning("memory probe process failed (exit %s)", done.returncode)
-        return {name: dict(FAILED) for name in names}
-    results = json.loads(done.stdout.strip().splitlines()[-1])
-    return dict(zip(names, results, strict=True))
+    return MemoryProbe(model_dirs, prepared, batch, threads, timeout_s).result()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -42,26 +42,48 @@ LOGGED_MODEL_NAME = "model"
 RUN_ID_KEY = "mlflow_run_id"  # the manifest key naming the run that made the model
 
 
-def log_model_runs(evaluation: Evaluation, paths: ProjectPaths, experiment: str, stage_run_id: str) -> None:
+def log_models(results: Mapping[str, ModelResult], class_names: tuple[str, ...], paths: ProjectPaths,
+               experiment: str, stage_run_id: str) -> dict[str, tuple[str, str]]:
+    """Into every model's run, what does not wait for its costs and the gate: the logged
+    model and the files of :func:`_log_files`. Returns ``{model: (run_id, model_uri)}`` for
+    :func:`log_model_runs`. The evaluate stage calls it while the memory probe runs."""
+    return {name: _log_model_and_files(result, class_names, paths, experiment, stage_run_id)
+            for name, result in results.items()}
+
+
+def log_model_runs(evaluation: Evaluation, paths: ProjectPaths, experiment: str, stage_run_id: str,
+                   logged: Mapping[str, tuple[str, str]] | None = None) -> None:
     """Complete every model's run (all but its confusion matrix picture: see
-    :func:`log_confusion_matrices`); fills ``evaluation.run_ids`` and ``evaluation.model_uris``."""
+    :func:`log_confusion_matrices`), once the models are timed and gated: its figures (linked to its logged model) and tags, and
+    what :func:`log_models` logs, for the models it did not; fills ``evaluation.run_ids``
+    and ``evaluation.model_uris``."""
     for name, result in evaluation.models.items():
-        with _model_run(result, paths, experiment, stage_run_id) as run:
-            run_id = run.info.run_id
-            uri = _logged_model_uri(run_id, result) or _log_model(result, paths)
-            _log_evaluation(result, evaluation, uri, stage_run_id)
+        if name in (logged or {}):
+            run_id, uri = logged[name]
+        else:
+            run_id, uri = _log_model_and_files(result, evaluation.class_names, paths, experiment, stage_run_id)
+        _log_figures(result, evaluation, run_id, uri, stage_run_id)
         evaluation.run_ids[name], evaluation.model_uris[name] = run_id, uri
-        log.info("%s: MLflow run %s, logged model %s", name, run_id, uri)
 
 
-def log_confusion_matrices(evaluation: Evaluation, figures: Path) -> None:
-    """Each model's ``confusion/<model>.png`` under ``figures`` into its run (named
-    ``confusion_matrix.png`` there), once :func:`log_model_runs` has named the runs."""
+def _log_model_and_files(result: ModelResult, class_names: tuple[str, ...], paths: ProjectPaths,
+                         experiment: str, stage_run_id: str) -> tuple[str, str]:
+    with _model_run(result, paths, experiment, stage_run_id) as run:
+        run_id = run.info.run_id
+        uri = _logged_model_uri(run_id, result) or _log_model(result, paths)
+        _log_files(result, class_names)
+    log.info("%s: MLflow run %s, logged model %s", result.name, run_id, uri)
+    return run_id, uri
+
+
+def log_confusion_matrices(run_ids: Mapping[str, str], figures: Path) -> None:
+    """Each model's ``confusion/<model>.png`` under ``figures`` into its run (``run_ids``;
+    named ``confusion_matrix.png`` there)."""
     import shutil
     import tempfile
 
     client = mlflow.MlflowClient()
-    for name, run_id in evaluation.run_ids.items():
+    for name, run_id in run_ids.items():
         picture = figures / "confusion" / f"{name}.png"
         if not picture.is_file():
             continue
@@ -187,16 +209,13 @@ def describe(result: ModelResult, evaluation: Evaluation) -> str:
     )
 
 
-def _log_evaluation(result: ModelResult, evaluation: Evaluation, model_uri: str, stage_run_id: str) -> None:
-    """Figures, tags and per-model files into the active (model's) run."""
-    # Every model gets every key (NaN where a figure could not be taken), so runs line up.
-    figures = {k: float(v) for k, v in ordered_metrics(result.metrics).items()}
-    mlflow.log_metrics(figures, model_id=model_uri.removeprefix("models:/"))
+def _log_files(result: ModelResult, class_names: tuple[str, ...]) -> None:
+    """``recipe.json``, ``manifest.json``, ``per_class.json`` and ``confusion.json`` into the
+    active (model's) run; the ``error`` tag of an earlier attempt that failed goes."""
     client = mlflow.MlflowClient()
     run_id = mlflow.active_run().info.run_id
-    if "error" in client.get_run(run_id).data.tags:  # from an earlier attempt that failed
+    if "error" in client.get_run(run_id).data.tags:
         client.delete_tag(run_id, "error")
-    mlflow.set_tags(_tags(result, evaluation, stage_run_id))
     mlflow.log_dict(recipe_document(result), "recipe.json")
     mlflow.log_text(json.dumps(result.manifest, indent=2, sort_keys=True) + "\n", "manifest.json")
     classes = list(result.per_class)
@@ -204,7 +223,20 @@ def _log_evaluation(result: ModelResult, evaluation: Evaluation, model_uri: str,
     for column in names.PER_CLASS_COLUMNS:
         table[column] = [result.per_class[c][column] for c in classes]
     mlflow.log_table(table, "per_class.json")
-    mlflow.log_dict({"labels": list(evaluation.class_names), "matrix": result.confusion.tolist()}, "confusion.json")
+    mlflow.log_dict({"labels": list(class_names), "matrix": result.confusion.tolist()}, "confusion.json")
+
+
+def _log_figures(result: ModelResult, evaluation: Evaluation, run_id: str, model_uri: str,
+                 stage_run_id: str) -> None:
+    """Figures (linked to the logged model) and tags into the model's run, which stays as
+    :func:`log_models` left it (ended, with its own end time)."""
+    from mlflow.entities import RunTag
+
+    # Every model gets every key (NaN where a figure could not be taken), so runs line up.
+    figures = {k: float(v) for k, v in ordered_metrics(result.metrics).items()}
+    mlflow.log_metrics(figures, model_id=model_uri.removeprefix("models:/"), run_id=run_id)
+    tags = _tags(result, evaluation, stage_run_id)
+    mlflow.MlflowClient().log_batch(run_id, tags=[RunTag(key, value) for key, value in tags.items()])
 
 
 def tag_registration(evaluation: Evaluation) -> None:

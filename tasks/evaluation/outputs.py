@@ -126,6 +126,23 @@ def models_document(evaluation: Evaluation) -> dict[str, Any]:
     return {"class_names": list(evaluation.class_names), "models": per_model, "settings": evaluation.settings}
 
 
+def render_model_figures(staging: Path, evaluation: Evaluation, history: list[dict[str, Any]] | None) -> None:
+    """What needs only the scored models (no costs, no gate), into ``staging/evaluation``:
+    each model's confusion matrix (``confusion/<model>.png``, for its MLflow run) and the
+    baseline's training curves; a figure already there is not drawn again."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    evaluation_dir = staging / "evaluation"
+    for name in evaluation.models:
+        picture = evaluation_dir / "confusion" / f"{name}.png"
+        if not picture.is_file():
+            plots.confusion_png(picture, evaluation, name)
+    curves = evaluation_dir / "training_curves.png"
+    if history and not curves.is_file():
+        plots.training_curves_png(curves, history)
+
+
 def render_outputs(staging: Path, evaluation: Evaluation, history: list[dict[str, Any]] | None) -> None:
     """Everything but the report and the metrics, into ``staging/{plots,evaluation}``."""
     import matplotlib
@@ -145,15 +162,12 @@ def render_outputs(staging: Path, evaluation: Evaluation, history: list[dict[str
                        f"energy per 1,000 predictions at batch {evaluation.settings['throughput_batch']} (J)",
                        f"accuracy vs energy ({_short(evaluation.settings['energy_source'])}); "
                        "labels: predictions until a variant pays back its making", label_key="payback_predictions")
-    for name in evaluation.models:  # each model's own, for its MLflow run
-        plots.confusion_png(evaluation_dir / "confusion" / f"{name}.png", evaluation, name)
+    render_model_figures(staging, evaluation, history)  # those not drawn while the models were timed
     # DVC's (and the report's) is the shown model's, the same picture.
     shutil.copy2(evaluation_dir / "confusion" / f"{evaluation.shown_model}.png", plot_dir / "confusion_matrix.png")
     for name in REPORT_FIGURES:
         shutil.copy2(plot_dir / name, evaluation_dir / name)  # the report shows them beside itself
-    if history:
-        plots.training_curves_png(evaluation_dir / "training_curves.png", history)
-    else:
+    if not history:
         log.warning("no training history (plots/train_history.json): training curves not drawn")
     write_json(evaluation_dir / "models.json", models_document(evaluation))
 
