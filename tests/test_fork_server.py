@@ -55,6 +55,11 @@ if __name__ == "__main__":
         print(json.dumps({"known": known, "model": detect_cpu_model() if known else None,
                           "tdp": getattr(hardware_cache._tdp, "model", None)}), flush=True)
         sys.exit(0)
+    if command == "packages":  # whether MLflow's module-to-distribution map is built already
+        known = "mlflow.utils.requirements_utils" in sys.modules and (
+            sys.modules["mlflow.utils.requirements_utils"]._PACKAGES_TO_MODULES is not None)
+        print(json.dumps({"known": known}), flush=True)
+        sys.exit(0)
     if command == "sleep":
         time.sleep(60)
     if command == "raise":
@@ -196,6 +201,19 @@ def test_children_know_the_cpu_model_the_servers_probe_found(server: str, probe_
             return False
 
     assert not [p for p in psutil.Process(_server_pid(server)).children() if probe(p)]  # done and reaped
+
+
+def test_children_that_log_models_find_mlflows_package_map_built(server: str, probe_dir: Path) -> None:
+    """MLflow's module-to-distribution map (what a logged model's requirements are checked
+    against) is built once by the server (its successor, after the hand-over), not by the
+    first model each stage logs."""
+    deadline, report = time.monotonic() + 120, {"known": False}
+    while not report["known"] and time.monotonic() < deadline:
+        entry = _start(probe_dir, server, "packages")
+        out, _ = entry.communicate(timeout=60)
+        report = json.loads(out.splitlines()[1])
+        time.sleep(0.2)
+    assert report["known"]
 
 
 def test_a_child_sets_up_logging_as_a_new_interpreter_would(server: str, probe_dir: Path) -> None:
