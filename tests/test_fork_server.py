@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -178,17 +179,24 @@ def test_children_reuse_the_mlflow_store_the_server_opened_once_the_run_said_it_
     assert cached == 1
 
 
+def _ask_until_known(probe_dir: Path, server: str, command: str, within_s: float) -> dict[str, Any]:
+    """Run the probe's ``command`` in a child until it reports ``known`` (the server loads
+    in the background) or ``within_s`` pass; its last report."""
+    deadline, report = time.monotonic() + within_s, {"known": False}
+    while not report["known"] and time.monotonic() < deadline:
+        entry = _start(probe_dir, server, command)
+        out, _ = entry.communicate(timeout=60)
+        report = json.loads(out.splitlines()[1])
+        time.sleep(0.2)
+    return report
+
+
 def test_children_know_the_cpu_model_the_servers_probe_found(server: str, probe_dir: Path) -> None:
     """py-cpuinfo's subprocess runs once, beside the server; children get CodeCarbon's
     answer without running it, and it is the answer py-cpuinfo gives a process by itself."""
     import cpuinfo
 
-    deadline, report = time.monotonic() + 90, {"known": False}
-    while not report["known"] and time.monotonic() < deadline:
-        entry = _start(probe_dir, server, "cpu")
-        out, _ = entry.communicate(timeout=60)
-        report = json.loads(out.splitlines()[1])
-        time.sleep(0.2)
+    report = _ask_until_known(probe_dir, server, "cpu", within_s=90)
     assert report["known"]
     assert report["model"] == cpuinfo.get_cpu_info().get("brand_raw", "")
     # CodeCarbon's CPU power lookup (its tables and the TDP found in them) is done, too:
@@ -207,13 +215,7 @@ def test_children_that_log_models_find_mlflows_package_map_built(server: str, pr
     """MLflow's module-to-distribution map (what a logged model's requirements are checked
     against) is built once by the server (its successor, after the hand-over), not by the
     first model each stage logs."""
-    deadline, report = time.monotonic() + 120, {"known": False}
-    while not report["known"] and time.monotonic() < deadline:
-        entry = _start(probe_dir, server, "packages")
-        out, _ = entry.communicate(timeout=60)
-        report = json.loads(out.splitlines()[1])
-        time.sleep(0.2)
-    assert report["known"]
+    assert _ask_until_known(probe_dir, server, "packages", within_s=120)["known"]
 
 
 def test_a_child_sets_up_logging_as_a_new_interpreter_would(server: str, probe_dir: Path) -> None:
