@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import socket
 import sqlite3
 import time
 from pathlib import Path
@@ -40,12 +41,20 @@ def _url(output: str) -> str:
 def test_the_server_is_started_once_found_after_and_stopped_on_request(tmp_path: Path) -> None:
     root = make_project(tmp_path / "project", TINY_PARAMS)
     try:
-        first = slimflow(root, "prefect-server", env=NO_SERVER, timeout=240)
+        with socket.socket() as port_4200:  # taken (here or by another project): the server takes another
+            with contextlib.suppress(OSError):
+                port_4200.bind(("127.0.0.1", 4200))
+                port_4200.listen()
+            first = slimflow(root, "prefect-server", env=NO_SERVER, timeout=240)
         assert first.returncode == 0, first.stdout + first.stderr
         url = _url(first.stdout)
         record = json.loads(record_path(root).read_text())
-        assert record["url"] == url and url.startswith("http://127.0.0.1:")
+        assert record["url"] == url and url.startswith("http://127.0.0.1:") and not url.endswith(":4200")
         assert httpx.get(f"{url}/api/health", timeout=10).status_code == 200
+        # The UI is served, and sends its browser to this server's API, not to port 4200's.
+        page = httpx.get(url, timeout=10)
+        assert page.status_code == 200 and "<html" in page.text.lower()
+        assert httpx.get(f"{url}/ui-settings", timeout=10).json()["api_url"] == record["api_url"]
         assert "stops after 60 idle minutes" in first.stdout
         # A new project's server starts on a copy of the database make install migrated,
         # with Prefect's block types registered (what a server's first start does).
