@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 import pytest
 import yaml
 
@@ -252,12 +253,14 @@ def test_the_figures_are_drawn_meanwhile_and_their_energy_counts(evaluated: dict
     assert credited > 0 if meter.estimated else credited == 0, (meter.source, credited)
 
 
-@pytest.mark.parametrize("failure", ["drawing", "after drawing"])
+@pytest.mark.parametrize("failure", ["drawing before the timing", "drawing", "after drawing"])
 def test_a_failure_leaves_the_previous_outputs_whole(
     evaluated: dict[str, Any], monkeypatch: pytest.MonkeyPatch, failure: str
 ) -> None:
-    """The figures are drawn in a process of their own (tasks.evaluation.drawing): its
-    failure, or one after it, leaves every published output as it was."""
+    """The figures are drawn in processes of their own (tasks.evaluation.drawing): a
+    failure of either (the models' part, while the memory probe runs; the comparison),
+    or one after them, leaves every published output as it was; the first stops the stage
+    before any timing, and the probe with it."""
     import copy
 
     import mlflow
@@ -275,12 +278,27 @@ def test_a_failure_leaves_the_previous_outputs_whole(
     ]
     before = {path: path.read_bytes() for path in files}
     evaluation = copy.deepcopy(evaluated["evaluation"])
-    monkeypatch.setattr(evaluate, "measure_models", lambda *args, **kwargs: evaluation)
+    timed: list[bool] = []
+    if failure == "drawing before the timing":  # a matrix matplotlib cannot draw, from the scoring
+        from tasks.evaluation import benchmark
+
+        score, time_models = benchmark._score, benchmark.time_models
+
+        def broken_scores(*args: Any, **kwargs: Any) -> Any:
+            results = score(*args, **kwargs)
+            results[list(results)[-1]].confusion = np.zeros(3, dtype=np.int64)
+            return results
+
+        monkeypatch.setattr(benchmark, "_score", broken_scores)
+        monkeypatch.setattr(benchmark, "time_models", lambda *a, **k: timed.append(True) or time_models(*a, **k))
+        expected: tuple[type[BaseException], str] = (DrawingFailed, r"evaluation figures \(models\)")
+    else:
+        monkeypatch.setattr(evaluate, "measure_models", lambda *args, **kwargs: evaluation)
     if failure == "drawing":  # a matrix matplotlib cannot draw: the drawing process fails midway
         last = list(evaluation.models)[-1]
         evaluation.models[last].confusion = np.zeros(3, dtype=np.int64)
-        expected: tuple[type[BaseException], str] = (DrawingFailed, "drawing the evaluation figures")
-    else:
+        expected = (DrawingFailed, r"evaluation figures \(comparison\)")
+    elif failure == "after drawing":
         def broken(*args: Any, **kwargs: Any) -> None:
             raise RuntimeError("disk on fire")
 
@@ -290,6 +308,8 @@ def test_a_failure_leaves_the_previous_outputs_whole(
         evaluate.run_evaluate(ProjectPaths(root), evaluated["params"])
     assert {path: path.read_bytes() for path in files} == before
     assert not [p for p in (root / "artifacts").iterdir() if p.name.startswith(".evaluation-staging-")]
+    assert not timed and not [p for p in psutil.Process().children(recursive=True)
+                              if "tasks.evaluation.memory" in " ".join(p.cmdline())]
     failed = mlflow.search_runs(experiment_names=["tests"], output_format="list",
                                 filter_string="attributes.status = 'FAILED'")
     assert any(r.data.tags.get("stage") == "evaluate" and "variant" not in r.data.tags for r in failed)

@@ -1,7 +1,7 @@
 """The project's background Prefect server (flows/prefect_server.py): started once, found by
 the next commands, stopped on request or when idle; the temporary server on request.
 
-Real ``prefect server start`` processes through the ``slimflow`` console script, in a
+Real Prefect API servers (what ``prefect server start`` runs) through the ``slimflow`` console script, in a
 project of their own (its ``.prefect/``); each test stops what it started.
 """
 
