@@ -65,10 +65,11 @@ def free_port() -> int:
 
 def prefect_server_start() -> float:
     """Prefect's API server (what ``prefect server start`` runs, started as the project's is:
-    :func:`flows.prefect_server.serve_api`) on a copy of the migrated database, to its first answer."""
+    :mod:`flows.prefect_api`) on a copy of the migrated database, to its first answer."""
     import importlib
 
-    from flows.prefect_server import SERVE_API, _answers, database_template
+    from flows.prefect_database import database_template
+    from flows.prefect_api import answers, api_server_command
     from flows.prefect_settings import PROJECT_DEFAULTS
 
     importlib.import_module("httpx")  # before the clock: the health check imports it
@@ -82,11 +83,11 @@ def prefect_server_start() -> float:
         port = free_port()
         clock = time.perf_counter()
         server = subprocess.Popen(  # as the project's server runs (no Prefect CLI): the cheaper way
-            [PYTHON, "-m", "flows.prefect_server", SERVE_API, str(port)], cwd=REPO,
+            api_server_command(port), cwd=REPO,
             env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         try:
-            while not _answers(f"http://127.0.0.1:{port}", timeout_s=1.0):
+            while not answers(f"http://127.0.0.1:{port}", timeout_s=1.0):
                 if server.poll() is not None:
                     raise SystemExit(f"the Prefect server exited with {server.returncode} before answering")
                 time.sleep(0.02)

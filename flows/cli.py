@@ -73,8 +73,10 @@ def _check_servers() -> None:
 
 def _spared(process: Any) -> bool:
     """Prefect's temporary API server (the flow still has to report its state), the project's
-    background server (``flows.prefect_server``: it outlives runs) and the run's reaper (it
-    has to outlive the run) are not stopped with the stage."""
+    background server (``flows.prefect_server`` and the API server it runs,
+    ``flows.prefect_api``: they outlive runs) and the run's reaper (it has to outlive the run)
+    are not stopped with the stage."""
+    from flows.prefect_api import MODULE as API_SERVER
     from tasks.core.processes import is_reaper
 
     try:
@@ -82,7 +84,8 @@ def _spared(process: Any) -> bool:
     except Exception:
         return False
     command = " ".join(cmdline)
-    return is_reaper(cmdline) or ("prefect" in command and ("server" in command or "uvicorn" in command))
+    return (is_reaper(cmdline) or f"-m {API_SERVER} " in command
+            or ("prefect" in command and ("server" in command or "uvicorn" in command)))
 
 
 def _interrupt_on_sigterm() -> None:

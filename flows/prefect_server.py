@@ -4,7 +4,7 @@ Without ``PREFECT_API_URL`` a Prefect flow starts a temporary API server for its
 stops it at the end: 12-28 s of every ``slimflow run`` on the 2-core machine (plus 5-7 s
 importing the server's modules into the CLI), and its UI is gone with the run. Instead,
 the first ``slimflow run`` of a project that finds no server starts one in the background
-(Prefect's API server and UI as ``prefect server start`` runs them, :func:`serve_api`, on
+(Prefect's API server and UI as ``prefect server start`` runs them, :mod:`flows.prefect_api`, on
 127.0.0.1, port 4200 if free, else a free one; its history
 in the project's ``.prefect/``), and the next runs use it at once. It stops by itself
 after ``SLIMFLOW_PREFECT_IDLE_MINUTES`` (default 60) without a run, or with
@@ -16,11 +16,8 @@ its own so a run's Ctrl-C or kill does not reach it) owns the server and writes
 ``.prefect/slimflow-server.json`` (its pid, the server's pid, port and URL) once the
 server answers; the file's modification time is the last use.
 
-A new server migrates its new database first: 9 s of the first run on the 2-core machine,
-against 4 s for a server on a migrated one. ``make install`` therefore leaves an empty,
-migrated database for the venv's Prefect (:func:`write_database_template`; a server has
-started on it once, so Prefect's block types are registered: 4.8 -> 4.4 s), and the
-supervisor copies it into a project that has none (:func:`seed_database`).
+A new server migrates its new database first; the supervisor copies the migrated one
+``make install`` leaves into a project that has none (:mod:`flows.prefect_database`).
 
 ``PREFECT_API_URL`` set (a team server, the tests' server) wins, and
 ``SLIMFLOW_PREFECT_SERVER=temporary`` keeps Prefect's per-run temporary server.
@@ -32,16 +29,17 @@ import contextlib
 import fcntl
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+from flows.prefect_api import answers, api_server_command
+from flows.prefect_database import database_template, seed_database
 
 RECORD = "slimflow-server.json"  # in PREFECT_HOME (the project's .prefect/)
 LOG = "slimflow-server.log"
@@ -55,11 +53,9 @@ CHECK_EVERY_S = 5.0
 # While a server starts, the supervisor asks it and the run reads the record this often:
 # the run waits for both (at 0.3 s and 0.2 s, 0.25 s on average of a cold run's critical path).
 STARTING_CHECK_S = 0.05
-SERVE_API = "--serve-api"  # the supervisor's child: the API server itself (serve_api)
 
 
 # Settings that put the server's database elsewhere: then there is nothing to seed.
-DATABASE_URL_SETTINGS = ("PREFECT_SERVER_DATABASE_CONNECTION_URL", "PREFECT_API_DATABASE_CONNECTION_URL")
 
 
 class PrefectServerError(RuntimeError):
@@ -100,23 +96,13 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _answers(url: str, timeout_s: float = 5.0) -> bool:
-    """Whether the server at ``url`` (the UI's: the API is under ``/api``) is healthy."""
-    import httpx
-
-    try:
-        return httpx.get(f"{url}/api/health", timeout=timeout_s).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
 def running(root: Path) -> dict | None:
     """The record of this project's background server if it is up and answers, else None."""
     try:
         record = json.loads(record_path(root).read_text())
     except (OSError, ValueError):
         return None
-    if not (_alive(record.get("supervisor_pid", -1)) and _answers(record["url"])):
+    if not (_alive(record.get("supervisor_pid", -1)) and answers(record["url"])):
         return None
     return record
 
@@ -264,75 +250,6 @@ def in_use(root: Path) -> Iterator[None]:
         touch(root)
 
 
-def database_template() -> Path:
-    """Where ``make install`` leaves an empty, migrated database for this venv's Prefect."""
-    from importlib.metadata import version
-
-    from tasks.core.paths import install_share
-
-    return install_share() / f"prefect-{version('prefect')}.db"
-
-
-def write_database_template(template: Path | None = None) -> tuple[Path, bool]:
-    """Migrate a new Prefect database (``prefect server database reset``) into ``template``,
-    with Prefect's block types registered where a server could start on it; returns the
-    template and whether they are."""
-    from flows.prefect_settings import PROJECT_DEFAULTS
-
-    template = template or database_template()
-    template.parent.mkdir(parents=True, exist_ok=True)
-    prefect = Path(sys.executable).parent / "prefect"
-    with tempfile.TemporaryDirectory(prefix="slimflow-prefect-") as home:
-        env = {k: v for k, v in os.environ.items() if k not in (*DATABASE_URL_SETTINGS, "PREFECT_API_URL")}
-        env.update(PROJECT_DEFAULTS, PREFECT_HOME=home)
-        subprocess.run([str(prefect), "server", "database", "reset", "-y"], env=env, check=True,
-                       stdin=subprocess.DEVNULL, capture_output=True, timeout=600)
-        registered = _register_block_types(prefect, env, Path(home) / "prefect.db")
-        partial = template.with_name(f".{template.name}.partial")
-        shutil.copyfile(Path(home) / "prefect.db", partial)
-        os.replace(partial, template)
-    return template, registered
-
-
-def _register_block_types(prefect: Path, env: dict[str, str], database: Path, timeout_s: float = 180.0) -> bool:
-    """Start a server on the new database once and stop it when it answers: a server's first
-    start registers Prefect's block types (0.4 s of a project's first server start on the
-    2-core machine); its write-ahead log is then folded into the file. Best effort: where
-    it fails, the project's first server registers them."""
-    import sqlite3
-
-    from tasks.core.processes import stop_process
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = subprocess.Popen(
-        [str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + timeout_s
-        while not (answered := _answers(f"http://127.0.0.1:{port}", timeout_s=2.0)):
-            if server.poll() is not None or time.monotonic() > deadline:
-                break
-            time.sleep(0.2)
-    finally:
-        stop_process(server, grace_s=30)
-    with contextlib.closing(sqlite3.connect(database)) as connection:
-        connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    return answered
-
-
-def seed_database(home: Path, template: Path | None = None) -> bool:
-    """Copy the migrated template into a project's Prefect home that has no database yet
-    (never over a project's history; not when the database is configured elsewhere)."""
-    from tasks.core.paths import copy_if_missing
-
-    if any(os.environ.get(name) for name in DATABASE_URL_SETTINGS):
-        return False
-    return copy_if_missing(template or database_template(), home / "prefect.db")
-
-
 def supervise(root: Path, port: int) -> int:
     """The supervisor: start the server, record it once it answers, stop it when idle."""
     from flows.prefect_settings import use_project_prefect_settings
@@ -341,7 +258,7 @@ def supervise(root: Path, port: int) -> int:
     if seed_database(_home(root)):
         print(f"a new database: a copy of {database_template()} (migrated by make install)", flush=True)
     server = subprocess.Popen(
-        [sys.executable, "-m", "flows.prefect_server", SERVE_API, str(port)],
+        api_server_command(port),
         cwd=root, stdin=subprocess.DEVNULL, start_new_session=True,
     )
     stopping = threading.Event()
@@ -354,7 +271,7 @@ def supervise(root: Path, port: int) -> int:
     try:
         while not stopping.is_set() and server.poll() is None:
             if not recorded:
-                if _answers(url):
+                if answers(url):
                     payload = {"supervisor_pid": os.getpid(), "server_pid": server.pid, "port": port, "url": url,
                                "api_url": _api_url(port), "started": time.time(), "idle_minutes": idle_s / 60}
                     partial = record.with_name(f".{record.name}.partial")
@@ -380,42 +297,5 @@ def supervise(root: Path, port: int) -> int:
     return 0
 
 
-def serve_api(port: int) -> None:
-    """Prefect's API server and UI on ``port``: what ``prefect server start`` runs in the
-    foreground (Prefect's app factory under uvicorn, with the same settings), without
-    first importing Prefect's command line: 0.46 s less of the server's start on the
-    2-core machine (3.2 s instead of 3.6 s to its first answer, three starts each), which
-    a cold run waits for.
-
-    The port goes into Prefect's settings too: the UI asks ``/ui-settings`` where the API
-    is, which Prefect derives from them (with ``prefect server start --port`` a server on
-    another port than 4200 sent its UI to port 4200, another project's server if any)."""
-    os.environ["PREFECT_SERVER_API_HOST"], os.environ["PREFECT_SERVER_API_PORT"] = "127.0.0.1", str(port)
-    import prefect
-    import uvicorn
-    from prefect.server.api.server import create_app
-    from prefect.settings import (
-        PREFECT_SERVER_API_KEEPALIVE_TIMEOUT,
-        PREFECT_SERVER_API_WEBSOCKET_PING_INTERVAL,
-        PREFECT_SERVER_API_WEBSOCKET_PING_TIMEOUT,
-        PREFECT_SERVER_LOGGING_LEVEL,
-    )
-
-    uvicorn.run(
-        app=create_app(final=True), app_dir=str(prefect.__module_path__.parent), host="127.0.0.1", port=port,
-        timeout_keep_alive=PREFECT_SERVER_API_KEEPALIVE_TIMEOUT.value(),
-        ws_ping_interval=PREFECT_SERVER_API_WEBSOCKET_PING_INTERVAL.value(),
-        ws_ping_timeout=PREFECT_SERVER_API_WEBSOCKET_PING_TIMEOUT.value(),
-        log_level=PREFECT_SERVER_LOGGING_LEVEL.value().lower(),
-    )
-
-
 if __name__ == "__main__":
-    if sys.argv[1:2] == [SERVE_API]:
-        serve_api(int(sys.argv[2]))
-        sys.exit(0)
-    if sys.argv[1:] == ["--write-database-template"]:  # make install
-        path, registered = write_database_template()
-        print(f"Prefect database template: {path} ({'block types registered' if registered else 'migrated only'})")
-        sys.exit(0)
     sys.exit(supervise(Path(sys.argv[1]), int(sys.argv[2])))

@@ -39,8 +39,8 @@ fi
 "$VENV/bin/horovodrun" --check-build | sed 's/^/[install] /'
 # An empty, migrated Prefect database (a server started on it once: block types registered):
 # a project's first server starts from a copy of it in about 4.4 s instead of migrating a new
-# one (9 s) during the first `make run` (flows/prefect_server.py).
-"$PY" -m flows.prefect_server --write-database-template | sed 's/^/[install] /' \
+# one (9 s) during the first `make run` (flows/prefect_database.py).
+"$PY" -m flows.prefect_database --write-database-template | sed 's/^/[install] /' \
   || log "no Prefect database template: a project's first Prefect server migrates its own"
 # The same for MLflow: a new project's store starts from a copy with its tables made
 # (MLflow creates them one migration at a time: 1-2 s of the first run; tasks/core/tracking.py).

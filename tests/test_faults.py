@@ -351,10 +351,10 @@ def test_kill_9_during_training_leaves_no_process_and_the_next_run_repairs_and_r
     first = start(root, "run", "--to", "train", env=env, log=log)
     try:
         wait_for_text(log, "epoch 3/60", first)
-        from flows.prefect_server import SERVE_API
+        from flows.prefect_api import MODULE
 
         server = background_server(root)
-        assert any(f"flows.prefect_server {SERVE_API}" in command for command in server.values()), server  # the API
+        assert any(f"-m {MODULE} " in command for command in server.values()), server  # the API
         before = {pid: command for pid, command in run_processes(root).items() if pid not in server}
         for part in ("tasks.training.worker", "horovodrun", "-m tasks.train"):
             assert any(part in command for command in before.values()), (part, before)

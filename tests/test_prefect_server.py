@@ -15,9 +15,11 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
-from flows.prefect_server import DATABASE_URL_SETTINGS, LOG, database_template, record_path, seed_database
+from flows.prefect_database import DATABASE_URL_SETTINGS, database_template, seed_database
+from flows.prefect_server import LOG, record_path
 from tests.conftest import TINY_PARAMS, make_project, run_processes, seconds_until_gone, slimflow
 
 pytestmark = pytest.mark.integration
@@ -55,6 +57,11 @@ def test_the_server_is_started_once_found_after_and_stopped_on_request(tmp_path:
         page = httpx.get(url, timeout=10)
         assert page.status_code == 200 and "<html" in page.text.lower()
         assert httpx.get(f"{url}/ui-settings", timeout=10).json()["api_url"] == record["api_url"]
+        # A run's Ctrl-C stops the run's processes, not the server it started (it outlives runs).
+        from flows.cli import _spared
+
+        supervisor = psutil.Process(record["supervisor_pid"])
+        assert all(_spared(p) for p in (supervisor, *supervisor.children(recursive=True)))
         assert "stops after 60 idle minutes" in first.stdout
         # A new project's server starts on a copy of the database make install migrated,
         # with Prefect's block types registered (what a server's first start does).
