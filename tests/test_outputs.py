@@ -99,3 +99,27 @@ def test_the_html_report_embeds_its_images_and_renders_its_tables(tmp_path: Path
     assert "<table>" in page and "<td>int8</td>" in page
     assert f'src="data:image/png;base64,{base64.b64encode(png).decode()}"' in page
     assert 'src="accuracy_vs_size.png"' not in page
+
+
+def test_each_confusion_picture_shows_only_its_own_model(tmp_path: Path) -> None:
+    """The pictures share one figure (laid out for the largest count): nothing of a model
+    drawn before (its counts, its colour scale, its title) may stay in the next one."""
+    from PIL import Image
+
+    from tasks.evaluation.plots import confusion_png, confusion_pngs
+
+    evaluation = _evaluation()
+    evaluation.models["int8"].confusion = np.array([[3, 0], [0, 4]])
+    for folder, big in (("a", [[900, 7], [2, 880]]), ("b", [[900, 1], [5, 600]])):  # same largest count
+        evaluation.models["baseline"].confusion = np.array(big)
+        confusion_pngs({"baseline": tmp_path / folder / "baseline.png", "int8": tmp_path / folder / "int8.png"},
+                       evaluation)
+    pictures = {path.relative_to(tmp_path).as_posix(): np.asarray(Image.open(path).convert("RGB"))
+                for path in tmp_path.glob("*/*.png")}
+    assert len({picture.shape for picture in pictures.values()}) == 1
+    assert np.array_equal(pictures["a/int8.png"], pictures["b/int8.png"])  # drawn after two different models
+    assert not np.array_equal(pictures["a/baseline.png"], pictures["b/baseline.png"])
+    assert not np.array_equal(pictures["a/int8.png"], pictures["a/baseline.png"])
+    # The model with the largest count is laid out as when drawn alone.
+    confusion_png(tmp_path / "alone.png", evaluation, "baseline")
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "alone.png").convert("RGB")), pictures["b/baseline.png"])

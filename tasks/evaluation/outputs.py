@@ -134,10 +134,8 @@ def render_model_figures(staging: Path, evaluation: Evaluation, history: list[di
 
     matplotlib.use("Agg")
     evaluation_dir = staging / "evaluation"
-    for name in evaluation.models:
-        picture = evaluation_dir / "confusion" / f"{name}.png"
-        if not picture.is_file():
-            plots.confusion_png(picture, evaluation, name)
+    pictures = {name: evaluation_dir / "confusion" / f"{name}.png" for name in evaluation.models}
+    plots.confusion_pngs({name: picture for name, picture in pictures.items() if not picture.is_file()}, evaluation)
     curves = evaluation_dir / "training_curves.png"
     if history and not curves.is_file():
         plots.training_curves_png(curves, history)

