@@ -248,13 +248,15 @@ def prefect_server_command(
 
 def _run_pipeline(overrides: list[str], first: str | None, last: str | None, force: bool, wait: float) -> Any:
     """The flow, its failures as one line each."""
+    from flows.heartbeat import heartbeats_replaced
     from flows.pipeline import pipeline
     from tasks.core.dvc import PipelineBusy, StageFailed
 
     if not errors.debug():
         one_line_console_logs()
     try:
-        return pipeline(overrides=overrides, first=first, last=last, force=force, wait_s=wait)
+        with heartbeats_replaced():  # Prefect's heartbeat thread would hold the run's end up to 1 s
+            return pipeline(overrides=overrides, first=first, last=last, force=force, wait_s=wait)
     except PipelineBusy as err:
         _fail(str(err), code=3)
     except StageFailed as err:

@@ -21,6 +21,7 @@ from prefect import flow, get_run_logger, task
 from prefect.context import get_run_context
 from prefect.tasks import exponential_backoff
 
+from flows.heartbeat import flow_run_heartbeats
 from flows.recovery import RunRecord, repair_after_crash
 from flows.results import log_pipeline_params, publish_result
 from tasks.compression.recipes import check_pipeline
@@ -103,6 +104,7 @@ def pipeline(
     record = RunRecord.begin(paths.root, str(flow_run.id))
     scheduled = flow_run.expected_start_time.timestamp() if flow_run.expected_start_time else None
     with ExitStack() as held:
+        held.enter_context(flow_run_heartbeats())  # when `slimflow run` turned Prefect's off (flows.heartbeat)
         try:
             lock = held.enter_context(pipeline_lock(paths.root, wait_s, scheduled_at=scheduled, on_wait=logger.info))
         except BaseException:

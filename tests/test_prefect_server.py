@@ -35,6 +35,19 @@ def _no_configured_server(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(key, raising=False)
 
 
+def _heartbeats(url: str, flow_run_id: str, wait_s: float = 20.0) -> list[dict]:
+    """The flow run's heartbeat events the server stored (it stores events in batches)."""
+    query = {"filter": {"event": {"name": ["prefect.flow-run.heartbeat"]},
+                        "any_resource": {"id": [f"prefect.flow-run.{flow_run_id}"]}}, "limit": 50}
+    deadline = time.monotonic() + wait_s
+    while True:
+        events = httpx.post(f"{url}/api/events/filter", json=query, timeout=30).json()["events"]
+        if events or time.monotonic() > deadline:
+            time.sleep(2.0)  # a second one would be stored with the first
+            return httpx.post(f"{url}/api/events/filter", json=query, timeout=30).json()["events"]
+        time.sleep(0.5)
+
+
 def _url(output: str) -> str:
     line = next(line for line in output.splitlines() if line.startswith("Prefect UI: "))
     return line.split()[2]
@@ -151,6 +164,11 @@ def test_a_run_that_starts_the_server_sends_its_flow_run_to_it(tmp_path: Path, m
         assert json.loads(record_path(root).read_text())["url"] == url
         runs = httpx.post(f"{url}/api/flow_runs/filter", json={}, timeout=30).json()
         assert [run["state_type"] for run in runs] == ["COMPLETED"]
+        # Its heartbeat (flows.heartbeat): one, not Prefect's and slimflow's both (the run is
+        # shorter than the 180 s between two).
+        beats = _heartbeats(url, runs[0]["id"])
+        assert len(beats) == 1, beats
+        assert {r["prefect.resource.role"] for r in beats[0]["related"]} >= {"flow"}
     finally:
         slimflow(root, "prefect-server", "--stop", env=NO_SERVER, timeout=60)
     assert run_processes(root) == {}
