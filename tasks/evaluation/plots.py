@@ -29,7 +29,7 @@ def _label_points(fig: Any, ax: Any, points: Sequence[tuple[str, float, float]])
     from matplotlib.transforms import Bbox
 
     canvas = FigureCanvasAgg(fig)
-    fig.draw_without_rendering()  # settle the layout, so window coordinates hold (no pixels drawn)
+    canvas.draw()  # settle the layout, so window coordinates hold
     renderer = canvas.get_renderer()
     frame = ax.get_window_extent(renderer)
     placed = [ax.transData.transform((x, y)) for _, x, y in points]
