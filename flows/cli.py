@@ -7,7 +7,6 @@ the traceback.
 from __future__ import annotations
 
 import contextlib
-import gc
 import importlib
 import json
 import os
@@ -28,7 +27,7 @@ from tasks.compression.recipes import check_pipeline
 from tasks.core.config import ParamsError, load_params, params_schema
 from tasks.core.dvc import stage_names
 from tasks.core.paths import ProjectPaths
-from tasks.core.processes import exit_process
+from tasks.core.processes import CollectorPaused, exit_process
 from tasks.core.tables import console as table_console
 
 app = OneLineErrors(
@@ -159,6 +158,12 @@ def run(
     """Run the pipeline (or a range of stages) as a Prefect flow; unchanged stages are skipped."""
     if debug:
         errors.set_debug()
+    with CollectorPaused() as collector:  # until the imports are done (they are most of a run's objects)
+        _run_command(set_, from_stage, to_stage, force, wait, collector)
+
+
+def _run_command(set_: list[str] | None, from_stage: str | None, to_stage: str | None, force: bool, wait: float,
+                 collector: CollectorPaused) -> None:
     paths = ProjectPaths.discover()
     overrides = list(set_ or [])
     _check_stage_names(from_stage, to_stage)
@@ -194,10 +199,10 @@ def run(
         if server_url:
             held.enter_context(prefect_server.in_use(paths.root))
         importer.join()
-        # What is imported now (Prefect, MLflow, DVC) stays for the run: out of the garbage
-        # collector's reach, a full collection during the run walks only what the run made
-        # (one took 0.3 s in the middle of a default run; measured with gc.callbacks).
-        gc.freeze()
+        # What is imported now (Prefect, MLflow, DVC) stays for the run: frozen, a full
+        # collection during the run walks only what the run made (one took 0.3 s in the
+        # middle of a default run; measured with gc.callbacks).
+        collector.done()
         result = _run_pipeline(overrides, from_stage, to_stage, force, wait)
     # When evaluate ran, its own closing table (same numbers) is already on the terminal.
     evaluated_now = any(stage["stage"] == "evaluate" and stage["ran"] for stage in result["stages"])

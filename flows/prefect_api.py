@@ -38,6 +38,7 @@ def serve(port: int) -> None:
     is, which Prefect derives from them (with ``prefect server start --port`` a server on
     another port than 4200 sent its UI to port 4200, another project's server if any)."""
     os.environ["PREFECT_SERVER_API_HOST"], os.environ["PREFECT_SERVER_API_PORT"] = "127.0.0.1", str(port)
+    gc.disable()  # until the app is made: see below
     import prefect
     import uvicorn
     from prefect.server.api.server import create_app
@@ -49,10 +50,12 @@ def serve(port: int) -> None:
     )
 
     app = create_app(final=True)
-    # What the server loaded stays for its life: out of the garbage collector's reach, its
-    # full collections walk only what requests made (two took 0.28 and 0.32 s during a cold
-    # run's first API calls; measured with gc.callbacks).
+    # What the server loaded stays for its life: no collection walked it while it loaded
+    # (tasks.core.processes.CollectorPaused says why), and frozen, none walks it later,
+    # when the server answers requests (two full collections took 0.28 and 0.32 s during a
+    # cold run's first API calls; measured with gc.callbacks).
     gc.freeze()
+    gc.enable()
     uvicorn.run(
         app=app, app_dir=str(prefect.__module_path__.parent), host="127.0.0.1", port=port,
         timeout_keep_alive=PREFECT_SERVER_API_KEEPALIVE_TIMEOUT.value(),

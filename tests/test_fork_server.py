@@ -64,7 +64,7 @@ if __name__ == "__main__":
     if command == "gc":  # what this process's full collections walk: only its own objects?
         import gc
         frozen = gc.get_freeze_count()
-        print(json.dumps({"known": "mlflow" in sys.modules, "frozen": frozen,
+        print(json.dumps({"known": "mlflow" in sys.modules, "frozen": frozen, "enabled": gc.isenabled(),
                           "tracked_after_collect": (gc.collect(), len(gc.get_objects()))[1]}), flush=True)
         sys.exit(0)
     if command == "sleep":
@@ -231,6 +231,7 @@ def test_children_leave_the_servers_objects_out_of_their_garbage_collections(ser
     report = _ask_until_known(probe_dir, server, "gc", within_s=120)  # once MLflow is loaded
     assert report["known"]
     assert report["frozen"] > 100_000  # MLflow and its dependencies alone are more
+    assert report["enabled"]  # the server runs without the collector; its children with it
     assert report["tracked_after_collect"] < report["frozen"] / 10
 
 
@@ -465,3 +466,31 @@ def test_off_starts_no_server(monkeypatch: pytest.MonkeyPatch) -> None:
         assert server is None
         assert {p.pid for p in psutil.Process().children()} == before
     assert os.environ[ENV] == OFF
+
+
+def test_the_collector_is_paused_for_imports_and_on_again_after() -> None:
+    """A process's imports run without the garbage collector; after them what they loaded is
+    frozen and the collector is on again, also when the block fails; a process that had it
+    off keeps it off."""
+    import gc
+
+    from tasks.core.processes import CollectorPaused
+
+    assert gc.isenabled()
+    try:
+        with CollectorPaused() as collector:
+            assert not gc.isenabled()
+            loaded = [[] for _ in range(1000)]
+            collector.done()
+            assert gc.isenabled() and gc.get_freeze_count() >= len(loaded)
+        gc.unfreeze()
+        with pytest.raises(RuntimeError), CollectorPaused():
+            raise RuntimeError("an import failed")
+        assert gc.isenabled()
+        gc.disable()
+        with CollectorPaused():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.unfreeze()
+        gc.enable()

@@ -68,6 +68,7 @@ def _become(request: dict[str, Any], fds: list[int], conn: socket.socket, inheri
     sys.argv[:] = request["argv"]
     sys.orig_argv = request["orig_argv"]
     _fresh_root_logger()
+    gc.enable()  # off in the server; the server's objects are frozen (_freeze_for_children)
     threading.Thread(target=_watch_client, args=(conn,), name="fork-client", daemon=True).start()
     code = 0
     try:
@@ -364,12 +365,13 @@ def _accept(listener: socket.socket, selector: Any) -> None:
 
 def _freeze_for_children() -> None:
     """Move everything the server has loaded out of the garbage collector's reach
-    (``gc.freeze``) before a fork: a child's full collections then walk only the objects
-    it made itself. Without it every stage process, ``horovodrun`` and the evaluate stage
-    paid a full collection over the server's millions of objects (torch, MLflow, ONNX,
-    matplotlib) soon after it started: 0.4-1.0 s each, six in a default run (measured with
-    ``gc.callbacks``). The server only imports: what it leaves uncollected is the odd
-    reference cycle of an import, kept for the run's length."""
+    (``gc.freeze``) before a fork: a child (which turns the collector on again, the server
+    runs without it) then walks only the objects it made itself. Without it every stage
+    process, ``horovodrun`` and the evaluate stage paid a full collection over the
+    server's millions of objects (torch, MLflow, ONNX, matplotlib) soon after it started:
+    0.4-1.0 s each, six in a default run (measured with ``gc.callbacks``). The server only
+    imports: what it leaves uncollected is the odd reference cycle of an import (15 MB
+    for the whole preload, measured), kept for the run's length."""
     gc.freeze()
 
 

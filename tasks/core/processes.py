@@ -90,6 +90,32 @@ def exit_process(code: Any = 0) -> NoReturn:
     sys.exit(code)
 
 
+class CollectorPaused:
+    """The garbage collector off while a process imports its libraries; then what they
+    loaded frozen and the collector on again (:meth:`done`, or at the latest on leaving
+    the block).
+
+    Imports leave almost no garbage, but each full collection walks every object loaded
+    so far: importing what the run's fork server preloads ran 8 full collections, 1.1-1.3 s
+    of 4.8-5.4 s (3.5-4.0 s without them, 15 MB more resident; measured). Frozen
+    (``gc.freeze``), the loaded objects are also left out of every later collection."""
+
+    def __enter__(self) -> CollectorPaused:
+        self._was_enabled, self._paused = gc.isenabled(), True
+        gc.disable()
+        return self
+
+    def done(self) -> None:
+        if self._paused:
+            self._paused = False
+            gc.freeze()
+            if self._was_enabled:
+                gc.enable()
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.done()
+
+
 # ---------------------------------------------------------------- parent-death signal
 
 
