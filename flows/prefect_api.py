@@ -5,7 +5,6 @@ leaves (:mod:`flows.prefect_database`); :func:`answers` is its health check."""
 
 from __future__ import annotations
 
-import gc
 import os
 import sys
 
@@ -37,25 +36,24 @@ def serve(port: int) -> None:
     The port goes into Prefect's settings too: the UI asks ``/ui-settings`` where the API
     is, which Prefect derives from them (with ``prefect server start --port`` a server on
     another port than 4200 sent its UI to port 4200, another project's server if any)."""
-    os.environ["PREFECT_SERVER_API_HOST"], os.environ["PREFECT_SERVER_API_PORT"] = "127.0.0.1", str(port)
-    gc.disable()  # until the app is made: see below
-    import prefect
-    import uvicorn
-    from prefect.server.api.server import create_app
-    from prefect.settings import (
-        PREFECT_SERVER_API_KEEPALIVE_TIMEOUT,
-        PREFECT_SERVER_API_WEBSOCKET_PING_INTERVAL,
-        PREFECT_SERVER_API_WEBSOCKET_PING_TIMEOUT,
-        PREFECT_SERVER_LOGGING_LEVEL,
-    )
+    from tasks.core.processes import CollectorPaused
 
-    app = create_app(final=True)
-    # What the server loaded stays for its life: no collection walked it while it loaded
-    # (tasks.core.processes.CollectorPaused says why), and frozen, none walks it later,
-    # when the server answers requests (two full collections took 0.28 and 0.32 s during a
-    # cold run's first API calls; measured with gc.callbacks).
-    gc.freeze()
-    gc.enable()
+    os.environ["PREFECT_SERVER_API_HOST"], os.environ["PREFECT_SERVER_API_PORT"] = "127.0.0.1", str(port)
+    # What the server loads stays for its life: no collection walks it while it loads, and
+    # frozen, none walks it later, when the server answers requests (two full collections
+    # took 0.28 and 0.32 s during a cold run's first API calls; measured with gc.callbacks).
+    with CollectorPaused():
+        import prefect
+        import uvicorn
+        from prefect.server.api.server import create_app
+        from prefect.settings import (
+            PREFECT_SERVER_API_KEEPALIVE_TIMEOUT,
+            PREFECT_SERVER_API_WEBSOCKET_PING_INTERVAL,
+            PREFECT_SERVER_API_WEBSOCKET_PING_TIMEOUT,
+            PREFECT_SERVER_LOGGING_LEVEL,
+        )
+
+        app = create_app(final=True)
     uvicorn.run(
         app=app, app_dir=str(prefect.__module_path__.parent), host="127.0.0.1", port=port,
         timeout_keep_alive=PREFECT_SERVER_API_KEEPALIVE_TIMEOUT.value(),

@@ -55,8 +55,6 @@ CHECK_EVERY_S = 5.0
 STARTING_CHECK_S = 0.05
 
 
-# Settings that put the server's database elsewhere: then there is nothing to seed.
-
 
 class PrefectServerError(RuntimeError):
     """The background Prefect server could not be started."""
