@@ -341,6 +341,28 @@ def test_fingerprint_counts_the_files_a_job_starts_from_by_content(tmp_path: Pat
     assert job.fingerprint(2) != moved.fingerprint(2)
 
 
+def test_a_workers_next_job_on_the_same_data_reuses_its_shards_until_the_files_change(tmp_path: Path) -> None:
+    """The jobs of a stage run one after another on the same workers: the second reads no
+    data again; new splits written by the prepare stage are read, never the old ones."""
+    from tasks.training.distributed import Placement
+    from tasks.training.loop import LastShards
+
+    prepared = tmp_path / "prepared"
+    write_digits(prepared)
+    job = fit_job(tmp_path, prepared)
+    rank0 = Placement(rank=0, size=2, local_rank=0, device=torch.device("cpu"))
+    shards = LastShards()
+    first = shards.get(job, rank0)
+    assert shards.get(fit_job(tmp_path / "next", prepared, metric_prefix="fine_tune/"), rank0) is first
+    x, y = np.load(prepared / "train_x.npy"), np.load(prepared / "train_y.npy")
+    np.save(prepared / "train_x.npy", x[:100])
+    np.save(prepared / "train_y.npy", y[:100])
+    again = shards.get(job, rank0)
+    assert len(again.x_train) == 100 and torch.equal(again.y_train, torch.from_numpy(y[:100]))
+    rank1 = shards.get(job, Placement(rank=1, size=2, local_rank=1, device=torch.device("cpu")))
+    assert len(rank1.x_val) + len(again.x_val) == again.val_total and not torch.equal(rank1.y_val, again.y_val)
+
+
 def test_prune_masks_put_pruned_weights_back_to_zero_after_a_step(tmp_path: Path) -> None:
     from tasks.training.adaptation import PruneMasks
 
