@@ -399,3 +399,32 @@ def test_main_names_a_missing_baseline(
     assert main(["--set", "evaluate.threads=1"]) == 2
     err = capsys.readouterr().err
     assert "error:" in err and str(root / "artifacts" / "model" / "manifest.json") in err
+
+
+def test_a_model_evaluated_again_keeps_its_run_and_logged_model_and_loses_an_old_error(
+    evaluated: dict[str, Any],
+) -> None:
+    """A model whose manifest names its run (as the train and compress stages write it) is
+    evaluated into that run again: no second logged model, the run's end time kept, and
+    the ``error`` tag an earlier failed attempt left removed."""
+    import dataclasses
+
+    import mlflow
+
+    from tasks.core.paths import ProjectPaths
+    from tasks.evaluation.model_runs import RUN_ID_KEY, log_models
+
+    evaluation, client = evaluated["evaluation"], mlflow.MlflowClient()
+    name = next(iter(evaluation.models))
+    run_id = evaluation.run_ids[name]
+    client.set_tag(run_id, "error", "an earlier attempt failed")
+    before = client.get_run(run_id)
+    result = evaluation.models[name]
+    again = dataclasses.replace(result, manifest={**result.manifest, RUN_ID_KEY: run_id})
+    logged = log_models({name: again}, evaluation.class_names, ProjectPaths(evaluated["root"]),
+                        evaluated["params"].base.experiment, evaluation.stage_run_id)
+    assert logged == {name: (run_id, evaluation.model_uris[name])}
+    after = client.get_run(run_id)
+    assert "error" not in after.data.tags
+    assert after.info.status == "FINISHED" and after.info.end_time == before.info.end_time
+    assert [o.model_id for o in after.outputs.model_outputs] == [evaluation.model_uris[name].split("/")[-1]]

@@ -208,14 +208,15 @@ def _log_batch(run_id: str, params: Mapping[str, Any], metrics: Mapping[str, flo
 
 
 @contextlib.contextmanager
-def resumed_run(run_id: str) -> Iterator[Any]:
+def resumed_run(run_id: str, fetched: Any | None = None) -> Iterator[Any]:
     """Reopen a run to add to it (nested in the active run, if any), as the evaluate stage
     does with each model's run. It ends FINISHED with its own end time kept (its duration
-    stays the time it took to make the model), or FAILED on any exception, SIGTERM included."""
+    stays the time it took to make the model), or FAILED on any exception, SIGTERM included.
+    ``fetched``: the run as the caller just read it (``get_run``), not read again."""
     import mlflow
 
     client = mlflow.MlflowClient()
-    ended = client.get_run(run_id).info.end_time
+    ended = (fetched or client.get_run(run_id)).info.end_time
     with _sigterm_as_exit(), mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None) as run:
         try:
             yield run
