@@ -91,6 +91,9 @@ def test_every_model_has_the_same_metric_keys_in_json_and_mlflow(evaluated: dict
         assert run.data.tags["gate"] in {"champion", "pass", "fail"}
         assert run.info.run_name == name
         assert [o.model_id for o in run.outputs.model_outputs] == [evaluation.model_uris[name].split("/")[-1]]
+        # ...and the figures are the logged model's too: the Models tab compares them.
+        logged = client.get_logged_model(evaluation.model_uris[name].split("/")[-1])
+        assert {m.key for m in logged.metrics or []} == set(MODEL_FIGURES), name
         files = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"recipe.json", "manifest.json", "per_class.json", "confusion_matrix.png"} <= files, files
     assert by_model["onnx-fp32"].data.tags["runtime"] == "onnxruntime"

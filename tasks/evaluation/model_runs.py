@@ -232,14 +232,19 @@ def _log_files(result: ModelResult, class_names: tuple[str, ...], earlier: Any |
 def _log_figures(result: ModelResult, evaluation: Evaluation, run_id: str, model_uri: str,
                  stage_run_id: str) -> None:
     """Figures (linked to the logged model) and tags into the model's run, which stays as
-    :func:`log_models` left it (ended, with its own end time)."""
-    from mlflow.entities import RunTag
+    :func:`log_models` left it (ended, with its own end time): one ``log_batch``, what
+    ``mlflow.log_metrics(..., model_id=, run_id=)`` writes for the figures, without its
+    ``get_run`` and second transaction."""
+    import time
 
+    from mlflow.entities import Metric, RunTag
+
+    now, model_id = int(time.time() * 1000), model_uri.removeprefix("models:/")
     # Every model gets every key (NaN where a figure could not be taken), so runs line up.
-    figures = {k: float(v) for k, v in ordered_metrics(result.metrics).items()}
-    mlflow.log_metrics(figures, model_id=model_uri.removeprefix("models:/"), run_id=run_id)
-    tags = _tags(result, evaluation, stage_run_id)
-    mlflow.MlflowClient().log_batch(run_id, tags=[RunTag(key, value) for key, value in tags.items()])
+    metrics = [Metric(key, float(value), now, 0, model_id=model_id, run_id=run_id)
+               for key, value in ordered_metrics(result.metrics).items()]
+    tags = [RunTag(key, value) for key, value in _tags(result, evaluation, stage_run_id).items()]
+    mlflow.MlflowClient().log_batch(run_id, metrics=metrics, tags=tags)
 
 
 def tag_registration(evaluation: Evaluation) -> None:
