@@ -46,6 +46,18 @@ def test_the_timeline_lists_processes_in_start_order_with_their_longer_spans() -
     assert len(lines) == 5
 
 
+def test_a_fine_tunes_start_validation_is_training_work_not_hand_over() -> None:
+    """Rank 0 validates the model a fine-tune starts from before its first epoch: work,
+    though it falls inside the hand-over window (job sent -> first epoch)."""
+    stage = bench.Proc(20, 11, 100.0, 100.0, 110.0, ["python", "-m", "tasks.compress"], None,
+                       [("load_params", 100.0, 100.1), ("run_workers", 101.0, 109.0)])
+    worker = bench.Proc(30, 20, 101.2, 101.2, 109.5, ["python", "-m", "tasks.training.worker", "--serve"], "0",
+                        [("validate_start", 102.0, 104.0), ("run_epochs", 104.5, 108.5)])
+    seconds = bench.attribute(bench.intervals([stage, worker]), 100.0, 110.0)
+    assert seconds[bench.EPOCHS] == pytest.approx(6.0)
+    assert seconds[bench.HVD_LAUNCH] == pytest.approx(1.5)  # 101.0-102.0 and 104.0-104.5
+
+
 def test_importtime_counts_what_the_project_imports_itself() -> None:
     # -X importtime prints a module after its imports, indented by depth.
     stderr = "\n".join([

@@ -20,7 +20,8 @@ loads :mod:`sitecustomize`, which calls :func:`install`. At exit each process wr
     attributes after import: ``load_params`` (a stage's ``main`` has begun),
     ``run_workers`` (one job of a stage's worker pool: the first
     starts the workers), ``pool.close`` (the pool's workers leaving), ``run_epochs`` (the
-    epochs of a worker).
+    epochs of a worker), ``validate_start`` (a fine-tune's validation of the model it
+    starts from: its curve's epoch 0).
 
 Wrapping happens after a module is imported and before anyone binds its names, so
 ``from tasks.core.config import load_params`` gets the timed function. Nothing here
@@ -172,7 +173,7 @@ PATCHES: dict[str, Callable[[Any], None]] = {
     "tasks.core.config": _patch_named({"load_params": "load_params"}),
     "tasks.training.pool": _patch_worker_pool,
     "flows.prefect_server": _patch_named({"ensure": "prefect.server.ensure", "stop": "prefect.server.stop"}),
-    "tasks.training.loop": _patch_named({"run_epochs": "run_epochs"}),
+    "tasks.training.loop": _patch_named({"run_epochs": "run_epochs", "validate_start": "validate_start"}),
 }
 
 
