@@ -55,7 +55,6 @@ CHECK_EVERY_S = 5.0
 STARTING_CHECK_S = 0.05
 
 
-
 class PrefectServerError(RuntimeError):
     """The background Prefect server could not be started."""
 

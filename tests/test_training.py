@@ -345,7 +345,7 @@ def test_a_workers_next_job_on_the_same_data_reuses_its_shards_until_the_files_c
     """The jobs of a stage run one after another on the same workers: the second reads no
     data again; new splits written by the prepare stage are read, never the old ones."""
     from tasks.training.distributed import Placement
-    from tasks.training.loop import LastShards
+    from tasks.training.shards import LastShards
 
     prepared = tmp_path / "prepared"
     write_digits(prepared)
