@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -99,6 +100,9 @@ STAND_IN_WORKER = """
 import json, os, sys, time
 from pathlib import Path
 control = Path(sys.argv[-1])
+if "STARTED" in os.environ:  # the pids of the workers started, as they start
+    with open(os.environ["STARTED"], "a") as started:
+        started.write(f"{os.getpid()}\\n")
 number = 1
 while True:
     job, stop = control / f"job-{number}.json", control / "stop"
@@ -168,6 +172,42 @@ def test_a_pool_sends_a_stages_jobs_in_turn_to_workers_started_once(monkeypatch:
     assert pool.launches == 1 and pool.jobs == 3
     control = Path(rows[0]["argv"][1])
     assert not control.exists()  # the control folder goes with the pool
+
+
+def test_a_pool_started_on_entering_has_its_workers_up_before_the_first_job_and_sends_it_to_them(
+    monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
+    """A stage that will train starts its workers first (they start up beside its other work);
+    a block that then trains nothing lets them leave cleanly."""
+    from tasks.core.config import TrainParams
+    from tasks.core.processes import is_running
+    from tasks.training import launch_fit, worker_pool
+
+    received = stand_in_workers(monkeypatch, tmp_path)
+    started = tmp_path / "started"
+    monkeypatch.setenv("STARTED", str(started))
+    params = TrainParams(workers=1, threads_per_worker=1)
+
+    def started_pids() -> list[int]:
+        deadline = time.monotonic() + 30
+        while not started.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return [int(line) for line in started.read_text().split()]
+
+    with worker_pool(params, tmp_path, start=True) as pool:
+        (worker,) = started_pids()  # up with no job sent
+        assert (pool.launches, pool.jobs, received_jobs(received)) == (1, 0, [])
+        launch_fit(small_job(1), params, tmp_path)
+    assert [r["pid"] for r in received_jobs(received)] == [worker] and pool.launches == 1
+    assert started_pids() == [worker]
+
+    started.unlink()
+    with worker_pool(params, tmp_path, start=True) as pool:
+        (idle,) = started_pids()
+    assert not is_running(idle) and pool.jobs == 0  # told to stop, it left
+    with worker_pool(params, tmp_path) as pool:  # by default the workers start at the first job
+        pass
+    assert pool.launches == 0 and started_pids() == [idle]
 
 
 def test_a_failed_job_names_the_worker_and_the_pool_starts_new_workers_for_the_next(

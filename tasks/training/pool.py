@@ -212,12 +212,19 @@ _ACTIVE: ContextVar[WorkerPool | None] = ContextVar("slimflow_worker_pool", defa
 
 
 @contextmanager
-def worker_pool(train_params: TrainParams, root: Path) -> Iterator[WorkerPool]:
+def worker_pool(train_params: TrainParams, root: Path, start: bool = False) -> Iterator[WorkerPool]:
     """Inside the block, :func:`launch_fit` for these settings runs on one set of workers,
-    started at the first job (a block that trains nothing starts none)."""
+    started at the first job (a block that trains nothing starts none).
+
+    ``start``: start them on entering instead, for a block that will train: their launch
+    (``horovodrun``, each worker's start, the Gloo rendezvous) then runs beside the block's
+    work before its first job, and the workers wait for it.
+    """
     pool = WorkerPool(train_params, root)
     token = _ACTIVE.set(pool)
     try:
+        if start:
+            pool.start()
         yield pool
     except BaseException:
         pool.close(abort=True)
