@@ -23,7 +23,7 @@ if __name__ == "__main__":
 import sys
 
 from tasks.compression.recipes import RecipeError
-from tasks.compression.variants import CompressError, VariantResult, check_inputs, compress_variants
+from tasks.compression.variants import CompressError, VariantResult, check_inputs, compress_variants, variants_train
 from tasks.core.config import ParamsError, load_params
 from tasks.core.errors import report_stage_error, stage_main
 from tasks.core.paths import ProjectPaths
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     paths = ProjectPaths.discover()
     try:
         params = load_params(paths.params)
-        check_inputs(params, paths)
+        baseline = check_inputs(params, paths)
     except RecipeError as err:  # the recipe does not suit the baseline's model family
         report_stage_error("compress", f"{paths.params.name}: {err}")
         return 2
@@ -54,9 +54,17 @@ def main(argv: list[str] | None = None) -> int:
 
     from tasks.core import tracking
     from tasks.core.energy import process_meter
+    from tasks.core.fork_server_process import in_child
     from tasks.training import LaunchError, worker_pool
 
     meter = process_meter()  # sets itself up in the background while torch loads
+    # The workers start now when a variant will train and this stage is a child of the
+    # run's fork server: they start up while the variants that need no training are made
+    # (on this process's one thread). Their processes are then the server's children, not
+    # this one's; without the server (plain `dvc repro`) they would be, and the meter's
+    # per-process estimate would count their start-up in the variant being made, so they
+    # start at the first job, inside its exclusion, as before.
+    start_workers = in_child() and variants_train(params, baseline)
 
     try:
         with tracking.stage_run(
@@ -65,9 +73,9 @@ def main(argv: list[str] | None = None) -> int:
                     "fine_tune_lr": params.compress.fine_tune_lr,
                     "variants": ",".join(v.name for v in params.compress.variants),
                     "seed": params.base.seed},
-        ) as run, worker_pool(params.train, paths.root):
+        ) as run, worker_pool(params.train, paths.root, start=start_workers):
             # Every step that trains (QAT, fine-tunes, search trials, distillation) runs on
-            # one set of Horovod workers, started at the first of them.
+            # one set of Horovod workers.
             compress_variants(params, paths, stage_run_id=run.info.run_id)
             tracking.log_stage_energy(meter.read().total, meter.sources())
     except LaunchError as err:

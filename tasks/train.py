@@ -27,7 +27,7 @@ from tasks.core.errors import report_stage_error, stage_main
 from tasks.core.paths import ProjectPaths
 from tasks.core.processes import die_with_parent, exit_process
 from tasks.core.stage_cli import setup_logging
-from tasks.training import FitJob, LaunchError, launch_fit
+from tasks.training import FitJob, LaunchError, launch_fit, worker_pool
 from tasks.training.fault import fault_after_epoch_from_env
 
 log = logging.getLogger("slimflow.train")
@@ -97,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     from tasks.core import metric_names as names
 
     try:
-        with tracking.stage_run(
+        # The workers start up while the stage opens its MLflow run.
+        with worker_pool(params.train, paths.root, start=True), tracking.stage_run(
             "train", paths.root, params.base.experiment,
             params={"train": params.train.model_dump(), "seed": params.base.seed},
             run_name="train baseline", tags={"model": "baseline", "method": "baseline"},

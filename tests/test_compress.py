@@ -535,6 +535,28 @@ def test_families_limit_a_variant_and_its_children() -> None:
     check_recipes(compress, "lstm")  # the structured recipe is not made for an lstm, so not refused
 
 
+def test_the_stage_starts_its_workers_at_once_only_when_a_variant_made_for_the_baseline_trains() -> None:
+    """The compress stage starts its Horovod workers before its first variant when one of the
+    variants made for the baseline's family trains (they start up while the others are made);
+    none start for recipes that only export, quantize without QAT, halve or prune without fine-tuning."""
+    from tasks.compression.variants import variants_train
+
+    def trains(variants: list[dict[str, Any]], family: str = "cnn") -> bool:
+        return variants_train(validate_params(_params(variants, family)), {"model_spec": {"family": family}})
+
+    no_training = [{"name": "fp16", "steps": [{"method": "half"}]}, {"name": "int8", "steps": [STATIC]},
+                   {"name": "pruned", "steps": [{"method": "prune", "kind": "unstructured", "sparsity": 0.5}]}]
+    assert not trains(no_training)
+    fine_tuned = {"name": "pruned-ft", "steps": [{"method": "prune", "kind": "unstructured", "sparsity": 0.5,
+                                                  "fine_tune_epochs": 1}]}
+    assert trains([*no_training, fine_tuned])
+    qat = {"name": "qat", "families": ["cnn"], "steps": [{"method": "quantize", "mode": "qat", "runtime": "torch",
+                                                          "fine_tune_epochs": 1}]}
+    assert trains([*no_training, qat])
+    assert not trains([*no_training, qat], family="mlp")  # the QAT variant is not made for an mlp
+    assert trains([*no_training, {"name": "student", "steps": [{"method": "distill", "student_width": 0.5}]}])
+
+
 def test_cli_refuses_a_bad_recipe_before_any_work(baselines, tmp_path: Path, monkeypatch, capsys, mlflow_uri) -> None:
     variants = [{"name": "ok", "steps": [{"method": "half"}]},
                 {"name": "rnn-only", "steps": [{"method": "prune", "kind": "structured", "sparsity": 0.5}]}]

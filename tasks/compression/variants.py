@@ -91,6 +91,15 @@ def check_inputs(params: Params, paths: ProjectPaths) -> dict[str, Any]:
     return baseline
 
 
+def variants_train(params: Params, baseline: dict[str, Any]) -> bool:
+    """Whether a variant made for ``baseline`` (its manifest) trains: a step fine-tunes,
+    runs QAT or distils, on the Horovod workers."""
+    from tasks.compression.build import trains
+
+    variants = selected_variants(params.compress, baseline["model_spec"]["family"])
+    return any(trains(step) for variant in variants for step in variant.steps)
+
+
 def compress_variants(
     params: Params, paths: ProjectPaths, *, stage_run_id: str | None = None, output: Path | None = None
 ) -> list[VariantResult]:
