@@ -4,7 +4,8 @@ A stage that trains several times (the compress stage: QAT, pruning fine-tunes, 
 trial of a budget search, distillation) would otherwise pay a whole launch per job:
 ``horovodrun``, each worker's interpreter and torch, the Gloo rendezvous, MLflow's import,
 about 6-10 s each on the 2-core machine. Inside :func:`worker_pool` the workers start at
-the first job and stay: each later job costs only its own work.
+the first job (or on entering, for a stage that will train: their launch then runs beside
+its other work) and stay: each later job costs only its own work.
 
 The protocol is a control folder the stage and every worker can read (a temporary folder;
 for several hosts, one in the shared project folder, like the one-job launch): the stage
