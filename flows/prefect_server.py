@@ -130,9 +130,15 @@ def _start_lock(root: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _free_port() -> int:
-    for port in (PREFERRED_PORT, 0):
+def free_port(preferred: int = PREFERRED_PORT) -> int:
+    """``preferred`` if nothing listens on it, else a free port. The probe binds as the
+    API server does (``SO_REUSEADDR``): connections the last server on the port closed
+    linger for up to a minute (TIME_WAIT; FIN_WAIT_2 while a browser still holds one), and
+    a plain bind takes them for a user, moving a server stopped and started again to
+    another port (and its UI with it)."""
+    for port in (preferred, 0):
         with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 probe.bind(("127.0.0.1", port))
             except OSError:
@@ -159,7 +165,7 @@ def ensure(root: Path, timeout_s: float = START_TIMEOUT_S, known: Callable[[str]
             return record["api_url"]
         idle_minutes()  # a bad setting is refused here, not by the supervisor later
         record_path(root).unlink(missing_ok=True)
-        port = _free_port()
+        port = free_port()
         # Not the run's: its token (the server outlives the run), its fork server, an API URL.
         env = {k: v for k, v in os.environ.items()
                if k not in ("SLIMFLOW_RUN_TOKENS", "SLIMFLOW_FORK_SERVER", "PREFECT_API_URL")}

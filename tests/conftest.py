@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,6 +35,13 @@ def deep_update(base: dict, changes: dict) -> dict:
 
 def _git(root: Path, *args: str) -> None:
     subprocess.run(["git", *args], cwd=root, check=True, capture_output=True)
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 nothing listens on now (for a test's server)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def make_project(dest: Path, params: dict | None = None) -> Path:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import TINY_PARAMS, make_project, seconds_until_gone, slimflow
+from tests.conftest import TINY_PARAMS, free_port, make_project, seconds_until_gone, slimflow
 
 pytestmark = pytest.mark.integration
 
@@ -199,18 +198,12 @@ def test_sigterm_leaves_no_run_running_no_lock_and_no_half_written_output(
     assert seconds_until_gone(tiny_project, 10) < 5
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_scheduler_triggers_the_served_deployment_and_the_run_completes(
     tiny_project: Path, tmp_path: Path, mlflow_uri: str
 ) -> None:
     import httpx
 
-    port = _free_port()
+    port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = {
         **os.environ,

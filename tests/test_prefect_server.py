@@ -19,7 +19,7 @@ import psutil
 import pytest
 
 from flows.prefect_database import DATABASE_URL_SETTINGS, database_template, seed_database
-from flows.prefect_server import LOG, record_path
+from flows.prefect_server import LOG, free_port, record_path
 from tests.conftest import TINY_PARAMS, make_project, run_processes, seconds_until_gone, slimflow
 
 pytestmark = pytest.mark.integration
@@ -57,6 +57,7 @@ def test_the_server_is_started_once_found_after_and_stopped_on_request(tmp_path:
     root = make_project(tmp_path / "project", TINY_PARAMS)
     try:
         with socket.socket() as port_4200:  # taken (here or by another project): the server takes another
+            port_4200.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # also while an old one's linger
             with contextlib.suppress(OSError):
                 port_4200.bind(("127.0.0.1", 4200))
                 port_4200.listen()
@@ -94,6 +95,34 @@ def test_the_server_is_started_once_found_after_and_stopped_on_request(tmp_path:
     assert slimflow(root, "prefect-server", "--stop", env=NO_SERVER).stdout.strip() == (
         "no background Prefect server was running"
     )
+
+
+def _port_left_in_time_wait() -> int:
+    """A port whose server has gone, leaving a connection it closed in TIME_WAIT (what a
+    stopped server leaves behind when a browser or a run still held a connection)."""
+    with socket.socket() as server:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn's listener
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        client = socket.create_connection(("127.0.0.1", port))
+        accepted, _ = server.accept()
+        accepted.close()  # the server's side closes first: its end waits, on the port
+        client.close()
+    return port
+
+
+def test_a_server_stopped_and_started_again_keeps_its_port() -> None:
+    port = _port_left_in_time_wait()
+    with socket.socket() as plain:  # what a probe without SO_REUSEADDR would conclude
+        with pytest.raises(OSError):
+            plain.bind(("127.0.0.1", port))
+    assert free_port(preferred=port) == port
+    with socket.socket() as listening:  # a port something listens on is still passed over
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        taken = listening.getsockname()[1]
+        assert free_port(preferred=taken) != taken
 
 
 def test_the_template_seeds_only_a_project_without_a_database(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

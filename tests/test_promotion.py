@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from conftest import free_port
 from test_evaluate_support import SPEC, save_baseline, save_narrow_variant, train_tiny, write_prepared
 from tasks.evaluation.promotion import CHAMPION_ALIAS, keep_champion, promote
 
@@ -180,12 +180,6 @@ def test_the_cli_has_the_champion_commands() -> None:
 
 
 # ---------------------------------------------------------------------------- serving
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _post(url: str, payload: Any, timeout: float = 10.0) -> Any:
     request = urllib.request.Request(
         url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"}
@@ -205,7 +199,7 @@ def test_mlflow_models_serve_answers_with_the_champion(two_models: dict[str, Pat
     expected = mlflow.pyfunc.load_model(f"models:/{name}@champion")
     raw = np.load(two_models["prepared"] / "test_x.npy")[:16]
 
-    port = _free_port()
+    port = free_port()
     mlflow_cli = str(Path(sys.executable).parent / "mlflow")
     server = subprocess.Popen(
         [mlflow_cli, "models", "serve", "-m", f"models:/{name}@champion", "--env-manager", "local",

@@ -24,7 +24,6 @@ import pwd
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,7 +38,7 @@ from typing import Any
 import pytest
 import yaml
 
-from conftest import TINY_PARAMS, deep_update, make_project
+from conftest import TINY_PARAMS, deep_update, free_port, make_project
 
 pytestmark = pytest.mark.integration
 
@@ -50,12 +49,6 @@ DEPLOYMENT = "slimflow-pipeline/nightly"  # flow name / prefect.yaml deployment 
 
 
 # ---------------------------------------------------------------------------- helpers
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def clean_env(**extra: str) -> dict[str, str]:
     """This environment without any MLflow / Prefect / slimflow setting, plus ``extra``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_", "SLIMFLOW_"))}

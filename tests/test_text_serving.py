@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ from tasks.core.model_files import save_state_dict_model
 from tasks.prepare import prepare_data, write_prepared
 from tasks.training.loop import spec_for_data
 
+from conftest import free_port
 from test_champion import project_env
 from test_evaluate_support import make_params
 from test_text import _fit
@@ -38,12 +38,6 @@ from text_data import write_sentiment_csv
 
 NAME = "text-classifier"
 pytestmark = pytest.mark.integration  # a real registry and a real model server (~45 s here)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _post(port: int, body: dict) -> tuple[int, dict]:
@@ -101,7 +95,7 @@ def test_the_champion_of_a_text_run_serves_raw_text(tmp_path: Path) -> None:
         sentences = ["the film was truly wonderful and the cast was superb",
                      "i found the plot very boring. the ending was awful"]
         expected = loaded.predict(pd.DataFrame({"text": sentences})).tolist()
-        port = _free_port()
+        port = free_port()
         bin_dir = str(Path(sys.executable).parent)
         env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
                "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
