@@ -57,7 +57,7 @@ def test_the_server_is_started_once_found_after_and_stopped_on_request(tmp_path:
     root = make_project(tmp_path / "project", TINY_PARAMS)
     try:
         with socket.socket() as port_4200:  # taken (here or by another project): the server takes another
-            port_4200.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # also while an old one's linger
+            port_4200.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # also while an old server's connections linger
             with contextlib.suppress(OSError):
                 port_4200.bind(("127.0.0.1", 4200))
                 port_4200.listen()
