@@ -159,3 +159,16 @@ def test_the_floor_groups_every_overhead_cause_once() -> None:
     bounds = bench_floor.floor(figures, pools=2)
     assert bounds["cold_s"] == pytest.approx(4.0 + 0.2 + 1.5 + 0.2)
     assert bounds["warm_s"] == pytest.approx(1.6 + 0.2 + 1.5 + 0.2)  # the largest import instead of the server
+
+
+def test_a_runs_overhead_is_its_wall_less_its_work_every_cause_listed() -> None:
+    """The first run and the run again (server up) are summed up alike: overhead = wall -
+    (stage work + epochs), every cause listed (0 where the run had none)."""
+    causes = {bench.MLFLOW: 3.0, bench.DVC: 1.0, bench.STAGE_WORK: 10.0, bench.EPOCHS: 4.0, bench.OUTSIDE: 0.5}
+    summary = bench.overhead_summary(causes, wall=18.5)
+    assert summary["work_s"] == pytest.approx(14.0)
+    assert summary["overhead_s"] == pytest.approx(4.5)
+    assert summary["overhead_share"] == pytest.approx(4.5 / 18.5)
+    assert list(summary["overhead_by_cause_s"]) == list(bench.CAUSES)
+    assert summary["overhead_by_cause_s"][bench.PREFECT_SERVER] == 0.0
+    assert sum(summary["overhead_by_cause_s"].values()) == pytest.approx(summary["overhead_s"])
