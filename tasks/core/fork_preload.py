@@ -45,10 +45,15 @@ MLFLOW_PACKAGES_STEP = "@mlflow-packages"
 # "tabulate" are horovodrun's (the launcher imports setuptools, through distutils). Not
 # scikit-learn: the built-in data sets are read from its files without it (1.0-1.2 CPU-s,
 # tasks.sources.builtin).
+# torch._dynamo (``torch.optim`` imports it) is three steps, not one of 1.0-1.1 s: sympy
+# (0.35 s), torch.distributed.fsdp (0.16 s), the rest (0.55 s). A run whose Prefect server
+# is up asks for its prepare stage about when the server gets there, and a request waits
+# for the step in progress (traced: 0.33-0.49 s, asked during sympy each time).
 MLFLOW_SQL_STORES = ("mlflow.store.tracking.sqlalchemy_store", "mlflow.store.model_registry.sqlalchemy_store")
 PRELOAD = (
     "numpy", "pandas", "mlflow", *MLFLOW_SQL_STORES, STORES_STEP, "git",                    # prepare
-    "torch", "torch.nn", "torch._dynamo", "horovod.torch", "horovod.runner.launch", "tabulate",  # train
+    "torch", "torch.nn", "sympy", "torch.distributed.fsdp", "torch._dynamo",                # train
+    "horovod.torch", "horovod.runner.launch", "tabulate",
     "codecarbon", CPU_MODEL_STEP,
     HANDOVER_STEP,
     "mlflow.pytorch", "torch.ao.quantization", "torch.onnx", "onnx", "onnxscript",      # compress
