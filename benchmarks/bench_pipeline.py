@@ -277,8 +277,8 @@ def trace_breakdown(procs: list[Proc], t0: float, t1: float) -> dict[str, Any]:
         if label != "dvc.reproduce":
             continue
         inside = [p for p in stage_procs if start - SLACK_S <= p.created <= end]
-        if inside:
-            stage = inside[0].role.split(":", 1)[1]
+        if inside:  # the one DVC started for this call (a short stage before it can fall within the slack)
+            stage = min(inside, key=lambda p: abs(p.created - start)).role.split(":", 1)[1]
             result["stages"][stage] = {"reproduce_s": end - start, **attribute(spans, start, end)}
     for launcher in stage_procs:
         for label, start, end in launcher.spans:

@@ -172,3 +172,16 @@ def test_a_runs_overhead_is_its_wall_less_its_work_every_cause_listed() -> None:
     assert list(summary["overhead_by_cause_s"]) == list(bench.CAUSES)
     assert summary["overhead_by_cause_s"][bench.PREFECT_SERVER] == 0.0
     assert sum(summary["overhead_by_cause_s"].values()) == pytest.approx(summary["overhead_s"])
+
+
+def test_each_reproduce_call_is_given_to_the_stage_it_started_after_a_short_stage_too() -> None:
+    """A stage that takes less than the start-time slack (prepare: 0.45 s with the server up)
+    must not be taken for the next one: the train stage's call is the train stage's."""
+    cli = bench.Proc(10, 1, 0.0, 0.05, 10.0, ["python", ".venv/bin/slimflow", "run"], None,
+                     [("dvc.reproduce", 2.75, 3.21), ("dvc.reproduce", 3.22, 6.51)])
+    prepare = bench.Proc(20, 11, 2.81, 2.91, 3.10, ["python", "-m", "tasks.prepare"], None, [("load_params", 2.92, 2.93)])
+    train = bench.Proc(21, 11, 3.24, 3.38, 6.41, ["python", "-m", "tasks.train"], None, [("load_params", 3.40, 3.41)])
+    stages = bench.trace_breakdown([cli, prepare, train], 0.0, 10.0)["stages"]
+    assert set(stages) == {"prepare", "train"}
+    assert stages["prepare"]["reproduce_s"] == pytest.approx(0.46)
+    assert stages["train"]["reproduce_s"] == pytest.approx(3.29)
