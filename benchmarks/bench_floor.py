@@ -274,7 +274,8 @@ def main() -> int:
         raise SystemExit(f"{pipeline_path}: no mlflow_shape; run benchmarks/bench_pipeline.py first")
     pipeline = json.loads(pipeline_path.read_text())
     shape = pipeline["mlflow_shape"]
-    pools = sum(1 for launch in pipeline["horovod_launch"] if "rank0_first_epoch_s" in launch)
+    # One horovodrun a worker pool (a bench before that count: the jobs whose workers started for them).
+    pools = pipeline.get("horovod_pools", sum(1 for launch in pipeline["horovod_launch"] if "rank0_started_s" in launch))
     sys.path.insert(0, str(REPO))
     figures: dict[str, Any] = {
         "prefect_server_start_s": min(prefect_server_start() for _ in range(REPEATS)),
@@ -285,12 +286,14 @@ def main() -> int:
     }
     bounds = floor(figures, pools)
     work, wall, again = pipeline["work_s"], pipeline["default_run_s"], pipeline.get("again_run_s")
+    # The run again (server up) is traced since cut 11's bench: its own overhead; before, wall - the first run's work.
+    again_overhead = (pipeline.get("again") or {}).get("overhead_s", again - work if again else None)
     budget = 0.25 * work  # overhead <= 20% of wall = overhead + work
     result = {
         **figures, "stages": STAGES, "horovod_pools": pools, "mlflow_shape": shape,
         "floor_cold_s": bounds["cold_s"], "floor_warm_s": bounds["warm_s"],
         "pipeline_work_s": work, "pipeline_overhead_s": pipeline["overhead_s"],
-        "pipeline_overhead_again_s": again - work if again else None,
+        "pipeline_overhead_again_s": again_overhead,
         "budget_at_20_percent_s": budget,
         "floor_cold_share": bounds["cold_s"] / (bounds["cold_s"] + work),
         "floor_warm_share": bounds["warm_s"] / (bounds["warm_s"] + work),
@@ -324,7 +327,7 @@ def main() -> int:
     summary.add_row("the invariants' floor, s", f"{bounds['cold_s']:.1f}", f"{bounds['warm_s']:.1f}")
     summary.add_row("floor's share of a run with this work", f"{result['floor_cold_share']:.0%}", f"{result['floor_warm_share']:.0%}")
     summary.add_row("measured overhead, s", f"{pipeline['overhead_s']:.1f} of {wall:.1f}",
-                    f"{again - work:.1f} of {again:.1f}" if again else "n/a")
+                    f"{again_overhead:.1f} of {again:.1f}" if again else "n/a")
     summary.add_row("20% target: overhead at most, s", f"{budget:.1f}", f"{budget:.1f}")
     Console(width=140).print(summary)
     gap = Table(title="the cold run's overhead by cause (pipeline.json) beside its floor (seconds)",

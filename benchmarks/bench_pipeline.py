@@ -284,6 +284,7 @@ def trace_breakdown(procs: list[Proc], t0: float, t1: float) -> dict[str, Any]:
         for label, start, end in launcher.spans:
             if label == "run_workers":
                 result["horovod_launch"].append(launch_steps(procs, launcher, start, end))
+    result["horovod_pools"] = sum(1 for p in procs if p.role == "horovodrun")  # one horovodrun a pool
     for p in procs:
         if p.role in ("cli", "worker", "horovodrun", "fork-server") or p.role.startswith("stage:"):
             if p.role == "worker" and p.rank not in (None, "0"):
@@ -297,7 +298,9 @@ def trace_breakdown(procs: list[Proc], t0: float, t1: float) -> dict[str, Any]:
 
 
 def launch_steps(procs: list[Proc], launcher: Proc, start: float, end: float) -> dict[str, Any]:
-    """From the launcher's call to rank 0's first epoch, step by step (seconds since the call)."""
+    """One training job, from the launcher's call to rank 0's first epoch, step by step (seconds
+    since the call). Where the pool's workers started for this job, their start too; a pool
+    started earlier (when its stage started, or for an earlier job) has them waiting."""
     within = [p for p in procs if start - SLACK_S <= p.created <= end]
     runner = next((p for p in within if p.role == "horovodrun"), None)
     worker = next((p for p in within if p.role == "worker" and p.rank in (None, "0")), None)
@@ -315,10 +318,17 @@ def launch_steps(procs: list[Proc], launcher: Proc, start: float, end: float) ->
         if init := worker.first("horovod.init"):
             steps["rank0_hvd_init_s"] = init[2] - init[1]
             steps["rank0_hvd_init_done_s"] = init[2] - start
-        if epochs := worker.first("run_epochs"):
-            steps["rank0_first_epoch_s"] = epochs[1] - start
-            steps["rank0_last_epoch_end_s"] = epochs[2] - start
-        steps["rank0_exited_s"] = worker.exited - start
+    rank0 = worker or next((p for p in procs if p.role == "worker" and p.rank in (None, "0")
+                            and p.created <= end and p.exited >= start), None)
+    if rank0:
+        # This job's training: its spans that begin within the call (a fine-tune first validates
+        # the model it starts from).
+        job = [s for s in rank0.spans if s[0] in TRAINING_WORK and start <= s[1] <= end]
+        if job:
+            steps["rank0_first_epoch_s"] = job[0][1] - start
+            steps["rank0_last_epoch_end_s"] = max(s[2] for s in job) - start
+        if worker:
+            steps["rank0_exited_s"] = worker.exited - start
     steps["launcher_returned_s"] = end - start
     return steps
 
@@ -548,6 +558,7 @@ def main() -> int:
         "default_run_s": cold_wall, "noop_rerun_s": noop_wall, "again_run_s": raw.get("again_wall"),
         **first, "again": again,
         "per_stage": traced_result["stages"], "horovod_launch": traced_result["horovod_launch"],
+        "horovod_pools": traced_result["horovod_pools"],
         "imports_in_run": traced_result["imports"], "imports_alone": raw["imports"],
         "mlflow_calls": traced_result["mlflow"],
         "mlflow_view": raw["mlflow_view"], "mlflow_shape": raw.get("mlflow_shape"), "variants": variant_ratios(raw["metrics"]),
@@ -659,13 +670,14 @@ def print_tables(result: dict[str, Any]) -> None:
         per_stage.add_row(stage, f"{figures['reproduce_s']:.1f}", *(f"{figures.get(c, 0.0):.1f}" for c in short))
     console.print(per_stage)
 
-    for steps in result["horovod_launch"]:
-        launch = Table(title=f"Horovod launch in the {steps['stage']} stage (seconds after the launcher's call)")
-        launch.add_column("step")
-        launch.add_column("at")
-        for key, value in steps.items():
-            if key != "stage":
-                launch.add_row(key, f"{value:.2f}")
+    jobs = result["horovod_launch"]
+    if jobs:  # one row a training job; a worker's start only where its pool started for that job
+        keys = [key for key in dict.fromkeys(k for steps in jobs for k in steps) if key != "stage"]
+        launch = Table(title="Horovod jobs: seconds after the launcher's call (rank 0; - where the workers were up already)")
+        for column in ("stage", *(key.removesuffix("_s").replace("_", " ") for key in keys)):
+            launch.add_column(column)
+        for steps in jobs:
+            launch.add_row(steps["stage"], *(f"{steps[k]:.2f}" if k in steps else "-" for k in keys))
         console.print(launch)
 
     imports = Table(title="imports: a fresh `python -c 'import M'` (wall) and -X importtime's biggest packages")

@@ -185,3 +185,20 @@ def test_each_reproduce_call_is_given_to_the_stage_it_started_after_a_short_stag
     assert set(stages) == {"prepare", "train"}
     assert stages["prepare"]["reproduce_s"] == pytest.approx(0.46)
     assert stages["train"]["reproduce_s"] == pytest.approx(3.29)
+
+
+def test_a_job_sent_to_workers_started_earlier_is_timed_to_its_own_first_epoch() -> None:
+    """A pool started with its stage (cut 10) has its workers up before the job: the job's
+    hand-over is the call to this job's first epoch, and the workers' start is no step of it."""
+    stage = bench.Proc(20, 11, 0.0, 0.1, 20.0, ["python", "-m", "tasks.compress"], None,
+                       [("run_workers", 5.0, 6.0), ("run_workers", 8.0, 9.5)])
+    runner = bench.Proc(30, 20, 0.3, 0.4, 19.0, ["python", "-m", "tasks.training.horovodrun"], None, [])
+    rank0 = bench.Proc(31, 30, 0.6, 0.7, 19.0, ["python", "-m", "tasks.training.worker", "--serve"], "0",
+                       [("horovod.init", 0.8, 1.0), ("validate_start", 5.1, 5.2), ("run_epochs", 5.2, 5.9),
+                        ("run_epochs", 8.3, 9.4)])
+    result = bench.trace_breakdown([stage, runner, rank0], 0.0, 20.0)
+    first, second = result["horovod_launch"]
+    assert first["rank0_first_epoch_s"] == pytest.approx(0.1) and first["rank0_last_epoch_end_s"] == pytest.approx(0.9)
+    assert second["rank0_first_epoch_s"] == pytest.approx(0.3) and second["launcher_returned_s"] == pytest.approx(1.5)
+    assert "rank0_started_s" not in first and "horovodrun_started_s" not in second
+    assert result["horovod_pools"] == 1
