@@ -166,6 +166,11 @@ class Proc:
                 return f"stage:{args[i + 1][6:]}"
         return "other"
 
+    @property
+    def rank0_worker(self) -> bool:
+        """A Horovod worker of rank 0 (or of unknown rank): the one whose spans stand for the job."""
+        return self.role == "worker" and self.rank in (None, "0")
+
     def first(self, label: str) -> tuple[str, float, float] | None:
         return next((s for s in self.spans if s[0] == label), None)
 
@@ -185,7 +190,7 @@ def load_trace(folder: Path) -> list[Proc]:
 def intervals(procs: list[Proc]) -> list[tuple[float, float, int, str]]:
     """``(start, end, priority, cause)``: the innermost (highest priority) cause wins an instant."""
     out: list[tuple[float, float, int, str]] = []
-    workers = [p for p in procs if p.role == "worker" and p.rank in (None, "0")]
+    workers = [p for p in procs if p.rank0_worker]
     epochs = [s for w in workers for s in w.spans if s[0] == "run_epochs"]
     stage_pids = {p.pid for p in procs if p.role.startswith("stage:")}
     for p in procs:
@@ -222,7 +227,7 @@ def intervals(procs: list[Proc]) -> list[tuple[float, float, int, str]]:
             out.extend((start, end, 8, HELPER_START) for label, start, end in p.spans if label.startswith("import:"))
         elif role == "fork-server":  # its imports, once for every stage and worker of the run
             out.extend((start, end, 1.5, FORK_SERVER) for label, start, end in p.spans if label.startswith("import:"))
-        elif role == "worker" and p.rank in (None, "0"):
+        elif p.rank0_worker:
             for label, start, end in p.spans:
                 if label in TRAINING_WORK:
                     out.append((start, end, 7, EPOCHS))
@@ -240,7 +245,7 @@ def mlflow_calls(procs: list[Proc]) -> dict[str, Any]:
     by_call: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
     by_process: dict[str, float] = defaultdict(float)
     for p in procs:
-        if p.role == "other" or (p.role == "worker" and p.rank not in (None, "0")):
+        if p.role == "other" or (p.role == "worker" and not p.rank0_worker):
             continue
         for label, start, end in p.spans:
             if _is_mlflow_call(label):
@@ -287,7 +292,7 @@ def trace_breakdown(procs: list[Proc], t0: float, t1: float) -> dict[str, Any]:
     result["horovod_pools"] = sum(1 for p in procs if p.role == "horovodrun")  # one horovodrun a pool
     for p in procs:
         if p.role in ("cli", "worker", "horovodrun", "fork-server") or p.role.startswith("stage:"):
-            if p.role == "worker" and p.rank not in (None, "0"):
+            if p.role == "worker" and not p.rank0_worker:
                 continue
             imports = sorted(((s[0][7:], s[2] - s[1]) for s in p.spans if s[0].startswith("import:")),
                              key=lambda x: -x[1])
@@ -303,7 +308,7 @@ def launch_steps(procs: list[Proc], launcher: Proc, start: float, end: float) ->
     started earlier (when its stage started, or for an earlier job) has them waiting."""
     within = [p for p in procs if start - SLACK_S <= p.created <= end]
     runner = next((p for p in within if p.role == "horovodrun"), None)
-    worker = next((p for p in within if p.role == "worker" and p.rank in (None, "0")), None)
+    worker = next((p for p in within if p.rank0_worker), None)
     steps: dict[str, Any] = {"stage": launcher.role.split(":", 1)[1]}
     if runner:
         steps["horovodrun_started_s"] = runner.created - start
@@ -318,8 +323,7 @@ def launch_steps(procs: list[Proc], launcher: Proc, start: float, end: float) ->
         if init := worker.first("horovod.init"):
             steps["rank0_hvd_init_s"] = init[2] - init[1]
             steps["rank0_hvd_init_done_s"] = init[2] - start
-    rank0 = worker or next((p for p in procs if p.role == "worker" and p.rank in (None, "0")
-                            and p.created <= end and p.exited >= start), None)
+    rank0 = worker or next((p for p in procs if p.rank0_worker and p.created <= end and p.exited >= start), None)
     if rank0:
         # This job's training: its spans that begin within the call (a fine-tune first validates
         # the model it starts from).
@@ -552,7 +556,7 @@ def main() -> int:
     share = first["overhead_share"]
     # The run again with the project's Prefect server up (a bench before this was traced: none).
     again_dir = raw_dir / "trace-again"
-    again = (overhead_summary(trace_breakdown(load_trace(again_dir), raw["again_t0"], raw["again_t1"])["causes_s"],
+    again = (overhead_summary(attribute(intervals(load_trace(again_dir)), raw["again_t0"], raw["again_t1"]),
                               raw["again_wall"]) if "again_t0" in raw and again_dir.is_dir() else None)
     result = {
         "default_run_s": cold_wall, "noop_rerun_s": noop_wall, "again_run_s": raw.get("again_wall"),
