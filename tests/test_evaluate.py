@@ -404,6 +404,53 @@ def test_main_names_a_missing_baseline(
     assert "error:" in err and str(root / "artifacts" / "model" / "manifest.json") in err
 
 
+def test_a_logged_model_holds_the_evaluation_figures_alone_not_its_runs_earlier_ones(
+    evaluated: dict[str, Any],
+) -> None:
+    """A variant's run holds figures from the compress stage at step 0 (its size, its
+    fine-tuning curve's first point: the accuracy *before* fine-tuning) when the evaluate
+    stage logs its model there. The logged model (the Models tab's row) gets the
+    evaluation's figures, each key once, and none of those; it names the run as its source
+    and the run names it as its output."""
+    import dataclasses
+
+    import mlflow
+
+    from tasks.core.metric_names import MODEL_FIGURES
+    from tasks.core.paths import ProjectPaths
+    from tasks.evaluation.model_runs import RUN_ID_KEY, log_model_runs, log_models
+
+    evaluation, client = evaluated["evaluation"], mlflow.MlflowClient()
+    experiment = mlflow.get_experiment_by_name(evaluated["params"].base.experiment).experiment_id
+    name = "distilled-mlp-w0.5"
+    result = evaluation.models[name]
+    run = client.create_run(experiment, run_name=name, tags={"stage": "compress"})
+    client.log_batch(run.info.run_id, metrics=[
+        mlflow.entities.Metric("size_bytes", result.metrics["size_bytes"] + 1, 0, 0),
+        mlflow.entities.Metric("fine_tune/val_accuracy", 0.24, 0, 0),
+        mlflow.entities.Metric("fine_tune/val_accuracy", 0.91, 0, 1),
+    ], params=[mlflow.entities.Param("recipe.step1.method", "distill")])
+    client.set_terminated(run.info.run_id, "FINISHED")
+    made_here = dataclasses.replace(result, manifest={**result.manifest, RUN_ID_KEY: run.info.run_id})
+    paths = ProjectPaths(evaluated["root"])
+
+    logged = log_models({name: made_here}, evaluation.class_names, paths,
+                        evaluated["params"].base.experiment, evaluation.stage_run_id)
+    run_id, uri = logged[name]
+    model = client.get_logged_model(uri.removeprefix("models:/"))
+    assert run_id == run.info.run_id and model.source_run_id == run_id
+    assert not model.metrics, [(m.key, m.value) for m in model.metrics]  # the figures come with the gate
+    assert model.params == {"recipe.step1.method": "distill"}
+    assert model.tags["model"] == name and model.tags["model_digest"] == str(result.manifest.get("digest"))
+    assert [o.model_id for o in client.get_run(run_id).outputs.model_outputs] == [model.model_id]
+
+    alone = dataclasses.replace(evaluation, models={name: made_here}, run_ids={}, model_uris={})
+    log_model_runs(alone, paths, evaluated["params"].base.experiment, evaluation.stage_run_id, logged)
+    keys = [m.key for m in client.get_logged_model(model.model_id).metrics]
+    assert sorted(keys) == sorted(MODEL_FIGURES)  # each once
+    assert mlflow.pyfunc.load_model(uri).metadata.model_id == model.model_id
+
+
 def test_a_model_evaluated_again_keeps_its_run_and_logged_model_and_loses_an_old_error(
     evaluated: dict[str, Any],
 ) -> None:

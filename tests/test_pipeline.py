@@ -79,6 +79,8 @@ def _assert_one_run_per_model(runs, stage_runs, root: Path) -> None:
     client = mlflow.MlflowClient()
     logged = mlflow.search_logged_models(experiment_ids=[runs[0].info.experiment_id], output_format="list")
     assert len(logged) == len(models)  # the Models tab: one logged model per model
+    for model in logged:  # ...its figures the evaluation's, each once (not the runs' earlier step-0 ones)
+        assert sorted(m.key for m in model.metrics) == sorted(MODEL_FIGURES), model.tags.get("model")
     for name in models:
         holding = [r for r in runs if r.data.tags.get("model") == name
                    and (client.get_run(r.info.run_id).outputs.model_outputs or [])]

@@ -70,7 +70,7 @@ def _log_model_and_files(result: ModelResult, class_names: tuple[str, ...], path
                          experiment: str, stage_run_id: str) -> tuple[str, str]:
     with _model_run(result, paths, experiment, stage_run_id) as (run, earlier):
         run_id = run.info.run_id
-        uri = (_logged_model_uri(earlier, result) if earlier else None) or _log_model(result, paths)
+        uri = (_logged_model_uri(earlier, result) if earlier else None) or _log_model(result, paths, run, earlier)
         _log_files(result, class_names, earlier)
     log.info("%s: MLflow run %s, logged model %s", result.name, run_id, uri)
     return run_id, uri
@@ -141,16 +141,39 @@ def _logged_model_uri(earlier: Any, result: ModelResult) -> str | None:
     return None
 
 
-def _log_model(result: ModelResult, paths: ProjectPaths) -> str:
-    """Log the model folder as a pyfunc (raw inputs in, class indices out) into the active run."""
+def _log_model(result: ModelResult, paths: ProjectPaths, run: Any, earlier: Any | None) -> str:
+    """Log the model folder as a pyfunc (raw inputs in, class indices out) as the output of
+    ``run`` (the model's run, active; ``earlier``: as it was before it was reopened, or None).
+
+    The logged model's figures are the evaluation's alone (:func:`_log_figures` links them).
+    ``log_model`` inside the run would also link every figure the run holds at step 0, read
+    one metric history at a time (16-30 queries a model): on a variant's run, the compress
+    stage's size figures a second time and its fine-tuning curve's first point (the pruned
+    model's accuracy *before* fine-tuning, shown in the Models tab as the model's own). So
+    the logged model is made for its run first (``initialize_logged_model``: source run,
+    the run's params, tags), filled by ``log_model`` in a thread with no active run
+    (MLflow's active run is per thread), and named the run's output (what ``log_model``
+    records). Its ``MLmodel`` file then names no run; the logged model and the registered
+    version do.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mlflow.entities import LoggedModelOutput
+
     from tasks.evaluation.promotion import log_pyfunc_model
 
-    info = log_pyfunc_model(result.folder, paths.prepared, name=LOGGED_MODEL_NAME)
-    mlflow.MlflowClient().set_logged_model_tags(
-        info.model_id, {"model": result.name, "model_digest": str(result.manifest.get("digest")),
-                        "method": result.method, "runtime": result.runtime},
+    run_id = run.info.run_id
+    params = (earlier or mlflow.MlflowClient().get_run(run_id)).data.params
+    model = mlflow.initialize_logged_model(
+        name=LOGGED_MODEL_NAME, source_run_id=run_id, params=dict(params),
+        experiment_id=run.info.experiment_id,
+        tags={"model": result.name, "model_digest": str(result.manifest.get("digest")),
+              "method": result.method, "runtime": result.runtime},
     )
-    return info.model_uri if info.model_uri.startswith("models:/") else f"models:/{info.model_id}"
+    with ThreadPoolExecutor(1, thread_name_prefix="log-model") as thread:
+        thread.submit(log_pyfunc_model, result.folder, paths.prepared, LOGGED_MODEL_NAME, model.model_id).result()
+    mlflow.MlflowClient().log_outputs(run_id, [LoggedModelOutput(model.model_id, step=0)])
+    return f"models:/{model.model_id}"
 
 
 def recipe_document(result: ModelResult) -> dict[str, Any]:

@@ -67,8 +67,9 @@ def tag_value(value: Any) -> str:
     return text[:5000]
 
 
-def log_pyfunc_model(model_dir: Path, prepared: Path, name: str = "champion_model") -> Any:
-    """Log ``model_dir`` as models-from-code to the active run, with signature and input example."""
+def log_pyfunc_model(model_dir: Path, prepared: Path, name: str = "champion_model", model_id: str | None = None) -> Any:
+    """Log ``model_dir`` as models-from-code to the active run, with signature and input example
+    (into the logged model ``model_id``, if given: one made by ``mlflow.initialize_logged_model``)."""
     from tasks.core.model_files import read_manifest
     from tasks.data import load_preprocessing
 
@@ -88,6 +89,7 @@ def log_pyfunc_model(model_dir: Path, prepared: Path, name: str = "champion_mode
         input_example=input_example(prepared, preprocessing),
         metadata={"slimflow_model": manifest.get("name", model_dir.name),
                   "input": describe(input_schema(preprocessing)) + ", raw values"},
+        model_id=model_id,
     )
 
 
