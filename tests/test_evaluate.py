@@ -60,6 +60,7 @@ def test_every_model_has_the_same_metric_keys_in_json_and_mlflow(evaluated: dict
     import mlflow
 
     from tasks.core.metric_names import MODEL_FIGURES
+    from tasks.evaluation.model_runs import logged_model_name
 
     document = _metrics_json(evaluated["root"])
     models = _model_entries(document)
@@ -94,6 +95,7 @@ def test_every_model_has_the_same_metric_keys_in_json_and_mlflow(evaluated: dict
         # ...and the figures are the logged model's too: the Models tab compares them.
         logged = client.get_logged_model(evaluation.model_uris[name].split("/")[-1])
         assert {m.key for m in logged.metrics or []} == set(MODEL_FIGURES), name
+        assert logged.name == logged_model_name(name) and logged.source_run_id == run.info.run_id
         files = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"recipe.json", "manifest.json", "per_class.json", "confusion_matrix.png"} <= files, files
     assert by_model["onnx-fp32"].data.tags["runtime"] == "onnxruntime"
@@ -442,6 +444,7 @@ def test_a_logged_model_holds_the_evaluation_figures_alone_not_its_runs_earlier_
     assert not model.metrics, [(m.key, m.value) for m in model.metrics]  # the figures come with the gate
     assert model.params == {"recipe.step1.method": "distill"}
     assert model.tags["model"] == name and model.tags["model_digest"] == str(result.manifest.get("digest"))
+    assert model.name == "distilled-mlp-w0_5"  # named after its model, as MLflow allows ("." is not)
     assert [o.model_id for o in client.get_run(run_id).outputs.model_outputs] == [model.model_id]
 
     alone = dataclasses.replace(evaluation, models={name: made_here}, run_ids={}, model_uris={})

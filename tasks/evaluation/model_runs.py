@@ -38,7 +38,10 @@ from tasks.evaluation.summary import gate_mark
 
 log = logging.getLogger("slimflow.evaluate")
 
-LOGGED_MODEL_NAME = "model"
+# A logged model is named after its model (:func:`logged_model_name`: the Models tab's and the
+# runs table's Models column's name); models logged before were all named this, and are still
+# found again.
+EARLIER_LOGGED_MODEL_NAME = "model"
 RUN_ID_KEY = "mlflow_run_id"  # the manifest key naming the run that made the model
 
 
@@ -136,9 +139,17 @@ def _logged_model_uri(earlier: Any, result: ModelResult) -> str | None:
     outputs = earlier.outputs
     for output in (outputs.model_outputs if outputs else None) or []:
         model = client.get_logged_model(output.model_id)
-        if model.name == LOGGED_MODEL_NAME and model.tags.get("model_digest") == result.manifest.get("digest"):
+        named = model.name in (logged_model_name(result.name), EARLIER_LOGGED_MODEL_NAME)
+        if named and model.tags.get("model_digest") == result.manifest.get("digest"):
             return f"models:/{model.model_id}"
     return None
+
+
+def logged_model_name(model: str) -> str:
+    """``model`` as a logged model's name: MLflow refuses ``/ : . % " '`` there, so each
+    character but letters, digits, ``-`` and ``_`` becomes ``_`` (``distilled-w0.5`` ->
+    ``distilled-w0_5``; the run's ``model`` tag keeps the name itself)."""
+    return "".join(c if c.isascii() and (c.isalnum() or c in "-_") else "_" for c in model)
 
 
 def _log_model(result: ModelResult, paths: ProjectPaths, run: Any, earlier: Any | None) -> str:
@@ -165,13 +176,13 @@ def _log_model(result: ModelResult, paths: ProjectPaths, run: Any, earlier: Any 
     run_id = run.info.run_id
     params = (earlier or mlflow.MlflowClient().get_run(run_id)).data.params
     model = mlflow.initialize_logged_model(
-        name=LOGGED_MODEL_NAME, source_run_id=run_id, params=dict(params),
+        name=logged_model_name(result.name), source_run_id=run_id, params=dict(params),
         experiment_id=run.info.experiment_id,
         tags={"model": result.name, "model_digest": str(result.manifest.get("digest")),
               "method": result.method, "runtime": result.runtime},
     )
     with ThreadPoolExecutor(1, thread_name_prefix="log-model") as thread:
-        thread.submit(log_pyfunc_model, result.folder, paths.prepared, LOGGED_MODEL_NAME, model.model_id).result()
+        thread.submit(log_pyfunc_model, result.folder, paths.prepared, model.name, model.model_id).result()
     mlflow.MlflowClient().log_outputs(run_id, [LoggedModelOutput(model.model_id, step=0)])
     return f"models:/{model.model_id}"
 
