@@ -481,3 +481,7 @@ def test_a_model_evaluated_again_keeps_its_run_and_logged_model_and_loses_an_old
     assert "error" not in after.data.tags
     assert after.info.status == "FINISHED" and after.info.end_time == before.info.end_time
     assert [o.model_id for o in after.outputs.model_outputs] == [evaluation.model_uris[name].split("/")[-1]]
+    # Its per-class table is this evaluation's, one row a class (MLflow's log_table appends).
+    table = mlflow.load_table("per_class.json", run_ids=[run_id])
+    assert [str(c) for c in table["class"]] == list(result.per_class) and len(table) == len(evaluation.class_names)
+    assert list(table["recall"]) == pytest.approx([result.per_class[c]["recall"] for c in result.per_class])

@@ -43,6 +43,7 @@ log = logging.getLogger("slimflow.evaluate")
 # found again.
 EARLIER_LOGGED_MODEL_NAME = "model"
 RUN_ID_KEY = "mlflow_run_id"  # the manifest key naming the run that made the model
+PER_CLASS_TABLE = "per_class.json"
 
 
 def log_models(results: Mapping[str, ModelResult], class_names: tuple[str, ...], paths: ProjectPaths,
@@ -259,8 +260,28 @@ def _log_files(result: ModelResult, class_names: tuple[str, ...], earlier: Any |
     table = {"class": classes}
     for column in names.PER_CLASS_COLUMNS:
         table[column] = [result.per_class[c][column] for c in classes]
-    mlflow.log_table(table, "per_class.json")
+    _log_table(table, PER_CLASS_TABLE, replace=earlier is not None)
     mlflow.log_dict({"labels": list(class_names), "matrix": result.confusion.tolist()}, "confusion.json")
+
+
+def _log_table(table: Mapping[str, list[Any]], name: str, replace: bool) -> None:
+    """``table`` as the active run's table ``name`` (``mlflow.log_table``: the artifact
+    viewer shows it as a table). ``log_table`` *appends* to a table the run has already,
+    and a reopened run has the one an earlier evaluation logged (a re-evaluation doubled
+    every row); with ``replace``, a table already there is written over, in the format
+    ``log_table`` writes."""
+    import tempfile
+
+    import pandas as pd
+
+    run_id = mlflow.active_run().info.run_id
+    if not (replace and any(f.path == name for f in mlflow.MlflowClient().list_artifacts(run_id))):
+        mlflow.log_table(dict(table), name)
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / name
+        pd.DataFrame(dict(table)).to_json(path, orient="split", index=False, date_format="iso")
+        mlflow.log_artifact(str(path))
 
 
 def _log_figures(result: ModelResult, evaluation: Evaluation, run_id: str, model_uri: str,
