@@ -9,6 +9,7 @@ trained in-process, each trial fine-tuned on 2 Horovod workers.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -432,9 +433,17 @@ def test_structured_ratio_search_measures_each_layer_and_ends_within_budget(
     rows = json.loads((paths.plots / "sensitivity" / "pruned-structured-auto.json").read_text())
     assert len(rows) == 6 and {r["layer"] for r in rows} == set(widths) and {r["ratio"] for r in rows} == {0.25, 0.5, 0.75}
     assert len({r["drop_points"] for r in rows}) > 1
-    for layer in widths:  # a layer loses more (or as much) the more of it is pruned, within one sample's noise
-        drops = [r["drop_points"] for r in rows if r["layer"] == layer]
-        assert drops[-1] >= drops[0] - 2.0
+    # A layer loses more (or as much) the more of it is pruned, within what the validation
+    # split can tell apart: two standard errors of the difference of two accuracies measured
+    # on its samples. Without fine-tuning a pruned layer sits near chance, where the order of
+    # two ratios is noise (a fresh machine: 25% of features.4 cost 70 points, 75% cost 66;
+    # the 2-point tolerance this replaces failed there).
+    samples = len(load_split(paths.prepared, "val").y)
+    for layer in widths:
+        by_ratio = sorted((r for r in rows if r["layer"] == layer), key=lambda r: r["ratio"])
+        least, most = by_ratio[0], by_ratio[-1]
+        noise = 2 * 100 * math.sqrt(sum(r["val_accuracy"] * (1 - r["val_accuracy"]) for r in (least, most)) / samples)
+        assert most["drop_points"] >= least["drop_points"] - noise, (layer, least, most, noise)
     trials = json.loads((paths.plots / "search" / "pruned-structured-auto.json").read_text())
     assert [t["setting"] for t in trials][0] == 0.5
     client = MlflowClient(mlflow_uri)
