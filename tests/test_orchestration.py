@@ -137,16 +137,27 @@ def test_a_crashing_stage_is_retried_with_back_off_until_it_gives_up(
 def test_two_runs_at_once_never_overlap_and_leave_consistent_outputs(
     tiny_project: Path, prefect_api_url: str, mlflow_uri: str
 ) -> None:
+    from tasks.core.dvc import pipeline_lock
+    from tasks.core.lock import lock_paths
+
     env = {**os.environ, "SLIMFLOW_ROOT": str(tiny_project), "PREFECT_API_URL": prefect_api_url, "MLFLOW_TRACKING_URI": mlflow_uri}
     exe = str(Path(os.sys.executable).parent / "slimflow")
-    runs = [
-        subprocess.Popen([exe, "run", "--to", "prepare", "--force", "--wait", "300"], cwd=tiny_project, env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for _ in range(2)
-    ]
+    # The project is held until both runs queue for it, so they meet at the lock however
+    # their starts are timed (started at once, one could finish before the other asked).
+    queue = lock_paths(tiny_project)[2]
+    with pipeline_lock(tiny_project):
+        runs = [
+            subprocess.Popen([exe, "run", "--to", "prepare", "--force", "--wait", "300"], cwd=tiny_project, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for _ in range(2)
+        ]
+        deadline = time.monotonic() + 240
+        while len(list(queue.glob("*.ticket"))) < 2 and all(p.poll() is None for p in runs):
+            assert time.monotonic() < deadline, "the two runs did not both queue for the lock in 240 s"
+            time.sleep(0.1)
     outputs = [p.communicate(timeout=300)[0] for p in runs]
     assert [p.returncode for p in runs] == [0, 0], outputs
-    assert any("waiting for the pipeline lock, held by pid" in output for output in outputs), outputs
+    assert all("waiting for the pipeline lock, held by pid" in output for output in outputs), outputs
     first, second = sorted(_pipeline_runs(), key=lambda r: r.info.start_time)
     assert first.info.status == second.info.status == "FINISHED"
     assert first.info.end_time <= second.info.start_time  # serialized by the project lock
