@@ -438,7 +438,7 @@ def test_structured_ratio_search_measures_each_layer_and_ends_within_budget(
     # on its samples. Without fine-tuning a pruned layer sits near chance, where the order of
     # two ratios is noise (a fresh machine: 25% of features.4 cost 70 points, 75% cost 66;
     # the 2-point tolerance this replaces failed there).
-    samples = len(load_split(paths.prepared, "val").y)
+    samples = len(val.y)
     for layer in widths:
         by_ratio = sorted((r for r in rows if r["layer"] == layer), key=lambda r: r["ratio"])
         least, most = by_ratio[0], by_ratio[-1]
