@@ -12,12 +12,12 @@ Horovod patch; see :func:`tasks.training.launcher.worker_environment`).
 
 from __future__ import annotations
 
-# In a pipeline run this process becomes a child of the run's fork server (tasks.core.fork_server)
+# In a pipeline run or a `dvc repro` this process becomes a child of a fork server (tasks.core.fork_server)
 # before it imports anything else: the imports below took the entry 0.1-0.3 s for nothing.
 if __name__ == "__main__":
-    from tasks.core.fork_server import run_forked
+    from tasks.core.dvc_fork_server import run_stage_forked
 
-    run_forked("tasks.train")
+    run_stage_forked("tasks.train")
 
 import json
 import logging

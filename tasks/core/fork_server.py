@@ -16,9 +16,10 @@ process (``runpy``, as ``python -m`` runs a module) with everything already impo
 The entry waits, passes on the signals it gets (SIGTERM, SIGINT, SIGHUP), and exits with
 the child's exit status, so DVC and ``horovodrun`` see what they always saw. If the
 entry dies (kill -9, or the parent-death signal of :mod:`tasks.core.processes`), the
-child notices the closed connection and kills itself. Without the variable (plain
-``dvc repro``, a test, a manual run), or when no server answers, the entry runs as
-before, in its own process.
+child notices the closed connection and kills itself. Without the variable (a test, a
+manual run), or when no server answers, the entry runs as before, in its own process.
+Under a plain ``dvc repro`` a stage's entry finds or starts the server of that
+reproduction first (:mod:`tasks.core.dvc_fork_server`), which ends with DVC.
 
 The server never runs torch, ONNX Runtime or SQL work itself, and has one Python thread
 when it forks (OpenMP's pool, CUDA and SQLite connections do not survive a fork; none
@@ -236,9 +237,12 @@ def fork_server(root: Path) -> Iterator[ForkServer | None]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m tasks.core.fork_server SOCKET_PATH [OWNER_PID]``: serve until the parent
+    (the run) is gone, or with ``OWNER_PID`` until that process (a ``dvc repro``) is gone,
+    then remove the socket's folder (:mod:`tasks.core.dvc_fork_server`)."""
     args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m tasks.core.fork_server SOCKET_PATH", file=sys.stderr)
+    if len(args) not in (1, 2) or (len(args) == 2 and not args[1].isdigit()):
+        print("usage: python -m tasks.core.fork_server SOCKET_PATH [OWNER_PID]", file=sys.stderr)
         return 2
     import gc
 
@@ -248,11 +252,19 @@ def main(argv: list[str] | None = None) -> int:
     # loaded so far: 1.1-1.3 s of the preload's 4.8-5.4 s, measured). Before each fork it
     # freezes what it loaded, and the child collects again (fork_server_process).
     gc.disable()
-    die_with_parent()
+    owner = int(args[1]) if len(args) == 2 else None
+    if owner is None:
+        die_with_parent()
     # Nothing here may initialize CUDA: a child of a process that did cannot use the GPU.
     # Should an import ask torch whether CUDA is there, NVML answers, not the driver.
     os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
-    fork_server_process.serve(args[0])
+    try:
+        fork_server_process.serve(args[0], owner=owner)
+    finally:
+        if owner is not None:  # its folder is its own: the entry that started it is long gone
+            import shutil
+
+            shutil.rmtree(Path(args[0]).parent, ignore_errors=True)
     fork_server_process.leave(0)  # exit handlers, but not the interpreter's slow tear-down of torch and the rest
 
 

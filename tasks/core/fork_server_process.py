@@ -26,6 +26,10 @@ log = logging.getLogger("tasks.core.fork_server")
 # The marker file beside the socket by which the run says its MLflow store exists
 # (:meth:`tasks.core.fork_server.ForkServer.tracking_ready`); the server opens the stores only then.
 TRACKING_READY = "tracking-ready"
+# The marker file beside the socket by which the server says it has loaded every step
+# (MLflow's stores aside, until the run has made them): an entry that started the server
+# may wait for it (tasks.core.dvc_fork_server).
+LOADED = "loaded"
 _in_child = False  # True in a process the server forked: it runs its module, never forwards
 _client: int | None = None  # in such a process: the pid of the entry it stands for
 _reported = threading.Event()  # in such a process: its status is sent; the entry may go
@@ -158,30 +162,41 @@ class _WakeUp:
 
 
 @dataclass(frozen=True)
+class _OwnerGone:
+    """The selector's key for the pidfd of the process the server serves (``owner``)."""
+
+
+@dataclass(frozen=True)
 class _Successor:
     """The selector's key for the read end of a successor's ready pipe."""
 
     pid: int
 
 
-def serve(path: str, preload: tuple[str, ...] = PRELOAD) -> None:
+def serve(path: str, preload: tuple[str, ...] = PRELOAD, owner: int | None = None) -> None:
     """Listen on ``path``; fork a child per request; send each entry its child's status.
 
     Loads ``preload`` one step at a time, serving the requests that came in between steps.
     At :data:`HANDOVER_STEP` the server forks a *successor* that loads the remaining steps
     while this one goes on serving with what it has; once the successor has loaded them
     all it takes the requests, and this one only waits for its own children.
+
+    The server stops when its parent is gone or, given ``owner`` (a pid), when that process
+    is gone: the ``dvc repro`` whose stages it serves (:mod:`tasks.core.dvc_fork_server`).
     """
+    owner_fd = os.pidfd_open(owner) if owner is not None else None  # before binding: a dead owner, no server
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen(64)  # entries that connect wait in the backlog until the current step is done
-    _serve(listener, Path(path).parent / TRACKING_READY, list(preload), os.getppid(), None)
+    _serve(listener, Path(path).parent / TRACKING_READY, list(preload), os.getppid(), None, owner_fd)
 
 
 def _serve(listener: socket.socket, tracking_ready: Path, pending: list[str], parent: int,
-           ready_fd: int | None) -> None:
+           ready_fd: int | None, owner_fd: int | None = None) -> None:
     """One server generation's loop: the first (``ready_fd`` None) accepts requests at once;
-    a successor accepts once its steps are loaded, and says so on ``ready_fd``."""
+    a successor accepts once its steps are loaded, and says so on ``ready_fd``. The
+    generation that loads the last step says so beside the socket (:data:`LOADED`). With
+    ``owner_fd`` (a pidfd) it serves until that process is gone, else until its parent is."""
     import selectors
 
     selector = selectors.DefaultSelector()
@@ -193,8 +208,11 @@ def _serve(listener: socket.socket, tracking_ready: Path, pending: list[str], pa
     wake_read, wake_write = os.pipe()
     os.set_blocking(wake_write, False)
     selector.register(wake_read, selectors.EVENT_READ, _WakeUp(wake_write))
+    if owner_fd is not None:
+        selector.register(owner_fd, selectors.EVENT_READ, _OwnerGone())
     stopping = False
     successor: int | None = None
+    said_loaded = False
 
     def stop(signum: int, frame: Any) -> None:
         nonlocal stopping
@@ -230,10 +248,14 @@ def _serve(listener: socket.socket, tracking_ready: Path, pending: list[str], pa
             preload_step(STORES_STEP, tracking_ready)
             continue
         # A successor takes over once loaded (MLflow's stores, if still waiting, open later).
-        if not accepting and ready_fd is not None and all(step == STORES_STEP for step in pending):
+        loaded = successor is None and all(step == STORES_STEP for step in pending)
+        if not accepting and ready_fd is not None and loaded:
             selector.register(listener, selectors.EVENT_READ, None)
             accepting = True
             _say_ready(ready_fd)
+        if loaded and not said_loaded:
+            (tracking_ready.parent / LOADED).touch()
+            said_loaded = True
         for key, _ in selector.select(timeout=0 if ready else (0.2 if pending else IDLE_CHECK_S)):
             if key.data is None:
                 _accept(listener, selector)
@@ -251,9 +273,11 @@ def _serve(listener: socket.socket, tracking_ready: Path, pending: list[str], pa
                     log.warning("fork server: the successor died before it was ready")
                     _reap_quietly(key.data.pid)
                     successor = None
+            elif isinstance(key.data, _OwnerGone):
+                stopping = True
             elif not isinstance(key.data, _WakeUp):
                 _reap(key, selector)
-        if os.getppid() != parent:  # the run is gone (and its parent-death signal missed)
+        if owner_fd is None and os.getppid() != parent:  # the run is gone (and its parent-death signal missed)
             break
         if ready and not stopping:
             step = ready[0]
@@ -273,7 +297,7 @@ def _serve(listener: socket.socket, tracking_ready: Path, pending: list[str], pa
     listener.close()
     if cpu_model is not None:
         cpu_model.close()
-    for fd in (wake_read, wake_write):
+    for fd in (wake_read, wake_write, *(() if owner_fd is None else (owner_fd,))):
         os.close(fd)
 
 
@@ -396,7 +420,7 @@ def _server_fds(listener: socket.socket, selector: Any, keep_listener: bool = Fa
         if isinstance(key.data, _WakeUp):
             fds += [key.fd, key.data.write_fd]
             continue
-        if isinstance(key.data, (CpuModelProbe, _Successor)):  # the probe's stdout; a successor's pipe
+        if isinstance(key.data, (CpuModelProbe, _Successor, _OwnerGone)):  # the probe's stdout; a successor's pipe; the owner's pidfd
             fds.append(key.fd)
             continue
         fds.append(key.fd)  # another child's pidfd
