@@ -21,7 +21,9 @@ In a fresh copy of this project (its own git + DVC repository, the project's ven
 3. ``slimflow run`` again with nothing to do: every stage up to date; then
    ``slimflow run --force``: the same work as the first run, traced the same way, as
    later runs find the project (its background Prefect server up): its overhead by cause
-   is printed beside the first run's; then the server is stopped.
+   is printed beside the first run's; then ``dvc repro -f`` twice (no Prefect, no CLI: a
+   user's reproduction), without a fork server and with the one its first stage starts
+   (tasks.core.dvc_fork_server), their walls and ratio; then the server is stopped.
 4. Every compressed variant against the fp32 baseline, from the evaluate stage's own
    measurements in that run (same process, interleaved): size, latency at batch 1,
    throughput at a large batch, accuracy change.
@@ -483,6 +485,20 @@ def result_paths(data: str, samples: int | None) -> tuple[Path, Path]:
     return results, results.with_name(f"{results.stem}-raw")
 
 
+def dvc_repro_walls(root: Path, env: dict[str, str]) -> dict[str, float]:
+    """``dvc repro -f`` in ``root`` (no Prefect, no slimflow CLI: what a user's reproduction
+    runs), without a fork server (``SLIMFLOW_FORK_SERVER=off``: every stage and worker
+    imports for itself) and with the one the first stage starts (tasks.core.dvc_fork_server)."""
+    path = f"{root / '.venv' / 'bin'}{os.pathsep}{env.get('PATH', '')}"  # the stages' `python`, as `make repro`
+    walls = {}
+    for case, extra in (("without_fork_server", {"SLIMFLOW_FORK_SERVER": "off"}), ("with_fork_server", {})):
+        clock = time.perf_counter()
+        subprocess.run([str(root / ".venv" / "bin" / "dvc"), "repro", "-f"], cwd=root,
+                       env={**env, "PATH": path, **extra}, check=True, capture_output=True)
+        walls[case] = time.perf_counter() - clock
+    return walls
+
+
 def use_noisy_digits(root: Path, samples: int, env: dict[str, str]) -> list[str]:
     """Write ``samples`` noisy 28x28 digits into the copy as ``data/raw/noisy28.npz``,
     ``dvc add`` it; the ``slimflow run`` options that make it the run's data."""
@@ -530,6 +546,7 @@ def measure(raw_dir: Path, data: str = "digits", samples: int | None = None) -> 
             # Traced too: its overhead by cause is what a user's second and later runs pay.
             again = {**traced, "SLIMFLOW_BENCH_TRACE": str(again_trace)}
             raw["again_t0"], raw["again_t1"], raw["again_wall"], _ = timed_run(root, again, "--force")
+            raw["dvc_repro_s"] = dvc_repro_walls(root, env)
         finally:
             # The copy's background Prefect server goes with the copy.
             subprocess.run([str(venv / "bin" / "slimflow"), "prefect-server", "--stop"], cwd=root,
@@ -567,6 +584,7 @@ def main() -> int:
         "mlflow_calls": traced_result["mlflow"],
         "mlflow_view": raw["mlflow_view"], "mlflow_shape": raw.get("mlflow_shape"), "variants": variant_ratios(raw["metrics"]),
         "processes_traced": len(procs), "noop_said_up_to_date": raw["noop_said_up_to_date"],
+        "dvc_repro_s": raw.get("dvc_repro_s"),
         "targets": [
             {"name": "orchestration overhead share of the default run", "value": share,
              "target": "<= 0.20", "met": share <= 0.20},
@@ -640,6 +658,10 @@ def print_tables(result: dict[str, Any]) -> None:
         met = ("yes" if target["met"] else "NO") if default_data else "n/a"
         table.add_row(target["name"], value, target["target"], met)
     console.print(table)
+    if repro := result.get("dvc_repro_s"):
+        console.print(f"dvc repro -f (no Prefect): {repro['with_fork_server']:.1f} s with the fork server its first "
+                      f"stage starts, {repro['without_fork_server']:.1f} s without (SLIMFLOW_FORK_SERVER=off): "
+                      f"{repro['with_fork_server'] / repro['without_fork_server']:.2f}x")
 
     # Beside it, the same work again with the project's Prefect server up (what later runs pay).
     again = result.get("again")
