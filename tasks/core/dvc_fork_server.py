@@ -156,6 +156,8 @@ def _start(path: Path, owner: int) -> bool:
     deadline = time.monotonic() + START_TIMEOUT_S
     while not path.exists():
         if server.poll() is not None or time.monotonic() > deadline:
+            server.kill()  # never bound: no stage will use it
+            server.wait()
             return False
         time.sleep(0.01)
     # MLflow's stores are opened in the server only for a SQLite store that a run has

@@ -420,7 +420,8 @@ def _server_fds(listener: socket.socket, selector: Any, keep_listener: bool = Fa
         if isinstance(key.data, _WakeUp):
             fds += [key.fd, key.data.write_fd]
             continue
-        if isinstance(key.data, (CpuModelProbe, _Successor, _OwnerGone)):  # the probe's stdout; a successor's pipe; the owner's pidfd
+        # The probe's stdout; a successor's pipe; the pidfd of the process the server serves.
+        if isinstance(key.data, (CpuModelProbe, _Successor, _OwnerGone)):
             fds.append(key.fd)
             continue
         fds.append(key.fd)  # another child's pidfd
