@@ -12,12 +12,13 @@ the reason as a tag. Whether a challenger may be promoted at all is decided in
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
 import os
 import signal
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -75,22 +76,37 @@ def log_pyfunc_model(model_dir: Path, prepared: Path, name: str = "champion_mode
 
     manifest = read_manifest(model_dir)
     preprocessing = load_preprocessing(prepared)
-    return mlflow.pyfunc.log_model(
-        name=name,
-        python_model=str(MODEL_CODE),
-        artifacts={
-            "model": str(model_dir), "preprocess": str(prepared / "preprocess.json"),
-            # Text: the tokenizer trained in prepare, so the served model takes raw text.
-            **({"tokenizer": str(prepared / TOKENIZER_FILE)} if preprocessing.is_text else {}),
-        },
-        code_paths=[str(CODE_ROOT / "tasks"), str(CODE_ROOT / "models")],
-        pip_requirements=pip_requirements(manifest),
-        signature=model_signature(preprocessing),
-        input_example=input_example(prepared, preprocessing),
-        metadata={"slimflow_model": manifest.get("name", model_dir.name),
-                  "input": describe(input_schema(preprocessing)) + ", raw values"},
-        model_id=model_id,
-    )
+    with _quiet_signature_check():
+        return mlflow.pyfunc.log_model(
+            name=name,
+            python_model=str(MODEL_CODE),
+            artifacts={
+                "model": str(model_dir), "preprocess": str(prepared / "preprocess.json"),
+                # Text: the tokenizer trained in prepare, so the served model takes raw text.
+                **({"tokenizer": str(prepared / TOKENIZER_FILE)} if preprocessing.is_text else {}),
+            },
+            code_paths=[str(CODE_ROOT / "tasks"), str(CODE_ROOT / "models")],
+            pip_requirements=pip_requirements(manifest),
+            signature=model_signature(preprocessing),
+            input_example=input_example(prepared, preprocessing),
+            metadata={"slimflow_model": manifest.get("name", model_dir.name),
+                      "input": describe(input_schema(preprocessing)) + ", raw values"},
+            model_id=model_id,
+        )
+
+
+@contextlib.contextmanager
+def _quiet_signature_check() -> Iterator[None]:
+    """MLflow says "Validating input example against model signature" at INFO for every
+    model it logs: twelve lines in a default run's output, each saying nothing. The check
+    still runs, and an example that does not fit still raises."""
+    logger = logging.getLogger("mlflow.pyfunc")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def current_champion(registered_model: str) -> Any | None:
