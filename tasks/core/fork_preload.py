@@ -148,6 +148,9 @@ def warm_cpu_power_table() -> None:
     It needs the CPU model, so it runs after :meth:`CpuModelProbe.remember` filled its cache."""
     from codecarbon.core import cpu, hardware_cache
 
+    # As the energy meter has it (tasks.core.energy): a CPU CodeCarbon does not know got two
+    # warnings printed by the server into the run's output; the meter states its source itself.
+    logging.getLogger("codecarbon").setLevel(logging.ERROR)
     hardware_cache.get_cached_tdp(cpu)
 
 
