@@ -670,3 +670,19 @@ def test_a_killed_stages_shared_pool_folder_is_removed_by_the_next_pool_of_its_h
     assert live.parent == folder and live.name == f"{here}{os.getpid()}"
     assert remove_dead_control_folders(folder) == [dead]
     assert not dead.exists() and live.exists() and elsewhere.exists()
+
+
+def test_a_killed_stages_local_pool_folder_is_removed_by_the_next_pool(tmp_path: Path) -> None:
+    """The same for a one-host pool's folder in the temporary directory: named after the
+    stage's pid, removed once that process is gone; a live stage's stays."""
+    from tasks.training.pool import LOCAL_FOLDER_PREFIX, remove_dead_control_folders
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    dead = tmp_path / f"{LOCAL_FOLDER_PREFIX}{gone.pid}-k2x9a"
+    live = tmp_path / f"{LOCAL_FOLDER_PREFIX}{os.getpid()}-q81zd"
+    for control in (dead, live):
+        control.mkdir()
+        (control / "job-1.json").write_text("{}")
+    assert remove_dead_control_folders(tmp_path, LOCAL_FOLDER_PREFIX) == [dead]
+    assert not dead.exists() and live.exists()

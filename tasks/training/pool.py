@@ -54,6 +54,7 @@ POLL_S = 0.02  # how often the stage and idle workers look at the control folder
 STOP_WAIT_S = 60.0  # how long the workers may take to leave after ``stop``
 FORWARD_EVERY_S = 1.0  # how often a running job's epochs are logged into MLflow (a transaction each)
 SHARED_FOLDER_PREFIX = "fit-pool-"  # + host + "-" + the stage's pid, in the project's .slimflow/
+LOCAL_FOLDER_PREFIX = "slimflow-pool-"  # + the stage's pid + "-" + a random part, in the temporary directory
 
 
 def job_file(control: Path, number: int) -> Path:
@@ -70,13 +71,15 @@ def shared_control_folder(root: Path) -> Path:
     return root / ".slimflow" / f"{SHARED_FOLDER_PREFIX}{socket.gethostname()}-{os.getpid()}"
 
 
-def remove_dead_control_folders(folder: Path) -> list[Path]:
-    """Remove the shared control folders this host's killed stages left (kill -9 skips the
-    pool's clean-up): those whose process is gone. Other hosts' folders stay. Returns them."""
-    prefix = f"{SHARED_FOLDER_PREFIX}{socket.gethostname()}-"
+def remove_dead_control_folders(folder: Path, prefix: str | None = None) -> list[Path]:
+    """Remove the control folders in ``folder`` that killed stages left (kill -9 skips the
+    pool's clean-up): those whose process is gone. By default the shared ones of this host
+    (other hosts' folders stay); with ``prefix`` :data:`LOCAL_FOLDER_PREFIX`, the local
+    ones in the temporary directory. Returns them."""
+    prefix = prefix or f"{SHARED_FOLDER_PREFIX}{socket.gethostname()}-"
     removed = []
     for control in folder.glob(f"{prefix}*"):
-        pid = control.name.removeprefix(prefix)
+        pid = control.name.removeprefix(prefix).split("-", 1)[0]
         if not pid.isdigit() or is_running(int(pid)):
             continue
         shutil.rmtree(control, ignore_errors=True)
@@ -125,7 +128,9 @@ class WorkerPool:
             self._control.mkdir(parents=True)
             threads = self.train_params.threads_per_worker
         else:
-            self._control = Path(tempfile.mkdtemp(prefix="slimflow-pool-"))
+            temporary = Path(tempfile.gettempdir())
+            remove_dead_control_folders(temporary, LOCAL_FOLDER_PREFIX)  # a few KB each, but one per killed stage
+            self._control = Path(tempfile.mkdtemp(prefix=f"{LOCAL_FOLDER_PREFIX}{os.getpid()}-", dir=temporary))
             threads = threads_per_worker(sum(h.slots for h in self.hosts), self.train_params.threads_per_worker)
         command = build_command(
             ["-m", WORKER_MODULE, SERVE_FLAG, str(self._control)], self.hosts, self.train_params.network_interface
