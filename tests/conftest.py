@@ -14,6 +14,10 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+# DVC's usage analytics, for the DVC projects tests make themselves (the repository's own
+# .dvc/config turns them off): each DVC command started a daemon that tried the network
+# and left its report in the temporary directory (98 files there after a few test runs).
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 PROJECT_FILES = ("dvc.yaml", "params.yaml", ".dvcignore", "tasks", "models", "flows")
 
 # Small enough for a 2-core machine, large enough to learn digits.
