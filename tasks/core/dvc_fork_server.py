@@ -31,7 +31,6 @@ and after, alternating: ``dvc repro -f`` 54.9-56.2 s before (three runs), 36.1-3
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,7 +38,8 @@ import time
 from pathlib import Path
 
 from tasks.core import fork_server_process
-from tasks.core.fork_server import ENV, FOLDER_PREFIX, ForkServer, run_forked
+from tasks.core.fork_server import ENV, FOLDER_PREFIX, ForkServer, answers, bound, run_forked
+from tasks.core.processes import ProcessId, die_with_parent
 
 SHELLS = frozenset({"sh", "dash", "bash", "zsh", "ksh", "mksh", "fish"})  # DVC runs a stage's cmd through $SHELL
 START_TIMEOUT_S = 10.0  # to the socket: bound before the server imports anything
@@ -57,8 +57,6 @@ def run_stage_forked(module: str, light: bool = False) -> None:
     if _wanted():
         path = _server_of(_dvc_process(), light)
         if path is not None:
-            from tasks.core.processes import die_with_parent
-
             die_with_parent()  # as the stage would: killed with DVC, the entry takes its child along
             os.environ[ENV] = path
     run_forked(module)
@@ -69,50 +67,38 @@ def _wanted() -> bool:
             and hasattr(os, "pidfd_open") and not fork_server_process.in_child())
 
 
-def _stat_fields(pid: int) -> list[str]:
-    """``/proc/PID/stat`` after the command name (which may hold spaces): state, ppid, ..."""
-    text = Path(f"/proc/{pid}/stat").read_text()
-    return text[text.rindex(")") + 2:].split()
-
-
 def _dvc_process() -> int | None:
     """The nearest ancestor that is not a shell: the ``dvc`` process running this stage."""
-    pid = os.getppid()
+    import psutil
+
     try:
-        while pid > 1 and Path(f"/proc/{pid}/comm").read_text().strip() in SHELLS:
-            pid = int(_stat_fields(pid)[1])
-    except (OSError, ValueError, IndexError):
+        process = psutil.Process(os.getppid())
+        while process.pid > 1 and process.name() in SHELLS:
+            process = psutil.Process(process.ppid())
+    except (psutil.Error, ValueError):
         return None
-    return pid if pid > 1 else None
+    return process.pid if process.pid > 1 else None
 
 
-def socket_folder(owner: int) -> Path:
-    """The folder of ``owner``'s server: named after its pid and start time (a pid is reused)."""
-    start = _stat_fields(owner)[19]  # field 22 of /proc/PID/stat: the start time, in clock ticks
-    return Path(tempfile.gettempdir()) / f"{FOLDER_PREFIX}dvc-{owner}-{start}"
-
-
-def _answers(path: Path) -> bool:
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(str(path))
-        return True
-    except OSError:
-        return False
-    finally:
-        probe.close()
+def socket_folder(owner: int) -> Path | None:
+    """The folder of ``owner``'s server: named after its pid and start time (a pid is
+    reused); None when ``owner`` is gone."""
+    identity = ProcessId.of(owner)
+    if identity is None:
+        return None
+    return Path(tempfile.gettempdir()) / f"{FOLDER_PREFIX}dvc-{owner}-{identity.started:.2f}"
 
 
 def _server_of(owner: int | None, light: bool) -> str | None:
     """The socket of ``owner``'s server, started first if none answers, once it has loaded
     everything; None to run here (a light stage that started it, or a server that could
     not start or load)."""
-    if owner is None:
+    folder = socket_folder(owner) if owner is not None else None
+    if folder is None:
         return None
+    path = folder / "socket"
     try:
-        folder = socket_folder(owner)
-        path = folder / "socket"
-        if _answers(path):
+        if answers(path):
             if light:
                 return str(path)
         else:
@@ -133,7 +119,7 @@ def _server_of(owner: int | None, light: bool) -> str | None:
         if time.monotonic() > deadline:
             return None
         if time.monotonic() - checked > 0.5:
-            if not _answers(path):  # it died loading
+            if not answers(path):  # it died loading
                 return None
             checked = time.monotonic()
         time.sleep(0.02)
@@ -153,13 +139,10 @@ def _start(path: Path, owner: int) -> bool:
         [sys.executable, "-m", "tasks.core.fork_server", str(path), str(owner)],
         cwd=root, env=env, stdin=subprocess.DEVNULL, start_new_session=True,
     )
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while not path.exists():
-        if server.poll() is not None or time.monotonic() > deadline:
-            server.kill()  # never bound: no stage will use it
-            server.wait()
-            return False
-        time.sleep(0.01)
+    if not bound(path, server, START_TIMEOUT_S):
+        server.kill()  # no stage will use it
+        server.wait()
+        return False
     # MLflow's stores are opened in the server only for a SQLite store that a run has
     # opened before: two processes must not make an MLflow database (its tables, or the
     # Default experiment of a new copy) at once (tasks.core.fork_preload).

@@ -150,6 +150,29 @@ class ForkServer:
         partial.replace(marker)
 
 
+def answers(path: Path) -> bool:
+    """Whether a server listens on the socket ``path``."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
+def bound(path: Path, server: subprocess.Popen, timeout_s: float) -> bool:
+    """Wait until the starting ``server`` has bound its socket ``path``; False if it exited
+    or ``timeout_s`` passed first."""
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        if server.poll() is not None or time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
 FOLDER_PREFIX = "slimflow-fork-"  # the socket's folder, in the temporary directory
 STALE_AFTER_S = 60.0
 
@@ -167,14 +190,8 @@ def remove_stale_folders(parent: Path, older_than_s: float = STALE_AFTER_S) -> l
                 continue
         except OSError:
             continue
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(str(folder / "socket"))
+        if answers(folder / "socket"):
             continue  # a live server
-        except OSError:
-            pass
-        finally:
-            probe.close()
         shutil.rmtree(folder, ignore_errors=True)
         removed.append(folder)
     return removed
@@ -219,9 +236,7 @@ def fork_server(root: Path) -> Iterator[ForkServer | None]:
         shutil.rmtree(folder, ignore_errors=True)
         yield None
         return
-    deadline = time.monotonic() + 10.0
-    while not os.path.exists(path) and server.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)  # bound in milliseconds: before its imports
+    bound(Path(path), server, 10.0)  # in milliseconds: before its imports
     os.environ[ENV] = path
     _started = (os.getpid(), ForkServer(path, server.pid))
     try:
