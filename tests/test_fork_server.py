@@ -397,15 +397,21 @@ if __name__ == "__main__":
 """
 
 
-def _serve_in_background(tmp_path: Path, preload: tuple[str, ...]) -> tuple[subprocess.Popen, Path, dict]:
-    for name, text in (("gate_step", GATE), ("loaded", LOADED), ("dying_step", "import os; os._exit(3)")):
+# A preload step stuck for good: an import that never returns, deaf to SIGTERM.
+STUCK = "import signal, time; signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM}); time.sleep(600)"
+
+
+def _serve_in_background(tmp_path: Path, preload: tuple[str, ...], setup: str = "",
+                         **popen: Any) -> tuple[subprocess.Popen, Path, dict]:
+    """A server on ``tmp_path/socket`` loading ``preload``; ``setup``: code run before it serves."""
+    for name, text in (("gate_step", GATE), ("loaded", LOADED), ("dying_step", "import os; os._exit(3)"),
+                       ("stuck_step", STUCK)):
         (tmp_path / f"{name}.py").write_text(text)
     path = tmp_path / "socket"
     env = {k: v for k, v in os.environ.items() if k != ENV}
     env.update(PYTHONPATH=os.pathsep.join([str(REPO), str(tmp_path)]), GATE_FILE=str(tmp_path / "go"))
-    server = subprocess.Popen(
-        [sys.executable, "-c", f"from tasks.core.fork_server_process import serve; serve({str(path)!r}, {preload!r})"],
-        cwd=REPO, env=env)
+    code = f"{setup}\nfrom tasks.core.fork_server_process import serve; serve({str(path)!r}, {preload!r})"
+    server = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env, **popen)
     deadline = time.monotonic() + 30
     while not path.exists() and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -450,6 +456,50 @@ def test_the_server_goes_on_serving_when_its_successor_dies_loading(tmp_path: Pa
         assert _ask(env, tmp_path)["ppid"] == server.pid
         assert server.poll() is None
         assert not [p for p in psutil.Process(server.pid).children() if p.status() != psutil.STATUS_ZOMBIE]
+    finally:
+        server.kill()
+        server.wait()
+
+
+def test_a_server_stops_even_when_its_successor_is_stuck_in_a_step(tmp_path: Path) -> None:
+    """A successor that never finishes its step is killed after a grace period: the server
+    must end (and release the output pipe it shares with whoever started it, DVC's)."""
+    setup = "import tasks.core.fork_server_process as f; f.SUCCESSOR_GRACE_S = 1.0"
+    server, _, env = _serve_in_background(tmp_path, ("@handover", "stuck_step"), setup)
+    try:
+        assert _ask(env, tmp_path)["ppid"] == server.pid  # the successor is stuck: the server serves
+        successor = [p for p in psutil.Process(server.pid).children() if p.status() != psutil.STATUS_ZOMBIE]
+        assert len(successor) == 1
+        server.terminate()
+        assert server.wait(timeout=10) == 0
+        assert not psutil.pid_exists(successor[0].pid)
+    finally:
+        server.kill()
+        server.wait()
+
+
+def test_a_cpu_model_probe_that_never_answers_is_stopped_and_the_loading_goes_on(tmp_path: Path) -> None:
+    """py-cpuinfo's subprocess can hang; the hand-over (and every step after it) waits for
+    the CPU model, so the server stops the probe at its deadline, says so, and loads on."""
+    setup = ("import sys, tasks.core.fork_server_process as f\n"
+             "f.CPU_MODEL_TIMEOUT_S = 1.0\n"
+             "f.start_cpu_model_probe = lambda: f.CpuModelProbe([sys.executable, '-c', 'import time; time.sleep(600)', 'cpu-probe'])")
+    server, path, env = _serve_in_background(tmp_path, ("@cpu-model", "@handover", "gate_step"), setup,
+                                             stderr=subprocess.PIPE, text=True)
+    try:
+        (tmp_path / "go").touch()
+        loaded = path.parent / fork_server_process.LOADED
+        deadline = time.monotonic() + 20
+        while not loaded.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert loaded.exists(), "the server never finished loading"
+        assert _ask(env, tmp_path)["gate"]  # the successor loaded the steps after the hand-over
+        probes = [p for p in psutil.Process(server.pid).children(recursive=True)
+                  if p.cmdline()[-1:] == ["cpu-probe"]]
+        assert probes == []
+        server.terminate()
+        _, err = server.communicate(timeout=10)
+        assert "py-cpuinfo gave no CPU model within 1 s" in err
     finally:
         server.kill()
         server.wait()

@@ -9,6 +9,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 log = logging.getLogger("tasks.core.fork_server")
@@ -89,20 +90,28 @@ class CpuModelProbe:
     the children then ask py-cpuinfo themselves, as without the server.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, command: list[str] | None = None) -> None:
         import importlib
 
         # One small module; the command is the one cpuinfo.get_cpu_info() runs.
-        script = importlib.import_module("cpuinfo.cpuinfo").__file__
+        if command is None:
+            command = [sys.executable, importlib.import_module("cpuinfo.cpuinfo").__file__, "--json"]
+        # Its own process group: py-cpuinfo runs its CPUID query in a child of its own, and a
+        # probe stopped before it answered (:meth:`close`) takes that child along.
         self.process = subprocess.Popen(
-            [sys.executable, script, "--json"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            command,
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True,
         )
         assert self.process.stdout is not None
         self.fd = self.process.stdout.fileno()
         os.set_blocking(self.fd, False)
         self.output = b""
         self.finished = False
+        self.started = time.monotonic()
+
+    def overdue(self, timeout_s: float) -> bool:
+        """Whether the probe is still running ``timeout_s`` after its start."""
+        return not self.finished and time.monotonic() - self.started > timeout_s
 
     def read(self) -> None:
         """Take what the probe wrote; at end of file, reap it."""
@@ -133,10 +142,14 @@ class CpuModelProbe:
         warm_cpu_power_table()
 
     def close(self) -> None:
-        from tasks.core.processes import stop_process
+        import signal
 
         if not self.finished:
-            stop_process(self.process, grace_s=0.5)
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.process.wait()
         if self.process.stdout is not None:
             self.process.stdout.close()
 

@@ -12,6 +12,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,9 @@ TRACKING_READY = "tracking-ready"
 # (MLflow's stores aside, until the run has made them): an entry that started the server
 # may wait for it (tasks.core.dvc_fork_server).
 LOADED = "loaded"
+# The marker file in which a server generation names the step it is loading (its pid and
+# the step): what a stage that gave up waiting for :data:`LOADED` tells the user.
+LOADING = "loading"
 _in_child = False  # True in a process the server forked: it runs its module, never forwards
 _client: int | None = None  # in such a process: the pid of the entry it stands for
 _reported = threading.Event()  # in such a process: its status is sent; the entry may go
@@ -152,6 +156,12 @@ def _watch_client(conn: socket.socket) -> None:
 
 
 IDLE_CHECK_S = 5.0  # how often an idle server looks whether its run is still there
+# A successor asked to stop finishes the step it is in first (an import: 1.1 s at most on
+# the 2-core machine, measured); one that has not stopped after this is killed.
+SUCCESSOR_GRACE_S = 10.0
+# py-cpuinfo's probe answers in 1.2 s here; one that has not answered after this is stopped
+# (its subprocess is known to hang on some hosts, and the hand-over waits for it).
+CPU_MODEL_TIMEOUT_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -230,6 +240,15 @@ def _serve(listener: socket.socket, tracking_ready: Path, pending: list[str], pa
     elif CPU_MODEL_STEP in pending:
         pending.remove(CPU_MODEL_STEP)
 
+    def give_up_on_cpu_model() -> None:
+        """A probe that has not answered by its deadline is stopped: the hand-over waits
+        for it, and everything after the hand-over with it."""
+        log.warning("fork server: py-cpuinfo gave no CPU model within %.0f s; stopped it "
+                    "(each stage's energy meter asks for it itself)", CPU_MODEL_TIMEOUT_S)
+        selector.unregister(cpu_model.fd)
+        cpu_model.close()
+        pending.remove(CPU_MODEL_STEP)
+
     def possible(step: str) -> bool:
         """Steps not yet possible (MLflow's stores before the run made them, the CPU model
         before its probe answered, the hand-over before the CPU model) wait their turn."""
@@ -240,6 +259,8 @@ def _serve(listener: socket.socket, tracking_ready: Path, pending: list[str], pa
         return step != CPU_MODEL_STEP or (cpu_model is not None and cpu_model.finished)
 
     while not stopping:
+        if cpu_model is not None and CPU_MODEL_STEP in pending and cpu_model.overdue(CPU_MODEL_TIMEOUT_S):
+            give_up_on_cpu_model()
         # Nothing after a hand-over loads here: that is the successor's.
         upto = pending.index(HANDOVER_STEP) + 1 if HANDOVER_STEP in pending else len(pending)
         ready = [step for step in pending[:upto] if possible(step)]
@@ -285,15 +306,12 @@ def _serve(listener: socket.socket, tracking_ready: Path, pending: list[str], pa
             if step == HANDOVER_STEP:
                 successor, pending = _fork_successor(listener, selector, tracking_ready, pending)
                 continue
+            _say_loading(tracking_ready.parent, step)
             preload_step(step, tracking_ready, cpu_model)
             sys.stdout.flush()
             sys.stderr.flush()
     if successor is not None:  # it dies with this one: stop it and wait (it is a child)
-        try:
-            os.kill(successor, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        _reap_quietly(successor)
+        _stop_successor(successor, SUCCESSOR_GRACE_S)
     listener.close()
     if cpu_model is not None:
         cpu_model.close()
@@ -332,6 +350,22 @@ def _fork_successor(listener: socket.socket, selector: Any, tracking_ready: Path
     return pid, [STORES_STEP] if STORES_STEP in pending else []
 
 
+def _say_loading(folder: Path, step: str) -> None:
+    try:
+        (folder / LOADING).write_text(f"{os.getpid()} {step}")
+    except OSError:  # the folder is gone: the server is stopping
+        pass
+
+
+def loading_step(folder: Path) -> str:
+    """What the server in ``folder`` said it is loading: ``"STEP (process PID)"``; "" if nothing."""
+    try:
+        pid, step = (folder / LOADING).read_text().split(" ", 1)
+    except (OSError, ValueError):
+        return ""
+    return f"{step} (process {pid})"
+
+
 def _read_ready(fd: int) -> bool:
     """Whether the successor said it took over (else it died: end of file)."""
     try:
@@ -347,6 +381,33 @@ def _reap_quietly(pid: int) -> None:
         os.waitpid(pid, 0)
     except ChildProcessError:
         pass
+
+
+def _stop_successor(pid: int, grace_s: float) -> None:
+    """SIGTERM the successor, SIGKILL it if it is still there after ``grace_s``, reap it.
+
+    A successor stops between two of its steps; one stuck inside a step (an import that
+    never returns) would otherwise keep this server waiting for it, and with it the
+    output pipe of whoever started the server: a ``dvc repro`` whose caller reads its
+    output to the end would never see that end."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if done:
+            return
+        time.sleep(0.02)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    _reap_quietly(pid)
 
 
 def _say_ready(fd: int) -> None:
