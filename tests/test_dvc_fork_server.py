@@ -68,12 +68,38 @@ def repro(project: Path, *args: str, shell: str = "/bin/bash", **env: str) -> tu
                    PYTHONPATH=f"{project}{os.pathsep}{REPO}", **env)
     dvc = subprocess.Popen([str(Path(sys.executable).parent / "dvc"), "repro", *args], cwd=project, env=environ,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    output, _ = dvc.communicate(timeout=300)
+    try:
+        output, _ = dvc.communicate(timeout=180)
+    except subprocess.TimeoutExpired as hung:  # say who was still there, and in what state
+        pytest.fail(f"dvc repro {' '.join(args)} did not end (or something kept its output open):\n"
+                    f"{_processes_and_folders(dvc.pid)}\noutput so far:\n{hung.output!r}")
     assert dvc.returncode == 0, output
     # The server's loading prints nothing into DVC's output (CodeCarbon warned of an unknown CPU).
     assert "codecarbon" not in output.lower(), output
     reports = {path.stem: json.loads(path.read_text()) for path in project.glob("*.json")}
     return dvc.pid, reports
+
+
+def _processes_and_folders(dvc_pid: int) -> str:
+    """What a hung reproduction left: the processes under this test and the server folders
+    (then it stops them all)."""
+    lines = []
+    processes = psutil.Process().children(recursive=True)
+    servers = [p for p in psutil.process_iter(["cmdline"]) if "tasks.core.fork_server" in " ".join(p.info["cmdline"] or [])]
+    for process in {p.pid: p for p in processes + servers}.values():
+        try:
+            lines.append(f"{process.pid} ppid={process.ppid()} {process.status()} "
+                         f"threads={process.num_threads()} {' '.join(process.cmdline())[:160]}")
+        except psutil.Error:
+            pass
+    for folder in server_folders(dvc_pid):
+        lines.append(f"{folder}: {sorted(path.name for path in folder.iterdir())}")
+    for process in processes + servers:
+        try:
+            process.kill()
+        except psutil.Error:
+            pass
+    return "\n".join(lines)
 
 
 def server_folders(dvc_pid: int) -> list[Path]:
@@ -118,3 +144,42 @@ def test_off_keeps_every_stage_in_its_own_process(project: Path) -> None:
     assert not any(report["forked"] for report in stages.values())
     assert not stages["second"]["torch"]
     assert server_folders(dvc_pid) == []
+
+
+def test_a_server_that_never_finishes_loading_costs_one_wait_not_one_per_stage(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]) -> None:
+    """A stage gives up waiting for a server stuck loading, says so once, and runs by itself;
+    the stages after it of the same reproduction run by themselves at once."""
+    from tasks.core import dvc_fork_server
+
+    monkeypatch.setattr(dvc_fork_server, "LOADED_TIMEOUT_S", 1.0)
+    (tmp_path / "stuck_step.py").write_text(
+        "import signal, time; signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM}); time.sleep(600)")
+    owner = os.getpid()  # the process whose stages the server serves: this test, as DVC
+    folder = dvc_fork_server.socket_folder(owner)
+    assert folder is not None
+    folder.mkdir(mode=0o700)
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}"}
+    server = subprocess.Popen([sys.executable, "-c", "from tasks.core.fork_server_process import serve; "
+                               f"serve({str(folder / 'socket')!r}, ('stuck_step',), {owner})"], cwd=REPO, env=env)
+    try:
+        deadline = time.monotonic() + 30
+        while not (folder / "socket").exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        started = time.monotonic()
+        assert dvc_fork_server._server_of(owner, light=False) is None
+        assert time.monotonic() - started >= 1.0
+        said = capfd.readouterr().err
+        assert "has not loaded its libraries in 1 s (last step begun: stuck_step (process" in said
+        assert str(folder / "socket") in said
+        started = time.monotonic()
+        assert dvc_fork_server._server_of(owner, light=False) is None  # the next stage: no second wait
+        assert dvc_fork_server._server_of(owner, light=True) is None  # nor a light one's fork from it
+        assert time.monotonic() - started < 0.5
+        assert capfd.readouterr().err == ""
+    finally:
+        server.kill()
+        server.wait()
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)

@@ -43,7 +43,10 @@ from tasks.core.processes import ProcessId, die_with_parent
 
 SHELLS = frozenset({"sh", "dash", "bash", "zsh", "ksh", "mksh", "fish"})  # DVC runs a stage's cmd through $SHELL
 START_TIMEOUT_S = 10.0  # to the socket: bound before the server imports anything
-LOADED_TIMEOUT_S = 120.0  # to the last preload step (5-6 s on the 2-core machine)
+LOADED_TIMEOUT_S = 60.0  # to the last preload step (5-6 s on the 2-core machine)
+# Left beside the socket by the stage that gave up waiting for the server to load: the
+# stages after it run by themselves at once, instead of each waiting as long again.
+STALLED = "stalled"
 _started: subprocess.Popen | None = None
 
 
@@ -97,6 +100,8 @@ def _server_of(owner: int | None, light: bool) -> str | None:
     if folder is None:
         return None
     path = folder / "socket"
+    if (folder / STALLED).exists():
+        return None
     try:
         if answers(path):
             if light:
@@ -106,7 +111,7 @@ def _server_of(owner: int | None, light: bool) -> str | None:
             if folder.stat().st_uid != os.getuid():  # someone else's folder: not a server to trust
                 return None
             path.unlink(missing_ok=True)  # a server that died: its socket would refuse the new one's bind
-            for marker in (fork_server_process.LOADED, fork_server_process.TRACKING_READY):
+            for marker in (fork_server_process.LOADED, fork_server_process.TRACKING_READY, fork_server_process.LOADING):
                 (folder / marker).unlink(missing_ok=True)
             if not _start(path, owner) or light:
                 return None
@@ -117,6 +122,14 @@ def _server_of(owner: int | None, light: bool) -> str | None:
     checked = time.monotonic()
     while not (folder / fork_server_process.LOADED).exists():
         if time.monotonic() > deadline:
+            step = fork_server_process.loading_step(folder)
+            print(f"slimflow: the fork server of this dvc repro has not loaded its libraries in "
+                  f"{LOADED_TIMEOUT_S:.0f} s{f' (last step begun: {step})' if step else ''}; this stage "
+                  f"and the ones after it run in their own processes ({path})", file=sys.stderr, flush=True)
+            try:
+                (folder / STALLED).touch()
+            except OSError:
+                pass
             return None
         if time.monotonic() - checked > 0.5:
             if not answers(path):  # it died loading

@@ -150,9 +150,14 @@ class ForkServer:
         partial.replace(marker)
 
 
+ANSWER_TIMEOUT_S = 2.0
+
+
 def answers(path: Path) -> bool:
-    """Whether a server listens on the socket ``path``."""
+    """Whether a server listens on the socket ``path`` (and has room in its backlog: a
+    blocking connect to a server that has stopped accepting would wait for ever)."""
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(ANSWER_TIMEOUT_S)
     try:
         probe.connect(str(path))
         return True
