@@ -224,6 +224,24 @@ def test_children_that_log_models_find_mlflows_package_map_built(server: str, pr
     assert _ask_until_known(probe_dir, server, "packages", within_s=120)["known"]
 
 
+def test_the_server_forks_from_a_single_thread(server_handle: fork_server.ForkServer, probe_dir: Path) -> None:
+    """Every server generation, once it has loaded everything (pyarrow's jemalloc among it),
+    is one thread: nothing another thread holds can be locked for ever in a child."""
+    loaded = Path(server_handle.socket_path).parent / fork_server_process.LOADED
+    deadline = time.monotonic() + 60
+    while not loaded.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert loaded.exists()
+    generations = [psutil.Process(server_handle.pid)]
+    generations += [p for p in generations[0].children() if p.cmdline() == generations[0].cmdline()]
+    assert len(generations) == 2  # the server and the successor that loaded the rest
+    assert _report(_start(probe_dir, server_handle.socket_path, "exit0"))["torch_loaded"]  # pandas in it too
+    for generation in generations:
+        threads = [Path(f"/proc/{generation.pid}/task/{task.id}/comm").read_text().strip()
+                   for task in generation.threads()]
+        assert threads == ["python"], (generation.pid, threads)
+
+
 def test_children_leave_the_servers_objects_out_of_their_garbage_collections(server: str, probe_dir: Path) -> None:
     """What the server imported is frozen (``gc.freeze``) before it forks: a child's full
     collection walks only what the child made, not the server's millions of objects (which

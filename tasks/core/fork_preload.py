@@ -40,8 +40,9 @@ MLFLOW_PACKAGES_STEP = "@mlflow-packages"
 # named here. A module that fails to import is skipped:
 # the process that needs it reports it in its own words, as it would without the server.
 # Not ONNX Runtime: importing it starts a thread of its own (measured), and a fork copies
-# only the thread that forks. The threads numpy's and scipy's OpenBLAS and pandas' jemalloc
-# start at import are made for forking (they re-arm in the child through pthread_atfork).
+# only the thread that forks. OpenBLAS's threads (numpy, scipy) are made for forking (they
+# re-arm in the child through pthread_atfork); pyarrow's jemalloc purging thread is not
+# started at all in the server (``JE_ARROW_MALLOC_CONF``, tasks.core.fork_server.main).
 # "git" is GitPython (MLflow's start_run reads the commit); "horovod.runner.launch" and
 # "tabulate" are horovodrun's (the launcher imports setuptools, through distutils). Not
 # scikit-learn: the built-in data sets are read from its files without it (1.0-1.2 CPU-s,

@@ -278,6 +278,13 @@ def main(argv: list[str] | None = None) -> int:
     # Nothing here may initialize CUDA: a child of a process that did cannot use the GPU.
     # Should an import ask torch whether CUDA is there, NVML answers, not the driver.
     os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    # Fork from one thread only: a fork copies the forking thread alone, and a lock another
+    # thread held at that moment stays locked in the child for ever. pyarrow (which pandas and
+    # MLflow import) brings jemalloc, built to start a purging thread when it loads
+    # (``background_thread:true``; jemalloc's fork handlers cover it, but jemalloc has had
+    # rare deadlocks after a fork); without it jemalloc purges as it allocates. Read when
+    # pyarrow loads, so set before any import; children inherit the allocator as it is.
+    os.environ.setdefault("JE_ARROW_MALLOC_CONF", "background_thread:false")
     try:
         fork_server_process.serve(args[0], owner=owner)
     finally:
