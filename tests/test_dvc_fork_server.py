@@ -161,7 +161,8 @@ def test_a_server_that_never_finishes_loading_costs_one_wait_not_one_per_stage(
     folder.mkdir(mode=0o700)
     env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}"}
     server = subprocess.Popen([sys.executable, "-c", "from tasks.core.fork_server_process import serve; "
-                               f"serve({str(folder / 'socket')!r}, ('stuck_step',), {owner})"], cwd=REPO, env=env)
+                               f"serve({str(folder / 'socket')!r}, ('stuck_step',), {owner})"], cwd=REPO, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # the stage's words alone
     try:
         deadline = time.monotonic() + 30
         while not (folder / "socket").exists() and time.monotonic() < deadline:
