@@ -524,6 +524,38 @@ def test_a_cpu_model_probe_that_never_answers_is_stopped_and_the_loading_goes_on
         server.wait()
 
 
+def test_an_entry_the_server_does_not_take_in_time_runs_by_itself_and_so_do_the_next(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]) -> None:
+    """A server stuck in a step must not hold a run for ever: the entry waits for it to be
+    taken until a deadline, then runs by itself, says so once, and the entries after it do not
+    wait again; the server, once it reads the abandoned request, forks no child for it."""
+    server, path, _ = _serve_in_background(tmp_path, ("gate_step",), stdout=subprocess.DEVNULL,
+                                           stderr=subprocess.DEVNULL)
+    monkeypatch.setattr(fork_server, "ACCEPT_TIMEOUT_S", 1.0)
+    monkeypatch.setenv(ENV, str(path))
+    handlers = {signum: signal.getsignal(signum) for signum in fork_server.FORWARDED_SIGNALS}
+    try:
+        deadline = time.monotonic() + 10
+        while not (path.parent / fork_server_process.LOADING).exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        started = time.monotonic()
+        fork_server.run_forked("loaded")  # returns: this process runs the module itself
+        assert time.monotonic() - started >= 1.0
+        said = capfd.readouterr().err
+        assert "did not take this process in 1 s (last step begun: gate_step (process" in said
+        assert {signum: signal.getsignal(signum) for signum in handlers} == handlers
+        started = time.monotonic()
+        fork_server.run_forked("loaded")  # the next entry: no second wait, no second line
+        assert time.monotonic() - started < 0.5 and capfd.readouterr().err == ""
+        (tmp_path / "go").touch()  # the step ends; the server reads the abandoned request
+        time.sleep(1.0)
+        assert server.poll() is None
+        assert [p for p in psutil.Process(server.pid).children() if p.status() != psutil.STATUS_ZOMBIE] == []
+    finally:
+        server.kill()
+        server.wait()
+
+
 def _report_line(out: str) -> dict:
     return json.loads(out.splitlines()[0])
 

@@ -44,9 +44,6 @@ from tasks.core.processes import ProcessId, die_with_parent
 SHELLS = frozenset({"sh", "dash", "bash", "zsh", "ksh", "mksh", "fish"})  # DVC runs a stage's cmd through $SHELL
 START_TIMEOUT_S = 10.0  # to the socket: bound before the server imports anything
 LOADED_TIMEOUT_S = 60.0  # to the last preload step (5-6 s on the 2-core machine)
-# Left beside the socket by the stage that gave up waiting for the server to load: the
-# stages after it run by themselves at once, instead of each waiting as long again.
-STALLED = "stalled"
 _started: subprocess.Popen | None = None
 
 
@@ -100,7 +97,7 @@ def _server_of(owner: int | None, light: bool) -> str | None:
     if folder is None:
         return None
     path = folder / "socket"
-    if (folder / STALLED).exists():
+    if (folder / fork_server_process.STALLED).exists():
         return None
     try:
         if answers(path):
@@ -127,7 +124,7 @@ def _server_of(owner: int | None, light: bool) -> str | None:
                   f"{LOADED_TIMEOUT_S:.0f} s{f' (last step begun: {step})' if step else ''}; this stage "
                   f"and the ones after it run in their own processes ({path})", file=sys.stderr, flush=True)
             try:
-                (folder / STALLED).touch()
+                (folder / fork_server_process.STALLED).touch()
             except OSError:
                 pass
             return None

@@ -13,8 +13,9 @@ is :func:`run_forked`: when ``SLIMFLOW_FORK_SERVER`` names a server, the process
 its command line, working directory, environment, ``sys.path`` and its stdin, stdout and
 stderr (the descriptors themselves), and the server forks a child that becomes that
 process (``runpy``, as ``python -m`` runs a module) with everything already imported.
-The entry waits, passes on the signals it gets (SIGTERM, SIGINT, SIGHUP), and exits with
-the child's exit status, so DVC and ``horovodrun`` see what they always saw. If the
+The entry waits (for the server to take it, :data:`ACCEPT_TIMEOUT_S` at most, then for the
+child), passes on the signals it gets (SIGTERM, SIGINT, SIGHUP), and exits with the child's
+exit status, so DVC and ``horovodrun`` see what they always saw. If the
 entry dies (kill -9, or the parent-death signal of :mod:`tasks.core.processes`), the
 child notices the closed connection and kills itself. Without the variable (a test, a
 manual run), or when no server answers, the entry runs as before, in its own process.
@@ -67,6 +68,10 @@ log = logging.getLogger(__name__)
 ENV = "SLIMFLOW_FORK_SERVER"  # the socket of the run's fork server; "off": do not start one
 OFF = "off"
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+# How long an entry waits for the server to take it: the step the server is loading ends
+# first (1.1 s at most on the 2-core machine, measured); a server stuck in a step must not
+# hold the run for ever: the entry then runs by itself, as without a server.
+ACCEPT_TIMEOUT_S = 60.0
 
 
 # ---------------------------------------------------------------- the entry's side
@@ -81,6 +86,8 @@ def run_forked(module: str) -> None:
     """
     path = os.environ.get(ENV)
     if fork_server_process.in_child() or not path or path == OFF:
+        return
+    if (Path(path).parent / fork_server_process.STALLED).exists():  # a process before waited in vain
         return
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -99,7 +106,10 @@ def run_forked(module: str) -> None:
         sock.close()
         return
 
+    forwarded: list[int] = []
+
     def forward(signum: int, frame: Any) -> None:
+        forwarded.append(signum)
         try:
             send_message(sock, {"signal": signum})
         except OSError:
@@ -107,13 +117,23 @@ def run_forked(module: str) -> None:
 
     previous = {signum: signal.signal(signum, forward) for signum in FORWARDED_SIGNALS}
     try:
+        sock.settimeout(ACCEPT_TIMEOUT_S)
         status = receive_message(sock)
+        sock.settimeout(None)
+        if status.get("accepted"):
+            status = receive_message(sock)
+    except TimeoutError:
+        status = {"stalled": True}
     except (OSError, ConnectionError, ValueError):
         status = {"exit": 1, "error": "the fork server went away"}
-    if status.get("refused"):  # another host that shares the socket's folder: run here
+    if status.get("refused") or status.get("stalled"):  # another host that shares the socket's folder; a stuck server
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-        sock.close()
+        sock.close()  # a server that reads the request later finds no one to fork for
+        if status.get("stalled"):
+            _give_up_on(Path(path))
+        if forwarded:  # a signal that came while waiting is this process's own again
+            os.kill(os.getpid(), forwarded[0])
         return
     sys.stdout.flush()
     sys.stderr.flush()
@@ -124,6 +144,19 @@ def run_forked(module: str) -> None:
     if status.get("error"):
         print(f"slimflow: {status['error']}", file=sys.stderr)
     os._exit(int(status.get("exit", 1)))
+
+
+def _give_up_on(path: Path) -> None:
+    """Say once that the server at ``path`` did not take this process in time, and leave
+    the marker by which the processes after it run by themselves at once."""
+    step = fork_server_process.loading_step(path.parent)
+    print(f"slimflow: the fork server did not take this process in {ACCEPT_TIMEOUT_S:.0f} s"
+          f"{f' (last step begun: {step})' if step else ''}; it and the processes after it run by "
+          f"themselves ({path})", file=sys.stderr, flush=True)
+    try:
+        (path.parent / fork_server_process.STALLED).touch()
+    except OSError:
+        pass
 
 
 def client_pid() -> int | None:

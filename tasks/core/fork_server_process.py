@@ -34,6 +34,10 @@ LOADED = "loaded"
 # The marker file in which a server generation names the step it is loading (its pid and
 # the step): what a stage that gave up waiting for :data:`LOADED` tells the user.
 LOADING = "loading"
+# The marker file left beside the socket by a process that gave up waiting for the server
+# (it did not take it, or did not finish loading, in time): the processes after it run by
+# themselves at once instead of each waiting as long again.
+STALLED = "stalled"
 _in_child = False  # True in a process the server forked: it runs its module, never forwards
 _client: int | None = None  # in such a process: the pid of the entry it stands for
 _reported = threading.Event()  # in such a process: its status is sent; the entry may go
@@ -432,6 +436,13 @@ def _accept(listener: socket.socket, selector: Any) -> None:
         return
     if request.get("machine") != machine_identity():
         _refuse(conn, fds)
+        return
+    try:  # taken: the entry now waits for its child's status without a deadline
+        send_message(conn, {"accepted": True})
+    except OSError:  # the entry gave up waiting (it runs by itself) or is gone: no child
+        conn.close()
+        for fd in fds:
+            os.close(fd)
         return
     sys.stdout.flush()
     sys.stderr.flush()
