@@ -208,13 +208,7 @@ def test_children_know_the_cpu_model_the_servers_probe_found(server: str, probe_
     # CodeCarbon's CPU power lookup (its tables and the TDP found in them) is done, too:
     # an energy meter in a child starts without it.
     assert report["tdp"] is not None
-    def probe(process: psutil.Process) -> bool:
-        try:
-            return "--json" in process.cmdline()
-        except psutil.Error:  # a child just gone (a zombie until the server reaps it): not the probe
-            return False
-
-    assert not [p for p in psutil.Process(_server_pid(server)).children() if probe(p)]  # done and reaped
+    assert not [p for p in psutil.Process(_server_pid(server)).children() if "--json" in _command(p)]  # done and reaped
 
 
 def test_children_that_log_models_find_mlflows_package_map_built(server: str, probe_dir: Path) -> None:
@@ -474,7 +468,7 @@ def test_the_server_goes_on_serving_when_its_successor_dies_loading(tmp_path: Pa
         time.sleep(1.0)  # the successor has died by now
         assert _ask(env, tmp_path)["ppid"] == server.pid
         assert server.poll() is None
-        assert not [p for p in psutil.Process(server.pid).children() if p.status() != psutil.STATUS_ZOMBIE]
+        assert not _live_children(server.pid)
     finally:
         server.kill()
         server.wait()
@@ -487,7 +481,7 @@ def test_a_server_stops_even_when_its_successor_is_stuck_in_a_step(tmp_path: Pat
     server, _, env = _serve_in_background(tmp_path, ("@handover", "stuck_step"), setup)
     try:
         assert _ask(env, tmp_path)["ppid"] == server.pid  # the successor is stuck: the server serves
-        successor = [p for p in psutil.Process(server.pid).children() if p.status() != psutil.STATUS_ZOMBIE]
+        successor = _live_children(server.pid)
         assert len(successor) == 1
         server.terminate()
         assert server.wait(timeout=10) == 0
@@ -513,9 +507,7 @@ def test_a_cpu_model_probe_that_never_answers_is_stopped_and_the_loading_goes_on
             time.sleep(0.05)
         assert loaded.exists(), "the server never finished loading"
         assert _ask(env, tmp_path)["gate"]  # the successor loaded the steps after the hand-over
-        probes = [p for p in psutil.Process(server.pid).children(recursive=True)
-                  if p.cmdline()[-1:] == ["cpu-probe"]]
-        assert probes == []
+        assert not [p for p in psutil.Process(server.pid).children(recursive=True) if _command(p)[-1:] == ["cpu-probe"]]
         server.terminate()
         _, err = server.communicate(timeout=10)
         assert "py-cpuinfo gave no CPU model within 1 s" in err
@@ -550,10 +542,30 @@ def test_an_entry_the_server_does_not_take_in_time_runs_by_itself_and_so_do_the_
         (tmp_path / "go").touch()  # the step ends; the server reads the abandoned request
         time.sleep(1.0)
         assert server.poll() is None
-        assert [p for p in psutil.Process(server.pid).children() if p.status() != psutil.STATUS_ZOMBIE] == []
+        assert _live_children(server.pid) == []
     finally:
         server.kill()
         server.wait()
+
+
+def _command(process: psutil.Process) -> list[str]:
+    """A process's command line; [] for one that is gone (a child exiting meanwhile)."""
+    try:
+        return process.cmdline()
+    except psutil.Error:
+        return []
+
+
+def _live_children(pid: int) -> list[psutil.Process]:
+    """``pid``'s children that are neither zombies (not yet reaped) nor gone meanwhile."""
+    live = []
+    for child in psutil.Process(pid).children():
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE:
+                live.append(child)
+        except psutil.Error:
+            pass
+    return live
 
 
 def _report_line(out: str) -> dict:
