@@ -151,6 +151,7 @@ class CpuModelProbe:
             except ProcessLookupError:
                 pass
             self.process.wait()
+            self.finished = True  # a second close must not signal the group again (its id may be reused)
         if self.process.stdout is not None:
             self.process.stdout.close()
 
