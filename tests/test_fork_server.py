@@ -468,6 +468,9 @@ def test_the_server_goes_on_serving_when_its_successor_dies_loading(tmp_path: Pa
         time.sleep(1.0)  # the successor has died by now
         assert _ask(env, tmp_path)["ppid"] == server.pid
         assert server.poll() is None
+        deadline = time.monotonic() + 10  # the asking entry's child may still be on its way out
+        while _live_children(server.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert not _live_children(server.pid)
     finally:
         server.kill()
@@ -478,14 +481,18 @@ def test_a_server_stops_even_when_its_successor_is_stuck_in_a_step(tmp_path: Pat
     """A successor that never finishes its step is killed after a grace period: the server
     must end (and release the output pipe it shares with whoever started it, DVC's)."""
     setup = "import tasks.core.fork_server_process as f; f.SUCCESSOR_GRACE_S = 1.0"
-    server, _, env = _serve_in_background(tmp_path, ("@handover", "stuck_step"), setup)
+    server, path, env = _serve_in_background(tmp_path, ("@handover", "stuck_step"), setup)
     try:
         assert _ask(env, tmp_path)["ppid"] == server.pid  # the successor is stuck: the server serves
-        successor = _live_children(server.pid)
-        assert len(successor) == 1
+        loading, deadline = path.parent / fork_server_process.LOADING, time.monotonic() + 10
+        while fork_server_process.loading_step(path.parent).split(" ")[:1] != ["stuck_step"]:
+            assert time.monotonic() < deadline, "the successor never began its step"
+            time.sleep(0.02)
+        successor = psutil.Process(int(loading.read_text().split()[0]))  # it named itself
+        assert successor.ppid() == server.pid
         server.terminate()
         assert server.wait(timeout=10) == 0
-        assert not psutil.pid_exists(successor[0].pid)
+        assert not psutil.pid_exists(successor.pid)
     finally:
         server.kill()
         server.wait()
