@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 from tasks.core import fork_server_process
-from tasks.core.fork_server import ENV, FOLDER_PREFIX, ForkServer, answers, bound, run_forked
+from tasks.core.fork_server import ENV, FOLDER_PREFIX, ForkServer, answers, bound, give_up_on, run_forked
 from tasks.core.processes import ProcessId, die_with_parent
 
 SHELLS = frozenset({"sh", "dash", "bash", "zsh", "ksh", "mksh", "fish"})  # DVC runs a stage's cmd through $SHELL
@@ -119,14 +119,8 @@ def _server_of(owner: int | None, light: bool) -> str | None:
     checked = time.monotonic()
     while not (folder / fork_server_process.LOADED).exists():
         if time.monotonic() > deadline:
-            step = fork_server_process.loading_step(folder)
-            print(f"slimflow: the fork server of this dvc repro has not loaded its libraries in "
-                  f"{LOADED_TIMEOUT_S:.0f} s{f' (last step begun: {step})' if step else ''}; this stage "
-                  f"and the ones after it run in their own processes ({path})", file=sys.stderr, flush=True)
-            try:
-                (folder / fork_server_process.STALLED).touch()
-            except OSError:
-                pass
+            give_up_on(path, "the fork server of this dvc repro has not loaded its libraries in "
+                       f"{LOADED_TIMEOUT_S:.0f} s", "this stage and the ones after it run in their own processes")
             return None
         if time.monotonic() - checked > 0.5:
             if not answers(path):  # it died loading

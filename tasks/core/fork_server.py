@@ -131,7 +131,8 @@ def run_forked(module: str) -> None:
             signal.signal(signum, handler)
         sock.close()  # a server that reads the request later finds no one to fork for
         if status.get("stalled"):
-            _give_up_on(Path(path))
+            give_up_on(Path(path), f"the fork server did not take this process in {ACCEPT_TIMEOUT_S:.0f} s",
+                       "it and the processes after it run by themselves")
         if forwarded:  # a signal that came while waiting is this process's own again
             os.kill(os.getpid(), forwarded[0])
         return
@@ -146,13 +147,13 @@ def run_forked(module: str) -> None:
     os._exit(int(status.get("exit", 1)))
 
 
-def _give_up_on(path: Path) -> None:
-    """Say once that the server at ``path`` did not take this process in time, and leave
-    the marker by which the processes after it run by themselves at once."""
+def give_up_on(path: Path, what: str, then: str) -> None:
+    """Say once that the server at ``path`` let this process wait too long (``what``, then
+    the server's last step, then ``then``), and leave the marker by which the processes
+    after it run by themselves at once (also :mod:`tasks.core.dvc_fork_server`'s)."""
     step = fork_server_process.loading_step(path.parent)
-    print(f"slimflow: the fork server did not take this process in {ACCEPT_TIMEOUT_S:.0f} s"
-          f"{f' (last step begun: {step})' if step else ''}; it and the processes after it run by "
-          f"themselves ({path})", file=sys.stderr, flush=True)
+    print(f"slimflow: {what}{f' (last step begun: {step})' if step else ''}; {then} ({path})",
+          file=sys.stderr, flush=True)
     try:
         (path.parent / fork_server_process.STALLED).touch()
     except OSError:

@@ -430,9 +430,7 @@ def _accept(listener: socket.socket, selector: Any) -> None:
     try:
         request = receive_message(conn, fds)
     except (OSError, ConnectionError, ValueError):
-        conn.close()
-        for fd in fds:
-            os.close(fd)
+        _drop(conn, fds)
         return
     if request.get("machine") != machine_identity():
         _refuse(conn, fds)
@@ -440,9 +438,7 @@ def _accept(listener: socket.socket, selector: Any) -> None:
     try:  # taken: the entry now waits for its child's status without a deadline
         send_message(conn, {"accepted": True})
     except OSError:  # the entry gave up waiting (it runs by itself) or is gone: no child
-        conn.close()
-        for fd in fds:
-            os.close(fd)
+        _drop(conn, fds)
         return
     sys.stdout.flush()
     sys.stderr.flush()
@@ -457,6 +453,13 @@ def _accept(listener: socket.socket, selector: Any) -> None:
         os.close(fd)
     pidfd = os.pidfd_open(pid)
     selector.register(pidfd, selectors.EVENT_READ, (pid, conn))
+
+
+def _drop(conn: socket.socket, fds: list[int]) -> None:
+    """Let go of a request that gets no child: its connection and the descriptors it sent."""
+    conn.close()
+    for fd in fds:
+        os.close(fd)
 
 
 def _freeze_for_children() -> None:
