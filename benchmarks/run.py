@@ -20,6 +20,9 @@ RESULTS = HERE / "results"
 
 
 def main() -> int:
+    from tasks.core.telemetry import turn_off_telemetry
+
+    turn_off_telemetry()  # the benchmarks load MLflow and ONNX Runtime in their own processes too
     failed = []
     for script in ("bench_prepare.py", "bench_training.py", "bench_compression.py", "bench_search.py",
                    "bench_pipeline.py", "bench_floor.py", "bench_text.py"):

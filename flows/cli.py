@@ -29,6 +29,7 @@ from tasks.core.dvc import stage_names
 from tasks.core.paths import ProjectPaths
 from tasks.core.processes import CollectorPaused, exit_process
 from tasks.core.tables import console as table_console
+from tasks.core.telemetry import turn_off_telemetry
 
 app = OneLineErrors(
     help="slimflow: train with Horovod, compress, evaluate - orchestrated by Prefect, "
@@ -42,8 +43,10 @@ console = table_console()
 
 @app.callback()
 def _project_settings() -> None:
-    """Every command: Prefect's settings for this project, before Prefect is imported."""
+    """Every command: Prefect's settings for this project, and no usage telemetry from MLflow
+    or ONNX Runtime (:mod:`tasks.core.telemetry`), before any of them is imported."""
     use_project_prefect_settings(ProjectPaths.discover().root)
+    turn_off_telemetry()
 
 
 def _check_stage_names(*names: str | None) -> None:

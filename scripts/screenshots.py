@@ -138,7 +138,8 @@ def main() -> None:
     quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "start_new_session": True, "cwd": root}
     servers = [
         subprocess.Popen([str(venv / "mlflow"), "ui", "--backend-store-uri", "sqlite:///mlflow.db",
-                          "--host", "127.0.0.1", "--port", str(mlflow_port)], **quiet),
+                          "--host", "127.0.0.1", "--port", str(mlflow_port)],
+                         env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}, **quiet),  # as `make ui`
         subprocess.Popen([str(venv / "prefect"), "server", "start", "--host", "127.0.0.1",
                           "--port", str(prefect_port)], env=prefect_env, **quiet),
     ]

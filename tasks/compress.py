@@ -28,7 +28,7 @@ from tasks.core.config import ParamsError, load_params
 from tasks.core.errors import report_stage_error, stage_main
 from tasks.core.paths import ProjectPaths
 from tasks.core.processes import die_with_parent, exit_process
-from tasks.core.stage_cli import setup_logging
+from tasks.core.stage_cli import start_stage
 
 __all__ = ["CompressError", "VariantResult", "compress_variants", "main"]
 
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     if args:
         print("usage: python -m tasks.compress   (settings come from params.yaml: compress)", file=sys.stderr)
         return 2
-    setup_logging()
+    start_stage()
     paths = ProjectPaths.discover()
     try:
         params = load_params(paths.params)

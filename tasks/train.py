@@ -26,7 +26,7 @@ from tasks.core.config import Params, ParamsError, load_params
 from tasks.core.errors import report_stage_error, stage_main
 from tasks.core.paths import ProjectPaths
 from tasks.core.processes import die_with_parent, exit_process
-from tasks.core.stage_cli import setup_logging
+from tasks.core.stage_cli import start_stage
 from tasks.training import FitJob, LaunchError, launch_fit, worker_pool
 from tasks.training.fault import fault_after_epoch_from_env
 
@@ -81,7 +81,7 @@ def record_model_run(paths: ProjectPaths, run_id: str) -> None:
 
 @stage_main("train", lambda: ProjectPaths.discover().model)
 def main(argv: list[str] | None = None) -> int:
-    setup_logging()
+    start_stage()
     paths = ProjectPaths.discover()
     try:
         params = load_params(paths.params)

@@ -13,11 +13,16 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tasks.core.telemetry import turn_off_telemetry
+
 REPO = Path(__file__).resolve().parents[1]
 # DVC's usage analytics, for the DVC projects tests make themselves (the repository's own
 # .dvc/config turns them off): each DVC command started a daemon that tried the network
 # and left its report in the temporary directory (98 files there after a few test runs).
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+# MLflow's and ONNX Runtime's usage telemetry, off in this process and every process a test
+# starts, as slimflow's own processes keep them (the tests of that switch unset it first).
+turn_off_telemetry()
 PROJECT_FILES = ("dvc.yaml", "params.yaml", ".dvcignore", "tasks", "models", "flows")
 
 # Small enough for a 2-core machine, large enough to learn digits.

@@ -18,9 +18,19 @@ def _runs(experiment: str = "slimflow"):
     return mlflow.search_runs(experiment_ids=[exp.experiment_id], output_format="list", max_results=500)
 
 
-def test_flow_runs_every_stage_tracks_it_and_leaves_dvc_clean(tiny_project: Path, prefect_server: None) -> None:
+def test_flow_runs_every_stage_tracks_it_and_leaves_dvc_clean(tiny_project: Path, prefect_server: None,
+                                                              tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from flows.pipeline import pipeline
     from tasks.core.dvc import pipeline_status
+    from tasks.core.telemetry import TELEMETRY_OFF
+
+    # As in a user's shell, no telemetry switch is set (and whatever the run sets goes with
+    # the test); ONNX Runtime would queue its telemetry under this cache.
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    for key in TELEMETRY_OFF:
+        monkeypatch.setenv(key, "")  # recorded as unset before the test: undone after it
+        monkeypatch.delenv(key)
 
     result = pipeline()
     assert [s["stage"] for s in result["stages"]] == ["prepare", "train", "compress", "evaluate"]
@@ -58,6 +68,9 @@ def test_flow_runs_every_stage_tracks_it_and_leaves_dvc_clean(tiny_project: Path
     assert "accuracy" in metrics["int8-dynamic"]
 
     assert pipeline_status(tiny_project) == {}
+    # The evaluate stage loaded ONNX Runtime, which queues a usage event for Microsoft in each
+    # process that loads it unless told not to (tasks/core/telemetry.py).
+    assert not (cache / "Microsoft").exists(), sorted(str(p) for p in cache.rglob("*"))[:5]
     _assert_the_flow_run_shows_the_result(pipeline_run.data.tags["prefect_flow_run_id"], result["champion"])
 
     # A second run skips every stage, and still leaves DVC clean.

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from conftest import free_port
-from test_evaluate_support import SPEC, save_baseline, save_narrow_variant, train_tiny, write_prepared
+from test_evaluate_support import SPEC, save_baseline, save_narrow_variant, save_onnx_variant, train_tiny, write_prepared
 from tasks.evaluation.promotion import CHAMPION_ALIAS, keep_champion, promote
 
 
@@ -240,3 +240,30 @@ def test_mlflow_models_serve_answers_with_the_champion(two_models: dict[str, Pat
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
             server.wait(timeout=5)
+
+
+def test_a_champion_run_on_onnx_runtime_sends_no_usage_telemetry_where_it_is_served(
+    two_models: dict[str, Path], tmp_path: Path, mlflow_uri: str
+) -> None:
+    """The default champion is an ONNX Runtime model; loading it (as ``mlflow models serve``
+    does) in a process where nothing turned telemetry off leaves no telemetry queue behind:
+    ONNX Runtime's Linux build queues a usage event for Microsoft in each process that loads it."""
+    import mlflow
+
+    from tasks.core.telemetry import TELEMETRY_OFF
+
+    save_onnx_variant(train_tiny(SPEC, two_models["prepared"]), tmp_path / "onnx-fp32")
+    name = "onnx-served-test"
+    with mlflow.start_run():
+        promote("onnx-fp32", tmp_path / "onnx-fp32", two_models["prepared"], name, {"data_digest": "d"})
+    cache = tmp_path / "cache"
+    environ = {k: v for k, v in os.environ.items() if k not in TELEMETRY_OFF}
+    code = ("import sys, numpy as np, mlflow; m = mlflow.pyfunc.load_model(sys.argv[1]); "
+            "import onnxruntime; print(m.predict(np.load(sys.argv[2])[:4]).tolist())")
+    test_x = str(two_models["prepared"] / "test_x.npy")
+    done = subprocess.run([sys.executable, "-c", code, f"models:/{name}@champion", test_x],
+                          env={**environ, "XDG_CACHE_HOME": str(cache), "MLFLOW_TRACKING_URI": mlflow_uri},
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(json.loads(done.stdout.strip().splitlines()[-1])) == 4  # it did load and run
+    assert not (cache / "Microsoft").exists(), sorted(str(p) for p in cache.rglob("*"))[:5]

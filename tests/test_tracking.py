@@ -158,3 +158,39 @@ def test_the_template_never_replaces_a_store_and_only_seeds_sqlite_files(tmp_pat
     assert tracking.seed_store(f"sqlite:///{new}?timeout=30", template)
     assert new.read_bytes() == b"the template"
     assert not [path.name for path in tmp_path.iterdir() if path.name.endswith(".partial")]
+
+
+# Where MLflow sees one of these it keeps its telemetry off by itself (mlflow/telemetry/utils.py):
+# a user's shell has none of them, so the processes below run without them.
+_MLFLOW_CI_MARKERS = ("PYTEST_CURRENT_TEST", "GITHUB_ACTIONS", "CI", "CIRCLECI", "GITLAB_CI", "JENKINS_URL",
+                      "TRAVIS", "TF_BUILD", "BITBUCKET_BUILD_NUMBER", "CODEBUILD_BUILD_ARN", "BUILDKITE",
+                      "TEAMCITY_VERSION", "CLOUD_RUN_EXECUTION", "RUNBOT_HOST_URL", "RUNBOT_BUILD_NAME",
+                      "RUNBOT_WORKER_ID", "DO_NOT_TRACK", "MLFLOW_DISABLE_TELEMETRY", "ORT_DISABLE_TELEMETRY",
+                      "XDG_CONFIG_HOME")
+
+
+def _stage_as_a_user_runs_it(root: Path, home: Path, **env: str) -> Path:
+    """``python -m tasks.prepare`` (what ``dvc repro`` runs) with a user's environment and
+    ``home``; returns where MLflow keeps the installation id its telemetry reports with."""
+    import os
+    import subprocess
+    import sys
+
+    clean = {k: v for k, v in os.environ.items() if k not in _MLFLOW_CI_MARKERS}
+    done = subprocess.run([sys.executable, "-m", "tasks.prepare"], cwd=root, capture_output=True, text=True,
+                          env={**clean, "HOME": str(home), **env}, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return home / ".config" / "mlflow" / "telemetry.json"
+
+
+def test_a_stage_sends_no_usage_telemetry_to_mlflow_unless_the_user_turns_it_on(
+    tiny_project: Path, tmp_path: Path
+) -> None:
+    import json
+
+    # MLflow (>= 3.2) reports every logging call to mlflow-telemetry.io unless told not to; a
+    # process where it is on writes an installation id first (on import), one where it is off never.
+    assert not _stage_as_a_user_runs_it(tiny_project, tmp_path / "home").exists()
+    # The user's own setting wins, and shows the check above would see telemetry that is on.
+    turned_on = _stage_as_a_user_runs_it(tiny_project, tmp_path / "home-on", MLFLOW_DISABLE_TELEMETRY="false")
+    assert json.loads(turned_on.read_text())["installation_id"]

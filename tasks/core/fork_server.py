@@ -301,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     import gc
 
     from tasks.core.processes import die_with_parent
+    from tasks.core.telemetry import turn_off_telemetry
 
     # The server only imports and forks: no collection, ever (each would walk everything
     # loaded so far: 1.1-1.3 s of the preload's 4.8-5.4 s, measured). Before each fork it
@@ -319,6 +320,9 @@ def main(argv: list[str] | None = None) -> int:
     # rare deadlocks after a fork); without it jemalloc purges as it allocates. Read when
     # pyarrow loads, so set before any import; children inherit the allocator as it is.
     os.environ.setdefault("JE_ARROW_MALLOC_CONF", "background_thread:false")
+    # It loads MLflow and ONNX Runtime; the first stage of a `dvc repro` starts it before the
+    # stage turns their telemetry off.
+    turn_off_telemetry()
     try:
         fork_server_process.serve(args[0], owner=owner)
     finally:

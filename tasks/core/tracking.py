@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.core.run_context import RunContext
+from tasks.core.telemetry import turn_off_telemetry
 
 # (tracking URI, experiment) -> experiment id, for what this process configured already:
 # set_experiment is a database round trip (0.3-0.4 s each here), and the evaluate stage
@@ -91,6 +92,7 @@ def configure(root: Path, experiment: str, context: RunContext | None = None) ->
     ``base.experiment`` already); otherwise ``experiment`` is used, by name. The tracking
     URI is exported so that processes this one starts (Horovod workers) use the same store.
     """
+    turn_off_telemetry()
     import mlflow
 
     uri = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(root)

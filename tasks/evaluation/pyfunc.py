@@ -82,7 +82,10 @@ class SlimflowClassifier(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context: Any) -> None:
         from tasks.compression.loading import load_model_dir
+        from tasks.core.telemetry import turn_off_telemetry
         from tasks.data import Preprocessing
+
+        turn_off_telemetry()  # a served model reports nothing either (unless the server's environment says so)
 
         self._preprocessing = Preprocessing.from_json(Path(context.artifacts["preprocess"]).read_text())
         self._model = load_model_dir(Path(context.artifacts["model"]))
