@@ -141,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     sys.path.insert(0, str(REPO))
+    from tasks.core.telemetry import turn_off_telemetry
+
+    turn_off_telemetry()  # its `dvc init`, and every process it starts, report nothing
     load_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="slimflow-bench-compress-") as tmp:
         project = make_project(args.code.resolve(), Path(tmp) / "project")

@@ -269,6 +269,9 @@ def gap_by_cause(overhead_by_cause: dict[str, float], figures: dict[str, Any], p
 
 
 def main() -> int:
+    from tasks.core.telemetry import turn_off_telemetry
+
+    turn_off_telemetry()  # its `dvc init`, and every process it starts, report nothing
     pipeline_path = RESULTS / "pipeline.json"
     if not pipeline_path.exists() or not json.loads(pipeline_path.read_text()).get("mlflow_shape"):
         raise SystemExit(f"{pipeline_path}: no mlflow_shape; run benchmarks/bench_pipeline.py first")

@@ -560,6 +560,9 @@ def measure(raw_dir: Path, data: str = "digits", samples: int | None = None) -> 
 
 
 def main() -> int:
+    from tasks.core.telemetry import turn_off_telemetry
+
+    turn_off_telemetry()  # its `dvc init`, and every process it starts, report nothing
     data, samples = data_option(sys.argv[1:])
     results, raw_dir = result_paths(data, samples)
     # --reanalyze: the last run's raw figures and trace again (benchmarks/results/pipeline-raw/).

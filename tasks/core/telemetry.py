@@ -6,7 +6,10 @@ browser's clicks), and ONNX Runtime's Linux build (1.32) queues an event for eac
 that loads it (the interpreter's path, the OS, the kind of network) in
 ``~/.cache/Microsoft/DeveloperTools/.onnxruntime/onnxruntime.db`` for Microsoft's
 collector. A pipeline reports to its own stores and nowhere else, as Prefect's analytics
-are off (:mod:`flows.prefect_settings`) and DVC's (the project's ``.dvc/config``).
+are off (:mod:`flows.prefect_settings`) and DVC's (the project's ``.dvc/config``; the
+variable below covers the ``dvc`` commands slimflow's processes start in other
+repositories too, such as the benchmarks' ``dvc init``, which reports before a config can
+say no).
 
 Both libraries read their switch from the environment when they load, so
 :func:`turn_off_telemetry` runs first in every slimflow process that may load them (the
@@ -22,6 +25,7 @@ import os
 TELEMETRY_OFF = {
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "ORT_DISABLE_TELEMETRY": "1",
+    "DVC_NO_ANALYTICS": "1",
 }
 
 
