@@ -160,9 +160,10 @@ def test_the_template_never_replaces_a_store_and_only_seeds_sqlite_files(tmp_pat
     assert not [path.name for path in tmp_path.iterdir() if path.name.endswith(".partial")]
 
 
-# Where MLflow sees one of these it keeps its telemetry off by itself (mlflow/telemetry/utils.py):
-# a user's shell has none of them, so the processes below run without them.
-_MLFLOW_CI_MARKERS = ("PYTEST_CURRENT_TEST", "GITHUB_ACTIONS", "CI", "CIRCLECI", "GITLAB_CI", "JENKINS_URL",
+# Where MLflow sees one of the CI markers it keeps its telemetry off by itself
+# (mlflow/telemetry/utils.py), and the switches are what slimflow sets: a user's shell has
+# none of them, so the processes below run without them.
+_NOT_IN_A_USERS_SHELL = ("PYTEST_CURRENT_TEST", "GITHUB_ACTIONS", "CI", "CIRCLECI", "GITLAB_CI", "JENKINS_URL",
                       "TRAVIS", "TF_BUILD", "BITBUCKET_BUILD_NUMBER", "CODEBUILD_BUILD_ARN", "BUILDKITE",
                       "TEAMCITY_VERSION", "CLOUD_RUN_EXECUTION", "RUNBOT_HOST_URL", "RUNBOT_BUILD_NAME",
                       "RUNBOT_WORKER_ID", "DO_NOT_TRACK", "MLFLOW_DISABLE_TELEMETRY", "ORT_DISABLE_TELEMETRY",
@@ -176,7 +177,7 @@ def _stage_as_a_user_runs_it(root: Path, home: Path, **env: str) -> Path:
     import subprocess
     import sys
 
-    clean = {k: v for k, v in os.environ.items() if k not in _MLFLOW_CI_MARKERS}
+    clean = {k: v for k, v in os.environ.items() if k not in _NOT_IN_A_USERS_SHELL}
     done = subprocess.run([sys.executable, "-m", "tasks.prepare"], cwd=root, capture_output=True, text=True,
                           env={**clean, "HOME": str(home), **env}, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
