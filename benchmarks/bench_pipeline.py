@@ -123,20 +123,30 @@ def make_copy(dest: Path, venv: Path) -> Path:
     return dest
 
 
-def timed_run(root: Path, env: dict[str, str], *args: str) -> tuple[float, float, float, str]:
-    """``slimflow run ARGS`` in ``root`` (what ``make run`` runs once installed): (start, end, wall, output).
+def timed_run(root: Path, env: dict[str, str], *args: str) -> tuple[float, float, float, str, float]:
+    """``slimflow run ARGS`` in ``root`` (what ``make run`` runs once installed): (start, end,
+    wall, output, CPU-seconds of the run's processes).
 
     Called directly rather than through make: make would reinstall into the shared venv
-    when this checkout's install files are newer than its stamp.
+    when this checkout's install files are newer than its stamp. The CPU-seconds are the
+    kernel's account of the process tree the run waited for (the stages and workers through
+    the fork server, which reaps them); the project's background Prefect server, which
+    outlives the run, is not in it.
     """
-    started, clock = time.time(), time.perf_counter()
+    import resource
+
+    def tree_cpu_s() -> float:
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return usage.ru_utime + usage.ru_stime
+
+    started, clock, cpu = time.time(), time.perf_counter(), tree_cpu_s()
     done = subprocess.run([str(root / ".venv" / "bin" / "slimflow"), "run", *args], cwd=root, env=env,
                           capture_output=True, text=True)
-    wall = time.perf_counter() - clock
+    wall, cpu = time.perf_counter() - clock, tree_cpu_s() - cpu
     if done.returncode != 0:
         sys.stderr.write(done.stdout[-3000:] + done.stderr[-5000:])
         raise SystemExit(f"slimflow run failed in {root}")
-    return started, started + wall, wall, done.stdout + done.stderr
+    return started, started + wall, wall, done.stdout + done.stderr, cpu
 
 
 # --- the trace: one record per process (benchmarks/trace/slimflow_bench_trace.py) ---------
@@ -529,10 +539,10 @@ def measure(raw_dir: Path, data: str = "digits", samples: int | None = None) -> 
         # Overrides are written into params.yaml by the first run: the later runs use them too.
         data_args = use_noisy_digits(root, samples, env) if data == NOISY and samples else []
         try:
-            t0, t1, cold_wall, _ = timed_run(root, traced, *data_args)
-            _, _, noop_wall, noop_output = timed_run(root, env)
+            t0, t1, cold_wall, _, cold_cpu = timed_run(root, traced, *data_args)
+            _, _, noop_wall, noop_output, _ = timed_run(root, env)
             raw = {
-                "t0": t0, "t1": t1, "cold_wall": cold_wall, "noop_wall": noop_wall,
+                "t0": t0, "t1": t1, "cold_wall": cold_wall, "noop_wall": noop_wall, "cold_cpu_s": cold_cpu,
                 "noop_said_up_to_date": "up to date" in noop_output,
                 "imports": import_costs(root, env),
                 "mlflow_view": stage_breakdown(root, f"sqlite:///{root / 'mlflow.db'}"),
@@ -545,7 +555,7 @@ def measure(raw_dir: Path, data: str = "digits", samples: int | None = None) -> 
             # Prefect server already up (the first run started it), the venv's files cached.
             # Traced too: its overhead by cause is what a user's second and later runs pay.
             again = {**traced, "SLIMFLOW_BENCH_TRACE": str(again_trace)}
-            raw["again_t0"], raw["again_t1"], raw["again_wall"], _ = timed_run(root, again, "--force")
+            raw["again_t0"], raw["again_t1"], raw["again_wall"], _, raw["again_cpu_s"] = timed_run(root, again, "--force")
             raw["dvc_repro_s"] = dvc_repro_walls(root, env)
         finally:
             # The copy's background Prefect server goes with the copy.
@@ -588,6 +598,10 @@ def main() -> int:
         "mlflow_view": raw["mlflow_view"], "mlflow_shape": raw.get("mlflow_shape"), "variants": variant_ratios(raw["metrics"]),
         "processes_traced": len(procs), "noop_said_up_to_date": raw["noop_said_up_to_date"],
         "dvc_repro_s": raw.get("dvc_repro_s"),
+        # How much of the cores' time the run's processes used: what is left idle is where a
+        # shorter chain of steps, not less CPU work, would shorten the run.
+        "cpu": {"cores": os.cpu_count(), "default_run_cpu_s": raw.get("cold_cpu_s"),
+                "again_cpu_s": raw.get("again_cpu_s")},
         "targets": [
             {"name": "orchestration overhead share of the default run", "value": share,
              "target": "<= 0.20", "met": share <= 0.20},
@@ -665,6 +679,13 @@ def print_tables(result: dict[str, Any]) -> None:
         console.print(f"dvc repro -f (no Prefect): {repro['with_fork_server']:.1f} s with the fork server its first "
                       f"stage starts, {repro['without_fork_server']:.1f} s without (SLIMFLOW_FORK_SERVER=off): "
                       f"{repro['with_fork_server'] / repro['without_fork_server']:.2f}x")
+    cpu = result.get("cpu") or {}
+    for label, used, run_wall in (("default run", cpu.get("default_run_cpu_s"), wall),
+                                  ("run again", cpu.get("again_cpu_s"), result.get("again_run_s"))):
+        if used and run_wall:
+            offered = cpu["cores"] * run_wall
+            console.print(f"CPU, {label}: its processes used {used:.1f} of the {cpu['cores']} cores' {offered:.1f} "
+                          f"CPU-seconds ({100 * used / offered:.0f}%; the background Prefect server not counted)")
 
     # Beside it, the same work again with the project's Prefect server up (what later runs pay).
     again = result.get("again")
