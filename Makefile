@@ -31,7 +31,7 @@ repro: $(STAMP)  ## reproduce with DVC directly
 # MLflow's server-side jobs (GenAI scorers, trace roll-ups; slimflow uses none) are 8 more
 # processes and 1.8 GiB more memory: off unless set (MLFLOW_SERVER_ENABLE_JOB_EXECUTION=true make ui).
 # MLflow's usage telemetry (the browser's clicks, sent on by the server) is off, as in slimflow's
-# own processes (tasks/core/tracking.py), unless set (MLFLOW_DISABLE_TELEMETRY=false make ui).
+# own processes (tasks/core/telemetry.py), unless set (MLFLOW_DISABLE_TELEMETRY=false make ui).
 ui: $(STAMP)  ## the MLflow UI on http://127.0.0.1:5000
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=$${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false} \
 	MLFLOW_DISABLE_TELEMETRY=$${MLFLOW_DISABLE_TELEMETRY:-true} \

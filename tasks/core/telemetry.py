@@ -11,7 +11,7 @@ variable below covers the ``dvc`` commands slimflow's processes start in other
 repositories too, such as the benchmarks' ``dvc init``, which reports before a config can
 say no).
 
-Both libraries read their switch from the environment when they load, so
+The libraries read their switches from the environment when they load, so
 :func:`turn_off_telemetry` runs first in every slimflow process that may load them (the
 command line, each stage, the fork server); the processes they start inherit it. A value
 the user set wins: ``MLFLOW_DISABLE_TELEMETRY=false`` or ``ORT_DISABLE_TELEMETRY=0``
