@@ -170,28 +170,35 @@ _NOT_IN_A_USERS_SHELL = ("PYTEST_CURRENT_TEST", "GITHUB_ACTIONS", "CI", "CIRCLEC
                       "XDG_CONFIG_HOME")
 
 
-def _stage_as_a_user_runs_it(root: Path, home: Path, **env: str) -> Path:
-    """``python -m tasks.prepare`` (what ``dvc repro`` runs) with a user's environment and
-    ``home``; returns where MLflow keeps the installation id its telemetry reports with."""
+def _as_a_user_runs_it(root: Path, home: Path, *args: str, **env: str) -> Path:
+    """``python ARGS`` in ``root`` with a user's environment and ``home``; returns where MLflow
+    keeps the installation id its telemetry reports with."""
     import os
     import subprocess
     import sys
 
     clean = {k: v for k, v in os.environ.items() if k not in _NOT_IN_A_USERS_SHELL}
-    done = subprocess.run([sys.executable, "-m", "tasks.prepare"], cwd=root, capture_output=True, text=True,
+    done = subprocess.run([sys.executable, *args], cwd=root, capture_output=True, text=True,
                           env={**clean, "HOME": str(home), **env}, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return home / ".config" / "mlflow" / "telemetry.json"
 
 
-def test_a_stage_sends_no_usage_telemetry_to_mlflow_unless_the_user_turns_it_on(
+def test_a_stage_and_the_install_send_no_usage_telemetry_to_mlflow_unless_the_user_turns_it_on(
     tiny_project: Path, tmp_path: Path
 ) -> None:
     import json
 
     # MLflow (>= 3.2) reports every logging call to mlflow-telemetry.io unless told not to; a
     # process where it is on writes an installation id first (on import), one where it is off never.
-    assert not _stage_as_a_user_runs_it(tiny_project, tmp_path / "home").exists()
+    # The prepare stage, as `dvc repro` runs it:
+    assert not _as_a_user_runs_it(tiny_project, tmp_path / "home", "-m", "tasks.prepare").exists()
     # The user's own setting wins, and shows the check above would see telemetry that is on.
-    turned_on = _stage_as_a_user_runs_it(tiny_project, tmp_path / "home-on", MLFLOW_DISABLE_TELEMETRY="false")
+    turned_on = _as_a_user_runs_it(tiny_project, tmp_path / "home-on", "-m", "tasks.prepare",
+                                   MLFLOW_DISABLE_TELEMETRY="false")
     assert json.loads(turned_on.read_text())["installation_id"]
+    # `make install`'s MLflow store template (it imports MLflow to create the tables):
+    write = "import sys; from pathlib import Path; from tasks.core import tracking; tracking.write_store_template(Path(sys.argv[1]))"
+    assert not _as_a_user_runs_it(tiny_project, tmp_path / "home-install", "-c", write,
+                                  str(tmp_path / "template" / "mlflow.db")).exists()
+    assert (tmp_path / "template" / "mlflow.db").is_file()

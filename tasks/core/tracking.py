@@ -48,6 +48,7 @@ def write_store_template(template: Path | None = None) -> Path:
     (``_initialize_tables``): the store adds its Default experiment, with the project's
     artifact root, when a project first opens its copy.
     """
+    turn_off_telemetry()  # `make install` runs this: MLflow would keep an installation id on import
     import sqlalchemy
     from mlflow.store.db.utils import _initialize_tables
 
