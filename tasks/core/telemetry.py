@@ -13,7 +13,8 @@ say no).
 
 The libraries read their switches from the environment when they load, so
 :func:`turn_off_telemetry` runs first in every slimflow process that may load them (the
-command line, each stage, the fork server); the processes they start inherit it. A value
+command line, each stage, the fork server, ``make install``'s MLflow store template, a
+loaded champion); the processes they start inherit it. A value
 the user set wins: ``MLFLOW_DISABLE_TELEMETRY=false`` or ``ORT_DISABLE_TELEMETRY=0``
 turns one back on.
 """
