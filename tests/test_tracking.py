@@ -8,6 +8,7 @@ import pytest
 
 from tasks.core import tracking
 from tasks.core.run_context import ENV, RunContext
+from tasks.core.telemetry import TELEMETRY_OFF
 
 
 def _run(run_id: str):
@@ -164,10 +165,9 @@ def test_the_template_never_replaces_a_store_and_only_seeds_sqlite_files(tmp_pat
 # (mlflow/telemetry/utils.py), and the switches are what slimflow sets: a user's shell has
 # none of them, so the processes below run without them.
 _NOT_IN_A_USERS_SHELL = ("PYTEST_CURRENT_TEST", "GITHUB_ACTIONS", "CI", "CIRCLECI", "GITLAB_CI", "JENKINS_URL",
-                      "TRAVIS", "TF_BUILD", "BITBUCKET_BUILD_NUMBER", "CODEBUILD_BUILD_ARN", "BUILDKITE",
-                      "TEAMCITY_VERSION", "CLOUD_RUN_EXECUTION", "RUNBOT_HOST_URL", "RUNBOT_BUILD_NAME",
-                      "RUNBOT_WORKER_ID", "DO_NOT_TRACK", "MLFLOW_DISABLE_TELEMETRY", "ORT_DISABLE_TELEMETRY",
-                      "XDG_CONFIG_HOME")
+                         "TRAVIS", "TF_BUILD", "BITBUCKET_BUILD_NUMBER", "CODEBUILD_BUILD_ARN", "BUILDKITE",
+                         "TEAMCITY_VERSION", "CLOUD_RUN_EXECUTION", "RUNBOT_HOST_URL", "RUNBOT_BUILD_NAME",
+                         "RUNBOT_WORKER_ID", "DO_NOT_TRACK", *TELEMETRY_OFF, "XDG_CONFIG_HOME")
 
 
 def _as_a_user_runs_it(root: Path, home: Path, *args: str, **env: str) -> Path:
