@@ -33,6 +33,7 @@ largest of the three imports takes the server's place. Writes benchmarks/results
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -268,7 +269,8 @@ def gap_by_cause(overhead_by_cause: dict[str, float], figures: dict[str, Any], p
     return [(group, seconds, floors[group]) for group, seconds in groups.items()]
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args(argv)  # --help; no options
     from tasks.core.telemetry import turn_off_telemetry
 
     turn_off_telemetry()  # its `dvc init`, and every process it starts, report nothing

@@ -51,6 +51,7 @@ benchmarks/results/pipeline.json. The tracing itself costs well under a second a
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -476,17 +477,35 @@ def variant_ratios(metrics: dict[str, Any]) -> dict[str, dict[str, float]]:
 NOISY = "noisy28"
 
 
-def data_option(argv: list[str]) -> tuple[str, int | None]:
+def data_option(spec: str) -> tuple[str, int | None]:
     """``--data digits`` (the default: the embedded data set) or ``--data noisy28:N``."""
-    if "--data" not in argv:
-        return "digits", None
-    spec = argv[argv.index("--data") + 1] if argv.index("--data") + 1 < len(argv) else ""
     name, _, samples = spec.partition(":")
     if name == "digits" and not samples:
         return name, None
     if name == NOISY and samples.isdigit() and int(samples) >= 500:
         return name, int(samples)
-    raise SystemExit(f"--data {spec!r}: expected digits or {NOISY}:N (N >= 500 samples)")
+    raise argparse.ArgumentTypeError(f"{spec!r}: expected digits or {NOISY}:N (N >= 500 samples)")
+
+
+def _existing_file(name: str) -> Path:
+    path = Path(name)
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"{name}: no such file")
+    return path
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The bench's options; a misspelt one stops it at once (a run takes minutes)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=data_option, default=("digits", None), metavar="digits|noisy28:N",
+                        help="the embedded digits (default) or N generated noisy 28x28 digits")
+    parser.add_argument("--reanalyze", action="store_true",
+                        help="the last run's raw figures and trace again; nothing is run")
+    parser.add_argument("--timeline", action="store_true",
+                        help="also print every traced process of the run on one clock")
+    parser.add_argument("--before", type=_existing_file, default=BEFORE, metavar="FILE",
+                        help=f"reference figures to print beside (default: {BEFORE.relative_to(REPO)})")
+    return parser.parse_args(argv)
 
 
 def result_paths(data: str, samples: int | None) -> tuple[Path, Path]:
@@ -569,17 +588,18 @@ def measure(raw_dir: Path, data: str = "digits", samples: int | None = None) -> 
     return raw
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     from tasks.core.telemetry import turn_off_telemetry
 
     turn_off_telemetry()  # its `dvc init`, and every process it starts, report nothing
-    data, samples = data_option(sys.argv[1:])
+    data, samples = args.data
     results, raw_dir = result_paths(data, samples)
     # --reanalyze: the last run's raw figures and trace again (benchmarks/results/pipeline-raw/).
-    raw = json.loads((raw_dir / "raw.json").read_text()) if "--reanalyze" in sys.argv[1:] else measure(raw_dir, data, samples)
+    raw = json.loads((raw_dir / "raw.json").read_text()) if args.reanalyze else measure(raw_dir, data, samples)
     procs = load_trace(raw_dir / "trace")
     t0, t1, cold_wall, noop_wall = raw["t0"], raw["t1"], raw["cold_wall"], raw["noop_wall"]
-    if "--timeline" in sys.argv[1:]:  # every process's spans on one clock (with --reanalyze: the last run's)
+    if args.timeline:  # every process's spans on one clock (with --reanalyze: the last run's)
         print("\n".join(timeline(procs, t0)))
     traced_result = trace_breakdown(procs, t0, t1)
     first = overhead_summary(traced_result["causes_s"], cold_wall)
@@ -620,9 +640,8 @@ def main() -> int:
     results.parent.mkdir(parents=True, exist_ok=True)
     results.write_text(json.dumps(result, indent=2) + "\n")
     print_tables(result)
-    before = Path(sys.argv[sys.argv.index("--before") + 1]) if "--before" in sys.argv else BEFORE
-    if before.exists() and data == "digits":
-        print_before_after(json.loads(before.read_text()), result)
+    if args.before.exists() and data == "digits":
+        print_before_after(json.loads(args.before.read_text()), result)
     return 0
 
 

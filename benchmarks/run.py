@@ -10,6 +10,7 @@ noisy machine still gives meaningful figures; absolute seconds are context.
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -19,7 +20,8 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args(argv)  # --help; no options
     from tasks.core.telemetry import turn_off_telemetry
 
     turn_off_telemetry()  # the benchmarks load MLflow and ONNX Runtime in their own processes too

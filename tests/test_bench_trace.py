@@ -202,3 +202,29 @@ def test_a_job_sent_to_workers_started_earlier_is_timed_to_its_own_first_epoch()
     assert second["rank0_first_epoch_s"] == pytest.approx(0.3) and second["launcher_returned_s"] == pytest.approx(1.5)
     assert "rank0_started_s" not in first and "horovodrun_started_s" not in second
     assert result["horovod_pools"] == 1
+
+
+@pytest.mark.parametrize("script, argv", [
+    ("bench_pipeline.py", ["--reanalyse"]),            # misspelt: the old bench ignored it and ran for minutes
+    ("bench_pipeline.py", ["--data", "noisy28:10"]),
+    ("bench_pipeline.py", ["--before", "no-such-figures.json", "--reanalyze"]),
+    ("bench_floor.py", ["--help-me"]),
+    ("run.py", ["pipeline"]),
+])
+def test_a_bench_given_a_wrong_option_says_which_and_runs_nothing(script: str, argv: list[str], tmp_path: Path) -> None:
+    results = REPO / "benchmarks" / "results"
+    before = {p: p.stat().st_mtime_ns for p in results.glob("*.json")} if results.is_dir() else {}
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *argv], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert argv[0] in done.stderr and "error:" in done.stderr
+    assert time.monotonic() - started < 30  # refused before any benchmark started
+    after = {p: p.stat().st_mtime_ns for p in results.glob("*.json")} if results.is_dir() else {}
+    assert after == before
+
+
+def test_the_pipeline_bench_reads_its_data_option() -> None:
+    assert bench.parse_args([]).data == ("digits", None)
+    assert bench.parse_args(["--data", "noisy28:10000"]).data == ("noisy28", 10000)
+    assert bench.parse_args(["--reanalyze", "--timeline"]).reanalyze
