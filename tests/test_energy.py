@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.core.energy import EnergyMeter, Joules, co2e_g, rapl_readable
+from tasks.core.energy import EnergyMeter, Joules, co2e_g, cpu_model_from_kernel, rapl_readable
 
 # Twice the work, about twice the energy: the tolerance every scaling check states.
 SCALING = (1.6, 2.4)
@@ -36,7 +36,7 @@ def _burn(iterations: int) -> None:
 @pytest.fixture(scope="module")
 def meter() -> EnergyMeter:
     meter = EnergyMeter()
-    meter.read()  # wait for CodeCarbon's set-up (seconds: it detects the CPU in a subprocess)
+    meter.read()  # wait for CodeCarbon's set-up (its tables; py-cpuinfo where the kernel names no CPU)
     yield meter
     meter.close()
 
@@ -102,6 +102,62 @@ def test_a_meter_that_cannot_start_reads_unknown_and_says_why(monkeypatch: pytes
     with broken.excluded():  # the work around it goes on
         pass
     broken.close()
+
+
+def test_the_kernels_cpu_model_is_read_from_its_model_name_line(tmp_path: Path) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\nmodel\t\t: 207\n"
+                       "model name\t: Intel(R) Xeon(R) Gold 6338 CPU @ 2.00GHz\nflags\t\t: fpu vme\n\n"
+                       "processor\t: 1\nmodel name\t: Intel(R) Xeon(R) Gold 6338 CPU @ 2.00GHz\n")
+    assert cpu_model_from_kernel(cpuinfo) == "Intel(R) Xeon(R) Gold 6338 CPU @ 2.00GHz"
+    # An ARM kernel that names no model, an empty name, no file: None (CodeCarbon asks py-cpuinfo).
+    cpuinfo.write_text("processor\t: 0\nBogoMIPS\t: 50.00\nCPU implementer\t: 0x41\nCPU part\t: 0xd0c\n")
+    assert cpu_model_from_kernel(cpuinfo) is None
+    cpuinfo.write_text("model name\t:   \n")
+    assert cpu_model_from_kernel(cpuinfo) is None
+    assert cpu_model_from_kernel(tmp_path / "missing") is None
+
+
+# A fresh process whose py-cpuinfo fails if asked: a meter there starts, and CodeCarbon's model
+# is the kernel's.
+METER_WITHOUT_PY_CPUINFO = """
+import json, time, cpuinfo
+asked = []
+def refuse():
+    asked.append(1)
+    raise RuntimeError("py-cpuinfo was asked")
+cpuinfo.get_cpu_info = refuse
+from tasks.core.energy import EnergyMeter
+started = time.perf_counter()
+meter = EnergyMeter()
+meter.read()
+ready_s = time.perf_counter() - started
+from codecarbon.core.util import detect_cpu_model
+print(json.dumps({"asked": len(asked), "model": detect_cpu_model(), "source": meter.source, "ready_s": ready_s}))
+meter.close()
+"""
+
+
+def test_a_meter_takes_the_cpu_model_from_the_kernel_as_py_cpuinfo_would_give_it() -> None:
+    """py-cpuinfo spins a core for a second to measure the clock; where the kernel names the
+    CPU model, a meter takes it from there, and it is the model py-cpuinfo reports."""
+    import json
+    import subprocess
+    import sys
+
+    import cpuinfo
+
+    kernel = cpu_model_from_kernel()
+    if kernel is None:
+        pytest.skip("this host's kernel names no CPU model: CodeCarbon asks py-cpuinfo")
+    assert kernel == cpuinfo.get_cpu_info().get("brand_raw")
+    done = subprocess.run([sys.executable, "-c", METER_WITHOUT_PY_CPUINFO], capture_output=True, text=True,
+                          timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.splitlines()[-1])
+    assert report["asked"] == 0 and report["model"] == kernel
+    if not rapl_readable():  # the estimate names the model it looked up
+        assert f"'{kernel}'" in report["source"]
 
 
 def test_co2e_is_joules_at_the_grid_intensity() -> None:

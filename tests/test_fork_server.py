@@ -197,9 +197,10 @@ def _ask_until_known(probe_dir: Path, server: str, command: str, within_s: float
     return report
 
 
-def test_children_know_the_cpu_model_the_servers_probe_found(server: str, probe_dir: Path) -> None:
-    """py-cpuinfo's subprocess runs once, beside the server; children get CodeCarbon's
-    answer without running it, and it is the answer py-cpuinfo gives a process by itself."""
+def test_children_know_the_cpu_model_the_server_found(server: str, probe_dir: Path) -> None:
+    """The server finds the CPU model once (from the kernel here, else py-cpuinfo's
+    subprocess beside it); children get CodeCarbon's answer without asking, and it is the
+    answer py-cpuinfo gives a process by itself."""
     import cpuinfo
 
     report = _ask_until_known(probe_dir, server, "cpu", within_s=90)
@@ -493,6 +494,30 @@ def test_a_server_stops_even_when_its_successor_is_stuck_in_a_step(tmp_path: Pat
         server.terminate()
         assert server.wait(timeout=10) == 0
         assert not psutil.pid_exists(successor.pid)
+    finally:
+        server.kill()
+        server.wait()
+
+
+def test_where_the_kernel_names_no_cpu_model_the_servers_py_cpuinfo_probe_finds_it(
+        tmp_path: Path, probe_dir: Path) -> None:
+    """On a host whose kernel names no CPU model (many ARM ones), the server runs py-cpuinfo's
+    subprocess beside its loading; children then know the model py-cpuinfo gives."""
+    import cpuinfo
+
+    setup = ("import tasks.core.fork_preload as p, tasks.core.fork_server_process as f\n"
+             "p.cpu_model_from_kernel = f.cpu_model_from_kernel = lambda: None")
+    server, path, _ = _serve_in_background(tmp_path, ("codecarbon", "@cpu-model", "@handover", "gate_step"), setup)
+    try:
+        deadline, probed = time.monotonic() + 10, False
+        while not probed and time.monotonic() < deadline:  # the probe is a child while it runs (1.1 s)
+            probed = any("--json" in _command(p) for p in psutil.Process(server.pid).children())
+            time.sleep(0.02)
+        assert probed, "no py-cpuinfo probe was started"
+        (tmp_path / "go").touch()
+        report = _ask_until_known(probe_dir, str(path), "cpu", within_s=60)
+        assert report["known"] and report["model"] == cpuinfo.get_cpu_info().get("brand_raw", "")
+        assert report["tdp"] is not None
     finally:
         server.kill()
         server.wait()

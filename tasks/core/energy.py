@@ -15,9 +15,10 @@ It reads CodeCarbon's ``OfflineEmissionsTracker`` in ``process`` mode:
 - Memory is not counted: RAPL's DRAM domain is not read, and CodeCarbon's memory estimate is
   a constant power per process (at least 10 W) over wall-clock time, not a measure of work.
 
-Setting a tracker up takes seconds (CodeCarbon detects the CPU model in a subprocess and
-loads its TDP table), so it starts on a background thread when the meter is made, and
-``codecarbon`` is imported only there: a process that never measures pays nothing.
+Setting a tracker up takes a while (CodeCarbon loads its TDP table and, unless told, asks
+py-cpuinfo for the CPU model: :func:`know_cpu_model`), so it starts on a background thread
+when the meter is made, and ``codecarbon`` is imported only there: a process that never
+measures pays nothing.
 CO2e is joules x the grid intensity (``evaluate.grid_co2e_g_per_kwh``): :func:`co2e_g`.
 """
 
@@ -92,6 +93,7 @@ class EnergyMeter:
 
     def _set_up(self) -> None:
         try:
+            know_cpu_model()
             from codecarbon import OfflineEmissionsTracker
 
             # CodeCarbon logs its set-up at INFO/WARNING before it applies log_level.
@@ -215,6 +217,55 @@ def rapl_readable(root: Path = RAPL_ROOT) -> bool:
             continue
         return True
     return False
+
+
+CPUINFO = Path("/proc/cpuinfo")
+
+
+def cpu_model_from_kernel(cpuinfo: Path = CPUINFO) -> str | None:
+    """The CPU's model as the kernel names it (``model name`` in ``/proc/cpuinfo``: on x86 the
+    CPUID brand string, which py-cpuinfo reports as ``brand_raw``; elsewhere py-cpuinfo reads
+    this same field); None where the kernel names none (many ARM kernels) or there is no file."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and value.strip():
+            return value.strip()
+    return None
+
+
+def remember_cpu_model(model: str) -> None:
+    """Put ``model`` into CodeCarbon's CPU model cache (its ``detect_cpu_model``, which asks
+    ``cpuinfo.get_cpu_info()`` once per process)."""
+    import cpuinfo
+    from codecarbon.core.util import detect_cpu_model
+
+    asked = cpuinfo.get_cpu_info
+    cpuinfo.get_cpu_info = lambda: {"brand_raw": model}
+    try:
+        detect_cpu_model()
+    finally:
+        cpuinfo.get_cpu_info = asked
+
+
+def know_cpu_model() -> bool:
+    """Give CodeCarbon the CPU model from the kernel, if it has none yet, so that it does not
+    ask py-cpuinfo: py-cpuinfo measures the clock in a child process for 1 s and spins a core
+    while it waits for it (``while p.is_alive(): p.join(0)``; 1.0 CPU-s measured). Returns
+    whether CodeCarbon now knows the model without asking; where the kernel names none,
+    CodeCarbon asks py-cpuinfo as it always did."""
+    from codecarbon.core.util import detect_cpu_model
+
+    if detect_cpu_model.cache_info().currsize:
+        return True
+    model = cpu_model_from_kernel()
+    if model is None:
+        return False
+    remember_cpu_model(model)
+    return True
 
 
 _PROCESS_METER: EnergyMeter | None = None

@@ -12,16 +12,21 @@ import sys
 import time
 from pathlib import Path
 
+from tasks.core.energy import cpu_model_from_kernel, know_cpu_model, remember_cpu_model
+
 log = logging.getLogger("tasks.core.fork_server")
 
 # MLflow's stores are opened once the run says its tracking store exists (the marker file
 # beside the socket, :meth:`ForkServer.tracking_ready`): on a new project the run creates
 # the database, and two processes creating MLflow's tables at once can fail.
 STORES_STEP = "@mlflow-stores"
-# CodeCarbon's CPU model comes from py-cpuinfo, which runs a Python subprocess for it
-# (``cpuinfo.py --json``: 1.2 s, a 1 s sleep of its clock measurement among it). The server
-# starts that subprocess first thing and answers requests meanwhile; the step runs when it
-# has finished (measured: a stage that asked during the old in-line call waited 1.2 s).
+# CodeCarbon's CPU model (and its TDP), found once for every child's energy meter. Where the
+# kernel names the model (``/proc/cpuinfo``, :func:`tasks.core.energy.know_cpu_model`) the
+# step reads it. Elsewhere it comes from py-cpuinfo, which runs a Python subprocess for it
+# (``cpuinfo.py --json``: 1.1-1.2 s, a core busy for 1 s of it while its child measures the
+# clock); the server starts that subprocess first thing and answers requests meanwhile, and
+# the step runs when it has finished (measured: a stage that asked during the old in-line
+# call waited 1.2 s).
 CPU_MODEL_STEP = "@cpu-model"
 # From here the server forks a successor that loads the remaining steps while it goes on
 # serving (:func:`tasks.core.fork_server_process.serve`): the train stage's processes, which ask
@@ -74,8 +79,8 @@ def preload_step(name: str, tracking_ready: Path, cpu_model: CpuModelProbe | Non
         elif name == MLFLOW_PACKAGES_STEP:
             warm_mlflow_packages_map()
         elif name == CPU_MODEL_STEP:
-            if cpu_model is not None:
-                cpu_model.remember()
+            if cpu_model.remember() if cpu_model is not None else know_cpu_model():
+                warm_cpu_power_table()
         else:
             importlib.import_module(name)
     except Exception as err:  # noqa: BLE001 - any error: the process that needs it reports it
@@ -126,21 +131,15 @@ class CpuModelProbe:
         self.process.wait()
         self.finished = True
 
-    def remember(self) -> None:
-        """Put the probe's answer into CodeCarbon's cache (it calls ``cpuinfo.get_cpu_info()``)."""
-        import cpuinfo
-        from codecarbon.core.util import detect_cpu_model
-
+    def remember(self) -> bool:
+        """Put the probe's answer into CodeCarbon's cache; whether there was one."""
         if self.process.returncode != 0:
-            return
+            return False
         info = json.loads(self.output.decode() or "{}")
-        asked = cpuinfo.get_cpu_info
-        cpuinfo.get_cpu_info = lambda: info
-        try:
-            detect_cpu_model()
-        finally:
-            cpuinfo.get_cpu_info = asked
-        warm_cpu_power_table()
+        if not info:
+            return False
+        remember_cpu_model(info.get("brand_raw", ""))
+        return True
 
     def close(self) -> None:
         import signal
@@ -192,6 +191,10 @@ def open_mlflow_stores(uri: str) -> None:
 
 
 def start_cpu_model_probe() -> CpuModelProbe | None:
+    """py-cpuinfo's subprocess, started; None where the kernel names the CPU model (the step
+    reads it there) or the probe cannot start (the children then ask for it themselves)."""
+    if cpu_model_from_kernel() is not None:
+        return None
     try:
         return CpuModelProbe()
     except Exception as err:  # noqa: BLE001 - no py-cpuinfo, no subprocess: the children ask themselves

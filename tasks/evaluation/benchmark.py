@@ -17,7 +17,7 @@ import numpy as np
 
 from tasks.core import metric_names as names
 from tasks.core.config import EvaluateParams
-from tasks.core.energy import EnergyMeter, co2e_g, process_meter
+from tasks.core.energy import EnergyMeter, co2e_g, cpu_model_from_kernel, process_meter
 from tasks.core.paths import ProjectPaths
 from tasks.evaluation.flops import all_models_flops
 from tasks.evaluation.measure import classification_metrics, load_for_measurement, predict_in_batches, torch_threads
@@ -206,10 +206,5 @@ def _float(value: Any) -> float:
 
 
 def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+    model = cpu_model_from_kernel() or platform.processor() or platform.machine()
+    return f"{model} ({os.cpu_count()} cores)"
