@@ -141,6 +141,28 @@ def test_a_process_that_exits_quickly_still_runs_its_exit_handlers_and_keeps_its
     assert done.stderr.strip() == said
 
 
+READY = "print('ready', flush=True)"
+
+
+@pytest.mark.parametrize(("program", "status"), [
+    (f"{READY}; time.sleep(60)", -signal.SIGTERM),                                              # ends at SIGTERM
+    (f"signal.signal(signal.SIGTERM, lambda *a: sys.exit(7)); {READY}; time.sleep(60)", 7),      # its own way
+    (f"signal.signal(signal.SIGTERM, signal.SIG_IGN); {READY}; time.sleep(60)", -signal.SIGKILL),  # after the grace
+    (f"{READY}; sys.exit(0)", 0),                                                                 # gone already
+])
+def test_stop_process_ends_a_child_and_returns_its_status(program: str, status: int) -> None:
+    """SIGTERM, then SIGKILL after the grace for a child that ignores it; the child reaped."""
+    from tasks.core.processes import stop_process
+
+    child = subprocess.Popen([PYTHON, "-c", f"import signal, sys, time; {program}"], stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline() == "ready\n"  # its handler is set
+    if status == 0:
+        child.wait(timeout=30)
+    assert stop_process(child, grace_s=1.0) == status
+    assert child.returncode == status
+    child.stdout.close()
+
+
 def test_a_lock_whose_owner_died_is_taken_over_and_says_so(tmp_path: Path) -> None:
     from tasks.core.lock import Holder, lock_paths, pipeline_lock
 
