@@ -237,18 +237,22 @@ def cpu_model_from_kernel(cpuinfo: Path = CPUINFO) -> str | None:
     return None
 
 
+_CPU_MODEL_LOCK = threading.Lock()  # meters set up on threads of their own
+
+
 def remember_cpu_model(model: str) -> None:
     """Put ``model`` into CodeCarbon's CPU model cache (its ``detect_cpu_model``, which asks
     ``cpuinfo.get_cpu_info()`` once per process)."""
     import cpuinfo
     from codecarbon.core.util import detect_cpu_model
 
-    asked = cpuinfo.get_cpu_info
-    cpuinfo.get_cpu_info = lambda: {"brand_raw": model}
-    try:
-        detect_cpu_model()
-    finally:
-        cpuinfo.get_cpu_info = asked
+    with _CPU_MODEL_LOCK:
+        asked = cpuinfo.get_cpu_info
+        cpuinfo.get_cpu_info = lambda: {"brand_raw": model}
+        try:
+            detect_cpu_model()
+        finally:
+            cpuinfo.get_cpu_info = asked
 
 
 def know_cpu_model() -> bool:
