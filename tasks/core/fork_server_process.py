@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tasks.core.energy import cpu_model_from_kernel
 from tasks.core.fork_preload import (
     CPU_MODEL_STEP, HANDOVER_STEP, PRELOAD, STORES_STEP, CpuModelProbe, preload_step, start_cpu_model_probe,
 )
@@ -242,8 +241,6 @@ def _serve(listener: socket.socket, tracking_ready: Path, pending: list[str], pa
     cpu_model = start_cpu_model_probe() if CPU_MODEL_STEP in pending else None
     if cpu_model is not None:
         selector.register(cpu_model.fd, selectors.EVENT_READ, cpu_model)
-    elif CPU_MODEL_STEP in pending and cpu_model_from_kernel() is None:  # no probe, no kernel's name
-        pending.remove(CPU_MODEL_STEP)
 
     def give_up_on_cpu_model() -> None:
         """A probe that has not answered by its deadline is stopped: the hand-over waits
@@ -261,7 +258,7 @@ def _serve(listener: socket.socket, tracking_ready: Path, pending: list[str], pa
             return tracking_ready.exists()
         if step == HANDOVER_STEP:
             return CPU_MODEL_STEP not in pending
-        return step != CPU_MODEL_STEP or cpu_model is None or cpu_model.finished  # None: the kernel's
+        return step != CPU_MODEL_STEP or cpu_model is None or cpu_model.finished  # None: the kernel's, if any
 
     while not stopping:
         if cpu_model is not None and CPU_MODEL_STEP in pending and cpu_model.overdue(CPU_MODEL_TIMEOUT_S):
