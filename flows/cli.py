@@ -324,9 +324,8 @@ def serve(
     _check_servers()
     # No PREFECT_API_URL: the project's background server, kept from going idle while serving.
     server_url = _project_prefect_server(paths)
-    from prefect import serve as prefect_serve
-
     from flows.pipeline import pipeline
+    from flows.schedule import serve_deployment
     from tasks.core.processes import own_process_tree
 
     # The flow-run processes Prefect's runner starts (each in a session of its own, out of
@@ -339,12 +338,17 @@ def serve(
         parameters={"overrides": overrides, "first": from_stage, "last": to_stage, "wait_s": 3600.0},
         description="slimflow pipeline on a schedule",
     )
-    console.print(f"serving slimflow-pipeline/{name} ({'cron ' + cron if cron else f'every {interval} s'}); Ctrl-C stops"
-                  + (f"; Prefect UI: {server_url}" if server_url else ""))
+    trigger = (f"PREFECT_API_URL={server_url}/api " if server_url else "") + f"prefect deployment run 'slimflow-pipeline/{name}'"
+
+    def registered() -> None:
+        console.print(f"serving slimflow-pipeline/{name} ({'cron ' + cron if cron else f'every {interval} s'}); Ctrl-C stops"
+                      + (f"; Prefect UI: {server_url}" if server_url else ""), highlight=False, soft_wrap=True)
+        console.print(f"trigger a run now: {trigger}", highlight=False, soft_wrap=True)
+
     _ctrl_c_raises_at_once()
     try:
         with prefect_server.in_use(paths.root) if server_url else contextlib.nullcontext():
-            prefect_serve(deployment)  # returns on Ctrl-C or SIGTERM
+            serve_deployment(deployment, registered)  # returns on Ctrl-C or SIGTERM
     finally:
         _stop_served_runs(paths, token)
 

@@ -421,11 +421,14 @@ def test_ctrl_c_on_serve_leaves_no_running_flow_run_and_no_orphan(
     (tiny_project / "params.yaml").write_text(yaml.safe_dump(
         {**yaml.safe_load((tiny_project / "params.yaml").read_text()), "train": _long_training()["train"]}))
     name = f"faults-{os.getpid()}-{int(time.time())}"
-    env = {"PREFECT_API_URL": prefect_api_url, "MLFLOW_TRACKING_URI": mlflow_uri, "PREFECT_RUNNER_POLL_FREQUENCY": "2"}
+    temporary = tmp_path / "tmp"  # serve's TMPDIR: what Prefect's runner leaves there
+    temporary.mkdir()
+    env = {"PREFECT_API_URL": prefect_api_url, "MLFLOW_TRACKING_URI": mlflow_uri, "PREFECT_RUNNER_POLL_FREQUENCY": "2",
+           "TMPDIR": str(temporary)}
     log = tmp_path / "serve.log"
     served = start(tiny_project, "serve", "--interval", "86400", "--to", "train", "--name", name, env=env, log=log)
     try:
-        wait_for_text(log, "deployments are being served", served, 180)
+        wait_for_text(log, f"serving slimflow-pipeline/{name}", served, 180)
         from prefect.client.orchestration import get_client
         from prefect.deployments import run_deployment
 
@@ -441,6 +444,11 @@ def test_ctrl_c_on_serve_leaves_no_running_flow_run_and_no_orphan(
     seconds = seconds_until_gone(tiny_project)
     print(f"Ctrl-C on serve: serve exited after {stopping:.1f} s (runs marked), its processes gone {seconds:.2f} s later")
     assert seconds < 5, run_processes(tiny_project)
+    output = log.read_text()
+    assert served.returncode == 0, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    # The runner's storage folder goes with it (Prefect's own serve left one per session).
+    assert not [p.name for p in temporary.iterdir() if p.name in ("runner_storage",) or p.name.startswith("slimflow-serve-")]
     with get_client(sync_client=True) as client:
         state = client.read_flow_run(flow_run.id).state
     assert state.is_final() and state.type.value == "CRASHED", state

@@ -240,10 +240,14 @@ def test_scheduler_triggers_the_served_deployment_and_the_run_completes(
                 time.sleep(1)
         else:
             pytest.fail("Prefect server did not start in 120 s")
-        served = subprocess.Popen(
-            [str(bin_dir / "slimflow"), "serve", "--interval", "10", "--to", "prepare", "--name", "every-10s"],
-            cwd=tiny_project, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
+        temporary = tmp_path / "tmp"  # serve's TMPDIR: what Prefect's runner leaves there
+        temporary.mkdir()
+        log = tmp_path / "serve.log"
+        with log.open("w") as out:
+            served = subprocess.Popen(
+                [str(bin_dir / "slimflow"), "serve", "--interval", "10", "--to", "prepare", "--name", "every-10s"],
+                cwd=tiny_project, env={**env, "TMPDIR": str(temporary)}, stdout=out, stderr=subprocess.STDOUT,
+            )
         completed = []
         deadline = time.monotonic() + 180
         while not completed and time.monotonic() < deadline:
@@ -253,6 +257,15 @@ def test_scheduler_triggers_the_served_deployment_and_the_run_completes(
             completed = [r for r in response.json() if r.get("deployment_id") and r.get("auto_scheduled")]
         assert completed, "no scheduled flow run completed within 180 s"
         assert (tiny_project / "data" / "prepared" / "card.json").exists()
+        # SIGTERM (systemctl stop, docker stop): the shutdown Ctrl-C takes, quietly.
+        served.terminate()
+        assert served.wait(timeout=60) == 0, log.read_text()[-3000:]
+        output = log.read_text()
+        assert "trigger a run now: prefect deployment run 'slimflow-pipeline/every-10s'" in output
+        assert "never awaited" not in output and "Traceback" not in output, output[-3000:]
+        deployment = httpx.get(f"{api}/deployments/name/slimflow-pipeline/every-10s", timeout=10).json()
+        assert deployment["paused"], deployment  # its schedule paused on the way out
+        assert not [p.name for p in temporary.iterdir() if p.name == "runner_storage" or p.name.startswith("slimflow-serve-")]
     finally:
         for process in (served, server):  # the runner before the server it talks to
             if process is not None:
