@@ -156,3 +156,11 @@ def slimflow(root: Path, *args: str, env: dict | None = None, timeout: float = 6
     exe = str(Path(os.sys.executable).parent / "slimflow")
     full_env = {**os.environ, "SLIMFLOW_ROOT": str(root), **(env or {})}
     return subprocess.run([exe, *args], cwd=root, env=full_env, capture_output=True, text=True, timeout=timeout, **popen)
+
+
+def serve_leftovers(temporary: Path) -> list[str]:
+    """What Prefect's runner (``slimflow serve``) left in its temporary folder ``temporary``:
+    its storage folder, each flow run's attempt and workspace folders, or serve's own."""
+    return sorted(p.name for p in temporary.iterdir()
+                  if p.name == "runner_storage" or p.name.startswith(("prefect-", "slimflow-serve-"))
+                  or (p.name.startswith("tmp") and p.name.endswith("prefect")))

@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, TINY_PARAMS, make_project, run_processes, seconds_until_gone, slimflow
+from tests.conftest import REPO, TINY_PARAMS, make_project, run_processes, seconds_until_gone, serve_leftovers, slimflow
 
 PYTHON = sys.executable
 SLIMFLOW = str(Path(sys.executable).parent / "slimflow")
@@ -448,7 +448,7 @@ def test_ctrl_c_on_serve_leaves_no_running_flow_run_and_no_orphan(
     assert served.returncode == 0, output[-3000:]
     assert "Traceback" not in output, output[-3000:]
     # The runner's storage folder goes with it (Prefect's own serve left one per session).
-    assert not [p.name for p in temporary.iterdir() if p.name in ("runner_storage",) or p.name.startswith("slimflow-serve-")]
+    assert not serve_leftovers(temporary), serve_leftovers(temporary)
     with get_client(sync_client=True) as client:
         state = client.read_flow_run(flow_run.id).state
     assert state.is_final() and state.type.value == "CRASHED", state

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import TINY_PARAMS, free_port, make_project, seconds_until_gone, slimflow
+from tests.conftest import TINY_PARAMS, free_port, make_project, seconds_until_gone, serve_leftovers, slimflow
 
 pytestmark = pytest.mark.integration
 
@@ -265,7 +265,7 @@ def test_scheduler_triggers_the_served_deployment_and_the_run_completes(
         assert "never awaited" not in output and "Traceback" not in output, output[-3000:]
         deployment = httpx.get(f"{api}/deployments/name/slimflow-pipeline/every-10s", timeout=10).json()
         assert deployment["paused"], deployment  # its schedule paused on the way out
-        assert not [p.name for p in temporary.iterdir() if p.name == "runner_storage" or p.name.startswith("slimflow-serve-")]
+        assert not serve_leftovers(temporary), serve_leftovers(temporary)
     finally:
         for process in (served, server):  # the runner before the server it talks to
             if process is not None:
