@@ -189,10 +189,14 @@ def test_a_pool_started_on_entering_has_its_workers_up_before_the_first_job_and_
     params = TrainParams(workers=1, threads_per_worker=1)
 
     def started_pids() -> list[int]:
+        """The pids written so far, once a worker has written a whole line (the file exists
+        from its ``open``, before its line is in it)."""
         deadline = time.monotonic() + 30
-        while not started.exists() and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
+            if started.exists() and (text := started.read_text()).endswith("\n"):
+                return [int(line) for line in text.split()]
             time.sleep(0.01)
-        return [int(line) for line in started.read_text().split()]
+        return [int(line) for line in started.read_text().split()] if started.exists() else []
 
     with worker_pool(params, tmp_path, start=True) as pool:
         (worker,) = started_pids()  # up with no job sent
