@@ -29,6 +29,8 @@ from prefect.runner import Runner
 
 
 class _Runner(Runner):
+    """Prefect's runner, with the two changes the module's docstring gives."""
+
     async def start(self, run_once: bool = False, webserver: bool | None = None) -> None:
         asyncio.get_running_loop().set_exception_handler(_without_cancelled_connections)
         await super().start(run_once=run_once, webserver=webserver)
@@ -41,11 +43,11 @@ class _Runner(Runner):
 
 
 def _without_cancelled_connections(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-    """What the event loop reports, less one traceback per connection a flow run made to the
-    runner's control channel: when serving stops, Python 3.11's ``asyncio.streams`` asks each
-    such connection's cancelled task for its exception, which raises ``CancelledError`` into
-    the loop's handler (an ERROR with 40 lines of traceback after every Ctrl-C that followed
-    a flow run)."""
+    """What the event loop reports, less the ``CancelledError`` of tasks cancelled as serving
+    stops. Each connection a flow run made to the runner's control channel gave one: Python
+    3.11's ``asyncio.streams`` asks the connection's cancelled task for its exception, which
+    raises into the loop's handler (an ERROR with 40 lines of traceback at each Ctrl-C or
+    SIGTERM after a flow run, in every try here)."""
     if isinstance(context.get("exception"), asyncio.CancelledError):
         return
     loop.default_exception_handler(context)
