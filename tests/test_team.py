@@ -478,7 +478,11 @@ def test_prefect_yaml_deployment_runs_on_schedule_on_a_process_worker(pipeline_r
         PREFECT_WORKER_QUERY_SECONDS="5",
         MLFLOW_TRACKING_URI=mlflow_server.uri,
         SLIMFLOW_ROOT=str(root),
+        # Prefect's process worker leaves a runner_storage/ folder and each flow run's attempt
+        # folder in its temporary folder: this test's, not the machine's /tmp.
+        TMPDIR=str(team_dir / "worker-tmp"),
     )
+    (team_dir / "worker-tmp").mkdir(exist_ok=True)
     # Started elsewhere on purpose: the pull step takes the run to the checkout.
     worker = Service("prefect-worker", [prefect, "worker", "start", "--pool", WORK_POOL], worker_env, team_dir, team_dir)
 
