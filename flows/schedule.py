@@ -1,7 +1,7 @@
 """``slimflow serve``'s loop: Prefect's runner serving the pipeline's deployment, stopped the
 same way by Ctrl-C and SIGTERM, and leaving nothing in the temporary folder.
 
-Two things ``prefect.serve`` does that a service would notice (Prefect 3.8, measured):
+Three things ``prefect.serve`` does that a service would notice (Prefect 3.8, measured):
 
 - SIGTERM (``systemctl stop``, ``docker stop``, ``kill``): its handler calls the runner's
   async ``stop`` without awaiting it (a ``RuntimeWarning: coroutine 'Runner.astop' was
@@ -29,7 +29,7 @@ from prefect.runner import Runner
 
 
 class _Runner(Runner):
-    """Prefect's runner, with the two changes the module's docstring gives."""
+    """Prefect's runner, SIGTERM handled as Ctrl-C and the stop's cancelled connections not reported."""
 
     async def start(self, run_once: bool = False, webserver: bool | None = None) -> None:
         asyncio.get_running_loop().set_exception_handler(_without_cancelled_connections)
