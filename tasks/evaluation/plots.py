@@ -126,6 +126,7 @@ def confusion_pngs(targets: Mapping[str, Path], evaluation: Evaluation) -> None:
     (the widest colour-bar labels; the counts are drawn inside the axes and titles do not
     move the layout), and each model then changes only the image, the colour scale, the
     counts and the title (about 0.1 s a picture instead of 0.16-0.18 s, measured)."""
+    from matplotlib import rc_context
     from matplotlib.figure import Figure
 
     if not targets:
@@ -159,7 +160,11 @@ def confusion_pngs(targets: Mapping[str, Path], evaluation: Evaluation) -> None:
         ax.set_title(f"confusion matrix: {model} (test split)", fontsize=10)
         targets[model].parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(targets[model])
-        fig.set_layout_engine("none")  # the first model's layout, kept
+        with rc_context({"figure.autolayout": False, "figure.constrained_layout.use": False}):
+            # The first model's layout, kept. No engine at all (None here), not "none": with
+            # "none"'s placeholder engine every savefig still drew the figure once more for
+            # a layout it never changes (1.75 -> 1.33 CPU-s for 12 pictures, same pixels).
+            fig.set_layout_engine(None)
 
 
 def training_curves_png(path: Path, history: Sequence[Mapping[str, Any]]) -> None:
