@@ -9,7 +9,7 @@ from torch import nn
 from models.cnn import SmallCNN
 from models.mlp import MLP
 from models.rnn import RecurrentClassifier
-from models.spec import TOKEN_FAMILIES, ModelSpec
+from models.spec import ModelSpec, input_problem
 from models.transformer import TransformerClassifier
 
 
@@ -17,15 +17,7 @@ def _scaled(size: int, width: float) -> int:
     return max(1, round(size * width))
 
 
-def _refuse_tokens(spec: ModelSpec) -> None:
-    if spec.vocab_size is not None:
-        raise ValueError(
-            f"{spec.family} does not read token ids (text); use one of {', '.join(TOKEN_FAMILIES)}"
-        )
-
-
 def _build_mlp(spec: ModelSpec, input_shape: Sequence[int], num_classes: int) -> nn.Module:
-    _refuse_tokens(spec)
     in_features = 1
     for dim in input_shape:
         in_features *= dim
@@ -34,9 +26,6 @@ def _build_mlp(spec: ModelSpec, input_shape: Sequence[int], num_classes: int) ->
 
 
 def _build_cnn(spec: ModelSpec, input_shape: Sequence[int], num_classes: int) -> nn.Module:
-    _refuse_tokens(spec)
-    if len(input_shape) != 3:
-        raise ValueError(f"cnn needs image inputs (C, H, W), got input shape {tuple(input_shape)}")
     channels = [_scaled(c, spec.width) for c in spec.channels]
     return SmallCNN(input_shape[0], channels, num_classes, spec.dropout)
 
@@ -44,7 +33,6 @@ def _build_cnn(spec: ModelSpec, input_shape: Sequence[int], num_classes: int) ->
 def _build_rnn(cell: str) -> Callable[[ModelSpec, Sequence[int], int], nn.Module]:
     def build(spec: ModelSpec, input_shape: Sequence[int], num_classes: int) -> nn.Module:
         if spec.vocab_size is not None:  # token ids (L,) -> embedding -> recurrent -> head
-            _token_shape(spec, input_shape)
             return RecurrentClassifier(
                 cell, _scaled(spec.embed_dim, spec.width), _scaled(spec.rnn_hidden, spec.width), spec.rnn_layers,
                 num_classes, spec.dropout, vocab_size=spec.vocab_size,
@@ -64,12 +52,6 @@ def _build_rnn(cell: str) -> Callable[[ModelSpec, Sequence[int], int], nn.Module
     return build
 
 
-def _token_shape(spec: ModelSpec, input_shape: Sequence[int]) -> int:
-    if len(input_shape) != 1:
-        raise ValueError(f"{spec.family} with vocab_size reads token ids (L,), got input shape {tuple(input_shape)}")
-    return int(input_shape[0])
-
-
 def _build_transformer(spec: ModelSpec, input_shape: Sequence[int], num_classes: int) -> nn.Module:
     """Token ids ``(L,)`` with ``spec.vocab_size``, or images ``(C, H, W)`` as patches."""
     heads = spec.heads
@@ -80,15 +62,9 @@ def _build_transformer(spec: ModelSpec, input_shape: Sequence[int], num_classes:
         num_classes=num_classes, dropout=spec.dropout,
     )
     if spec.vocab_size is not None:
-        return TransformerClassifier(positions=_token_shape(spec, input_shape), vocab_size=spec.vocab_size, **settings)
-    if len(input_shape) != 3:
-        raise ValueError(
-            f"transformer needs token ids (a text source) or image inputs (C, H, W), got input shape {tuple(input_shape)}"
-        )
+        return TransformerClassifier(positions=int(input_shape[0]), vocab_size=spec.vocab_size, **settings)
     channels, height, width = input_shape
     patch = spec.patch_size
-    if patch > min(height, width):
-        raise ValueError(f"transformer: patch_size {patch} is larger than the image ({height}x{width})")
     return TransformerClassifier(
         positions=(height // patch) * (width // patch), in_channels=channels, patch_size=patch, **settings
     )
@@ -105,12 +81,16 @@ BUILDERS: dict[str, Callable[[ModelSpec, Sequence[int], int], nn.Module]] = {
 
 
 def build_model(spec: ModelSpec, input_shape: Sequence[int], num_classes: int) -> nn.Module:
-    """Build an untrained model of ``spec.family`` for inputs of ``input_shape`` (no batch dim)."""
+    """Build an untrained model of ``spec.family`` for inputs of ``input_shape`` (no batch
+    dim); a family that does not read them (:func:`models.spec.input_problem`): ValueError."""
     try:
         builder = BUILDERS[spec.family]
     except KeyError:  # a spec made without validation (ModelSpec.model_construct)
         known = ", ".join(sorted(BUILDERS))
         raise ValueError(f"unknown model family {spec.family!r}; known: {known}") from None
+    problem = input_problem(spec, input_shape)
+    if problem:
+        raise ValueError(problem[1])
     return builder(spec, tuple(input_shape), num_classes)
 
 

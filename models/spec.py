@@ -7,6 +7,7 @@ reads it back. :func:`models.factory.build_model` builds the network it describe
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -55,4 +56,33 @@ class ModelSpec(BaseModel):
         return self.model_validate({**self.model_dump(), **changes})
 
 
-__all__ = ["MODEL_FAMILIES", "TOKEN_FAMILIES", "ModelFamily", "ModelSpec"]
+def input_problem(spec: ModelSpec, input_shape: Sequence[int]) -> tuple[str, str] | None:
+    """Why a model of ``spec`` cannot read inputs of ``input_shape`` (no batch dimension;
+    token ids when ``spec.vocab_size`` is set): the setting at fault (``"family"``,
+    ``"vocab_size"`` or ``"patch_size"``) and the problem; None if it can. The one statement
+    of what each family reads: :func:`models.factory.build_model` refuses with it, and the
+    train stage and the pipeline's checks use it before any worker starts."""
+    shape = tuple(int(size) for size in input_shape)
+    if spec.vocab_size is not None:
+        if spec.family not in TOKEN_FAMILIES:
+            return "family", f"{spec.family} does not read token ids (text)"
+        if len(shape) != 1:
+            return "vocab_size", f"{spec.family} with vocab_size reads token ids (L,), got input shape {shape}"
+        return None
+    if spec.family == "cnn" and len(shape) != 3:
+        return "family", f"cnn needs image inputs (C, H, W), got input shape {shape}"
+    if spec.family == "transformer":
+        if len(shape) != 3:
+            return "family", f"transformer needs token ids (a text source) or image inputs (C, H, W), got input shape {shape}"
+        if spec.patch_size > min(shape[1:]):
+            return "patch_size", f"transformer: patch_size {spec.patch_size} is larger than the image ({shape[1]}x{shape[2]})"
+    return None  # mlp flattens anything; lstm/gru read an image row by row, a row of features one by one
+
+
+def families_reading(input_shape: Sequence[int], tokens: bool = False) -> tuple[str, ...]:
+    """The families that read inputs of ``input_shape`` (token ids if ``tokens``) with their default settings."""
+    return tuple(family for family in MODEL_FAMILIES
+                 if input_problem(ModelSpec(family=family, vocab_size=2 if tokens else None), input_shape) is None)
+
+
+__all__ = ["MODEL_FAMILIES", "TOKEN_FAMILIES", "ModelFamily", "ModelSpec", "families_reading", "input_problem"]

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from models.spec import ModelSpec
+
 SPLITS = ("train", "val", "test")
 
 
@@ -126,3 +128,18 @@ def data_digest(prepared: Path) -> str:
     """The digest of the data a run used, as recorded by ``prepare`` in the data card."""
     card = json.loads((prepared / "card.json").read_text())
     return str(card["digest"])
+
+
+def spec_for_data(spec: ModelSpec, preprocessing: Preprocessing) -> ModelSpec:
+    """``spec`` with the vocabulary of token data (text) filled in from the prepared data."""
+    if not preprocessing.is_text:
+        if spec.vocab_size is not None:  # its embedding would take the features for token ids
+            raise ValueError(f"train.model.vocab_size is {spec.vocab_size} but the prepared data is not token ids "
+                             "(text); leave it null")
+        return spec
+    if spec.vocab_size not in (None, preprocessing.vocab_size):
+        raise ValueError(
+            f"train.model.vocab_size is {spec.vocab_size} but the prepared data's tokenizer has "
+            f"{preprocessing.vocab_size} ids; leave it null (it is set from the data)"
+        )
+    return spec.spec(vocab_size=preprocessing.vocab_size)

@@ -52,16 +52,25 @@ def fit_job(params: Params, paths: ProjectPaths, run_id: str | None) -> FitJob:
 
 
 def _check_family_reads_data(params: Params, paths: ProjectPaths) -> None:
-    """Token ids (text) are read by the token families only: refuse the others before workers start."""
-    from models.spec import TOKEN_FAMILIES
-    from tasks.data import load_preprocessing
+    """The model must read the prepared data (token ids, images, rows of features): a family
+    that does not is refused here, naming the key and the families that do, before any
+    worker starts (in the workers it was a traceback per worker, retried twice)."""
+    from models.spec import families_reading, input_problem
+    from tasks.data import load_preprocessing, spec_for_data
 
-    family = params.train.model.family
-    if load_preprocessing(paths.prepared).is_text and family not in TOKEN_FAMILIES:
-        raise ParamsError(
-            f"params.yaml: train.model.family: {family} does not read text (the prepared data is token ids); "
-            f"use one of {', '.join(TOKEN_FAMILIES)}"
-        )
+    preprocessing = load_preprocessing(paths.prepared)
+    try:
+        spec = spec_for_data(params.train.model.spec(), preprocessing)
+    except ValueError as err:  # names train.model.vocab_size
+        raise ParamsError(f"params.yaml: {err}") from None
+    problem = input_problem(spec, preprocessing.input_shape)
+    if problem:
+        setting, why = problem
+        where = paths.prepared.relative_to(paths.root) if paths.prepared.is_relative_to(paths.root) else paths.prepared
+        readers = families_reading(preprocessing.input_shape, preprocessing.is_text)
+        advice = "" if setting != "family" else (
+            f"; use one of {', '.join(readers)}" if readers else "; no model family reads it")
+        raise ParamsError(f"params.yaml: train.model.{setting}: {why} (the data prepared in {where}){advice}")
 
 
 def record_model_run(paths: ProjectPaths, run_id: str) -> None:

@@ -471,6 +471,52 @@ def test_a_step_that_does_not_suit_the_model_family_is_refused_before_any_stage(
     check_pipeline(validate_params(_params(raw["compress"]["variants"], family="cnn")))
 
 
+@pytest.mark.parametrize("source", [{"source": "breast_cancer"}, {"source": "csv", "path": "data/raw/rows.csv"}])
+def test_a_model_or_student_that_cannot_read_rows_of_features_is_refused_before_any_stage(source: dict) -> None:
+    """A tabular source with the default cnn failed in every Horovod worker, retried twice;
+    now the pipeline's check names the key, the source and the families that read rows."""
+    from tasks.compression.recipes import check_pipeline
+
+    distill = [{"name": "student", "steps": [{"method": "distill", "student_family": "cnn", "student_width": 0.5}]}]
+
+    def params(family: str, variants: list[dict[str, Any]], data: dict | None = source) -> Any:
+        return validate_params({"prepare": data or {}, "train": {"model": {"family": family}},
+                                "compress": {"variants": variants}})
+
+    for family in ("cnn", "transformer"):
+        with pytest.raises(ParamsError) as caught:
+            check_pipeline(params(family, []))
+        assert str(caught.value) == (f"params.yaml: train.model.family: {family} does not read rows of features "
+                                     f"(prepare.source {source['source']}); use one of mlp, lstm, gru")
+    with pytest.raises(ParamsError) as caught:
+        check_pipeline(params("mlp", distill))
+    assert str(caught.value) == (f"params.yaml: compress.variants.1(student).steps.1(distill): student_family: cnn "
+                                 f"does not read rows of features (prepare.source {source['source']}); use one of mlp, lstm, gru")
+    check_pipeline(params("mlp", []))
+    check_pipeline(params("mlp", distill, None))  # images: a cnn student reads them
+
+
+def test_the_compress_stage_refuses_a_student_that_cannot_read_the_prepared_data() -> None:
+    """What ``dvc repro`` meets where the source does not say the data's shape (npz): the
+    compress stage checks each student against the prepared data before any training."""
+    from models.spec import ModelSpec
+    from tasks.compression.recipes import RecipeError, check_students_read
+    from tasks.core.config import CompressParams
+
+    compress = CompressParams.model_validate({"variants": [
+        {"name": "narrow", "steps": [{"method": "distill", "student_width": 0.5}]},
+        {"name": "to-cnn", "steps": [{"method": "distill", "student_family": "cnn"}]},
+    ]})
+    check_students_read(compress, ModelSpec(family="mlp"), (1, 8, 8))  # images: a cnn student reads them
+    with pytest.raises(RecipeError, match=r"^compress.variants.2\(to-cnn\).steps.1\(distill\): student_family: "
+                                          r"cnn needs image inputs \(C, H, W\), got input shape \(30,\)$"):
+        check_students_read(compress, ModelSpec(family="mlp"), (30,))
+    small = CompressParams.model_validate({"variants": [{"name": "vit", "steps": [
+        {"method": "distill", "student_family": "transformer"}]}]})
+    with pytest.raises(RecipeError, match=r"patch_size 4 is larger than the image \(3x3\) \(train.model.patch_size\)$"):
+        check_students_read(small, ModelSpec(family="cnn", patch_size=4), (1, 3, 3))
+
+
 def test_steps_are_typed_per_method_with_their_own_defaults() -> None:
     from tasks.core.config import DistillStep, ExportStep, HalfStep, PruneStep, QuantizeStep
 

@@ -21,10 +21,9 @@ from models.factory import build_model
 from models.spec import ModelSpec
 from tasks.core.config import ParamsError, PrepareParams, validate_params
 from tasks.compression.recipes import check_pipeline
-from tasks.data import load_preprocessing, load_split
+from tasks.data import load_preprocessing, load_split, spec_for_data
 from tasks.prepare import main, prepare_data, write_prepared
 from tasks.sources import DataError, read_text_folder, read_text_table
-from tasks.training.loop import spec_for_data
 
 from text_data import CLASS_NAMES, sentiment_texts, write_sentiment_csv, write_sentiment_folder
 

@@ -28,7 +28,7 @@ from models.spec import ModelSpec
 from tasks.core.config import PrepareParams
 from tasks.core.model_files import save_state_dict_model
 from tasks.prepare import prepare_data, write_prepared
-from tasks.training.loop import spec_for_data
+from tasks.data import spec_for_data
 
 from conftest import free_port
 from test_champion import project_env

@@ -447,6 +447,37 @@ def test_workers_set_threads_to_usable_cores_over_local_workers(monkeypatch: pyt
 # --------------------------------------------------------------------------- integration
 
 
+@pytest.mark.parametrize(("model", "setting", "words"), [
+    ({"family": "cnn"}, "family", ["cnn needs image inputs (C, H, W), got input shape (30,) "
+                                   "(the data prepared in data/prepared); use one of mlp, lstm, gru"]),
+    ({"family": "lstm", "vocab_size": 50}, "vocab_size", ["is 50 but the prepared data is not token ids (text); leave it null"]),
+])
+def test_a_model_that_cannot_read_the_prepared_data_is_refused_before_any_worker_starts(
+    tmp_path: Path, model: dict, setting: str, words: list[str]
+) -> None:
+    """Rows of 30 features (an npz or a CSV's) and a family that reads images: one line naming
+    the key, exit 2 (bad input: the flow does not retry it), no worker, no MLflow run. In
+    the workers it was a traceback from each, retried twice by the flow."""
+    from mlflow import MlflowClient
+
+    from tasks.synthetic import tabular, write_splits
+
+    project = make_project(tmp_path / "project", {"train": {"model": model}, "compress": ONE_VARIANT})
+    x, y = tabular(samples=200)
+    write_splits(project / "data" / "prepared", np.pad(x, ((0, 0), (0, 22))), y, 2, "rows")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    done = run_stage(project, uri)
+    assert done.returncode == 2, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, done.stderr[-3000:]
+    assert errors[0].startswith(f"error: train: params.yaml: train.model.{setting}"), errors[0]
+    for word in words:
+        assert word in errors[0], (word, errors[0])
+    assert "Traceback" not in done.stderr and "horovodrun" not in done.stderr and "<stderr>" not in done.stderr
+    if (tmp_path / "mlflow.db").exists():
+        assert not MlflowClient(uri).search_runs([e.experiment_id for e in MlflowClient(uri).search_experiments()])
+
+
 @pytest.mark.integration
 def test_default_cnn_on_two_workers_reaches_95_percent_and_is_recorded(default_stage: Path, shared_mlflow: str) -> None:
     from mlflow import MlflowClient

@@ -14,11 +14,13 @@ This module imports no torch: the CLI and the flow check recipes before any stag
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+from models.spec import ModelSpec
 from tasks.core.config import (
-    BASELINE, CompressParams, CompressStep, DistillStep, Params, ParamsError, PruneStep, QuantizeStep, Variant,
-    step_key,
+    BASELINE, TABULAR_SOURCES, TEXT_SOURCES, CompressParams, CompressStep, DistillStep, Params, ParamsError, PruneStep,
+    QuantizeStep, Variant, step_key,
 )
 
 RECURRENT = frozenset({"lstm", "gru"})
@@ -111,17 +113,49 @@ def check_recipes(compress: CompressParams, family: str) -> dict[str, list[Chain
 
 
 def check_pipeline(params: Params, source: str = "params.yaml") -> None:
-    """Rules that span sections, checked before any stage runs: every compression recipe
-    must suit the trained model's family. Raises :class:`ParamsError` naming the step."""
-    from models.spec import TOKEN_FAMILIES
+    """Rules that span sections, checked before any stage runs: the trained model, and each
+    distillation's student, must read what ``prepare.source`` gives (where the source alone
+    says it: text, rows of features), and every compression recipe must suit the trained
+    model's family. Raises :class:`ParamsError` naming the key or the step."""
+    from models.spec import TOKEN_FAMILIES, families_reading
 
     family = params.train.model.family
-    if params.prepare.source in {"text_table", "text_folder"} and family not in TOKEN_FAMILIES:
+    data = params.prepare.source
+    readers, what = ((TOKEN_FAMILIES, "text") if data in TEXT_SOURCES
+                     else (families_reading((2,)), "rows of features") if data in TABULAR_SOURCES else (None, ""))
+    if readers is not None and family not in readers:
         raise ParamsError(
-            f"{source}: train.model.family: {family} does not read text (prepare.source {params.prepare.source}); "
-            f"use one of {', '.join(TOKEN_FAMILIES)}"
+            f"{source}: train.model.family: {family} does not read {what} (prepare.source {data}); "
+            f"use one of {', '.join(readers)}"
         )
     try:
         check_recipes(params.compress, params.train.model.family)
     except RecipeError as err:
         raise ParamsError(f"{source}: {err}") from None
+    for key, student in (students(params.compress, family) if readers is not None else ()):
+        if student not in readers:
+            raise ParamsError(f"{source}: {key}: student_family: {student} does not read {what} "
+                              f"(prepare.source {data}); use one of {', '.join(readers)}")
+
+
+def students(compress: CompressParams, family: str) -> Iterator[tuple[str, str]]:
+    """Each distillation step that names its student's family, in the variants made for a
+    baseline of ``family``: the step's key (as messages name it) and that family."""
+    numbers = {variant.name: number for number, variant in enumerate(compress.variants, start=1)}
+    for variant in selected_variants(compress, family):
+        for number, step in enumerate(variant.steps, start=1):
+            if isinstance(step, DistillStep) and step.student_family:
+                yield step_key(numbers[variant.name], variant.name, number, step.method), step.student_family
+
+
+def check_students_read(compress: CompressParams, teacher: ModelSpec, input_shape: Sequence[int]) -> None:
+    """Refuse (:class:`RecipeError`, naming the step) a distillation whose student's family
+    does not read the prepared data (inputs of ``input_shape``; ``teacher``: the baseline's
+    spec, token ids if it has a vocabulary)."""
+    from models.spec import input_problem
+
+    for key, student in students(compress, teacher.family):
+        problem = input_problem(teacher.spec(family=student), input_shape)
+        if problem:
+            setting, why = problem  # the student takes every setting but its family from the teacher
+            raise RecipeError(f"{key}: student_family: {why}" if setting == "family" else f"{key}: {why} (train.model.{setting})")

@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tasks.compression.recipes import ChainStep, check_recipes, method_name, selected_variants
+from tasks.compression.recipes import ChainStep, check_recipes, check_students_read, method_name, selected_variants
 from tasks.core import metric_names as names
 from tasks.core.config import BASELINE, FINAL_METHODS, Params, Variant
 from tasks.core.paths import ProjectPaths
@@ -76,7 +76,9 @@ def check_inputs(params: Params, paths: ProjectPaths) -> dict[str, Any]:
     Returns the baseline's manifest. Raises :class:`CompressError` or
     :class:`~tasks.compression.recipes.RecipeError`.
     """
+    from models.spec import ModelSpec
     from tasks.core.model_files import MANIFEST, read_manifest
+    from tasks.data import load_preprocessing
 
     if not (paths.model / MANIFEST).is_file():
         raise CompressError(f"{paths.model}: no trained model ({MANIFEST} missing); run the train stage first")
@@ -88,6 +90,8 @@ def check_inputs(params: Params, paths: ProjectPaths) -> dict[str, Any]:
             f"{paths.model / MANIFEST}: the baseline must be a torch-state-dict model, got {baseline.get('format')!r}"
         )
     check_recipes(params.compress, baseline["model_spec"]["family"])
+    check_students_read(params.compress, ModelSpec.from_dict(baseline["model_spec"]),
+                        load_preprocessing(paths.prepared).input_shape)
     return baseline
 
 

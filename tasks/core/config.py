@@ -29,8 +29,8 @@ from tasks.core.compress_params import (
 
 __all__ = [
     "BASELINE", "FINAL_METHODS", "STEP_MODELS", "CompressParams", "CompressStep", "DistillStep", "ExportStep",
-    "HalfStep", "Params", "ParamsError", "PruneStep", "QuantizeStep", "Variant", "load_params", "params_schema",
-    "step_key", "validate_params", "write_overrides",
+    "HalfStep", "Params", "ParamsError", "PruneStep", "QuantizeStep", "TABULAR_SOURCES", "TEXT_SOURCES", "Variant",
+    "load_params", "params_schema", "step_key", "validate_params", "write_overrides",
 ]
 
 
@@ -43,6 +43,10 @@ class _Strict(BaseModel):
 
 
 Fraction = Annotated[float, Field(gt=0.0, lt=1.0)]
+# What the model reads, for the sources where the source alone says it (npz: its arrays'
+# shape does; the train stage checks the prepared data itself).
+TEXT_SOURCES = frozenset({"text_table", "text_folder"})  # token ids
+TABULAR_SOURCES = frozenset({"breast_cancer", "csv"})  # rows of features
 
 
 class BaseParams(_Strict):

@@ -28,7 +28,7 @@ from torch.utils.data.distributed import DistributedSampler
 from models.factory import build_model
 from models.spec import ModelSpec
 from tasks.core.model_files import load_eager_model, save_state_dict_model
-from tasks.data import Preprocessing
+from tasks.data import Preprocessing, spec_for_data
 from tasks.training import fault
 from tasks.training.adaptation import Adaptation
 from tasks.training.checkpoint import Checkpoints, rng_state
@@ -48,18 +48,6 @@ VAL_BATCH = 1024
 # a warm-up that only scales to the world size). Transformers diverge or stall on a full
 # learning rate at their first steps (post-LN and pre-LN alike benefit from a ramp).
 WARMUP_START = {"transformer": 0.05}
-
-
-def spec_for_data(spec: ModelSpec, preprocessing: Preprocessing) -> ModelSpec:
-    """``spec`` with the vocabulary of token data (text) filled in from the prepared data."""
-    if not preprocessing.is_text:
-        return spec
-    if spec.vocab_size not in (None, preprocessing.vocab_size):
-        raise ValueError(
-            f"train.model.vocab_size is {spec.vocab_size} but the prepared data's tokenizer has "
-            f"{preprocessing.vocab_size} ids; leave it null (it is set from the data)"
-        )
-    return spec.spec(vocab_size=preprocessing.vocab_size)
 
 
 @dataclass(frozen=True)
