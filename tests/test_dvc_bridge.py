@@ -74,6 +74,8 @@ def dvc_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
         "record": {"cmd": f"PYTHONPATH={pythonpath} python -m tasks.record", "deps": ["tasks/record.py"], "outs": ["out.json"]},
         "refuse": {"cmd": f"PYTHONPATH={pythonpath} python -m tasks.refuse", "deps": ["tasks/refuse.py"]},
+        "plot": {"cmd": "mkdir -p plots/curves other && : > plots/empty.json", "deps": ["tasks/record.py"],
+                 "outs": ["other"], "plots": ["plots/curves", "plots/empty.json"]},
     }}))
     for command in (["git", "init", "-q"], [str(Path(sys.executable).parent / "dvc"), "init", "-q"]):
         subprocess.run(command, cwd=root, check=True)
@@ -101,3 +103,16 @@ def test_a_failing_stage_raises_its_own_message_and_exit_code(dvc_project: Path)
     assert str(failed.value) == "refuse: params.yaml: refuse.x: must be positive"
     assert failed.value.bad_input
     assert not (dvc_project / ".slimflow" / "refuse.error").exists()
+
+
+@pytest.mark.integration
+def test_an_empty_plot_folder_is_not_warned_about_other_empty_outputs_are(
+    dvc_project: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A plot folder of one file per trained or searched variant is empty when no variant
+    trains or searches (the default pipeline's plots/sensitivity): DVC's warning for it came
+    twice in every run. An empty output folder elsewhere and an empty plot file still warn."""
+    assert dvc_bridge.reproduce_stage(dvc_project, "plot") is True
+    empty = sorted(record.getMessage() for record in caplog.records if record.getMessage().endswith("is empty."))
+    assert empty == ["'other' is empty.", "'plots/empty.json' is empty."], empty
+

@@ -128,6 +128,20 @@ def restore_dvc_lock(root: Path, only_if_broken: bool = False) -> bool:
     return restore
 
 
+class _EmptyPlotFolders(logging.Filter):
+    """Drops DVC's "'plots/X' is empty." for a plot *folder*: one file per variant that
+    trains or searches, so a pipeline without such variants (the default has no structured
+    search) leaves it empty on purpose (dvc.yaml says so); the warning came twice in every
+    run. An empty output elsewhere, or an empty file, is still reported."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg != "'%s' is empty." or not isinstance(record.args, tuple) or not record.args:
+            return True
+        output = record.args[0]  # DVC's Output: its path as dvc.yaml declares it, and on disk
+        declared, on_disk = str(getattr(output, "def_path", "")), getattr(output, "fs_path", None)
+        return not (declared.startswith("plots/") and on_disk is not None and Path(on_disk).is_dir())
+
+
 def reproduce_stage(root: Path, stage: str, force: bool = False, context: RunContext | None = None) -> bool:
     """Reproduce one stage (not its upstream); True if it ran, False if DVC skipped it.
 
@@ -139,6 +153,9 @@ def reproduce_stage(root: Path, stage: str, force: bool = False, context: RunCon
     from dvc.repo import Repo
 
     stage_environment()
+    outputs_log = logging.getLogger("dvc.output")
+    if not any(isinstance(known, _EmptyPlotFolders) for known in outputs_log.filters):
+        outputs_log.addFilter(_EmptyPlotFolders())
     error_file = root / ".slimflow" / f"{stage}.error"
     prepare_error_file(error_file)
     _guard_dvc_lock(root)
