@@ -272,8 +272,8 @@ def _run_pipeline(overrides: list[str], first: str | None, last: str | None, for
             return pipeline(overrides=overrides, first=first, last=last, force=force, wait_s=wait)
     except PipelineBusy as err:
         _fail(str(err), code=3)
-    except StageFailed as err:
-        _fail(f"pipeline failed: {err}", code=1)
+    except StageFailed as err:  # a stage's bad input (a data file, a setting only the data refutes): 2, as the stage
+        _fail(f"pipeline failed: {err}", code=2 if err.bad_input else 1)
     except KeyboardInterrupt:
         _end_interrupted_run()
         _fail("pipeline interrupted; the MLflow runs are marked FAILED and no stage output is half-written", code=130)

@@ -91,11 +91,13 @@ def test_failed_train_stage_is_retried_and_resumes_from_its_checkpoint(
 def test_stage_that_always_fails_fails_the_flow_in_prefect_and_mlflow(
     tmp_path: Path, prefect_api_url: str, mlflow_uri: str
 ) -> None:
-    root = make_project(tmp_path / "broken", {**TINY_PARAMS, "prepare": {"source": "csv", "path": "data/raw/missing.csv"}})
+    root = make_project(tmp_path / "broken", {**TINY_PARAMS, "prepare": {"source": "csv", "path": "data/raw/missing.csv"},
+                                              "train": {**TINY_PARAMS["train"], "model": {"family": "mlp"}}})
     env = {"PREFECT_API_URL": prefect_api_url, "MLFLOW_TRACKING_URI": mlflow_uri}
     result = slimflow(root, "run", env=env)
-    assert result.returncode == 1
-    assert "missing.csv" in result.stderr
+    assert result.returncode == 2  # bad input, as the stage said: one line naming the file
+    line = [line for line in result.stderr.splitlines() if line.startswith("error:")][-1]  # after the stage's own
+    assert line.startswith("error: pipeline failed: prepare: ") and "missing.csv" in line
     (pipeline_run,) = _pipeline_runs()
     assert pipeline_run.info.status == "FAILED"
     assert "missing.csv" in pipeline_run.data.tags["error"]
