@@ -24,7 +24,7 @@ from flows.errors import OneLineErrors, one_line, one_line_console_logs, print_e
 from flows.prefect_settings import use_project_prefect_settings
 from flows.report import comparison_table
 from tasks.compression.recipes import check_pipeline
-from tasks.core.config import ParamsError, load_params, params_schema
+from tasks.core.config import Params, ParamsError, load_params, params_schema
 from tasks.core.dvc import stage_names
 from tasks.core.paths import ProjectPaths
 from tasks.core.processes import CollectorPaused, exit_process
@@ -62,6 +62,17 @@ def _fail(message: str, code: int = 2, err: BaseException | None = None, single:
         traceback.print_exception(err)
     print_error(" ".join(message.split()) if single else message, err)
     raise typer.Exit(code)
+
+
+def _checked_params(paths: ProjectPaths, overrides: list[str]) -> Params:
+    """``params.yaml`` with ``overrides``, valid and a pipeline ``run`` accepts (the family
+    reads the source's data, every recipe suits it); else one line, exit 2."""
+    try:
+        loaded = load_params(paths.params, overrides)
+        check_pipeline(loaded)
+    except ParamsError as err:
+        _fail(str(err))
+    return loaded
 
 
 def _check_servers() -> None:
@@ -170,10 +181,7 @@ def _run_command(set_: list[str] | None, from_stage: str | None, to_stage: str |
     paths = ProjectPaths.discover()
     overrides = list(set_ or [])
     _check_stage_names(from_stage, to_stage)
-    try:  # refuse bad input before anything starts
-        check_pipeline(load_params(paths.params, overrides))
-    except ParamsError as err:
-        _fail(str(err))
+    _checked_params(paths, overrides)  # refuse bad input before anything starts
 
     if not overrides and not force and _up_to_date(paths, from_stage, to_stage):
         return
@@ -317,10 +325,7 @@ def serve(
         )
     overrides = list(set_ or [])
     paths = ProjectPaths.discover()
-    try:
-        load_params(paths.params, overrides)
-    except ParamsError as err:
-        _fail(str(err))
+    _checked_params(paths, overrides)  # every scheduled run would refuse them
     _check_servers()
     # No PREFECT_API_URL: the project's background server, kept from going idle while serving.
     server_url = _project_prefect_server(paths)
@@ -471,11 +476,7 @@ def params(
     if schema:
         console.print_json(json.dumps(params_schema()))
         return
-    paths = ProjectPaths.discover()
-    try:
-        loaded = load_params(paths.params, list(set_ or []))
-    except ParamsError as err:
-        _fail(str(err))
+    loaded = _checked_params(ProjectPaths.discover(), list(set_ or []))
     console.print_json(loaded.model_dump_json())
 
 

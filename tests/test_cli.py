@@ -42,6 +42,11 @@ def test_params_shows_the_effective_values_with_overrides(project: Path) -> None
         (("params", "--set", "train.model.channels=[32,"), "train.model.channels=[32,: not valid YAML"),
         (("run", "--from", "deploy"), "unknown stage 'deploy'; stages: prepare, train, compress, evaluate"),
         (("run", "--set", "train.nope=1"), "train.nope: unknown key"),
+        # What `run` refuses, `params` and `serve` refuse too (a schedule of runs that each fail).
+        (("params", "--set", "prepare.source=breast_cancer"),
+         "params.yaml: train.model.family: cnn does not read rows of features (prepare.source breast_cancer)"),
+        (("serve", "--interval", "60", "--set", "prepare.source=breast_cancer"),
+         "params.yaml: train.model.family: cnn does not read rows of features (prepare.source breast_cancer)"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_code_2(project: Path, args: tuple[str, ...], expected: str) -> None:
