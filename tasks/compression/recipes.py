@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from models.spec import ModelSpec
+from models.spec import TOKEN_FAMILIES, ModelSpec, families_reading, input_problem
 from tasks.core.config import (
     BASELINE, TABULAR_SOURCES, TEXT_SOURCES, CompressParams, CompressStep, DistillStep, Params, ParamsError, PruneStep,
     QuantizeStep, Variant, step_key,
@@ -117,8 +117,6 @@ def check_pipeline(params: Params, source: str = "params.yaml") -> None:
     distillation's student, must read what ``prepare.source`` gives (where the source alone
     says it: text, rows of features), and every compression recipe must suit the trained
     model's family. Raises :class:`ParamsError` naming the key or the step."""
-    from models.spec import TOKEN_FAMILIES, families_reading
-
     family = params.train.model.family
     data = params.prepare.source
     readers, what = ((TOKEN_FAMILIES, "text") if data in TEXT_SOURCES
@@ -152,8 +150,6 @@ def check_students_read(compress: CompressParams, teacher: ModelSpec, input_shap
     """Refuse (:class:`RecipeError`, naming the step) a distillation whose student's family
     does not read the prepared data (inputs of ``input_shape``; ``teacher``: the baseline's
     spec, token ids if it has a vocabulary)."""
-    from models.spec import input_problem
-
     for key, student in students(compress, teacher.family):
         problem = input_problem(teacher.spec(family=student), input_shape)
         if problem:
