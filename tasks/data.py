@@ -14,10 +14,12 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from models.spec import ModelSpec
+if TYPE_CHECKING:  # the data module stays free of pydantic for the processes that only read data
+    from models.spec import ModelSpec
 
 SPLITS = ("train", "val", "test")
 
