@@ -66,7 +66,7 @@ def _check_family_reads_data(params: Params, paths: ProjectPaths) -> None:
     problem = input_problem(spec, preprocessing.input_shape)
     if problem:
         setting, why = problem
-        where = paths.prepared.relative_to(paths.root) if paths.prepared.is_relative_to(paths.root) else paths.prepared
+        where = paths.prepared.relative_to(paths.root)  # always inside the project
         readers = families_reading(preprocessing.input_shape, preprocessing.is_text)
         advice = "" if setting != "family" else (
             f"; use one of {', '.join(readers)}" if readers else "; no model family reads it")

@@ -24,6 +24,7 @@ from tasks.core.config import (
 )
 
 RECURRENT = frozenset({"lstm", "gru"})
+ANY_ROW = (2,)  # a row of features, as a tabular source gives (what reads it does not depend on its length)
 # Structured pruning: channels / units (mlp, cnn), attention heads and FFN units (transformer).
 FAMILIES_WITH_CHANNELS = frozenset({"mlp", "cnn", "transformer"})
 
@@ -120,7 +121,7 @@ def check_pipeline(params: Params, source: str = "params.yaml") -> None:
     family = params.train.model.family
     data = params.prepare.source
     readers, what = ((TOKEN_FAMILIES, "text") if data in TEXT_SOURCES
-                     else (families_reading((2,)), "rows of features") if data in TABULAR_SOURCES else (None, ""))
+                     else (families_reading(ANY_ROW), "rows of features") if data in TABULAR_SOURCES else (None, ""))
     if readers is not None and family not in readers:
         raise ParamsError(
             f"{source}: train.model.family: {family} does not read {what} (prepare.source {data}); "
