@@ -4,6 +4,7 @@ stage reproduced through DVC's API with the run context handed to its process (r
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -112,7 +113,33 @@ def test_an_empty_plot_folder_is_not_warned_about_other_empty_outputs_are(
     """A plot folder of one file per trained or searched variant is empty when no variant
     trains or searches (the default pipeline's plots/sensitivity): DVC's warning for it came
     twice in every run. An empty output folder elsewhere and an empty plot file still warn."""
-    assert dvc_bridge.reproduce_stage(dvc_project, "plot") is True
+    dvc_log = logging.getLogger("dvc")  # DVC's records stop at its own logger (printed once)
+    dvc_log.addHandler(caplog.handler)
+    try:
+        assert dvc_bridge.reproduce_stage(dvc_project, "plot") is True
+    finally:
+        dvc_log.removeHandler(caplog.handler)
     empty = sorted(record.getMessage() for record in caplog.records if record.getMessage().endswith("is empty."))
     assert empty == ["'other' is empty.", "'plots/empty.json' is empty."], empty
+
+
+@pytest.mark.integration
+def test_dvc_messages_are_printed_once_not_again_by_the_root_logger(dvc_project: Path) -> None:
+    """DVC gives its logger handlers of its own; a flow run also has Prefect's console
+    handler on the root logger, which printed every DVC line a second time."""
+    script = textwrap.dedent(f"""
+        import logging, sys
+        from pathlib import Path
+        # A console handler on the root logger, as Prefect's in a flow run.
+        logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="root: %(message)s")
+        from tasks.core import dvc
+        assert dvc.reproduce_stage(Path({str(dvc_project)!r}), "record")
+    """)
+    result = subprocess.run([sys.executable, "-c", script], cwd=dvc_project, capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert output.count("Running stage 'record'") == 1, output
+    assert output.count("Updating lock file 'dvc.lock'") == 1, output
+    assert "root: Running stage" not in output, output
 

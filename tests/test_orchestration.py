@@ -60,6 +60,8 @@ def test_override_is_recorded_in_mlflow_and_dvc(tiny_project: Path, prefect_api_
     env = {"PREFECT_API_URL": prefect_api_url, "MLFLOW_TRACKING_URI": mlflow_uri}
     result = slimflow(tiny_project, "run", "--set", "train.epochs=1", "--to", "train", env=env)
     assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr  # DVC's lines once each, not again in Prefect's format
+    assert [output.count(f"Running stage '{stage}'") for stage in ("prepare", "train")] == [1, 1], output[-3000:]
 
     lock = yaml.safe_load((tiny_project / "dvc.lock").read_text())
     assert lock["stages"]["train"]["params"]["params.yaml"]["train"]["epochs"] == 1

@@ -142,6 +142,18 @@ class _EmptyPlotFolders(logging.Filter):
         return not (declared.startswith("plots/") and on_disk is not None and Path(on_disk).is_dir())
 
 
+def _dvc_messages_once() -> None:
+    """DVC's messages ("Running stage 'train':", "Updating lock file 'dvc.lock'", its
+    warnings) printed once, by the handlers DVC gives its own logger on import, as ``dvc
+    repro`` prints them. Passed on to the root logger as well, they came a second time in a
+    flow run, from Prefect's console handler there. Empty plot folders are not warned about."""
+    dvc_log = logging.getLogger("dvc")
+    dvc_log.propagate = not dvc_log.handlers  # without handlers of its own, the root's print them
+    outputs_log = logging.getLogger("dvc.output")
+    if not any(isinstance(known, _EmptyPlotFolders) for known in outputs_log.filters):
+        outputs_log.addFilter(_EmptyPlotFolders())
+
+
 def reproduce_stage(root: Path, stage: str, force: bool = False, context: RunContext | None = None) -> bool:
     """Reproduce one stage (not its upstream); True if it ran, False if DVC skipped it.
 
@@ -153,9 +165,7 @@ def reproduce_stage(root: Path, stage: str, force: bool = False, context: RunCon
     from dvc.repo import Repo
 
     stage_environment()
-    outputs_log = logging.getLogger("dvc.output")
-    if not any(isinstance(known, _EmptyPlotFolders) for known in outputs_log.filters):
-        outputs_log.addFilter(_EmptyPlotFolders())
+    _dvc_messages_once()
     error_file = root / ".slimflow" / f"{stage}.error"
     prepare_error_file(error_file)
     _guard_dvc_lock(root)
@@ -204,6 +214,7 @@ def push_outputs(root: Path, remote: str | None = None) -> int | None:
     """
     from dvc.repo import Repo
 
+    _dvc_messages_once()
     with Repo(str(root)) as repo:
         name = remote or repo.config["core"].get("remote")
         if not name:
