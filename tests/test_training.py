@@ -525,7 +525,7 @@ def test_two_worker_rerun_with_the_same_seed_is_identical(default_stage: Path, t
 
 @pytest.mark.integration
 def test_jobs_in_turn_on_one_set_of_workers_train_as_if_each_were_launched_alone(
-    default_stage: Path, digits_prepared: Path, tmp_path: Path
+    default_stage: Path, digits_prepared: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
     """The compress stage's pool: after another job (another model, seed and data order) on
     the same two workers, the default job trains exactly the model its own launch trained."""
@@ -539,6 +539,8 @@ def test_jobs_in_turn_on_one_set_of_workers_train_as_if_each_were_launched_alone
         launch_fit(other, params, REPO)
         launch_fit(default, params, REPO)
     assert (pool.launches, pool.jobs) == (1, 2)
+    workers_said = capfd.readouterr().err  # the device once per set of workers, each job's curve
+    assert workers_said.count("no CUDA GPU found") == 1 and workers_said.count("best epoch") == 2, workers_said[-3000:]
     metrics, history, weights = read_outputs(Path(default.metrics_path), Path(default.history_path),
                                              Path(default.output))
     first_metrics, first_history, first_weights = default_stage_outputs(default_stage)

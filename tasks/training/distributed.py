@@ -19,6 +19,16 @@ from tasks.core.energy import EnergyMeter, Joules, process_meter, rapl_readable
 from tasks.training.launcher import THREADS_ENV, threads_per_worker
 
 log = logging.getLogger("slimflow.fit")
+_said: set[str] = set()
+
+
+def log_once(message: str, *args: Any) -> None:
+    """``log.info`` a line this worker has not logged yet: a worker of the compress stage's
+    pool trains every fine-tune in turn, with the same device and, mostly, the same settings."""
+    line = message % args
+    if line not in _said:
+        _said.add(line)
+        log.info("%s", line)
 
 
 def set_threads(local_workers: int) -> int:
@@ -80,12 +90,12 @@ def place_worker(hvd: Any) -> Placement:
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
         if rank == 0:
-            log.info("CUDA: one GPU per local rank, collectives over %s",
+            log_once("CUDA: one GPU per local rank, collectives over %s",
                      "NCCL" if hvd.nccl_built() else "Gloo (this Horovod was built without NCCL)")
     else:
         device = torch.device("cpu")
         if rank == 0:
-            log.info("no CUDA GPU found: training on CPU, Gloo collectives")
+            log_once("no CUDA GPU found: training on CPU, Gloo collectives")
     return Placement(rank, size, local_rank, device)
 
 

@@ -34,7 +34,8 @@ from tasks.training.adaptation import Adaptation
 from tasks.training.checkpoint import Checkpoints, rng_state
 from tasks.core.energy import Joules, process_meter
 from tasks.training.distributed import (
-    Placement, allreduce_groups, autocast_factory, gather_energy, gather_epoch_metrics, lr_multiplier, place_worker,
+    Placement, allreduce_groups, autocast_factory, gather_energy, gather_epoch_metrics, log_once, lr_multiplier,
+    place_worker,
 )
 from tasks.training.job import FitJob
 from tasks.training.losses import LossFn, training_loss
@@ -173,7 +174,7 @@ def log_start(t: Trainer, mlflow_log: EventLog, state: dict[str, Any], threads: 
         # run carries the whole curve.
         mlflow_log.history(([{"epoch": 0, **state["start"]}] if state["start"] else []) + state["history"])
     state["run_id"] = t.job.run_id
-    log.info("world_size=%d threads_per_worker=%d device=%s bf16=%s channels_last=%s allreduce=%s train=%d val=%d",
+    log_once("world_size=%d threads_per_worker=%d device=%s bf16=%s channels_last=%s allreduce=%s train=%d val=%d",
              place.size, threads, place.device.type, t.bf16, t.channels_last,
              "per gradient" if t.groups is None else f"{t.groups} group(s) per step",
              len(t.data.x_train), t.data.val_total)
