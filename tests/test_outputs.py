@@ -123,3 +123,22 @@ def test_each_confusion_picture_shows_only_its_own_model(tmp_path: Path) -> None
     # The model with the largest count is laid out as when drawn alone.
     confusion_png(tmp_path / "alone.png", evaluation, "baseline")
     assert np.array_equal(np.asarray(Image.open(tmp_path / "alone.png").convert("RGB")), pictures["b/baseline.png"])
+
+
+def test_a_tradeoff_picture_keeps_the_layout_matplotlib_would_choose(tmp_path: Path, monkeypatch) -> None:
+    """The trade-off figure is laid out once, before its labels are placed, and kept (no
+    second layout pass in savefig): the same picture as with the layout engine left on."""
+    from PIL import Image
+
+    from tasks.evaluation import plots
+
+    evaluation = _evaluation()
+    evaluation.champion = "int8"
+
+    def draw(path: Path) -> np.ndarray:
+        plots.tradeoff_png(path, evaluation, "size_bytes", "size on disk (KiB)", "accuracy vs size", scale=1 / 1024)
+        return np.asarray(Image.open(path).convert("RGB"))
+
+    kept = draw(tmp_path / "kept.png")
+    monkeypatch.setattr(plots, "_keep_layout", lambda fig: None)  # the engine stays: savefig lays it out again
+    assert np.array_equal(kept, draw(tmp_path / "engine.png"))
