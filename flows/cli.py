@@ -67,9 +67,11 @@ def _fail(message: str, code: int = 2, err: BaseException | None = None, single:
 def _checked_params(paths: ProjectPaths, overrides: list[str]) -> Params:
     """``params.yaml`` with ``overrides``, valid and a pipeline ``run`` accepts (the family
     reads the source's data, every recipe suits it); else one line, exit 2."""
+    from tasks.sources import check_raw_data
+
     try:
         loaded = load_params(paths.params, overrides)
-        check_pipeline(loaded)
+        check_pipeline(loaded, input_shape=check_raw_data(loaded.prepare, paths.root))
     except ParamsError as err:
         _fail(str(err))
     return loaded

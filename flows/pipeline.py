@@ -34,6 +34,7 @@ from tasks.core.paths import ProjectPaths
 from tasks.core.processes import own_process_tree
 from tasks.core.run_context import RunContext
 from tasks.data import data_digest
+from tasks.sources import check_raw_data
 
 
 def _run_stage(stage: str, root: str, force: bool, context: RunContext) -> dict[str, Any]:
@@ -113,7 +114,7 @@ def pipeline(
         # Overrides are validated before anything runs, then recorded in params.yaml,
         # so dvc.lock records them and `dvc repro` reproduces this run.
         params = load_params(paths.params, overrides)
-        check_pipeline(params)
+        check_pipeline(params, input_shape=check_raw_data(params.prepare, paths.root))
         # Stage processes and Horovod workers start as children of one process that has
         # imported torch, MLflow and the rest already (tasks.core.fork_server); it starts
         # loading now, while the run sets up.

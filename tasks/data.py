@@ -145,3 +145,18 @@ def spec_for_data(spec: ModelSpec, preprocessing: Preprocessing) -> ModelSpec:
             f"{preprocessing.vocab_size} ids; leave it null (it is set from the data)"
         )
     return spec.spec(vocab_size=preprocessing.vocab_size)
+
+
+def reading_problem(spec: ModelSpec, input_shape: tuple[int, ...], tokens: bool, where: str) -> str | None:
+    """Why a model of ``spec`` cannot read samples of ``input_shape`` (token ids if
+    ``tokens``) from ``where``, as one line naming the ``train.model`` key and, for the
+    family, the families that can; None if it can."""
+    from models.spec import families_reading, input_problem
+
+    problem = input_problem(spec, input_shape)
+    if problem is None:
+        return None
+    setting, why = problem
+    readers = families_reading(input_shape, tokens)
+    advice = "" if setting != "family" else (f"; use one of {', '.join(readers)}" if readers else "; no model family reads it")
+    return f"train.model.{setting}: {why} ({where}){advice}"

@@ -55,22 +55,17 @@ def _check_family_reads_data(params: Params, paths: ProjectPaths) -> None:
     """The model must read the prepared data (token ids, images, rows of features): a family
     that does not is refused here, naming the key and the families that do, before any
     worker starts (in the workers it was a traceback per worker, retried twice)."""
-    from models.spec import families_reading, input_problem
-    from tasks.data import load_preprocessing, spec_for_data
+    from tasks.data import load_preprocessing, reading_problem, spec_for_data
 
     preprocessing = load_preprocessing(paths.prepared)
     try:
         spec = spec_for_data(params.train.model.spec(), preprocessing)
     except ValueError as err:  # names train.model.vocab_size
         raise ParamsError(f"params.yaml: {err}") from None
-    problem = input_problem(spec, preprocessing.input_shape)
+    where = f"the data prepared in {paths.prepared.relative_to(paths.root)}"  # always inside the project
+    problem = reading_problem(spec, preprocessing.input_shape, preprocessing.is_text, where)
     if problem:
-        setting, why = problem
-        where = paths.prepared.relative_to(paths.root)  # always inside the project
-        readers = families_reading(preprocessing.input_shape, preprocessing.is_text)
-        advice = "" if setting != "family" else (
-            f"; use one of {', '.join(readers)}" if readers else "; no model family reads it")
-        raise ParamsError(f"params.yaml: train.model.{setting}: {why} (the data prepared in {where}){advice}")
+        raise ParamsError(f"params.yaml: {problem}")
 
 
 def record_model_run(paths: ProjectPaths, run_id: str) -> None:

@@ -47,12 +47,33 @@ def test_params_shows_the_effective_values_with_overrides(project: Path) -> None
          "params.yaml: train.model.family: cnn does not read rows of features (prepare.source breast_cancer)"),
         (("serve", "--interval", "60", "--set", "prepare.source=breast_cancer"),
          "params.yaml: train.model.family: cnn does not read rows of features (prepare.source breast_cancer)"),
+        # A raw path that is not there: refused before the flow starts (params.yaml unchanged).
+        (("run", "--set", "prepare.source=csv", "--set", "prepare.path=data/raw/nope.csv", "--set", "train.model.family=mlp"),
+         "params.yaml: prepare.path: data/raw/nope.csv: not found"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_code_2(project: Path, args: tuple[str, ...], expected: str) -> None:
     done = slimflow(project, *args)
     assert done.returncode == 2
     assert expected in _one_error_line(done.stderr)
+
+
+def test_an_npz_of_rows_with_the_default_cnn_is_refused_before_the_prepared_data_changes(tmp_path: Path) -> None:
+    """The npz's header says it holds rows of features: `run` refuses the cnn in one line
+    before any stage, so neither params.yaml nor data/prepared change."""
+    import numpy as np
+
+    root = make_project(tmp_path / "project")
+    (root / "data" / "raw").mkdir(parents=True, exist_ok=True)
+    np.savez(root / "data" / "raw" / "rows.npz", x=np.zeros((60, 8), np.float32), y=np.arange(60) % 3)
+    params = (root / "params.yaml").read_text()
+    done = slimflow(root, "run", "--set", "prepare.source=npz", "--set", "prepare.path=data/raw/rows.npz")
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert _one_error_line(done.stderr) == (
+        "error: params.yaml: train.model.family: cnn needs image inputs (C, H, W), got input shape (8,) "
+        "(prepare.path data/raw/rows.npz); use one of mlp, lstm, gru")
+    assert (root / "params.yaml").read_text() == params
+    assert not (root / "data" / "prepared").exists()
 
 
 def test_report_without_an_evaluation_says_what_to_run(project: Path) -> None:

@@ -496,6 +496,45 @@ def test_a_model_or_student_that_cannot_read_rows_of_features_is_refused_before_
     check_pipeline(params("mlp", distill, None))  # images: a cnn student reads them
 
 
+def test_an_npz_the_model_or_a_student_cannot_read_is_refused_from_its_header_before_any_stage(tmp_path: Path) -> None:
+    """An npz says its shape only in its arrays: the prepare stage used to replace the
+    prepared data before the train stage refused the model. The pipeline's check now reads
+    the inputs array's header (not the data) and refuses as for the other sources."""
+    from tasks.compression.recipes import check_pipeline
+    from tasks.sources import check_raw_data, npz_input_shape
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "data").mkdir()
+    np.savez(tmp_path / "data" / "rows.npz", x=rng.normal(size=(40, 8)).astype(np.float32), y=np.arange(40) % 2)
+    np.savez_compressed(tmp_path / "data" / "grey.npz", pixels=rng.normal(size=(40, 6, 6)), y=np.arange(40) % 2)
+    np.savez(tmp_path / "data" / "rgb.npz", x=rng.normal(size=(40, 3, 12, 12)), y=np.arange(40) % 2)
+    (tmp_path / "data" / "broken.npz").write_bytes(b"PK\x03\x04 not a zip")
+    assert npz_input_shape(tmp_path / "data" / "rows.npz", "x") == (8,)
+    assert npz_input_shape(tmp_path / "data" / "grey.npz", "pixels") == (1, 6, 6)  # as prepare makes it
+    assert npz_input_shape(tmp_path / "data" / "rgb.npz", "x") == (3, 12, 12)
+    assert npz_input_shape(tmp_path / "data" / "rows.npz", "pixels") is None  # prepare names what is wrong
+    assert npz_input_shape(tmp_path / "data" / "broken.npz", "x") is None
+    assert npz_input_shape(tmp_path / "data" / "missing.npz", "x") is None
+
+    def check(path: str, model: dict, variants: list[dict[str, Any]] | None = None, inputs: str = "x") -> None:
+        params = validate_params({"prepare": {"source": "npz", "path": path, "npz_inputs": inputs},
+                                  "train": {"model": model}, "compress": {"variants": variants or []}})
+        check_pipeline(params, input_shape=check_raw_data(params.prepare, tmp_path))
+
+    with pytest.raises(ParamsError) as caught:
+        check("data/rows.npz", {"family": "cnn"})
+    assert str(caught.value) == ("params.yaml: train.model.family: cnn needs image inputs (C, H, W), got input shape (8,) "
+                                 "(prepare.path data/rows.npz); use one of mlp, lstm, gru")
+    with pytest.raises(ParamsError, match=r"train.model.patch_size: transformer: patch_size 8 is larger than the image \(6x6\)"):
+        check("data/grey.npz", {"family": "transformer", "patch_size": 8}, inputs="pixels")
+    student = [{"name": "student", "steps": [{"method": "distill", "student_family": "cnn", "student_width": 0.5}]}]
+    with pytest.raises(ParamsError, match=r"^params.yaml: compress.variants.1\(student\).steps.1\(distill\): student_family: "):
+        check("data/rows.npz", {"family": "mlp"}, student)
+    check("data/rows.npz", {"family": "gru"})
+    check("data/rgb.npz", {"family": "cnn"}, student)
+    check("data/broken.npz", {"family": "cnn"})  # left to the prepare stage, which names the problem
+
+
 def test_the_compress_stage_refuses_a_student_that_cannot_read_the_prepared_data() -> None:
     """What ``dvc repro`` meets where the source does not say the data's shape (npz): the
     compress stage checks each student against the prepared data before any training."""

@@ -93,16 +93,20 @@ def test_failed_train_stage_is_retried_and_resumes_from_its_checkpoint(
 def test_stage_that_always_fails_fails_the_flow_in_prefect_and_mlflow(
     tmp_path: Path, prefect_api_url: str, mlflow_uri: str
 ) -> None:
-    root = make_project(tmp_path / "broken", {**TINY_PARAMS, "prepare": {"source": "csv", "path": "data/raw/missing.csv"},
+    # A CSV with a value that is not a number: only reading it finds out (a missing file is
+    # refused before the flow starts, tests/test_cli.py).
+    root = make_project(tmp_path / "broken", {**TINY_PARAMS, "prepare": {"source": "csv", "path": "data/raw/broken.csv"},
                                               "train": {**TINY_PARAMS["train"], "model": {"family": "mlp"}}})
+    (root / "data" / "raw").mkdir(parents=True, exist_ok=True)
+    (root / "data" / "raw" / "broken.csv").write_text("a,b,label\n" + "1,2,0\n" * 20 + "3,oops,1\n" + "4,5,1\n" * 20)
     env = {"PREFECT_API_URL": prefect_api_url, "MLFLOW_TRACKING_URI": mlflow_uri}
     result = slimflow(root, "run", env=env)
     assert result.returncode == 2  # bad input, as the stage said: one line naming the file
     line = [line for line in result.stderr.splitlines() if line.startswith("error:")][-1]  # after the stage's own
-    assert line.startswith("error: pipeline failed: prepare: ") and "missing.csv" in line
+    assert line.startswith("error: pipeline failed: prepare: data/raw/broken.csv: line 22"), line
     (pipeline_run,) = _pipeline_runs()
     assert pipeline_run.info.status == "FAILED"
-    assert "missing.csv" in pipeline_run.data.tags["error"]
+    assert "broken.csv" in pipeline_run.data.tags["error"]
     assert [r for r in _runs() if r.info.status == "RUNNING"] == []
 
     from prefect.client.orchestration import get_client
@@ -113,7 +117,7 @@ def test_stage_that_always_fails_fails_the_flow_in_prefect_and_mlflow(
         flow_run = client.read_flow_run(flow_run_id)
         task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
     assert flow_run.state.is_failed()
-    assert "missing.csv" in flow_run.state.message
+    assert "broken.csv" in flow_run.state.message
     (prepare_task,) = [t for t in task_runs if t.name.startswith("prepare")]
     assert prepare_task.state.is_failed()
     assert prepare_task.run_count == 1  # bad input: not retried, it would fail the same way

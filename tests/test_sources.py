@@ -273,3 +273,32 @@ def test_digest_matches_dvc_add(tmp_path: Path) -> None:
         assert digest == recorded
         assert dvc_digest(path) == recorded  # now read back from the .dvc file
     assert computed[folder].endswith(".dir")
+
+
+def test_the_paths_prepare_names_are_checked_before_a_run(tmp_path: Path) -> None:
+    """`slimflow run` refuses a raw path that is not there (or of the wrong kind) in one line
+    before anything starts; a path DVC tracks but the workspace lacks says how to fetch it."""
+    from tasks.core.config import ParamsError, PrepareParams
+    from tasks.sources import check_raw_data
+
+    (tmp_path / "data" / "images" / "cat").mkdir(parents=True)
+    (tmp_path / "data" / "rows.csv").write_text("a,label\n1,0\n")
+    (tmp_path / "data" / "pulled.npz.dvc").write_text("outs:\n- md5: 0\n  path: pulled.npz\n")
+
+    def refusal(**prepare: str) -> str:
+        with pytest.raises(ParamsError) as caught:
+            check_raw_data(PrepareParams(**prepare), tmp_path)
+        return str(caught.value)
+
+    assert refusal(source="csv", path="data/nope.csv") == "params.yaml: prepare.path: data/nope.csv: not found"
+    assert refusal(source="npz", path="data/pulled.npz") == (
+        "params.yaml: prepare.path: data/pulled.npz: not found (tracked by DVC: `dvc pull data/pulled.npz.dvc` fetches it)")
+    assert refusal(source="csv", path="data/images") == (
+        "params.yaml: prepare.path: data/images: not a file (source csv reads one)")
+    assert refusal(source="image_folder", path="data/rows.csv").startswith(
+        "params.yaml: prepare.path: data/rows.csv: not a folder (source image_folder reads one sub-folder per class)")
+    assert refusal(source="idx", path="data/rows.csv", labels_path="data/labels.idx").startswith(
+        "params.yaml: prepare.labels_path: data/labels.idx: not found")
+    assert check_raw_data(PrepareParams(source="csv", path="data/rows.csv"), tmp_path) is None
+    assert check_raw_data(PrepareParams(source="image_folder", path="data/images"), tmp_path) is None
+    assert check_raw_data(PrepareParams(source="digits", path="data/ignored"), tmp_path) is None

@@ -113,11 +113,13 @@ def check_recipes(compress: CompressParams, family: str) -> dict[str, list[Chain
     return chains
 
 
-def check_pipeline(params: Params, source: str = "params.yaml") -> None:
+def check_pipeline(params: Params, source: str = "params.yaml", input_shape: Sequence[int] | None = None) -> None:
     """Rules that span sections, checked before any stage runs: the trained model, and each
     distillation's student, must read what ``prepare.source`` gives (where the source alone
-    says it: text, rows of features), and every compression recipe must suit the trained
-    model's family. Raises :class:`ParamsError` naming the key or the step."""
+    says it: text, rows of features; else ``input_shape``, one sample's shape where the data
+    says it before it is prepared: :func:`tasks.sources.check_raw_data`), and every
+    compression recipe must suit the trained model's family. Raises :class:`ParamsError`
+    naming the key or the step."""
     family = params.train.model.family
     data = params.prepare.source
     readers, what = ((TOKEN_FAMILIES, "text") if data in TEXT_SOURCES
@@ -135,6 +137,24 @@ def check_pipeline(params: Params, source: str = "params.yaml") -> None:
         if student not in readers:
             raise ParamsError(f"{source}: {key}: student_family: {student} does not read {what} "
                               f"(prepare.source {data}); use one of {', '.join(readers)}")
+    if readers is None and input_shape is not None:
+        _check_shape_read(params, source, tuple(input_shape))
+
+
+def _check_shape_read(params: Params, source: str, input_shape: tuple[int, ...]) -> None:
+    """The model and each student must read samples of ``input_shape``, as the data will be
+    prepared (else ``prepare`` would replace the prepared data before the train stage refused
+    the model)."""
+    from tasks.data import reading_problem
+
+    spec = params.train.model.spec()
+    problem = reading_problem(spec, input_shape, False, f"prepare.path {params.prepare.path}")
+    if problem:
+        raise ParamsError(f"{source}: {problem}")
+    try:
+        check_students_read(params.compress, spec, input_shape)
+    except RecipeError as err:
+        raise ParamsError(f"{source}: {err}") from None
 
 
 def students(compress: CompressParams, family: str) -> Iterator[tuple[str, str]]:

@@ -60,6 +60,21 @@ def read_npz(path: Path, shown: str, inputs: str, labels: str) -> RawData:
     return check_dataset(RawData(x, y, class_names), shown, check_finite=overflow)
 
 
+def npz_input_shape(path: Path, inputs: str) -> tuple[int, ...] | None:
+    """The shape one sample of ``path``'s ``inputs`` array will have once prepared (3-D
+    arrays gain a channel), from the array's header alone: what a pipeline can check before
+    any stage runs. None when the file or the array cannot be read (``prepare`` says why)."""
+    from numpy.lib import format as npy
+
+    try:
+        with zipfile.ZipFile(path) as archive, archive.open(f"{inputs}.npy") as member:
+            version = npy.read_magic(member)
+            shape, _, _ = npy.read_array_header_2_0(member) if version == (2, 0) else npy.read_array_header_1_0(member)
+    except (OSError, KeyError, ValueError, EOFError, zlib.error, zipfile.BadZipFile):
+        return None
+    return {2: shape[1:], 3: (1, *shape[1:]), 4: shape[1:]}.get(len(shape))
+
+
 def read_csv(path: Path, shown: str, label_column: str) -> RawData:
     """A CSV with a header row: every column but ``label_column`` is a numeric feature.
 
