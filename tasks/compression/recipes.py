@@ -148,6 +148,8 @@ def _check_shape_read(params: Params, source: str, input_shape: tuple[int, ...])
     from tasks.data import reading_problem
 
     spec = params.train.model.spec()
+    if spec.vocab_size is not None:
+        return  # not token ids: the train stage refuses the setting itself (tasks.data.spec_for_data)
     problem = reading_problem(spec, input_shape, False, f"prepare.path {params.prepare.path}")
     if problem:
         raise ParamsError(f"{source}: {problem}")
