@@ -25,7 +25,7 @@ from flows.prefect_settings import use_project_prefect_settings
 from flows.report import comparison_table
 from tasks.compression.recipes import check_pipeline
 from tasks.core.config import Params, ParamsError, load_params, params_schema
-from tasks.core.dvc import stage_names
+from tasks.core.dvc import select_stages, stage_names
 from tasks.core.paths import ProjectPaths
 from tasks.core.processes import CollectorPaused, exit_process
 from tasks.core.tables import console as table_console
@@ -64,14 +64,16 @@ def _fail(message: str, code: int = 2, err: BaseException | None = None, single:
     raise typer.Exit(code)
 
 
-def _checked_params(paths: ProjectPaths, overrides: list[str]) -> Params:
-    """``params.yaml`` with ``overrides``, valid and a pipeline ``run`` accepts (the family
-    reads the source's data, every recipe suits it); else one line, exit 2."""
+def _checked_params(paths: ProjectPaths, overrides: list[str], stages: list[str] | None = None) -> Params:
+    """``params.yaml`` with ``overrides``, valid and a pipeline ``run`` of ``stages`` (None:
+    all) accepts (the raw data there when ``prepare`` is to run, the family reads the
+    source's data, every recipe suits it); else one line, exit 2."""
     from tasks.sources import check_raw_data
 
     try:
         loaded = load_params(paths.params, overrides)
-        check_pipeline(loaded, input_shape=check_raw_data(loaded.prepare, paths.root))
+        reads_raw = stages is None or "prepare" in stages
+        check_pipeline(loaded, input_shape=check_raw_data(loaded.prepare, paths.root) if reads_raw else None)
     except ParamsError as err:
         _fail(str(err))
     return loaded
@@ -145,7 +147,7 @@ def _up_to_date(paths: ProjectPaths, first: str | None, last: str | None) -> boo
     Starting Prefect's temporary API costs more than the whole check (about 15 s), and a
     run whose every stage would be skipped changes nothing anyone can see.
     """
-    from tasks.core.dvc import pipeline_status, select_stages
+    from tasks.core.dvc import pipeline_status
 
     stages = select_stages(first, last)
     try:
@@ -183,7 +185,11 @@ def _run_command(set_: list[str] | None, from_stage: str | None, to_stage: str |
     paths = ProjectPaths.discover()
     overrides = list(set_ or [])
     _check_stage_names(from_stage, to_stage)
-    _checked_params(paths, overrides)  # refuse bad input before anything starts
+    try:
+        stages = select_stages(from_stage, to_stage, paths.root)
+    except ValueError as err:
+        _fail(str(err))
+    _checked_params(paths, overrides, stages)  # refuse bad input before anything starts
 
     if not overrides and not force and _up_to_date(paths, from_stage, to_stage):
         return

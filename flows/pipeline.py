@@ -114,7 +114,7 @@ def pipeline(
         # Overrides are validated before anything runs, then recorded in params.yaml,
         # so dvc.lock records them and `dvc repro` reproduces this run.
         params = load_params(paths.params, overrides)
-        check_pipeline(params, input_shape=check_raw_data(params.prepare, paths.root))
+        check_pipeline(params, input_shape=check_raw_data(params.prepare, paths.root) if "prepare" in stages else None)
         # Stage processes and Horovod workers start as children of one process that has
         # imported torch, MLflow and the rest already (tasks.core.fork_server); it starts
         # loading now, while the run sets up.

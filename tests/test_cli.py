@@ -94,3 +94,20 @@ def test_report_draws_the_comparison_from_the_dvc_metrics(tmp_path: Path) -> Non
     line = next(line for line in done.stdout.splitlines() if "int8-dynamic" in line)
     for cell in ("97.98", "+0.90", "19.5", "4.00", "2.00", "champion"):
         assert cell in line, line
+
+
+def test_the_raw_data_is_checked_only_when_the_prepare_stage_is_to_run(tmp_path: Path) -> None:
+    """`run --from train` reads the prepared data, not the raw files: a raw path that is not
+    in the workspace (say, data only pulled as prepared) does not stop it."""
+    import typer
+
+    from flows.cli import _checked_params
+    from tasks.core.paths import ProjectPaths
+
+    root = make_project(tmp_path / "project")
+    paths = ProjectPaths(root)
+    missing = ["prepare.source=csv", "prepare.path=data/raw/gone.csv", "train.model.family=mlp"]
+    assert _checked_params(paths, missing, ["train", "compress", "evaluate"]).prepare.path == "data/raw/gone.csv"
+    for stages in (None, ["prepare", "train"]):
+        with pytest.raises(typer.Exit):
+            _checked_params(paths, missing, stages)
