@@ -41,6 +41,8 @@ def test_params_shows_the_effective_values_with_overrides(project: Path) -> None
         (("params", "--set", "train.epochs=0"), "train.epochs: Input should be greater than or equal to 1"),
         (("params", "--set", "train.model.channels=[32,"), "train.model.channels=[32,: not valid YAML"),
         (("run", "--from", "deploy"), "unknown stage 'deploy'; stages: prepare, train, compress, evaluate"),
+        (("run", "--from", "evaluate", "--to", "train"),
+         "error: stage range evaluate..train is empty: stages run in the order prepare, train, compress, evaluate"),
         (("run", "--set", "train.nope=1"), "train.nope: unknown key"),
         # What `run` refuses, `params` and `serve` refuse too (a schedule of runs that each fail).
         (("params", "--set", "prepare.source=breast_cancer"),
