@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tasks.data import SPLITS, Preprocessing
+from tasks.core.config import BUILTIN_SOURCES
 from tasks.core.errors import disk_full_message, report_stage_error, stage_main
 from tasks.core.processes import die_with_parent, exit_process
 from tasks.core.stage_cli import parse_stage_args
@@ -54,13 +55,10 @@ from tasks.sources import (
 )
 
 if TYPE_CHECKING:
-    # tasks.core.config imports the model registry and with it torch (~2 s); only main() needs it.
     from tasks.core.config import PrepareParams
 
 logger = logging.getLogger(__name__)
 
-BUILTIN_SOURCES = ("digits", "breast_cancer")
-TEXT_SOURCES = ("text_table", "text_folder")
 TOKENIZER_FILE = "tokenizer.json"
 
 

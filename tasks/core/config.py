@@ -28,9 +28,9 @@ from tasks.core.compress_params import (
 )
 
 __all__ = [
-    "BASELINE", "FINAL_METHODS", "STEP_MODELS", "CompressParams", "CompressStep", "DistillStep", "ExportStep",
-    "HalfStep", "Params", "ParamsError", "PruneStep", "QuantizeStep", "TABULAR_SOURCES", "TEXT_SOURCES", "Variant",
-    "load_params", "params_schema", "step_key", "validate_params", "write_overrides",
+    "BASELINE", "BUILTIN_SOURCES", "FINAL_METHODS", "FOLDER_SOURCES", "STEP_MODELS", "CompressParams", "CompressStep",
+    "DistillStep", "ExportStep", "HalfStep", "Params", "ParamsError", "PruneStep", "QuantizeStep", "TABULAR_SOURCES",
+    "TEXT_SOURCES", "Variant", "load_params", "params_schema", "step_key", "validate_params", "write_overrides",
 ]
 
 
@@ -47,6 +47,10 @@ Fraction = Annotated[float, Field(gt=0.0, lt=1.0)]
 # shape does; the train stage checks the prepared data itself).
 TEXT_SOURCES = frozenset({"text_table", "text_folder"})  # token ids
 TABULAR_SOURCES = frozenset({"breast_cancer", "csv"})  # rows of features
+# Where the data is: shipped with scikit-learn (no prepare.path), or prepare.path a folder
+# of one sub-folder per class; the other sources read a file.
+BUILTIN_SOURCES = frozenset({"digits", "breast_cancer"})
+FOLDER_SOURCES = frozenset({"image_folder", "text_folder"})
 
 
 class BaseParams(_Strict):

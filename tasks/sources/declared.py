@@ -10,10 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tasks.core.config import ParamsError, PrepareParams
+from tasks.core.config import BUILTIN_SOURCES, FOLDER_SOURCES, ParamsError, PrepareParams
 from tasks.sources.tabular import npz_input_shape
-
-FOLDER_SOURCES = frozenset({"image_folder", "text_folder"})  # one sub-folder per class; the others read files
 
 
 def check_raw_data(prepare: PrepareParams, root: Path, source: str = "params.yaml") -> tuple[int, ...] | None:
@@ -21,10 +19,12 @@ def check_raw_data(prepare: PrepareParams, root: Path, source: str = "params.yam
     ``prepare.labels_path`` under project ``root`` that is not there, or not a file (a
     folder for the folder sources). Returns one sample's shape as prepared where the raw
     data declares it (``npz``), else None."""
+    if prepare.source in BUILTIN_SOURCES:
+        return None  # scikit-learn's own files; prepare.path is not read
     named = [("path", prepare.path, prepare.source in FOLDER_SOURCES)] if prepare.path else []
     if prepare.source == "idx" and prepare.labels_path:
         named.append(("labels_path", prepare.labels_path, False))
-    for key, name, folder in named if prepare.source not in ("digits", "breast_cancer") else ():
+    for key, name, folder in named:
         path = root / name
         if not path.exists():
             tracked = (root / f"{name.rstrip('/')}.dvc").is_file()
