@@ -141,15 +141,14 @@ def _interrupt_on_sigterm() -> None:
     signal.signal(signal.SIGHUP, handler)
 
 
-def _up_to_date(paths: ProjectPaths, first: str | None, last: str | None) -> bool:
-    """True (and say so) when DVC finds nothing to do: then no flow run is started.
+def _up_to_date(paths: ProjectPaths, stages: list[str]) -> bool:
+    """True (and say so) when DVC finds nothing to do in ``stages``: then no flow run is started.
 
     Starting Prefect's temporary API costs more than the whole check (about 15 s), and a
     run whose every stage would be skipped changes nothing anyone can see.
     """
     from tasks.core.dvc import pipeline_status
 
-    stages = select_stages(first, last)
     try:
         changed = pipeline_status(paths.root, stages)
     except Exception:  # e.g. DVC busy: let the flow report it properly
@@ -191,7 +190,7 @@ def _run_command(set_: list[str] | None, from_stage: str | None, to_stage: str |
         _fail(str(err))
     _checked_params(paths, overrides, stages)  # refuse bad input before anything starts
 
-    if not overrides and not force and _up_to_date(paths, from_stage, to_stage):
+    if not overrides and not force and _up_to_date(paths, stages):
         return
 
     _check_servers()
