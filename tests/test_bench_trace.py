@@ -161,6 +161,30 @@ def test_the_floor_groups_every_overhead_cause_once() -> None:
     assert bounds["warm_s"] == pytest.approx(1.6 + 0.2 + 1.5 + 0.2)  # the largest import instead of the server
 
 
+def test_the_floor_with_imports_shares_two_cores_before_the_first_stage() -> None:
+    """The imports' and the server's CPU seconds share two cores before the first stage;
+    the start is never shorter than the server's start, nor than the largest import."""
+    import bench_floor
+
+    figures = {"prefect_server_start_s": 3.0, "prefect_server_start_cpu_s": 2.8, "dvc_reproduce_s": 0.2,
+               "mlflow": {"cpu_s": 3.0, "wall_s": 3.2}, "horovod_rendezvous_s": 0.1,
+               "imports_s": {"prefect": 1.1, "mlflow": 1.4, "torch": 1.3},
+               "imports_cpu_s": {"prefect": 1.0, "mlflow": 1.3, "torch": 1.3}}
+    after_start = 0.2 + 1.5 + 0.2
+    bounds = bench_floor.floor_with_imports(figures, pools=2)
+    assert bounds["cold_s"] == pytest.approx((2.8 + 3.6) / 2 + after_start)
+    assert bounds["warm_s"] == pytest.approx(3.6 / 2 + after_start)
+    # Never below the simpler floor, cold or warm.
+    plain = bench_floor.floor(figures, pools=2)
+    assert bounds["cold_s"] >= plain["cold_s"] and bounds["warm_s"] >= plain["warm_s"]
+    # One import that outweighs the rest: the start waits for it, whatever two cores could share.
+    figures["imports_s"], figures["imports_cpu_s"] = {"torch": 5.0}, {"torch": 4.9}
+    assert bench_floor.floor_with_imports(figures, pools=2)["warm_s"] == pytest.approx(5.0 + after_start)
+    # A server that starts slowly but idles (waits, not CPU) still sets the cold start.
+    figures["prefect_server_start_s"], figures["prefect_server_start_cpu_s"] = 8.0, 1.0
+    assert bench_floor.floor_with_imports(figures, pools=2)["cold_s"] == pytest.approx(8.0 + after_start)
+
+
 def test_a_runs_overhead_is_its_wall_less_its_work_every_cause_listed() -> None:
     """The first run and the run again (server up) are summed up alike: overhead = wall -
     (stage work + epochs), every cause listed (0 where the run had none)."""
