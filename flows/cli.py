@@ -43,9 +43,16 @@ console = table_console()
 
 @app.callback()
 def _project_settings() -> None:
-    """Every command: Prefect's settings for this project, and no usage telemetry from MLflow
-    or ONNX Runtime (:mod:`tasks.core.telemetry`), before any of them is imported."""
-    use_project_prefect_settings(ProjectPaths.discover().root)
+    """Every command: from the project's root, Prefect's settings for this project, and no
+    usage telemetry from MLflow or ONNX Runtime (:mod:`tasks.core.telemetry`), before any
+    of them is imported.
+
+    From the root, as DVC runs the stages: a local MLflow store puts a new experiment's
+    files under ``./mlruns`` of the working directory, so a run started in ``data/`` made
+    ``data/mlruns/`` (outside ``.gitignore``)."""
+    root = ProjectPaths.discover().root
+    os.chdir(root)
+    use_project_prefect_settings(root)
     turn_off_telemetry()
 
 

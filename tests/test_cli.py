@@ -113,3 +113,26 @@ def test_the_raw_data_is_checked_only_when_the_prepare_stage_is_to_run(tmp_path:
     for stages in (None, ["prepare", "train"]):
         with pytest.raises(typer.Exit):
             _checked_params(paths, missing, stages)
+
+
+def test_a_command_from_a_subfolder_keeps_mlflows_files_in_the_project_root(tmp_path: Path) -> None:
+    """`slimflow` works from the project's root wherever it is typed: a new experiment's
+    files go to the root's `mlruns/` (ignored by git), not to `mlruns/` in the folder the
+    user stood in (`data/mlruns/` was left untracked beside the data)."""
+    import os
+    import subprocess
+    import sys
+
+    from mlflow import MlflowClient
+
+    root = make_project(tmp_path / "project")
+    subfolder = root / "data" / "raw"
+    env = {k: v for k, v in os.environ.items() if k not in ("SLIMFLOW_ROOT", "MLFLOW_TRACKING_URI")}
+    done = subprocess.run([str(Path(sys.executable).parent / "slimflow"), "status"], cwd=subfolder, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert not (subfolder / "mlruns").exists()
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("slimflow")
+    assert experiment is not None
+    assert Path(experiment.artifact_location).parent == root / "mlruns"
