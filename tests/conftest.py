@@ -80,8 +80,11 @@ def make_project(dest: Path, params: dict | None = None) -> Path:
 
 @pytest.fixture
 def mlflow_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    """A fresh, real MLflow sqlite store for one test."""
+    """A fresh, real MLflow sqlite store for one test, its artifacts under ``tmp_path`` too:
+    MLflow puts a new experiment's files in ``./mlruns`` of the working directory, which
+    was the checkout's own (``mlruns/1`` held a run folder per test run)."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     for key in ("MLFLOW_EXPERIMENT_ID", "SLIMFLOW_RUN_CONTEXT", "MLFLOW_RUN_ID"):
         monkeypatch.delenv(key, raising=False)

@@ -351,6 +351,53 @@ def test_lstm_dynamic_int8_and_unstructured_pruning(baselines, tmp_path: Path) -
         weight_sparsity(load_model_dir(by_name["pruned-l1-50"].folder).module), abs=1e-6)
 
 
+def _candidate(spec: dict[str, Any], input_shape: tuple[int, ...]):
+    from tasks.compression.candidate import Candidate
+
+    torch.manual_seed(0)
+    model_spec = ModelSpec.from_dict(spec)
+    return Candidate(build_model(model_spec, input_shape, 10).eval(), model_spec, input_shape, 10)
+
+
+@pytest.mark.parametrize("spec, input_shape, first_layer", [
+    ({"family": "cnn", "channels": [16, 32]}, (1, 8, 8), "features.0"),
+    ({"family": "mlp", "hidden_sizes": [64, 32]}, (64,), None),
+])
+def test_a_narrower_student_starts_from_its_teachers_strongest_channels(
+    spec: dict[str, Any], input_shape: tuple[int, ...], first_layer: str | None,
+) -> None:
+    """``student_init: auto``: the student's first layer holds a subset of the teacher's own
+    filters / units (in the teacher's order; structured pruning picks them by L1 magnitude),
+    and the weights load strictly into the student the workers build from its spec."""
+    from tasks.compression.distillation import student_spec, teacher_start
+    from tasks.compression.pruning import structured_layers
+
+    teacher = _candidate(spec, input_shape)
+    student = student_spec(teacher.spec, None, 0.5)
+    start = teacher_start(teacher, student, torch.randn(2, *input_shape))
+    assert start is not None
+    build_model(student, input_shape, 10).load_state_dict(start.module.state_dict())  # strict
+    name = first_layer or next(iter(structured_layers(teacher.module)))
+    teacher_weight = structured_layers(teacher.module)[name].weight.detach()
+    start_weight = structured_layers(start.module)[name].weight.detach()
+    assert start_weight.shape[0] == teacher_weight.shape[0] // 2
+    kept = [int((teacher_weight == row).flatten(1).all(1).nonzero()[0]) for row in start_weight]
+    assert kept == sorted(set(kept))  # distinct rows of the teacher, in its order
+
+
+def test_other_students_start_from_random_weights() -> None:
+    """Another family, a recurrent or transformer student, or one wider than its teacher: no
+    teacher start (the distillation starts from random weights, as ``student_init: random``)."""
+    from tasks.compression.distillation import student_spec, teacher_start
+
+    cnn = _candidate({"family": "cnn", "channels": [16, 32]}, (1, 8, 8))
+    example = torch.randn(2, 1, 8, 8)
+    assert teacher_start(cnn, student_spec(cnn.spec, "mlp", None), example) is None
+    assert teacher_start(cnn, student_spec(cnn.spec, None, 2.0), example) is None
+    lstm = _candidate({"family": "lstm", "rnn_hidden": 32}, (8, 8))
+    assert teacher_start(lstm, student_spec(lstm.spec, None, 0.5), torch.randn(2, 8, 8)) is None
+
+
 @pytest.mark.integration
 def test_distilled_student_has_at_most_30_percent_of_the_teacher(baselines, tmp_path: Path, mlflow_uri: str) -> None:
     """Distillation trains the student with Horovod (2 workers) like the baseline."""
@@ -362,6 +409,8 @@ def test_distilled_student_has_at_most_30_percent_of_the_teacher(baselines, tmp_
         {"name": "distilled-cnn-w0.5", "steps": [{"method": "distill", "student_width": 0.5, "epochs": 2}]},
         {"name": "distilled-cnn-w0.5-int8-static-ort", "parent": "distilled-cnn-w0.5",
          "steps": [{"method": "quantize", "mode": "static"}]},
+        {"name": "distilled-cnn-w0.5-random", "steps": [
+            {"method": "distill", "student_width": 0.5, "epochs": 1, "student_init": "random"}]},
     ]
     params, paths = _project(tmp_path, baselines, "cnn", variants)
     with tracking.stage_run("compress", paths.root, "test-compress") as stage:
@@ -384,12 +433,33 @@ def test_distilled_student_has_at_most_30_percent_of_the_teacher(baselines, tmp_
     runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("test-compress").experiment_id])}
     variant_run = runs["distilled-cnn-w0.5"]
     assert variant_run.data.tags["mlflow.parentRunId"] == stage.info.run_id
-    assert len(client.get_metric_history(variant_run.info.run_id, "fine_tune/val_loss")) == 2
+    # Step 0: the student as it started (the teacher's pruned weights), before distillation.
+    history = client.get_metric_history(variant_run.info.run_id, "fine_tune/val_loss")
+    assert sorted(m.step for m in history) == [0, 1, 2]
     assert variant_run.data.params["fine_tune/world_size"] == "2"
     assert variant_run.data.metrics["val_accuracy"] == pytest.approx(results[0].val_accuracy)
     curve = json.loads((paths.plots / "fine_tune" / "distilled-cnn-w0.5.json").read_text())
     assert [row["epoch"] for row in curve] == [1, 2]
     assert student["training"][0]["method"] == "distill" and student["training"][0]["world_size"] == 2
+    # The workers' student started from the teacher's pruned weights: its validation accuracy
+    # before the first epoch is theirs, as computed here; with student_init: random, it
+    # started from random weights.
+    from tasks.compression.candidate import Candidate
+    from tasks.compression.distillation import student_spec, teacher_start
+    from tasks.core.model_files import load_eager_model
+    from tasks.data import load_preprocessing
+
+    baseline = load_eager_model(paths.model)
+    spec = ModelSpec.from_dict(teacher["model_spec"])
+    val = load_split(paths.prepared, "val", load_preprocessing(paths.prepared))
+    start = teacher_start(Candidate(baseline, spec, tuple(teacher["input_shape"]), 10),
+                          student_spec(spec, None, 0.5), torch.from_numpy(val.x[:2]))
+    with torch.no_grad():
+        start_accuracy = float((start.module(torch.from_numpy(val.x)).argmax(1).numpy() == val.y).mean())
+    assert student["training"][0]["student_start"] == "teacher-pruned"
+    assert student["training"][0]["start_val_accuracy"] == pytest.approx(start_accuracy)
+    random_start = results[2].manifest["training"][0]
+    assert random_start["student_start"] == "random" and "start_val_accuracy" not in random_start
 
 
 # -- bad recipes -------------------------------------------------------------------------------

@@ -83,7 +83,8 @@ def test_the_schema_shows_each_compression_method_with_its_own_fields() -> None:
     fields = {method: set(defs[ref.rsplit("/", 1)[-1]]["properties"]) for method, ref in mapping.items()}
     assert fields["prune"] == {"method", "kind", "sparsity", "fine_tune_epochs", "lr"}
     assert fields["quantize"] == {"method", "mode", "runtime", "fine_tune_epochs", "lr", "fallback"}
-    assert fields["distill"] == {"method", "student_family", "student_width", "student_layers", "temperature", "alpha", "epochs", "lr"}
+    assert fields["distill"] == {"method", "student_family", "student_width", "student_layers", "student_init",
+                                 "temperature", "alpha", "epochs", "lr"}
     assert fields["half"] == {"method"} and fields["export"] == {"method", "runtime"}
     prune = defs[mapping["prune"].rsplit("/", 1)[-1]]
     assert set(prune["required"]) == {"method", "kind", "sparsity"}

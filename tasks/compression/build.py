@@ -122,6 +122,7 @@ def _distill(candidate: Candidate, step: DistillStep, work: Work, training: Trai
     student, trained = distill(
         candidate, training, student_family=step.student_family, student_width=step.student_width,
         student_layers=step.student_layers, temperature=step.temperature, alpha=step.alpha, epochs=step.epochs, lr=step.lr,
+        student_init=step.student_init, example=work.data.example(),
     )
     work.trained(training, trained, "distill", step.epochs, extra)
     return student

@@ -238,6 +238,7 @@ def distill_searched(
         student, trained = distill(
             candidate, replace(training, trial=number), student_family=step.student_family, student_width=width,
             student_layers=step.student_layers, temperature=step.temperature, alpha=step.alpha, epochs=step.epochs, lr=step.lr,
+            student_init=step.student_init, example=work.data.example(),
         )
         trained_by_trial[number] = trained
         val_accuracy = accuracy(torch_predictor(student.module)(work.data.x_val), work.data.y_val)

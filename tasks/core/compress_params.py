@@ -149,6 +149,11 @@ class DistillStep(_Strict):
     @property
     def searched(self) -> bool:
         return self.student_width == "auto"
+    student_init: Literal["auto", "random"] = Field(
+        "auto", description="auto: a narrower cnn or mlp of the teacher's family starts from the teacher's own "
+        "weights, its least important channels / units (L1) removed down to the student's widths; other "
+        "students, and random, start from random weights"
+    )
     temperature: float = Field(4.0, gt=0.0, description="softens both models' outputs for the soft-target loss")
     alpha: float = Field(0.7, ge=0.0, le=1.0, description="the soft-target loss's weight (the labels': 1 - alpha)")
     epochs: int = Field(10, ge=1)
