@@ -18,7 +18,6 @@ the same student pruned out of it and fine-tuned ended 2.5 points above.
 from __future__ import annotations
 
 import logging
-
 from pathlib import Path
 
 import torch

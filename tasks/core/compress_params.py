@@ -149,6 +149,7 @@ class DistillStep(_Strict):
     @property
     def searched(self) -> bool:
         return self.student_width == "auto"
+
     student_init: Literal["auto", "random"] = Field(
         "auto", description="auto: a narrower cnn or mlp of the teacher's family starts from the teacher's own "
         "weights, its least important channels / units (L1) removed down to the student's widths; other "
