@@ -78,6 +78,22 @@ def make_project(dest: Path, params: dict | None = None) -> Path:
     return dest
 
 
+def _mlruns_entries(folder: Path) -> set[str]:
+    """The experiment and run folders under an ``mlruns/`` folder (two levels)."""
+    return {str(path.relative_to(folder)) for path in folder.glob("*/*")} if folder.is_dir() else set()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def checkout_mlruns_untouched() -> Iterator[None]:
+    """No test leaves MLflow files in the checkout's own ``mlruns/`` (where a user's runs of
+    this project live): MLflow puts a new experiment's files under ``./mlruns`` of the
+    working directory, so a test that makes one must stand in its own folder."""
+    before = _mlruns_entries(REPO / "mlruns")
+    yield
+    added = sorted(_mlruns_entries(REPO / "mlruns") - before)
+    assert not added, f"tests wrote into {REPO / 'mlruns'}: {', '.join(added[:5])}"
+
+
 @pytest.fixture
 def mlflow_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     """A fresh, real MLflow sqlite store for one test, its artifacts under ``tmp_path`` too:

@@ -116,11 +116,14 @@ def test_a_fork_server_child_is_timed_as_the_stage_process_it_became(tmp_path: P
     assert started - 0.05 <= prepare.created <= prepare.site <= prepare.exited  # from DVC's start of it
 
 
-def test_the_mlflow_shape_counts_the_first_pipeline_run_and_every_run_under_it(tmp_path: Path) -> None:
+def test_the_mlflow_shape_counts_the_first_pipeline_run_and_every_run_under_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """bench_floor.py logs as much as the run wrote: the first pipeline's tree only, nested
     runs at any depth, every metric value (history included), and the models logged."""
     import mlflow
 
+    monkeypatch.chdir(tmp_path)  # the new experiment's files go to ./mlruns
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     mlflow.set_experiment("slimflow")
     try:
