@@ -193,6 +193,15 @@ def champion_sentence(champion: str | None, figures: dict[str, Any]) -> str:
     )
 
 
+def _headline_word(outcome: PipelineResult, decision: dict[str, Any]) -> str:
+    """What the gate's pick is called in the result's first line: ``champion`` when it holds
+    ``@champion`` after the run, else ``best of this run (not promoted)``. The next line says
+    which version does (a pick that lost its challenge, or reads another input)."""
+    if not outcome.champion or decision.get("promoted", True):
+        return "champion"
+    return "best of this run (not promoted)"
+
+
 def _registered(decision: dict[str, Any]) -> str | None:
     if not (decision.get("registered_model") and decision.get("registered_version")):
         return None
@@ -202,7 +211,8 @@ def _registered(decision: dict[str, Any]) -> str | None:
 
 
 def _description(outcome: PipelineResult, decision: dict[str, Any], links: _Links) -> str:
-    lines = [f"**Champion**: {champion_sentence(outcome.champion, _figures(outcome))}."]
+    word = _headline_word(outcome, decision)
+    lines = [f"**{word[0].upper()}{word[1:]}**: {champion_sentence(outcome.champion, _figures(outcome))}."]
     model_runs = list((decision.get("model_runs") or {}).values())
     if model_runs:  # a link within the MLflow UI, whatever its address
         lines.append(f"[Compare the {len(model_runs)} models]({links.compare(model_runs, relative=True)}) "
@@ -220,7 +230,7 @@ def result_lines(outcome: PipelineResult, decision: dict[str, Any], run_id: str)
     """The closing lines of the flow run's log: the champion and its gains, the registry, the gate."""
     if not outcome.rows:
         return [f"result: no evaluation in this run (evaluate not selected); MLflow pipeline run {run_id}"]
-    lines = [f"result: champion {champion_sentence(outcome.champion, _figures(outcome))}"]
+    lines = [f"result: {_headline_word(outcome, decision)} {champion_sentence(outcome.champion, _figures(outcome))}"]
     passing = sum(1 for row in outcome.rows if row.get("gate") in {"pass", "champion"})
     lines.append(f"result: {passing} of {len(outcome.rows)} models pass the gate; {decision.get('decision') or '-'}")
     if registered := _registered(decision):

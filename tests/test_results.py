@@ -41,6 +41,18 @@ def test_the_flow_log_ends_with_the_result() -> None:
     assert result_lines(PipelineResult(), {}, "run-p")[0].startswith("result: no evaluation")
 
 
+def test_a_pick_that_did_not_take_the_alias_is_not_called_champion() -> None:
+    """The gate's pick lost its challenge (or reads another input): the first line does not
+    call it champion beside the line that names the version @champion points at."""
+    kept = {**DECISION, "promoted": False, "new_version": False, "registered_version": "2", "champion_holder": "fp16",
+            "decision": "nothing promoted: int8 is 1.2 points worse than the champion; version 2 (fp16) stays @champion"}
+    lines = result_lines(PipelineResult(rows=ROWS, champion="int8"), kept, "run-p")
+    assert lines[0].startswith("result: best of this run (not promoted) int8: accuracy 97.98%")
+    assert "models:/slimflow-digits@champion = version 2 (fp16; unchanged)" in lines[2]
+    promoted = result_lines(PipelineResult(rows=ROWS, champion="int8"), {**DECISION, "promoted": True}, "run-p")
+    assert promoted[0].startswith("result: champion int8")
+
+
 def test_the_runs_artifact_links_every_run(monkeypatch) -> None:
     import flows.results as results
 
