@@ -211,8 +211,7 @@ def _registered(decision: dict[str, Any]) -> str | None:
 
 
 def _description(outcome: PipelineResult, decision: dict[str, Any], links: _Links) -> str:
-    word = _headline_word(outcome, decision)
-    lines = [f"**{word[0].upper()}{word[1:]}**: {champion_sentence(outcome.champion, _figures(outcome))}."]
+    lines = [f"**{_headline_word(outcome, decision).capitalize()}**: {champion_sentence(outcome.champion, _figures(outcome))}."]
     model_runs = list((decision.get("model_runs") or {}).values())
     if model_runs:  # a link within the MLflow UI, whatever its address
         lines.append(f"[Compare the {len(model_runs)} models]({links.compare(model_runs, relative=True)}) "
