@@ -13,7 +13,8 @@ from __future__ import annotations
 import logging
 import os
 import time
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -124,7 +125,7 @@ def pipeline(
             server.tracking_ready(os.environ["MLFLOW_TRACKING_URI"])  # configure exported it
         repair_after_crash(paths, lock, logger.warning)
         if overrides:
-            write_overrides(paths.params, overrides)
+            held.enter_context(overrides_recorded(paths, overrides, logger.info))
         result = _tracked_run(paths, params, overrides, stages, force, push_data, record, experiment_id)
     record.end(paths.root)  # only now: a run that raised leaves it, and the next start checks its states
     logger.info("pipeline run %s finished: %s", result["mlflow_run_id"],
@@ -132,6 +133,33 @@ def pipeline(
     for line in result.pop("result_lines"):  # the flow run's log ends with the result
         logger.info("%s", line)
     return result
+
+
+@contextmanager
+def overrides_recorded(paths: ProjectPaths, overrides: list[str], say: Callable[[str], Any]) -> Iterator[None]:
+    """``overrides`` written into ``params.yaml`` for the run (as ``dvc exp run -S`` does, so
+    ``dvc.lock`` records them); taken back out if the run fails before any stage recorded
+    them (``dvc.lock`` as it was: a data file the prepare stage could not read), so a
+    refused run leaves the project as it found it. Once a stage has recorded them they
+    stay, with ``dvc.lock``: the next run goes on from there. A ``params.yaml`` edited
+    meanwhile is left alone."""
+    lock = paths.root / "dvc.lock"
+
+    def lock_bytes() -> bytes | None:
+        return lock.read_bytes() if lock.exists() else None
+
+    before, lock_before = paths.params.read_bytes(), lock_bytes()
+    write_overrides(paths.params, overrides)
+    written = paths.params.read_bytes()
+    try:
+        yield
+    except BaseException:
+        if lock_bytes() == lock_before and paths.params.read_bytes() == written:
+            staged = paths.params.with_suffix(".yaml.tmp")
+            staged.write_bytes(before)
+            os.replace(staged, paths.params)
+            say("params.yaml: the overrides taken back out (the run failed before any stage recorded them)")
+        raise
 
 
 def _tracked_run(

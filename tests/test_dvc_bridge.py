@@ -143,3 +143,49 @@ def test_dvc_messages_are_printed_once_not_again_by_the_root_logger(dvc_project:
     assert output.count("Updating lock file 'dvc.lock'") == 1, output
     assert "root: Running stage" not in output, output
 
+
+
+@pytest.mark.integration
+def test_a_failed_stage_leaves_its_outputs_of_before_as_dvc_lock_records_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DVC removes a stage's outputs before it runs the command: a stage that then failed
+    (bad data) left none, and `dvc status` called the last good ones deleted. They are put
+    back: the cached folder from DVC's cache, the uncached metrics file from a copy."""
+    root = tmp_path / "p"
+    (root / "tasks").mkdir(parents=True)
+    (root / "tasks" / "__init__.py").write_text("")
+    (root / "tasks" / "make.py").write_text(textwrap.dedent("""
+        import json, pathlib, sys
+        from tasks.core.errors import report_stage_error
+        text = pathlib.Path("source.txt").read_text()
+        if text.startswith("corrupt"):
+            report_stage_error("make", "source.txt: cannot read: corrupt")
+            sys.exit(2)
+        pathlib.Path("model").mkdir()
+        pathlib.Path("model/weights.txt").write_text(text)
+        pathlib.Path("metrics.json").write_text(json.dumps({"chars": len(text)}))
+    """))
+    pythonpath = f"{root}{os.pathsep}{REPO}"
+    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"make": {
+        "cmd": f"PYTHONPATH={pythonpath} python -m tasks.make", "deps": ["source.txt"],
+        "outs": ["model"], "metrics": [{"metrics.json": {"cache": False}}]}}}))
+    (root / "source.txt").write_text("good data")
+    for command in (["git", "init", "-q"], [str(Path(sys.executable).parent / "dvc"), "init", "-q"]):
+        subprocess.run(command, cwd=root, check=True)
+    monkeypatch.chdir(root)
+    assert dvc_bridge.reproduce_stage(root, "make") is True
+    lock = (root / "dvc.lock").read_bytes()
+
+    (root / "source.txt").write_text("corrupt data")
+    with pytest.raises(dvc_bridge.StageFailed, match="source.txt: cannot read: corrupt"):
+        dvc_bridge.reproduce_stage(root, "make")
+    assert (root / "model" / "weights.txt").read_text() == "good data"
+    assert json.loads((root / "metrics.json").read_text()) == {"chars": 9}
+    assert (root / "dvc.lock").read_bytes() == lock
+    # Only the change the user made is left for DVC to see; no output is missing.
+    assert dvc_bridge.pipeline_status(root, ["make"]) == {"make": [{"changed deps": {"source.txt": "modified"}}]}
+    assert not list((root / ".slimflow").glob("*.outputs-before"))
+
+    (root / "source.txt").write_text("good data")  # back as it was: up to date again, nothing to run
+    assert dvc_bridge.reproduce_stage(root, "make") is False

@@ -76,6 +76,33 @@ def test_override_is_recorded_in_mlflow_and_dvc(tiny_project: Path, prefect_api_
     assert "up to date" in dvc.stdout
 
 
+def test_a_run_its_data_file_refuses_leaves_the_project_as_it_found_it(
+    tiny_project: Path, prefect_api_url: str, mlflow_uri: str
+) -> None:
+    """An npz that only reading finds corrupt (the prepare stage): one error line naming the
+    file, exit code 2; the run's overrides taken back out of params.yaml (no stage recorded
+    them) and the prepared data of the last good run still there (DVC had removed it before
+    the stage ran), so `dvc status` shows only what the user changed."""
+    env = {"PREFECT_API_URL": prefect_api_url, "MLFLOW_TRACKING_URI": mlflow_uri}
+    assert slimflow(tiny_project, "run", "--to", "prepare", env=env).returncode == 0
+    prepared = {p.name: p.read_bytes() for p in (tiny_project / "data" / "prepared").iterdir()}
+    params, lock = (tiny_project / "params.yaml").read_bytes(), (tiny_project / "dvc.lock").read_bytes()
+    (tiny_project / "data" / "raw" / "scans.npz").write_bytes(b"PK\x03\x04 not a whole zip file")
+
+    result = slimflow(tiny_project, "run", "--set", "prepare.source=npz", "--set", "prepare.path=data/raw/scans.npz",
+                      "--set", "train.epochs=2", env=env)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "error: pipeline failed: prepare: data/raw/scans.npz: cannot read as NPZ"), result.stderr[-3000:]
+    assert (tiny_project / "params.yaml").read_bytes() == params
+    assert (tiny_project / "dvc.lock").read_bytes() == lock
+    assert {p.name: p.read_bytes() for p in (tiny_project / "data" / "prepared").iterdir()} == prepared
+    status = _dvc_status(tiny_project, "prepare").stdout
+    assert "modified:" in status and "data/raw" in status and "deleted" not in status, status
+    (pipeline_run,) = [r for r in _pipeline_runs() if r.data.tags.get("overrides")]
+    assert pipeline_run.info.status == "FAILED"
+
+
 def test_failed_train_stage_is_retried_and_resumes_from_its_checkpoint(
     tiny_project: Path, prefect_api_url: str, mlflow_uri: str
 ) -> None:

@@ -13,6 +13,7 @@ import re
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 from tasks.core.errors import NO_SPACE, disk_full_message, prepare_error_file, read_error_file
 from tasks.core.lock import PipelineBusy, pipeline_lock
@@ -159,7 +160,8 @@ def reproduce_stage(root: Path, stage: str, force: bool = False, context: RunCon
 
     The stage process gets ``context`` (with an error file added) as its run context.
     Raises :class:`StageFailed` with the stage's own error message when it fails; a
-    ``dvc.lock`` that DVC changed (or truncated) on the way is put back as it was.
+    ``dvc.lock`` that DVC changed (or truncated) on the way is put back as it was, and so
+    are the stage's outputs (:class:`OutputsBefore`).
     """
     from dvc.exceptions import DvcException
     from dvc.repo import Repo
@@ -169,11 +171,15 @@ def reproduce_stage(root: Path, stage: str, force: bool = False, context: RunCon
     error_file = root / ".slimflow" / f"{stage}.error"
     prepare_error_file(error_file)
     _guard_dvc_lock(root)
+    before: OutputsBefore | None = None
     try:
         with (context or RunContext()).with_error_file(error_file).exported(), Repo(str(root)) as repo:
+            before = OutputsBefore.keep(repo, root, stage)
             ran = repo.reproduce(f"{root}/dvc.yaml:{stage}", single_item=True, force=force)
     except (DvcException, OSError) as err:
         restore_dvc_lock(root)
+        if before is not None:
+            before.put_back(root)
         # The stage's own words first; then a full disk met by DVC itself (caching outputs).
         full = disk_full_message(err, root)
         reason = read_error_file(error_file) or (f"{stage}: {full}" if full else "")
@@ -182,8 +188,94 @@ def reproduce_stage(root: Path, stage: str, force: bool = False, context: RunCon
         raise StageFailed(reason or f"{stage}: {cause}", int(exited.group(1)) if exited else None) from None
     finally:
         error_file.unlink(missing_ok=True)
+        if before is not None:
+            before.discard()
     _lock_backup(root).unlink(missing_ok=True)
     return bool(ran)
+
+
+class OutputsBefore:
+    """A stage's outputs as they were before DVC ran it, put back if it fails.
+
+    DVC removes a stage's outputs before it runs the command (all but ``persist`` ones),
+    so a stage that failed left none: the prepared data, the model or the metrics gone
+    while ``dvc.lock`` still lists them, and ``dvc status`` calling them deleted. Cached
+    outputs come back from DVC's cache (a checkout, as ``dvc.lock`` records them); the
+    few uncached ones (metrics and plot files, kept in git) are hard-linked aside first
+    (no new data: it works on a full disk, and DVC unlinks the path, so the link keeps
+    the file as it was). Keeping them never fails a stage: what cannot be kept is not.
+    """
+
+    def __init__(self, cached: list[Path], kept: dict[Path, Path], folder: Path) -> None:
+        self.cached, self.kept, self.folder = cached, kept, folder
+
+    @classmethod
+    def keep(cls, repo: Any, root: Path, stage: str) -> OutputsBefore:
+        """The stage's outputs that are there now; its uncached ones linked under ``.slimflow/``."""
+        folder = root / ".slimflow" / f"{stage}.outputs-before"
+        shutil.rmtree(folder, ignore_errors=True)
+        cached: list[Path] = []
+        kept: dict[Path, Path] = {}
+        # The repository's index: what reproduce reads next anyway (repo.stage.collect parsed dvc.yaml again).
+        dvc_yaml = (root / "dvc.yaml").resolve()
+        for found in repo.index.stages:
+            if getattr(found, "name", None) != stage or Path(found.path).resolve() != dvc_yaml:
+                continue
+            for out in found.outs:
+                path = Path(out.fs_path)
+                if out.persist or not path.exists():
+                    continue
+                if out.use_cache:
+                    cached.append(path)
+                    continue
+                copy = folder / path.relative_to(root)
+                try:
+                    copy.parent.mkdir(parents=True, exist_ok=True)
+                    if path.is_dir():
+                        shutil.copytree(path, copy, copy_function=_link_or_copy)
+                    else:
+                        _link_or_copy(path, copy)
+                except OSError as err:
+                    log.debug("%s: not kept to put back if %s fails: %s", path, stage, err)
+                    continue
+                kept[path] = copy
+        return cls(cached, kept, folder)
+
+    def put_back(self, root: Path) -> None:
+        """After a failed stage (``dvc.lock`` as before it): every output as it was. Never raises."""
+        from dvc.repo import Repo
+
+        try:
+            for path, copy in self.kept.items():
+                _remove(path)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(copy, path)
+            if self.cached:
+                with Repo(str(root)) as repo:
+                    repo.checkout(targets=[str(path) for path in self.cached], force=True)
+        except Exception as err:  # the stage's own error is what the user must see
+            log.warning("could not put back the outputs of before the failed stage: %s", err)
+            return
+        if self.kept or self.cached:
+            log.info("the failed stage's outputs of before put back: %s",
+                     ", ".join(str(p.relative_to(root)) for p in [*self.cached, *self.kept]))
+
+    def discard(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _link_or_copy(source: str | Path, target: str | Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:  # another file system, or one without hard links
+        shutil.copy2(source, target)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def pipeline_status(root: Path, stages: list[str] | None = None) -> dict[str, list]:
