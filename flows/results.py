@@ -74,6 +74,8 @@ def publish_result(
         outcome.rows = comparison_rows(paths)
     evaluated = _read_json(paths.metrics / "evaluate.json") if outcome.rows else {}
     decision = _read_json(paths.evaluation / "result.json") if outcome.rows else {}
+    if outcome.rows and not any(r["stage"] == "evaluate" and r["ran"] for r in results):
+        decision = standing_decision(decision)
     links = _Links(mlflow.get_tracking_uri(), experiment_id)
     if outcome.rows:
         outcome.champion = evaluated.get("champion")
@@ -191,6 +193,18 @@ def champion_sentence(champion: str | None, figures: dict[str, Any]) -> str:
         f"latency p50 {_cell(names.LATENCY_P50_MS, figures.get(names.LATENCY_P50_MS))} ms "
         f"({times(figures.get(names.SPEEDUP_X), 'faster', 'slower')}) vs the baseline"
     )
+
+
+def standing_decision(decision: dict[str, Any]) -> dict[str, Any]:
+    """The last evaluation's decision, as a run that did not evaluate (evaluate up to date)
+    reports it: that run registered nothing and moved no alias, so its lines must not say
+    "registered as version N; @champion moved" or "new version" as if it had."""
+    if not decision:
+        return decision
+    last = str(decision.get("evaluate_run_id") or "?")[:8]
+    said = decision.get("decision") or "-"
+    return {**decision, "new_version": False,
+            "decision": f"evaluate up to date: the registry untouched by this run (its last run {last}: {said})"}
 
 
 def _headline_word(outcome: PipelineResult, decision: dict[str, Any]) -> str:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from flows.results import PipelineResult, _Links, champion_sentence, comparison_table, result_lines, runs_markdown
+from flows.results import (
+    PipelineResult, _Links, champion_sentence, comparison_table, result_lines, runs_markdown, standing_decision,
+)
 
 ROWS = [
     {"model": "baseline", "accuracy": 0.9708, "accuracy_change_pts": 0.0, "size_bytes": 80_000, "size_reduction_x": 1.0,
@@ -51,6 +53,20 @@ def test_a_pick_that_did_not_take_the_alias_is_not_called_champion() -> None:
     assert "models:/slimflow-digits@champion = version 2 (fp16; unchanged)" in lines[2]
     promoted = result_lines(PipelineResult(rows=ROWS, champion="int8"), {**DECISION, "promoted": True}, "run-p")
     assert promoted[0].startswith("result: champion int8")
+
+
+def test_a_run_whose_evaluate_stage_was_up_to_date_does_not_claim_the_last_evaluations_registration() -> None:
+    """A run that re-ran an earlier stage (say, prepare restored from DVC's run cache) but
+    found evaluate up to date shows the standing result. It registered nothing: its lines
+    said "int8 registered as version 3" and "(int8; new version)" as if it had."""
+    standing = standing_decision({**DECISION, "evaluate_run_id": "0c0543ad23104422"})
+    lines = result_lines(PipelineResult(rows=ROWS, champion="int8"), standing, "run-p")
+    assert lines[0].startswith("result: champion int8: accuracy 97.98%")
+    assert lines[1] == ("result: 2 of 2 models pass the gate; evaluate up to date: the registry untouched by this "
+                        "run (its last run 0c0543ad: int8 registered as version 3)")
+    assert "models:/slimflow-digits@champion = version 3 (int8; unchanged)" in lines[2]
+    assert not any("new version" in line for line in lines)
+    assert standing_decision({}) == {}
 
 
 def test_the_runs_artifact_links_every_run(monkeypatch) -> None:
