@@ -97,3 +97,14 @@ def one_line_console_logs() -> None:
         for handler in logging.getLogger(name).handlers:
             if isinstance(handler, logging.StreamHandler) and not isinstance(handler.formatter, _OneLine):
                 handler.setFormatter(_OneLine(handler.formatter or logging.Formatter()))
+                handler.addFilter(_stage_failure_said_elsewhere)
+
+
+def _stage_failure_said_elsewhere(record: logging.LogRecord) -> bool:
+    """False for Prefect's three reports of a failed stage (the task's and the flow's final
+    states, the flow's exception): each repeats the stage's message, which the stage's own
+    line above and the run's ``error:`` line below already say. The console only: the
+    flow run's log in Prefect keeps them, and retry lines stay."""
+    if record.name.split(".")[0] != "prefect" or "StageFailed" not in (message := record.getMessage()):
+        return True
+    return not message.startswith(("Finished in state Failed(", "Encountered exception during execution:"))

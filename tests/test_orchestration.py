@@ -131,6 +131,9 @@ def test_stage_that_always_fails_fails_the_flow_in_prefect_and_mlflow(
     assert result.returncode == 2  # bad input, as the stage said: one line naming the file
     line = [line for line in result.stderr.splitlines() if line.startswith("error:")][-1]  # after the stage's own
     assert line.startswith("error: pipeline failed: prepare: data/raw/broken.csv: line 22"), line
+    # Said twice: the stage's own line and the run's; not three more times in Prefect's reports
+    # of the failed task and flow (their Prefect log keeps them, checked below).
+    assert (result.stdout + result.stderr).count("broken.csv: line 22") == 2, result.stderr[-3000:]
     (pipeline_run,) = _pipeline_runs()
     assert pipeline_run.info.status == "FAILED"
     assert "broken.csv" in pipeline_run.data.tags["error"]
@@ -145,6 +148,12 @@ def test_stage_that_always_fails_fails_the_flow_in_prefect_and_mlflow(
         task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
     assert flow_run.state.is_failed()
     assert "broken.csv" in flow_run.state.message
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+    assert any(entry.message.startswith("Finished in state Failed(") and "broken.csv" in entry.message
+               for entry in logs), [entry.message for entry in logs]
     (prepare_task,) = [t for t in task_runs if t.name.startswith("prepare")]
     assert prepare_task.state.is_failed()
     assert prepare_task.run_count == 1  # bad input: not retried, it would fail the same way
