@@ -228,13 +228,17 @@ def test_a_run_is_refused_with_a_clear_message_while_another_holds_the_project(
 def test_sigterm_leaves_no_run_running_no_lock_and_no_half_written_output(
     tmp_path: Path, prefect_api_url: str, mlflow_uri: str
 ) -> None:
-    # Long enough training that SIGTERM lands while the workers are busy.
-    long_train = {**TINY_PARAMS["train"], "epochs": 300, "patience": 300}
-    tiny_project = make_project(tmp_path / "interrupted", {**TINY_PARAMS, "train": long_train})
+    tiny_project = make_project(tmp_path / "interrupted", {**TINY_PARAMS, "train": {**TINY_PARAMS["train"], "epochs": 1}})
     env = {**os.environ, "SLIMFLOW_ROOT": str(tiny_project), "PREFECT_API_URL": prefect_api_url, "MLFLOW_TRACKING_URI": mlflow_uri}
+    # A model of an earlier run, which DVC removes when the train stage starts again.
+    assert slimflow(tiny_project, "run", "--to", "train", env=env).returncode == 0
+    model = {p.name: p.read_bytes() for p in (tiny_project / "artifacts" / "model").iterdir()}
+    params = (tiny_project / "params.yaml").read_bytes()
     log = tiny_project / "run.log"
     with log.open("w") as out:
-        process = subprocess.Popen([str(Path(os.sys.executable).parent / "slimflow"), "run"], cwd=tiny_project,
+        # Long enough training that SIGTERM lands while the workers are busy.
+        process = subprocess.Popen([str(Path(os.sys.executable).parent / "slimflow"), "run", "--set", "train.epochs=300",
+                                    "--set", "train.patience=300"], cwd=tiny_project,
                                    env=env, stdout=out, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 180
         while "epoch 2/300" not in log.read_text() and time.monotonic() < deadline and process.poll() is None:
@@ -244,11 +248,14 @@ def test_sigterm_leaves_no_run_running_no_lock_and_no_half_written_output(
         process.wait(timeout=120)
     assert process.returncode != 0
     assert [r for r in _runs() if r.info.status == "RUNNING"] == []
-    assert {r.info.status for r in _pipeline_runs()} == {"FAILED"}
-    # No DVC lock held: status answers; the interrupted stage left no output behind.
-    dvc = _dvc_status(tiny_project)
+    assert {r.info.status for r in _pipeline_runs()} == {"FINISHED", "FAILED"}
+    # No DVC lock held: status answers; the interrupted stage left no output of its own: the
+    # earlier model is back, and the overrides no stage recorded are out of params.yaml.
+    dvc = _dvc_status(tiny_project, "prepare", "train")
     assert dvc.returncode == 0, dvc.stderr
-    assert not (tiny_project / "artifacts" / "model" / "manifest.json").exists()
+    assert "up to date" in dvc.stdout, dvc.stdout
+    assert {p.name: p.read_bytes() for p in (tiny_project / "artifacts" / "model").iterdir()} == model
+    assert (tiny_project / "params.yaml").read_bytes() == params
     # No process of this run left (workers included); other work on the machine is not counted.
     assert seconds_until_gone(tiny_project, 10) < 5
 

@@ -186,6 +186,11 @@ def reproduce_stage(root: Path, stage: str, force: bool = False, context: RunCon
         cause = err.__cause__ or err
         exited = re.search(r"exited with (-?\d+)", str(cause))
         raise StageFailed(reason or f"{stage}: {cause}", int(exited.group(1)) if exited else None) from None
+    except BaseException:  # Ctrl-C or SIGTERM stopped the stage: what it was replacing comes back too
+        restore_dvc_lock(root)
+        if before is not None:
+            before.put_back(root)
+        raise
     finally:
         error_file.unlink(missing_ok=True)
         if before is not None:
