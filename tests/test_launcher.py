@@ -75,6 +75,23 @@ def test_failure_summary_names_the_first_worker_that_died() -> None:
     assert summarize_failure(["Traceback (most recent call last):", "KeyError: 'x'"]) == "worker 0: KeyError: 'x'"
 
 
+def test_failure_summary_names_the_cause_when_a_reacting_worker_is_reported_first() -> None:
+    """horovodrun reports exits in the order its watcher threads see them, so on a busy
+    machine the worker that only reacted (Horovod shut down under it, or horovodrun stopped
+    it) can come first: the one that crashed is still named. (The retry test failed once
+    under load this way or another: a train run's error did not name status 17.)"""
+    crash = "[1]<stderr>:12:00:01 slimflow.fit: fault injection: worker rank 1 exits with status 17 after epoch 2"
+    shut_down = "[0]<stderr>:RuntimeError: Horovod has been shut down. This was caused by an exception on one of the ranks"
+    for reported_first in (["Process 0 exit with status code 1."], ["Process 0 exit with status code 143."]):
+        lines = [crash, shut_down, *reported_first, "Process 1 exit with status code 17."]
+        assert summarize_failure(lines).startswith("worker 1 exited with status 17"), lines
+    # Every worker reacting (the cause not among them): the first reported, as before.
+    assert summarize_failure([shut_down, "Process 0 exit with status code 1."]).startswith("worker 0 exited with status 1")
+    # A worker killed by the kernel (OOM: 137) is a cause, not a reaction.
+    killed = ["[1]<stdout>:epoch 1", "Process 1 exit with status code 137.", shut_down, "Process 0 exit with status code 1."]
+    assert summarize_failure(killed).startswith("worker 1 exited with status 137")
+
+
 def test_worker_environment_carries_the_thread_count_or_leaves_it_to_each_host(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -162,6 +162,16 @@ def _clip(text: str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+# How a worker fails because another one did: stopped by horovodrun (SIGTERM), or told by
+# Horovod that the job is shut down (a peer's exit or error).
+_STOPPED_STATUSES = {"143", "-15"}
+_PEER_GONE = re.compile(r"Horovod has been shut down|HorovodInternalError|Connection closed by peer")
+
+
+def _consequence(rank: str, code: str, errors: dict[str, str]) -> bool:
+    return code in _STOPPED_STATUSES or bool(_PEER_GONE.search(errors.get(rank, "")))
+
+
 def summarize_failure(lines: list[str]) -> str:
     """The first worker that failed and why, from horovodrun's (or one worker's) output.
 
@@ -171,12 +181,13 @@ def summarize_failure(lines: list[str]) -> str:
     without a traceback (killed, ``os._exit``) is described by its last line of output.
     """
     prefixed = any(_WORKER_LINE.match(line) for line in lines)
-    first_exit: tuple[str, str] | None = None
+    failed_exits: list[tuple[str, str]] = []  # (rank, status) of each worker that ended badly, as reported
     errors: dict[str, str] = {}  # rank -> its first exception line
     last: dict[str, str] = {}  # rank -> its last line
     for line in lines:
-        if (exited := _PROCESS_EXIT.match(line)) and first_exit is None and exited.group(2) != "0":
-            first_exit = (exited.group(1), exited.group(2))
+        if exited := _PROCESS_EXIT.match(line):
+            if exited.group(2) != "0":
+                failed_exits.append((exited.group(1), exited.group(2)))
             continue
         match = _WORKER_LINE.match(line)
         if match:
@@ -190,6 +201,11 @@ def summarize_failure(lines: list[str]) -> str:
         last[rank] = text
         if rank not in errors and _EXCEPTION.match(text):
             errors[rank] = text
+    # horovodrun reports the exits in the order its watchers see them, which on a busy machine
+    # can put a worker that was only reacting (stopped by horovodrun, or told by Horovod that
+    # a peer is gone) before the one that failed first: the cause is the first that was not.
+    first_exit = next((exit for exit in failed_exits if not _consequence(*exit, errors)), None) \
+        or (failed_exits[0] if failed_exits else None)
     if first_exit:
         rank, code = first_exit
         summary = f"worker {rank} exited with status {code} (the first to fail; the others were stopped)"
