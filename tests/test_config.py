@@ -112,3 +112,32 @@ def test_every_problem_is_one_line_naming_its_key() -> None:
 def test_loading_params_imports_no_torch() -> None:
     code = "import sys, tasks.core.config as c; c.load_params('params.yaml'); assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+@pytest.mark.parametrize(
+    ("prepare", "expected"),
+    [
+        ({}, "slimflow-digits"),
+        ({"source": "breast_cancer"}, "slimflow-breast_cancer"),
+        ({"source": "csv", "path": "data/raw/news.csv"}, "slimflow-news"),
+        ({"source": "csv", "path": "data/raw/news.v2.csv"}, "slimflow-news-v2"),
+        ({"source": "npz", "path": "data/raw/noisy28.npz"}, "slimflow-noisy28"),
+        ({"source": "image_folder", "path": "data/raw/pets/"}, "slimflow-pets"),
+        ({"source": "idx", "path": "data/raw/train-images-idx3-ubyte.gz", "labels_path": "l"}, "slimflow-train-images-idx3-ubyte"),
+        ({"source": "text_folder", "path": "data/raw/my reviews (2024)"}, "slimflow-my-reviews-2024"),
+    ],
+)
+def test_the_registered_model_is_named_after_the_data_by_default(prepare: dict, expected: str) -> None:
+    """A project switched to its own data registers its champion under that data's name, not
+    under the bundled digits' (whose @champion then refused it: another input)."""
+    assert Params.model_validate({"prepare": prepare}).evaluate.registered_model == expected
+    assert Params.model_validate({"prepare": prepare, "evaluate": {"registered_model": "auto"}}) \
+        .evaluate.registered_model == expected
+
+
+def test_a_registered_model_name_given_is_kept_whatever_the_data(tmp_path: Path) -> None:
+    params = tmp_path / "params.yaml"
+    params.write_text("evaluate:\n  registered_model: team-digits\n")
+    assert load_params(params, ["prepare.source=breast_cancer", "train.model.family=mlp"]).evaluate.registered_model \
+        == "team-digits"
+    assert load_params(REPO / "params.yaml").evaluate.registered_model == "slimflow-digits"  # the project's default

@@ -39,6 +39,7 @@ import pytest
 import yaml
 
 from conftest import TINY_PARAMS, deep_update, free_port, make_project
+from tasks.core.config import load_params
 
 pytestmark = pytest.mark.integration
 
@@ -384,7 +385,7 @@ def test_pipeline_tracks_to_an_mlflow_server_on_postgresql(pipeline_run: Pipelin
     # The champion: registered under evaluate.registered_model with the alias, from this run.
     metrics = json.loads((root / "metrics" / "evaluate.json").read_text())
     assert metrics["baseline"]["accuracy"] > 0.5
-    name = params["evaluate"]["registered_model"]
+    name = load_params(root / "params.yaml").evaluate.registered_model  # `auto` there: named after the data
     champion = client.get_model_version_by_alias(name, "champion")
     assert champion.run_id in {r.info.run_id for r in runs}
     assert client.get_registered_model(name).aliases.get("champion") == champion.version

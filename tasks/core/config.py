@@ -14,7 +14,8 @@ Torch-free: the CLI and every stage load params before anything heavy.
 from __future__ import annotations
 
 import copy
-from pathlib import Path
+import re
+from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal
 
 import yaml
@@ -30,8 +31,12 @@ from tasks.core.compress_params import (
 __all__ = [
     "BASELINE", "BUILTIN_SOURCES", "FINAL_METHODS", "FOLDER_SOURCES", "STEP_MODELS", "CompressParams", "CompressStep",
     "DistillStep", "ExportStep", "HalfStep", "Params", "ParamsError", "PruneStep", "QuantizeStep", "TABULAR_SOURCES",
-    "TEXT_SOURCES", "Variant", "load_params", "params_schema", "step_key", "validate_params", "write_overrides",
+    "TEXT_SOURCES", "Variant", "load_params", "params_schema", "registered_model_for", "step_key", "validate_params",
+    "write_overrides",
 ]
+
+
+AUTO = "auto"  # evaluate.registered_model: named after the data (registered_model_for)
 
 
 class ParamsError(ValueError):
@@ -156,7 +161,9 @@ class EvaluateParams(_Strict):
     threads: int = Field(1, ge=1)
     gate: GateParams = GateParams()
     objective: Literal["smallest", "fastest", "lowest_energy"] = "smallest"
-    registered_model: str = Field("slimflow-classifier", min_length=1)
+    # The MLflow registry name the champion is registered under; `auto`: named after the
+    # data (:func:`registered_model_for`), so another data set gets its own name and champion.
+    registered_model: str = Field(AUTO, min_length=1)
     # Seconds of back-to-back calls per energy reading (batch 1, then the throughput batch).
     energy_window_s: float = Field(0.5, gt=0.0, le=60.0)
     # Grid carbon intensity (g CO2e per kWh) for the CO2e beside every energy figure. 475: the
@@ -170,6 +177,41 @@ class Params(_Strict):
     train: TrainParams = TrainParams()
     compress: CompressParams = CompressParams()
     evaluate: EvaluateParams = EvaluateParams()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _name_the_registered_model(cls, data: Any) -> Any:
+        """``evaluate.registered_model: auto`` (the default) becomes the data's name here, so
+        every reader of the params (the registry step, ``slimflow champion``, MLflow's params)
+        sees the one concrete name."""
+        if not isinstance(data, dict):
+            return data
+        evaluate = data.get("evaluate")
+        evaluate = {} if evaluate is None else evaluate
+        prepare = data.get("prepare")
+        if not isinstance(evaluate, dict) or evaluate.get("registered_model", AUTO) != AUTO:
+            return data
+        if prepare is not None and not isinstance(prepare, dict):
+            return data  # refused with its own message by the prepare section's validation
+        return {**data, "evaluate": {**evaluate, "registered_model": registered_model_for(prepare or {})}}
+
+
+def registered_model_for(prepare: dict[str, Any]) -> str:
+    """``slimflow-<data>``: the source for the bundled sets (``slimflow-digits``), else the
+    raw file's or folder's name without its data suffixes (``data/raw/news.csv`` ->
+    ``slimflow-news``, ``news.v2.csv`` -> ``slimflow-news-v2``); any other character but
+    letters, digits, ``_`` and ``-`` becomes ``-``."""
+    source = str(prepare.get("source") or PrepareParams.model_fields["source"].default)
+    path = prepare.get("path")
+    name = source
+    if path and source not in ("digits", "breast_cancer"):
+        name = PurePosixPath(str(path).rstrip("/")).name
+        while (suffix := PurePosixPath(name).suffix.lower()) in _DATA_SUFFIXES:
+            name = name[: -len(suffix)]
+    return "slimflow-" + (re.sub(r"[^A-Za-z0-9_-]+", "-", name).strip("-") or source)
+
+
+_DATA_SUFFIXES = {".csv", ".tsv", ".txt", ".npz", ".npy", ".idx", ".gz", ".zip"}
 
 
 def _key(problem: dict[str, Any], raw: Any) -> tuple[str, str | None]:
