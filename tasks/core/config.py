@@ -37,6 +37,7 @@ __all__ = [
 
 
 AUTO = "auto"  # evaluate.registered_model: named after the data (registered_model_for)
+_DATA_SUFFIXES = {".csv", ".tsv", ".txt", ".npz", ".npy", ".idx", ".gz", ".zip"}  # left out of that name
 
 
 class ParamsError(ValueError):
@@ -209,9 +210,6 @@ def registered_model_for(prepare: dict[str, Any]) -> str:
         while (suffix := PurePosixPath(name).suffix.lower()) in _DATA_SUFFIXES:
             name = name[: -len(suffix)]
     return "slimflow-" + (re.sub(r"[^A-Za-z0-9_-]+", "-", name).strip("-") or source)
-
-
-_DATA_SUFFIXES = {".csv", ".tsv", ".txt", ".npz", ".npy", ".idx", ".gz", ".zip"}
 
 
 def _key(problem: dict[str, Any], raw: Any) -> tuple[str, str | None]:
