@@ -176,21 +176,18 @@ def reproduce_stage(root: Path, stage: str, force: bool = False, context: RunCon
         with (context or RunContext()).with_error_file(error_file).exported(), Repo(str(root)) as repo:
             before = OutputsBefore.keep(repo, root, stage)
             ran = repo.reproduce(f"{root}/dvc.yaml:{stage}", single_item=True, force=force)
-    except (DvcException, OSError) as err:
+    except BaseException as err:  # a failure, or Ctrl-C / SIGTERM: what the stage was replacing comes back
         restore_dvc_lock(root)
         if before is not None:
             before.put_back(root)
+        if not isinstance(err, (DvcException, OSError)):
+            raise
         # The stage's own words first; then a full disk met by DVC itself (caching outputs).
         full = disk_full_message(err, root)
         reason = read_error_file(error_file) or (f"{stage}: {full}" if full else "")
         cause = err.__cause__ or err
         exited = re.search(r"exited with (-?\d+)", str(cause))
         raise StageFailed(reason or f"{stage}: {cause}", int(exited.group(1)) if exited else None) from None
-    except BaseException:  # Ctrl-C or SIGTERM stopped the stage: what it was replacing comes back too
-        restore_dvc_lock(root)
-        if before is not None:
-            before.put_back(root)
-        raise
     finally:
         error_file.unlink(missing_ok=True)
         if before is not None:
