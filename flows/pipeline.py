@@ -24,11 +24,11 @@ from prefect.tasks import exponential_backoff
 
 from flows.heartbeat import flow_run_heartbeats
 from flows.recovery import RunRecord, repair_after_crash
-from flows.results import log_pipeline_params, publish_result
+from flows.results import STAGE_OUTCOME_WORDS, log_pipeline_params, publish_result, stage_outcome
 from tasks.compression.recipes import check_pipeline
 from tasks.core import tracking
 from tasks.core.config import load_params, write_overrides
-from tasks.core.dvc import StageFailed, pipeline_lock, push_outputs, reproduce_stage, select_stages
+from tasks.core.dvc import Reproduced, StageFailed, pipeline_lock, push_outputs, reproduce_stage, select_stages
 from tasks.core.errors import disk_full_message
 from tasks.core.fork_server import fork_server
 from tasks.core.paths import ProjectPaths
@@ -43,10 +43,13 @@ def _run_stage(stage: str, root: str, force: bool, context: RunContext) -> dict[
     # DVC's "to track the changes with git, run ..." hints are for its own CLI users.
     logging.getLogger("dvc.repo.scm_context").setLevel(logging.WARNING)
     started = time.perf_counter()
-    ran = reproduce_stage(Path(root), stage, force=force, context=context)
+    outcome = reproduce_stage(Path(root), stage, force=force, context=context)
     seconds = time.perf_counter() - started
-    logger.info("%s %s in %.1f s", stage, "ran" if ran else "skipped (up to date)", seconds)
-    return {"stage": stage, "ran": ran, "seconds": seconds}
+    logger.info("%s %s in %.1f s%s", stage, STAGE_OUTCOME_WORDS[outcome], seconds,
+                " (these inputs ran before: DVC checked out their outputs, the command did not run)"
+                if outcome is Reproduced.RESTORED else "")
+    return {"stage": stage, "ran": outcome is Reproduced.RAN, "restored": outcome is Reproduced.RESTORED,
+            "seconds": seconds}
 
 
 def _worth_retrying(task: Any, task_run: Any, state: Any) -> bool:
@@ -129,7 +132,7 @@ def pipeline(
         result = _tracked_run(paths, params, overrides, stages, force, push_data, record, experiment_id)
     record.end(paths.root)  # only now: a run that raised leaves it, and the next start checks its states
     logger.info("pipeline run %s finished: %s", result["mlflow_run_id"],
-                ", ".join(f"{r['stage']} {'ran' if r['ran'] else 'skipped'}" for r in result["stages"]))
+                ", ".join(f"{r['stage']} {stage_outcome(r)}" for r in result["stages"]))
     for line in result.pop("result_lines"):  # the flow run's log ends with the result
         logger.info("%s", line)
     return result
@@ -190,8 +193,8 @@ def _tracked_run(
             _tag_error(err)
             raise
         mlflow.set_tags({
-            "stages_ran": ",".join(r["stage"] for r in results if r["ran"]) or "none",
-            "stages_skipped": ",".join(r["stage"] for r in results if not r["ran"]) or "none",
+            **{f"stages_{outcome}": ",".join(r["stage"] for r in results if stage_outcome(r) is outcome) or "none"
+               for outcome in Reproduced},
             **_lineage_tags(paths),
         })
         outcome = publish_result(paths, run.info.run_id, experiment_id, results)

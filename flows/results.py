@@ -24,6 +24,7 @@ from typing import Any
 from flows.report import COMPARISON_COLUMNS, comparison_rows
 from tasks.core import metric_names as names
 from tasks.core.config import Params
+from tasks.core.dvc import Reproduced
 from tasks.core.paths import ProjectPaths
 from tasks.core.tables import COLUMNS, times
 
@@ -297,6 +298,21 @@ def comparison_table(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
     return [{COLUMNS[key].header: COLUMNS[key].render(row.get(key)) for key in COMPARISON_COLUMNS} for row in rows]
 
 
+# How a stage's outcome reads in the run's log and its result.
+STAGE_OUTCOME_WORDS = {
+    Reproduced.RAN: "ran",
+    Reproduced.RESTORED: "restored from DVC's run cache",
+    Reproduced.SKIPPED: "skipped (up to date)",
+}
+
+
+def stage_outcome(result: dict[str, Any]) -> Reproduced:
+    """What DVC did with the stage of ``result`` (a result of :func:`flows.pipeline.run_stage`)."""
+    if result.get("restored"):
+        return Reproduced.RESTORED
+    return Reproduced.RAN if result["ran"] else Reproduced.SKIPPED
+
+
 def runs_markdown(outcome: PipelineResult, decision: dict[str, Any], run_id: str, links: _Links,
                   results: list[dict[str, Any]]) -> str:
     """The ``mlflow-runs`` artifact: the result, then where each run is."""
@@ -317,7 +333,8 @@ def runs_markdown(outcome: PipelineResult, decision: dict[str, Any], run_id: str
               f"MLflow pipeline run: {links.run(run_id)}", "", "| run | MLflow run | stage |", "|---|---|---|"]
     stage_runs = _stage_runs(run_id)
     for r in results:
-        state = f"ran in {r['seconds']:.1f} s" if r["ran"] else "skipped (up to date)"
+        outcome = stage_outcome(r)
+        state = STAGE_OUTCOME_WORDS[outcome] + ("" if outcome is Reproduced.SKIPPED else f" in {r['seconds']:.1f} s")
         lines.append(f"| stage {r['stage']} | {links.run(stage_runs.get(r['stage']))} | {state} |")
     model_runs = decision.get("model_runs") or {}
     for model, model_run in model_runs.items():

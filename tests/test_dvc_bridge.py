@@ -77,6 +77,9 @@ def dvc_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         "refuse": {"cmd": f"PYTHONPATH={pythonpath} python -m tasks.refuse", "deps": ["tasks/refuse.py"]},
         "plot": {"cmd": "mkdir -p plots/curves other && : > plots/empty.json", "deps": ["tasks/record.py"],
                  "outs": ["other"], "plots": ["plots/curves", "plots/empty.json"]},
+        # Each time its command runs it says so in commands.log (not an output).
+        "tally": {"cmd": "cat setting.txt > tallied.txt && echo ran >> commands.log", "deps": ["setting.txt"],
+                  "outs": ["tallied.txt"]},
     }}))
     for command in (["git", "init", "-q"], [str(Path(sys.executable).parent / "dvc"), "init", "-q"]):
         subprocess.run(command, cwd=root, check=True)
@@ -85,14 +88,31 @@ def dvc_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 @pytest.mark.integration
+def test_a_stage_whose_inputs_ran_before_is_restored_from_the_run_cache_not_run(dvc_project: Path) -> None:
+    """DVC's ``reproduce`` lists a stage it checked out of its run cache among those it
+    ran; the bridge tells them apart, so a run does not say a stage ran that did not."""
+    setting = dvc_project / "setting.txt"
+    outcomes = []
+    for value in ("a", "b", "a", "a"):
+        setting.write_text(value)
+        outcomes.append(dvc_bridge.reproduce_stage(dvc_project, "tally"))
+    Reproduced = dvc_bridge.Reproduced
+    assert outcomes == [Reproduced.RAN, Reproduced.RAN, Reproduced.RESTORED, Reproduced.SKIPPED]
+    assert (dvc_project / "tallied.txt").read_text() == "a"  # the outputs of "a", from the cache
+    assert (dvc_project / "commands.log").read_text().split() == ["ran", "ran"]
+    assert dvc_bridge.reproduce_stage(dvc_project, "tally", force=True) is Reproduced.RAN  # --force runs it
+    assert (dvc_project / "commands.log").read_text().split() == ["ran"] * 3
+
+
+@pytest.mark.integration
 def test_a_stage_gets_the_run_context_and_runs_once(dvc_project: Path) -> None:
     context = RunContext(parent_run_id="run-1", flow_run_id="flow-1", experiment_id="3")
-    assert dvc_bridge.reproduce_stage(dvc_project, "record", context=context) is True
+    assert dvc_bridge.reproduce_stage(dvc_project, "record", context=context) is dvc_bridge.Reproduced.RAN
     got = json.loads((dvc_project / "out.json").read_text())
     assert {k: got[k] for k in ("parent_run_id", "flow_run_id", "experiment_id")} == \
         {"parent_run_id": "run-1", "flow_run_id": "flow-1", "experiment_id": "3"}
     assert got["error_file"].endswith(".slimflow/record.error")
-    assert dvc_bridge.reproduce_stage(dvc_project, "record", context=context) is False  # up to date: skipped
+    assert dvc_bridge.reproduce_stage(dvc_project, "record", context=context) is dvc_bridge.Reproduced.SKIPPED
     assert dvc_bridge.pipeline_status(dvc_project, ["record"]) == {}
     assert "SLIMFLOW_RUN_CONTEXT" not in os.environ
 
@@ -116,7 +136,7 @@ def test_an_empty_plot_folder_is_not_warned_about_other_empty_outputs_are(
     dvc_log = logging.getLogger("dvc")  # DVC's records stop at its own logger (printed once)
     dvc_log.addHandler(caplog.handler)
     try:
-        assert dvc_bridge.reproduce_stage(dvc_project, "plot") is True
+        assert dvc_bridge.reproduce_stage(dvc_project, "plot") is dvc_bridge.Reproduced.RAN
     finally:
         dvc_log.removeHandler(caplog.handler)
     empty = sorted(record.getMessage() for record in caplog.records if record.getMessage().endswith("is empty."))
@@ -133,7 +153,7 @@ def test_dvc_messages_are_printed_once_not_again_by_the_root_logger(dvc_project:
         # A console handler on the root logger, as Prefect's in a flow run.
         logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="root: %(message)s")
         from tasks.core import dvc
-        assert dvc.reproduce_stage(Path({str(dvc_project)!r}), "record")
+        assert dvc.reproduce_stage(Path({str(dvc_project)!r}), "record") is dvc.Reproduced.RAN
     """)
     result = subprocess.run([sys.executable, "-c", script], cwd=dvc_project, capture_output=True, text=True,
                             timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
@@ -174,7 +194,7 @@ def test_a_failed_stage_leaves_its_outputs_of_before_as_dvc_lock_records_them(
     for command in (["git", "init", "-q"], [str(Path(sys.executable).parent / "dvc"), "init", "-q"]):
         subprocess.run(command, cwd=root, check=True)
     monkeypatch.chdir(root)
-    assert dvc_bridge.reproduce_stage(root, "make") is True
+    assert dvc_bridge.reproduce_stage(root, "make") is dvc_bridge.Reproduced.RAN
     lock = (root / "dvc.lock").read_bytes()
 
     (root / "source.txt").write_text("corrupt data")
@@ -188,4 +208,4 @@ def test_a_failed_stage_leaves_its_outputs_of_before_as_dvc_lock_records_them(
     assert not list((root / ".slimflow").glob("*.outputs-before"))
 
     (root / "source.txt").write_text("good data")  # back as it was: up to date again, nothing to run
-    assert dvc_bridge.reproduce_stage(root, "make") is False
+    assert dvc_bridge.reproduce_stage(root, "make") is dvc_bridge.Reproduced.SKIPPED

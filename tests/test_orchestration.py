@@ -76,6 +76,33 @@ def test_override_is_recorded_in_mlflow_and_dvc(tiny_project: Path, prefect_api_
     assert "up to date" in dvc.stdout
 
 
+def test_a_stage_restored_from_dvcs_run_cache_is_not_said_to_have_run(
+    tiny_project: Path, prefect_api_url: str, mlflow_uri: str
+) -> None:
+    """Back to settings that ran before: DVC checks the prepare stage's outputs out of its
+    run cache instead of running it. The run says so, and its MLflow run does not list the
+    stage as ran (no stage run of it is nested under the pipeline run)."""
+    env = {"PREFECT_API_URL": prefect_api_url, "MLFLOW_TRACKING_URI": mlflow_uri}
+    for fraction in ("0.2", "0.15"):
+        result = slimflow(tiny_project, "run", "--to", "prepare", "--set", f"prepare.val_fraction={fraction}", env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "prepare ran in" in result.stdout + result.stderr
+    prepared = {p.name: p.read_bytes() for p in (tiny_project / "data" / "prepared").iterdir()}
+
+    result = slimflow(tiny_project, "run", "--to", "prepare", "--set", "prepare.val_fraction=0.2", env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    assert "prepare restored from DVC's run cache" in output, output[-3000:]
+    assert "prepare ran in" not in output
+    assert "Running stage 'prepare'" not in output
+    assert {p.name: p.read_bytes() for p in (tiny_project / "data" / "prepared").iterdir()} != prepared  # 0.2's split
+    latest = max(_pipeline_runs(), key=lambda run: run.info.start_time)
+    assert (latest.data.tags["stages_ran"], latest.data.tags["stages_restored"]) == ("none", "prepare")
+    assert [r for r in _stage_runs("prepare") if r.data.tags.get("mlflow.parentRunId") == latest.info.run_id] == []
+    assert len(_stage_runs("prepare")) == 2
+    assert "up to date" in _dvc_status(tiny_project, "prepare").stdout
+
+
 def test_a_run_its_data_file_refuses_leaves_the_project_as_it_found_it(
     tiny_project: Path, prefect_api_url: str, mlflow_uri: str
 ) -> None:

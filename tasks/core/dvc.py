@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import sys
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from tasks.core.paths import find_project_root
 from tasks.core.run_context import RunContext
 
 __all__ = [  # PipelineBusy and pipeline_lock live in tasks.core.lock; importable from here too
-    "PipelineBusy", "StageFailed", "default_remote", "pipeline_lock", "pipeline_status", "push_outputs",
+    "PipelineBusy", "Reproduced", "StageFailed", "default_remote", "pipeline_lock", "pipeline_status", "push_outputs",
     "reproduce_stage", "restore_dvc_lock", "select_stages", "stage_environment", "stage_names",
 ]
 
@@ -155,8 +156,18 @@ def _dvc_messages_once() -> None:
         outputs_log.addFilter(_EmptyPlotFolders())
 
 
-def reproduce_stage(root: Path, stage: str, force: bool = False, context: RunContext | None = None) -> bool:
-    """Reproduce one stage (not its upstream); True if it ran, False if DVC skipped it.
+class Reproduced(StrEnum):
+    """What DVC did with a stage: ran its command, checked its outputs out of its cache
+    instead (the same inputs ran before: DVC's run cache), or nothing (up to date)."""
+
+    RAN = "ran"
+    RESTORED = "restored"
+    SKIPPED = "skipped"
+
+
+def reproduce_stage(root: Path, stage: str, force: bool = False, context: RunContext | None = None) -> Reproduced:
+    """Reproduce one stage (not its upstream): whether its command ran, DVC restored its
+    outputs from its run cache, or it was up to date.
 
     The stage process gets ``context`` (with an error file added) as its run context.
     Raises :class:`StageFailed` with the stage's own error message when it fails; a
@@ -175,6 +186,7 @@ def reproduce_stage(root: Path, stage: str, force: bool = False, context: RunCon
     try:
         with (context or RunContext()).with_error_file(error_file).exported(), Repo(str(root)) as repo:
             before = OutputsBefore.keep(repo, root, stage)
+            restored = _restores_noted(repo)
             ran = repo.reproduce(f"{root}/dvc.yaml:{stage}", single_item=True, force=force)
     except BaseException as err:  # a failure, or Ctrl-C / SIGTERM: what the stage was replacing comes back
         restore_dvc_lock(root)
@@ -193,7 +205,26 @@ def reproduce_stage(root: Path, stage: str, force: bool = False, context: RunCon
         if before is not None:
             before.discard()
     _lock_backup(root).unlink(missing_ok=True)
-    return bool(ran)
+    if not ran:
+        return Reproduced.SKIPPED
+    return Reproduced.RESTORED if restored else Reproduced.RAN
+
+
+def _restores_noted(repo: Any) -> list[str]:
+    """The stages ``repo`` checks out of DVC's run cache instead of running their command
+    (DVC says "Stage 'x' is cached - skipping run, checking out outputs"), as they happen.
+    DVC's ``reproduce`` reports those among the stages it ran."""
+    restored: list[str] = []
+    restore = repo.stage_cache.restore
+
+    def restore_noted(stage: Any, *args: Any, **kwargs: Any) -> Any:
+        outcome = restore(stage, *args, **kwargs)  # raises RunCacheNotFoundError when it holds no such run
+        if not kwargs.get("dry"):
+            restored.append(stage.addressing)
+        return outcome
+
+    repo.stage_cache.restore = restore_noted
+    return restored
 
 
 class OutputsBefore:
