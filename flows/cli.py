@@ -439,7 +439,7 @@ def status(
         table.add_row(
             dt.datetime.fromtimestamp(r.info.start_time / 1000).strftime("%Y-%m-%d %H:%M:%S"),
             r.info.status, r.info.run_id, flow_run, states.get(flow_run, "-"),
-            r.data.tags.get("stages_ran", "-"), (r.data.tags.get("error") or "")[:60],
+            _stages_ran(r.data.tags), (r.data.tags.get("error") or "")[:60],
         )
     console.print(table)
     client = MlflowClient()
@@ -450,6 +450,12 @@ def status(
                       f"({version.tags.get('variant', '?')}, run {version.run_id})")
     except Exception:
         console.print(f"champion: none registered yet under {name!r}")
+
+
+def _stages_ran(tags: dict[str, str]) -> str:
+    """A pipeline run's stages that ran, and those DVC restored from its run cache instead."""
+    ran, restored = tags.get("stages_ran", "-"), tags.get("stages_restored", "none")
+    return ran if restored == "none" else f"{ran} (restored: {restored})"
 
 
 def _prefect_states(flow_run_ids: list[str | None]) -> dict[str, str]:

@@ -189,15 +189,15 @@ def _tracked_run(
             # Share data and outputs with the team when the project has a DVC remote.
             if push_data and (pushed := push(root)) is not None:
                 mlflow.set_tag("dvc_pushed_files", str(pushed))
-        except BaseException as err:
+            mlflow.set_tags({
+                **{f"stages_{done}": ",".join(r["stage"] for r in results if stage_outcome(r) is done) or "none"
+                   for done in Reproduced},
+                **_lineage_tags(paths),
+            })
+            outcome = publish_result(paths, run.info.run_id, experiment_id, results)
+        except BaseException as err:  # the run's MLflow status is FAILED: its tag says why
             _tag_error(err)
             raise
-        mlflow.set_tags({
-            **{f"stages_{outcome}": ",".join(r["stage"] for r in results if stage_outcome(r) is outcome) or "none"
-               for outcome in Reproduced},
-            **_lineage_tags(paths),
-        })
-        outcome = publish_result(paths, run.info.run_id, experiment_id, results)
     return {"mlflow_run_id": run.info.run_id, "stages": results, "comparison": outcome.rows,
             "champion": outcome.champion, "result_lines": outcome.lines}
 

@@ -333,8 +333,8 @@ def runs_markdown(outcome: PipelineResult, decision: dict[str, Any], run_id: str
               f"MLflow pipeline run: {links.run(run_id)}", "", "| run | MLflow run | stage |", "|---|---|---|"]
     stage_runs = _stage_runs(run_id)
     for r in results:
-        outcome = stage_outcome(r)
-        state = STAGE_OUTCOME_WORDS[outcome] + ("" if outcome is Reproduced.SKIPPED else f" in {r['seconds']:.1f} s")
+        done = stage_outcome(r)
+        state = STAGE_OUTCOME_WORDS[done] + ("" if done is Reproduced.SKIPPED else f" in {r['seconds']:.1f} s")
         lines.append(f"| stage {r['stage']} | {links.run(stage_runs.get(r['stage']))} | {state} |")
     model_runs = decision.get("model_runs") or {}
     for model, model_run in model_runs.items():

@@ -101,6 +101,8 @@ def test_a_stage_restored_from_dvcs_run_cache_is_not_said_to_have_run(
     assert [r for r in _stage_runs("prepare") if r.data.tags.get("mlflow.parentRunId") == latest.info.run_id] == []
     assert len(_stage_runs("prepare")) == 2
     assert "up to date" in _dvc_status(tiny_project, "prepare").stdout
+    listed = slimflow(tiny_project, "status", env=env)
+    assert listed.returncode == 0 and "restored:" in listed.stdout, listed.stdout[-3000:]
 
 
 def test_a_run_its_data_file_refuses_leaves_the_project_as_it_found_it(

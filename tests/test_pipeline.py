@@ -208,3 +208,22 @@ def _assert_the_flow_run_shows_the_result(flow_run_id: str, champion: str) -> No
     assert "champion" in cells and all(len(c) <= 12 for c in cells if c[:1].isdigit())  # no 0.19512649999999998
     runs_md = str(by_key["mlflow-runs"].data)
     assert "Champion" in runs_md and "stage train" in runs_md and f"model {champion}" in runs_md
+
+
+def test_a_run_that_fails_after_its_stages_says_why_in_mlflow(tiny_project: Path, prefect_server: None,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pipeline run ends FAILED with the error as its tag wherever the run breaks, also
+    after its stages (publishing the result), so `slimflow status` shows why."""
+    import flows.pipeline
+    from flows.pipeline import pipeline
+
+    def broken_publish(*args, **kwargs):
+        raise RuntimeError("the result could not be published")
+
+    monkeypatch.setattr(flows.pipeline, "publish_result", broken_publish)
+    with pytest.raises(RuntimeError, match="could not be published"):
+        pipeline(last="prepare")
+    (run,) = [r for r in _runs() if r.data.tags.get("pipeline") == "slimflow"]
+    assert run.info.status == "FAILED"
+    assert run.data.tags["error"] == "the result could not be published"
+    assert run.data.tags["stages_ran"] == "prepare"
