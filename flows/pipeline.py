@@ -189,26 +189,30 @@ def _tracked_run(
             # Share data and outputs with the team when the project has a DVC remote.
             if push_data and (pushed := push(root)) is not None:
                 mlflow.set_tag("dvc_pushed_files", str(pushed))
-            mlflow.set_tags({
-                **{f"stages_{done}": ",".join(r["stage"] for r in results if stage_outcome(r) is done) or "none"
-                   for done in Reproduced},
-                **_lineage_tags(paths),
-            })
+            mlflow.set_tags({**_stage_tags(results), **_lineage_tags(paths)})
             outcome = publish_result(paths, run.info.run_id, experiment_id, results)
-        except BaseException as err:  # the run's MLflow status is FAILED: its tag says why
-            _tag_error(err)
+        except BaseException as err:  # the run's MLflow status is FAILED: its tags say why, and what ran first
+            _tag_error(err, results)
             raise
     return {"mlflow_run_id": run.info.run_id, "stages": results, "comparison": outcome.rows,
             "champion": outcome.champion, "result_lines": outcome.lines}
 
 
-def _tag_error(err: BaseException) -> None:
-    """The error as a tag of the pipeline run (best effort: on a full disk MLflow may not write)."""
+def _stage_tags(results: list[dict[str, Any]]) -> dict[str, str]:
+    """``stages_ran``, ``stages_restored``, ``stages_skipped``: what DVC did with each stage
+    of ``results`` (comma-separated stage names, or ``none``)."""
+    return {f"stages_{done}": ",".join(r["stage"] for r in results if stage_outcome(r) is done) or "none"
+            for done in Reproduced}
+
+
+def _tag_error(err: BaseException, results: list[dict[str, Any]]) -> None:
+    """The error as a tag of the pipeline run, with the stages done before it (best effort:
+    on a full disk MLflow may not write)."""
     import mlflow
 
     message = disk_full_message(err) or str(err) or type(err).__name__
     try:
-        mlflow.set_tag("error", message[:5000])
+        mlflow.set_tags({**_stage_tags(results), "error": message[:5000]})
     except Exception as tag_err:
         get_run_logger().warning("could not tag the MLflow run with its error: %s", tag_err)
 

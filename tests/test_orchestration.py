@@ -202,6 +202,7 @@ def test_a_crashing_stage_is_retried_with_back_off_until_it_gives_up(
     (pipeline_run,) = _pipeline_runs()
     assert pipeline_run.info.status == "FAILED"
     assert "exited with status 17" in pipeline_run.data.tags["error"]
+    assert pipeline_run.data.tags["stages_ran"] == "prepare"  # what the run did before it failed
     train_runs = _stage_runs("train")
     assert [r.info.status for r in train_runs] == ["FAILED"] * 3  # the attempt and its two retries (retries=2)
     assert all("exited with status 17" in r.data.tags["error"] for r in train_runs)
