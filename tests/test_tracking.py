@@ -202,3 +202,55 @@ def test_a_stage_and_the_install_send_no_usage_telemetry_to_mlflow_unless_the_us
     assert not _as_a_user_runs_it(tiny_project, tmp_path / "home-install", "-c", write,
                                   str(tmp_path / "template" / "mlflow.db")).exists()
     assert (tmp_path / "template" / "mlflow.db").is_file()
+
+
+def test_a_dvc_experiment_in_a_copy_of_the_project_uses_the_projects_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    project = tmp_path / "project"
+    (project / ".dvc" / "tmp" / "exps" / "standalone" / "tmp1").mkdir(parents=True)
+    (project / "dvc.yaml").write_text("stages: {}\n")
+    copy = project / ".dvc" / "tmp" / "exps" / "standalone" / "tmp1"
+    for key in ("DVC_ROOT", "DVC_EXP_NAME"):
+        monkeypatch.delenv(key, raising=False)
+    assert tracking.store_home(copy) == copy  # no experiment: where the process works
+    monkeypatch.setenv("DVC_ROOT", str(project))
+    assert tracking.store_home(copy) == copy  # plain `dvc repro` sets DVC_ROOT too
+    monkeypatch.setenv("DVC_EXP_NAME", "lucky-fawn")
+    assert tracking.store_home(copy) == project.resolve()
+    assert tracking.store_home(project) == project  # `dvc exp run` in the workspace itself
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path / "gone"))
+    assert tracking.store_home(copy) == copy  # not a DVC project: not a store to use
+
+
+@pytest.mark.integration
+def test_dvc_exp_run_temp_logs_to_the_projects_store_not_to_the_deleted_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`dvc exp run --temp` (and queued experiments) run in a copy under .dvc/tmp/exps/ that
+    DVC deletes afterwards: the runs went into a store in that copy and were lost."""
+    import os
+    import subprocess
+
+    import mlflow
+
+    from tests.conftest import TINY_PARAMS, make_project
+
+    project = make_project(tmp_path / "project", TINY_PARAMS)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MLFLOW_TRACKING_URI", "SLIMFLOW_RUN_CONTEXT", "SLIMFLOW_ROOT", "DVC_ROOT", "DVC_EXP_NAME")}
+    env["PATH"] = f"{Path(os.sys.executable).parent}{os.pathsep}{env['PATH']}"  # the stages' `python`
+    dvc = str(Path(os.sys.executable).parent / "dvc")
+    done = subprocess.run([dvc, "exp", "run", "--temp", "-S", "prepare.val_fraction=0.2", "-n", "split-20", "prepare"],
+                          cwd=project, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert not list((project / ".dvc" / "tmp" / "exps").rglob("mlflow.db"))
+
+    monkeypatch.chdir(project)
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                                filter_string="tags.stage = 'prepare'")
+    assert run.data.tags["dvc_experiment"] == "split-20"
+    assert run.data.params["prepare.val_fraction"] == "0.2"
+    artifacts = Path(mlflow.get_experiment(run.info.experiment_id).artifact_location.removeprefix("file://"))
+    assert artifacts.is_relative_to(project / "mlruns"), artifacts

@@ -1,7 +1,9 @@
 """MLflow helpers shared by the stages: where to track, and runs that link up.
 
 With no configuration the store is ``sqlite:///<project>/mlflow.db`` (no server);
-``MLFLOW_TRACKING_URI`` points it elsewhere. A pipeline run (opened by the flow) hands
+``MLFLOW_TRACKING_URI`` points it elsewhere. A DVC experiment that runs outside the
+workspace (``dvc exp run --temp``, queued experiments) logs to the store of the project
+it came from, not to one in DVC's copy, which DVC deletes afterwards. A pipeline run (opened by the flow) hands
 its run id and experiment to the stage processes in the
 :class:`~tasks.core.run_context.RunContext`; each stage then opens a run nested under
 it. A stage run by plain ``dvc repro`` has no context and opens a top-level run of its
@@ -30,6 +32,29 @@ _CONFIGURED: dict[tuple[str, str], str] = {}
 
 def default_tracking_uri(root: Path) -> str:
     return f"sqlite:///{(root / 'mlflow.db').resolve()}"
+
+
+def store_home(root: Path) -> Path:
+    """The project whose MLflow store (and ``mlruns/``) a process working in ``root`` uses:
+    ``root`` itself, except in a DVC experiment that runs in a copy of the project (``dvc
+    exp run --temp``, ``dvc exp run --queue`` then ``dvc queue start``): DVC runs it under
+    ``.dvc/tmp/exps/``, deletes that copy when it ends, and names the project it came from
+    in ``DVC_ROOT`` (with ``DVC_EXP_NAME``, which only an experiment sets)."""
+    home = os.environ.get("DVC_ROOT")
+    if not home or not os.environ.get("DVC_EXP_NAME"):
+        return root
+    home_path = Path(home).resolve()
+    return home_path if home_path != root.resolve() and (home_path / "dvc.yaml").is_file() else root
+
+
+def experiment_tags() -> dict[str, str]:
+    """The DVC experiment a run belongs to (``dvc exp show`` lists it by this name)."""
+    tags = {}
+    if name := os.environ.get("DVC_EXP_NAME"):
+        tags["dvc_experiment"] = name
+    if baseline := os.environ.get("DVC_EXP_BASELINE_REV"):
+        tags["dvc_experiment_baseline"] = baseline
+    return tags
 
 
 def store_template() -> Path:
@@ -96,19 +121,23 @@ def configure(root: Path, experiment: str, context: RunContext | None = None) ->
     turn_off_telemetry()
     import mlflow
 
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(root)
+    home = store_home(root)
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(home)
     os.environ["MLFLOW_TRACKING_URI"] = uri
     context = context or RunContext.current()
     key = (uri, f"id:{context.experiment_id}" if context.experiment_id else f"name:{experiment}")
     if key in _CONFIGURED and mlflow.get_tracking_uri() == uri and _active_experiment_id() == _CONFIGURED[key]:
         return _CONFIGURED[key]
     seed_store(uri)
-    mlflow.set_tracking_uri(uri)
-    if context.experiment_id:
-        mlflow.set_experiment(experiment_id=context.experiment_id)
-        _CONFIGURED[key] = context.experiment_id
-    else:
-        _CONFIGURED[key] = mlflow.set_experiment(experiment).experiment_id
+    # MLflow resolves a new store's artifact root ("./mlruns") against the working folder:
+    # an experiment made from DVC's copy would keep its artifacts there.
+    with contextlib.chdir(home) if home != root else contextlib.nullcontext():
+        mlflow.set_tracking_uri(uri)
+        if context.experiment_id:
+            mlflow.set_experiment(experiment_id=context.experiment_id)
+            _CONFIGURED[key] = context.experiment_id
+        else:
+            _CONFIGURED[key] = mlflow.set_experiment(experiment).experiment_id
     return _CONFIGURED[key]
 
 
@@ -172,7 +201,7 @@ def link_tags(root: Path, stage: str | None = None, context: RunContext | None =
         tags["prefect_flow_run_id"] = context.flow_run_id
     if stage:
         tags["stage"] = stage
-    return tags
+    return {**tags, **experiment_tags()}
 
 
 @contextlib.contextmanager
