@@ -103,12 +103,15 @@ def rollback(
 ) -> None:
     """Point @champion back at the previous champion (or --to VERSION), recording the reason."""
     from tasks.evaluation.promotion import RegistryError, rollback_champion
+    from tasks.evaluation.registration import registry_lock
 
     if not reason.strip():
         _fail("--reason must say why", code=2)
-    registered = _registered_name(ProjectPaths.discover(), name)
+    paths = ProjectPaths.discover()
+    registered = _registered_name(paths, name)
     try:
-        done = rollback_champion(registered, reason.strip(), to)
+        with registry_lock(paths):  # not in the middle of a run's promotion
+            done = rollback_champion(registered, reason.strip(), to)
     except RegistryError as err:
         _fail(str(err))
     console.print(f"@champion of {registered}: version {done.from_version} -> {done.to_version} "

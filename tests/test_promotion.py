@@ -267,3 +267,39 @@ def test_a_champion_run_on_onnx_runtime_sends_no_usage_telemetry_where_it_is_ser
     assert done.returncode == 0, done.stderr[-3000:]
     assert len(json.loads(done.stdout.strip().splitlines()[-1])) == 4  # it did load and run
     assert not (cache / "Microsoft").exists(), sorted(str(p) for p in cache.rglob("*"))[:5]
+
+
+def test_one_promotion_at_a_time_per_project_the_next_waits_or_says_why(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two evaluate stages at once (queued DVC experiments run in parallel) would both
+    challenge the same champion; the second waits until the first has moved the alias."""
+    import logging
+
+    from tasks.core.paths import ProjectPaths
+    from tasks.evaluation.promotion import RegistryError
+    from tasks.evaluation.registration import registry_lock
+
+    paths = ProjectPaths(tmp_path)
+    lock = tmp_path / ".slimflow" / "registry.lock"
+    lock.parent.mkdir()
+    hold = ("import sys, time; from filelock import FileLock; lock = FileLock(sys.argv[1]); lock.acquire(); "
+            "print('held', flush=True); time.sleep(float(sys.argv[2]))")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(lock), "1.0"], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    started = time.monotonic()
+    with caplog.at_level(logging.INFO, logger="slimflow.registry"), registry_lock(paths):
+        waited = time.monotonic() - started
+    holder.wait(timeout=30)
+    assert waited >= 0.5, waited
+    assert "waiting for another run's promotion to finish" in caplog.text
+
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(lock), "30"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RegistryError, match=r"registry.lock: another run held the registry for 0 s; nothing registered"):
+            with registry_lock(paths, wait_s=0.2):
+                pass
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)

@@ -5,8 +5,10 @@ become ``promotion.json``."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -18,7 +20,8 @@ from tasks.core.paths import ProjectPaths
 from tasks.core.run_context import RunContext
 from tasks.evaluation.challenge import HEADLINE, Challenger, Decision, decide, remeasure
 from tasks.evaluation.promotion import (
-    CHAMPION_ALIAS, Promotion, current_champion, keep_champion, promote, tag_value, version_input_schema,
+    CHAMPION_ALIAS, Promotion, RegistryError, current_champion, keep_champion, promote, tag_value,
+    version_input_schema,
 )
 from tasks.evaluation.pyfunc import runtime_versions
 from tasks.evaluation.results import Evaluation, ModelResult, json_number
@@ -97,6 +100,45 @@ def register_champion(evaluation: Evaluation, paths: ProjectPaths, params: Evalu
         return _settled(promotion, evaluation)
     result = evaluation.models[evaluation.champion]
     challenger = challenger_of(result, paths)
+    with registry_lock(paths):  # the champion read here is the one challenged and replaced
+        return _settled(_challenge(evaluation, result, challenger, paths, params), evaluation)
+
+
+# How long a promotion waits for another run's (a re-measurement of the champion takes seconds).
+REGISTRY_WAIT_S = 600.0
+
+
+@contextlib.contextmanager
+def registry_lock(paths: ProjectPaths, wait_s: float = REGISTRY_WAIT_S) -> Iterator[None]:
+    """One promotion at a time among the runs of this project on this host: two evaluate
+    stages at once (``dvc queue start -j 2``, which run in copies of the project that log to
+    its store) would both challenge the same champion, and the second alias move would undo
+    the first whatever the gate said. The lock is ``.slimflow/registry.lock`` of the project
+    whose store the runs use (:func:`tasks.core.tracking.store_home`)."""
+    from filelock import FileLock, Timeout
+
+    path = tracking.store_home(paths.root) / ".slimflow" / "registry.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(path))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.info("registry: waiting for another run's promotion to finish (%s)", path)
+        try:
+            lock.acquire(timeout=wait_s)
+        except Timeout:
+            raise RegistryError(f"{path}: another run held the registry for {wait_s:.0f} s; "
+                                "nothing registered by this run") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _challenge(evaluation: Evaluation, result: ModelResult, challenger: Challenger, paths: ProjectPaths,
+               params: EvaluateParams) -> Promotion:
+    """The gate's winner against the champion: registered (the alias moved) or not, and why."""
+    name = params.registered_model
     current = current_champion(name)
     decision = decide(
         challenger, current, version_input_schema(current) if current else None, name,
@@ -122,7 +164,7 @@ def register_champion(evaluation: Evaluation, paths: ProjectPaths, params: Evalu
             promotion = promote(result.name, result.folder, paths.prepared, name, tags, document,
                                 model_uri=evaluation.model_uris.get(result.name))
         promotion = replace(promotion, reason=f"{promotion.reason} ({decision.reason})")
-    return _settled(promotion, evaluation)
+    return promotion
 
 
 def _compact(document: dict[str, Any], evaluation: Evaluation) -> dict[str, Any]:
