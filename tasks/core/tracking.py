@@ -1,13 +1,13 @@
 """MLflow helpers shared by the stages: where to track, and runs that link up.
 
 With no configuration the store is ``sqlite:///<project>/mlflow.db`` (no server);
-``MLFLOW_TRACKING_URI`` points it elsewhere. A DVC experiment that runs outside the
-workspace (``dvc exp run --temp``, queued experiments) logs to the store of the project
-it came from, not to one in DVC's copy, which DVC deletes afterwards. A pipeline run (opened by the flow) hands
+``MLFLOW_TRACKING_URI`` points it elsewhere. A pipeline run (opened by the flow) hands
 its run id and experiment to the stage processes in the
 :class:`~tasks.core.run_context.RunContext`; each stage then opens a run nested under
 it. A stage run by plain ``dvc repro`` has no context and opens a top-level run of its
-own in ``base.experiment``.
+own in ``base.experiment``. A DVC experiment that runs outside the workspace (``dvc exp
+run --temp``, queued experiments) logs to the store of the project it came from, not to
+one in DVC's copy, which DVC deletes afterwards (:func:`store_home`).
 """
 
 from __future__ import annotations
