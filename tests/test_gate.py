@@ -124,3 +124,53 @@ def test_max_energy_per_1k_limit_applies_and_an_unmeasured_energy_fails_it() -> 
     # Without an energy figure the objective cannot rank a model: it does not pass.
     champion, reasons = select_champion(METRICS, gate(max_accuracy_drop=0.01), "lowest_energy")
     assert champion is None and "energy_per_1k_j not measured" in reasons["baseline"]
+
+
+def _classes(recalls: dict[str, tuple[int, int]]) -> dict[str, dict[str, float]]:
+    """``{class: (correct, support)}`` as per-class figures."""
+    return {name: {"recall": correct / support, "support": support} for name, (correct, support) in recalls.items()}
+
+
+# A 3%-positive table (as seen on a generated fraud set): the variant is MORE accurate
+# overall, by calling fewer rows fraud, and finds 11 of the 45 frauds where the baseline found 20.
+IMBALANCED = {"baseline": _m(0.969, 150_000, 0.5), "qat": _m(0.974, 40_000, 0.5)}
+IMBALANCED_CLASSES = {
+    "baseline": _classes({"ok": (1434, 1455), "fraud": (20, 45)}),
+    "qat": _classes({"ok": (1450, 1455), "fraud": (11, 45)}),
+}
+
+
+def test_a_model_that_forgets_a_small_class_fails_the_gate_its_accuracy_passes() -> None:
+    champion, reasons = select_champion(IMBALANCED, gate(), "smallest", per_class=IMBALANCED_CLASSES)
+    assert champion == "baseline"
+    assert reasons["qat"] == ("fails the gate: class 'fraud' recall drop 0.2000 (44.4% -> 24.4%, 9 of its 45 "
+                              "test samples) > max_class_recall_drop 0.1000")
+    # Off (null), or a looser limit: accuracy alone decides, and the qat model wins.
+    assert select_champion(IMBALANCED, gate(max_class_recall_drop=None), "smallest",
+                           per_class=IMBALANCED_CLASSES)[0] == "qat"
+    assert select_champion(IMBALANCED, gate(max_class_recall_drop=0.25), "smallest",
+                           per_class=IMBALANCED_CLASSES)[0] == "qat"
+
+
+def test_the_class_limit_names_the_worst_class_and_ignores_one_samples_flip() -> None:
+    metrics = {"baseline": _m(0.95, 100, 1.0), "small": _m(0.95, 10, 1.0)}
+    classes = {
+        "baseline": _classes({"a": (5, 5), "b": (40, 40), "c": (38, 40)}),
+        # a: 1 of 5 lost (-20 points, one sample: noise); b: 3 of 40 (-7.5); c: 5 of 40 (-12.5)
+        "small": _classes({"a": (4, 5), "b": (37, 40), "c": (33, 40)}),
+    }
+    champion, reasons = select_champion(metrics, gate(max_accuracy_drop=0.1), "smallest", per_class=classes)
+    assert champion == "baseline" and "class 'c' recall drop 0.1250" in reasons["small"]
+    classes["small"]["c"] = classes["baseline"]["c"]  # c kept: a's one sample and b's 7.5 points pass
+    assert select_champion(metrics, gate(max_accuracy_drop=0.1), "smallest", per_class=classes)[0] == "small"
+
+
+def test_every_model_gets_its_worst_class_recall_change() -> None:
+    from tasks.core import metric_names as names
+    from tasks.evaluation.results import worst_class_recall_change_pts
+
+    base, qat = IMBALANCED_CLASSES["baseline"], IMBALANCED_CLASSES["qat"]
+    assert worst_class_recall_change_pts(qat, base) == pytest.approx(-20.0)
+    assert worst_class_recall_change_pts(base, base) == 0.0
+    assert math.isnan(worst_class_recall_change_pts({}, base))
+    assert names.WORST_CLASS_RECALL_CHANGE_PTS in names.MODEL_FIGURES

@@ -150,6 +150,9 @@ class TrainParams(_Strict):
 
 class GateParams(_Strict):
     max_accuracy_drop: float = Field(0.01, ge=0.0, le=1.0)
+    # The most any one class's test recall may fall below the baseline's (a fraction, like
+    # max_accuracy_drop); a fall of one test sample is never counted. None: not gated.
+    max_class_recall_drop: float | None = Field(0.10, ge=0.0, le=1.0)
     max_latency_p95_ms: float | None = Field(None, gt=0.0)
     max_size_bytes: int | None = Field(None, gt=0)
     max_energy_per_1k_j: float | None = Field(None, gt=0.0)  # energy per 1,000 predictions (throughput batch)

@@ -1,8 +1,9 @@
 """The quality gate, the champion and the Pareto front: pure functions of measured metrics.
 
 :func:`select_champion`: every model (the baseline included) that keeps within the gate
-(accuracy drop vs. the baseline, and optionally p95 latency, size on disk and energy per
-1,000 predictions) is a candidate; the objective (``smallest``, ``fastest`` or
+(accuracy drop vs. the baseline, the largest drop of one class's recall vs. the
+baseline's, and optionally p95 latency, size on disk and energy per 1,000 predictions) is a
+candidate; the objective (``smallest``, ``fastest`` or
 ``lowest_energy``) picks one. Impossible thresholds give no champion.
 """
 
@@ -19,6 +20,9 @@ from tasks.evaluation.results import BASELINE, Evaluation
 log = logging.getLogger("slimflow.evaluate")
 
 _EPS = 1e-9  # accuracies are ratios of integers: forgive float round-off at the threshold
+# A class's recall drop counts from this many of its test samples lost: one sample's flip
+# is noise (on the digits' 45 test samples a class, 2.2 points), not what a model forgot.
+MIN_SAMPLES_LOST = 2
 
 # Metric each objective minimises, and the tie-breakers after it.
 OBJECTIVES: dict[str, tuple[str, ...]] = {
@@ -38,8 +42,12 @@ def _number(metrics: Mapping[str, Any], key: str) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def gate_problems(metrics: Mapping[str, Any], baseline_accuracy: float, gate: GateParams) -> list[str]:
-    """Why a model fails the gate (empty when it passes)."""
+def gate_problems(metrics: Mapping[str, Any], baseline_accuracy: float, gate: GateParams,
+                  per_class: Mapping[str, Mapping[str, float]] | None = None,
+                  baseline_per_class: Mapping[str, Mapping[str, float]] | None = None) -> list[str]:
+    """Why a model fails the gate (empty when it passes). ``per_class`` and
+    ``baseline_per_class`` (``{class: {recall, support, ...}}``) gate the recall of each
+    class; without them that limit is not applied."""
     problems = []
     accuracy = _number(metrics, "accuracy")
     if accuracy is None:
@@ -48,6 +56,9 @@ def gate_problems(metrics: Mapping[str, Any], baseline_accuracy: float, gate: Ga
         drop = baseline_accuracy - accuracy
         if drop > gate.max_accuracy_drop + _EPS:
             problems.append(f"accuracy drop {drop:.4f} > max_accuracy_drop {gate.max_accuracy_drop:.4f}")
+    if gate.max_class_recall_drop is not None and per_class and baseline_per_class:
+        if problem := class_recall_problem(per_class, baseline_per_class, gate.max_class_recall_drop):
+            problems.append(problem)
     limits = (  # (upper limit, metric, how the value reads, how the limit reads)
         (gate.max_latency_p95_ms, "latency_p95_ms", "latency p95 {:.3f} ms", "{:g}"),
         (gate.max_size_bytes, "size_bytes", "size {:.0f} B", "{}"),
@@ -64,17 +75,45 @@ def gate_problems(metrics: Mapping[str, Any], baseline_accuracy: float, gate: Ga
     return problems
 
 
+def class_recall_problem(per_class: Mapping[str, Mapping[str, float]],
+                         baseline_per_class: Mapping[str, Mapping[str, float]], max_drop: float) -> str | None:
+    """The class whose recall fell furthest below the baseline's, when that is more than
+    ``max_drop`` and at least :data:`MIN_SAMPLES_LOST` of its test samples; else None.
+
+    Accuracy averages over the samples, so a class of 3% of them can lose half its recall
+    inside a 1-point accuracy budget: compression tends to cost the small, hard classes
+    first (Hooker et al., 2019, "What do compressed deep neural networks forget?").
+    """
+    worst: tuple[float, str, float, float, int, int] | None = None
+    for name, base in baseline_per_class.items():
+        if name not in per_class:
+            continue
+        before, after = float(base["recall"]), float(per_class[name]["recall"])
+        support = int(base.get("support") or 0)
+        drop, lost = before - after, round((before - after) * support)
+        if drop > max_drop + _EPS and lost >= MIN_SAMPLES_LOST and (worst is None or drop > worst[0]):
+            worst = (drop, name, before, after, lost, support)
+    if worst is None:
+        return None
+    drop, name, before, after, lost, support = worst
+    return (f"class {name!r} recall drop {drop:.4f} ({100 * before:.1f}% -> {100 * after:.1f}%, "
+            f"{lost} of its {support} test samples) > max_class_recall_drop {max_drop:.4f}")
+
+
 def select_champion(
     metrics: Mapping[str, Mapping[str, Any]],
     gate: GateParams,
     objective: str,
     baseline: str = BASELINE,
+    per_class: Mapping[str, Mapping[str, Mapping[str, float]]] | None = None,
 ) -> tuple[str | None, dict[str, str]]:
     """Pick the champion among every model that passes the gate; None when none does.
 
     ``metrics`` maps a model name to its metrics (``accuracy``, ``size_bytes``,
     ``latency_p50_ms``, ``latency_p95_ms``, ``energy_per_1k_j``); the accuracy drop is
-    measured against ``metrics[baseline]``. Among the models that pass, ``objective``
+    measured against ``metrics[baseline]``, and each class's recall drop against
+    ``per_class[baseline]`` (``per_class``: a model name to its per-class figures; without
+    them the class limit is not applied). Among the models that pass, ``objective``
     ``smallest`` takes the least ``size_bytes``, ``fastest`` the least ``latency_p50_ms``,
     ``lowest_energy`` the least ``energy_per_1k_j``; ties go to the higher accuracy, then
     the second measure of :data:`OBJECTIVES`, then the name. Returns the champion's name
@@ -92,7 +131,8 @@ def select_champion(
     reasons: dict[str, str] = {}
     passing: list[tuple[float, float, float, str]] = []
     for name, values in metrics.items():
-        problems = gate_problems(values, baseline_accuracy, gate)
+        problems = gate_problems(values, baseline_accuracy, gate, (per_class or {}).get(name),
+                                 (per_class or {}).get(baseline))
         measure = _number(values, primary)
         if measure is None and not problems:
             problems.append(f"{primary} not measured (objective {objective})")
@@ -117,7 +157,8 @@ def select_champion(
 
 def apply_gate(evaluation: Evaluation, params: EvaluateParams) -> None:
     """Run the gate; mark ``passed_gate`` and ``champion`` in every model's metrics."""
-    champion, reasons = select_champion(evaluation.metrics(), params.gate, params.objective, BASELINE)
+    champion, reasons = select_champion(evaluation.metrics(), params.gate, params.objective, BASELINE,
+                                        {name: result.per_class for name, result in evaluation.models.items()})
     evaluation.champion, evaluation.reasons = champion, reasons
     for name, result in evaluation.models.items():
         result.metrics["passed_gate"] = 0.0 if reasons[name].startswith("fails") else 1.0

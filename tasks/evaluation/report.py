@@ -81,6 +81,8 @@ def _methods(evaluation: Evaluation, data_digest: str | None) -> list[str]:
 def _gate_section(evaluation: Evaluation, params: EvaluateParams) -> list[str]:
     gate = params.gate
     limits = [f"accuracy drop <= {gate.max_accuracy_drop:g}"]
+    if gate.max_class_recall_drop is not None:
+        limits.append(f"each class's recall drop <= {gate.max_class_recall_drop:g}")
     if gate.max_latency_p95_ms is not None:
         limits.append(f"latency p95 <= {gate.max_latency_p95_ms:g} ms")
     if gate.max_size_bytes is not None:

@@ -86,7 +86,19 @@ def add_ratios(results: Mapping[str, ModelResult]) -> None:
         metrics[names.PAYBACK_PREDICTIONS] = (
             math.nan if result.name == BASELINE else payback_predictions(metrics.get(names.MAKE_ENERGY_J, math.nan), saved)
         )
+        metrics[names.WORST_CLASS_RECALL_CHANGE_PTS] = worst_class_recall_change_pts(
+            result.per_class, results[BASELINE].per_class)
         metrics.setdefault(names.PASSED_GATE, math.nan)
+
+
+def worst_class_recall_change_pts(per_class: Mapping[str, Mapping[str, float]],
+                                  baseline_per_class: Mapping[str, Mapping[str, float]]) -> float:
+    """The lowest, over the classes, of a class's recall minus the baseline's, in points
+    (NaN without per-class figures): what a compressed model forgot, where accuracy, an
+    average dominated by the large classes, hides it."""
+    changes = [100.0 * (float(per_class[c]["recall"]) - float(row["recall"]))
+               for c, row in baseline_per_class.items() if c in per_class]
+    return round(min(changes), 6) if changes else math.nan
 
 
 def payback_predictions(make_energy_j: float, saved_per_1k_j: float) -> float:
