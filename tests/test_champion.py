@@ -191,8 +191,12 @@ def test_the_champion_carries_the_evidence_a_reviewer_needs(digits: dict[str, An
     tags = champion.tags
     assert {"variant", "method", "recipe", "data_digest", "git_commit", "runtime_versions", "input_schema",
             "num_classes", "gate_decision", "promotion_decision", "promoted_at", "pipeline_run_id",
-            "evaluate_run_id", "source_run_id", "model_digest", "metric.accuracy", "metric.size_bytes"} <= set(tags)
+            "evaluate_run_id", "source_run_id", "model_digest", "metric.accuracy", "metric.size_bytes",
+            "class_recall"} <= set(tags)
     assert tags["git_commit"] and tags["data_digest"] == "test-digest-0001"
+    evaluation = digits["evaluation"]  # each class's recall, for the next challenger to be held to
+    per_class = evaluation.models[evaluation.champion].per_class
+    assert json.loads(tags["class_recall"]) == pytest.approx({c: row["recall"] for c, row in per_class.items()})
     assert not [key for key in tags if key.startswith("metric.precision_")]  # a handful, not every metric
     assert champion.description and "tensor float32 (-1, 1, 8, 8)" in champion.description
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 
@@ -174,3 +175,58 @@ def test_every_model_gets_its_worst_class_recall_change() -> None:
     assert worst_class_recall_change_pts(base, base) == 0.0
     assert math.isnan(worst_class_recall_change_pts({}, base))
     assert names.WORST_CLASS_RECALL_CHANGE_PTS in names.MODEL_FIGURES
+
+
+# ---------------------------------------------------------------------------- against the champion
+def _challenger(per_class: dict[str, dict[str, float]], accuracy: float) -> Any:
+    from tasks.evaluation.challenge import Challenger
+
+    return Challenger(name="qat", figures={"accuracy": accuracy}, input_schema={"type": "columns", "columns": 20},
+                      num_classes=2, data_digest="data-1", model_digest="model-2", git_commit="abc",
+                      runtime_versions={"torch": "2.13.0"}, per_class=per_class)
+
+
+def _champion_version(class_recall: dict[str, float] | None, accuracy: float) -> Any:
+    import json
+    from types import SimpleNamespace
+
+    tags = {"variant": "pruned", "num_classes": "2", "data_digest": "data-1", "git_commit": "abc",
+            "runtime_versions": json.dumps({"torch": "2.13.0"}), "model_digest": "model-1",
+            "metric.accuracy": str(accuracy)}
+    if class_recall is not None:
+        tags["class_recall"] = json.dumps(class_recall)
+    return SimpleNamespace(version="1", tags=tags)
+
+
+def _decide(challenger: Any, champion: Any, remeasured: dict[str, Any] | None = None) -> Any:
+    from tasks.evaluation.challenge import decide
+
+    return decide(challenger, champion, challenger.input_schema, "slimflow-tx", 0.01,
+                  lambda uri: remeasured, class_tolerance=0.1)
+
+
+def test_a_challenger_that_forgets_a_class_the_champion_knows_does_not_take_the_alias() -> None:
+    challenger = _challenger(IMBALANCED_CLASSES["qat"], accuracy=0.974)
+    # Recorded evidence (same data, code, runtime): the champion found 20 of 45 frauds.
+    decision = _decide(challenger, _champion_version({"ok": 1434 / 1455, "fraud": 20 / 45}, accuracy=0.969))
+    assert not decision.allowed and decision.verdict == "worse" and decision.basis == "recorded evidence"
+    assert "within max_accuracy_drop 0.01, but against the champion its class 'fraud' recall drop 0.2000" \
+        in decision.reason
+    # Re-measured on this run's split (other code): the same, from the re-measurement's recall.
+    other_code = _champion_version(None, accuracy=0.969)
+    other_code.tags["git_commit"] = "def"
+    decision = _decide(challenger, other_code, {"accuracy": 0.969, "macro_f1": 0.72,
+                                                "class_recall": {"ok": 1434 / 1455, "fraud": 20 / 45}})
+    assert decision.verdict == "worse" and decision.basis == "re-measured on this run's test split"
+    assert decision.champion["class_recall"]["fraud"] == pytest.approx(20 / 45)
+    assert "class_recall" not in decision.champion["remeasured"]  # the figures stay flat (metrics, tables)
+
+
+def test_a_champion_without_per_class_recall_is_compared_on_accuracy_and_the_decision_says_so() -> None:
+    challenger = _challenger(IMBALANCED_CLASSES["qat"], accuracy=0.974)
+    decision = _decide(challenger, _champion_version(None, accuracy=0.969))
+    assert decision.allowed and decision.verdict == "not_worse"
+    assert decision.reason.endswith("the champion records no per-class recall, so no class was compared")
+    # A champion the challenger matches class by class (one fraud fewer: noise).
+    decision = _decide(challenger, _champion_version({"ok": 1.0, "fraud": 12 / 45}, accuracy=0.969))
+    assert decision.allowed and decision.reason.endswith("each class within max_class_recall_drop 0.1")

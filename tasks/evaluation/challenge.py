@@ -14,8 +14,11 @@ with the version the alias points at now:
    side by side with the challenger.
 
 In 3 and 4 the challenger may not be worse than the champion by more than the gate's
-``max_accuracy_drop`` on accuracy. The :class:`Decision` and both models' figures become
-``promotion.json``, a tag of the evaluate run and a tag of the version.
+``max_accuracy_drop`` on accuracy, nor lose more than its ``max_class_recall_drop`` of any
+class's recall (counted as the gate counts it; against a champion that records no
+per-class recall, accuracy alone is compared, and the decision says so). The
+:class:`Decision` and both models' figures become ``promotion.json``, a tag of the
+evaluate run and a tag of the version.
 """
 
 from __future__ import annotations
@@ -26,12 +29,13 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from tasks.evaluation.gate import class_recall_problem
 from tasks.evaluation.signature import describe, same_input
 
 _EPS = 1e-9
@@ -39,6 +43,7 @@ _EPS = 1e-9
 HEADLINE = ("accuracy", "macro_f1", "accuracy_delta", "size_bytes", "latency_p50_ms", "latency_p95_ms",
             "throughput_sps")
 QUALITY = ("accuracy", "macro_f1")  # what a re-measurement on another split gives
+CLASS_RECALL = "class_recall"  # a version's tag (and a re-measurement's key): {class: test recall}
 
 # Runs in a fresh interpreter outside the project, so the champion's own logged code
 # (not this checkout's `tasks`) loads it, as `mlflow models serve` would.
@@ -76,6 +81,7 @@ class Challenger:
     model_digest: str | None
     git_commit: str | None
     runtime_versions: dict[str, str]
+    per_class: dict[str, dict[str, float]] = field(default_factory=dict)  # {class: {recall, support, ...}}
 
 
 @dataclass
@@ -90,7 +96,7 @@ class Decision:
     suggested_name: str | None = None
 
     def document(self, challenger: Challenger, registered_model: str, tolerance: float,
-                 test_samples: int) -> dict[str, Any]:
+                 test_samples: int, class_tolerance: float | None = None) -> dict[str, Any]:
         """``promotion.json``: the decision and both models' figures on the same split."""
         return {
             "registered_model": registered_model,
@@ -98,7 +104,8 @@ class Decision:
             "allowed": self.allowed,
             "reason": self.reason,
             "basis": self.basis,
-            "tolerance": {"max_accuracy_drop": tolerance, "on": "accuracy"},
+            "tolerance": {"max_accuracy_drop": tolerance, "on": "accuracy",
+                          "max_class_recall_drop": class_tolerance},
             "split": {"data_digest": challenger.data_digest, "test_samples": test_samples},
             "challenger": {
                 "model": challenger.name, "figures": challenger.figures, "input_schema": challenger.input_schema,
@@ -127,8 +134,9 @@ def recorded_figures(tags: dict[str, str]) -> dict[str, float]:
     return found
 
 
-def remeasure(model_uri: str, prepared: Path, class_names: Sequence[str], threads: int = 1) -> dict[str, float]:
-    """Accuracy and macro F1 of a registered model on ``prepared``'s test split (raw inputs)."""
+def remeasure(model_uri: str, prepared: Path, class_names: Sequence[str], threads: int = 1) -> dict[str, Any]:
+    """Accuracy and macro F1 of a registered model on ``prepared``'s test split (raw inputs),
+    and under :data:`CLASS_RECALL` each class's recall."""
     from tasks.evaluation.measure import classification_metrics
 
     with tempfile.TemporaryDirectory(prefix="slimflow-remeasure-") as tmp:
@@ -145,8 +153,17 @@ def remeasure(model_uri: str, prepared: Path, class_names: Sequence[str], thread
     y = np.load(prepared / "test_y.npy")
     if predictions.shape != y.shape:
         raise RemeasureError(f"{model_uri}: {predictions.shape[0]} predictions for {y.shape[0]} test rows")
-    quality, _, _ = classification_metrics(y, predictions, class_names)
-    return {key: quality[key] for key in QUALITY}
+    quality, per_class, _ = classification_metrics(y, predictions, class_names)
+    return {**{key: quality[key] for key in QUALITY},
+            CLASS_RECALL: {name: float(row["recall"]) for name, row in per_class.items()}}
+
+
+def recorded_class_recall(tags: dict[str, str]) -> dict[str, float] | None:
+    """A version's per-class recall as registered (None: a version registered without it)."""
+    try:
+        return {str(name): float(recall) for name, recall in json.loads(tags[CLASS_RECALL]).items()}
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
 
 
 def _champion_card(version: Any, schema: dict[str, Any] | None) -> dict[str, Any]:
@@ -176,10 +193,11 @@ def _contract_problem(challenger: Challenger, card: dict[str, Any], registered_m
 
 def decide(
     challenger: Challenger, current: Any | None, current_schema: dict[str, Any] | None, registered_model: str,
-    tolerance: float, remeasure_champion: Any,
+    tolerance: float, remeasure_champion: Any, class_tolerance: float | None = None,
 ) -> Decision:
     """The decision (see the module docstring). ``remeasure_champion(model_uri)`` gives the
-    champion's quality figures on this run's test split, or raises :class:`RemeasureError`."""
+    champion's quality figures on this run's test split (each class's recall under
+    :data:`CLASS_RECALL`), or raises :class:`RemeasureError`."""
     if current is None:
         return Decision(True, "first_champion", f"no champion under {registered_model} yet")
     card = _champion_card(current, current_schema)
@@ -200,18 +218,37 @@ def decide(
                  and card["runtime_versions"] == challenger.runtime_versions)
     if same_data and same_code and "accuracy" in card["recorded"]:
         basis, theirs = "recorded evidence", card["recorded"]["accuracy"]
+        card[CLASS_RECALL] = recorded_class_recall(current.tags)
     else:
         try:
-            card["remeasured"] = remeasure_champion(f"models:/{registered_model}/{card['version']}")
+            figures = dict(remeasure_champion(f"models:/{registered_model}/{card['version']}"))
         except RemeasureError as err:
             return Decision(False, "unmeasured", f"the champion (version {card['version']}) could not be "
                             f"re-measured on this run's test split: {err}", champion=card)
-        basis, theirs = "re-measured on this run's test split", card["remeasured"]["accuracy"]
+        card[CLASS_RECALL] = figures.pop(CLASS_RECALL, None)
+        card["remeasured"] = figures
+        basis, theirs = "re-measured on this run's test split", figures["accuracy"]
     ours = challenger.figures["accuracy"]
     versus = (f"{challenger.name} accuracy {ours:.4f} vs the champion's (version {card['version']}, "
               f"{card['variant']}) {theirs:.4f}, {basis}")
     if ours + tolerance + _EPS < theirs:
         return Decision(False, "worse", f"{versus}: {theirs - ours:.4f} worse, more than max_accuracy_drop "
                         f"{tolerance:g}", basis=basis, champion=card)
-    return Decision(True, "not_worse", f"{versus}: within max_accuracy_drop {tolerance:g}", basis=basis,
-                    champion=card)
+    within = f"{versus}: within max_accuracy_drop {tolerance:g}"
+    if class_tolerance is not None and challenger.per_class:
+        if not card[CLASS_RECALL]:
+            within += "; the champion records no per-class recall, so no class was compared"
+        elif problem := class_recall_problem(challenger.per_class, _as_rows(card[CLASS_RECALL], challenger),
+                                             class_tolerance):
+            return Decision(False, "worse", f"{within}, but against the champion its {problem}", basis=basis,
+                            champion=card)
+        else:
+            within += f" and each class within max_class_recall_drop {class_tolerance:g}"
+    return Decision(True, "not_worse", within, basis=basis, champion=card)
+
+
+def _as_rows(class_recall: dict[str, float], challenger: Challenger) -> dict[str, dict[str, float]]:
+    """The champion's recall per class with the test split's support (the challenger's: the
+    same split, recorded on the same data or re-measured on this run's)."""
+    return {name: {"recall": recall, "support": challenger.per_class[name].get("support", 0)}
+            for name, recall in class_recall.items() if name in challenger.per_class}

@@ -58,6 +58,7 @@ def challenger_of(result: ModelResult, paths: ProjectPaths) -> Challenger:
         model_digest=result.manifest.get("digest"),
         git_commit=tracking.git_commit(paths.root),
         runtime_versions=runtime_versions(),
+        per_class={name: dict(row) for name, row in result.per_class.items()},
     )
 
 
@@ -78,6 +79,7 @@ def evidence(
         runtime_versions=challenger.runtime_versions,
         input_schema=challenger.input_schema,
         num_classes=challenger.num_classes,
+        class_recall={name: json_number(row["recall"]) for name, row in challenger.per_class.items()},
         gate=params.gate.model_dump(),
         objective=params.objective,
         gate_decision=evaluation.reasons.get(result.name),
@@ -144,9 +146,10 @@ def _challenge(evaluation: Evaluation, result: ModelResult, challenger: Challeng
         challenger, current, version_input_schema(current) if current else None, name,
         params.gate.max_accuracy_drop,
         lambda uri: remeasure(uri, paths.prepared, evaluation.class_names, params.threads),
+        params.gate.max_class_recall_drop,
     )
     document = decision.document(challenger, name, params.gate.max_accuracy_drop,
-                                 int(evaluation.settings["test_samples"]))
+                                 int(evaluation.settings["test_samples"]), params.gate.max_class_recall_drop)
     log.info("promotion: %s", decision.reason)
     if decision.verdict == "already_champion":
         version = str(current.version)

@@ -120,7 +120,9 @@ def _champion_section(promotion: Any) -> list[str]:
         remeasured = champion.get("remeasured") or {}
         lines += [
             f"Basis: {decision.get('basis') or 'input contract'}; tolerance: max_accuracy_drop "
-            f"{decision['tolerance']['max_accuracy_drop']:g} on accuracy.",
+            f"{decision['tolerance']['max_accuracy_drop']:g} on accuracy"
+            + (f", max_class_recall_drop {limit:g} on each class's recall."
+               if (limit := decision['tolerance'].get('max_class_recall_drop')) is not None else "."),
             "",
             f"| figure | challenger {decision['challenger']['model']} | champion v{champion['version']} "
             "(re-measured, this split) | champion (recorded) |",
