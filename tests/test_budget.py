@@ -508,9 +508,11 @@ def test_student_width_auto_keeps_the_smallest_student_that_fits(
     noisy_baseline: Path, tmp_path: Path, monkeypatch, mlflow_uri: str
 ) -> None:
     """A generous budget: the smallest student (a quarter of the teacher's width) fits at
-    once, and the search stops there (one distillation on 2 workers)."""
+    once, and the search stops there (one distillation on 2 workers). (Without the class
+    limit lifted, a 1-epoch quarter-width student loses a class: then it does not fit.)"""
     step = {"method": "distill", "student_width": "auto", "epochs": 1, "lr": 0.005}
-    paths, manifest = _run_compress(noisy_baseline, tmp_path, {"max_accuracy_drop": 100.0, "max_trials": 3},
+    paths, manifest = _run_compress(noisy_baseline, tmp_path,
+                                    {"max_accuracy_drop": 100.0, "max_class_recall_drop": 1.0, "max_trials": 3},
                                     step, monkeypatch, name="distilled-auto")
     search = manifest["search"]
     assert search["knob"] == "student_width" and search["within_budget"] and search["trials"] == 1
@@ -547,3 +549,43 @@ def test_searched_sparsity_ends_within_budget_on_tabular_and_sequence_data(
     assert 100 * (_baseline_val_accuracy(paths) - accuracy) <= 5.0 + 1e-9
     assert weight_sparsity(model.module) == pytest.approx(manifest["sparsity"], abs=1e-6)
     assert search["sparsity"] == pytest.approx(manifest["sparsity"], abs=1e-6) and search["sparsity"] > 0.3
+
+
+def test_a_trial_that_loses_a_class_is_over_budget_though_its_accuracy_fits() -> None:
+    """The search aims at what the gate accepts: a trial within the accuracy budget that lost
+    more than the class limit of one class's validation recall does not fit, and says why."""
+    import numpy as np
+
+    from tasks.core.class_recall import per_class_recall
+
+    labels = np.array([0] * 90 + [1] * 10)
+    baseline = np.array([0] * 88 + [1] * 2 + [1] * 8 + [0] * 2)  # 96%: 8 of 10 of the small class
+    forgets = np.array([0] * 90 + [1] * 5 + [0] * 5)  # 95%: 5 of 10
+    budget = Budget(1.0, max_trials=4, max_minutes=10, baseline_accuracy=0.96, max_class_recall_drop=0.1,
+                    baseline_classes=per_class_recall(baseline, labels, ["ok", "rare"]))
+
+    def logits(predicted: np.ndarray) -> np.ndarray:
+        return np.eye(2)[predicted]
+
+    accuracy, drop, fits, problem = budget.judge(logits(forgets), labels)
+    assert accuracy == pytest.approx(0.95) and drop == pytest.approx(1.0) and budget.fits(accuracy)
+    assert not fits and problem.startswith("class 'rare' recall drop 0.3000 (80.0% -> 50.0%, 3 of its 10 samples)")
+    one_fewer = forgets.copy()
+    one_fewer[95:97] = 1  # 7 of 10: one sample fewer than the baseline (10 points) is noise, even at 5
+    strict = Budget(1.0, 4, 10, 0.96, 0.05, budget.baseline_classes)
+    assert strict.judge(logits(one_fewer), labels)[2:] == (True, None)
+    assert strict.judge(logits(forgets), labels)[2] is False
+    no_limit = Budget(1.0, 4, 10, 0.96, None, budget.baseline_classes)
+    assert no_limit.judge(logits(forgets), labels)[2:] == (True, None)
+
+
+def test_the_search_budget_takes_the_gates_class_limit_unless_it_has_its_own() -> None:
+    from tasks.core.config import Params
+
+    params = Params.model_validate({"evaluate": {"gate": {"max_class_recall_drop": 0.2}}})
+    assert Budget.of(params, 0.9).max_class_recall_drop == 0.2
+    params = Params.model_validate({"evaluate": {"gate": {"max_class_recall_drop": 0.2}},
+                                    "compress": {"budget": {"max_class_recall_drop": 0.05}}})
+    assert Budget.of(params, 0.9).max_class_recall_drop == 0.05
+    assert Budget.of(Params.model_validate({"evaluate": {"gate": {"max_class_recall_drop": None}}}),
+                     0.9).max_class_recall_drop is None

@@ -145,7 +145,7 @@ def test_a_model_that_forgets_a_small_class_fails_the_gate_its_accuracy_passes()
     champion, reasons = select_champion(IMBALANCED, gate(), "smallest", per_class=IMBALANCED_CLASSES)
     assert champion == "baseline"
     assert reasons["qat"] == ("fails the gate: class 'fraud' recall drop 0.2000 (44.4% -> 24.4%, 9 of its 45 "
-                              "test samples) > max_class_recall_drop 0.1000")
+                              "samples) > max_class_recall_drop 0.1000")
     # Off (null), or a looser limit: accuracy alone decides, and the qat model wins.
     assert select_champion(IMBALANCED, gate(max_class_recall_drop=None), "smallest",
                            per_class=IMBALANCED_CLASSES)[0] == "qat"

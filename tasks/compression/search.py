@@ -4,8 +4,10 @@ A search runs trials (each one fine-tune, or one quantization) until its knob co
 ``compress.budget.max_trials`` trials have run, or the next trial would end past
 ``compress.budget.max_minutes`` (judged by the mean trial so far; the first trial always
 runs, so a search never returns nothing). Its answer is the most compressed trial within
-``max_accuracy_drop`` points of the baseline's validation accuracy or, when none is, the
-least-bad trial with a message saying so (the gate then decides).
+``max_accuracy_drop`` points of the baseline's validation accuracy, with no class's
+validation recall down more than the gate's ``max_class_recall_drop``
+(:mod:`tasks.core.class_recall`), or, when none is, the least-bad trial with a message
+saying so (the gate then decides).
 
 The search itself is pure (a function that runs one trial is passed in), so its rules are
 tested on their own; :mod:`tasks.compression.build` runs the trials on the Horovod loop.
@@ -19,6 +21,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
+
+from tasks.core.class_recall import class_recall_problem, per_class_recall
 from tasks.core.config import Params
 
 log = logging.getLogger("slimflow.compress")
@@ -36,20 +41,41 @@ class Budget:
     max_trials: int
     max_minutes: float
     baseline_accuracy: float
+    # The gate's class limit (a fraction; None: not applied) and the baseline's validation
+    # recall per class, with the split's support, that it is measured against.
+    max_class_recall_drop: float | None = None
+    baseline_classes: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, params: Params, baseline_accuracy: float) -> Budget:
+    def of(cls, params: Params, baseline_accuracy: float, baseline_classes: dict[str, dict[str, float]] | None = None,
+           ) -> Budget:
         budget = params.compress.budget
         drop = budget.max_accuracy_drop
         if drop is None:  # the gate's own allowance, in points
             drop = 100.0 * params.evaluate.gate.max_accuracy_drop
-        return cls(float(drop), budget.max_trials, budget.max_minutes, baseline_accuracy)
+        class_drop = budget.max_class_recall_drop
+        if class_drop is None:  # the gate's own class limit (itself None: not applied)
+            class_drop = params.evaluate.gate.max_class_recall_drop
+        return cls(float(drop), budget.max_trials, budget.max_minutes, baseline_accuracy, class_drop,
+                   dict(baseline_classes or {}))
 
     def drop_points(self, accuracy: float) -> float:
         return 100.0 * (self.baseline_accuracy - accuracy)
 
     def fits(self, accuracy: float) -> bool:
         return self.drop_points(accuracy) <= self.max_drop_points + 1e-9
+
+    def judge(self, logits: np.ndarray, labels: np.ndarray) -> tuple[float, float, bool, str | None]:
+        """A trial's validation accuracy, its drop in points, whether it fits the budget, and
+        the class it lost too much of (None: none) - from its logits on the validation split."""
+        predicted = np.asarray(logits).argmax(1)
+        accuracy = float((predicted == labels).mean())
+        problem = None
+        if self.max_class_recall_drop is not None and self.baseline_classes:
+            names = list(self.baseline_classes)
+            problem = class_recall_problem(per_class_recall(predicted, labels, names), self.baseline_classes,
+                                           self.max_class_recall_drop)
+        return accuracy, self.drop_points(accuracy), self.fits(accuracy) and problem is None, problem
 
 
 @dataclass
@@ -67,6 +93,7 @@ class Trial:
     seconds: float
     warm_start: float | None = None  # the setting of the trial it started from (None: the parent)
     model: Any = field(default=None, repr=False)  # what the trial made (not recorded)
+    class_problem: str | None = None  # the class it lost too much of (over budget on that, not accuracy)
 
     def row(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if k != "model"}
@@ -93,7 +120,8 @@ class Outcome:
             "within_budget": self.within_budget, "message": self.message, "trials": len(self.trials),
             "stopped_by": self.stopped_by, "seconds": round(self.seconds, 2),
             "budget": {"max_accuracy_drop": self.budget.max_drop_points, "max_trials": self.budget.max_trials,
-                       "max_minutes": self.budget.max_minutes, "baseline_val_accuracy": self.budget.baseline_accuracy},
+                       "max_minutes": self.budget.max_minutes, "baseline_val_accuracy": self.budget.baseline_accuracy,
+                       "max_class_recall_drop": self.budget.max_class_recall_drop},
         }
 
 
@@ -176,8 +204,7 @@ def _bisect(
         trial = run_trial(target, passing, len(trials) + 1)
         trials.append(trial)
         log.info("search trial %d: %s %.2f -> val accuracy %.4f (%+.2f pt, %s), %.1fs",
-                 trial.number, knob, target, trial.val_accuracy, -trial.drop_points,
-                 "within budget" if trial.within_budget else "over budget", trial.seconds)
+                 trial.number, knob, target, trial.val_accuracy, -trial.drop_points, _verdict(trial), trial.seconds)
         if trial.within_budget:
             low, passing = target, trial
         else:
@@ -289,7 +316,7 @@ def _first_that_fits(
         trial = run_trial(setting, len(trials) + 1)
         trials.append(trial)
         log.info("search trial %d: %s %g -> val accuracy %.4f (%+.2f pt, %s)", trial.number, knob, trial.setting,
-                 trial.val_accuracy, -trial.drop_points, "within budget" if trial.within_budget else "over budget")
+                 trial.val_accuracy, -trial.drop_points, _verdict(trial))
         if trial.within_budget:
             break
     return _outcome(knob, trials, budget, stopped_by, bounds.elapsed(),
@@ -312,6 +339,12 @@ def _outcome(
                    f"stopped: {stopped_by})")
         log.warning("%s", message)
     return Outcome(knob, best, trials, bool(within), stopped_by, seconds, budget, message)
+
+
+def _verdict(trial: Trial) -> str:
+    if trial.within_budget:
+        return "within budget"
+    return f"over budget: {trial.class_problem}" if trial.class_problem else "over budget"
 
 
 def _versus_baseline(drop_points: float) -> str:

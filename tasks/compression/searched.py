@@ -36,12 +36,10 @@ def prune_searched(
     MLflow, ``plots/search``)."""
     from dataclasses import replace
 
-    from tasks.compression.candidate import accuracy
     from tasks.compression.weights import parameters_and_nonzeros, weight_sparsity
     from tasks.core.model_files import torch_predictor
 
-    assert work.baseline_accuracy is not None
-    budget = search.Budget.of(work.params, work.baseline_accuracy)
+    budget = work.budget()
     trained_by_trial: dict[int, tuple[TrainingStep, Trained]] = {}
 
     def run_trial(target: float, warm: search.Trial | None, number: int) -> search.Trial:
@@ -53,13 +51,13 @@ def prune_searched(
                             masks=pruning.zero_masks(origin.module), prune_schedule=schedule)
         trained_by_trial[number] = (trial_step, trained)
         model = origin.changed(load_eager_model(trained.folder), sparse=True)
-        val_accuracy = accuracy(torch_predictor(model.module)(work.data.x_val), work.data.y_val)
+        val_accuracy, drop, fits, problem = budget.judge(torch_predictor(model.module)(work.data.x_val), work.data.y_val)
         _, nonzeros = parameters_and_nonzeros(model.module)
         size = len(formats.gzip.compress(formats.torch_bytes(model.module.state_dict()), compresslevel=9, mtime=0))
         return search.Trial(
-            number, target, val_accuracy, budget.drop_points(val_accuracy), budget.fits(val_accuracy), size,
+            number, target, val_accuracy, drop, fits, size,
             nonzeros, round(weight_sparsity(model.module), 6), time.perf_counter() - started,
-            warm.setting if warm is not None else None, model,
+            warm.setting if warm is not None else None, model, problem,
         )
 
     outcome = search.search_sparsity(run_trial, budget)
@@ -97,8 +95,7 @@ def prune_structured_searched(
     from tasks.core.model_files import torch_predictor
     from tasks.core.tables import as_text
 
-    assert work.baseline_accuracy is not None
-    budget = search.Budget.of(work.params, work.baseline_accuracy)
+    budget = work.budget()
     example, x_val, y_val = work.data.example(), work.data.x_val, work.data.y_val
 
     def val_accuracy(model: Candidate) -> float:
@@ -125,12 +122,12 @@ def prune_structured_searched(
         trained = fine_tune(pruned, trial_step, epochs=step.fine_tune_epochs, lr=work.fine_tune_lr(step), masks=masks)
         trained_by_trial[number], ratios_by_trial[number] = trained, ratios
         model = pruned.changed(load_eager_model(trained.folder))
-        accuracy_now = val_accuracy(model)
+        accuracy_now, drop, fits, problem = budget.judge(torch_predictor(model.module)(x_val), y_val)
         _, nonzeros = parameters_and_nonzeros(model.module)
         return search.Trial(
-            number, ratio, accuracy_now, budget.drop_points(accuracy_now), budget.fits(accuracy_now),
+            number, ratio, accuracy_now, drop, fits,
             len(formats.torch_bytes(model.module.state_dict())), nonzeros, round(weight_sparsity(model.module), 6),
-            time.perf_counter() - started, warm.setting if warm is not None else None, model,
+            time.perf_counter() - started, warm.setting if warm is not None else None, model, problem,
         )
 
     outcome = search.search_ratio(run_trial, budget)
@@ -180,12 +177,10 @@ def _prune_heads_searched(
     first within budget is kept (:func:`search.search_structured`)."""
     from dataclasses import replace
 
-    from tasks.compression.candidate import accuracy
     from tasks.compression.weights import parameters_and_nonzeros
     from tasks.core.model_files import torch_predictor
 
-    assert work.baseline_accuracy is not None
-    budget = search.Budget.of(work.params, work.baseline_accuracy)
+    budget = work.budget()
     before, _ = parameters_and_nonzeros(candidate.module)
     trained_by_trial: dict[int, Trained] = {}
 
@@ -196,13 +191,13 @@ def _prune_heads_searched(
                             lr=work.fine_tune_lr(step))
         trained_by_trial[number] = trained
         model = pruned.changed(load_eager_model(trained.folder))
-        val_accuracy = accuracy(torch_predictor(model.module)(work.data.x_val), work.data.y_val)
+        val_accuracy, drop, fits, problem = budget.judge(torch_predictor(model.module)(work.data.x_val), work.data.y_val)
         parameters, nonzeros = parameters_and_nonzeros(model.module)
         return search.Trial(
-            number, sparsity, val_accuracy, budget.drop_points(val_accuracy), budget.fits(val_accuracy),
+            number, sparsity, val_accuracy, drop, fits,
             len(formats.torch_bytes(model.module.state_dict())), nonzeros,
             round(1.0 - parameters / before, 6),  # the share of the parameters removed
-            time.perf_counter() - began, None, model,
+            time.perf_counter() - began, None, model, problem,
         )
 
     outcome = search.search_structured(run_trial, budget)
@@ -224,12 +219,10 @@ def distill_searched(
     (:func:`search.search_width`)."""
     from dataclasses import replace
 
-    from tasks.compression.candidate import accuracy
     from tasks.compression.weights import parameters_and_nonzeros, weight_sparsity
     from tasks.core.model_files import torch_predictor
 
-    assert work.baseline_accuracy is not None
-    budget = search.Budget.of(work.params, work.baseline_accuracy)
+    budget = work.budget()
     widths = [round(share * candidate.spec.width, 6) for share in search.STUDENT_WIDTHS]
     trained_by_trial: dict[int, Trained] = {}
 
@@ -241,12 +234,13 @@ def distill_searched(
             student_init=step.student_init, example=work.data.example(),
         )
         trained_by_trial[number] = trained
-        val_accuracy = accuracy(torch_predictor(student.module)(work.data.x_val), work.data.y_val)
+        val_accuracy, drop, fits, problem = budget.judge(torch_predictor(student.module)(work.data.x_val),
+                                                         work.data.y_val)
         _, nonzeros = parameters_and_nonzeros(student.module)
         size = len(formats.torch_bytes(student.module.state_dict()))
-        return search.Trial(number, width, val_accuracy, budget.drop_points(val_accuracy), budget.fits(val_accuracy),
+        return search.Trial(number, width, val_accuracy, drop, fits,
                             size, nonzeros, round(weight_sparsity(student.module), 6),
-                            time.perf_counter() - began, None, student)
+                            time.perf_counter() - began, None, student, problem)
 
     outcome = search.search_width(widths, run_trial, budget)
     trained = trained_by_trial[outcome.best.number]
@@ -272,12 +266,10 @@ def fallback_searched(
     Returns the chosen model and its fp32 layers."""
     import numpy as np
 
-    from tasks.compression.candidate import accuracy
     from tasks.compression.onnx import onnx_predictor
     from tasks.compression.weights import parameters_and_nonzeros, weight_sparsity
 
-    assert work.baseline_accuracy is not None
-    budget = search.Budget.of(work.params, work.baseline_accuracy)
+    budget = work.budget()
     started = time.perf_counter()
     layers = quantization.ort_weighted_nodes(fp32)
     x_val, y_val = work.data.x_val, work.data.y_val
@@ -297,10 +289,10 @@ def fallback_searched(
     def run_trial(fp32_layers: list[str], number: int) -> search.Trial:
         began = time.perf_counter()
         model = quantization.ort_static_int8(fp32, calibration, nodes_to_exclude=fp32_layers)
-        val_accuracy = accuracy(onnx_predictor(model)(x_val), y_val)
-        return search.Trial(number, float(len(fp32_layers)), val_accuracy, budget.drop_points(val_accuracy),
-                            budget.fits(val_accuracy), len(model), nonzeros, sparsity,
-                            time.perf_counter() - began, None, (model, list(fp32_layers)))
+        val_accuracy, drop, fits, problem = budget.judge(onnx_predictor(model)(x_val), y_val)
+        return search.Trial(number, float(len(fp32_layers)), val_accuracy, drop,
+                            fits, len(model), nonzeros, sparsity,
+                            time.perf_counter() - began, None, (model, list(fp32_layers)), problem)
 
     outcome = search.search_fallback(ranked, run_trial, budget, started=started)
     model, fp32_layers = outcome.best.model

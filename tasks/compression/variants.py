@@ -178,7 +178,7 @@ def _one_thread() -> Iterator[None]:
 
 def _load_baseline(work: Work, manifest: dict[str, Any]) -> _Baseline:
     from models.spec import ModelSpec
-    from tasks.compression.candidate import Candidate, accuracy
+    from tasks.compression.candidate import Candidate
     from tasks.core.model_files import load_eager_model, torch_predictor
     from tasks.data import data_digest
 
@@ -187,8 +187,7 @@ def _load_baseline(work: Work, manifest: dict[str, Any]) -> _Baseline:
         load_eager_model(paths.model), ModelSpec.from_dict(manifest["model_spec"]),
         work.input_shape, work.num_classes, origin=BASELINE, origin_folder=paths.model,
     )
-    val_accuracy = accuracy(torch_predictor(candidate.module)(work.data.x_val), work.data.y_val)
-    work.baseline_accuracy = val_accuracy  # what searched variants' budgets are measured against
+    val_accuracy = work.set_baseline(torch_predictor(candidate.module)(work.data.x_val))  # the budgets' reference
     log.info("baseline: %d parameters, %d bytes, val accuracy %.4f",
              manifest["parameters"], manifest["size_bytes"], val_accuracy)
     try:

@@ -9,6 +9,7 @@ from typing import Any
 from tasks.compression.candidate import Candidate, TrainingData
 from tasks.compression.fine_tuning import Trained, TrainingStep
 from tasks.compression.onnx import export_onnx
+from tasks.compression.search import Budget
 from tasks.core.config import Params, PruneStep, QuantizeStep
 from tasks.core.paths import ProjectPaths
 
@@ -34,6 +35,23 @@ class Work:
         # Structured searches' per-layer sensitivity (plots/sensitivity/<variant>.json), by variant.
         self.sensitivities: dict[str, list[dict[str, Any]]] = {}
         self.baseline_accuracy: float | None = None  # the baseline's val accuracy: the budget's reference
+        self.class_names = tuple(preprocessing.class_names)
+        self.baseline_classes: dict[str, dict[str, float]] = {}  # its val recall per class (and support)
+
+    def set_baseline(self, val_logits: Any) -> float:
+        """The baseline's validation figures, which every searched variant's budget is measured
+        against (:meth:`budget`); returns its validation accuracy."""
+        from tasks.core.class_recall import per_class_recall
+
+        predicted = val_logits.argmax(1)
+        self.baseline_accuracy = float((predicted == self.data.y_val).mean())
+        self.baseline_classes = per_class_recall(predicted, self.data.y_val, self.class_names)
+        return self.baseline_accuracy
+
+    def budget(self) -> Budget:
+        """A searched variant's budget (``compress.budget``, the gate's class limit), against the baseline."""
+        assert self.baseline_accuracy is not None, "the baseline is measured first (set_baseline)"
+        return Budget.of(self.params, self.baseline_accuracy, self.baseline_classes)
 
     def trained(self, step: TrainingStep, trained: Trained, method: str, epochs: int, extra: dict[str, Any]) -> None:
         """Keep a finished training step's curve (for its DVC plot) and record (for the manifest)."""

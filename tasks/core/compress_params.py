@@ -226,6 +226,11 @@ class Budget(_Strict):
         description="accuracy points on the validation split a searched variant may lose against the baseline "
         "(default: evaluate.gate.max_accuracy_drop x 100)",
     )
+    max_class_recall_drop: float | None = Field(
+        None, ge=0.0, le=1.0,
+        description="the most any one class's validation recall may fall against the baseline's, a fraction "
+        "(default: evaluate.gate.max_class_recall_drop; 1: not applied); a fall of one sample is not counted",
+    )
     max_trials: int = Field(6, ge=1, le=100, description="trials per searched variant (each one fine-tune)")
     max_minutes: float = Field(
         10.0, gt=0.0, le=24 * 60,

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from tasks.evaluation.gate import class_recall_problem
+from tasks.core.class_recall import class_recall_problem
 from tasks.evaluation.signature import describe, same_input
 
 _EPS = 1e-9

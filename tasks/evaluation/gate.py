@@ -14,15 +14,13 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from tasks.core.class_recall import class_recall_problem
 from tasks.core.config import EvaluateParams, GateParams
 from tasks.evaluation.results import BASELINE, Evaluation
 
 log = logging.getLogger("slimflow.evaluate")
 
 _EPS = 1e-9  # accuracies are ratios of integers: forgive float round-off at the threshold
-# A class's recall drop counts from this many of its test samples lost: one sample's flip
-# is noise (on the digits' 45 test samples a class, 2.2 points), not what a model forgot.
-MIN_SAMPLES_LOST = 2
 
 # Metric each objective minimises, and the tie-breakers after it.
 OBJECTIVES: dict[str, tuple[str, ...]] = {
@@ -73,31 +71,6 @@ def gate_problems(metrics: Mapping[str, Any], baseline_accuracy: float, gate: Ga
         elif value > limit:
             problems.append(f"{value_text.format(value)} > max_{key} {limit_text.format(limit)}")
     return problems
-
-
-def class_recall_problem(per_class: Mapping[str, Mapping[str, float]],
-                         baseline_per_class: Mapping[str, Mapping[str, float]], max_drop: float) -> str | None:
-    """The class whose recall fell furthest below the baseline's, when that is more than
-    ``max_drop`` and at least :data:`MIN_SAMPLES_LOST` of its test samples; else None.
-
-    Accuracy averages over the samples, so a class of 3% of them can lose half its recall
-    inside a 1-point accuracy budget: compression tends to cost the small, hard classes
-    first (Hooker et al., 2019, "What do compressed deep neural networks forget?").
-    """
-    worst: tuple[float, str, float, float, int, int] | None = None
-    for name, base in baseline_per_class.items():
-        if name not in per_class:
-            continue
-        before, after = float(base["recall"]), float(per_class[name]["recall"])
-        support = int(base.get("support") or 0)
-        drop, lost = before - after, round((before - after) * support)
-        if drop > max_drop + _EPS and lost >= MIN_SAMPLES_LOST and (worst is None or drop > worst[0]):
-            worst = (drop, name, before, after, lost, support)
-    if worst is None:
-        return None
-    drop, name, before, after, lost, support = worst
-    return (f"class {name!r} recall drop {drop:.4f} ({100 * before:.1f}% -> {100 * after:.1f}%, "
-            f"{lost} of its {support} test samples) > max_class_recall_drop {max_drop:.4f}")
 
 
 def select_champion(
