@@ -5,9 +5,9 @@ A search runs trials (each one fine-tune, or one quantization) until its knob co
 ``compress.budget.max_minutes`` (judged by the mean trial so far; the first trial always
 runs, so a search never returns nothing). Its answer is the most compressed trial within
 ``max_accuracy_drop`` points of the baseline's validation accuracy, with no class's
-validation recall down more than the gate's ``max_class_recall_drop``
-(:mod:`tasks.core.class_recall`), or, when none is, the least-bad trial with a message
-saying so (the gate then decides).
+validation recall down more than ``max_class_recall_drop`` (default: the gate's, so that
+the search aims at what the gate accepts; :mod:`tasks.core.class_recall`), or, when none
+is, the least-bad trial with a message saying so (the gate then decides).
 
 The search itself is pure (a function that runs one trial is passed in), so its rules are
 tested on their own; :mod:`tasks.compression.build` runs the trials on the Horovod loop.
@@ -41,8 +41,8 @@ class Budget:
     max_trials: int
     max_minutes: float
     baseline_accuracy: float
-    # The gate's class limit (a fraction; None: not applied) and the baseline's validation
-    # recall per class, with the split's support, that it is measured against.
+    # The class limit (a fraction; None: not applied) and the baseline's validation recall
+    # per class, with the split's support, that it is measured against.
     max_class_recall_drop: float | None = None
     baseline_classes: dict[str, dict[str, float]] = field(default_factory=dict)
 

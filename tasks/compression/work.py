@@ -49,7 +49,7 @@ class Work:
         return self.baseline_accuracy
 
     def budget(self) -> Budget:
-        """A searched variant's budget (``compress.budget``, the gate's class limit), against the baseline."""
+        """A searched variant's budget (``compress.budget``; its defaults: the gate's limits), against the baseline."""
         assert self.baseline_accuracy is not None, "the baseline is measured first (set_baseline)"
         return Budget.of(self.params, self.baseline_accuracy, self.baseline_classes)
 
