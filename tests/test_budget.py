@@ -589,3 +589,19 @@ def test_the_search_budget_takes_the_gates_class_limit_unless_it_has_its_own() -
     assert Budget.of(params, 0.9).max_class_recall_drop == 0.05
     assert Budget.of(Params.model_validate({"evaluate": {"gate": {"max_class_recall_drop": None}}}),
                      0.9).max_class_recall_drop is None
+
+
+def test_a_trial_over_budget_says_on_what() -> None:
+    from tasks.compression.search import _verdict
+
+    budget = Budget(1.0, 4, 10, 0.90, 0.1)
+
+    def trial(accuracy: float, problem: str | None) -> Trial:
+        fits = budget.fits(accuracy) and problem is None
+        return Trial(1, 0.5, accuracy, budget.drop_points(accuracy), fits, 10, 10, 0.5, 1.0, class_problem=problem)
+
+    assert _verdict(trial(0.895, None), budget) == "within budget"
+    assert _verdict(trial(0.85, None), budget) == "over budget: accuracy drop past 1 pt"
+    assert _verdict(trial(0.905, "class '9' recall drop 0.1039"), budget) == "over budget: class '9' recall drop 0.1039"
+    assert _verdict(trial(0.85, "class '9' recall drop 0.1623"), budget) == (
+        "over budget: accuracy drop past 1 pt; class '9' recall drop 0.1623")

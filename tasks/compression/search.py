@@ -204,7 +204,8 @@ def _bisect(
         trial = run_trial(target, passing, len(trials) + 1)
         trials.append(trial)
         log.info("search trial %d: %s %.2f -> val accuracy %.4f (%+.2f pt, %s), %.1fs",
-                 trial.number, knob, target, trial.val_accuracy, -trial.drop_points, _verdict(trial), trial.seconds)
+                 trial.number, knob, target, trial.val_accuracy, -trial.drop_points, _verdict(trial, budget),
+                 trial.seconds)
         if trial.within_budget:
             low, passing = target, trial
         else:
@@ -316,7 +317,7 @@ def _first_that_fits(
         trial = run_trial(setting, len(trials) + 1)
         trials.append(trial)
         log.info("search trial %d: %s %g -> val accuracy %.4f (%+.2f pt, %s)", trial.number, knob, trial.setting,
-                 trial.val_accuracy, -trial.drop_points, _verdict(trial))
+                 trial.val_accuracy, -trial.drop_points, _verdict(trial, budget))
         if trial.within_budget:
             break
     return _outcome(knob, trials, budget, stopped_by, bounds.elapsed(),
@@ -341,10 +342,14 @@ def _outcome(
     return Outcome(knob, best, trials, bool(within), stopped_by, seconds, budget, message)
 
 
-def _verdict(trial: Trial) -> str:
+def _verdict(trial: Trial, budget: Budget) -> str:
+    """``within budget``, or ``over budget`` and on what: the accuracy drop, a class, or both."""
     if trial.within_budget:
         return "within budget"
-    return f"over budget: {trial.class_problem}" if trial.class_problem else "over budget"
+    why = [] if budget.fits(trial.val_accuracy) else [f"accuracy drop past {budget.max_drop_points:g} pt"]
+    if trial.class_problem:
+        why.append(trial.class_problem)
+    return f"over budget: {'; '.join(why)}" if why else "over budget"
 
 
 def _versus_baseline(drop_points: float) -> str:
