@@ -556,13 +556,13 @@ def test_a_trial_that_loses_a_class_is_over_budget_though_its_accuracy_fits() ->
     more than the class limit of one class's validation recall does not fit, and says why."""
     import numpy as np
 
-    from tasks.core.class_recall import per_class_recall
+    from tasks.core.classification import classification_metrics
 
     labels = np.array([0] * 90 + [1] * 10)
     baseline = np.array([0] * 88 + [1] * 2 + [1] * 8 + [0] * 2)  # 96%: 8 of 10 of the small class
     forgets = np.array([0] * 90 + [1] * 5 + [0] * 5)  # 95%: 5 of 10
     budget = Budget(1.0, max_trials=4, max_minutes=10, baseline_accuracy=0.96, max_class_recall_drop=0.1,
-                    baseline_classes=per_class_recall(baseline, labels, ["ok", "rare"]))
+                    baseline_classes=classification_metrics(labels, baseline, ["ok", "rare"])[1])
 
     def logits(predicted: np.ndarray) -> np.ndarray:
         return np.eye(2)[predicted]

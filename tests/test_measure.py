@@ -55,7 +55,8 @@ def test_energy_windows_fill_the_window_and_stay_bounded() -> None:
 
 
 def test_quality_metrics_and_fixed_batch_prediction() -> None:
-    from tasks.evaluation.measure import classification_metrics, predict_in_batches
+    from tasks.core.classification import classification_metrics
+    from tasks.evaluation.measure import predict_in_batches
 
     y_true = np.array([0, 0, 1, 1, 2, 2])
     y_pred = np.array([0, 1, 1, 1, 2, 0])
@@ -82,7 +83,7 @@ def test_quality_metrics_equal_scikit_learns(seed: int) -> None:
     never present (zero_division=0) included."""
     from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
-    from tasks.evaluation.measure import classification_metrics
+    from tasks.core.classification import classification_metrics
 
     rng = np.random.default_rng(seed)
     names = [f"c{i}" for i in range(6)]

@@ -6,7 +6,7 @@ A search runs trials (each one fine-tune, or one quantization) until its knob co
 runs, so a search never returns nothing). Its answer is the most compressed trial within
 ``max_accuracy_drop`` points of the baseline's validation accuracy, with no class's
 validation recall down more than ``max_class_recall_drop`` (default: the gate's, so that
-the search aims at what the gate accepts; :mod:`tasks.core.class_recall`), or, when none
+the search aims at what the gate accepts; :mod:`tasks.core.classification`), or, when none
 is, the least-bad trial with a message saying so (the gate then decides).
 
 The search itself is pure (a function that runs one trial is passed in), so its rules are
@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from tasks.core.class_recall import class_recall_problem, per_class_recall
+from tasks.core.classification import class_recall_problem, classification_metrics
 from tasks.core.config import Params
 
 log = logging.getLogger("slimflow.compress")
@@ -68,13 +68,11 @@ class Budget:
     def judge(self, logits: np.ndarray, labels: np.ndarray) -> tuple[float, float, bool, str | None]:
         """A trial's validation accuracy, its drop in points, whether it fits the budget, and
         the class it lost too much of (None: none) - from its logits on the validation split."""
-        predicted = np.asarray(logits).argmax(1)
-        accuracy = float((predicted == labels).mean())
-        problem = None
+        quality, per_class, _ = classification_metrics(labels, np.asarray(logits).argmax(1),
+                                                       list(self.baseline_classes))
+        accuracy, problem = quality["accuracy"], None
         if self.max_class_recall_drop is not None and self.baseline_classes:
-            names = list(self.baseline_classes)
-            problem = class_recall_problem(per_class_recall(predicted, labels, names), self.baseline_classes,
-                                           self.max_class_recall_drop)
+            problem = class_recall_problem(per_class, self.baseline_classes, self.max_class_recall_drop)
         return accuracy, self.drop_points(accuracy), self.fits(accuracy) and problem is None, problem
 
 

@@ -41,11 +41,11 @@ class Work:
     def set_baseline(self, val_logits: Any) -> float:
         """The baseline's validation figures, which every searched variant's budget is measured
         against (:meth:`budget`); returns its validation accuracy."""
-        from tasks.core.class_recall import per_class_recall
+        from tasks.core.classification import classification_metrics
 
-        predicted = val_logits.argmax(1)
-        self.baseline_accuracy = float((predicted == self.data.y_val).mean())
-        self.baseline_classes = per_class_recall(predicted, self.data.y_val, self.class_names)
+        quality, self.baseline_classes, _ = classification_metrics(self.data.y_val, val_logits.argmax(1),
+                                                                    self.class_names)
+        self.baseline_accuracy = quality["accuracy"]
         return self.baseline_accuracy
 
     def budget(self) -> Budget:

@@ -16,11 +16,12 @@ from typing import Any
 import numpy as np
 
 from tasks.core import metric_names as names
+from tasks.core.classification import classification_metrics
 from tasks.core.config import EvaluateParams
 from tasks.core.energy import EnergyMeter, co2e_g, cpu_model_from_kernel, process_meter
 from tasks.core.paths import ProjectPaths
 from tasks.evaluation.flops import all_models_flops
-from tasks.evaluation.measure import classification_metrics, load_for_measurement, predict_in_batches, torch_threads
+from tasks.evaluation.measure import load_for_measurement, predict_in_batches, torch_threads
 from tasks.evaluation.memory import MemoryProbe
 from tasks.evaluation.results import BASELINE, EvaluateError, Evaluation, ModelResult, add_ratios
 from tasks.evaluation.timing import BATCH1_CALLS_PER_ROUND, Timing, tile_to, time_models

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from tasks.core.class_recall import class_recall_problem
+from tasks.core.classification import class_recall_problem, classification_metrics
 from tasks.evaluation.signature import describe, same_input
 
 _EPS = 1e-9
@@ -137,8 +137,6 @@ def recorded_figures(tags: dict[str, str]) -> dict[str, float]:
 def remeasure(model_uri: str, prepared: Path, class_names: Sequence[str], threads: int = 1) -> dict[str, Any]:
     """Accuracy and macro F1 of a registered model on ``prepared``'s test split (raw inputs),
     and under :data:`CLASS_RECALL` each class's recall."""
-    from tasks.evaluation.measure import classification_metrics
-
     with tempfile.TemporaryDirectory(prefix="slimflow-remeasure-") as tmp:
         out = Path(tmp) / "predictions.npy"
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}

@@ -14,7 +14,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from tasks.core.class_recall import class_recall_problem
+from tasks.core.classification import class_recall_problem
 from tasks.core.config import EvaluateParams, GateParams
 from tasks.evaluation.results import BASELINE, Evaluation
 
@@ -100,12 +100,12 @@ def select_champion(
     if baseline_accuracy is None:
         raise ValueError(f"the baseline {baseline!r} has no accuracy")
     primary, secondary = OBJECTIVES[objective]
+    per_class = per_class or {}
 
     reasons: dict[str, str] = {}
     passing: list[tuple[float, float, float, str]] = []
     for name, values in metrics.items():
-        problems = gate_problems(values, baseline_accuracy, gate, (per_class or {}).get(name),
-                                 (per_class or {}).get(baseline))
+        problems = gate_problems(values, baseline_accuracy, gate, per_class.get(name), per_class.get(baseline))
         measure = _number(values, primary)
         if measure is None and not problems:
             problems.append(f"{primary} not measured (objective {objective})")
