@@ -1,6 +1,6 @@
 """The Python half of scripts/gpu_check.sh: each step that needs Python, as a sub-command.
 
-    python scripts/gpu_check.py cuda-env SITE_PACKAGES      # shell exports for the NCCL build
+    python scripts/gpu_check.py cuda-env SITE_PACKAGES [--cuda-home DIR]   # shell exports for the NCCL build
     horovodrun -np N python scripts/gpu_check.py allreduce --out F [--cpu]
     python scripts/gpu_check.py throughput --project DIR --workers N --out F [--epochs E]
     python scripts/gpu_check.py latency --model DIR --prepared DIR --out F
@@ -122,7 +122,7 @@ def _link(target: Path, link: Path) -> None:
     link.symlink_to(os.path.relpath(target, link.parent))
 
 
-def cuda_env(site_packages: Path) -> dict[str, str]:
+def cuda_env(site_packages: Path, system_home: Path | None = None) -> dict[str, str]:
     """The build settings for Horovod's NCCL operations, from CUDA's and NCCL's pip packages.
 
     Assumptions (from the wheels' layouts, CUDA 13 as torch 2.13.0 on PyPI pins it:
@@ -133,20 +133,31 @@ def cuda_env(site_packages: Path) -> dict[str, str]:
     ``nvidia/nccl/{include,lib}`` with only ``libnccl.so.2``. CMake's FindCUDAToolkit and
     Horovod's FindNCCL look for the unversioned names, and nvcc's profile for a
     ``targets/x86_64-linux`` folder, so those are added as links inside the packages.
+
+    Where no pip package holds nvcc, a CUDA toolkit installed the usual way (``system_home``,
+    e.g. /usr/local/cuda: ``bin/nvcc``, ``include``, ``lib64``) is used as it is, with
+    NCCL still from the pip package (a host image with torch's CUDA from pip and the
+    toolkit from NVIDIA's installer: ``gpu_check.sh --offline``).
     """
     nvidia = site_packages / "nvidia"
     homes = sorted(p.parent.parent for p in nvidia.glob("*/bin/nvcc"))
-    if not homes:
-        raise SystemExit(f"no nvcc under {nvidia}/*/bin: install cuda-toolkit[nvcc] matching torch's CUDA")
-    home = homes[-1]  # e.g. nvidia/cu13
-    lib = home / "lib"
-    cudart = sorted(lib.glob("libcudart.so.*"))
-    if not cudart or not (home / "include" / "cuda_runtime.h").is_file():
-        raise SystemExit(f"{home}: no CUDA runtime (libcudart, cuda_runtime.h); install cuda-toolkit[cudart]")
-    _link(cudart[0], lib / "libcudart.so")
-    _link(lib, home / "lib64")
-    _link(home / "include", home / "targets" / "x86_64-linux" / "include")
-    _link(lib, home / "targets" / "x86_64-linux" / "lib")
+    if homes:
+        home = homes[-1]  # e.g. nvidia/cu13
+        lib = home / "lib"
+        cudart = sorted(lib.glob("libcudart.so.*"))
+        if not cudart or not (home / "include" / "cuda_runtime.h").is_file():
+            raise SystemExit(f"{home}: no CUDA runtime (libcudart, cuda_runtime.h); install cuda-toolkit[cudart]")
+        _link(cudart[0], lib / "libcudart.so")
+        _link(lib, home / "lib64")
+        _link(home / "include", home / "targets" / "x86_64-linux" / "include")
+        _link(lib, home / "targets" / "x86_64-linux" / "lib")
+    elif system_home is not None and (system_home / "bin" / "nvcc").is_file():
+        home, lib = system_home, system_home / "lib64"
+        if not (home / "include" / "cuda_runtime.h").is_file() or not any(lib.glob("libcudart.so*")):
+            raise SystemExit(f"{home}: no CUDA runtime (lib64/libcudart.so, include/cuda_runtime.h)")
+    else:
+        where = f" nor {system_home}/bin" if system_home is not None else ""
+        raise SystemExit(f"no nvcc under {nvidia}/*/bin{where}: install cuda-toolkit[nvcc] matching torch's CUDA")
     nccl = nvidia / "nccl"
     libnccl = sorted((nccl / "lib").glob("libnccl.so.*"))
     if not libnccl or not (nccl / "include" / "nccl.h").is_file():
@@ -321,8 +332,9 @@ def _read(path: Path) -> Any:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def report(work: Path, out: Path, dry_run: bool) -> dict[str, Any]:
-    """Every step's figures from ``work`` in one JSON file, and a summary on stdout."""
+def report(work: Path, out: Path, dry_run: bool, offline: Path | None = None) -> dict[str, Any]:
+    """Every step's figures from ``work`` in one JSON file, and a summary on stdout (``offline``:
+    the bundle installed from, whose manifest says what it carried)."""
     steps = []
     steps_file = work / "steps.tsv"
     if steps_file.is_file():
@@ -340,6 +352,7 @@ def report(work: Path, out: Path, dry_run: bool) -> dict[str, Any]:
     check_build = work / "check-build.txt"
     result = {
         "dry_run": dry_run,
+        "offline": _offline_summary(offline) if offline else None,
         "host": {"hostname": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(),
                  "gpus": _read(work / "gpus.json") or []},
         "versions": _read(work / "versions.json"),
@@ -358,11 +371,19 @@ def report(work: Path, out: Path, dry_run: bool) -> dict[str, Any]:
     return result
 
 
+def _offline_summary(bundle: Path) -> dict[str, Any]:
+    manifest = _read(bundle / "manifest.json") or {}
+    return {"bundle": str(bundle), "wheels": len(manifest.get("wheels", [])), "bundle_bytes": manifest.get("bundle_bytes"),
+            "horovod_sdist": manifest.get("horovod_sdist")}
+
+
 def _print_summary(r: dict[str, Any], out: Path) -> None:
     def fmt(value: Any, unit: str = "", digits: int = 1) -> str:
         return "n/a" if value is None else f"{value:.{digits}f}{unit}"
 
-    print(f"slimflow GPU check{' (dry run: CPU, nothing installed)' if r['dry_run'] else ''}: "
+    mode = {(True, False): " (dry run: CPU, nothing installed)", (True, True): " (dry run, offline: installed from "
+            "the bundle, Horovod built with NCCL; CPU)", (False, True): " (offline: installed from the bundle)"}
+    print(f"slimflow GPU check{mode.get((r['dry_run'], bool(r.get('offline'))), '')}: "
           f"{'OK' if r['ok'] else 'FAILED'} in {r['total_s']:.0f} s (budget {r['budget_s']:.0f} s)")
     for s in r["steps"]:
         print(f"  {s['step']:<14} {s['status']:<8} {s['seconds']:7.1f} s")
@@ -392,6 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("cuda-env", help="shell exports for building Horovod with NCCL from pip's CUDA")
     p.add_argument("site_packages", type=Path)
+    p.add_argument("--cuda-home", type=Path, help="a CUDA toolkit outside pip (bin/nvcc), used where no pip package has nvcc")
     p = sub.add_parser("allreduce", help="Horovod allreduce: correctness and bandwidth (run under horovodrun)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--cpu", action="store_true", help="CPU tensors (Gloo) even where a GPU exists")
@@ -417,10 +439,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--offline", type=Path, help="the bundle the stack was installed from (gpu_check.sh --offline)")
     args = parser.parse_args(argv)
 
     if args.command == "cuda-env":
-        for key, value in cuda_env(args.site_packages).items():
+        for key, value in cuda_env(args.site_packages, args.cuda_home).items():
             print(f"export {key}={value}")
     elif args.command == "allreduce":
         allreduce(args.out, args.cpu, args.sizes_mb, args.iterations)
@@ -432,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
         reader = NvmlReader()
         write_json(args.out, {**reader.describe(), "energy_j": reader.energy_j()})
     elif args.command == "report":
-        report(args.work, args.out, args.dry_run)
+        report(args.work, args.out, args.dry_run, args.offline)
     return 0
 
 

@@ -19,7 +19,17 @@
 # Every figure lands in one JSON file (default gpu_check.json); a summary is printed.
 # Budget: 10 minutes on a 16-core host with one GPU, build included.
 #
-#   scripts/gpu_check.sh [--dry-run] [--out FILE] [--venv DIR] [--epochs N] [--keep-work]
+#   scripts/gpu_check.sh [--dry-run] [--offline BUNDLE] [--out FILE] [--venv DIR] [--epochs N] [--keep-work]
+#
+# --offline BUNDLE: on a host that reaches no package index but has Python with a CUDA
+# torch, NCCL, nvcc and CMake of its own (this workplace's lent GPU machine; README "GPU
+# check"): the venv is made over that Python and sees its packages (its torch, NCCL and
+# CUDA), every other distribution the project needs comes from BUNDLE (what
+# scripts/gpu_bundle.py makes: wheels.tar.xz and Horovod's sdist), the project is installed
+# from the checkout, and Horovod is built from the sdist. The base Python is $PYTHON, else
+# python3. With --dry-run too, the same install runs on a host without a GPU (Horovod then
+# built with NCCL as on a GPU host, for compute capability 9.0: a CUDA build of torch
+# makes Horovod build its CUDA operations), then the dry run's steps.
 #
 # --dry-run (or SLIMFLOW_GPU_CHECK_DRY_RUN=1) needs no GPU and installs nothing: it
 # reuses an installed venv (--venv, default .venv), computes the wheel's cache key and
@@ -33,6 +43,7 @@ cd "$REPO"
 TORCH_VERSION=2.13.0
 CMAKE_SPEC="cmake==3.31.10"  # CMake 4 rejects Horovod's (and Gloo's) cmake_minimum_required
 DRY_RUN=${SLIMFLOW_GPU_CHECK_DRY_RUN:-0}
+OFFLINE=""
 OUT=gpu_check.json
 VENV=""
 EPOCHS=6
@@ -47,6 +58,7 @@ while [ $# -gt 0 ]; do
     --dry-run) DRY_RUN=1 ;;
     --out) [ $# -ge 2 ] || die "--out needs a file"; OUT=$2; shift ;;
     --venv) [ $# -ge 2 ] || die "--venv needs a folder"; VENV=$2; shift ;;
+    --offline) [ $# -ge 2 ] || die "--offline needs the bundle's folder (scripts/gpu_bundle.py makes .gpu-bundle)"; OFFLINE=$2; shift ;;
     --epochs) [ $# -ge 2 ] || die "--epochs needs a number"; EPOCHS=$2; shift ;;
     --keep-work) KEEP=1 ;;
     -h|--help) usage; exit 0 ;;
@@ -57,8 +69,15 @@ done
 case "$EPOCHS" in ''|*[!0-9]*|0|1) die "--epochs must be a whole number >= 2 (the first epoch is warm-up)" ;; esac
 case "$DRY_RUN" in 1|true|yes) DRY_RUN=1 ;; *) DRY_RUN=0 ;; esac
 case "$OUT" in /*) ;; *) OUT="$REPO/$OUT" ;; esac
+if [ -n "$OFFLINE" ]; then
+  case "$OFFLINE" in /*) ;; *) OFFLINE="$REPO/$OFFLINE" ;; esac
+  for part in wheels.tar.xz manifest.json; do
+    [ -f "$OFFLINE/$part" ] || die "--offline $OFFLINE: no $part there (make the bundle with scripts/gpu_bundle.py)"
+  done
+  ls "$OFFLINE"/horovod-*.tar.gz >/dev/null 2>&1 || die "--offline $OFFLINE: no horovod-*.tar.gz there (scripts/gpu_bundle.py)"
+fi
 if [ -z "$VENV" ]; then
-  if [ "$DRY_RUN" = 1 ]; then VENV=.venv; else VENV=.venv-gpu; fi
+  if [ "$DRY_RUN" = 1 ] && [ -z "$OFFLINE" ]; then VENV=.venv; else VENV=.venv-gpu; fi
 fi
 case "$VENV" in /*) ;; *) VENV="$REPO/$VENV" ;; esac
 
@@ -95,7 +114,11 @@ skipped() { printf '%s\tskipped\t0\n' "$1" >> "$WORK/steps.tsv"; log "$1: skippe
 report() {
   local flag=()
   [ "$DRY_RUN" = 1 ] && flag=(--dry-run)
-  "$PY" "$HELPER" report --work "$WORK" --out "$OUT" "${flag[@]}"
+  [ -n "$OFFLINE" ] && flag+=(--offline "$OFFLINE")
+  # Before the venv exists (a failed install), the base Python writes it (the helper's report needs only the standard library).
+  local py=$PY
+  [ -x "$py" ] || py=${PYTHON:-python3}
+  "$py" "$HELPER" report --work "$WORK" --out "$OUT" "${flag[@]}"
 }
 
 # --- 0. the GPUs ---------------------------------------------------------------------------
@@ -117,7 +140,10 @@ if src.is_file():
 Path(sys.argv[2]).write_text(json.dumps(rows, indent=2) + "\n")
 EOF
 log "GPUs: $NGPU (compute capabilities: ${CC_LIST:-none}); work folder $WORK"
-if [ "$DRY_RUN" = 1 ]; then
+if [ "$DRY_RUN" = 1 ] && [ -n "$OFFLINE" ]; then
+  log "dry run, offline: the install from $OFFLINE into $VENV and Horovod's NCCL build; no GPU used"
+  CC_LIST=${CC_LIST:-90}  # an H100/H200's
+elif [ "$DRY_RUN" = 1 ]; then
   log "dry run: no GPU used, nothing installed or built (venv $VENV)"
   CC_LIST=${CC_LIST:-90}  # what the cache key would carry on an H100/H200
   [ -x "$PY" ] || die "dry run: $PY not found: it reuses an installed venv (make install, or --venv DIR)"
@@ -127,13 +153,14 @@ fi
 
 # --- 1-2. venv, CUDA torch, the project, Horovod with NCCL ----------------------------------
 install_stack() {
-  [ -x "$PY" ] || "${PYTHON:-python3.11}" -m venv "$VENV"
+  # (`step` runs this in an `||` list, where `set -e` stops nothing: each command says so itself.)
+  [ -x "$PY" ] || "${PYTHON:-python3.11}" -m venv "$VENV" || return 1
   local pip=("$PY" -m pip --disable-pip-version-check)
   # A find-links folder of CPU wheels (torch 2.13.0+cpu sorts above 2.13.0) must not win here.
   export PIP_FIND_LINKS=""
-  "${pip[@]}" install -q --upgrade "pip>=24" "setuptools>=69,<81" wheel
+  "${pip[@]}" install -q --upgrade "pip>=24" "setuptools>=69,<81" wheel || return 1
   # PyPI's Linux torch 2.13.0 is the CUDA build (CUDA 13.0: cuda-toolkit, nvidia-nccl-cu13).
-  "${pip[@]}" install -q "torch==$TORCH_VERSION"
+  "${pip[@]}" install -q "torch==$TORCH_VERSION" || return 1
   # nvcc, the CUDA headers and runtime of exactly torch's CUDA (its cuda-toolkit pin), NVML.
   local toolkit
   toolkit=$("$PY" - <<'EOF'
@@ -144,51 +171,113 @@ for req in m.requires("torch") or []:
 else:
     raise SystemExit("torch has no cuda-toolkit requirement: not a CUDA 13 build from PyPI")
 EOF
-)
-  "${pip[@]}" install -q "cuda-toolkit[cudart,nvcc,cccl]==$toolkit" nvidia-ml-py "$CMAKE_SPEC"
-  "$PY" -c "import torch; assert torch.version.cuda and torch.cuda.is_available(), 'torch sees no CUDA GPU'"
+) || return 1
+  "${pip[@]}" install -q "cuda-toolkit[cudart,nvcc,cccl]==$toolkit" nvidia-ml-py "$CMAKE_SPEC" || return 1
+  "$PY" -c "import torch; assert torch.version.cuda and torch.cuda.is_available(), 'torch sees no CUDA GPU'" || return 1
   "${pip[@]}" install -q -e .
+}
+
+# The same from the host's own Python and a bundle (--offline): nothing fetched.
+install_stack_offline() {
+  local base=${PYTHON:-python3} pip=("$VENV/bin/python" -m pip --disable-pip-version-check)
+  "$base" -c 'import sys, torch; print(f"base Python {sys.version.split()[0]} at {sys.executable}, torch {torch.__version__}, CUDA {torch.version.cuda}")' >&2 \
+    || { log "$base has no torch: --offline builds on the host's own torch (set PYTHON)"; return 1; }
+  if [ "$DRY_RUN" = 0 ]; then
+    "$base" -c "import torch; assert torch.version.cuda and torch.cuda.is_available(), 'torch sees no CUDA GPU'" || return 1
+  fi
+  # The venv sees the host's packages through a .pth file: the image's python3 is itself a venv
+  # (/opt/torch/.venv), and a venv made from a venv with --system-site-packages would see
+  # the interpreter's own site-packages, not that venv's torch. Its own packages come first.
+  if [ ! -x "$PY" ]; then
+    "$base" -m venv "$VENV" || return 1
+    local own
+    own=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') || return 1
+    "$base" - "$own/slimflow_host_packages.pth" <<'EOF' || return 1
+import site, sys, sysconfig
+paths = dict.fromkeys([*site.getsitepackages(), sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]])
+lines = ["# gpu_check.sh --offline: the host's own packages (torch, NCCL, CUDA), after the venv's"]
+lines += [f"import site; site.addsitedir({p!r})" for p in paths]
+open(sys.argv[1], "w").write("\n".join(lines) + "\n")
+EOF
+  fi
+  # (`step` runs this in an `||` list, where `set -e` stops nothing: each command says so itself.)
+  mkdir -p "$WORK/bundle" || return 1
+  tar -xJf "$OFFLINE/wheels.tar.xz" -C "$WORK/bundle" || return 1
+  PIP_FIND_LINKS="" "${pip[@]}" install -q --no-index --no-deps --no-compile "$WORK"/bundle/wheels/*.whl || return 1
+  rm -rf "$WORK/bundle"
+  # The checkout, on the host's Python (pyproject.toml says 3.11; the image's is 3.12) and its torch.
+  PIP_FIND_LINKS="" "${pip[@]}" install -q --no-index --no-deps --no-build-isolation --ignore-requires-python -e . || return 1
+  "$PY" -c "import flows.cli, tasks.train, mlflow, prefect, dvc.repo" || return 1
 }
 
 # Build settings from the pip packages (links added where CMake looks), and the wheel's key.
 horovod_settings() {
   local site exports
-  site=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-  exports=$("$PY" "$HELPER" cuda-env "$site") || return 1
+  # The site folder holding CUDA's and NCCL's pip packages: the venv's, or (--offline) the base Python's.
+  site=$("$PY" -c 'import nvidia, os; print(os.path.dirname(sorted(nvidia.__path__)[0]))' 2>/dev/null) \
+    || site=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  # A toolkit outside pip (the --offline image's nvcc), used only where no pip package has nvcc.
+  local system_cuda=${CUDA_HOME:-}
+  if [ -z "$system_cuda" ]; then
+    if [ -x /usr/local/cuda/bin/nvcc ]; then
+      system_cuda=/usr/local/cuda
+    elif command -v nvcc >/dev/null; then  # .../bin/nvcc, through any links
+      system_cuda=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")
+    else
+      system_cuda=/usr/local/cuda
+    fi
+  fi
+  exports=$("$PY" "$HELPER" cuda-env "$site" --cuda-home "$system_cuda") || return 1
   eval "$exports"
   export PATH="$SLIMFLOW_CUDA_BIN:$VENV/bin:$PATH"
   export LD_LIBRARY_PATH="$SLIMFLOW_CUDA_LIBS${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-  export HOROVOD_BUILD_CUDA_CC_LIST="$CC_LIST" HOROVOD_CMAKE="$VENV/bin/cmake"
+  export HOROVOD_BUILD_CUDA_CC_LIST="$CC_LIST"
+  # The venv's CMake 3.31 (pip); --offline: the host's (set by build_horovod).
+  [ -n "$OFFLINE" ] || export HOROVOD_CMAKE="$VENV/bin/cmake"
 }
 
 # shellcheck source=lib/horovod_build.sh
 source "$REPO/scripts/lib/horovod_build.sh"
 wheel_record() {  # the cache key and build settings, for the report
   local key=$1
-  "$PY" - "$WORK/wheel.json" "$key" "$(horovod_cache_root)/$key" "$DRY_RUN" <<'EOF'
+  local built=1  # a dry run builds only offline (--offline --dry-run)
+  [ "$DRY_RUN" = 1 ] && [ -z "$OFFLINE" ] && built=0
+  "$PY" - "$WORK/wheel.json" "$key" "$(horovod_cache_root)/$key" "$built" <<'EOF'
 import json, os, sys
 from pathlib import Path
-out, key, folder, dry = sys.argv[1:]
+out, key, folder, built = sys.argv[1:]
 keys = ("HOROVOD_GPU_OPERATIONS", "HOROVOD_CUDA_HOME", "HOROVOD_NCCL_HOME", "HOROVOD_NCCL_LINK",
         "HOROVOD_BUILD_CUDA_CC_LIST", "HOROVOD_CMAKE")
 Path(out).write_text(json.dumps({"key": key, "folder": folder, "cached": any(Path(folder).glob("horovod-*.whl")),
-    "built": dry != "1", "settings": {k: os.environ.get(k) for k in keys}}, indent=2) + "\n")
+    "built": built == "1", "settings": {k: os.environ.get(k) for k in keys}}, indent=2) + "\n")
 EOF
 }
 
 build_horovod() {
-  horovod_settings
-  local key
-  key=$(horovod_wheel_key "$PY" "$TORCH_VERSION" "-$SLIMFLOW_CUDA_TAG-sm${CC_LIST//,/-sm}")
+  local key torch_version=$TORCH_VERSION
+  if [ -n "$OFFLINE" ]; then
+    export HOROVOD_SDIST
+    HOROVOD_SDIST=$(ls "$OFFLINE"/horovod-*.tar.gz | head -1)
+    torch_version=$("$PY" -c 'import torch; print(torch.__version__.split("+")[0])')
+    HOROVOD_CMAKE=$(command -v cmake) || { log "--offline: no cmake on PATH"; return 1; }
+    export HOROVOD_CMAKE
+    # CMake >= 4 refuses Horovod's (and Gloo's) cmake_minimum_required below 3.5 unless told.
+    case "$("$HOROVOD_CMAKE" --version | head -1)" in *" version "[4-9].*) export CMAKE_POLICY_VERSION_MINIMUM=3.5 ;; esac
+  fi
+  horovod_settings || return 1
+  key=$(horovod_wheel_key "$PY" "$torch_version" "-$SLIMFLOW_CUDA_TAG-sm${CC_LIST//,/-sm}")
   wheel_record "$key"
   if horovod_is_installed "$PY" && "$PY" -c "import horovod.torch as h, sys; sys.exit(not h.nccl_built())"; then
     log "horovod with NCCL already installed in $VENV"
   else
-    horovod_install "$PY" "$(horovod_cache_root)/$key"
+    horovod_install "$PY" "$(horovod_cache_root)/$key" || return 1
   fi
 }
 
-if [ "$DRY_RUN" = 1 ]; then
+if [ -n "$OFFLINE" ]; then
+  step install install_stack_offline
+  step horovod-build build_horovod
+elif [ "$DRY_RUN" = 1 ]; then
   skipped install "dry run: reusing $VENV"
   # The key a GPU build would use; the CUDA tag comes from pip's CUDA packages on a GPU host.
   step wheel-key wheel_record "$(horovod_wheel_key "$PY" "$TORCH_VERSION" "-cu130-sm${CC_LIST//,/-sm}")"

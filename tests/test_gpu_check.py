@@ -55,15 +55,19 @@ def _run(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> 
                           env={**os.environ, **(env or {})})
 
 
-def _fake_pip_cuda(site: Path) -> None:
-    """The layout of CUDA 13's and NCCL's pip packages, as far as the build looks."""
-    home = site / "nvidia" / "cu13"
-    for folder in ("bin", "include", "lib"):
-        (home / folder).mkdir(parents=True)
+def _fake_cuda_home(home: Path, runtime: str, version: int) -> None:
+    """A CUDA home as far as the build looks: nvcc, the runtime's headers, ``runtime`` (the library's path)."""
+    for folder in ("bin", "include", str(Path(runtime).parent)):
+        (home / folder).mkdir(parents=True, exist_ok=True)
     (home / "bin" / "nvcc").write_text("#!/bin/sh\n")
     (home / "include" / "cuda_runtime.h").write_text("")
-    (home / "include" / "cuda_runtime_api.h").write_text("#define CUDART_VERSION 13000\n")
-    (home / "lib" / "libcudart.so.13").write_text("")
+    (home / "include" / "cuda_runtime_api.h").write_text(f"#define CUDART_VERSION {version}\n")
+    (home / runtime).write_text("")
+
+
+def _fake_pip_cuda(site: Path) -> None:
+    """The layout of CUDA 13's and NCCL's pip packages, as far as the build looks."""
+    _fake_cuda_home(site / "nvidia" / "cu13", "lib/libcudart.so.13", 13000)
     nccl = site / "nvidia" / "nccl"
     (nccl / "include").mkdir(parents=True)
     (nccl / "lib").mkdir()
@@ -95,6 +99,22 @@ def test_cuda_env_says_what_is_missing(tmp_path: Path) -> None:
     (tmp_path / "nvidia/nccl/lib/libnccl.so.2").unlink()
     with pytest.raises(SystemExit, match="no NCCL"):
         gpu_check.cuda_env(tmp_path)
+
+
+def test_cuda_env_from_a_toolkit_outside_pip(tmp_path: Path) -> None:
+    """A host image with torch's NCCL from pip but nvcc from NVIDIA's installer (--offline)."""
+    site, toolkit = tmp_path / "site", tmp_path / "cuda"
+    _fake_pip_cuda(site)
+    shutil.rmtree(site / "nvidia" / "cu13")  # no pip nvcc
+    _fake_cuda_home(toolkit, "lib64/libcudart.so", 13020)  # NVIDIA's installer's layout
+    with pytest.raises(SystemExit, match="no nvcc"):
+        gpu_check.cuda_env(site)  # without the toolkit's folder
+    env = gpu_check.cuda_env(site, toolkit)
+    assert env["CUDA_HOME"] == env["HOROVOD_CUDA_HOME"] == str(toolkit)
+    assert env["SLIMFLOW_CUDA_TAG"] == "cu132" and env["SLIMFLOW_CUDA_BIN"] == str(toolkit / "bin")
+    assert env["HOROVOD_NCCL_HOME"] == str(site / "nvidia" / "nccl")
+    assert env["SLIMFLOW_CUDA_LIBS"].split(":")[0] == str(toolkit / "lib64")
+    assert not (toolkit / "targets").exists()  # a toolkit installed the usual way is left as it is
 
 
 def test_nvml_reader_without_nvml(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -137,6 +157,7 @@ def test_wheel_cache_key_adds_cuda_to_the_cpu_key() -> None:
     (["--bogus"], "unknown argument: --bogus"),
     (["--epochs", "1"], "--epochs must be"),
     (["--out"], "--out needs a file"),
+    (["--offline", "no-such-bundle"], "no wheels.tar.xz there (make the bundle with scripts/gpu_bundle.py)"),
 ])
 def test_bad_arguments_are_refused(args: list[str], message: str) -> None:
     done = _run(*args)
@@ -150,6 +171,25 @@ def test_help_and_no_gpu_without_dry_run(tmp_path: Path) -> None:
         pytest.skip("this host has nvidia-smi")
     done = _run("--out", str(tmp_path / "x.json"), env={"SLIMFLOW_GPU_CHECK_DRY_RUN": "0"})
     assert done.returncode == 2 and "no NVIDIA GPU found" in done.stderr
+
+
+def test_offline_needs_a_host_python_with_torch(tmp_path: Path) -> None:
+    """--offline builds on the host's own torch: a Python without one is named, nothing installed."""
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    for name in ("wheels.tar.xz", "manifest.json", "horovod-0.28.1.tar.gz"):
+        (bundle / name).write_text("{}" if name.endswith(".json") else "")
+    bare = tmp_path / "python3"  # this interpreter without its site-packages: no torch
+    bare.write_text(f"#!/bin/sh\nexec {sys.executable} -S \"$@\"\n")
+    bare.chmod(0o755)
+    out = tmp_path / "gpu_check.json"
+    done = _run("--offline", str(bundle), "--dry-run", "--venv", str(tmp_path / "venv"), "--out", str(out),
+                env={"PYTHON": str(bare), "SLIMFLOW_WHEEL_CACHE": str(tmp_path / "wheels")})
+    assert done.returncode == 1
+    assert f"{bare} has no torch: --offline builds on the host's own torch (set PYTHON)" in done.stderr
+    assert not (tmp_path / "venv").exists()
+    steps = {s["step"]: s["status"] for s in json.loads(out.read_text())["steps"]}
+    assert steps == {"install": "failed"}
 
 
 @pytest.mark.integration

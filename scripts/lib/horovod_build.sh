@@ -58,7 +58,7 @@ horovod_fix_source() {
   fi
 }
 
-# horovod_build_wheel PY WHEEL_DIR: download the sdist, fix it, build one wheel with PY
+# horovod_build_wheel PY WHEEL_DIR: download the sdist (or take $HOROVOD_SDIST), fix it, build one wheel with PY
 # (torch already installed there) and the HOROVOD_* settings in the environment, and
 # move it into WHEEL_DIR only when complete (a half-built wheel never lands in the cache).
 # Runs in a subshell, so its clean-up trap is its own.
@@ -66,8 +66,12 @@ horovod_build_wheel() (
   local py=$1 wheel_dir=$2 build src cmake
   build=$(mktemp -d)
   trap 'rm -rf "$build"' EXIT
-  "$py" -m pip --disable-pip-version-check download -q --no-deps --no-binary :all: \
-    "horovod==$HOROVOD_VERSION" -d "$build"
+  if [ -n "${HOROVOD_SDIST:-}" ]; then  # a host with no package index (gpu_check.sh --offline)
+    cp "$HOROVOD_SDIST" "$build/horovod-$HOROVOD_VERSION.tar.gz"
+  else
+    "$py" -m pip --disable-pip-version-check download -q --no-deps --no-binary :all: \
+      "horovod==$HOROVOD_VERSION" -d "$build"
+  fi
   tar -xzf "$build/horovod-$HOROVOD_VERSION.tar.gz" -C "$build"
   src="$build/horovod-$HOROVOD_VERSION"
   horovod_fix_source "$src"

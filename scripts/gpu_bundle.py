@@ -1,0 +1,189 @@
+"""What `scripts/gpu_check.sh --offline` needs on a GPU host that reaches no package index.
+
+This workplace's lent GPU machine (README "GPU check") has Python 3.12 with a CUDA build of
+torch, NCCL, nvcc, CMake and about 190 packages of its own, and nothing can be fetched there:
+what the project needs beyond that image travels with the working tree, at most 64 MiB a
+call. This script, run here where PyPI answers, makes that folder (``.gpu-bundle/``,
+git-ignored; name it in the call's ``carry``):
+
+- ``wheels.tar.xz``: for Python 3.12 on x86-64 Linux, a wheel of every distribution the
+  project's venv holds that the image lacks (the image's list: ``scripts/gpu_image_packages.txt``),
+  at the venv's versions; torch, its CUDA libraries and Triton are the image's. The wheels
+  are re-zipped *stored* (uncompressed) so that xz compresses their contents together:
+  157 wheels of 68 MiB become about 38 MiB. MLflow's web UI (27 MB of JavaScript) is left
+  out of MLflow's wheel (and its RECORD): the check never serves it. On the host, ``pip
+  install --no-index --no-deps`` installs them as wheels (entry points, ``dvc`` included).
+- ``horovod-0.28.1.tar.gz``: Horovod's sdist, built there (scripts/lib/horovod_build.sh).
+- ``manifest.json``: the distributions, their versions and sizes, the bundle's size.
+
+It prints the bundle's size beside the working tree's (tracked files and untracked ones git
+does not ignore): together they must stay under the 64 MiB a call may carry.
+
+    .venv/bin/python scripts/gpu_bundle.py             # -> .gpu-bundle/
+    .venv/bin/python scripts/gpu_bundle.py --list      # what it would carry, nothing downloaded
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata as metadata
+import json
+import lzma
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+IMAGE_PACKAGES = REPO / "scripts" / "gpu_image_packages.txt"
+BUNDLE = REPO / ".gpu-bundle"
+CARRY_LIMIT_MIB = 64
+PYTHON_VERSION = "3.12"
+PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_26_x86_64", "manylinux_2_24_x86_64",
+             "manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux1_x86_64")
+# Never carried: the image's torch stack, what the host builds (horovod) or installs from
+# the checkout (slimflow), and the test suite's tools.
+NOT_CARRIED = re.compile(r"^(torch|triton|nvidia-.*|cuda-.*|horovod|slimflow|pytest.*|iniconfig|pluggy|coverage|"
+                         r"import-linter|grimp|psycopg2-binary|pip|setuptools|wheel)$")
+# Inside MLflow's wheel: its web UI, which the check never serves.
+MLFLOW_UI = "mlflow/server/js/"
+HOROVOD_SDIST = "horovod==0.28.1"
+
+
+def normalize(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def image_packages(path: Path = IMAGE_PACKAGES) -> set[str]:
+    """The image's distribution names (one or more a line; ``#`` starts a comment)."""
+    names: set[str] = set()
+    for line in path.read_text().splitlines():
+        names.update(normalize(n) for n in line.split("#", 1)[0].split())
+    return names
+
+
+def carried(installed: dict[str, str], image: set[str]) -> dict[str, str]:
+    """``{name: version}`` of the venv's distributions that the host needs and the image lacks."""
+    return {name: version for name, version in sorted(installed.items())
+            if normalize(name) not in image and not NOT_CARRIED.match(normalize(name))}
+
+
+def venv_distributions() -> dict[str, str]:
+    """This interpreter's distributions (run it with the project's venv): ``{name: version}``."""
+    found: dict[str, str] = {}
+    for dist in metadata.distributions():
+        found.setdefault(normalize(dist.metadata["Name"]), dist.version)
+    return found
+
+
+def _pip(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "pip", "--disable-pip-version-check", *args], check=True)
+
+
+def download(wanted: dict[str, str], into: Path) -> None:
+    """A Python 3.12 x86-64 wheel of each; a distribution with only an sdist is built here
+    (pure Python, e.g. DVC's antlr4-python3-runtime 4.9.3)."""
+    platforms = [arg for p in PLATFORMS for arg in ("--platform", p)]
+    options = ["download", "-q", "--no-deps", "--only-binary=:all:", "--python-version", PYTHON_VERSION,
+               "--implementation", "cp", *platforms, "--platform", "any", "-d", str(into)]
+    specs = [f"{name}=={version}" for name, version in wanted.items()]
+    source = []
+    try:
+        _pip(*options, *specs)  # one call; where a wheel is missing, one call each finds which
+    except subprocess.CalledProcessError:
+        for spec in specs:
+            try:
+                _pip(*options, spec)
+            except subprocess.CalledProcessError:
+                source.append(spec)
+    for spec in source:
+        _pip("wheel", "-q", "--no-deps", "-w", str(into), spec)
+        built = next(into.glob(f"{spec.split('==')[0].replace('-', '_')}-*.whl"), None)
+        if built is None or not built.name.endswith("-py3-none-any.whl"):
+            raise SystemExit(f"{spec}: no wheel for Python {PYTHON_VERSION} on PyPI, and its sdist "
+                             f"does not build a pure-Python one")
+
+
+def restore(wheel: Path, out: Path) -> int:
+    """``wheel`` re-zipped uncompressed into ``out`` (MLflow's: without its web UI, nor the
+    UI's lines of RECORD). Returns the bytes left out."""
+    left_out = 0
+    with zipfile.ZipFile(wheel) as source, zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as target:
+        for info in source.infolist():
+            if info.filename.startswith(MLFLOW_UI):
+                left_out += info.file_size
+                continue
+            data = source.read(info)
+            if info.filename.endswith(".dist-info/RECORD"):
+                data = b"".join(line for line in data.splitlines(keepends=True)
+                                if not line.startswith(MLFLOW_UI.encode()))
+            info.compress_type = zipfile.ZIP_STORED
+            target.writestr(info, data)
+    return left_out
+
+
+def tree_bytes(repo: Path = REPO) -> int:
+    """The working tree a device call sends: tracked files, and untracked ones git does not ignore."""
+    names = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=repo,
+                           check=True, capture_output=True).stdout.split(b"\0")
+    return sum((repo / n.decode()).stat().st_size for n in names if n and (repo / n.decode()).is_file())
+
+
+def build(out: Path) -> dict:
+    wanted = carried(venv_distributions(), image_packages())
+    out.mkdir(parents=True, exist_ok=True)
+    partial = out / "wheels.tar.xz.partial"
+    with tempfile.TemporaryDirectory() as tmp:
+        fetched, stored = Path(tmp) / "fetched", Path(tmp) / "wheels"
+        fetched.mkdir()
+        stored.mkdir()
+        download(wanted, fetched)
+        left_out = sum(restore(w, stored / w.name) for w in sorted(fetched.glob("*.whl")))
+        wheel_bytes = sum(w.stat().st_size for w in fetched.glob("*.whl"))
+        with tarfile.open(partial, "w:xz", preset=9 | lzma.PRESET_EXTREME) as archive:
+            archive.add(stored, arcname="wheels")
+        wheels = sorted(w.name for w in stored.glob("*.whl"))
+        _pip("download", "-q", "--no-deps", "--no-binary", ":all:", "-d", tmp, HOROVOD_SDIST)
+        sdist = next(Path(tmp).glob("horovod-*.tar.gz"))
+        shutil.copy2(sdist, out / sdist.name)
+    partial.replace(out / "wheels.tar.xz")
+    bundle_bytes = sum(p.stat().st_size for p in out.iterdir() if p.is_file() and p.name != "manifest.json")
+    manifest = {
+        "python": PYTHON_VERSION, "platforms": list(PLATFORMS), "distributions": wanted, "wheels": wheels,
+        "wheels_bytes": wheel_bytes, "left_out": {"mlflow web UI bytes": left_out},
+        "horovod_sdist": sdist.name, "bundle_bytes": bundle_bytes,
+        "image_packages": str(IMAGE_PACKAGES.relative_to(REPO)),
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=BUNDLE, help="the bundle's folder (default .gpu-bundle/)")
+    parser.add_argument("--list", action="store_true", help="print what would be carried; download nothing")
+    args = parser.parse_args(argv)
+    if args.list:
+        for name, version in carried(venv_distributions(), image_packages()).items():
+            print(f"{name}=={version}")
+        return 0
+    manifest = build(args.out)
+    mib = 1024 * 1024
+    tree = tree_bytes()
+    total = manifest["bundle_bytes"] + tree
+    print(f"{args.out}: {len(manifest['wheels'])} wheels ({manifest['wheels_bytes'] / mib:.1f} MiB as downloaded) "
+          f"in wheels.tar.xz, and {manifest['horovod_sdist']}: {manifest['bundle_bytes'] / mib:.1f} MiB; "
+          f"with the working tree's {tree / mib:.1f} MiB: {total / mib:.1f} MiB of the {CARRY_LIMIT_MIB} MiB "
+          "a device call may carry")
+    if total > CARRY_LIMIT_MIB * mib:
+        print(f"error: over the {CARRY_LIMIT_MIB} MiB limit", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
