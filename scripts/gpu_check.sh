@@ -31,7 +31,7 @@
 # built with NCCL as on a GPU host, for compute capability 9.0: a CUDA build of torch
 # makes Horovod build its CUDA operations), then the dry run's steps.
 #
-# --dry-run (or SLIMFLOW_GPU_CHECK_DRY_RUN=1) needs no GPU and installs nothing: it
+# --dry-run (or SLIMFLOW_GPU_CHECK_DRY_RUN=1) alone needs no GPU and installs nothing: it
 # reuses an installed venv (--venv, default .venv), computes the wheel's cache key and
 # the build settings without building, and runs every other step on CPU with one process
 # (Gloo): check-build, allreduce, prepare + a short training run + latency timing, the
