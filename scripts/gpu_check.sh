@@ -322,8 +322,13 @@ fi
 COPY="$WORK/project"
 make_copy() {
   mkdir -p "$COPY"
-  # What a fresh clone holds: tracked files and untracked ones git does not ignore.
-  git ls-files -z --cached --others --exclude-standard | xargs -0 -I{} cp --parents -P {} "$COPY"/ 2>/dev/null || true
+  if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+    # What a fresh clone holds: tracked files and untracked ones git does not ignore.
+    git ls-files -z --cached --others --exclude-standard | xargs -0 -I{} cp --parents -P {} "$COPY"/ 2>/dev/null || true
+  else  # a checkout sent without its .git (a copy of the working tree): all of it but venvs, the bundle and run outputs
+    tar -c --exclude='./.venv*' --exclude=./.gpu-bundle --exclude=./mlflow.db --exclude=./mlruns --exclude=./.prefect \
+      --exclude=./.slimflow --exclude='*/__pycache__' --exclude='*.egg-info' -f - . | tar -x -C "$COPY" || return 1
+  fi
   [ -f "$COPY/dvc.yaml" ] || return 1
   ln -s "$VENV" "$COPY/.venv"
   (cd "$COPY" && rm -rf .dvc && git init -q && git add -A \

@@ -241,3 +241,27 @@ def test_gpu_allreduce_and_nvml_meter(tmp_path: Path) -> None:
             x = x @ x.T / 4096
         torch.cuda.synchronize()
     assert window.joules is not None and window.joules > 0
+
+
+@pytest.mark.integration
+def test_a_checkout_sent_without_its_git_folder_is_copied_too(tmp_path: Path) -> None:
+    """A GPU host may get the working tree without .git (a copy of the files): the project copy
+    the pipeline runs in is then made from the files themselves."""
+    checkout = tmp_path / "checkout"
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout.split(b"\0")
+    for name in filter(None, files):
+        source = REPO / name.decode()
+        if source.is_file():
+            target = checkout / name.decode()
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+    out = tmp_path / "gpu_check.json"
+    done = subprocess.run(["bash", str(checkout / "scripts" / "gpu_check.sh"), "--dry-run", "--venv", str(VENV),
+                           "--out", str(out), "--keep-work"], cwd=checkout, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "SLIMFLOW_GPU_CHECK_WORK": str(tmp_path / "work")})
+    assert done.returncode == 0, done.stderr[-3000:]
+    steps = {s["step"]: s["status"] for s in json.loads(out.read_text())["steps"]}
+    assert steps["copy"] == steps["prepare"] == steps["throughput-1"] == "ok"
+    copy = tmp_path / "work" / "project"
+    assert (copy / "dvc.yaml").is_file() and (copy / "tasks" / "train.py").is_file()
+    assert (copy / "data" / "prepared").is_dir()  # prepare ran in the copy
