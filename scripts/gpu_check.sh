@@ -81,6 +81,10 @@ if [ -z "$VENV" ]; then
 fi
 case "$VENV" in /*) ;; *) VENV="$REPO/$VENV" ;; esac
 
+# A host image without git (the project copy is then a DVC project without one): GitPython,
+# which MLflow imports to read a run's commit, says so once instead of at every import.
+command -v git >/dev/null || export GIT_PYTHON_REFRESH=quiet
+
 WORK=${SLIMFLOW_GPU_CHECK_WORK:-$(mktemp -d "${TMPDIR:-/tmp}/slimflow-gpu-check.XXXXXX")}
 mkdir -p "$WORK"
 : > "$WORK/steps.tsv"
@@ -331,9 +335,14 @@ make_copy() {
   fi
   [ -f "$COPY/dvc.yaml" ] || return 1
   ln -s "$VENV" "$COPY/.venv"
-  (cd "$COPY" && rm -rf .dvc && git init -q && git add -A \
-    && git -c user.email=gpu-check@slimflow.invalid -c user.name=gpu-check commit -qm gpu-check \
-    && "$VENV/bin/dvc" init -q && "$VENV/bin/dvc" config core.analytics false)
+  if command -v git >/dev/null; then
+    (cd "$COPY" && rm -rf .dvc && git init -q && git add -A \
+      && git -c user.email=gpu-check@slimflow.invalid -c user.name=gpu-check commit -qm gpu-check \
+      && "$VENV/bin/dvc" init -q && "$VENV/bin/dvc" config core.analytics false)
+  else  # a host image without git: DVC without a repository under it
+    log "no git on this host: the project copy is a DVC project without git (dvc init --no-scm)"
+    (cd "$COPY" && rm -rf .dvc && "$VENV/bin/dvc" init -q --no-scm && "$VENV/bin/dvc" config core.analytics false)
+  fi
 }
 run_pipeline() {
   local started
