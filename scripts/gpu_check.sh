@@ -206,7 +206,9 @@ EOF
   fi
   # (`step` runs this in an `||` list, where `set -e` stops nothing: each command says so itself.)
   mkdir -p "$WORK/bundle" || return 1
-  tar -xJf "$OFFLINE/wheels.tar.xz" -C "$WORK/bundle" || return 1
+  # Python's tarfile, not tar: a host image may have no xz.
+  "$base" -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter="data")' \
+    "$OFFLINE/wheels.tar.xz" "$WORK/bundle" || return 1
   PIP_FIND_LINKS="" "${pip[@]}" install -q --no-index --no-deps --no-compile "$WORK"/bundle/wheels/*.whl || return 1
   rm -rf "$WORK/bundle"
   # The checkout, on the host's Python (pyproject.toml says 3.11; the image's is 3.12) and its torch.
