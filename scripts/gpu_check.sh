@@ -193,7 +193,13 @@ install_stack_offline() {
   # (/opt/torch/.venv), and a venv made from a venv with --system-site-packages would see
   # the interpreter's own site-packages, not that venv's torch. Its own packages come first.
   if [ ! -x "$PY" ]; then
-    "$base" -m venv "$VENV" || return 1
+    # A host Python without ensurepip (Debian's python3-venv missing) makes it without pip;
+    # the host's own pip then runs in it through the .pth file below and installs into it.
+    if ! "$base" -m venv "$VENV" 2> "$WORK/venv.err"; then
+      log "the host's Python made no venv with pip ($(tail -1 "$WORK/venv.err")): one without pip, the host's pip installs"
+      rm -rf "$VENV"
+      "$base" -m venv --without-pip "$VENV" || return 1
+    fi
     local own
     own=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') || return 1
     "$base" - "$own/slimflow_host_packages.pth" <<'EOF' || return 1
