@@ -13,7 +13,9 @@ git-ignored; name it in the call's ``carry``):
   157 wheels of 68 MiB become about 38 MiB. MLflow's web UI (27 MB of JavaScript) is left
   out of MLflow's wheel (and its RECORD): the check never serves it. On the host, ``pip
   install --no-index --no-deps`` installs them as wheels (entry points, ``dvc`` included).
-- ``horovod-0.28.1.tar.gz``: Horovod's sdist, built there (scripts/lib/horovod_build.sh).
+- ``horovod-0.28.1.tar.gz``: Horovod's sdist with slimflow's fixes applied here (the C++17
+  standard, the idle-cycle patch: scripts/lib/horovod_build.sh ``horovod_fix_source``; its
+  ``SLIMFLOW_FIXED`` file names them), so the host needs neither ``patch`` nor git; built there.
 - ``manifest.json``: the distributions, their versions and sizes, the bundle's size.
 
 It prints the bundle's size beside the working tree's (tracked files and untracked ones git
@@ -126,6 +128,22 @@ def restore(wheel: Path, out: Path) -> int:
     return left_out
 
 
+def fixed_sdist(sdist: Path, work: Path) -> Path:
+    """``sdist`` with slimflow's fixes applied (by scripts/lib/horovod_build.sh, as a build
+    would) and marked so, re-packed under the same name in ``work``."""
+    work.mkdir()
+    with tarfile.open(sdist) as archive:
+        archive.extractall(work, filter="data")
+    (top,) = [p for p in work.iterdir() if p.is_dir()]
+    subprocess.run(["bash", "-c", 'set -euo pipefail; source "$1"; horovod_fix_source "$2"; '
+                    'echo "$(horovod_local_version) fixes $HOROVOD_FIXES" > "$2/$HOROVOD_FIXED_MARK"', "fix",
+                    str(REPO / "scripts" / "lib" / "horovod_build.sh"), str(top)], check=True)
+    out = work / sdist.name
+    with tarfile.open(out, "w:gz") as archive:
+        archive.add(top, arcname=top.name)
+    return out
+
+
 def tree_bytes(repo: Path = REPO) -> int:
     """The working tree a device call sends: tracked files, and untracked ones git does not ignore."""
     names = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=repo,
@@ -148,7 +166,7 @@ def build(out: Path) -> dict:
             archive.add(stored, arcname="wheels")
         wheels = sorted(w.name for w in stored.glob("*.whl"))
         _pip("download", "-q", "--no-deps", "--no-binary", ":all:", "-d", tmp, HOROVOD_SDIST)
-        sdist = next(Path(tmp).glob("horovod-*.tar.gz"))
+        sdist = fixed_sdist(next(Path(tmp).glob("horovod-*.tar.gz")), Path(tmp) / "fixed")
         shutil.copy2(sdist, out / sdist.name)
     partial.replace(out / "wheels.tar.xz")
     bundle_bytes = sum(p.stat().st_size for p in out.iterdir() if p.is_file() and p.name != "manifest.json")

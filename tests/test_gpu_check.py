@@ -153,6 +153,26 @@ def test_wheel_cache_key_adds_cuda_to_the_cpu_key() -> None:
     assert gpu == cpu + "-cu130-sm90"
 
 
+def test_a_bundled_sdist_fixed_already_is_not_patched_again(tmp_path: Path) -> None:
+    """gpu_bundle.py carries Horovod's sdist with the fixes applied and marked: the host needs
+    no patch or git. A mark of other fixes (another slimflow's) asks for a new bundle."""
+    def prepare(mark: str) -> subprocess.CompletedProcess:
+        src = tmp_path / mark.replace(" ", "_")
+        src.mkdir()
+        (src / "SLIMFLOW_FIXED").write_text(mark + "\n")
+        return subprocess.run(["bash", "-c", f'set -euo pipefail; source scripts/lib/horovod_build.sh; '
+                               f'horovod_prepare_source "{src}"'], cwd=REPO, capture_output=True, text=True)
+
+    mark = subprocess.run(["bash", "-c", 'source scripts/lib/horovod_build.sh; echo "$(horovod_local_version) fixes $HOROVOD_FIXES"'],
+                          cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+    fixed = prepare(mark)
+    assert fixed.returncode == 0 and f"fixes are applied already (SLIMFLOW_FIXED: {mark})" in fixed.stdout
+    other = prepare("idlecycle.00000000 fixes 1")
+    assert other.returncode == 1
+    assert "the sdist was fixed by another slimflow (SLIMFLOW_FIXED: idlecycle.00000000 fixes 1" in other.stdout
+    assert "make the bundle again (scripts/gpu_bundle.py)" in other.stdout
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--bogus"], "unknown argument: --bogus"),
     (["--epochs", "1"], "--epochs must be"),

@@ -17,6 +17,12 @@ _horovod_log() {
   if declare -F log >/dev/null; then log "$@"; else echo "$@"; fi
 }
 
+# A fixed sdist's top folder holds this file, saying which fixes (the local version label
+# and HOROVOD_FIXES, the revision of horovod_fix_source below: raise it when that changes):
+# scripts/gpu_bundle.py fixes the sdist it carries where patch and sed are at hand.
+HOROVOD_FIXED_MARK=SLIMFLOW_FIXED
+HOROVOD_FIXES=1
+
 # The local version label: the patch's name and the first 8 hex digits of its sha256.
 horovod_local_version() {
   echo "idlecycle.$(sha256sum "$HOROVOD_PATCH" | cut -c1-8)"
@@ -58,6 +64,22 @@ horovod_fix_source() {
   fi
 }
 
+# horovod_prepare_source SRC: the fixes, unless SRC's mark says these very fixes are applied
+# (the sdist scripts/gpu_bundle.py carries: then the host needs no patch, git or sed).
+horovod_prepare_source() {
+  local want mark
+  want="$(horovod_local_version) fixes $HOROVOD_FIXES"
+  if [ ! -f "$1/$HOROVOD_FIXED_MARK" ]; then
+    horovod_fix_source "$1"
+  elif [ "$(cat "$1/$HOROVOD_FIXED_MARK")" = "$want" ]; then
+    _horovod_log "the sdist's fixes are applied already ($HOROVOD_FIXED_MARK: $want)"
+  else
+    mark=$(cat "$1/$HOROVOD_FIXED_MARK")
+    _horovod_log "error: the sdist was fixed by another slimflow ($HOROVOD_FIXED_MARK: $mark; this one: $want): make the bundle again (scripts/gpu_bundle.py)"
+    return 1
+  fi
+}
+
 # horovod_build_wheel PY WHEEL_DIR: download the sdist (or take $HOROVOD_SDIST), fix it, build one wheel with PY
 # (torch already installed there) and the HOROVOD_* settings in the environment, and
 # move it into WHEEL_DIR only when complete (a half-built wheel never lands in the cache).
@@ -74,7 +96,15 @@ horovod_build_wheel() (
   fi
   tar -xzf "$build/horovod-$HOROVOD_VERSION.tar.gz" -C "$build"
   src="$build/horovod-$HOROVOD_VERSION"
-  horovod_fix_source "$src"
+  horovod_prepare_source "$src"
+  # No make on the host (a GPU image with CMake and ninja only): CMake's Ninja generator.
+  if ! command -v make >/dev/null && command -v ninja >/dev/null; then export CMAKE_GENERATOR=Ninja; fi
+  if [ "${CMAKE_GENERATOR:-}" = Ninja ]; then
+    # setup.py hands `VERBOSE=1` to the build tool, which only make takes (ninja: "unknown
+    # target 'VERBOSE=1'"); CMake's VERBOSE variable says the same to either.
+    sed -i "s/make_args.append('VERBOSE=1')/os.environ.setdefault('VERBOSE', '1')/" "$src/setup.py"
+    grep -q "os.environ.setdefault('VERBOSE', '1')" "$src/setup.py"
+  fi
   cmake=${HOROVOD_CMAKE:-/usr/bin/cmake}
   if [ "$cmake" = /usr/bin/cmake ]; then
     # The system CMake (3.25): the cmake 4.x wheel rejects horovod's cmake_minimum_required.
