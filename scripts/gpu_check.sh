@@ -101,6 +101,8 @@ seconds_since() {
 }
 
 # step NAME CMD...: run one step, timed, into steps.tsv; on failure write the report and stop.
+# CMD runs in an `||` list, where `set -e` stops nothing: a function given here ends
+# each command that may fail with `|| return 1`.
 step() {
   local name=$1 started status=ok
   shift
@@ -157,7 +159,6 @@ fi
 
 # --- 1-2. venv, CUDA torch, the project, Horovod with NCCL ----------------------------------
 install_stack() {
-  # (`step` runs this in an `||` list, where `set -e` stops nothing: each command says so itself.)
   [ -x "$PY" ] || "${PYTHON:-python3.11}" -m venv "$VENV" || return 1
   local pip=("$PY" -m pip --disable-pip-version-check)
   # A find-links folder of CPU wheels (torch 2.13.0+cpu sorts above 2.13.0) must not win here.
@@ -210,7 +211,6 @@ lines += [f"import site; site.addsitedir({p!r})" for p in paths]
 open(sys.argv[1], "w").write("\n".join(lines) + "\n")
 EOF
   fi
-  # (`step` runs this in an `||` list, where `set -e` stops nothing: each command says so itself.)
   mkdir -p "$WORK/bundle" || return 1
   # Python's tarfile, not tar: a host image may have no xz.
   "$base" -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter="data")' \
