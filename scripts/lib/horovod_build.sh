@@ -127,7 +127,7 @@ horovod_install() {
   if ls "$wheel_dir"/horovod-*.whl >/dev/null 2>&1; then
     _horovod_log "reusing cached horovod wheel from $wheel_dir"
   else
-    _horovod_log "building horovod $HOROVOD_VERSION wheel (about 12 minutes on 2 cores) -> $wheel_dir"
+    _horovod_log "building horovod $HOROVOD_VERSION wheel (a few minutes on 2 cores) -> $wheel_dir"
     horovod_build_wheel "$py" "$wheel_dir"
   fi
   "$py" -m pip --disable-pip-version-check install -q --no-deps "$wheel_dir"/horovod-*.whl
