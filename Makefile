@@ -3,7 +3,7 @@ VENV  := .venv
 PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.slimflow-installed
 
-.PHONY: install run test test-fast bench repro ui prefect-ui lint-imports test-services
+.PHONY: install run test test-fast bench repro ui prefect-ui lint-imports test-services gpu-bundle
 
 $(STAMP): pyproject.toml scripts/install.sh scripts/lib/horovod_build.sh scripts/horovod/idle-cycle.patch
 	bash scripts/install.sh
@@ -24,6 +24,9 @@ test-fast: $(STAMP)  ## unit tests only
 
 bench: $(STAMP)  ## benchmarks (not part of the tests)
 	$(PY) benchmarks/run.py
+
+gpu-bundle: $(STAMP)  ## .gpu-bundle/: what `scripts/gpu_check.sh --offline` needs on a GPU host with no package index (README "GPU check")
+	$(PY) scripts/gpu_bundle.py
 
 repro: $(STAMP)  ## reproduce with DVC directly
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/dvc repro
