@@ -23,6 +23,7 @@ does not ignore): together they must stay under the 64 MiB a call may carry.
 
     .venv/bin/python scripts/gpu_bundle.py             # -> .gpu-bundle/
     .venv/bin/python scripts/gpu_bundle.py --list      # what it would carry, nothing downloaded
+    .venv/bin/python scripts/gpu_bundle.py --image-packages MY_HOST.txt --python 3.11   # another host
 """
 
 from __future__ import annotations
@@ -86,11 +87,11 @@ def _pip(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "pip", "--disable-pip-version-check", *args], check=True)
 
 
-def download(wanted: dict[str, str], into: Path) -> None:
+def download(wanted: dict[str, str], into: Path, python: str = PYTHON_VERSION) -> None:
     """A Python 3.12 x86-64 wheel of each; a distribution with only an sdist is built here
     (pure Python, e.g. DVC's antlr4-python3-runtime 4.9.3)."""
     platforms = [arg for p in PLATFORMS for arg in ("--platform", p)]
-    options = ["download", "-q", "--no-deps", "--only-binary=:all:", "--python-version", PYTHON_VERSION,
+    options = ["download", "-q", "--no-deps", "--only-binary=:all:", "--python-version", python,
                "--implementation", "cp", *platforms, "--platform", "any", "-d", str(into)]
     specs = [f"{name}=={version}" for name, version in wanted.items()]
     source = []
@@ -106,7 +107,7 @@ def download(wanted: dict[str, str], into: Path) -> None:
         _pip("wheel", "-q", "--no-deps", "-w", str(into), spec)
         built = next(into.glob(f"{spec.split('==')[0].replace('-', '_')}-*.whl"), None)
         if built is None or not built.name.endswith("-py3-none-any.whl"):
-            raise SystemExit(f"{spec}: no wheel for Python {PYTHON_VERSION} on PyPI, and its sdist "
+            raise SystemExit(f"{spec}: no wheel for Python {python} on PyPI, and its sdist "
                              f"does not build a pure-Python one")
 
 
@@ -151,15 +152,15 @@ def tree_bytes(repo: Path = REPO) -> int:
     return sum((repo / n.decode()).stat().st_size for n in names if n and (repo / n.decode()).is_file())
 
 
-def build(out: Path) -> dict:
-    wanted = carried(venv_distributions(), image_packages())
+def build(out: Path, image: Path = IMAGE_PACKAGES, python: str = PYTHON_VERSION) -> dict:
+    wanted = carried(venv_distributions(), image_packages(image))
     out.mkdir(parents=True, exist_ok=True)
     partial = out / "wheels.tar.xz.partial"
     with tempfile.TemporaryDirectory() as tmp:
         fetched, stored = Path(tmp) / "fetched", Path(tmp) / "wheels"
         fetched.mkdir()
         stored.mkdir()
-        download(wanted, fetched)
+        download(wanted, fetched, python)
         left_out = sum(restore(w, stored / w.name) for w in sorted(fetched.glob("*.whl")))
         wheel_bytes = sum(w.stat().st_size for w in fetched.glob("*.whl"))
         with tarfile.open(partial, "w:xz", preset=9 | lzma.PRESET_EXTREME) as archive:
@@ -171,10 +172,10 @@ def build(out: Path) -> dict:
     partial.replace(out / "wheels.tar.xz")
     bundle_bytes = sum(p.stat().st_size for p in out.iterdir() if p.is_file() and p.name != "manifest.json")
     manifest = {
-        "python": PYTHON_VERSION, "platforms": list(PLATFORMS), "distributions": wanted, "wheels": wheels,
+        "python": python, "platforms": list(PLATFORMS), "distributions": wanted, "wheels": wheels,
         "wheels_bytes": wheel_bytes, "left_out": {"mlflow web UI bytes": left_out},
         "horovod_sdist": sdist.name, "bundle_bytes": bundle_bytes,
-        "image_packages": str(IMAGE_PACKAGES.relative_to(REPO)),
+        "image_packages": str(image),
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
@@ -184,12 +185,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=BUNDLE, help="the bundle's folder (default .gpu-bundle/)")
     parser.add_argument("--list", action="store_true", help="print what would be carried; download nothing")
+    parser.add_argument("--image-packages", type=Path, default=IMAGE_PACKAGES,
+                        help="the host's distribution names (default: the lent GPU image's, scripts/gpu_image_packages.txt)")
+    parser.add_argument("--python", default=PYTHON_VERSION, help=f"the host's Python version (default {PYTHON_VERSION})")
     args = parser.parse_args(argv)
+    if not args.image_packages.is_file():
+        parser.error(f"--image-packages {args.image_packages}: no such file (one distribution name or more a line)")
     if args.list:
-        for name, version in carried(venv_distributions(), image_packages()).items():
+        for name, version in carried(venv_distributions(), image_packages(args.image_packages)).items():
             print(f"{name}=={version}")
         return 0
-    manifest = build(args.out)
+    manifest = build(args.out, args.image_packages, args.python)
     mib = 1024 * 1024
     tree = tree_bytes()
     total = manifest["bundle_bytes"] + tree

@@ -59,3 +59,18 @@ def test_a_wheel_is_stored_uncompressed_and_mlflows_web_ui_left_out(tmp_path: Pa
         assert all(info.compress_type == zipfile.ZIP_STORED for info in z.infolist())
         assert ui not in z.read("mlflow-3.17.2.dist-info/RECORD").decode()
         assert z.read("mlflow/__init__.py") == b"x=1"
+
+
+def test_another_hosts_package_list_and_a_missing_one(tmp_path: Path) -> None:
+    """--image-packages names another host's distributions; a file that is not there is named."""
+    host = tmp_path / "host.txt"
+    host.write_text("torch numpy mlflow\n")
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "gpu_bundle.py"), "--list", "--image-packages", str(host)],
+                          capture_output=True, text=True, check=True)
+    names = {line.split("==")[0] for line in done.stdout.split()}
+    assert "mlflow" not in names and {"prefect", "onnxruntime", "rich"} <= names  # this host lacks what the lent image has
+    missing = subprocess.run([sys.executable, str(REPO / "scripts" / "gpu_bundle.py"), "--list", "--image-packages",
+                              str(tmp_path / "nope.txt")], capture_output=True, text=True)
+    assert missing.returncode == 2
+    assert f"--image-packages {tmp_path / 'nope.txt'}: no such file" in missing.stderr
+    assert "Traceback" not in missing.stderr
