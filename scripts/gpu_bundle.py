@@ -54,7 +54,8 @@ NOT_CARRIED = re.compile(r"^(torch|triton|nvidia-.*|cuda-.*|horovod|slimflow|pyt
                          r"import-linter|grimp|psycopg2-binary|pip|setuptools|wheel)$")
 # Inside MLflow's wheel: its web UI, which the check never serves.
 MLFLOW_UI = "mlflow/server/js/"
-HOROVOD_SDIST = "horovod==0.28.1"
+# Horovod's version, fixes and their mark: the build's own (scripts/install.sh uses it too).
+HOROVOD_LIB = REPO / "scripts" / "lib" / "horovod_build.sh"
 
 
 def normalize(name: str) -> str:
@@ -136,13 +137,17 @@ def fixed_sdist(sdist: Path, work: Path) -> Path:
     with tarfile.open(sdist) as archive:
         archive.extractall(work, filter="data")
     (top,) = [p for p in work.iterdir() if p.is_dir()]
-    subprocess.run(["bash", "-c", 'set -euo pipefail; source "$1"; horovod_fix_source "$2"; '
-                    'echo "$(horovod_local_version) fixes $HOROVOD_FIXES" > "$2/$HOROVOD_FIXED_MARK"', "fix",
-                    str(REPO / "scripts" / "lib" / "horovod_build.sh"), str(top)], check=True)
+    _horovod_lib('horovod_fix_source "$1"; horovod_fixed_mark > "$1/$HOROVOD_FIXED_MARK"', str(top))
     out = work / sdist.name
     with tarfile.open(out, "w:gz") as archive:
         archive.add(top, arcname=top.name)
     return out
+
+
+def _horovod_lib(script: str, *args: str) -> str:
+    """``script`` run by bash with scripts/lib/horovod_build.sh sourced (``$1``...: ``args``); its output."""
+    return subprocess.run(["bash", "-c", f'set -euo pipefail; source "{HOROVOD_LIB}"; {script}', "horovod", *args],
+                          check=True, stdout=subprocess.PIPE, text=True).stdout.strip()
 
 
 def tree_bytes(repo: Path = REPO) -> int:
@@ -166,7 +171,8 @@ def build(out: Path, image: Path = IMAGE_PACKAGES, python: str = PYTHON_VERSION)
         with tarfile.open(partial, "w:xz", preset=9 | lzma.PRESET_EXTREME) as archive:
             archive.add(stored, arcname="wheels")
         wheels = sorted(w.name for w in stored.glob("*.whl"))
-        _pip("download", "-q", "--no-deps", "--no-binary", ":all:", "-d", tmp, HOROVOD_SDIST)
+        _pip("download", "-q", "--no-deps", "--no-binary", ":all:", "-d", tmp,
+             f"horovod=={_horovod_lib('echo $HOROVOD_VERSION')}")
         sdist = fixed_sdist(next(Path(tmp).glob("horovod-*.tar.gz")), Path(tmp) / "fixed")
         shutil.copy2(sdist, out / sdist.name)
     partial.replace(out / "wheels.tar.xz")

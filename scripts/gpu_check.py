@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import time
@@ -120,6 +121,19 @@ def _link(target: Path, link: Path) -> None:
         return
     link.parent.mkdir(parents=True, exist_ok=True)
     link.symlink_to(os.path.relpath(target, link.parent))
+
+
+def system_cuda_home() -> Path:
+    """Where a CUDA toolkit installed outside pip would be: ``CUDA_HOME``, /usr/local/cuda
+    if it holds nvcc, the folder above the ``nvcc`` on ``PATH`` (through its links), else
+    /usr/local/cuda."""
+    if home := os.environ.get("CUDA_HOME"):
+        return Path(home)
+    default = Path("/usr/local/cuda")
+    if (default / "bin" / "nvcc").is_file():
+        return default
+    nvcc = shutil.which("nvcc")
+    return Path(nvcc).resolve().parent.parent if nvcc else default
 
 
 def cuda_env(site_packages: Path, system_home: Path | None = None) -> dict[str, str]:
@@ -413,7 +427,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("cuda-env", help="shell exports for building Horovod with NCCL from pip's CUDA")
     p.add_argument("site_packages", type=Path)
-    p.add_argument("--cuda-home", type=Path, help="a CUDA toolkit outside pip (bin/nvcc), used where no pip package has nvcc")
+    p.add_argument("--cuda-home", type=Path, help="a CUDA toolkit outside pip (bin/nvcc), used where no pip package "
+                   "has nvcc (default: CUDA_HOME, /usr/local/cuda, or the nvcc on PATH)")
     p = sub.add_parser("allreduce", help="Horovod allreduce: correctness and bandwidth (run under horovodrun)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--cpu", action="store_true", help="CPU tensors (Gloo) even where a GPU exists")
@@ -443,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "cuda-env":
-        for key, value in cuda_env(args.site_packages, args.cuda_home).items():
+        for key, value in cuda_env(args.site_packages, args.cuda_home or system_cuda_home()).items():
             print(f"export {key}={value}")
     elif args.command == "allreduce":
         allreduce(args.out, args.cpu, args.sizes_mb, args.iterations)

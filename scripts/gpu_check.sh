@@ -228,18 +228,8 @@ horovod_settings() {
   # The site folder holding CUDA's and NCCL's pip packages: the venv's, or (--offline) the base Python's.
   site=$("$PY" -c 'import nvidia, os; print(os.path.dirname(sorted(nvidia.__path__)[0]))' 2>/dev/null) \
     || site=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-  # A toolkit outside pip (the --offline image's nvcc), used only where no pip package has nvcc.
-  local system_cuda=${CUDA_HOME:-}
-  if [ -z "$system_cuda" ]; then
-    if [ -x /usr/local/cuda/bin/nvcc ]; then
-      system_cuda=/usr/local/cuda
-    elif command -v nvcc >/dev/null; then  # .../bin/nvcc, through any links
-      system_cuda=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")
-    else
-      system_cuda=/usr/local/cuda
-    fi
-  fi
-  exports=$("$PY" "$HELPER" cuda-env "$site" --cuda-home "$system_cuda") || return 1
+  # (Where no pip package has nvcc, cuda-env takes the host's toolkit: the --offline image's.)
+  exports=$("$PY" "$HELPER" cuda-env "$site") || return 1
   eval "$exports"
   export PATH="$SLIMFLOW_CUDA_BIN:$VENV/bin:$PATH"
   export LD_LIBRARY_PATH="$SLIMFLOW_CUDA_LIBS${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"

@@ -23,6 +23,11 @@ _horovod_log() {
 HOROVOD_FIXED_MARK=SLIMFLOW_FIXED
 HOROVOD_FIXES=1
 
+# horovod_fixed_mark: what HOROVOD_FIXED_MARK says of a source fixed by this very horovod_fix_source.
+horovod_fixed_mark() {
+  echo "$(horovod_local_version) fixes $HOROVOD_FIXES"
+}
+
 # The local version label: the patch's name and the first 8 hex digits of its sha256.
 horovod_local_version() {
   echo "idlecycle.$(sha256sum "$HOROVOD_PATCH" | cut -c1-8)"
@@ -68,7 +73,7 @@ horovod_fix_source() {
 # (the sdist scripts/gpu_bundle.py carries: then the host needs no patch, git or sed).
 horovod_prepare_source() {
   local want mark
-  want="$(horovod_local_version) fixes $HOROVOD_FIXES"
+  want=$(horovod_fixed_mark)
   if [ ! -f "$1/$HOROVOD_FIXED_MARK" ]; then
     horovod_fix_source "$1"
   elif [ "$(cat "$1/$HOROVOD_FIXED_MARK")" = "$want" ]; then
