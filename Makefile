@@ -25,8 +25,8 @@ test-fast: $(STAMP)  ## unit tests only
 bench: $(STAMP)  ## benchmarks (not part of the tests)
 	$(PY) benchmarks/run.py
 
-gpu-bundle: $(STAMP)  ## .gpu-bundle/: what `scripts/gpu_check.sh --offline` needs on a GPU host with no package index (README "GPU check")
-	$(PY) scripts/gpu_bundle.py
+gpu-bundle: $(STAMP)  ## .gpu-bundle/: what `scripts/gpu_check.sh --offline` needs on a GPU host with no package index (README "GPU check"); HOROVOD_WHEEL=DIR carries a prebuilt one
+	$(PY) scripts/gpu_bundle.py $(if $(HOROVOD_WHEEL),--horovod-wheel $(HOROVOD_WHEEL))
 
 repro: $(STAMP)  ## reproduce with DVC directly
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/dvc repro

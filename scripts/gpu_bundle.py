@@ -16,6 +16,12 @@ git-ignored; name it in the call's ``carry``):
 - ``horovod-0.28.1.tar.gz``: Horovod's sdist with slimflow's fixes applied here (the C++17
   standard, the idle-cycle patch: scripts/lib/horovod_build.sh ``horovod_fix_source``; its
   ``SLIMFLOW_FIXED`` file names them), so the host needs neither ``patch`` nor git; built there.
+- with ``--horovod-wheel DIR``: the Horovod wheel a GPU build cached in ``DIR`` (a folder of
+  the wheel cache, named by its key: Horovod and the patch, torch, Python, CUDA, compute
+  capabilities), built on a copy of the image (README "GPU check"), as
+  ``horovod-wheel/<key>/``, its library's debug sections stripped (20.8 MB -> about 1 MB). A host whose own key is that one installs it instead of
+  building (minutes of the call, and no compiler needed); one where it does not load builds
+  the sdist after all.
 - ``manifest.json``: the distributions, their versions and sizes, the bundle's size.
 
 It prints the bundle's size beside the working tree's (tracked files and untracked ones git
@@ -23,7 +29,9 @@ does not ignore): together they must stay under the 64 MiB a call may carry.
 
     .venv/bin/python scripts/gpu_bundle.py             # -> .gpu-bundle/
     .venv/bin/python scripts/gpu_bundle.py --list      # what it would carry, nothing downloaded
+    .venv/bin/python scripts/gpu_bundle.py --list-image   # what the project takes from the image (a copy of it needs them)
     .venv/bin/python scripts/gpu_bundle.py --image-packages MY_HOST.txt --python 3.11   # another host
+    .venv/bin/python scripts/gpu_bundle.py --horovod-wheel ~/.cache/slimflow/wheels/horovod-0.28.1+idlecycle.<hash>-torch2.11.0-cp312-cu130-sm90
 """
 
 from __future__ import annotations
@@ -74,6 +82,13 @@ def carried(installed: dict[str, str], image: set[str]) -> dict[str, str]:
     """``{name: version}`` of the venv's distributions that the host needs and the image lacks."""
     return {name: version for name, version in sorted(installed.items())
             if normalize(name) not in image and not NOT_CARRIED.match(normalize(name))}
+
+
+def expected_on_host(installed: dict[str, str], image: set[str]) -> dict[str, str]:
+    """``{name: version}`` of the venv's distributions the project takes from the image (its
+    torch stack aside): what a copy of the image needs to check a bundle on, at the venv's versions."""
+    return {name: version for name, version in sorted(installed.items())
+            if normalize(name) in image and not NOT_CARRIED.match(normalize(name))}
 
 
 def venv_distributions() -> dict[str, str]:
@@ -150,6 +165,56 @@ def _horovod_lib(script: str, *args: str) -> str:
                           check=True, stdout=subprocess.PIPE, text=True).stdout.strip()
 
 
+def without_debug_info(wheel: Path, out: Path) -> int:
+    """``wheel`` re-zipped into ``out`` with its shared libraries' debug sections stripped
+    (``strip --strip-debug``: code, data and CUDA's fatbins stay) and their RECORD lines
+    made true again. Horovod's build keeps debug info: its NCCL library is 68.8 MB, 2.5 MB
+    without. Returns the bytes left out."""
+    import base64
+    import hashlib
+
+    left_out, records = 0, {}
+    with zipfile.ZipFile(wheel) as source, zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as target, \
+            tempfile.TemporaryDirectory() as tmp:
+        infos = source.infolist()
+        for info in infos:
+            data = source.read(info)
+            if re.search(r"\.so(\.[0-9.]+)?$", info.filename):
+                library = Path(tmp) / "library.so"
+                library.write_bytes(data)
+                subprocess.run(["strip", "--strip-debug", str(library)], check=True)
+                stripped = library.read_bytes()
+                left_out += len(data) - len(stripped)
+                digest = base64.urlsafe_b64encode(hashlib.sha256(stripped).digest()).rstrip(b"=").decode()
+                records[info.filename] = f"{info.filename},sha256={digest},{len(stripped)}"
+                data = stripped
+            if not info.filename.endswith(".dist-info/RECORD"):
+                target.writestr(info, data, zipfile.ZIP_DEFLATED)
+        for info in infos:  # RECORD last, with the stripped libraries' hashes and sizes
+            if info.filename.endswith(".dist-info/RECORD"):
+                lines = source.read(info).decode().splitlines()
+                lines = [records.get(line.split(",", 1)[0], line) for line in lines]
+                target.writestr(info, "\n".join(lines) + "\n", zipfile.ZIP_DEFLATED)
+    return left_out
+
+
+def check_horovod_wheel(folder: Path, python: str) -> Path:
+    """The one wheel in ``folder``, a wheel cache folder whose name (its key) says this
+    checkout's Horovod and patch and ``python``'s tag; otherwise ValueError naming the problem."""
+    prefix = f"horovod-{_horovod_lib('echo $HOROVOD_VERSION+$(horovod_local_version)')}-"
+    if not folder.is_dir():
+        raise ValueError(f"--horovod-wheel {folder}: no such folder (a folder of the wheel cache, named by its key)")
+    wheels = sorted(folder.glob("horovod-*.whl"))
+    if len(wheels) != 1:
+        raise ValueError(f"--horovod-wheel {folder}: {len(wheels)} horovod-*.whl there, not one")
+    tag = "cp" + python.replace(".", "")
+    if not folder.name.startswith(prefix) or f"-{tag}-" not in folder.name:
+        raise ValueError(f"--horovod-wheel {folder}: its key is not this checkout's Horovod for Python {python} "
+                         f"({prefix}torch<version>-{tag}-cu<CUDA>-sm<CC>): a wheel built from another patch "
+                         "or for another Python would never be used")
+    return wheels[0]
+
+
 def tree_bytes(repo: Path = REPO) -> int:
     """The working tree a device call sends: tracked files, and untracked ones git does not ignore."""
     names = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=repo,
@@ -157,9 +222,12 @@ def tree_bytes(repo: Path = REPO) -> int:
     return sum((repo / n.decode()).stat().st_size for n in names if n and (repo / n.decode()).is_file())
 
 
-def build(out: Path, image: Path = IMAGE_PACKAGES, python: str = PYTHON_VERSION) -> dict:
+def build(out: Path, image: Path = IMAGE_PACKAGES, python: str = PYTHON_VERSION,
+          horovod_wheel: Path | None = None) -> dict:
     wanted = carried(venv_distributions(), image_packages(image))
+    prebuilt = check_horovod_wheel(horovod_wheel, python) if horovod_wheel else None
     out.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out / "horovod-wheel", ignore_errors=True)  # never a wheel of an earlier bundle
     partial = out / "wheels.tar.xz.partial"
     with tempfile.TemporaryDirectory() as tmp:
         fetched, stored = Path(tmp) / "fetched", Path(tmp) / "wheels"
@@ -176,11 +244,15 @@ def build(out: Path, image: Path = IMAGE_PACKAGES, python: str = PYTHON_VERSION)
         sdist = fixed_sdist(next(Path(tmp).glob("horovod-*.tar.gz")), Path(tmp) / "fixed")
         shutil.copy2(sdist, out / sdist.name)
     partial.replace(out / "wheels.tar.xz")
-    bundle_bytes = sum(p.stat().st_size for p in out.iterdir() if p.is_file() and p.name != "manifest.json")
+    if prebuilt is not None:
+        (out / "horovod-wheel" / prebuilt.parent.name).mkdir(parents=True)
+        without_debug_info(prebuilt, out / "horovod-wheel" / prebuilt.parent.name / prebuilt.name)
+    bundle_bytes = sum(p.stat().st_size for p in out.rglob("*") if p.is_file() and p.name != "manifest.json")
     manifest = {
         "python": python, "platforms": list(PLATFORMS), "distributions": wanted, "wheels": wheels,
         "wheels_bytes": wheel_bytes, "left_out": {"mlflow web UI bytes": left_out},
         "horovod_sdist": sdist.name, "bundle_bytes": bundle_bytes,
+        "horovod_wheel": f"horovod-wheel/{prebuilt.parent.name}/{prebuilt.name}" if prebuilt else None,
         "image_packages": str(image),
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
@@ -191,22 +263,34 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=BUNDLE, help="the bundle's folder (default .gpu-bundle/)")
     parser.add_argument("--list", action="store_true", help="print what would be carried; download nothing")
+    parser.add_argument("--list-image", action="store_true",
+                        help="print what the project takes from the image (torch aside): a copy of the image needs them")
     parser.add_argument("--image-packages", type=Path, default=IMAGE_PACKAGES,
                         help="the host's distribution names (default: the lent GPU image's, scripts/gpu_image_packages.txt)")
     parser.add_argument("--python", default=PYTHON_VERSION, help=f"the host's Python version (default {PYTHON_VERSION})")
+    parser.add_argument("--horovod-wheel", type=Path, metavar="DIR",
+                        help="also carry the Horovod wheel a GPU build cached in DIR (a wheel cache folder, named by its key)")
     args = parser.parse_args(argv)
     if not args.image_packages.is_file():
         parser.error(f"--image-packages {args.image_packages}: no such file (one distribution name or more a line)")
-    if args.list:
-        for name, version in carried(venv_distributions(), image_packages(args.image_packages)).items():
+    if args.list or args.list_image:
+        listed = (carried if args.list else expected_on_host)(venv_distributions(), image_packages(args.image_packages))
+        for name, version in listed.items():
             print(f"{name}=={version}")
         return 0
-    manifest = build(args.out, args.image_packages, args.python)
+    if args.horovod_wheel:
+        try:
+            check_horovod_wheel(args.horovod_wheel, args.python)  # before minutes of downloads
+        except ValueError as err:
+            parser.error(str(err))
+    manifest = build(args.out, args.image_packages, args.python, args.horovod_wheel)
     mib = 1024 * 1024
     tree = tree_bytes()
     total = manifest["bundle_bytes"] + tree
     print(f"{args.out}: {len(manifest['wheels'])} wheels ({manifest['wheels_bytes'] / mib:.1f} MiB as downloaded) "
-          f"in wheels.tar.xz, and {manifest['horovod_sdist']}: {manifest['bundle_bytes'] / mib:.1f} MiB; "
+          f"in wheels.tar.xz, and {manifest['horovod_sdist']}"
+          + (f" and {manifest['horovod_wheel']}" if manifest["horovod_wheel"] else "")
+          + f": {manifest['bundle_bytes'] / mib:.1f} MiB; "
           f"with the working tree's {tree / mib:.1f} MiB: {total / mib:.1f} MiB of the {CARRY_LIMIT_MIB} MiB "
           "a device call may carry")
     if total > CARRY_LIMIT_MIB * mib:
