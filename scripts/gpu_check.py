@@ -192,6 +192,22 @@ def cuda_env(site_packages: Path, system_home: Path | None = None) -> dict[str, 
     }
 
 
+def take_bundled_wheel(bundled: Path, key: str, cache_root: Path) -> Path | None:
+    """The Horovod wheel a bundle carries for ``key`` (``bundled/<key>/horovod-*.whl``:
+    ``gpu_bundle.py --horovod-wheel``) copied into the wheel cache's folder of ``key``, where
+    the build takes a cached wheel instead of building; None (nothing copied) when the bundle
+    has none for this host's key (another torch, CUDA, GPU or patch) or one is cached already.
+    The copy lands under its own name only when complete."""
+    wheels = sorted((bundled / key).glob("horovod-*.whl"))
+    target = cache_root / key
+    if not wheels or any(target.glob("horovod-*.whl")):
+        return None
+    target.mkdir(parents=True, exist_ok=True)
+    partial = target / (wheels[0].name + ".partial")
+    shutil.copyfile(wheels[0], partial)
+    return partial.replace(target / wheels[0].name)
+
+
 def _cuda_version(home: Path) -> str:
     """``13.0`` from the runtime header's CUDART_VERSION (13000)."""
     for line in (home / "include" / "cuda_runtime_api.h").read_text(errors="replace").splitlines():
@@ -388,7 +404,7 @@ def report(work: Path, out: Path, dry_run: bool, offline: Path | None = None) ->
 def _offline_summary(bundle: Path) -> dict[str, Any]:
     manifest = _read(bundle / "manifest.json") or {}
     return {"bundle": str(bundle), "wheels": len(manifest.get("wheels", [])), "bundle_bytes": manifest.get("bundle_bytes"),
-            "horovod_sdist": manifest.get("horovod_sdist")}
+            "horovod_sdist": manifest.get("horovod_sdist"), "horovod_wheel": manifest.get("horovod_wheel")}
 
 
 def _print_summary(r: dict[str, Any], out: Path) -> None:
@@ -396,11 +412,15 @@ def _print_summary(r: dict[str, Any], out: Path) -> None:
         return "n/a" if value is None else f"{value:.{digits}f}{unit}"
 
     mode = {(True, False): " (dry run: CPU, nothing installed)", (True, True): " (dry run, offline: installed from "
-            "the bundle, Horovod built with NCCL; CPU)", (False, True): " (offline: installed from the bundle)"}
+            "the bundle, Horovod with NCCL; CPU)", (False, True): " (offline: installed from the bundle)"}
     print(f"slimflow GPU check{mode.get((r['dry_run'], bool(r.get('offline'))), '')}: "
           f"{'OK' if r['ok'] else 'FAILED'} in {r['total_s']:.0f} s (budget {r['budget_s']:.0f} s)")
     for s in r["steps"]:
         print(f"  {s['step']:<14} {s['status']:<8} {s['seconds']:7.1f} s")
+    if (wheel := r.get("wheel") or {}).get("source"):
+        said = {"bundled": "the bundle's wheel, not built here", "built": "built here", "cached": "the cached wheel",
+                "installed": "installed already"}
+        print(f"horovod: {said.get(wheel['source'], wheel['source'])} ({wheel['key']})")
     if a := r["allreduce"]:
         big = a["sizes"][-1]
         print(f"allreduce: {a['world_size']} rank(s) on {a['device']} ({a['gpu_operations'] or 'Gloo'}), "
@@ -429,6 +449,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("site_packages", type=Path)
     p.add_argument("--cuda-home", type=Path, help="a CUDA toolkit outside pip (bin/nvcc), used where no pip package "
                    "has nvcc (default: CUDA_HOME, /usr/local/cuda, or the nvcc on PATH)")
+    p = sub.add_parser("take-wheel", help="the bundle's Horovod wheel for this key into the wheel cache "
+                       "(exit 1: none for this key, or one cached already)")
+    p.add_argument("bundled", type=Path, help="the bundle's horovod-wheel folder")
+    p.add_argument("key")
+    p.add_argument("cache_root", type=Path)
     p = sub.add_parser("allreduce", help="Horovod allreduce: correctness and bandwidth (run under horovodrun)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--cpu", action="store_true", help="CPU tensors (Gloo) even where a GPU exists")
@@ -460,6 +485,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "cuda-env":
         for key, value in cuda_env(args.site_packages, args.cuda_home or system_cuda_home()).items():
             print(f"export {key}={value}")
+    elif args.command == "take-wheel":
+        return 0 if take_bundled_wheel(args.bundled, args.key, args.cache_root) else 1
     elif args.command == "allreduce":
         allreduce(args.out, args.cpu, args.sizes_mb, args.iterations)
     elif args.command == "throughput":

@@ -26,10 +26,12 @@
 # check"): the venv is made over that Python and sees its packages (its torch, NCCL and
 # CUDA), every other distribution the project needs comes from BUNDLE (what
 # scripts/gpu_bundle.py makes: wheels.tar.xz and Horovod's sdist), the project is installed
-# from the checkout, and Horovod is built from the sdist. The base Python is $PYTHON, else
-# python3. With --dry-run too, the same install runs on a host without a GPU (Horovod then
-# built with NCCL as on a GPU host, for compute capability 9.0: a CUDA build of torch
-# makes Horovod build its CUDA operations), then the dry run's steps.
+# from the checkout, and Horovod comes from the bundle's wheel for this host's cache key
+# where it carries one (gpu_bundle.py --horovod-wheel) that installs and loads here, else
+# is built from the sdist. The base Python is $PYTHON, else python3. With --dry-run too,
+# the same install runs on a host without a GPU (Horovod then built with NCCL as on a GPU
+# host, for compute capability 9.0: a CUDA build of torch makes Horovod build its CUDA
+# operations), then the dry run's steps.
 #
 # --dry-run (or SLIMFLOW_GPU_CHECK_DRY_RUN=1) alone needs no GPU and installs nothing: it
 # reuses an installed venv (--venv, default .venv), computes the wheel's cache key and
@@ -240,19 +242,24 @@ horovod_settings() {
 
 # shellcheck source=lib/horovod_build.sh
 source "$REPO/scripts/lib/horovod_build.sh"
-wheel_record() {  # the cache key and build settings, for the report
-  local key=$1
+wheel_record() {  # the cache key and build settings, for the report (SOURCE: where the wheel came from, once known)
+  local key=$1 source=${2:-}
   local built=1  # a dry run builds only offline (--offline --dry-run)
   [ "$DRY_RUN" = 1 ] && [ -z "$OFFLINE" ] && built=0
-  "$PY" - "$WORK/wheel.json" "$key" "$(horovod_cache_root)/$key" "$built" <<'EOF'
+  "$PY" - "$WORK/wheel.json" "$key" "$(horovod_cache_root)/$key" "$built" "$source" <<'EOF'
 import json, os, sys
 from pathlib import Path
-out, key, folder, built = sys.argv[1:]
+out, key, folder, built, source = sys.argv[1:]
 keys = ("HOROVOD_GPU_OPERATIONS", "HOROVOD_CUDA_HOME", "HOROVOD_NCCL_HOME", "HOROVOD_NCCL_LINK",
         "HOROVOD_BUILD_CUDA_CC_LIST", "HOROVOD_CMAKE")
 Path(out).write_text(json.dumps({"key": key, "folder": folder, "cached": any(Path(folder).glob("horovod-*.whl")),
-    "built": built == "1", "settings": {k: os.environ.get(k) for k in keys}}, indent=2) + "\n")
+    "built": built == "1", "source": source or None, "settings": {k: os.environ.get(k) for k in keys}},
+    indent=2) + "\n")
 EOF
+}
+
+horovod_loads_with_nccl() {
+  "$PY" -c "import horovod.torch as h, sys; sys.exit(not h.nccl_built())" 2> "$WORK/horovod-import.err"
 }
 
 build_horovod() {
@@ -269,11 +276,30 @@ build_horovod() {
   horovod_settings || return 1
   key=$(horovod_wheel_key "$PY" "$torch_version" "-$SLIMFLOW_CUDA_TAG-sm${CC_LIST//,/-sm}")
   wheel_record "$key"
-  if horovod_is_installed "$PY" && "$PY" -c "import horovod.torch as h, sys; sys.exit(not h.nccl_built())"; then
+  if horovod_is_installed "$PY" && horovod_loads_with_nccl; then
     log "horovod with NCCL already installed in $VENV"
-  else
-    horovod_install "$PY" "$(horovod_cache_root)/$key" || return 1
+    wheel_record "$key" installed
+    return 0
   fi
+  local source=built cache
+  cache="$(horovod_cache_root)/$key"
+  # --offline: a wheel the bundle carries for this very key (gpu_bundle.py --horovod-wheel,
+  # built on a copy of this image) is installed instead of building; one that does not
+  # install or load here is dropped, and the sdist is built after all.
+  if [ -n "$OFFLINE" ] && "$PY" "$HELPER" take-wheel "$OFFLINE/horovod-wheel" "$key" "$(horovod_cache_root)"; then
+    log "the bundle's Horovod wheel for $key: not built here"
+    if horovod_install "$PY" "$cache" 2> "$WORK/horovod-import.err" && horovod_loads_with_nccl; then
+      wheel_record "$key" bundled
+      return 0
+    fi
+    log "the bundle's Horovod wheel does not work here ($(tail -1 "$WORK/horovod-import.err")): building the sdist"
+    rm -rf "$cache"
+    "$PY" -m pip --disable-pip-version-check uninstall -q -y horovod 2>/dev/null || true
+  elif ls "$cache"/horovod-*.whl >/dev/null 2>&1; then
+    source=cached
+  fi
+  horovod_install "$PY" "$cache" || return 1
+  wheel_record "$key" "$source"
 }
 
 if [ -n "$OFFLINE" ]; then

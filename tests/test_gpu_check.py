@@ -127,8 +127,9 @@ def test_nvml_reader_without_nvml(monkeypatch: pytest.MonkeyPatch) -> None:
     assert window.figures()["energy_j"] is None and window.figures()["mean_power_w"] is None
 
 
-def test_report_merges_every_step(tmp_path: Path) -> None:
+def test_report_merges_every_step(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "steps.tsv").write_text("install\tok\t200.5\ncheck-build\tok\t3.0\npipeline\tskipped\t0\n")
+    gpu_check.write_json(tmp_path / "wheel.json", {"key": "horovod-k-cu130-sm90", "source": "bundled"})
     for workers, per_worker in ((1, 1000.0), (4, 900.0)):
         gpu_check.write_json(tmp_path / f"throughput-{workers}.json", {
             "workers": workers, "precision": "bf16", "samples_per_s_per_worker": per_worker,
@@ -138,6 +139,7 @@ def test_report_merges_every_step(tmp_path: Path) -> None:
     assert json.loads(out.read_text()) == json.loads(json.dumps(result, default=str))
     assert result["ok"] and result["within_budget"] and result["total_s"] == pytest.approx(203.5)
     assert result["scaling"] == {"workers": 4, "efficiency": pytest.approx(0.9)}
+    assert "horovod: the bundle's wheel, not built here (horovod-k-cu130-sm90)" in capsys.readouterr().out
     (tmp_path / "steps.tsv").write_text("install\tfailed\t700\n")
     failed = gpu_check.report(tmp_path, out, dry_run=True)
     assert not failed["ok"] and not failed["within_budget"]
@@ -171,6 +173,30 @@ def test_a_bundled_sdist_fixed_already_is_not_patched_again(tmp_path: Path) -> N
     assert other.returncode == 1
     assert "the sdist was fixed by another slimflow (SLIMFLOW_FIXED: idlecycle.00000000 fixes 1" in other.stdout
     assert "make the bundle again (scripts/gpu_bundle.py)" in other.stdout
+
+
+def test_the_bundles_horovod_wheel_for_this_hosts_key_goes_into_the_cache(tmp_path: Path) -> None:
+    """--offline: the wheel gpu_bundle.py --horovod-wheel carries for the host's own key
+    lands in the wheel cache, where the build takes it instead of building; a bundle with
+    none for this key, or a wheel cached already, copies nothing (exit 1: build as before)."""
+    key = "horovod-0.28.1+idlecycle.abcd1234-torch2.11.0-cp312-cu130-sm90"
+    bundled, cache = tmp_path / "bundle" / "horovod-wheel", tmp_path / "cache"
+    (bundled / key).mkdir(parents=True)
+    wheel = bundled / key / "horovod-0.28.1+idlecycle.abcd1234-cp312-cp312-linux_x86_64.whl"
+    wheel.write_bytes(b"the wheel's bytes")
+
+    def take(for_key: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(HELPER), "take-wheel", str(bundled), for_key, str(cache)],
+                              capture_output=True, text=True)
+
+    assert take(key.replace("sm90", "sm80")).returncode == 1  # another GPU's key: nothing for it
+    assert not cache.exists()
+    assert take(key).returncode == 0
+    assert [p.name for p in (cache / key).iterdir()] == [wheel.name]
+    assert (cache / key / wheel.name).read_bytes() == b"the wheel's bytes"
+    (cache / key / wheel.name).write_bytes(b"a wheel built here")
+    assert take(key).returncode == 1  # one is cached already: kept
+    assert (cache / key / wheel.name).read_bytes() == b"a wheel built here"
 
 
 @pytest.mark.parametrize(("args", "message"), [
