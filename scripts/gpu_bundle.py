@@ -57,8 +57,8 @@ PYTHON_VERSION = "3.12"
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_26_x86_64", "manylinux_2_24_x86_64",
              "manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux1_x86_64")
 # Never carried: the image's torch stack, what the host builds (horovod) or installs from
-# the checkout (slimflow), and the test suite's tools.
-NOT_CARRIED = re.compile(r"^(torch|triton|nvidia-.*|cuda-.*|horovod|slimflow|pytest.*|iniconfig|pluggy|coverage|"
+# the checkout (slimflow), and the test suite's own tools (not pluggy: Prefect's server imports it).
+NOT_CARRIED = re.compile(r"^(torch|triton|nvidia-.*|cuda-.*|horovod|slimflow|pytest.*|iniconfig|coverage|"
                          r"import-linter|grimp|psycopg2-binary|pip|setuptools|wheel)$")
 # Inside MLflow's wheel: its web UI, which the check never serves.
 MLFLOW_UI = "mlflow/server/js/"

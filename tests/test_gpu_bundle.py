@@ -33,9 +33,11 @@ def test_it_carries_what_the_image_lacks_and_never_the_images_torch(tmp_path: Pa
     assert names == {"torch", "numpy", "onnx-runtime", "rich"}
     installed = {"torch": "2.13.0+cpu", "numpy": "2.5.0", "onnx-runtime": "1.32.0", "rich": "15.0.0", "mlflow": "3.17.2",
                  "prefect": "3.8.8", "dvc": "3.67.1", "nvidia-nccl-cu13": "2.29.7", "triton": "3.6.0",
-                 "horovod": "0.28.1+idlecycle.x", "slimflow": "0.1.0", "pytest": "9.0", "pydantic": "2.12.0"}
+                 "horovod": "0.28.1+idlecycle.x", "slimflow": "0.1.0", "pytest": "9.0", "pydantic": "2.12.0",
+                 "pluggy": "1.6.0"}
     carried = gpu_bundle.carried(installed, names)
-    assert carried == {"dvc": "3.67.1", "mlflow": "3.17.2", "prefect": "3.8.8", "pydantic": "2.12.0"}
+    # pluggy is pytest's and Prefect's (its server imports it): carried where the image lacks it.
+    assert carried == {"dvc": "3.67.1", "mlflow": "3.17.2", "pluggy": "1.6.0", "prefect": "3.8.8", "pydantic": "2.12.0"}
     # What a copy of the image needs besides its torch stack: the rest of the venv, never the carried.
     assert gpu_bundle.expected_on_host(installed, names) == {"numpy": "2.5.0", "onnx-runtime": "1.32.0", "rich": "15.0.0"}
 
