@@ -19,9 +19,9 @@ git-ignored; name it in the call's ``carry``):
 - with ``--horovod-wheel DIR``: the Horovod wheel a GPU build cached in ``DIR`` (a folder of
   the wheel cache, named by its key: Horovod and the patch, torch, Python, CUDA, compute
   capabilities), built on a copy of the image (README "GPU check"), as
-  ``horovod-wheel/<key>/``, its library's debug sections stripped (20.8 MB -> about 1 MB). A host whose own key is that one installs it instead of
-  building (minutes of the call, and no compiler needed); one where it does not load builds
-  the sdist after all.
+  ``horovod-wheel/<key>/``, its library's debug sections stripped (20.8 MB -> 1.2 MB). A
+  host whose own key is that one installs it instead of building (minutes of the call, and
+  no compiler needed); one where it does not install or load builds the sdist after all.
 - ``manifest.json``: the distributions, their versions and sizes, the bundle's size.
 
 It prints the bundle's size beside the working tree's (tracked files and untracked ones git
@@ -283,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
             check_horovod_wheel(args.horovod_wheel, args.python)  # before minutes of downloads
         except ValueError as err:
             parser.error(str(err))
+        if not shutil.which("strip"):
+            parser.error("--horovod-wheel needs binutils' strip (the wheel's library is carried without its debug info)")
     manifest = build(args.out, args.image_packages, args.python, args.horovod_wheel)
     mib = 1024 * 1024
     tree = tree_bytes()
