@@ -333,9 +333,10 @@ def _outcome(
                    f"of {budget.max_drop_points:g} ({len(trials)} trials, stopped: {stopped_by})")
     else:
         best = max(trials, key=lambda t: (t.val_accuracy, key(t)))
+        # Its verdict says on what it is over: a trial inside the accuracy budget lost a class.
         message = (f"no trial fits the budget of {budget.max_drop_points:g} points: kept the least-bad, {knob} "
-                   f"{best.setting:g}, {_versus_baseline(best.drop_points)} ({len(trials)} trials, "
-                   f"stopped: {stopped_by})")
+                   f"{best.setting:g}, {_versus_baseline(best.drop_points)}, {_verdict(best, budget)} "
+                   f"({len(trials)} trials, stopped: {stopped_by})")
         log.warning("%s", message)
     return Outcome(knob, best, trials, bool(within), stopped_by, seconds, budget, message)
 
