@@ -37,6 +37,8 @@ does not ignore): together they must stay under the 64 MiB a call may carry.
 from __future__ import annotations
 
 import argparse
+import base64
+import hashlib
 import importlib.metadata as metadata
 import json
 import lzma
@@ -47,6 +49,7 @@ import sys
 import tarfile
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -127,22 +130,41 @@ def download(wanted: dict[str, str], into: Path, python: str = PYTHON_VERSION) -
                              f"does not build a pure-Python one")
 
 
+def rewrite_wheel(wheel: Path, out: Path, compression: int,
+                  change: Callable[[str, bytes], bytes | None]) -> int:
+    """``wheel`` re-zipped into ``out`` (``compression``), each member's bytes through
+    ``change(name, data)`` (None: left out), RECORD made true again: a left-out member's
+    line goes, a changed one's hash and size are rewritten. Returns the bytes left out."""
+    left_out, records = 0, {}
+    with zipfile.ZipFile(wheel) as source, zipfile.ZipFile(out, "w", compression) as target:
+        record = None
+        for info in source.infolist():
+            if info.filename.endswith(".dist-info/RECORD"):
+                record = info
+                continue
+            data = source.read(info)
+            kept = change(info.filename, data)
+            left_out += len(data) - len(kept or b"")
+            if kept is None:
+                records[info.filename] = None
+                continue
+            if kept != data:
+                digest = base64.urlsafe_b64encode(hashlib.sha256(kept).digest()).rstrip(b"=").decode()
+                records[info.filename] = f"{info.filename},sha256={digest},{len(kept)}"
+            info.compress_type = compression
+            target.writestr(info, kept)
+        if record is not None:  # last, with the members' final hashes and sizes
+            lines = [records.get(line.split(",", 1)[0], line) for line in source.read(record).decode().splitlines()]
+            record.compress_type = compression
+            target.writestr(record, "".join(f"{line}\n" for line in lines if line is not None))
+    return left_out
+
+
 def restore(wheel: Path, out: Path) -> int:
     """``wheel`` re-zipped uncompressed into ``out`` (MLflow's: without its web UI, nor the
     UI's lines of RECORD). Returns the bytes left out."""
-    left_out = 0
-    with zipfile.ZipFile(wheel) as source, zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as target:
-        for info in source.infolist():
-            if info.filename.startswith(MLFLOW_UI):
-                left_out += info.file_size
-                continue
-            data = source.read(info)
-            if info.filename.endswith(".dist-info/RECORD"):
-                data = b"".join(line for line in data.splitlines(keepends=True)
-                                if not line.startswith(MLFLOW_UI.encode()))
-            info.compress_type = zipfile.ZIP_STORED
-            target.writestr(info, data)
-    return left_out
+    return rewrite_wheel(wheel, out, zipfile.ZIP_STORED,
+                         lambda name, data: None if name.startswith(MLFLOW_UI) else data)
 
 
 def fixed_sdist(sdist: Path, work: Path) -> Path:
@@ -170,32 +192,17 @@ def without_debug_info(wheel: Path, out: Path) -> int:
     (``strip --strip-debug``: code, data and CUDA's fatbins stay) and their RECORD lines
     made true again. Horovod's build keeps debug info: its NCCL library is 68.8 MB, 2.5 MB
     without. Returns the bytes left out."""
-    import base64
-    import hashlib
+    with tempfile.TemporaryDirectory() as tmp:
+        library = Path(tmp) / "library.so"
 
-    left_out, records = 0, {}
-    with zipfile.ZipFile(wheel) as source, zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as target, \
-            tempfile.TemporaryDirectory() as tmp:
-        infos = source.infolist()
-        for info in infos:
-            data = source.read(info)
-            if re.search(r"\.so(\.[0-9.]+)?$", info.filename):
-                library = Path(tmp) / "library.so"
-                library.write_bytes(data)
-                subprocess.run(["strip", "--strip-debug", str(library)], check=True)
-                stripped = library.read_bytes()
-                left_out += len(data) - len(stripped)
-                digest = base64.urlsafe_b64encode(hashlib.sha256(stripped).digest()).rstrip(b"=").decode()
-                records[info.filename] = f"{info.filename},sha256={digest},{len(stripped)}"
-                data = stripped
-            if not info.filename.endswith(".dist-info/RECORD"):
-                target.writestr(info, data, zipfile.ZIP_DEFLATED)
-        for info in infos:  # RECORD last, with the stripped libraries' hashes and sizes
-            if info.filename.endswith(".dist-info/RECORD"):
-                lines = source.read(info).decode().splitlines()
-                lines = [records.get(line.split(",", 1)[0], line) for line in lines]
-                target.writestr(info, "\n".join(lines) + "\n", zipfile.ZIP_DEFLATED)
-    return left_out
+        def stripped(name: str, data: bytes) -> bytes:
+            if not re.search(r"\.so(\.[0-9.]+)?$", name):
+                return data
+            library.write_bytes(data)
+            subprocess.run(["strip", "--strip-debug", str(library)], check=True)
+            return library.read_bytes()
+
+        return rewrite_wheel(wheel, out, zipfile.ZIP_DEFLATED, stripped)
 
 
 def check_horovod_wheel(folder: Path, python: str) -> Path:
