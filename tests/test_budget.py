@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 import yaml
 
+from baselines import train_baseline
 from tasks import synthetic
 from tasks.compression.search import (
     Budget, Trial, cubic_schedule, kept_widths, layer_ratios, search_fallback, search_ratio, search_sparsity,
@@ -282,35 +282,7 @@ def _sequences(prepared: Path) -> None:
 
 def _trained_baseline(root: Path, spec_raw: dict[str, Any], epochs: int = 6) -> Path:
     """A baseline of ``spec_raw`` trained in-process on ``root``'s prepared train split."""
-    from models.factory import build_model
-    from models.spec import ModelSpec
-    from tasks.core.model_files import save_state_dict_model
-    from tasks.core.paths import ProjectPaths
-    from tasks.data import load_preprocessing, load_split
-
-    paths = ProjectPaths(root)
-    preprocessing = load_preprocessing(paths.prepared)
-    shape, classes = tuple(preprocessing.input_shape), preprocessing.num_classes
-    train = load_split(paths.prepared, "train", preprocessing)
-    spec = ModelSpec.from_dict(spec_raw)
-    torch.manual_seed(0)
-    model = build_model(spec, shape, classes)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.005)
-    x, y = torch.from_numpy(train.x), torch.from_numpy(train.y)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for _ in range(epochs):
-            model.train()
-            for batch in torch.randperm(len(x)).split(32):
-                loss = F.cross_entropy(model(x[batch]), y[batch])
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-    finally:
-        torch.set_num_threads(threads)
-    save_state_dict_model(model.eval(), spec, shape, classes, paths.model,
-                          {"name": "baseline", "method": "baseline", "recipe": [], "parent": None})
+    train_baseline(root, spec_raw, epochs, lr=0.005)
     return root
 
 

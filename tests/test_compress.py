@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 import yaml
 
+from baselines import train_baseline
 from models.factory import build_model
 from models.spec import ModelSpec
 from tasks.compress import CompressError, compress_variants, main
@@ -26,7 +26,7 @@ from tasks.compression.recipes import RecipeError, check_recipes, selected_varia
 from tasks.core.config import ParamsError, validate_params
 from tasks.data import Preprocessing, load_split
 from tasks.compression.loading import load_model_dir
-from tasks.core.model_files import count_nonzeros, read_manifest, save_state_dict_model
+from tasks.core.model_files import count_nonzeros, read_manifest
 from tasks.core.paths import ProjectPaths
 
 # Small on purpose: these tests run on 2 CPU cores.
@@ -57,27 +57,7 @@ def _write_prepared(prepared: Path, seed: int = 0) -> None:
 
 def _train_baseline(root: Path, family: str, epochs: int = 4) -> None:
     """A small baseline trained in-process (the train stage's Horovod run is tested elsewhere)."""
-    paths = ProjectPaths(root)
-    train = load_split(paths.prepared, "train")
-    spec = ModelSpec.from_dict(SPECS[family])
-    torch.manual_seed(0)
-    model = build_model(spec, (1, 8, 8), 10)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
-    x, y = torch.from_numpy(train.x), torch.from_numpy(train.y)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny model: threads only add overhead (and contention)
-    try:
-        for _ in range(epochs):
-            model.train()
-            for batch in torch.randperm(len(x)).split(32):
-                loss = F.cross_entropy(model(x[batch]), y[batch])
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-    finally:
-        torch.set_num_threads(threads)
-    save_state_dict_model(model.eval(), spec, (1, 8, 8), 10, paths.model,
-                          {"name": "baseline", "method": "baseline", "recipe": [], "parent": None})
+    train_baseline(root, SPECS[family], epochs, lr=0.01)
 
 
 def _params(variants: list[dict[str, Any]], family: str = "cnn", **compress: Any) -> dict[str, Any]:
