@@ -172,7 +172,7 @@ def _up_to_date(paths: ProjectPaths, stages: list[str]) -> bool:
 
 @app.command()
 def run(
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a parameter: --set train.epochs=3 (repeatable); recorded in params.yaml.")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", "-S", help="Override a parameter: --set train.epochs=3 (repeatable; -S as in dvc exp run); recorded in params.yaml.")] = None,
     from_stage: Annotated[Optional[str], typer.Option("--from", help="First stage to run (a stage of dvc.yaml: prepare, train, compress, evaluate).")] = None,
     to_stage: Annotated[Optional[str], typer.Option("--to", help="Last stage to run.")] = None,
     force: Annotated[bool, typer.Option(help="Run the selected stages even if DVC says they are up to date.")] = False,
@@ -323,7 +323,7 @@ def serve(
     cron: Annotated[Optional[str], typer.Option(help='Cron schedule, e.g. "0 3 * * *".')] = None,
     interval: Annotated[Optional[int], typer.Option(help="Run every N seconds instead of a cron schedule.")] = None,
     name: Annotated[str, typer.Option(help="Deployment name.")] = "scheduled",
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Default parameter overrides for scheduled runs.")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", "-S", help="Default parameter overrides for scheduled runs.")] = None,
     from_stage: Annotated[Optional[str], typer.Option("--from", help="First stage of each scheduled run.")] = None,
     to_stage: Annotated[Optional[str], typer.Option("--to", help="Last stage of each scheduled run.")] = None,
 ) -> None:
@@ -490,7 +490,7 @@ def report() -> None:
 @app.command()
 def params(
     schema: Annotated[bool, typer.Option("--schema", help="Print the JSON schema of params.yaml.")] = False,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Show the result of these overrides.")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", "-S", help="Show the result of these overrides.")] = None,
 ) -> None:
     """Validate params.yaml (with overrides) and print the effective values, or the schema."""
     if schema:

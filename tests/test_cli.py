@@ -33,6 +33,11 @@ def test_params_shows_the_effective_values_with_overrides(project: Path) -> None
     done = slimflow(project, "params", "--set", "train.epochs=3")
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["train"]["epochs"] == 3
+    # -S, as `dvc exp run -S` spells it, repeatable and mixed with --set.
+    done = slimflow(project, "params", "-S", "train.epochs=4", "--set", "train.batch_size=16")
+    assert done.returncode == 0, done.stderr
+    train = json.loads(done.stdout)["train"]
+    assert (train["epochs"], train["batch_size"]) == (4, 16)
 
 
 @pytest.mark.parametrize(
