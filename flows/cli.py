@@ -475,13 +475,15 @@ def _prefect_states(flow_run_ids: list[str | None]) -> dict[str, str]:
 @app.command()
 def report() -> None:
     """The comparison table of the latest evaluated run (metrics/evaluate.json)."""
-    from flows.report import comparison_rows
+    from flows.report import comparison_rows, gate_failures
 
     paths = ProjectPaths.discover()
     rows = comparison_rows(paths)
     if not rows:
         _fail(f"no evaluation found at {paths.metrics / 'evaluate.json'}; run `slimflow run` first", code=1)
     console.print(comparison_table(rows))
+    for name, reason in gate_failures(paths).items():
+        console.print(f"{name} {reason}", markup=False, highlight=False)
     report_file = paths.evaluation / "report.md"
     if report_file.exists():
         console.print(f"full report: {report_file}")

@@ -77,6 +77,18 @@ def comparison_rows(paths: ProjectPaths) -> list[dict[str, Any]]:
     return rows
 
 
+def gate_failures(paths: ProjectPaths) -> dict[str, str]:
+    """Why each model the gate failed fails it (``artifacts/evaluation/result.json``'s ``gate``,
+    the stage's own words), for the lines under a table whose gate column says "fail"."""
+    try:
+        reasons = json.loads((paths.evaluation / "result.json").read_text()).get("gate")
+    except (OSError, ValueError, AttributeError):
+        return {}
+    if not isinstance(reasons, dict):
+        return {}
+    return {name: str(reason) for name, reason in reasons.items() if str(reason).startswith("fails")}
+
+
 def comparison_table(rows: list[dict[str, Any]], title: str = "baseline vs. compressed variants") -> Any:
     from tasks.core.tables import results_table
 

@@ -101,6 +101,20 @@ def test_report_draws_the_comparison_from_the_dvc_metrics(tmp_path: Path) -> Non
     line = next(line for line in done.stdout.splitlines() if "int8-dynamic" in line)
     for cell in ("97.98", "+0.90", "19.5", "4.00", "2.00", "champion"):
         assert cell in line, line
+    assert "fails the gate" not in done.stdout  # the stage's decision not written: no reasons to show
+
+    # A model the gate failed: the table says "fail", the line under it why (the stage's words).
+    metrics = json.loads((root / "metrics" / "evaluate.json").read_text())
+    metrics["pruned"] = {"accuracy": 0.9798, "size_bytes": 9_000, "latency_p50_ms": 0.2, "passed_gate": 0, "champion": 0}
+    (root / "metrics" / "evaluate.json").write_text(json.dumps(metrics))
+    why = "fails the gate: class '9' recall drop 0.1556 (93.3% -> 77.8%, 7 of its 45 samples) > max_class_recall_drop 0.1000"
+    (root / "artifacts" / "evaluation").mkdir(parents=True)
+    (root / "artifacts" / "evaluation" / "result.json").write_text(json.dumps({"champion": "int8-dynamic", "gate": {
+        "baseline": "passes the gate; not the smallest (80000 B)", "int8-dynamic": "champion: ...", "pruned": why}}))
+    done = slimflow(root, "report")
+    assert done.returncode == 0, done.stderr
+    assert "fail" in next(line for line in done.stdout.splitlines() if line.startswith("│ pruned"))
+    assert [line for line in done.stdout.splitlines() if "gate:" in line or "passes" in line] == [f"pruned {why}"]
 
 
 def test_the_raw_data_is_checked_only_when_the_prepare_stage_is_to_run(tmp_path: Path) -> None:

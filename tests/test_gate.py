@@ -153,6 +153,33 @@ def test_a_model_that_forgets_a_small_class_fails_the_gate_its_accuracy_passes()
                            per_class=IMBALANCED_CLASSES)[0] == "qat"
 
 
+def test_the_stage_log_says_why_each_failing_model_fails(caplog: pytest.LogCaptureFixture) -> None:
+    """The closing table only says "fail": the stage's log gives the gate's reason beside the winner."""
+    import logging
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from tasks.evaluation.gate import apply_gate
+    from tasks.evaluation.results import Evaluation, ModelResult
+
+    metrics = {**IMBALANCED, "small": _m(0.969, 20_000, 0.5)}
+    per_class = {**IMBALANCED_CLASSES, "small": IMBALANCED_CLASSES["baseline"]}
+    evaluation = Evaluation(
+        models={name: ModelResult(name, Path(name), {}, dict(values), np.zeros(1), np.zeros((2, 2)),
+                                  per_class=per_class[name]) for name, values in metrics.items()},
+        class_names=("ok", "fraud"), y_true=np.zeros(1), settings={})
+    with caplog.at_level(logging.INFO, logger="slimflow.evaluate"):
+        apply_gate(evaluation, SimpleNamespace(gate=gate(), objective="smallest"))
+    assert evaluation.champion == "small"
+    lines = [r.getMessage() for r in caplog.records]
+    assert "gate: small wins (objective smallest)" in lines
+    assert ("gate: qat fails the gate: class 'fraud' recall drop 0.2000 (44.4% -> 24.4%, 9 of its 45 samples) > "
+            "max_class_recall_drop 0.1000") in lines
+    assert not any(line.startswith(("gate: baseline", "gate: small passes")) for line in lines)  # passing: no line
+
+
 def test_the_class_limit_names_the_worst_class_and_ignores_one_samples_flip() -> None:
     metrics = {"baseline": _m(0.95, 100, 1.0), "small": _m(0.95, 10, 1.0)}
     classes = {

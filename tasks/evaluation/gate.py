@@ -138,6 +138,9 @@ def apply_gate(evaluation: Evaluation, params: EvaluateParams) -> None:
         result.metrics["champion"] = 1.0 if name == champion else 0.0
     if champion:
         log.info("gate: %s wins (objective %s)", champion, params.objective)
+        for name, reason in reasons.items():  # the closing table says "fail"; here is why
+            if reason.startswith("fails"):
+                log.info("gate: %s %s", name, reason)
     else:
         log.warning("gate: no model passes (%s)", "; ".join(f"{k}: {v}" for k, v in reasons.items()))
 
