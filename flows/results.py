@@ -324,6 +324,10 @@ def runs_markdown(outcome: PipelineResult, decision: dict[str, Any], run_id: str
                       f" (`models:/{decision['registered_model']}@champion`).", ""]
         if decision.get("decision"):
             lines += [f"Gate: {decision['decision']}.", ""]
+        failed = {name: reason for name, reason in (decision.get("gate") or {}).items()
+                  if str(reason).startswith("fails")}
+        if failed:  # the comparison's gate column says "fail"; here is why
+            lines += [f"- **{name}** {reason}" for name, reason in failed.items()] + [""]
     else:
         lines += ["No evaluation in this run (the evaluate stage was not selected).", ""]
     lines += ["## MLflow runs", ""]

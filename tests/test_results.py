@@ -81,5 +81,12 @@ def test_the_runs_artifact_links_every_run(monkeypatch) -> None:
     assert "| model int8 (champion) | [run-i]" in text
     assert "[slimflow-digits version 3](http://127.0.0.1:5000/#/models/slimflow-digits/versions/3)" in text
     assert "(http://127.0.0.1:5000/#/compare-runs?runs=[%22run-b%22,%22run-i%22]&experiments=[%227%22]" in text
+    assert "fails the gate" not in text
+    # A model the gate failed: the comparison artifact says "fail", this one why.
+    why = "fails the gate: accuracy drop 0.0300 > max_accuracy_drop 0.0100"
+    failed = {**DECISION, "gate": {"baseline": "passes the gate; not the smallest (80000 B)", "pruned": why}}
+    text = runs_markdown(PipelineResult(rows=ROWS, champion="int8"), failed, "run-p", _Links("sqlite:///mlflow.db", "7"),
+                         stages)
+    assert f"- **pruned** {why}\n" in text and "passes the gate; not" not in text
     server = runs_markdown(PipelineResult(), {}, "run-p", _Links("http://mlflow:5000/", "7"), [])
     assert "http://mlflow:5000/#/experiments/7/runs/run-p" in server and "make ui" not in server
