@@ -71,12 +71,20 @@ def dvc_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         report_stage_error("refuse", "params.yaml: refuse.x: must be positive")
         sys.exit(2)
     """))
+    (root / "scripts").mkdir()
+    (root / "scripts" / "curves.py").write_text(textwrap.dedent("""
+        from pathlib import Path
+        from tasks.compression.variants import _write_curves
+        _write_curves(Path("plots/sensitivity"), {})  # no structured search: the default recipes
+        _write_curves(Path("plots/search"), {"pruned-l1-auto": [{"setting": 0.5, "val_accuracy": 0.9}]})
+    """))
     pythonpath = f"{root}{os.pathsep}{REPO}"
     (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
         "record": {"cmd": f"PYTHONPATH={pythonpath} python -m tasks.record", "deps": ["tasks/record.py"], "outs": ["out.json"]},
         "refuse": {"cmd": f"PYTHONPATH={pythonpath} python -m tasks.refuse", "deps": ["tasks/refuse.py"]},
-        "plot": {"cmd": "mkdir -p plots/curves other && : > plots/empty.json", "deps": ["tasks/record.py"],
-                 "outs": ["other"], "plots": ["plots/curves", "plots/empty.json"]},
+        # The compress stage's plot folders, written by its own code: one without curves, one with.
+        "plot": {"cmd": f"PYTHONPATH={REPO} python scripts/curves.py", "deps": ["scripts/curves.py"],
+                 "plots": ["plots/sensitivity", "plots/search"]},
         # Each time its command runs it says so in commands.log (not an output).
         "tally": {"cmd": "cat setting.txt > tallied.txt && echo ran >> commands.log", "deps": ["setting.txt"],
                   "outs": ["tallied.txt"]},
@@ -127,20 +135,28 @@ def test_a_failing_stage_raises_its_own_message_and_exit_code(dvc_project: Path)
 
 
 @pytest.mark.integration
-def test_an_empty_plot_folder_is_not_warned_about_other_empty_outputs_are(
+def test_a_plot_folder_without_curves_holds_an_empty_series_and_dvc_does_not_warn(
     dvc_project: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A plot folder of one file per trained or searched variant is empty when no variant
-    trains or searches (the default pipeline's plots/sensitivity): DVC's warning for it came
-    twice in every run. An empty output folder elsewhere and an empty plot file still warn."""
+    """A plot folder of one file per trained or searched variant has no file when no variant
+    trains or searches (the default recipes' plots/sensitivity). Empty, it made DVC warn
+    "'plots/sensitivity' is empty." on every plain `dvc repro`; it holds none.json, an empty
+    series, instead. A folder with curves holds exactly them."""
     dvc_log = logging.getLogger("dvc")  # DVC's records stop at its own logger (printed once)
     dvc_log.addHandler(caplog.handler)
     try:
         assert dvc_bridge.reproduce_stage(dvc_project, "plot") is dvc_bridge.Reproduced.RAN
     finally:
         dvc_log.removeHandler(caplog.handler)
-    empty = sorted(record.getMessage() for record in caplog.records if record.getMessage().endswith("is empty."))
-    assert empty == ["'other' is empty.", "'plots/empty.json' is empty."], empty
+    assert [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING] == []
+    assert [p.name for p in (dvc_project / "plots" / "sensitivity").iterdir()] == ["none.json"]
+    assert json.loads((dvc_project / "plots" / "sensitivity" / "none.json").read_text()) == []
+    assert [p.name for p in (dvc_project / "plots" / "search").iterdir()] == ["pruned-l1-auto.json"]
+    # `dvc plots show` takes the empty series without a word.
+    shown = subprocess.run([str(Path(sys.executable).parent / "dvc"), "plots", "show", "--json"], cwd=dvc_project,
+                           capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0 and "WARNING" not in shown.stderr + shown.stdout, shown.stderr
+    assert json.loads(shown.stdout)["data"]["plots/sensitivity/none.json"] == []
 
 
 @pytest.mark.integration

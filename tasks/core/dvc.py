@@ -130,30 +130,13 @@ def restore_dvc_lock(root: Path, only_if_broken: bool = False) -> bool:
     return restore
 
 
-class _EmptyPlotFolders(logging.Filter):
-    """Drops DVC's "'plots/X' is empty." for a plot *folder*: one file per variant that
-    trains or searches, so a pipeline without such variants (the default has no structured
-    search) leaves it empty on purpose (dvc.yaml says so); the warning came twice in every
-    run. An empty output elsewhere, or an empty file, is still reported."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.msg != "'%s' is empty." or not isinstance(record.args, tuple) or not record.args:
-            return True
-        output = record.args[0]  # DVC's Output: its path as dvc.yaml declares it, and on disk
-        declared, on_disk = str(getattr(output, "def_path", "")), getattr(output, "fs_path", None)
-        return not (declared.startswith("plots/") and on_disk is not None and Path(on_disk).is_dir())
-
-
 def _dvc_messages_once() -> None:
     """DVC's messages ("Running stage 'train':", "Updating lock file 'dvc.lock'", its
     warnings) printed once, by the handlers DVC gives its own logger on import, as ``dvc
     repro`` prints them. Passed on to the root logger as well, they came a second time in a
-    flow run, from Prefect's console handler there. Empty plot folders are not warned about."""
+    flow run, from Prefect's console handler there."""
     dvc_log = logging.getLogger("dvc")
     dvc_log.propagate = not dvc_log.handlers  # without handlers of its own, the root's print them
-    outputs_log = logging.getLogger("dvc.output")
-    if not any(isinstance(known, _EmptyPlotFolders) for known in outputs_log.filters):
-        outputs_log.addFilter(_EmptyPlotFolders())
 
 
 class Reproduced(StrEnum):
