@@ -143,18 +143,18 @@ def compress_variants(
 # The one file of a plot folder no variant has a curve for (the default recipes have no
 # structured search): an empty series. DVC warns "'plots/X' is empty." about an empty output
 # folder on every `dvc repro`, as if something had gone wrong.
-NO_CURVES = "none.json"
+NO_CURVES = "none"  # plots/<folder>/none.json
 
 
 def _write_curves(folder: Path, curves: dict[str, list[dict[str, Any]]]) -> None:
     """One DVC plot file per variant (a training's steps, a search's trials, a structured
     search's per-layer drops); the folder holds exactly this run's curves, or only
-    :data:`NO_CURVES` when there are none."""
+    ``none.json`` (:data:`NO_CURVES`, an empty series) when there are none."""
     import json
 
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
-    for name, rows in (curves or {NO_CURVES.removesuffix(".json"): []}).items():
+    for name, rows in (curves or {NO_CURVES: []}).items():
         (folder / f"{name}.json").write_text(json.dumps(rows, indent=2, sort_keys=True) + "\n")
 
 
