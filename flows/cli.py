@@ -482,8 +482,9 @@ def report() -> None:
     if not rows:
         _fail(f"no evaluation found at {paths.metrics / 'evaluate.json'}; run `slimflow run` first", code=1)
     console.print(comparison_table(rows))
-    for name, reason in gate_failures(paths).items():
-        console.print(f"{name} {reason}", markup=False, highlight=False)
+    with contextlib.suppress(OSError, ValueError):  # no decision written: the table alone
+        for name, reason in gate_failures(json.loads((paths.evaluation / "result.json").read_text())).items():
+            console.print(f"{name} {reason}", markup=False, highlight=False)
     report_file = paths.evaluation / "report.md"
     if report_file.exists():
         console.print(f"full report: {report_file}")

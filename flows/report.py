@@ -77,13 +77,11 @@ def comparison_rows(paths: ProjectPaths) -> list[dict[str, Any]]:
     return rows
 
 
-def gate_failures(paths: ProjectPaths) -> dict[str, str]:
-    """Why each model the gate failed fails it (``artifacts/evaluation/result.json``'s ``gate``,
-    the stage's own words), for the lines under a table whose gate column says "fail"."""
-    try:
-        reasons = json.loads((paths.evaluation / "result.json").read_text()).get("gate")
-    except (OSError, ValueError, AttributeError):
-        return {}
+def gate_failures(decision: Any) -> dict[str, str]:
+    """Why each model the gate failed fails it, from the evaluate stage's decision
+    (``artifacts/evaluation/result.json``: its ``gate`` holds every model's reason in the
+    stage's own words), for the lines under a table whose gate column says "fail"."""
+    reasons = decision.get("gate") if isinstance(decision, dict) else None
     if not isinstance(reasons, dict):
         return {}
     return {name: str(reason) for name, reason in reasons.items() if str(reason).startswith("fails")}

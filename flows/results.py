@@ -21,7 +21,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from flows.report import COMPARISON_COLUMNS, comparison_rows
+from flows.report import COMPARISON_COLUMNS, comparison_rows, gate_failures
 from tasks.core import metric_names as names
 from tasks.core.config import Params
 from tasks.core.dvc import Reproduced
@@ -324,9 +324,7 @@ def runs_markdown(outcome: PipelineResult, decision: dict[str, Any], run_id: str
                       f" (`models:/{decision['registered_model']}@champion`).", ""]
         if decision.get("decision"):
             lines += [f"Gate: {decision['decision']}.", ""]
-        failed = {name: reason for name, reason in (decision.get("gate") or {}).items()
-                  if str(reason).startswith("fails")}
-        if failed:  # the comparison's gate column says "fail"; here is why
+        if failed := gate_failures(decision):  # the comparison's gate column says "fail"; here is why
             lines += [f"- **{name}** {reason}" for name, reason in failed.items()] + [""]
     else:
         lines += ["No evaluation in this run (the evaluate stage was not selected).", ""]
