@@ -9,6 +9,7 @@ trained in-process, each trial fine-tuned on 2 Horovod workers.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 from pathlib import Path
@@ -359,11 +360,19 @@ def test_searched_sparsity_ends_within_budget_and_shows_its_work(
     assert len(rows) == search["trials"]
     for key in ("setting", "val_accuracy", "size_bytes", "nonzeros", "seconds", "within_budget"):
         assert key in rows[0], key
+    # each trial's drop comes with its noise on this validation split (paired with the baseline)
+    for row in rows:
+        assert row["noise_points"] >= 0 and 0 <= row["disagreements"] <= len(val.y), row
+    chosen = next(r for r in rows if r["setting"] == search["chosen"])
+    assert search["noise_points"] == pytest.approx(chosen["noise_points"], abs=1e-4)
+    assert search["disagreements"] == chosen["disagreements"]
     client = MlflowClient(mlflow_uri)
     experiment = client.get_experiment_by_name("test-budget")
     (run,) = [r for r in client.search_runs([experiment.experiment_id]) if r.info.run_name == "pruned-l1-auto"]
     history = client.get_metric_history(run.info.run_id, "search/val_accuracy")
     assert [m.step for m in history] == [r["number"] for r in rows]
+    noise = client.get_metric_history(run.info.run_id, "search/accuracy_drop_noise_pts")
+    assert [m.value for m in noise] == pytest.approx([r["noise_points"] for r in rows])
     assert {a.path for a in client.list_artifacts(run.info.run_id, "search")} >= {"search/trials.json"}
     assert run.data.tags["search"].startswith("sparsity=")
 
@@ -544,16 +553,17 @@ def test_a_trial_that_loses_a_class_is_over_budget_though_its_accuracy_fits() ->
     def logits(predicted: np.ndarray) -> np.ndarray:
         return np.eye(2)[predicted]
 
-    accuracy, drop, fits, problem = budget.judge(logits(forgets), labels)
+    judged = budget.judge(logits(forgets), labels)
+    accuracy, drop, fits, problem = judged.accuracy, judged.drop_points, judged.fits, judged.class_problem
     assert accuracy == pytest.approx(0.95) and drop == pytest.approx(1.0) and budget.fits(accuracy)
     assert not fits and problem.startswith("class 'rare' recall drop 0.3000 (80.0% -> 50.0%, 3 of its 10 samples)")
     one_fewer = forgets.copy()
     one_fewer[95:97] = 1  # 7 of 10: one sample fewer than the baseline (10 points) is noise, even at 5
     strict = Budget(1.0, 4, 10, 0.96, 0.05, budget.baseline_classes)
-    assert strict.judge(logits(one_fewer), labels)[2:] == (True, None)
-    assert strict.judge(logits(forgets), labels)[2] is False
+    assert strict.judge(logits(one_fewer), labels)[2:4] == (True, None)
+    assert strict.judge(logits(forgets), labels).fits is False
     no_limit = Budget(1.0, 4, 10, 0.96, None, budget.baseline_classes)
-    assert no_limit.judge(logits(forgets), labels)[2:] == (True, None)
+    assert no_limit.judge(logits(forgets), labels)[2:4] == (True, None)
 
 
 def test_the_search_budget_takes_the_gates_class_limit_unless_it_has_its_own() -> None:
@@ -600,3 +610,52 @@ def test_a_search_that_fits_nothing_says_what_the_least_bad_is_over() -> None:
     assert outcome.message.startswith(
         f"no trial fits the budget of 1 points: kept the least-bad, ratio {outcome.best.setting:g}, "
         "0.50 points below the baseline, over budget: class '5' recall drop 0.2308")
+    assert outcome.log_level == logging.WARNING
+
+
+def _predictions(labels: np.ndarray, wrong: list[int]) -> np.ndarray:
+    """``labels`` with the samples at ``wrong`` answered by the next class (of 2)."""
+    predicted = labels.copy()
+    predicted[wrong] = 1 - predicted[wrong]
+    return predicted
+
+
+def test_a_drops_noise_is_the_paired_standard_error_of_the_samples_the_two_models_disagree_on() -> None:
+    """100 validation samples; the baseline gets 90 right; a trial loses 6 of them and gains 2
+    it missed: a 4-point drop that rests on 8 samples, measured to sqrt((8 - 4**2/100) / 99 / 100)."""
+    labels = np.array([0, 1] * 50)
+    baseline = _predictions(labels, list(range(10)))  # wrong on samples 0-9
+    trial = _predictions(labels, list(range(2, 10)) + list(range(10, 16)))  # right on 0-1, wrong on 10-15 too
+    budget = Budget(1.0, 4, 10, 0.90, baseline_predictions=baseline)
+    judged = budget.judge(np.eye(2)[trial], labels)
+    assert judged.drop_points == pytest.approx(4.0) and judged.disagreements == 8
+    assert judged.noise_points == pytest.approx(100 * math.sqrt((8 - 4**2 / 100) / 99 / 100))
+    same = budget.judge(np.eye(2)[baseline], labels)
+    assert (same.drop_points, same.noise_points, same.disagreements) == (0.0, 0.0, 0)
+    assert Budget(1.0, 4, 10, 0.90).judge(np.eye(2)[trial], labels)[4:] == (None, None)  # no baseline predictions
+
+
+@pytest.mark.parametrize("samples, says_so", [(50, True), (5000, False)])
+def test_a_search_within_budget_on_a_split_too_small_to_measure_it_says_so(samples: int, says_so: bool) -> None:
+    """The same trial (right where the baseline is wrong on 3 samples, wrong where it is right on
+    3: no drop) on 50 validation samples is within a 1-point budget only as far as a 4.9-point
+    standard error can tell, and the search says so; on 5,000 samples (0.05 points) it does not."""
+    labels = np.array([0, 1] * (samples // 2))
+    baseline = _predictions(labels, [0, 1, 2])
+    trial = _predictions(labels, [3, 4, 5])
+    budget = Budget(1.0, max_trials=3, max_minutes=10, baseline_accuracy=float((baseline == labels).mean()),
+                    baseline_predictions=baseline)
+
+    def run(width: float, number: int) -> Trial:
+        return Trial.judged(number, width, budget.judge(np.eye(2)[trial], labels), size_bytes=10, nonzeros=10,
+                            sparsity=0.0, seconds=0.1)
+
+    outcome = search_width([0.25, 0.5], run, budget)
+    assert outcome.within_budget and outcome.best.setting == 0.25 and outcome.best.disagreements == 6
+    assert outcome.message.startswith("student_width 0.25: 0.00 points below the baseline, within the budget of 1 ")
+    warned = f"{samples} validation samples measure that drop only to ±" in outcome.message
+    assert warned is says_so, outcome.message
+    assert outcome.log_level == (logging.WARNING if says_so else logging.INFO)  # how the compress stage logs it
+    if says_so:
+        assert f"±{outcome.best.noise_points:.2f} points" in outcome.message and "prepare.val_fraction" in outcome.message
+        assert outcome.best.noise_points == pytest.approx(100 * math.sqrt(6 / (samples - 1) / samples))

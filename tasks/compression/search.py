@@ -7,7 +7,9 @@ runs, so a search never returns nothing). Its answer is the most compressed tria
 ``max_accuracy_drop`` points of the baseline's validation accuracy, with no class's
 validation recall down more than ``max_class_recall_drop`` (default: the gate's, so that
 the search aims at what the gate accepts; :mod:`tasks.core.classification`), or, when none
-is, the least-bad trial with a message saying so (the gate then decides).
+is, the least-bad trial with a message saying so (the gate then decides). Each trial's drop
+carries its noise on the validation split (:meth:`Budget.drop_noise`); a chosen trial whose
+noise exceeds the budget is kept with a warning that the split cannot tell.
 
 The search itself is pure (a function that runs one trial is passed in), so its rules are
 tested on their own; :mod:`tasks.compression.build` runs the trials on the Horovod loop.
@@ -19,7 +21,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -45,10 +47,13 @@ class Budget:
     # per class, with the split's support, that it is measured against.
     max_class_recall_drop: float | None = None
     baseline_classes: dict[str, dict[str, float]] = field(default_factory=dict)
+    # The baseline's class for each validation sample: what a trial's drop is measured
+    # against sample by sample, for its noise (None: the drop's noise is not measured).
+    baseline_predictions: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def of(cls, params: Params, baseline_accuracy: float, baseline_classes: dict[str, dict[str, float]] | None = None,
-           ) -> Budget:
+           baseline_predictions: np.ndarray | None = None) -> Budget:
         budget = params.compress.budget
         drop = budget.max_accuracy_drop
         if drop is None:  # the gate's own allowance, in points
@@ -57,7 +62,7 @@ class Budget:
         if class_drop is None:  # the gate's own class limit (itself None: not applied)
             class_drop = params.evaluate.gate.max_class_recall_drop
         return cls(float(drop), budget.max_trials, budget.max_minutes, baseline_accuracy, class_drop,
-                   dict(baseline_classes or {}))
+                   dict(baseline_classes or {}), baseline_predictions)
 
     def drop_points(self, accuracy: float) -> float:
         return 100.0 * (self.baseline_accuracy - accuracy)
@@ -65,15 +70,44 @@ class Budget:
     def fits(self, accuracy: float) -> bool:
         return self.drop_points(accuracy) <= self.max_drop_points + 1e-9
 
-    def judge(self, logits: np.ndarray, labels: np.ndarray) -> tuple[float, float, bool, str | None]:
-        """A trial's validation accuracy, its drop in points, whether it fits the budget, and
-        the class it lost too much of (None: none) - from its logits on the validation split."""
-        quality, per_class, _ = classification_metrics(labels, np.asarray(logits).argmax(1),
-                                                       list(self.baseline_classes))
+    def judge(self, logits: np.ndarray, labels: np.ndarray) -> Judgement:
+        """A trial's validation accuracy, its drop in points, whether it fits the budget, the
+        class it lost too much of (None: none) and the drop's noise - from its logits on the
+        validation split."""
+        predictions = np.asarray(logits).argmax(1)
+        quality, per_class, _ = classification_metrics(labels, predictions, list(self.baseline_classes))
         accuracy, problem = quality["accuracy"], None
         if self.max_class_recall_drop is not None and self.baseline_classes:
             problem = class_recall_problem(per_class, self.baseline_classes, self.max_class_recall_drop)
-        return accuracy, self.drop_points(accuracy), self.fits(accuracy) and problem is None, problem
+        return Judgement(accuracy, self.drop_points(accuracy), self.fits(accuracy) and problem is None, problem,
+                         *self.drop_noise(predictions, labels))
+
+    def drop_noise(self, predictions: np.ndarray, labels: np.ndarray) -> tuple[float | None, int | None]:
+        """One standard error of a measured drop, in points, and the samples it rests on.
+
+        The trial and the baseline are scored on the same samples, so only those one of them
+        gets right and the other wrong move the drop (a paired comparison, as McNemar's test
+        reads it): with ``d_i`` = +1 where only the baseline is right, -1 where only the trial
+        is, 0 elsewhere, the drop is their mean and its standard error ``sd(d) / sqrt(n)``.
+        A small validation split measures a drop no finer than that: a trial within budget by
+        less than it may not be on the test split. (None, None) without the baseline's predictions.
+        """
+        if self.baseline_predictions is None or len(labels) < 2:
+            return None, None
+        labels = np.asarray(labels)
+        paired = (self.baseline_predictions == labels).astype(float) - (np.asarray(predictions) == labels)
+        return 100.0 * float(paired.std(ddof=1) / np.sqrt(len(labels))), int(np.count_nonzero(paired))
+
+
+class Judgement(NamedTuple):
+    """What :meth:`Budget.judge` found of one trial on the validation split."""
+
+    accuracy: float
+    drop_points: float
+    fits: bool
+    class_problem: str | None
+    noise_points: float | None  # one standard error of ``drop_points`` (None: not measured)
+    disagreements: int | None  # validation samples exactly one of the trial and the baseline gets right
 
 
 @dataclass
@@ -92,9 +126,24 @@ class Trial:
     warm_start: float | None = None  # the setting of the trial it started from (None: the parent)
     model: Any = field(default=None, repr=False)  # what the trial made (not recorded)
     class_problem: str | None = None  # the class it lost too much of (over budget on that, not accuracy)
+    noise_points: float | None = None  # one standard error of drop_points (Budget.drop_noise; None: not measured)
+    disagreements: int | None = None  # the validation samples that standard error rests on
+
+    @classmethod
+    def judged(cls, number: int, setting: float, judgement: Judgement, *, size_bytes: int, nonzeros: int,
+               sparsity: float, seconds: float, warm_start: float | None = None, model: Any = None) -> Trial:
+        """A trial from what :meth:`Budget.judge` found of it and what it made."""
+        return cls(number, setting, judgement.accuracy, judgement.drop_points, judgement.fits, size_bytes, nonzeros,
+                   sparsity, seconds, warm_start, model, judgement.class_problem, judgement.noise_points,
+                   judgement.disagreements)
 
     def row(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if k != "model"}
+
+    def change_text(self) -> str:
+        """Its change against the baseline, with its noise where measured: ``-1.04 ± 0.74 pt``."""
+        noise = "" if self.noise_points is None else f" ± {self.noise_points:.2f}"
+        return f"{round(-self.drop_points, 2) + 0.0:+.2f}{noise} pt"  # + 0.0: no "-0.00"
 
 
 @dataclass
@@ -110,6 +159,13 @@ class Outcome:
     budget: Budget
     message: str
 
+    @property
+    def log_level(self) -> int:
+        """How its message is logged: a warning where nothing fit the budget, or where the
+        validation split measures the chosen trial's drop more coarsely than the budget."""
+        return logging.INFO if self.within_budget and _coarser_than_the_budget(self.best, self.budget) is None \
+            else logging.WARNING
+
     def record(self) -> dict[str, Any]:
         """What the variant's manifest keeps (``search``)."""
         return {
@@ -117,6 +173,8 @@ class Outcome:
             "val_accuracy": self.best.val_accuracy, "drop_points": round(self.best.drop_points, 4),
             "within_budget": self.within_budget, "message": self.message, "trials": len(self.trials),
             "stopped_by": self.stopped_by, "seconds": round(self.seconds, 2),
+            "noise_points": None if self.best.noise_points is None else round(self.best.noise_points, 4),
+            "disagreements": self.best.disagreements,
             "budget": {"max_accuracy_drop": self.budget.max_drop_points, "max_trials": self.budget.max_trials,
                        "max_minutes": self.budget.max_minutes, "baseline_val_accuracy": self.budget.baseline_accuracy,
                        "max_class_recall_drop": self.budget.max_class_recall_drop},
@@ -201,8 +259,8 @@ def _bisect(
             break
         trial = run_trial(target, passing, len(trials) + 1)
         trials.append(trial)
-        log.info("search trial %d: %s %.2f -> val accuracy %.4f (%+.2f pt, %s), %.1fs",
-                 trial.number, knob, target, trial.val_accuracy, -trial.drop_points, _verdict(trial, budget),
+        log.info("search trial %d: %s %.2f -> val accuracy %.4f (%s, %s), %.1fs",
+                 trial.number, knob, target, trial.val_accuracy, trial.change_text(), _verdict(trial, budget),
                  trial.seconds)
         if trial.within_budget:
             low, passing = target, trial
@@ -314,8 +372,8 @@ def _first_that_fits(
             break
         trial = run_trial(setting, len(trials) + 1)
         trials.append(trial)
-        log.info("search trial %d: %s %g -> val accuracy %.4f (%+.2f pt, %s)", trial.number, knob, trial.setting,
-                 trial.val_accuracy, -trial.drop_points, _verdict(trial, budget))
+        log.info("search trial %d: %s %g -> val accuracy %.4f (%s, %s)", trial.number, knob, trial.setting,
+                 trial.val_accuracy, trial.change_text(), _verdict(trial, budget))
         if trial.within_budget:
             break
     return _outcome(knob, trials, budget, stopped_by, bounds.elapsed(),
@@ -331,14 +389,27 @@ def _outcome(
         best = max(within, key=lambda t: (key(t), t.val_accuracy))
         message = (f"{knob} {best.setting:g}: {_versus_baseline(best.drop_points)}, within the budget "
                    f"of {budget.max_drop_points:g} ({len(trials)} trials, stopped: {stopped_by})")
+        message += _coarser_than_the_budget(best, budget) or ""
     else:
         best = max(trials, key=lambda t: (t.val_accuracy, key(t)))
         # Its verdict says on what it is over: a trial inside the accuracy budget lost a class.
         message = (f"no trial fits the budget of {budget.max_drop_points:g} points: kept the least-bad, {knob} "
                    f"{best.setting:g}, {_versus_baseline(best.drop_points)}, {_verdict(best, budget)} "
                    f"({len(trials)} trials, stopped: {stopped_by})")
-        log.warning("%s", message)
     return Outcome(knob, best, trials, bool(within), stopped_by, seconds, budget, message)
+
+
+def _coarser_than_the_budget(best: Trial, budget: Budget) -> str | None:
+    """What to add to a search's message where the validation split measures the chosen
+    trial's drop more coarsely than the budget allows (None where it does not): the test
+    split, where the gate judges, may then find it over."""
+    if best.noise_points is None or best.noise_points <= budget.max_drop_points or budget.baseline_predictions is None:
+        return None
+    samples = len(budget.baseline_predictions)
+    return (f"; but {samples} validation samples measure that drop only to ±{best.noise_points:.2f} points "
+            f"(one standard error: the two models disagree on {best.disagreements} of them), coarser than the "
+            f"budget: the gate may find it over on the test split (more validation data narrows it: "
+            f"prepare.val_fraction)")
 
 
 def _verdict(trial: Trial, budget: Budget) -> str:

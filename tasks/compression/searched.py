@@ -51,13 +51,13 @@ def prune_searched(
                             masks=pruning.zero_masks(origin.module), prune_schedule=schedule)
         trained_by_trial[number] = (trial_step, trained)
         model = origin.changed(load_eager_model(trained.folder), sparse=True)
-        val_accuracy, drop, fits, problem = budget.judge(torch_predictor(model.module)(work.data.x_val), work.data.y_val)
+        judged = budget.judge(torch_predictor(model.module)(work.data.x_val), work.data.y_val)
         _, nonzeros = parameters_and_nonzeros(model.module)
         size = len(formats.gzip.compress(formats.torch_bytes(model.module.state_dict()), compresslevel=9, mtime=0))
-        return search.Trial(
-            number, target, val_accuracy, drop, fits, size,
-            nonzeros, round(weight_sparsity(model.module), 6), time.perf_counter() - started,
-            warm.setting if warm is not None else None, model, problem,
+        return search.Trial.judged(
+            number, target, judged, size_bytes=size, nonzeros=nonzeros,
+            sparsity=round(weight_sparsity(model.module), 6), seconds=time.perf_counter() - started,
+            warm_start=warm.setting if warm is not None else None, model=model,
         )
 
     outcome = search.search_sparsity(run_trial, budget)
@@ -122,12 +122,12 @@ def prune_structured_searched(
         trained = fine_tune(pruned, trial_step, epochs=step.fine_tune_epochs, lr=work.fine_tune_lr(step), masks=masks)
         trained_by_trial[number], ratios_by_trial[number] = trained, ratios
         model = pruned.changed(load_eager_model(trained.folder))
-        accuracy_now, drop, fits, problem = budget.judge(torch_predictor(model.module)(x_val), y_val)
+        judged = budget.judge(torch_predictor(model.module)(x_val), y_val)
         _, nonzeros = parameters_and_nonzeros(model.module)
-        return search.Trial(
-            number, ratio, accuracy_now, drop, fits,
-            len(formats.torch_bytes(model.module.state_dict())), nonzeros, round(weight_sparsity(model.module), 6),
-            time.perf_counter() - started, warm.setting if warm is not None else None, model, problem,
+        return search.Trial.judged(
+            number, ratio, judged, size_bytes=len(formats.torch_bytes(model.module.state_dict())),
+            nonzeros=nonzeros, sparsity=round(weight_sparsity(model.module), 6),
+            seconds=time.perf_counter() - started, warm_start=warm.setting if warm is not None else None, model=model,
         )
 
     outcome = search.search_ratio(run_trial, budget)
@@ -191,13 +191,12 @@ def _prune_heads_searched(
                             lr=work.fine_tune_lr(step))
         trained_by_trial[number] = trained
         model = pruned.changed(load_eager_model(trained.folder))
-        val_accuracy, drop, fits, problem = budget.judge(torch_predictor(model.module)(work.data.x_val), work.data.y_val)
+        judged = budget.judge(torch_predictor(model.module)(work.data.x_val), work.data.y_val)
         parameters, nonzeros = parameters_and_nonzeros(model.module)
-        return search.Trial(
-            number, sparsity, val_accuracy, drop, fits,
-            len(formats.torch_bytes(model.module.state_dict())), nonzeros,
-            round(1.0 - parameters / before, 6),  # the share of the parameters removed
-            time.perf_counter() - began, None, model, problem,
+        return search.Trial.judged(
+            number, sparsity, judged, size_bytes=len(formats.torch_bytes(model.module.state_dict())),
+            nonzeros=nonzeros, sparsity=round(1.0 - parameters / before, 6),  # the share of the parameters removed
+            seconds=time.perf_counter() - began, model=model,
         )
 
     outcome = search.search_structured(run_trial, budget)
@@ -234,13 +233,12 @@ def distill_searched(
             student_init=step.student_init, example=work.data.example(),
         )
         trained_by_trial[number] = trained
-        val_accuracy, drop, fits, problem = budget.judge(torch_predictor(student.module)(work.data.x_val),
-                                                         work.data.y_val)
+        judged = budget.judge(torch_predictor(student.module)(work.data.x_val), work.data.y_val)
         _, nonzeros = parameters_and_nonzeros(student.module)
         size = len(formats.torch_bytes(student.module.state_dict()))
-        return search.Trial(number, width, val_accuracy, drop, fits,
-                            size, nonzeros, round(weight_sparsity(student.module), 6),
-                            time.perf_counter() - began, None, student, problem)
+        return search.Trial.judged(number, width, judged, size_bytes=size, nonzeros=nonzeros,
+                                   sparsity=round(weight_sparsity(student.module), 6),
+                                   seconds=time.perf_counter() - began, model=student)
 
     outcome = search.search_width(widths, run_trial, budget)
     trained = trained_by_trial[outcome.best.number]
@@ -289,10 +287,10 @@ def fallback_searched(
     def run_trial(fp32_layers: list[str], number: int) -> search.Trial:
         began = time.perf_counter()
         model = quantization.ort_static_int8(fp32, calibration, nodes_to_exclude=fp32_layers)
-        val_accuracy, drop, fits, problem = budget.judge(onnx_predictor(model)(x_val), y_val)
-        return search.Trial(number, float(len(fp32_layers)), val_accuracy, drop,
-                            fits, len(model), nonzeros, sparsity,
-                            time.perf_counter() - began, None, (model, list(fp32_layers)), problem)
+        judged = budget.judge(onnx_predictor(model)(x_val), y_val)
+        return search.Trial.judged(number, float(len(fp32_layers)), judged, size_bytes=len(model), nonzeros=nonzeros,
+                                   sparsity=sparsity, seconds=time.perf_counter() - began,
+                                   model=(model, list(fp32_layers)))
 
     outcome = search.search_fallback(ranked, run_trial, budget, started=started)
     model, fp32_layers = outcome.best.model
@@ -307,7 +305,7 @@ def fallback_searched(
         import mlflow
 
         mlflow.MlflowClient().log_dict(run_id, sensitivity, "search/sensitivity.json")
-    log.info("%s: %s; fp32 layers: %s", what, outcome.message, fp32_layers or "none")
+    log.log(outcome.log_level, "%s: %s; fp32 layers: %s", what, outcome.message, fp32_layers or "none")
     return model, fp32_layers
 
 
@@ -321,7 +319,7 @@ def _log_search(run_id: str, rows: list[dict[str, Any]], record: dict[str, Any])
     client = mlflow.MlflowClient()
     now = int(time.time() * 1000)
     trials = [Metric(name, float(row[key]), now, int(row["number"]))
-              for row in rows for name, key in SEARCH_TRIAL_KEYS.items()]
+              for row in rows for name, key in SEARCH_TRIAL_KEYS.items() if row.get(key) is not None]
     for start in range(0, len(trials), 1000):  # one transaction per 1,000 values (MLflow's limit), not one each
         client.log_batch(run_id, metrics=trials[start : start + 1000])
     client.log_dict(run_id, rows, "search/trials.json")
@@ -336,5 +334,5 @@ def _recorded(outcome: Any, training: Any, work: Any, search: dict[str, Any]) ->
     work.searches[training.variant] = rows
     if training.run_id is not None:
         _log_search(training.run_id, rows, search)
-    log.info("%s: %s", training.variant, outcome.message)
+    log.log(outcome.log_level, "%s: %s", training.variant, outcome.message)
     return outcome.best.model

@@ -37,13 +37,15 @@ class Work:
         self.baseline_accuracy: float | None = None  # the baseline's val accuracy: the budget's reference
         self.class_names = tuple(preprocessing.class_names)
         self.baseline_classes: dict[str, dict[str, float]] = {}  # its val recall per class (and support)
+        self.baseline_predictions: Any = None  # its class for each val sample (a drop's noise is measured against it)
 
     def set_baseline(self, val_logits: Any) -> float:
         """The baseline's validation figures, which every searched variant's budget is measured
         against (:meth:`budget`); returns its validation accuracy."""
         from tasks.core.classification import classification_metrics
 
-        quality, self.baseline_classes, _ = classification_metrics(self.data.y_val, val_logits.argmax(1),
+        self.baseline_predictions = val_logits.argmax(1)
+        quality, self.baseline_classes, _ = classification_metrics(self.data.y_val, self.baseline_predictions,
                                                                     self.class_names)
         self.baseline_accuracy = quality["accuracy"]
         return self.baseline_accuracy
@@ -51,7 +53,7 @@ class Work:
     def budget(self) -> Budget:
         """A searched variant's budget (``compress.budget``; its defaults: the gate's limits), against the baseline."""
         assert self.baseline_accuracy is not None, "the baseline is measured first (set_baseline)"
-        return Budget.of(self.params, self.baseline_accuracy, self.baseline_classes)
+        return Budget.of(self.params, self.baseline_accuracy, self.baseline_classes, self.baseline_predictions)
 
     def trained(self, step: TrainingStep, trained: Trained, method: str, epochs: int, extra: dict[str, Any]) -> None:
         """Keep a finished training step's curve (for its DVC plot) and record (for the manifest)."""

@@ -166,6 +166,10 @@ SEARCH_VAL_ACCURACY = _figure("search/val_accuracy", "fraction", "validation acc
 SEARCH_ACCURACY_DROP_PTS = _figure(
     "search/accuracy_drop_pts", "percentage points", "the baseline's validation accuracy minus the trial's"
 )
+SEARCH_ACCURACY_DROP_NOISE_PTS = _figure(
+    "search/accuracy_drop_noise_pts", "percentage points",
+    "one standard error of the trial's accuracy drop on the validation split (paired with the baseline)"
+)
 SEARCH_SIZE_BYTES = _figure("search/size_bytes", "bytes", "size of the trial's model")
 SEARCH_NONZEROS = _figure("search/nonzeros", "count", "non-zero parameters of the trial's model")
 SEARCH_SPARSITY = _figure("search/sparsity", "fraction", "share of zeros among the trial's prunable weights")
@@ -174,7 +178,7 @@ SEARCH_WITHIN_BUDGET = _figure("search/within_budget", "0/1", "1 when the trial'
 # The search-trial key each figure is logged from (tasks/compression/search.py's trial rows).
 SEARCH_TRIAL_KEYS = {
     SEARCH_SETTING: "setting", SEARCH_VAL_ACCURACY: "val_accuracy", SEARCH_ACCURACY_DROP_PTS: "drop_points",
-    SEARCH_SIZE_BYTES: "size_bytes", SEARCH_NONZEROS: "nonzeros", SEARCH_SPARSITY: "sparsity",
+    SEARCH_ACCURACY_DROP_NOISE_PTS: "noise_points", SEARCH_SIZE_BYTES: "size_bytes", SEARCH_NONZEROS: "nonzeros", SEARCH_SPARSITY: "sparsity",
     SEARCH_TRIAL_TIME_S: "seconds", SEARCH_WITHIN_BUDGET: "within_budget",
 }
 
