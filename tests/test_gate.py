@@ -257,3 +257,42 @@ def test_a_champion_without_per_class_recall_is_compared_on_accuracy_and_the_dec
     # A champion the challenger matches class by class (one fraud fewer: noise).
     decision = _decide(challenger, _champion_version({"ok": 1.0, "fraud": 12 / 45}, accuracy=0.969))
     assert decision.allowed and decision.reason.endswith("each class within max_class_recall_drop 0.1")
+
+
+def test_an_accuracy_drop_that_fails_says_how_finely_the_split_measured_it() -> None:
+    """With the drop's standard error measured (the evaluate stage's ``accuracy_change_noise_pts``),
+    the reason gives it beside the drop; without it, the reason is the drop alone."""
+    measured = {**METRICS, "pruned-90": {**METRICS["pruned-90"], "accuracy_change_noise_pts": 0.88}}
+    _, reasons = select_champion(measured, gate(max_accuracy_drop=0.01), "smallest")
+    assert reasons["pruned-90"] == ("fails the gate: accuracy drop 0.0300 > max_accuracy_drop 0.0100 "
+                                    "(±0.0088, one standard error on the test split)")
+    _, reasons = select_champion(METRICS, gate(max_accuracy_drop=0.01), "smallest")
+    assert reasons["pruned-90"] == "fails the gate: accuracy drop 0.0300 > max_accuracy_drop 0.0100"
+
+
+def test_each_models_accuracy_change_comes_with_its_paired_standard_error() -> None:
+    """160 test samples: the baseline gets 150 right; a variant loses 3 of those and gains 1
+    it missed: -1.25 points, resting on 4 samples, measured to sqrt((4 - 2**2/160) / 159 / 160)."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from tasks.evaluation.results import ModelResult, add_ratios
+
+    y = np.arange(160) % 2
+    baseline_predictions = np.where(np.arange(160) < 10, 1 - y, y)  # wrong on 0-9
+    variant_predictions = np.where((np.arange(160) >= 1) & (np.arange(160) < 13), 1 - y, y)  # right on 0, wrong on 1-12
+
+    def result(name: str, predictions: np.ndarray) -> ModelResult:
+        metrics = {"accuracy": float((predictions == y).mean()), "size_bytes": 10.0, "latency_p50_ms": 1.0,
+                   "throughput_sps": 1.0}
+        return ModelResult(name, Path(name), {"name": name}, metrics, predictions, np.eye(2, dtype=np.int64))
+
+    models = {"baseline": result("baseline", baseline_predictions), "variant": result("variant", variant_predictions)}
+    add_ratios(models, y)
+    variant = models["variant"].metrics
+    assert variant["accuracy_change_pts"] == pytest.approx(-1.25)
+    assert variant["accuracy_change_noise_pts"] == pytest.approx(100 * math.sqrt((4 - 2**2 / 160) / 159 / 160), abs=1e-6)
+    assert models["baseline"].metrics["accuracy_change_noise_pts"] == 0.0
+    add_ratios(models)  # without the labels: not measured
+    assert math.isnan(variant["accuracy_change_noise_pts"])

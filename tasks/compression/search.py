@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from tasks.core.classification import class_recall_problem, classification_metrics
+from tasks.core.classification import class_recall_problem, classification_metrics, paired_change_noise
 from tasks.core.config import Params
 
 log = logging.getLogger("slimflow.compress")
@@ -83,20 +83,16 @@ class Budget:
                          *self.drop_noise(predictions, labels))
 
     def drop_noise(self, predictions: np.ndarray, labels: np.ndarray) -> tuple[float | None, int | None]:
-        """One standard error of a measured drop, in points, and the samples it rests on.
-
-        The trial and the baseline are scored on the same samples, so only those one of them
-        gets right and the other wrong move the drop (a paired comparison, as McNemar's test
-        reads it): with ``d_i`` = +1 where only the baseline is right, -1 where only the trial
-        is, 0 elsewhere, the drop is their mean and its standard error ``sd(d) / sqrt(n)``.
-        A small validation split measures a drop no finer than that: a trial within budget by
-        less than it may not be on the test split. (None, None) without the baseline's predictions.
-        """
+        """One standard error of a measured drop, in points, and the samples it rests on: the
+        paired comparison with the baseline on the same validation samples
+        (:func:`tasks.core.classification.paired_change_noise`). A small validation split
+        measures a drop no finer than that: a trial within budget by less than it may not be
+        on the test split. (None, None) without the baseline's predictions."""
         if self.baseline_predictions is None or len(labels) < 2:
             return None, None
         labels = np.asarray(labels)
-        paired = (self.baseline_predictions == labels).astype(float) - (np.asarray(predictions) == labels)
-        return 100.0 * float(paired.std(ddof=1) / np.sqrt(len(labels))), int(np.count_nonzero(paired))
+        noise, disagreements = paired_change_noise(self.baseline_predictions == labels, np.asarray(predictions) == labels)
+        return 100.0 * noise, disagreements
 
 
 class Judgement(NamedTuple):

@@ -1,8 +1,9 @@
 """What predictions score: :func:`classification_metrics` (accuracy, macro F1, each class's
-precision, recall and support), and :func:`class_recall_problem`, the one rule that judges a
+precision, recall and support), :func:`class_recall_problem`, the one rule that judges a
 class's recall falling: the evaluate gate applies it on the test split (against the run's
 baseline and the current champion), the compression search on the validation split (a
-searched variant aims at what the gate will accept).
+searched variant aims at what the gate will accept), and :func:`paired_change_noise`, how
+finely a split measures one model's accuracy change against another's.
 
 Accuracy averages over the samples, so a class of 3% of them can lose half its recall
 inside a 1-point accuracy budget: compression tends to cost the small, hard classes first
@@ -80,3 +81,19 @@ def class_recall_problem(per_class: Mapping[str, Mapping[str, float]],
     drop, name, before, after, lost, support = worst
     return (f"class {name!r} recall drop {drop:.4f} ({100 * before:.1f}% -> {100 * after:.1f}%, "
             f"{lost} of its {support} samples) > max_class_recall_drop {max_drop:.4f}")
+
+
+def paired_change_noise(reference_right: np.ndarray, right: np.ndarray) -> tuple[float, int]:
+    """One standard error of a model's accuracy change against a reference model scored on
+    the same samples (a fraction), and the samples it rests on.
+
+    Only the samples exactly one of the two gets right move the change (a paired comparison,
+    as McNemar's test reads it): with ``d_i`` = +1 where only the model is right, -1 where
+    only the reference is, 0 elsewhere, the change is their mean and its standard error
+    ``sd(d) / sqrt(n)``. A split measures a change no finer than that. ``(nan, 0)`` for fewer
+    than two samples.
+    """
+    paired = np.asarray(right, dtype=np.float64) - np.asarray(reference_right, dtype=np.float64)
+    if paired.size < 2:
+        return float("nan"), 0
+    return float(paired.std(ddof=1) / np.sqrt(paired.size)), int(np.count_nonzero(paired))

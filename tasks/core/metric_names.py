@@ -54,6 +54,10 @@ PREPARE_FIGURES = (NUM_SAMPLES, NUM_CLASSES, NUM_TRAIN, NUM_VAL, NUM_TEST)
 # metrics/evaluate.json. Headline first: what a person compares.
 ACCURACY = _figure("accuracy", "fraction", "test-split accuracy")
 ACCURACY_CHANGE_PTS = _figure("accuracy_change_pts", "percentage points", "test accuracy minus the baseline's")
+ACCURACY_CHANGE_NOISE_PTS = _figure(
+    "accuracy_change_noise_pts", "percentage points",
+    "one standard error of accuracy_change_pts: the paired comparison with the baseline on the same test samples",
+)
 SIZE_BYTES = _figure("size_bytes", "bytes", "size of the model file on disk")
 SIZE_REDUCTION_X = _figure("size_reduction_x", "times", "baseline size / this size (> 1: smaller)")
 LATENCY_P50_MS = _figure("latency_p50_ms", "ms", "median wall-clock latency at batch 1")
@@ -96,7 +100,7 @@ PASSED_GATE = _figure("passed_gate", "0/1", "1 when the model passes the evaluat
 
 MODEL_HEADLINE = (ACCURACY, ACCURACY_CHANGE_PTS, SIZE_BYTES, SIZE_REDUCTION_X, LATENCY_P50_MS, SPEEDUP_X)
 MODEL_DETAILS = (
-    MACRO_F1, WORST_CLASS_RECALL_CHANGE_PTS, LATENCY_P95_MS, LATENCY_MEAN_MS, CPU_TIME_P50_MS, THROUGHPUT_SPS,
+    ACCURACY_CHANGE_NOISE_PTS, MACRO_F1, WORST_CLASS_RECALL_CHANGE_PTS, LATENCY_P95_MS, LATENCY_MEAN_MS, CPU_TIME_P50_MS, THROUGHPUT_SPS,
     THROUGHPUT_GAIN_X, PARAMETERS, NONZEROS, SPARSITY, FLOPS, PEAK_MEMORY_MB, LOAD_MEMORY_MB, ENERGY_PER_1K_J, ENERGY_PER_1K_BATCH1_J,
     CO2E_PER_1K_G, ENERGY_SAVED_PER_1K_J, MAKE_ENERGY_J, MAKE_CO2E_G, PAYBACK_PREDICTIONS, PASSED_GATE,
 )

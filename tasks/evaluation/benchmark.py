@@ -111,7 +111,7 @@ def measure_models(
         result.notes["memory"] = str(memory[name].get("method"))
         result.notes["energy"] = meter.source
         _add_energy(result, params.grid_co2e_g_per_kwh)
-    add_ratios(results)
+    add_ratios(results, test.y)
     settings = _settings(len(test.y), len(class_names), params, meter)
     if preprocessing.is_text:  # a text model's cost grows with the sequence: say which one was timed
         settings["sequence_length"] = int(preprocessing.input_shape[0])

@@ -14,6 +14,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from tasks.core import metric_names as names
 from tasks.core.classification import class_recall_problem
 from tasks.core.config import EvaluateParams, GateParams
 from tasks.evaluation.results import BASELINE, Evaluation
@@ -53,7 +54,9 @@ def gate_problems(metrics: Mapping[str, Any], baseline_accuracy: float, gate: Ga
     else:
         drop = baseline_accuracy - accuracy
         if drop > gate.max_accuracy_drop + _EPS:
-            problems.append(f"accuracy drop {drop:.4f} > max_accuracy_drop {gate.max_accuracy_drop:.4f}")
+            noise = _number(metrics, names.ACCURACY_CHANGE_NOISE_PTS)  # how finely the split measures it
+            problems.append(f"accuracy drop {drop:.4f} > max_accuracy_drop {gate.max_accuracy_drop:.4f}"
+                            + ("" if noise is None else f" (±{noise / 100:.4f}, one standard error on the test split)"))
     if gate.max_class_recall_drop is not None and per_class and baseline_per_class:
         if problem := class_recall_problem(per_class, baseline_per_class, gate.max_class_recall_drop):
             problems.append(problem)

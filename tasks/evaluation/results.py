@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from tasks.core import metric_names as names
+from tasks.core.classification import paired_change_noise
 
 BASELINE = "baseline"
 
@@ -67,9 +68,12 @@ class Evaluation:
         return self.champion or BASELINE
 
 
-def add_ratios(results: Mapping[str, ModelResult]) -> None:
-    """The figures relative to the baseline: accuracy change (points) and "times better" ratios."""
+def add_ratios(results: Mapping[str, ModelResult], y_true: np.ndarray | None = None) -> None:
+    """The figures relative to the baseline: accuracy change (points) and "times better" ratios;
+    with the split's labels (``y_true``: the predictions' samples) also how finely the split
+    measures each accuracy change (NaN without them)."""
     base = results[BASELINE].metrics
+    base_right = None if y_true is None else results[BASELINE].predictions == y_true
 
     def ratio(value: float, reference: float) -> float:
         return value / reference if reference and not math.isnan(reference) and not math.isnan(value) else math.nan
@@ -78,6 +82,8 @@ def add_ratios(results: Mapping[str, ModelResult]) -> None:
         metrics = result.metrics
         # Rounded: accuracies are ratios of counts, and -0.5000000000000004 pts helps nobody.
         metrics[names.ACCURACY_CHANGE_PTS] = round(100.0 * (metrics[names.ACCURACY] - base[names.ACCURACY]), 6)
+        metrics[names.ACCURACY_CHANGE_NOISE_PTS] = math.nan if base_right is None else round(
+            100.0 * paired_change_noise(base_right, result.predictions == y_true)[0], 6)
         metrics[names.SIZE_REDUCTION_X] = ratio(base[names.SIZE_BYTES], metrics[names.SIZE_BYTES])
         metrics[names.SPEEDUP_X] = ratio(base[names.LATENCY_P50_MS], metrics[names.LATENCY_P50_MS])
         metrics[names.THROUGHPUT_GAIN_X] = ratio(metrics[names.THROUGHPUT_SPS], base[names.THROUGHPUT_SPS])
