@@ -49,9 +49,9 @@ def test_the_cpu_estimate_is_labelled_and_counts_cpu_time_not_waiting(meter: Ene
     watts_per_thread = float(meter.source.split(" x ")[1].split(" W")[0])
 
     def spent(work: int) -> tuple[float, float]:
-        cpu, before = time.process_time(), meter.read()
+        cpu, before = _cpu_time_with_children(), meter.read()
         _burn(work)
-        return (meter.read() - before).total, time.process_time() - cpu
+        return (meter.read() - before).total, _cpu_time_with_children() - cpu
 
     # CPU time comes in 10 ms ticks: windows of ~0.3 s and ~0.6 s keep that below ~7%. Like the
     # training runs below, a pair disturbed by other work may be repeated (TRAINING_ATTEMPTS).
@@ -67,9 +67,27 @@ def test_the_cpu_estimate_is_labelled_and_counts_cpu_time_not_waiting(meter: Ene
             break
     else:
         pytest.fail(f"twice the work gave {[round(t / o, 2) for o, t in pairs]} x the energy")
-    before = meter.read()
-    time.sleep(0.4)  # waiting costs (almost) nothing
-    assert (meter.read() - before).total < 0.1 * 0.4 * watts_per_thread
+    cpu, before = _cpu_time_with_children(), meter.read()
+    time.sleep(0.4)  # waiting costs (almost) nothing: no more than the CPU time spent meanwhile
+    waited = (meter.read() - before).total - (_cpu_time_with_children() - cpu) * watts_per_thread
+    assert waited < 0.1 * 0.4 * watts_per_thread
+
+
+def _cpu_time_with_children() -> float:
+    """This process's CPU time and its live children's, which the meter counts too (CodeCarbon's
+    process mode): the test session's Prefect server is a child of pytest, and its CPU time
+    in a window made this test's comparison with ``process_time`` alone fail (5.54 J metered
+    against 4.74 J for the test's own 1.18 s)."""
+    import psutil
+
+    total = time.process_time()
+    for child in psutil.Process().children(recursive=True):
+        try:
+            times = child.cpu_times()
+        except psutil.Error:  # gone meanwhile
+            continue
+        total += times.user + times.system
+    return total
 
 
 def test_excluded_children_and_credited_energy(meter: EnergyMeter) -> None:
