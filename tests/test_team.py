@@ -413,6 +413,25 @@ def test_pipeline_tracks_to_an_mlflow_server_on_postgresql(pipeline_run: Pipelin
     assert parent.info.run_id in _mlflow_links(prefect_api, flow_run_id)
 
 
+def _stop_flow_runs_of(prefect_home: str) -> None:
+    """End the flow-run processes a stopped worker leaves: Prefect starts each through a
+    starter that exits (``prefect.runner._starter_engine``), so a run that started as the worker
+    stopped (the schedule comes due every 5 s) is no child of the worker and outlives it; one
+    left crashed on the closed API stayed in Prefect's retries for minutes after the test."""
+    import psutil
+
+    leftovers = []
+    for process in psutil.process_iter():
+        try:
+            if process.pid != os.getpid() and process.environ().get("PREFECT_HOME") == prefect_home:
+                leftovers.append(process)
+        except (psutil.Error, OSError):  # gone, or not ours to read
+            continue
+    for process in leftovers:
+        process.kill()
+    psutil.wait_procs(leftovers, timeout=10)
+
+
 def _mlflow_links(api: str, flow_run_id: str) -> str:
     """The markdown of the flow run's ``mlflow-runs`` artifact ("" if none)."""
     artifacts = http("POST", f"{api}/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}}) or []
@@ -507,6 +526,7 @@ def test_prefect_yaml_deployment_runs_on_schedule_on_a_process_worker(pipeline_r
         final = wait_for(finished, 300, "the scheduled run to finish", worker, every_s=1)
     finally:
         worker.stop()  # before the server, or a run in progress fails on a closed connection
+        _stop_flow_runs_of(worker_env["PREFECT_HOME"])
     assert final["state"]["type"] == "COMPLETED", f"{final['state']}\n{worker.tail()}"
     assert final["auto_scheduled"] is True  # made by the scheduler, not `prefect deployment run`
     assert final["work_pool_name"] == WORK_POOL
