@@ -364,31 +364,16 @@ def serve(
                       + (f"; Prefect UI: {server_url}" if server_url else ""), highlight=False, soft_wrap=True)
         console.print(f"trigger a run now: {trigger}", highlight=False, soft_wrap=True)
 
-    _ctrl_c_raises_at_once()
     try:
         with prefect_server.in_use(paths.root) if server_url else contextlib.nullcontext():
-            serve_deployment(deployment, registered)  # returns on Ctrl-C or SIGTERM
+            unpaused = serve_deployment(deployment, registered, lambda: _stop_served_runs(paths, token))  # returns on Ctrl-C or SIGTERM
     finally:
         _stop_served_runs(paths, token)
-
-
-def _ctrl_c_raises_at_once() -> None:
-    """Ctrl-C is a KeyboardInterrupt wherever Prefect's runner is, which its serve shuts
-    down from (pausing the deployment's schedule).
-
-    Python 3.11's ``asyncio.run`` turns a first Ctrl-C into a cancellation of the runner's
-    main task instead, when SIGINT still has Python's default handler. Twice in full
-    test-suite runs that one Ctrl-C stopped the flow run's processes (they share serve's
-    process group) but not serve: no shutdown began, and it kept serving for the 120 s
-    the test waited. A handler of our own (the same behaviour as the default's, another
-    function) makes asyncio leave SIGINT alone.
-    """
-    import signal
-
-    def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGINT, interrupt)
+    if unpaused:
+        console.print(f"[yellow]warning:[/] the schedule of slimflow-pipeline/{name} could not be paused ({unpaused}): "
+                      "pause it in the Prefect UI, or it queues runs nobody serves", highlight=False, soft_wrap=True)
+    else:
+        console.print(f"schedule of slimflow-pipeline/{name} paused; serve again to resume it", highlight=False, soft_wrap=True)
 
 
 def _stop_served_runs(paths: ProjectPaths, token: str) -> None:

@@ -454,6 +454,9 @@ def test_ctrl_c_on_serve_leaves_no_running_flow_run_and_no_orphan(
     assert state.is_final() and state.type.value == "CRASHED", state
     assert "died" in (state.message or "")
     assert [r for r in runs_of() if r.info.status == "RUNNING"] == []
+    with get_client(sync_client=True) as client:  # stopped mid-run, the schedule is paused all the same
+        assert client.read_deployment_by_name(f"slimflow-pipeline/{name}").paused
+    assert f"schedule of slimflow-pipeline/{name} paused" in output, output[-3000:]
     (pipeline_run,) = [r for r in runs_of() if r.data.tags.get("prefect_flow_run_id") == str(flow_run.id)
                        and r.data.tags.get("pipeline") == "slimflow"]
     assert pipeline_run.info.status == "FAILED" and "died" in pipeline_run.data.tags["error"]

@@ -290,6 +290,38 @@ def test_sigterm_leaves_no_run_running_no_lock_and_no_half_written_output(
     assert seconds_until_gone(tiny_project, 10) < 5
 
 
+def test_sigterm_as_serve_begins_still_pauses_the_schedule_and_exits_cleanly(
+    tiny_project: Path, tmp_path: Path, prefect_api_url: str, mlflow_uri: str
+) -> None:
+    """SIGTERM the moment the deployment is registered, as the runner starts. Prefect's
+    runner, stopped by an exception raised wherever its event loop was, exited 0 with the
+    schedule still active (5 of 5 tries), or died of the signal (2 of them)."""
+    from prefect.client.orchestration import get_client
+
+    name = f"sigterm-{os.getpid()}-{int(time.time())}"
+    log = tmp_path / "serve.log"
+    env = {**os.environ, "SLIMFLOW_ROOT": str(tiny_project), "PREFECT_API_URL": prefect_api_url,
+           "MLFLOW_TRACKING_URI": mlflow_uri}
+    with log.open("w") as out:
+        served = subprocess.Popen([str(Path(os.sys.executable).parent / "slimflow"), "serve", "--interval", "86400",
+                                   "--name", name], cwd=tiny_project, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while "trigger a run now" not in log.read_text() and served.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        served.send_signal(signal.SIGTERM)
+        assert served.wait(timeout=60) == 0, log.read_text()[-3000:]
+    finally:
+        if served.poll() is None:
+            served.kill()
+    output = log.read_text()
+    assert "SIGTERM received: stopping serve" in output, output
+    assert f"schedule of slimflow-pipeline/{name} paused" in output, output
+    assert "Traceback" not in output, output
+    with get_client(sync_client=True) as client:
+        assert client.read_deployment_by_name(f"slimflow-pipeline/{name}").paused
+
+
 def test_scheduler_triggers_the_served_deployment_and_the_run_completes(
     tiny_project: Path, tmp_path: Path, mlflow_uri: str
 ) -> None:
