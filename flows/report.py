@@ -63,6 +63,7 @@ def comparison_rows(paths: ProjectPaths) -> list[dict[str, Any]]:
             "model": name,
             names.ACCURACY: values.get(names.ACCURACY),
             names.ACCURACY_CHANGE_PTS: change,
+            names.ACCURACY_CHANGE_NOISE_PTS: values.get(names.ACCURACY_CHANGE_NOISE_PTS),
             names.SIZE_BYTES: values.get(names.SIZE_BYTES),
             names.SIZE_REDUCTION_X: _ratio(baseline.get(names.SIZE_BYTES), values.get(names.SIZE_BYTES)),
             names.LATENCY_P50_MS: values.get(names.LATENCY_P50_MS),
@@ -88,6 +89,7 @@ def gate_failures(decision: Any) -> dict[str, str]:
 
 
 def comparison_table(rows: list[dict[str, Any]], title: str = "baseline vs. compressed variants") -> Any:
-    from tasks.core.tables import results_table
+    from tasks.core.tables import CHANGE_NOISE_NOTE, results_table
 
-    return results_table(rows, COMPARISON_COLUMNS, title=title, highlight=lambda row: row.get("gate") == "champion")
+    return results_table(rows, COMPARISON_COLUMNS, title=title, caption=CHANGE_NOISE_NOTE,
+                         highlight=lambda row: row.get("gate") == "champion")

@@ -26,7 +26,7 @@ from tasks.core import metric_names as names
 from tasks.core.config import Params
 from tasks.core.dvc import Reproduced
 from tasks.core.paths import ProjectPaths
-from tasks.core.tables import COLUMNS, times
+from tasks.core.tables import CHANGE_NOISE_NOTE, COLUMNS, cell, times
 
 log = logging.getLogger("slimflow.results")
 
@@ -171,10 +171,6 @@ def _csv(rows: list[dict[str, Any]]) -> str:
     return buffer.getvalue()
 
 
-def _cell(key: str, value: Any) -> str:
-    return COLUMNS[key].render(value)
-
-
 def champion_sentence(champion: str | None, figures: dict[str, Any]) -> str:
     """'int8-static-ort: accuracy 97.98% (+0.90 pts), 19.5 KiB (4.00× smaller), p50 0.041 ms (2.00× faster) vs the baseline'."""
     if not champion:
@@ -182,16 +178,16 @@ def champion_sentence(champion: str | None, figures: dict[str, Any]) -> str:
     if champion == "baseline":
         return (
             f"baseline (no variant does better within the gate): accuracy "
-            f"{_cell(names.ACCURACY, figures.get(names.ACCURACY))}%, size "
-            f"{_cell(names.SIZE_BYTES, figures.get(names.SIZE_BYTES))} KiB, latency p50 "
-            f"{_cell(names.LATENCY_P50_MS, figures.get(names.LATENCY_P50_MS))} ms"
+            f"{cell(names.ACCURACY, figures)}%, size "
+            f"{cell(names.SIZE_BYTES, figures)} KiB, latency p50 "
+            f"{cell(names.LATENCY_P50_MS, figures)} ms"
         )
     return (
-        f"{champion}: accuracy {_cell(names.ACCURACY, figures.get(names.ACCURACY))}% "
-        f"({_cell(names.ACCURACY_CHANGE_PTS, figures.get(names.ACCURACY_CHANGE_PTS))} pts), "
-        f"size {_cell(names.SIZE_BYTES, figures.get(names.SIZE_BYTES))} KiB "
+        f"{champion}: accuracy {cell(names.ACCURACY, figures)}% "
+        f"({cell(names.ACCURACY_CHANGE_PTS, figures)} pts), "
+        f"size {cell(names.SIZE_BYTES, figures)} KiB "
         f"({times(figures.get(names.SIZE_REDUCTION_X), 'smaller', 'larger')}), "
-        f"latency p50 {_cell(names.LATENCY_P50_MS, figures.get(names.LATENCY_P50_MS))} ms "
+        f"latency p50 {cell(names.LATENCY_P50_MS, figures)} ms "
         f"({times(figures.get(names.SPEEDUP_X), 'faster', 'slower')}) vs the baseline"
     )
 
@@ -295,7 +291,7 @@ def _stage_runs(run_id: str) -> dict[str, str]:
 
 def comparison_table(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
     """The comparison as the flow run's table artifact: formatted cells under readable headers."""
-    return [{COLUMNS[key].header: COLUMNS[key].render(row.get(key)) for key in COMPARISON_COLUMNS} for row in rows]
+    return [{COLUMNS[key].header: cell(key, row) for key in COMPARISON_COLUMNS} for row in rows]
 
 
 # How a stage's outcome reads in the run's log and its result.
@@ -361,7 +357,7 @@ def _prefect_artifacts(outcome: PipelineResult, decision: dict[str, Any], run_id
         create_table_artifact(
             key="variant-comparison", table=comparison_table(outcome.rows),
             description="Baseline and compressed variants on the test split: size × and speed × are times "
-                        "smaller / faster than the baseline; gate: champion, pass or fail.",
+                        f"smaller / faster than the baseline; {CHANGE_NOISE_NOTE}; gate: champion, pass or fail.",
         )
     create_markdown_artifact(key="mlflow-runs", markdown=runs_markdown(outcome, decision, run_id, links, results),
                              description="The result and its MLflow runs")

@@ -66,3 +66,26 @@ def test_the_closing_comparison_shows_energy_and_payback(tmp_path) -> None:
     lean, greedy = (next(line for line in text.splitlines() if f" {name} " in line) for name in ("lean", "greedy"))
     assert "100k" in lean and "4.000" in lean and "600" in lean
     assert "never" in greedy
+
+
+def test_the_accuracy_change_carries_its_noise_where_there_is_one(tmp_path) -> None:
+    """Every table's Δ acc cell says how finely the test split measures it: '-1.25±0.88'.
+    None for the baseline (0) or a metrics file from before the figure; the caption says what it is."""
+    import json
+
+    from flows.report import comparison_rows, comparison_table
+    from tasks.core.paths import ProjectPaths
+
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics" / "evaluate.json").write_text(json.dumps({
+        "baseline": {"accuracy": 0.9, "accuracy_change_pts": 0.0, "accuracy_change_noise_pts": 0.0},
+        "int8": {"accuracy": 0.8875, "accuracy_change_pts": -1.25, "accuracy_change_noise_pts": 0.8839},
+        "older": {"accuracy": 0.895},  # written before the noise was
+        "champion": "int8",
+    }))
+    text = as_text(comparison_table(comparison_rows(ProjectPaths(tmp_path))))
+    line = {name: next(row for row in text.splitlines() if f"│ {name} " in row) for name in ("baseline", "int8", "older")}
+    assert "-1.25±0.88" in line["int8"]
+    assert "+0.00" in line["baseline"] and "±" not in line["baseline"]
+    assert "-0.50" in line["older"] and "±" not in line["older"]
+    assert "one standard error" in text

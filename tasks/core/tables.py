@@ -54,6 +54,7 @@ class Column:
     header: str
     render: Callable[[Any], str]
     justify: str = "right"
+    noise: str | None = None  # the key of the figure's one standard error, shown after it: "-0.45±0.52"
 
 
 # Row key -> how it is shown. Figures are keyed by their names in tasks.core.metric_names;
@@ -66,7 +67,7 @@ COLUMNS: dict[str, Column] = {
     "runtime": Column("runtime", _text, "left"),
     names.ACCURACY: Column("accuracy %", _number(".2f", 100)),
     names.VAL_ACCURACY: Column("val acc %", _number(".2f", 100)),
-    names.ACCURACY_CHANGE_PTS: Column("Δ acc (pts)", _number("+.2f")),
+    names.ACCURACY_CHANGE_PTS: Column("Δ acc (pts)", _number("+.2f"), noise=names.ACCURACY_CHANGE_NOISE_PTS),
     names.VAL_ACCURACY_CHANGE_PTS: Column("Δ val acc (pts)", _number("+.2f")),
     names.MACRO_F1: Column("macro F1", _number(".4f")),
     names.SIZE_BYTES: Column("size KiB", _number(",.1f", 1 / 1024)),
@@ -88,6 +89,23 @@ COLUMNS: dict[str, Column] = {
     names.PAYBACK_PREDICTIONS: Column("payback (preds)", _payback),
     "gate": Column("gate", _text, "left"),
 }
+
+
+# Under every table that shows the accuracy change with its noise.
+CHANGE_NOISE_NOTE = ("Δ acc ±: one standard error of the change, paired with the baseline on the same "
+                     "test samples (a change within about two of them may be chance)")
+
+
+def cell(key: str, row: Mapping[str, Any]) -> str:
+    """``row[key]`` as :data:`COLUMNS` shows it; a figure whose column names its noise is
+    followed by ``±`` and the noise where the row has one above 0 (none for the baseline,
+    or a model whose every prediction is the baseline's)."""
+    column = COLUMNS[key]
+    text = column.render(row.get(key))
+    noise = row.get(column.noise) if column.noise else None
+    if text != "-" and isinstance(noise, (int, float)) and not isinstance(noise, bool) and math.isfinite(noise) and noise > 0:
+        text += f"±{noise:.2f}"
+    return text
 
 
 def times(ratio: Any, better: str, worse: str) -> str:
@@ -114,7 +132,7 @@ def results_table(
     for key in columns:
         table.add_column(COLUMNS[key].header, justify=COLUMNS[key].justify)  # type: ignore[arg-type]
     for row in rows:
-        cells = [COLUMNS[key].render(row.get(key)) for key in columns]
+        cells = [cell(key, row) for key in columns]
         table.add_row(*cells, style="bold green" if highlight and highlight(row) else None)
     return table
 

@@ -32,7 +32,7 @@ import mlflow
 from tasks.core import metric_names as names
 from tasks.core import tracking
 from tasks.core.paths import ProjectPaths
-from tasks.core.tables import COLUMNS, times
+from tasks.core.tables import cell, times
 from tasks.evaluation.results import BASELINE, Evaluation, ModelResult, ordered_metrics
 from tasks.evaluation.summary import gate_mark
 
@@ -234,11 +234,11 @@ def describe(result: ModelResult, evaluation: Evaluation) -> str:
         f"{result.method} of {result.manifest.get('parent') or BASELINE}"
     )
     figures = (
-        f"test accuracy {COLUMNS[names.ACCURACY].render(m.get(names.ACCURACY))}% "
-        f"({COLUMNS[names.ACCURACY_CHANGE_PTS].render(m.get(names.ACCURACY_CHANGE_PTS))} pts vs the baseline), "
-        f"{COLUMNS[names.SIZE_BYTES].render(m.get(names.SIZE_BYTES))} KiB "
+        f"test accuracy {cell(names.ACCURACY, m)}% "
+        f"({cell(names.ACCURACY_CHANGE_PTS, m)} pts vs the baseline), "
+        f"{cell(names.SIZE_BYTES, m)} KiB "
         f"({times(m.get(names.SIZE_REDUCTION_X), 'smaller', 'larger')}), "
-        f"latency p50 {COLUMNS[names.LATENCY_P50_MS].render(m.get(names.LATENCY_P50_MS))} ms "
+        f"latency p50 {cell(names.LATENCY_P50_MS, m)} ms "
         f"({times(m.get(names.SPEEDUP_X), 'faster', 'slower')})"
     )
     return (

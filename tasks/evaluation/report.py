@@ -15,7 +15,7 @@ from typing import Any
 
 from tasks.core import metric_names as names
 from tasks.core.config import EvaluateParams
-from tasks.core.tables import COLUMNS, times
+from tasks.core.tables import CHANGE_NOISE_NOTE, COLUMNS, cell, times
 from tasks.evaluation.results import BASELINE, Evaluation
 from tasks.evaluation.summary import DETAIL_COLUMNS, ENERGY_COLUMNS, HEADLINE_COLUMNS, summary_rows
 
@@ -27,7 +27,7 @@ def models_table(evaluation: Evaluation, columns: Sequence[str] = HEADLINE_COLUM
         "|" + "---|" * len(columns),
     ]
     for row in summary_rows(evaluation):
-        lines.append("| " + " | ".join(COLUMNS[key].render(row.get(key)) for key in columns) + " |")
+        lines.append("| " + " | ".join(cell(key, row) for key in columns) + " |")
     return lines
 
 
@@ -37,17 +37,17 @@ def headline(evaluation: Evaluation) -> str:
     if not evaluation.champion:
         return f"**No champion**: no model passes the gate. {promotion.reason if promotion else ''}".strip()
     m = evaluation.models[evaluation.champion].metrics
-    cell = {key: COLUMNS[key].render(m.get(key)) for key in COLUMNS if key in m}
+    shown = {key: cell(key, m) for key in COLUMNS if key in m}
     registered = (
         f" Registered as `{promotion.registered_model}` version {promotion.version} (@champion)."
         if promotion and promotion.version else ""
     )
     if evaluation.champion == BASELINE:
-        return f"**Champion: baseline** (accuracy {cell[names.ACCURACY]}%): no variant beats it within the gate.{registered}"
+        return f"**Champion: baseline** (accuracy {shown[names.ACCURACY]}%): no variant beats it within the gate.{registered}"
     return (
-        f"**Champion: {evaluation.champion}**: accuracy {cell[names.ACCURACY]}% "
-        f"({cell[names.ACCURACY_CHANGE_PTS]} pts vs the baseline), {cell[names.SIZE_BYTES]} KiB "
-        f"({times(m.get(names.SIZE_REDUCTION_X), 'smaller', 'larger')}), latency p50 {cell[names.LATENCY_P50_MS]} ms "
+        f"**Champion: {evaluation.champion}**: accuracy {shown[names.ACCURACY]}% "
+        f"({shown[names.ACCURACY_CHANGE_PTS]} pts vs the baseline), {shown[names.SIZE_BYTES]} KiB "
+        f"({times(m.get(names.SIZE_REDUCTION_X), 'smaller', 'larger')}), latency p50 {shown[names.LATENCY_P50_MS]} ms "
         f"({times(m.get(names.SPEEDUP_X), 'faster', 'slower')}) than the baseline.{registered}"
     )
 
@@ -168,7 +168,7 @@ def report_markdown(
     figures, then details), the plots, the gate decision, the methods."""
     lines = ["# slimflow evaluation", "", headline(evaluation), "", "## Models", ""]
     lines += models_table(evaluation, HEADLINE_COLUMNS)
-    lines += ["", *_plots_section(evaluation, training_curves), "", "## Details", ""]
+    lines += ["", f"{CHANGE_NOISE_NOTE}.", "", *_plots_section(evaluation, training_curves), "", "## Details", ""]
     lines += models_table(evaluation, DETAIL_COLUMNS)
     lines += ["", "## Energy", "", *models_table(evaluation, ENERGY_COLUMNS)]
     lines += ["", *_gate_section(evaluation, params), "", "## How figures were obtained", ""]
