@@ -289,9 +289,15 @@ def _stage_runs(run_id: str) -> dict[str, str]:
             if r.data.tags.get("stage")}
 
 
+# Prefect's UI renders each cell of a table artifact as Markdown, where the tables' "-" for
+# "no figure" (the baseline's payback) is a list item: it showed a bullet.
+_NO_FIGURE_IN_MARKDOWN = "–"
+
+
 def comparison_table(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
     """The comparison as the flow run's table artifact: formatted cells under readable headers."""
-    return [{COLUMNS[key].header: cell(key, row) for key in COMPARISON_COLUMNS} for row in rows]
+    return [{COLUMNS[key].header: _NO_FIGURE_IN_MARKDOWN if (text := cell(key, row)) == "-" else text
+             for key in COMPARISON_COLUMNS} for row in rows]
 
 
 # How a stage's outcome reads in the run's log and its result.

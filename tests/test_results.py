@@ -31,6 +31,8 @@ def test_the_comparison_artifact_is_formatted() -> None:
     assert table[1]["model"] == "int8" and table[1]["gate"] == "champion"
     assert table[1]["accuracy %"] == "97.98" and table[1]["Δ acc (pts)"] == "+0.90" and table[1]["size ×"] == "4.00"
     assert table[0]["samples/s"] == "19,513"  # not 19512.649999999998
+    # Prefect's UI reads cells as Markdown: a bare "-" (no figure) showed as a list bullet.
+    assert table[0]["payback (preds)"] == "–" and "-" not in [value for row in table for value in row.values()]
 
 
 def test_the_flow_log_ends_with_the_result() -> None:
