@@ -148,7 +148,7 @@ def _log_result(paths: ProjectPaths, outcome: PipelineResult, evaluated: dict[st
         })
     tags["mlflow.note.content"] = _description(outcome, decision, links)
     mlflow.set_tags(tags)
-    mlflow.log_text(_csv(outcome.rows), "result/comparison.csv")
+    mlflow.log_text(comparison_csv(outcome.rows), "result/comparison.csv")
     mlflow.log_dict({"champion": champion, "models": outcome.rows}, "result/comparison.json")
     for name in PLOTS:
         if (paths.plots / name).is_file():
@@ -163,9 +163,12 @@ def _method(paths: ProjectPaths, model: str) -> str:
     return str(_read_json(folder / "manifest.json").get("method") or "-")
 
 
-def _csv(rows: list[dict[str, Any]]) -> str:
+def comparison_csv(rows: list[dict[str, Any]]) -> str:
+    """`result/comparison.csv`: the comparison's raw figures, one row per model."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(COMPARISON_COLUMNS), extrasaction="ignore")
+    change = COMPARISON_COLUMNS.index(names.ACCURACY_CHANGE_PTS)  # its noise beside it, as the tables show it
+    fields = [*COMPARISON_COLUMNS[:change + 1], names.ACCURACY_CHANGE_NOISE_PTS, *COMPARISON_COLUMNS[change + 1:]]
+    writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
     return buffer.getvalue()

@@ -35,6 +35,19 @@ def test_the_comparison_artifact_is_formatted() -> None:
     assert table[0]["payback (preds)"] == "–" and "-" not in [value for row in table for value in row.values()]
 
 
+def test_the_comparison_csv_has_the_figures_and_the_accuracy_changes_noise() -> None:
+    import csv
+    import io
+
+    from flows.results import comparison_csv
+
+    rows = [{**ROWS[0], "accuracy_change_noise_pts": 0.0}, {**ROWS[1], "accuracy_change_noise_pts": 0.88}]
+    table = list(csv.DictReader(io.StringIO(comparison_csv(rows))))
+    header = list(table[0])
+    assert header.index("accuracy_change_noise_pts") == header.index("accuracy_change_pts") + 1
+    assert table[1]["accuracy_change_pts"] == "0.9" and table[1]["accuracy_change_noise_pts"] == "0.88"
+
+
 def test_the_flow_log_ends_with_the_result() -> None:
     outcome = PipelineResult(rows=ROWS, champion="int8")
     lines = result_lines(outcome, DECISION, "run-p")
