@@ -19,9 +19,14 @@ from tasks.core import metric_names as names
 WIDTH_OFF_TERMINAL = 160
 
 
+def _finite(value: Any) -> bool:
+    """Whether ``value`` is a figure to show: a finite number (not a bool, None or NaN)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _number(spec: str, scale: float = 1.0) -> Callable[[Any], str]:
     def render(value: Any) -> str:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if not _finite(value):
             return "-"
         return format(value * scale, spec)
 
@@ -30,7 +35,7 @@ def _number(spec: str, scale: float = 1.0) -> Callable[[Any], str]:
 
 def _si(value: Any) -> str:
     """4736 -> '4.74k', 1.2e9 -> '1.20G'."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if not _finite(value):
         return "-"
     for factor, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
         if abs(value) >= factor:
@@ -103,14 +108,14 @@ def cell(key: str, row: Mapping[str, Any]) -> str:
     column = COLUMNS[key]
     text = column.render(row.get(key))
     noise = row.get(column.noise) if column.noise else None
-    if text != "-" and isinstance(noise, (int, float)) and not isinstance(noise, bool) and math.isfinite(noise) and noise > 0:
+    if text != "-" and _finite(noise) and noise > 0:
         text += f"±{noise:.2f}"
     return text
 
 
 def times(ratio: Any, better: str, worse: str) -> str:
     """A "times better" ratio in words: 4.08 -> '4.08× smaller', 0.5 -> '2.00× larger', 1 -> 'the same'."""
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio) or ratio <= 0:
+    if not _finite(ratio) or ratio <= 0:
         return "-"
     if round(ratio, 2) == 1.0:
         return "the same"
