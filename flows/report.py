@@ -6,6 +6,7 @@ Kept free of Prefect imports: the CLI uses it without starting a flow.
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from tasks.core import metric_names as names
@@ -35,7 +36,9 @@ def _payback(name: str, values: dict[str, Any], baseline: dict[str, Any]) -> flo
                                baseline.get(names.ENERGY_PER_1K_J))
     if name == "baseline" or not all(isinstance(v, (int, float)) for v in (make, energy, reference)):
         return None
-    return payback_predictions(float(make), float(reference) - float(energy))
+    noise = values.get(names.ENERGY_SAVED_PER_1K_NOISE_J)  # absent from files of before it
+    return payback_predictions(float(make), float(reference) - float(energy),
+                               float(noise) if isinstance(noise, (int, float)) else math.nan)
 
 
 def _gate(name: str, values: dict[str, Any], champion: Any) -> str | None:

@@ -214,6 +214,39 @@ def test_payback_matches_its_definition_on_a_constructed_example() -> None:
     assert math.isnan(payback_predictions(math.nan, 6.0))
 
 
+def test_a_saving_within_the_readings_noise_has_no_payback() -> None:
+    """A variant that computes what the baseline computes reads a little either side of it:
+    with readings that differ by chance its payback is `never`, not a figure that flips from
+    run to run; a variant that clearly saves gets its payback, and both their noise."""
+    import numpy as np
+
+    from tasks.core import metric_names as names
+    from tasks.evaluation.results import ModelResult, add_ratios, payback_predictions
+
+    readings = {"baseline": [10.0, 10.4, 9.8, 10.2, 9.9], "same": [9.7, 10.5, 9.9, 9.8, 10.1],
+                "lean": [4.1, 4.0, 3.8, 4.2, 4.0]}
+
+    def model(name: str) -> ModelResult:
+        metrics = {names.ACCURACY: 0.9, names.SIZE_BYTES: 1000.0, names.LATENCY_P50_MS: 1.0,
+                   names.THROUGHPUT_SPS: 100.0, names.ENERGY_PER_1K_J: float(np.mean(readings[name])),
+                   names.MAKE_ENERGY_J: 600.0}
+        return ModelResult(name, Path(name), {}, metrics, np.zeros(1), np.zeros((1, 1)))
+
+    results = {name: model(name) for name in readings}
+    add_ratios(results, energy_readings=readings)
+    same, lean = results["same"].metrics, results["lean"].metrics
+    assert same[names.ENERGY_SAVED_PER_1K_J] == pytest.approx(0.06)  # saves "something"...
+    assert same[names.ENERGY_SAVED_PER_1K_NOISE_J] == pytest.approx(
+        np.std(np.subtract(readings["baseline"], readings["same"]), ddof=1) / 5 ** 0.5)  # ...within its noise
+    assert same[names.PAYBACK_PREDICTIONS] == math.inf
+    assert lean[names.PAYBACK_PREDICTIONS] == pytest.approx(600.0 / ((10.06 - 4.02) / 1000))
+    assert 0 < lean[names.ENERGY_SAVED_PER_1K_NOISE_J] < 0.2
+    assert math.isnan(results["baseline"].metrics[names.ENERGY_SAVED_PER_1K_NOISE_J])
+    # Without readings (one pass) the noise is unknown and the saving is taken as it is.
+    assert payback_predictions(600.0, 0.06) == pytest.approx(1e7)
+    assert payback_predictions(600.0, 0.06, 0.03) == math.inf and payback_predictions(600.0, 0.07, 0.03) < math.inf
+
+
 @pytest.mark.integration
 def test_training_energy_is_recorded_and_scales_with_the_epochs(tmp_path: Path) -> None:
     """One worker, 3 epochs then 6 of the same job: every epoch's energy is positive, their sum

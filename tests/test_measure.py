@@ -7,6 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import math
+
 import numpy as np
 import psutil
 import pytest
@@ -45,6 +47,38 @@ def test_time_models_interleaves_rounds_and_orders_percentiles() -> None:
     changes = sum(1 for before, after in zip(windows, windows[1:]) if before[0] != after[0])
     assert changes == 1 and sum(timing.predictions + timing.batch1_predictions for timing in timings.values()) == \
         sum(n for _, n in windows)
+
+
+def test_energy_is_read_in_interleaved_passes_that_pair_the_models_readings() -> None:
+    """``energy_readings`` 3: each model's windows are read in three passes over both models
+    (every pass has both, one model after the other), each reading kept; their mean is the
+    model's energy per 1k, and the saving's noise is the spread of the pass-by-pass differences."""
+    from tasks.core.energy import process_meter
+    from tasks.evaluation.timing import paired_saving_noise, time_models
+
+    calls: list[str] = []
+
+    def model(name: str):
+        def predict(x: np.ndarray) -> np.ndarray:
+            calls.append(name)
+            return np.zeros((len(x), 3), dtype=np.float32)
+        return predict
+
+    x = np.zeros((10, 4), dtype=np.float32)
+    timings = time_models({"a": model("a"), "b": model("b")}, x, x[:8], repeats=3, warmup=1,
+                          meter=process_meter(), seed=0, energy_window_s=0.06, energy_readings=3)
+    windows = calls[2 * (1 + 1) + 3 * 2 * (1 + 5 + 1):]  # after the warm-up and the rounds
+    runs = [name for i, name in enumerate(windows) if i == 0 or windows[i - 1] != name]
+    assert len(runs) == 6 and all({*runs[i:i + 2]} == {"a", "b"} for i in (0, 2, 4))  # 3 passes, both in each
+    for timing in timings.values():
+        readings = timing.energy_readings_per_1k_j
+        assert len(readings) == 3 and all(r >= 0 for r in readings)
+        assert timing.summary()["energy_per_1k_j"] == pytest.approx(sum(readings) / 3)
+
+    # The noise: sd of the paired differences / sqrt(n), NaN with one pair.
+    assert paired_saving_noise([10.0, 11.0, 12.0], [9.0, 10.0, 11.0]) == pytest.approx(0.0)
+    assert paired_saving_noise([10.0, 12.0], [9.0, 9.0]) == pytest.approx(1.0)  # differences 1, 3: sd 2 ** 0.5
+    assert math.isnan(paired_saving_noise([10.0], [9.0])) and math.isnan(paired_saving_noise([], []))
 
 
 def test_energy_windows_fill_the_window_and_stay_bounded() -> None:

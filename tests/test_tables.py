@@ -89,3 +89,29 @@ def test_the_accuracy_change_carries_its_noise_where_there_is_one(tmp_path) -> N
     assert "+0.00" in line["baseline"] and "±" not in line["baseline"]
     assert "-0.50" in line["older"] and "±" not in line["older"]
     assert "one standard error" in text
+
+
+def test_the_energy_saving_carries_its_noise_and_payback_follows_it(tmp_path) -> None:
+    """The comparison read back from metrics/evaluate.json: a saving within twice its noise
+    has no payback (`never`), one above it has; the report's cell shows the saving with its
+    noise in the column's own precision ('0.103±0.004')."""
+    import json
+
+    from flows.report import comparison_rows
+    from tasks.core import metric_names as names
+    from tasks.core.paths import ProjectPaths
+    from tasks.core.tables import cell
+
+    figures = {"accuracy": 0.9, "make_energy_j": 10.0}
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics" / "evaluate.json").write_text(json.dumps({
+        "baseline": {**figures, "energy_per_1k_j": 0.110},
+        "fp16": {**figures, "energy_per_1k_j": 0.107, "energy_saved_per_1k_noise_j": 0.002},  # 1.5 noise
+        "int8": {**figures, "energy_per_1k_j": 0.010, "energy_saved_per_1k_noise_j": 0.004},
+        "older": {**figures, "energy_per_1k_j": 0.107},  # written before the noise was: taken as it is
+    }))
+    payback = {row["model"]: row[names.PAYBACK_PREDICTIONS] for row in comparison_rows(ProjectPaths(tmp_path))}
+    assert payback["fp16"] == float("inf") and payback["int8"] == pytest.approx(10.0 / (0.1 / 1000))
+    assert payback["older"] == pytest.approx(10.0 / (0.003 / 1000), rel=1e-6)
+    row = {names.ENERGY_SAVED_PER_1K_J: 0.1034, names.ENERGY_SAVED_PER_1K_NOISE_J: 0.0041}
+    assert cell(names.ENERGY_SAVED_PER_1K_J, row) == "0.103±0.004"

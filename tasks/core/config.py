@@ -168,8 +168,11 @@ class EvaluateParams(_Strict):
     # The MLflow registry name the champion is registered under; `auto`: named after the
     # data (:func:`registered_model_for`), so another data set gets its own name and champion.
     registered_model: str = Field(AUTO, min_length=1)
-    # Seconds of back-to-back calls per energy reading (batch 1, then the throughput batch).
+    # Seconds of back-to-back calls per model whose energy is read (batch 1, then the throughput
+    # batch), read in `energy_readings` interleaved parts: their spread is the noise of an energy
+    # saving, and a saving within two of it has no payback.
     energy_window_s: float = Field(0.5, gt=0.0, le=60.0)
+    energy_readings: int = Field(5, ge=1, le=100)
     # Grid carbon intensity (g CO2e per kWh) for the CO2e beside every energy figure. 475: the
     # world average of electricity generation (IEA); set your grid's.
     grid_co2e_g_per_kwh: float = Field(475.0, ge=0.0)

@@ -60,6 +60,7 @@ class Column:
     render: Callable[[Any], str]
     justify: str = "right"
     noise: str | None = None  # the key of the figure's one standard error, shown after it: "-0.45±0.52"
+    noise_format: str = ".2f"
 
 
 # Row key -> how it is shown. Figures are keyed by their names in tasks.core.metric_names;
@@ -90,6 +91,8 @@ COLUMNS: dict[str, Column] = {
     names.ENERGY_PER_1K_J: Column("J / 1k", _number(".3f")),
     names.ENERGY_PER_1K_BATCH1_J: Column("J / 1k (batch 1)", _number(".3f")),
     names.CO2E_PER_1K_G: Column("g CO2e / 1k", _number(".3g")),
+    names.ENERGY_SAVED_PER_1K_J: Column("saved J / 1k", _number(".3f"), noise=names.ENERGY_SAVED_PER_1K_NOISE_J,
+                                        noise_format=".3f"),
     names.MAKE_ENERGY_J: Column("make J", _si),
     names.PAYBACK_PREDICTIONS: Column("payback (preds)", _payback),
     "gate": Column("gate", _text, "left"),
@@ -101,6 +104,11 @@ CHANGE_NOISE_NOTE = ("Δ acc ±: one standard error of the change, paired with t
                      "test samples (a change within about two of them may be chance)")
 
 
+# Under every table that shows the energy saving with its noise.
+SAVING_NOISE_NOTE = ("saved ±: one standard error of the saving, from the model's energy readings paired with the "
+                     "baseline's (read in the same passes); payback is `never` for a saving within two of them")
+
+
 def cell(key: str, row: Mapping[str, Any]) -> str:
     """``row[key]`` as :data:`COLUMNS` shows it; a figure whose column names its noise is
     followed by ``±`` and the noise where the row has one above 0 (none for the baseline,
@@ -109,7 +117,7 @@ def cell(key: str, row: Mapping[str, Any]) -> str:
     text = column.render(row.get(key))
     noise = row.get(column.noise) if column.noise else None
     if text != "-" and _finite(noise) and noise > 0:
-        text += f"±{noise:.2f}"
+        text += f"±{noise:{column.noise_format}}"
     return text
 
 

@@ -101,6 +101,7 @@ def measure_models(
                 meter=meter,
                 seed=seed,
                 energy_window_s=params.energy_window_s,
+                energy_readings=params.energy_readings,
             )
     finally:
         probe.stop()
@@ -111,7 +112,7 @@ def measure_models(
         result.notes["memory"] = str(memory[name].get("method"))
         result.notes["energy"] = meter.source
         _add_energy(result, params.grid_co2e_g_per_kwh)
-    add_ratios(results, test.y)
+    add_ratios(results, test.y, {name: timing.energy_readings_per_1k_j for name, timing in timings.items()})
     settings = _settings(len(test.y), len(class_names), params, meter)
     if preprocessing.is_text:  # a text model's cost grows with the sequence: say which one was timed
         settings["sequence_length"] = int(preprocessing.input_shape[0])
@@ -178,9 +179,11 @@ def _settings(test_samples: int, classes: int, params: EvaluateParams, meter: En
         "energy_source": meter.source,
         "energy_method": (
             f"{meter.source}; read over {params.energy_window_s:g} s of back-to-back calls per model, "
-            f"at batch 1 and at batch {params.throughput_batch}"
+            f"at batch 1 and at batch {params.throughput_batch}, in {params.energy_readings} interleaved "
+            f"part(s) (a shuffled order of the models each)"
         ),
         "energy_window_s": params.energy_window_s,
+        "energy_readings": params.energy_readings,
         "grid_co2e_g_per_kwh": params.grid_co2e_g_per_kwh,
         "memory_method": MEMORY_METHOD,
         "cpu": _cpu_name(),

@@ -15,7 +15,7 @@ from typing import Any
 
 from tasks.core import metric_names as names
 from tasks.core.config import EvaluateParams
-from tasks.core.tables import CHANGE_NOISE_NOTE, COLUMNS, cell, times
+from tasks.core.tables import CHANGE_NOISE_NOTE, COLUMNS, SAVING_NOISE_NOTE, cell, times
 from tasks.evaluation.results import BASELINE, Evaluation
 from tasks.evaluation.summary import DETAIL_COLUMNS, ENERGY_COLUMNS, HEADLINE_COLUMNS, summary_rows
 
@@ -70,7 +70,8 @@ def _methods(evaluation: Evaluation, data_digest: str | None) -> list[str]:
         "variant's steps from the baseline (its parent's included): training on the Horovod workers, "
         "calibration, quantization, export in the compress stage (each model's `make_energy` note says how "
         "it was measured). Payback: make_energy_j / (the baseline's energy per prediction - the variant's); "
-        "`never` when the variant saves nothing.",
+        "`never` when the variant saves nothing measurable: no more than two standard errors of the saving "
+        "(`energy_saved_per_1k_noise_j`: its energy readings and the baseline's, paired pass by pass).",
         f"Peak memory: {s['memory_method']}.",
         "Size × and speed ×: times smaller / faster (latency p50) than the baseline; samples/s ×: "
         "throughput / the baseline's. Per-class precision and recall: `per_class` in "
@@ -170,7 +171,7 @@ def report_markdown(
     lines += models_table(evaluation, HEADLINE_COLUMNS)
     lines += ["", f"{CHANGE_NOISE_NOTE}.", "", *_plots_section(evaluation, training_curves), "", "## Details", ""]
     lines += models_table(evaluation, DETAIL_COLUMNS)
-    lines += ["", "## Energy", "", *models_table(evaluation, ENERGY_COLUMNS)]
+    lines += ["", "## Energy", "", *models_table(evaluation, ENERGY_COLUMNS), "", f"{SAVING_NOISE_NOTE}."]
     lines += ["", *_gate_section(evaluation, params), "", "## How figures were obtained", ""]
     lines += [*_methods(evaluation, data_digest), ""]
     for name, result in evaluation.models.items():

@@ -5,7 +5,7 @@ and the ratios to the baseline."""
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,6 +14,7 @@ import numpy as np
 
 from tasks.core import metric_names as names
 from tasks.core.classification import paired_change_noise
+from tasks.evaluation.timing import paired_saving_noise
 
 BASELINE = "baseline"
 
@@ -68,11 +69,14 @@ class Evaluation:
         return self.champion or BASELINE
 
 
-def add_ratios(results: Mapping[str, ModelResult], y_true: np.ndarray | None = None) -> None:
+def add_ratios(results: Mapping[str, ModelResult], y_true: np.ndarray | None = None,
+               energy_readings: Mapping[str, Sequence[float]] | None = None) -> None:
     """The figures relative to the baseline: accuracy change (points) and "times better" ratios;
     with the split's labels (``y_true``: the predictions' samples) also how finely the split
-    measures each accuracy change (NaN without them)."""
+    measures each accuracy change, and with each model's energy readings (per 1k predictions,
+    read in the same passes) how finely the run measures each energy saving (NaN without)."""
     base = results[BASELINE].metrics
+    readings = energy_readings or {}
     base_right = None if y_true is None else results[BASELINE].predictions == y_true
 
     def ratio(value: float, reference: float) -> float:
@@ -89,8 +93,12 @@ def add_ratios(results: Mapping[str, ModelResult], y_true: np.ndarray | None = N
         metrics[names.THROUGHPUT_GAIN_X] = ratio(metrics[names.THROUGHPUT_SPS], base[names.THROUGHPUT_SPS])
         saved = base.get(names.ENERGY_PER_1K_J, math.nan) - metrics.get(names.ENERGY_PER_1K_J, math.nan)
         metrics[names.ENERGY_SAVED_PER_1K_J] = saved
+        noise = (math.nan if result.name == BASELINE
+                 else paired_saving_noise(readings.get(BASELINE, ()), readings.get(result.name, ())))
+        metrics[names.ENERGY_SAVED_PER_1K_NOISE_J] = noise
         metrics[names.PAYBACK_PREDICTIONS] = (
-            math.nan if result.name == BASELINE else payback_predictions(metrics.get(names.MAKE_ENERGY_J, math.nan), saved)
+            math.nan if result.name == BASELINE
+            else payback_predictions(metrics.get(names.MAKE_ENERGY_J, math.nan), saved, noise)
         )
         metrics[names.WORST_CLASS_RECALL_CHANGE_PTS] = worst_class_recall_change_pts(
             result.per_class, results[BASELINE].per_class)
@@ -107,16 +115,23 @@ def worst_class_recall_change_pts(per_class: Mapping[str, Mapping[str, float]],
     return round(min(changes), 6) if changes else math.nan
 
 
-def payback_predictions(make_energy_j: float, saved_per_1k_j: float) -> float:
+# A saving no larger than this many standard errors of it may be the meter's noise: no payback.
+SAVING_NOISE_FACTOR = 2.0
+
+
+def payback_predictions(make_energy_j: float, saved_per_1k_j: float, saved_noise_j: float = math.nan) -> float:
     """Predictions after which a variant has repaid the energy spent making it.
 
     ``make_energy_j``: what making it cost (from the trained baseline); ``saved_per_1k_j``:
-    the baseline's energy per 1,000 predictions minus the variant's. A variant that saves
-    nothing never pays back (inf); an unknown figure gives NaN.
+    the baseline's energy per 1,000 predictions minus the variant's; ``saved_noise_j``: one
+    standard error of that saving (NaN: not known). A variant that saves nothing, or
+    nothing beyond :data:`SAVING_NOISE_FACTOR` standard errors (a model that computes what
+    the baseline computes reads a few percent either side of it, run by run), never pays
+    back (inf); an unknown figure gives NaN.
     """
     if math.isnan(make_energy_j) or math.isnan(saved_per_1k_j):
         return math.nan
-    if saved_per_1k_j <= 0:
+    if saved_per_1k_j <= 0 or (math.isfinite(saved_noise_j) and saved_per_1k_j <= SAVING_NOISE_FACTOR * saved_noise_j):
         return math.inf
     return make_energy_j / (saved_per_1k_j / 1000.0)
 

@@ -24,8 +24,8 @@ DETAIL_COLUMNS = (
 # What each model costs in energy: to serve (per 1,000 predictions) and to make, and when a
 # variant's saving has repaid its making.
 ENERGY_COLUMNS = (
-    "model", names.ENERGY_PER_1K_J, names.ENERGY_PER_1K_BATCH1_J, names.CO2E_PER_1K_G, names.MAKE_ENERGY_J,
-    names.PAYBACK_PREDICTIONS,
+    "model", names.ENERGY_PER_1K_J, names.ENERGY_PER_1K_BATCH1_J, names.CO2E_PER_1K_G, names.ENERGY_SAVED_PER_1K_J,
+    names.MAKE_ENERGY_J, names.PAYBACK_PREDICTIONS,
 )
 # The closing table fits 160 columns with the energy figures: runtime and p95 are in the
 # report's details.
@@ -60,7 +60,7 @@ def summary_table(evaluation: Evaluation) -> Table:
         f"{s['threads']} thread(s), p50/p95 at batch 1, samples/s at batch {s['throughput_batch']}"
         + (f", sequences of {s['sequence_length']} token ids" if "sequence_length" in s else "") + "; "
         f"energy at batch {s['throughput_batch']}: {s['energy_source']}; payback: predictions until a variant's "
-        f"energy saving repays its making; size × / speed × = times smaller / faster than the baseline; {CHANGE_NOISE_NOTE}. "
+        f"energy saving repays its making (never: no saving beyond twice its noise); size × / speed × = times smaller / faster than the baseline; {CHANGE_NOISE_NOTE}. "
         + (promotion.reason if promotion else "")
     )
     return results_table(

@@ -9,7 +9,11 @@ process CPU time of the same calls (COMPRESSION.md's method), which other proces
 barely disturb. **Throughput** is samples per second of one call at a large batch,
 median of the rounds. **Energy** (:mod:`tasks.core.energy`) is read after the rounds, per
 model, over windows of back-to-back calls long enough for the meter (``energy_window_s``
-each): batch-1 calls, then throughput-batch calls; per 1,000 predictions of each.
+of each kind): batch-1 calls, then throughput-batch calls; per 1,000 predictions of each.
+A model's windows are read in ``energy_readings`` parts, in as many interleaved passes
+over the models (a shuffled order each), so the readings of two models in one pass are
+paired: what the machine did meanwhile hits both, and the spread of the paired
+differences says how finely the run measures an energy saving (:func:`paired_saving_noise`).
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ class Timing:
     predictions: int = 0
     batch1_energy_j: float = 0.0  # over `batch1_predictions` batch-1 calls
     batch1_predictions: int = 0
+    energy_readings_per_1k_j: list[float] = field(default_factory=list)  # each throughput-batch reading, per 1k
 
     def summary(self) -> dict[str, float]:
         median_batch_s = float(np.median(self.batch_s))
@@ -102,7 +107,8 @@ def _measure_energy(
     predict: Predict, singles: Sequence[np.ndarray], x_batch: np.ndarray, meter: EnergyMeter, window_s: float,
     timing: Timing,
 ) -> None:
-    """Energy of back-to-back batch-1 calls, then of throughput-batch calls, each over ~``window_s``."""
+    """Energy of back-to-back batch-1 calls, then of throughput-batch calls, each over ~``window_s``;
+    the second reading is also kept on its own (``energy_readings_per_1k_j``)."""
     calls = calls_for(window_s, float(np.median(timing.batch1_ms)) / 1e3, least=BATCH1_CALLS_PER_ROUND)
     before = meter.read()
     for i in range(calls):
@@ -113,8 +119,22 @@ def _measure_energy(
     before = meter.read()
     for _ in range(calls):
         predict(x_batch)
-    timing.energy_j += (meter.read() - before).total
+    used = (meter.read() - before).total
+    timing.energy_j += used
     timing.predictions += calls * len(x_batch)
+    timing.energy_readings_per_1k_j.append(1000.0 * used / (calls * len(x_batch)))
+
+
+def paired_saving_noise(reference: Sequence[float], readings: Sequence[float]) -> float:
+    """One standard error of an energy saving (``reference`` - ``readings``, per 1k
+    predictions), from readings taken in the same passes: with ``d_i`` the difference of
+    the two models' readings in pass ``i``, ``sd(d) / sqrt(n)``. NaN with fewer than two
+    pairs (one reading per model measures no spread)."""
+    n = min(len(reference), len(readings))
+    if n < 2:
+        return math.nan
+    differences = np.asarray(reference[:n], dtype=np.float64) - np.asarray(readings[:n], dtype=np.float64)
+    return float(differences.std(ddof=1) / math.sqrt(n))
 
 
 def time_models(
@@ -126,6 +146,7 @@ def time_models(
     meter: EnergyMeter,
     seed: int = 0,
     energy_window_s: float = 0.5,
+    energy_readings: int = 1,
 ) -> dict[str, Timing]:
     """Latency at batch 1 and throughput at ``len(x_batch)``, interleaved across models; then energy.
 
@@ -133,9 +154,10 @@ def time_models(
     Each of ``repeats`` rounds times every model in a freshly shuffled order: one untimed
     call, ``BATCH1_CALLS_PER_ROUND`` single-sample calls each timed on its own (wall clock,
     and process CPU time, which a busy machine disturbs less), then - in another shuffled
-    order - one large-batch call. After the rounds, in a shuffled order, each model's energy
-    is read over ``energy_window_s`` of batch-1 calls and as long of large-batch calls (a
-    reading costs milliseconds: one per call would measure the meter).
+    order - one large-batch call. After the rounds, each model's energy is read over
+    ``energy_window_s`` of batch-1 calls and as long of large-batch calls (a reading costs
+    milliseconds: one per call would measure the meter), in ``energy_readings`` passes over
+    the models, each a shuffled order and a part of the window.
     """
     names = list(predictors)
     timings = {name: Timing(batch_size=len(x_batch)) for name in names}
@@ -157,9 +179,11 @@ def time_models(
             rng.shuffle(order)
             for name in order:
                 _time_batch(predictors[name], x_batch, timings[name])
-        rng.shuffle(order)
-        for name in order:
-            _measure_energy(predictors[name], singles, x_batch, meter, energy_window_s, timings[name])
+        for _ in range(energy_readings):
+            rng.shuffle(order)
+            for name in order:
+                _measure_energy(predictors[name], singles, x_batch, meter, energy_window_s / energy_readings,
+                                timings[name])
     finally:
         if gc_was_enabled:
             gc.enable()
