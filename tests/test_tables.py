@@ -64,7 +64,7 @@ def test_the_closing_comparison_shows_energy_and_payback(tmp_path) -> None:
     text = as_text(comparison_table(list(rows.values())))
     assert "J / 1k" in text and "make J" in text and "payback (preds)" in text
     lean, greedy = (next(line for line in text.splitlines() if f" {name} " in line) for name in ("lean", "greedy"))
-    assert "100k" in lean and "4.000" in lean and "600" in lean
+    assert "100k" in lean and "4.00" in lean and "600" in lean  # three significant figures, any scale
     assert "never" in greedy
 
 
@@ -94,7 +94,7 @@ def test_the_accuracy_change_carries_its_noise_where_there_is_one(tmp_path) -> N
 def test_the_energy_saving_carries_its_noise_and_payback_follows_it(tmp_path) -> None:
     """The comparison read back from metrics/evaluate.json: a saving within twice its noise
     has no payback (`never`), one above it has; the report's cell shows the saving with its
-    noise in the column's own precision ('0.103±0.004')."""
+    noise to two significant figures of it, whatever the scale ('0.103±0.012', '0.00236±0.00012')."""
     import json
 
     from flows.report import comparison_rows
@@ -113,5 +113,9 @@ def test_the_energy_saving_carries_its_noise_and_payback_follows_it(tmp_path) ->
     payback = {row["model"]: row[names.PAYBACK_PREDICTIONS] for row in comparison_rows(ProjectPaths(tmp_path))}
     assert payback["fp16"] == float("inf") and payback["int8"] == pytest.approx(10.0 / (0.1 / 1000))
     assert payback["older"] == pytest.approx(10.0 / (0.003 / 1000), rel=1e-6)
-    row = {names.ENERGY_SAVED_PER_1K_J: 0.1034, names.ENERGY_SAVED_PER_1K_NOISE_J: 0.0041}
-    assert cell(names.ENERGY_SAVED_PER_1K_J, row) == "0.103±0.004"
+    row = {names.ENERGY_SAVED_PER_1K_J: 0.1034, names.ENERGY_SAVED_PER_1K_NOISE_J: 0.0123}
+    assert cell(names.ENERGY_SAVED_PER_1K_J, row) == "0.103±0.012"
+    # A tabular model's figures are a hundred times smaller: still two figures of the noise.
+    row = {names.ENERGY_SAVED_PER_1K_J: 0.002364, names.ENERGY_SAVED_PER_1K_NOISE_J: 0.000123}
+    assert cell(names.ENERGY_SAVED_PER_1K_J, row) == "0.00236±0.00012"
+    assert cell(names.ENERGY_SAVED_PER_1K_J, {names.ENERGY_SAVED_PER_1K_J: 0.0}) == "0.00"  # the baseline

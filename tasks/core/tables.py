@@ -60,7 +60,9 @@ class Column:
     render: Callable[[Any], str]
     justify: str = "right"
     noise: str | None = None  # the key of the figure's one standard error, shown after it: "-0.45±0.52"
-    noise_format: str = ".2f"
+    # How the noise is shown: a format, or None for two significant figures of it, the figure
+    # to the same decimal ("0.0893±0.0012", "0.00236±0.00012"): for figures of any scale.
+    noise_format: str | None = ".2f"
 
 
 # Row key -> how it is shown. Figures are keyed by their names in tasks.core.metric_names;
@@ -88,11 +90,11 @@ COLUMNS: dict[str, Column] = {
     names.NONZEROS: Column("non-zeros", _si),
     names.FLOPS: Column("FLOPs", _si),
     names.PEAK_MEMORY_MB: Column("peak MB", _number(".1f")),
-    names.ENERGY_PER_1K_J: Column("J / 1k", _number(".3f")),
-    names.ENERGY_PER_1K_BATCH1_J: Column("J / 1k (batch 1)", _number(".3f")),
+    names.ENERGY_PER_1K_J: Column("J / 1k", _number("#.3g")),
+    names.ENERGY_PER_1K_BATCH1_J: Column("J / 1k (batch 1)", _number("#.3g")),
     names.CO2E_PER_1K_G: Column("g CO2e / 1k", _number(".3g")),
-    names.ENERGY_SAVED_PER_1K_J: Column("saved J / 1k", _number(".3f"), noise=names.ENERGY_SAVED_PER_1K_NOISE_J,
-                                        noise_format=".3f"),
+    names.ENERGY_SAVED_PER_1K_J: Column("saved J / 1k", _number("#.3g"), noise=names.ENERGY_SAVED_PER_1K_NOISE_J,
+                                        noise_format=None),
     names.MAKE_ENERGY_J: Column("make J", _si),
     names.PAYBACK_PREDICTIONS: Column("payback (preds)", _payback),
     "gate": Column("gate", _text, "left"),
@@ -116,9 +118,12 @@ def cell(key: str, row: Mapping[str, Any]) -> str:
     column = COLUMNS[key]
     text = column.render(row.get(key))
     noise = row.get(column.noise) if column.noise else None
-    if text != "-" and _finite(noise) and noise > 0:
-        text += f"±{noise:{column.noise_format}}"
-    return text
+    if text == "-" or not _finite(noise) or noise <= 0:
+        return text
+    if column.noise_format is not None:
+        return f"{text}±{noise:{column.noise_format}}"
+    decimals = max(0, 1 - math.floor(math.log10(noise)))
+    return f"{row[key]:.{decimals}f}±{noise:.{decimals}f}"
 
 
 def times(ratio: Any, better: str, worse: str) -> str:
