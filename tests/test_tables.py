@@ -119,3 +119,6 @@ def test_the_energy_saving_carries_its_noise_and_payback_follows_it(tmp_path) ->
     row = {names.ENERGY_SAVED_PER_1K_J: 0.002364, names.ENERGY_SAVED_PER_1K_NOISE_J: 0.000123}
     assert cell(names.ENERGY_SAVED_PER_1K_J, row) == "0.00236±0.00012"
     assert cell(names.ENERGY_SAVED_PER_1K_J, {names.ENERGY_SAVED_PER_1K_J: 0.0}) == "0.00"  # the baseline
+    # A saving that rounds to nothing has no sign (an LSTM's unstructured pruning: -0.00002).
+    row = {names.ENERGY_SAVED_PER_1K_J: -0.00002, names.ENERGY_SAVED_PER_1K_NOISE_J: 0.0092}
+    assert cell(names.ENERGY_SAVED_PER_1K_J, row) == "0.0000±0.0092"

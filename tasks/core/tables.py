@@ -123,7 +123,8 @@ def cell(key: str, row: Mapping[str, Any]) -> str:
     if column.noise_format is not None:
         return f"{text}±{noise:{column.noise_format}}"
     decimals = max(0, 1 - math.floor(math.log10(noise)))
-    return f"{row[key]:.{decimals}f}±{noise:.{decimals}f}"
+    value = round(row[key], decimals) or 0.0  # no "-0.0000"
+    return f"{value:.{decimals}f}±{noise:.{decimals}f}"
 
 
 def times(ratio: Any, better: str, worse: str) -> str:
