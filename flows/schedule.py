@@ -19,7 +19,8 @@ What ``prefect.serve`` does that a service would notice (Prefect 3.8, measured):
 Here SIGTERM and Ctrl-C only ask the event loop to stop the runner (:class:`_StopSignals`);
 the runner stops from inside the loop with Prefect's own ``astop`` (the flow runs in
 progress stopped by serve's caller, :meth:`_Runner.cancel_all`), its services close in
-order, and the schedule is paused afterwards with a client of its own, however serving ended. A second signal ends serving at once. The runner's temporary files go into a folder
+order, and the schedule is paused afterwards with a client of its own, however serving
+ended. A second signal ends serving at once. The runner's temporary files go into a folder
 of this process's own, removed when serving ends.
 """
 

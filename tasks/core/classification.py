@@ -12,7 +12,9 @@ inside a 1-point accuracy budget: compression tends to cost the small, hard clas
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -83,6 +85,15 @@ def class_recall_problem(per_class: Mapping[str, Mapping[str, float]],
             f"{lost} of its {support} samples) > max_class_recall_drop {max_drop:.4f}")
 
 
+def paired_standard_error(reference: Any, values: Any) -> float:
+    """One standard error of the mean of ``values[i] - reference[i]`` (two measurements of
+    the same items, paired): ``sd(d) / sqrt(n)``; NaN for fewer than two pairs."""
+    paired = np.asarray(values, dtype=np.float64) - np.asarray(reference, dtype=np.float64)
+    if paired.size < 2:
+        return float("nan")
+    return float(paired.std(ddof=1) / np.sqrt(paired.size))
+
+
 def paired_change_noise(reference_right: np.ndarray, right: np.ndarray) -> tuple[float, int]:
     """One standard error of a model's accuracy change against a reference model scored on
     the same samples (a fraction), and the samples it rests on.
@@ -93,7 +104,7 @@ def paired_change_noise(reference_right: np.ndarray, right: np.ndarray) -> tuple
     ``sd(d) / sqrt(n)``. A split measures a change no finer than that. ``(nan, 0)`` for fewer
     than two samples.
     """
-    paired = np.asarray(right, dtype=np.float64) - np.asarray(reference_right, dtype=np.float64)
-    if paired.size < 2:
-        return float("nan"), 0
-    return float(paired.std(ddof=1) / np.sqrt(paired.size)), int(np.count_nonzero(paired))
+    noise = paired_standard_error(reference_right, right)
+    if math.isnan(noise):
+        return noise, 0
+    return noise, int(np.count_nonzero(np.asarray(right) != np.asarray(reference_right)))

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from tasks.core.classification import paired_standard_error
 from tasks.core.energy import EnergyMeter
 
 Predict = Callable[[np.ndarray], np.ndarray]
@@ -131,10 +132,7 @@ def paired_saving_noise(reference: Sequence[float], readings: Sequence[float]) -
     the two models' readings in pass ``i``, ``sd(d) / sqrt(n)``. NaN with fewer than two
     pairs (one reading per model measures no spread)."""
     n = min(len(reference), len(readings))
-    if n < 2:
-        return math.nan
-    differences = np.asarray(reference[:n], dtype=np.float64) - np.asarray(readings[:n], dtype=np.float64)
-    return float(differences.std(ddof=1) / math.sqrt(n))
+    return paired_standard_error(readings[:n], reference[:n])
 
 
 def time_models(
