@@ -29,16 +29,18 @@ def _ratio(numerator: Any, denominator: Any) -> float | None:
 
 def _payback(name: str, values: dict[str, Any], baseline: dict[str, Any]) -> float | None:
     """Predictions until the variant repays its making (inf: never); None for the baseline or
-    without energy figures (the file holds inf as null, so it is computed again here)."""
-    from tasks.evaluation.results import payback_predictions
-
+    without energy figures. The file holds inf as null: a null payback beside the figures it
+    comes from is `never`; a file from before the payback was a figure: computed here."""
     make, energy, reference = (values.get(names.MAKE_ENERGY_J), values.get(names.ENERGY_PER_1K_J),
                                baseline.get(names.ENERGY_PER_1K_J))
     if name == "baseline" or not all(isinstance(v, (int, float)) for v in (make, energy, reference)):
         return None
-    noise = values.get(names.ENERGY_SAVED_PER_1K_NOISE_J)  # absent from files of before it
-    return payback_predictions(float(make), float(reference) - float(energy),
-                               float(noise) if isinstance(noise, (int, float)) else math.nan)
+    if names.PAYBACK_PREDICTIONS in values:
+        payback = values[names.PAYBACK_PREDICTIONS]
+        return float(payback) if isinstance(payback, (int, float)) else math.inf
+    from tasks.evaluation.results import payback_predictions
+
+    return payback_predictions(float(make), float(reference) - float(energy))
 
 
 def _gate(name: str, values: dict[str, Any], champion: Any) -> str | None:

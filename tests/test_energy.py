@@ -10,6 +10,7 @@ tests can hold the estimate to its work within stated tolerances.
 from __future__ import annotations
 
 import math
+import os
 import time
 from pathlib import Path
 
@@ -67,6 +68,12 @@ def test_the_cpu_estimate_is_labelled_and_counts_cpu_time_not_waiting(meter: Ene
             break
     else:
         pytest.fail(f"twice the work gave {[round(t / o, 2) for o, t in pairs]} x the energy")
+    # A reading moves in steps of one clock tick of CPU time at the stated power (0.04 J here):
+    # the step the evaluate stage's energy noise is never taken below.
+    assert meter.resolution_j == pytest.approx(watts_per_thread / os.sysconf("SC_CLK_TCK"))
+    for reading in (value for pair in pairs for value in pair):
+        ticks = reading / meter.resolution_j
+        assert ticks == pytest.approx(round(ticks), abs=0.05), (reading, meter.resolution_j)
     cpu, before = _cpu_time_with_children(), meter.read()
     time.sleep(0.4)  # waiting costs (almost) nothing: no more than the CPU time spent meanwhile
     waited = (meter.read() - before).total - (_cpu_time_with_children() - cpu) * watts_per_thread
@@ -117,6 +124,7 @@ def test_a_meter_that_cannot_start_reads_unknown_and_says_why(monkeypatch: pytes
     broken = EnergyMeter()
     reading = broken.read()
     assert math.isnan(reading.total) and broken.source.startswith("unavailable (CodeCarbon could not start")
+    assert math.isnan(broken.resolution_j)
     with broken.excluded():  # the work around it goes on
         pass
     broken.close()
@@ -244,7 +252,53 @@ def test_a_saving_within_the_readings_noise_has_no_payback() -> None:
     assert math.isnan(results["baseline"].metrics[names.ENERGY_SAVED_PER_1K_NOISE_J])
     # Without readings (one pass) the noise is unknown and the saving is taken as it is.
     assert payback_predictions(600.0, 0.06) == pytest.approx(1e7)
-    assert payback_predictions(600.0, 0.06, 0.03) == math.inf and payback_predictions(600.0, 0.07, 0.03) < math.inf
+    assert payback_predictions(600.0, 0.06, 0.06) == math.inf and payback_predictions(600.0, 0.07, 0.06) < math.inf
+
+
+def test_a_saving_counts_only_beyond_its_95_percent_interval_and_the_meters_step() -> None:
+    """Measured: with five readings, variants that compute what the baseline computes (fp16,
+    unstructured pruning) read 2.2-2.9 standard errors of saving in 4 of 33 comparisons, and
+    in one run of ten every reading of a 0.1 s window showed the same count of 10 ms CPU
+    ticks, so the spread said 0. A saving now counts beyond Student's t (2.78 standard errors
+    for five readings), and the noise is never below what the meter's step allows."""
+    import numpy as np
+
+    from tasks.core import metric_names as names
+    from tasks.evaluation.results import ModelResult, add_ratios, saving_margin
+    from tasks.evaluation.timing import paired_saving_noise
+
+    assert saving_margin(0.01, 5) == pytest.approx(0.027764, rel=1e-4)  # t(4) at 97.5%
+    assert saving_margin(0.01, 30) == pytest.approx(0.020452, rel=1e-4)  # many readings: about 2
+    assert math.isnan(saving_margin(0.01, 1)) and math.isnan(saving_margin(math.nan, 5))
+
+    # The same tick count in every pass: no spread, but each reading is within a step of the truth.
+    step = 0.078  # one 10 ms tick at 4 W over 512 predictions, per 1k
+    assert paired_saving_noise([1.56] * 5, [1.48] * 5) == 0.0
+    assert paired_saving_noise([1.56] * 5, [1.48] * 5, step, step) == pytest.approx((2 * step ** 2 / 6 / 5) ** 0.5)
+    assert paired_saving_noise([1.5, 1.7, 1.4], [1.4, 1.4, 1.5], step, step) == pytest.approx(
+        np.std([0.1, 0.3, -0.1], ddof=1) / 3 ** 0.5)  # a spread above the floor stands
+
+    # The baseline's window holds 512 predictions (a tick is 0.078 J / 1k), a faster model's
+    # 2,048 (0.0195): a saving of two of its ticks in every pass is within the steps.
+    readings = {"baseline": [1.56] * 5, "two-ticks": [1.521] * 5, "t-within": [], "lean": [0.31] * 5}
+    steps = {"baseline": step, "two-ticks": step / 4, "t-within": step, "lean": step / 4}
+    differences = np.array([0.03, -0.01, 0.04, 0.0, 0.01])  # mean 0.014, 2.5 standard errors of it
+    readings["t-within"] = list(np.array(readings["baseline"]) - differences)
+
+    def model(name: str) -> ModelResult:
+        metrics = {names.ACCURACY: 0.9, names.SIZE_BYTES: 1000.0, names.LATENCY_P50_MS: 1.0,
+                   names.THROUGHPUT_SPS: 100.0, names.ENERGY_PER_1K_J: float(np.mean(readings[name])),
+                   names.MAKE_ENERGY_J: 60.0}
+        return ModelResult(name, Path(name), {}, metrics, np.zeros(1), np.zeros((1, 1)))
+
+    results = {name: model(name) for name in readings}
+    add_ratios(results, energy_readings=readings, energy_steps=steps)
+    payback = {name: r.metrics[names.PAYBACK_PREDICTIONS] for name, r in results.items() if name != "baseline"}
+    assert results["two-ticks"].metrics[names.ENERGY_SAVED_PER_1K_NOISE_J] == pytest.approx(
+        ((step ** 2 + (step / 4) ** 2) / 6 / 5) ** 0.5)
+    assert payback["two-ticks"] == math.inf  # 0.039 J / 1k saved in every pass: within the steps
+    assert payback["t-within"] == math.inf  # 2.5 standard errors: beyond 2, within t(4)'s 2.78
+    assert payback["lean"] == pytest.approx(60.0 / (1.25 / 1000))
 
 
 @pytest.mark.integration

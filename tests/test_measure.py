@@ -74,6 +74,9 @@ def test_energy_is_read_in_interleaved_passes_that_pair_the_models_readings() ->
         readings = timing.energy_readings_per_1k_j
         assert len(readings) == 3 and all(r >= 0 for r in readings)
         assert timing.summary()["energy_per_1k_j"] == pytest.approx(sum(readings) / 3)
+        # The meter's step over a reading's predictions, per 1k (0 for a hardware counter).
+        largest_step = 1000.0 * process_meter().resolution_j / 8  # a window of one batch of 8 at least
+        assert 0 < timing.energy_step_per_1k_j <= largest_step or process_meter().resolution_j == 0
 
     # The noise: sd of the paired differences / sqrt(n), NaN with one pair.
     assert paired_saving_noise([10.0, 11.0, 12.0], [9.0, 10.0, 11.0]) == pytest.approx(0.0)

@@ -92,9 +92,11 @@ def test_the_accuracy_change_carries_its_noise_where_there_is_one(tmp_path) -> N
 
 
 def test_the_energy_saving_carries_its_noise_and_payback_follows_it(tmp_path) -> None:
-    """The comparison read back from metrics/evaluate.json: a saving within twice its noise
-    has no payback (`never`), one above it has; the report's cell shows the saving with its
-    noise to two significant figures of it, whatever the scale ('0.103±0.012', '0.00236±0.00012')."""
+    """The comparison read back from metrics/evaluate.json shows the evaluate stage's payback:
+    `never` where the stage found no saving beyond its noise (inf is null in the file), its
+    figure elsewhere, recomputed only for a file from before it was a figure; the report's cell
+    shows the saving with its noise to two significant figures of it, whatever the scale
+    ('0.103±0.012', '0.00236±0.00012')."""
     import json
 
     from flows.report import comparison_rows
@@ -105,14 +107,16 @@ def test_the_energy_saving_carries_its_noise_and_payback_follows_it(tmp_path) ->
     figures = {"accuracy": 0.9, "make_energy_j": 10.0}
     (tmp_path / "metrics").mkdir()
     (tmp_path / "metrics" / "evaluate.json").write_text(json.dumps({
-        "baseline": {**figures, "energy_per_1k_j": 0.110},
-        "fp16": {**figures, "energy_per_1k_j": 0.107, "energy_saved_per_1k_noise_j": 0.002},  # 1.5 noise
-        "int8": {**figures, "energy_per_1k_j": 0.010, "energy_saved_per_1k_noise_j": 0.004},
-        "older": {**figures, "energy_per_1k_j": 0.107},  # written before the noise was: taken as it is
+        "baseline": {**figures, "energy_per_1k_j": 0.110, "payback_predictions": None},
+        "fp16": {**figures, "energy_per_1k_j": 0.105, "energy_saved_per_1k_noise_j": 0.002,  # 2.5 noise: within
+                 "payback_predictions": None},                                                # t(4)'s 2.78
+        "int8": {**figures, "energy_per_1k_j": 0.010, "energy_saved_per_1k_noise_j": 0.004,
+                 "payback_predictions": 100_000},
+        "older": {**figures, "energy_per_1k_j": 0.107},  # written before the payback was a figure
     }))
     payback = {row["model"]: row[names.PAYBACK_PREDICTIONS] for row in comparison_rows(ProjectPaths(tmp_path))}
-    assert payback["fp16"] == float("inf") and payback["int8"] == pytest.approx(10.0 / (0.1 / 1000))
-    assert payback["older"] == pytest.approx(10.0 / (0.003 / 1000), rel=1e-6)
+    assert payback == {"baseline": None, "fp16": float("inf"), "int8": 100_000,
+                       "older": pytest.approx(10.0 / (0.003 / 1000), rel=1e-6)}
     row = {names.ENERGY_SAVED_PER_1K_J: 0.1034, names.ENERGY_SAVED_PER_1K_NOISE_J: 0.0123}
     assert cell(names.ENERGY_SAVED_PER_1K_J, row) == "0.103±0.012"
     # A tabular model's figures are a hundred times smaller: still two figures of the noise.

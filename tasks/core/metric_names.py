@@ -88,7 +88,7 @@ ENERGY_SAVED_PER_1K_J = _figure(
 ENERGY_SAVED_PER_1K_NOISE_J = _figure(
     "energy_saved_per_1k_noise_j", "J",
     "one standard error of energy_saved_per_1k_j: this model's and the baseline's energy readings paired "
-    "(read in the same interleaved passes)",
+    "(read in the same interleaved passes), never below what the meter's step allows",
 )
 MAKE_ENERGY_J = _figure(
     "make_energy_j", "J",
@@ -99,7 +99,7 @@ MAKE_CO2E_G = _figure("make_co2e_g", "g", "CO2-equivalent of make_energy_j")
 PAYBACK_PREDICTIONS = _figure(
     "payback_predictions", "predictions",
     "predictions after which a variant's energy saved per prediction has repaid make_energy_j "
-    "(inf: it saves nothing measurable: no more than two standard errors of the saving)",
+    "(inf: it saves nothing measurable: the saving's 95% interval, Student's t over its readings, reaches zero)",
 )
 PASSED_GATE = _figure("passed_gate", "0/1", "1 when the model passes the evaluate gate")
 

@@ -108,7 +108,8 @@ CHANGE_NOISE_NOTE = ("Δ acc ±: one standard error of the change, paired with t
 
 # Under every table that shows the energy saving with its noise.
 SAVING_NOISE_NOTE = ("saved ±: one standard error of the saving, from the model's energy readings paired with the "
-                     "baseline's (read in the same passes); payback is `never` for a saving within two of them")
+                     "baseline's (read in the same passes; never below what the meter's step allows); payback is "
+                     "`never` for a saving whose 95% interval (Student's t over the readings) reaches zero")
 
 
 def cell(key: str, row: Mapping[str, Any]) -> str:

@@ -112,7 +112,8 @@ def measure_models(
         result.notes["memory"] = str(memory[name].get("method"))
         result.notes["energy"] = meter.source
         _add_energy(result, params.grid_co2e_g_per_kwh)
-    add_ratios(results, test.y, {name: timing.energy_readings_per_1k_j for name, timing in timings.items()})
+    add_ratios(results, test.y, {name: timing.energy_readings_per_1k_j for name, timing in timings.items()},
+               {name: timing.energy_step_per_1k_j for name, timing in timings.items()})
     settings = _settings(len(test.y), len(class_names), params, meter)
     if preprocessing.is_text:  # a text model's cost grows with the sequence: say which one was timed
         settings["sequence_length"] = int(preprocessing.input_shape[0])

@@ -70,8 +70,9 @@ def _methods(evaluation: Evaluation, data_digest: str | None) -> list[str]:
         "variant's steps from the baseline (its parent's included): training on the Horovod workers, "
         "calibration, quantization, export in the compress stage (each model's `make_energy` note says how "
         "it was measured). Payback: make_energy_j / (the baseline's energy per prediction - the variant's); "
-        "`never` when the variant saves nothing measurable: no more than two standard errors of the saving "
-        "(`energy_saved_per_1k_noise_j`: its energy readings and the baseline's, paired pass by pass).",
+        "`never` when the variant saves nothing measurable: the saving's 95% interval reaches zero (Student's t "
+        "times `energy_saved_per_1k_noise_j`, one standard error from its energy readings and the baseline's, "
+        "paired pass by pass, and never below what the meter's step allows).",
         f"Peak memory: {s['memory_method']}.",
         "Size × and speed ×: times smaller / faster (latency p50) than the baseline; samples/s ×: "
         "throughput / the baseline's. Per-class precision and recall: `per_class` in "

@@ -70,13 +70,15 @@ class Evaluation:
 
 
 def add_ratios(results: Mapping[str, ModelResult], y_true: np.ndarray | None = None,
-               energy_readings: Mapping[str, Sequence[float]] | None = None) -> None:
+               energy_readings: Mapping[str, Sequence[float]] | None = None,
+               energy_steps: Mapping[str, float] | None = None) -> None:
     """The figures relative to the baseline: accuracy change (points) and "times better" ratios;
     with the split's labels (``y_true``: the predictions' samples) also how finely the split
     measures each accuracy change, and with each model's energy readings (per 1k predictions,
-    read in the same passes) how finely the run measures each energy saving (NaN without)."""
+    read in the same passes; ``energy_steps``: the meter's step in those units) how finely
+    the run measures each energy saving (NaN without)."""
     base = results[BASELINE].metrics
-    readings = energy_readings or {}
+    readings, steps = energy_readings or {}, energy_steps or {}
     base_right = None if y_true is None else results[BASELINE].predictions == y_true
 
     def ratio(value: float, reference: float) -> float:
@@ -93,12 +95,14 @@ def add_ratios(results: Mapping[str, ModelResult], y_true: np.ndarray | None = N
         metrics[names.THROUGHPUT_GAIN_X] = ratio(metrics[names.THROUGHPUT_SPS], base[names.THROUGHPUT_SPS])
         saved = base.get(names.ENERGY_PER_1K_J, math.nan) - metrics.get(names.ENERGY_PER_1K_J, math.nan)
         metrics[names.ENERGY_SAVED_PER_1K_J] = saved
+        paired = min(len(readings.get(BASELINE, ())), len(readings.get(result.name, ())))
         noise = (math.nan if result.name == BASELINE
-                 else paired_saving_noise(readings.get(BASELINE, ()), readings.get(result.name, ())))
+                 else paired_saving_noise(readings.get(BASELINE, ()), readings.get(result.name, ()),
+                                          steps.get(BASELINE, 0.0), steps.get(result.name, 0.0)))
         metrics[names.ENERGY_SAVED_PER_1K_NOISE_J] = noise
         metrics[names.PAYBACK_PREDICTIONS] = (
             math.nan if result.name == BASELINE
-            else payback_predictions(metrics.get(names.MAKE_ENERGY_J, math.nan), saved, noise)
+            else payback_predictions(metrics.get(names.MAKE_ENERGY_J, math.nan), saved, saving_margin(noise, paired))
         )
         metrics[names.WORST_CLASS_RECALL_CHANGE_PTS] = worst_class_recall_change_pts(
             result.per_class, results[BASELINE].per_class)
@@ -115,23 +119,31 @@ def worst_class_recall_change_pts(per_class: Mapping[str, Mapping[str, float]],
     return round(min(changes), 6) if changes else math.nan
 
 
-# A saving no larger than this many standard errors of it may be the meter's noise: no payback.
-SAVING_NOISE_FACTOR = 2.0
+def saving_margin(noise_j: float, readings: int) -> float:
+    """How far above zero a saving must be to count: the half-width of its 95% interval,
+    Student's t with ``readings - 1`` degrees of freedom times ``noise_j`` (one standard
+    error). With five readings that is 2.78 standard errors, not 2: the noise is itself
+    estimated from five pairs. NaN without a noise or with fewer than two readings."""
+    if readings < 2 or not math.isfinite(noise_j):
+        return math.nan
+    from scipy.special import stdtrit  # only the evaluate stage's last step needs it (0.26 s to import)
+
+    return float(stdtrit(readings - 1, 0.975)) * noise_j
 
 
-def payback_predictions(make_energy_j: float, saved_per_1k_j: float, saved_noise_j: float = math.nan) -> float:
+def payback_predictions(make_energy_j: float, saved_per_1k_j: float, saved_margin_j: float = math.nan) -> float:
     """Predictions after which a variant has repaid the energy spent making it.
 
     ``make_energy_j``: what making it cost (from the trained baseline); ``saved_per_1k_j``:
-    the baseline's energy per 1,000 predictions minus the variant's; ``saved_noise_j``: one
-    standard error of that saving (NaN: not known). A variant that saves nothing, or
-    nothing beyond :data:`SAVING_NOISE_FACTOR` standard errors (a model that computes what
-    the baseline computes reads a few percent either side of it, run by run), never pays
-    back (inf); an unknown figure gives NaN.
+    the baseline's energy per 1,000 predictions minus the variant's; ``saved_margin_j``: how
+    far above zero the saving must be to count (:func:`saving_margin`; NaN: not known). A
+    variant that saves nothing, or no more than the margin (a model that computes what the
+    baseline computes reads a few percent either side of it, run by run), never pays back
+    (inf); an unknown figure gives NaN.
     """
     if math.isnan(make_energy_j) or math.isnan(saved_per_1k_j):
         return math.nan
-    if saved_per_1k_j <= 0 or (math.isfinite(saved_noise_j) and saved_per_1k_j <= SAVING_NOISE_FACTOR * saved_noise_j):
+    if saved_per_1k_j <= 0 or (math.isfinite(saved_margin_j) and saved_per_1k_j <= saved_margin_j):
         return math.inf
     return make_energy_j / (saved_per_1k_j / 1000.0)
 

@@ -60,7 +60,7 @@ def summary_table(evaluation: Evaluation) -> Table:
         f"{s['threads']} thread(s), p50/p95 at batch 1, samples/s at batch {s['throughput_batch']}"
         + (f", sequences of {s['sequence_length']} token ids" if "sequence_length" in s else "") + "; "
         f"energy at batch {s['throughput_batch']}: {s['energy_source']}; payback: predictions until a variant's "
-        f"energy saving repays its making (never: no saving beyond twice its noise); "
+        f"energy saving repays its making (never: no saving beyond its noise); "
         f"size × / speed × = times smaller / faster than the baseline; {CHANGE_NOISE_NOTE}. "
         + (promotion.reason if promotion else "")
     )

@@ -53,6 +53,7 @@ class Timing:
     batch1_energy_j: float = 0.0  # over `batch1_predictions` batch-1 calls
     batch1_predictions: int = 0
     energy_readings_per_1k_j: list[float] = field(default_factory=list)  # each throughput-batch reading, per 1k
+    energy_step_per_1k_j: float = 0.0  # the meter's least step in those readings' units (the largest of them)
 
     def summary(self) -> dict[str, float]:
         median_batch_s = float(np.median(self.batch_s))
@@ -124,15 +125,28 @@ def _measure_energy(
     timing.energy_j += used
     timing.predictions += calls * len(x_batch)
     timing.energy_readings_per_1k_j.append(1000.0 * used / (calls * len(x_batch)))
+    if math.isfinite(meter.resolution_j):
+        timing.energy_step_per_1k_j = max(timing.energy_step_per_1k_j,
+                                          1000.0 * meter.resolution_j / (calls * len(x_batch)))
 
 
-def paired_saving_noise(reference: Sequence[float], readings: Sequence[float]) -> float:
+def paired_saving_noise(reference: Sequence[float], readings: Sequence[float],
+                        reference_step: float = 0.0, step: float = 0.0) -> float:
     """One standard error of an energy saving (``reference`` - ``readings``, per 1k
     predictions), from readings taken in the same passes: with ``d_i`` the difference of
     the two models' readings in pass ``i``, ``sd(d) / sqrt(n)``. NaN with fewer than two
-    pairs (one reading per model measures no spread)."""
+    pairs (one reading per model measures no spread).
+
+    A meter that reads in steps (``reference_step``, ``step``: the CPU estimate's clock
+    tick, in the readings' units) is off by up to a step either way in each reading
+    (variance step² / 6), so the result is never below ``sqrt((reference_step² + step²) /
+    6 / n)``: five readings of a 0.1 s window often show the same number of ticks, and
+    their spread alone would then say the saving is exact."""
     n = min(len(reference), len(readings))
-    return paired_standard_error(readings[:n], reference[:n])
+    spread = paired_standard_error(readings[:n], reference[:n])
+    if math.isnan(spread):
+        return spread
+    return max(spread, math.sqrt((reference_step ** 2 + step ** 2) / 6.0 / n))
 
 
 def time_models(
