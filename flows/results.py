@@ -19,6 +19,7 @@ import io
 import json
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from flows.report import COMPARISON_COLUMNS, comparison_rows, gate_failures
@@ -81,7 +82,7 @@ def publish_result(
     if outcome.rows:
         outcome.champion = evaluated.get("champion")
         _log_result(paths, outcome, evaluated, decision, links)
-    outcome.lines = result_lines(outcome, decision, run_id)
+    outcome.lines = result_lines(outcome, decision, run_id, (paths.evaluation / "report.html").relative_to(paths.root))
     _prefect_artifacts(outcome, decision, run_id, links, results)
     return outcome
 
@@ -239,8 +240,11 @@ def _description(outcome: PipelineResult, decision: dict[str, Any], links: _Link
     return "\n\n".join(lines)
 
 
-def result_lines(outcome: PipelineResult, decision: dict[str, Any], run_id: str) -> list[str]:
-    """The closing lines of the flow run's log: the champion and its gains, the registry, the gate."""
+def result_lines(outcome: PipelineResult, decision: dict[str, Any], run_id: str,
+                 local_report: Path | str = "artifacts/evaluation/report.html") -> list[str]:
+    """The closing lines of the flow run's log: the champion and its gains, the registry, the
+    gate, and where the report is: the pipeline run's artifact and ``local_report``, the
+    project's own copy (a user looking for ``result/`` in the project found nothing)."""
     if not outcome.rows:
         return [f"result: no evaluation in this run (evaluate not selected); MLflow pipeline run {run_id}"]
     lines = [f"result: {_headline_word(outcome, decision)} {champion_sentence(outcome.champion, _figures(outcome))}"]
@@ -248,7 +252,8 @@ def result_lines(outcome: PipelineResult, decision: dict[str, Any], run_id: str)
     lines.append(f"result: {passing} of {len(outcome.rows)} models pass the gate; {decision.get('decision') or '-'}")
     if registered := _registered(decision):
         lines.append(f"result: registered {registered}")
-    lines.append(f"result: MLflow pipeline run {run_id} (report: result/report.html)")
+    lines.append(f"result: MLflow pipeline run {run_id} (report: its artifact result/report.html; "
+                 f"in the project: {local_report})")
     return lines
 
 

@@ -54,7 +54,8 @@ def test_the_flow_log_ends_with_the_result() -> None:
     assert lines[0].startswith("result: champion int8: accuracy 97.98%")
     assert "2 of 2 models pass the gate" in lines[1]
     assert "models:/slimflow-digits@champion = version 3" in lines[2]
-    assert lines[-1] == "result: MLflow pipeline run run-p (report: result/report.html)"
+    assert lines[-1] == ("result: MLflow pipeline run run-p (report: its artifact result/report.html; "
+                         "in the project: artifacts/evaluation/report.html)")
     assert result_lines(PipelineResult(), {}, "run-p")[0].startswith("result: no evaluation")
 
 
