@@ -94,7 +94,7 @@ def gate_failures(decision: Any) -> dict[str, str]:
 
 
 def comparison_table(rows: list[dict[str, Any]], title: str = "baseline vs. compressed variants") -> Any:
-    from tasks.core.tables import CHANGE_NOISE_NOTE, results_table
+    from tasks.core.tables import CHANGE_NOISE_NOTE, PAYBACK_NOTE, results_table
 
-    return results_table(rows, COMPARISON_COLUMNS, title=title, caption=CHANGE_NOISE_NOTE,
+    return results_table(rows, COMPARISON_COLUMNS, title=title, caption=f"{CHANGE_NOISE_NOTE}; {PAYBACK_NOTE}",
                          highlight=lambda row: row.get("gate") == "champion")

@@ -27,7 +27,7 @@ from tasks.core import metric_names as names
 from tasks.core.config import Params
 from tasks.core.dvc import Reproduced
 from tasks.core.paths import ProjectPaths
-from tasks.core.tables import CHANGE_NOISE_NOTE, COLUMNS, cell, times
+from tasks.core.tables import CHANGE_NOISE_NOTE, COLUMNS, PAYBACK_NOTE, cell, times
 
 log = logging.getLogger("slimflow.results")
 
@@ -371,7 +371,8 @@ def _prefect_artifacts(outcome: PipelineResult, decision: dict[str, Any], run_id
         create_table_artifact(
             key="variant-comparison", table=comparison_table(outcome.rows),
             description="Baseline and compressed variants on the test split: size × and speed × are times "
-                        f"smaller / faster than the baseline; {CHANGE_NOISE_NOTE}; gate: champion, pass or fail.",
+                        f"smaller / faster than the baseline; {CHANGE_NOISE_NOTE}; {PAYBACK_NOTE}; "
+                        "gate: champion, pass or fail.",
         )
     create_markdown_artifact(key="mlflow-runs", markdown=runs_markdown(outcome, decision, run_id, links, results),
                              description="The result and its MLflow runs")

@@ -66,6 +66,7 @@ def test_the_closing_comparison_shows_energy_and_payback(tmp_path) -> None:
     lean, greedy = (next(line for line in text.splitlines() if f" {name} " in line) for name in ("lean", "greedy"))
     assert "100k" in lean and "4.00" in lean and "600" in lean  # three significant figures, any scale
     assert "never" in greedy
+    assert "(never: no saving beyond its noise)" in " ".join(text.split())  # the caption says what it means
 
 
 def test_the_accuracy_change_carries_its_noise_where_there_is_one(tmp_path) -> None:

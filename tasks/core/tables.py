@@ -106,6 +106,10 @@ CHANGE_NOISE_NOTE = ("Δ acc ±: one standard error of the change, paired with t
                      "test samples (a change within about two of them may be chance)")
 
 
+# Under every table that shows the payback.
+PAYBACK_NOTE = "payback: predictions until a variant's energy saving repays its making (never: no saving beyond its noise)"
+
+
 # Under every table that shows the energy saving with its noise.
 SAVING_NOISE_NOTE = ("saved ±: one standard error of the saving, from the model's energy readings paired with the "
                      "baseline's (read in the same passes; never below what the meter's step allows); payback is "
