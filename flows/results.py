@@ -27,7 +27,7 @@ from tasks.core import metric_names as names
 from tasks.core.config import Params
 from tasks.core.dvc import Reproduced
 from tasks.core.paths import ProjectPaths
-from tasks.core.tables import CHANGE_NOISE_NOTE, COLUMNS, PAYBACK_NOTE, cell, times
+from tasks.core.tables import CHANGE_NOISE_NOTE, COLUMNS, PAYBACK_NOTE, cell, gains_sentence
 
 log = logging.getLogger("slimflow.results")
 
@@ -186,14 +186,7 @@ def champion_sentence(champion: str | None, figures: dict[str, Any]) -> str:
             f"{cell(names.SIZE_BYTES, figures)} KiB, latency p50 "
             f"{cell(names.LATENCY_P50_MS, figures)} ms"
         )
-    return (
-        f"{champion}: accuracy {cell(names.ACCURACY, figures)}% "
-        f"({cell(names.ACCURACY_CHANGE_PTS, figures)} pts), "
-        f"size {cell(names.SIZE_BYTES, figures)} KiB "
-        f"({times(figures.get(names.SIZE_REDUCTION_X), 'smaller', 'larger')}), "
-        f"latency p50 {cell(names.LATENCY_P50_MS, figures)} ms "
-        f"({times(figures.get(names.SPEEDUP_X), 'faster', 'slower')}) vs the baseline"
-    )
+    return f"{champion}: {gains_sentence(figures)}"
 
 
 def standing_decision(decision: dict[str, Any]) -> dict[str, Any]:

@@ -26,6 +26,23 @@ def test_the_champion_in_one_sentence() -> None:
     assert champion_sentence(None, {}) == "no champion: no model passes the gate"
 
 
+def test_the_report_and_the_flow_say_the_champions_gains_in_the_same_words() -> None:
+    """report.md's headline read '... (+0.81±0.99 pts vs the baseline), 9.5 KiB (8.42× smaller),
+    latency p50 0.058 ms (6.29× faster) than the baseline' while the flow said it otherwise."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from tasks.evaluation.report import headline
+    from tasks.evaluation.results import Evaluation, ModelResult
+
+    models = {row["model"]: ModelResult(row["model"], Path(row["model"]), {}, dict(row), np.zeros(1), np.zeros((1, 1)))
+              for row in ROWS}
+    evaluation = Evaluation(models, ("0", "1"), np.zeros(1), {}, champion="int8")
+    assert headline(evaluation) == f"**Champion: int8**: {champion_sentence('int8', ROWS[1]).split(': ', 1)[1]}."
+    assert headline(evaluation).endswith("latency p50 0.400 ms (2.00× slower) vs the baseline.")
+
+
 def test_the_comparison_artifact_is_formatted() -> None:
     table = comparison_table(ROWS)
     assert table[1]["model"] == "int8" and table[1]["gate"] == "champion"

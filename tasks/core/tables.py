@@ -141,6 +141,18 @@ def times(ratio: Any, better: str, worse: str) -> str:
     return f"{ratio:.2f}× {better}" if ratio >= 1 else f"{1 / ratio:.2f}× {worse}"
 
 
+def gains_sentence(figures: Mapping[str, Any]) -> str:
+    """A model's figures against the baseline in words, as every headline says them:
+    'accuracy 97.98% (+0.90±0.55 pts), size 19.5 KiB (4.00× smaller), latency p50 0.041 ms
+    (2.00× faster) vs the baseline' (``figures``: metric names to values, as a table row)."""
+    return (
+        f"accuracy {cell(names.ACCURACY, figures)}% ({cell(names.ACCURACY_CHANGE_PTS, figures)} pts), "
+        f"size {cell(names.SIZE_BYTES, figures)} KiB ({times(figures.get(names.SIZE_REDUCTION_X), 'smaller', 'larger')}), "
+        f"latency p50 {cell(names.LATENCY_P50_MS, figures)} ms "
+        f"({times(figures.get(names.SPEEDUP_X), 'faster', 'slower')}) vs the baseline"
+    )
+
+
 def results_table(
     rows: Sequence[Mapping[str, Any]],
     columns: Sequence[str],

@@ -15,7 +15,7 @@ from typing import Any
 
 from tasks.core import metric_names as names
 from tasks.core.config import EvaluateParams
-from tasks.core.tables import CHANGE_NOISE_NOTE, COLUMNS, SAVING_NOISE_NOTE, cell, times
+from tasks.core.tables import CHANGE_NOISE_NOTE, COLUMNS, SAVING_NOISE_NOTE, cell, gains_sentence
 from tasks.evaluation.results import BASELINE, Evaluation
 from tasks.evaluation.summary import DETAIL_COLUMNS, ENERGY_COLUMNS, HEADLINE_COLUMNS, summary_rows
 
@@ -37,19 +37,13 @@ def headline(evaluation: Evaluation) -> str:
     if not evaluation.champion:
         return f"**No champion**: no model passes the gate. {promotion.reason if promotion else ''}".strip()
     m = evaluation.models[evaluation.champion].metrics
-    shown = {key: cell(key, m) for key in COLUMNS if key in m}
     registered = (
         f" Registered as `{promotion.registered_model}` version {promotion.version} (@champion)."
         if promotion and promotion.version else ""
     )
     if evaluation.champion == BASELINE:
-        return f"**Champion: baseline** (accuracy {shown[names.ACCURACY]}%): no variant beats it within the gate.{registered}"
-    return (
-        f"**Champion: {evaluation.champion}**: accuracy {shown[names.ACCURACY]}% "
-        f"({shown[names.ACCURACY_CHANGE_PTS]} pts vs the baseline), {shown[names.SIZE_BYTES]} KiB "
-        f"({times(m.get(names.SIZE_REDUCTION_X), 'smaller', 'larger')}), latency p50 {shown[names.LATENCY_P50_MS]} ms "
-        f"({times(m.get(names.SPEEDUP_X), 'faster', 'slower')}) than the baseline.{registered}"
-    )
+        return f"**Champion: baseline** (accuracy {cell(names.ACCURACY, m)}%): no variant beats it within the gate.{registered}"
+    return f"**Champion: {evaluation.champion}**: {gains_sentence(m)}.{registered}"
 
 
 def _methods(evaluation: Evaluation, data_digest: str | None) -> list[str]:
