@@ -13,6 +13,7 @@ import math
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -192,22 +193,27 @@ def test_co2e_is_joules_at_the_grid_intensity() -> None:
     assert co2e_g(1000.0, 0.0) == 0.0
 
 
-def test_payback_matches_its_definition_on_a_constructed_example() -> None:
-    """Making the variant cost 600 J; it spends 4 J per 1,000 predictions where the baseline
-    spends 10 J: after 100,000 predictions both have cost the same (1,000 J)."""
+def _model_with_energy(name: str, energy_per_1k_j: float, make_energy_j: float) -> Any:
+    """A measured model with only the figures the energy ratios read."""
     import numpy as np
 
     from tasks.core import metric_names as names
+    from tasks.evaluation.results import ModelResult
+
+    metrics = {names.ACCURACY: 0.9, names.SIZE_BYTES: 1000.0, names.LATENCY_P50_MS: 1.0,
+               names.THROUGHPUT_SPS: 100.0, names.ENERGY_PER_1K_J: energy_per_1k_j, names.MAKE_ENERGY_J: make_energy_j}
+    return ModelResult(name, Path(name), {}, metrics, np.zeros(1), np.zeros((1, 1)))
+
+
+def test_payback_matches_its_definition_on_a_constructed_example() -> None:
+    """Making the variant cost 600 J; it spends 4 J per 1,000 predictions where the baseline
+    spends 10 J: after 100,000 predictions both have cost the same (1,000 J)."""
+    from tasks.core import metric_names as names
     from tasks.core.tables import COLUMNS
-    from tasks.evaluation.results import ModelResult, add_ratios, payback_predictions
+    from tasks.evaluation.results import add_ratios, payback_predictions
 
-    def model(name: str, energy_per_1k: float, make: float) -> ModelResult:
-        metrics = {names.ACCURACY: 0.9, names.SIZE_BYTES: 1000.0, names.LATENCY_P50_MS: 1.0,
-                   names.THROUGHPUT_SPS: 100.0, names.ENERGY_PER_1K_J: energy_per_1k, names.MAKE_ENERGY_J: make}
-        return ModelResult(name, Path(name), {}, metrics, np.zeros(1), np.zeros((1, 1)))
-
-    results = {"baseline": model("baseline", 10.0, 5000.0), "lean": model("lean", 4.0, 600.0),
-               "greedy": model("greedy", 12.0, 50.0)}
+    results = {"baseline": _model_with_energy("baseline", 10.0, 5000.0), "lean": _model_with_energy("lean", 4.0, 600.0),
+               "greedy": _model_with_energy("greedy", 12.0, 50.0)}
     add_ratios(results)
     lean = results["lean"].metrics
     assert lean[names.ENERGY_SAVED_PER_1K_J] == pytest.approx(6.0)
@@ -229,18 +235,11 @@ def test_a_saving_within_the_readings_noise_has_no_payback() -> None:
     import numpy as np
 
     from tasks.core import metric_names as names
-    from tasks.evaluation.results import ModelResult, add_ratios, payback_predictions
+    from tasks.evaluation.results import add_ratios, payback_predictions
 
     readings = {"baseline": [10.0, 10.4, 9.8, 10.2, 9.9], "same": [9.7, 10.5, 9.9, 9.8, 10.1],
                 "lean": [4.1, 4.0, 3.8, 4.2, 4.0]}
-
-    def model(name: str) -> ModelResult:
-        metrics = {names.ACCURACY: 0.9, names.SIZE_BYTES: 1000.0, names.LATENCY_P50_MS: 1.0,
-                   names.THROUGHPUT_SPS: 100.0, names.ENERGY_PER_1K_J: float(np.mean(readings[name])),
-                   names.MAKE_ENERGY_J: 600.0}
-        return ModelResult(name, Path(name), {}, metrics, np.zeros(1), np.zeros((1, 1)))
-
-    results = {name: model(name) for name in readings}
+    results = {name: _model_with_energy(name, float(np.mean(values)), 600.0) for name, values in readings.items()}
     add_ratios(results, energy_readings=readings)
     same, lean = results["same"].metrics, results["lean"].metrics
     assert same[names.ENERGY_SAVED_PER_1K_J] == pytest.approx(0.06)  # saves "something"...
@@ -264,7 +263,7 @@ def test_a_saving_counts_only_beyond_its_95_percent_interval_and_the_meters_step
     import numpy as np
 
     from tasks.core import metric_names as names
-    from tasks.evaluation.results import ModelResult, add_ratios, saving_margin
+    from tasks.evaluation.results import add_ratios, saving_margin
     from tasks.evaluation.timing import paired_saving_noise
 
     assert saving_margin(0.01, 5) == pytest.approx(0.027764, rel=1e-4)  # t(4) at 97.5%
@@ -280,24 +279,23 @@ def test_a_saving_counts_only_beyond_its_95_percent_interval_and_the_meters_step
 
     # The baseline's window holds 512 predictions (a tick is 0.078 J / 1k), a faster model's
     # 2,048 (0.0195): a saving of two of its ticks in every pass is within the steps.
-    readings = {"baseline": [1.56] * 5, "two-ticks": [1.521] * 5, "t-within": [], "lean": [0.31] * 5}
-    steps = {"baseline": step, "two-ticks": step / 4, "t-within": step, "lean": step / 4}
-    differences = np.array([0.03, -0.01, 0.04, 0.0, 0.01])  # mean 0.014, 2.5 standard errors of it
-    readings["t-within"] = list(np.array(readings["baseline"]) - differences)
-
-    def model(name: str) -> ModelResult:
-        metrics = {names.ACCURACY: 0.9, names.SIZE_BYTES: 1000.0, names.LATENCY_P50_MS: 1.0,
-                   names.THROUGHPUT_SPS: 100.0, names.ENERGY_PER_1K_J: float(np.mean(readings[name])),
-                   names.MAKE_ENERGY_J: 60.0}
-        return ModelResult(name, Path(name), {}, metrics, np.zeros(1), np.zeros((1, 1)))
-
-    results = {name: model(name) for name in readings}
-    add_ratios(results, energy_readings=readings, energy_steps=steps)
+    readings = {"baseline": [1.56] * 5, "two-ticks": [1.521] * 5, "lean": [0.31] * 5}
+    results = {name: _model_with_energy(name, float(np.mean(values)), 60.0) for name, values in readings.items()}
+    add_ratios(results, energy_readings=readings, energy_steps={"baseline": step, "two-ticks": step / 4, "lean": step / 4})
     payback = {name: r.metrics[names.PAYBACK_PREDICTIONS] for name, r in results.items() if name != "baseline"}
     assert results["two-ticks"].metrics[names.ENERGY_SAVED_PER_1K_NOISE_J] == pytest.approx(
         ((step ** 2 + (step / 4) ** 2) / 6 / 5) ** 0.5)
     assert payback["two-ticks"] == math.inf  # 0.039 J / 1k saved in every pass: within the steps
-    assert payback["t-within"] == math.inf  # 2.5 standard errors: beyond 2, within t(4)'s 2.78
+
+    # A saving of 0.02 J / 1k at 2.5 standard errors of its spread (a meter with no step):
+    # beyond 2, within t(4)'s 2.78.
+    differences = 0.02 + 0.0113 * np.array([1.0, -1.0, 2.0, 0.0, -2.0])
+    within = {"baseline": readings["baseline"], "t-within": list(np.array(readings["baseline"]) - differences)}
+    spread = {name: _model_with_energy(name, float(np.mean(values)), 60.0) for name, values in within.items()}
+    add_ratios(spread, energy_readings=within)
+    figures = spread["t-within"].metrics
+    z = figures[names.ENERGY_SAVED_PER_1K_J] / figures[names.ENERGY_SAVED_PER_1K_NOISE_J]
+    assert z == pytest.approx(2.5, abs=0.01) and figures[names.PAYBACK_PREDICTIONS] == math.inf
     assert payback["lean"] == pytest.approx(60.0 / (1.25 / 1000))
 
 
