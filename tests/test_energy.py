@@ -57,24 +57,32 @@ def test_the_cpu_estimate_is_labelled_and_counts_cpu_time_not_waiting(meter: Ene
 
     # CPU time comes in 10 ms ticks: windows of ~0.3 s and ~0.6 s keep that below ~7%. Like the
     # training runs below, a pair disturbed by other work may be repeated (TRAINING_ATTEMPTS).
+    # The figure is CPU time at the stated power (a reading itself costs a few ms of CPU), and
+    # twice the work reads about twice the energy. On a contended machine a pair can read 16%
+    # above its CPU time (CodeCarbon scales the CPU time by the ratio of two clocks' intervals;
+    # seen in about 1 of 5 runs of this test alone, not in full suites): such a pair is repeated too.
     pairs = []
     for _ in range(TRAINING_ATTEMPTS):
         (once, cpu_once), (twice, cpu_twice) = spent(6_000_000), spent(12_000_000)
         assert once > 0 and twice > 0
-        # The figure is CPU time at the stated power (a reading itself costs a few ms of CPU).
-        assert once == pytest.approx(cpu_once * watts_per_thread, rel=0.15), (once, cpu_once)
-        assert twice == pytest.approx(cpu_twice * watts_per_thread, rel=0.15), (twice, cpu_twice)
-        pairs.append((once, twice))
-        if SCALING[0] <= twice / once <= SCALING[1]:
+        pairs.append((round(once, 3), round(cpu_once * watts_per_thread, 3), round(twice, 3),
+                      round(cpu_twice * watts_per_thread, 3)))
+        follows_cpu_time = all(abs(joules - cpu * watts_per_thread) <= 0.15 * cpu * watts_per_thread
+                               for joules, cpu in ((once, cpu_once), (twice, cpu_twice)))
+        if follows_cpu_time and SCALING[0] <= twice / once <= SCALING[1]:
             break
     else:
-        pytest.fail(f"twice the work gave {[round(t / o, 2) for o, t in pairs]} x the energy")
-    # A reading moves in steps of one clock tick of CPU time at the stated power (0.04 J here):
-    # the step the evaluate stage's energy noise is never taken below.
+        pytest.fail(f"(metered J, CPU time x W) for once and twice the work: {pairs}")
+    # A short reading moves in steps of one clock tick of CPU time at the stated power (0.04 J
+    # here): the step the evaluate stage's energy noise is never taken below. (CodeCarbon
+    # scales the ticks by two clocks' intervals, a fraction of a percent apart: a 4.7 J
+    # reading was 118.4 steps, a 0.1 s one is within a tenth of a step of a whole number.)
     assert meter.resolution_j == pytest.approx(watts_per_thread / os.sysconf("SC_CLK_TCK"))
-    for reading in (value for pair in pairs for value in pair):
-        ticks = reading / meter.resolution_j
-        assert ticks == pytest.approx(round(ticks), abs=0.05), (reading, meter.resolution_j)
+    for _ in range(6):
+        before = meter.read()
+        _burn(1_000_000)  # about 0.1 s
+        steps = (meter.read() - before).total / meter.resolution_j
+        assert steps == pytest.approx(round(steps), abs=0.15), steps
     cpu, before = _cpu_time_with_children(), meter.read()
     time.sleep(0.4)  # waiting costs (almost) nothing: no more than the CPU time spent meanwhile
     waited = (meter.read() - before).total - (_cpu_time_with_children() - cpu) * watts_per_thread
