@@ -266,7 +266,7 @@ def test_a_saving_counts_only_beyond_its_95_percent_interval_and_the_meters_step
     """Measured: with five readings, variants that compute what the baseline computes (fp16,
     unstructured pruning) read 2.2-2.9 standard errors of saving in 4 of 33 comparisons, and
     in one run of ten every reading of a 0.1 s window showed the same count of 10 ms CPU
-    ticks, so the spread said 0. A saving now counts beyond Student's t (2.78 standard errors
+    ticks, so the spread said next to nothing. A saving now counts beyond Student's t (2.78 standard errors
     for five readings), and the noise is never below what the meter's step allows."""
     import numpy as np
 
