@@ -170,7 +170,7 @@ class EvaluateParams(_Strict):
     registered_model: str = Field(AUTO, min_length=1)
     # Seconds of back-to-back calls per model whose energy is read (batch 1, then the throughput
     # batch), read in `energy_readings` interleaved parts: their spread is the noise of an energy
-    # saving, and a saving within two of it has no payback.
+    # saving, and a saving whose 95% interval (Student's t over the parts) reaches zero has no payback.
     energy_window_s: float = Field(0.5, gt=0.0, le=60.0)
     energy_readings: int = Field(5, ge=1, le=100)
     # Grid carbon intensity (g CO2e per kWh) for the CO2e beside every energy figure. 475: the

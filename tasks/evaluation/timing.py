@@ -121,13 +121,12 @@ def _measure_energy(
     before = meter.read()
     for _ in range(calls):
         predict(x_batch)
-    used = (meter.read() - before).total
+    used, predictions = (meter.read() - before).total, calls * len(x_batch)
     timing.energy_j += used
-    timing.predictions += calls * len(x_batch)
-    timing.energy_readings_per_1k_j.append(1000.0 * used / (calls * len(x_batch)))
+    timing.predictions += predictions
+    timing.energy_readings_per_1k_j.append(1000.0 * used / predictions)
     if math.isfinite(meter.resolution_j):
-        timing.energy_step_per_1k_j = max(timing.energy_step_per_1k_j,
-                                          1000.0 * meter.resolution_j / (calls * len(x_batch)))
+        timing.energy_step_per_1k_j = max(timing.energy_step_per_1k_j, 1000.0 * meter.resolution_j / predictions)
 
 
 def paired_saving_noise(reference: Sequence[float], readings: Sequence[float],
