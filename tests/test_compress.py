@@ -317,6 +317,7 @@ def test_lstm_dynamic_int8_and_unstructured_pruning(baselines, tmp_path: Path) -
         {"name": "int8-dynamic", "steps": [{"method": "quantize", "mode": "dynamic", "runtime": "torch"}]},
         {"name": "int8-dynamic-ort", "steps": [{"method": "quantize", "mode": "dynamic", "runtime": "onnxruntime"}]},
         {"name": "pruned-l1-50", "steps": [{"method": "prune", "kind": "unstructured", "sparsity": 0.5}]},
+        {"name": "distilled-w0.5", "steps": [{"method": "distill", "student_width": 0.5, "epochs": 1}]},
     ]
     params, paths = _project(tmp_path, baselines, "lstm", variants)
     results = compress_variants(params, paths)
@@ -324,6 +325,10 @@ def test_lstm_dynamic_int8_and_unstructured_pruning(baselines, tmp_path: Path) -
     by_name = {r.name: r for r in results}
     for result in results:
         _assert_round_trip(result, _x_test(paths))
+    # The half-width lstm student started from its teacher's strongest units, loaded by the workers.
+    student = by_name["distilled-w0.5"].manifest
+    assert student["model_spec"]["width"] == 0.5 and student["parameters"] < 0.4 * baseline["parameters"]
+    assert student["training"][0]["student_start"] == "teacher-pruned"
     # The LSTM's weights are quantized (not only the head): the file shrinks well.
     assert by_name["int8-dynamic"].manifest["size_bytes"] < 0.5 * baseline["size_bytes"]
     assert by_name["int8-dynamic-ort"].manifest["size_bytes"] < 0.5 * baseline["size_bytes"]
@@ -365,17 +370,59 @@ def test_a_narrower_student_starts_from_its_teachers_strongest_channels(
     assert kept == sorted(set(kept))  # distinct rows of the teacher, in its order
 
 
+@pytest.mark.parametrize("spec, input_shape, tokens", [
+    ({"family": "gru", "rnn_hidden": 8}, (12, 3), False),  # sequences (T, F)
+    ({"family": "lstm", "rnn_hidden": 8, "rnn_layers": 2}, (1, 6, 5), False),  # an image, row by row
+    ({"family": "lstm", "rnn_hidden": 8, "embed_dim": 8, "vocab_size": 30}, (7,), True),  # token ids
+])
+def test_a_recurrent_student_starts_from_its_teachers_strongest_units(
+    spec: dict[str, Any], input_shape: tuple[int, ...], tokens: bool,
+) -> None:
+    """``student_init: auto`` on an lstm/gru: the half-width student is its teacher with the
+    weakest hidden units (and embedding dimensions) removed. Units that carry nothing (every
+    weight in and out zero) are the ones removed, and the student then computes exactly what
+    its teacher does; its weights load strictly into the model the workers build."""
+    from tasks.compression.distillation import student_spec, teacher_start
+
+    teacher = _candidate(spec, input_shape)
+    rnn, dead = teacher.module.rnn, [1, 2, 4, 7]  # 4 of 8 units, in every layer
+    gates = 4 if isinstance(rnn, torch.nn.LSTM) else 3
+    rows = [gate * 8 + unit for gate in range(gates) for unit in dead]
+    with torch.no_grad():
+        for layer in range(rnn.num_layers):
+            for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                getattr(rnn, f"{name}_l{layer}")[rows] = 0
+            getattr(rnn, f"weight_hh_l{layer}")[:, dead] = 0
+            if layer + 1 < rnn.num_layers:
+                getattr(rnn, f"weight_ih_l{layer + 1}")[:, dead] = 0
+        teacher.module.head.weight[:, dead] = 0
+        if tokens:  # embedding dimensions 0-3 unused
+            teacher.module.embedding.weight[:, :4] = 0
+            rnn.weight_ih_l0[:, :4] = 0
+    student = student_spec(teacher.spec, None, 0.5)
+    x = torch.randint(1, 30, (5, *input_shape)).float() if tokens else torch.randn(5, *input_shape)
+    start = teacher_start(teacher, student, x[:2])
+    assert start is not None and start.spec == student
+    assert start.module.rnn.hidden_size == 4
+    build_model(student, input_shape, 10).load_state_dict(start.module.state_dict())  # strict
+    with torch.no_grad():
+        torch.testing.assert_close(start.module(x), teacher.module(x))
+
+
 def test_other_students_start_from_random_weights() -> None:
-    """Another family, a recurrent or transformer student, or one wider than its teacher: no
-    teacher start (the distillation starts from random weights, as ``student_init: random``)."""
+    """Another family, a transformer student, or one wider than its teacher: no teacher
+    start (the distillation starts from random weights, as ``student_init: random``)."""
     from tasks.compression.distillation import student_spec, teacher_start
 
     cnn = _candidate({"family": "cnn", "channels": [16, 32]}, (1, 8, 8))
     example = torch.randn(2, 1, 8, 8)
     assert teacher_start(cnn, student_spec(cnn.spec, "mlp", None), example) is None
     assert teacher_start(cnn, student_spec(cnn.spec, None, 2.0), example) is None
-    lstm = _candidate({"family": "lstm", "rnn_hidden": 32}, (8, 8))
-    assert teacher_start(lstm, student_spec(lstm.spec, None, 0.5), torch.randn(2, 8, 8)) is None
+    gru = _candidate({"family": "gru", "rnn_hidden": 32}, (8, 8))
+    assert teacher_start(gru, student_spec(gru.spec, "lstm", None), torch.randn(2, 8, 8)) is None
+    assert teacher_start(gru, student_spec(gru.spec, None, 2.0), torch.randn(2, 8, 8)) is None
+    transformer = _candidate({"family": "transformer", "embed_dim": 16, "heads": 2, "ffn_dim": 16}, (1, 8, 8))
+    assert teacher_start(transformer, student_spec(transformer.spec, None, 0.5), example) is None
 
 
 @pytest.mark.integration

@@ -5,6 +5,8 @@ its size falls only when stored compressed, so a pruned variant is reported by i
 non-zeros and stored gzip-compressed. Structured pruning removes whole channels / units
 so the dense model is genuinely smaller and faster; the new widths are read back into a
 :class:`~models.spec.ModelSpec`, so the pruned model is an ordinary model of its family.
+An lstm/gru is narrowed here without torch-pruning (:func:`narrow_recurrent`): a hidden
+unit is a row in every gate block of its layer's stacked weights.
 
 Both prune in this process (seconds); their fine-tuning runs on the Horovod loop
 (:mod:`tasks.compression.fine_tuning`): unstructured with the masks returned here, held
@@ -20,6 +22,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
+from models.factory import build_model
 from models.spec import ModelSpec
 from tasks.compression.candidate import Candidate, rebuild
 from tasks.compression.weights import prunable_weights, weight_sparsity
@@ -142,6 +145,57 @@ def prune_structured(
     after = sum(p.numel() for p in module.parameters())
     log.info("structured pruning: %d -> %d parameters (%s)", before, after, _widths(spec))
     return candidate.changed(module, spec=spec)
+
+
+# Gate blocks stacked in a recurrent layer's weights (rows of weight_ih/weight_hh, biases).
+RECURRENT_GATES = {nn.LSTM: 4, nn.GRU: 3}
+
+
+def narrow_recurrent(candidate: Candidate, spec: ModelSpec) -> Candidate | None:
+    """An lstm/gru ``candidate`` narrowed to ``spec``'s hidden size (and, with token inputs, its
+    embedding width): in every layer the hidden units of least L1 weight are removed (each
+    unit's rows in every gate, input and recurrent, and the columns that read it: the
+    recurrent weights, the next layer's, the head's), and the embedding dimensions the
+    first layer uses least. The kept units keep their order, so the result computes what
+    the candidate's strongest units compute. None where ``spec`` is not a narrower model of
+    the candidate's family and depth."""
+    teacher = candidate.module
+    student = build_model(spec, candidate.input_shape, candidate.num_classes)
+    if type(student.rnn) is not type(teacher.rnn) or student.rnn.num_layers != teacher.rnn.num_layers \
+            or (student.embedding is None) != (teacher.embedding is None) \
+            or student.rnn.hidden_size > teacher.rnn.hidden_size or student.rnn.input_size > teacher.rnn.input_size:
+        return None
+    gates, hidden = RECURRENT_GATES[type(teacher.rnn)], teacher.rnn.hidden_size
+    weights = {name: value.detach() for name, value in teacher.state_dict().items()}
+
+    def rows(units: torch.Tensor) -> torch.Tensor:  # a unit's row in every gate block
+        return torch.cat([gate * hidden + units for gate in range(gates)])
+
+    def strongest(importance: torch.Tensor, keep: int) -> torch.Tensor:
+        return importance.topk(keep).indices.sort().values
+
+    def by_unit(weight: torch.Tensor) -> torch.Tensor:  # the L1 of each unit's rows, all gates
+        return weight.abs().sum(1).reshape(gates, hidden).sum(0)
+
+    kept: dict[str, torch.Tensor] = {}
+    inputs = None  # the input features the layer reads (None: all of them)
+    if teacher.embedding is not None:
+        embedding, first = weights["embedding.weight"], weights["rnn.weight_ih_l0"]
+        inputs = strongest(embedding.abs().sum(0) + first.abs().sum(0), student.rnn.input_size)
+        kept["embedding.weight"] = embedding[:, inputs]
+    for layer in range(teacher.rnn.num_layers):
+        w_ih, w_hh = weights[f"rnn.weight_ih_l{layer}"], weights[f"rnn.weight_hh_l{layer}"]
+        reader = weights[f"rnn.weight_ih_l{layer + 1}"] if layer + 1 < teacher.rnn.num_layers else weights["head.weight"]
+        importance = by_unit(w_ih) + by_unit(w_hh) + w_hh.abs().sum(0) + reader.abs().sum(0)
+        units = strongest(importance, student.rnn.hidden_size)
+        kept[f"rnn.weight_ih_l{layer}"] = w_ih[rows(units)] if inputs is None else w_ih[rows(units)][:, inputs]
+        kept[f"rnn.weight_hh_l{layer}"] = w_hh[rows(units)][:, units]
+        for bias in (f"rnn.bias_ih_l{layer}", f"rnn.bias_hh_l{layer}"):
+            kept[bias] = weights[bias][rows(units)]
+        inputs = units
+    kept["head.weight"], kept["head.bias"] = weights["head.weight"][:, inputs], weights["head.bias"]
+    student.load_state_dict(kept)
+    return candidate.changed(student, spec=spec)
 
 
 def _transformer_pruner(module: nn.Module, example: torch.Tensor, sparsity: float):  # noqa: ANN202 - tp.pruner.MetaPruner

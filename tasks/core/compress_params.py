@@ -151,7 +151,7 @@ class DistillStep(_Strict):
         return self.student_width == "auto"
 
     student_init: Literal["auto", "random"] = Field(
-        "auto", description="auto: a narrower cnn or mlp of the teacher's family starts from the teacher's own "
+        "auto", description="auto: a narrower cnn, mlp, lstm or gru of the teacher's family starts from the teacher's own "
         "weights, its least important channels / units (L1) removed down to the student's widths; other "
         "students, and random, start from random weights"
     )
