@@ -17,6 +17,8 @@ ModelFamily = Literal["mlp", "cnn", "lstm", "gru", "transformer"]
 MODEL_FAMILIES: tuple[str, ...] = get_args(ModelFamily)
 # The families that read token ids (text): lstm/gru through an embedding front end.
 TOKEN_FAMILIES: tuple[str, ...] = ("lstm", "gru", "transformer")
+# The recurrent families (:class:`models.rnn.RecurrentClassifier`).
+RECURRENT_FAMILIES: tuple[str, ...] = ("lstm", "gru")
 
 Size = Annotated[int, Field(ge=1)]
 
@@ -85,4 +87,4 @@ def families_reading(input_shape: Sequence[int], tokens: bool = False) -> tuple[
                  if input_problem(ModelSpec(family=family, vocab_size=2 if tokens else None), input_shape) is None)
 
 
-__all__ = ["MODEL_FAMILIES", "TOKEN_FAMILIES", "ModelFamily", "ModelSpec", "families_reading", "input_problem"]
+__all__ = ["MODEL_FAMILIES", "RECURRENT_FAMILIES", "TOKEN_FAMILIES", "ModelFamily", "ModelSpec", "families_reading", "input_problem"]

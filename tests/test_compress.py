@@ -312,12 +312,14 @@ def test_structured_pruning_of_an_mlp(baselines, tmp_path: Path) -> None:
         _assert_round_trip(result, _x_test(paths))
 
 
-def test_lstm_dynamic_int8_and_unstructured_pruning(baselines, tmp_path: Path) -> None:
+def test_lstm_dynamic_int8_pruning_and_distillation(baselines, tmp_path: Path) -> None:
     variants = [
         {"name": "int8-dynamic", "steps": [{"method": "quantize", "mode": "dynamic", "runtime": "torch"}]},
         {"name": "int8-dynamic-ort", "steps": [{"method": "quantize", "mode": "dynamic", "runtime": "onnxruntime"}]},
         {"name": "pruned-l1-50", "steps": [{"method": "prune", "kind": "unstructured", "sparsity": 0.5}]},
         {"name": "distilled-w0.5", "steps": [{"method": "distill", "student_width": 0.5, "epochs": 1}]},
+        {"name": "pruned-structured-50", "steps": [
+            {"method": "prune", "kind": "structured", "sparsity": 0.5, "fine_tune_epochs": 1}]},
     ]
     params, paths = _project(tmp_path, baselines, "lstm", variants)
     results = compress_variants(params, paths)
@@ -329,6 +331,10 @@ def test_lstm_dynamic_int8_and_unstructured_pruning(baselines, tmp_path: Path) -
     student = by_name["distilled-w0.5"].manifest
     assert student["model_spec"]["width"] == 0.5 and student["parameters"] < 0.4 * baseline["parameters"]
     assert student["training"][0]["student_start"] == "teacher-pruned"
+    # Structured pruning: half the hidden units gone, a smaller dense lstm fine-tuned by the workers.
+    structured = by_name["pruned-structured-50"].manifest
+    assert structured["model_spec"]["rnn_hidden"] == 16 and structured["model_spec"]["width"] == 1.0
+    assert structured["parameters"] < 0.4 * baseline["parameters"] and structured["sparsity"] == 0
     # The LSTM's weights are quantized (not only the head): the file shrinks well.
     assert by_name["int8-dynamic"].manifest["size_bytes"] < 0.5 * baseline["size_bytes"]
     assert by_name["int8-dynamic-ort"].manifest["size_bytes"] < 0.5 * baseline["size_bytes"]
@@ -407,6 +413,27 @@ def test_a_recurrent_student_starts_from_its_teachers_strongest_units(
     build_model(student, input_shape, 10).load_state_dict(start.module.state_dict())  # strict
     with torch.no_grad():
         torch.testing.assert_close(start.module(x), teacher.module(x))
+
+
+@pytest.mark.parametrize("spec, input_shape", [
+    ({"family": "gru", "rnn_hidden": 32, "rnn_layers": 2}, (12, 3)),
+    ({"family": "lstm", "rnn_hidden": 32, "embed_dim": 16, "vocab_size": 30, "width": 0.5}, (7,)),
+])
+def test_structured_pruning_of_a_recurrent_model_removes_hidden_units_of_every_layer(
+    spec: dict[str, Any], input_shape: tuple[int, ...],
+) -> None:
+    """``kind: structured`` on an lstm/gru: ``sparsity`` of each layer's hidden units gone (a
+    token model's embedding keeps its width); the spec states the sizes at width 1 and
+    rebuilds the pruned model exactly."""
+    from tasks.compression.pruning import prune_structured
+
+    model = _candidate(spec, input_shape)
+    hidden = model.module.rnn.hidden_size
+    pruned = prune_structured(model, 0.75, torch.randn(2, *input_shape))
+    assert pruned.module.rnn.hidden_size == pruned.spec.rnn_hidden == hidden // 4
+    assert pruned.module.rnn.num_layers == model.module.rnn.num_layers and pruned.spec.width == 1.0
+    assert pruned.module.rnn.input_size == model.module.rnn.input_size
+    build_model(pruned.spec, input_shape, 10).load_state_dict(pruned.module.state_dict())  # strict
 
 
 def test_other_students_start_from_random_weights() -> None:
@@ -511,10 +538,6 @@ BAD_RECIPES = [
     ([{"name": "v", "steps": [{"method": "distill"}]}], "cnn", [f"{V1}.steps.1(distill):", "student_width"]),
     ([{"name": "v", "steps": [{"method": "distill", "student_family": "rnn"}]}], "cnn",
      [f"{V1}.steps.1(distill).student_family:", "'mlp', 'cnn', 'lstm', 'gru' or 'transformer'", "got 'rnn'"]),
-    ([{"name": "v", "steps": [{"method": "prune", "kind": "structured", "sparsity": 0.5}]}], "lstm",
-     [f"{V1}.steps.1(prune):", "structured", "lstm"]),
-    ([{"name": "v", "steps": [{"method": "prune", "kind": "structured", "sparsity": 0.5}]}], "gru",
-     [f"{V1}.steps.1(prune):", "gru"]),
     ([{"name": "v", "steps": [STATIC]}], "lstm", [f"{V1}.steps.1(quantize):", "static", "mode: dynamic"]),
     ([{"name": "v", "steps": [{"method": "quantize", "mode": "qat", "runtime": "torch", "fine_tune_epochs": 1}]}], "gru",
      [f"{V1}.steps.1(quantize):", "mode: dynamic"]),
@@ -559,12 +582,12 @@ def test_a_step_that_does_not_suit_the_model_family_is_refused_before_any_stage(
     """``slimflow run`` and the flow call check_pipeline: the family rules, named like params errors."""
     from tasks.compression.recipes import check_pipeline
 
-    raw = _params([{"name": "ok", "steps": [{"method": "half"}]},
-                   {"name": "rnn-structured", "steps": [{"method": "prune", "kind": "structured", "sparsity": 0.5}]}],
+    raw = _params([{"name": "ok", "steps": [{"method": "prune", "kind": "structured", "sparsity": 0.5}]},
+                   {"name": "rnn-static", "steps": [STATIC]}],
                   family="lstm")
     with pytest.raises(ParamsError) as caught:
         check_pipeline(validate_params(raw))
-    assert str(caught.value).startswith("params.yaml: compress.variants.2(rnn-structured).steps.1(prune): structured")
+    assert str(caught.value).startswith("params.yaml: compress.variants.2(rnn-static).steps.1(quantize): static int8")
     check_pipeline(validate_params(_params(raw["compress"]["variants"], family="cnn")))
 
 
@@ -714,7 +737,7 @@ def test_families_limit_a_variant_and_its_children() -> None:
     compress = validate_params(raw).compress
     assert [v.name for v in selected_variants(compress, "lstm")] == ["fp16"]
     assert [v.name for v in selected_variants(compress, "cnn")] == ["structured", "structured-int8", "fp16"]
-    check_recipes(compress, "lstm")  # the structured recipe is not made for an lstm, so not refused
+    check_recipes(compress, "lstm")  # not made for an lstm, so its static int8 child is not refused
 
 
 def test_the_stage_starts_its_workers_at_once_only_when_a_variant_made_for_the_baseline_trains() -> None:
@@ -740,14 +763,13 @@ def test_the_stage_starts_its_workers_at_once_only_when_a_variant_made_for_the_b
 
 
 def test_cli_refuses_a_bad_recipe_before_any_work(baselines, tmp_path: Path, monkeypatch, capsys, mlflow_uri) -> None:
-    variants = [{"name": "ok", "steps": [{"method": "half"}]},
-                {"name": "rnn-only", "steps": [{"method": "prune", "kind": "structured", "sparsity": 0.5}]}]
+    variants = [{"name": "ok", "steps": [{"method": "half"}]}, {"name": "not-for-rnn", "steps": [STATIC]}]
     _, paths = _project(tmp_path, baselines, "lstm", variants)
     monkeypatch.setenv("SLIMFLOW_ROOT", str(paths.root))
     assert main([]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err
-    assert err[0].startswith("error: compress: params.yaml: compress.variants.2(rnn-only).steps.1(prune): structured pruning")
+    assert err[0].startswith("error: compress: params.yaml: compress.variants.2(not-for-rnn).steps.1(quantize): static int8")
     assert not paths.compressed.exists()
     assert sorted(p.name for p in paths.artifacts.iterdir()) == ["model"]
     assert not (tmp_path / "mlflow.db").exists()

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from models.factory import build_model, count_parameters
-from models.spec import ModelSpec
+from models.spec import RECURRENT_FAMILIES, ModelSpec
 from tasks.compression import fine_tuning
 from tasks.compression.candidate import Candidate
 from tasks.compression.fine_tuning import TrainingStep, Trained
@@ -35,8 +35,7 @@ from tasks.core.model_files import load_eager_model
 
 # Families whose students can start from their teacher's pruned weights: structured
 # pruning narrows every layer of these alike (a transformer's residual width stays).
-TEACHER_STARTS = ("cnn", "mlp", "lstm", "gru")
-RECURRENT = ("lstm", "gru")
+TEACHER_STARTS = ("cnn", "mlp", *RECURRENT_FAMILIES)
 
 log = logging.getLogger("slimflow.compress")
 
@@ -56,7 +55,7 @@ def teacher_start(candidate: Candidate, spec: ModelSpec, example: torch.Tensor) 
     teacher's family in :data:`TEACHER_STARTS`, or its layers do not line up with them."""
     if spec.family != candidate.spec.family or spec.family not in TEACHER_STARTS:
         return None
-    if spec.family in RECURRENT:
+    if spec.family in RECURRENT_FAMILIES:
         return narrow_recurrent(candidate, spec)
     student = build_model(spec, candidate.input_shape, candidate.num_classes)
     widths, teacher_widths = layer_widths(student), layer_widths(candidate.module)

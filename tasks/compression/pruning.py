@@ -6,7 +6,9 @@ non-zeros and stored gzip-compressed. Structured pruning removes whole channels 
 so the dense model is genuinely smaller and faster; the new widths are read back into a
 :class:`~models.spec.ModelSpec`, so the pruned model is an ordinary model of its family.
 An lstm/gru is narrowed here without torch-pruning (:func:`narrow_recurrent`): a hidden
-unit is a row in every gate block of its layer's stacked weights.
+unit is a row in every gate block of its layer's stacked weights; structured pruning
+removes units of every layer, and a distillation student starts from the teacher's
+strongest units.
 
 Both prune in this process (seconds); their fine-tuning runs on the Horovod loop
 (:mod:`tasks.compression.fine_tuning`): unstructured with the masks returned here, held
@@ -23,7 +25,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 from models.factory import build_model
-from models.spec import ModelSpec
+from models.spec import RECURRENT_FAMILIES, ModelSpec
 from tasks.compression.candidate import Candidate, rebuild
 from tasks.compression.weights import prunable_weights, weight_sparsity
 
@@ -115,8 +117,12 @@ def prune_structured(
     (the others keep theirs; ``sparsity`` is then ignored).
 
     The classifier keeps its outputs; torch-pruning follows the dependencies (batch norm,
-    the next layer's inputs) so the result is a smaller dense model.
+    the next layer's inputs) so the result is a smaller dense model. An lstm/gru loses
+    ``sparsity`` of the hidden units of every layer (:func:`narrow_recurrent`; ``widths``
+    does not apply to it).
     """
+    if candidate.spec.family in RECURRENT_FAMILIES:
+        return _prune_recurrent_units(candidate, sparsity)
     import torch_pruning as tp
 
     module = candidate.fresh_module()
@@ -145,6 +151,21 @@ def prune_structured(
     after = sum(p.numel() for p in module.parameters())
     log.info("structured pruning: %d -> %d parameters (%s)", before, after, _widths(spec))
     return candidate.changed(module, spec=spec)
+
+
+def _prune_recurrent_units(candidate: Candidate, sparsity: float) -> Candidate:
+    rnn = candidate.module.rnn
+    keep = max(1, round(rnn.hidden_size * (1.0 - sparsity)))
+    # width 1: the spec states the actual sizes (a token model's embedding keeps its width).
+    spec = candidate.spec.spec(rnn_hidden=keep, embed_dim=rnn.input_size, width=1.0) \
+        if candidate.module.embedding is not None else candidate.spec.spec(rnn_hidden=keep, width=1.0)
+    pruned = narrow_recurrent(candidate, spec)
+    if pruned is None:  # cannot happen: the same family and depth, no wider
+        raise ValueError(f"structured pruning: cannot narrow the {candidate.spec.family} to {keep} hidden units")
+    log.info("structured pruning: %d -> %d parameters (hidden units %d -> %d per layer)",
+             sum(p.numel() for p in candidate.module.parameters()), sum(p.numel() for p in pruned.module.parameters()),
+             rnn.hidden_size, keep)
+    return pruned
 
 
 # Gate blocks stacked in a recurrent layer's weights (rows of weight_ih/weight_hh, biases).

@@ -4,8 +4,8 @@ A variant is a sequence of steps applied in order to its parent (the trained bas
 or a variant defined earlier in the list), so its full recipe is its parent's recipe
 followed by its own steps. What a recipe needs regardless of the model (each method's
 settings, the step order, parents, unique names) is checked when ``params.yaml`` is
-loaded (:mod:`tasks.core.config`). What depends on the model family (no structured
-pruning of an LSTM, no static int8 of a GRU...) is checked here, once the family is
+loaded (:mod:`tasks.core.config`). What depends on the model family (no static int8 of
+a GRU, no quantization-aware training of an LSTM...) is checked here, once the family is
 known: the compress stage passes the baseline's, :func:`check_pipeline` passes
 ``train.model.family`` to fail before training.
 
@@ -17,16 +17,13 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from models.spec import TOKEN_FAMILIES, ModelSpec, families_reading, input_problem
+from models.spec import RECURRENT_FAMILIES, TOKEN_FAMILIES, ModelSpec, families_reading, input_problem
 from tasks.core.config import (
-    BASELINE, TABULAR_SOURCES, TEXT_SOURCES, CompressParams, CompressStep, DistillStep, Params, ParamsError, PruneStep,
+    BASELINE, TABULAR_SOURCES, TEXT_SOURCES, CompressParams, CompressStep, DistillStep, Params, ParamsError,
     QuantizeStep, Variant, step_key,
 )
 
-RECURRENT = frozenset({"lstm", "gru"})
 ANY_ROW = (2,)  # a row of features, as a tabular source gives (what reads it does not depend on its length)
-# Structured pruning: channels / units (mlp, cnn), attention heads and FFN units (transformer).
-FAMILIES_WITH_CHANNELS = frozenset({"mlp", "cnn", "transformer"})
 
 
 class RecipeError(ValueError):
@@ -59,14 +56,9 @@ def lineages(variants: tuple[Variant, ...] | list[Variant]) -> dict[str, list[Ch
 
 def family_problem(step: CompressStep, family: str) -> str | None:
     """Why ``step`` cannot run on a model of ``family`` (None: it can)."""
-    if isinstance(step, PruneStep) and step.kind == "structured" and family not in FAMILIES_WITH_CHANNELS:
-        return (
-            f"structured pruning supports mlp, cnn and transformer models, not {family} "
-            "(torch-pruning cannot remove LSTM/GRU units); use kind: unstructured"
-        )
     if isinstance(step, DistillStep) and step.student_layers is not None and (step.student_family or family) != "transformer":
         return f"student_layers sets a transformer student's encoder layers; the student is {step.student_family or family}"
-    if isinstance(step, QuantizeStep) and family in RECURRENT:
+    if isinstance(step, QuantizeStep) and family in RECURRENT_FAMILIES:
         if step.mode == "static":
             return (
                 f"static int8 does not support {family} models; use mode: dynamic "

@@ -5,7 +5,7 @@ and records the trail (manifest ``search``, MLflow, ``plots/search``).
 
 - :func:`prune_searched`: unstructured ``sparsity: auto`` (gradual pruning, bisected);
 - :func:`prune_structured_searched`: structured ``sparsity: auto`` (per-layer sensitivity,
-  the global ratio bisected; transformers: heads and FFN units);
+  the global ratio bisected; transformers: heads and FFN units; lstm/gru: hidden units);
 - :func:`distill_searched`: ``student_width: auto``;
 - :func:`fallback_searched`: static int8 ``fallback: auto``.
 """
@@ -16,6 +16,7 @@ import logging
 import time
 from typing import Any
 
+from models.spec import RECURRENT_FAMILIES
 from tasks.compression import formats, pruning, quantization, search
 from tasks.compression.candidate import Candidate
 from tasks.compression.distillation import distill
@@ -77,7 +78,7 @@ def prune_searched(
 def prune_structured_searched(
     candidate: Candidate, step: PruneStep, work: Work, training: TrainingStep, extra: dict[str, Any]
 ) -> Candidate:
-    """Structured ``sparsity: auto`` (mlp, cnn; a transformer: :func:`_prune_heads_searched`):
+    """Structured ``sparsity: auto`` (mlp, cnn; a transformer, lstm or gru: :func:`_prune_shares_searched`):
     measure each layer's sensitivity (pruned alone at
     :data:`search.SENSITIVITY_RATIOS`, no fine-tuning), then bisect the global channel ratio
     (:func:`search.search_ratio`), shared out between the layers by their sensitivity
@@ -87,8 +88,8 @@ def prune_structured_searched(
     and the trail (manifest ``search``, MLflow, ``plots/search``)."""
     from dataclasses import replace
 
-    if candidate.spec.family == "transformer":
-        return _prune_heads_searched(candidate, step, work, training, extra)
+    if candidate.spec.family in ("transformer", *RECURRENT_FAMILIES):
+        return _prune_shares_searched(candidate, step, work, training, extra)
     from tasks.compression import sensitivity
     from tasks.compression.candidate import accuracy
     from tasks.compression.weights import parameters_and_nonzeros, weight_sparsity
@@ -169,12 +170,13 @@ def _log_png(client: Any, run_id: str, png: bytes, artifact: str) -> None:
         client.log_artifact(run_id, str(Path(tmp) / name), folder)
 
 
-def _prune_heads_searched(
+def _prune_shares_searched(
     candidate: Candidate, step: PruneStep, work: Work, training: TrainingStep, extra: dict[str, Any]
 ) -> Candidate:
-    """Structured ``sparsity: auto`` of a transformer: prune :data:`search.STRUCTURED_SPARSITIES` of the channels /
-    heads / units from the parent, highest first, each fine-tuned on the Horovod loop; the
-    first within budget is kept (:func:`search.search_structured`)."""
+    """Structured ``sparsity: auto`` of a transformer (its heads and FFN units) or an lstm/gru
+    (its hidden units): prune :data:`search.STRUCTURED_SPARSITIES` of them from the parent,
+    highest first, each fine-tuned on the Horovod loop; the first within budget is kept
+    (:func:`search.search_structured`)."""
     from dataclasses import replace
 
     from tasks.compression.weights import parameters_and_nonzeros

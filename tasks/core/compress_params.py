@@ -43,13 +43,15 @@ class PruneStep(_Strict):
 
     method: Literal["prune"]
     kind: Literal["unstructured", "structured"] = Field(
-        description="unstructured (zeros in place) or structured (whole channels / units removed: mlp, cnn; attention heads and FFN units: transformer)"
+        description="unstructured (zeros in place) or structured (whole channels / units removed: mlp, cnn; "
+        "attention heads and FFN units: transformer; hidden units of every layer: lstm, gru)"
     )
     sparsity: Annotated[float, Field(gt=0.0, lt=1.0)] | Literal["auto"] = Field(
         description="the share of weights (unstructured) or of channels per layer (structured) to remove, "
         "above 0 and below 1; auto: a search for the highest within compress.budget (unstructured: gradual "
         "pruning, bisected; structured mlp/cnn: per-layer ratios from each layer's measured sensitivity, the "
-        "least sensitive pruned most; transformer: 0.75, 0.5, 0.25 of heads and FFN units, the first that fits)",
+        "least sensitive pruned most; transformer, lstm, gru: 0.75, 0.5, 0.25 of heads and FFN units / hidden "
+        "units, the first that fits)",
     )
     fine_tune_epochs: int = Field(0, ge=0, description="epochs fine-tuned under the pruning mask")
     lr: LearningRate | None = Field(None, description="the fine-tuning learning rate (default: compress.fine_tune_lr)")
