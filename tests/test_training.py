@@ -683,6 +683,36 @@ def test_each_model_family_learns_on_a_tiny_budget(
     assert metrics["world_size"] == 1 and metrics["threads_per_worker"] == 1
 
 
+def test_ctrl_c_ends_a_training_worker_with_130_and_no_traceback(tmp_path: Path) -> None:
+    """Ctrl-C reaches every process of the terminal's group, the Horovod workers too (a
+    serve's interrupted run printed a worker's KeyboardInterrupt traceback, forwarded by
+    horovodrun): a worker interrupted mid-epoch leaves quietly, with the shell's 128 + SIGINT."""
+    import signal
+    import time
+
+    from tasks.training.pool import SERVE_FLAG, job_file
+
+    write_digits(tmp_path / "prepared")
+    control = tmp_path / "control"
+    control.mkdir()
+    fit_job(tmp_path, tmp_path / "prepared", epochs=500, patience=500).write(job_file(control, 1))
+    log = tmp_path / "worker.log"
+    with open(log, "wb") as stderr:
+        worker = subprocess.Popen([sys.executable, "-m", "tasks.training.worker", SERVE_FLAG, str(control)],
+                                  cwd=REPO, stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr)
+    try:
+        deadline = time.monotonic() + 120
+        while "epoch 2/500" not in log.read_text() and worker.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "epoch 2/500" in log.read_text(), log.read_text()[-2000:]
+        worker.send_signal(signal.SIGINT)
+        assert worker.wait(timeout=60) == 128 + signal.SIGINT, log.read_text()[-2000:]
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
+
+
 def test_a_killed_stages_shared_pool_folder_is_removed_by_the_next_pool_of_its_host(tmp_path: Path) -> None:
     """kill -9 of a multi-host stage leaves its control folder in the project's .slimflow/;
     the next pool on that host removes it, and keeps live stages' and other hosts' folders."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -83,7 +84,12 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 2 or args[0] != SERVE_FLAG:
         print(f"usage: python -m tasks.training.worker {SERVE_FLAG} FOLDER", file=sys.stderr)
         return 2
-    serve(Path(args[1]))
+    try:
+        serve(Path(args[1]))
+    except KeyboardInterrupt:
+        # Ctrl-C reaches every process of the terminal's group, the workers too: the run
+        # says it was interrupted; a traceback from each worker's epoch would only bury that.
+        return 128 + signal.SIGINT
     return 0
 
 
