@@ -698,8 +698,11 @@ def test_ctrl_c_ends_a_training_worker_with_130_and_no_traceback(tmp_path: Path)
     fit_job(tmp_path, tmp_path / "prepared", epochs=500, patience=500).write(job_file(control, 1))
     log = tmp_path / "worker.log"
     with open(log, "wb") as stderr:
+        # As from a terminal: a shell without job control (CI, `make test &`) starts its
+        # background commands with SIGINT ignored, and the worker would inherit that.
         worker = subprocess.Popen([sys.executable, "-m", "tasks.training.worker", SERVE_FLAG, str(control)],
-                                  cwd=REPO, stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr)
+                                  cwd=REPO, stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr,
+                                  preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 120
         while "epoch 2/500" not in log.read_text() and worker.poll() is None and time.monotonic() < deadline:
