@@ -659,3 +659,21 @@ def test_a_search_within_budget_on_a_split_too_small_to_measure_it_says_so(sampl
     if says_so:
         assert f"±{outcome.best.noise_points:.2f} points" in outcome.message and "prepare.val_fraction" in outcome.message
         assert outcome.best.noise_points == pytest.approx(100 * math.sqrt(6 / (samples - 1) / samples))
+
+
+def test_a_search_trial_writes_its_change_as_the_tables_write_a_change() -> None:
+    """The trial lines of the log say a change the way the evaluation tables and headlines
+    do (``-0.45±0.55 pts``), no "-0.00"."""
+    from tasks.compression.search import Trial
+    from tasks.core import metric_names as names
+    from tasks.core.tables import cell
+
+    def trial(drop: float, noise: float | None) -> Trial:
+        return Trial(1, 0.5, 0.9, drop, True, 10, 10, 0.5, 1.0, noise_points=noise)
+
+    assert trial(1.04, 0.74).change_text() == "-1.04±0.74 pts"
+    assert trial(49.44, 3.48).change_text() == "-49.44±3.48 pts"
+    assert trial(-0.74, None).change_text() == "+0.74 pts"
+    assert trial(0.001, None).change_text() == "+0.00 pts"
+    row = {names.ACCURACY_CHANGE_PTS: -1.04, names.ACCURACY_CHANGE_NOISE_PTS: 0.74}
+    assert trial(1.04, 0.74).change_text() == f"{cell(names.ACCURACY_CHANGE_PTS, row)} pts"

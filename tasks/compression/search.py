@@ -25,8 +25,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from tasks.core import metric_names as names
 from tasks.core.classification import class_recall_problem, classification_metrics, paired_change_noise
 from tasks.core.config import Params
+from tasks.core.tables import cell
 
 log = logging.getLogger("slimflow.compress")
 
@@ -137,9 +139,11 @@ class Trial:
         return {k: v for k, v in asdict(self).items() if k != "model"}
 
     def change_text(self) -> str:
-        """Its change against the baseline, with its noise where measured: ``-1.04 ± 0.74 pt``."""
-        noise = "" if self.noise_points is None else f" ± {self.noise_points:.2f}"
-        return f"{round(-self.drop_points, 2) + 0.0:+.2f}{noise} pt"  # + 0.0: no "-0.00"
+        """Its change against the baseline, with its noise where measured, as the tables and
+        headlines write a change: ``-1.04±0.74 pts``."""
+        change = {names.ACCURACY_CHANGE_PTS: round(-self.drop_points, 2) + 0.0,  # + 0.0: no "-0.00"
+                  names.ACCURACY_CHANGE_NOISE_PTS: self.noise_points}
+        return f"{cell(names.ACCURACY_CHANGE_PTS, change)} pts"
 
 
 @dataclass
