@@ -19,16 +19,19 @@ import pytest
 
 from tasks.core.energy import EnergyMeter, Joules, co2e_g, cpu_model_from_kernel, rapl_readable
 
-# Twice the work, about twice the energy: the tolerance every scaling check states.
-SCALING = (1.6, 2.4)
-# Training runs are separate launches, seconds apart; the machine is shared, and other work
-# inflates a process's CPU time too (cache and memory contention: the same epoch measured
-# 0.84-1.28 J across two runs here). A pair of runs is repeated up to this many times, and
-# one pair within the bounds passes; an energy that did not follow the work fails every time.
+# Twice the work reads more than this many times the energy: it is not a fixed cost. Not
+# "about twice": on a shared machine the same work's CPU time varies by up to 1.6x between
+# readings seconds apart (other work's contention; the CPU time of the test session's
+# Prefect server, a child the meter counts, in the window): CI read 1.54x, 1.45x and 2.67x
+# the energy for twice the epochs, a fresh clone 1.56x, 2.57x and 1.56x for twice a loop's
+# iterations, each reading its own CPU time at the stated power within 4%. So each check
+# compares the energy with what the work took (CPU time, the epochs' time), and the count
+# of work only with this bound.
+MORE_WORK_MORE_ENERGY = 1.3
+# A pair of readings or training runs is repeated up to this many times, and one pair within
+# the bounds passes; an energy that did not follow the work fails every time.
 TRAINING_ATTEMPTS = 3
-# Training's check: twice the epochs, more than this many times the energy (not a fixed cost)...
-EPOCHS_MORE = 1.3
-# ...and the same joules per second of epoch, within this ratio (the energy follows the work).
+# Training: the same joules per second of epoch in both runs, within this ratio.
 ENERGY_PER_SECOND_SAME = (0.8, 1.25)
 
 
@@ -62,7 +65,7 @@ def test_the_cpu_estimate_is_labelled_and_counts_cpu_time_not_waiting(meter: Ene
     # CPU time comes in 10 ms ticks: windows of ~0.3 s and ~0.6 s keep that below ~7%. Like the
     # training runs below, a pair disturbed by other work may be repeated (TRAINING_ATTEMPTS).
     # The figure is CPU time at the stated power (a reading itself costs a few ms of CPU), and
-    # twice the work reads about twice the energy. On a contended machine a pair can read 16%
+    # twice the work reads more (MORE_WORK_MORE_ENERGY). On a contended machine a pair can read 16%
     # above its CPU time (CodeCarbon scales the CPU time by the ratio of two clocks' intervals;
     # seen in about 1 of 5 runs of this test alone, not in full suites): such a pair is repeated too.
     pairs = []
@@ -73,7 +76,7 @@ def test_the_cpu_estimate_is_labelled_and_counts_cpu_time_not_waiting(meter: Ene
                       round(cpu_twice * watts_per_thread, 3)))
         follows_cpu_time = all(abs(joules - cpu * watts_per_thread) <= 0.15 * cpu * watts_per_thread
                                for joules, cpu in ((once, cpu_once), (twice, cpu_twice)))
-        if follows_cpu_time and SCALING[0] <= twice / once <= SCALING[1]:
+        if follows_cpu_time and twice / once >= MORE_WORK_MORE_ENERGY:
             break
     else:
         pytest.fail(f"(metered J, CPU time x W) for once and twice the work: {pairs}")
@@ -315,13 +318,11 @@ def test_a_saving_counts_only_beyond_its_95_percent_interval_and_the_meters_step
 def test_training_energy_is_recorded_and_scales_with_the_epochs(tmp_path: Path) -> None:
     """One worker, 3 epochs then 6 of the same job: every epoch's energy is positive, the total
     (set-up included) is labelled and at least their sum, and the epochs' energy follows their
-    work: twice the epochs read more than EPOCHS_MORE times the energy and the same joules per
+    work: twice the epochs read more than MORE_WORK_MORE_ENERGY times the energy and the same joules per
     second of epoch within ENERGY_PER_SECOND_SAME (best of TRAINING_ATTEMPTS pairs).
 
-    The epochs' own time is the reference, not the count alone: on a shared machine the same
-    epoch took 0.26-0.56 s (CI: three pairs read 1.54x, 1.45x and 2.67x the energy for 1.54x,
-    1.47x and 2.77x the epoch time). An epoch's energy read as the total since the start, or
-    carrying the set-up's seconds of energy, fails a bound."""
+    The epochs' own time is the reference (the same epoch took 0.26-0.56 s in one CI run). An
+    epoch's energy read as the total since the start, or carrying the set-up's, fails a bound."""
     from tests.test_training import fit_job, run_fit, write_digits
 
     prepared = tmp_path / "prepared"
@@ -347,9 +348,9 @@ def test_training_energy_is_recorded_and_scales_with_the_epochs(tmp_path: Path) 
         energy_ratio, time_ratio = sums[6] / sums[3], seconds[6] / seconds[3]
         ratios.append(f"{energy_ratio:.2f}x the energy in {time_ratio:.2f}x the epoch time")
         per_second_low, per_second_high = ENERGY_PER_SECOND_SAME
-        if energy_ratio >= EPOCHS_MORE and per_second_low <= energy_ratio / time_ratio <= per_second_high:
+        if energy_ratio >= MORE_WORK_MORE_ENERGY and per_second_low <= energy_ratio / time_ratio <= per_second_high:
             return
-    pytest.fail(f"twice the epochs gave {', '.join(ratios)}: not above {EPOCHS_MORE}x the energy "
+    pytest.fail(f"twice the epochs gave {', '.join(ratios)}: not above {MORE_WORK_MORE_ENERGY}x the energy "
                 f"at {ENERGY_PER_SECOND_SAME[0]}-{ENERGY_PER_SECOND_SAME[1]}x the joules per second")
 
 
