@@ -152,3 +152,61 @@ def test_onnx_exports_reuse_the_torchlib_table_and_export_the_same() -> None:
     assert again == first
     x = _inputs(5)
     np.testing.assert_allclose(onnx_predictor(other)(x), mlp(torch.from_numpy(x)).detach().numpy(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["gru", "lstm-tokens"])
+def test_a_recurrent_model_exports_onnx_recurrent_operators_with_a_dynamic_batch(
+    family: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An LSTM/GRU model goes through the TorchScript exporter (the dynamo one spends 6-16 s
+    per export tracing the layer's decomposition): an ONNX GRU/LSTM operator per layer, the outputs of
+    the torch model at any batch size, dynamic int8 of it in ONNX Runtime (DynamicQuantizeLSTM
+    for an LSTM). Where that exporter fails, the dynamo exporter makes the same model."""
+    import onnx
+
+    from tasks.compression import onnx as onnx_module
+    from tasks.compression.onnx import onnx_predictor
+
+    torch.manual_seed(0)
+    if family == "gru":  # sensor sequences (N, T, F), a 2-layer GRU
+        spec, shape = ModelSpec(family="gru", rnn_hidden=8, rnn_layers=2), (6, 3)
+        x = np.random.default_rng(1).standard_normal((17, *shape)).astype(np.float32)
+    else:  # token ids with padding at the end, read at each text's last token
+        spec, shape = ModelSpec(family="lstm", rnn_hidden=8, vocab_size=40, embed_dim=8), (9,)
+        x = np.random.default_rng(1).integers(2, 40, (17, 9)).astype(np.float32)
+        for row, length in enumerate(np.arange(17) % 9 + 1):
+            x[row, length:] = 0
+    module = build_model(spec, shape, 3).eval()
+    expected = module(torch.from_numpy(x)).detach().numpy()
+    operator = "GRU" if family == "gru" else "LSTM"
+
+    original, exporters_called = torch.onnx.export, []
+
+    def recorded(*args, **kwargs):
+        exporters_called.append("dynamo" if kwargs.get("dynamo", True) else "torchscript")
+        return original(*args, **kwargs)
+
+    def without_torchscript(*args, **kwargs):  # a torch whose TorchScript exporter is gone
+        if kwargs.get("dynamo") is False:
+            raise RuntimeError("the TorchScript exporter was removed")
+        return recorded(*args, **kwargs)
+
+    exported = {}
+    monkeypatch.setattr(torch.onnx, "export", recorded)
+    exported["torchscript"] = export_onnx(module, torch.from_numpy(x[:2]).clone())
+    assert exporters_called == ["torchscript"]
+    monkeypatch.setattr(torch.onnx, "export", without_torchscript)
+    exported["dynamo"] = export_onnx(module, torch.from_numpy(x[:2]).clone())
+    assert exporters_called == ["torchscript", "dynamo"]
+    monkeypatch.undo()
+    for exporter, model in exported.items():
+        graph = onnx.load_from_string(model).graph
+        assert [node.op_type for node in graph.node].count(operator) == spec.rnn_layers, exporter
+        # the dynamo exporter writes its trace's metadata, dropped; the TorchScript one none
+        assert not any(node.metadata_props for node in graph.node), exporter
+        for batch in (1, 3, 17):
+            np.testing.assert_allclose(onnx_predictor(model)(x[:batch]), expected[:batch], rtol=1e-4, atol=1e-5)
+        int8 = quantization.ort_dynamic_int8(model)
+        quantized = {node.op_type for node in onnx.load_from_string(int8).graph.node}
+        assert ("DynamicQuantizeLSTM" in quantized) == (operator == "LSTM"), (exporter, quantized)
+        assert np.abs(onnx_predictor(int8)(x) - expected).max() < 0.05, exporter
