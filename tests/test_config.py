@@ -43,6 +43,7 @@ def test_invalid_params(path: Path) -> None:
         ("train.nope=1", "train.nope: unknown key"),
         ("nosection.x=1", "nosection: unknown key"),
         ("train.model.family=resnet", "train.model.family"),
+        ("train.monitor=val_f1", "train.monitor: .*'val_loss' or 'val_accuracy'"),
         ("prepare.test_fraction=0.9", "val_fraction + test_fraction"),
         ("train.epochs", "expected key=value"),
     ],

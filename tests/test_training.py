@@ -183,7 +183,8 @@ def default_stage_outputs(default_stage: Path) -> tuple[dict, list[dict], dict[s
 
 def test_the_baseline_and_a_fine_tune_take_train_s_settings_through_one_constructor(tmp_path: Path) -> None:
     """FitJob.from_train: every shared setting of ``train`` reaches both jobs; a fine-tune's
-    own epochs, lr and shortened warm-up override them."""
+    own epochs, lr and shortened warm-up override them, and it follows val accuracy whatever
+    the baseline's ``train.monitor``."""
     from tasks.compression.fine_tuning import TrainingStep
     from tasks.compression.fine_tuning import fit_job as step_job
     from tasks.core.config import validate_params
@@ -192,7 +193,8 @@ def test_the_baseline_and_a_fine_tune_take_train_s_settings_through_one_construc
 
     params = validate_params({"train": {"batch_size": 48, "weight_decay": 0.01, "warmup_epochs": 3, "patience": 2,
                                         "fp16_allreduce": True, "backward_passes_per_step": 2, "allreduce_groups": 3,
-                                        "mixed_precision": "off", "channels_last": "on", "epochs": 7, "lr": 0.004}})
+                                        "mixed_precision": "off", "channels_last": "on", "epochs": 7, "lr": 0.004,
+                                        "monitor": "val_loss"}})
     paths = ProjectPaths(tmp_path)
     baseline = stage_job(params, paths, None)
     tuned = step_job(TrainingStep(params, paths, "v", 1, None), params.train.model.spec(), epochs=2, lr=0.001)
@@ -200,7 +202,7 @@ def test_the_baseline_and_a_fine_tune_take_train_s_settings_through_one_construc
               "backward_passes_per_step": 2, "allreduce_groups": 3, "mixed_precision": "off", "channels_last": "on"}
     for job in (baseline, tuned):
         assert {key: getattr(job, key) for key in shared} == shared
-    assert (baseline.epochs, baseline.lr, baseline.warmup_epochs) == (7, 0.004, 3)
+    assert (baseline.epochs, baseline.lr, baseline.warmup_epochs, baseline.monitor) == (7, 0.004, 3, "val_loss")
     assert (tuned.epochs, tuned.lr, tuned.warmup_epochs, tuned.monitor) == (2, 0.001, 1, "val_accuracy")
 
 

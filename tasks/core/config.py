@@ -110,6 +110,9 @@ class TrainParams(_Strict):
     # the warm-up then only ramps up to the world-size-scaled rate).
     warmup_start: float | None = Field(None, gt=0.0, le=1.0)
     patience: int = Field(5, ge=1)
+    # What early stopping and the best epoch follow: val_loss, or val_accuracy (ties broken
+    # by val_loss), the measure the compressed variants' fine-tuning follows.
+    monitor: Literal["val_loss", "val_accuracy"] = "val_loss"
     # Horovod: local worker processes, or hosts "hostA:4,hostB:4" (overrides workers).
     workers: int = Field(2, ge=1, le=256)
     hosts: str | None = None

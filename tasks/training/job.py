@@ -123,6 +123,7 @@ class FitJob:
         shared = {
             "batch_size": train.batch_size, "lr": train.lr, "epochs": train.epochs,
             "weight_decay": train.weight_decay, "warmup_epochs": train.warmup_epochs, "patience": train.patience,
+            "monitor": train.monitor,
             "fp16_allreduce": train.fp16_allreduce, "backward_passes_per_step": train.backward_passes_per_step,
             "allreduce_groups": train.allreduce_groups, "mixed_precision": train.mixed_precision,
             "channels_last": train.channels_last,
