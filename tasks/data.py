@@ -153,7 +153,7 @@ def reading_problem(spec: ModelSpec, input_shape: tuple[int, ...], tokens: bool,
     family, the families that can; None if it can."""
     from models.spec import families_reading, input_problem
 
-    problem = input_problem(spec, input_shape)
+    problem = input_problem(spec, input_shape, whole_patches=True)
     if problem is None:
         return None
     setting, why = problem

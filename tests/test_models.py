@@ -131,6 +131,25 @@ def test_recurrent_model_output_depends_on_the_row_order() -> None:
         assert not torch.allclose(model(x), model(x.flip(2)))
 
 
+def test_a_transformer_whose_patches_leave_pixels_out_is_refused_before_training() -> None:
+    """A 48-step, 3-feature sequence (an ``npz`` of ``(N, T, F)``) read as a 48x3 image by
+    2x2 patches lost its third feature without a word; the checks before training refuse
+    it, naming the key and the patch sizes that divide both sides. A model saved before
+    still builds (it read what it read)."""
+    from tasks.data import reading_problem
+
+    spec = ModelSpec(family="transformer", embed_dim=16, heads=2, ffn_dim=16, layers=1)
+    message = reading_problem(spec, (1, 48, 3), False, "prepare.path data/raw/sensors.npz")
+    assert message == ("train.model.patch_size: transformer: patch_size 2 does not divide the 48x3 image: its "
+                       "patches would leave out the last 0 row(s) and 1 column(s); patch sizes that divide both "
+                       "sides: 1, 3 (prepare.path data/raw/sensors.npz)")
+    assert reading_problem(spec.spec(patch_size=3), (1, 48, 3), False, "x") is None
+    assert reading_problem(spec, (1, 28, 28), False, "x") is None
+    assert "1 row(s) and 1 column(s)" in reading_problem(spec, (3, 7, 9), False, "x")
+    model = build_model(spec, (1, 48, 3), 4)  # what was saved before this check still loads
+    assert model.position.shape[1] == 24
+
+
 def test_distillation_loss_vanishes_when_the_student_matches_the_teacher() -> None:
     logits = torch.randn(16, 10)
     labels = torch.randint(0, 10, (16,))

@@ -166,7 +166,7 @@ def check_students_read(compress: CompressParams, teacher: ModelSpec, input_shap
     does not read the prepared data (inputs of ``input_shape``; ``teacher``: the baseline's
     spec, token ids if it has a vocabulary)."""
     for key, student in students(compress, teacher.family):
-        problem = input_problem(teacher.spec(family=student), input_shape)
+        problem = input_problem(teacher.spec(family=student), input_shape, whole_patches=True)
         if problem:
             setting, why = problem  # the student takes every setting but its family from the teacher
             raise RecipeError(f"{key}: student_family: {why}" if setting == "family" else f"{key}: {why} (train.model.{setting})")
