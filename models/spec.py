@@ -85,7 +85,8 @@ def input_problem(spec: ModelSpec, input_shape: Sequence[int], whole_patches: bo
         if spec.patch_size > min(shape[1:]):
             return "patch_size", f"transformer: patch_size {spec.patch_size} is larger than the image ({shape[1]}x{shape[2]})"
         if whole_patches and (shape[1] % spec.patch_size or shape[2] % spec.patch_size):
-            left = f"{shape[1] % spec.patch_size} row(s) and {shape[2] % spec.patch_size} column(s)"
+            left = " and ".join(f"{count} {side}{'s' if count > 1 else ''}" for count, side in
+                                ((shape[1] % spec.patch_size, "row"), (shape[2] % spec.patch_size, "column")) if count)
             dividing = [size for size in range(1, min(shape[1:]) + 1) if shape[1] % size == 0 == shape[2] % size]
             return "patch_size", (f"transformer: patch_size {spec.patch_size} does not divide the {shape[1]}x{shape[2]} "
                                   f"image: its patches would leave out the last {left}; patch sizes that divide "

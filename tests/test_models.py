@@ -141,11 +141,12 @@ def test_a_transformer_whose_patches_leave_pixels_out_is_refused_before_training
     spec = ModelSpec(family="transformer", embed_dim=16, heads=2, ffn_dim=16, layers=1)
     message = reading_problem(spec, (1, 48, 3), False, "prepare.path data/raw/sensors.npz")
     assert message == ("train.model.patch_size: transformer: patch_size 2 does not divide the 48x3 image: its "
-                       "patches would leave out the last 0 row(s) and 1 column(s); patch sizes that divide both "
+                       "patches would leave out the last 1 column; patch sizes that divide both "
                        "sides: 1, 3 (prepare.path data/raw/sensors.npz)")
     assert reading_problem(spec.spec(patch_size=3), (1, 48, 3), False, "x") is None
     assert reading_problem(spec, (1, 28, 28), False, "x") is None
-    assert "1 row(s) and 1 column(s)" in reading_problem(spec, (3, 7, 9), False, "x")
+    assert "the last 1 row and 1 column;" in reading_problem(spec, (3, 7, 9), False, "x")
+    assert "the last 2 rows;" in reading_problem(spec.spec(patch_size=3), (1, 8, 6), False, "x")
     model = build_model(spec, (1, 48, 3), 4)  # what was saved before this check still loads
     assert model.position.shape[1] == 24
 
