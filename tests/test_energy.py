@@ -318,8 +318,8 @@ def test_a_saving_counts_only_beyond_its_95_percent_interval_and_the_meters_step
 def test_training_energy_is_recorded_and_scales_with_the_epochs(tmp_path: Path) -> None:
     """One worker, 3 epochs then 6 of the same job: every epoch's energy is positive, the total
     (set-up included) is labelled and at least their sum, and the epochs' energy follows their
-    work: twice the epochs read more than MORE_WORK_MORE_ENERGY times the energy and the same joules per
-    second of epoch within ENERGY_PER_SECOND_SAME (best of TRAINING_ATTEMPTS pairs).
+    work: twice the epochs read more than MORE_WORK_MORE_ENERGY times the energy, at the same
+    joules per second of epoch within ENERGY_PER_SECOND_SAME (best of TRAINING_ATTEMPTS pairs).
 
     The epochs' own time is the reference (the same epoch took 0.26-0.56 s in one CI run). An
     epoch's energy read as the total since the start, or carrying the set-up's, fails a bound."""
