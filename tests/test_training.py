@@ -330,6 +330,32 @@ def test_early_stopping_on_val_accuracy_keeps_the_most_accurate_epoch() -> None:
         fit_job(Path("x"), Path("y"), monitor="val_f1")
 
 
+def test_a_run_still_improving_when_its_epochs_ran_out_says_by_how_much() -> None:
+    """The late gain: the kept epoch's validation accuracy against the best before the last
+    ``patience`` epochs, when the run used every epoch; the sensor baseline of 15 epochs
+    (session 39) read 75.00% by epoch 10 and 78.73% at 15, and its students "beat" it."""
+    from tasks.training.reporting import late_val_accuracy_gain_pts, still_improving_sentence
+
+    def history(accuracies: list[float]) -> list[dict[str, float]]:
+        return [{"epoch": n, "val_accuracy": a} for n, a in enumerate(accuracies, start=1)]
+
+    rising = [0.26, 0.28, 0.28, 0.32, 0.31, 0.38, 0.51, 0.60, 0.69, 0.75, 0.74, 0.76, 0.78, 0.78, 0.7873]
+    assert late_val_accuracy_gain_pts(history(rising), 15, epochs=15, patience=5) == pytest.approx(3.73)
+    # the same curve ended by early stopping at epoch 14 (of 15): no claim
+    assert late_val_accuracy_gain_pts(history(rising[:14]), 13, epochs=15, patience=5) == 0.0
+    # flat at the end: the best before the window is as good
+    flat = [0.63, 0.85, 0.93, 0.92, 0.96, 0.96, 0.95, 0.96, 0.9662, 0.9662, 0.9662, 0.96, 0.9662, 0.96, 0.9662]
+    assert late_val_accuracy_gain_pts(history(flat), 15, epochs=15, patience=5) == pytest.approx(0.0)
+    # the kept epoch (by val_loss) less accurate than an earlier one: negative, not hidden
+    assert late_val_accuracy_gain_pts(history(flat[:14]), 14, epochs=14, patience=5) == pytest.approx(-0.62)
+    # fewer epochs than patience + 1: the window leaves the first epoch before it
+    assert late_val_accuracy_gain_pts(history([0.5, 0.7, 0.9]), 3, epochs=3, patience=3) == pytest.approx(40.0)
+    assert late_val_accuracy_gain_pts(history([0.5]), 1, epochs=1, patience=3) == 0.0
+    assert still_improving_sentence(3.73, 15, 5) == (
+        "still improving when its 15 epochs ran out: validation accuracy +3.73 points in its last 5 epochs")
+    assert still_improving_sentence(40.0, 3, 3).endswith("+40.00 points in its last 2 epochs")
+
+
 def test_fingerprint_counts_the_files_a_job_starts_from_by_content(tmp_path: Path) -> None:
     """A compress stage that writes a fine-tune's start weights and masks again, identically,
     resumes it; different masks are a different job."""
@@ -506,10 +532,17 @@ def test_default_cnn_on_two_workers_reaches_95_percent_and_is_recorded(default_s
         steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
         assert sorted(steps) == list(range(1, metrics["epochs_run"] + 1)), key
     assert run.data.metrics["best_epoch"] == metrics["best_epoch"]
+    # Whether it was still improving when its epochs ran out, from its own curve.
+    window = history[: len(history) - 5]
+    late_gain = 100 * (history[metrics["best_epoch"] - 1]["val_accuracy"] - max(h["val_accuracy"] for h in window))
+    assert metrics["val_accuracy_late_gain_pts"] == pytest.approx(late_gain if len(history) == 15 else 0.0, abs=1e-6)
+    assert run.data.metrics["val_accuracy_late_gain_pts"] == pytest.approx(metrics["val_accuracy_late_gain_pts"])
     # The stage's run is the baseline's one place in MLflow: the manifest names it, so the
     # evaluate stage logs the model (a pyfunc, like every variant) and its figures there.
     manifest = json.loads((default_stage / "artifacts" / "model" / "manifest.json").read_text())
     assert manifest["mlflow_run_id"] == run.info.run_id and run.data.tags["model"] == "baseline"
+    assert manifest["fit"] == {"epochs": 15, "epochs_run": metrics["epochs_run"], "patience": 5,
+                               "val_accuracy_late_gain_pts": metrics["val_accuracy_late_gain_pts"]}
     files = {a.path for a in client.list_artifacts(run.info.run_id, "baseline")}
     assert files == {"baseline/manifest.json", "baseline/model.pt"}
     assert manifest["nonzeros"] <= manifest["parameters"]

@@ -141,11 +141,16 @@ EPOCH_TIME_S = _figure("epoch_time_s", "s", "wall-clock time of the epoch (slowe
 LR = _figure("lr", "learning rate", "learning rate at the end of the epoch")
 EPOCH_ENERGY_J = _figure("epoch_energy_j", "J", "energy of the epoch (training and validation), every worker summed")
 EPOCH_FIGURES = (TRAIN_LOSS, VAL_LOSS, TRAIN_ACCURACY, VAL_ACCURACY, SAMPLES_PER_S, EPOCH_TIME_S, LR, EPOCH_ENERGY_J)
-BEST_EPOCH = _figure("best_epoch", "epoch", "the epoch whose model was kept (lowest val_loss)")
+BEST_EPOCH = _figure("best_epoch", "epoch", "the epoch whose model was kept (best by train.monitor)")
 EPOCHS_RUN = _figure("epochs_run", "epochs", "epochs trained (early stopping may end sooner)")
 BEST_VAL_LOSS = _figure("best_val_loss", "nats", "val_loss of the kept epoch")
 BEST_VAL_ACCURACY = _figure("best_val_accuracy", "fraction", "val_accuracy of the kept epoch")
-TRAIN_FIGURES = (BEST_EPOCH, EPOCHS_RUN, BEST_VAL_LOSS, BEST_VAL_ACCURACY, TRAIN_ENERGY_J)
+VAL_ACCURACY_LATE_GAIN_PTS = _figure(
+    "val_accuracy_late_gain_pts", "percentage points",
+    "val_accuracy of the kept epoch minus the best before the last train.patience epochs, when training used "
+    "all its epochs (0 when early stopping ended it): above the gate's tolerance, it was still improving",
+)
+TRAIN_FIGURES = (BEST_EPOCH, EPOCHS_RUN, BEST_VAL_LOSS, BEST_VAL_ACCURACY, VAL_ACCURACY_LATE_GAIN_PTS, TRAIN_ENERGY_J)
 
 # ---------------------------------------------------------------- what a stage's computation cost
 # On each stage's run (train, compress, evaluate) and, summed, on the pipeline run.

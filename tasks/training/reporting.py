@@ -117,6 +117,31 @@ class EventForwarder:
         self.logger.history(rows)
 
 
+def late_val_accuracy_gain_pts(history: list[dict[str, float]], best_epoch: int, epochs: int, patience: int) -> float:
+    """How much the kept epoch's validation accuracy gained in the run's last ``patience``
+    epochs, in points: its accuracy minus the best one before them; 0 when early stopping
+    ended the run before ``epochs`` (it had found no gain for ``patience`` epochs). Above what
+    the gate tolerates, the run was still improving when its epochs ran out: more epochs would
+    likely give a stronger model. Negative where the kept epoch, chosen by val_loss, is less
+    accurate than an earlier one.
+    """
+    if len(history) < max(epochs, 2):
+        return 0.0
+    before = history[: len(history) - late_window(len(history), patience)]
+    return round(100.0 * (history[best_epoch - 1]["val_accuracy"] - max(h["val_accuracy"] for h in before)), 6)
+
+
+def late_window(epochs: int, patience: int) -> int:
+    """The last epochs :func:`late_val_accuracy_gain_pts` looks at: ``patience``, leaving one before them."""
+    return max(1, min(patience, epochs - 1))
+
+
+def still_improving_sentence(gain_pts: float, epochs: int, patience: int) -> str:
+    """``gain_pts`` (:func:`late_val_accuracy_gain_pts`) in words."""
+    return (f"still improving when its {epochs} epochs ran out: validation accuracy {gain_pts:+.2f} points "
+            f"in its last {late_window(epochs, patience)} epochs")
+
+
 def summary(
     best_epoch: int, history: list[dict[str, float]], epochs_run: int, world_size: int, threads: int, parameters: int
 ) -> dict[str, Any]:
