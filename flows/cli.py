@@ -468,8 +468,11 @@ def report() -> None:
         _fail(f"no evaluation found at {paths.metrics / 'evaluate.json'}; run `slimflow run` first", code=1)
     console.print(comparison_table(rows))
     with contextlib.suppress(OSError, ValueError):  # no decision written: the table alone
-        for name, reason in gate_failures(json.loads((paths.evaluation / "result.json").read_text())).items():
+        decision = json.loads((paths.evaluation / "result.json").read_text())
+        for name, reason in gate_failures(decision).items():
             console.print(f"{name} {reason}", markup=False, highlight=False)
+        for caveat in (decision.get("caveats") if isinstance(decision, dict) else None) or []:
+            console.print(f"caveat: {caveat}", markup=False, highlight=False)
     report_file = paths.evaluation / "report.md"
     if report_file.exists():
         console.print(f"full report: {report_file}")

@@ -228,6 +228,7 @@ def _description(outcome: PipelineResult, decision: dict[str, Any], links: _Link
         lines.append(f"Registered: `{registered}`.")
     if decision.get("decision"):
         lines.append(f"Gate: {decision['decision']}.")
+    lines += [f"Caveat: {caveat}." for caveat in decision.get("caveats") or []]
     lines.append("Artifacts: result/report.html (the report, images embedded), result/comparison.csv, "
                  "the accuracy vs size / latency plots; recipes.json and params.yaml.")
     return "\n\n".join(lines)
@@ -245,6 +246,7 @@ def result_lines(outcome: PipelineResult, decision: dict[str, Any], run_id: str,
     lines.append(f"result: {passing} of {len(outcome.rows)} models pass the gate; {decision.get('decision') or '-'}")
     if registered := _registered(decision):
         lines.append(f"result: registered {registered}")
+    lines += [f"result: caveat: {caveat}" for caveat in decision.get("caveats") or []]
     lines.append(f"result: MLflow pipeline run {run_id} (report: its artifact result/report.html; "
                  f"in the project: {local_report})")
     return lines

@@ -180,6 +180,44 @@ def test_the_stage_log_says_why_each_failing_model_fails(caplog: pytest.LogCaptu
     assert not any(line.startswith(("gate: baseline", "gate: small passes")) for line in lines)  # passing: no line
 
 
+def test_a_baseline_still_improving_by_more_than_the_gate_tolerates_is_a_caveat_of_the_result(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Students that "beat" a baseline cut short by its epochs only trained longer (session
+    39: on sensor sequences, +1.9 and +2.2 points over a baseline still gaining 3.7 points in
+    its last 5 epochs). The stage says so wherever the result is read."""
+    import logging
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from tasks.evaluation.gate import apply_gate, still_improving_caveat
+    from tasks.evaluation.results import Evaluation, ModelResult
+
+    def fit(gain: float, epochs: int = 15) -> dict[str, Any]:
+        return {"fit": {"epochs": epochs, "epochs_run": epochs, "patience": 5, "val_accuracy_late_gain_pts": gain}}
+
+    caveat = still_improving_caveat(fit(3.73), gate())
+    assert caveat == ("the baseline was still improving when its 15 epochs ran out: validation accuracy +3.73 points "
+                      "in its last 5 epochs, where the gate tolerates 1; the variants are compared with an "
+                      "under-trained baseline (raise train.epochs)")
+    assert still_improving_caveat(fit(1.0), gate()) is None  # within the gate's 1 point
+    assert still_improving_caveat(fit(3.73), gate(max_accuracy_drop=0.05)) is None
+    assert still_improving_caveat(fit(1.5), gate(max_accuracy_drop=0.005)) is not None
+    assert still_improving_caveat({}, gate()) is None  # a model saved before the record
+
+    metrics = {"baseline": _m(0.80, 50_000, 1.0), "student": _m(0.82, 17_000, 1.0)}
+    evaluation = Evaluation(
+        models={name: ModelResult(name, Path(name), fit(3.73) if name == "baseline" else {}, dict(values),
+                                  np.zeros(1), np.zeros((2, 2))) for name, values in metrics.items()},
+        class_names=("a", "b"), y_true=np.zeros(1), settings={})
+    with caplog.at_level(logging.INFO, logger="slimflow.evaluate"):
+        apply_gate(evaluation, SimpleNamespace(gate=gate(), objective="smallest"))
+    assert evaluation.champion == "student" and evaluation.caveats == [caveat]
+    assert f"caveat: {caveat}" in [r.getMessage() for r in caplog.records]
+
+
 def test_the_class_limit_names_the_worst_class_and_ignores_one_samples_flip() -> None:
     metrics = {"baseline": _m(0.95, 100, 1.0), "small": _m(0.95, 10, 1.0)}
     classes = {

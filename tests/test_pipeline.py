@@ -62,6 +62,7 @@ def test_flow_runs_every_stage_tracks_it_and_leaves_dvc_clean(tiny_project: Path
     _assert_every_computing_stage_records_its_energy(runs, stage_runs, pipeline_run, tiny_project)
     _assert_one_name_per_figure(runs)
     _assert_the_pipeline_run_shows_the_result(pipeline_run, result, tiny_project)
+    _assert_a_baseline_cut_short_is_a_caveat_of_the_result(pipeline_run, tiny_project)
 
     metrics = json.loads((tiny_project / "metrics" / "evaluate.json").read_text())
     assert metrics["baseline"]["accuracy"] > 0.5
@@ -184,6 +185,18 @@ def _assert_the_pipeline_run_shows_the_result(pipeline_run, result, root: Path) 
     assert {"recipes.json", "params.yaml"} <= root_files
 
 
+def _assert_a_baseline_cut_short_is_a_caveat_of_the_result(pipeline_run, root: Path) -> None:
+    """TINY_PARAMS train 3 epochs: the baseline is still improving (by far more than the
+    gate's 1 point) when they run out, and the result says so where it is read."""
+    fit = json.loads((root / "artifacts" / "model" / "manifest.json").read_text())["fit"]
+    assert fit["epochs"] == fit["epochs_run"] == 3 and fit["val_accuracy_late_gain_pts"] > 1.0
+    (caveat,) = json.loads((root / "artifacts" / "evaluation" / "result.json").read_text())["caveats"]
+    assert caveat.startswith("the baseline was still improving when its 3 epochs ran out: validation accuracy "
+                             f"+{fit['val_accuracy_late_gain_pts']:.2f} points in its last 2 epochs"), caveat
+    assert f"**Caveat**: T{caveat[1:]}." in (root / "artifacts" / "evaluation" / "report.md").read_text()
+    assert f"Caveat: {caveat}." in pipeline_run.data.tags["mlflow.note.content"]
+
+
 def _assert_the_flow_run_shows_the_result(flow_run_id: str, champion: str) -> None:
     """The flow run's log ends with the result; its artifacts are formatted and link the runs."""
     from prefect.client.orchestration import get_client
@@ -201,6 +214,7 @@ def _assert_the_flow_run_shows_the_result(flow_run_id: str, champion: str) -> No
     own = [m for m in messages if not m.startswith("Finished in state")]
     assert own[-1].startswith("result: MLflow pipeline run"), own[-5:]
     assert any(m.startswith(f"result: champion {champion}") and "accuracy" in m and "latency p50" in m for m in own)
+    assert any(m.startswith("result: caveat: the baseline was still improving when its 3 epochs ran out") for m in own)
     by_key = {a.key: a for a in artifacts}
     table = json.loads(by_key["variant-comparison"].data) if isinstance(by_key["variant-comparison"].data, str) \
         else by_key["variant-comparison"].data

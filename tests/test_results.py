@@ -74,6 +74,9 @@ def test_the_flow_log_ends_with_the_result() -> None:
     assert lines[-1] == ("result: MLflow pipeline run run-p (report: its artifact result/report.html; "
                          "in the project: artifacts/evaluation/report.html)")
     assert result_lines(PipelineResult(), {}, "run-p")[0].startswith("result: no evaluation")
+    caveat = "the baseline was still improving when its 15 epochs ran out: ..."
+    with_caveat = result_lines(outcome, {**DECISION, "caveats": [caveat]}, "run-p")
+    assert with_caveat == [*lines[:-1], f"result: caveat: {caveat}", lines[-1]]
 
 
 def test_a_pick_that_did_not_take_the_alias_is_not_called_champion() -> None:

@@ -18,6 +18,7 @@ from tasks.core import metric_names as names
 from tasks.core.classification import class_recall_problem
 from tasks.core.config import EvaluateParams, GateParams
 from tasks.evaluation.results import BASELINE, Evaluation
+from tasks.training.reporting import still_improving_sentence
 
 log = logging.getLogger("slimflow.evaluate")
 
@@ -131,8 +132,24 @@ def select_champion(
     return winner, {name: reasons[name] for name in metrics}
 
 
+def still_improving_caveat(baseline_manifest: Mapping[str, Any], gate: GateParams) -> str | None:
+    """What to tell a user whose baseline was still improving, by more than the gate tolerates
+    (``max_accuracy_drop``), when its epochs ran out (the ``fit`` record its training wrote):
+    every variant is then compared with a model more epochs would have made stronger, and a
+    student that "beats its teacher" may only have trained longer. None otherwise, and for a
+    model saved before the record existed."""
+    fit = baseline_manifest.get("fit") or {}
+    gain = fit.get("val_accuracy_late_gain_pts")
+    if gain is None or gain <= 100.0 * gate.max_accuracy_drop + _EPS:
+        return None
+    return (f"the baseline was {still_improving_sentence(gain, fit['epochs'], fit['patience'])}, where the gate "
+            f"tolerates {100.0 * gate.max_accuracy_drop:g}; the variants are compared with an under-trained "
+            "baseline (raise train.epochs)")
+
+
 def apply_gate(evaluation: Evaluation, params: EvaluateParams) -> None:
-    """Run the gate; mark ``passed_gate`` and ``champion`` in every model's metrics."""
+    """Run the gate; mark ``passed_gate`` and ``champion`` in every model's metrics; note a
+    baseline that was still improving (:func:`still_improving_caveat`)."""
     champion, reasons = select_champion(evaluation.metrics(), params.gate, params.objective, BASELINE,
                                         {name: result.per_class for name, result in evaluation.models.items()})
     evaluation.champion, evaluation.reasons = champion, reasons
@@ -146,6 +163,9 @@ def apply_gate(evaluation: Evaluation, params: EvaluateParams) -> None:
                 log.info("gate: %s %s", name, reason)
     else:
         log.warning("gate: no model passes (%s)", "; ".join(f"{k}: {v}" for k, v in reasons.items()))
+    if caveat := still_improving_caveat(evaluation.models[BASELINE].manifest, params.gate):
+        evaluation.caveats.append(caveat)
+        log.warning("caveat: %s", caveat)
 
 
 def pareto_flags(costs: Sequence[Sequence[float]], accuracy: Sequence[float]) -> list[bool]:

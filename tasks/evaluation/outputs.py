@@ -56,6 +56,7 @@ def result_document(evaluation: Evaluation) -> dict[str, Any]:
         "registered_version": promotion.version if promotion else None,
         "new_version": bool(promotion and promotion.new_version),
         "champion_holder": promotion.champion if promotion else None,
+        "caveats": list(evaluation.caveats),
         "evaluate_run_id": evaluation.stage_run_id,
         "model_runs": dict(evaluation.run_ids),
         "logged_models": dict(evaluation.model_uris),

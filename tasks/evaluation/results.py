@@ -59,6 +59,8 @@ class Evaluation:
     run_ids: dict[str, str] = field(default_factory=dict)  # each model's own MLflow run
     model_uris: dict[str, str] = field(default_factory=dict)  # each model's logged MLflow model
     stage_run_id: str | None = None
+    # What may make the comparison mislead (e.g. a baseline still improving): shown with the result.
+    caveats: list[str] = field(default_factory=list)
 
     def metrics(self) -> dict[str, dict[str, float]]:
         return {name: result.metrics for name, result in self.models.items()}
