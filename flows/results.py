@@ -331,6 +331,8 @@ def runs_markdown(outcome: PipelineResult, decision: dict[str, Any], run_id: str
             lines += [f"Gate: {decision['decision']}.", ""]
         if failed := gate_failures(decision):  # the comparison's gate column says "fail"; here is why
             lines += [f"- **{name}** {reason}" for name, reason in failed.items()] + [""]
+        for caveat in decision.get("caveats") or []:
+            lines += [f"**Caveat**: {caveat}.", ""]
     else:
         lines += ["No evaluation in this run (the evaluate stage was not selected).", ""]
     lines += ["## MLflow runs", ""]

@@ -222,6 +222,7 @@ def _assert_the_flow_run_shows_the_result(flow_run_id: str, champion: str) -> No
     assert "champion" in cells and all(len(c) <= 12 for c in cells if c[:1].isdigit())  # no 0.19512649999999998
     runs_md = str(by_key["mlflow-runs"].data)
     assert "Champion" in runs_md and "stage train" in runs_md and f"model {champion}" in runs_md
+    assert "**Caveat**: the baseline was still improving when its 3 epochs ran out" in runs_md
 
 
 def test_a_run_that_fails_after_its_stages_says_why_in_mlflow(tiny_project: Path, prefect_server: None,
