@@ -8,6 +8,7 @@ baseline trained in-process and saved with ``save_state_dict_model``.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -453,7 +454,8 @@ def test_other_students_start_from_random_weights() -> None:
 
 
 @pytest.mark.integration
-def test_distilled_student_has_at_most_30_percent_of_the_teacher(baselines, tmp_path: Path, mlflow_uri: str) -> None:
+def test_distilled_student_has_at_most_30_percent_of_the_teacher(baselines, tmp_path: Path, mlflow_uri: str,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
     """Distillation trains the student with Horovod (2 workers) like the baseline."""
     from mlflow import MlflowClient
 
@@ -467,7 +469,8 @@ def test_distilled_student_has_at_most_30_percent_of_the_teacher(baselines, tmp_
             {"method": "distill", "student_width": 0.5, "epochs": 1, "student_init": "random"}]},
     ]
     params, paths = _project(tmp_path, baselines, "cnn", variants)
-    with tracking.stage_run("compress", paths.root, "test-compress") as stage:
+    with tracking.stage_run("compress", paths.root, "test-compress") as stage, \
+            caplog.at_level(logging.INFO, logger="slimflow.compress"):
         results = compress_variants(params, paths, stage_run_id=stage.info.run_id)
     teacher = read_manifest(paths.model)
     student = results[0].manifest
@@ -495,6 +498,13 @@ def test_distilled_student_has_at_most_30_percent_of_the_teacher(baselines, tmp_
     curve = json.loads((paths.plots / "fine_tune" / "distilled-cnn-w0.5.json").read_text())
     assert [row["epoch"] for row in curve] == [1, 2]
     assert student["training"][0]["method"] == "distill" and student["training"][0]["world_size"] == 2
+    # How much its kept epoch gained in its last epoch (2 epochs: the window leaves the first before it).
+    best = student["training"][0]["best_epoch"]
+    gain = student["training"][0]["val_accuracy_late_gain_pts"]
+    assert gain == pytest.approx(100 * (curve[best - 1]["val_accuracy"] - curve[0]["val_accuracy"]), abs=1e-6)
+    said = [r.getMessage() for r in caplog.records if "still improving" in r.getMessage()]
+    assert said == ([f"distilled-cnn-w0.5 step 1 (distill): still improving when its 2 epochs ran out: validation "
+                     f"accuracy {gain:+.2f} points in its last epoch (the step's epochs set them)"] if gain > 0 else [])
     # The workers' student started from the teacher's pruned weights: its validation accuracy
     # before the first epoch is theirs, as computed here; with student_init: random, it
     # started from random weights.

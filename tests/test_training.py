@@ -354,6 +354,7 @@ def test_a_run_still_improving_when_its_epochs_ran_out_says_by_how_much() -> Non
     assert still_improving_sentence(3.73, 15, 5) == (
         "still improving when its 15 epochs ran out: validation accuracy +3.73 points in its last 5 epochs")
     assert still_improving_sentence(40.0, 3, 3).endswith("+40.00 points in its last 2 epochs")
+    assert still_improving_sentence(5.0, 2, 5).endswith("+5.00 points in its last epoch")
 
 
 def test_fingerprint_counts_the_files_a_job_starts_from_by_content(tmp_path: Path) -> None:

@@ -79,7 +79,7 @@ class Trained:
     def record(self, method: str, epochs: int, number: int) -> dict[str, Any]:
         """What the variant's manifest keeps of this step (``training`` entries)."""
         keys = ("epochs_run", "best_epoch", "world_size", "threads_per_worker", "samples_per_s",
-                "val_accuracy", "start_val_accuracy", "student_start")
+                "val_accuracy", "val_accuracy_late_gain_pts", "start_val_accuracy", "student_start")
         return {"step": number, "method": method, "epochs": epochs, "reused": self.reused,
                 **{k: self.summary[k] for k in keys if k in self.summary},
                 # every rank's own digest of its final weights, and the non-zeros its masks let through

@@ -4,6 +4,7 @@ for the stage's outputs (fine-tuning curves, search trials, per-layer sensitivit
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from tasks.compression.candidate import Candidate, TrainingData
@@ -12,6 +13,9 @@ from tasks.compression.onnx import export_onnx
 from tasks.compression.search import Budget
 from tasks.core.config import Params, PruneStep, QuantizeStep
 from tasks.core.paths import ProjectPaths
+from tasks.training.reporting import still_improving_sentence
+
+log = logging.getLogger("slimflow.compress")
 
 
 class Work:
@@ -59,6 +63,9 @@ class Work:
         """Keep a finished training step's curve (for its DVC plot) and record (for the manifest)."""
         self.curves[step.curve_name] = trained.history
         extra.setdefault("training", []).append(trained.record(method, epochs, step.number))
+        if (gain := trained.summary.get("val_accuracy_late_gain_pts", 0.0)) > 0 and not trained.reused:
+            log.info("%s step %d (%s): %s (the step's epochs set them)", step.variant, step.number, method,
+                     still_improving_sentence(gain, epochs, self.params.train.patience))
 
     def fine_tune_lr(self, step: PruneStep | QuantizeStep) -> float:
         return step.lr or self.params.compress.fine_tune_lr

@@ -138,8 +138,9 @@ def late_window(epochs: int, patience: int) -> int:
 
 def still_improving_sentence(gain_pts: float, epochs: int, patience: int) -> str:
     """``gain_pts`` (:func:`late_val_accuracy_gain_pts`) in words."""
+    window = late_window(epochs, patience)
     return (f"still improving when its {epochs} epochs ran out: validation accuracy {gain_pts:+.2f} points "
-            f"in its last {late_window(epochs, patience)} epochs")
+            f"in its last {'epoch' if window == 1 else f'{window} epochs'}")
 
 
 def summary(
