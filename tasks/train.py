@@ -29,7 +29,7 @@ from tasks.core.processes import die_with_parent, exit_process
 from tasks.core.stage_cli import start_stage
 from tasks.training import FitJob, LaunchError, launch_fit, worker_pool
 from tasks.training.fault import fault_after_epoch_from_env
-from tasks.training.reporting import still_improving_sentence
+from tasks.training.reporting import still_improving
 
 log = logging.getLogger("slimflow.train")
 
@@ -120,9 +120,9 @@ def main(argv: list[str] | None = None) -> int:
                 names.VAL_ACCURACY_LATE_GAIN_PTS: result["val_accuracy_late_gain_pts"],
                 names.TRAIN_ENERGY_J: result["train_energy_j"],
             })
-            if result["val_accuracy_late_gain_pts"] > 0:
-                log.info("training was %s (train.epochs sets them)", still_improving_sentence(
-                    result["val_accuracy_late_gain_pts"], params.train.epochs, params.train.patience))
+            if note := still_improving(result["val_accuracy_late_gain_pts"], params.train.epochs, params.train.patience,
+                                       100.0 * params.evaluate.gate.max_accuracy_drop):
+                log.info("training was %s (train.epochs sets them)", note)
             # The stage's computation is its workers' (each measured itself; rank 0 summed them).
             tracking.log_stage_energy(result["train_energy_j"], result["energy_source"])
             record_model_run(paths, run.info.run_id)

@@ -334,7 +334,7 @@ def test_a_run_still_improving_when_its_epochs_ran_out_says_by_how_much() -> Non
     """The late gain: the kept epoch's validation accuracy against the best before the last
     ``patience`` epochs, when the run used every epoch; the sensor baseline of 15 epochs
     (session 39) read 75.00% by epoch 10 and 78.73% at 15, and its students "beat" it."""
-    from tasks.training.reporting import late_val_accuracy_gain_pts, still_improving_sentence
+    from tasks.training.reporting import late_val_accuracy_gain_pts, still_improving
 
     def history(accuracies: list[float]) -> list[dict[str, float]]:
         return [{"epoch": n, "val_accuracy": a} for n, a in enumerate(accuracies, start=1)]
@@ -351,10 +351,13 @@ def test_a_run_still_improving_when_its_epochs_ran_out_says_by_how_much() -> Non
     # fewer epochs than patience + 1: the window leaves the first epoch before it
     assert late_val_accuracy_gain_pts(history([0.5, 0.7, 0.9]), 3, epochs=3, patience=3) == pytest.approx(40.0)
     assert late_val_accuracy_gain_pts(history([0.5]), 1, epochs=1, patience=3) == 0.0
-    assert still_improving_sentence(3.73, 15, 5) == (
-        "still improving when its 15 epochs ran out: validation accuracy +3.73 points in its last 5 epochs")
-    assert still_improving_sentence(40.0, 3, 3).endswith("+40.00 points in its last 2 epochs")
-    assert still_improving_sentence(5.0, 2, 5).endswith("+5.00 points in its last epoch")
+    assert still_improving(3.73, 15, 5, tolerance_pts=1.0) == (
+        "still improving when its 15 epochs ran out: validation accuracy +3.73 points in its last 5 epochs, "
+        "where the gate tolerates 1")
+    # within the gate's tolerance (two samples of a 266-sample split), nothing is said
+    assert still_improving(0.75, 10, 5, tolerance_pts=1.0) is None and still_improving(1.0, 10, 5, 1.0) is None
+    assert still_improving(40.0, 3, 3, 1.0).endswith("+40.00 points in its last 2 epochs, where the gate tolerates 1")
+    assert still_improving(5.0, 2, 5, 0.5).endswith("+5.00 points in its last epoch, where the gate tolerates 0.5")
 
 
 def test_fingerprint_counts_the_files_a_job_starts_from_by_content(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from tasks.compression.onnx import export_onnx
 from tasks.compression.search import Budget
 from tasks.core.config import Params, PruneStep, QuantizeStep
 from tasks.core.paths import ProjectPaths
-from tasks.training.reporting import still_improving_sentence
+from tasks.training.reporting import still_improving
 
 log = logging.getLogger("slimflow.compress")
 
@@ -63,9 +63,10 @@ class Work:
         """Keep a finished training step's curve (for its DVC plot) and record (for the manifest)."""
         self.curves[step.curve_name] = trained.history
         extra.setdefault("training", []).append(trained.record(method, epochs, step.number))
-        if (gain := trained.summary.get("val_accuracy_late_gain_pts", 0.0)) > 0 and not trained.reused:
-            log.info("%s step %d (%s): %s (the step's epochs set them)", step.variant, step.number, method,
-                     still_improving_sentence(gain, epochs, self.params.train.patience))
+        note = still_improving(trained.summary.get("val_accuracy_late_gain_pts", 0.0), epochs,
+                               self.params.train.patience, 100.0 * self.params.evaluate.gate.max_accuracy_drop)
+        if note and not trained.reused:
+            log.info("%s step %d (%s): %s (the step's epochs set them)", step.variant, step.number, method, note)
 
     def fine_tune_lr(self, step: PruneStep | QuantizeStep) -> float:
         return step.lr or self.params.compress.fine_tune_lr

@@ -18,7 +18,7 @@ from tasks.core import metric_names as names
 from tasks.core.classification import class_recall_problem
 from tasks.core.config import EvaluateParams, GateParams
 from tasks.evaluation.results import BASELINE, Evaluation
-from tasks.training.reporting import still_improving_sentence
+from tasks.training.reporting import still_improving
 
 log = logging.getLogger("slimflow.evaluate")
 
@@ -139,12 +139,12 @@ def still_improving_caveat(baseline_manifest: Mapping[str, Any], gate: GateParam
     student that "beats its teacher" may only have trained longer. None otherwise, and for a
     model saved before the record existed."""
     fit = baseline_manifest.get("fit") or {}
-    gain = fit.get("val_accuracy_late_gain_pts")
-    if gain is None or gain <= 100.0 * gate.max_accuracy_drop + _EPS:
+    if "val_accuracy_late_gain_pts" not in fit:
         return None
-    return (f"the baseline was {still_improving_sentence(gain, fit['epochs'], fit['patience'])}, where the gate "
-            f"tolerates {100.0 * gate.max_accuracy_drop:g}; the variants are compared with an under-trained "
-            "baseline (raise train.epochs)")
+    note = still_improving(fit["val_accuracy_late_gain_pts"], fit["epochs"], fit["patience"],
+                           100.0 * gate.max_accuracy_drop)
+    return note and (f"the baseline was {note}; the variants are compared with an under-trained baseline "
+                     "(raise train.epochs)")
 
 
 def apply_gate(evaluation: Evaluation, params: EvaluateParams) -> None:

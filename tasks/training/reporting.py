@@ -136,11 +136,15 @@ def late_window(epochs: int, patience: int) -> int:
     return max(1, min(patience, epochs - 1))
 
 
-def still_improving_sentence(gain_pts: float, epochs: int, patience: int) -> str:
-    """``gain_pts`` (:func:`late_val_accuracy_gain_pts`) in words."""
+def still_improving(gain_pts: float, epochs: int, patience: int, tolerance_pts: float) -> str | None:
+    """``gain_pts`` (:func:`late_val_accuracy_gain_pts`) in words when it is more than
+    ``tolerance_pts`` (the gate's ``max_accuracy_drop`` in points: the scale every verdict of a
+    run is made on; a gain within it may be a sample or two of the validation split), else None."""
+    if gain_pts <= tolerance_pts + 1e-9:
+        return None
     window = late_window(epochs, patience)
     return (f"still improving when its {epochs} epochs ran out: validation accuracy {gain_pts:+.2f} points "
-            f"in its last {'epoch' if window == 1 else f'{window} epochs'}")
+            f"in its last {'epoch' if window == 1 else f'{window} epochs'}, where the gate tolerates {tolerance_pts:g}")
 
 
 def summary(
