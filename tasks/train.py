@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
                 names.TRAIN_ENERGY_J: result["train_energy_j"],
             })
             if note := still_improving(result["val_accuracy_late_gain_pts"], params.train.epochs, params.train.patience,
-                                       100.0 * params.evaluate.gate.max_accuracy_drop):
+                                       params.evaluate.gate.max_accuracy_drop_pts):
                 log.info("training was %s (train.epochs sets them)", note)
             # The stage's computation is its workers' (each measured itself; rank 0 summed them).
             tracking.log_stage_energy(result["train_energy_j"], result["energy_source"])

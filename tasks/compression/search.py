@@ -59,7 +59,7 @@ class Budget:
         budget = params.compress.budget
         drop = budget.max_accuracy_drop
         if drop is None:  # the gate's own allowance, in points
-            drop = 100.0 * params.evaluate.gate.max_accuracy_drop
+            drop = params.evaluate.gate.max_accuracy_drop_pts
         class_drop = budget.max_class_recall_drop
         if class_drop is None:  # the gate's own class limit (itself None: not applied)
             class_drop = params.evaluate.gate.max_class_recall_drop

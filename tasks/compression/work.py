@@ -64,7 +64,7 @@ class Work:
         self.curves[step.curve_name] = trained.history
         extra.setdefault("training", []).append(trained.record(method, epochs, step.number))
         note = still_improving(trained.summary.get("val_accuracy_late_gain_pts", 0.0), epochs,
-                               self.params.train.patience, 100.0 * self.params.evaluate.gate.max_accuracy_drop)
+                               self.params.train.patience, self.params.evaluate.gate.max_accuracy_drop_pts)
         if note and not trained.reused:
             log.info("%s step %d (%s): %s (the step's epochs set them)", step.variant, step.number, method, note)
 

@@ -160,6 +160,11 @@ class GateParams(_Strict):
     max_size_bytes: int | None = Field(None, gt=0)
     max_energy_per_1k_j: float | None = Field(None, gt=0.0)  # energy per 1,000 predictions (throughput batch)
 
+    @property
+    def max_accuracy_drop_pts(self) -> float:
+        """``max_accuracy_drop`` in percentage points, the unit of every accuracy change."""
+        return 100.0 * self.max_accuracy_drop
+
 
 class EvaluateParams(_Strict):
     latency_repeats: int = Field(30, ge=3)

@@ -142,7 +142,7 @@ def still_improving_caveat(baseline_manifest: Mapping[str, Any], gate: GateParam
     if "val_accuracy_late_gain_pts" not in fit:
         return None
     note = still_improving(fit["val_accuracy_late_gain_pts"], fit["epochs"], fit["patience"],
-                           100.0 * gate.max_accuracy_drop)
+                           gate.max_accuracy_drop_pts)
     return note and (f"the baseline was {note}; the variants are compared with an under-trained baseline "
                      "(raise train.epochs)")
 

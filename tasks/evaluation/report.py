@@ -163,8 +163,9 @@ def report_markdown(
     """``artifacts/evaluation/report.md``: the result, the tables of every model (headline
     figures, then details), the plots, the gate decision, the methods."""
     lines = ["# slimflow evaluation", "", headline(evaluation), ""]
-    lines += [f"**Caveat**: {caveat[0].upper()}{caveat[1:]}." for caveat in evaluation.caveats]
-    lines += ["", "## Models", ""] if evaluation.caveats else ["## Models", ""]
+    for caveat in evaluation.caveats:
+        lines += [f"**Caveat**: {caveat[0].upper()}{caveat[1:]}.", ""]
+    lines += ["## Models", ""]
     lines += models_table(evaluation, HEADLINE_COLUMNS)
     lines += ["", f"{CHANGE_NOISE_NOTE}.", "", *_plots_section(evaluation, training_curves), "", "## Details", ""]
     lines += models_table(evaluation, DETAIL_COLUMNS)
