@@ -564,6 +564,30 @@ def test_a_trial_that_loses_a_class_is_over_budget_though_its_accuracy_fits() ->
     assert strict.judge(logits(forgets), labels).fits is False
     no_limit = Budget(1.0, 4, 10, 0.96, None, budget.baseline_classes)
     assert no_limit.judge(logits(forgets), labels)[2:4] == (True, None)
+    # With the baseline's predictions (what the compress stage has): 3 of 10 lost and none
+    # gained is 12.5% by chance, below the 25% share of each of two classes: still over.
+    paired = Budget(1.0, 4, 10, 0.96, 0.1, budget.baseline_classes, baseline_predictions=baseline)
+    assert paired.judge(logits(forgets), labels).class_problem == problem
+
+
+def test_a_trial_whose_class_loss_chance_explains_fits_the_budget() -> None:
+    """40 classes of 18 validation samples: a trial more accurate than the baseline that lost
+    3 samples of one class (12% by chance, above the 1.25% share of each of 40 classes) fits
+    where the baseline's predictions are known, as the gate will judge it."""
+    from tasks.core.classification import classification_metrics
+
+    names = [str(c) for c in range(40)]
+    labels = np.repeat(np.arange(40), 18)
+    position = np.tile(np.arange(18), 40)
+    baseline = np.where(position < 11, labels, (labels + 1) % 40)
+    trial = np.where(np.where(labels == 31, position < 8, position < 12), labels, (labels + 1) % 40)
+    classes = classification_metrics(labels, baseline, names)[1]
+    logits = np.eye(40)[trial]
+    unpaired = Budget(1.0, 4, 10, float(np.mean(baseline == labels)), 0.1, classes)
+    assert unpaired.judge(logits, labels).class_problem.startswith("class '31' recall drop 0.1667")
+    paired = Budget(1.0, 4, 10, float(np.mean(baseline == labels)), 0.1, classes, baseline_predictions=baseline)
+    judged = paired.judge(logits, labels)
+    assert judged.fits and judged.class_problem is None
 
 
 def test_the_search_budget_takes_the_gates_class_limit_unless_it_has_its_own() -> None:

@@ -26,7 +26,9 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from tasks.core import metric_names as names
-from tasks.core.classification import class_recall_problem, classification_metrics, paired_change_noise
+from tasks.core.classification import (
+    class_disagreements, class_recall_problem, classification_metrics, paired_change_noise,
+)
 from tasks.core.config import Params
 from tasks.core.tables import cell
 
@@ -80,7 +82,9 @@ class Budget:
         quality, per_class, _ = classification_metrics(labels, predictions, list(self.baseline_classes))
         accuracy, problem = quality["accuracy"], None
         if self.max_class_recall_drop is not None and self.baseline_classes:
-            problem = class_recall_problem(per_class, self.baseline_classes, self.max_class_recall_drop)
+            paired = None if self.baseline_predictions is None else class_disagreements(
+                labels, self.baseline_predictions, predictions, list(self.baseline_classes))
+            problem = class_recall_problem(per_class, self.baseline_classes, self.max_class_recall_drop, paired)
         return Judgement(accuracy, self.drop_points(accuracy), self.fits(accuracy) and problem is None, problem,
                          *self.drop_noise(predictions, labels))
 

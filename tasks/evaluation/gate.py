@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from tasks.core import metric_names as names
-from tasks.core.classification import class_recall_problem
+from tasks.core.classification import class_disagreements, class_recall_problem, class_recall_within_chance
 from tasks.core.config import EvaluateParams, GateParams
 from tasks.evaluation.results import BASELINE, Evaluation
 from tasks.training.reporting import still_improving
@@ -44,10 +44,12 @@ def _number(metrics: Mapping[str, Any], key: str) -> float | None:
 
 def gate_problems(metrics: Mapping[str, Any], baseline_accuracy: float, gate: GateParams,
                   per_class: Mapping[str, Mapping[str, float]] | None = None,
-                  baseline_per_class: Mapping[str, Mapping[str, float]] | None = None) -> list[str]:
+                  baseline_per_class: Mapping[str, Mapping[str, float]] | None = None,
+                  disagreements: Mapping[str, tuple[int, int]] | None = None) -> list[str]:
     """Why a model fails the gate (empty when it passes). ``per_class`` and
     ``baseline_per_class`` (``{class: {recall, support, ...}}``) gate the recall of each
-    class; without them that limit is not applied."""
+    class; without them that limit is not applied. ``disagreements`` (per class: samples only
+    the baseline gets right, only the model) leave out a class loss chance explains."""
     problems = []
     accuracy = _number(metrics, "accuracy")
     if accuracy is None:
@@ -59,7 +61,7 @@ def gate_problems(metrics: Mapping[str, Any], baseline_accuracy: float, gate: Ga
             problems.append(f"accuracy drop {drop:.4f} > max_accuracy_drop {gate.max_accuracy_drop:.4f}"
                             + ("" if noise is None else f" (±{noise / 100:.4f}, one standard error on the test split)"))
     if gate.max_class_recall_drop is not None and per_class and baseline_per_class:
-        if problem := class_recall_problem(per_class, baseline_per_class, gate.max_class_recall_drop):
+        if problem := class_recall_problem(per_class, baseline_per_class, gate.max_class_recall_drop, disagreements):
             problems.append(problem)
     limits = (  # (upper limit, metric, how the value reads, how the limit reads)
         (gate.max_latency_p95_ms, "latency_p95_ms", "latency p95 {:.3f} ms", "{:g}"),
@@ -83,6 +85,7 @@ def select_champion(
     objective: str,
     baseline: str = BASELINE,
     per_class: Mapping[str, Mapping[str, Mapping[str, float]]] | None = None,
+    disagreements: Mapping[str, Mapping[str, tuple[int, int]]] | None = None,
 ) -> tuple[str | None, dict[str, str]]:
     """Pick the champion among every model that passes the gate; None when none does.
 
@@ -90,7 +93,9 @@ def select_champion(
     ``latency_p50_ms``, ``latency_p95_ms``, ``energy_per_1k_j``); the accuracy drop is
     measured against ``metrics[baseline]``, and each class's recall drop against
     ``per_class[baseline]`` (``per_class``: a model name to its per-class figures; without
-    them the class limit is not applied). Among the models that pass, ``objective``
+    them the class limit is not applied; ``disagreements``, a model name to
+    :func:`~tasks.core.classification.class_disagreements` with the baseline, leave out a class
+    loss chance explains, and a passing model's reason then names it). Among the models that pass, ``objective``
     ``smallest`` takes the least ``size_bytes``, ``fastest`` the least ``latency_p50_ms``,
     ``lowest_energy`` the least ``energy_per_1k_j``; ties go to the higher accuracy, then
     the second measure of :data:`OBJECTIVES`, then the name. Returns the champion's name
@@ -104,12 +109,13 @@ def select_champion(
     if baseline_accuracy is None:
         raise ValueError(f"the baseline {baseline!r} has no accuracy")
     primary, secondary = OBJECTIVES[objective]
-    per_class = per_class or {}
+    per_class, disagreements = per_class or {}, disagreements or {}
 
     reasons: dict[str, str] = {}
     passing: list[tuple[float, float, float, str]] = []
     for name, values in metrics.items():
-        problems = gate_problems(values, baseline_accuracy, gate, per_class.get(name), per_class.get(baseline))
+        problems = gate_problems(values, baseline_accuracy, gate, per_class.get(name), per_class.get(baseline),
+                                 disagreements.get(name))
         measure = _number(values, primary)
         if measure is None and not problems:
             problems.append(f"{primary} not measured (objective {objective})")
@@ -129,6 +135,10 @@ def select_champion(
             reasons[name] = f"champion: passes the gate and is the {objective} of {len(passing)} passing ({shown})"
         else:
             reasons[name] = f"passes the gate; not the {objective} ({shown})"
+        if gate.max_class_recall_drop is not None and per_class.get(name) and name in disagreements and (
+                note := class_recall_within_chance(per_class[name], per_class.get(baseline) or {},
+                                                   gate.max_class_recall_drop, disagreements[name])):
+            reasons[name] += f"; {note}"
     return winner, {name: reasons[name] for name in metrics}
 
 
@@ -150,8 +160,13 @@ def still_improving_caveat(baseline_manifest: Mapping[str, Any], gate: GateParam
 def apply_gate(evaluation: Evaluation, params: EvaluateParams) -> None:
     """Run the gate; mark ``passed_gate`` and ``champion`` in every model's metrics; note a
     baseline that was still improving (:func:`still_improving_caveat`)."""
+    baseline = evaluation.models[BASELINE]
+    disagreements = {name: class_disagreements(evaluation.y_true, baseline.predictions, result.predictions,
+                                               evaluation.class_names)
+                     for name, result in evaluation.models.items()}
     champion, reasons = select_champion(evaluation.metrics(), params.gate, params.objective, BASELINE,
-                                        {name: result.per_class for name, result in evaluation.models.items()})
+                                        {name: result.per_class for name, result in evaluation.models.items()},
+                                        disagreements)
     evaluation.champion, evaluation.reasons = champion, reasons
     for name, result in evaluation.models.items():
         result.metrics["passed_gate"] = 0.0 if reasons[name].startswith("fails") else 1.0
@@ -159,7 +174,7 @@ def apply_gate(evaluation: Evaluation, params: EvaluateParams) -> None:
     if champion:
         log.info("gate: %s wins (objective %s)", champion, params.objective)
         for name, reason in reasons.items():  # the closing table says "fail"; here is why
-            if reason.startswith("fails"):
+            if reason.startswith("fails") or "within chance" in reason:
                 log.info("gate: %s %s", name, reason)
     else:
         log.warning("gate: no model passes (%s)", "; ".join(f"{k}: {v}" for k, v in reasons.items()))
