@@ -403,6 +403,53 @@ def test_a_challenger_that_forgets_a_class_the_champion_knows_does_not_take_the_
     assert "class_recall" not in decision.champion["remeasured"]  # the figures stay flat (metrics, tables)
 
 
+def test_a_re_measured_champion_is_compared_class_by_class_on_the_same_samples() -> None:
+    """Re-measured on this run's test split, the champion's predictions pair with the
+    challenger's: on 40 classes of 18 samples, a challenger 5 points more accurate that lost 3
+    samples of one class (12% by chance) takes the alias, and the decision says so; one that
+    lost 9 of a class's 18 does not. Against recorded figures (no predictions), the floor alone."""
+    import dataclasses
+
+    import numpy as np
+
+    from tasks.core.classification import classification_metrics
+
+    names = [str(c) for c in range(40)]
+    labels = np.repeat(np.arange(40), 18)
+    position = np.tile(np.arange(18), 40)
+
+    def predicted(right: Any) -> Any:
+        return np.where(right, labels, (labels + 1) % 40)
+
+    theirs = predicted(position < 11)
+    ours = predicted(np.where(labels == 31, position < 8, position < 12))
+    quality, per_class = classification_metrics(labels, ours, names)[:2]
+    challenger = dataclasses.replace(_challenger(per_class, quality["accuracy"]), num_classes=None, labels=labels,
+                                     predictions=ours)
+    their_recall = {name: row["recall"] for name, row in classification_metrics(labels, theirs, names)[1].items()}
+    champion = _champion_version(their_recall, accuracy=float(np.mean(theirs == labels)))
+    champion.tags.pop("num_classes")
+    remeasured = {"accuracy": float(np.mean(theirs == labels)), "macro_f1": 0.6, "class_recall": their_recall,
+                  "predictions": theirs}
+    recorded = _decide(challenger, champion)
+    assert not recorded.allowed and "its class '31' recall drop 0.1667" in recorded.reason
+    champion.tags["git_commit"] = "def"  # other code: re-measured
+    decision = _decide(challenger, champion, dict(remeasured))
+    assert decision.allowed and decision.basis == "re-measured on this run's test split"
+    assert decision.reason.endswith(
+        "each class within max_class_recall_drop 0.1 (class '31' recall drop 0.1667 (61.1% -> 44.4%, 3 of its 18 "
+        "samples) is within chance: a model no worse would lose that many 12% of the time (a class counts below "
+        "1.2%: 0.5 shared over 40 classes))")
+    assert "predictions" not in decision.champion["remeasured"]  # not a figure: not in promotion.json
+    forgets = predicted(np.where(labels == 5, position < 2, position < 12))
+    quality, per_class = classification_metrics(labels, forgets, names)[:2]
+    worse = dataclasses.replace(challenger, per_class=per_class, figures={"accuracy": quality["accuracy"]},
+                                predictions=forgets)
+    decision = _decide(worse, champion, dict(remeasured))
+    assert not decision.allowed and "its class '5' recall drop 0.5000 (61.1% -> 11.1%, 9 of its 18 samples)" \
+        in decision.reason
+
+
 def test_a_champion_without_per_class_recall_is_compared_on_accuracy_and_the_decision_says_so() -> None:
     challenger = _challenger(IMBALANCED_CLASSES["qat"], accuracy=0.974)
     decision = _decide(challenger, _champion_version(None, accuracy=0.969))

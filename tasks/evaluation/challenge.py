@@ -15,8 +15,10 @@ with the version the alias points at now:
 
 In 3 and 4 the challenger may not be worse than the champion by more than the gate's
 ``max_accuracy_drop`` on accuracy, nor lose more than its ``max_class_recall_drop`` of any
-class's recall (counted as the gate counts it; against a champion that records no
-per-class recall, accuracy alone is compared, and the decision says so). The
+class's recall (counted as the gate counts it: where the champion is re-measured, both
+models' predictions on the same test samples leave out a class loss chance explains; against
+recorded figures, the sample floor alone; against a champion that records no per-class
+recall, accuracy alone is compared, and the decision says so). The
 :class:`Decision` and both models' figures become ``promotion.json``, a tag of the
 evaluate run and a tag of the version.
 """
@@ -35,7 +37,9 @@ from typing import Any
 
 import numpy as np
 
-from tasks.core.classification import class_recall_problem, classification_metrics
+from tasks.core.classification import (
+    class_disagreements, class_recall_problem, class_recall_within_chance, classification_metrics,
+)
 from tasks.evaluation.signature import describe, same_input
 
 _EPS = 1e-9
@@ -44,6 +48,7 @@ HEADLINE = ("accuracy", "macro_f1", "accuracy_delta", "size_bytes", "latency_p50
             "throughput_sps")
 QUALITY = ("accuracy", "macro_f1")  # what a re-measurement on another split gives
 CLASS_RECALL = "class_recall"  # a version's tag (and a re-measurement's key): {class: test recall}
+PREDICTIONS = "predictions"  # a re-measurement's key: the champion's test predictions (not kept)
 
 # Runs in a fresh interpreter outside the project, so the champion's own logged code
 # (not this checkout's `tasks`) loads it, as `mlflow models serve` would.
@@ -82,6 +87,8 @@ class Challenger:
     git_commit: str | None
     runtime_versions: dict[str, str]
     per_class: dict[str, dict[str, float]] = field(default_factory=dict)  # {class: {recall, support, ...}}
+    labels: np.ndarray | None = field(default=None, compare=False, repr=False)  # this run's test labels
+    predictions: np.ndarray | None = field(default=None, compare=False, repr=False)  # ...and its predictions
 
 
 @dataclass
@@ -136,7 +143,8 @@ def recorded_figures(tags: dict[str, str]) -> dict[str, float]:
 
 def remeasure(model_uri: str, prepared: Path, class_names: Sequence[str], threads: int = 1) -> dict[str, Any]:
     """Accuracy and macro F1 of a registered model on ``prepared``'s test split (raw inputs),
-    and under :data:`CLASS_RECALL` each class's recall."""
+    under :data:`CLASS_RECALL` each class's recall, and under :data:`PREDICTIONS` its
+    predictions (for the class comparison; not a figure to keep)."""
     with tempfile.TemporaryDirectory(prefix="slimflow-remeasure-") as tmp:
         out = Path(tmp) / "predictions.npy"
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
@@ -153,7 +161,7 @@ def remeasure(model_uri: str, prepared: Path, class_names: Sequence[str], thread
         raise RemeasureError(f"{model_uri}: {predictions.shape[0]} predictions for {y.shape[0]} test rows")
     quality, per_class, _ = classification_metrics(y, predictions, class_names)
     return {**{key: quality[key] for key in QUALITY},
-            CLASS_RECALL: {name: float(row["recall"]) for name, row in per_class.items()}}
+            CLASS_RECALL: {name: float(row["recall"]) for name, row in per_class.items()}, PREDICTIONS: predictions}
 
 
 def recorded_class_recall(tags: dict[str, str]) -> dict[str, float] | None:
@@ -214,6 +222,7 @@ def decide(
                         "and data); no new version", basis="same model file", champion=card)
     same_code = (challenger.git_commit is not None and card["git_commit"] == challenger.git_commit
                  and card["runtime_versions"] == challenger.runtime_versions)
+    their_predictions = None
     if same_data and same_code and "accuracy" in card["recorded"]:
         basis, theirs = "recorded evidence", card["recorded"]["accuracy"]
         card[CLASS_RECALL] = recorded_class_recall(current.tags)
@@ -224,6 +233,7 @@ def decide(
             return Decision(False, "unmeasured", f"the champion (version {card['version']}) could not be "
                             f"re-measured on this run's test split: {err}", champion=card)
         card[CLASS_RECALL] = figures.pop(CLASS_RECALL, None)
+        their_predictions = figures.pop(PREDICTIONS, None)
         card["remeasured"] = figures
         basis, theirs = "re-measured on this run's test split", figures["accuracy"]
     ours = challenger.figures["accuracy"]
@@ -234,15 +244,30 @@ def decide(
                         f"{tolerance:g}", basis=basis, champion=card)
     within = f"{versus}: within max_accuracy_drop {tolerance:g}"
     if class_tolerance is not None and challenger.per_class:
+        theirs_by_class = _as_rows(card[CLASS_RECALL] or {}, challenger)
+        pairs = _paired(challenger, their_predictions)
         if not card[CLASS_RECALL]:
             within += "; the champion records no per-class recall, so no class was compared"
-        elif problem := class_recall_problem(challenger.per_class, _as_rows(card[CLASS_RECALL], challenger),
-                                             class_tolerance):
+        elif problem := class_recall_problem(challenger.per_class, theirs_by_class, class_tolerance, pairs):
             return Decision(False, "worse", f"{within}, but against the champion its {problem}", basis=basis,
                             champion=card)
         else:
             within += f" and each class within max_class_recall_drop {class_tolerance:g}"
+            if pairs and (note := class_recall_within_chance(challenger.per_class, theirs_by_class, class_tolerance,
+                                                             pairs)):
+                within += f" ({note})"
     return Decision(True, "not_worse", within, basis=basis, champion=card)
+
+
+def _paired(challenger: Challenger, their_predictions: Any) -> dict[str, tuple[int, int]] | None:
+    """Per class, the test samples only the champion gets right and only the challenger does:
+    where the champion was re-measured on this run's test split (None otherwise)."""
+    if their_predictions is None or challenger.predictions is None or challenger.labels is None:
+        return None
+    if np.shape(their_predictions) != np.shape(challenger.labels):
+        return None
+    return class_disagreements(challenger.labels, their_predictions, challenger.predictions,
+                               list(challenger.per_class))
 
 
 def _as_rows(class_recall: dict[str, float], challenger: Challenger) -> dict[str, dict[str, float]]:

@@ -45,7 +45,7 @@ def _lock_md5(paths: ProjectPaths) -> str | None:
     return hashlib.md5(lock.read_bytes()).hexdigest() if lock.is_file() else None
 
 
-def challenger_of(result: ModelResult, paths: ProjectPaths) -> Challenger:
+def challenger_of(result: ModelResult, paths: ProjectPaths, labels: Any = None) -> Challenger:
     from tasks.data import load_preprocessing
 
     preprocessing = load_preprocessing(paths.prepared)
@@ -59,6 +59,7 @@ def challenger_of(result: ModelResult, paths: ProjectPaths) -> Challenger:
         git_commit=tracking.git_commit(paths.root),
         runtime_versions=runtime_versions(),
         per_class={name: dict(row) for name, row in result.per_class.items()},
+        labels=labels, predictions=None if labels is None else result.predictions,
     )
 
 
@@ -101,7 +102,7 @@ def register_champion(evaluation: Evaluation, paths: ProjectPaths, params: Evalu
                                               "allowed": False, "reason": why})
         return _settled(promotion, evaluation)
     result = evaluation.models[evaluation.champion]
-    challenger = challenger_of(result, paths)
+    challenger = challenger_of(result, paths, evaluation.y_true)
     with registry_lock(paths):  # the champion read here is the one challenged and replaced
         return _settled(_challenge(evaluation, result, challenger, paths, params), evaluation)
 
