@@ -407,7 +407,8 @@ def test_a_re_measured_champion_is_compared_class_by_class_on_the_same_samples()
     """Re-measured on this run's test split, the champion's predictions pair with the
     challenger's: on 40 classes of 18 samples, a challenger 5 points more accurate that lost 3
     samples of one class (12% by chance) takes the alias, and the decision says so; one that
-    lost 9 of a class's 18 does not. Against recorded figures (no predictions), the floor alone."""
+    lost 9 of a class's 18 does not. Recorded figures that the floor refuses on a class have
+    the champion re-measured for its predictions; with no predictions, the floor decides."""
     import dataclasses
 
     import numpy as np
@@ -431,8 +432,14 @@ def test_a_re_measured_champion_is_compared_class_by_class_on_the_same_samples()
     champion.tags.pop("num_classes")
     remeasured = {"accuracy": float(np.mean(theirs == labels)), "macro_f1": 0.6, "class_recall": their_recall,
                   "predictions": theirs}
-    recorded = _decide(challenger, champion)
-    assert not recorded.allowed and "its class '31' recall drop 0.1667" in recorded.reason
+    # Recorded figures (same data, code, runtime) and no predictions to pair: the floor alone.
+    recorded = _decide(dataclasses.replace(challenger, predictions=None), champion, dict(remeasured))
+    assert not recorded.allowed and recorded.basis == "recorded evidence"
+    assert "its class '31' recall drop 0.1667" in recorded.reason
+    # With the challenger's predictions, a refusal on a class has the champion re-measured to pair them.
+    paired = _decide(challenger, champion, dict(remeasured))
+    assert paired.allowed and paired.basis == "re-measured on this run's test split, to pair the classes"
+    assert "is within chance" in paired.reason
     champion.tags["git_commit"] = "def"  # other code: re-measured
     decision = _decide(challenger, champion, dict(remeasured))
     assert decision.allowed and decision.basis == "re-measured on this run's test split"

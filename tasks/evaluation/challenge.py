@@ -15,10 +15,10 @@ with the version the alias points at now:
 
 In 3 and 4 the challenger may not be worse than the champion by more than the gate's
 ``max_accuracy_drop`` on accuracy, nor lose more than its ``max_class_recall_drop`` of any
-class's recall (counted as the gate counts it: where the champion is re-measured, both
-models' predictions on the same test samples leave out a class loss chance explains; against
-recorded figures, the sample floor alone; against a champion that records no per-class
-recall, accuracy alone is compared, and the decision says so). The
+class's recall (counted as the gate counts it: both models' predictions on the same test
+samples leave out a class loss chance explains; recorded figures that would refuse the
+challenger on a class have the champion re-measured for its predictions; against a champion
+that records no per-class recall, accuracy alone is compared, and the decision says so). The
 :class:`Decision` and both models' figures become ``promotion.json``, a tag of the
 evaluate run and a tag of the version.
 """
@@ -222,26 +222,39 @@ def decide(
                         "and data); no new version", basis="same model file", champion=card)
     same_code = (challenger.git_commit is not None and card["git_commit"] == challenger.git_commit
                  and card["runtime_versions"] == challenger.runtime_versions)
-    their_predictions = None
+    recorded = None
     if same_data and same_code and "accuracy" in card["recorded"]:
-        basis, theirs = "recorded evidence", card["recorded"]["accuracy"]
         card[CLASS_RECALL] = recorded_class_recall(current.tags)
-    else:
-        try:
-            figures = dict(remeasure_champion(f"models:/{registered_model}/{card['version']}"))
-        except RemeasureError as err:
-            return Decision(False, "unmeasured", f"the champion (version {card['version']}) could not be "
-                            f"re-measured on this run's test split: {err}", champion=card)
-        card[CLASS_RECALL] = figures.pop(CLASS_RECALL, None)
-        their_predictions = figures.pop(PREDICTIONS, None)
-        card["remeasured"] = figures
-        basis, theirs = "re-measured on this run's test split", figures["accuracy"]
+        recorded, on_class = _versus(challenger, card, "recorded evidence", card["recorded"]["accuracy"], None,
+                                     tolerance, class_tolerance)
+        # A class loss the sample floor counts may be chance, which only the champion's own
+        # predictions can tell: for those, the champion is re-measured (seconds) to pair them.
+        if not on_class or challenger.predictions is None:
+            return recorded
+    try:
+        figures = dict(remeasure_champion(f"models:/{registered_model}/{card['version']}"))
+    except RemeasureError as err:
+        if recorded is not None:
+            return recorded
+        return Decision(False, "unmeasured", f"the champion (version {card['version']}) could not be "
+                        f"re-measured on this run's test split: {err}", champion=card)
+    card[CLASS_RECALL] = figures.pop(CLASS_RECALL, None)
+    their_predictions = figures.pop(PREDICTIONS, None)
+    card["remeasured"] = figures
+    basis = "re-measured on this run's test split" + ("" if recorded is None else ", to pair the classes")
+    return _versus(challenger, card, basis, figures["accuracy"], their_predictions, tolerance, class_tolerance)[0]
+
+
+def _versus(challenger: Challenger, card: dict[str, Any], basis: str, theirs: float, their_predictions: Any,
+            tolerance: float, class_tolerance: float | None) -> tuple[Decision, bool]:
+    """The challenger against the champion's figures (``card``); True beside a refusal for a
+    class's recall that the sample floor alone decided (no predictions to pair)."""
     ours = challenger.figures["accuracy"]
     versus = (f"{challenger.name} accuracy {ours:.4f} vs the champion's (version {card['version']}, "
               f"{card['variant']}) {theirs:.4f}, {basis}")
     if ours + tolerance + _EPS < theirs:
         return Decision(False, "worse", f"{versus}: {theirs - ours:.4f} worse, more than max_accuracy_drop "
-                        f"{tolerance:g}", basis=basis, champion=card)
+                        f"{tolerance:g}", basis=basis, champion=card), False
     within = f"{versus}: within max_accuracy_drop {tolerance:g}"
     if class_tolerance is not None and challenger.per_class:
         theirs_by_class = _as_rows(card[CLASS_RECALL] or {}, challenger)
@@ -250,17 +263,17 @@ def decide(
             within += "; the champion records no per-class recall, so no class was compared"
         elif problem := class_recall_problem(challenger.per_class, theirs_by_class, class_tolerance, pairs):
             return Decision(False, "worse", f"{within}, but against the champion its {problem}", basis=basis,
-                            champion=card)
+                            champion=card), pairs is None
         else:
             within += f" and each class within max_class_recall_drop {class_tolerance:g}"
             if pairs and (note := class_recall_within_chance(challenger.per_class, theirs_by_class, class_tolerance,
                                                              pairs)):
                 within += f" ({note})"
-    return Decision(True, "not_worse", within, basis=basis, champion=card)
+    return Decision(True, "not_worse", within, basis=basis, champion=card), False
 
 
 def _paired(challenger: Challenger, their_predictions: Any) -> dict[str, tuple[int, int]] | None:
-    """Per class, the test samples only the champion gets right and only the challenger does:
+    """Per class, the test samples only the champion gets right and only the challenger does,
     where the champion was re-measured on this run's test split (None otherwise)."""
     if their_predictions is None or challenger.predictions is None or challenger.labels is None:
         return None
