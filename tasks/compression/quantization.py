@@ -41,8 +41,8 @@ ORT_STATIC = {
     "quant_format": "QOperator", "per_channel": True, "activation_type": "QUInt8", "weight_type": "QInt8",
     "reduce_range": True,
 }
-# reduce_range: 7-bit weights. ONNX Runtime's u8s8 kernels on x86 without VNNI (AVX2, AVX-512F)
-# multiply through VPMADDUBSW, whose 16-bit sums saturate with full-range weights: a 2-layer
+# reduce_range: 7-bit weights. ONNX Runtime's u8s8 kernels on x86 without VNNI (AVX2, AVX-512 before it)
+# multiply through VPMADDUBSW, whose 16-bit sums saturate with full-range weights: a small
 # token LSTM's dynamic int8 outputs were 0.108 off its fp32 ones on an AVX2-only host, 0.004
 # with reduce_range (session 40). The file may be served on such a host, whatever built it.
 ORT_DYNAMIC = {"weight_type": "QInt8", "reduce_range": True}
