@@ -171,6 +171,16 @@ def _prepare_text(raw: RawText, provenance: dict[str, Any], params: PrepareParam
     return PreparedData(splits=splits, preprocessing=preprocessing, card=card, tokenizer_json=tokenizer.to_str())
 
 
+def class_index_line(class_names: list[str], shown: int = 8) -> str | None:
+    """What each output index of the models means, where it is not the label itself (None
+    for labels 0..K-1): ``classes (a model predicts the index): 0 = '-1', 1 = '1'``."""
+    if class_names == [str(i) for i in range(len(class_names))]:
+        return None
+    pairs = ", ".join(f"{i} = {name!r}" for i, name in enumerate(class_names[:shown]))
+    more = f", ... ({len(class_names)} classes; all in preprocess.json)" if len(class_names) > shown else ""
+    return f"classes (a model predicts the index): {pairs}{more}"
+
+
 def _card(
     provenance: dict[str, Any], num_samples: int, input_shape: list[int], value_range: dict[str, float],
     class_names: tuple[str, ...], splits: dict[str, tuple[np.ndarray, np.ndarray]], params: PrepareParams, seed: int,
@@ -341,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
         prepared.source_uri, card["num_samples"], tuple(card["input_shape"]), card["num_classes"],
         *(card["split_sizes"][split] for split in SPLITS), prepared.digest,
     )
+    if (classes := class_index_line(card["class_names"])) is not None:
+        logger.info("%s", classes)
 
     from tasks.core import tracking
 

@@ -403,6 +403,31 @@ def test_a_challenger_that_forgets_a_class_the_champion_knows_does_not_take_the_
     assert "class_recall" not in decision.champion["remeasured"]  # the figures stay flat (metrics, tables)
 
 
+def test_a_challenger_whose_indices_name_other_classes_never_takes_the_alias() -> None:
+    """Same input, same number of classes, other names: index 0 was 'ok' for the champion and
+    is 'a' for the challenger (a new data set registered under the same name). Recorded
+    class names decide; a version registered before them, the classes of its recall."""
+    import dataclasses
+    import json
+
+    challenger = dataclasses.replace(_challenger({"a": {"recall": 1.0, "support": 5}, "b": {"recall": 1.0, "support": 5}},
+                                                 accuracy=0.99), class_names=("a", "b"))
+    champion = _champion_version({"fraud": 0.5, "ok": 0.99}, accuracy=0.9)
+    champion.tags["class_names"] = json.dumps(["ok", "fraud"])
+    decision = _decide(challenger, champion)
+    assert not decision.allowed and decision.verdict == "other_input"
+    assert ("predicts the classes 'ok', 'fraud'; qat predicts 'a', 'b' (an index would name another class)"
+            in decision.reason) and "evaluate.registered_model" in decision.reason
+    champion.tags.pop("class_names")  # registered before the tag: its recall's classes, as a set
+    assert _decide(challenger, champion).verdict == "other_input"
+    # The same names in another order are other classes too; the same names in the same order are not.
+    champion.tags["class_names"] = json.dumps(["b", "a"])
+    assert _decide(challenger, champion).verdict == "other_input"
+    champion.tags["class_names"] = json.dumps(["a", "b"])
+    champion.tags["class_recall"] = json.dumps({"a": 0.9, "b": 0.9})
+    assert _decide(challenger, champion).verdict == "not_worse"
+
+
 def test_a_re_measured_champion_is_compared_class_by_class_on_the_same_samples() -> None:
     """Re-measured on this run's test split, the champion's predictions pair with the
     challenger's: on 40 classes of 18 samples, a challenger 5 points more accurate that lost 3

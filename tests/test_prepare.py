@@ -22,7 +22,7 @@ import yaml
 
 from tasks.core.config import PrepareParams
 from tasks.data import SPLITS, Preprocessing, load_preprocessing, load_split
-from tasks.prepare import main, prepare_data, stratified_split, write_prepared
+from tasks.prepare import class_index_line, main, prepare_data, stratified_split, write_prepared
 from tasks.sources import (
     load_sklearn,
     sklearn_digest,
@@ -85,6 +85,21 @@ def test_prepare_writes_the_contract(csv_root: Path, tmp_path: Path) -> None:
     all_x = np.concatenate([np.load(out / f"{s}_x.npy") for s in SPLITS])
     assert card["value_range"] == {"min": float(all_x.min()), "max": float(all_x.max())}
     assert (out / "card.json").read_text() == json.dumps(card, indent=2, sort_keys=True) + "\n"
+
+
+def test_labels_1_to_k_are_prepared_as_class_names_and_the_log_says_which_index_is_which(tmp_path: Path) -> None:
+    rows = [[a, b, 1 + i % 3] for i, (a, b, *_) in enumerate(tabular_rows(per_class=20))]
+    write_csv(tmp_path / "data" / "raw" / "wine.csv", rows, ["a", "b", "cultivar"])
+    params = PrepareParams(source="csv", path="data/raw/wine.csv", csv_label_column="cultivar")
+    prepared = prepare_data(params, 42, tmp_path)  # was: "class '0' has 0 samples"
+    assert prepared.card["class_names"] == ["1", "2", "3"] and prepared.preprocessing.num_classes == 3
+    assert prepared.card["counts"]["test"] == {"1": 5, "2": 5, "3": 5}
+    assert set(np.unique(prepared.splits["train"][1])) == {0, 1, 2}
+    assert class_index_line(prepared.card["class_names"]) == "classes (a model predicts the index): 0 = '1', 1 = '2', 2 = '3'"
+
+    assert class_index_line([str(i) for i in range(10)]) is None  # the index is the label
+    many = class_index_line([f"c{i}" for i in range(40)])
+    assert many.endswith("7 = 'c7', ... (40 classes; all in preprocess.json)") and "8 = " not in many
 
 
 def test_prepare_image_sources(tmp_path: Path) -> None:

@@ -86,6 +86,58 @@ def test_csv_string_and_integer_labels(tmp_path: Path) -> None:
     assert x[0, 0] == np.float32(float(rows[0][0]))
 
 
+LABELS_THAT_ARE_NOT_INDICES = {  # label column -> the class names it gives, in index order
+    "1..3 (UCI style)": ([1, 2, 3], ("1", "2", "3")),
+    "-1/1 (libsvm style)": ([-1, 1], ("-1", "1")),
+    "codes with gaps": ([0, 1, 2, 4], ("0", "1", "2", "4")),
+    "large codes": ([1000, 20, 300], ("20", "300", "1000")),  # numeric order, not text order
+}
+
+
+@pytest.mark.parametrize("case", list(LABELS_THAT_ARE_NOT_INDICES))
+def test_integer_labels_other_than_0_to_k_are_class_names_in_every_format(case: str, tmp_path: Path) -> None:
+    # Such files were refused ("-1 is out of range") or failed the split on an empty class
+    # ("class '0' has 0 samples"): 1-based and -1/1 labels are common; read as names, as strings are.
+    values, names = LABELS_THAT_ARE_NOT_INDICES[case]
+    labels = np.array([values[i % len(values)] for i in range(10 * len(values))])
+    expected = np.array([names.index(str(v)) for v in labels])
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(len(labels), 2))
+
+    path = write_csv(tmp_path / "t.csv", [[*f, v] for f, v in zip(features, labels)], ["a", "b", "label"])
+    raw = read_csv(path, "t.csv", "label")
+    assert raw.class_names == names and list(raw.y) == list(expected)
+
+    np.savez(tmp_path / "t.npz", x=features, y=labels)
+    raw = read_npz(tmp_path / "t.npz", "t.npz", "x", "y")
+    assert raw.class_names == names and list(raw.y) == list(expected)
+    np.savez(tmp_path / "f.npz", x=features, y=labels.astype(np.float64))  # 1.0, 2.0: integers stored as floats
+    assert read_npz(tmp_path / "f.npz", "f.npz", "x", "y").class_names == names
+
+    from tasks.sources import read_text_table
+
+    table = tmp_path / "t.tsv"
+    table.write_text("text\tlabel\n" + "".join(f"sample {i}\t{v}\n" for i, v in enumerate(labels)))
+    raw_text = read_text_table(table, "t.tsv", "text", "label")
+    assert raw_text.class_names == names and list(raw_text.y) == list(expected)
+
+    if labels.min() >= 0 and labels.max() < 256:  # IDX labels are unsigned bytes (EMNIST letters: 1..26)
+        images = np.zeros((len(labels), HEIGHT, WIDTH), dtype=np.uint8)
+        raw = read_idx(write_idx(tmp_path / "img", images), write_idx(tmp_path / "lbl", labels.astype(np.uint8)), "img", "lbl")
+        assert raw.class_names == names and list(raw.y) == list(expected)
+    check_splittable(raw.y, raw.class_names, 0.15, 0.25, "t")  # no empty class in between
+
+
+def test_labels_0_to_k_stay_the_indices_and_fractions_are_refused(tmp_path: Path) -> None:
+    labels = np.arange(30) % 3
+    np.savez(tmp_path / "a.npz", x=np.ones((30, 2)), y=labels)
+    raw = read_npz(tmp_path / "a.npz", "a.npz", "x", "y")
+    assert raw.class_names == ("0", "1", "2") and list(raw.y) == list(labels)
+    np.savez(tmp_path / "b.npz", x=np.ones((30, 2)), y=labels + 0.5)
+    with pytest.raises(DataError, match=r"^b.npz: array 'y'\[0\] = 0.5 is not an integer class label$"):
+        read_npz(tmp_path / "b.npz", "b.npz", "x", "y")
+
+
 @pytest.mark.parametrize("mode,channels", [("L", 1), ("RGB", 3)])
 def test_image_folder_converted_and_resized(tmp_path: Path, mode: str, channels: int) -> None:
     folder = write_image_folder(tmp_path / "pets")
@@ -200,9 +252,6 @@ def test_csv_bad_structure(tmp_path: Path) -> None:
     path = write_csv(tmp_path / "t.csv", [["1", "2", "0"]], ["f1", "f2", "target"])
     with pytest.raises(DataError, match=r"^t.csv: no label column 'label' in the header \(columns: f1, f2, target\)$"):
         read_csv(path, "t.csv", "label")
-    path = write_csv(tmp_path / "neg.csv", [["1", "0"], ["2", "-1"]], ["f1", "label"])
-    with pytest.raises(DataError, match=r"^neg.csv: line 3, column 'label': label -1 is out of range"):
-        read_csv(path, "neg.csv", "label")
     (tmp_path / "empty.csv").write_text("")
     with pytest.raises(DataError, match="empty.csv: empty file"):
         read_csv(tmp_path / "empty.csv", "empty.csv", "label")

@@ -4,8 +4,9 @@ The gate (:mod:`tasks.evaluation.gate`) compares the models of ONE run with that
 baseline. Before its winner (the challenger) takes the alias, :func:`decide` compares it
 with the version the alias points at now:
 
-1. another input contract (tensor shape and dtype, or columns; or another number of
-   classes): never - the run says which ``evaluate.registered_model`` to set instead;
+1. another input contract (tensor shape and dtype, or columns; or other classes: their
+   number, or the names an index stands for): never - the run says which
+   ``evaluate.registered_model`` to set instead;
 2. the same model file on the same data: it already is the champion (no new version);
 3. the same data digest, git commit and runtime (package versions): the champion's
    recorded figures are compared;
@@ -87,6 +88,7 @@ class Challenger:
     git_commit: str | None
     runtime_versions: dict[str, str]
     per_class: dict[str, dict[str, float]] = field(default_factory=dict)  # {class: {recall, support, ...}}
+    class_names: tuple[str, ...] = ()  # what each predicted index means (preprocess.json)
     labels: np.ndarray | None = field(default=None, compare=False, repr=False)  # this run's test labels
     predictions: np.ndarray | None = field(default=None, compare=False, repr=False)  # ...and its predictions
 
@@ -178,6 +180,7 @@ def _champion_card(version: Any, schema: dict[str, Any] | None) -> dict[str, Any
     return {
         "version": str(version.version), "variant": tags.get("variant"), "input_schema": schema,
         "num_classes": int(tags["num_classes"]) if tags.get("num_classes") else None,
+        "class_names": _recorded_class_names(tags),
         "data_digest": tags.get("data_digest"), "git_commit": tags.get("git_commit"),
         "runtime_versions": json.loads(runtime) if runtime else None,
         "recorded": recorded_figures(tags), "remeasured": None,
@@ -194,7 +197,31 @@ def _contract_problem(challenger: Challenger, card: dict[str, Any], registered_m
                 f"{describe(challenger.input_schema)}")
     if card["num_classes"] is not None and card["num_classes"] != challenger.num_classes:
         return f"{held} predicts {card['num_classes']} classes; {challenger.name} predicts {challenger.num_classes}"
+    theirs = card["class_names"]
+    if theirs is not None and challenger.class_names and _other_classes(theirs, list(challenger.class_names)):
+        return (f"{held} predicts the classes {_listed(theirs)}; {challenger.name} predicts "
+                f"{_listed(challenger.class_names)} (an index would name another class)")
     return None
+
+
+def _recorded_class_names(tags: dict[str, str]) -> list[str] | set[str] | None:
+    """A version's classes in index order (its ``class_names`` tag); a version registered
+    before that tag: the set of classes its per-class recall names; None: neither."""
+    try:
+        return [str(name) for name in json.loads(tags["class_names"])]
+    except (KeyError, TypeError, ValueError):
+        recall = recorded_class_recall(tags)
+        return None if recall is None else set(recall)
+
+
+def _other_classes(theirs: list[str] | set[str], ours: list[str]) -> bool:
+    return theirs != (set(ours) if isinstance(theirs, set) else ours)
+
+
+def _listed(names: Sequence[str] | set[str], shown: int = 6) -> str:
+    names = sorted(names) if isinstance(names, set) else list(names)
+    listed = ", ".join(repr(n) for n in names[:shown])
+    return listed + (f", ... ({len(names)} in all)" if len(names) > shown else "")
 
 
 def decide(

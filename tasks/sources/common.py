@@ -71,30 +71,40 @@ def require_finite(x: np.ndarray, shown: str, what: str) -> None:
 
 
 def integer_labels(labels: np.ndarray, shown: str, what: str) -> tuple[np.ndarray, tuple[str, ...]]:
-    """Integer class indices -> (int64 labels, names '0'..'K-1'); rejects negatives and fractions."""
+    """Integer labels -> (int64 class indices, class names); rejects fractions.
+
+    Labels that are exactly 0..K-1 are the indices themselves (names '0'..'K-1'). Any other
+    integers - 1..K, -1/1, codes with gaps - are class names in numeric order ('-1', '1'), as
+    strings are: the model predicts the index of a name (``preprocess.json``'s ``class_names``).
+    """
     if labels.dtype.kind == "b":
         labels = labels.astype(np.int64)
     if labels.dtype.kind == "f":
         bad = ~np.isfinite(labels) | (labels != np.round(labels))
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
-            raise DataError(f"{shown}: {what}[{i}] = {labels[i]} is not an integer class index")
+            raise DataError(f"{shown}: {what}[{i}] = {labels[i]} is not an integer class label")
     elif labels.dtype.kind not in "iu":
-        raise DataError(f"{shown}: {what} has dtype {labels.dtype}; expected integer class indices or strings")
+        raise DataError(f"{shown}: {what} has dtype {labels.dtype}; expected integer class labels or strings")
     if labels.size == 0:
         raise DataError(f"{shown}: {what} is empty")
-    low, high = labels.min(), labels.max()
-    if low < 0:
-        i = int(np.argmin(labels))
-        raise DataError(f"{shown}: {what}[{i}] = {labels[i]} is out of range; labels must be class indices >= 0")
-    # Indices must be dense 0..K-1; a label beyond the sample count means most classes are empty.
-    if high >= len(labels):
-        i = int(np.argmax(labels))
-        raise DataError(
-            f"{shown}: {what}[{i}] = {labels[i]} is out of range; labels must be class indices "
-            f"0..K-1 and there are only {len(labels)} samples"
-        )
-    return labels.astype(np.int64), tuple(str(i) for i in range(int(high) + 1))
+    return _numbered(labels.astype(np.int64))
+
+
+def column_labels(labels: list[str]) -> tuple[np.ndarray, tuple[str, ...]]:
+    """A text column's labels: all integers are read as :func:`integer_labels` reads them;
+    otherwise they are class names, sorted."""
+    try:
+        values = np.array([int(v) for v in labels], dtype=np.int64)
+    except (ValueError, OverflowError):
+        return string_labels(np.array(labels))
+    return _numbered(values)
+
+
+def _numbered(values: np.ndarray) -> tuple[np.ndarray, tuple[str, ...]]:
+    """int64 labels -> (indices into their distinct values in numeric order, those values as names)."""
+    distinct, indices = np.unique(values, return_inverse=True)
+    return indices.astype(np.int64).ravel(), tuple(str(int(v)) for v in distinct)
 
 
 def string_labels(labels: np.ndarray) -> tuple[np.ndarray, tuple[str, ...]]:

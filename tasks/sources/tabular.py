@@ -10,7 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.sources.common import DataError, RawData, check_dataset, csv_records, require_file, require_finite, integer_labels, string_labels
+from tasks.sources.common import (
+    DataError, RawData, check_dataset, column_labels, csv_records, integer_labels, require_file, require_finite, string_labels,
+)
 
 
 def read_npz(path: Path, shown: str, inputs: str, labels: str) -> RawData:
@@ -78,13 +80,13 @@ def npz_input_shape(path: Path, inputs: str) -> tuple[int, ...] | None:
 def read_csv(path: Path, shown: str, label_column: str) -> RawData:
     """A CSV with a header row: every column but ``label_column`` is a numeric feature.
 
-    Labels that are all integers are class indices (names '0'..'K-1'); otherwise they are
-    class names, sorted.
+    Labels that are exactly the integers 0..K-1 are class indices (names '0'..'K-1'); other
+    integers (1..K, -1/1) are class names in numeric order; any other labels are class names,
+    sorted.
     """
     require_file(path, shown)
     rows: list[list[float]] = []
     labels: list[str] = []
-    lines: list[int] = []
     try:
         with open(path, newline="", encoding="utf-8-sig") as handle:
             reader = csv.reader(handle)
@@ -107,7 +109,6 @@ def read_csv(path: Path, shown: str, label_column: str) -> RawData:
                 values = _parse_floats(fields, feature_names, shown, line)
                 rows.append(values)
                 labels.append(label)
-                lines.append(line)
     except DataError:
         raise
     except UnicodeDecodeError as err:
@@ -116,19 +117,7 @@ def read_csv(path: Path, shown: str, label_column: str) -> RawData:
         raise DataError(f"{shown}: cannot read as CSV: {err}") from None
     if not rows:
         raise DataError(f"{shown}: header only; no data rows")
-    try:
-        indices = [int(v) for v in labels]
-    except ValueError:
-        y, class_names = string_labels(np.array(labels))
-    else:
-        for i, value in enumerate(indices):
-            # Integer labels are class indices; name the line of the first impossible one.
-            if value < 0 or value >= len(indices):
-                raise DataError(
-                    f"{shown}: line {lines[i]}, column {label_column!r}: label {value} is out of range; "
-                    f"integer labels are class indices 0..K-1 (and there are {len(indices)} rows)"
-                )
-        y, class_names = integer_labels(np.array(indices, dtype=np.int64), shown, "labels")
+    y, class_names = column_labels(labels)
     x = np.array(rows, dtype=np.float32)
     return check_dataset(RawData(x, y, class_names), shown)
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
-from tasks.sources.common import DataError, class_folders, csv_records, integer_labels, require_file, string_labels
+from tasks.sources.common import DataError, class_folders, column_labels, csv_records, require_file
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -53,21 +53,6 @@ def _decode(data: bytes, shown: str) -> str:
         ) from None
 
 
-def _labels(labels: list[str], lines: list[int], shown: str, label_column: str) -> tuple[np.ndarray, tuple[str, ...]]:
-    """All-integer labels are class indices (names '0'..'K-1'); otherwise class names, sorted."""
-    try:
-        indices = [int(v) for v in labels]
-    except ValueError:
-        return string_labels(np.array(labels))
-    for i, value in enumerate(indices):
-        if value < 0 or value >= len(indices):
-            raise DataError(
-                f"{shown}: line {lines[i]}, column {label_column!r}: label {value} is out of range; "
-                f"integer labels are class indices 0..K-1 (and there are {len(indices)} rows)"
-            )
-    return integer_labels(np.array(indices, dtype=np.int64), shown, "labels")
-
-
 def read_text_table(path: Path, shown: str, text_column: str, label_column: str) -> RawText:
     """A CSV (``.tsv``: tab-separated) with a header row naming ``text_column`` and ``label_column``."""
     require_file(path, shown)
@@ -80,7 +65,6 @@ def read_text_table(path: Path, shown: str, text_column: str, label_column: str)
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
     texts: list[str] = []
     labels: list[str] = []
-    lines: list[int] = []
     try:
         header = next(reader, None)
         if header is None:
@@ -99,12 +83,11 @@ def read_text_table(path: Path, shown: str, text_column: str, label_column: str)
                 raise DataError(f"{shown}: line {line}, column {text_column!r}: empty text")
             texts.append(sample)
             labels.append(label)
-            lines.append(line)
     except csv.Error as err:
         raise DataError(f"{shown}: line {reader.line_num}: cannot read as CSV: {err}") from None
     if not texts:
         raise DataError(f"{shown}: header only; no data rows")
-    y, class_names = _labels(labels, lines, shown, label_column)
+    y, class_names = column_labels(labels)
     return _checked(RawText(texts, y, class_names), shown)
 
 
