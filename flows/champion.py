@@ -58,6 +58,7 @@ def _rows(facts: dict[str, Any]) -> list[tuple[str, str]]:
         ("version", facts["version"]),
         ("variant", f"{facts['variant'] or '?'} ({facts['method'] or '?'})"),
         ("input", facts["input"]),
+        ("classes (index = name)", facts["classes"] or "-"),
         ("data digest", facts["data_digest"] or "-"),
         ("figures", figures),
         ("promoted", f"{facts['promoted_at']} by pipeline run {facts['pipeline_run_id'] or '-'} "

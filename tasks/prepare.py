@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tasks.data import SPLITS, Preprocessing
+from tasks.core.classification import index_names
 from tasks.core.config import BUILTIN_SOURCES
 from tasks.core.errors import disk_full_message, report_stage_error, stage_main
 from tasks.core.processes import die_with_parent, exit_process
@@ -171,14 +172,12 @@ def _prepare_text(raw: RawText, provenance: dict[str, Any], params: PrepareParam
     return PreparedData(splits=splits, preprocessing=preprocessing, card=card, tokenizer_json=tokenizer.to_str())
 
 
-def class_index_line(class_names: list[str], shown: int = 8) -> str | None:
+def class_index_line(class_names: list[str]) -> str | None:
     """What each output index of the models means, where it is not the label itself (None
     for labels 0..K-1): ``classes (a model predicts the index): 0 = '-1', 1 = '1'``."""
     if class_names == [str(i) for i in range(len(class_names))]:
         return None
-    pairs = ", ".join(f"{i} = {name!r}" for i, name in enumerate(class_names[:shown]))
-    more = f", ... ({len(class_names)} classes; all in preprocess.json)" if len(class_names) > shown else ""
-    return f"classes (a model predicts the index): {pairs}{more}"
+    return f"classes (a model predicts the index; all in preprocess.json): {index_names(class_names)}"
 
 
 def _card(

@@ -95,11 +95,12 @@ def test_labels_1_to_k_are_prepared_as_class_names_and_the_log_says_which_index_
     assert prepared.card["class_names"] == ["1", "2", "3"] and prepared.preprocessing.num_classes == 3
     assert prepared.card["counts"]["test"] == {"1": 5, "2": 5, "3": 5}
     assert set(np.unique(prepared.splits["train"][1])) == {0, 1, 2}
-    assert class_index_line(prepared.card["class_names"]) == "classes (a model predicts the index): 0 = '1', 1 = '2', 2 = '3'"
+    assert class_index_line(prepared.card["class_names"]) == (
+        "classes (a model predicts the index; all in preprocess.json): 0 = '1', 1 = '2', 2 = '3'")
 
     assert class_index_line([str(i) for i in range(10)]) is None  # the index is the label
     many = class_index_line([f"c{i}" for i in range(40)])
-    assert many.endswith("7 = 'c7', ... (40 classes; all in preprocess.json)") and "8 = " not in many
+    assert many.endswith("7 = 'c7', ... (40 classes)") and "8 = " not in many
 
 
 def test_prepare_image_sources(tmp_path: Path) -> None:

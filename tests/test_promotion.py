@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -137,7 +138,8 @@ def test_rollback_moves_the_alias_back_and_records_the_reason(
     with mlflow.start_run():
         promote("baseline", two_models["baseline"], two_models["prepared"], name, {"data_digest": "d1"})
     with mlflow.start_run():
-        promote("distilled-mlp-w0.5", two_models["narrow"], two_models["prepared"], name, {"data_digest": "d1"})
+        promote("distilled-mlp-w0.5", two_models["narrow"], two_models["prepared"], name,
+                {"data_digest": "d1", "class_names": ["-1", "1", "7"]})
     (tmp_path / "dvc.yaml").write_text("stages: {}\n")
     (tmp_path / "params.yaml").write_text(f"base:\n  experiment: registry-tests\nevaluate:\n  registered_model: {name}\n")
     monkeypatch.setenv("SLIMFLOW_ROOT", str(tmp_path))
@@ -146,6 +148,7 @@ def test_rollback_moves_the_alias_back_and_records_the_reason(
     shown = runner.invoke(champion_app, ["show"])
     assert shown.exit_code == 0, shown.output
     assert "distilled-mlp-w0.5" in shown.output and "previous champion" in shown.output
+    assert "0 = '-1', 1 = '1', 2 = '7'" in shown.output  # what each predicted index stands for
 
     done = runner.invoke(champion_app, ["rollback", "--reason", "latency regression in production"])
     assert done.exit_code == 0, done.output
@@ -158,6 +161,7 @@ def test_rollback_moves_the_alias_back_and_records_the_reason(
         "latency regression in production")
     shown = runner.invoke(champion_app, ["show"])
     assert "latency regression in production" in shown.output
+    assert re.search(r"classes \(index = name\)\s*│ -\s", shown.output)  # version 1 records no classes
 
     # Version 1 had no champion before it: say so, move nothing.
     again = runner.invoke(champion_app, ["rollback", "--reason", "again"])

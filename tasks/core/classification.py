@@ -122,11 +122,16 @@ def class_recall_within_chance(per_class: Mapping[str, Mapping[str, float]],
     if worst is None:
         return None
     drop, name, before, after, lost, support, chance = worst
-    level = CLASS_LOSS_CHANCE / max(1, len(baseline_per_class))
+    level = _chance_per_class(len(baseline_per_class))
     return (f"class {name!r} recall drop {drop:.4f} ({100 * before:.1f}% -> {100 * after:.1f}%, {lost} of its "
             f"{support} samples) is within chance: a model no worse would lose that many {_percent(chance)} "
             f"of the time (a class counts below {_percent(level)}: {CLASS_LOSS_CHANCE:g} shared over "
             f"{len(baseline_per_class)} classes)")
+
+
+def _chance_per_class(classes: int) -> float:
+    """A class's share of :data:`CLASS_LOSS_CHANCE` among ``classes`` compared."""
+    return CLASS_LOSS_CHANCE / max(1, classes)
 
 
 def _percent(chance: float) -> str:
@@ -138,7 +143,7 @@ def _worst_drop(per_class: Mapping[str, Mapping[str, float]], baseline_per_class
                 beyond_chance: bool) -> tuple[float, str, float, float, int, int, float | None] | None:
     """The largest recall drop over ``max_drop`` and :data:`MIN_SAMPLES_LOST` among the classes
     chance does not explain (``beyond_chance``) or among those it does."""
-    level = CLASS_LOSS_CHANCE / max(1, len(baseline_per_class))
+    level = _chance_per_class(len(baseline_per_class))
     worst = None
     for name, base in baseline_per_class.items():
         if name not in per_class:
@@ -180,3 +185,10 @@ def paired_change_noise(reference_right: np.ndarray, right: np.ndarray) -> tuple
     if math.isnan(noise):
         return noise, 0
     return noise, int(np.count_nonzero(np.asarray(right) != np.asarray(reference_right)))
+
+
+def index_names(class_names: Sequence[str], shown: int = 8) -> str:
+    """What each predicted index stands for: ``0 = '1', 1 = '2', 2 = '3'`` (the first
+    ``shown``, then the count)."""
+    pairs = ", ".join(f"{i} = {name!r}" for i, name in enumerate(class_names[:shown]))
+    return pairs + (f", ... ({len(class_names)} classes)" if len(class_names) > shown else "")

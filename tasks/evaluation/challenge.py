@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from tasks.core.classification import (
-    class_disagreements, class_recall_problem, class_recall_within_chance, classification_metrics,
+    class_disagreements, class_recall_problem, class_recall_within_chance, classification_metrics, index_names,
 )
 from tasks.evaluation.signature import describe, same_input
 
@@ -214,6 +214,14 @@ def _recorded_class_names(tags: dict[str, str]) -> list[str] | set[str] | None:
         return None if recall is None else set(recall)
 
 
+def described_classes(tags: dict[str, str]) -> str | None:
+    """A version's classes as ``slimflow champion show`` says them (None: not recorded)."""
+    names = _recorded_class_names(tags)
+    if isinstance(names, set):
+        return f"{_listed(names)} (the index of each not recorded)"
+    return None if names is None else index_names(names)
+
+
 def _other_classes(theirs: list[str] | set[str], ours: list[str]) -> bool:
     return theirs != (set(ours) if isinstance(theirs, set) else ours)
 
@@ -238,8 +246,9 @@ def decide(
         name = suggested_name(registered_model, challenger.input_schema)
         return Decision(
             False, "other_input",
-            f"{problem}: a model for another input never takes @champion. To register {challenger.name}, set "
-            f"evaluate.registered_model to a new name, e.g. `slimflow run --set evaluate.registered_model={name}`",
+            f"{problem}: a model for another input or other classes never takes @champion. To register "
+            f"{challenger.name}, set evaluate.registered_model to a new name, e.g. "
+            f"`slimflow run --set evaluate.registered_model={name}`",
             champion=card, suggested_name=name,
         )
     same_data = card["data_digest"] is not None and card["data_digest"] == challenger.data_digest

@@ -262,7 +262,7 @@ def rollback_champion(registered_model: str, reason: str, to: str | None = None)
 
 def describe_champion(registered_model: str) -> dict[str, Any] | None:
     """What ``slimflow champion show`` prints: the version behind the alias and its evidence."""
-    from tasks.evaluation.challenge import recorded_figures
+    from tasks.evaluation.challenge import described_classes, recorded_figures
 
     current = current_champion(registered_model)
     if current is None:
@@ -276,6 +276,7 @@ def describe_champion(registered_model: str) -> dict[str, Any] | None:
         "method": tags.get("method"),
         "data_digest": tags.get("data_digest"),
         "input": describe(version_input_schema(current)),
+        "classes": described_classes(tags),
         "figures": recorded_figures(tags),
         "promoted_at": tags.get("promoted_at") or created.isoformat(timespec="seconds"),
         "pipeline_run_id": tags.get("pipeline_run_id"),
