@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from conftest import free_port
-from test_evaluate_support import SPEC, save_baseline, save_narrow_variant, save_onnx_variant, train_tiny, write_prepared
+from test_evaluate_support import CLASS_NAMES, SPEC, save_baseline, save_narrow_variant, save_onnx_variant, train_tiny, write_prepared
 from tasks.evaluation.promotion import CHAMPION_ALIAS, keep_champion, promote
 
 
@@ -78,6 +78,10 @@ def test_a_second_promotion_moves_the_alias_and_keeps_version_1(two_models: dict
     raw = np.load(two_models["prepared"] / "test_x.npy")
     shaped = model.predict(raw[:20])
     assert shaped.shape == (20,) and shaped.dtype == np.int64
+    # ...or, asked for them, the class names (test_mlflow_models_serve_...: names other than the indices).
+    assert list(model.predict(raw[:20], params={"output": "name"})) == [CLASS_NAMES[i] for i in shaped]
+    with pytest.raises(MlflowException, match=r"params: output 'label': expected one of 'index', 'name'"):
+        model.predict(raw[:20], params={"output": "label"})
     with pytest.raises(MlflowException, match=r"expected shape \(-1, 1, 8, 8\)"):
         model.predict(raw[:20].reshape(20, -1))
     with pytest.raises(MlflowException, match=r"expected shape \(-1, 1, 8, 8\)") as refused:
@@ -194,14 +198,23 @@ def _post(url: str, payload: Any, timeout: float = 10.0) -> Any:
 
 @pytest.mark.integration
 @pytest.mark.timeout(240)
-def test_mlflow_models_serve_answers_with_the_champion(two_models: dict[str, Path], mlflow_uri: str) -> None:
+def test_mlflow_models_serve_answers_with_the_champion(
+    two_models: dict[str, Path], mlflow_uri: str, tmp_path: Path,
+) -> None:
+    import shutil
+
     import mlflow
 
     name = "served-test"
+    # Class names that are not the indices (labels -1..8 say, or words): a request may ask for them.
+    prepared = Path(shutil.copytree(two_models["prepared"], tmp_path / "prepared-named"))
+    words = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    preprocess = json.loads((prepared / "preprocess.json").read_text())
+    (prepared / "preprocess.json").write_text(json.dumps({**preprocess, "class_names": words}))
     with mlflow.start_run():
-        promote("baseline", two_models["baseline"], two_models["prepared"], name, {"data_digest": "d"})
+        promote("baseline", two_models["baseline"], prepared, name, {"data_digest": "d"})
     expected = mlflow.pyfunc.load_model(f"models:/{name}@champion")
-    raw = np.load(two_models["prepared"] / "test_x.npy")[:16]
+    raw = np.load(prepared / "test_x.npy")[:16]
 
     port = free_port()
     mlflow_cli = str(Path(sys.executable).parent / "mlflow")
@@ -230,6 +243,9 @@ def test_mlflow_models_serve_answers_with_the_champion(two_models: dict[str, Pat
         # A request in the documented form: raw values, shaped (N, 1, 8, 8).
         answer = _post(f"http://127.0.0.1:{port}/invocations", {"inputs": raw.tolist()})
         assert answer["predictions"] == expected.predict(raw).tolist()
+        named = _post(f"http://127.0.0.1:{port}/invocations", {"inputs": raw.tolist(), "params": {"output": "name"}})
+        assert named["predictions"] == [words[i] for i in answer["predictions"]]
+        assert named["predictions"] == expected.predict(raw, params={"output": "name"}).tolist()
         # Wrongly shaped (flat rows, or another image size): HTTP 400 naming the expected shape.
         for wrong in (raw.reshape(len(raw), -1), np.zeros((2, 1, 28, 28))):
             with pytest.raises(urllib.error.HTTPError) as refused:

@@ -70,7 +70,7 @@ def _invalid(message: str) -> Exception:
 
 
 class SlimflowClassifier(mlflow.pyfunc.PythonModel):
-    """RAW inputs ``(N, *input_shape)`` -> class indices (int64).
+    """RAW inputs ``(N, *input_shape)`` -> class indices (int64), or their names (``params``).
 
     Artifacts: ``model`` (a model folder with ``manifest.json``, any format
     :func:`tasks.compression.loading.load_model_dir` reads) and ``preprocess`` (``preprocess.json``).
@@ -96,7 +96,19 @@ class SlimflowClassifier(mlflow.pyfunc.PythonModel):
             self._tokenizer = load_tokenizer(Path(context.artifacts["tokenizer"]))
 
     def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201 - see above
-        """Class indices (int64) for raw inputs of shape ``(N, *input_shape)`` (text models: raw text)."""
+        """Class indices (int64) for raw inputs of shape ``(N, *input_shape)`` (text models: raw
+        text); with ``params={"output": "name"}`` the class names they stand for."""
+        from tasks.evaluation.signature import OUTPUT_PARAM, OUTPUTS
+
+        output = (params or {}).get(OUTPUT_PARAM) or OUTPUTS[0]
+        if output not in OUTPUTS:
+            raise _invalid(f"params: {OUTPUT_PARAM} {output!r}: expected one of {', '.join(map(repr, OUTPUTS))}")
+        indices = self._indices(model_input)
+        if output == "name":
+            return np.asarray(self._preprocessing.class_names, dtype=object)[indices]
+        return indices
+
+    def _indices(self, model_input: Any) -> np.ndarray:
         if self._tokenizer is not None:
             from tasks.sources.text import encode
 

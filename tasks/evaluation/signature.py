@@ -12,7 +12,10 @@ fit it (HTTP 400 naming the expected shape or columns):
 - text (token ids prepared by a tokenizer): one ``string`` column :data:`TEXT_COLUMN`
   (``text``), raw text: the pyfunc tokenizes it with the tokenizer trained in ``prepare``.
 
-The output is one int64 class index per row. :func:`input_schema` is the same contract as
+The output is one int64 class index per row; with the parameter :data:`OUTPUT_PARAM` =
+``"name"`` (``params={"output": "name"}``, or ``"params"`` in a served request's JSON), the
+class name each index stands for (``preprocess.json``'s ``class_names``).
+:func:`input_schema` is the same contract as
 a small JSON-able dict (a version tag, compared before a challenger may take
 ``@champion``: a model for another input never replaces a champion).
 """
@@ -30,6 +33,8 @@ TOKENIZER_FILE = "tokenizer.json"  # beside preprocess.json in the prepared data
 SHAPED_INPUT = "raw_shaped_input"  # the tensor's name says what it takes: raw values, shaped
 TEXT_COLUMN = "text"  # text models take raw text in this column
 EXAMPLE_ROWS = 2
+OUTPUT_PARAM = "output"  # predict(..., params={"output": ...}): one of OUTPUTS, the first by default
+OUTPUTS = ("index", "name")
 
 
 def is_tabular(preprocessing: Preprocessing) -> bool:
@@ -77,7 +82,7 @@ def describe(schema: dict[str, Any] | None) -> str:
 def model_signature(preprocessing: Preprocessing) -> Any:
     """The MLflow ``ModelSignature`` of the pyfunc (see the module docstring)."""
     from mlflow.models import ModelSignature
-    from mlflow.types.schema import ColSpec, Schema, TensorSpec
+    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 
     if preprocessing.is_text:
         inputs = Schema([ColSpec("string", TEXT_COLUMN)])
@@ -85,7 +90,8 @@ def model_signature(preprocessing: Preprocessing) -> Any:
         inputs = Schema([ColSpec("double", name) for name in column_names(preprocessing.input_shape[0])])
     else:
         inputs = Schema([TensorSpec(np.dtype(np.float32), (-1, *preprocessing.input_shape), name=SHAPED_INPUT)])
-    return ModelSignature(inputs=inputs, outputs=Schema([TensorSpec(np.dtype(np.int64), (-1,))]))
+    return ModelSignature(inputs=inputs, outputs=Schema([TensorSpec(np.dtype(np.int64), (-1,))]),
+                          params=ParamSchema([ParamSpec(OUTPUT_PARAM, "string", OUTPUTS[0])]))
 
 
 def input_example(prepared: Path, preprocessing: Preprocessing) -> Any:
