@@ -151,6 +151,8 @@ def test_rollback_moves_the_alias_back_and_records_the_reason(
 
     shown = runner.invoke(champion_app, ["show"])
     assert shown.exit_code == 0, shown.output
+    assert client.get_model_version(name, "2").description.endswith(
+        "; with params {\"output\": \"name\"} the class names (0 = '-1', 1 = '1', 2 = '7').")
     assert "distilled-mlp-w0.5" in shown.output and "previous champion" in shown.output
     assert "0 = '-1', 1 = '1', 2 = '7'" in shown.output  # what each predicted index stands for
 

@@ -26,6 +26,7 @@ from typing import Any
 
 import mlflow
 
+from tasks.core.classification import index_names
 from tasks.core.paths import CODE_ROOT
 from tasks.evaluation.pyfunc import pip_requirements
 from tasks.evaluation.signature import (
@@ -191,8 +192,11 @@ def promote(
     schema = evidence.get("input_schema")
     description = (
         f"slimflow {model_name} ({manifest.get('method', 'baseline')}, {manifest.get('runtime')}): predicts "
-        f"class indices from raw inputs, {describe(schema) if schema else 'shaped (N, *input_shape)'}."
+        f"class indices from raw inputs, {describe(schema) if schema else 'shaped (N, *input_shape)'}"
     )
+    if class_names := evidence.get("class_names"):
+        description += f"; with params {{\"output\": \"name\"}} the class names ({index_names(class_names)})"
+    description += "."
     version = _register_version(registered_model, info, run.info.run_id if run else None, tags, description)
     # The alias moves last: until here a crash leaves the old champion serving.
     if os.environ.get(FAULT_BEFORE_ALIAS_ENV):  # tests only
