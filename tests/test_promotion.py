@@ -178,6 +178,17 @@ def test_rollback_moves_the_alias_back_and_records_the_reason(
     forward = runner.invoke(champion_app, ["rollback", "--reason", "fixed", "--to", "2"])
     assert forward.exit_code == 0, forward.output
     assert str(client.get_model_version_by_alias(name, CHAMPION_ALIAS).version) == "2"
+    # Version 3's classes ('0'..'9', from its per-class recall) against version 4's words: refused.
+    with mlflow.start_run():
+        promote("baseline", two_models["baseline"], two_models["prepared"], name,
+                {"data_digest": "d1", "class_recall": {str(c): 0.9 for c in range(10)}})
+    with mlflow.start_run():
+        promote("baseline", two_models["baseline"], two_models["prepared"], name,
+                {"data_digest": "d2", "class_names": [f"c{c}" for c in range(10)]})
+    other = runner.invoke(champion_app, ["rollback", "--reason", "x", "--to", "3"])
+    assert other.exit_code == 1 and "a rollback never changes what an index means" in other.output, other.output
+    assert str(client.get_model_version_by_alias(name, CHAMPION_ALIAS).version) == "4"
+    assert runner.invoke(champion_app, ["rollback", "--reason", "y", "--to", "1"]).exit_code == 0  # records none
 
 
 def test_the_cli_has_the_champion_commands() -> None:

@@ -198,7 +198,7 @@ def _contract_problem(challenger: Challenger, card: dict[str, Any], registered_m
     if card["num_classes"] is not None and card["num_classes"] != challenger.num_classes:
         return f"{held} predicts {card['num_classes']} classes; {challenger.name} predicts {challenger.num_classes}"
     theirs = card["class_names"]
-    if theirs is not None and challenger.class_names and _other_classes(theirs, list(challenger.class_names)):
+    if theirs is not None and challenger.class_names and _other_classes(theirs, challenger.class_names):
         return (f"{held} predicts the classes {_listed(theirs)}; {challenger.name} predicts "
                 f"{_listed(challenger.class_names)} (an index would name another class)")
     return None
@@ -222,8 +222,19 @@ def described_classes(tags: dict[str, str]) -> str | None:
     return None if names is None else index_names(names)
 
 
-def _other_classes(theirs: list[str] | set[str], ours: list[str]) -> bool:
-    return theirs != (set(ours) if isinstance(theirs, set) else ours)
+def other_classes(tags: dict[str, str], other_tags: dict[str, str]) -> tuple[str, str] | None:
+    """Two versions' classes, listed, where an index would name another class in one than
+    in the other (None: the same classes, or either records none)."""
+    ours, theirs = _recorded_class_names(tags), _recorded_class_names(other_tags)
+    if ours is None or theirs is None or not _other_classes(theirs, ours):
+        return None
+    return _listed(ours), _listed(theirs)
+
+
+def _other_classes(theirs: Sequence[str] | set[str], ours: Sequence[str] | set[str]) -> bool:
+    if isinstance(theirs, set) or isinstance(ours, set):  # a version without the ordered tag
+        return set(theirs) != set(ours)
+    return list(theirs) != list(ours)
 
 
 def _listed(names: Sequence[str] | set[str], shown: int = 6) -> str:

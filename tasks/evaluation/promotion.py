@@ -253,6 +253,11 @@ def rollback_champion(registered_model: str, reason: str, to: str | None = None)
     if not same_input(ours, theirs):
         raise RegistryError(f"{registered_model} version {target} takes {describe(theirs)}, the champion "
                             f"(version {current.version}) {describe(ours)}: a rollback never changes the input")
+    from tasks.evaluation.challenge import other_classes
+
+    if classes := other_classes(current.tags, wanted.tags):
+        raise RegistryError(f"{registered_model} version {target} predicts the classes {classes[1]}, the champion "
+                            f"(version {current.version}) {classes[0]}: a rollback never changes what an index means")
     at = now()
     client.set_model_version_tag(registered_model, target, "rollback_reason", reason[:5000])
     client.set_model_version_tag(registered_model, target, "rolled_back_from", str(current.version))
