@@ -24,6 +24,18 @@ if TYPE_CHECKING:  # the data module stays free of pydantic for the processes th
 SPLITS = ("train", "val", "test")
 
 
+def log_columns(x: np.ndarray, columns: tuple[int, ...]) -> np.ndarray:
+    """``x`` (rows of features) with ``columns`` taken to ``sign(x) * log(1 + |x|)`` (a copy;
+    ``x`` itself where there are none): heavy-tailed amounts and counts brought to a scale
+    where their bulk is spread, before standardizing."""
+    if not columns:
+        return x
+    x = np.array(x, dtype=np.float32)
+    picked = list(columns)
+    x[:, picked] = np.sign(x[:, picked]) * np.log1p(np.abs(x[:, picked]))
+    return x
+
+
 @dataclass(frozen=True)
 class Preprocessing:
     """Normalization learnt on the train split; applied identically everywhere."""
@@ -34,6 +46,7 @@ class Preprocessing:
     mean: tuple[float, ...]  # per channel (images) or per feature (tabular); empty for token ids
     std: tuple[float, ...]
     vocab_size: int | None = None  # token ids (text): the tokenizer's vocabulary; not normalized
+    log_features: tuple[int, ...] = ()  # tabular: features taken to sign(x)*log(1+|x|) before standardizing
 
     @property
     def is_image(self) -> bool:
@@ -63,10 +76,13 @@ class Preprocessing:
         if self.is_text:
             return x
         mean, std = self._stats()
-        return (x - mean) / std
+        return (log_columns(x, self.log_features) - mean) / std
 
     @classmethod
-    def fit(cls, x_train: np.ndarray, num_classes: int, class_names: list[str]) -> Preprocessing:
+    def fit(cls, x_train: np.ndarray, num_classes: int, class_names: list[str],
+            log_features: tuple[int, ...] = ()) -> Preprocessing:
+        """Statistics of the train split (of ``log_features`` after :func:`log_columns`)."""
+        x_train = log_columns(x_train, log_features)
         axes = (0, 2, 3) if x_train.ndim == 4 else (0,)
         # Two passes over chunks in float64: exact, without a float64 copy of the split.
         chunk = max(1, (32 << 20) // max(1, x_train[:1].nbytes * 2))
@@ -85,12 +101,15 @@ class Preprocessing:
             class_names=tuple(class_names),
             mean=tuple(float(v) for v in np.ravel(mean)),
             std=tuple(float(v) for v in np.ravel(std)),
+            log_features=tuple(int(i) for i in log_features),
         )
 
     def to_json(self) -> str:
         data = asdict(self)
         if data["vocab_size"] is None:  # image / tabular files stay as they were
             del data["vocab_size"]
+        if not data["log_features"]:  # ...and so do those without logged features
+            del data["log_features"]
         return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
     @classmethod
@@ -103,6 +122,7 @@ class Preprocessing:
             mean=tuple(data["mean"]),
             std=tuple(data["std"]),
             vocab_size=data.get("vocab_size"),
+            log_features=tuple(int(i) for i in data.get("log_features", ())),
         )
 
 

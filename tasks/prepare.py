@@ -152,14 +152,60 @@ def prepare_data(params: PrepareParams, seed: int, root: Path) -> PreparedData:
     num_samples, input_shape = len(x), [int(d) for d in x.shape[1:]]
     # Drop the full array before the statistics: fit() needs a float64 temporary of the train split.
     del x
-    preprocessing = Preprocessing.fit(splits["train"][0], len(class_names), list(class_names))
+    log_features = chosen_log_features(params.log_features, splits["train"][0])
+    preprocessing = Preprocessing.fit(splits["train"][0], len(class_names), list(class_names), log_features)
     card = _card(provenance, num_samples, input_shape, value_range, class_names, splits, params, seed)
+    if log_features:
+        card["log_features"] = list(log_features)
     return PreparedData(splits=splits, preprocessing=preprocessing, card=card)
+
+
+# A feature is heavy-tailed (amounts, counts) where its train-split values are non-negative and
+# their skewness exceeds this (a normal feature's is about 0, an exponential's 2, a lognormal's
+# of sigma 1 about 6): standardizing it alone squeezes its bulk into a sliver of its range.
+HEAVY_TAIL_SKEWNESS = 2.0
+
+
+def heavy_tailed_features(x_train: np.ndarray) -> tuple[int, ...]:
+    """The features of rows ``x_train`` that are non-negative and skewed beyond :data:`HEAVY_TAIL_SKEWNESS`."""
+    if x_train.ndim != 2 or len(x_train) < 3:
+        return ()
+    x = x_train.astype(np.float64)
+    centred = x - x.mean(axis=0)
+    std = np.sqrt((centred**2).mean(axis=0))
+    skewness = (centred**3).mean(axis=0) / np.where(std > 0, std, 1.0) ** 3
+    return tuple(int(i) for i in np.flatnonzero((x.min(axis=0) >= 0) & (std > 0) & (skewness > HEAVY_TAIL_SKEWNESS)))
+
+
+def chosen_log_features(setting: str | list[int], x_train: np.ndarray) -> tuple[int, ...]:
+    """The features ``prepare.log_features`` takes to log scale (``auto``: the heavy-tailed
+    ones of rows of features; none for images); a list is checked against the data."""
+    if setting == "none":
+        return ()
+    if setting == "auto":
+        return heavy_tailed_features(x_train)
+    if x_train.ndim != 2:
+        raise DataError(f"params.yaml: prepare.log_features: {setting}: the data is not rows of features (input shape "
+                        f"{tuple(x_train.shape[1:])}); only rows have features to log (none or auto)")
+    features = x_train.shape[1]
+    for index in setting:
+        if index >= features:
+            raise DataError(f"params.yaml: prepare.log_features: feature {index} does not exist: the data has {features} "
+                            f"features (0..{features - 1})")
+    return tuple(sorted(set(setting)))
+
+
+def feature_list(indices: tuple[int, ...], shown: int = 12) -> str:
+    """``x0, x3, x7`` (the model's column names), the first ``shown`` then the count."""
+    names = ", ".join(f"x{i}" for i in indices[:shown])
+    return names + (f", ... ({len(indices)} features)" if len(indices) > shown else "")
 
 
 def _prepare_text(raw: RawText, provenance: dict[str, Any], params: PrepareParams, seed: int) -> PreparedData:
     """Split the texts, train the tokenizer on the train split only, store every split as token ids."""
     texts, y, class_names = raw
+    if isinstance(params.log_features, list):
+        raise DataError(f"params.yaml: prepare.log_features: {params.log_features}: text has no features to log (none or auto)")
     index = stratified_split(y, len(class_names), params.val_fraction, params.test_fraction, seed)
     split_texts = {split: [texts[i] for i in index[split]] for split in SPLITS}
     tokenizer = train_tokenizer(split_texts["train"], params.text_vocab_size, params.text_max_length, params.text_lowercase)
@@ -352,6 +398,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     if (classes := class_index_line(card["class_names"])) is not None:
         logger.info("%s", classes)
+    if logged := prepared.preprocessing.log_features:
+        logger.info("log(1 + x) before standardizing (prepare.log_features %s): %s",
+                    params.prepare.log_features, feature_list(logged))
+    elif params.prepare.log_features == "none" and (heavy := heavy_tailed_features(prepared.splits["train"][0])):
+        logger.info("heavy-tailed features (non-negative, skewness above %g on the train split): %s; "
+                    "prepare.log_features=auto takes them to log(1 + x) before standardizing",
+                    HEAVY_TAIL_SKEWNESS, feature_list(heavy))
 
     from tasks.core import tracking
 

@@ -46,6 +46,8 @@ def test_invalid_params(path: Path) -> None:
         ("train.monitor=val_f1", "train.monitor: .*'val_loss' or 'val_accuracy'"),
         ("prepare.test_fraction=0.9", "val_fraction + test_fraction"),
         ("train.epochs", "expected key=value"),
+        ("prepare.log_features=log", "prepare.log_features"),
+        ("prepare.log_features=[-1]", "prepare.log_features"),
     ],
 )
 def test_bad_override_is_refused_naming_the_key(override: str, message: str) -> None:

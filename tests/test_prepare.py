@@ -24,6 +24,7 @@ from tasks.core.config import PrepareParams
 from tasks.data import SPLITS, Preprocessing, load_preprocessing, load_split
 from tasks.prepare import class_index_line, main, prepare_data, stratified_split, write_prepared
 from tasks.sources import (
+    DataError,
     load_sklearn,
     sklearn_digest,
 )
@@ -101,6 +102,73 @@ def test_labels_1_to_k_are_prepared_as_class_names_and_the_log_says_which_index_
     assert class_index_line([str(i) for i in range(10)]) is None  # the index is the label
     many = class_index_line([f"c{i}" for i in range(40)])
     assert many.endswith("7 = 'c7', ... (40 classes)") and "8 = " not in many
+
+
+def _heavy_rows(rows: int = 600, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Two lognormal amounts of median 100 (the class in their logs), a normal feature, a signed one, a constant."""
+    rng = np.random.default_rng(seed)
+    z = rng.normal(size=(rows, 3))
+    y = (z[:, 0] + z[:, 1] > 0).astype(np.int64)
+    x = np.column_stack([100 * np.exp(1.6 * z[:, 0]), 100 * np.exp(1.6 * z[:, 1]), z[:, 2] + 50, z[:, 2] ** 3,
+                         np.full(rows, 3.0)])
+    return x.astype(np.float32), y
+
+
+def test_heavy_tailed_features_are_found_and_logged_before_standardizing(tmp_path: Path) -> None:
+    from tasks.prepare import chosen_log_features, heavy_tailed_features
+
+    x, y = _heavy_rows()
+    # The amounts; not the normal feature, the signed heavy one (negative values), the constant.
+    assert heavy_tailed_features(x) == (0, 1)
+    (tmp_path / "data" / "raw").mkdir(parents=True)
+    np.savez(tmp_path / "data" / "raw" / "rows.npz", x=x, y=y)
+    params = PrepareParams(source="npz", path="data/raw/rows.npz", log_features="auto")
+    prepared = prepare_data(params, 42, tmp_path)
+    assert prepared.preprocessing.log_features == (0, 1) and prepared.card["log_features"] == [0, 1]
+    out = tmp_path / "data" / "prepared"
+    write_prepared(prepared, out)
+    assert json.loads((out / "preprocess.json").read_text())["log_features"] == [0, 1]
+    # The train split's amounts, standardized after log(1 + x), are no longer heavy-tailed:
+    # standardized alone, their bulk sits in a sliver near the smallest value.
+    def skewness(values: np.ndarray) -> float:
+        return float(((values - values.mean()) ** 3).mean() / values.std() ** 3)
+
+    train = load_split(out, "train").x
+    assert abs(train[:, 0].mean()) < 1e-5 and train[:, 0].std() == pytest.approx(1.0, abs=1e-4)
+    plain = load_split(out, "train", Preprocessing.fit(prepared.splits["train"][0], 2, ["0", "1"])).x
+    assert skewness(train[:, 0]) < 1.5 < 5 < skewness(plain[:, 0])
+    # The same transform on raw inputs wherever the model runs (the registered pyfunc applies this).
+    raw_test = np.load(out / "test_x.npy")
+    expected = (np.log1p(raw_test[:, 0]) - prepared.preprocessing.mean[0]) / prepared.preprocessing.std[0]
+    np.testing.assert_allclose(load_preprocessing(out).apply(raw_test)[:, 0], expected, rtol=1e-5, atol=1e-5)
+    # An explicit list; a feature that does not exist; images; none (and the file as before).
+    assert chosen_log_features([3, 0, 3], x) == (0, 3)
+    with pytest.raises(DataError, match=r"^params.yaml: prepare.log_features: feature 5 does not exist: "
+                                        r"the data has 5 features \(0..4\)$"):
+        chosen_log_features([5], x)
+    with pytest.raises(DataError, match=r"the data is not rows of features \(input shape \(1, 2, 2\)\)"):
+        chosen_log_features([0], np.ones((4, 1, 2, 2), np.float32))
+    assert chosen_log_features("auto", np.ones((4, 1, 2, 2), np.float32)) == ()
+    assert "log_features" not in json.loads(Preprocessing.fit(x, 2, ["0", "1"]).to_json())
+
+
+@pytest.mark.integration
+def test_the_stage_says_which_features_are_heavy_tailed_and_which_it_logged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mlflow_uri: str, caplog: pytest.LogCaptureFixture,
+) -> None:
+    import logging
+
+    root = make_project(tmp_path / "project", {"source": "npz", "path": "data/raw/rows.npz"})
+    np.savez(root / "data" / "raw" / "rows.npz", **dict(zip("xy", _heavy_rows())))
+    monkeypatch.setenv("SLIMFLOW_ROOT", str(root))
+    caplog.set_level(logging.INFO)
+    assert main([]) == 0  # log_features none: a hint naming the option
+    assert ("heavy-tailed features (non-negative, skewness above 2 on the train split): x0, x1; "
+            "prepare.log_features=auto takes them to log(1 + x) before standardizing") in caplog.text
+    caplog.clear()
+    assert main(["--set", "prepare.log_features=auto"]) == 0
+    assert "log(1 + x) before standardizing (prepare.log_features auto): x0, x1" in caplog.text
+    assert "heavy-tailed features" not in caplog.text
 
 
 def test_prepare_image_sources(tmp_path: Path) -> None:

@@ -85,6 +85,11 @@ class PrepareParams(_Strict):
     # image_folder: every image is converted to `image_mode` and resized to image_size.
     image_size: tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]] = (28, 28)
     image_mode: Literal["L", "RGB"] = "L"
+    # Rows of features: features taken to sign(x)*log(1+|x|) before standardizing (fitted on
+    # the train split; the registered model does the same to raw inputs). none | auto (the
+    # non-negative features skewed beyond 2 on the train split: amounts, counts) | a list of
+    # feature indices, e.g. [0, 3] (the model's columns x0, x3).
+    log_features: Literal["none", "auto"] | list[Annotated[int, Field(ge=0)]] = "none"
     val_fraction: Fraction = 0.15
     test_fraction: Fraction = 0.25
 
