@@ -190,8 +190,8 @@ def chosen_log_features(setting: str | list[int], x_train: np.ndarray) -> tuple[
     features = x_train.shape[1]
     for index in setting:
         if index >= features:
-            raise DataError(f"params.yaml: prepare.log_features: feature {index} does not exist: the data has {features} "
-                            f"features (0..{features - 1})")
+            raise DataError(f"params.yaml: prepare.log_features: feature {index} does not exist: the data has "
+                            f"{features} features (0..{features - 1})")
     return tuple(sorted(set(setting)))
 
 
@@ -205,7 +205,8 @@ def _prepare_text(raw: RawText, provenance: dict[str, Any], params: PrepareParam
     """Split the texts, train the tokenizer on the train split only, store every split as token ids."""
     texts, y, class_names = raw
     if isinstance(params.log_features, list):
-        raise DataError(f"params.yaml: prepare.log_features: {params.log_features}: text has no features to log (none or auto)")
+        raise DataError(f"params.yaml: prepare.log_features: {params.log_features}: text has no features to log "
+                        "(none or auto)")
     index = stratified_split(y, len(class_names), params.val_fraction, params.test_fraction, seed)
     split_texts = {split: [texts[i] for i in index[split]] for split in SPLITS}
     tokenizer = train_tokenizer(split_texts["train"], params.text_vocab_size, params.text_max_length, params.text_lowercase)

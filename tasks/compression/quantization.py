@@ -1,8 +1,8 @@
 """int8 quantization with the libraries made for it (the ONNX export it starts from: ``onnx.py``).
 
 - ``onnxruntime`` runtime: ONNX Runtime's ``quantize_static`` (QOperator, per-channel,
-  QUInt8 activations, QInt8 weights, calibrated on the train split) or ``quantize_dynamic`` (after ``quant_pre_process``,
-  without which an LSTM stays fp32). One self-contained file.
+  QUInt8 activations, QInt8 weights, calibrated on the train split) or ``quantize_dynamic``
+  (after ``quant_pre_process``, without which an LSTM stays fp32). One self-contained file.
 - ``torch`` runtime: ``torch.ao.quantization`` - ``quantize_dynamic`` (the only torch path
   that quantizes LSTM/GRU weights), eager-mode static post-training quantization, and
   quantization-aware training (``prepare_qat``: fine-tuning with fake quantization on the
