@@ -419,7 +419,9 @@ def test_a_challenger_whose_indices_name_other_classes_never_takes_the_alias() -
     assert ("predicts the classes 'ok', 'fraud'; qat predicts 'a', 'b' (an index would name another class)"
             in decision.reason) and "evaluate.registered_model" in decision.reason
     champion.tags.pop("class_names")  # registered before the tag: its recall's classes, as a set
-    assert _decide(challenger, champion).verdict == "other_input"
+    decision = _decide(challenger, champion)
+    assert decision.verdict == "other_input" and decision.champion["class_names"] is None
+    json.dumps(decision.document(challenger, "slimflow-tx", 0.01, 10), allow_nan=False)  # promotion.json
     # The same names in another order are other classes too; the same names in the same order are not.
     champion.tags["class_names"] = json.dumps(["b", "a"])
     assert _decide(challenger, champion).verdict == "other_input"

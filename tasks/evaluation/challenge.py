@@ -177,17 +177,19 @@ def recorded_class_recall(tags: dict[str, str]) -> dict[str, float] | None:
 def _champion_card(version: Any, schema: dict[str, Any] | None) -> dict[str, Any]:
     tags = version.tags
     runtime = tags.get("runtime_versions")
+    class_names = _recorded_class_names(tags)
     return {
         "version": str(version.version), "variant": tags.get("variant"), "input_schema": schema,
         "num_classes": int(tags["num_classes"]) if tags.get("num_classes") else None,
-        "class_names": _recorded_class_names(tags),
+        "class_names": class_names if isinstance(class_names, list) else None,  # the order known (JSON: a list)
         "data_digest": tags.get("data_digest"), "git_commit": tags.get("git_commit"),
         "runtime_versions": json.loads(runtime) if runtime else None,
         "recorded": recorded_figures(tags), "remeasured": None,
     }
 
 
-def _contract_problem(challenger: Challenger, card: dict[str, Any], registered_model: str) -> str | None:
+def _contract_problem(challenger: Challenger, card: dict[str, Any], tags: dict[str, str],
+                      registered_model: str) -> str | None:
     """Why the challenger cannot replace this champion for its clients (None: same contract)."""
     held = f"the champion of {registered_model} (version {card['version']}, {card['variant']})"
     if card["input_schema"] is None:
@@ -197,7 +199,7 @@ def _contract_problem(challenger: Challenger, card: dict[str, Any], registered_m
                 f"{describe(challenger.input_schema)}")
     if card["num_classes"] is not None and card["num_classes"] != challenger.num_classes:
         return f"{held} predicts {card['num_classes']} classes; {challenger.name} predicts {challenger.num_classes}"
-    theirs = card["class_names"]
+    theirs = _recorded_class_names(tags)  # a set for a version registered before the ordered tag
     if theirs is not None and challenger.class_names and _other_classes(theirs, challenger.class_names):
         return (f"{held} predicts the classes {_listed(theirs)}; {challenger.name} predicts "
                 f"{_listed(challenger.class_names)} (an index would name another class)")
@@ -253,7 +255,7 @@ def decide(
     if current is None:
         return Decision(True, "first_champion", f"no champion under {registered_model} yet")
     card = _champion_card(current, current_schema)
-    if problem := _contract_problem(challenger, card, registered_model):
+    if problem := _contract_problem(challenger, card, current.tags, registered_model):
         name = suggested_name(registered_model, challenger.input_schema)
         return Decision(
             False, "other_input",
