@@ -46,8 +46,10 @@ def test_invalid_params(path: Path) -> None:
         ("train.monitor=val_f1", "train.monitor: .*'val_loss' or 'val_accuracy'"),
         ("prepare.test_fraction=0.9", "val_fraction + test_fraction"),
         ("train.epochs", "expected key=value"),
-        ("prepare.log_features=log", "prepare.log_features"),
-        ("prepare.log_features=[-1]", "prepare.log_features"),
+        ("prepare.log_features=log", r"prepare.log_features: expected none, auto or a list of feature indices >= 0 "
+                                     r"such as \[0, 3\], got 'log'$"),
+        ("prepare.log_features=[-1]", r"prepare.log_features: expected .*, got \[-1\]$"),
+        ("train.allreduce_groups=-1", r"train.allreduce_groups: expected 'auto' or a whole number >= 0, got -1$"),
     ],
 )
 def test_bad_override_is_refused_naming_the_key(override: str, message: str) -> None:

@@ -49,6 +49,13 @@ class _Strict(BaseModel):
 
 
 Fraction = Annotated[float, Field(gt=0.0, lt=1.0)]
+
+
+def _whole_number(value: Any) -> bool:
+    """An int >= 0 as YAML gives it (``true`` is not 1)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 # What the model reads, for the sources where the source alone says it (npz: its arrays'
 # shape does; the train stage checks the prepared data itself).
 TEXT_SOURCES = frozenset({"text_table", "text_folder"})  # token ids
@@ -92,6 +99,16 @@ class PrepareParams(_Strict):
     log_features: Literal["none", "auto"] | list[Annotated[int, Field(ge=0)]] = "none"
     val_fraction: Fraction = 0.15
     test_fraction: Fraction = 0.25
+
+    @field_validator("log_features", mode="before")
+    @classmethod
+    def _check_log_features(cls, value: Any) -> str | list[int]:
+        if value in ("none", "auto") or (isinstance(value, list) and all(_whole_number(v) for v in value)):
+            return value
+        raise PydanticCustomError(
+            "log_features", "expected none, auto or a list of feature indices >= 0 such as [0, 3], got {value}",
+            {"value": repr(value)},
+        )
 
     @model_validator(mode="after")
     def _check(self) -> PrepareParams:
@@ -138,7 +155,7 @@ class TrainParams(_Strict):
     @field_validator("allreduce_groups", mode="before")
     @classmethod
     def _check_allreduce_groups(cls, value: Any) -> int | str:
-        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+        if value == "auto" or _whole_number(value):
             return value
         raise PydanticCustomError(
             "allreduce_groups", "expected 'auto' or a whole number >= 0, got {value}", {"value": repr(value)}
