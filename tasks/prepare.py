@@ -204,9 +204,6 @@ def feature_list(indices: tuple[int, ...], shown: int = 12) -> str:
 def _prepare_text(raw: RawText, provenance: dict[str, Any], params: PrepareParams, seed: int) -> PreparedData:
     """Split the texts, train the tokenizer on the train split only, store every split as token ids."""
     texts, y, class_names = raw
-    if isinstance(params.log_features, list):
-        raise DataError(f"params.yaml: prepare.log_features: {params.log_features}: text has no features to log "
-                        "(none or auto)")
     index = stratified_split(y, len(class_names), params.val_fraction, params.test_fraction, seed)
     split_texts = {split: [texts[i] for i in index[split]] for split in SPLITS}
     tokenizer = train_tokenizer(split_texts["train"], params.text_vocab_size, params.text_max_length, params.text_lowercase)

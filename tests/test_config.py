@@ -49,6 +49,8 @@ def test_invalid_params(path: Path) -> None:
         ("prepare.log_features=log", r"prepare.log_features: expected none, auto or a list of feature indices >= 0 "
                                      r"such as \[0, 3\], got 'log'$"),
         ("prepare.log_features=[-1]", r"prepare.log_features: expected .*, got \[-1\]$"),
+        ("prepare.log_features=[0]", r"prepare: log_features \[0\]: source 'digits' gives images, not rows of "
+                                     r"features; only rows have features to log \(none or auto\)$"),
         ("train.allreduce_groups=-1", r"train.allreduce_groups: expected 'auto' or a whole number >= 0, got -1$"),
     ],
 )

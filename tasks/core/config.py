@@ -60,6 +60,8 @@ def _whole_number(value: Any) -> bool:
 # shape does; the train stage checks the prepared data itself).
 TEXT_SOURCES = frozenset({"text_table", "text_folder"})  # token ids
 TABULAR_SOURCES = frozenset({"breast_cancer", "csv"})  # rows of features
+_GIVES_NO_ROWS = {"digits": "images", "idx": "images", "image_folder": "images",
+                  **{source: "text" for source in TEXT_SOURCES}}
 # Where the data is: shipped with scikit-learn (no prepare.path), or prepare.path a folder
 # of one sub-folder per class; the other sources read a file.
 BUILTIN_SOURCES = frozenset({"digits", "breast_cancer"})
@@ -118,6 +120,9 @@ class PrepareParams(_Strict):
             raise ValueError(f"source {self.source!r} needs prepare.path")
         if self.source == "idx" and not self.labels_path:
             raise ValueError("source 'idx' needs prepare.labels_path (the IDX label file)")
+        if isinstance(self.log_features, list) and (gives := _GIVES_NO_ROWS.get(self.source)):
+            raise ValueError(f"log_features {self.log_features}: source {self.source!r} gives {gives}, not rows of "
+                             "features; only rows have features to log (none or auto)")
         return self
 
 
