@@ -133,8 +133,11 @@ def _fail_mlflow(record: RunRecord) -> list[str]:
 
 
 def _crash_flow_run(flow_run_id: str, reason: str) -> bool:
-    """The Prefect part: the dead run's flow run CRASHED, if the API in use knows it and it
-    has not ended. True if it changed."""
+    """The Prefect part: the dead run's flow run CRASHED with ``reason``, if the API in use
+    knows it and it has not ended otherwise. True if it changed. A flow run Prefect's runner
+    marked CRASHED first (it saw the process exit -9, as ``slimflow serve`` stops its runs,
+    and guesses at an out-of-memory kill) gets the reason too: which proposal reaches the
+    server first is a race."""
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
     from prefect.states import Crashed
@@ -144,7 +147,7 @@ def _crash_flow_run(flow_run_id: str, reason: str) -> bool:
             flow_run = client.read_flow_run(flow_run_id)
         except ObjectNotFound:  # a run of another Prefect API
             return False
-        if flow_run.state is not None and flow_run.state.is_final():
+        if flow_run.state is not None and flow_run.state.is_final() and not flow_run.state.is_crashed():
             return False
         client.set_flow_run_state(flow_run_id, Crashed(message=reason), force=True)
         return True

@@ -415,6 +415,36 @@ def test_kill_9_during_training_leaves_no_process_and_the_next_run_repairs_and_r
 
 
 @pytest.mark.integration
+def test_a_flow_run_prefect_marked_crashed_first_still_gets_the_reason(tmp_path: Path, prefect_api_url: str) -> None:
+    """`slimflow serve` kills its runs as it stops, and Prefect's runner, seeing a run exit -9,
+    may mark the flow run CRASHED before the repair does, with its guess (an out-of-memory kill):
+    the repair still writes why. A flow run that ended otherwise is left as it is."""
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.states import Completed, Crashed
+
+    from flows.recovery import RunRecord, repair_stale_runs
+
+    @flow(name="slimflow-repair-test")
+    def nothing() -> None:
+        return None
+
+    guess = "Process exited with status code: -9. Process exited due to a SIGKILL signal."
+    with get_client(sync_client=True) as client:
+        crashed = client.create_flow_run(nothing, state=Crashed(message=guess))
+        completed = client.create_flow_run(nothing, state=Completed())
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    for flow_run in (crashed, completed):
+        RunRecord(str(flow_run.id), gone.pid, time.time() - 5, socket.gethostname(), time.time()).save(tmp_path)
+    assert repair_stale_runs(tmp_path, note=lambda message: None) == 2
+    with get_client(sync_client=True) as client:
+        state = client.read_flow_run(crashed.id).state
+        assert state.is_crashed() and "died without ending it" in state.message, state.message
+        assert client.read_flow_run(completed.id).state.is_completed()
+
+
+@pytest.mark.integration
 def test_ctrl_c_on_serve_leaves_no_running_flow_run_and_no_orphan(
     tiny_project: Path, prefect_api_url: str, mlflow_uri: str, tmp_path: Path
 ) -> None:
