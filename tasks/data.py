@@ -47,6 +47,7 @@ class Preprocessing:
     std: tuple[float, ...]
     vocab_size: int | None = None  # token ids (text): the tokenizer's vocabulary; not normalized
     log_features: tuple[int, ...] = ()  # tabular: features taken to sign(x)*log(1+|x|) before standardizing
+    feature_names: tuple[str, ...] = ()  # tabular data whose file names its columns: the model's column names
 
     @property
     def is_image(self) -> bool:
@@ -80,7 +81,7 @@ class Preprocessing:
 
     @classmethod
     def fit(cls, x_train: np.ndarray, num_classes: int, class_names: list[str],
-            log_features: tuple[int, ...] = ()) -> Preprocessing:
+            log_features: tuple[int, ...] = (), feature_names: tuple[str, ...] = ()) -> Preprocessing:
         """Statistics of the train split (of ``log_features`` after :func:`log_columns`)."""
         x_train = log_columns(x_train, log_features)
         axes = (0, 2, 3) if x_train.ndim == 4 else (0,)
@@ -102,14 +103,16 @@ class Preprocessing:
             mean=tuple(float(v) for v in np.ravel(mean)),
             std=tuple(float(v) for v in np.ravel(std)),
             log_features=tuple(int(i) for i in log_features),
+            feature_names=tuple(feature_names),
         )
 
     def to_json(self) -> str:
         data = asdict(self)
         if data["vocab_size"] is None:  # image / tabular files stay as they were
             del data["vocab_size"]
-        if not data["log_features"]:  # ...and so do those without logged features
-            del data["log_features"]
+        for key in ("log_features", "feature_names"):  # ...and so do those without them
+            if not data[key]:
+                del data[key]
         return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
     @classmethod
@@ -123,6 +126,7 @@ class Preprocessing:
             std=tuple(data["std"]),
             vocab_size=data.get("vocab_size"),
             log_features=tuple(int(i) for i in data.get("log_features", ())),
+            feature_names=tuple(str(name) for name in data.get("feature_names", ())),
         )
 
 

@@ -97,7 +97,8 @@ def read_raw(params: PrepareParams, root: Path) -> tuple[RawData | RawText, dict
     elif params.source == "npz":
         raw, extra = read_npz(path, params.path, params.npz_inputs, params.npz_labels), {}
     elif params.source == "csv":
-        raw, extra = read_csv(path, params.path, params.csv_label_column), {}
+        raw = read_csv(path, params.path, params.csv_label_column, params.csv_ignore_columns)
+        extra = {"ignored_columns": list(params.csv_ignore_columns)} if params.csv_ignore_columns else {}
     elif params.source == "image_folder":
         raw = read_image_folder(path, params.path, tuple(params.image_size), params.image_mode)
         extra = {"image_mode": params.image_mode, "image_size": list(params.image_size)}
@@ -145,6 +146,7 @@ def prepare_data(params: PrepareParams, seed: int, root: Path) -> PreparedData:
     if isinstance(raw, RawText):
         return _prepare_text(raw, provenance, params, seed)
     x, y, class_names = raw
+    feature_names = raw.feature_names
     del raw
     value_range = {"min": float(x.min()), "max": float(x.max())}
     index = stratified_split(y, len(class_names), params.val_fraction, params.test_fraction, seed)
@@ -152,11 +154,14 @@ def prepare_data(params: PrepareParams, seed: int, root: Path) -> PreparedData:
     num_samples, input_shape = len(x), [int(d) for d in x.shape[1:]]
     # Drop the full array before the statistics: fit() needs a float64 temporary of the train split.
     del x
-    log_features = chosen_log_features(params.log_features, splits["train"][0])
-    preprocessing = Preprocessing.fit(splits["train"][0], len(class_names), list(class_names), log_features)
+    log_features = chosen_log_features(params.log_features, splits["train"][0], feature_names)
+    preprocessing = Preprocessing.fit(splits["train"][0], len(class_names), list(class_names), log_features,
+                                      feature_names)
     card = _card(provenance, num_samples, input_shape, value_range, class_names, splits, params, seed)
     if log_features:
         card["log_features"] = list(log_features)
+    if feature_names:
+        card["feature_names"] = list(feature_names)
     return PreparedData(splits=splits, preprocessing=preprocessing, card=card)
 
 
@@ -177,9 +182,11 @@ def heavy_tailed_features(x_train: np.ndarray) -> tuple[int, ...]:
     return tuple(int(i) for i in np.flatnonzero((x.min(axis=0) >= 0) & (std > 0) & (skewness > HEAVY_TAIL_SKEWNESS)))
 
 
-def chosen_log_features(setting: str | list[int], x_train: np.ndarray) -> tuple[int, ...]:
+def chosen_log_features(setting: str | list[int | str], x_train: np.ndarray,
+                        feature_names: tuple[str, ...] = ()) -> tuple[int, ...]:
     """The features ``prepare.log_features`` takes to log scale (``auto``: the heavy-tailed
-    ones of rows of features; none for images); a list is checked against the data."""
+    ones of rows of features; none for images); a list (indices, or the names of a CSV's
+    columns) is checked against the data."""
     if setting == "none":
         return ()
     if setting == "auto":
@@ -188,17 +195,28 @@ def chosen_log_features(setting: str | list[int], x_train: np.ndarray) -> tuple[
         raise DataError(f"params.yaml: prepare.log_features: {setting}: the data is not rows of features (input shape "
                         f"{tuple(x_train.shape[1:])}); only rows have features to log (none or auto)")
     features = x_train.shape[1]
-    for index in setting:
-        if index >= features:
-            raise DataError(f"params.yaml: prepare.log_features: feature {index} does not exist: the data has "
+    indices = []
+    for entry in setting:
+        if isinstance(entry, str):
+            if not feature_names:
+                raise DataError(f"params.yaml: prepare.log_features: {entry!r}: the data names no columns (only a CSV's "
+                                f"header does); name features by index 0..{features - 1}")
+            if entry not in feature_names:
+                raise DataError(f"params.yaml: prepare.log_features: no column {entry!r} (columns: "
+                                f"{', '.join(feature_names)})")
+            entry = feature_names.index(entry)
+        elif entry >= features:
+            raise DataError(f"params.yaml: prepare.log_features: feature {entry} does not exist: the data has "
                             f"{features} features (0..{features - 1})")
-    return tuple(sorted(set(setting)))
+        indices.append(entry)
+    return tuple(sorted(set(indices)))
 
 
-def feature_list(indices: tuple[int, ...], shown: int = 12) -> str:
-    """``x0, x3, x7`` (the model's column names), the first ``shown`` then the count."""
-    names = ", ".join(f"x{i}" for i in indices[:shown])
-    return names + (f", ... ({len(indices)} features)" if len(indices) > shown else "")
+def feature_list(indices: tuple[int, ...], names: tuple[str, ...] = (), shown: int = 12) -> str:
+    """The model's column names with their indices where the data names its columns
+    (``amount (0), visits (3)``), else ``x0, x3``; the first ``shown``, then the count."""
+    listed = ", ".join(f"{names[i]} ({i})" if names else f"x{i}" for i in indices[:shown])
+    return listed + (f", ... ({len(indices)} features)" if len(indices) > shown else "")
 
 
 def _prepare_text(raw: RawText, provenance: dict[str, Any], params: PrepareParams, seed: int) -> PreparedData:
@@ -396,13 +414,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     if (classes := class_index_line(card["class_names"])) is not None:
         logger.info("%s", classes)
+    if ignored := card.get("ignored_columns"):
+        logger.info("columns left out (prepare.csv_ignore_columns): %s", ", ".join(ignored))
     if logged := prepared.preprocessing.log_features:
         logger.info("log(1 + x) before standardizing (prepare.log_features %s): %s",
-                    params.prepare.log_features, feature_list(logged))
+                    params.prepare.log_features, feature_list(logged, prepared.preprocessing.feature_names))
     elif params.prepare.log_features == "none" and (heavy := heavy_tailed_features(prepared.splits["train"][0])):
         logger.info("heavy-tailed features (non-negative, skewness above %g on the train split): %s; "
                     "prepare.log_features=auto takes them to log(1 + x) before standardizing",
-                    HEAVY_TAIL_SKEWNESS, feature_list(heavy))
+                    HEAVY_TAIL_SKEWNESS, feature_list(heavy, prepared.preprocessing.feature_names))
 
     from tasks.core import tracking
 

@@ -47,7 +47,9 @@ def test_invalid_params(path: Path) -> None:
         ("prepare.test_fraction=0.9", "val_fraction + test_fraction"),
         ("train.epochs", "expected key=value"),
         ("prepare.log_features=log", r"prepare.log_features: expected none, auto or a list of feature indices >= 0 "
-                                     r"such as \[0, 3\], got 'log'$"),
+                                     r"or column names such as \[0, 3\] or \[amount, visits\], got 'log'$"),
+        ("prepare.csv_ignore_columns=[id]", r"prepare: csv_ignore_columns \['id'\]: source 'digits' has no columns "
+                                            r"to leave out; only csv reads it$"),
         ("prepare.log_features=[-1]", r"prepare.log_features: expected .*, got \[-1\]$"),
         ("prepare.log_features=[0]", r"prepare: log_features \[0\]: source 'digits' gives images, not rows of "
                                      r"features; only rows have features to log \(none or auto\)$"),

@@ -430,6 +430,30 @@ def test_a_challenger_whose_indices_name_other_classes_never_takes_the_alias() -
     assert _decide(challenger, champion).verdict == "not_worse"
 
 
+def test_a_challenger_whose_columns_are_other_named_columns_never_takes_the_alias() -> None:
+    """A CSV's columns are the contract by name: another header of as many columns would
+    have the champion's clients send values the model does not take. The same names in
+    another order are the same input (columns are taken by name)."""
+    import dataclasses
+
+    from tasks.evaluation.challenge import decide
+
+    columns = {"type": "columns", "dtype": "double", "columns": 3}
+    challenger = dataclasses.replace(_challenger({}, accuracy=0.99),
+                                     input_schema={**columns, "names": ["age", "income", "visits"]})
+    champion = _champion_version(None, accuracy=0.9)
+    for held, detail in (
+        ({**columns, "names": ["age", "income", "tenure"]}, "columns only the champion takes: 'tenure'; only qat takes: 'visits'"),
+        (columns, "columns only the champion takes: 'x0', 'x1', 'x2'; only qat takes: 'age', 'income', 'visits'"),
+    ):
+        decision = decide(challenger, champion, held, "slimflow-tx", 0.01, lambda uri: None, class_tolerance=0.1)
+        assert not decision.allowed and decision.verdict == "other_input"
+        assert f"qat takes 3 double columns age, income, visits ({detail})" in decision.reason, decision.reason
+    for same in (dict(challenger.input_schema), {**columns, "names": ["income", "visits", "age"]}):
+        decision = decide(challenger, champion, same, "slimflow-tx", 0.01, lambda uri: None, class_tolerance=0.1)
+        assert decision.verdict != "other_input", decision.reason
+
+
 def test_a_re_measured_champion_is_compared_class_by_class_on_the_same_samples() -> None:
     """Re-measured on this run's test split, the champion's predictions pair with the
     challenger's: on 40 classes of 18 samples, a challenger 5 points more accurate that lost 3

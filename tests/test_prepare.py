@@ -71,8 +71,11 @@ def test_prepare_writes_the_contract(csv_root: Path, tmp_path: Path) -> None:
     train_x = np.load(out / "train_x.npy")
     assert train_x.dtype == np.float32 and np.load(out / "train_y.npy").dtype == np.int64
     # Statistics come from the train split only.
-    assert load_preprocessing(out) == Preprocessing.fit(train_x, 3, ["setosa", "versicolor", "virginica"])
+    assert load_preprocessing(out) == Preprocessing.fit(train_x, 3, ["setosa", "versicolor", "virginica"],
+                                                        feature_names=("a", "b"))
     assert load_split(out, "test").x.shape[1:] == (2,)
+    # The header's names are the model's column names, in preprocess.json and the card.
+    assert json.loads((out / "preprocess.json").read_text())["feature_names"] == ["a", "b"]
 
     card = json.loads((out / "card.json").read_text())
     raw_file = csv_root / "data" / "raw" / "iris.csv"
@@ -80,6 +83,7 @@ def test_prepare_writes_the_contract(csv_root: Path, tmp_path: Path) -> None:
     assert card["digest"] == hashlib.md5(raw_file.read_bytes()).hexdigest()
     assert card["num_samples"] == 60 and card["input_shape"] == [2] and card["dtype"] == "float32"
     assert card["class_names"] == ["setosa", "versicolor", "virginica"] and card["seed"] == 42
+    assert card["feature_names"] == ["a", "b"]
     assert card["split_sizes"] == {"train": 36, "val": 9, "test": 15}
     assert card["counts"]["test"] == {"setosa": 5, "versicolor": 5, "virginica": 5}
     assert card["fractions"] == {"train": 0.6, "val": 0.15, "test": 0.25}
@@ -169,6 +173,43 @@ def test_the_stage_says_which_features_are_heavy_tailed_and_which_it_logged(
     assert main(["--set", "prepare.log_features=auto"]) == 0
     assert "log(1 + x) before standardizing (prepare.log_features auto): x0, x1" in caplog.text
     assert "heavy-tailed features" not in caplog.text
+
+
+def test_a_csv_names_its_features_by_header_and_log_features_by_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mlflow_uri: str, caplog: pytest.LogCaptureFixture,
+) -> None:
+    import logging
+
+    from tasks.prepare import chosen_log_features
+
+    x, y = _heavy_rows()
+    header = ["amount", "spend", "age", "signed", "flat"]
+    root = make_project(tmp_path / "project", {"source": "csv", "path": "data/raw/rows.csv",
+                                               "csv_ignore_columns": ["id"]})
+    write_csv(root / "data" / "raw" / "rows.csv", [[i, *row, label] for i, (row, label) in enumerate(zip(x, y))],
+              ["id", *header, "label"])
+    monkeypatch.setenv("SLIMFLOW_ROOT", str(root))
+    caplog.set_level(logging.INFO)
+    assert main([]) == 0  # the hint names the columns by their header names
+    assert ("heavy-tailed features (non-negative, skewness above 2 on the train split): amount (0), spend (1); "
+            "prepare.log_features=auto") in caplog.text
+    assert "columns left out (prepare.csv_ignore_columns): id" in caplog.text
+    prepared = load_preprocessing(root / "data" / "prepared")
+    assert prepared.feature_names == tuple(header) and prepared.input_shape == (5,)
+    card = json.loads((root / "data" / "prepared" / "card.json").read_text())
+    assert card["feature_names"] == header and card["ignored_columns"] == ["id"]
+
+    caplog.clear()
+    assert main(["--set", "prepare.log_features=[spend, 0]"]) == 0  # names and indices alike
+    assert "log(1 + x) before standardizing (prepare.log_features ['spend', 0]): amount (0), spend (1)" in caplog.text
+    assert load_preprocessing(root / "data" / "prepared").log_features == (0, 1)
+
+    with pytest.raises(DataError, match=r"^params.yaml: prepare.log_features: no column 'amt' \(columns: amount, "
+                                        r"spend, age, signed, flat\)$"):
+        chosen_log_features(["amt"], x, tuple(header))
+    with pytest.raises(DataError, match=r"prepare.log_features: 'amount': the data names no columns \(only a CSV's "
+                                        r"header does\); name features by index 0..4$"):
+        chosen_log_features(["amount"], x)
 
 
 def test_prepare_image_sources(tmp_path: Path) -> None:

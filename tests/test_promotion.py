@@ -128,6 +128,70 @@ def test_a_tabular_version_has_a_column_schema(tmp_path: Path, two_models: dict[
                                            "layout": "raw, one column per feature"}
 
 
+def test_a_csv_model_takes_its_columns_by_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mlflow_uri: str) -> None:
+    """A CSV's header names the registered model's columns (before, x0..x{F-1}: nothing said
+    which CSV column x2 was, and a file with its columns in another order passed as the same input)."""
+    import mlflow
+    import pandas as pd
+    from mlflow.exceptions import MlflowException
+    from mlflow.models import Model
+
+    from models.spec import ModelSpec
+    from tasks.core.model_files import save_state_dict_model
+    from tasks.data import Preprocessing
+    from tasks.evaluation.signature import column_difference, describe, input_schema, same_input
+
+    monkeypatch.chdir(tmp_path)
+    mlflow.set_experiment("registry-tests")
+    names = ("age", "income", "visits", "score")
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(400, 4)) * [10, 1000, 3, 1] + [40, 5000, 6, 0]).astype(np.float32)
+    y = ((x[:, 0] - 40) / 10 + (x[:, 2] - 6) / 3 > 0).astype(np.int64)
+    prepared = tmp_path / "prepared"
+    prepared.mkdir()
+    preprocessing = Preprocessing.fit(x[:300], 2, ["no", "yes"], feature_names=names)
+    for split, rows in {"train": slice(0, 300), "val": slice(300, 350), "test": slice(350, 400)}.items():
+        np.save(prepared / f"{split}_x.npy", x[rows])
+        np.save(prepared / f"{split}_y.npy", y[rows])
+    (prepared / "preprocess.json").write_text(preprocessing.to_json())
+    spec = ModelSpec(family="mlp", hidden_sizes=(16,), dropout=0.0)
+    save_state_dict_model(train_tiny(spec, prepared, steps=80), spec, (4,), 2, tmp_path / "baseline",
+                          {"name": "baseline", "method": "baseline", "recipe": [], "parent": None})
+    with mlflow.start_run():
+        promote("baseline", tmp_path / "baseline", prepared, "named-columns", {"data_digest": "d"})
+
+    model = mlflow.pyfunc.load_model(f"models:/named-columns@{CHAMPION_ALIAS}")
+    assert model.metadata.get_input_schema().input_names() == list(names)
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/named-columns@{CHAMPION_ALIAS}"))
+    assert list(Model.load(str(local / "MLmodel")).load_input_example(str(local)).columns) == list(names)
+
+    test = pd.DataFrame(x[350:].astype(np.float64), columns=list(names))
+    predicted = model.predict(test)
+    assert (predicted == y[350:]).mean() >= 0.8
+    # Columns are taken by name: another order and an extra column give the same answers.
+    shuffled = test[["visits", "score", "age", "income"]].assign(customer_id=np.arange(len(test)))
+    assert list(model.predict(shuffled)) == list(predicted)
+    assert list(model.unwrap_python_model().predict(None, shuffled)) == list(predicted)
+    with pytest.raises(MlflowException, match="visits"):
+        model.predict(test.drop(columns=["visits"]))
+
+    # The contract names the columns: another header of as many columns is another input.
+    named = input_schema(preprocessing)
+    renamed = input_schema(Preprocessing.fit(x[:300], 2, ["no", "yes"], feature_names=("age", "income", "visits", "tenure")))
+    unnamed = input_schema(Preprocessing.fit(x[:300], 2, ["no", "yes"]))
+    reordered = {**named, "names": ["income", "age", "visits", "score"]}
+    assert same_input(named, dict(named)) and same_input(named, reordered)  # taken by name, in any order
+    assert not same_input(named, renamed) and not same_input(named, unnamed)
+    assert describe(named) == "4 double columns age, income, visits, score"
+    assert column_difference(named, renamed, "the champion", "pruned") == (
+        "columns only the champion takes: 'score'; only pruned takes: 'tenure'")
+    assert column_difference(named, reordered, "the champion", "pruned") is None
+    assert column_difference(unnamed, named, "the champion", "pruned").startswith("columns only the champion takes: 'x0'")
+    wide = input_schema(Preprocessing.fit(np.ones((3, 20), np.float32), 2, ["no", "yes"],
+                                          feature_names=tuple(f"f{i}" for i in range(20))))
+    assert describe(wide) == "20 double columns f0, f1, f2, f3, f4, f5, f6, f7, ... (12 more)"
+
+
 # ---------------------------------------------------------------------------- rollback
 def test_rollback_moves_the_alias_back_and_records_the_reason(
     two_models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -86,6 +86,35 @@ def test_csv_string_and_integer_labels(tmp_path: Path) -> None:
     assert x[0, 0] == np.float32(float(rows[0][0]))
 
 
+def test_csv_columns_keep_their_names_and_ignored_columns_are_left_out(tmp_path: Path) -> None:
+    # The header's names are the registered model's column names: a file whose columns come
+    # in another order, or another file of as many columns, must not read as the same model input.
+    path = write_csv(tmp_path / "t.csv", [[i, 0.5 * i, "a" if i % 2 else "b", 3.0 - i, f"note {i}"] for i in range(8)],
+                     ["id", "age", "label", "income", "note"])
+    raw = read_csv(path, "t.csv", "label", ["id", "note"])
+    assert raw.feature_names == ("age", "income") and raw.x.shape == (8, 2)
+    assert list(raw.x[3]) == [1.5, 0.0]  # age, income of the row whose id is 3
+    x, y, names = raw  # still unpacks as before
+    assert names == ("a", "b") and list(y[:2]) == [1, 0]
+
+
+@pytest.mark.parametrize(
+    "header,ignored,message",
+    [
+        (["f1", "f1", "label"], [], r"the header names 'f1' twice \(columns 1 and 2\)"),
+        (["", "f1", "label"], [], r"column 1 of the header has no name \(a DataFrame's index, written by to_csv\(\)\?\): "
+                                  r"name it, or write the file with index=False"),
+        (["f1", "f2", "label"], ["id"], r"prepare.csv_ignore_columns: no column 'id' in the header \(columns: f1, f2, label\)"),
+        (["f1", "f2", "label"], ["label"], r"prepare.csv_ignore_columns: 'label' is the label column"),
+        (["f1", "f2", "label"], ["f1", "f2"], r"no feature columns besides the label column 'label' and the ignored ones"),
+    ],
+)
+def test_csv_header_problems_are_named(tmp_path: Path, header: list[str], ignored: list[str], message: str) -> None:
+    path = write_csv(tmp_path / "t.csv", [["0.5", "0.5", "b"], ["1", "2", "a"]], header)
+    with pytest.raises(DataError, match=rf"^t.csv: {message}"):
+        read_csv(path, "t.csv", "label", ignored)
+
+
 LABELS_THAT_ARE_NOT_INDICES = {  # label column -> the class names it gives, in index order
     "1..3 (UCI style)": ([1, 2, 3], ("1", "2", "3")),
     "-1/1 (libsvm style)": ([-1, 1], ("-1", "1")),
@@ -237,7 +266,8 @@ def test_missing_file(tmp_path: Path) -> None:
     [
         ([["1.0", "nan", "a"]], r"line 3, column 'f2': 'nan' is not a finite number"),
         ([["1.0", "inf", "a"]], r"line 3, column 'f2': 'inf' is not a finite number"),
-        ([["x1", "2", "a"]], r"line 3, column 'f1': not a number: 'x1'"),
+        ([["x1", "2", "a"]], r"line 3, column 'f1': not a number: 'x1' \(every column but the label is a numeric "
+                             r"feature; prepare.csv_ignore_columns leaves one out\)$"),
         ([["1.0", "2"]], r"line 3: expected 3 fields, found 2"),
         ([["1.0", "2", ""]], r"line 3, column 'label': empty label"),
     ],

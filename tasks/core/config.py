@@ -82,8 +82,11 @@ class PrepareParams(_Strict):
     # npz: the names of the input and label arrays.
     npz_inputs: str = "x"
     npz_labels: str = "y"
-    # csv: the label column (every other column is a feature); text_table: the label column.
+    # csv: the label column (every other column is a feature, named as in the header: the
+    # registered model's column names); text_table: the label column.
     csv_label_column: str = "label"
+    # csv: columns that are no features (an id, a date, free text), left out by name.
+    csv_ignore_columns: list[str] = []
     # text_table (a .csv, or .tsv tab-separated) / text_folder (one sub-folder of .txt per
     # class): a word-level tokenizer trained on the train split, text_vocab_size words at
     # most; every text becomes text_max_length token ids (truncated, or padded with id 0).
@@ -97,18 +100,20 @@ class PrepareParams(_Strict):
     # Rows of features: features taken to sign(x)*log(1+|x|) before standardizing (fitted on
     # the train split; the registered model does the same to raw inputs). none | auto (the
     # non-negative features skewed beyond 2 on the train split: amounts, counts) | a list of
-    # feature indices, e.g. [0, 3] (the model's columns x0, x3).
-    log_features: Literal["none", "auto"] | list[Annotated[int, Field(ge=0)]] = "none"
+    # feature indices, e.g. [0, 3] (the model's columns x0, x3), or a CSV's column names.
+    log_features: Literal["none", "auto"] | list[Annotated[int, Field(ge=0)] | str] = "none"
     val_fraction: Fraction = 0.15
     test_fraction: Fraction = 0.25
 
     @field_validator("log_features", mode="before")
     @classmethod
     def _check_log_features(cls, value: Any) -> str | list[int]:
-        if value in ("none", "auto") or (isinstance(value, list) and all(_whole_number(v) for v in value)):
+        if value in ("none", "auto") or (
+                isinstance(value, list) and all(_whole_number(v) or (isinstance(v, str) and v) for v in value)):
             return value
         raise PydanticCustomError(
-            "log_features", "expected none, auto or a list of feature indices >= 0 such as [0, 3], got {value}",
+            "log_features", "expected none, auto or a list of feature indices >= 0 or column names such as [0, 3] "
+            "or [amount, visits], got {value}",
             {"value": repr(value)},
         )
 
@@ -120,6 +125,9 @@ class PrepareParams(_Strict):
             raise ValueError(f"source {self.source!r} needs prepare.path")
         if self.source == "idx" and not self.labels_path:
             raise ValueError("source 'idx' needs prepare.labels_path (the IDX label file)")
+        if self.csv_ignore_columns and self.source != "csv":
+            raise ValueError(f"csv_ignore_columns {self.csv_ignore_columns}: source {self.source!r} has no columns to "
+                             "leave out; only csv reads it")
         if isinstance(self.log_features, list) and (gives := _GIVES_NO_ROWS.get(self.source)):
             raise ValueError(f"log_features {self.log_features}: source {self.source!r} gives {gives}, not rows of "
                              "features; only rows have features to log (none or auto)")

@@ -41,7 +41,7 @@ import numpy as np
 from tasks.core.classification import (
     class_disagreements, class_recall_problem, class_recall_within_chance, classification_metrics, index_names,
 )
-from tasks.evaluation.signature import describe, same_input
+from tasks.evaluation.signature import column_difference, describe, same_input
 
 _EPS = 1e-9
 # The figures a version keeps as tags (``metric.<key>``) and a decision shows side by side.
@@ -195,8 +195,9 @@ def _contract_problem(challenger: Challenger, card: dict[str, Any], tags: dict[s
     if card["input_schema"] is None:
         return f"{held} records no input schema, so {challenger.name} cannot be shown to take the same input"
     if not same_input(card["input_schema"], challenger.input_schema):
+        detail = column_difference(card["input_schema"], challenger.input_schema, "the champion", challenger.name)
         return (f"{held} takes {describe(card['input_schema'])}; {challenger.name} takes "
-                f"{describe(challenger.input_schema)}")
+                f"{describe(challenger.input_schema)}" + (f" ({detail})" if detail else ""))
     if card["num_classes"] is not None and card["num_classes"] != challenger.num_classes:
         return f"{held} predicts {card['num_classes']} classes; {challenger.name} predicts {challenger.num_classes}"
     theirs = _recorded_class_names(tags)  # a set for a version registered before the ordered tag

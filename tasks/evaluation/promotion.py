@@ -30,7 +30,7 @@ from tasks.core.classification import index_names
 from tasks.core.paths import CODE_ROOT
 from tasks.evaluation.pyfunc import pip_requirements
 from tasks.evaluation.signature import (
-    TOKENIZER_FILE, describe, input_example, input_schema, model_signature, same_input,
+    TOKENIZER_FILE, column_difference, describe, input_example, input_schema, model_signature, same_input,
 )
 
 log = logging.getLogger("slimflow.registry")
@@ -64,9 +64,14 @@ def now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
+# What the registry keeps of a version tag (MLflow's limit for model version tags): a data
+# set's column or class names as JSON fit whole; truncated JSON would not read back.
+TAG_VALUE_LIMIT = 100_000
+
+
 def tag_value(value: Any) -> str:
     text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
-    return text[:5000]
+    return text[:TAG_VALUE_LIMIT]
 
 
 def log_pyfunc_model(model_dir: Path, prepared: Path, name: str = "champion_model", model_id: str | None = None) -> Any:
@@ -122,8 +127,10 @@ def current_champion(registered_model: str) -> Any | None:
 
 def version_input_schema(version: Any) -> dict[str, Any] | None:
     """A registered version's input contract: its ``input_schema`` tag, else its ``preprocess.json``."""
-    if text := version.tags.get("input_schema"):
-        return json.loads(text)
+    try:
+        return json.loads(version.tags["input_schema"])
+    except (KeyError, ValueError):
+        pass
     try:  # a version registered before the tag existed: read the preprocessing it ships with
         from tasks.data import Preprocessing
 
@@ -251,8 +258,10 @@ def rollback_champion(registered_model: str, reason: str, to: str | None = None)
         raise RegistryError(f"{registered_model} has no version {target}") from None
     ours, theirs = version_input_schema(current), version_input_schema(wanted)
     if not same_input(ours, theirs):
+        detail = column_difference(ours, theirs, "the champion", f"version {target}")
         raise RegistryError(f"{registered_model} version {target} takes {describe(theirs)}, the champion "
-                            f"(version {current.version}) {describe(ours)}: a rollback never changes the input")
+                            f"(version {current.version}) {describe(ours)}" + (f" ({detail})" if detail else "")
+                            + ": a rollback never changes the input")
     from tasks.evaluation.challenge import other_classes
 
     if classes := other_classes(current.tags, wanted.tags):

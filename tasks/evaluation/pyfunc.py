@@ -114,6 +114,9 @@ class SlimflowClassifier(mlflow.pyfunc.PythonModel):
 
             ids = encode(self._tokenizer, _as_texts(model_input))
             return np.asarray(self._model.predict(ids)).argmax(axis=1).astype(np.int64)
+        names = list(self._preprocessing.feature_names)
+        if names and hasattr(model_input, "columns") and set(names) <= set(model_input.columns):
+            model_input = model_input[names]  # named columns: taken by name, in the model's order
         x = _as_array(model_input)
         expected = tuple(self._preprocessing.input_shape)
         if x.shape == expected:  # one sample without its batch axis

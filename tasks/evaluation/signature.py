@@ -7,8 +7,9 @@ fit it (HTTP 400 naming the expected shape or columns):
 - image and sequence data (``input_shape`` of 2 or 3 dimensions): one tensor named
   :data:`SHAPED_INPUT` (``raw_shaped_input``), float32, shape ``(-1, *input_shape)``: RAW
   values (the pyfunc normalizes them itself), SHAPED (not flattened);
-- tabular data (``input_shape == (features,)``): one ``double`` column per feature,
-  ``x0 .. x{F-1}``, raw values;
+- tabular data (``input_shape == (features,)``): one ``double`` column per feature, raw
+  values, named as the data names them (a CSV's header: ``feature_names`` in
+  ``preprocess.json``), else ``x0 .. x{F-1}``;
 - text (token ids prepared by a tokenizer): one ``string`` column :data:`TEXT_COLUMN`
   (``text``), raw text: the pyfunc tokenizes it with the tokenizer trained in ``prepare``.
 
@@ -35,14 +36,18 @@ TEXT_COLUMN = "text"  # text models take raw text in this column
 EXAMPLE_ROWS = 2
 OUTPUT_PARAM = "output"  # predict(..., params={"output": ...}): one of OUTPUTS, the first by default
 OUTPUTS = ("index", "name")
+NAMES_SHOWN = 8  # named columns listed in a message, then the count
 
 
 def is_tabular(preprocessing: Preprocessing) -> bool:
     return len(preprocessing.input_shape) == 1 and not preprocessing.is_text
 
 
-def column_names(features: int) -> list[str]:
-    return [f"x{i}" for i in range(features)]
+def column_names(preprocessing: Preprocessing) -> list[str]:
+    """A tabular model's input columns: the data's own names, else ``x0 .. x{F-1}``."""
+    if preprocessing.feature_names:
+        return list(preprocessing.feature_names)
+    return [f"x{i}" for i in range(preprocessing.input_shape[0])]
 
 
 def input_schema(preprocessing: Preprocessing) -> dict[str, Any]:
@@ -52,7 +57,10 @@ def input_schema(preprocessing: Preprocessing) -> dict[str, Any]:
         return {"type": "text", "dtype": "string", "columns": [TEXT_COLUMN],
                 "layout": f"raw text, tokenized inside to {shape[0]} token ids"}
     if len(shape) == 1:
-        return {"type": "columns", "dtype": "double", "columns": shape[0], "layout": "raw, one column per feature"}
+        schema = {"type": "columns", "dtype": "double", "columns": shape[0], "layout": "raw, one column per feature"}
+        if preprocessing.feature_names:  # absent: x0 .. x{F-1}, as every contract before names
+            schema["names"] = list(preprocessing.feature_names)
+        return schema
     return {"type": "tensor", "dtype": "float32", "shape": [-1, *shape], "layout": "raw, shaped"}
 
 
@@ -62,19 +70,50 @@ def same_input(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
         return False
 
     def key(schema: dict[str, Any]) -> tuple[Any, ...]:
-        return schema.get("type"), schema.get("dtype"), tuple(schema.get("shape") or ()), schema.get("columns")
+        # Named columns are taken by name (MLflow orders a request's columns as the signature
+        # does): the same names in another order are the same input.
+        return (schema.get("type"), schema.get("dtype"), tuple(schema.get("shape") or ()), schema.get("columns"),
+                tuple(sorted(schema.get("names") or ())))
 
     return key(a) == key(b)
 
 
+def column_difference(a: dict[str, Any] | None, b: dict[str, Any] | None, a_name: str, b_name: str) -> str | None:
+    """How two column contracts of the same width differ by name, for messages (None: they
+    name the same columns, in any order, or are not both columns): ``columns only the
+    champion takes: 'ash'; only pruned-l1 takes: 'magnesium'``."""
+    if not a or not b or a.get("type") != "columns" or b.get("type") != "columns":
+        return None
+    if a.get("columns") != b.get("columns"):
+        return None
+
+    def names(schema: dict[str, Any]) -> list[str]:
+        return list(schema.get("names") or (f"x{i}" for i in range(int(schema["columns"]))))
+
+    ours, theirs = names(a), names(b)
+    if sorted(ours) == sorted(theirs):
+        return None
+    only_a = ", ".join(repr(n) for n in ours if n not in theirs)
+    only_b = ", ".join(repr(n) for n in theirs if n not in ours)
+    return f"columns only {a_name} takes: {_clipped(only_a)}; only {b_name} takes: {_clipped(only_b)}"
+
+
+def _clipped(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def describe(schema: dict[str, Any] | None) -> str:
-    """``tensor float32 (-1, 1, 8, 8)`` / ``30 double columns x0..x29``, for messages."""
+    """``tensor float32 (-1, 1, 8, 8)`` / ``30 double columns x0..x29`` / ``3 double columns
+    age, income, visits`` (named columns: the first :data:`NAMES_SHOWN`), for messages."""
     if not schema:
         return "an unknown input"
     if schema.get("type") == "text":
         return f"raw text (one string column {schema['columns'][0]!r})"
     if schema.get("type") == "columns":
         n = int(schema["columns"])
+        if names := schema.get("names"):
+            more = f", ... ({n - NAMES_SHOWN} more)" if n > NAMES_SHOWN else ""
+            return f"{n} {schema['dtype']} columns {', '.join(names[:NAMES_SHOWN])}{more}"
         return f"{n} {schema['dtype']} columns x0..x{n - 1}"
     return f"tensor {schema['dtype']} {tuple(schema['shape'])}"
 
@@ -87,7 +126,7 @@ def model_signature(preprocessing: Preprocessing) -> Any:
     if preprocessing.is_text:
         inputs = Schema([ColSpec("string", TEXT_COLUMN)])
     elif is_tabular(preprocessing):
-        inputs = Schema([ColSpec("double", name) for name in column_names(preprocessing.input_shape[0])])
+        inputs = Schema([ColSpec("double", name) for name in column_names(preprocessing)])
     else:
         inputs = Schema([TensorSpec(np.dtype(np.float32), (-1, *preprocessing.input_shape), name=SHAPED_INPUT)])
     return ModelSignature(inputs=inputs, outputs=Schema([TensorSpec(np.dtype(np.int64), (-1,))]),
@@ -110,6 +149,6 @@ def input_example(prepared: Path, preprocessing: Preprocessing) -> Any:
     if is_tabular(preprocessing):
         import pandas as pd
 
-        return pd.DataFrame(x.astype(np.float64), columns=column_names(x.shape[1]))
+        return pd.DataFrame(x.astype(np.float64), columns=column_names(preprocessing))
     return x
 

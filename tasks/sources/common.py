@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
@@ -41,12 +42,18 @@ def class_folders(folder: Path, shown: str, source: str) -> list[Path]:
     return class_dirs
 
 
-class RawData(NamedTuple):
+@dataclass(frozen=True)
+class RawData:
     """What every reader returns; unpacks as ``x, y, class_names``."""
 
     x: np.ndarray  # float32, (N, features) or (N, C, H, W), raw values
     y: np.ndarray  # int64 class indices 0..K-1
     class_names: tuple[str, ...]
+    # Rows of features whose file names its columns (a CSV's header): one name per feature.
+    feature_names: tuple[str, ...] = ()
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.x, self.y, self.class_names))
 
 
 def require_file(path: Path, shown: str) -> None:

@@ -6,6 +6,7 @@ import csv
 import math
 import zipfile
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -77,8 +78,10 @@ def npz_input_shape(path: Path, inputs: str) -> tuple[int, ...] | None:
     return {2: shape[1:], 3: (1, *shape[1:]), 4: shape[1:]}.get(len(shape))
 
 
-def read_csv(path: Path, shown: str, label_column: str) -> RawData:
-    """A CSV with a header row: every column but ``label_column`` is a numeric feature.
+def read_csv(path: Path, shown: str, label_column: str, ignore_columns: Sequence[str] = ()) -> RawData:
+    """A CSV with a header row: every column but ``label_column`` and ``ignore_columns`` (an
+    id, a free-text note) is a numeric feature, named as in the header (the registered
+    model's column names).
 
     Labels that are exactly the integers 0..K-1 are class indices (names '0'..'K-1'); other
     integers (1..K, -1/1) are class names in numeric order; any other labels are class names,
@@ -94,19 +97,13 @@ def read_csv(path: Path, shown: str, label_column: str) -> RawData:
             if header is None:
                 raise DataError(f"{shown}: empty file; expected a header row")
             header = [name.strip() for name in header]
-            if label_column not in header:
-                raise DataError(
-                    f"{shown}: no label column {label_column!r} in the header (columns: {', '.join(header)})"
-                )
-            if len(header) < 2:
-                raise DataError(f"{shown}: only the label column {label_column!r}; no feature columns")
-            label_at = header.index(label_column)
-            feature_names = [n for i, n in enumerate(header) if i != label_at]
+            label_at, features = _feature_columns(header, label_column, ignore_columns, shown)
+            feature_names = tuple(header[i] for i in features)
             for line, fields in csv_records(reader, len(header), shown):
-                label = fields.pop(label_at).strip()
+                label = fields[label_at].strip()
                 if not label:
                     raise DataError(f"{shown}: line {line}, column {label_column!r}: empty label")
-                values = _parse_floats(fields, feature_names, shown, line)
+                values = _parse_floats([fields[i] for i in features], feature_names, shown, line)
                 rows.append(values)
                 labels.append(label)
     except DataError:
@@ -119,10 +116,42 @@ def read_csv(path: Path, shown: str, label_column: str) -> RawData:
         raise DataError(f"{shown}: header only; no data rows")
     y, class_names = column_labels(labels)
     x = np.array(rows, dtype=np.float32)
-    return check_dataset(RawData(x, y, class_names), shown)
+    return check_dataset(RawData(x, y, class_names, feature_names), shown)
 
 
-def _parse_floats(fields: list[str], names: list[str], shown: str, line: int) -> list[float]:
+def _feature_columns(header: list[str], label_column: str, ignore_columns: Sequence[str],
+                     shown: str) -> tuple[int, list[int]]:
+    """The label's position and the features' positions in ``header``; refused in one line:
+    a missing label column, an ignored column not in the header, a feature column with no
+    name or the name of another (a model's column names are its contract)."""
+    if label_column not in header:
+        raise DataError(f"{shown}: no label column {label_column!r} in the header (columns: {', '.join(header)})")
+    for name in ignore_columns:
+        if name not in header:
+            raise DataError(f"{shown}: prepare.csv_ignore_columns: no column {name!r} in the header "
+                            f"(columns: {', '.join(header)})")
+    if label_column in ignore_columns:
+        raise DataError(f"{shown}: prepare.csv_ignore_columns: {label_column!r} is the label column (csv_label_column)")
+    label_at = header.index(label_column)
+    features = [i for i, name in enumerate(header) if i != label_at and name not in ignore_columns]
+    if not features:
+        raise DataError(f"{shown}: no feature columns besides the label column {label_column!r}"
+                        + (" and the ignored ones" if ignore_columns else ""))
+    seen: dict[str, int] = {}
+    for i in features:
+        name = header[i]
+        if not name:
+            raise DataError(f"{shown}: column {i + 1} of the header has no name (a DataFrame's index, written by "
+                            "to_csv()?): name it, or write the file with index=False; the registered model takes "
+                            "its columns by name")
+        if name in seen:
+            raise DataError(f"{shown}: the header names {name!r} twice (columns {seen[name] + 1} and {i + 1}); the "
+                            "registered model takes its columns by name")
+        seen[name] = i
+    return label_at, features
+
+
+def _parse_floats(fields: list[str], names: Sequence[str], shown: str, line: int) -> list[float]:
     try:
         values = [float(f) for f in fields]
         if all(math.isfinite(v) for v in values):
@@ -134,7 +163,8 @@ def _parse_floats(fields: list[str], names: list[str], shown: str, line: int) ->
         try:
             value = float(field)
         except ValueError:
-            raise DataError(f"{shown}: line {line}, column {name!r}: not a number: {field.strip()!r}") from None
+            raise DataError(f"{shown}: line {line}, column {name!r}: not a number: {field.strip()!r} (every column "
+                            "but the label is a numeric feature; prepare.csv_ignore_columns leaves one out)") from None
         if not math.isfinite(value):
             raise DataError(f"{shown}: line {line}, column {name!r}: {field.strip()!r} is not a finite number")
     raise AssertionError("unreachable")
