@@ -48,6 +48,7 @@ class Preprocessing:
     vocab_size: int | None = None  # token ids (text): the tokenizer's vocabulary; not normalized
     log_features: tuple[int, ...] = ()  # tabular: features taken to sign(x)*log(1+|x|) before standardizing
     feature_names: tuple[str, ...] = ()  # tabular data whose file names its columns: the model's column names
+    integer_features: tuple[int, ...] = ()  # tabular: features written as integers (the model's long columns)
 
     @property
     def is_image(self) -> bool:
@@ -81,7 +82,8 @@ class Preprocessing:
 
     @classmethod
     def fit(cls, x_train: np.ndarray, num_classes: int, class_names: list[str],
-            log_features: tuple[int, ...] = (), feature_names: tuple[str, ...] = ()) -> Preprocessing:
+            log_features: tuple[int, ...] = (), feature_names: tuple[str, ...] = (),
+            integer_features: tuple[int, ...] = ()) -> Preprocessing:
         """Statistics of the train split (of ``log_features`` after :func:`log_columns`)."""
         x_train = log_columns(x_train, log_features)
         axes = (0, 2, 3) if x_train.ndim == 4 else (0,)
@@ -104,13 +106,14 @@ class Preprocessing:
             std=tuple(float(v) for v in np.ravel(std)),
             log_features=tuple(int(i) for i in log_features),
             feature_names=tuple(feature_names),
+            integer_features=tuple(int(i) for i in integer_features),
         )
 
     def to_json(self) -> str:
         data = asdict(self)
         if data["vocab_size"] is None:  # image / tabular files stay as they were
             del data["vocab_size"]
-        for key in ("log_features", "feature_names"):  # ...and so do those without them
+        for key in ("log_features", "feature_names", "integer_features"):  # ...and so do those without them
             if not data[key]:
                 del data[key]
         return json.dumps(data, indent=2, sort_keys=True) + "\n"
@@ -127,6 +130,7 @@ class Preprocessing:
             vocab_size=data.get("vocab_size"),
             log_features=tuple(int(i) for i in data.get("log_features", ())),
             feature_names=tuple(str(name) for name in data.get("feature_names", ())),
+            integer_features=tuple(int(i) for i in data.get("integer_features", ())),
         )
 
 

@@ -146,7 +146,7 @@ def prepare_data(params: PrepareParams, seed: int, root: Path) -> PreparedData:
     if isinstance(raw, RawText):
         return _prepare_text(raw, provenance, params, seed)
     x, y, class_names = raw
-    feature_names = raw.feature_names
+    feature_names, integer_features = raw.feature_names, raw.integer_features
     del raw
     value_range = {"min": float(x.min()), "max": float(x.max())}
     index = stratified_split(y, len(class_names), params.val_fraction, params.test_fraction, seed)
@@ -156,12 +156,14 @@ def prepare_data(params: PrepareParams, seed: int, root: Path) -> PreparedData:
     del x
     log_features = chosen_log_features(params.log_features, splits["train"][0], feature_names)
     preprocessing = Preprocessing.fit(splits["train"][0], len(class_names), list(class_names), log_features,
-                                      feature_names)
+                                      feature_names, integer_features)
     card = _card(provenance, num_samples, input_shape, value_range, class_names, splits, params, seed)
     if log_features:
         card["log_features"] = list(log_features)
     if feature_names:
         card["feature_names"] = list(feature_names)
+    if integer_features:
+        card["integer_features"] = list(integer_features)
     return PreparedData(splits=splits, preprocessing=preprocessing, card=card)
 
 

@@ -146,10 +146,11 @@ def test_a_csv_model_takes_its_columns_by_name(tmp_path: Path, monkeypatch: pyte
     names = ("age", "income", "visits", "score")
     rng = np.random.default_rng(0)
     x = (rng.normal(size=(400, 4)) * [10, 1000, 3, 1] + [40, 5000, 6, 0]).astype(np.float32)
+    x[:, 2] = np.round(x[:, 2])  # visits: a count, written as integers
     y = ((x[:, 0] - 40) / 10 + (x[:, 2] - 6) / 3 > 0).astype(np.int64)
     prepared = tmp_path / "prepared"
     prepared.mkdir()
-    preprocessing = Preprocessing.fit(x[:300], 2, ["no", "yes"], feature_names=names)
+    preprocessing = Preprocessing.fit(x[:300], 2, ["no", "yes"], feature_names=names, integer_features=(2,))
     for split, rows in {"train": slice(0, 300), "val": slice(300, 350), "test": slice(350, 400)}.items():
         np.save(prepared / f"{split}_x.npy", x[rows])
         np.save(prepared / f"{split}_y.npy", y[rows])
@@ -161,11 +162,16 @@ def test_a_csv_model_takes_its_columns_by_name(tmp_path: Path, monkeypatch: pyte
         promote("baseline", tmp_path / "baseline", prepared, "named-columns", {"data_digest": "d"})
 
     model = mlflow.pyfunc.load_model(f"models:/named-columns@{CHAMPION_ALIAS}")
-    assert model.metadata.get_input_schema().input_names() == list(names)
+    schema = model.metadata.get_input_schema()
+    assert schema.input_names() == list(names)
+    assert [t.name for t in schema.input_types()] == ["double", "double", "long", "double"]
     local = Path(mlflow.artifacts.download_artifacts(f"models:/named-columns@{CHAMPION_ALIAS}"))
-    assert list(Model.load(str(local / "MLmodel")).load_input_example(str(local)).columns) == list(names)
+    example = Model.load(str(local / "MLmodel")).load_input_example(str(local))
+    assert list(example.columns) == list(names) and example["visits"].dtype == np.int64
 
-    test = pd.DataFrame(x[350:].astype(np.float64), columns=list(names))
+    # As pandas reads the CSV: the integer column is int64 (a double column would refuse it:
+    # MLflow does not convert int64 to float64).
+    test = pd.DataFrame(x[350:].astype(np.float64), columns=list(names)).astype({"visits": np.int64})
     predicted = model.predict(test)
     assert (predicted == y[350:]).mean() >= 0.8
     # Columns are taken by name: another order and an extra column give the same answers.
@@ -182,7 +188,11 @@ def test_a_csv_model_takes_its_columns_by_name(tmp_path: Path, monkeypatch: pyte
     reordered = {**named, "names": ["income", "age", "visits", "score"]}
     assert same_input(named, dict(named)) and same_input(named, reordered)  # taken by name, in any order
     assert not same_input(named, renamed) and not same_input(named, unnamed)
-    assert describe(named) == "4 double columns age, income, visits, score"
+    assert describe(named) == "4 columns (3 double, 1 long) age, income, visits, score"
+    retyped = {key: value for key, value in named.items() if key != "long"}  # visits written as 3.0, 4.0...
+    assert not same_input(named, retyped)
+    assert column_difference(named, retyped, "the champion", "pruned") == (
+        "column 'visits' is long for the champion, double for pruned")
     assert column_difference(named, renamed, "the champion", "pruned") == (
         "columns only the champion takes: 'score'; only pruned takes: 'tenure'")
     assert column_difference(named, reordered, "the champion", "pruned") is None

@@ -96,6 +96,14 @@ def test_csv_columns_keep_their_names_and_ignored_columns_are_left_out(tmp_path:
     assert list(raw.x[3]) == [1.5, 0.0]  # age, income of the row whose id is 3
     x, y, names = raw  # still unpacks as before
     assert names == ("a", "b") and list(y[:2]) == [1, 0]
+    assert raw.integer_features == ()  # age has halves, income is 3.0 (written as a float)
+    path = write_csv(tmp_path / "n.csv", [[i, f"{i}.5", -i, " +7 ", "b" if i % 2 else "a"] for i in range(6)],
+                     ["visits", "amount", "change", "calls", "label"])
+    assert read_csv(path, "n.csv", "label").integer_features == (0, 2, 3)  # what pandas reads as int64
+    np.savez(tmp_path / "i.npz", x=np.arange(12).reshape(6, 2), y=np.arange(6) % 2)
+    assert read_npz(tmp_path / "i.npz", "i.npz", "x", "y").integer_features == (0, 1)
+    np.savez(tmp_path / "f.npz", x=np.arange(12.0).reshape(6, 2), y=np.arange(6) % 2)
+    assert read_npz(tmp_path / "f.npz", "f.npz", "x", "y").integer_features == ()
 
 
 @pytest.mark.parametrize(

@@ -64,7 +64,8 @@ x = np.load(x_path)
 def rows(chunk):
     if schema is not None and not schema.is_tensor_spec():
         import pandas as pd
-        return pd.DataFrame(chunk.reshape(len(chunk), -1).astype("float64"), columns=schema.input_names())
+        frame = pd.DataFrame(chunk.reshape(len(chunk), -1).astype("float64"), columns=schema.input_names())
+        return frame.astype(dict(zip(schema.input_names(), schema.pandas_types())))  # long columns: int64
     return np.ascontiguousarray(chunk, dtype=np.float32)
 parts = [np.asarray(model.predict(rows(x[i:i + 512]))).reshape(-1) for i in range(0, len(x), 512)]
 np.save(out, np.concatenate(parts).astype(np.int64))

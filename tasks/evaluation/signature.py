@@ -7,9 +7,11 @@ fit it (HTTP 400 naming the expected shape or columns):
 - image and sequence data (``input_shape`` of 2 or 3 dimensions): one tensor named
   :data:`SHAPED_INPUT` (``raw_shaped_input``), float32, shape ``(-1, *input_shape)``: RAW
   values (the pyfunc normalizes them itself), SHAPED (not flattened);
-- tabular data (``input_shape == (features,)``): one ``double`` column per feature, raw
-  values, named as the data names them (a CSV's header: ``feature_names`` in
-  ``preprocess.json``), else ``x0 .. x{F-1}``;
+- tabular data (``input_shape == (features,)``): one column per feature, raw values,
+  named as the data names them (a CSV's header: ``feature_names`` in ``preprocess.json``),
+  else ``x0 .. x{F-1}``; ``long`` where the data wrote every value as an integer
+  (``integer_features``: what pandas reads from the same file as int64, which MLflow would
+  refuse for a ``double`` column), else ``double``;
 - text (token ids prepared by a tokenizer): one ``string`` column :data:`TEXT_COLUMN`
   (``text``), raw text: the pyfunc tokenizes it with the tokenizer trained in ``prepare``.
 
@@ -50,8 +52,16 @@ def column_names(preprocessing: Preprocessing) -> list[str]:
     return [f"x{i}" for i in range(preprocessing.input_shape[0])]
 
 
+def long_columns(preprocessing: Preprocessing) -> list[str]:
+    """The columns a tabular model takes as ``long`` (int64): the features its data wrote as
+    integers, as pandas reads them from the same file; the others are ``double``."""
+    names = column_names(preprocessing)
+    return [names[i] for i in preprocessing.integer_features]
+
+
 def input_schema(preprocessing: Preprocessing) -> dict[str, Any]:
-    """The input contract as plain data: ``{"type": "tensor", "dtype", "shape"}`` or ``{"type": "columns", ...}``."""
+    """The input contract as plain data: ``{"type": "tensor", "dtype", "shape"}`` or ``{"type": "columns", ...}``
+    (``names``: the columns' names where the data names them; ``long``: the int64 columns, if any)."""
     shape = [int(d) for d in preprocessing.input_shape]
     if preprocessing.is_text:
         return {"type": "text", "dtype": "string", "columns": [TEXT_COLUMN],
@@ -60,6 +70,8 @@ def input_schema(preprocessing: Preprocessing) -> dict[str, Any]:
         schema = {"type": "columns", "dtype": "double", "columns": shape[0], "layout": "raw, one column per feature"}
         if preprocessing.feature_names:  # absent: x0 .. x{F-1}, as every contract before names
             schema["names"] = list(preprocessing.feature_names)
+        if longs := long_columns(preprocessing):  # absent: every column double, as before
+            schema["long"] = longs
         return schema
     return {"type": "tensor", "dtype": "float32", "shape": [-1, *shape], "layout": "raw, shaped"}
 
@@ -73,15 +85,16 @@ def same_input(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
         # Named columns are taken by name (MLflow orders a request's columns as the signature
         # does): the same names in another order are the same input.
         return (schema.get("type"), schema.get("dtype"), tuple(schema.get("shape") or ()), schema.get("columns"),
-                tuple(sorted(schema.get("names") or ())))
+                tuple(sorted(schema.get("names") or ())), tuple(sorted(schema.get("long") or ())))
 
     return key(a) == key(b)
 
 
 def column_difference(a: dict[str, Any] | None, b: dict[str, Any] | None, a_name: str, b_name: str) -> str | None:
-    """How two column contracts of the same width differ by name, for messages (None: they
-    name the same columns, in any order, or are not both columns): ``columns only the
-    champion takes: 'ash'; only pruned-l1 takes: 'magnesium'``."""
+    """How two column contracts of the same width differ, for messages (None: the same
+    columns, in any order, or not both columns): ``columns only the champion takes: 'ash';
+    only pruned-l1 takes: 'magnesium'``, or ``column 'age' is long for the champion, double
+    for pruned-l1``."""
     if not a or not b or a.get("type") != "columns" or b.get("type") != "columns":
         return None
     if a.get("columns") != b.get("columns"):
@@ -92,7 +105,12 @@ def column_difference(a: dict[str, Any] | None, b: dict[str, Any] | None, a_name
 
     ours, theirs = names(a), names(b)
     if sorted(ours) == sorted(theirs):
-        return None
+        a_long, b_long = set(a.get("long") or ()), set(b.get("long") or ())
+        retyped = [n for n in ours if (n in a_long) != (n in b_long)]
+        if not retyped:
+            return None
+        return "; ".join(f"column {n!r} is {'long' if n in a_long else 'double'} for {a_name}, "
+                         f"{'long' if n in b_long else 'double'} for {b_name}" for n in retyped[:3])
     only_a = ", ".join(repr(n) for n in ours if n not in theirs)
     only_b = ", ".join(repr(n) for n in theirs if n not in ours)
     return f"columns only {a_name} takes: {_clipped(only_a)}; only {b_name} takes: {_clipped(only_b)}"
@@ -110,11 +128,12 @@ def describe(schema: dict[str, Any] | None) -> str:
     if schema.get("type") == "text":
         return f"raw text (one string column {schema['columns'][0]!r})"
     if schema.get("type") == "columns":
-        n = int(schema["columns"])
+        n, longs = int(schema["columns"]), len(schema.get("long") or ())
+        kinds = f"{schema['dtype']} columns" if not longs else f"columns ({n - longs} double, {longs} long)"
         if names := schema.get("names"):
             more = f", ... ({n - NAMES_SHOWN} more)" if n > NAMES_SHOWN else ""
-            return f"{n} {schema['dtype']} columns {', '.join(names[:NAMES_SHOWN])}{more}"
-        return f"{n} {schema['dtype']} columns x0..x{n - 1}"
+            return f"{n} {kinds} {', '.join(names[:NAMES_SHOWN])}{more}"
+        return f"{n} {kinds} x0..x{n - 1}"
     return f"tensor {schema['dtype']} {tuple(schema['shape'])}"
 
 
@@ -126,7 +145,8 @@ def model_signature(preprocessing: Preprocessing) -> Any:
     if preprocessing.is_text:
         inputs = Schema([ColSpec("string", TEXT_COLUMN)])
     elif is_tabular(preprocessing):
-        inputs = Schema([ColSpec("double", name) for name in column_names(preprocessing)])
+        longs = set(long_columns(preprocessing))
+        inputs = Schema([ColSpec("long" if name in longs else "double", name) for name in column_names(preprocessing)])
     else:
         inputs = Schema([TensorSpec(np.dtype(np.float32), (-1, *preprocessing.input_shape), name=SHAPED_INPUT)])
     return ModelSignature(inputs=inputs, outputs=Schema([TensorSpec(np.dtype(np.int64), (-1,))]),
@@ -149,6 +169,8 @@ def input_example(prepared: Path, preprocessing: Preprocessing) -> Any:
     if is_tabular(preprocessing):
         import pandas as pd
 
-        return pd.DataFrame(x.astype(np.float64), columns=column_names(preprocessing))
+        frame = pd.DataFrame(x.astype(np.float64), columns=column_names(preprocessing))
+        longs = long_columns(preprocessing)
+        return frame.astype(dict.fromkeys(longs, np.int64)) if longs else frame
     return x
 

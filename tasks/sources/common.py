@@ -51,6 +51,9 @@ class RawData:
     class_names: tuple[str, ...]
     # Rows of features whose file names its columns (a CSV's header): one name per feature.
     feature_names: tuple[str, ...] = ()
+    # Rows of features: those whose every value is written as an integer (what pandas reads
+    # as int64, and so a client's DataFrame of the same file brings).
+    integer_features: tuple[int, ...] = ()
 
     def __iter__(self) -> Iterator[Any]:
         return iter((self.x, self.y, self.class_names))

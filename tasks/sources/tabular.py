@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 import zipfile
 import zlib
 from collections.abc import Sequence
@@ -14,6 +15,9 @@ import numpy as np
 from tasks.sources.common import (
     DataError, RawData, check_dataset, column_labels, csv_records, integer_labels, require_file, require_finite, string_labels,
 )
+
+
+_INTEGER = re.compile(r"\s*[+-]?\d+\s*")  # a value written as an integer (pandas: int64)
 
 
 def read_npz(path: Path, shown: str, inputs: str, labels: str) -> RawData:
@@ -57,10 +61,11 @@ def read_npz(path: Path, shown: str, inputs: str, labels: str) -> RawData:
         y, class_names = string_labels(y_raw)
     else:
         y, class_names = integer_labels(y_raw, shown, f"array {labels!r}")
+    integer_features = tuple(range(x_raw.shape[1])) if x_raw.ndim == 2 and x_raw.dtype.kind in "biu" else ()
     x = np.ascontiguousarray(x_raw, dtype=np.float32)
     # Checked again only where the conversion can overflow: float64 beyond float32's range -> inf.
     overflow = x_raw.dtype.kind == "f" and x_raw.dtype.itemsize > 4
-    return check_dataset(RawData(x, y, class_names), shown, check_finite=overflow)
+    return check_dataset(RawData(x, y, class_names, integer_features=integer_features), shown, check_finite=overflow)
 
 
 def npz_input_shape(path: Path, inputs: str) -> tuple[int, ...] | None:
@@ -99,13 +104,15 @@ def read_csv(path: Path, shown: str, label_column: str, ignore_columns: Sequence
             header = [name.strip() for name in header]
             label_at, features = _feature_columns(header, label_column, ignore_columns, shown)
             feature_names = tuple(header[i] for i in features)
+            integers = set(range(len(features)))  # the features every value so far was written as an integer
             for line, fields in csv_records(reader, len(header), shown):
                 label = fields[label_at].strip()
                 if not label:
                     raise DataError(f"{shown}: line {line}, column {label_column!r}: empty label")
-                values = _parse_floats([fields[i] for i in features], feature_names, shown, line)
-                rows.append(values)
+                values = [fields[i] for i in features]
+                rows.append(_parse_floats(values, feature_names, shown, line))
                 labels.append(label)
+                integers.difference_update([j for j in integers if not _INTEGER.fullmatch(values[j])])
     except DataError:
         raise
     except UnicodeDecodeError as err:
@@ -116,7 +123,7 @@ def read_csv(path: Path, shown: str, label_column: str, ignore_columns: Sequence
         raise DataError(f"{shown}: header only; no data rows")
     y, class_names = column_labels(labels)
     x = np.array(rows, dtype=np.float32)
-    return check_dataset(RawData(x, y, class_names, feature_names), shown)
+    return check_dataset(RawData(x, y, class_names, feature_names, tuple(sorted(integers))), shown)
 
 
 def _feature_columns(header: list[str], label_column: str, ignore_columns: Sequence[str],
