@@ -36,6 +36,17 @@ def log_columns(x: np.ndarray, columns: tuple[int, ...]) -> np.ndarray:
     return x
 
 
+def fill_missing(x: np.ndarray, fill_values: tuple[float, ...]) -> np.ndarray:
+    """Rows of features with each missing value (NaN) replaced by its feature's fill value
+    (a copy where there is one; ``x`` itself where there is none, or no fill values)."""
+    if not fill_values:
+        return x
+    gaps = np.isnan(x)
+    if not gaps.any():
+        return x
+    return np.where(gaps, np.asarray(fill_values, dtype=np.float32), x).astype(np.float32)
+
+
 @dataclass(frozen=True)
 class Preprocessing:
     """Normalization learnt on the train split; applied identically everywhere."""
@@ -49,6 +60,9 @@ class Preprocessing:
     log_features: tuple[int, ...] = ()  # tabular: features taken to sign(x)*log(1+|x|) before standardizing
     feature_names: tuple[str, ...] = ()  # tabular data whose file names its columns: the model's column names
     integer_features: tuple[int, ...] = ()  # tabular: features written as integers (the model's long columns)
+    # tabular, prepare.missing_values median: per feature, the train split's median, which a
+    # missing value (NaN) becomes before anything else; empty: missing values are refused
+    fill_values: tuple[float, ...] = ()
 
     @property
     def is_image(self) -> bool:
@@ -78,12 +92,12 @@ class Preprocessing:
         if self.is_text:
             return x
         mean, std = self._stats()
-        return (log_columns(x, self.log_features) - mean) / std
+        return (log_columns(fill_missing(x, self.fill_values), self.log_features) - mean) / std
 
     @classmethod
     def fit(cls, x_train: np.ndarray, num_classes: int, class_names: list[str],
             log_features: tuple[int, ...] = (), feature_names: tuple[str, ...] = (),
-            integer_features: tuple[int, ...] = ()) -> Preprocessing:
+            integer_features: tuple[int, ...] = (), fill_values: tuple[float, ...] = ()) -> Preprocessing:
         """Statistics of the train split (of ``log_features`` after :func:`log_columns`)."""
         x_train = log_columns(x_train, log_features)
         axes = (0, 2, 3) if x_train.ndim == 4 else (0,)
@@ -107,13 +121,14 @@ class Preprocessing:
             log_features=tuple(int(i) for i in log_features),
             feature_names=tuple(feature_names),
             integer_features=tuple(int(i) for i in integer_features),
+            fill_values=tuple(float(v) for v in fill_values),
         )
 
     def to_json(self) -> str:
         data = asdict(self)
         if data["vocab_size"] is None:  # image / tabular files stay as they were
             del data["vocab_size"]
-        for key in ("log_features", "feature_names", "integer_features"):  # ...and so do those without them
+        for key in ("log_features", "feature_names", "integer_features", "fill_values"):  # ...and those without them
             if not data[key]:
                 del data[key]
         return json.dumps(data, indent=2, sort_keys=True) + "\n"
@@ -131,6 +146,7 @@ class Preprocessing:
             log_features=tuple(int(i) for i in data.get("log_features", ())),
             feature_names=tuple(str(name) for name in data.get("feature_names", ())),
             integer_features=tuple(int(i) for i in data.get("integer_features", ())),
+            fill_values=tuple(float(v) for v in data.get("fill_values", ())),
         )
 
 

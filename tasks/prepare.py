@@ -58,7 +58,7 @@ from tasks.sources import (
 if TYPE_CHECKING:
     from tasks.core.config import PrepareParams
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("slimflow.prepare")
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -95,9 +95,11 @@ def read_raw(params: PrepareParams, root: Path) -> tuple[RawData | RawText, dict
         raw = read_idx(path, labels, params.path, params.labels_path)
         extra = {"labels_path": params.labels_path, "labels_digest": dvc_digest(labels)}
     elif params.source == "npz":
-        raw, extra = read_npz(path, params.path, params.npz_inputs, params.npz_labels), {}
+        missing = params.missing_values == "median"
+        raw, extra = read_npz(path, params.path, params.npz_inputs, params.npz_labels, missing), {}
     elif params.source == "csv":
-        raw = read_csv(path, params.path, params.csv_label_column, params.csv_ignore_columns)
+        raw = read_csv(path, params.path, params.csv_label_column, params.csv_ignore_columns,
+                       params.missing_values == "median")
         extra = {"ignored_columns": list(params.csv_ignore_columns)} if params.csv_ignore_columns else {}
     elif params.source == "image_folder":
         raw = read_image_folder(path, params.path, tuple(params.image_size), params.image_mode)
@@ -148,15 +150,17 @@ def prepare_data(params: PrepareParams, seed: int, root: Path) -> PreparedData:
     x, y, class_names = raw
     feature_names, integer_features = raw.feature_names, raw.integer_features
     del raw
-    value_range = {"min": float(x.min()), "max": float(x.max())}
+    value_range = {"min": float(np.nanmin(x)), "max": float(np.nanmax(x))}
     index = stratified_split(y, len(class_names), params.val_fraction, params.test_fraction, seed)
     splits = {split: (x[index[split]], y[index[split]]) for split in SPLITS}
+    missing = _missing_counts(x) if params.missing_values == "median" else {}
+    fill_values = _fill_values(splits, feature_names, shown) if params.missing_values == "median" else ()
     num_samples, input_shape = len(x), [int(d) for d in x.shape[1:]]
     # Drop the full array before the statistics: fit() needs a float64 temporary of the train split.
     del x
     log_features = chosen_log_features(params.log_features, splits["train"][0], feature_names)
     preprocessing = Preprocessing.fit(splits["train"][0], len(class_names), list(class_names), log_features,
-                                      feature_names, integer_features)
+                                      feature_names, integer_features, fill_values)
     card = _card(provenance, num_samples, input_shape, value_range, class_names, splits, params, seed)
     if log_features:
         card["log_features"] = list(log_features)
@@ -164,7 +168,40 @@ def prepare_data(params: PrepareParams, seed: int, root: Path) -> PreparedData:
         card["feature_names"] = list(feature_names)
     if integer_features:
         card["integer_features"] = list(integer_features)
+    if fill_values:  # the raw data's gaps per feature, and what the train split filled them with
+        names = feature_names or tuple(f"x{i}" for i in range(len(fill_values)))
+        card["missing_values"] = {"filled_with": "train-split median",
+                                  "counts": {names[i]: n for i, n in missing.items()},
+                                  "fill_values": {names[i]: fill_values[i] for i in missing}}
     return PreparedData(splits=splits, preprocessing=preprocessing, card=card)
+
+
+def _missing_counts(x: np.ndarray) -> dict[int, int]:
+    """``{feature index: missing values}`` of rows ``x``, for the features that have any."""
+    counts = np.isnan(x).sum(axis=0) if x.ndim == 2 else np.zeros(0)
+    return {i: int(n) for i, n in enumerate(counts) if n}
+
+
+def _fill_values(splits: dict[str, tuple[np.ndarray, np.ndarray]], feature_names: tuple[str, ...],
+                 shown: str) -> tuple[float, ...]:
+    """Each feature's median on the train split, its missing values left out; every split's
+    missing values (NaN) become it, in place. Refused: images, and a feature the train split
+    has no value of (nothing to learn a fill value from)."""
+    x_train = splits["train"][0]
+    if x_train.ndim != 2:
+        raise DataError(f"params.yaml: prepare.missing_values: median: the data is not rows of features (input shape "
+                        f"{tuple(x_train.shape[1:])}); only rows have missing values to fill (refuse)")
+    present = (~np.isnan(x_train)).sum(axis=0)
+    for i in np.flatnonzero(present == 0):
+        name = feature_names[i] if feature_names else f"x{i}"
+        raise DataError(f"{shown}: feature {name!r} has no value in the train split; leave it out "
+                        "(prepare.csv_ignore_columns) or give it values")
+    medians = np.nanmedian(x_train.astype(np.float64), axis=0)
+    for x, _ in splits.values():
+        gaps = np.isnan(x)
+        if gaps.any():
+            x[gaps] = np.broadcast_to(medians.astype(np.float32), x.shape)[gaps]
+    return tuple(float(v) for v in medians)
 
 
 # A feature is heavy-tailed (amounts, counts) where its train-split values are non-negative and
@@ -212,6 +249,17 @@ def chosen_log_features(setting: str | list[int | str], x_train: np.ndarray,
                             f"{features} features (0..{features - 1})")
         indices.append(entry)
     return tuple(sorted(set(indices)))
+
+
+def missing_line(missing: dict[str, Any], rows: int, shown: int = 8) -> str:
+    """``income 120 of 3000 (4.0%) -> 51234.5, ...`` (the card's ``missing_values``): each
+    feature's gaps and its fill value; ``none in the data`` (a request's are still filled)."""
+    counts = missing["counts"]
+    if not counts:
+        return "none in the data (a request's missing values are still filled)"
+    parts = [f"{name} {n} of {rows} ({100 * n / rows:.1f}%) -> {missing['fill_values'][name]:g}"
+             for name, n in list(counts.items())[:shown]]
+    return ", ".join(parts) + (f", ... ({len(counts)} features)" if len(counts) > shown else "")
 
 
 def feature_list(indices: tuple[int, ...], names: tuple[str, ...] = (), shown: int = 12) -> str:
@@ -418,6 +466,9 @@ def main(argv: list[str] | None = None) -> int:
         logger.info("%s", classes)
     if ignored := card.get("ignored_columns"):
         logger.info("columns left out (prepare.csv_ignore_columns): %s", ", ".join(ignored))
+    if missing := card.get("missing_values"):
+        logger.info("missing values filled with the train split's median (prepare.missing_values median): %s",
+                    missing_line(missing, card["num_samples"]))
     if logged := prepared.preprocessing.log_features:
         logger.info("log(1 + x) before standardizing (prepare.log_features %s): %s",
                     params.prepare.log_features, feature_list(logged, prepared.preprocessing.feature_names))

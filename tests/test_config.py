@@ -48,6 +48,8 @@ def test_invalid_params(path: Path) -> None:
         ("train.epochs", "expected key=value"),
         ("prepare.log_features=log", r"prepare.log_features: expected none, auto or a list of feature indices >= 0 "
                                      r"or column names such as \[0, 3\] or \[amount, visits\], got 'log'$"),
+        ("prepare.missing_values=median", r"prepare: missing_values median: source 'digits' gives images, not rows "
+                                           r"of features; only rows have missing values to fill \(refuse\)$"),
         ("prepare.csv_ignore_columns=[id]", r"prepare: csv_ignore_columns \['id'\]: source 'digits' has no columns "
                                             r"to leave out; only csv reads it$"),
         ("prepare.log_features=[-1]", r"prepare.log_features: expected .*, got \[-1\]$"),

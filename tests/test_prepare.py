@@ -212,6 +212,56 @@ def test_a_csv_names_its_features_by_header_and_log_features_by_name(
         chosen_log_features(["amount"], x)
 
 
+def test_missing_values_become_the_train_split_median(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mlflow_uri: str, caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import logging
+
+    from tasks.prepare import stratified_split
+    from tasks.sources import read_csv
+
+    rows = [r[:3] for r in tabular_rows(per_class=20)]
+    for i in range(0, 60, 7):
+        rows[i][0] = ""  # nine gaps in 'a'
+    rows[5][1] = "NA"
+    root = make_project(tmp_path / "project", {"source": "csv", "path": "data/raw/iris.csv",
+                                               "csv_label_column": "species"})
+    write_csv(root / "data" / "raw" / "iris.csv", rows, ["a", "b", "species"])
+    monkeypatch.setenv("SLIMFLOW_ROOT", str(root))
+    caplog.set_level(logging.INFO)
+    # By default a gap is refused, naming its place and the setting; nothing is written.
+    assert main([]) == 2
+    assert capsys.readouterr().err == ("error: prepare: data/raw/iris.csv: line 2, column 'a': a missing value (''); "
+                                       "prepare.missing_values=median fills missing values with the train split's median\n")
+    assert not (root / "data" / "prepared").exists()
+
+    caplog.clear()
+    assert main(["--set", "prepare.missing_values=median"]) == 0
+    out = root / "data" / "prepared"
+    raw = read_csv(root / "data" / "raw" / "iris.csv", "iris.csv", "species", missing=True)
+    train = stratified_split(raw.y, 3, 0.15, 0.25, 42)["train"]
+    medians = np.nanmedian(raw.x[train].astype(np.float64), axis=0)  # the train split's, its gaps left out
+    preprocessing = load_preprocessing(out)
+    np.testing.assert_allclose(preprocessing.fill_values, medians)
+    for split in SPLITS:  # every split's gaps filled: nothing downstream sees a NaN
+        assert not np.isnan(np.load(out / f"{split}_x.npy")).any()
+    card = json.loads((out / "card.json").read_text())
+    assert card["missing_values"]["counts"] == {"a": 9, "b": 1}
+    assert card["missing_values"]["fill_values"]["a"] == pytest.approx(medians[0])
+    assert f"prepare.missing_values median): a 9 of 60 (15.0%) -> {medians[0]:g}, b 1 of 60" in caplog.text
+    # The registered model's preprocessing fills a raw request's gaps the same way.
+    request = np.array([[np.nan, 0.5], [0.25, np.nan]], np.float32)
+    filled = np.array([[medians[0], 0.5], [0.25, medians[1]]], np.float32)
+    np.testing.assert_allclose(preprocessing.apply(request), preprocessing.apply(filled), rtol=1e-6)
+
+    rows = [[r[0], "", r[2]] for r in rows]  # 'b' has no value at all: nothing to fill it with
+    write_csv(root / "data" / "raw" / "iris.csv", rows, ["a", "b", "species"])
+    with pytest.raises(DataError, match=r"^data/raw/iris.csv: feature 'b' has no value in the train split; leave it "
+                                        r"out \(prepare.csv_ignore_columns\) or give it values$"):
+        prepare_data(csv_params(missing_values="median"), 42, root)
+
+
 def test_prepare_image_sources(tmp_path: Path) -> None:
     images, labels = sample_images()
     write_idx(tmp_path / "data/raw/img.idx.gz", images, gz=True)
@@ -344,7 +394,8 @@ BAD_DATA: dict[str, tuple[Callable[[Path], dict], str]] = {
     "truncated idx": (_truncated_idx, r"data/raw/img.idx: truncated: .*expected 916 bytes .*found 100"),
     "wrong magic": (_wrong_magic, r"data/raw/img.idx: not an IDX image file: magic number 0x00000802"),
     "count mismatch": (_count_mismatch, r"data/raw/lbl.idx.gz: has 20 labels but data/raw/img.idx.gz has 30 images"),
-    "nan in csv": (_nan_csv, r"data/raw/t.csv: line 6, column 'b': 'NaN' is not a finite number"),
+    "nan in csv": (_nan_csv, r"data/raw/t.csv: line 6, column 'b': a missing value \('NaN'\); "
+                             r"prepare.missing_values=median fills"),
     "no label column": (_no_label_column, r"data/raw/t.csv: no label column 'label'"),
     "unreadable image": (_bad_image, r"data/raw/pets/owl/03.png: cannot read image"),
     "single class": (_single_class, r"data/raw/d.npz: all 30 samples belong to one class \('0'\)"),

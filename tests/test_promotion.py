@@ -180,6 +180,21 @@ def test_a_csv_model_takes_its_columns_by_name(tmp_path: Path, monkeypatch: pyte
     assert list(model.unwrap_python_model().predict(None, shuffled)) == list(predicted)
     with pytest.raises(MlflowException, match="visits"):
         model.predict(test.drop(columns=["visits"]))
+    # A gap (NaN in a double column passes MLflow's schema): refused where the data was
+    # prepared with missing_values refuse, filled with the train median where it was with median.
+    gappy = test.astype({"income": np.float64}).copy()
+    gappy.loc[3, "income"] = np.nan
+    with pytest.raises(MlflowException, match=r"row 3, column 'income': a missing value \(NaN\); this model fills "
+                                              r"none \(its data was prepared with prepare.missing_values refuse\)"):
+        model.predict(gappy)
+    import dataclasses
+
+    classifier = model.unwrap_python_model()
+    fills = tuple(float(v) for v in np.median(x[:300], axis=0))
+    classifier._preprocessing = dataclasses.replace(classifier._preprocessing, fill_values=fills)
+    expected = test.copy()
+    expected.loc[3, "income"] = fills[1]
+    assert list(model.predict(gappy)) == list(model.predict(expected))
 
     # The contract names the columns: another header of as many columns is another input.
     named = input_schema(preprocessing)

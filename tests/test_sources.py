@@ -123,6 +123,34 @@ def test_csv_header_problems_are_named(tmp_path: Path, header: list[str], ignore
         read_csv(path, "t.csv", "label", ignored)
 
 
+def test_csv_and_npz_missing_values_are_refused_or_read_as_nan(tmp_path: Path) -> None:
+    # pandas reads these cells as missing, so a model's clients hold NaN there: refused by
+    # default (naming line and column), NaN with missing=True; an infinity is refused either way.
+    rows = [["1", "", "a"], ["2", "NA", "b"], ["3", "4", "a"], [" null ", "5", "b"], ["5", "6", "a"]]
+    path = write_csv(tmp_path / "m.csv", rows, ["f1", "f2", "label"])
+    with pytest.raises(DataError, match=r"^m.csv: line 2, column 'f2': a missing value \(''\); "
+                                        r"prepare.missing_values=median fills missing values with the train split's median$"):
+        read_csv(path, "m.csv", "label")
+    raw = read_csv(path, "m.csv", "label", missing=True)
+    assert np.isnan(raw.x[[0, 1], 1]).all() and np.isnan(raw.x[3, 0]) and raw.x[2, 1] == 4
+    assert raw.integer_features == ()  # a column with gaps is float64 in pandas too
+    path = write_csv(tmp_path / "i.csv", [*rows, ["inf", "1", "b"]], ["f1", "f2", "label"])
+    with pytest.raises(DataError, match=r"line 7, column 'f1': 'inf' is not a finite number$"):
+        read_csv(path, "i.csv", "label", missing=True)
+
+    x = np.arange(12.0).reshape(6, 2)
+    x[2, 1] = np.nan
+    np.savez(tmp_path / "m.npz", x=x, y=np.arange(6) % 2)
+    with pytest.raises(DataError, match=r"array 'x' has a non-finite value \(nan\) at index \[2, 1\] "
+                                        r"\(prepare.missing_values=median fills"):
+        read_npz(tmp_path / "m.npz", "m.npz", "x", "y")
+    assert np.isnan(read_npz(tmp_path / "m.npz", "m.npz", "x", "y", missing=True).x[2, 1])
+    x[2, 1] = np.inf
+    np.savez(tmp_path / "inf.npz", x=x, y=np.arange(6) % 2)
+    with pytest.raises(DataError, match=r"non-finite value \(inf\) at index \[2, 1\]$"):
+        read_npz(tmp_path / "inf.npz", "inf.npz", "x", "y", missing=True)
+
+
 LABELS_THAT_ARE_NOT_INDICES = {  # label column -> the class names it gives, in index order
     "1..3 (UCI style)": ([1, 2, 3], ("1", "2", "3")),
     "-1/1 (libsvm style)": ([-1, 1], ("-1", "1")),
@@ -272,7 +300,8 @@ def test_missing_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "rows,message",
     [
-        ([["1.0", "nan", "a"]], r"line 3, column 'f2': 'nan' is not a finite number"),
+        ([["1.0", "nan", "a"]], r"line 3, column 'f2': a missing value \('nan'\); prepare.missing_values=median "
+                                r"fills missing values with the train split's median$"),
         ([["1.0", "inf", "a"]], r"line 3, column 'f2': 'inf' is not a finite number"),
         ([["x1", "2", "a"]], r"line 3, column 'f1': not a number: 'x1' \(every column but the label is a numeric "
                              r"feature; prepare.csv_ignore_columns leaves one out\)$"),
@@ -302,7 +331,8 @@ def test_npz_bad_content(tmp_path: Path) -> None:
         read_npz(tmp_path / "a.npz", "a.npz", "x", "y")
     x[7, 2] = np.nan
     np.savez(tmp_path / "b.npz", x=x, y=np.arange(30) % 3)
-    with pytest.raises(DataError, match=r"^b.npz: array 'x' has a non-finite value \(nan\) at index \[7, 2\]$"):
+    with pytest.raises(DataError, match=r"^b.npz: array 'x' has a non-finite value \(nan\) at index \[7, 2\] "
+                                        r"\(prepare.missing_values=median fills missing values with the train split's median\)$"):
         read_npz(tmp_path / "b.npz", "b.npz", "x", "y")
     np.savez(tmp_path / "c.npz", x=np.ones((30, 2, 2, 2, 2)), y=np.arange(30) % 3)
     with pytest.raises(DataError, match=r"c.npz: array 'x' has shape \(30, 2, 2, 2, 2\)"):

@@ -102,6 +102,10 @@ class PrepareParams(_Strict):
     # non-negative features skewed beyond 2 on the train split: amounts, counts) | a list of
     # feature indices, e.g. [0, 3] (the model's columns x0, x3), or a CSV's column names.
     log_features: Literal["none", "auto"] | list[Annotated[int, Field(ge=0)] | str] = "none"
+    # Rows of features: a missing value (an empty cell, NA, NaN, null: what pandas reads as
+    # missing) is refused, naming its line and column (refuse), or becomes its feature's
+    # median on the train split (median; the registered model fills a request's gaps alike).
+    missing_values: Literal["refuse", "median"] = "refuse"
     val_fraction: Fraction = 0.15
     test_fraction: Fraction = 0.25
 
@@ -128,6 +132,9 @@ class PrepareParams(_Strict):
         if self.csv_ignore_columns and self.source != "csv":
             raise ValueError(f"csv_ignore_columns {self.csv_ignore_columns}: source {self.source!r} has no columns to "
                              "leave out; only csv reads it")
+        if self.missing_values == "median" and (gives := _GIVES_NO_ROWS.get(self.source)):
+            raise ValueError(f"missing_values median: source {self.source!r} gives {gives}, not rows of features; "
+                             "only rows have missing values to fill (refuse)")
         if isinstance(self.log_features, list) and (gives := _GIVES_NO_ROWS.get(self.source)):
             raise ValueError(f"log_features {self.log_features}: source {self.source!r} gives {gives}, not rows of "
                              "features; only rows have features to log (none or auto)")

@@ -126,7 +126,20 @@ class SlimflowClassifier(mlflow.pyfunc.PythonModel):
                 f"input of shape {tuple(x.shape)} does not match the expected shape (-1, "
                 + ", ".join(str(d) for d in expected) + ") (raw values, float32, shaped: (N, *input_shape))"
             )
+        if not self._preprocessing.fill_values and np.isnan(x).any():
+            raise _invalid(_missing_message(x, self._preprocessing))
         return np.asarray(self._model.predict(self._preprocessing.apply(x))).argmax(axis=1).astype(np.int64)
+
+
+def _missing_message(x: np.ndarray, preprocessing: Any) -> str:
+    """Where the first missing value (NaN) of a request is, for a model that fills none."""
+    from tasks.evaluation.signature import column_names, is_tabular
+
+    at = [int(i) for i in np.argwhere(np.isnan(x))[0]]
+    where = (f"row {at[0]}, column {column_names(preprocessing)[at[1]]!r}" if is_tabular(preprocessing)
+             else f"index {at}")
+    return (f"{where}: a missing value (NaN); this model fills none (its data was prepared with "
+            "prepare.missing_values refuse): send a value")
 
 
 def pip_requirements(manifest: Mapping[str, Any]) -> list[str]:

@@ -68,16 +68,26 @@ def require_file(path: Path, shown: str) -> None:
         raise DataError(f"{shown}: file is not readable (permission denied)")
 
 
-def require_finite(x: np.ndarray, shown: str, what: str) -> None:
-    """Raise on the first NaN/inf; chunked so a large array needs no full-size bool copy."""
+# What pandas reads as a missing value by default (``read_csv``'s ``na_values``), so a model
+# reads a CSV's gaps as its clients' DataFrames of the same file hold them.
+MISSING_MARKERS = frozenset({"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN",
+                             "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"})
+MISSING_HINT = "prepare.missing_values=median fills missing values with the train split's median"
+
+
+def require_finite(x: np.ndarray, shown: str, what: str, missing: bool = False) -> None:
+    """Raise on the first NaN/inf (``missing``: on the first inf, NaN is a missing value);
+    chunked so a large array needs no full-size bool copy."""
     rows = max(1, (1 << 22) // max(1, int(np.prod(x.shape[1:], dtype=np.int64))))
     for start in range(0, len(x), rows):
         block = x[start : start + rows]
-        if not np.isfinite(block).all():
-            where = np.argwhere(~np.isfinite(block))[0]
+        bad = np.isinf(block) if missing else ~np.isfinite(block)
+        if bad.any():
+            where = np.argwhere(bad)[0]
             index = (start + int(where[0]), *(int(i) for i in where[1:]))
             value = block[tuple(where)]
-            raise DataError(f"{shown}: {what} has a non-finite value ({value}) at index {list(index)}")
+            hint = f" ({MISSING_HINT})" if np.isnan(value) and x.ndim == 2 else ""  # rows of features only
+            raise DataError(f"{shown}: {what} has a non-finite value ({value}) at index {list(index)}{hint}")
 
 
 def integer_labels(labels: np.ndarray, shown: str, what: str) -> tuple[np.ndarray, tuple[str, ...]]:
@@ -123,8 +133,10 @@ def string_labels(labels: np.ndarray) -> tuple[np.ndarray, tuple[str, ...]]:
     return y.astype(np.int64).ravel(), tuple(str(n) for n in names)
 
 
-def check_dataset(raw: RawData, shown: str, check_finite: bool = True, labels_shown: str | None = None) -> RawData:
-    """Checks every reader's result: dtypes, shapes, counts, finite values, label range, >= 2 classes.
+def check_dataset(raw: RawData, shown: str, check_finite: bool = True, labels_shown: str | None = None,
+                  missing: bool = False) -> RawData:
+    """Checks every reader's result: dtypes, shapes, counts, finite values (``missing``: NaN
+    is a missing value, allowed), label range, >= 2 classes.
 
     ``labels_shown`` names the label file in label messages where labels have a file of their own.
     """
@@ -140,7 +152,7 @@ def check_dataset(raw: RawData, shown: str, check_finite: bool = True, labels_sh
     if min(x.shape[1:]) == 0:
         raise DataError(f"{shown}: inputs have an empty dimension: shape {x.shape}")
     if check_finite:
-        require_finite(x, shown, "inputs")
+        require_finite(x, shown, "inputs", missing)
     labels_shown = labels_shown or shown
     if y.min() < 0 or y.max() >= len(names):
         i = int(np.flatnonzero((y < 0) | (y >= len(names)))[0])

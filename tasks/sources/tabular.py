@@ -13,15 +13,17 @@ from pathlib import Path
 import numpy as np
 
 from tasks.sources.common import (
-    DataError, RawData, check_dataset, column_labels, csv_records, integer_labels, require_file, require_finite, string_labels,
+    MISSING_HINT, MISSING_MARKERS, DataError, RawData, check_dataset, column_labels, csv_records, integer_labels,
+    require_file, require_finite, string_labels,
 )
 
 
 _INTEGER = re.compile(r"\s*[+-]?\d+\s*")  # a value written as an integer (pandas: int64)
 
 
-def read_npz(path: Path, shown: str, inputs: str, labels: str) -> RawData:
-    """NPZ arrays: 2-D inputs are tabular, 3-D become (N, 1, H, W), 4-D NCHW stay as they are."""
+def read_npz(path: Path, shown: str, inputs: str, labels: str, missing: bool = False) -> RawData:
+    """NPZ arrays: 2-D inputs are tabular, 3-D become (N, 1, H, W), 4-D NCHW stay as they are.
+    ``missing``: NaN in rows of features is a missing value (the prepare stage fills it)."""
     require_file(path, shown)
     try:
         archive = np.load(path, allow_pickle=False)
@@ -43,7 +45,7 @@ def read_npz(path: Path, shown: str, inputs: str, labels: str) -> RawData:
     if x_raw.dtype.kind not in "biuf":
         raise DataError(f"{shown}: array {inputs!r} has dtype {x_raw.dtype}; expected numbers")
     if x_raw.dtype.kind == "f" and x_raw.ndim >= 1:
-        require_finite(x_raw, shown, f"array {inputs!r}")  # before reshaping: the index is the file's
+        require_finite(x_raw, shown, f"array {inputs!r}", missing and x_raw.ndim == 2)  # the index is the file's
     if x_raw.ndim == 3:
         x_raw = x_raw[:, None, :, :]
     elif x_raw.ndim not in (2, 4):
@@ -65,7 +67,8 @@ def read_npz(path: Path, shown: str, inputs: str, labels: str) -> RawData:
     x = np.ascontiguousarray(x_raw, dtype=np.float32)
     # Checked again only where the conversion can overflow: float64 beyond float32's range -> inf.
     overflow = x_raw.dtype.kind == "f" and x_raw.dtype.itemsize > 4
-    return check_dataset(RawData(x, y, class_names, integer_features=integer_features), shown, check_finite=overflow)
+    return check_dataset(RawData(x, y, class_names, integer_features=integer_features), shown, check_finite=overflow,
+                         missing=missing and x.ndim == 2)
 
 
 def npz_input_shape(path: Path, inputs: str) -> tuple[int, ...] | None:
@@ -83,10 +86,12 @@ def npz_input_shape(path: Path, inputs: str) -> tuple[int, ...] | None:
     return {2: shape[1:], 3: (1, *shape[1:]), 4: shape[1:]}.get(len(shape))
 
 
-def read_csv(path: Path, shown: str, label_column: str, ignore_columns: Sequence[str] = ()) -> RawData:
+def read_csv(path: Path, shown: str, label_column: str, ignore_columns: Sequence[str] = (),
+             missing: bool = False) -> RawData:
     """A CSV with a header row: every column but ``label_column`` and ``ignore_columns`` (an
     id, a free-text note) is a numeric feature, named as in the header (the registered
-    model's column names).
+    model's column names). An empty cell or ``NA``, ``NaN``, ``null``... (what pandas reads as
+    missing: :data:`MISSING_MARKERS`) is a missing value: NaN with ``missing``, else refused.
 
     Labels that are exactly the integers 0..K-1 are class indices (names '0'..'K-1'); other
     integers (1..K, -1/1) are class names in numeric order; any other labels are class names,
@@ -110,7 +115,7 @@ def read_csv(path: Path, shown: str, label_column: str, ignore_columns: Sequence
                 if not label:
                     raise DataError(f"{shown}: line {line}, column {label_column!r}: empty label")
                 values = [fields[i] for i in features]
-                rows.append(_parse_floats(values, feature_names, shown, line))
+                rows.append(_parse_floats(values, feature_names, shown, line, missing))
                 labels.append(label)
                 integers.difference_update([j for j in integers if not _INTEGER.fullmatch(values[j])])
     except DataError:
@@ -123,7 +128,7 @@ def read_csv(path: Path, shown: str, label_column: str, ignore_columns: Sequence
         raise DataError(f"{shown}: header only; no data rows")
     y, class_names = column_labels(labels)
     x = np.array(rows, dtype=np.float32)
-    return check_dataset(RawData(x, y, class_names, feature_names, tuple(sorted(integers))), shown)
+    return check_dataset(RawData(x, y, class_names, feature_names, tuple(sorted(integers))), shown, missing=missing)
 
 
 def _feature_columns(header: list[str], label_column: str, ignore_columns: Sequence[str],
@@ -158,15 +163,22 @@ def _feature_columns(header: list[str], label_column: str, ignore_columns: Seque
     return label_at, features
 
 
-def _parse_floats(fields: list[str], names: Sequence[str], shown: str, line: int) -> list[float]:
+def _parse_floats(fields: list[str], names: Sequence[str], shown: str, line: int, missing: bool) -> list[float]:
     try:
         values = [float(f) for f in fields]
         if all(math.isfinite(v) for v in values):
             return values
     except ValueError:
         pass
-    # Slow path only on a bad row: find the column to name.
+    # Slow path only on a row with a gap or a bad value: fill the gaps, or find the column to name.
+    values = []
     for name, field in zip(names, fields):
+        if field.strip() in MISSING_MARKERS:
+            if not missing:
+                raise DataError(f"{shown}: line {line}, column {name!r}: a missing value ({field.strip()!r}); "
+                                f"{MISSING_HINT}")
+            values.append(math.nan)
+            continue
         try:
             value = float(field)
         except ValueError:
@@ -174,4 +186,5 @@ def _parse_floats(fields: list[str], names: Sequence[str], shown: str, line: int
                             "but the label is a numeric feature; prepare.csv_ignore_columns leaves one out)") from None
         if not math.isfinite(value):
             raise DataError(f"{shown}: line {line}, column {name!r}: {field.strip()!r} is not a finite number")
-    raise AssertionError("unreachable")
+        values.append(value)
+    return values
