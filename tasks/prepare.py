@@ -100,7 +100,8 @@ def read_raw(params: PrepareParams, root: Path) -> tuple[RawData | RawText, dict
     elif params.source == "csv":
         raw = read_csv(path, params.path, params.csv_label_column, params.csv_ignore_columns,
                        params.missing_values == "median")
-        extra = {"ignored_columns": list(params.csv_ignore_columns)} if params.csv_ignore_columns else {}
+        extra = {"label_column": params.csv_label_column,
+                 **({"ignored_columns": list(params.csv_ignore_columns)} if params.csv_ignore_columns else {})}
     elif params.source == "image_folder":
         raw = read_image_folder(path, params.path, tuple(params.image_size), params.image_mode)
         extra = {"image_mode": params.image_mode, "image_size": list(params.image_size)}
@@ -384,7 +385,7 @@ def log_prepared(prepared: PreparedData) -> None:
     with warnings.catch_warnings():
         # A relative path matches MLflow's "local" source twice (a duplicate registration); harmless.
         warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
-        dataset = mlflow.data.from_numpy(x_train, targets=y_train, source=source, name=name, digest=prepared.digest)
+        dataset = _training_dataset(prepared, source, name)
     mlflow.log_input(dataset, context="training")
     mlflow.log_dict(prepared.card, "data_card.json")
     mlflow.log_text(prepared.preprocessing.to_json(), "preprocess.json")
@@ -398,6 +399,26 @@ def log_prepared(prepared: PreparedData) -> None:
             **{f"num_{split}": sizes[split] for split in SPLITS},
         }
     )
+
+
+def _training_dataset(prepared: PreparedData, source: str, name: str) -> Any:
+    """The train split as an MLflow dataset: rows whose file names its columns as a table of
+    those columns (integer ones int64) and the label's class names, so the run's Datasets
+    panel shows the columns the registered model takes; anything else as arrays."""
+    import mlflow
+
+    x_train, y_train = prepared.splits["train"]
+    preprocessing = prepared.preprocessing
+    if not preprocessing.feature_names:
+        return mlflow.data.from_numpy(x_train, targets=y_train, source=source, name=name, digest=prepared.digest)
+    import pandas as pd
+
+    frame = pd.DataFrame(x_train, columns=list(preprocessing.feature_names))
+    names = preprocessing.feature_names
+    frame = frame.astype({names[i]: "int64" for i in preprocessing.integer_features})
+    label = prepared.card.get("label_column") or "label"
+    frame[label] = np.asarray(preprocessing.class_names, dtype=object)[y_train]
+    return mlflow.data.from_pandas(frame, targets=label, source=source, name=name, digest=prepared.digest)
 
 
 @cache

@@ -467,6 +467,10 @@ def test_cli_logs_dataset_digest_to_mlflow(tmp_path: Path, monkeypatch: pytest.M
     assert dataset_input.dataset.digest == expected
     assert json.loads(dataset_input.dataset.source) == {"uri": "data/raw/iris.csv"}
     assert {t.key: t.value for t in dataset_input.tags}["mlflow.data.context"] == "training"
+    # A CSV's train split is a table of its columns (what the MLflow UI's Datasets panel shows).
+    schema = json.loads(dataset_input.dataset.schema)["mlflow_colspec"]
+    assert [(c["name"], c["type"]) for c in schema] == [("a", "float"), ("b", "float"), ("species", "string")]
+    assert json.loads(dataset_input.dataset.profile)["num_rows"] == 21
     assert run.data.metrics["num_samples"] == 30 and run.data.metrics["num_train"] == 21
     card = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/data_card.json")
     assert card == json.loads((root / "data" / "prepared" / "card.json").read_text())
