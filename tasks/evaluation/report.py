@@ -133,8 +133,9 @@ def _champion_section(promotion: Any) -> list[str]:
     if promotion.version:
         lines.append(
             f"**@champion of `{name}` after this run: version {promotion.version}** ({promotion.champion}). "
-            f"Load it with `mlflow.pyfunc.load_model(\"models:/{name}@champion\")` (raw, shaped inputs; "
-            "returns class indices). The evidence is in `promotion.json`."
+            f"Load it with `mlflow.pyfunc.load_model(\"models:/{name}@champion\")` (raw inputs as its signature "
+            "says: images shaped, rows of features as a DataFrame of its named columns; returns class indices, or "
+            "their names with `params={\"output\": \"name\"}`). The evidence is in `promotion.json`."
         )
     else:
         lines.append(f"**@champion of `{name}` after this run: none** (no version holds the alias).")
