@@ -5,7 +5,10 @@ raw values, shape ``(N, *input_shape)``) and ``{split}_y.npy`` (int64 class indi
 plus ``preprocess.json`` (input shape, classes and the normalization statistics
 computed on the train split only) and ``card.json`` (the data card). Text data stores
 token ids ``(N, max_length)`` in ``{split}_x.npy`` (float32, exact; 0 pads), is not
-normalized, and adds ``tokenizer.json`` (trained on the train split only). ``.npy`` files are
+normalized, and adds ``tokenizer.json`` (trained on the train split only). Rows with
+categorical columns store each as its 0/1 features (:class:`CategoricalColumn`);
+:func:`encode_table` / :func:`decode_table` go between a table of the raw columns and
+those features. ``.npy`` files are
 written with ``np.save``, which is byte-deterministic, so DVC hashes never drift.
 """
 
@@ -14,9 +17,11 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from tasks.core.categories import CategoricalColumn, category_text
 
 if TYPE_CHECKING:  # the data module stays free of pydantic for the processes that only read data
     from models.spec import ModelSpec
@@ -63,6 +68,16 @@ class Preprocessing:
     # tabular, prepare.missing_values median: per feature, the train split's median, which a
     # missing value (NaN) becomes before anything else; empty: missing values are refused
     fill_values: tuple[float, ...] = ()
+    # tabular data with categorical columns: the raw columns in order (the registered model's
+    # inputs), and those of categories; the model's features are then feature_names
+    columns: tuple[str, ...] = ()
+    categorical: tuple[CategoricalColumn, ...] = ()
+
+    @property
+    def raw_columns(self) -> tuple[str, ...]:
+        """The columns a tabular model takes: the raw columns, which without categorical ones
+        are its features."""
+        return self.columns or self.feature_names
 
     @property
     def is_image(self) -> bool:
@@ -128,7 +143,8 @@ class Preprocessing:
         data = asdict(self)
         if data["vocab_size"] is None:  # image / tabular files stay as they were
             del data["vocab_size"]
-        for key in ("log_features", "feature_names", "integer_features", "fill_values"):  # ...and those without them
+        for key in ("log_features", "feature_names", "integer_features", "fill_values", "columns",
+                    "categorical"):  # ...and those without them
             if not data[key]:
                 del data[key]
         return json.dumps(data, indent=2, sort_keys=True) + "\n"
@@ -147,7 +163,57 @@ class Preprocessing:
             feature_names=tuple(str(name) for name in data.get("feature_names", ())),
             integer_features=tuple(int(i) for i in data.get("integer_features", ())),
             fill_values=tuple(float(v) for v in data.get("fill_values", ())),
+            columns=tuple(str(name) for name in data.get("columns", ())),
+            categorical=tuple(CategoricalColumn(str(c["name"]), tuple(str(v) for v in c["values"]),
+                                                str(c.get("dtype", "string"))) for c in data.get("categorical", ())),
         )
+
+
+def encode_table(preprocessing: Preprocessing, frame: Any) -> np.ndarray:
+    """A table of the raw columns (a DataFrame, taken by name) -> the model's features, float32:
+    a number column as it is (a gap: NaN), a categorical column as its 0/1 features."""
+    import pandas as pd
+
+    categorical = {column.name: column for column in preprocessing.categorical}
+    parts = []
+    for name in preprocessing.raw_columns:
+        values = frame[name]
+        if name in categorical:
+            index = {value: i for i, value in enumerate(categorical[name].values)}
+            codes = np.array([index.get(category_text(v), -1) for v in values.tolist()], dtype=np.int64)
+            parts.append(codes[:, None] == np.arange(len(index))[None, :])
+        else:
+            parts.append(pd.to_numeric(values, errors="raise").to_numpy(dtype=np.float64, na_value=np.nan)[:, None])
+    return np.hstack(parts).astype(np.float32) if parts else np.zeros((len(frame), 0), np.float32)
+
+
+def decode_table(preprocessing: Preprocessing, x: np.ndarray) -> Any:
+    """Model features ``x`` (rows of prepared data) -> the raw columns a client sends, each
+    typed as the signature says: the inverse of :func:`encode_table` (a row with no category
+    set gets a gap, None)."""
+    import pandas as pd
+
+    categorical = {column.name: column for column in preprocessing.categorical}
+    names = list(preprocessing.feature_names) or [f"x{i}" for i in range(x.shape[1])]
+    longs = {names[i] for i in preprocessing.integer_features}
+    data: dict[str, Any] = {}
+    at = 0
+    for name in preprocessing.raw_columns or names:
+        if name in categorical:
+            column = categorical[name]
+            group = np.asarray(x[:, at : at + len(column.values)])
+            picked = [column.values[i] if group[row, i] > 0.5 else None for row, i in enumerate(group.argmax(axis=1))]
+            if column.dtype == "string":
+                data[name] = pd.Series(picked, dtype=object)
+            else:
+                numbers = pd.Series([float(v) if v is not None else np.nan for v in picked], dtype=np.float64)
+                data[name] = numbers.astype(np.int64) if column.dtype == "long" else numbers
+            at += len(column.values)
+        else:
+            values = pd.Series(np.asarray(x[:, at], dtype=np.float64))
+            data[name] = values.astype(np.int64) if name in longs else values
+            at += 1
+    return pd.DataFrame(data)
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ if __name__ == "__main__":
 
     run_stage_forked("tasks.prepare", light=True)  # numpy and MLflow: it runs while the server loads
 
+import dataclasses
 import json
 import logging
 import math
@@ -29,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tasks.data import SPLITS, Preprocessing
+from tasks.data import SPLITS, CategoricalColumn, Preprocessing
 from tasks.core.classification import index_names
 from tasks.core.config import BUILTIN_SOURCES
 from tasks.core.errors import disk_full_message, report_stage_error, stage_main
@@ -99,7 +100,7 @@ def read_raw(params: PrepareParams, root: Path) -> tuple[RawData | RawText, dict
         raw, extra = read_npz(path, params.path, params.npz_inputs, params.npz_labels, missing), {}
     elif params.source == "csv":
         raw = read_csv(path, params.path, params.csv_label_column, params.csv_ignore_columns,
-                       params.missing_values == "median")
+                       params.missing_values == "median", params.csv_categorical_columns)
         extra = {"label_column": params.csv_label_column,
                  **({"ignored_columns": list(params.csv_ignore_columns)} if params.csv_ignore_columns else {})}
     elif params.source == "image_folder":
@@ -150,6 +151,7 @@ def prepare_data(params: PrepareParams, seed: int, root: Path) -> PreparedData:
         return _prepare_text(raw, provenance, params, seed)
     x, y, class_names = raw
     feature_names, integer_features = raw.feature_names, raw.integer_features
+    columns, categorical = raw.columns, raw.categorical
     del raw
     value_range = {"min": float(np.nanmin(x)), "max": float(np.nanmax(x))}
     index = stratified_split(y, len(class_names), params.val_fraction, params.test_fraction, seed)
@@ -159,9 +161,11 @@ def prepare_data(params: PrepareParams, seed: int, root: Path) -> PreparedData:
     num_samples, input_shape = len(x), [int(d) for d in x.shape[1:]]
     # Drop the full array before the statistics: fit() needs a float64 temporary of the train split.
     del x
-    log_features = chosen_log_features(params.log_features, splits["train"][0], feature_names)
+    log_features = chosen_log_features(params.log_features, splits["train"][0], feature_names, categorical)
     preprocessing = Preprocessing.fit(splits["train"][0], len(class_names), list(class_names), log_features,
                                       feature_names, integer_features, fill_values)
+    if categorical:
+        preprocessing = dataclasses.replace(preprocessing, columns=columns, categorical=categorical)
     card = _card(provenance, num_samples, input_shape, value_range, class_names, splits, params, seed)
     if log_features:
         card["log_features"] = list(log_features)
@@ -169,6 +173,9 @@ def prepare_data(params: PrepareParams, seed: int, root: Path) -> PreparedData:
         card["feature_names"] = list(feature_names)
     if integer_features:
         card["integer_features"] = list(integer_features)
+    if categorical:
+        card["columns"] = list(columns)
+        card["categorical"] = {c.name: {"dtype": c.dtype, "values": list(c.values)} for c in categorical}
     if fill_values:  # the raw data's gaps per feature, and what the train split filled them with
         names = feature_names or tuple(f"x{i}" for i in range(len(fill_values)))
         card["missing_values"] = {"filled_with": "train-split median",
@@ -211,26 +218,31 @@ def _fill_values(splits: dict[str, tuple[np.ndarray, np.ndarray]], feature_names
 HEAVY_TAIL_SKEWNESS = 2.0
 
 
-def heavy_tailed_features(x_train: np.ndarray) -> tuple[int, ...]:
-    """The features of rows ``x_train`` that are non-negative and skewed beyond :data:`HEAVY_TAIL_SKEWNESS`."""
+def heavy_tailed_features(x_train: np.ndarray, categorical: tuple[CategoricalColumn, ...] = (),
+                          feature_names: tuple[str, ...] = ()) -> tuple[int, ...]:
+    """The features of rows ``x_train`` that are non-negative and skewed beyond
+    :data:`HEAVY_TAIL_SKEWNESS`; a category's 0/1 feature is none (a rare one is skewed)."""
     if x_train.ndim != 2 or len(x_train) < 3:
         return ()
+    one_hot = {name for column in categorical for name in column.features()}
+    keep = np.array([not (feature_names and feature_names[i] in one_hot) for i in range(x_train.shape[1])])
     x = x_train.astype(np.float64)
     centred = x - x.mean(axis=0)
     std = np.sqrt((centred**2).mean(axis=0))
     skewness = (centred**3).mean(axis=0) / np.where(std > 0, std, 1.0) ** 3
-    return tuple(int(i) for i in np.flatnonzero((x.min(axis=0) >= 0) & (std > 0) & (skewness > HEAVY_TAIL_SKEWNESS)))
+    return tuple(int(i) for i in np.flatnonzero(keep & (x.min(axis=0) >= 0) & (std > 0)
+                                                & (skewness > HEAVY_TAIL_SKEWNESS)))
 
 
-def chosen_log_features(setting: str | list[int | str], x_train: np.ndarray,
-                        feature_names: tuple[str, ...] = ()) -> tuple[int, ...]:
+def chosen_log_features(setting: str | list[int | str], x_train: np.ndarray, feature_names: tuple[str, ...] = (),
+                        categorical: tuple[CategoricalColumn, ...] = ()) -> tuple[int, ...]:
     """The features ``prepare.log_features`` takes to log scale (``auto``: the heavy-tailed
     ones of rows of features; none for images); a list (indices, or the names of a CSV's
     columns) is checked against the data."""
     if setting == "none":
         return ()
     if setting == "auto":
-        return heavy_tailed_features(x_train)
+        return heavy_tailed_features(x_train, categorical, feature_names)
     if x_train.ndim != 2:
         raise DataError(f"params.yaml: prepare.log_features: {setting}: the data is not rows of features (input shape "
                         f"{tuple(x_train.shape[1:])}); only rows have features to log (none or auto)")
@@ -241,6 +253,9 @@ def chosen_log_features(setting: str | list[int | str], x_train: np.ndarray,
             if not feature_names:
                 raise DataError(f"params.yaml: prepare.log_features: {entry!r}: the data names no columns (only a CSV's "
                                 f"header does); name features by index 0..{features - 1}")
+            if entry in {column.name for column in categorical}:
+                raise DataError(f"params.yaml: prepare.log_features: {entry!r} is a categorical column "
+                                "(prepare.csv_categorical_columns): its 0/1 features have no tail to log")
             if entry not in feature_names:
                 raise DataError(f"params.yaml: prepare.log_features: no column {entry!r} (columns: "
                                 f"{', '.join(feature_names)})")
@@ -385,8 +400,10 @@ def log_prepared(prepared: PreparedData) -> None:
     with warnings.catch_warnings():
         # A relative path matches MLflow's "local" source twice (a duplicate registration); harmless.
         warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+        # MLflow's hint that int64 columns cannot hold gaps: a column with a gap is double here already.
+        warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer column")
         dataset = _training_dataset(prepared, source, name)
-    mlflow.log_input(dataset, context="training")
+        mlflow.log_input(dataset, context="training")  # MLflow infers the table's schema here
     mlflow.log_dict(prepared.card, "data_card.json")
     mlflow.log_text(prepared.preprocessing.to_json(), "preprocess.json")
     if prepared.tokenizer_json is not None:
@@ -485,6 +502,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     if (classes := class_index_line(card["class_names"])) is not None:
         logger.info("%s", classes)
+    if categorical := card.get("categorical"):
+        logger.info("categorical columns (one 0/1 feature per category; prepare.csv_categorical_columns): %s",
+                    "; ".join(f"{name} ({len(c['values'])}: {', '.join(c['values'][:6])}"
+                              + (", ..." if len(c["values"]) > 6 else "") + ")" for name, c in categorical.items()))
     if ignored := card.get("ignored_columns"):
         logger.info("columns left out (prepare.csv_ignore_columns): %s", ", ".join(ignored))
     if missing := card.get("missing_values"):
@@ -493,7 +514,8 @@ def main(argv: list[str] | None = None) -> int:
     if logged := prepared.preprocessing.log_features:
         logger.info("log(1 + x) before standardizing (prepare.log_features %s): %s",
                     params.prepare.log_features, feature_list(logged, prepared.preprocessing.feature_names))
-    elif params.prepare.log_features == "none" and (heavy := heavy_tailed_features(prepared.splits["train"][0])):
+    elif params.prepare.log_features == "none" and (heavy := heavy_tailed_features(
+            prepared.splits["train"][0], prepared.preprocessing.categorical, prepared.preprocessing.feature_names)):
         logger.info("heavy-tailed features (non-negative, skewness above %g on the train split): %s; "
                     "prepare.log_features=auto takes them to log(1 + x) before standardizing",
                     HEAVY_TAIL_SKEWNESS, feature_list(heavy, prepared.preprocessing.feature_names))

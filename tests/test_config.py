@@ -50,8 +50,10 @@ def test_invalid_params(path: Path) -> None:
                                      r"or column names such as \[0, 3\] or \[amount, visits\], got 'log'$"),
         ("prepare.missing_values=median", r"prepare: missing_values median: source 'digits' gives images, not rows "
                                            r"of features; only rows have missing values to fill \(refuse\)$"),
-        ("prepare.csv_ignore_columns=[id]", r"prepare: csv_ignore_columns \['id'\]: source 'digits' has no columns "
-                                            r"to leave out; only csv reads it$"),
+        ("prepare.csv_ignore_columns=[id]", r"prepare: csv_ignore_columns \['id'\]: source 'digits' has no named "
+                                            r"columns; only csv reads it$"),
+        ("prepare.csv_categorical_columns=[plan]", r"prepare: csv_categorical_columns \['plan'\]: source 'digits' has "
+                                                   r"no named columns; only csv reads it$"),
         ("prepare.log_features=[-1]", r"prepare.log_features: expected .*, got \[-1\]$"),
         ("prepare.log_features=[0]", r"prepare: log_features \[0\]: source 'digits' gives images, not rows of "
                                      r"features; only rows have features to log \(none or auto\)$"),

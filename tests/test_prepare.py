@@ -212,6 +212,37 @@ def test_a_csv_names_its_features_by_header_and_log_features_by_name(
         chosen_log_features(["amount"], x)
 
 
+def test_categorical_columns_are_logged_and_never_taken_to_log_scale(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mlflow_uri: str, caplog: pytest.LogCaptureFixture,
+) -> None:
+    import logging
+
+    from tasks.prepare import chosen_log_features
+
+    x, y = _heavy_rows()
+    # A rare category: its 0/1 feature is skewed (about 4), but it is no amount to log.
+    plans = np.where(np.arange(len(y)) % 20 == 0, "platinum", np.where(y == 1, "gold", "basic"))
+    root = make_project(tmp_path / "project", {"source": "csv", "path": "data/raw/rows.csv",
+                                               "csv_categorical_columns": ["plan"]})
+    write_csv(root / "data" / "raw" / "rows.csv", [[*row[:2], p, label] for row, p, label in zip(x, plans, y)],
+              ["amount", "spend", "plan", "label"])
+    monkeypatch.setenv("SLIMFLOW_ROOT", str(root))
+    caplog.set_level(logging.INFO)
+    assert main(["--set", "prepare.log_features=auto"]) == 0
+    assert ("categorical columns (one 0/1 feature per category; prepare.csv_categorical_columns): "
+            "plan (3: basic, gold, platinum)") in caplog.text
+    assert "log(1 + x) before standardizing (prepare.log_features auto): amount (0), spend (1)" in caplog.text
+    preprocessing = load_preprocessing(root / "data" / "prepared")
+    assert preprocessing.columns == ("amount", "spend", "plan") and preprocessing.input_shape == (5,)
+    assert preprocessing.feature_names[2:] == ("plan=basic", "plan=gold", "plan=platinum")
+    assert preprocessing == Preprocessing.from_json(preprocessing.to_json())  # round trip
+    card = json.loads((root / "data" / "prepared" / "card.json").read_text())
+    assert card["columns"] == ["amount", "spend", "plan"] and card["categorical"]["plan"]["dtype"] == "string"
+    with pytest.raises(DataError, match=r"prepare.log_features: 'plan' is a categorical column"):
+        chosen_log_features(["plan"], np.zeros((4, 5), np.float32), preprocessing.feature_names,
+                            preprocessing.categorical)
+
+
 def test_missing_values_become_the_train_split_median(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mlflow_uri: str, caplog: pytest.LogCaptureFixture,
     capsys: pytest.CaptureFixture[str],

@@ -217,6 +217,73 @@ def test_a_csv_model_takes_its_columns_by_name(tmp_path: Path, monkeypatch: pyte
     assert describe(wide) == "20 double columns f0, f1, f2, f3, f4, f5, f6, f7, ... (12 more)"
 
 
+def test_a_model_with_categorical_columns_takes_their_values(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mlflow_uri: str,
+) -> None:
+    """Columns of categories (words, integer codes) go in as a client's DataFrame holds them
+    (pd.read_csv of the raw file); the model sees one 0/1 feature per category, an unseen
+    category sets none, and the champion's re-measurement sends the same table."""
+    import mlflow
+    import pandas as pd
+    from mlflow.models import Model
+
+    from models.spec import ModelSpec
+    from tasks.core.config import PrepareParams
+    from tasks.core.model_files import save_state_dict_model
+    from tasks.data import decode_table
+    from tasks.evaluation.challenge import remeasure
+    from tasks.evaluation.signature import describe, input_schema
+    from tasks.prepare import prepare_data, write_prepared
+
+    monkeypatch.chdir(tmp_path)
+    mlflow.set_experiment("registry-tests")
+    rng = np.random.default_rng(0)
+    n = 600
+    plan = rng.choice(["basic", "gold", "silver"], n)
+    region = rng.integers(1, 5, n)
+    spend = rng.normal(50, 10, n).round(2)
+    y = np.where((plan == "gold") | ((plan == "silver") & (spend > 50)), "renewed", "left")
+    raw_file = tmp_path / "data" / "raw" / "plans.csv"
+    raw_file.parent.mkdir(parents=True)
+    pd.DataFrame({"id": np.arange(n), "plan": plan, "region": region, "spend": spend, "outcome": y}).to_csv(
+        raw_file, index=False)
+    params = PrepareParams(source="csv", path="data/raw/plans.csv", csv_label_column="outcome",
+                           csv_ignore_columns=["id"], csv_categorical_columns=["plan", "region"])
+    prepared = prepare_data(params, 0, tmp_path)
+    assert prepared.card["categorical"] == {"plan": {"dtype": "string", "values": ["basic", "gold", "silver"]},
+                                            "region": {"dtype": "long", "values": ["1", "2", "3", "4"]}}
+    folder = tmp_path / "prepared"
+    write_prepared(prepared, folder)
+    spec = ModelSpec(family="mlp", hidden_sizes=(16,), dropout=0.0)
+    save_state_dict_model(train_tiny(spec, folder, steps=150), spec, (8,), 2, tmp_path / "baseline",
+                          {"name": "baseline", "method": "baseline", "recipe": [], "parent": None})
+    with mlflow.start_run():
+        promote("baseline", tmp_path / "baseline", folder, "plans", {"data_digest": "d"})
+
+    model = mlflow.pyfunc.load_model(f"models:/plans@{CHAMPION_ALIAS}")
+    schema = model.metadata.get_input_schema()
+    assert [(c.name, c.type.name) for c in schema.inputs] == [("plan", "string"), ("region", "long"), ("spend", "double")]
+    assert describe(input_schema(prepared.preprocessing)) == "3 columns (1 double, 1 long, 1 string) plan, region, spend"
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/plans@{CHAMPION_ALIAS}"))
+    example = Model.load(str(local / "MLmodel")).load_input_example(str(local))
+    assert set(example["plan"]) <= {"basic", "gold", "silver"} and example["region"].dtype == np.int64
+
+    table = pd.read_csv(raw_file)  # the client's frame: id and label columns too, region int64, plan strings
+    truth = table.pop("outcome")
+    names = np.asarray(model.predict(table, params={"output": "name"}))
+    assert (names == truth.to_numpy()).mean() >= 0.9
+    assert list(model.predict(table[["spend", "region", "plan", "id"]])) == list(model.predict(table))
+    unseen = table.head(3).assign(plan="platinum")  # a category the data never had: no plan feature set
+    assert len(model.predict(unseen)) == 3
+
+    # The re-measurement a later run makes of this champion sends its test rows as this table.
+    test = np.load(folder / "test_x.npy")
+    expected = np.asarray(model.unwrap_python_model().predict(None, decode_table(prepared.preprocessing, test)))
+    figures = remeasure(f"models:/plans@{CHAMPION_ALIAS}", folder, prepared.preprocessing.class_names)
+    assert list(figures["predictions"]) == list(expected)
+    assert figures["accuracy"] == pytest.approx((expected == np.load(folder / "test_y.npy")).mean())
+
+
 # ---------------------------------------------------------------------------- rollback
 def test_rollback_moves_the_alias_back_and_records_the_reason(
     two_models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

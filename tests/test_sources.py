@@ -123,6 +123,39 @@ def test_csv_header_problems_are_named(tmp_path: Path, header: list[str], ignore
         read_csv(path, "t.csv", "label", ignored)
 
 
+def test_csv_categorical_columns_become_one_feature_per_category(tmp_path: Path) -> None:
+    rows = [["gold", 10, 1.5, "03", "a"], ["basic", 2, 2.5, "7", "b"], ["silver", 2, 0.5, "3", "a"],
+            ["basic", 10, 1.0, "7", "b"]]
+    path = write_csv(tmp_path / "c.csv", rows, ["plan", "region", "spend", "code", "label"])
+    raw = read_csv(path, "c.csv", "label", categorical_columns=["plan", "region", "code"])
+    # Words sorted, integer codes in numeric order ('03' is the code 3); the file's column order kept.
+    assert raw.columns == ("plan", "region", "spend", "code")
+    assert [(c.name, c.values, c.dtype) for c in raw.categorical] == [
+        ("plan", ("basic", "gold", "silver"), "string"), ("region", ("2", "10"), "long"), ("code", ("3", "7"), "long")]
+    assert raw.feature_names == ("plan=basic", "plan=gold", "plan=silver", "region=2", "region=10", "spend",
+                                 "code=3", "code=7")
+    assert raw.x.tolist()[0] == [0, 1, 0, 0, 1, 1.5, 1, 0] and raw.x.shape == (4, 8)
+    assert raw.integer_features == ()  # spend has fractions; the codes are categories, not numbers
+
+    gap = write_csv(tmp_path / "g.csv", [*rows, ["", "", 1.0, "3", "b"]], ["plan", "region", "spend", "code", "label"])
+    with pytest.raises(DataError, match=r"^g.csv: line 6, column 'plan': a missing value \(''\); prepare.missing_values"):
+        read_csv(gap, "g.csv", "label", categorical_columns=["plan", "region"])
+    raw = read_csv(gap, "g.csv", "label", missing=True, categorical_columns=["plan", "region"])
+    assert raw.x[4, :5].tolist() == [0, 0, 0, 0, 0]  # a gap sets no category
+    assert raw.categorical[1].dtype == "double"  # codes with a gap: float64 in pandas
+
+    for columns, message in (
+        (["tier"], r"prepare.csv_categorical_columns: no column 'tier' in the header"),
+        (["label"], r"prepare.csv_categorical_columns: 'label' is the label column or left out"),
+    ):
+        with pytest.raises(DataError, match=rf"^c.csv: {message}"):
+            read_csv(path, "c.csv", "label", categorical_columns=columns)
+    many = write_csv(tmp_path / "m.csv", [[f"C{i}", i % 2] for i in range(300)], ["customer", "label"])
+    with pytest.raises(DataError, match=r"^m.csv: categorical column 'customer' has 300 categories \(at most 256: one "
+                                        r"feature each\); an id or free text\? leave it out with prepare.csv_ignore_columns$"):
+        read_csv(many, "m.csv", "label", categorical_columns=["customer"])
+
+
 def test_csv_and_npz_missing_values_are_refused_or_read_as_nan(tmp_path: Path) -> None:
     # pandas reads these cells as missing, so a model's clients hold NaN there: refused by
     # default (naming line and column), NaN with missing=True; an infinity is refused either way.
@@ -303,8 +336,8 @@ def test_missing_file(tmp_path: Path) -> None:
         ([["1.0", "nan", "a"]], r"line 3, column 'f2': a missing value \('nan'\); prepare.missing_values=median "
                                 r"fills missing values with the train split's median$"),
         ([["1.0", "inf", "a"]], r"line 3, column 'f2': 'inf' is not a finite number"),
-        ([["x1", "2", "a"]], r"line 3, column 'f1': not a number: 'x1' \(every column but the label is a numeric "
-                             r"feature; prepare.csv_ignore_columns leaves one out\)$"),
+        ([["x1", "2", "a"]], r"line 3, column 'f1': not a number: 'x1' \(a column of categories goes in "
+                             r"prepare.csv_categorical_columns; prepare.csv_ignore_columns leaves one out\)$"),
         ([["1.0", "2"]], r"line 3: expected 3 fields, found 2"),
         ([["1.0", "2", ""]], r"line 3, column 'label': empty label"),
     ],

@@ -87,6 +87,9 @@ class PrepareParams(_Strict):
     csv_label_column: str = "label"
     # csv: columns that are no features (an id, a date, free text), left out by name.
     csv_ignore_columns: list[str] = []
+    # csv: columns of categories (words or codes: plan, region): one 0/1 feature per category;
+    # a category the data never had sets none where the registered model meets it.
+    csv_categorical_columns: list[str] = []
     # text_table (a .csv, or .tsv tab-separated) / text_folder (one sub-folder of .txt per
     # class): a word-level tokenizer trained on the train split, text_vocab_size words at
     # most; every text becomes text_max_length token ids (truncated, or padded with id 0).
@@ -129,9 +132,10 @@ class PrepareParams(_Strict):
             raise ValueError(f"source {self.source!r} needs prepare.path")
         if self.source == "idx" and not self.labels_path:
             raise ValueError("source 'idx' needs prepare.labels_path (the IDX label file)")
-        if self.csv_ignore_columns and self.source != "csv":
-            raise ValueError(f"csv_ignore_columns {self.csv_ignore_columns}: source {self.source!r} has no columns to "
-                             "leave out; only csv reads it")
+        for key in ("csv_ignore_columns", "csv_categorical_columns"):
+            if getattr(self, key) and self.source != "csv":
+                raise ValueError(f"{key} {getattr(self, key)}: source {self.source!r} has no named columns; only csv "
+                                 "reads it")
         if self.missing_values == "median" and (gives := _GIVES_NO_ROWS.get(self.source)):
             raise ValueError(f"missing_values median: source {self.source!r} gives {gives}, not rows of features; "
                              "only rows have missing values to fill (refuse)")

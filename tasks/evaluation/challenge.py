@@ -60,13 +60,19 @@ import mlflow
 uri, x_path, out = sys.argv[1:4]
 model = mlflow.pyfunc.load_model(uri)
 schema = model.metadata.get_input_schema()
-x = np.load(x_path)
-def rows(chunk):
-    if schema is not None and not schema.is_tensor_spec():
-        import pandas as pd
-        frame = pd.DataFrame(chunk.reshape(len(chunk), -1).astype("float64"), columns=schema.input_names())
-        return frame.astype(dict(zip(schema.input_names(), schema.pandas_types())))  # long columns: int64
-    return np.ascontiguousarray(chunk, dtype=np.float32)
+if x_path.endswith(".json"):  # rows of features: a table of the raw columns, typed as the champion's signature says
+    import pandas as pd
+    x = pd.read_json(x_path, orient="split", dtype=False, convert_dates=False)
+    x = x.astype(dict(zip(schema.input_names(), schema.pandas_types())))
+    rows = lambda chunk: chunk
+else:
+    x = np.load(x_path)
+    def rows(chunk):
+        if schema is not None and not schema.is_tensor_spec():
+            import pandas as pd
+            frame = pd.DataFrame(chunk.reshape(len(chunk), -1).astype("float64"), columns=schema.input_names())
+            return frame.astype(dict(zip(schema.input_names(), schema.pandas_types())))  # long columns: int64
+        return np.ascontiguousarray(chunk, dtype=np.float32)
 parts = [np.asarray(model.predict(rows(x[i:i + 512]))).reshape(-1) for i in range(0, len(x), 512)]
 np.save(out, np.concatenate(parts).astype(np.int64))
 """
@@ -152,7 +158,7 @@ def remeasure(model_uri: str, prepared: Path, class_names: Sequence[str], thread
         out = Path(tmp) / "predictions.npy"
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
         done = subprocess.run(
-            [sys.executable, "-c", _PREDICT, model_uri, str(prepared.resolve() / "test_x.npy"), str(out)],
+            [sys.executable, "-c", _PREDICT, model_uri, str(_raw_test_rows(prepared, Path(tmp))), str(out)],
             cwd=tmp, env=env, capture_output=True, text=True, timeout=900,
         )
         if done.returncode != 0:
@@ -165,6 +171,21 @@ def remeasure(model_uri: str, prepared: Path, class_names: Sequence[str], thread
     quality, per_class, _ = classification_metrics(y, predictions, class_names)
     return {**{key: quality[key] for key in QUALITY},
             CLASS_RECALL: {name: float(row["recall"]) for name, row in per_class.items()}, PREDICTIONS: predictions}
+
+
+def _raw_test_rows(prepared: Path, folder: Path) -> Path:
+    """This run's test inputs as a client sends them: rows of features as a table of the raw
+    columns (``.json``, categories as their values), anything else ``test_x.npy`` itself."""
+    from tasks.data import decode_table, load_preprocessing
+    from tasks.evaluation.signature import is_tabular
+
+    preprocessing = load_preprocessing(prepared)
+    if not is_tabular(preprocessing):
+        return prepared.resolve() / "test_x.npy"
+    table = folder / "test_rows.json"
+    decode_table(preprocessing, np.load(prepared / "test_x.npy")).to_json(table, orient="split", index=False,
+                                                                          double_precision=15)
+    return table
 
 
 def recorded_class_recall(tags: dict[str, str]) -> dict[str, float] | None:

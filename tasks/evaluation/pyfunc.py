@@ -39,6 +39,25 @@ def _as_array(model_input: Any) -> np.ndarray:
         raise _invalid(f"input is not numeric: {err}") from None
 
 
+def _encoded(model_input: Any, preprocessing: Any) -> np.ndarray:
+    """A table with columns of categories (a DataFrame, or ``{column: values}``), taken by
+    name, as the model's features."""
+    import pandas as pd
+
+    from tasks.data import encode_table
+
+    if isinstance(model_input, Mapping):
+        model_input = pd.DataFrame(dict(model_input))
+    columns = list(model_input.columns) if hasattr(model_input, "columns") else []
+    if missing := [name for name in preprocessing.raw_columns if name not in columns]:
+        raise _invalid(f"expected a table of the columns {', '.join(preprocessing.raw_columns)} (some hold "
+                       f"categories); missing: {', '.join(missing)}")
+    try:
+        return encode_table(preprocessing, model_input)
+    except (TypeError, ValueError) as err:
+        raise _invalid(f"input is not numeric where the model takes numbers: {err}") from None
+
+
 def _as_texts(model_input: Any) -> list[str]:
     """Raw text in any form pyfunc hands over: a DataFrame / dict with a ``text`` column, a list, a string."""
     from tasks.evaluation.signature import TEXT_COLUMN
@@ -114,10 +133,13 @@ class SlimflowClassifier(mlflow.pyfunc.PythonModel):
 
             ids = encode(self._tokenizer, _as_texts(model_input))
             return np.asarray(self._model.predict(ids)).argmax(axis=1).astype(np.int64)
-        names = list(self._preprocessing.feature_names)
-        if names and hasattr(model_input, "columns") and set(names) <= set(model_input.columns):
-            model_input = model_input[names]  # named columns: taken by name, in the model's order
-        x = _as_array(model_input)
+        names = list(self._preprocessing.raw_columns)
+        if self._preprocessing.categorical:  # columns of categories: each becomes its 0/1 features
+            x = _encoded(model_input, self._preprocessing)
+        else:
+            if names and hasattr(model_input, "columns") and set(names) <= set(model_input.columns):
+                model_input = model_input[names]  # named columns: taken by name, in the model's order
+            x = _as_array(model_input)
         expected = tuple(self._preprocessing.input_shape)
         if x.shape == expected:  # one sample without its batch axis
             x = x[None]
@@ -136,8 +158,8 @@ def _missing_message(x: np.ndarray, preprocessing: Any) -> str:
     from tasks.evaluation.signature import column_names, is_tabular
 
     at = [int(i) for i in np.argwhere(np.isnan(x))[0]]
-    where = (f"row {at[0]}, column {column_names(preprocessing)[at[1]]!r}" if is_tabular(preprocessing)
-             else f"index {at}")
+    features = list(preprocessing.feature_names) or column_names(preprocessing)  # a number column's feature is it
+    where = f"row {at[0]}, column {features[at[1]]!r}" if is_tabular(preprocessing) else f"index {at}"
     return (f"{where}: a missing value (NaN); this model fills none (its data was prepared with "
             "prepare.missing_values refuse): send a value")
 

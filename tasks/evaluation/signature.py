@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from tasks.data import Preprocessing
+from tasks.data import Preprocessing, decode_table
 
 TOKENIZER_FILE = "tokenizer.json"  # beside preprocess.json in the prepared data (text)
 SHAPED_INPUT = "raw_shaped_input"  # the tensor's name says what it takes: raw values, shaped
@@ -46,32 +46,44 @@ def is_tabular(preprocessing: Preprocessing) -> bool:
 
 
 def column_names(preprocessing: Preprocessing) -> list[str]:
-    """A tabular model's input columns: the data's own names, else ``x0 .. x{F-1}``."""
-    if preprocessing.feature_names:
-        return list(preprocessing.feature_names)
+    """A tabular model's input columns: the data's own names (its raw columns, where some are
+    categorical), else ``x0 .. x{F-1}``."""
+    if preprocessing.raw_columns:
+        return list(preprocessing.raw_columns)
     return [f"x{i}" for i in range(preprocessing.input_shape[0])]
 
 
+def column_types(preprocessing: Preprocessing) -> dict[str, str]:
+    """Each input column's type, as pandas reads the data's file: ``long`` where every value
+    is written as an integer, ``string`` for categories in words, else ``double``."""
+    features = list(preprocessing.feature_names) or column_names(preprocessing)
+    longs = {features[i] for i in preprocessing.integer_features}
+    categorical = {column.name: column.dtype for column in preprocessing.categorical}
+    return {name: categorical.get(name) or ("long" if name in longs else "double") for name in column_names(preprocessing)}
+
+
 def long_columns(preprocessing: Preprocessing) -> list[str]:
-    """The columns a tabular model takes as ``long`` (int64): the features its data wrote as
-    integers, as pandas reads them from the same file; the others are ``double``."""
-    names = column_names(preprocessing)
-    return [names[i] for i in preprocessing.integer_features]
+    """The columns a tabular model takes as ``long`` (int64): see :func:`column_types`."""
+    return [name for name, kind in column_types(preprocessing).items() if kind == "long"]
 
 
 def input_schema(preprocessing: Preprocessing) -> dict[str, Any]:
     """The input contract as plain data: ``{"type": "tensor", "dtype", "shape"}`` or ``{"type": "columns", ...}``
-    (``names``: the columns' names where the data names them; ``long``: the int64 columns, if any)."""
+    (``names``: the columns' names where the data names them; ``long`` and ``string``: the
+    columns of those types, if any; the others are ``dtype``, double)."""
     shape = [int(d) for d in preprocessing.input_shape]
     if preprocessing.is_text:
         return {"type": "text", "dtype": "string", "columns": [TEXT_COLUMN],
                 "layout": f"raw text, tokenized inside to {shape[0]} token ids"}
     if len(shape) == 1:
-        schema = {"type": "columns", "dtype": "double", "columns": shape[0], "layout": "raw, one column per feature"}
-        if preprocessing.feature_names:  # absent: x0 .. x{F-1}, as every contract before names
-            schema["names"] = list(preprocessing.feature_names)
-        if longs := long_columns(preprocessing):  # absent: every column double, as before
-            schema["long"] = longs
+        names = column_names(preprocessing)
+        schema = {"type": "columns", "dtype": "double", "columns": len(names), "layout": "raw, one column per feature"}
+        if preprocessing.raw_columns:  # absent: x0 .. x{F-1}, as every contract before names
+            schema["names"] = names
+        types = column_types(preprocessing)
+        for kind in ("long", "string"):  # absent: every column double, as before
+            if of_kind := [name for name in names if types[name] == kind]:
+                schema[kind] = of_kind
         return schema
     return {"type": "tensor", "dtype": "float32", "shape": [-1, *shape], "layout": "raw, shaped"}
 
@@ -85,7 +97,8 @@ def same_input(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
         # Named columns are taken by name (MLflow orders a request's columns as the signature
         # does): the same names in another order are the same input.
         return (schema.get("type"), schema.get("dtype"), tuple(schema.get("shape") or ()), schema.get("columns"),
-                tuple(sorted(schema.get("names") or ())), tuple(sorted(schema.get("long") or ())))
+                tuple(sorted(schema.get("names") or ())), tuple(sorted(schema.get("long") or ())),
+                tuple(sorted(schema.get("string") or ())))
 
     return key(a) == key(b)
 
@@ -105,15 +118,18 @@ def column_difference(a: dict[str, Any] | None, b: dict[str, Any] | None, a_name
 
     ours, theirs = names(a), names(b)
     if sorted(ours) == sorted(theirs):
-        a_long, b_long = set(a.get("long") or ()), set(b.get("long") or ())
-        retyped = [n for n in ours if (n in a_long) != (n in b_long)]
+        retyped = [n for n in ours if _type_of(a, n) != _type_of(b, n)]
         if not retyped:
             return None
-        return "; ".join(f"column {n!r} is {'long' if n in a_long else 'double'} for {a_name}, "
-                         f"{'long' if n in b_long else 'double'} for {b_name}" for n in retyped[:3])
+        return "; ".join(f"column {n!r} is {_type_of(a, n)} for {a_name}, {_type_of(b, n)} for {b_name}"
+                         for n in retyped[:3])
     only_a = ", ".join(repr(n) for n in ours if n not in theirs)
     only_b = ", ".join(repr(n) for n in theirs if n not in ours)
     return f"columns only {a_name} takes: {_clipped(only_a)}; only {b_name} takes: {_clipped(only_b)}"
+
+
+def _type_of(schema: dict[str, Any], name: str) -> str:
+    return next((kind for kind in ("long", "string") if name in (schema.get(kind) or ())), "double")
 
 
 def _clipped(text: str, limit: int = 200) -> str:
@@ -128,8 +144,10 @@ def describe(schema: dict[str, Any] | None) -> str:
     if schema.get("type") == "text":
         return f"raw text (one string column {schema['columns'][0]!r})"
     if schema.get("type") == "columns":
-        n, longs = int(schema["columns"]), len(schema.get("long") or ())
-        kinds = f"{schema['dtype']} columns" if not longs else f"columns ({n - longs} double, {longs} long)"
+        n, longs, strings = int(schema["columns"]), len(schema.get("long") or ()), len(schema.get("string") or ())
+        counts = [f"{count} {kind}" for count, kind in ((n - longs - strings, "double"), (longs, "long"),
+                                                        (strings, "string")) if count]
+        kinds = f"{schema['dtype']} columns" if not (longs or strings) else f"columns ({', '.join(counts)})"
         if names := schema.get("names"):
             more = f", ... ({n - NAMES_SHOWN} more)" if n > NAMES_SHOWN else ""
             return f"{n} {kinds} {', '.join(names[:NAMES_SHOWN])}{more}"
@@ -145,8 +163,7 @@ def model_signature(preprocessing: Preprocessing) -> Any:
     if preprocessing.is_text:
         inputs = Schema([ColSpec("string", TEXT_COLUMN)])
     elif is_tabular(preprocessing):
-        longs = set(long_columns(preprocessing))
-        inputs = Schema([ColSpec("long" if name in longs else "double", name) for name in column_names(preprocessing)])
+        inputs = Schema([ColSpec(kind, name) for name, kind in column_types(preprocessing).items()])
     else:
         inputs = Schema([TensorSpec(np.dtype(np.float32), (-1, *preprocessing.input_shape), name=SHAPED_INPUT)])
     return ModelSignature(inputs=inputs, outputs=Schema([TensorSpec(np.dtype(np.int64), (-1,))]),
@@ -167,10 +184,6 @@ def input_example(prepared: Path, preprocessing: Preprocessing) -> Any:
         return pd.DataFrame({TEXT_COLUMN: texts})
     x = np.ascontiguousarray(x, dtype=np.float32)
     if is_tabular(preprocessing):
-        import pandas as pd
-
-        frame = pd.DataFrame(x.astype(np.float64), columns=column_names(preprocessing))
-        longs = long_columns(preprocessing)
-        return frame.astype(dict.fromkeys(longs, np.int64)) if longs else frame
+        return decode_table(preprocessing, x)
     return x
 

@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from tasks.core.categories import CategoricalColumn
+
 
 class DataError(ValueError):
     """Raw data is missing or invalid; the message names the file and the problem."""
@@ -54,6 +56,10 @@ class RawData:
     # Rows of features: those whose every value is written as an integer (what pandas reads
     # as int64, and so a client's DataFrame of the same file brings).
     integer_features: tuple[int, ...] = ()
+    # Rows with categorical columns: the raw columns in order, and those of categories (each
+    # stored as one 0/1 feature per category; feature_names then names the features).
+    columns: tuple[str, ...] = ()
+    categorical: tuple[CategoricalColumn, ...] = ()
 
     def __iter__(self) -> Iterator[Any]:
         return iter((self.x, self.y, self.class_names))

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tasks.core.categories import CategoricalColumn, category_text
 from tasks.sources.common import (
     MISSING_HINT, MISSING_MARKERS, DataError, RawData, check_dataset, column_labels, csv_records, integer_labels,
     require_file, require_finite, string_labels,
@@ -86,12 +87,18 @@ def npz_input_shape(path: Path, inputs: str) -> tuple[int, ...] | None:
     return {2: shape[1:], 3: (1, *shape[1:]), 4: shape[1:]}.get(len(shape))
 
 
+# A categorical column with more values than this is refused (an id, a free-text field).
+MAX_CATEGORIES = 256
+
+
 def read_csv(path: Path, shown: str, label_column: str, ignore_columns: Sequence[str] = (),
-             missing: bool = False) -> RawData:
+             missing: bool = False, categorical_columns: Sequence[str] = ()) -> RawData:
     """A CSV with a header row: every column but ``label_column`` and ``ignore_columns`` (an
     id, a free-text note) is a numeric feature, named as in the header (the registered
-    model's column names). An empty cell or ``NA``, ``NaN``, ``null``... (what pandas reads as
-    missing: :data:`MISSING_MARKERS`) is a missing value: NaN with ``missing``, else refused.
+    model's column names); a column of ``categorical_columns`` holds categories instead
+    (words or codes), one 0/1 feature per category. An empty cell or ``NA``, ``NaN``,
+    ``null``... (what pandas reads as missing: :data:`MISSING_MARKERS`) is a missing value:
+    NaN with ``missing`` (in a categorical column: no category), else refused.
 
     Labels that are exactly the integers 0..K-1 are class indices (names '0'..'K-1'); other
     integers (1..K, -1/1) are class names in numeric order; any other labels are class names,
@@ -107,17 +114,22 @@ def read_csv(path: Path, shown: str, label_column: str, ignore_columns: Sequence
             if header is None:
                 raise DataError(f"{shown}: empty file; expected a header row")
             header = [name.strip() for name in header]
-            label_at, features = _feature_columns(header, label_column, ignore_columns, shown)
-            feature_names = tuple(header[i] for i in features)
-            integers = set(range(len(features)))  # the features every value so far was written as an integer
+            label_at, features = _feature_columns(header, label_column, ignore_columns, shown, categorical_columns)
+            numeric = [i for i in features if header[i] not in categorical_columns]
+            numeric_names = tuple(header[i] for i in numeric)
+            cells: dict[str, list[str | None]] = {name: [] for name in categorical_columns}
+            categorical_at = [(header.index(name), cells[name]) for name in categorical_columns]
+            integers = set(range(len(numeric)))  # the features every value so far was written as an integer
             for line, fields in csv_records(reader, len(header), shown):
                 label = fields[label_at].strip()
                 if not label:
                     raise DataError(f"{shown}: line {line}, column {label_column!r}: empty label")
-                values = [fields[i] for i in features]
-                rows.append(_parse_floats(values, feature_names, shown, line, missing))
+                values = [fields[i] for i in numeric]
+                rows.append(_parse_floats(values, numeric_names, shown, line, missing))
                 labels.append(label)
                 integers.difference_update([j for j in integers if not _INTEGER.fullmatch(values[j])])
+                for at, column in categorical_at:
+                    column.append(_category_cell(fields[at], header[at], shown, line, missing))
     except DataError:
         raise
     except UnicodeDecodeError as err:
@@ -127,15 +139,79 @@ def read_csv(path: Path, shown: str, label_column: str, ignore_columns: Sequence
     if not rows:
         raise DataError(f"{shown}: header only; no data rows")
     y, class_names = column_labels(labels)
-    x = np.array(rows, dtype=np.float32)
-    return check_dataset(RawData(x, y, class_names, feature_names, tuple(sorted(integers))), shown, missing=missing)
+    numbers = np.array(rows, dtype=np.float32).reshape(len(rows), len(numeric))
+    if not categorical_columns:
+        return check_dataset(RawData(numbers, y, class_names, numeric_names, tuple(sorted(integers))), shown,
+                             missing=missing)
+    columns = {}
+    for name in categorical_columns:
+        columns[name], cells[name] = _categorical_column(name, cells[name], shown)
+    parts, feature_names, integer_features = [], [], []
+    for i in features:  # the raw columns in the file's order, each as its model features
+        name = header[i]
+        if name in columns:
+            index = {value: k for k, value in enumerate(columns[name].values)}
+            codes = np.array([index[v] if v is not None else -1 for v in cells[name]])
+            parts.append((codes[:, None] == np.arange(len(columns[name].values))[None, :]).astype(np.float32))
+            feature_names += columns[name].features()
+        else:
+            j = numeric.index(i)
+            if j in integers:
+                integer_features.append(len(feature_names))
+            parts.append(numbers[:, j : j + 1])
+            feature_names.append(name)
+    x = np.ascontiguousarray(np.hstack(parts), dtype=np.float32)
+    raw = RawData(x, y, class_names, tuple(feature_names), tuple(integer_features),
+                  tuple(header[i] for i in features), tuple(columns[name] for name in categorical_columns))
+    return check_dataset(raw, shown, missing=missing)
+
+
+def _category_cell(field: str, name: str, shown: str, line: int, missing: bool) -> str | None:
+    text = field.strip()
+    if text in MISSING_MARKERS:
+        if not missing:
+            raise DataError(f"{shown}: line {line}, column {name!r}: a missing value ({text!r}); {MISSING_HINT}")
+        return None
+    return text
+
+
+def _categorical_column(name: str, cells: list[str | None], shown: str) -> tuple[CategoricalColumn, list[str | None]]:
+    """A categorical column's values, sorted (numeric codes in numeric order), the type pandas
+    reads it as (long: integer codes, no gap; double: numbers with a gap or a fraction;
+    else string), and its cells as those values (``03`` and ``3.0`` are the code ``3``)."""
+    present = {v for v in cells if v is not None}
+    if not present:
+        raise DataError(f"{shown}: categorical column {name!r} has no value")
+    try:
+        numbers = {v: float(v) for v in present}
+    except ValueError:
+        numbers = None
+    if numbers is not None and all(math.isfinite(n) for n in numbers.values()):
+        dtype = "long" if all(_INTEGER.fullmatch(v) for v in present) and None not in cells else "double"
+        as_text = {v: category_text(n) for v, n in numbers.items()}
+        values = [category_text(n) for n in sorted(set(numbers.values()))]
+        cells = [as_text[v] if v is not None else None for v in cells]
+    else:
+        dtype, values = "string", sorted(present)
+    if len(values) > MAX_CATEGORIES:
+        raise DataError(f"{shown}: categorical column {name!r} has {len(values)} categories (at most {MAX_CATEGORIES}: "
+                        "one feature each); an id or free text? leave it out with prepare.csv_ignore_columns")
+    return CategoricalColumn(name, tuple(values), dtype), cells
 
 
 def _feature_columns(header: list[str], label_column: str, ignore_columns: Sequence[str],
-                     shown: str) -> tuple[int, list[int]]:
+                     shown: str, categorical_columns: Sequence[str] = ()) -> tuple[int, list[int]]:
     """The label's position and the features' positions in ``header``; refused in one line:
-    a missing label column, an ignored column not in the header, a feature column with no
-    name or the name of another (a model's column names are its contract)."""
+    a missing label column, an ignored or categorical column not in the header (or the
+    label, or both), a feature column with no name or the name of another (a model's column
+    names are its contract)."""
+    for name in categorical_columns:
+        if name not in header:
+            raise DataError(f"{shown}: prepare.csv_categorical_columns: no column {name!r} in the header "
+                            f"(columns: {', '.join(header)})")
+        if name == label_column or name in ignore_columns:
+            raise DataError(f"{shown}: prepare.csv_categorical_columns: {name!r} is the label column or left out "
+                            "(csv_label_column, csv_ignore_columns)")
     if label_column not in header:
         raise DataError(f"{shown}: no label column {label_column!r} in the header (columns: {', '.join(header)})")
     for name in ignore_columns:
@@ -182,8 +258,9 @@ def _parse_floats(fields: list[str], names: Sequence[str], shown: str, line: int
         try:
             value = float(field)
         except ValueError:
-            raise DataError(f"{shown}: line {line}, column {name!r}: not a number: {field.strip()!r} (every column "
-                            "but the label is a numeric feature; prepare.csv_ignore_columns leaves one out)") from None
+            raise DataError(f"{shown}: line {line}, column {name!r}: not a number: {field.strip()!r} (a column of "
+                            "categories goes in prepare.csv_categorical_columns; prepare.csv_ignore_columns leaves "
+                            "one out)") from None
         if not math.isfinite(value):
             raise DataError(f"{shown}: line {line}, column {name!r}: {field.strip()!r} is not a finite number")
         values.append(value)
