@@ -9,6 +9,7 @@ import zipfile
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -143,10 +144,23 @@ def read_csv(path: Path, shown: str, label_column: str, ignore_columns: Sequence
     if not categorical_columns:
         return check_dataset(RawData(numbers, y, class_names, numeric_names, tuple(sorted(integers))), shown,
                              missing=missing)
+    x, *columns = _with_categories(header, features, numbers, tuple(numeric[j] for j in sorted(integers)), cells, shown)
+    return check_dataset(RawData(x, y, class_names, *columns), shown, missing=missing)
+
+
+def _with_categories(header: list[str], features: list[int], numbers: np.ndarray, integer_columns: tuple[int, ...],
+                     cells: dict[str, list[str | None]], shown: str) -> tuple[Any, ...]:
+    """The model's features of a CSV with categorical columns (``cells``: their text by
+    column): the raw columns in the file's order, a number column as it is (``numbers``:
+    those columns' values; ``integer_columns``: the header positions written as integers),
+    a categorical column as one 0/1 feature per category. Returns ``x``, then what
+    :class:`RawData` holds after the labels: feature names, integer features, the raw
+    columns, the categorical columns."""
     columns = {}
-    for name in categorical_columns:
+    for name in cells:
         columns[name], cells[name] = _categorical_column(name, cells[name], shown)
     parts, feature_names, integer_features = [], [], []
+    numeric = [i for i in features if header[i] not in columns]
     for i in features:  # the raw columns in the file's order, each as its model features
         name = header[i]
         if name in columns:
@@ -155,15 +169,14 @@ def read_csv(path: Path, shown: str, label_column: str, ignore_columns: Sequence
             parts.append((codes[:, None] == np.arange(len(columns[name].values))[None, :]).astype(np.float32))
             feature_names += columns[name].features()
         else:
-            j = numeric.index(i)
-            if j in integers:
+            if i in integer_columns:
                 integer_features.append(len(feature_names))
+            j = numeric.index(i)
             parts.append(numbers[:, j : j + 1])
             feature_names.append(name)
     x = np.ascontiguousarray(np.hstack(parts), dtype=np.float32)
-    raw = RawData(x, y, class_names, tuple(feature_names), tuple(integer_features),
-                  tuple(header[i] for i in features), tuple(columns[name] for name in categorical_columns))
-    return check_dataset(raw, shown, missing=missing)
+    return (x, tuple(feature_names), tuple(integer_features), tuple(header[i] for i in features),
+            tuple(columns.values()))
 
 
 def _category_cell(field: str, name: str, shown: str, line: int, missing: bool) -> str | None:
