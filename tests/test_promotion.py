@@ -128,6 +128,23 @@ def test_a_tabular_version_has_a_column_schema(tmp_path: Path, two_models: dict[
                                            "layout": "raw, one column per feature"}
 
 
+def _registered_tiny_mlp(prepared: Path, folder: Path, registered_model: str, steps: int) -> Any:
+    """A small MLP trained on ``prepared`` (rows of features, 2 classes), saved in ``folder``,
+    registered as ``registered_model`` @champion; the loaded pyfunc."""
+    import mlflow
+
+    from models.spec import ModelSpec
+    from tasks.core.model_files import save_state_dict_model
+    from tasks.data import load_preprocessing
+
+    spec = ModelSpec(family="mlp", hidden_sizes=(16,), dropout=0.0)
+    save_state_dict_model(train_tiny(spec, prepared, steps=steps), spec, load_preprocessing(prepared).input_shape, 2,
+                          folder, {"name": "baseline", "method": "baseline", "recipe": [], "parent": None})
+    with mlflow.start_run():
+        promote("baseline", folder, prepared, registered_model, {"data_digest": "d"})
+    return mlflow.pyfunc.load_model(f"models:/{registered_model}@{CHAMPION_ALIAS}")
+
+
 def test_a_csv_model_takes_its_columns_by_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mlflow_uri: str) -> None:
     """A CSV's header names the registered model's columns (before, x0..x{F-1}: nothing said
     which CSV column x2 was, and a file with its columns in another order passed as the same input)."""
@@ -136,8 +153,6 @@ def test_a_csv_model_takes_its_columns_by_name(tmp_path: Path, monkeypatch: pyte
     from mlflow.exceptions import MlflowException
     from mlflow.models import Model
 
-    from models.spec import ModelSpec
-    from tasks.core.model_files import save_state_dict_model
     from tasks.data import Preprocessing
     from tasks.evaluation.signature import column_difference, describe, input_schema, same_input
 
@@ -155,13 +170,7 @@ def test_a_csv_model_takes_its_columns_by_name(tmp_path: Path, monkeypatch: pyte
         np.save(prepared / f"{split}_x.npy", x[rows])
         np.save(prepared / f"{split}_y.npy", y[rows])
     (prepared / "preprocess.json").write_text(preprocessing.to_json())
-    spec = ModelSpec(family="mlp", hidden_sizes=(16,), dropout=0.0)
-    save_state_dict_model(train_tiny(spec, prepared, steps=80), spec, (4,), 2, tmp_path / "baseline",
-                          {"name": "baseline", "method": "baseline", "recipe": [], "parent": None})
-    with mlflow.start_run():
-        promote("baseline", tmp_path / "baseline", prepared, "named-columns", {"data_digest": "d"})
-
-    model = mlflow.pyfunc.load_model(f"models:/named-columns@{CHAMPION_ALIAS}")
+    model = _registered_tiny_mlp(prepared, tmp_path / "baseline", "named-columns", steps=80)
     schema = model.metadata.get_input_schema()
     assert schema.input_names() == list(names)
     assert [t.name for t in schema.input_types()] == ["double", "double", "long", "double"]
@@ -227,9 +236,7 @@ def test_a_model_with_categorical_columns_takes_their_values(
     import pandas as pd
     from mlflow.models import Model
 
-    from models.spec import ModelSpec
     from tasks.core.config import PrepareParams
-    from tasks.core.model_files import save_state_dict_model
     from tasks.data import decode_table
     from tasks.evaluation.challenge import remeasure
     from tasks.evaluation.signature import describe, input_schema
@@ -254,13 +261,7 @@ def test_a_model_with_categorical_columns_takes_their_values(
                                             "region": {"dtype": "long", "values": ["1", "2", "3", "4"]}}
     folder = tmp_path / "prepared"
     write_prepared(prepared, folder)
-    spec = ModelSpec(family="mlp", hidden_sizes=(16,), dropout=0.0)
-    save_state_dict_model(train_tiny(spec, folder, steps=150), spec, (8,), 2, tmp_path / "baseline",
-                          {"name": "baseline", "method": "baseline", "recipe": [], "parent": None})
-    with mlflow.start_run():
-        promote("baseline", tmp_path / "baseline", folder, "plans", {"data_digest": "d"})
-
-    model = mlflow.pyfunc.load_model(f"models:/plans@{CHAMPION_ALIAS}")
+    model = _registered_tiny_mlp(folder, tmp_path / "baseline", "plans", steps=150)
     schema = model.metadata.get_input_schema()
     assert [(c.name, c.type.name) for c in schema.inputs] == [("plan", "string"), ("region", "long"), ("spend", "double")]
     assert describe(input_schema(prepared.preprocessing)) == "3 columns (1 double, 1 long, 1 string) plan, region, spend"
