@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tasks.data import SPLITS, CategoricalColumn, Preprocessing
+from tasks.data import SPLITS, CategoricalColumn, Preprocessing, decode_table
 from tasks.core.classification import index_names
 from tasks.core.config import BUILTIN_SOURCES
 from tasks.core.errors import disk_full_message, report_stage_error, stage_main
@@ -420,19 +420,15 @@ def log_prepared(prepared: PreparedData) -> None:
 
 def _training_dataset(prepared: PreparedData, source: str, name: str) -> Any:
     """The train split as an MLflow dataset: rows whose file names its columns as a table of
-    those columns (integer ones int64) and the label's class names, so the run's Datasets
-    panel shows the columns the registered model takes; anything else as arrays."""
+    those columns (typed, categories as their values) and the label's class names, so the
+    run's Datasets panel shows the columns the registered model takes; anything else as arrays."""
     import mlflow
 
     x_train, y_train = prepared.splits["train"]
     preprocessing = prepared.preprocessing
     if not preprocessing.feature_names:
         return mlflow.data.from_numpy(x_train, targets=y_train, source=source, name=name, digest=prepared.digest)
-    import pandas as pd
-
-    frame = pd.DataFrame(x_train, columns=list(preprocessing.feature_names))
-    names = preprocessing.feature_names
-    frame = frame.astype({names[i]: "int64" for i in preprocessing.integer_features})
+    frame = decode_table(preprocessing, x_train)  # the raw columns, typed as the registered model takes them
     label = prepared.card.get("label_column") or "label"
     frame[label] = np.asarray(preprocessing.class_names, dtype=object)[y_train]
     return mlflow.data.from_pandas(frame, targets=label, source=source, name=name, digest=prepared.digest)

@@ -238,6 +238,12 @@ def test_categorical_columns_are_logged_and_never_taken_to_log_scale(
     assert preprocessing == Preprocessing.from_json(preprocessing.to_json())  # round trip
     card = json.loads((root / "data" / "prepared" / "card.json").read_text())
     assert card["columns"] == ["amount", "spend", "plan"] and card["categorical"]["plan"]["dtype"] == "string"
+    import mlflow  # the run's dataset: the raw columns, the plan as its words
+
+    (dataset_input,) = mlflow.search_runs(experiment_names=["slimflow"], output_format="list")[0].inputs.dataset_inputs
+    schema = json.loads(dataset_input.dataset.schema)["mlflow_colspec"]
+    assert [(c["name"], c["type"]) for c in schema] == [("amount", "double"), ("spend", "double"), ("plan", "string"),
+                                                        ("label", "string")]
     with pytest.raises(DataError, match=r"prepare.log_features: 'plan' is a categorical column"):
         chosen_log_features(["plan"], np.zeros((4, 5), np.float32), preprocessing.feature_names,
                             preprocessing.categorical)
@@ -500,7 +506,7 @@ def test_cli_logs_dataset_digest_to_mlflow(tmp_path: Path, monkeypatch: pytest.M
     assert {t.key: t.value for t in dataset_input.tags}["mlflow.data.context"] == "training"
     # A CSV's train split is a table of its columns (what the MLflow UI's Datasets panel shows).
     schema = json.loads(dataset_input.dataset.schema)["mlflow_colspec"]
-    assert [(c["name"], c["type"]) for c in schema] == [("a", "float"), ("b", "float"), ("species", "string")]
+    assert [(c["name"], c["type"]) for c in schema] == [("a", "double"), ("b", "double"), ("species", "string")]
     assert json.loads(dataset_input.dataset.profile)["num_rows"] == 21
     assert run.data.metrics["num_samples"] == 30 and run.data.metrics["num_train"] == 21
     card = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/data_card.json")
