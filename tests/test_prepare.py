@@ -119,7 +119,7 @@ def _heavy_rows(rows: int = 600, seed: int = 0) -> tuple[np.ndarray, np.ndarray]
 
 
 def test_heavy_tailed_features_are_found_and_logged_before_standardizing(tmp_path: Path) -> None:
-    from tasks.prepare import chosen_log_features, heavy_tailed_features
+    from tasks.sources.rows import chosen_log_features, heavy_tailed_features
 
     x, y = _heavy_rows()
     # The amounts; not the normal feature, the signed heavy one (negative values), the constant.
@@ -180,7 +180,7 @@ def test_a_csv_names_its_features_by_header_and_log_features_by_name(
 ) -> None:
     import logging
 
-    from tasks.prepare import chosen_log_features
+    from tasks.sources.rows import chosen_log_features
 
     x, y = _heavy_rows()
     header = ["amount", "spend", "age", "signed", "flat"]
@@ -217,7 +217,7 @@ def test_categorical_columns_are_logged_and_never_taken_to_log_scale(
 ) -> None:
     import logging
 
-    from tasks.prepare import chosen_log_features
+    from tasks.sources.rows import chosen_log_features
 
     x, y = _heavy_rows()
     # A rare category: its 0/1 feature is skewed (about 4), but it is no amount to log.
