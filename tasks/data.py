@@ -242,6 +242,17 @@ def data_digest(prepared: Path) -> str:
     return str(card["digest"])
 
 
+def data_split(prepared: Path) -> dict[str, Any] | None:
+    """How ``prepare`` split the data (``seed``, ``val_fraction``, ``test_fraction``), from the
+    data card; None when the card does not say."""
+    try:
+        card = json.loads((prepared / "card.json").read_text())
+        return {"seed": int(card["seed"]), "val_fraction": float(card["fractions"]["val"]),
+                "test_fraction": float(card["fractions"]["test"])}
+    except (OSError, KeyError, TypeError, ValueError):
+        return None
+
+
 def spec_for_data(spec: ModelSpec, preprocessing: Preprocessing) -> ModelSpec:
     """``spec`` with the vocabulary of token data (text) filled in from the prepared data."""
     if not preprocessing.is_text:

@@ -192,7 +192,8 @@ def test_the_champion_carries_the_evidence_a_reviewer_needs(digits: dict[str, An
     assert {"variant", "method", "recipe", "data_digest", "git_commit", "runtime_versions", "input_schema",
             "num_classes", "gate_decision", "promotion_decision", "promoted_at", "pipeline_run_id",
             "evaluate_run_id", "source_run_id", "model_digest", "metric.accuracy", "metric.size_bytes",
-            "class_recall", "class_names"} <= set(tags)
+            "class_recall", "class_names", "data_split"} <= set(tags)
+    assert json.loads(tags["data_split"]) == {"seed": 0, "val_fraction": 0.15, "test_fraction": 0.25}  # the card's
     assert json.loads(tags["class_names"]) == [str(c) for c in range(10)]  # what each predicted index means
     assert tags["git_commit"] and tags["data_digest"] == "test-digest-0001"
     evaluation = digits["evaluation"]  # each class's recall, for the next challenger to be held to

@@ -41,7 +41,8 @@ def write_prepared(folder: Path, test_size: int = 150) -> Preprocessing:
         np.save(folder / f"{split}_x.npy", x[index])
         np.save(folder / f"{split}_y.npy", y[index])
     (folder / "preprocess.json").write_text(preprocessing.to_json())
-    (folder / "card.json").write_text(json.dumps({"digest": "test-digest-0001", "source": "digits"}))
+    (folder / "card.json").write_text(json.dumps({"digest": "test-digest-0001", "source": "digits", "seed": 0,
+                                                  "fractions": {"train": 0.6, "val": 0.15, "test": 0.25}}))
     return preprocessing
 
 

@@ -454,6 +454,30 @@ def test_a_challenger_whose_columns_are_other_named_columns_never_takes_the_alia
         assert decision.verdict != "other_input", decision.reason
 
 
+def test_a_champion_re_measured_on_another_split_of_the_same_data_is_said_to_be_flattered() -> None:
+    """Another base.seed splits the same file another way: some of this run's test rows were in
+    the champion's train split, so its re-measured accuracy is optimistic. The decision says so."""
+    import dataclasses
+    import json
+
+    split = {"seed": 42, "val_fraction": 0.15, "test_fraction": 0.25}
+    challenger = dataclasses.replace(_challenger({}, accuracy=0.95), data_split={**split, "seed": 7})
+    champion = _champion_version(None, accuracy=0.96)
+    champion.tags.update(git_commit="def", data_split=json.dumps(split))  # other code: re-measured
+    remeasured = {"accuracy": 0.97, "macro_f1": 0.97}
+    decision = _decide(challenger, champion, remeasured)
+    assert decision.verdict == "worse" and decision.basis == "re-measured on this run's test split"
+    assert decision.reason.endswith(
+        "(the champion was trained on another split of the same data (seed 42, val/test 0.15/0.25; this run seed 7, "
+        "val/test 0.15/0.25): some of this run's test rows were in its train split, so its re-measured figures are "
+        "optimistic)")
+    assert decision.champion["data_split"] == split
+    for same in (dataclasses.replace(challenger, data_split=split), dataclasses.replace(challenger, data_split=None)):
+        assert "another split" not in _decide(same, champion, remeasured).reason
+    other_data = dataclasses.replace(challenger, data_digest="data-2")  # other data: every row is new to it
+    assert "another split" not in _decide(other_data, champion, remeasured).reason
+
+
 def test_a_re_measured_champion_is_compared_class_by_class_on_the_same_samples() -> None:
     """Re-measured on this run's test split, the champion's predictions pair with the
     challenger's: on 40 classes of 18 samples, a challenger 5 points more accurate that lost 3

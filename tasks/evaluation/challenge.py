@@ -96,6 +96,7 @@ class Challenger:
     runtime_versions: dict[str, str]
     per_class: dict[str, dict[str, float]] = field(default_factory=dict)  # {class: {recall, support, ...}}
     class_names: tuple[str, ...] = ()  # what each predicted index means (preprocess.json)
+    data_split: dict[str, Any] | None = None  # how prepare split the data: seed, val_fraction, test_fraction
     labels: np.ndarray | None = field(default=None, compare=False, repr=False)  # this run's test labels
     predictions: np.ndarray | None = field(default=None, compare=False, repr=False)  # ...and its predictions
 
@@ -204,10 +205,19 @@ def _champion_card(version: Any, schema: dict[str, Any] | None) -> dict[str, Any
         "version": str(version.version), "variant": tags.get("variant"), "input_schema": schema,
         "num_classes": int(tags["num_classes"]) if tags.get("num_classes") else None,
         "class_names": class_names if isinstance(class_names, list) else None,  # the order known (JSON: a list)
-        "data_digest": tags.get("data_digest"), "git_commit": tags.get("git_commit"),
+        "data_digest": tags.get("data_digest"), "data_split": _recorded_split(tags),
+        "git_commit": tags.get("git_commit"),
         "runtime_versions": json.loads(runtime) if runtime else None,
         "recorded": recorded_figures(tags), "remeasured": None,
     }
+
+
+def _recorded_split(tags: dict[str, str]) -> dict[str, Any] | None:
+    try:
+        split = json.loads(tags["data_split"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return split if isinstance(split, dict) and {"seed", "val_fraction", "test_fraction"} <= set(split) else None
 
 
 def _contract_problem(challenger: Challenger, card: dict[str, Any], tags: dict[str, str],
@@ -314,7 +324,25 @@ def decide(
     their_predictions = figures.pop(PREDICTIONS, None)
     card["remeasured"] = figures
     basis = "re-measured on this run's test split" + ("" if recorded is None else ", to pair the classes")
-    return _versus(challenger, card, basis, figures["accuracy"], their_predictions, tolerance, class_tolerance)[0]
+    decision = _versus(challenger, card, basis, figures["accuracy"], their_predictions, tolerance, class_tolerance)[0]
+    if same_data and (caveat := _other_split(card, challenger)):
+        decision.reason += f" ({caveat})"
+    return decision
+
+
+def _other_split(card: dict[str, Any], challenger: Challenger) -> str | None:
+    """Why a re-measurement flatters the champion, where it does: the same data split
+    another way (another ``base.seed`` or other fractions), so some of this run's test
+    rows were in the champion's train split."""
+    theirs, ours = card.get("data_split"), challenger.data_split
+    if not theirs or not ours or theirs == ours:
+        return None
+
+    def said(split: dict[str, Any]) -> str:
+        return f"seed {split['seed']}, val/test {split['val_fraction']:g}/{split['test_fraction']:g}"
+
+    return (f"the champion was trained on another split of the same data ({said(theirs)}; this run {said(ours)}): "
+            "some of this run's test rows were in its train split, so its re-measured figures are optimistic")
 
 
 def _versus(challenger: Challenger, card: dict[str, Any], basis: str, theirs: float, their_predictions: Any,

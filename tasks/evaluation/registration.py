@@ -46,7 +46,7 @@ def _lock_md5(paths: ProjectPaths) -> str | None:
 
 
 def challenger_of(result: ModelResult, paths: ProjectPaths, labels: Any = None) -> Challenger:
-    from tasks.data import load_preprocessing
+    from tasks.data import data_split, load_preprocessing
 
     preprocessing = load_preprocessing(paths.prepared)
     return Challenger(
@@ -56,6 +56,7 @@ def challenger_of(result: ModelResult, paths: ProjectPaths, labels: Any = None) 
         num_classes=preprocessing.num_classes,
         class_names=tuple(preprocessing.class_names),
         data_digest=data_digest_or_none(paths),
+        data_split=data_split(paths.prepared),
         model_digest=result.manifest.get("digest"),
         git_commit=tracking.git_commit(paths.root),
         runtime_versions=runtime_versions(),
@@ -76,6 +77,7 @@ def evidence(
         runtime=result.runtime,
         recipe=result.manifest.get("recipe") or [],
         data_digest=challenger.data_digest,
+        data_split=challenger.data_split,
         dvc_lock_md5_at_evaluate=_lock_md5(paths),  # prepare/train/compress as this run left them
         git_commit=challenger.git_commit,
         runtime_versions=challenger.runtime_versions,
