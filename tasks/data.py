@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tasks.core.categories import CategoricalColumn, category_text
+from tasks.core.categories import CategoricalColumn
 
 if TYPE_CHECKING:  # the data module stays free of pydantic for the processes that only read data
     from models.spec import ModelSpec
@@ -169,6 +169,23 @@ class Preprocessing:
         )
 
 
+def column_names(preprocessing: Preprocessing) -> list[str]:
+    """A tabular model's input columns: the data's own names (its raw columns, where some are
+    categorical), else ``x0 .. x{F-1}``."""
+    if preprocessing.raw_columns:
+        return list(preprocessing.raw_columns)
+    return [f"x{i}" for i in range(preprocessing.input_shape[0])]
+
+
+def column_types(preprocessing: Preprocessing) -> dict[str, str]:
+    """Each input column's type, as pandas reads the data's file: ``long`` where every value
+    is written as an integer, ``string`` for categories in words, else ``double``."""
+    features = list(preprocessing.feature_names) or column_names(preprocessing)
+    longs = {features[i] for i in preprocessing.integer_features}
+    categorical = {column.name: column.dtype for column in preprocessing.categorical}
+    return {name: categorical.get(name) or ("long" if name in longs else "double") for name in column_names(preprocessing)}
+
+
 def encode_table(preprocessing: Preprocessing, frame: Any) -> np.ndarray:
     """A table of the raw columns (a DataFrame, taken by name) -> the model's features, float32:
     a number column as it is (a gap: NaN), a categorical column as its 0/1 features."""
@@ -179,9 +196,7 @@ def encode_table(preprocessing: Preprocessing, frame: Any) -> np.ndarray:
     for name in preprocessing.raw_columns:
         values = frame[name]
         if name in categorical:
-            index = {value: i for i, value in enumerate(categorical[name].values)}
-            codes = np.array([index.get(category_text(v), -1) for v in values.tolist()], dtype=np.int64)
-            parts.append(codes[:, None] == np.arange(len(index))[None, :])
+            parts.append(categorical[name].one_hot(values.tolist()))
         else:
             parts.append(pd.to_numeric(values, errors="raise").to_numpy(dtype=np.float64, na_value=np.nan)[:, None])
     return np.hstack(parts).astype(np.float32) if parts else np.zeros((len(frame), 0), np.float32)
@@ -194,25 +209,20 @@ def decode_table(preprocessing: Preprocessing, x: np.ndarray) -> Any:
     import pandas as pd
 
     categorical = {column.name: column for column in preprocessing.categorical}
-    names = list(preprocessing.feature_names) or [f"x{i}" for i in range(x.shape[1])]
-    longs = {names[i] for i in preprocessing.integer_features}
     data: dict[str, Any] = {}
     at = 0
-    for name in preprocessing.raw_columns or names:
+    for name, kind in column_types(preprocessing).items():
         if name in categorical:
-            column = categorical[name]
-            group = np.asarray(x[:, at : at + len(column.values)])
-            picked = [column.values[i] if group[row, i] > 0.5 else None for row, i in enumerate(group.argmax(axis=1))]
-            if column.dtype == "string":
-                data[name] = pd.Series(picked, dtype=object)
-            else:
-                numbers = pd.Series([float(v) if v is not None else np.nan for v in picked], dtype=np.float64)
-                data[name] = numbers.astype(np.int64) if column.dtype == "long" else numbers
-            at += len(column.values)
+            values = categorical[name].values
+            group = np.asarray(x[:, at : at + len(values)])
+            picked = [values[i] if group[row, i] > 0.5 else None for row, i in enumerate(group.argmax(axis=1))]
+            column = (pd.Series(picked, dtype=object) if kind == "string"
+                      else pd.Series([float(v) if v is not None else np.nan for v in picked], dtype=np.float64))
+            at += len(values)
         else:
-            values = pd.Series(np.asarray(x[:, at], dtype=np.float64))
-            data[name] = values.astype(np.int64) if name in longs else values
+            column = pd.Series(np.asarray(x[:, at], dtype=np.float64))
             at += 1
+        data[name] = column.astype(np.int64) if kind == "long" else column
     return pd.DataFrame(data)
 
 

@@ -4,6 +4,7 @@ what the prepared data and the registered model keep (``tasks.data``)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +22,13 @@ class CategoricalColumn:
 
     def features(self) -> list[str]:
         return [f"{self.name}={value}" for value in self.values]
+
+    def one_hot(self, cells: Iterable[Any]) -> np.ndarray:
+        """``cells`` (values as a CSV or a DataFrame holds them) as this column's 0/1 features,
+        float32 ``(N, len(values))``; a gap or a value not among :attr:`values` sets none."""
+        index = {value: i for i, value in enumerate(self.values)}
+        codes = np.array([index.get(category_text(cell), -1) for cell in cells], dtype=np.int64)
+        return (codes[:, None] == np.arange(len(self.values))[None, :]).astype(np.float32)
 
 
 def category_text(value: Any) -> str | None:

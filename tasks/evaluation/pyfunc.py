@@ -133,10 +133,10 @@ class SlimflowClassifier(mlflow.pyfunc.PythonModel):
 
             ids = encode(self._tokenizer, _as_texts(model_input))
             return np.asarray(self._model.predict(ids)).argmax(axis=1).astype(np.int64)
-        names = list(self._preprocessing.raw_columns)
         if self._preprocessing.categorical:  # columns of categories: each becomes its 0/1 features
             x = _encoded(model_input, self._preprocessing)
         else:
+            names = list(self._preprocessing.raw_columns)
             if names and hasattr(model_input, "columns") and set(names) <= set(model_input.columns):
                 model_input = model_input[names]  # named columns: taken by name, in the model's order
             x = _as_array(model_input)
@@ -155,7 +155,8 @@ class SlimflowClassifier(mlflow.pyfunc.PythonModel):
 
 def _missing_message(x: np.ndarray, preprocessing: Any) -> str:
     """Where the first missing value (NaN) of a request is, for a model that fills none."""
-    from tasks.evaluation.signature import column_names, is_tabular
+    from tasks.data import column_names
+    from tasks.evaluation.signature import is_tabular
 
     at = [int(i) for i in np.argwhere(np.isnan(x))[0]]
     features = list(preprocessing.feature_names) or column_names(preprocessing)  # a number column's feature is it

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from tasks.data import Preprocessing, decode_table
+from tasks.data import Preprocessing, column_names, column_types, decode_table
 
 TOKENIZER_FILE = "tokenizer.json"  # beside preprocess.json in the prepared data (text)
 SHAPED_INPUT = "raw_shaped_input"  # the tensor's name says what it takes: raw values, shaped
@@ -43,28 +43,6 @@ NAMES_SHOWN = 8  # named columns listed in a message, then the count
 
 def is_tabular(preprocessing: Preprocessing) -> bool:
     return len(preprocessing.input_shape) == 1 and not preprocessing.is_text
-
-
-def column_names(preprocessing: Preprocessing) -> list[str]:
-    """A tabular model's input columns: the data's own names (its raw columns, where some are
-    categorical), else ``x0 .. x{F-1}``."""
-    if preprocessing.raw_columns:
-        return list(preprocessing.raw_columns)
-    return [f"x{i}" for i in range(preprocessing.input_shape[0])]
-
-
-def column_types(preprocessing: Preprocessing) -> dict[str, str]:
-    """Each input column's type, as pandas reads the data's file: ``long`` where every value
-    is written as an integer, ``string`` for categories in words, else ``double``."""
-    features = list(preprocessing.feature_names) or column_names(preprocessing)
-    longs = {features[i] for i in preprocessing.integer_features}
-    categorical = {column.name: column.dtype for column in preprocessing.categorical}
-    return {name: categorical.get(name) or ("long" if name in longs else "double") for name in column_names(preprocessing)}
-
-
-def long_columns(preprocessing: Preprocessing) -> list[str]:
-    """The columns a tabular model takes as ``long`` (int64): see :func:`column_types`."""
-    return [name for name, kind in column_types(preprocessing).items() if kind == "long"]
 
 
 def input_schema(preprocessing: Preprocessing) -> dict[str, Any]:

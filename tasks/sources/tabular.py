@@ -164,9 +164,7 @@ def _with_categories(header: list[str], features: list[int], numbers: np.ndarray
     for i in features:  # the raw columns in the file's order, each as its model features
         name = header[i]
         if name in columns:
-            index = {value: k for k, value in enumerate(columns[name].values)}
-            codes = np.array([index[v] if v is not None else -1 for v in cells[name]])
-            parts.append((codes[:, None] == np.arange(len(columns[name].values))[None, :]).astype(np.float32))
+            parts.append(columns[name].one_hot(cells[name]))
             feature_names += columns[name].features()
         else:
             if i in integer_columns:
@@ -181,11 +179,17 @@ def _with_categories(header: list[str], features: list[int], numbers: np.ndarray
 
 def _category_cell(field: str, name: str, shown: str, line: int, missing: bool) -> str | None:
     text = field.strip()
-    if text in MISSING_MARKERS:
-        if not missing:
-            raise DataError(f"{shown}: line {line}, column {name!r}: a missing value ({text!r}); {MISSING_HINT}")
-        return None
-    return text
+    return None if _is_gap(text, name, shown, line, missing) else text
+
+
+def _is_gap(text: str, name: str, shown: str, line: int, missing: bool) -> bool:
+    """Whether a cell's (stripped) ``text`` is a missing value; refused, naming its place and
+    the setting, unless ``missing`` allows gaps."""
+    if text not in MISSING_MARKERS:
+        return False
+    if not missing:
+        raise DataError(f"{shown}: line {line}, column {name!r}: a missing value ({text!r}); {MISSING_HINT}")
+    return True
 
 
 def _categorical_column(name: str, cells: list[str | None], shown: str) -> tuple[CategoricalColumn, list[str | None]]:
@@ -262,10 +266,7 @@ def _parse_floats(fields: list[str], names: Sequence[str], shown: str, line: int
     # Slow path only on a row with a gap or a bad value: fill the gaps, or find the column to name.
     values = []
     for name, field in zip(names, fields):
-        if field.strip() in MISSING_MARKERS:
-            if not missing:
-                raise DataError(f"{shown}: line {line}, column {name!r}: a missing value ({field.strip()!r}); "
-                                f"{MISSING_HINT}")
+        if _is_gap(field.strip(), name, shown, line, missing):
             values.append(math.nan)
             continue
         try:
