@@ -5,7 +5,9 @@ raw values, shape ``(N, *input_shape)``) and ``{split}_y.npy`` (int64 class indi
 plus ``preprocess.json`` (input shape, classes and the normalization statistics
 computed on the train split only) and ``card.json`` (the data card). Text data stores
 token ids ``(N, max_length)`` in ``{split}_x.npy`` (float32, exact; 0 pads), is not
-normalized, and adds ``tokenizer.json`` (trained on the train split only). Rows with
+normalized, and adds ``tokenizer.json`` (trained on the train split only). ``{split}_rows.npy``
+holds each sample's fingerprint (uint64, :func:`row_fingerprints`): which rows a registered
+model trained on, so that a later run measures it only on rows it never saw. Rows with
 categorical columns store each as its 0/1 features (:class:`CategoricalColumn`);
 :func:`encode_table` / :func:`decode_table` go between a table of the raw columns and
 those features. ``.npy`` files are
@@ -14,6 +16,7 @@ written with ``np.save``, which is byte-deterministic, so DVC hashes never drift
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -224,6 +227,56 @@ def decode_table(preprocessing: Preprocessing, x: np.ndarray) -> Any:
             at += 1
         data[name] = column.astype(np.int64) if kind == "long" else column
     return pd.DataFrame(data)
+
+
+ROWS_FILE = "{split}_rows.npy"  # per split: each sample's fingerprint (:func:`row_fingerprints`)
+
+
+def row_fingerprints(preprocessing: Preprocessing, x: np.ndarray) -> np.ndarray:
+    """A 64-bit fingerprint (BLAKE2b) of each sample's input as a client sends it, the label
+    aside: what tells whether a model saw a sample in training, across runs and versions of
+    the data. Rows of features: the raw columns by name (any order), categories by their
+    value (not their 0/1 features, which change when a category is added), numbers as
+    written (an integer as ``3`` whether the column is long or double), a gap as empty.
+    Images and other arrays: the raw float32 bytes. Text: :func:`text_fingerprints`."""
+    if x.ndim != 2 or preprocessing.is_text:
+        return np.fromiter((_fingerprint(sample.tobytes()) for sample in np.ascontiguousarray(x, dtype=np.float32)),
+                           dtype=np.uint64, count=len(x))
+    table = decode_table(preprocessing, x)
+    names = sorted(table.columns)
+    cells = [[f"{name}={_cell(value)}" for value in table[name].tolist()] for name in names]
+    return np.fromiter((_fingerprint("\x1f".join(row).encode()) for row in zip(*cells)), dtype=np.uint64,
+                       count=len(table))
+
+
+def text_fingerprints(texts: list[str]) -> np.ndarray:
+    """:func:`row_fingerprints` of raw texts (the model's input before its tokenizer)."""
+    return np.fromiter((_fingerprint(text.encode("utf-8", "surrogatepass")) for text in texts), dtype=np.uint64,
+                       count=len(texts))
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return f"'{value}'"
+    number = float(value)
+    if number != number:  # NaN: a gap
+        return ""
+    return str(int(number)) if number.is_integer() else repr(number)
+
+
+def _fingerprint(data: bytes) -> int:
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+
+
+def load_row_fingerprints(prepared: Path, *splits: str) -> np.ndarray | None:
+    """The fingerprints of ``splits`` (concatenated in that order); None where ``prepare``
+    wrote none (data prepared before they were kept)."""
+    try:
+        return np.concatenate([np.load(prepared / ROWS_FILE.format(split=split)) for split in splits])
+    except (OSError, ValueError):
+        return None
 
 
 @dataclass(frozen=True)

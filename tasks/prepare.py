@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tasks.data import SPLITS, Preprocessing, decode_table
+from tasks.data import ROWS_FILE, SPLITS, Preprocessing, decode_table, row_fingerprints, text_fingerprints
 from tasks.core.classification import index_names
 from tasks.core.config import BUILTIN_SOURCES
 from tasks.core.errors import disk_full_message, report_stage_error, stage_main
@@ -76,6 +76,7 @@ class PreparedData:
     preprocessing: Preprocessing
     card: dict[str, Any]
     tokenizer_json: str | None = None  # text: the tokenizer trained on the train split
+    rows: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # split -> each sample's fingerprint
 
     @property
     def digest(self) -> str:
@@ -185,7 +186,8 @@ def prepare_data(params: PrepareParams, seed: int, root: Path) -> PreparedData:
         card["missing_values"] = {"filled_with": "train-split median",
                                   "counts": {names[i]: n for i, n in missing.items()},
                                   "fill_values": {names[i]: fill_values[i] for i in missing}}
-    return PreparedData(splits=splits, preprocessing=preprocessing, card=card)
+    rows = {split: row_fingerprints(preprocessing, splits[split][0]) for split in SPLITS}
+    return PreparedData(splits=splits, preprocessing=preprocessing, card=card, rows=rows)
 
 
 def _prepare_text(raw: RawText, provenance: dict[str, Any], params: PrepareParams, seed: int) -> PreparedData:
@@ -200,7 +202,9 @@ def _prepare_text(raw: RawText, provenance: dict[str, Any], params: PrepareParam
     value_range = {"min": float(min(a.min() for a in ids.values())), "max": float(max(a.max() for a in ids.values()))}
     card = _card(provenance, len(texts), [params.text_max_length], value_range, class_names, splits, params, seed)
     card.update(dtype="float32 token ids (0 = padding)", tokenizer=tokenizer_card(tokenizer, ids, split_texts))
-    return PreparedData(splits=splits, preprocessing=preprocessing, card=card, tokenizer_json=tokenizer.to_str())
+    rows = {split: text_fingerprints(split_texts[split]) for split in SPLITS}
+    return PreparedData(splits=splits, preprocessing=preprocessing, card=card, tokenizer_json=tokenizer.to_str(),
+                        rows=rows)
 
 
 def class_index_line(class_names: list[str]) -> str | None:
@@ -260,6 +264,8 @@ def write_prepared(prepared: PreparedData, out_dir: Path) -> None:
         for split, (x, y) in prepared.splits.items():
             np.save(tmp / f"{split}_x.npy", np.ascontiguousarray(x, dtype=np.float32), allow_pickle=False)
             np.save(tmp / f"{split}_y.npy", np.ascontiguousarray(y, dtype=np.int64), allow_pickle=False)
+            if split in prepared.rows:
+                np.save(tmp / ROWS_FILE.format(split=split), prepared.rows[split], allow_pickle=False)
         (tmp / "preprocess.json").write_text(prepared.preprocessing.to_json(), encoding="utf-8")
         if prepared.tokenizer_json is not None:
             (tmp / TOKENIZER_FILE).write_text(prepared.tokenizer_json, encoding="utf-8")

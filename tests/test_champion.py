@@ -185,6 +185,45 @@ def test_a_worse_challenger_does_not_take_the_alias_on_the_same_or_other_data(
     assert "evaluation/promotion.json" in logged
 
 
+def test_a_champion_is_measured_only_on_the_test_rows_it_never_trained_on(project: Path, digits: dict[str, Any]) -> None:
+    """The data split again another way (another seed, or a file that grew): half of this
+    run's test rows were in the champion's train split. The version kept the fingerprints of
+    the rows it trained on; the decision compares both models on the other half."""
+    from tasks.core.paths import ProjectPaths
+    from tasks.data import ROWS_FILE, load_row_fingerprints
+    from tasks.evaluate import run_evaluate
+    from tasks.evaluation.registration import champion_seen_rows
+
+    prepared = project / "data" / "prepared"
+    champion = _champion()
+    seen = champion_seen_rows(champion)  # the version's run holds them, as its tag says
+    assert champion.tags["seen_rows"] == "seen_rows.npy"
+    assert set(seen.tolist()) == set(load_row_fingerprints(prepared, "train", "val").tolist())
+    assert not set(seen.tolist()) & set(load_row_fingerprints(prepared, "test").tolist())
+
+    arrays = {split: {kind: np.load(prepared / f"{split}_{kind}.npy") for kind in ("x", "y", "rows")}
+              for split in ("train", "test")}
+    moved = {"test": {k: np.concatenate([arrays["test"][k][:75], arrays["train"][k][:75]]) for k in ("x", "y", "rows")},
+             "train": {k: np.concatenate([arrays["train"][k][75:], arrays["test"][k][75:]]) for k in ("x", "y", "rows")}}
+    for split, kinds in moved.items():
+        for kind, values in kinds.items():
+            np.save(prepared / (ROWS_FILE.format(split=split) if kind == "rows" else f"{split}_{kind}.npy"), values)
+    card = json.loads((prepared / "card.json").read_text())
+    (prepared / "card.json").write_text(json.dumps({**card, "digest": "other-data", "seed": 1}))
+    _only_baseline(project, steps=0)
+    run_evaluate(ProjectPaths(project), make_params())
+    decision = _promotion(project)
+    assert decision["verdict"] == "worse" and decision["basis"] == (
+        "re-measured on this run's test split, on the 75 of its 150 rows the champion never trained on")
+    compared = decision["compared_on"]
+    assert (compared["test_rows"], compared["compared"], compared["left_out"]) == (150, 75, 75)
+    remeasured = decision["champion"]["remeasured"]
+    assert remeasured["on_unseen_rows"]["accuracy"] == pytest.approx(compared["champion"]["accuracy"])
+    report = (project / "artifacts" / "evaluation" / "report.md").read_text()
+    assert ("75 of this split's 150 test rows were in the champion's train or validation split. The decision compares "
+            "both on the 75 it never trained on: accuracy") in report
+
+
 def test_the_champion_carries_the_evidence_a_reviewer_needs(digits: dict[str, Any]) -> None:
     with project_env(digits["root"]):
         champion = _champion()

@@ -14,7 +14,7 @@ import torch
 from models.factory import build_model
 from models.spec import ModelSpec
 from tasks.core.config import EvaluateParams, GateParams, Params
-from tasks.data import Preprocessing
+from tasks.data import ROWS_FILE, Preprocessing, row_fingerprints
 from tasks.core.model_files import count_nonzeros, save_state_dict_model, write_manifest
 
 CLASS_NAMES = [str(i) for i in range(10)]
@@ -40,6 +40,7 @@ def write_prepared(folder: Path, test_size: int = 150) -> Preprocessing:
     for split, index in splits.items():
         np.save(folder / f"{split}_x.npy", x[index])
         np.save(folder / f"{split}_y.npy", y[index])
+        np.save(folder / ROWS_FILE.format(split=split), row_fingerprints(preprocessing, x[index]))
     (folder / "preprocess.json").write_text(preprocessing.to_json())
     (folder / "card.json").write_text(json.dumps({"digest": "test-digest-0001", "source": "digits", "seed": 0,
                                                   "fractions": {"train": 0.6, "val": 0.15, "test": 0.25}}))

@@ -542,6 +542,81 @@ def test_a_champion_without_per_class_recall_is_compared_on_accuracy_and_the_dec
     assert decision.allowed and decision.reason.endswith("each class within max_class_recall_drop 0.1")
 
 
+def _memorising_champion_case(seen_count: int) -> tuple[Any, Any, dict[str, Any], Any]:
+    """200 test rows of two classes. The champion trained on the first ``seen_count`` of
+    them (it gets each right) and gets 80% of the rest; the challenger gets 85% of every row."""
+    import dataclasses
+
+    import numpy as np
+
+    from tasks.core.classification import classification_metrics
+
+    labels = np.tile([0, 1], 100)
+    ours = labels.copy()
+    ours[::20] ^= 1  # 10 of 200 wrong
+    ours[5::20] ^= 1  # 20 of 200: 0.90
+    ours[7::40] ^= 1  # 25 of 200 ...
+    ours[11::40] ^= 1  # 30 of 200 wrong: 0.85, spread over the whole split and both classes
+    theirs = labels.copy()
+    unseen = np.arange(200) >= seen_count
+    wrong = np.flatnonzero(unseen)[::5]  # a fifth of the rows it never saw: 0.80 there
+    theirs[wrong] ^= 1
+    rows = np.arange(1000, 1200, dtype=np.uint64)  # this run's test rows' fingerprints
+    quality, per_class, _ = classification_metrics(labels, ours, ["ok", "fraud"])
+    challenger = dataclasses.replace(
+        _challenger({name: dict(row) for name, row in per_class.items()}, accuracy=quality["accuracy"]),
+        class_names=("ok", "fraud"), labels=labels, predictions=ours, test_rows=rows, data_digest="data-2")
+    their_quality, their_classes, _ = classification_metrics(labels, theirs, ["ok", "fraud"])
+    remeasured = {**their_quality, "class_recall": {n: r["recall"] for n, r in their_classes.items()},
+                  "predictions": theirs}
+    seen = np.concatenate([rows[:seen_count], np.arange(5000, 6000, dtype=np.uint64)])  # and its own train rows
+    return challenger, _champion_version(None, accuracy=0.9), remeasured, seen
+
+
+def test_a_champion_is_compared_only_on_the_test_rows_it_never_trained_on() -> None:
+    """New data that overlaps the old (a file that grew, or another seed): the champion
+    learned 80 of this run's 200 test rows. On all 200 it reads 0.88 against the
+    challenger's 0.85 and would keep the alias; on the 120 it never saw it reads 0.80."""
+    from tasks.evaluation.challenge import decide
+
+    challenger, champion, remeasured, seen = _memorising_champion_case(80)
+    assert challenger.figures["accuracy"] == pytest.approx(0.85) and remeasured["accuracy"] == pytest.approx(0.88)
+    flattered = _decide(challenger, champion, remeasured)  # no fingerprints kept: the whole split
+    assert flattered.verdict == "worse" and flattered.compared_on is None
+
+    decision = decide(challenger, champion, challenger.input_schema, "slimflow-tx", 0.01, lambda uri: remeasured,
+                      class_tolerance=0.1, seen_by_champion=lambda version: seen)
+    assert decision.allowed and decision.verdict == "not_worse", decision.reason
+    assert decision.basis == ("re-measured on this run's test split, on the 120 of its 200 rows the champion never "
+                              "trained on")
+    assert decision.compared_on["test_rows"] == 200 and decision.compared_on["left_out"] == 80
+    assert decision.compared_on["champion"]["accuracy"] == pytest.approx(0.80)
+    assert decision.compared_on["challenger"]["accuracy"] == pytest.approx(102 / 120)
+    assert decision.champion["remeasured"]["accuracy"] == pytest.approx(0.88)  # the whole split, still shown
+    assert decision.champion["remeasured"]["on_unseen_rows"]["accuracy"] == pytest.approx(0.80)
+    assert "qat accuracy 0.8500 vs the champion's (version 1, pruned) 0.8000" in decision.reason
+    document = decision.document(challenger, "slimflow-tx", 0.01, 200, 0.1)
+    assert document["compared_on"]["compared"] == 120 and "keep" not in document["compared_on"]
+
+
+def test_too_few_unseen_test_rows_compare_the_whole_split_and_say_it_flatters_the_champion() -> None:
+    from tasks.evaluation.challenge import MIN_UNSEEN_ROWS, decide
+
+    challenger, champion, remeasured, seen = _memorising_champion_case(200 - MIN_UNSEEN_ROWS + 1)
+    decision = decide(challenger, champion, challenger.input_schema, "slimflow-tx", 0.01, lambda uri: remeasured,
+                      class_tolerance=0.1, seen_by_champion=lambda version: seen)
+    assert decision.verdict == "worse" and decision.basis == "re-measured on this run's test split"
+    assert decision.reason.endswith(
+        f"(151 of this run's 200 test rows were in the champion's train or validation split, leaving fewer than "
+        f"{MIN_UNSEEN_ROWS} it never saw to compare on: its re-measured figures are optimistic)")
+    # None of them seen: the whole split, and the decision says that is fair.
+    challenger, champion, remeasured, seen = _memorising_champion_case(0)
+    decision = decide(challenger, champion, challenger.input_schema, "slimflow-tx", 0.01, lambda uri: remeasured,
+                      class_tolerance=0.1, seen_by_champion=lambda version: seen)
+    assert decision.compared_on["left_out"] == 0 and decision.basis == "re-measured on this run's test split"
+    assert decision.reason.endswith("(none of this run's test rows was among the rows the champion trained on)")
+
+
 def test_an_accuracy_drop_that_fails_says_how_finely_the_split_measured_it() -> None:
     """With the drop's standard error measured (the evaluate stage's ``accuracy_change_noise_pts``),
     the reason gives it beside the drop; without it, the reason is the drop alone."""

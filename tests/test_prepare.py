@@ -66,7 +66,7 @@ def test_prepare_writes_the_contract(csv_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "data" / "prepared"
     write_prepared(prepared, out)
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["card.json", "preprocess.json", *(f"{s}_{a}.npy" for s in SPLITS for a in "xy")]
+        ["card.json", "preprocess.json", *(f"{s}_{a}.npy" for s in SPLITS for a in ("x", "y", "rows"))]
     )
     train_x = np.load(out / "train_x.npy")
     assert train_x.dtype == np.float32 and np.load(out / "train_y.npy").dtype == np.int64
@@ -336,6 +336,44 @@ def test_new_seed_new_split_same_proportions(csv_root: Path) -> None:
     assert first.card["counts"] == second.card["counts"]
     assert not np.array_equal(first.splits["train"][0], second.splits["train"][0])
     assert first.digest == second.digest
+
+
+def test_each_row_keeps_its_fingerprint_whatever_the_split_column_order_or_categories(tmp_path: Path) -> None:
+    """What lets a later run leave out the test rows a champion trained on: a row's
+    fingerprint is the same in another split (another seed), with the file's columns in
+    another order, and after the file grew a category; another row's differs."""
+    from tasks.data import load_row_fingerprints, row_fingerprints, text_fingerprints
+
+    rng = np.random.default_rng(0)
+    rows = [[round(float(rng.normal(50, 10)), 2), int(rng.integers(0, 9)), str(rng.choice(["basic", "gold"])),
+             str(rng.choice(["stay", "churn"]))] for _ in range(120)]
+    header = ["income", "visits", "plan", "label"]
+    raw = tmp_path / "data" / "raw"
+    write_csv(raw / "rows.csv", rows, header)
+    write_csv(raw / "reordered.csv", [[r[2], r[3], r[1], r[0]] for r in rows], ["plan", "label", "visits", "income"])
+    write_csv(raw / "grown.csv", [*rows, [61.5, 3, "enterprise", "stay"], [48.25, 0, "gold", "churn"]], header)
+
+    def fingerprints(path: str, seed: int, folder: str) -> dict[str, np.ndarray]:
+        params = PrepareParams(source="csv", path=f"data/raw/{path}", csv_label_column="label",
+                               csv_categorical_columns=["plan"])
+        write_prepared(prepare_data(params, seed, tmp_path), tmp_path / folder)
+        return {split: load_row_fingerprints(tmp_path / folder, split) for split in SPLITS}
+
+    first, other_seed = fingerprints("rows.csv", 1, "a"), fingerprints("rows.csv", 2, "b")
+    everything = np.concatenate(list(first.values()))
+    assert everything.dtype == np.uint64 and len(np.unique(everything)) == 120  # one per row
+    assert not np.array_equal(first["test"], other_seed["test"])  # other rows in each split...
+    assert set(everything.tolist()) == set(np.concatenate(list(other_seed.values())).tolist())  # ...the same rows
+    assert set(np.concatenate(list(fingerprints("reordered.csv", 1, "c").values())).tolist()) == set(everything.tolist())
+    grown = set(np.concatenate(list(fingerprints("grown.csv", 1, "d").values())).tolist())
+    assert set(everything.tolist()) < grown and len(grown) == 122  # 'enterprise' changed every row's 0/1 features
+    # Images: the raw bytes; texts: the text itself.
+    images = np.zeros((3, 1, 4, 4), np.float32)
+    images[1, 0, 0, 0] = 1.0
+    image_rows = row_fingerprints(Preprocessing.fit(images, 2, ["a", "b"]), images)
+    assert image_rows[0] == image_rows[2] != image_rows[1]
+    assert text_fingerprints(["good", "bad", "good"]).tolist()[::2] == text_fingerprints(["good", "good"]).tolist()
+    assert load_row_fingerprints(tmp_path / "nowhere", "test") is None  # prepared before fingerprints: none
 
 
 def test_stratified_split_partitions_every_class() -> None:

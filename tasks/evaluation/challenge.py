@@ -12,7 +12,12 @@ with the version the alias points at now:
    recorded figures are compared;
 4. otherwise (other data, other code or runtime, no recorded figures): the champion is
    re-measured on THIS run's test split, in a fresh process through its own pyfunc code,
-   side by side with the challenger.
+   side by side with the challenger. Both are compared on the test rows the champion never
+   trained on: a version keeps the fingerprints of its train and validation rows
+   (``seen_rows``), and this run's test rows among them (the same data split with another
+   seed, or a data set that grew) are left out, since a model is flattered on rows it
+   learned. Too few left (:data:`MIN_UNSEEN_ROWS`), or a champion that kept none: the whole
+   split, and the decision says the figures flatter the champion where they do.
 
 In 3 and 4 the challenger may not be worse than the champion by more than the gate's
 ``max_accuracy_drop`` on accuracy, nor lose more than its ``max_class_recall_drop`` of any
@@ -31,8 +36,8 @@ import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +55,8 @@ HEADLINE = ("accuracy", "macro_f1", "accuracy_delta", "size_bytes", "latency_p50
 QUALITY = ("accuracy", "macro_f1")  # what a re-measurement on another split gives
 CLASS_RECALL = "class_recall"  # a version's tag (and a re-measurement's key): {class: test recall}
 PREDICTIONS = "predictions"  # a re-measurement's key: the champion's test predictions (not kept)
+SEEN_ROWS = "seen_rows"  # a version's tag: its run's artifact of the fingerprints of the rows it trained on
+MIN_UNSEEN_ROWS = 50  # fewer test rows the champion never saw than this: compared on the whole split
 
 # Runs in a fresh interpreter outside the project, so the champion's own logged code
 # (not this checkout's `tasks`) loads it, as `mlflow models serve` would.
@@ -99,6 +106,7 @@ class Challenger:
     data_split: dict[str, Any] | None = None  # how prepare split the data: seed, val_fraction, test_fraction
     labels: np.ndarray | None = field(default=None, compare=False, repr=False)  # this run's test labels
     predictions: np.ndarray | None = field(default=None, compare=False, repr=False)  # ...and its predictions
+    test_rows: np.ndarray | None = field(default=None, compare=False, repr=False)  # ...and their fingerprints
 
 
 @dataclass
@@ -111,6 +119,7 @@ class Decision:
     basis: str | None = None  # "recorded evidence" | "re-measured on this run's test split"
     champion: dict[str, Any] | None = None  # the current champion's version, contract and figures
     suggested_name: str | None = None
+    compared_on: dict[str, Any] | None = None  # the test rows both were compared on, where not the whole split
 
     def document(self, challenger: Challenger, registered_model: str, tolerance: float,
                  test_samples: int, class_tolerance: float | None = None) -> dict[str, Any]:
@@ -130,6 +139,7 @@ class Decision:
                 "git_commit": challenger.git_commit,
             },
             "champion": self.champion,
+            "compared_on": self.compared_on,
             "suggested_registered_model": self.suggested_name,
         }
 
@@ -281,10 +291,13 @@ def _listed(names: Sequence[str] | set[str], shown: int = 6) -> str:
 def decide(
     challenger: Challenger, current: Any | None, current_schema: dict[str, Any] | None, registered_model: str,
     tolerance: float, remeasure_champion: Any, class_tolerance: float | None = None,
+    seen_by_champion: Callable[[Any], np.ndarray | None] | None = None,
 ) -> Decision:
     """The decision (see the module docstring). ``remeasure_champion(model_uri)`` gives the
     champion's quality figures on this run's test split (each class's recall under
-    :data:`CLASS_RECALL`), or raises :class:`RemeasureError`."""
+    :data:`CLASS_RECALL`, its predictions under :data:`PREDICTIONS`), or raises
+    :class:`RemeasureError`; ``seen_by_champion(version)`` the fingerprints of the rows the
+    champion trained on (None: not kept)."""
     if current is None:
         return Decision(True, "first_champion", f"no champion under {registered_model} yet")
     card = _champion_card(current, current_schema)
@@ -324,10 +337,58 @@ def decide(
     their_predictions = figures.pop(PREDICTIONS, None)
     card["remeasured"] = figures
     basis = "re-measured on this run's test split" + ("" if recorded is None else ", to pair the classes")
-    decision = _versus(challenger, card, basis, figures["accuracy"], their_predictions, tolerance, class_tolerance)[0]
-    if same_data and (caveat := _other_split(card, challenger)):
+    seen = seen_by_champion(current) if seen_by_champion is not None else None
+    rows = _unseen_rows(challenger, seen, their_predictions)
+    contender, caveat = challenger, None
+    if rows is not None and rows["left_out"] and rows["compared"] >= MIN_UNSEEN_ROWS:
+        contender, their_predictions, card[CLASS_RECALL], figures = _on_rows(challenger, their_predictions,
+                                                                             rows.pop("keep"))
+        card["remeasured"] = {**card["remeasured"], "on_unseen_rows": figures}
+        basis += f", on the {rows['compared']} of its {rows['test_rows']} rows the champion never trained on"
+    elif rows is not None and rows["left_out"]:
+        caveat = (f"{rows['left_out']} of this run's {rows['test_rows']} test rows were in the champion's train or "
+                  f"validation split, leaving fewer than {MIN_UNSEEN_ROWS} it never saw to compare on: its "
+                  "re-measured figures are optimistic")
+    elif rows is None and same_data:
+        caveat = _other_split(card, challenger)
+    decision = _versus(contender, card, basis, figures["accuracy"], their_predictions, tolerance, class_tolerance)[0]
+    if rows is not None:
+        rows.pop("keep", None)
+        decision.compared_on = {**rows, "challenger": {key: contender.figures[key] for key in QUALITY
+                                                       if key in contender.figures},
+                                "champion": {key: figures[key] for key in QUALITY if key in figures}}
+        if not rows["left_out"]:
+            decision.reason += " (none of this run's test rows was among the rows the champion trained on)"
+    if caveat:
         decision.reason += f" ({caveat})"
     return decision
+
+
+def _unseen_rows(challenger: Challenger, seen: np.ndarray | None, their_predictions: Any) -> dict[str, Any] | None:
+    """Which of this run's test rows the champion never trained on (``keep``) and how many
+    (None: the champion kept no fingerprints, or this run has none to match)."""
+    ours = challenger.test_rows
+    if (seen is None or ours is None or challenger.labels is None or challenger.predictions is None
+            or their_predictions is None or not (len(ours) == len(challenger.labels) == len(their_predictions))):
+        return None
+    keep = ~np.isin(ours, seen)
+    return {"test_rows": int(len(ours)), "compared": int(keep.sum()), "left_out": int((~keep).sum()), "keep": keep}
+
+
+def _on_rows(challenger: Challenger, their_predictions: np.ndarray, keep: np.ndarray,
+             ) -> tuple[Challenger, np.ndarray, dict[str, float], dict[str, float]]:
+    """The challenger and the champion's predictions on the ``keep`` rows only: the
+    challenger's figures and per-class rows there, the champion's predictions, class recall
+    and figures there."""
+    names = list(challenger.class_names) or list(challenger.per_class)
+    labels, ours, theirs = challenger.labels[keep], challenger.predictions[keep], np.asarray(their_predictions)[keep]
+    our_quality, our_classes, _ = classification_metrics(labels, ours, names)
+    their_quality, their_classes, _ = classification_metrics(labels, theirs, names)
+    contender = replace(challenger, figures={**challenger.figures, **{key: our_quality[key] for key in QUALITY}},
+                        per_class={name: dict(row) for name, row in our_classes.items()},
+                        labels=labels, predictions=ours, test_rows=challenger.test_rows[keep])
+    return (contender, theirs, {name: float(row["recall"]) for name, row in their_classes.items()},
+            {key: float(their_quality[key]) for key in QUALITY})
 
 
 def _other_split(card: dict[str, Any], challenger: Challenger) -> str | None:

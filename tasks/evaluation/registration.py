@@ -8,17 +8,19 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import tempfile
 from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
 import mlflow
+import numpy as np
 
 from tasks.core import tracking
 from tasks.core.config import EvaluateParams
 from tasks.core.paths import ProjectPaths
 from tasks.core.run_context import RunContext
-from tasks.evaluation.challenge import HEADLINE, Challenger, Decision, decide, remeasure
+from tasks.evaluation.challenge import HEADLINE, SEEN_ROWS, Challenger, Decision, decide, remeasure
 from tasks.evaluation.promotion import (
     CHAMPION_ALIAS, Promotion, RegistryError, current_champion, keep_champion, promote, tag_value,
     version_input_schema,
@@ -46,7 +48,7 @@ def _lock_md5(paths: ProjectPaths) -> str | None:
 
 
 def challenger_of(result: ModelResult, paths: ProjectPaths, labels: Any = None) -> Challenger:
-    from tasks.data import data_split, load_preprocessing
+    from tasks.data import data_split, load_preprocessing, load_row_fingerprints
 
     preprocessing = load_preprocessing(paths.prepared)
     return Challenger(
@@ -62,7 +64,42 @@ def challenger_of(result: ModelResult, paths: ProjectPaths, labels: Any = None) 
         runtime_versions=runtime_versions(),
         per_class={name: dict(row) for name, row in result.per_class.items()},
         labels=labels, predictions=None if labels is None else result.predictions,
+        test_rows=load_row_fingerprints(paths.prepared, "test"),
     )
+
+
+def log_seen_rows(paths: ProjectPaths) -> str | None:
+    """Log the fingerprints of the train and validation rows (what a model of this run
+    learned from or was chosen on) into the active run; the artifact's path (None: the
+    prepared data has none)."""
+    from tasks.data import load_row_fingerprints
+
+    seen = load_row_fingerprints(paths.prepared, "train", "val")
+    if seen is None:
+        return None
+    with tempfile.TemporaryDirectory(prefix="slimflow-seen-") as tmp:
+        path = f"{tmp}/{SEEN_ROWS}.npy"
+        np.save(path, np.unique(seen), allow_pickle=False)
+        mlflow.log_artifact(path)
+    return f"{SEEN_ROWS}.npy"
+
+
+def champion_seen_rows(version: Any) -> np.ndarray | None:
+    """The fingerprints of the rows a registered version trained on (None: it kept none, or
+    they cannot be read, which the decision then says)."""
+    from mlflow.exceptions import MlflowException
+
+    path = (version.tags or {}).get(SEEN_ROWS)
+    if not path or not version.run_id:
+        return None
+    try:
+        with tempfile.TemporaryDirectory(prefix="slimflow-seen-") as tmp:
+            local = mlflow.artifacts.download_artifacts(run_id=version.run_id, artifact_path=path, dst_path=tmp)
+            return np.load(local, allow_pickle=False)
+    except (MlflowException, OSError, ValueError) as err:
+        log.warning("promotion: the rows version %s trained on could not be read (%s): compared on the whole "
+                    "test split", version.version, err)
+        return None
 
 
 def evidence(
@@ -151,7 +188,7 @@ def _challenge(evaluation: Evaluation, result: ModelResult, challenger: Challeng
         challenger, current, version_input_schema(current) if current else None, name,
         params.gate.max_accuracy_drop,
         lambda uri: remeasure(uri, paths.prepared, evaluation.class_names, params.threads),
-        params.gate.max_class_recall_drop,
+        params.gate.max_class_recall_drop, champion_seen_rows,
     )
     document = decision.document(challenger, name, params.gate.max_accuracy_drop,
                                  int(evaluation.settings["test_samples"]), params.gate.max_class_recall_drop)
@@ -168,6 +205,8 @@ def _challenge(evaluation: Evaluation, result: ModelResult, challenger: Challeng
         # Registered from the model its own run logged (not logged twice), inside that run (resumed).
         with mlflow.start_run(run_id=evaluation.run_ids[result.name], nested=True):
             tags = evidence(result, challenger, evaluation, paths, params, decision)
+            if seen_rows := log_seen_rows(paths):
+                tags[SEEN_ROWS] = seen_rows
             tags["promotion_evidence"] = _compact(document, evaluation)
             promotion = promote(result.name, result.folder, paths.prepared, name, tags, document,
                                 model_uri=evaluation.model_uris.get(result.name))
@@ -180,7 +219,8 @@ def _compact(document: dict[str, Any], evaluation: Evaluation) -> dict[str, Any]
     champion = document.get("champion") or {}
     return {
         "verdict": document.get("verdict"), "basis": document.get("basis"),
-        "split": document.get("split"), "evaluate_run_id": evaluation.stage_run_id,
+        "split": document.get("split"), "compared_on": document.get("compared_on"),
+        "evaluate_run_id": evaluation.stage_run_id,
         "challenger": {"model": document["challenger"]["model"], **document["challenger"]["figures"]},
         "champion": {"version": champion.get("version"), "variant": champion.get("variant"),
                      "recorded": champion.get("recorded"), "remeasured": champion.get("remeasured")}

@@ -128,6 +128,14 @@ def _champion_section(promotion: Any) -> list[str]:
             lines.append(f"| {key} | {_figure(ours.get(key), key)} | {_figure(remeasured.get(key), key)} | "
                          f"{_figure(recorded.get(key), key)} |")
         lines.append("")
+        rows = decision.get("compared_on") or {}
+        if rows.get("left_out") and remeasured.get("on_unseen_rows"):
+            both = " and ".join(f"{key} {_figure(rows['challenger'].get(key), key)} vs "
+                                f"{_figure(rows['champion'].get(key), key)}"
+                                for key in ("accuracy", "macro_f1") if key in rows["champion"])
+            lines += [f"{rows['left_out']} of this split's {rows['test_rows']} test rows were in the champion's train "
+                      f"or validation split. The decision compares both on the {rows['compared']} it never trained on: "
+                      f"{both} (challenger vs champion).", ""]
     elif decision.get("verdict") == "first_champion":
         lines += [f"No champion under `{name}` before this run.", ""]
     if promotion.version:
