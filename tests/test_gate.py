@@ -542,6 +542,25 @@ def test_a_champion_without_per_class_recall_is_compared_on_accuracy_and_the_dec
     assert decision.allowed and decision.reason.endswith("each class within max_class_recall_drop 0.1")
 
 
+def test_figures_recorded_on_another_split_of_the_same_data_are_not_compared() -> None:
+    """Same data, code and runtime, but another base.seed: the champion's recorded accuracy
+    is of other test rows (an easier or harder draw), so it is re-measured on this run's."""
+    import dataclasses
+    import json
+
+    split = {"seed": 42, "val_fraction": 0.15, "test_fraction": 0.25}
+    champion = _champion_version(None, accuracy=0.99)  # recorded on its own test split
+    champion.tags["data_split"] = json.dumps(split)
+    remeasured = {"accuracy": 0.95, "macro_f1": 0.95}
+    same_split = dataclasses.replace(_challenger({}, accuracy=0.95), data_split=split)
+    assert _decide(same_split, champion, remeasured).basis == "recorded evidence"
+    other_seed = dataclasses.replace(same_split, data_split={**split, "seed": 7})
+    decision = _decide(other_seed, champion, remeasured)
+    assert decision.allowed and decision.basis == "re-measured on this run's test split", decision.reason
+    unknown = dataclasses.replace(same_split, data_split=None)  # a run that recorded no split: as before
+    assert _decide(unknown, champion, remeasured).basis == "recorded evidence"
+
+
 def _memorising_champion_case(seen_count: int) -> tuple[Any, Any, dict[str, Any], Any]:
     """200 test rows of two classes. The champion trained on the first ``seen_count`` of
     them (it gets each right) and gets 80% of the rest; the challenger gets 85% of every row."""

@@ -8,9 +8,10 @@ with the version the alias points at now:
    number, or the names an index stands for): never - the run says which
    ``evaluate.registered_model`` to set instead;
 2. the same model file on the same data: it already is the champion (no new version);
-3. the same data digest, git commit and runtime (package versions): the champion's
-   recorded figures are compared;
-4. otherwise (other data, other code or runtime, no recorded figures): the champion is
+3. the same data digest split the same way (seed and fractions), git commit and runtime
+   (package versions): the champion's recorded figures are compared;
+4. otherwise (other data or another split of it, other code or runtime, no recorded
+   figures): the champion is
    re-measured on THIS run's test split, in a fresh process through its own pyfunc code,
    side by side with the challenger. Both are compared on the test rows the champion never
    trained on: a version keeps the fingerprints of its train and validation rows
@@ -317,8 +318,10 @@ def decide(
                         "and data); no new version", basis="same model file", champion=card)
     same_code = (challenger.git_commit is not None and card["git_commit"] == challenger.git_commit
                  and card["runtime_versions"] == challenger.runtime_versions)
+    # Figures recorded on another test split (another seed) are no measure of this one's rows.
+    same_split = not (card["data_split"] and challenger.data_split and card["data_split"] != challenger.data_split)
     recorded = None
-    if same_data and same_code and "accuracy" in card["recorded"]:
+    if same_data and same_split and same_code and "accuracy" in card["recorded"]:
         card[CLASS_RECALL] = recorded_class_recall(current.tags)
         recorded, on_class = _versus(challenger, card, "recorded evidence", card["recorded"]["accuracy"], None,
                                      tolerance, class_tolerance)
