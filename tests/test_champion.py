@@ -219,6 +219,12 @@ def test_a_champion_is_measured_only_on_the_test_rows_it_never_trained_on(projec
     assert (compared["test_rows"], compared["compared"], compared["left_out"]) == (150, 75, 75)
     remeasured = decision["champion"]["remeasured"]
     assert remeasured["on_unseen_rows"]["accuracy"] == pytest.approx(compared["champion"]["accuracy"])
+    import mlflow  # the evaluate run's metrics, to compare runs by in the MLflow UI
+
+    metrics = mlflow.MlflowClient().get_run(decision["evaluate_run_id"]).data.metrics
+    assert metrics["unseen_test_rows"] == 75
+    assert metrics["current_champion_unseen_accuracy"] == pytest.approx(compared["champion"]["accuracy"])
+    assert metrics["challenger_unseen_accuracy"] == pytest.approx(compared["challenger"]["accuracy"])
     report = (project / "artifacts" / "evaluation" / "report.md").read_text()
     assert ("75 of this split's 150 test rows were in the champion's train or validation split. The decision compares "
             "both on the 75 it never trained on: accuracy") in report

@@ -172,6 +172,14 @@ CURRENT_CHAMPION_FIGURES = tuple(
     for source, how in (("recorded", "as its version recorded it"), ("remeasured", "on this run's test split"))
     for key in (ACCURACY, MACRO_F1)
 )
+# Where the champion was re-measured: both models on the test rows it never trained on.
+UNSEEN_TEST_ROWS = _figure("unseen_test_rows", "count",
+                           "this run's test rows the current @champion never trained on: what both were compared on")
+UNSEEN_ROWS_FIGURES = tuple(
+    _figure(f"{who}_unseen_{key}", "fraction", f"the {what}'s {key} on the test rows the current @champion never trained on")
+    for who, what in (("current_champion", "current @champion"), ("challenger", "challenger"))
+    for key in (ACCURACY, MACRO_F1)
+)
 
 # ---------------------------------------------------------------- a searched variant (compress.budget), per trial
 # Step-indexed by trial number in the variant's run.

@@ -28,6 +28,11 @@ def log_stage_summary(evaluation: Evaluation, staging: Path) -> None:
         for key, value in (champion.get(source) or {}).items():
             if key in {"accuracy", "macro_f1"} and value is not None:
                 metrics[f"current_champion_{source}_{key}"] = float(value)
+    if rows := decision.get("compared_on"):  # both models on the test rows the champion never trained on
+        metrics["unseen_test_rows"] = float(rows["compared"])
+        for who, figures in (("current_champion", rows["champion"]), ("challenger", rows["challenger"])):
+            metrics.update({f"{who}_unseen_{key}": float(value) for key, value in figures.items()
+                            if key in {"accuracy", "macro_f1"} and value is not None})
     mlflow.log_metrics(metrics)
     mlflow.set_tags({
         "champion": evaluation.champion or "none",
