@@ -235,18 +235,33 @@ ROWS_FILE = "{split}_rows.npy"  # per split: each sample's fingerprint (:func:`r
 def row_fingerprints(preprocessing: Preprocessing, x: np.ndarray) -> np.ndarray:
     """A 64-bit fingerprint (BLAKE2b) of each sample's input as a client sends it, the label
     aside: what tells whether a model saw a sample in training, across runs and versions of
-    the data. Rows of features: the raw columns by name (any order), categories by their
-    value (not their 0/1 features, which change when a category is added), numbers as
-    written (an integer as ``3`` whether the column is long or double), a gap as empty.
-    Images and other arrays: the raw float32 bytes. Text: :func:`text_fingerprints`."""
+    the data. Rows of features: the raw columns by name (any order), each number as its
+    float32 value (so ``3`` is the same in a long and in a double column; every gap alike),
+    each category by its value (not its 0/1 features, which change when the file gains a
+    category). Images and other arrays: their raw float32 values. Text: :func:`text_fingerprints`."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim != 2 or preprocessing.is_text:
-        return np.fromiter((_fingerprint(sample.tobytes()) for sample in np.ascontiguousarray(x, dtype=np.float32)),
-                           dtype=np.uint64, count=len(x))
-    table = decode_table(preprocessing, x)
-    names = sorted(table.columns)
-    cells = [[f"{name}={_cell(value)}" for value in table[name].tolist()] for name in names]
-    return np.fromiter((_fingerprint("\x1f".join(row).encode()) for row in zip(*cells)), dtype=np.uint64,
-                       count=len(table))
+        return _hashed_rows(x.reshape(len(x), -1).view(np.uint8), b"")
+    categorical = {column.name: column for column in preprocessing.categorical}
+    parts: dict[str, np.ndarray] = {}
+    at = 0
+    for name in column_names(preprocessing):
+        if name in categorical:
+            values = categorical[name].values
+            group = x[:, at : at + len(values)]
+            # Each category as its value's fingerprint; none set (a gap, an unknown value): 0.
+            codes = np.array([_fingerprint(value.encode("utf-8", "surrogatepass")) for value in values] + [0],
+                             dtype=np.uint64)
+            picked = np.where(group.max(axis=1, initial=0.0) > 0.5, group.argmax(axis=1), len(values))
+            parts[name] = codes[picked].view(np.uint8).reshape(len(x), 8)
+            at += len(values)
+        else:
+            bits = x[:, at].view(np.uint32).copy()
+            bits[np.isnan(x[:, at])] = 0x7FC00000  # every NaN (a gap) the same bits
+            parts[name] = bits.view(np.uint8).reshape(len(x), 4)
+            at += 1
+    names = sorted(parts)
+    return _hashed_rows(np.concatenate([parts[name] for name in names], axis=1), "\x1f".join(names).encode())
 
 
 def text_fingerprints(texts: list[str]) -> np.ndarray:
@@ -255,15 +270,10 @@ def text_fingerprints(texts: list[str]) -> np.ndarray:
                        count=len(texts))
 
 
-def _cell(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, str):
-        return f"'{value}'"
-    number = float(value)
-    if number != number:  # NaN: a gap
-        return ""
-    return str(int(number)) if number.is_integer() else repr(number)
+def _hashed_rows(rows: np.ndarray, prefix: bytes) -> np.ndarray:
+    """One fingerprint per row of ``rows`` (uint8, one row per sample), after ``prefix``."""
+    rows = np.ascontiguousarray(rows)
+    return np.fromiter((_fingerprint(prefix + row.tobytes()) for row in rows), dtype=np.uint64, count=len(rows))
 
 
 def _fingerprint(data: bytes) -> int:

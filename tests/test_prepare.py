@@ -352,10 +352,11 @@ def test_each_row_keeps_its_fingerprint_whatever_the_split_column_order_or_categ
     write_csv(raw / "rows.csv", rows, header)
     write_csv(raw / "reordered.csv", [[r[2], r[3], r[1], r[0]] for r in rows], ["plan", "label", "visits", "income"])
     write_csv(raw / "grown.csv", [*rows, [61.5, 3, "enterprise", "stay"], [48.25, 0, "gold", "churn"]], header)
+    write_csv(raw / "gap.csv", [*rows, [52.5, "", "", "stay"]], header)  # visits becomes double, plan has a gap
 
     def fingerprints(path: str, seed: int, folder: str) -> dict[str, np.ndarray]:
         params = PrepareParams(source="csv", path=f"data/raw/{path}", csv_label_column="label",
-                               csv_categorical_columns=["plan"])
+                               csv_categorical_columns=["plan"], missing_values="median")
         write_prepared(prepare_data(params, seed, tmp_path), tmp_path / folder)
         return {split: load_row_fingerprints(tmp_path / folder, split) for split in SPLITS}
 
@@ -367,6 +368,8 @@ def test_each_row_keeps_its_fingerprint_whatever_the_split_column_order_or_categ
     assert set(np.concatenate(list(fingerprints("reordered.csv", 1, "c").values())).tolist()) == set(everything.tolist())
     grown = set(np.concatenate(list(fingerprints("grown.csv", 1, "d").values())).tolist())
     assert set(everything.tolist()) < grown and len(grown) == 122  # 'enterprise' changed every row's 0/1 features
+    with_gap = set(np.concatenate(list(fingerprints("gap.csv", 1, "e").values())).tolist())
+    assert set(everything.tolist()) < with_gap and len(with_gap) == 121
     # Images: the raw bytes; texts: the text itself.
     images = np.zeros((3, 1, 4, 4), np.float32)
     images[1, 0, 0, 0] = 1.0
