@@ -197,9 +197,12 @@ def test_a_champion_is_measured_only_on_the_test_rows_it_never_trained_on(projec
     prepared = project / "data" / "prepared"
     champion = _champion()
     seen = champion_seen_rows(champion)  # the version's run holds them, as its tag says
-    assert champion.tags["seen_rows"] == "seen_rows.npy"
+    assert champion.tags["seen_rows"] == "seen_rows.npy" and champion.tags["seen_rows_scheme"] == "blake2b-64/1"
     assert set(seen.tolist()) == set(load_row_fingerprints(prepared, "train", "val").tolist())
     assert not set(seen.tolist()) & set(load_row_fingerprints(prepared, "test").tolist())
+    other_scheme = champion.__class__.from_proto(champion.to_proto())  # fingerprints computed another way: unused
+    other_scheme.tags["seen_rows_scheme"] = "blake2b-64/0"
+    assert champion_seen_rows(other_scheme) is None
 
     arrays = {split: {kind: np.load(prepared / f"{split}_{kind}.npy") for kind in ("x", "y", "rows")}
               for split in ("train", "test")}

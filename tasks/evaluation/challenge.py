@@ -57,6 +57,7 @@ QUALITY = ("accuracy", "macro_f1")  # what a re-measurement on another split giv
 CLASS_RECALL = "class_recall"  # a version's tag (and a re-measurement's key): {class: test recall}
 PREDICTIONS = "predictions"  # a re-measurement's key: the champion's test predictions (not kept)
 SEEN_ROWS = "seen_rows"  # a version's tag: its run's artifact of the fingerprints of the rows it trained on
+SEEN_ROWS_SCHEME = "seen_rows_scheme"  # ...and a tag naming how they were computed
 MIN_UNSEEN_ROWS = 50  # fewer test rows the champion never saw than this: compared on the whole split
 
 # Runs in a fresh interpreter outside the project, so the champion's own logged code

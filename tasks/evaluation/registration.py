@@ -20,7 +20,7 @@ from tasks.core import tracking
 from tasks.core.config import EvaluateParams
 from tasks.core.paths import ProjectPaths
 from tasks.core.run_context import RunContext
-from tasks.evaluation.challenge import HEADLINE, SEEN_ROWS, Challenger, Decision, decide, remeasure
+from tasks.evaluation.challenge import HEADLINE, SEEN_ROWS, SEEN_ROWS_SCHEME, Challenger, Decision, decide, remeasure
 from tasks.evaluation.promotion import (
     CHAMPION_ALIAS, Promotion, RegistryError, current_champion, keep_champion, promote, tag_value,
     version_input_schema,
@@ -89,8 +89,15 @@ def champion_seen_rows(version: Any) -> np.ndarray | None:
     they cannot be read, which the decision then says)."""
     from mlflow.exceptions import MlflowException
 
-    path = (version.tags or {}).get(SEEN_ROWS)
+    from tasks.data import ROW_FINGERPRINT_SCHEME
+
+    tags = version.tags or {}
+    path = tags.get(SEEN_ROWS)
     if not path or not version.run_id:
+        return None
+    if tags.get(SEEN_ROWS_SCHEME) != ROW_FINGERPRINT_SCHEME:  # another way of computing them: never equal
+        log.info("promotion: version %s kept its rows' fingerprints as %r, this run as %r: compared on the whole "
+                 "test split", version.version, tags.get(SEEN_ROWS_SCHEME), ROW_FINGERPRINT_SCHEME)
         return None
     try:
         with tempfile.TemporaryDirectory(prefix="slimflow-seen-") as tmp:
@@ -206,7 +213,9 @@ def _challenge(evaluation: Evaluation, result: ModelResult, challenger: Challeng
         with mlflow.start_run(run_id=evaluation.run_ids[result.name], nested=True):
             tags = evidence(result, challenger, evaluation, paths, params, decision)
             if seen_rows := log_seen_rows(paths):
-                tags[SEEN_ROWS] = seen_rows
+                from tasks.data import ROW_FINGERPRINT_SCHEME
+
+                tags.update({SEEN_ROWS: seen_rows, SEEN_ROWS_SCHEME: ROW_FINGERPRINT_SCHEME})
             tags["promotion_evidence"] = _compact(document, evaluation)
             promotion = promote(result.name, result.folder, paths.prepared, name, tags, document,
                                 model_uri=evaluation.model_uris.get(result.name))
