@@ -60,6 +60,7 @@ def _rows(facts: dict[str, Any]) -> list[tuple[str, str]]:
         ("input", facts["input"]),
         ("classes (index = name)", facts["classes"] or "-"),
         ("data digest", facts["data_digest"] or "-"),
+        ("data split", facts["data_split"] or "-"),
         ("figures", figures),
         ("promoted", f"{facts['promoted_at']} by pipeline run {facts['pipeline_run_id'] or '-'} "
                      f"(evaluate run {facts['evaluate_run_id'] or '-'}, Prefect flow run "

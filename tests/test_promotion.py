@@ -300,7 +300,8 @@ def test_rollback_moves_the_alias_back_and_records_the_reason(
         promote("baseline", two_models["baseline"], two_models["prepared"], name, {"data_digest": "d1"})
     with mlflow.start_run():
         promote("distilled-mlp-w0.5", two_models["narrow"], two_models["prepared"], name,
-                {"data_digest": "d1", "class_names": ["-1", "1", "7"]})
+                {"data_digest": "d1", "class_names": ["-1", "1", "7"], "seen_rows": "seen_rows.npy",
+                 "data_split": {"seed": 7, "val_fraction": 0.15, "test_fraction": 0.25}})
     (tmp_path / "dvc.yaml").write_text("stages: {}\n")
     (tmp_path / "params.yaml").write_text(f"base:\n  experiment: registry-tests\nevaluate:\n  registered_model: {name}\n")
     monkeypatch.setenv("SLIMFLOW_ROOT", str(tmp_path))
@@ -312,6 +313,8 @@ def test_rollback_moves_the_alias_back_and_records_the_reason(
         "; with params {\"output\": \"name\"} the class names (0 = '-1', 1 = '1', 2 = '7').")
     assert "distilled-mlp-w0.5" in shown.output and "previous champion" in shown.output
     assert "0 = '-1', 1 = '1', 2 = '7'" in shown.output  # what each predicted index stands for
+    assert "seed 7, val/test 0.15/0.25; the train and validation rows' fingerprints kept" in " ".join(
+        shown.output.split())  # how the data was split, and that a challenger can leave out the rows it learned
 
     done = runner.invoke(champion_app, ["rollback", "--reason", "latency regression in production"])
     assert done.exit_code == 0, done.output

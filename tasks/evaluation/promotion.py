@@ -278,6 +278,18 @@ def rollback_champion(registered_model: str, reason: str, to: str | None = None)
     return Rollback(registered_model, str(current.version), target, reason)
 
 
+def _split_said(tags: dict[str, str]) -> str | None:
+    """A version's data split as ``champion show`` says it (None: not recorded)."""
+    try:
+        split = json.loads(tags["data_split"])
+        said = f"seed {split['seed']}, val/test {float(split['val_fraction']):g}/{float(split['test_fraction']):g}"
+    except (KeyError, TypeError, ValueError):
+        return None
+    if tags.get("seen_rows"):
+        said += f"; the train and validation rows' fingerprints kept ({tags['seen_rows']} of the model run)"
+    return said
+
+
 def describe_champion(registered_model: str) -> dict[str, Any] | None:
     """What ``slimflow champion show`` prints: the version behind the alias and its evidence."""
     from tasks.evaluation.challenge import described_classes, recorded_figures
@@ -293,6 +305,7 @@ def describe_champion(registered_model: str) -> dict[str, Any] | None:
         "variant": tags.get("variant"),
         "method": tags.get("method"),
         "data_digest": tags.get("data_digest"),
+        "data_split": _split_said(tags),
         "input": describe(version_input_schema(current)),
         "classes": described_classes(tags),
         "figures": recorded_figures(tags),
