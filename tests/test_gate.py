@@ -32,6 +32,60 @@ def test_smallest_passing_model_wins() -> None:
     assert list(reasons) == list(METRICS)
 
 
+def test_a_model_more_accurate_than_the_baseline_beyond_chance_becomes_the_accuracy_reference() -> None:
+    """The topic-text run: the transformer baseline overfit, its half-width student read
+    +9.49±1.54 points. Within a point of the baseline, the smallest model was 9 points less
+    accurate than the student; against the student, only the student is within a point."""
+    def model(accuracy: float, size: float, gain: float, noise: float) -> dict[str, float]:
+        return {**_m(accuracy, size, 1.0), "accuracy_change_pts": gain, "accuracy_change_noise_pts": noise}
+
+    metrics = {
+        "baseline": model(0.7874, 845_000, 0.0, 0.0),
+        "distilled-w0.5": model(0.8824, 366_500, 9.49, 1.54),
+        "int8-dynamic-ort": model(0.7914, 255_000, 0.40, 0.30),
+        "pruned": model(0.7950, 200_000, 0.76, 0.50),  # +0.76±0.50: within chance, no reference
+    }
+    champion, reasons = select_champion(metrics, gate(max_accuracy_drop=0.01), "smallest")
+    assert champion == "distilled-w0.5", reasons
+    assert reasons["int8-dynamic-ort"] == (
+        "fails the gate: accuracy 0.7914 is 0.0910 below distilled-w0.5's 0.8824 (the accuracy reference: +9.49±1.54 "
+        "points over the baseline, beyond chance) > max_accuracy_drop 0.0100")
+    assert reasons["baseline"].startswith("fails the gate: accuracy 0.7874 is 0.0950 below distilled-w0.5's")
+    del metrics["distilled-w0.5"]  # a gain chance explains moves nothing: the baseline stays the reference
+    champion, reasons = select_champion(metrics, gate(max_accuracy_drop=0.01), "smallest")
+    assert champion == "pruned" and all(not reason.startswith("fails") for reason in reasons.values())
+    # Beyond chance but within max_accuracy_drop (4 more test samples right, none wrong): no reference.
+    metrics["pruned"] = model(0.7964, 200_000, 0.90, 0.45)
+    champion, reasons = select_champion(metrics, gate(max_accuracy_drop=0.01), "smallest")
+    assert champion == "pruned" and all(not reason.startswith("fails") for reason in reasons.values())
+    # A more accurate model that fails the gate itself (here: too slow) is no reference.
+    metrics["distilled-w0.5"] = {**model(0.8824, 366_500, 9.49, 1.54), "latency_p95_ms": 9.0}
+    champion, _ = select_champion(metrics, gate(max_accuracy_drop=0.01, max_latency_p95_ms=2.0), "smallest")
+    assert champion == "pruned"
+
+    # The stage says so with its result: the gate's reference was not the baseline.
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from tasks.evaluation.gate import apply_gate
+    from tasks.evaluation.results import Evaluation, ModelResult
+
+    metrics["distilled-w0.5"] = model(0.8824, 366_500, 9.49, 1.54)
+    labels = np.zeros(4, dtype=np.int64)
+    evaluation = Evaluation(models={name: ModelResult(name, Path(name), {}, dict(values), labels, np.zeros((2, 2)))
+                                    for name, values in metrics.items()},
+                            class_names=("a", "b"), y_true=labels, settings={})
+    apply_gate(evaluation, SimpleNamespace(gate=gate(), objective="smallest"))
+    assert evaluation.champion == "distilled-w0.5"
+    assert evaluation.caveats == [
+        "distilled-w0.5 is +9.49±1.54 points more accurate than the baseline, more than max_accuracy_drop and beyond "
+        "chance, so the gate held every model to within max_accuracy_drop of its accuracy 0.8824, not the "
+        "baseline's: a baseline its variants beat was over- or under-trained (its train and validation figures are "
+        "on the train stage's run)"]
+
+
 def test_fastest_passing_model_wins() -> None:
     champion, _ = select_champion(METRICS, gate(max_accuracy_drop=0.01), "fastest")
     assert champion == "onnx-fp32"
