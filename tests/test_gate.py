@@ -350,6 +350,32 @@ def test_the_stage_log_says_why_each_failing_model_fails(caplog: pytest.LogCaptu
     assert not any(line.startswith(("gate: baseline", "gate: small passes")) for line in lines)  # passing: no line
 
 
+def test_a_baseline_that_kept_a_less_accurate_epoch_by_val_loss_is_a_caveat_of_the_result() -> None:
+    """The topic-text transformer kept epoch 6 by val_loss (0.654; validation accuracy 81.7%)
+    while epoch 7 read 83.9% at a val_loss of 0.662: every variant was compared with, and
+    distilled from, the less accurate epoch."""
+    from tasks.evaluation.gate import less_accurate_epoch_caveat
+    from tasks.training.reporting import missed_val_accuracy
+
+    history = [{"val_accuracy": a, "val_loss": l} for a, l in
+               [(0.246, 1.405), (0.506, 1.187), (0.763, 0.759), (0.817, 0.654), (0.839, 0.662), (0.826, 0.700),
+                (0.839, 0.733)]]
+    top, missed = missed_val_accuracy(history, best_epoch=4)
+    assert (top, missed) == (5, pytest.approx(2.2))  # the first of two equally accurate epochs
+    assert missed_val_accuracy(history, best_epoch=5) == (5, 0.0)
+
+    def manifest(missed_pts: float, monitor: str = "val_loss") -> dict[str, Any]:
+        return {"best_epoch": 6, "fit": {"monitor": monitor, "most_accurate_epoch": 7,
+                                         "val_accuracy_missed_pts": missed_pts}}
+
+    assert less_accurate_epoch_caveat(manifest(2.24), gate()) == (
+        "the baseline kept epoch 6 by val_loss, but epoch 7 was 2.24 points more accurate on the validation split, "
+        "where the gate tolerates 1 (train.monitor=val_accuracy keeps the most accurate epoch)")
+    assert less_accurate_epoch_caveat(manifest(0.9), gate()) is None  # within the gate's point
+    assert less_accurate_epoch_caveat(manifest(2.24, "val_accuracy"), gate()) is None
+    assert less_accurate_epoch_caveat({"fit": {}}, gate()) is None  # a model saved before the record
+
+
 def test_a_baseline_still_improving_by_more_than_the_gate_tolerates_is_a_caveat_of_the_result(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

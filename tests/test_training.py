@@ -545,8 +545,16 @@ def test_default_cnn_on_two_workers_reaches_95_percent_and_is_recorded(default_s
     # evaluate stage logs the model (a pyfunc, like every variant) and its figures there.
     manifest = json.loads((default_stage / "artifacts" / "model" / "manifest.json").read_text())
     assert manifest["mlflow_run_id"] == run.info.run_id and run.data.tags["model"] == "baseline"
+    # ...and whether val_loss kept a less accurate epoch than another, from the same curve.
+    top = max(range(len(history)), key=lambda i: (history[i]["val_accuracy"], -i))
+    missed = 100 * (history[top]["val_accuracy"] - history[metrics["best_epoch"] - 1]["val_accuracy"])
+    assert metrics["most_accurate_epoch"] == top + 1
+    assert metrics["val_accuracy_missed_pts"] == pytest.approx(missed, abs=1e-6)
+    assert run.data.metrics["val_accuracy_missed_pts"] == pytest.approx(missed, abs=1e-6)
     assert manifest["fit"] == {"epochs": 15, "epochs_run": metrics["epochs_run"], "patience": 5,
-                               "val_accuracy_late_gain_pts": metrics["val_accuracy_late_gain_pts"]}
+                               "val_accuracy_late_gain_pts": metrics["val_accuracy_late_gain_pts"],
+                               "monitor": "val_loss", "most_accurate_epoch": top + 1,
+                               "val_accuracy_missed_pts": metrics["val_accuracy_missed_pts"]}
     files = {a.path for a in client.list_artifacts(run.info.run_id, "baseline")}
     assert files == {"baseline/manifest.json", "baseline/model.pt"}
     assert manifest["nonzeros"] <= manifest["parameters"]

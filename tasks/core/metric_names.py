@@ -150,7 +150,13 @@ VAL_ACCURACY_LATE_GAIN_PTS = _figure(
     "val_accuracy of the kept epoch minus the best before the last train.patience epochs, when training used "
     "all its epochs (0 when early stopping ended it): above the gate's tolerance, it was still improving",
 )
-TRAIN_FIGURES = (BEST_EPOCH, EPOCHS_RUN, BEST_VAL_LOSS, BEST_VAL_ACCURACY, VAL_ACCURACY_LATE_GAIN_PTS, TRAIN_ENERGY_J)
+VAL_ACCURACY_MISSED_PTS = _figure(
+    "val_accuracy_missed_pts", "percentage points",
+    "val_accuracy of the most accurate epoch minus the kept epoch's: above 0, train.monitor val_loss kept a less "
+    "accurate epoch",
+)
+TRAIN_FIGURES = (BEST_EPOCH, EPOCHS_RUN, BEST_VAL_LOSS, BEST_VAL_ACCURACY, VAL_ACCURACY_LATE_GAIN_PTS,
+                 VAL_ACCURACY_MISSED_PTS, TRAIN_ENERGY_J)
 
 # ---------------------------------------------------------------- what a stage's computation cost
 # On each stage's run (train, compress, evaluate) and, summed, on the pipeline run.

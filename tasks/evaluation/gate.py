@@ -27,7 +27,7 @@ from tasks.core import metric_names as names
 from tasks.core.classification import class_disagreements, class_recall_problem, class_recall_within_chance
 from tasks.core.config import EvaluateParams, GateParams
 from tasks.evaluation.results import BASELINE, Evaluation
-from tasks.training.reporting import still_improving
+from tasks.training.reporting import kept_less_accurate, still_improving
 
 log = logging.getLogger("slimflow.evaluate")
 
@@ -211,6 +211,19 @@ def still_improving_caveat(baseline_manifest: Mapping[str, Any], gate: GateParam
                      "(raise train.epochs)")
 
 
+def less_accurate_epoch_caveat(baseline_manifest: Mapping[str, Any], gate: GateParams) -> str | None:
+    """What to tell a user whose baseline kept, by ``val_loss``, an epoch less accurate on
+    the validation split than another by more than the gate tolerates: every variant is
+    compared with (and fine-tuned or distilled from) that epoch. None otherwise, and for a
+    model saved before the record existed."""
+    fit = baseline_manifest.get("fit") or {}
+    if fit.get("monitor") != "val_loss" or "val_accuracy_missed_pts" not in fit:
+        return None
+    note = kept_less_accurate(int(baseline_manifest.get("best_epoch") or 0), int(fit["most_accurate_epoch"]),
+                              float(fit["val_accuracy_missed_pts"]), gate.max_accuracy_drop_pts)
+    return note and f"the baseline {note}"
+
+
 def apply_gate(evaluation: Evaluation, params: EvaluateParams) -> None:
     """Run the gate; mark ``passed_gate`` and ``champion`` in every model's metrics; note a
     baseline that was still improving (:func:`still_improving_caveat`)."""
@@ -238,6 +251,9 @@ def apply_gate(evaluation: Evaluation, params: EvaluateParams) -> None:
                   "the baseline, more than max_accuracy_drop and beyond chance, so the gate held every model to within max_accuracy_drop of its "
                   f"accuracy {reference.accuracy:.4f}, not the baseline's: a baseline its variants beat was over- or "
                   "under-trained (its train and validation figures are on the train stage's run)")
+        evaluation.caveats.append(caveat)
+        log.warning("caveat: %s", caveat)
+    if caveat := less_accurate_epoch_caveat(evaluation.models[BASELINE].manifest, params.gate):
         evaluation.caveats.append(caveat)
         log.warning("caveat: %s", caveat)
     if caveat := still_improving_caveat(evaluation.models[BASELINE].manifest, params.gate):

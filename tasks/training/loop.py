@@ -39,7 +39,7 @@ from tasks.training.distributed import (
 )
 from tasks.training.job import FitJob
 from tasks.training.losses import LossFn, training_loss
-from tasks.training.reporting import EventLog, late_val_accuracy_gain_pts, summary, write_json
+from tasks.training.reporting import EventLog, late_val_accuracy_gain_pts, missed_val_accuracy, summary, write_json
 from tasks.training.shards import Shards, load_shards
 
 log = logging.getLogger("slimflow.fit")
@@ -315,6 +315,7 @@ def finish(
     job, size, history = t.job, t.place.size, state["history"]
     best = checkpoints.load_best()
     late_gain = late_val_accuracy_gain_pts(history, best["epoch"], job.epochs, job.patience)
+    top_epoch, missed = missed_val_accuracy(history, best["epoch"])
     t.model.load_state_dict(best["model"])
     model = t.model.to("cpu", memory_format=torch.contiguous_format)
     preprocessing = t.data.preprocessing
@@ -330,7 +331,8 @@ def finish(
         {**job.manifest, "best_epoch": best["epoch"], "world_size": size, "fingerprint": checkpoints.fingerprint,
          # whether the run was still improving when its epochs ran out (the evaluate stage says so)
          "fit": {"epochs": job.epochs, "epochs_run": state["epoch"], "patience": job.patience,
-                 "val_accuracy_late_gain_pts": late_gain},
+                 "val_accuracy_late_gain_pts": late_gain, "monitor": job.monitor,
+                 "most_accurate_epoch": top_epoch, "val_accuracy_missed_pts": missed},
          "ranks_at_end": ranks, **({"start": state["start"]} if state["start"] else {}),
          **({"qat_engine": job.qat} if job.qat else {}),
          # what training it cost, every rank summed (the baseline's make_energy_j)
@@ -339,7 +341,8 @@ def finish(
         format_name="torch-qat-state-dict" if job.qat else "torch-state-dict",
     )
     result = {**summary(best["epoch"], history, state["epoch"], size, threads, manifest["parameters"]),
-              "val_accuracy_late_gain_pts": late_gain, **energy}
+              "val_accuracy_late_gain_pts": late_gain, "most_accurate_epoch": top_epoch,
+              "val_accuracy_missed_pts": missed, **energy}
     if state["start"]:
         result.update(start_val_loss=state["start"]["val_loss"], start_val_accuracy=state["start"]["val_accuracy"])
     write_json(job.metrics_path, result)

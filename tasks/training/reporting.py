@@ -131,6 +131,26 @@ def late_val_accuracy_gain_pts(history: list[dict[str, float]], best_epoch: int,
     return round(100.0 * (history[best_epoch - 1]["val_accuracy"] - max(h["val_accuracy"] for h in before)), 6)
 
 
+def missed_val_accuracy(history: list[dict[str, float]], best_epoch: int) -> tuple[int, float]:
+    """The most accurate epoch on the validation split (the first of equals), and how many
+    points its accuracy is above the kept epoch's: more than 0 only where the kept epoch was
+    chosen by ``val_loss`` (``train.monitor``), which can keep a less accurate epoch."""
+    if not history:
+        return best_epoch, 0.0
+    top = max(range(len(history)), key=lambda i: (history[i]["val_accuracy"], -i))
+    return top + 1, round(100.0 * (history[top]["val_accuracy"] - history[best_epoch - 1]["val_accuracy"]), 6)
+
+
+def kept_less_accurate(best_epoch: int, top_epoch: int, missed_pts: float, tolerance_pts: float) -> str | None:
+    """``missed_pts`` (:func:`missed_val_accuracy`) in words when it is more than
+    ``tolerance_pts`` (the gate's ``max_accuracy_drop`` in points), else None."""
+    if missed_pts <= tolerance_pts + 1e-9:
+        return None
+    return (f"kept epoch {best_epoch} by val_loss, but epoch {top_epoch} was {missed_pts:.2f} points more accurate "
+            f"on the validation split, where the gate tolerates {tolerance_pts:g} (train.monitor=val_accuracy keeps "
+            "the most accurate epoch)")
+
+
 def late_window(epochs: int, patience: int) -> int:
     """The last epochs :func:`late_val_accuracy_gain_pts` looks at: ``patience``, leaving one before them."""
     return max(1, min(patience, epochs - 1))
