@@ -705,6 +705,7 @@ def test_too_few_unseen_test_rows_compare_the_whole_split_and_say_it_flatters_th
     decision = decide(challenger, champion, challenger.input_schema, "slimflow-tx", 0.01, lambda uri: remeasured,
                       class_tolerance=0.1, seen_by_champion=lambda version: seen)
     assert decision.verdict == "worse" and decision.basis == "re-measured on this run's test split"
+    assert decision.compared_on is None  # the whole split, not the 49 rows
     assert decision.reason.endswith(
         f"(151 of this run's 200 test rows were in the champion's train or validation split, leaving fewer than "
         f"{MIN_UNSEEN_ROWS} it never saw to compare on: its re-measured figures are optimistic)")

@@ -356,7 +356,7 @@ def decide(
     elif rows is None and same_data:
         caveat = _other_split(card, challenger)
     decision = _versus(contender, card, basis, figures["accuracy"], their_predictions, tolerance, class_tolerance)[0]
-    if rows is not None:
+    if rows is not None and caveat is None:  # compared on the rows the champion never saw (all of them, or some)
         rows.pop("keep", None)
         decision.compared_on = {**rows, "challenger": {key: contender.figures[key] for key in QUALITY
                                                        if key in contender.figures},
