@@ -227,11 +227,14 @@ def test_a_csv_model_takes_its_columns_by_name(tmp_path: Path, monkeypatch: pyte
 
 
 def test_a_model_with_categorical_columns_takes_their_values(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mlflow_uri: str,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mlflow_uri: str, caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Columns of categories (words, integer codes) go in as a client's DataFrame holds them
     (pd.read_csv of the raw file); the model sees one 0/1 feature per category, an unseen
-    category sets none, and the champion's re-measurement sends the same table."""
+    category sets none (the serving log says so), and the champion's re-measurement sends the
+    same table."""
+    import logging
+
     import mlflow
     import pandas as pd
     from mlflow.models import Model
@@ -275,7 +278,10 @@ def test_a_model_with_categorical_columns_takes_their_values(
     assert (names == truth.to_numpy()).mean() >= 0.9
     assert list(model.predict(table[["spend", "region", "plan", "id"]])) == list(model.predict(table))
     unseen = table.head(3).assign(plan="platinum")  # a category the data never had: no plan feature set
-    assert len(model.predict(unseen)) == 3
+    with caplog.at_level(logging.WARNING, logger="slimflow.model"):
+        assert len(model.predict(unseen)) == 3
+    assert ("column 'plan': 3 of 3 rows hold a category the model was not trained on ('platinum'): none of its "
+            "features set") in caplog.text
 
     # The re-measurement a later run makes of this champion sends its test rows as this table.
     test = np.load(folder / "test_x.npy")

@@ -16,6 +16,7 @@ tokenizes it inside with the tokenizer trained in ``prepare``.
 from __future__ import annotations
 
 import json
+import logging
 import platform
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,6 +24,8 @@ from typing import Any
 
 import mlflow
 import numpy as np
+
+log = logging.getLogger("slimflow.model")
 
 
 def _as_array(model_input: Any) -> np.ndarray:
@@ -53,9 +56,28 @@ def _encoded(model_input: Any, preprocessing: Any) -> np.ndarray:
         raise _invalid(f"expected a table of the columns {', '.join(preprocessing.raw_columns)} (some hold "
                        f"categories); missing: {', '.join(missing)}")
     try:
-        return encode_table(preprocessing, model_input)
+        features = encode_table(preprocessing, model_input)
     except (TypeError, ValueError) as err:
         raise _invalid(f"input is not numeric where the model takes numbers: {err}") from None
+    _say_unseen_categories(model_input, preprocessing)
+    return features
+
+
+def _say_unseen_categories(table: Any, preprocessing: Any) -> None:
+    """A warning (the serving process's log) for each column with categories the model was
+    never trained on: it predicts them with none of the column's features set, and a new
+    category in requests is a sign the data has moved on from the champion's."""
+    from tasks.core.categories import category_text
+
+    for column in preprocessing.categorical:
+        known = set(column.values)
+        texts = [category_text(cell) for cell in table[column.name].tolist()]
+        unseen = [text for text in texts if text is not None and text not in known]
+        if unseen:
+            shown = sorted(set(unseen))
+            log.warning("column %r: %d of %d rows hold a category the model was not trained on (%s%s): none of its "
+                        "features set", column.name, len(unseen), len(texts), ", ".join(map(repr, shown[:5])),
+                        f", ... {len(shown)} in all" if len(shown) > 5 else "")
 
 
 def _as_texts(model_input: Any) -> list[str]:
