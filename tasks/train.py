@@ -118,15 +118,15 @@ def main(argv: list[str] | None = None) -> int:
                 names.BEST_EPOCH: result["best_epoch"], names.EPOCHS_RUN: result["epochs_run"],
                 names.BEST_VAL_LOSS: result["val_loss"], names.BEST_VAL_ACCURACY: result["val_accuracy"],
                 names.VAL_ACCURACY_LATE_GAIN_PTS: result["val_accuracy_late_gain_pts"],
-                names.VAL_ACCURACY_MISSED_PTS: result.get("val_accuracy_missed_pts", 0.0),
+                names.VAL_ACCURACY_MISSED_PTS: result["val_accuracy_missed_pts"],
                 names.TRAIN_ENERGY_J: result["train_energy_j"],
             })
             if note := still_improving(result["val_accuracy_late_gain_pts"], params.train.epochs, params.train.patience,
                                        params.evaluate.gate.max_accuracy_drop_pts):
                 log.info("training was %s (train.epochs sets them)", note)
             if params.train.monitor == "val_loss" and (note := kept_less_accurate(
-                    result["best_epoch"], result.get("most_accurate_epoch", result["best_epoch"]),
-                    result.get("val_accuracy_missed_pts", 0.0), params.evaluate.gate.max_accuracy_drop_pts)):
+                    result["best_epoch"], result["most_accurate_epoch"], result["val_accuracy_missed_pts"],
+                    params.evaluate.gate.max_accuracy_drop_pts)):
                 log.info("training %s", note)
             # The stage's computation is its workers' (each measured itself; rank 0 summed them).
             tracking.log_stage_energy(result["train_energy_j"], result["energy_source"])

@@ -342,11 +342,12 @@ def decide(
     card["remeasured"] = figures
     basis = "re-measured on this run's test split" + ("" if recorded is None else ", to pair the classes")
     seen = seen_by_champion(current) if seen_by_champion is not None else None
-    rows = _unseen_rows(challenger, seen, their_predictions)
+    keep = _unseen_rows(challenger, seen, their_predictions)
+    rows = None if keep is None else {"test_rows": int(len(keep)), "compared": int(keep.sum()),
+                                      "left_out": int((~keep).sum())}
     contender, caveat = challenger, None
     if rows is not None and rows["left_out"] and rows["compared"] >= MIN_UNSEEN_ROWS:
-        contender, their_predictions, card[CLASS_RECALL], figures = _on_rows(challenger, their_predictions,
-                                                                             rows.pop("keep"))
+        contender, their_predictions, card[CLASS_RECALL], figures = _on_rows(challenger, their_predictions, keep)
         card["remeasured"] = {**card["remeasured"], "on_unseen_rows": figures}
         basis += f", on the {rows['compared']} of its {rows['test_rows']} rows the champion never trained on"
     elif rows is not None and rows["left_out"]:
@@ -357,7 +358,6 @@ def decide(
         caveat = _other_split(card, challenger)
     decision = _versus(contender, card, basis, figures["accuracy"], their_predictions, tolerance, class_tolerance)[0]
     if rows is not None and caveat is None:  # compared on the rows the champion never saw (all of them, or some)
-        rows.pop("keep", None)
         decision.compared_on = {**rows, "challenger": {key: contender.figures[key] for key in QUALITY
                                                        if key in contender.figures},
                                 "champion": {key: figures[key] for key in QUALITY if key in figures}}
@@ -368,15 +368,14 @@ def decide(
     return decision
 
 
-def _unseen_rows(challenger: Challenger, seen: np.ndarray | None, their_predictions: Any) -> dict[str, Any] | None:
-    """Which of this run's test rows the champion never trained on (``keep``) and how many
-    (None: the champion kept no fingerprints, or this run has none to match)."""
+def _unseen_rows(challenger: Challenger, seen: np.ndarray | None, their_predictions: Any) -> np.ndarray | None:
+    """Which of this run's test rows the champion never trained on (a mask; None: the
+    champion kept no fingerprints, or this run has none to match)."""
     ours = challenger.test_rows
     if (seen is None or ours is None or challenger.labels is None or challenger.predictions is None
             or their_predictions is None or not (len(ours) == len(challenger.labels) == len(their_predictions))):
         return None
-    keep = ~np.isin(ours, seen)
-    return {"test_rows": int(len(ours)), "compared": int(keep.sum()), "left_out": int((~keep).sum()), "keep": keep}
+    return ~np.isin(ours, seen)
 
 
 def _on_rows(challenger: Challenger, their_predictions: np.ndarray, keep: np.ndarray,
@@ -395,6 +394,11 @@ def _on_rows(challenger: Challenger, their_predictions: np.ndarray, keep: np.nda
             {key: float(their_quality[key]) for key in QUALITY})
 
 
+def split_text(split: dict[str, Any]) -> str:
+    """A data split (``data_split``) in words: ``seed 42, val/test 0.15/0.25``."""
+    return f"seed {split['seed']}, val/test {float(split['val_fraction']):g}/{float(split['test_fraction']):g}"
+
+
 def _other_split(card: dict[str, Any], challenger: Challenger) -> str | None:
     """Why a re-measurement flatters the champion, where it does: the same data split
     another way (another ``base.seed`` or other fractions), so some of this run's test
@@ -402,11 +406,8 @@ def _other_split(card: dict[str, Any], challenger: Challenger) -> str | None:
     theirs, ours = card.get("data_split"), challenger.data_split
     if not theirs or not ours or theirs == ours:
         return None
-
-    def said(split: dict[str, Any]) -> str:
-        return f"seed {split['seed']}, val/test {split['val_fraction']:g}/{split['test_fraction']:g}"
-
-    return (f"the champion was trained on another split of the same data ({said(theirs)}; this run {said(ours)}): "
+    return (f"the champion was trained on another split of the same data ({split_text(theirs)}; this run "
+            f"{split_text(ours)}): "
             "some of this run's test rows were in its train split, so its re-measured figures are optimistic")
 
 

@@ -280,9 +280,10 @@ def rollback_champion(registered_model: str, reason: str, to: str | None = None)
 
 def _split_said(tags: dict[str, str]) -> str | None:
     """A version's data split as ``champion show`` says it (None: not recorded)."""
+    from tasks.evaluation.challenge import split_text
+
     try:
-        split = json.loads(tags["data_split"])
-        said = f"seed {split['seed']}, val/test {float(split['val_fraction']):g}/{float(split['test_fraction']):g}"
+        said = split_text(json.loads(tags["data_split"]))
     except (KeyError, TypeError, ValueError):
         return None
     if tags.get("seen_rows"):

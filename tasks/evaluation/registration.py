@@ -68,20 +68,20 @@ def challenger_of(result: ModelResult, paths: ProjectPaths, labels: Any = None) 
     )
 
 
-def log_seen_rows(paths: ProjectPaths) -> str | None:
+def log_seen_rows(paths: ProjectPaths) -> dict[str, str]:
     """Log the fingerprints of the train and validation rows (what a model of this run
-    learned from or was chosen on) into the active run; the artifact's path (None: the
-    prepared data has none)."""
-    from tasks.data import load_row_fingerprints
+    learned from or was chosen on) into the active run; the version tags that find them
+    (none where the prepared data has no fingerprints)."""
+    from tasks.data import ROW_FINGERPRINT_SCHEME, load_row_fingerprints
 
     seen = load_row_fingerprints(paths.prepared, "train", "val")
     if seen is None:
-        return None
+        return {}
     with tempfile.TemporaryDirectory(prefix="slimflow-seen-") as tmp:
         path = f"{tmp}/{SEEN_ROWS}.npy"
         np.save(path, np.unique(seen), allow_pickle=False)
         mlflow.log_artifact(path)
-    return f"{SEEN_ROWS}.npy"
+    return {SEEN_ROWS: f"{SEEN_ROWS}.npy", SEEN_ROWS_SCHEME: ROW_FINGERPRINT_SCHEME}
 
 
 def champion_seen_rows(version: Any) -> np.ndarray | None:
@@ -212,10 +212,7 @@ def _challenge(evaluation: Evaluation, result: ModelResult, challenger: Challeng
         # Registered from the model its own run logged (not logged twice), inside that run (resumed).
         with mlflow.start_run(run_id=evaluation.run_ids[result.name], nested=True):
             tags = evidence(result, challenger, evaluation, paths, params, decision)
-            if seen_rows := log_seen_rows(paths):
-                from tasks.data import ROW_FINGERPRINT_SCHEME
-
-                tags.update({SEEN_ROWS: seen_rows, SEEN_ROWS_SCHEME: ROW_FINGERPRINT_SCHEME})
+            tags.update(log_seen_rows(paths))
             tags["promotion_evidence"] = _compact(document, evaluation)
             promotion = promote(result.name, result.folder, paths.prepared, name, tags, document,
                                 model_uri=evaluation.model_uris.get(result.name))

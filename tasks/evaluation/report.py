@@ -129,7 +129,7 @@ def _champion_section(promotion: Any) -> list[str]:
                          f"{_figure(recorded.get(key), key)} |")
         lines.append("")
         rows = decision.get("compared_on") or {}
-        if rows.get("left_out") and remeasured.get("on_unseen_rows"):
+        if rows.get("left_out"):  # compared_on is there only where the decision used those rows
             both = " and ".join(f"{key} {_figure(rows['challenger'].get(key), key)} vs "
                                 f"{_figure(rows['champion'].get(key), key)}"
                                 for key in ("accuracy", "macro_f1") if key in rows["champion"])
