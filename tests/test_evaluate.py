@@ -506,3 +506,19 @@ def test_a_model_evaluated_again_keeps_its_run_and_logged_model_and_loses_an_old
     table = mlflow.load_table("per_class.json", run_ids=[run_id])
     assert [str(c) for c in table["class"]] == list(result.per_class) and len(table) == len(evaluation.class_names)
     assert list(table["recall"]) == pytest.approx([result.per_class[c]["recall"] for c in result.per_class])
+    # The same model file, another contract to serve (preprocess.json here; a changed slimflow
+    # alike): logged anew, so no registered version serves with an older contract or code.
+    from tasks.evaluation.model_runs import SERVING_DIGEST
+    from tasks.evaluation.promotion import serving_digest
+
+    prepared = ProjectPaths(evaluated["root"]).prepared
+    original = (prepared / "preprocess.json").read_text()
+    try:
+        (prepared / "preprocess.json").write_text(original + "\n")
+        (_, uri), = log_models({name: again}, evaluation.class_names, ProjectPaths(evaluated["root"]),
+                               evaluated["params"].base.experiment, evaluation.stage_run_id).values()
+        assert uri != evaluation.model_uris[name]
+        assert client.get_logged_model(uri.split("/")[-1]).tags[SERVING_DIGEST] == serving_digest(prepared)
+        assert len(client.get_run(run_id).outputs.model_outputs) == 2
+    finally:
+        (prepared / "preprocess.json").write_text(original)

@@ -43,6 +43,7 @@ log = logging.getLogger("slimflow.evaluate")
 # found again.
 EARLIER_LOGGED_MODEL_NAME = "model"
 RUN_ID_KEY = "mlflow_run_id"  # the manifest key naming the run that made the model
+SERVING_DIGEST = "serving_digest"  # a logged model's tag: the code and data contract it serves with
 PER_CLASS_TABLE = "per_class.json"
 
 
@@ -74,7 +75,7 @@ def _log_model_and_files(result: ModelResult, class_names: tuple[str, ...], path
                          experiment: str, stage_run_id: str) -> tuple[str, str]:
     with _model_run(result, paths, experiment, stage_run_id) as (run, earlier):
         run_id = run.info.run_id
-        uri = (_logged_model_uri(earlier, result) if earlier else None) or _log_model(result, paths, run, earlier)
+        uri = (_logged_model_uri(earlier, result, paths) if earlier else None) or _log_model(result, paths, run, earlier)
         _log_files(result, class_names, earlier)
     log.info("%s: MLflow run %s, logged model %s", result.name, run_id, uri)
     return run_id, uri
@@ -133,15 +134,20 @@ def _model_run(result: ModelResult, paths: ProjectPaths, experiment: str,
         yield run, None
 
 
-def _logged_model_uri(earlier: Any, result: ModelResult) -> str | None:
+def _logged_model_uri(earlier: Any, result: ModelResult, paths: ProjectPaths) -> str | None:
     """This model file's logged model in the run (``earlier``: as it was before this
-    evaluation reopened it), if an earlier evaluation logged it already."""
+    evaluation reopened it), if an earlier evaluation logged it already with the same code
+    and data contract (:func:`~tasks.evaluation.promotion.serving_digest`)."""
+    from tasks.evaluation.promotion import serving_digest
+
     client = mlflow.MlflowClient()
     outputs = earlier.outputs
+    serving = serving_digest(paths.prepared)
     for output in (outputs.model_outputs if outputs else None) or []:
         model = client.get_logged_model(output.model_id)
         named = model.name in (logged_model_name(result.name), EARLIER_LOGGED_MODEL_NAME)
-        if named and model.tags.get("model_digest") == result.manifest.get("digest"):
+        if (named and model.tags.get("model_digest") == result.manifest.get("digest")
+                and model.tags.get(SERVING_DIGEST) == serving):
             return f"models:/{model.model_id}"
     return None
 
@@ -172,7 +178,7 @@ def _log_model(result: ModelResult, paths: ProjectPaths, run: Any, earlier: Any 
 
     from mlflow.entities import LoggedModelOutput
 
-    from tasks.evaluation.promotion import log_pyfunc_model
+    from tasks.evaluation.promotion import log_pyfunc_model, serving_digest
 
     run_id = run.info.run_id
     params = (earlier or mlflow.MlflowClient().get_run(run_id)).data.params
@@ -180,7 +186,7 @@ def _log_model(result: ModelResult, paths: ProjectPaths, run: Any, earlier: Any 
         name=logged_model_name(result.name), source_run_id=run_id, params=dict(params),
         experiment_id=run.info.experiment_id,
         tags={"model": result.name, "model_digest": str(result.manifest.get("digest")),
-              "method": result.method, "runtime": result.runtime},
+              SERVING_DIGEST: serving_digest(paths.prepared), "method": result.method, "runtime": result.runtime},
     )
     with ThreadPoolExecutor(1, thread_name_prefix="log-model") as thread:
         thread.submit(log_pyfunc_model, result.folder, paths.prepared, model.name, model.model_id).result()

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
+import hashlib
 import json
 import logging
 import os
@@ -72,6 +74,29 @@ TAG_VALUE_LIMIT = 100_000
 def tag_value(value: Any) -> str:
     text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
     return text[:TAG_VALUE_LIMIT]
+
+
+@functools.cache
+def _code_digest() -> str:
+    """SHA-256 of the Python code a logged model carries (``tasks`` and ``models``, as
+    :func:`log_pyfunc_model` copies them), by relative path."""
+    digest = hashlib.sha256()
+    for package in ("tasks", "models"):
+        for path in sorted((CODE_ROOT / package).rglob("*.py")):
+            digest.update(str(path.relative_to(CODE_ROOT)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def serving_digest(prepared: Path) -> str:
+    """What a logged model serves with besides its model file: the code it carries, its
+    signature's source (``preprocess.json``) and a text model's tokenizer. A logged model is
+    reused for the same model file only where this is the same too, so a changed slimflow or
+    data contract never reaches the registry in an older logged model."""
+    digest = hashlib.sha256(_code_digest().encode())
+    for name in ("preprocess.json", TOKENIZER_FILE):
+        if (prepared / name).is_file():
+            digest.update(name.encode() + b"\0" + (prepared / name).read_bytes())
+    return digest.hexdigest()
 
 
 def log_pyfunc_model(model_dir: Path, prepared: Path, name: str = "champion_model", model_id: str | None = None) -> Any:
