@@ -75,6 +75,18 @@ class Preprocessing:
     # inputs), and those of categories; the model's features are then feature_names
     columns: tuple[str, ...] = ()
     categorical: tuple[CategoricalColumn, ...] = ()
+    # sequences (N, 1, T, F) (an npz of (N, T, F), prepare.npz_layout): one mean and std per
+    # feature, over samples and steps, where an image has one per channel
+    sequence_features: bool = False
+    # an npz's 3-D array: one sample as the file holds it, (H, W) or (T, F), which the registered
+    # model takes; prepared (input_shape) with a channel, (1, H, W); empty: input_shape itself
+    raw_shape: tuple[int, ...] = ()
+
+    @property
+    def shape_taken(self) -> tuple[int, ...]:
+        """One sample's shape as the registered model takes it (raw values, shaped as the data
+        file holds them; :meth:`apply` reshapes it to ``input_shape``)."""
+        return self.raw_shape or self.input_shape
 
     @property
     def raw_columns(self) -> tuple[str, ...]:
@@ -98,6 +110,8 @@ class Preprocessing:
     def _stats(self) -> tuple[np.ndarray, np.ndarray]:
         mean = np.asarray(self.mean, dtype=np.float32)
         std = np.asarray(self.std, dtype=np.float32)
+        if self.sequence_features:
+            return mean.reshape(1, 1, -1), std.reshape(1, 1, -1)
         if self.is_image:
             return mean.reshape(-1, 1, 1), std.reshape(-1, 1, 1)
         return mean.reshape(self.input_shape), std.reshape(self.input_shape)
@@ -115,15 +129,17 @@ class Preprocessing:
     @classmethod
     def fit(cls, x_train: np.ndarray, num_classes: int, class_names: list[str],
             log_features: tuple[int, ...] = (), feature_names: tuple[str, ...] = (),
-            integer_features: tuple[int, ...] = (), fill_values: tuple[float, ...] = ()) -> Preprocessing:
-        """Statistics of the train split (of ``log_features`` after :func:`log_columns`)."""
+            integer_features: tuple[int, ...] = (), fill_values: tuple[float, ...] = (),
+            sequence_features: bool = False) -> Preprocessing:
+        """Statistics of the train split (of ``log_features`` after :func:`log_columns`): per
+        feature of rows, per channel of images, per feature (last axis) of ``sequence_features``."""
         x_train = log_columns(x_train, log_features)
-        axes = (0, 2, 3) if x_train.ndim == 4 else (0,)
+        axes = (0, 1, 2) if sequence_features else (0, 2, 3) if x_train.ndim == 4 else (0,)
         # Two passes over chunks in float64: exact, without a float64 copy of the split.
         chunk = max(1, (32 << 20) // max(1, x_train[:1].nbytes * 2))
         total = sum(x_train[i : i + chunk].sum(axis=axes, dtype=np.float64) for i in range(0, len(x_train), chunk))
         mean = total / (x_train.size / np.size(total))
-        shape = (1, -1, 1, 1) if x_train.ndim == 4 else (1, -1)
+        shape = (1, 1, 1, -1) if sequence_features else (1, -1, 1, 1) if x_train.ndim == 4 else (1, -1)
         squares = sum(
             ((x_train[i : i + chunk].astype(np.float64) - mean.reshape(shape)) ** 2).sum(axis=axes)
             for i in range(0, len(x_train), chunk)
@@ -140,6 +156,7 @@ class Preprocessing:
             feature_names=tuple(feature_names),
             integer_features=tuple(int(i) for i in integer_features),
             fill_values=tuple(float(v) for v in fill_values),
+            sequence_features=sequence_features,
         )
 
     def to_json(self) -> str:
@@ -147,7 +164,7 @@ class Preprocessing:
         if data["vocab_size"] is None:  # image / tabular files stay as they were
             del data["vocab_size"]
         for key in ("log_features", "feature_names", "integer_features", "fill_values", "columns",
-                    "categorical"):  # ...and those without them
+                    "categorical", "sequence_features", "raw_shape"):  # ...and those without them
             if not data[key]:
                 del data[key]
         return json.dumps(data, indent=2, sort_keys=True) + "\n"
@@ -169,6 +186,8 @@ class Preprocessing:
             columns=tuple(str(name) for name in data.get("columns", ())),
             categorical=tuple(CategoricalColumn(str(c["name"]), tuple(str(v) for v in c["values"]),
                                                 str(c.get("dtype", "string"))) for c in data.get("categorical", ())),
+            sequence_features=bool(data.get("sequence_features", False)),
+            raw_shape=tuple(int(d) for d in data.get("raw_shape", ())),
         )
 
 

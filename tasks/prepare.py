@@ -38,8 +38,8 @@ from tasks.core.processes import die_with_parent, exit_process
 from tasks.core.stage_cli import parse_stage_args
 from tasks.core.paths import ProjectPaths
 from tasks.sources.rows import (
-    HEAVY_TAIL_SKEWNESS, chosen_log_features, feature_list, fill_values_from_train, heavy_tailed_features,
-    missing_counts, missing_line,
+    HEAVY_TAIL_SKEWNESS, chosen_log_features, chosen_npz_layout, feature_list, fill_values_from_train,
+    heavy_tailed_features, missing_counts, missing_line, npz_layout_line,
 )
 from tasks.sources import (
     DataError,
@@ -154,9 +154,12 @@ def prepare_data(params: PrepareParams, seed: int, root: Path) -> PreparedData:
     check_splittable(raw.y, raw.class_names, params.val_fraction, params.test_fraction, shown)
     if isinstance(raw, RawText):
         return _prepare_text(raw, provenance, params, seed)
+    if params.npz_layout == "sequences" and not raw.from_3d_array:
+        raise DataError(f"params.yaml: prepare.npz_layout: sequences: {shown}'s array {params.npz_inputs!r} is not 3-D "
+                        f"(one sample: {tuple(raw.x.shape[1:])}); sequences are an (N, T, F) array")
     x, y, class_names = raw
     feature_names, integer_features = raw.feature_names, raw.integer_features
-    columns, categorical = raw.columns, raw.categorical
+    columns, categorical, from_3d_array = raw.columns, raw.categorical, raw.from_3d_array
     del raw
     value_range = {"min": float(np.nanmin(x)), "max": float(np.nanmax(x))}
     index = stratified_split(y, len(class_names), params.val_fraction, params.test_fraction, seed)
@@ -167,11 +170,17 @@ def prepare_data(params: PrepareParams, seed: int, root: Path) -> PreparedData:
     # Drop the full array before the statistics: fit() needs a float64 temporary of the train split.
     del x
     log_features = chosen_log_features(params.log_features, splits["train"][0], feature_names, categorical)
+    npz_layout = chosen_npz_layout(params.npz_layout, splits["train"][0]) if from_3d_array else None
     preprocessing = Preprocessing.fit(splits["train"][0], len(class_names), list(class_names), log_features,
-                                      feature_names, integer_features, fill_values)
+                                      feature_names, integer_features, fill_values,
+                                      sequence_features=bool(npz_layout and npz_layout["layout"] == "sequences"))
     if categorical:
         preprocessing = dataclasses.replace(preprocessing, columns=columns, categorical=categorical)
+    if from_3d_array:  # the registered model takes samples as the file holds them, without the channel
+        preprocessing = dataclasses.replace(preprocessing, raw_shape=tuple(input_shape[1:]))
     card = _card(provenance, num_samples, input_shape, value_range, class_names, splits, params, seed)
+    if npz_layout:
+        card["npz_layout"] = npz_layout
     if log_features:
         card["log_features"] = list(log_features)
     if feature_names:
@@ -407,6 +416,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     if (classes := class_index_line(card["class_names"])) is not None:
         logger.info("%s", classes)
+    if layout := card.get("npz_layout"):
+        logger.info("%s", npz_layout_line(layout, card["input_shape"]))
     if categorical := card.get("categorical"):
         logger.info("categorical columns (one 0/1 feature per category; prepare.csv_categorical_columns): %s",
                     "; ".join(f"{name} ({len(c['values'])}: {', '.join(c['values'][:6])}"

@@ -8,6 +8,8 @@ stage imports this module: it makes data, the stages only read it.
   with rotation, shift, contrast, noise and occlusion (MNIST-like, not one every model aces);
 - :func:`noisy_patterns`: 10 classes of smooth random 28x28 patterns, shifted, under noise;
 - :func:`tabular`: 8 features, 2 classes; :func:`sequences`: 12 steps x 4 features, 2 classes;
+- :func:`sensor_sequences`: raw ``(N, T, F)`` readings in their own units (a pressure in hPa
+  beside a vibration in metres), what an ``npz`` of sensor data holds before ``prepare``;
 - :func:`write_splits`: any ``(x, y)`` as ``data/prepared`` (splits, ``preprocess.json``, ``card.json``).
 """
 
@@ -101,3 +103,22 @@ def sequences(samples: int = 600, seed: int = 2) -> tuple[np.ndarray, np.ndarray
     phase = rng.uniform(0, 2 * np.pi, size=(samples, 1, 4))
     x = np.sin(frequency * t + phase) + rng.normal(scale=0.5, size=(samples, 12, 4))
     return x[:, None], y.astype(np.int64)
+
+
+def sensor_sequences(samples: int = 600, seed: int = 3, steps: int = 40) -> tuple[np.ndarray, np.ndarray]:
+    """Raw sensor readings ``(N, steps, 4)``, float32, each channel in its own unit, 2 classes:
+    a pressure (about 1013 hPa, drifting), a vibration in metres (about 1e-3: a slow or a fast
+    wave, the class), a temperature (about 60 C) and a motor current (about 10 A), the last two
+    noise. As one image channel the vibration spans a millionth of a unit: it takes a mean and
+    standard deviation per feature for a model to see the class."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, samples)
+    t = np.arange(steps)[None, :]
+    frequency = np.where(y == 1, 0.25, 0.08)[:, None]
+    phase = rng.uniform(0, 2 * np.pi, (samples, 1))
+    vibration = 1e-3 * np.sin(2 * np.pi * frequency * t + phase) + rng.normal(0, 2e-4, (samples, steps))
+    pressure = 1013 + rng.normal(0, 5, (samples, 1)) + np.cumsum(rng.normal(0, 0.3, (samples, steps)), axis=1)
+    temperature = 60 + rng.normal(0, 3, (samples, 1)) + rng.normal(0, 0.4, (samples, steps))
+    current = 10 + rng.normal(0, 1, (samples, steps))
+    x = np.stack([pressure, vibration, temperature, current], axis=2).astype(np.float32)
+    return x, y.astype(np.int64)

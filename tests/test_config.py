@@ -57,6 +57,9 @@ def test_invalid_params(path: Path) -> None:
         ("prepare.log_features=[-1]", r"prepare.log_features: expected .*, got \[-1\]$"),
         ("prepare.log_features=[0]", r"prepare: log_features \[0\]: source 'digits' gives images, not rows of "
                                      r"features; only rows have features to log \(none or auto\)$"),
+        ("prepare.npz_layout=sequences", r"prepare: npz_layout sequences: source 'digits' is not an npz; only npz "
+                                         r"reads it$"),
+        ("prepare.npz_layout=rows", r"prepare.npz_layout: .*'auto', 'images' or 'sequences'"),
         ("train.allreduce_groups=-1", r"train.allreduce_groups: expected 'auto' or a whole number >= 0, got -1$"),
     ],
 )

@@ -439,6 +439,107 @@ def _count_mismatch(raw: Path) -> dict:
     return {"source": "idx", "path": "data/raw/img.idx.gz", "labels_path": "data/raw/lbl.idx.gz"}
 
 
+# --------------------------------------------------------------------------- a 3-D npz: images or sequences
+
+
+def _prepared_npz(root: Path, layout: str) -> Path:
+    """``data/raw/s.npz`` prepared with ``prepare.npz_layout`` ``layout`` into ``root/layout``."""
+    prepared = prepare_data(PrepareParams(source="npz", path="data/raw/s.npz", npz_layout=layout), 42, root)
+    write_prepared(prepared, root / layout)
+    return root / layout
+
+
+def test_sensor_sequences_get_a_mean_and_std_per_feature_and_a_model_learns_them(tmp_path: Path) -> None:
+    """Sequences ``(N, T, F)`` of readings in their own units (a pressure in hPa, a vibration
+    in metres that carries the class). Standardized as one image channel (before), the
+    vibration reached the model as a constant and a GRU stayed at chance (an LSTM on 3,000
+    such sequences: 26.7% of 4 classes); ``auto`` sees the features on other scales and gives
+    each its own mean and std. The registered model takes the file's samples, ``(N, T, F)``."""
+    import torch
+
+    from models.spec import ModelSpec
+    from tasks import synthetic
+    from test_evaluate_support import train_tiny
+
+    x, y = synthetic.sensor_sequences(600)
+    (tmp_path / "data" / "raw").mkdir(parents=True)
+    np.savez(tmp_path / "data" / "raw" / "s.npz", x=x, y=y)
+    sequences, images = _prepared_npz(tmp_path, "auto"), _prepared_npz(tmp_path, "images")
+    card = json.loads((sequences / "card.json").read_text())["npz_layout"]
+    assert card["layout"] == "sequences" and card["setting"] == "auto" and {1, 2, 3} <= set(card["squeezed"])
+    preprocessing = load_preprocessing(sequences)
+    assert preprocessing.sequence_features and preprocessing.raw_shape == (40, 4)
+    assert preprocessing.input_shape == (1, 40, 4) and preprocessing.shape_taken == (40, 4)
+    train = load_split(sequences, "train").x
+    np.testing.assert_allclose(train.mean(axis=(0, 1, 2)), 0, atol=1e-4)
+    np.testing.assert_allclose(train.std(axis=(0, 1, 2)), 1, atol=1e-3)
+    # The registered model's path: raw samples as the file holds them, normalized the same way.
+    raw_test = np.load(sequences / "test_x.npy")
+    np.testing.assert_allclose(preprocessing.apply(raw_test[:, 0]), load_split(sequences, "test").x, atol=1e-5)
+    as_images = load_preprocessing(images)
+    assert not as_images.sequence_features and len(as_images.mean) == 1
+    assert load_split(images, "train").x[..., 1].std() < 1e-5  # the vibration: flat
+    spec = ModelSpec(family="gru", rnn_hidden=16, dropout=0.0)
+    accuracy = {}
+    for name, folder in (("sequences", sequences), ("images", images)):
+        test = load_split(folder, "test")
+        model = train_tiny(spec, folder, steps=80)
+        with torch.no_grad():
+            accuracy[name] = float((model(torch.from_numpy(test.x)).argmax(1).numpy() == test.y).mean())
+    print(accuracy)
+    assert accuracy["sequences"] >= 0.9 and accuracy["images"] <= 0.7, accuracy
+
+
+def test_images_in_a_3d_npz_keep_one_mean_and_std(tmp_path: Path) -> None:
+    """28x28 images whose border columns hold no ink or a speck (what a per-column std would
+    blow up): ``auto`` reads them as one-channel images, as before; the registered model takes
+    ``(N, 28, 28)``, the file's samples. ``sequences`` standardizes the columns one by one."""
+    from tasks import synthetic
+
+    x, y = synthetic.noisy_digits(300)
+    x = np.clip(x[:, 0], 0, None) * 255 / max(float(x.max()), 1e-6)
+    x[:, :, :3] = 0.0
+    x[5, 14, 2] = 40.0  # a speck of ink in an otherwise empty column
+    (tmp_path / "data" / "raw").mkdir(parents=True)
+    np.savez(tmp_path / "data" / "raw" / "s.npz", x=x.astype(np.float32), y=y)
+    images = load_preprocessing(_prepared_npz(tmp_path, "auto"))
+    assert not images.sequence_features and len(images.mean) == 1 and images.shape_taken == (28, 28)
+    assert json.loads((tmp_path / "auto" / "card.json").read_text())["npz_layout"] == {
+        "layout": "images", "setting": "auto", "squeezed": []}
+    columns = load_preprocessing(_prepared_npz(tmp_path, "sequences"))
+    assert columns.sequence_features and len(columns.mean) == 28
+    # preprocess.json of a prepare before these fields: one channel, the prepared shape taken.
+    old = json.loads(images.to_json())
+    del old["raw_shape"]
+    assert Preprocessing.from_json(json.dumps(old)).shape_taken == (1, 28, 28)
+    assert "sequence_features" not in old and "raw_shape" not in json.loads(Preprocessing.fit(
+        np.ones((4, 1, 2, 2), np.float32), 2, ["0", "1"]).to_json())
+
+
+@pytest.mark.integration
+def test_the_stage_says_how_it_read_a_3d_npz(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mlflow_uri: str, caplog: pytest.LogCaptureFixture,
+) -> None:
+    import logging
+
+    from tasks import synthetic
+
+    root = make_project(tmp_path / "project", {"source": "npz", "path": "data/raw/s.npz"})
+    x, y = synthetic.sensor_sequences(200)
+    np.savez(root / "data" / "raw" / "s.npz", x=x, y=y)
+    monkeypatch.setenv("SLIMFLOW_ROOT", str(root))
+    caplog.set_level(logging.INFO)
+    assert main([]) == 0
+    assert re.search(r"sequences of 40 steps x 4 features: each feature standardized on its own \(prepare.npz_layout "
+                     r"auto: as one image channel, features [0-9, ]+ of 0..3 would span less than 0.1 of a unit; "
+                     r"prepare.npz_layout=images reads the array as one-channel images\)", caplog.text), caplog.text
+    caplog.clear()
+    assert main(["--set", "prepare.npz_layout=images"]) == 0
+    assert re.search(r"one-channel 40x4 images: one mean and std \(prepare.npz_layout images\); as one image channel, "
+                     r"features [0-9, ]+ of 0..3 would span less than 0.1 of a unit, so the model hardly sees them: "
+                     r"prepare.npz_layout=sequences standardizes each feature on its own", caplog.text), caplog.text
+
+
 def _nan_csv(raw: Path) -> dict:
     rows = [r[:3] for r in tabular_rows()]
     rows[4][1] = "NaN"
@@ -462,6 +563,11 @@ def _single_class(raw: Path) -> dict:
     return {"source": "npz", "path": "data/raw/d.npz"}
 
 
+def _sequences_of_rows(raw: Path) -> dict:
+    np.savez(raw / "d.npz", x=np.arange(90.0).reshape(30, 3), y=np.arange(30) % 2)
+    return {"source": "npz", "path": "data/raw/d.npz", "npz_layout": "sequences"}
+
+
 def _small_class(raw: Path) -> dict:
     rows = [r[:3] for r in tabular_rows() if r[2] != "versicolor"] + [[0.1, 0.2, "versicolor"]] * 4
     write_csv(raw / "t.csv", rows, ["a", "b", "label"])
@@ -477,6 +583,8 @@ BAD_DATA: dict[str, tuple[Callable[[Path], dict], str]] = {
     "no label column": (_no_label_column, r"data/raw/t.csv: no label column 'label'"),
     "unreadable image": (_bad_image, r"data/raw/pets/owl/03.png: cannot read image"),
     "single class": (_single_class, r"data/raw/d.npz: all 30 samples belong to one class \('0'\)"),
+    "sequences of rows": (_sequences_of_rows, r"params.yaml: prepare.npz_layout: sequences: data/raw/d.npz's array "
+                                              r"'x' is not 3-D \(one sample: \(3,\)\); sequences are an \(N, T, F\) array"),
     "class too small": (_small_class, r"data/raw/t.csv: class 'versicolor' has 4 samples; .* at least 7"),
 }
 

@@ -145,6 +145,47 @@ def _registered_tiny_mlp(prepared: Path, folder: Path, registered_model: str, st
     return mlflow.pyfunc.load_model(f"models:/{registered_model}@{CHAMPION_ALIAS}")
 
 
+def test_a_model_of_a_3d_npz_takes_the_files_samples(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      mlflow_uri: str) -> None:
+    """Sensor sequences ``(N, T, F)`` in an npz: the registered model takes them as the file
+    holds them (before, its signature asked for the channel the prepared split adds,
+    ``(-1, 1, T, F)``, and refused the file's own rows), and its input example is two of them."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.models import Model
+
+    from models.spec import ModelSpec
+    from tasks import synthetic
+    from tasks.core.config import PrepareParams
+    from tasks.core.model_files import save_state_dict_model
+    from tasks.evaluation.signature import describe, input_schema
+    from tasks.prepare import prepare_data
+    from tasks.prepare import write_prepared as write_prepared_data
+
+    monkeypatch.chdir(tmp_path)
+    mlflow.set_experiment("registry-tests")
+    x, y = synthetic.sensor_sequences(300)
+    (tmp_path / "data" / "raw").mkdir(parents=True)
+    np.savez(tmp_path / "data" / "raw" / "s.npz", x=x, y=y)
+    prepared = tmp_path / "prepared"
+    data = prepare_data(PrepareParams(source="npz", path="data/raw/s.npz"), 42, tmp_path)
+    write_prepared_data(data, prepared)
+    spec = ModelSpec(family="gru", rnn_hidden=16, dropout=0.0)
+    save_state_dict_model(train_tiny(spec, prepared, steps=60), spec, (1, 40, 4), 2, tmp_path / "baseline",
+                          {"name": "baseline", "method": "baseline", "recipe": [], "parent": None})
+    with mlflow.start_run():
+        promote("baseline", tmp_path / "baseline", prepared, "sensors", {"data_digest": "d"})
+    model = mlflow.pyfunc.load_model(f"models:/sensors@{CHAMPION_ALIAS}")
+    assert model.metadata.get_input_schema().inputs[0].shape == (-1, 40, 4)
+    assert describe(input_schema(data.preprocessing)) == "tensor float32 (-1, 40, 4)"
+    assert (np.asarray(model.predict(x)) == y).mean() >= 0.9  # the file's rows, as they are
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/sensors@{CHAMPION_ALIAS}"))
+    example = Model.load(str(local / "MLmodel")).load_input_example(str(local))
+    assert np.asarray(example["raw_shaped_input"]).shape == (2, 40, 4)
+    with pytest.raises(MlflowException, match=r"expected shape \(-1, 40, 4\)"):
+        model.predict(x[:5, None])
+
+
 def test_a_csv_model_takes_its_columns_by_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mlflow_uri: str) -> None:
     """A CSV's header names the registered model's columns (before, x0..x{F-1}: nothing said
     which CSV column x2 was, and a file with its columns in another order passed as the same input)."""

@@ -82,6 +82,11 @@ class PrepareParams(_Strict):
     # npz: the names of the input and label arrays.
     npz_inputs: str = "x"
     npz_labels: str = "y"
+    # npz: what a 3-D array (N, A, B) holds: images (N, H, W), one channel standardized by one
+    # mean and std; sequences (N, T, F), T steps of F features, each feature standardized on
+    # its own; auto: sequences where, as one channel, some feature would vary over less than
+    # a tenth of a unit (features on other scales: a pressure beside a vibration).
+    npz_layout: Literal["auto", "images", "sequences"] = "auto"
     # csv: the label column (every other column is a feature, named as in the header: the
     # registered model's column names); text_table: the label column.
     csv_label_column: str = "label"
@@ -132,6 +137,8 @@ class PrepareParams(_Strict):
             raise ValueError(f"source {self.source!r} needs prepare.path")
         if self.source == "idx" and not self.labels_path:
             raise ValueError("source 'idx' needs prepare.labels_path (the IDX label file)")
+        if self.npz_layout != "auto" and self.source != "npz":
+            raise ValueError(f"npz_layout {self.npz_layout}: source {self.source!r} is not an npz; only npz reads it")
         for key in ("csv_ignore_columns", "csv_categorical_columns"):
             if getattr(self, key) and self.source != "csv":
                 raise ValueError(f"{key} {getattr(self, key)}: source {self.source!r} has no named columns; only csv "

@@ -1,7 +1,7 @@
 """The model people load from the MLflow registry.
 
 :class:`SlimflowClassifier` predicts class indices from RAW, SHAPED inputs ``(N,
-*input_shape)`` (tabular: one column per feature): it applies the train-split
+*shape_taken)``, a sample as the data holds it (tabular: one column per feature): it applies the train-split
 normalization from ``preprocess.json`` and runs the model folder through
 :func:`tasks.compression.loading.load_model_dir`, so
 ``mlflow.pyfunc.load_model("models:/<name>@champion")`` and ``mlflow models serve``
@@ -111,7 +111,7 @@ def _invalid(message: str) -> Exception:
 
 
 class SlimflowClassifier(mlflow.pyfunc.PythonModel):
-    """RAW inputs ``(N, *input_shape)`` -> class indices (int64), or their names (``params``).
+    """RAW inputs ``(N, *shape_taken)`` -> class indices (int64), or their names (``params``).
 
     Artifacts: ``model`` (a model folder with ``manifest.json``, any format
     :func:`tasks.compression.loading.load_model_dir` reads) and ``preprocess`` (``preprocess.json``).
@@ -137,7 +137,7 @@ class SlimflowClassifier(mlflow.pyfunc.PythonModel):
             self._tokenizer = load_tokenizer(Path(context.artifacts["tokenizer"]))
 
     def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201 - see above
-        """Class indices (int64) for raw inputs of shape ``(N, *input_shape)`` (text models: raw
+        """Class indices (int64) for raw inputs of shape ``(N, *shape_taken)`` (text models: raw
         text); with ``params={"output": "name"}`` the class names they stand for."""
         from tasks.evaluation.signature import OUTPUT_PARAM, OUTPUTS
 
@@ -162,13 +162,13 @@ class SlimflowClassifier(mlflow.pyfunc.PythonModel):
             if names and hasattr(model_input, "columns") and set(names) <= set(model_input.columns):
                 model_input = model_input[names]  # named columns: taken by name, in the model's order
             x = _as_array(model_input)
-        expected = tuple(self._preprocessing.input_shape)
+        expected = tuple(self._preprocessing.shape_taken)
         if x.shape == expected:  # one sample without its batch axis
             x = x[None]
         if x.shape[1:] != expected:
             raise _invalid(
                 f"input of shape {tuple(x.shape)} does not match the expected shape (-1, "
-                + ", ".join(str(d) for d in expected) + ") (raw values, float32, shaped: (N, *input_shape))"
+                + ", ".join(str(d) for d in expected) + ") (raw values, float32, shaped as one sample of the data)"
             )
         if not self._preprocessing.fill_values and np.isnan(x).any():
             raise _invalid(_missing_message(x, self._preprocessing))

@@ -4,9 +4,10 @@ Every registered version carries an MLflow signature and an input example built 
 the MLflow UI shows its schema and ``mlflow models serve`` refuses a request that does not
 fit it (HTTP 400 naming the expected shape or columns):
 
-- image and sequence data (``input_shape`` of 2 or 3 dimensions): one tensor named
-  :data:`SHAPED_INPUT` (``raw_shaped_input``), float32, shape ``(-1, *input_shape)``: RAW
-  values (the pyfunc normalizes them itself), SHAPED (not flattened);
+- image and sequence data: one tensor named :data:`SHAPED_INPUT` (``raw_shaped_input``),
+  float32, shape ``(-1, *shape_taken)``: RAW values (the pyfunc normalizes them itself),
+  SHAPED (not flattened) as the data holds one sample: ``(C, H, W)``, or an npz's 3-D array's
+  ``(H, W)`` / ``(T, F)`` (prepared with a channel added, which the pyfunc adds too);
 - tabular data (``input_shape == (features,)``): one column per feature, raw values,
   named as the data names them (a CSV's header: ``feature_names`` in ``preprocess.json``),
   else ``x0 .. x{F-1}``; ``long`` where the data wrote every value as an integer
@@ -63,7 +64,7 @@ def input_schema(preprocessing: Preprocessing) -> dict[str, Any]:
             if of_kind := [name for name in names if types[name] == kind]:
                 schema[kind] = of_kind
         return schema
-    return {"type": "tensor", "dtype": "float32", "shape": [-1, *shape], "layout": "raw, shaped"}
+    return {"type": "tensor", "dtype": "float32", "shape": [-1, *preprocessing.shape_taken], "layout": "raw, shaped"}
 
 
 def same_input(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
@@ -143,7 +144,7 @@ def model_signature(preprocessing: Preprocessing) -> Any:
     elif is_tabular(preprocessing):
         inputs = Schema([ColSpec(kind, name) for name, kind in column_types(preprocessing).items()])
     else:
-        inputs = Schema([TensorSpec(np.dtype(np.float32), (-1, *preprocessing.input_shape), name=SHAPED_INPUT)])
+        inputs = Schema([TensorSpec(np.dtype(np.float32), (-1, *preprocessing.shape_taken), name=SHAPED_INPUT)])
     return ModelSignature(inputs=inputs, outputs=Schema([TensorSpec(np.dtype(np.int64), (-1,))]),
                           params=ParamSchema([ParamSpec(OUTPUT_PARAM, "string", OUTPUTS[0])]))
 
@@ -163,5 +164,5 @@ def input_example(prepared: Path, preprocessing: Preprocessing) -> Any:
     x = np.ascontiguousarray(x, dtype=np.float32)
     if is_tabular(preprocessing):
         return decode_table(preprocessing, x)
-    return x
+    return x.reshape(len(x), *preprocessing.shape_taken)
 

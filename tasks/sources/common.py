@@ -60,6 +60,9 @@ class RawData:
     # stored as one 0/1 feature per category; feature_names then names the features).
     columns: tuple[str, ...] = ()
     categorical: tuple[CategoricalColumn, ...] = ()
+    # An npz whose array was 3-D, now (N, 1, A, B): images (N, H, W) or sequences (N, T, F)
+    # (prepare.npz_layout decides).
+    from_3d_array: bool = False
 
     def __iter__(self) -> Iterator[Any]:
         return iter((self.x, self.y, self.class_names))

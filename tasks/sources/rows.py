@@ -1,10 +1,11 @@
-"""Rows of features: what the prepare stage chooses on the train split, and says.
+"""Rows of features and sequences: what the prepare stage chooses on the train split, and says.
 
 Which features go to log scale (:func:`chosen_log_features`: heavy-tailed amounts and
 counts, or those ``prepare.log_features`` names), what a missing value becomes
-(:func:`fill_values_from_train`: each feature's train-split median), and the log lines
-that report both. Pure functions of arrays and names; the prepare stage writes the results
-into ``preprocess.json`` and the data card.
+(:func:`fill_values_from_train`: each feature's train-split median), whether a 3-D npz holds
+sequences whose features are standardized one by one (:func:`chosen_npz_layout`), and the log
+lines that report them. Pure functions of arrays and names; the prepare stage writes the
+results into ``preprocess.json`` and the data card.
 """
 
 from __future__ import annotations
@@ -98,6 +99,58 @@ def chosen_log_features(setting: str | list[int | str], x_train: np.ndarray, fea
                             f"{features} features (0..{features - 1})")
         indices.append(entry)
     return tuple(sorted(set(indices)))
+
+
+# A feature (last axis) of a 3-D npz whose train-split values, standardized together with the
+# others as one image channel, would span less than this share of a unit is on another scale
+# (a vibration in metres beside a pressure in hPa): the model would see it as a near-constant.
+SQUEEZED_SPAN = 0.1
+
+
+def squeezed_features(x_train: np.ndarray) -> tuple[int, ...]:
+    """The features (last axis) of ``(N, 1, T, F)`` ``x_train`` that one mean and standard
+    deviation for the whole array would flatten: their range is under :data:`SQUEEZED_SPAN`
+    of that deviation. A constant feature is none (it carries nothing either way)."""
+    chunk = max(1, (32 << 20) // max(1, x_train[:1].nbytes * 2))
+    total = squares = 0.0
+    for i in range(0, len(x_train), chunk):  # float64 a chunk at a time, as Preprocessing.fit
+        part = x_train[i : i + chunk].astype(np.float64)
+        total, squares = total + float(part.sum()), squares + float(np.square(part).sum())
+    mean = total / x_train.size
+    spread = float(np.sqrt(max(squares / x_train.size - mean**2, 0.0)))
+    axes = tuple(range(x_train.ndim - 1))
+    span = x_train.max(axis=axes).astype(np.float64) - x_train.min(axis=axes)
+    return tuple(int(i) for i in np.flatnonzero((span > 0) & (span < SQUEEZED_SPAN * spread)))
+
+
+def chosen_npz_layout(setting: str, x_train: np.ndarray) -> dict[str, Any]:
+    """What a 3-D npz's train split ``(N, 1, A, B)`` is standardized as, for the data card:
+    ``layout`` (``sequences``: each feature B on its own; ``images``: one channel), the
+    ``setting`` (``prepare.npz_layout``) and the ``squeezed`` features that one channel would
+    flatten (``auto`` picks sequences where there are any)."""
+    squeezed = squeezed_features(x_train)
+    layout = setting if setting != "auto" else "sequences" if squeezed else "images"
+    return {"layout": layout, "setting": setting, "squeezed": list(squeezed)}
+
+
+def npz_layout_line(layout: dict[str, Any], input_shape: list[int]) -> str:
+    """The prepare stage's line for the data card's ``npz_layout``: what the 3-D array was read
+    as and why, and the setting that reads it the other way."""
+    steps, features = input_shape[-2:]
+    squeezed = layout["squeezed"]
+    listed = ", ".join(str(i) for i in squeezed[:8]) + (f", ... ({len(squeezed)})" if len(squeezed) > 8 else "")
+    flat = (f"as one image channel, feature{'s' if len(squeezed) > 1 else ''} {listed} of 0..{features - 1} "
+            f"would span less than {SQUEEZED_SPAN:g} of a unit")
+    if layout["layout"] == "sequences":
+        why = f"auto: {flat}" if layout["setting"] == "auto" else "sequences"
+        return (f"sequences of {steps} steps x {features} features: each feature standardized on its own "
+                f"(prepare.npz_layout {why}; prepare.npz_layout=images reads the array as one-channel images)")
+    if squeezed:  # images asked for, and some features will hardly reach the model
+        return (f"one-channel {steps}x{features} images: one mean and std (prepare.npz_layout images); {flat}, "
+                "so the model hardly sees them: prepare.npz_layout=sequences standardizes each feature on its own")
+    return (f"one-channel {steps}x{features} images: one mean and std (prepare.npz_layout {layout['setting']}"
+            f"{': no feature on another scale' if layout['setting'] == 'auto' else ''}; prepare.npz_layout=sequences "
+            f"standardizes each of the {features} features (last axis) on its own)")
 
 
 def missing_line(missing: dict[str, Any], rows: int, shown: int = 8) -> str:

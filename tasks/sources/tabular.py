@@ -48,7 +48,8 @@ def read_npz(path: Path, shown: str, inputs: str, labels: str, missing: bool = F
         raise DataError(f"{shown}: array {inputs!r} has dtype {x_raw.dtype}; expected numbers")
     if x_raw.dtype.kind == "f" and x_raw.ndim >= 1:
         require_finite(x_raw, shown, f"array {inputs!r}", missing and x_raw.ndim == 2)  # the index is the file's
-    if x_raw.ndim == 3:
+    from_3d_array = x_raw.ndim == 3
+    if from_3d_array:
         x_raw = x_raw[:, None, :, :]
     elif x_raw.ndim not in (2, 4):
         raise DataError(
@@ -69,8 +70,8 @@ def read_npz(path: Path, shown: str, inputs: str, labels: str, missing: bool = F
     x = np.ascontiguousarray(x_raw, dtype=np.float32)
     # Checked again only where the conversion can overflow: float64 beyond float32's range -> inf.
     overflow = x_raw.dtype.kind == "f" and x_raw.dtype.itemsize > 4
-    return check_dataset(RawData(x, y, class_names, integer_features=integer_features), shown, check_finite=overflow,
-                         missing=missing and x.ndim == 2)
+    return check_dataset(RawData(x, y, class_names, integer_features=integer_features, from_3d_array=from_3d_array),
+                         shown, check_finite=overflow, missing=missing and x.ndim == 2)
 
 
 def npz_input_shape(path: Path, inputs: str) -> tuple[int, ...] | None:
