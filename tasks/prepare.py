@@ -154,12 +154,12 @@ def prepare_data(params: PrepareParams, seed: int, root: Path) -> PreparedData:
     check_splittable(raw.y, raw.class_names, params.val_fraction, params.test_fraction, shown)
     if isinstance(raw, RawText):
         return _prepare_text(raw, provenance, params, seed)
-    if params.npz_layout == "sequences" and not raw.from_3d_array:
+    if params.npz_layout == "sequences" and not raw.channel_added:
         raise DataError(f"params.yaml: prepare.npz_layout: sequences: {shown}'s array {params.npz_inputs!r} is not 3-D "
                         f"(one sample: {tuple(raw.x.shape[1:])}); sequences are an (N, T, F) array")
     x, y, class_names = raw
     feature_names, integer_features = raw.feature_names, raw.integer_features
-    columns, categorical, from_3d_array = raw.columns, raw.categorical, raw.from_3d_array
+    columns, categorical, channel_added = raw.columns, raw.categorical, raw.channel_added
     del raw
     value_range = {"min": float(np.nanmin(x)), "max": float(np.nanmax(x))}
     index = stratified_split(y, len(class_names), params.val_fraction, params.test_fraction, seed)
@@ -170,13 +170,14 @@ def prepare_data(params: PrepareParams, seed: int, root: Path) -> PreparedData:
     # Drop the full array before the statistics: fit() needs a float64 temporary of the train split.
     del x
     log_features = chosen_log_features(params.log_features, splits["train"][0], feature_names, categorical)
-    npz_layout = chosen_npz_layout(params.npz_layout, splits["train"][0]) if from_3d_array else None
+    npz_layout = (chosen_npz_layout(params.npz_layout, splits["train"][0])
+                  if channel_added and params.source == "npz" else None)
     preprocessing = Preprocessing.fit(splits["train"][0], len(class_names), list(class_names), log_features,
                                       feature_names, integer_features, fill_values,
                                       sequence_features=bool(npz_layout and npz_layout["layout"] == "sequences"))
     if categorical:
         preprocessing = dataclasses.replace(preprocessing, columns=columns, categorical=categorical)
-    if from_3d_array:  # the registered model takes samples as the file holds them, without the channel
+    if channel_added:  # the registered model takes samples as the file holds them, without the channel
         preprocessing = dataclasses.replace(preprocessing, raw_shape=tuple(input_shape[1:]))
     card = _card(provenance, num_samples, input_shape, value_range, class_names, splits, params, seed)
     if npz_layout:

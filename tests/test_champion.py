@@ -126,25 +126,25 @@ def test_a_28x28_run_under_the_same_name_leaves_the_digits_champion_and_says_why
     assert len(mlflow.MlflowClient().search_model_versions(f"name='{NAME}'")) == 1
     decision = _promotion(project)
     assert decision["verdict"] == "other_input" and not decision["allowed"]
-    assert decision["suggested_registered_model"] == f"{NAME}-1x28x28"
-    assert decision["challenger"]["input_schema"]["shape"] == [-1, 1, 28, 28]
+    assert decision["suggested_registered_model"] == f"{NAME}-28x28"
+    assert decision["challenger"]["input_schema"]["shape"] == [-1, 28, 28]  # an IDX file's images: (N, 28, 28)
     assert decision["outcome"]["champion_version"] == "1"
     assert "tensor float32 (-1, 1, 8, 8)" in decision["reason"] and "evaluate.registered_model" in decision["reason"]
     report = (project / "artifacts" / "evaluation" / "report.md").read_text()
     assert f"@champion of `{NAME}` after this run: version 1**" in report
-    assert f"evaluate.registered_model={NAME}-1x28x28" in report
+    assert f"evaluate.registered_model={NAME}-28x28" in report
     stage = mlflow.MlflowClient().get_run(decision["evaluate_run_id"])
     assert stage.data.tags["promotion_decision"].startswith("other_input")
     assert json.loads((project / "metrics" / "evaluate.json").read_text())["promoted"] == 0
     assert "evaluate.registered_model" in capsys.readouterr().out  # the closing table's caption says it
 
     # Under the name it suggests, the 28x28 model is the first champion.
-    assert main(["--set", f"evaluate.registered_model={NAME}-1x28x28"]) == 0
-    other = _champion(f"{NAME}-1x28x28")
+    assert main(["--set", f"evaluate.registered_model={NAME}-28x28"]) == 0
+    other = _champion(f"{NAME}-28x28")
     assert str(other.version) == "1" and _promotion(project)["verdict"] == "first_champion"
-    local = mlflow.artifacts.download_artifacts(f"models:/{NAME}-1x28x28@champion")
+    local = mlflow.artifacts.download_artifacts(f"models:/{NAME}-28x28@champion")
     signature = Model.load(f"{local}/MLmodel").signature
-    assert signature.inputs.inputs[0].shape == (-1, 1, 28, 28)
+    assert signature.inputs.inputs[0].shape == (-1, 28, 28)
     assert str(_champion().version) == "1"  # the digits champion is untouched
 
 

@@ -147,7 +147,7 @@ class Decision:
 
 
 def suggested_name(registered_model: str, schema: dict[str, Any]) -> str:
-    """A registered name for another input: ``slimflow-digits-1x28x28`` / ``...-30cols``."""
+    """A registered name for another input: ``slimflow-digits-28x28`` / ``...-30cols``."""
     if schema.get("type") == "columns":
         return f"{registered_model}-{schema['columns']}cols"
     return f"{registered_model}-{'x'.join(str(d) for d in schema['shape'][1:])}"

@@ -60,9 +60,10 @@ class RawData:
     # stored as one 0/1 feature per category; feature_names then names the features).
     columns: tuple[str, ...] = ()
     categorical: tuple[CategoricalColumn, ...] = ()
-    # An npz whose array was 3-D, now (N, 1, A, B): images (N, H, W) or sequences (N, T, F)
-    # (prepare.npz_layout decides).
-    from_3d_array: bool = False
+    # x gained a channel the file's samples lack: an IDX's or a 3-D npz's (A, B) are (1, A, B)
+    # here; the registered model takes them as the file holds them. A 3-D npz holds images
+    # (H, W) or sequences (T, F) (prepare.npz_layout decides).
+    channel_added: bool = False
 
     def __iter__(self) -> Iterator[Any]:
         return iter((self.x, self.y, self.class_names))

@@ -118,4 +118,5 @@ def read_idx(images: Path, labels: Path, images_shown: str, labels_shown: str) -
     x = np.empty((image_dims[0], 1, *image_dims[1:]), dtype=np.float32)
     x[:, 0] = pixels  # the one uint8 -> float32 conversion, straight from the map/buffer
     del pixels
-    return check_dataset(RawData(x, y, names), images_shown, check_finite=False, labels_shown=labels_shown)
+    return check_dataset(RawData(x, y, names, channel_added=True), images_shown, check_finite=False,
+                         labels_shown=labels_shown)

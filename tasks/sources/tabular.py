@@ -48,8 +48,8 @@ def read_npz(path: Path, shown: str, inputs: str, labels: str, missing: bool = F
         raise DataError(f"{shown}: array {inputs!r} has dtype {x_raw.dtype}; expected numbers")
     if x_raw.dtype.kind == "f" and x_raw.ndim >= 1:
         require_finite(x_raw, shown, f"array {inputs!r}", missing and x_raw.ndim == 2)  # the index is the file's
-    from_3d_array = x_raw.ndim == 3
-    if from_3d_array:
+    channel_added = x_raw.ndim == 3
+    if channel_added:
         x_raw = x_raw[:, None, :, :]
     elif x_raw.ndim not in (2, 4):
         raise DataError(
@@ -70,7 +70,7 @@ def read_npz(path: Path, shown: str, inputs: str, labels: str, missing: bool = F
     x = np.ascontiguousarray(x_raw, dtype=np.float32)
     # Checked again only where the conversion can overflow: float64 beyond float32's range -> inf.
     overflow = x_raw.dtype.kind == "f" and x_raw.dtype.itemsize > 4
-    return check_dataset(RawData(x, y, class_names, integer_features=integer_features, from_3d_array=from_3d_array),
+    return check_dataset(RawData(x, y, class_names, integer_features=integer_features, channel_added=channel_added),
                          shown, check_finite=overflow, missing=missing and x.ndim == 2)
 
 
