@@ -414,6 +414,56 @@ def test_a_baseline_still_improving_by_more_than_the_gate_tolerates_is_a_caveat_
     assert f"caveat: {caveat}" in [r.getMessage() for r in caplog.records]
 
 
+def test_a_baseline_no_better_than_the_majority_class_gets_a_caveat() -> None:
+    """2% fraud: a baseline that catches 2 of 31 frauds reads 97.93% accuracy, exactly what
+    always answering 'ok' reads, and every variant "passed" within a point of it. The result
+    now says accuracy hardly measures such models (seen on a generated payments table); a
+    baseline beyond chance above the majority class, and a balanced split's chance-level
+    baseline, are told apart."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from tasks.evaluation.gate import apply_gate, majority_class_caveat
+    from tasks.evaluation.results import Evaluation, ModelResult
+
+    def evaluation(y_true: np.ndarray, predictions: np.ndarray, class_names: tuple[str, ...]) -> Evaluation:
+        per_class = {name: {"recall": float((predictions[y_true == i] == i).mean()), "support": int((y_true == i).sum())}
+                     for i, name in enumerate(class_names) if (y_true == i).any()}
+        accuracy = float((predictions == y_true).mean())
+        return Evaluation(models={"baseline": ModelResult("baseline", Path("b"), {}, {**_m(accuracy, 100, 1.0),
+                                                                                         "macro_f1": 0.552},
+                                                          predictions, np.zeros((2, 2)), per_class=per_class)},
+                          class_names=class_names, y_true=y_true, settings={})
+
+    y = np.r_[np.ones(31, np.int64), np.zeros(1468, np.int64)]  # 0 = 'fraud'... as names sort: ('fraud', 'ok')
+    y = 1 - y  # 31 frauds (index 0), 1468 ok (index 1)
+    catches = np.ones_like(y)
+    catches[:2] = 0  # 2 frauds caught
+    catches[100:102] = 0  # 2 false alarms
+    said = majority_class_caveat(evaluation(y, catches, ("fraud", "ok")))
+    assert said == ("the baseline's accuracy 0.9793 is +0.00±0.13 points from always answering 'ok' (0.9793, its "
+                    "share of the test split), within chance; its recall of the other classes: 'fraud' 0.065 (2 of 31); "
+                    "macro F1 0.552. On data this imbalanced accuracy hardly measures the models: judge them by "
+                    "per-class recall and macro F1 (evaluate.gate.max_class_recall_drop guards each class's recall)")
+    found = evaluation(y, catches, ("fraud", "ok"))
+    apply_gate(found, SimpleNamespace(gate=gate(), objective="smallest"))
+    assert found.caveats == [said]
+    skilled = catches.copy()
+    skilled[:25] = 0  # 25 of 31 caught: beyond chance above the constant answer
+    assert majority_class_caveat(evaluation(y, skilled, ("fraud", "ok"))) is None
+    # A balanced split, 4 classes, a baseline at chance (sensor sequences read as one channel).
+    y4 = np.arange(400) % 4
+    at_chance = np.full(400, 3)
+    at_chance[:8] = 0
+    assert majority_class_caveat(evaluation(y4, at_chance, ("0", "1", "2", "3"))).endswith(
+        "The baseline learned no more than a constant answer: check the data and how it was prepared (the prepare "
+        "stage's log; the train stage's figures)")
+    assert majority_class_caveat(evaluation(y4, y4, ("0", "1", "2", "3"))) is None
+    assert majority_class_caveat(evaluation(np.zeros(5, np.int64), np.zeros(5, np.int64), ("a", "b"))) is None
+
+
 def test_the_class_limit_names_the_worst_class_and_ignores_one_samples_flip() -> None:
     metrics = {"baseline": _m(0.95, 100, 1.0), "small": _m(0.95, 10, 1.0)}
     classes = {

@@ -23,8 +23,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from tasks.core import metric_names as names
-from tasks.core.classification import class_disagreements, class_recall_problem, class_recall_within_chance
+from tasks.core.classification import (
+    class_disagreements, class_recall_problem, class_recall_within_chance, paired_change_noise,
+)
 from tasks.core.config import EvaluateParams, GateParams
 from tasks.evaluation.results import BASELINE, Evaluation
 from tasks.training.reporting import kept_less_accurate, still_improving
@@ -40,6 +44,7 @@ OBJECTIVES: dict[str, tuple[str, ...]] = {
     "lowest_energy": ("energy_per_1k_j", "latency_p50_ms"),
 }
 BEYOND_CHANCE = 2.0  # standard errors of a paired accuracy gain that make it more than chance
+IMBALANCED_SHARE = 0.5  # a test split whose most frequent class is at least this share is imbalanced
 # How the objective's measure reads in a reason.
 _SHOWN = {"size_bytes": "{:.0f} B", "latency_p50_ms": "{:.3f} ms p50", "energy_per_1k_j": "{:.4g} J per 1k predictions"}
 
@@ -224,6 +229,37 @@ def less_accurate_epoch_caveat(baseline_manifest: Mapping[str, Any], gate: GateP
     return note and f"the baseline {note}"
 
 
+def majority_class_caveat(evaluation: Evaluation) -> str | None:
+    """What to tell a user whose baseline is, within chance, no more accurate than always
+    answering the test split's most frequent class (paired on the same samples, as
+    :func:`~tasks.core.classification.paired_change_noise` reads a change): on imbalanced data
+    (2% fraud) accuracy then hardly measures the models, and a variant that drops the rare
+    class's few catches still passes an accuracy gate. None where the baseline is beyond chance
+    above it, and on a split of fewer than two samples or of one class."""
+    baseline, y_true = evaluation.models[BASELINE], np.asarray(evaluation.y_true).astype(np.int64)
+    counts = np.bincount(y_true, minlength=len(evaluation.class_names))
+    majority = int(counts.argmax())
+    constant_right, base_right = y_true == majority, baseline.predictions == y_true
+    noise, _ = paired_change_noise(constant_right, base_right)
+    gain = float(base_right.mean() - constant_right.mean())
+    if math.isnan(noise) or counts[majority] == len(y_true) or gain > BEYOND_CHANCE * noise + _EPS:
+        return None  # (a split of one class: no other answer to tell apart)
+    others = [(name, values) for name, values in baseline.per_class.items()
+              if name != evaluation.class_names[majority] and values.get("support")]
+    recalls = ", ".join(f"{name!r} {values['recall']:.3f} ({round(values['recall'] * values['support'])} of "
+                        f"{int(values['support'])})" for name, values in others[:4])
+    more = f", ... ({len(others)} classes)" if len(others) > 4 else ""
+    said = (f"the baseline's accuracy {base_right.mean():.4f} is {100 * gain:+.2f}±{100 * noise:.2f} points from always "
+            f"answering {evaluation.class_names[majority]!r} ({constant_right.mean():.4f}, its share of the test split), "
+            f"within chance; its recall of the other classes: {recalls}{more}; macro F1 "
+            f"{baseline.metrics.get('macro_f1', math.nan):.3f}")
+    if constant_right.mean() >= IMBALANCED_SHARE:
+        return (f"{said}. On data this imbalanced accuracy hardly measures the models: judge them by per-class recall "
+                "and macro F1 (evaluate.gate.max_class_recall_drop guards each class's recall)")
+    return (f"{said}. The baseline learned no more than a constant answer: check the data and how it was prepared "
+            "(the prepare stage's log; the train stage's figures)")
+
+
 def apply_gate(evaluation: Evaluation, params: EvaluateParams) -> None:
     """Run the gate; mark ``passed_gate`` and ``champion`` in every model's metrics; note a
     baseline that was still improving (:func:`still_improving_caveat`)."""
@@ -257,6 +293,9 @@ def apply_gate(evaluation: Evaluation, params: EvaluateParams) -> None:
         evaluation.caveats.append(caveat)
         log.warning("caveat: %s", caveat)
     if caveat := still_improving_caveat(evaluation.models[BASELINE].manifest, params.gate):
+        evaluation.caveats.append(caveat)
+        log.warning("caveat: %s", caveat)
+    if caveat := majority_class_caveat(evaluation):
         evaluation.caveats.append(caveat)
         log.warning("caveat: %s", caveat)
 
