@@ -78,8 +78,8 @@ class Preprocessing:
     # sequences (N, 1, T, F) (an npz of (N, T, F), prepare.npz_layout): one mean and std per
     # feature, over samples and steps, where an image has one per channel
     sequence_features: bool = False
-    # an npz's 3-D array: one sample as the file holds it, (H, W) or (T, F), which the registered
-    # model takes; prepared (input_shape) with a channel, (1, H, W); empty: input_shape itself
+    # an IDX file's or a 3-D npz's samples as the file holds them, (H, W) or (T, F), which the
+    # registered model takes; prepared (input_shape) with a channel, (1, H, W); empty: input_shape
     raw_shape: tuple[int, ...] = ()
 
     @property
