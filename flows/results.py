@@ -220,6 +220,9 @@ def _registered(decision: dict[str, Any]) -> str | None:
 
 def _description(outcome: PipelineResult, decision: dict[str, Any], links: _Links) -> str:
     lines = [f"**{_headline_word(outcome, decision).capitalize()}**: {champion_sentence(outcome.champion, _figures(outcome))}."]
+    # Right under the headline: the UI folds the description after its first lines, and a
+    # caveat qualifies the headline's figures (98% accuracy where always answering 'ok' reads 98%).
+    lines += [f"Caveat: {caveat}." for caveat in decision.get("caveats") or []]
     model_runs = list((decision.get("model_runs") or {}).values())
     if model_runs:  # a link within the MLflow UI, whatever its address
         lines.append(f"[Compare the {len(model_runs)} models]({links.compare(model_runs, relative=True)}) "
@@ -228,7 +231,6 @@ def _description(outcome: PipelineResult, decision: dict[str, Any], links: _Link
         lines.append(f"Registered: `{registered}`.")
     if decision.get("decision"):
         lines.append(f"Gate: {decision['decision']}.")
-    lines += [f"Caveat: {caveat}." for caveat in decision.get("caveats") or []]
     lines.append("Artifacts: result/report.html (the report, images embedded), result/comparison.csv, "
                  "the accuracy vs size / latency plots; recipes.json and params.yaml.")
     return "\n\n".join(lines)
