@@ -170,11 +170,13 @@ def prepare_data(params: PrepareParams, seed: int, root: Path) -> PreparedData:
     # Drop the full array before the statistics: fit() needs a float64 temporary of the train split.
     del x
     log_features = chosen_log_features(params.log_features, splits["train"][0], feature_names, categorical)
-    npz_layout = (chosen_npz_layout(params.npz_layout, splits["train"][0])
-                  if channel_added and params.source == "npz" else None)
     preprocessing = Preprocessing.fit(splits["train"][0], len(class_names), list(class_names), log_features,
-                                      feature_names, integer_features, fill_values,
-                                      sequence_features=bool(npz_layout and npz_layout["layout"] == "sequences"))
+                                      feature_names, integer_features, fill_values)
+    npz_layout = (chosen_npz_layout(params.npz_layout, splits["train"][0], preprocessing.std[0])
+                  if channel_added and params.source == "npz" else None)
+    if npz_layout and npz_layout["layout"] == "sequences":  # fitted again: a mean and std per feature
+        preprocessing = Preprocessing.fit(splits["train"][0], len(class_names), list(class_names), log_features,
+                                          feature_names, integer_features, fill_values, sequence_features=True)
     if categorical:
         preprocessing = dataclasses.replace(preprocessing, columns=columns, categorical=categorical)
     if channel_added:  # the registered model takes samples as the file holds them, without the channel

@@ -107,28 +107,22 @@ def chosen_log_features(setting: str | list[int | str], x_train: np.ndarray, fea
 SQUEEZED_SPAN = 0.1
 
 
-def squeezed_features(x_train: np.ndarray) -> tuple[int, ...]:
+def squeezed_features(x_train: np.ndarray, channel_std: float) -> tuple[int, ...]:
     """The features (last axis) of ``(N, 1, T, F)`` ``x_train`` that one mean and standard
-    deviation for the whole array would flatten: their range is under :data:`SQUEEZED_SPAN`
-    of that deviation. A constant feature is none (it carries nothing either way)."""
-    chunk = max(1, (32 << 20) // max(1, x_train[:1].nbytes * 2))
-    total = squares = 0.0
-    for i in range(0, len(x_train), chunk):  # float64 a chunk at a time, as Preprocessing.fit
-        part = x_train[i : i + chunk].astype(np.float64)
-        total, squares = total + float(part.sum()), squares + float(np.square(part).sum())
-    mean = total / x_train.size
-    spread = float(np.sqrt(max(squares / x_train.size - mean**2, 0.0)))
+    deviation for the whole array (``channel_std``: the one-channel fit's) would flatten:
+    their range is under :data:`SQUEEZED_SPAN` of that deviation. A constant feature is none
+    (it carries nothing either way)."""
     axes = tuple(range(x_train.ndim - 1))
     span = x_train.max(axis=axes).astype(np.float64) - x_train.min(axis=axes)
-    return tuple(int(i) for i in np.flatnonzero((span > 0) & (span < SQUEEZED_SPAN * spread)))
+    return tuple(int(i) for i in np.flatnonzero((span > 0) & (span < SQUEEZED_SPAN * channel_std)))
 
 
-def chosen_npz_layout(setting: str, x_train: np.ndarray) -> dict[str, Any]:
+def chosen_npz_layout(setting: str, x_train: np.ndarray, channel_std: float) -> dict[str, Any]:
     """What a 3-D npz's train split ``(N, 1, A, B)`` is standardized as, for the data card:
     ``layout`` (``sequences``: each feature B on its own; ``images``: one channel), the
-    ``setting`` (``prepare.npz_layout``) and the ``squeezed`` features that one channel would
-    flatten (``auto`` picks sequences where there are any)."""
-    squeezed = squeezed_features(x_train)
+    ``setting`` (``prepare.npz_layout``) and the ``squeezed`` features that one channel of
+    standard deviation ``channel_std`` would flatten (``auto`` picks sequences where there are any)."""
+    squeezed = squeezed_features(x_train, channel_std)
     layout = setting if setting != "auto" else "sequences" if squeezed else "images"
     return {"layout": layout, "setting": setting, "squeezed": list(squeezed)}
 
