@@ -188,8 +188,8 @@ def remeasure(model_uri: str, prepared: Path, class_names: Sequence[str], thread
 
 def _raw_test_rows(prepared: Path, folder: Path) -> Path:
     """This run's test inputs as a client sends them: rows of features as a table of the raw
-    columns (``.json``, categories as their values), an npz's 3-D samples without the channel
-    the prepared split adds, anything else ``test_x.npy`` itself."""
+    columns (``.json``, categories as their values), an IDX's or a 3-D npz's samples without
+    the channel the prepared split adds (``raw_shape``), anything else ``test_x.npy`` itself."""
     from tasks.data import decode_table, load_preprocessing
     from tasks.evaluation.signature import is_tabular
 
