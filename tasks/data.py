@@ -79,14 +79,30 @@ class Preprocessing:
     # feature, over samples and steps, where an image has one per channel
     sequence_features: bool = False
     # an IDX file's or a 3-D npz's samples as the file holds them, (H, W) or (T, F), which the
-    # registered model takes; prepared (input_shape) with a channel, (1, H, W); empty: input_shape
+    # registered model takes; prepared (input_shape) with a channel, (1, H, W); a 4-D npz's with
+    # its channels last (channels_last), (H, W, C), prepared (C, H, W); empty: input_shape
     raw_shape: tuple[int, ...] = ()
+    channels_last: bool = False
 
     @property
     def shape_taken(self) -> tuple[int, ...]:
         """One sample's shape as the registered model takes it (raw values, shaped as the data
         file holds them; :meth:`apply` reshapes it to ``input_shape``)."""
         return self.raw_shape or self.input_shape
+
+    def from_raw(self, x: np.ndarray) -> np.ndarray:
+        """Samples as the registered model takes them, ``(N, *shape_taken)``, in the prepared
+        layout ``(N, *input_shape)``: channels moved first, or the channel added."""
+        if self.channels_last:
+            return np.ascontiguousarray(np.moveaxis(x, -1, 1))
+        return x.reshape(len(x), *self.input_shape) if self.raw_shape else x
+
+    def to_raw(self, x: np.ndarray) -> np.ndarray:
+        """Prepared samples ``(N, *input_shape)`` as the data file holds them, ``(N, *shape_taken)``
+        (what a client sends): :meth:`from_raw` undone."""
+        if self.channels_last:
+            return np.ascontiguousarray(np.moveaxis(x, 1, -1))
+        return x.reshape(len(x), *self.raw_shape) if self.raw_shape else x
 
     @property
     def raw_columns(self) -> tuple[str, ...]:
@@ -164,7 +180,7 @@ class Preprocessing:
         if data["vocab_size"] is None:  # image / tabular files stay as they were
             del data["vocab_size"]
         for key in ("log_features", "feature_names", "integer_features", "fill_values", "columns",
-                    "categorical", "sequence_features", "raw_shape"):  # ...and those without them
+                    "categorical", "sequence_features", "raw_shape", "channels_last"):  # ...and those without them
             if not data[key]:
                 del data[key]
         return json.dumps(data, indent=2, sort_keys=True) + "\n"
@@ -188,6 +204,7 @@ class Preprocessing:
                                                 str(c.get("dtype", "string"))) for c in data.get("categorical", ())),
             sequence_features=bool(data.get("sequence_features", False)),
             raw_shape=tuple(int(d) for d in data.get("raw_shape", ())),
+            channels_last=bool(data.get("channels_last", False)),
         )
 
 

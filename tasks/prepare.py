@@ -49,6 +49,8 @@ from tasks.sources import (
     dvc_digest,
     encode,
     load_sklearn,
+    npz_channels_card,
+    npz_channels_line,
     read_csv,
     read_idx,
     read_image_folder,
@@ -102,7 +104,8 @@ def read_raw(params: PrepareParams, root: Path) -> tuple[RawData | RawText, dict
         extra = {"labels_path": params.labels_path, "labels_digest": dvc_digest(labels)}
     elif params.source == "npz":
         missing = params.missing_values == "median"
-        raw, extra = read_npz(path, params.path, params.npz_inputs, params.npz_labels, missing), {}
+        raw, extra = read_npz(path, params.path, params.npz_inputs, params.npz_labels, missing,
+                              params.npz_channels), {}
     elif params.source == "csv":
         raw = read_csv(path, params.path, params.csv_label_column, params.csv_ignore_columns,
                        params.missing_values == "median", params.csv_categorical_columns)
@@ -157,9 +160,14 @@ def prepare_data(params: PrepareParams, seed: int, root: Path) -> PreparedData:
     if params.npz_layout == "sequences" and not raw.channel_added:
         raise DataError(f"params.yaml: prepare.npz_layout: sequences: {shown}'s array {params.npz_inputs!r} is not 3-D "
                         f"(one sample: {tuple(raw.x.shape[1:])}); sequences are an (N, T, F) array")
+    if params.npz_channels != "auto" and (raw.x.ndim != 4 or raw.channel_added):
+        raise DataError(f"params.yaml: prepare.npz_channels: {params.npz_channels}: {shown}'s array "
+                        f"{params.npz_inputs!r} is not 4-D (one sample: {raw.file_shape}); channels are the second "
+                        "or the last axis of an (N, C, H, W) or (N, H, W, C) array")
+    file_shape = raw.file_shape
     x, y, class_names = raw
     feature_names, integer_features = raw.feature_names, raw.integer_features
-    columns, categorical, channel_added = raw.columns, raw.categorical, raw.channel_added
+    columns, categorical, channel_added, moved = raw.columns, raw.categorical, raw.channel_added, raw.channels_last
     del raw
     value_range = {"min": float(np.nanmin(x)), "max": float(np.nanmax(x))}
     index = stratified_split(y, len(class_names), params.val_fraction, params.test_fraction, seed)
@@ -179,11 +187,13 @@ def prepare_data(params: PrepareParams, seed: int, root: Path) -> PreparedData:
                                           feature_names, integer_features, fill_values, sequence_features=True)
     if categorical:
         preprocessing = dataclasses.replace(preprocessing, columns=columns, categorical=categorical)
-    if channel_added:  # the registered model takes samples as the file holds them, without the channel
-        preprocessing = dataclasses.replace(preprocessing, raw_shape=tuple(input_shape[1:]))
+    if channel_added or moved:  # the registered model takes samples as the file holds them
+        preprocessing = dataclasses.replace(preprocessing, raw_shape=file_shape, channels_last=moved)
     card = _card(provenance, num_samples, input_shape, value_range, class_names, splits, params, seed)
     if npz_layout:
         card["npz_layout"] = npz_layout
+    if params.source == "npz" and len(input_shape) == 3 and not channel_added:
+        card["npz_channels"] = npz_channels_card(file_shape, params.npz_channels)
     if log_features:
         card["log_features"] = list(log_features)
     if feature_names:
@@ -421,6 +431,8 @@ def main(argv: list[str] | None = None) -> int:
         logger.info("%s", classes)
     if layout := card.get("npz_layout"):
         logger.info("%s", npz_layout_line(layout, card["input_shape"]))
+    if channels := card.get("npz_channels"):
+        logger.info("%s", npz_channels_line(channels))
     if categorical := card.get("categorical"):
         logger.info("categorical columns (one 0/1 feature per category; prepare.csv_categorical_columns): %s",
                     "; ".join(f"{name} ({len(c['values'])}: {', '.join(c['values'][:6])}"

@@ -10,6 +10,8 @@ stage imports this module: it makes data, the stages only read it.
 - :func:`tabular`: 8 features, 2 classes; :func:`sequences`: 12 steps x 4 features, 2 classes;
 - :func:`sensor_sequences`: raw ``(N, T, F)`` readings in their own units (a pressure in hPa
   beside a vibration in metres), what an ``npz`` of sensor data holds before ``prepare``;
+- :func:`colour_shapes`: raw ``(N, H, W, 3)`` uint8 colour images, channels last (as PIL,
+  Keras and TensorFlow Datasets hand them), whose colour carries half the class;
 - :func:`write_splits`: any ``(x, y)`` as ``data/prepared`` (splits, ``preprocess.json``, ``card.json``).
 """
 
@@ -122,3 +124,25 @@ def sensor_sequences(samples: int = 600, seed: int = 3, steps: int = 40) -> tupl
     current = 10 + rng.normal(0, 1, (samples, steps))
     x = np.stack([pressure, vibration, temperature, current], axis=2).astype(np.float32)
     return x, y.astype(np.int64)
+
+
+def colour_shapes(samples: int = 600, seed: int = 4, size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """Raw colour images ``(N, size, size, 3)``, uint8, channels last, 4 classes: a disc or a
+    square (the shape) in a warm or a cool colour (the colour), at a random place and size on a
+    grey background, under pixel noise. Read as ``(C=size, H=size, W=3)`` a model mixes up the
+    colour channels with a column of pixels."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 4, samples)
+    rows, cols = np.mgrid[0:size, 0:size]
+    radius = rng.uniform(size * 0.15, size * 0.3, samples)[:, None, None]
+    centre = rng.uniform(0.3 * size, 0.7 * size, (samples, 2))[:, :, None, None]
+    dy, dx = rows[None] - centre[:, 0], cols[None] - centre[:, 1]
+    disc = dy**2 + dx**2 <= radius**2
+    square = (np.abs(dy) <= 0.85 * radius) & (np.abs(dx) <= 0.85 * radius)
+    mask = np.where((y % 2 == 0)[:, None, None], disc, square)
+    hue = np.where((y // 2 == 0)[:, None], [[200.0, 90.0, 40.0]], [[40.0, 110.0, 200.0]])
+    colour = hue + rng.normal(0, 25, (samples, 3))
+    background = rng.uniform(60, 160, (samples, 1)) + rng.normal(0, 15, (samples, 3))
+    x = np.where(mask[..., None], colour[:, None, None, :], background[:, None, None, :])
+    x = x + rng.normal(0, 18, x.shape)
+    return np.clip(x, 0, 255).astype(np.uint8), y.astype(np.int64)

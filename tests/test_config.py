@@ -60,6 +60,9 @@ def test_invalid_params(path: Path) -> None:
         ("prepare.npz_layout=sequences", r"prepare: npz_layout sequences: source 'digits' is not an npz; only npz "
                                          r"reads it$"),
         ("prepare.npz_layout=rows", r"prepare.npz_layout: .*'auto', 'images' or 'sequences'"),
+        ("prepare.npz_channels=last", r"prepare: npz_channels last: source 'digits' is not an npz; only npz "
+                                      r"reads it$"),
+        ("prepare.npz_channels=nhwc", r"prepare.npz_channels: .*'auto', 'first' or 'last'"),
         ("train.allreduce_groups=-1", r"train.allreduce_groups: expected 'auto' or a whole number >= 0, got -1$"),
     ],
 )

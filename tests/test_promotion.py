@@ -186,6 +186,56 @@ def test_a_model_of_a_3d_npz_takes_the_files_samples(tmp_path: Path, monkeypatch
         model.predict(x[:5, None])
 
 
+def test_a_model_of_channels_last_images_takes_the_files_samples(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 mlflow_uri: str) -> None:
+    """Colour images ``(N, H, W, 3)`` in an npz (channels last, as PIL and Keras hand them):
+    the registered model takes them as the file holds them and moves the channels itself;
+    the same images channels first are refused by the signature, not silently reshaped."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.models import Model
+
+    from models.spec import ModelSpec
+    from tasks import synthetic
+    from tasks.core.config import PrepareParams
+    from tasks.core.model_files import save_state_dict_model
+    from tasks.data import load_split
+    from tasks.evaluation.signature import describe, input_schema
+    from tasks.prepare import prepare_data
+    from tasks.prepare import write_prepared as write_prepared_data
+
+    monkeypatch.chdir(tmp_path)
+    mlflow.set_experiment("registry-tests")
+    x, y = synthetic.colour_shapes(400)
+    (tmp_path / "data" / "raw").mkdir(parents=True)
+    np.savez(tmp_path / "data" / "raw" / "c.npz", x=x, y=y)
+    prepared = tmp_path / "prepared"
+    data = prepare_data(PrepareParams(source="npz", path="data/raw/c.npz"), 42, tmp_path)
+    write_prepared_data(data, prepared)
+    import torch
+
+    spec = ModelSpec(family="cnn", channels=(8, 16), dropout=0.0)
+    model = train_tiny(spec, prepared, steps=120)
+    save_state_dict_model(model, spec, (3, 16, 16), 4, tmp_path / "baseline",
+                          {"name": "baseline", "method": "baseline", "recipe": [], "parent": None})
+    with mlflow.start_run():
+        promote("baseline", tmp_path / "baseline", prepared, "colours", {"data_digest": "d"})
+    registered = mlflow.pyfunc.load_model(f"models:/colours@{CHAMPION_ALIAS}")
+    assert registered.metadata.get_input_schema().inputs[0].shape == (-1, 16, 16, 3)
+    assert describe(input_schema(data.preprocessing)) == "tensor float32 (-1, 16, 16, 3)"
+    with torch.no_grad():  # the model itself on the prepared split: what the registered one must give
+        test = load_split(prepared, "test")
+        expected = model(torch.from_numpy(test.x)).argmax(1).numpy()
+    file_rows = data.preprocessing.to_raw(np.load(prepared / "test_x.npy"))
+    np.testing.assert_array_equal(np.asarray(registered.predict(file_rows)), expected)
+    assert (np.asarray(registered.predict(x.astype(np.float32))) == y).mean() >= 0.85  # every row of the file
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/colours@{CHAMPION_ALIAS}"))
+    example = Model.load(str(local / "MLmodel")).load_input_example(str(local))
+    assert np.asarray(example["raw_shaped_input"]).shape == (2, 16, 16, 3)
+    with pytest.raises(MlflowException, match=r"expected shape \(-1, 16, 16, 3\)"):
+        registered.predict(np.ascontiguousarray(x[:5].transpose(0, 3, 1, 2), dtype=np.float32))
+
+
 def test_a_csv_model_takes_its_columns_by_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mlflow_uri: str) -> None:
     """A CSV's header names the registered model's columns (before, x0..x{F-1}: nothing said
     which CSV column x2 was, and a file with its columns in another order passed as the same input)."""

@@ -87,6 +87,10 @@ class PrepareParams(_Strict):
     # its own; auto: sequences where, as one channel, some feature would vary over less than
     # a tenth of a unit (features on other scales: a pressure beside a vibration).
     npz_layout: Literal["auto", "images", "sequences"] = "auto"
+    # npz: where a 4-D array keeps its channels: first (N, C, H, W), as torch; last (N, H, W, C),
+    # as PIL, Keras and TensorFlow Datasets hand images; auto: last where the last axis has at
+    # most 4 entries and the second more, else first. The registered model takes the file's shape.
+    npz_channels: Literal["auto", "first", "last"] = "auto"
     # csv: the label column (every other column is a feature, named as in the header: the
     # registered model's column names); text_table: the label column.
     csv_label_column: str = "label"
@@ -137,8 +141,9 @@ class PrepareParams(_Strict):
             raise ValueError(f"source {self.source!r} needs prepare.path")
         if self.source == "idx" and not self.labels_path:
             raise ValueError("source 'idx' needs prepare.labels_path (the IDX label file)")
-        if self.npz_layout != "auto" and self.source != "npz":
-            raise ValueError(f"npz_layout {self.npz_layout}: source {self.source!r} is not an npz; only npz reads it")
+        for key in ("npz_layout", "npz_channels"):
+            if getattr(self, key) != "auto" and self.source != "npz":
+                raise ValueError(f"{key} {getattr(self, key)}: source {self.source!r} is not an npz; only npz reads it")
         for key in ("csv_ignore_columns", "csv_categorical_columns"):
             if getattr(self, key) and self.source != "csv":
                 raise ValueError(f"{key} {getattr(self, key)}: source {self.source!r} has no named columns; only csv "

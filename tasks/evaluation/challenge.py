@@ -188,15 +188,16 @@ def remeasure(model_uri: str, prepared: Path, class_names: Sequence[str], thread
 
 def _raw_test_rows(prepared: Path, folder: Path) -> Path:
     """This run's test inputs as a client sends them: rows of features as a table of the raw
-    columns (``.json``, categories as their values), an IDX's or a 3-D npz's samples without
-    the channel the prepared split adds (``raw_shape``), anything else ``test_x.npy`` itself."""
+    columns (``.json``, categories as their values), an IDX's or an npz's samples as the file
+    holds them (``raw_shape``: without the channel the prepared split adds, or with their
+    channels last), anything else ``test_x.npy`` itself."""
     from tasks.data import decode_table, load_preprocessing
     from tasks.evaluation.signature import is_tabular
 
     preprocessing = load_preprocessing(prepared)
     if preprocessing.raw_shape:
         x = np.load(prepared / "test_x.npy", mmap_mode="r")
-        np.save(folder / "test_x.npy", x.reshape(len(x), *preprocessing.raw_shape))
+        np.save(folder / "test_x.npy", preprocessing.to_raw(x))
         return folder / "test_x.npy"
     if not is_tabular(preprocessing):
         return prepared.resolve() / "test_x.npy"

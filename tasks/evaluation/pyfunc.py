@@ -172,6 +172,7 @@ class SlimflowClassifier(mlflow.pyfunc.PythonModel):
             )
         if not self._preprocessing.fill_values and np.isnan(x).any():
             raise _invalid(_missing_message(x, self._preprocessing))
+        x = self._preprocessing.from_raw(x)
         return np.asarray(self._model.predict(self._preprocessing.apply(x))).argmax(axis=1).astype(np.int64)
 
 

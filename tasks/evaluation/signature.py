@@ -164,5 +164,5 @@ def input_example(prepared: Path, preprocessing: Preprocessing) -> Any:
     x = np.ascontiguousarray(x, dtype=np.float32)
     if is_tabular(preprocessing):
         return decode_table(preprocessing, x)
-    return x.reshape(len(x), *preprocessing.shape_taken)
+    return preprocessing.to_raw(x)
 

@@ -64,6 +64,17 @@ class RawData:
     # here; the registered model takes them as the file holds them. A 3-D npz holds images
     # (H, W) or sequences (T, F) (prepare.npz_layout decides).
     channel_added: bool = False
+    # x's channels were the file's last axis: a 4-D npz's (H, W, C) are (C, H, W) here
+    # (prepare.npz_channels); the registered model takes them as the file holds them.
+    channels_last: bool = False
+
+    @property
+    def file_shape(self) -> tuple[int, ...]:
+        """One sample's shape as the file holds it (what the registered model takes)."""
+        shape = tuple(int(d) for d in self.x.shape[1:])
+        if self.channel_added:
+            return shape[1:]
+        return (*shape[1:], shape[0]) if self.channels_last else shape
 
     def __iter__(self) -> Iterator[Any]:
         return iter((self.x, self.y, self.class_names))

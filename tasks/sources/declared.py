@@ -36,5 +36,5 @@ def check_raw_data(prepare: PrepareParams, root: Path, source: str = "params.yam
         if not folder and not path.is_file():
             raise ParamsError(f"{source}: prepare.{key}: {name}: not a file (source {prepare.source} reads one)")
     if prepare.source == "npz" and prepare.path:
-        return npz_input_shape(root / prepare.path, prepare.npz_inputs)
+        return npz_input_shape(root / prepare.path, prepare.npz_inputs, prepare.npz_channels)
     return None

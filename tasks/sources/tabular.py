@@ -23,8 +23,51 @@ from tasks.sources.common import (
 _INTEGER = re.compile(r"\s*[+-]?\d+\s*")  # a value written as an integer (pandas: int64)
 
 
-def read_npz(path: Path, shown: str, inputs: str, labels: str, missing: bool = False) -> RawData:
-    """NPZ arrays: 2-D inputs are tabular, 3-D become (N, 1, H, W), 4-D NCHW stay as they are.
+# A 4-D npz keeps its channels first (N, C, H, W: torch) or last (N, H, W, C: PIL, Keras,
+# TensorFlow Datasets). prepare.npz_channels auto takes them last where the last axis has at
+# most this many entries and the second more (RGB, RGBA, grey); any other shape stays first.
+MAX_CHANNELS = 4
+
+
+def channels_last(shape: Sequence[int], setting: str) -> bool:
+    """Whether a 4-D array of ``shape`` (N, A, B, C) keeps its channels last, by ``setting``
+    (``prepare.npz_channels``: ``first``, ``last``, or ``auto``: C at most :data:`MAX_CHANNELS`
+    and A more). Any other number of axes has no channels to move."""
+    if len(shape) != 4 or setting == "first":
+        return False
+    return setting == "last" or shape[3] <= MAX_CHANNELS < shape[1]
+
+
+def npz_channels_card(file_shape: Sequence[int], setting: str) -> dict[str, Any]:
+    """The data card's ``npz_channels`` for a 4-D array whose samples have ``file_shape``
+    (A, B, C): where its channels were taken from (``first`` or ``last``), the ``setting``
+    (``prepare.npz_channels``) and the ``file_shape`` (what the registered model takes)."""
+    last = channels_last((0, *file_shape), setting)
+    return {"channels": "last" if last else "first", "setting": setting, "file_shape": [int(d) for d in file_shape]}
+
+
+def npz_channels_line(channels: dict[str, Any]) -> str:
+    """The prepare stage's line for the data card's ``npz_channels``: what the 4-D array's
+    samples were read as and why, and the setting that reads them the other way."""
+    a, b, c = channels["file_shape"]
+    setting = channels["setting"]
+    if channels["channels"] == "last":
+        why = f": its last axis has at most {MAX_CHANNELS} entries, its second more" if setting == "auto" else ""
+        return (f"channels last: the file's ({a}, {b}, {c}) samples are {c}-channel {a}x{b} images (prepare.npz_channels "
+                f"{setting}{why}); the registered model takes them as the file holds them; "
+                f"prepare.npz_channels=first reads them as {a} channels of {b}x{c}")
+    why = ""
+    if setting == "auto":
+        why = (f": its last axis has more than {MAX_CHANNELS} entries" if c > MAX_CHANNELS else
+               f": its second axis has at most {MAX_CHANNELS} entries too")
+    return (f"channels first: the file's ({a}, {b}, {c}) samples are {a}-channel {b}x{c} images (prepare.npz_channels "
+            f"{setting}{why}); prepare.npz_channels=last reads them as {c} channels of {a}x{b}")
+
+
+def read_npz(path: Path, shown: str, inputs: str, labels: str, missing: bool = False,
+             channels: str = "auto") -> RawData:
+    """NPZ arrays: 2-D inputs are tabular, 3-D become (N, 1, H, W), 4-D become NCHW (channels
+    moved first where :func:`channels_last` says, by ``channels``: ``prepare.npz_channels``).
     ``missing``: NaN in rows of features is a missing value (the prepare stage fills it)."""
     require_file(path, shown)
     try:
@@ -54,8 +97,11 @@ def read_npz(path: Path, shown: str, inputs: str, labels: str, missing: bool = F
     elif x_raw.ndim not in (2, 4):
         raise DataError(
             f"{shown}: array {inputs!r} has shape {x_raw.shape}; expected 2-D (N, features), "
-            "3-D (N, H, W) or 4-D (N, C, H, W)"
+            "3-D (N, H, W) or 4-D (N, C, H, W) / (N, H, W, C)"
         )
+    moved = not channel_added and channels_last(x_raw.shape, channels)
+    if moved:
+        x_raw = x_raw.transpose(0, 3, 1, 2)  # made contiguous with the float32 copy below
     if y_raw.ndim == 2 and y_raw.shape[1] == 1:
         y_raw = y_raw[:, 0]
     if y_raw.ndim != 1:
@@ -70,14 +116,15 @@ def read_npz(path: Path, shown: str, inputs: str, labels: str, missing: bool = F
     x = np.ascontiguousarray(x_raw, dtype=np.float32)
     # Checked again only where the conversion can overflow: float64 beyond float32's range -> inf.
     overflow = x_raw.dtype.kind == "f" and x_raw.dtype.itemsize > 4
-    return check_dataset(RawData(x, y, class_names, integer_features=integer_features, channel_added=channel_added),
-                         shown, check_finite=overflow, missing=missing and x.ndim == 2)
+    return check_dataset(RawData(x, y, class_names, integer_features=integer_features, channel_added=channel_added,
+                                 channels_last=moved), shown, check_finite=overflow, missing=missing and x.ndim == 2)
 
 
-def npz_input_shape(path: Path, inputs: str) -> tuple[int, ...] | None:
+def npz_input_shape(path: Path, inputs: str, channels: str = "auto") -> tuple[int, ...] | None:
     """The shape one sample of ``path``'s ``inputs`` array will have once prepared (3-D
-    arrays gain a channel), from the array's header alone: what a pipeline can check before
-    any stage runs. None when the file or the array cannot be read (``prepare`` says why)."""
+    arrays gain a channel, 4-D ones have their channels first: ``channels``, as
+    :func:`read_npz`), from the array's header alone: what a pipeline can check before any
+    stage runs. None when the file or the array cannot be read (``prepare`` says why)."""
     from numpy.lib import format as npy
 
     try:
@@ -86,6 +133,8 @@ def npz_input_shape(path: Path, inputs: str) -> tuple[int, ...] | None:
             shape, _, _ = npy.read_array_header_2_0(member) if version == (2, 0) else npy.read_array_header_1_0(member)
     except (OSError, KeyError, ValueError, EOFError, zlib.error, zipfile.BadZipFile):
         return None
+    if channels_last(shape, channels):
+        return (shape[3], shape[1], shape[2])
     return {2: shape[1:], 3: (1, *shape[1:]), 4: shape[1:]}.get(len(shape))
 
 
