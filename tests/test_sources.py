@@ -378,6 +378,37 @@ def test_npz_bad_content(tmp_path: Path) -> None:
         read_npz(tmp_path / "e.npz", "e.npz", "x", "y")
 
 
+def test_npz_one_hot_labels_are_read_as_class_indices(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Labels as ``keras.utils.to_categorical`` writes them, ``(N, K)`` of 0/1 (any dtype):
+    before, refused as "expected 1-D labels"; now each row's 1 is its class, as the same
+    labels 1-D give. Soft labels, an empty row and a multi-label row are refused naming it."""
+    import logging
+
+    rng = np.random.default_rng(0)
+    x, labels = rng.normal(size=(30, 4)), np.arange(30) % 3
+    np.savez(tmp_path / "plain.npz", x=x, y=labels)
+    for dtype in (np.float32, np.uint8, np.bool_):
+        np.savez(tmp_path / "hot.npz", x=x, y=np.eye(3, dtype=dtype)[labels])
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            hot = read_npz(tmp_path / "hot.npz", "hot.npz", "x", "y")
+        plain = read_npz(tmp_path / "plain.npz", "plain.npz", "x", "y")
+        np.testing.assert_array_equal(hot.y, plain.y)
+        assert hot.class_names == plain.class_names == ("0", "1", "2")
+        assert "hot.npz: array 'y' (30, 3): one-hot rows, each read as the index of its 1 (a label 0..2)" in caplog.text
+    bad = {
+        "soft": (np.where(np.eye(3)[labels] == 1, 0.8, 0.1), r"^s.npz: array 'y' has shape \(30, 3\) and y\[0, 0\] = "
+                                                               r"0.8; expected 1-D labels or one-hot rows"),
+        "empty": (np.eye(3)[labels] * (np.arange(30) != 4)[:, None], r"^s.npz: array 'y': one-hot row 4 has no class;"),
+        "multi": (np.eye(3)[labels] + np.eye(3)[(labels + 1) % 3] * (np.arange(30) == 5)[:, None],
+                  r"^s.npz: array 'y': one-hot row 5 has 2 classes \(multi-label\); a model here predicts one class"),
+    }
+    for y, message in bad.values():
+        np.savez(tmp_path / "s.npz", x=x, y=y)
+        with pytest.raises(DataError, match=message):
+            read_npz(tmp_path / "s.npz", "s.npz", "x", "y")
+
+
 def test_unreadable_image_is_named(tmp_path: Path) -> None:
     folder = write_image_folder(tmp_path / "pets")
     (folder / "dog" / "05.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 import math
 import re
 import zipfile
@@ -19,6 +20,8 @@ from tasks.sources.common import (
     require_file, require_finite, string_labels,
 )
 
+
+logger = logging.getLogger(__name__)
 
 _INTEGER = re.compile(r"\s*[+-]?\d+\s*")  # a value written as an integer (pandas: int64)
 
@@ -104,6 +107,8 @@ def read_npz(path: Path, shown: str, inputs: str, labels: str, missing: bool = F
         x_raw = x_raw.transpose(0, 3, 1, 2)  # made contiguous with the float32 copy below
     if y_raw.ndim == 2 and y_raw.shape[1] == 1:
         y_raw = y_raw[:, 0]
+    elif y_raw.ndim == 2 and y_raw.dtype.kind in "biuf":
+        y_raw = one_hot_indices(y_raw, shown, labels)
     if y_raw.ndim != 1:
         raise DataError(f"{shown}: array {labels!r} has shape {y_raw.shape}; expected 1-D labels")
     if len(x_raw) != len(y_raw):
@@ -118,6 +123,26 @@ def read_npz(path: Path, shown: str, inputs: str, labels: str, missing: bool = F
     overflow = x_raw.dtype.kind == "f" and x_raw.dtype.itemsize > 4
     return check_dataset(RawData(x, y, class_names, integer_features=integer_features, channel_added=channel_added,
                                  channels_last=moved), shown, check_finite=overflow, missing=missing and x.ndim == 2)
+
+
+def one_hot_indices(labels: np.ndarray, shown: str, name: str) -> np.ndarray:
+    """One-hot label rows ``(N, K)`` (what ``keras.utils.to_categorical`` writes) -> the class
+    index of each row, 0..K-1. Refused, naming the first row that is not one-hot: values other
+    than 0 and 1 (soft labels), a row with no class or with several (multi-label)."""
+    values = labels.astype(np.float64, copy=False)
+    if not ((values == 0) | (values == 1)).all():
+        row, column = (int(i) for i in np.argwhere((values != 0) & (values != 1))[0])
+        raise DataError(f"{shown}: array {name!r} has shape {labels.shape} and {name}[{row}, {column}] = "
+                        f"{labels[row, column]}; expected 1-D labels or one-hot rows (one 1, the rest 0)")
+    counts = (values == 1).sum(axis=1)
+    if (counts != 1).any():
+        row = int(np.flatnonzero(counts != 1)[0])
+        what = "no class" if counts[row] == 0 else f"{int(counts[row])} classes (multi-label)"
+        raise DataError(f"{shown}: array {name!r}: one-hot row {row} has {what}; a model here predicts one "
+                        "class per sample: expected one 1 per row")
+    logger.info("%s: array %r %s: one-hot rows, each read as the index of its 1 (a label 0..%d)", shown, name,
+                labels.shape, labels.shape[1] - 1)
+    return values.argmax(axis=1)
 
 
 def npz_input_shape(path: Path, inputs: str, channels: str = "auto") -> tuple[int, ...] | None:
