@@ -659,6 +659,14 @@ def _channels_of_sequences(raw: Path) -> dict:
     return {"source": "npz", "path": "data/raw/d.npz", "npz_channels": "last"}
 
 
+def _prices_as_labels(raw: Path) -> dict:
+    rng = np.random.default_rng(0)
+    rows = [[int(rng.integers(1, 6)), round(float(rng.uniform(30, 200)), 1), f"{rng.uniform(1e5, 9e5):.2f}"]
+            for _ in range(60)]
+    write_csv(raw / "houses.csv", rows, ["rooms", "area", "price"])
+    return {"source": "csv", "path": "data/raw/houses.csv", "csv_label_column": "price"}
+
+
 def _small_class(raw: Path) -> dict:
     rows = [r[:3] for r in tabular_rows() if r[2] != "versicolor"] + [[0.1, 0.2, "versicolor"]] * 4
     write_csv(raw / "t.csv", rows, ["a", "b", "label"])
@@ -679,6 +687,9 @@ BAD_DATA: dict[str, tuple[Callable[[Path], dict], str]] = {
     "channels of sequences": (_channels_of_sequences, r"params.yaml: prepare.npz_channels: last: data/raw/d.npz's "
                                                       r"array 'x' is not 4-D \(one sample: \(4, 2\)\); channels are "
                                                       r"the second or the last axis"),
+    "prices as labels": (_prices_as_labels, r"data/raw/houses.csv: the labels are 60 distinct numbers with fractions "
+                                            r"\(e.g. '1[0-9.]+', '[0-9.]+'\), 60 of them too rare to split: a quantity "
+                                            r"to predict \(regression\), not classes; .*prepare.csv_label_column"),
     "class too small": (_small_class, r"data/raw/t.csv: class 'versicolor' has 4 samples; .* at least 7"),
 }
 

@@ -194,13 +194,33 @@ def min_samples_per_class(val_fraction: float, test_fraction: float) -> int:
     return max(3, *(math.ceil(1.0 / f - 1e-9) for f in fractions))
 
 
+def _measured_quantity(class_names: tuple[str, ...]) -> str | None:
+    """``e.g. '100240.55', '100871.2'`` where every class name is a number and some have a
+    fraction (a price, a temperature read as labels), else None."""
+    try:
+        values = [float(name) for name in class_names]
+    except ValueError:
+        return None
+    if all(math.isfinite(v) and v == round(v) for v in values) or not all(map(math.isfinite, values)):
+        return None
+    return "e.g. " + ", ".join(repr(name) for name in class_names[:2])
+
+
 def check_splittable(
     y: np.ndarray, class_names: tuple[str, ...], val_fraction: float, test_fraction: float, shown: str
 ) -> None:
     """Every class must be large enough for a stratified train/val/test split."""
     need = min_samples_per_class(val_fraction, test_fraction)
     counts = np.bincount(y, minlength=len(class_names))
-    for index in np.flatnonzero(counts < need):
+    small = np.flatnonzero(counts < need)
+    if len(small) and (measured := _measured_quantity(class_names)):
+        raise DataError(
+            f"{shown}: the labels are {len(class_names)} distinct numbers with fractions ({measured}), "
+            f"{len(small)} of them too rare to split: a quantity to predict (regression), not classes; slimflow "
+            "trains classifiers: bin it into classes in the file (low / mid / high), or name the class column "
+            "(prepare.csv_label_column)"
+        )
+    for index in small:
         raise DataError(
             f"{shown}: class {class_names[index]!r} has {int(counts[index])} samples; a stratified "
             f"train/val/test split with val_fraction={val_fraction} and test_fraction={test_fraction} "
