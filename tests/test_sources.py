@@ -352,6 +352,11 @@ def test_csv_bad_structure(tmp_path: Path) -> None:
     path = write_csv(tmp_path / "t.csv", [["1", "2", "0"]], ["f1", "f2", "target"])
     with pytest.raises(DataError, match=r"^t.csv: no label column 'label' in the header \(columns: f1, f2, target\)$"):
         read_csv(path, "t.csv", "label")
+    (tmp_path / "semi.csv").write_text("amount;visits;label\n0,5;3;1\n1,25;0;0\n")  # a European spreadsheet's CSV
+    with pytest.raises(DataError, match=r"^semi.csv: no label column 'label' in the header \(columns: amount;visits;label\); "
+                                        r"the header is one column holding ';': the file is separated by ';', and a csv "
+                                        r"here is comma-separated"):
+        read_csv(tmp_path / "semi.csv", "semi.csv", "label")
     (tmp_path / "empty.csv").write_text("")
     with pytest.raises(DataError, match="empty.csv: empty file"):
         read_csv(tmp_path / "empty.csv", "empty.csv", "label")

@@ -305,7 +305,10 @@ def _feature_columns(header: list[str], label_column: str, ignore_columns: Seque
             raise DataError(f"{shown}: prepare.csv_categorical_columns: {name!r} is the label column or left out "
                             "(csv_label_column, csv_ignore_columns)")
     if label_column not in header:
-        raise DataError(f"{shown}: no label column {label_column!r} in the header (columns: {', '.join(header)})")
+        separator = next((mark for mark in (";", "\t", "|") if len(header) == 1 and mark in header[0]), None)
+        hint = (f"; the header is one column holding {separator!r}: the file is separated by {separator!r}, and a csv "
+                "here is comma-separated (save it as CSV with commas and '.' decimals)" if separator else "")
+        raise DataError(f"{shown}: no label column {label_column!r} in the header (columns: {', '.join(header)}){hint}")
     for name in ignore_columns:
         if name not in header:
             raise DataError(f"{shown}: prepare.csv_ignore_columns: no column {name!r} in the header "
