@@ -49,7 +49,6 @@ from tasks.sources import (
     dvc_digest,
     encode,
     load_sklearn,
-    npz_channels_card,
     npz_channels_line,
     read_csv,
     read_idx,
@@ -193,7 +192,8 @@ def prepare_data(params: PrepareParams, seed: int, root: Path) -> PreparedData:
     if npz_layout:
         card["npz_layout"] = npz_layout
     if params.source == "npz" and len(input_shape) == 3 and not channel_added:
-        card["npz_channels"] = npz_channels_card(file_shape, params.npz_channels)
+        card["npz_channels"] = {"channels": "last" if moved else "first", "setting": params.npz_channels,
+                                "file_shape": list(file_shape)}
     if log_features:
         card["log_features"] = list(log_features)
     if feature_names:

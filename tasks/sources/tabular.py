@@ -41,14 +41,6 @@ def channels_last(shape: Sequence[int], setting: str) -> bool:
     return setting == "last" or shape[3] <= MAX_CHANNELS < shape[1]
 
 
-def npz_channels_card(file_shape: Sequence[int], setting: str) -> dict[str, Any]:
-    """The data card's ``npz_channels`` for a 4-D array whose samples have ``file_shape``
-    (A, B, C): where its channels were taken from (``first`` or ``last``), the ``setting``
-    (``prepare.npz_channels``) and the ``file_shape`` (what the registered model takes)."""
-    last = channels_last((0, *file_shape), setting)
-    return {"channels": "last" if last else "first", "setting": setting, "file_shape": [int(d) for d in file_shape]}
-
-
 def npz_channels_line(channels: dict[str, Any]) -> str:
     """The prepare stage's line for the data card's ``npz_channels``: what the 4-D array's
     samples were read as and why, and the setting that reads them the other way."""
