@@ -222,7 +222,7 @@ def test_a_model_of_channels_last_images_takes_the_files_samples(tmp_path: Path,
         promote("baseline", tmp_path / "baseline", prepared, "colours", {"data_digest": "d"})
     registered = mlflow.pyfunc.load_model(f"models:/colours@{CHAMPION_ALIAS}")
     assert registered.metadata.get_input_schema().inputs[0].shape == (-1, 16, 16, 3)
-    assert describe(input_schema(data.preprocessing)) == "tensor float32 (-1, 16, 16, 3)"
+    assert describe(input_schema(data.preprocessing)) == "tensor float32 (-1, 16, 16, 3), channels last"
     with torch.no_grad():  # the model itself on the prepared split: what the registered one must give
         test = load_split(prepared, "test")
         expected = model(torch.from_numpy(test.x)).argmax(1).numpy()

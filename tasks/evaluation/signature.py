@@ -64,7 +64,8 @@ def input_schema(preprocessing: Preprocessing) -> dict[str, Any]:
             if of_kind := [name for name in names if types[name] == kind]:
                 schema[kind] = of_kind
         return schema
-    return {"type": "tensor", "dtype": "float32", "shape": [-1, *preprocessing.shape_taken], "layout": "raw, shaped"}
+    layout = "raw, shaped, channels last (H, W, C)" if preprocessing.channels_last else "raw, shaped"
+    return {"type": "tensor", "dtype": "float32", "shape": [-1, *preprocessing.shape_taken], "layout": layout}
 
 
 def same_input(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
@@ -116,8 +117,9 @@ def _clipped(text: str, limit: int = 200) -> str:
 
 
 def describe(schema: dict[str, Any] | None) -> str:
-    """``tensor float32 (-1, 1, 8, 8)`` / ``30 double columns x0..x29`` / ``3 double columns
-    age, income, visits`` (named columns: the first :data:`NAMES_SHOWN`), for messages."""
+    """``tensor float32 (-1, 1, 8, 8)`` (``..., channels last`` where the model moves them) /
+    ``30 double columns x0..x29`` / ``3 double columns age, income, visits`` (named columns:
+    the first :data:`NAMES_SHOWN`), for messages."""
     if not schema:
         return "an unknown input"
     if schema.get("type") == "text":
@@ -131,7 +133,8 @@ def describe(schema: dict[str, Any] | None) -> str:
             more = f", ... ({n - NAMES_SHOWN} more)" if n > NAMES_SHOWN else ""
             return f"{n} {kinds} {', '.join(names[:NAMES_SHOWN])}{more}"
         return f"{n} {kinds} x0..x{n - 1}"
-    return f"tensor {schema['dtype']} {tuple(schema['shape'])}"
+    last = ", channels last" if "channels last" in str(schema.get("layout", "")) else ""
+    return f"tensor {schema['dtype']} {tuple(schema['shape'])}{last}"
 
 
 def model_signature(preprocessing: Preprocessing) -> Any:
