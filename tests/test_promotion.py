@@ -145,6 +145,20 @@ def _registered_tiny_mlp(prepared: Path, folder: Path, registered_model: str, st
     return mlflow.pyfunc.load_model(f"models:/{registered_model}@{CHAMPION_ALIAS}")
 
 
+def _prepared_npz(folder: Path, x: np.ndarray, y: np.ndarray) -> tuple[Any, Path]:
+    """``x``/``y`` as ``data/raw/d.npz`` under ``folder``, prepared with the default settings
+    into ``folder/prepared``: (the prepared data, that folder)."""
+    from tasks.core.config import PrepareParams
+    from tasks.prepare import prepare_data
+    from tasks.prepare import write_prepared as write_prepared_data
+
+    (folder / "data" / "raw").mkdir(parents=True)
+    np.savez(folder / "data" / "raw" / "d.npz", x=x, y=y)
+    data = prepare_data(PrepareParams(source="npz", path="data/raw/d.npz"), 42, folder)
+    write_prepared_data(data, folder / "prepared")
+    return data, folder / "prepared"
+
+
 def test_a_model_of_a_3d_npz_takes_the_files_samples(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                       mlflow_uri: str) -> None:
     """Sensor sequences ``(N, T, F)`` in an npz: the registered model takes them as the file
@@ -156,20 +170,13 @@ def test_a_model_of_a_3d_npz_takes_the_files_samples(tmp_path: Path, monkeypatch
 
     from models.spec import ModelSpec
     from tasks import synthetic
-    from tasks.core.config import PrepareParams
     from tasks.core.model_files import save_state_dict_model
     from tasks.evaluation.signature import describe, input_schema
-    from tasks.prepare import prepare_data
-    from tasks.prepare import write_prepared as write_prepared_data
 
     monkeypatch.chdir(tmp_path)
     mlflow.set_experiment("registry-tests")
     x, y = synthetic.sensor_sequences(300)
-    (tmp_path / "data" / "raw").mkdir(parents=True)
-    np.savez(tmp_path / "data" / "raw" / "s.npz", x=x, y=y)
-    prepared = tmp_path / "prepared"
-    data = prepare_data(PrepareParams(source="npz", path="data/raw/s.npz"), 42, tmp_path)
-    write_prepared_data(data, prepared)
+    data, prepared = _prepared_npz(tmp_path, x, y)
     spec = ModelSpec(family="gru", rnn_hidden=16, dropout=0.0)
     save_state_dict_model(train_tiny(spec, prepared, steps=60), spec, (1, 40, 4), 2, tmp_path / "baseline",
                           {"name": "baseline", "method": "baseline", "recipe": [], "parent": None})
@@ -197,21 +204,14 @@ def test_a_model_of_channels_last_images_takes_the_files_samples(tmp_path: Path,
 
     from models.spec import ModelSpec
     from tasks import synthetic
-    from tasks.core.config import PrepareParams
     from tasks.core.model_files import save_state_dict_model
     from tasks.data import load_split
     from tasks.evaluation.signature import describe, input_schema
-    from tasks.prepare import prepare_data
-    from tasks.prepare import write_prepared as write_prepared_data
 
     monkeypatch.chdir(tmp_path)
     mlflow.set_experiment("registry-tests")
     x, y = synthetic.colour_shapes(400)
-    (tmp_path / "data" / "raw").mkdir(parents=True)
-    np.savez(tmp_path / "data" / "raw" / "c.npz", x=x, y=y)
-    prepared = tmp_path / "prepared"
-    data = prepare_data(PrepareParams(source="npz", path="data/raw/c.npz"), 42, tmp_path)
-    write_prepared_data(data, prepared)
+    data, prepared = _prepared_npz(tmp_path, x, y)
     import torch
 
     spec = ModelSpec(family="cnn", channels=(8, 16), dropout=0.0)
