@@ -379,6 +379,45 @@ def test_an_impossible_gate_promotes_nothing_and_says_why(
 
 
 
+def test_a_champion_no_better_than_a_constant_answer_is_not_registered(
+    evaluated: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sensor sequences read as one channel trained at chance (26.7% of 4 balanced classes)
+    and their baseline became version 1 of the registered model: a production alias on a
+    model that answers no better than a constant. Now the gate's winner is held to beat
+    always answering the most frequent class beyond chance on a balanced split."""
+    import copy
+    import shutil
+
+    import mlflow
+    import numpy as np
+
+    from tasks import evaluate
+    from tasks.core.paths import ProjectPaths
+
+    root = tmp_path / "project"
+    shutil.copytree(evaluated["root"], root)
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(root)
+    mlflow.set_tracking_uri(uri)
+    name = evaluated["params"].evaluate.registered_model
+    before = mlflow.MlflowClient().get_model_version_by_alias(name, "champion")
+    constant = copy.deepcopy(evaluated["evaluation"])
+    majority = int(np.bincount(constant.y_true).argmax())
+    for result in constant.models.values():  # every model answers the most frequent class, whatever it is shown
+        result.predictions = np.full_like(result.predictions, majority)
+    monkeypatch.setattr(evaluate, "measure_models", lambda *a, **k: copy.deepcopy(constant))
+
+    result = evaluate.run_evaluate(ProjectPaths(root), make_params())
+
+    assert result.champion is not None and not result.promotion.promoted
+    assert f"{result.champion} learned no more than a constant answer: its accuracy" in result.promotion.reason
+    assert f"from always answering {result.class_names[majority]!r}" in result.promotion.reason
+    assert mlflow.MlflowClient().get_model_version_by_alias(name, "champion").version == before.version
+    assert _metrics_json(root)["promoted"] == 0
+
+
 def test_the_closing_table_uses_the_shared_columns(evaluated: dict[str, Any]) -> None:
     from tasks.core.tables import as_text
     from tasks.evaluation.summary import summary_rows, summary_table

@@ -456,7 +456,7 @@ def test_a_baseline_no_better_than_the_majority_class_gets_a_caveat() -> None:
 
     import numpy as np
 
-    from tasks.evaluation.gate import apply_gate, majority_class_caveat
+    from tasks.evaluation.gate import apply_gate, majority_class_caveat, no_skill_problem
     from tasks.evaluation.results import Evaluation, ModelResult
 
     def evaluation(y_true: np.ndarray, predictions: np.ndarray, class_names: tuple[str, ...]) -> Evaluation:
@@ -492,6 +492,13 @@ def test_a_baseline_no_better_than_the_majority_class_gets_a_caveat() -> None:
         "The baseline learned no more than a constant answer: check the data and how it was prepared (the prepare "
         "stage's log; the train stage's figures)")
     assert majority_class_caveat(evaluation(y4, y4, ("0", "1", "2", "3"))) is None
+    # Such a model is not a champion on a balanced split; on the imbalanced one the caveat speaks instead.
+    assert no_skill_problem(evaluation(y4, at_chance, ("0", "1", "2", "3")), "baseline") == (
+        "baseline learned no more than a constant answer: its accuracy 0.2500 is +0.00±3.50 points from always "
+        "answering '0' (0.2500), within chance; a champion must beat that beyond chance (check the data and how it "
+        "was prepared: the prepare stage's log)")
+    assert no_skill_problem(evaluation(y4, y4, ("0", "1", "2", "3")), "baseline") is None
+    assert no_skill_problem(evaluation(y, catches, ("fraud", "ok")), "baseline") is None
     assert majority_class_caveat(evaluation(np.zeros(5, np.int64), np.zeros(5, np.int64), ("a", "b"))) is None
 
 

@@ -246,6 +246,38 @@ def less_accurate_epoch_caveat(baseline_manifest: Mapping[str, Any], gate: GateP
     return note and f"the baseline {note}"
 
 
+def _against_constant_answer(evaluation: Evaluation, name: str) -> tuple[int, np.ndarray, np.ndarray, float, float] | None:
+    """Model ``name`` against always answering the test split's most frequent class, paired
+    on the same samples: (that class, where the constant answer is right, where the model is,
+    the model's accuracy gain, one standard error of it); None where the model is beyond
+    chance above it, and on a split of fewer than two samples or of one class."""
+    y_true = np.asarray(evaluation.y_true).astype(np.int64)
+    counts = np.bincount(y_true, minlength=len(evaluation.class_names))
+    majority = int(counts.argmax())
+    constant_right, right = y_true == majority, evaluation.models[name].predictions == y_true
+    noise, _ = paired_change_noise(constant_right, right)
+    gain = float(right.mean() - constant_right.mean())
+    if math.isnan(noise) or counts[majority] == len(y_true) or gain > BEYOND_CHANCE * noise + _EPS:
+        return None  # (a split of one class: no other answer to tell apart)
+    return majority, constant_right, right, gain, noise
+
+
+def no_skill_problem(evaluation: Evaluation, name: str) -> str | None:
+    """Why model ``name`` must not become the champion, where on a balanced test split (its
+    most frequent class under :data:`IMBALANCED_SHARE`) it is, within chance, no more accurate
+    than always answering that class: it learned nothing, and a registered version would answer
+    requests no better than a constant. None otherwise (on imbalanced data accuracy is a poor
+    measure and :func:`majority_class_caveat` says so instead)."""
+    against = _against_constant_answer(evaluation, name)
+    if against is None or against[1].mean() >= IMBALANCED_SHARE:
+        return None
+    majority, constant_right, right, gain, noise = against
+    return (f"{name} learned no more than a constant answer: its accuracy {right.mean():.4f} is "
+            f"{100 * gain:+.2f}±{100 * noise:.2f} points from always answering "
+            f"{evaluation.class_names[majority]!r} ({constant_right.mean():.4f}), within chance; a champion must beat "
+            "that beyond chance (check the data and how it was prepared: the prepare stage's log)")
+
+
 def majority_class_caveat(evaluation: Evaluation) -> str | None:
     """What to tell a user whose baseline is, within chance, no more accurate than always
     answering the test split's most frequent class (paired on the same samples, as
@@ -253,14 +285,11 @@ def majority_class_caveat(evaluation: Evaluation) -> str | None:
     (2% fraud) accuracy then hardly measures the models, and a variant that drops the rare
     class's few catches still passes an accuracy gate. None where the baseline is beyond chance
     above it, and on a split of fewer than two samples or of one class."""
-    baseline, y_true = evaluation.models[BASELINE], np.asarray(evaluation.y_true).astype(np.int64)
-    counts = np.bincount(y_true, minlength=len(evaluation.class_names))
-    majority = int(counts.argmax())
-    constant_right, base_right = y_true == majority, baseline.predictions == y_true
-    noise, _ = paired_change_noise(constant_right, base_right)
-    gain = float(base_right.mean() - constant_right.mean())
-    if math.isnan(noise) or counts[majority] == len(y_true) or gain > BEYOND_CHANCE * noise + _EPS:
-        return None  # (a split of one class: no other answer to tell apart)
+    baseline = evaluation.models[BASELINE]
+    against = _against_constant_answer(evaluation, BASELINE)
+    if against is None:
+        return None
+    majority, constant_right, base_right, gain, noise = against
     others = [(name, values) for name, values in baseline.per_class.items()
               if name != evaluation.class_names[majority] and values.get("support")]
     recalls = ", ".join(f"{name!r} {values['recall']:.3f} ({round(values['recall'] * values['support'])} of "

@@ -21,6 +21,7 @@ from tasks.core.config import EvaluateParams
 from tasks.core.paths import ProjectPaths
 from tasks.core.run_context import RunContext
 from tasks.evaluation.challenge import HEADLINE, SEEN_ROWS, SEEN_ROWS_SCHEME, Challenger, Decision, decide, remeasure
+from tasks.evaluation.gate import no_skill_problem
 from tasks.evaluation.promotion import (
     CHAMPION_ALIAS, Promotion, RegistryError, current_champion, keep_champion, promote, tag_value,
     version_input_schema,
@@ -148,6 +149,10 @@ def register_champion(evaluation: Evaluation, paths: ProjectPaths, params: Evalu
         why = "no model passes the gate (see the reasons per model)"
         promotion = keep_champion(name, why, {"registered_model": name, "verdict": "no_candidate",
                                               "allowed": False, "reason": why})
+        return _settled(promotion, evaluation)
+    if why := no_skill_problem(evaluation, evaluation.champion):
+        promotion = keep_champion(name, why, {"registered_model": name, "verdict": "no_skill", "allowed": False,
+                                              "reason": why})
         return _settled(promotion, evaluation)
     result = evaluation.models[evaluation.champion]
     challenger = challenger_of(result, paths, evaluation.y_true)
