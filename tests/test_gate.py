@@ -498,6 +498,9 @@ def test_a_baseline_no_better_than_the_majority_class_gets_a_caveat() -> None:
         "answering '0' (0.2500), within chance; a champion must beat that beyond chance (check the data and how it "
         "was prepared: the prepare stage's log)")
     assert no_skill_problem(evaluation(y4, y4, ("0", "1", "2", "3")), "baseline") is None
+    assert no_skill_problem(evaluation(y4, np.zeros(400, np.int64), ("0", "1", "2", "3")), "baseline").startswith(
+        "baseline learned no more than a constant answer: its accuracy 0.2500 is right on exactly the samples always "
+        "answering '0' gets right (0.2500); a champion must beat that beyond chance")
     assert no_skill_problem(evaluation(y, catches, ("fraud", "ok")), "baseline") is None
     assert majority_class_caveat(evaluation(np.zeros(5, np.int64), np.zeros(5, np.int64), ("a", "b"))) is None
 

@@ -272,10 +272,12 @@ def no_skill_problem(evaluation: Evaluation, name: str) -> str | None:
     if against is None or against[1].mean() >= IMBALANCED_SHARE:
         return None
     majority, constant_right, right, gain, noise = against
-    return (f"{name} learned no more than a constant answer: its accuracy {right.mean():.4f} is "
-            f"{100 * gain:+.2f}±{100 * noise:.2f} points from always answering "
-            f"{evaluation.class_names[majority]!r} ({constant_right.mean():.4f}), within chance; a champion must beat "
-            "that beyond chance (check the data and how it was prepared: the prepare stage's log)")
+    answer = evaluation.class_names[majority]
+    said = (f"right on exactly the samples always answering {answer!r} gets right ({constant_right.mean():.4f})"
+            if noise == 0 else f"{100 * gain:+.2f}±{100 * noise:.2f} points from always answering {answer!r} "
+            f"({constant_right.mean():.4f}), within chance")
+    return (f"{name} learned no more than a constant answer: its accuracy {right.mean():.4f} is {said}; a champion "
+            "must beat that beyond chance (check the data and how it was prepared: the prepare stage's log)")
 
 
 def majority_class_caveat(evaluation: Evaluation) -> str | None:
