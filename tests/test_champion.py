@@ -158,7 +158,9 @@ def test_a_worse_challenger_does_not_take_the_alias_on_the_same_or_other_data(
     from tasks.evaluate import run_evaluate
 
     champion_accuracy = digits["evaluation"].models[digits["evaluation"].champion].metrics["accuracy"]
-    _only_baseline(project, steps=0)  # an untrained model: it passes the gate of its own run
+    # Barely trained (2 steps: about half right): it passes the gate of its own run. (An untrained
+    # one is not challenged at all: it is no better than a constant answer.)
+    _only_baseline(project, steps=2)
 
     # The same data, code and runtime: the champion's recorded figures decide.
     result = run_evaluate(ProjectPaths(project), make_params())
@@ -213,7 +215,7 @@ def test_a_champion_is_measured_only_on_the_test_rows_it_never_trained_on(projec
             np.save(prepared / (ROWS_FILE.format(split=split) if kind == "rows" else f"{split}_{kind}.npy"), values)
     card = json.loads((prepared / "card.json").read_text())
     (prepared / "card.json").write_text(json.dumps({**card, "digest": "other-data", "seed": 1}))
-    _only_baseline(project, steps=0)
+    _only_baseline(project, steps=2)  # barely trained: worse than the champion, better than a constant
     run_evaluate(ProjectPaths(project), make_params())
     decision = _promotion(project)
     assert decision["verdict"] == "worse" and decision["basis"] == (
