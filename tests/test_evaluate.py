@@ -341,25 +341,34 @@ def test_a_failure_leaves_the_previous_outputs_whole(
     assert any(r.data.tags.get("stage") == "evaluate" and "variant" not in r.data.tags for r in failed)
 
 
+def _evaluated_again(evaluated: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, str, Any]:
+    """A copy of the evaluated project and its registry, to run the stage again in: its root,
+    the registered model's name, and the version ``@champion`` points at before."""
+    import shutil
+
+    import mlflow
+
+    root = tmp_path / "project"
+    shutil.copytree(evaluated["root"], root)
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(root)
+    mlflow.set_tracking_uri(uri)
+    name = evaluated["params"].evaluate.registered_model
+    return root, name, mlflow.MlflowClient().get_model_version_by_alias(name, "champion")
+
+
 def test_an_impossible_gate_promotes_nothing_and_says_why(
     evaluated: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import copy
-    import shutil
 
     import mlflow
 
     from tasks import evaluate
     from tasks.core.paths import ProjectPaths
 
-    root = tmp_path / "project"
-    shutil.copytree(evaluated["root"], root)  # the same project and registry, run again
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.chdir(root)
-    mlflow.set_tracking_uri(uri)
-    name = evaluated["params"].evaluate.registered_model
-    before = mlflow.MlflowClient().get_model_version_by_alias(name, "champion")
+    root, name, before = _evaluated_again(evaluated, tmp_path, monkeypatch)
     monkeypatch.setattr(evaluate, "measure_models", lambda *a, **k: copy.deepcopy(evaluated["evaluation"]))
 
     params = make_params(gate={"max_accuracy_drop": 0.0, "max_size_bytes": 1})
@@ -387,7 +396,6 @@ def test_a_champion_no_better_than_a_constant_answer_is_not_registered(
     model that answers no better than a constant. Now the gate's winner is held to beat
     always answering the most frequent class beyond chance on a balanced split."""
     import copy
-    import shutil
 
     import mlflow
     import numpy as np
@@ -395,14 +403,7 @@ def test_a_champion_no_better_than_a_constant_answer_is_not_registered(
     from tasks import evaluate
     from tasks.core.paths import ProjectPaths
 
-    root = tmp_path / "project"
-    shutil.copytree(evaluated["root"], root)
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.chdir(root)
-    mlflow.set_tracking_uri(uri)
-    name = evaluated["params"].evaluate.registered_model
-    before = mlflow.MlflowClient().get_model_version_by_alias(name, "champion")
+    root, name, before = _evaluated_again(evaluated, tmp_path, monkeypatch)
     constant = copy.deepcopy(evaluated["evaluation"])
     majority = int(np.bincount(constant.y_true).argmax())
     for result in constant.models.values():  # every model answers the most frequent class, whatever it is shown
