@@ -94,6 +94,29 @@ def input_problem(spec: ModelSpec, input_shape: Sequence[int], whole_patches: bo
     return None  # mlp flattens anything; lstm/gru read an image row by row, a row of features one by one
 
 
+# A transformer on images attends over every patch, at a cost that grows with their square.
+# Above this many patches per image (a ViT at 224x224 with 16x16 patches reads 196) the train
+# stage says so, and names a patch size that divides both sides and gives no more.
+MANY_PATCHES = 256
+
+
+def patch_count_note(spec: ModelSpec, input_shape: Sequence[int]) -> str | None:
+    """What the train stage says where a ``transformer`` cuts each ``(C, H, W)`` image into
+    more than :data:`MANY_PATCHES` patches; None otherwise (other families, token ids)."""
+    if spec.family != "transformer" or spec.vocab_size is not None or len(input_shape) != 3:
+        return None
+    _, height, width = (int(d) for d in input_shape)
+    size = spec.patch_size
+    patches = (height // size) * (width // size)
+    if patches <= MANY_PATCHES:
+        return None
+    fewer = next((p for p in range(size + 1, min(height, width) + 1)
+                  if height % p == 0 == width % p and (height // p) * (width // p) <= MANY_PATCHES), None)
+    hint = (f"; train.model.patch_size={fewer} gives {(height // fewer) * (width // fewer)}" if fewer else "")
+    return (f"transformer: {patches} patches of {size}x{size} per {height}x{width} image, each attending to every "
+            f"other: about {(patches / MANY_PATCHES) ** 2:.2g}x the attention cost of {MANY_PATCHES} patches{hint}")
+
+
 def families_reading(input_shape: Sequence[int], tokens: bool = False) -> tuple[str, ...]:
     """The families that read inputs of ``input_shape`` (token ids if ``tokens``) with their default settings."""
     return tuple(family for family in MODEL_FAMILIES

@@ -55,7 +55,9 @@ def fit_job(params: Params, paths: ProjectPaths, run_id: str | None) -> FitJob:
 def _check_family_reads_data(params: Params, paths: ProjectPaths) -> None:
     """The model must read the prepared data (token ids, images, rows of features): a family
     that does not is refused here, naming the key and the families that do, before any
-    worker starts (in the workers it was a traceback per worker, retried twice)."""
+    worker starts (in the workers it was a traceback per worker, retried twice). A
+    transformer cutting images into very many patches is said (:func:`patch_count_note`)."""
+    from models.spec import patch_count_note
     from tasks.data import load_preprocessing, reading_problem, spec_for_data
 
     preprocessing = load_preprocessing(paths.prepared)
@@ -67,6 +69,8 @@ def _check_family_reads_data(params: Params, paths: ProjectPaths) -> None:
     problem = reading_problem(spec, preprocessing.input_shape, preprocessing.is_text, where)
     if problem:
         raise ParamsError(f"params.yaml: {problem}")
+    if note := patch_count_note(spec, preprocessing.input_shape):  # reads, but slowly: said, not refused
+        log.warning("%s", note)
 
 
 def record_model_run(paths: ProjectPaths, run_id: str) -> None:

@@ -178,3 +178,21 @@ def test_distillation_loss_pulls_the_student_towards_the_teacher() -> None:
     after = F.kl_div(F.log_softmax(moved / 2, 1), F.softmax(teacher / 2, 1), reduction="batchmean")
     assert after < before
     assert distillation_loss(student, teacher, labels, temperature=2.0, alpha=1.0).item() > 0
+
+
+def test_a_transformer_on_large_images_is_told_how_many_patches_it_attends_over() -> None:
+    """64x64 colour images with the default 2x2 patches are 1,024 tokens an image, each
+    attending to every other: a run that trains 16 times slower than 256 would, without a
+    word. The train stage says so and names a patch size that divides both sides."""
+    from models.spec import MANY_PATCHES, patch_count_note
+
+    assert patch_count_note(ModelSpec(family="transformer"), (3, 64, 64)) == (
+        "transformer: 1024 patches of 2x2 per 64x64 image, each attending to every other: about 16x the attention "
+        "cost of 256 patches; train.model.patch_size=4 gives 256")
+    assert patch_count_note(ModelSpec(family="transformer"), (3, 32, 32)) is None  # 256: at the line
+    assert patch_count_note(ModelSpec(family="transformer", patch_size=4), (3, 64, 64)) is None
+    assert patch_count_note(ModelSpec(family="transformer"), (1, 34, 34)).startswith(
+        "transformer: 289 patches of 2x2 per 34x34 image, each attending to every other: about 1.3x")
+    assert patch_count_note(ModelSpec(family="cnn"), (3, 64, 64)) is None
+    assert patch_count_note(ModelSpec(family="transformer", vocab_size=100), (512,)) is None
+    assert MANY_PATCHES == 256
