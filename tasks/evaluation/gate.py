@@ -246,11 +246,22 @@ def less_accurate_epoch_caveat(baseline_manifest: Mapping[str, Any], gate: GateP
     return note and f"the baseline {note}"
 
 
-def _against_constant_answer(evaluation: Evaluation, name: str) -> tuple[int, np.ndarray, np.ndarray, float, float] | None:
-    """Model ``name`` against always answering the test split's most frequent class, paired
-    on the same samples: (that class, where the constant answer is right, where the model is,
-    the model's accuracy gain, one standard error of it); None where the model is beyond
-    chance above it, and on a split of fewer than two samples or of one class."""
+@dataclass(frozen=True)
+class ConstantAnswer:
+    """A model against always answering the test split's most frequent class, paired on the
+    same samples."""
+
+    majority: int  # that class's index
+    share: float  # its share of the test split: the constant answer's accuracy
+    accuracy: float  # the model's
+    gain: float  # accuracy - share, and one standard error of it
+    noise: float
+
+
+def _against_constant_answer(evaluation: Evaluation, name: str) -> ConstantAnswer | None:
+    """Model ``name`` against always answering the test split's most frequent class; None
+    where the model is beyond chance above it, and on a split of fewer than two samples or of
+    one class."""
     y_true = np.asarray(evaluation.y_true).astype(np.int64)
     counts = np.bincount(y_true, minlength=len(evaluation.class_names))
     majority = int(counts.argmax())
@@ -259,7 +270,7 @@ def _against_constant_answer(evaluation: Evaluation, name: str) -> tuple[int, np
     gain = float(right.mean() - constant_right.mean())
     if math.isnan(noise) or counts[majority] == len(y_true) or gain > BEYOND_CHANCE * noise + _EPS:
         return None  # (a split of one class: no other answer to tell apart)
-    return majority, constant_right, right, gain, noise
+    return ConstantAnswer(majority, float(constant_right.mean()), float(right.mean()), gain, noise)
 
 
 def no_skill_problem(evaluation: Evaluation, name: str) -> str | None:
@@ -269,14 +280,13 @@ def no_skill_problem(evaluation: Evaluation, name: str) -> str | None:
     requests no better than a constant. None otherwise (on imbalanced data accuracy is a poor
     measure and :func:`majority_class_caveat` says so instead)."""
     against = _against_constant_answer(evaluation, name)
-    if against is None or against[1].mean() >= IMBALANCED_SHARE:
+    if against is None or against.share >= IMBALANCED_SHARE:
         return None
-    majority, constant_right, right, gain, noise = against
-    answer = evaluation.class_names[majority]
-    said = (f"right on exactly the samples always answering {answer!r} gets right ({constant_right.mean():.4f})"
-            if noise == 0 else f"{100 * gain:+.2f}±{100 * noise:.2f} points from always answering {answer!r} "
-            f"({constant_right.mean():.4f}), within chance")
-    return (f"{name} learned no more than a constant answer: its accuracy {right.mean():.4f} is {said}; a champion "
+    answer = evaluation.class_names[against.majority]
+    said = (f"right on exactly the samples always answering {answer!r} gets right ({against.share:.4f})"
+            if against.noise == 0 else f"{100 * against.gain:+.2f}±{100 * against.noise:.2f} points from always "
+            f"answering {answer!r} ({against.share:.4f}), within chance")
+    return (f"{name} learned no more than a constant answer: its accuracy {against.accuracy:.4f} is {said}; a champion "
             "must beat that beyond chance (check the data and how it was prepared: the prepare stage's log)")
 
 
@@ -291,17 +301,17 @@ def majority_class_caveat(evaluation: Evaluation) -> str | None:
     against = _against_constant_answer(evaluation, BASELINE)
     if against is None:
         return None
-    majority, constant_right, base_right, gain, noise = against
+    majority = evaluation.class_names[against.majority]
     others = [(name, values) for name, values in baseline.per_class.items()
-              if name != evaluation.class_names[majority] and values.get("support")]
+              if name != majority and values.get("support")]
     recalls = ", ".join(f"{name!r} {values['recall']:.3f} ({round(values['recall'] * values['support'])} of "
                         f"{int(values['support'])})" for name, values in others[:4])
     more = f", ... ({len(others)} classes)" if len(others) > 4 else ""
-    said = (f"the baseline's accuracy {base_right.mean():.4f} is {100 * gain:+.2f}±{100 * noise:.2f} points from always "
-            f"answering {evaluation.class_names[majority]!r} ({constant_right.mean():.4f}, its share of the test split), "
+    said = (f"the baseline's accuracy {against.accuracy:.4f} is {100 * against.gain:+.2f}±{100 * against.noise:.2f} "
+            f"points from always answering {majority!r} ({against.share:.4f}, its share of the test split), "
             f"within chance; its recall of the other classes: {recalls}{more}; macro F1 "
             f"{baseline.metrics.get('macro_f1', math.nan):.3f}")
-    if constant_right.mean() >= IMBALANCED_SHARE:
+    if against.share >= IMBALANCED_SHARE:
         return (f"{said}. On data this imbalanced accuracy hardly measures the models: judge them by per-class recall "
                 "and macro F1 (evaluate.gate.max_class_recall_drop guards each class's recall)")
     return (f"{said}. The baseline learned no more than a constant answer: check the data and how it was prepared "
