@@ -18,7 +18,6 @@ if __name__ == "__main__":
 import dataclasses
 import json
 import logging
-import math
 import os
 import secrets
 import shutil
@@ -41,6 +40,7 @@ from tasks.sources.rows import (
     HEAVY_TAIL_SKEWNESS, chosen_log_features, chosen_npz_layout, feature_list, fill_values_from_train,
     heavy_tailed_features, missing_counts, missing_line, npz_layout_line,
 )
+from tasks.sources.splits import duplicates_lines, split_samples
 from tasks.sources import (
     DataError,
     RawData,
@@ -123,31 +123,6 @@ def read_raw(params: PrepareParams, root: Path) -> tuple[RawData | RawText, dict
     return raw, {"source": params.source, "path": params.path, "digest": dvc_digest(path), **extra}
 
 
-def stratified_split(
-    y: np.ndarray, num_classes: int, val_fraction: float, test_fraction: float, seed: int
-) -> dict[str, np.ndarray]:
-    """Seeded, stratified train/val/test indices.
-
-    Each class gives ``floor(count * fraction)`` samples to val and to test and the rest
-    to train, so the per-class counts depend only on the class sizes (a new seed changes
-    which samples, never the proportions). Within a split the order is shuffled.
-    """
-    rng = np.random.default_rng(seed)
-    order = np.argsort(y, kind="stable")
-    counts = np.bincount(y, minlength=num_classes)
-    starts = np.concatenate([[0], np.cumsum(counts)])
-    parts: dict[str, list[np.ndarray]] = {split: [] for split in SPLITS}
-    for label in range(num_classes):
-        members = rng.permutation(order[starts[label] : starts[label + 1]])
-        # 1e-9: 20 * 0.15 must give 3, not floor(2.9999999999999996) = 2.
-        n_test = math.floor(counts[label] * test_fraction + 1e-9)
-        n_val = math.floor(counts[label] * val_fraction + 1e-9)
-        parts["test"].append(members[:n_test])
-        parts["val"].append(members[n_test : n_test + n_val])
-        parts["train"].append(members[n_test + n_val :])
-    return {split: rng.permutation(np.concatenate(parts[split])) for split in SPLITS}
-
-
 def prepare_data(params: PrepareParams, seed: int, root: Path) -> PreparedData:
     """Read, validate and split the raw data; fit the normalization on the train split. Writes nothing."""
     raw, provenance = read_raw(params, root)
@@ -155,7 +130,7 @@ def prepare_data(params: PrepareParams, seed: int, root: Path) -> PreparedData:
     shown = (params.labels_path if params.source == "idx" else params.path) or f"sklearn:{params.source}"
     check_splittable(raw.y, raw.class_names, params.val_fraction, params.test_fraction, shown)
     if isinstance(raw, RawText):
-        return _prepare_text(raw, provenance, params, seed)
+        return _prepare_text(raw, provenance, params, seed, shown)
     if params.npz_layout == "sequences" and not raw.channel_added:
         raise DataError(f"params.yaml: prepare.npz_layout: sequences: {shown}'s array {params.npz_inputs!r} is not 3-D "
                         f"(one sample: {tuple(raw.x.shape[1:])}); sequences are an (N, T, F) array")
@@ -169,7 +144,8 @@ def prepare_data(params: PrepareParams, seed: int, root: Path) -> PreparedData:
     columns, categorical, channel_added, moved = raw.columns, raw.categorical, raw.channel_added, raw.channels_last
     del raw
     value_range = {"min": float(np.nanmin(x)), "max": float(np.nanmax(x))}
-    index = stratified_split(y, len(class_names), params.val_fraction, params.test_fraction, seed)
+    index, duplicates = split_samples(x, y, class_names, params.duplicates, params.val_fraction,
+                                      params.test_fraction, seed, shown)
     splits = {split: (x[index[split]], y[index[split]]) for split in SPLITS}
     missing = missing_counts(x) if params.missing_values == "median" else {}
     fill_values = fill_values_from_train(splits, feature_names, shown) if params.missing_values == "median" else ()
@@ -189,6 +165,8 @@ def prepare_data(params: PrepareParams, seed: int, root: Path) -> PreparedData:
     if channel_added or moved:  # the registered model takes samples as the file holds them
         preprocessing = dataclasses.replace(preprocessing, raw_shape=file_shape, channels_last=moved)
     card = _card(provenance, num_samples, input_shape, value_range, class_names, splits, params, seed)
+    if duplicates:
+        card["duplicates"] = duplicates
     if npz_layout:
         card["npz_layout"] = npz_layout
     if params.source == "npz" and len(input_shape) == 3 and not channel_added:
@@ -212,10 +190,13 @@ def prepare_data(params: PrepareParams, seed: int, root: Path) -> PreparedData:
     return PreparedData(splits=splits, preprocessing=preprocessing, card=card, rows=rows)
 
 
-def _prepare_text(raw: RawText, provenance: dict[str, Any], params: PrepareParams, seed: int) -> PreparedData:
+def _prepare_text(
+    raw: RawText, provenance: dict[str, Any], params: PrepareParams, seed: int, shown: str
+) -> PreparedData:
     """Split the texts, train the tokenizer on the train split only, store every split as token ids."""
     texts, y, class_names = raw
-    index = stratified_split(y, len(class_names), params.val_fraction, params.test_fraction, seed)
+    index, duplicates = split_samples(texts, y, class_names, params.duplicates, params.val_fraction,
+                                      params.test_fraction, seed, shown)
     split_texts = {split: [texts[i] for i in index[split]] for split in SPLITS}
     tokenizer = train_tokenizer(split_texts["train"], params.text_vocab_size, params.text_max_length, params.text_lowercase)
     ids = {split: encode(tokenizer, split_texts[split]) for split in SPLITS}
@@ -224,6 +205,8 @@ def _prepare_text(raw: RawText, provenance: dict[str, Any], params: PrepareParam
     value_range = {"min": float(min(a.min() for a in ids.values())), "max": float(max(a.max() for a in ids.values()))}
     card = _card(provenance, len(texts), [params.text_max_length], value_range, class_names, splits, params, seed)
     card.update(dtype="float32 token ids (0 = padding)", tokenizer=tokenizer_card(tokenizer, ids, split_texts))
+    if duplicates:
+        card["duplicates"] = duplicates
     rows = {split: text_fingerprints(split_texts[split]) for split in SPLITS}
     return PreparedData(splits=splits, preprocessing=preprocessing, card=card, tokenizer_json=tokenizer.to_str(),
                         rows=rows)
@@ -429,6 +412,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     if (classes := class_index_line(card["class_names"])) is not None:
         logger.info("%s", classes)
+    if duplicates := card.get("duplicates"):
+        for level, line in duplicates_lines(duplicates, card["split_sizes"]["test"]):
+            logger.log(level, "%s", line)
     if layout := card.get("npz_layout"):
         logger.info("%s", npz_layout_line(layout, card["input_shape"]))
     if channels := card.get("npz_channels"):

@@ -22,7 +22,8 @@ import yaml
 
 from tasks.core.config import PrepareParams
 from tasks.data import SPLITS, Preprocessing, load_preprocessing, load_split
-from tasks.prepare import class_index_line, main, prepare_data, stratified_split, write_prepared
+from tasks.prepare import class_index_line, main, prepare_data, write_prepared
+from tasks.sources.splits import stratified_split
 from tasks.sources import (
     DataError,
     load_sklearn,
@@ -255,7 +256,6 @@ def test_missing_values_become_the_train_split_median(
 ) -> None:
     import logging
 
-    from tasks.prepare import stratified_split
     from tasks.sources import read_csv
 
     rows = [r[:3] for r in tabular_rows(per_class=20)]

@@ -148,10 +148,11 @@ def test_prepare_text_writes_token_ids_the_tokenizer_and_its_card(text_root: Pat
 
 
 def _split_texts(root: Path, split: str) -> list[str]:
-    from tasks.prepare import SPLITS, read_raw, stratified_split
+    from tasks.prepare import SPLITS, read_raw
+    from tasks.sources.splits import split_samples
 
     raw, _ = read_raw(text_params(), root)
-    index = stratified_split(raw.y, len(raw.class_names), 0.15, 0.25, 42)
+    index = split_samples(raw.texts, raw.y, raw.class_names, "auto", 0.15, 0.25, 42, "texts")[0]
     assert split in SPLITS
     return [raw.texts[i] for i in index[split]]
 

@@ -81,10 +81,11 @@ def test_the_champion_of_a_text_run_serves_raw_text(tmp_path: Path) -> None:
         assert inputs == [{"type": "string", "name": "text", "required": True}]  # the signature says: raw text
 
         # The loaded champion on the raw test texts: what evaluate measured on their token ids.
-        from tasks.prepare import read_raw, stratified_split
+        from tasks.prepare import read_raw
+        from tasks.sources.splits import split_samples
 
         raw, _ = read_raw(PrepareParams(source="text_table", path="data/raw/reviews.csv"), root)
-        test_index = stratified_split(raw.y, 2, 0.15, 0.25, 0)["test"]
+        test_index = split_samples(raw.texts, raw.y, raw.class_names, "auto", 0.15, 0.25, 0, "reviews")[0]["test"]
         import pandas as pd
 
         predicted = loaded.predict(pd.DataFrame({"text": [raw.texts[i] for i in test_index]}))

@@ -118,6 +118,11 @@ class PrepareParams(_Strict):
     # missing) is refused, naming its line and column (refuse), or becomes its feature's
     # median on the train split (median; the registered model fills a request's gaps alike).
     missing_values: Literal["refuse", "median"] = "refuse"
+    # Samples with identical inputs (the same values, the same text): together keeps each
+    # record's copies in one split, so that test never scores a copy of a training sample as
+    # unseen; apart splits them as separate samples; auto: together, except in a table whose
+    # columns take so few values that identical rows repeat by nature (README: Your own data).
+    duplicates: Literal["auto", "together", "apart"] = "auto"
     val_fraction: Fraction = 0.15
     test_fraction: Fraction = 0.25
 

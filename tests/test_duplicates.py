@@ -1,0 +1,196 @@
+"""Copies of one record in the raw data: the split keeps them in one split, so that the test
+split never scores a copy of a training sample as unseen (``prepare.duplicates``)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tasks.core.config import ParamsError, PrepareParams, load_params
+from tasks.prepare import main, prepare_data
+from tasks.sources import DataError
+from tasks.sources.splits import copies_kept_together, find_duplicates, stratified_split
+
+from raw_files import write_csv
+
+FEATURES = [f"f{i}" for i in range(8)]
+
+
+def _records(count: int, seed: int, classes: int = 6) -> tuple[np.ndarray, np.ndarray]:
+    """Overlapping Gaussian classes of measured values (a nearest neighbour is right about half the time)."""
+    rng = np.random.default_rng(seed)
+    centres = np.random.default_rng(99).normal(0, 0.9, (classes, len(FEATURES)))
+    y = rng.integers(0, classes, count)
+    return np.round(centres[y] + rng.normal(0, 1, (count, len(FEATURES))), 4), y
+
+
+def _with_copies(x: np.ndarray, y: np.ndarray, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Each record written 1 to 5 times, the rows shuffled (a join that fanned out)."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(np.repeat(np.arange(len(y)), rng.integers(1, 6, len(y))))
+    return x[order], y[order]
+
+
+def _write(root: Path, x: np.ndarray, y: np.ndarray, name: str = "records.csv") -> str:
+    write_csv(root / "data" / "raw" / name, [[*row, f"c{label}"] for row, label in zip(x.tolist(), y)],
+              [*FEATURES, "label"])
+    return f"data/raw/{name}"
+
+
+def _prepared(root: Path, path: str, **changes: object):
+    return prepare_data(PrepareParams(source="csv", path=path, **changes), 42, root)
+
+
+def _nearest_neighbour_accuracy(train: tuple[np.ndarray, np.ndarray], x: np.ndarray, y: np.ndarray) -> float:
+    x_train, y_train = train
+    distances = ((x[:, None, :] - x_train[None, :, :]) ** 2).sum(axis=2)
+    return float((y_train[distances.argmin(axis=1)] == y).mean())
+
+
+def test_copies_of_a_record_stay_in_one_split_and_the_test_figure_is_what_new_records_read(tmp_path: Path) -> None:
+    x, y = _records(700, seed=0)
+    path = _write(tmp_path, *_with_copies(x, y))
+    together, apart = _prepared(tmp_path, path), _prepared(tmp_path, path, duplicates="apart")
+    fresh_x, fresh_y = _records(1500, seed=5)  # new records of the same kind, none in the file
+
+    def records(split: tuple[np.ndarray, np.ndarray]) -> set[bytes]:
+        return {row.tobytes() for row in split[0]}
+
+    def accuracies(prepared) -> tuple[float, float]:
+        classes = prepared.preprocessing.class_names
+        test_x, test_y = prepared.splits["test"]
+        fresh = np.array([classes.index(f"c{label}") for label in fresh_y])
+        train = prepared.splits["train"]
+        return (_nearest_neighbour_accuracy(train, test_x, test_y),
+                _nearest_neighbour_accuracy(train, fresh_x.astype(np.float32), fresh))
+
+    train, val, test = (records(together.splits[split]) for split in ("train", "val", "test"))
+    assert not train & test and not train & val and not val & test
+    assert len(train | val | test) == 700
+    leaked = sum(row.tobytes() in records(apart.splits["train"]) for row in apart.splits["test"][0])
+    assert leaked > 0.6 * len(apart.splits["test"][1])  # most test rows of the old split were training rows too
+
+    card = together.card["duplicates"]
+    assert card["samples"] == len(together.splits["train"][1]) + len(together.splits["val"][1]) + len(
+        together.splits["test"][1])
+    assert (card["distinct"], card["copies"], card["setting"]) == (700, "together", "auto")
+    assert card["test_copies_of_train"] == {"together": 0, "apart": leaked}
+    assert apart.card["duplicates"]["copies"] == "apart"
+
+    # The figure that matters: a model that memorizes (a nearest neighbour) reads on the test
+    # split what it reads on new records only where the copies stay together.
+    test_together, fresh_together = accuracies(together)
+    test_apart, fresh_apart = accuracies(apart)
+    assert abs(test_together - fresh_together) < 0.07, (test_together, fresh_together)
+    assert test_apart - fresh_apart > 0.2, (test_apart, fresh_apart)
+    shares = [len(together.splits[split][1]) / card["samples"] for split in ("val", "test")]
+    assert shares == pytest.approx([0.15, 0.25], abs=0.03)  # the fractions hold, counted in records
+
+
+def test_data_without_copies_is_split_as_before(tmp_path: Path) -> None:
+    x, y = _records(300, seed=2)
+    path = _write(tmp_path, x, y)
+    prepared, apart = _prepared(tmp_path, path), _prepared(tmp_path, path, duplicates="apart")
+    assert "duplicates" not in prepared.card
+    assert prepared.digest == apart.digest
+    index = stratified_split(y, 6, 0.15, 0.25, 42)  # class 'c0'..'c5' = index 0..5
+    for split in ("train", "val", "test"):
+        assert np.array_equal(prepared.splits[split][0], x[index[split]].astype(np.float32))
+
+
+def test_a_table_of_few_possible_rows_repeats_by_nature_and_is_split_as_samples(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    answers = rng.integers(0, 3, (600, 3)).astype(np.float32)  # three questions, three answers each: 27 rows
+    y = (answers.sum(axis=1) + rng.integers(0, 2, 600) > 3).astype(np.int64)
+    together, why = copies_kept_together("auto", answers)
+    assert not together
+    assert why == ("prepare.duplicates auto: the table's columns take few values (about 27 possible rows for 600 "
+                   "samples), so identical rows are natural repeats")
+    duplicates = find_duplicates(answers, y)
+    assert duplicates.distinct == 27 and duplicates.conflicting > 0
+    assert copies_kept_together("together", answers) == (True, "prepare.duplicates together")
+    assert copies_kept_together("auto", np.zeros((600, 1, 4, 4), np.float32))[0]
+    assert copies_kept_together("auto", ["a text", "a text"])[0]
+
+
+def read_card(root: Path) -> dict:
+    return json.loads((root / "data" / "prepared" / "card.json").read_text())
+
+
+def test_the_stage_says_what_it_found_and_names_conflicting_labels(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    x, y = _records(200, seed=4)
+    x, y = np.concatenate([x, x[:3]]), np.concatenate([y, (y[:3] + 1) % 6])  # 3 records copied with another label
+    root = tmp_path / "project"
+    path = _write(root, x, y)
+    (root / "dvc.yaml").write_text("stages: {}\n")
+    (root / "params.yaml").write_text(f"base: {{seed: 42}}\nprepare: {{source: csv, path: {path}}}\n")
+    monkeypatch.chdir(root)
+    monkeypatch.delenv("SLIMFLOW_ROOT", raising=False)
+    monkeypatch.delenv("SLIMFLOW_RUN_CONTEXT", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with caplog.at_level(logging.INFO, logger="slimflow.prepare"):
+        assert main([]) == 0
+    said = {r.levelno: r.getMessage() for r in caplog.records if r.getMessage().startswith("duplicates:")}
+    assert said[logging.INFO] == (
+        "duplicates: 203 samples are 200 distinct records (3 of them twice); each record's copies kept in one split "
+        "(prepare.duplicates auto: the values of its 8 columns make far more possible rows than its 203 samples, so "
+        "identical rows are copies of one record); prepare.duplicates=apart would split them as separate samples: "
+        f"{read_card(root)['duplicates']['test_copies_of_train']['apart']} test samples would be copies of training "
+        "samples, scored as unseen")
+    assert re.fullmatch(r"duplicates: 3 records appear with different labels \(e.g. samples [012] and 20[012], counting from 0 "
+                        r"in the order read: the same input labelled 'c\d' and 'c\d'\); no model is right on every "
+                        r"copy: check the labels", said[logging.WARNING])
+    card = read_card(root)["duplicates"]
+    a, b = card["conflict_example"]["samples"]
+    assert card["conflicting_labels"] == 3 and b == a + 200
+    assert card["conflict_example"]["labels"] == [f"c{y[a]}", f"c{y[b]}"]
+
+
+def test_a_class_of_too_few_distinct_records_is_refused_with_both_counts(tmp_path: Path) -> None:
+    x, y = _records(120, seed=6, classes=2)
+    x = np.concatenate([x, np.repeat(x[:1] + 50, 12, axis=0)])  # class 'c9': 12 samples, one record
+    y = np.concatenate([y, np.full(12, 9)])
+    path = _write(tmp_path, x, y)
+    with pytest.raises(DataError, match=(
+            r"^data/raw/records.csv: class 'c9' has 12 samples but 1 distinct ones \(the others are copies\); a split "
+            r"that keeps each record's copies in one split \(prepare.duplicates\) .* needs at least 7 distinct samples "
+            r"per class; prepare.duplicates=apart splits the copies as separate samples")):
+        _prepared(tmp_path, path)
+    assert _prepared(tmp_path, path, duplicates="apart").card["duplicates"]["copies"] == "apart"
+
+
+def test_copied_texts_and_images_stay_in_one_split(tmp_path: Path) -> None:
+    rng = np.random.default_rng(7)
+    words = ["alpha", "beta", "gamma", "delta", "omega", "sigma"]
+    texts = [" ".join(rng.choice(words, 6)) for _ in range(120)]
+    labels = [f"t{i % 3}" for i in range(120)]
+    table = tmp_path / "data" / "raw" / "texts.csv"
+    order = rng.permutation(np.repeat(np.arange(120), 3))
+    write_csv(table, [[texts[i], labels[i]] for i in order], ["text", "label"])
+    prepared = prepare_data(PrepareParams(source="text_table", path="data/raw/texts.csv"), 42, tmp_path)
+    assert prepared.card["duplicates"]["distinct"] == len(set(texts))
+    assert prepared.card["duplicates"]["copies"] == "together"
+    seen = {row.tobytes() for row in prepared.splits["train"][0]}
+    assert not any(row.tobytes() in seen for row in prepared.splits["test"][0])
+
+    images = rng.integers(0, 255, (90, 8, 8, 3)).astype(np.uint8)
+    order = rng.permutation(np.repeat(np.arange(90), 2))
+    np.savez(tmp_path / "data" / "raw" / "images.npz", x=images[order], y=(np.arange(90) % 3)[order])
+    prepared = prepare_data(PrepareParams(source="npz", path="data/raw/images.npz"), 42, tmp_path)
+    assert (prepared.card["duplicates"]["distinct"], prepared.card["duplicates"]["copies"]) == (90, "together")
+    seen = {row.tobytes() for row in prepared.splits["train"][0]}
+    assert not any(row.tobytes() in seen for row in prepared.splits["test"][0])
+
+
+def test_the_setting_is_checked(tmp_path: Path) -> None:
+    params = tmp_path / "params.yaml"
+    params.write_text("prepare: {duplicates: drop}\n")
+    with pytest.raises(ParamsError, match=r"prepare.duplicates: .*'auto', 'together' or 'apart'"):
+        load_params(params)
