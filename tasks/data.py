@@ -355,12 +355,16 @@ def data_digest(prepared: Path) -> str:
 
 
 def data_split(prepared: Path) -> dict[str, Any] | None:
-    """How ``prepare`` split the data (``seed``, ``val_fraction``, ``test_fraction``), from the
-    data card; None when the card does not say."""
+    """How ``prepare`` split the data (``seed``, ``val_fraction``, ``test_fraction``, and where
+    the data holds copies of a record, ``copies``: ``together`` or ``apart``), from the data
+    card; None when the card does not say."""
     try:
         card = json.loads((prepared / "card.json").read_text())
-        return {"seed": int(card["seed"]), "val_fraction": float(card["fractions"]["val"]),
-                "test_fraction": float(card["fractions"]["test"])}
+        split = {"seed": int(card["seed"]), "val_fraction": float(card["fractions"]["val"]),
+                 "test_fraction": float(card["fractions"]["test"])}
+        if "duplicates" in card:
+            split["copies"] = str(card["duplicates"]["copies"])
+        return split
     except (OSError, KeyError, TypeError, ValueError):
         return None
 

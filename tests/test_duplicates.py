@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from tasks.core.config import ParamsError, PrepareParams, load_params
-from tasks.prepare import main, prepare_data
+from tasks.data import data_split
+from tasks.prepare import main, prepare_data, write_prepared
 from tasks.sources import DataError
 from tasks.sources.splits import copies_kept_together, find_duplicates, stratified_split
 
@@ -81,6 +82,9 @@ def test_copies_of_a_record_stay_in_one_split_and_the_test_figure_is_what_new_re
     assert (card["distinct"], card["copies"], card["setting"]) == (700, "together", "auto")
     assert card["test_copies_of_train"] == {"together": 0, "apart": leaked}
     assert apart.card["duplicates"]["copies"] == "apart"
+    write_prepared(together, tmp_path / "prepared")  # what a registered version records of its split
+    assert data_split(tmp_path / "prepared") == {"seed": 42, "val_fraction": 0.15, "test_fraction": 0.25,
+                                                 "copies": "together"}
 
     # The figure that matters: a model that memorizes (a nearest neighbour) reads on the test
     # split what it reads on new records only where the copies stay together.
@@ -98,6 +102,8 @@ def test_data_without_copies_is_split_as_before(tmp_path: Path) -> None:
     prepared, apart = _prepared(tmp_path, path), _prepared(tmp_path, path, duplicates="apart")
     assert "duplicates" not in prepared.card
     assert prepared.digest == apart.digest
+    write_prepared(prepared, tmp_path / "prepared")
+    assert data_split(tmp_path / "prepared") == {"seed": 42, "val_fraction": 0.15, "test_fraction": 0.25}
     index = stratified_split(y, 6, 0.15, 0.25, 42)  # class 'c0'..'c5' = index 0..5
     for split in ("train", "val", "test"):
         assert np.array_equal(prepared.splits[split][0], x[index[split]].astype(np.float32))

@@ -732,6 +732,30 @@ def test_figures_recorded_on_another_split_of_the_same_data_are_not_compared() -
     assert _decide(unknown, champion, remeasured).basis == "recorded evidence"
 
 
+def test_figures_recorded_where_copies_were_split_apart_are_not_compared_with_a_split_that_keeps_them() -> None:
+    """A champion registered before copies were looked for split a record's copies apart: its
+    recorded test accuracy counted copies of its training rows (90.90% on a table of copied
+    records that new records put at 59.27%). The same data, code and seed with each record's
+    copies in one split is another split: the champion is re-measured, and the decision says
+    its figures are flattered."""
+    import dataclasses
+    import json
+
+    split = {"seed": 42, "val_fraction": 0.15, "test_fraction": 0.25}
+    champion = _champion_version(None, accuracy=0.909)  # recorded on the split that had copies apart
+    champion.tags["data_split"] = json.dumps(split)
+    remeasured = {"accuracy": 0.64, "macro_f1": 0.6}
+    together = dataclasses.replace(_challenger({}, accuracy=0.643), data_split={**split, "copies": "together"})
+    decision = _decide(together, champion, remeasured)
+    assert decision.allowed and decision.basis == "re-measured on this run's test split", decision.reason
+    assert decision.reason.endswith(
+        "(the champion was trained on another split of the same data (seed 42, val/test 0.15/0.25; this run seed 42, "
+        "val/test 0.15/0.25, copies together): some of this run's test rows were in its train split, so its "
+        "re-measured figures are optimistic)")
+    apart = dataclasses.replace(together, data_split={**split, "copies": "apart"})  # what the champion's split was
+    assert _decide(apart, champion, remeasured).basis == "recorded evidence"
+
+
 def _memorising_champion_case(seen_count: int) -> tuple[Any, Any, dict[str, Any], Any]:
     """200 test rows of two classes. The champion trained on the first ``seen_count`` of
     them (it gets each right) and gets 80% of the rest; the challenger gets 85% of every row."""

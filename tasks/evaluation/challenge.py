@@ -326,7 +326,7 @@ def decide(
     same_code = (challenger.git_commit is not None and card["git_commit"] == challenger.git_commit
                  and card["runtime_versions"] == challenger.runtime_versions)
     # Figures recorded on another test split (another seed) are no measure of this one's rows.
-    same_split = not (card["data_split"] and challenger.data_split and card["data_split"] != challenger.data_split)
+    same_split = not _other_split_of_the_data(card["data_split"], challenger.data_split)
     recorded = None
     if same_data and same_split and same_code and "accuracy" in card["recorded"]:
         card[CLASS_RECALL] = recorded_class_recall(current.tags)
@@ -401,16 +401,26 @@ def _on_rows(challenger: Challenger, their_predictions: np.ndarray, keep: np.nda
 
 
 def split_text(split: dict[str, Any]) -> str:
-    """A data split (``data_split``) in words: ``seed 42, val/test 0.15/0.25``."""
-    return f"seed {split['seed']}, val/test {float(split['val_fraction']):g}/{float(split['test_fraction']):g}"
+    """A data split (``data_split``) in words: ``seed 42, val/test 0.15/0.25`` (and where the
+    data holds copies of a record, ``, copies together`` or ``, copies apart``)."""
+    said = f"seed {split['seed']}, val/test {float(split['val_fraction']):g}/{float(split['test_fraction']):g}"
+    return said + (f", copies {split['copies']}" if "copies" in split else "")
+
+
+def _other_split_of_the_data(theirs: dict[str, Any] | None, ours: dict[str, Any] | None) -> bool:
+    """Whether two recorded splits of the same data differ (False where either is unknown).
+    A split recorded before copies were looked for split them apart."""
+    if not theirs or not ours:
+        return False
+    return {"copies": "apart", **theirs} != {"copies": "apart", **ours}
 
 
 def _other_split(card: dict[str, Any], challenger: Challenger) -> str | None:
     """Why a re-measurement flatters the champion, where it does: the same data split
     another way (another ``base.seed`` or other fractions), so some of this run's test
-    rows were in the champion's train split."""
+    rows were in the champion's train split (or a copy of them, where it split copies apart)."""
     theirs, ours = card.get("data_split"), challenger.data_split
-    if not theirs or not ours or theirs == ours:
+    if not _other_split_of_the_data(theirs, ours):
         return None
     return (f"the champion was trained on another split of the same data ({split_text(theirs)}; this run "
             f"{split_text(ours)}): "
