@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tasks.core.classification import class_disagreements, paired_change_noise, paired_standard_error
 from tasks.core.config import ParamsError, PrepareParams, load_params
 from tasks.data import data_split
 from tasks.prepare import main, prepare_data, write_prepared
@@ -200,3 +201,53 @@ def test_the_setting_is_checked(tmp_path: Path) -> None:
     params.write_text("prepare: {duplicates: drop}\n")
     with pytest.raises(ParamsError, match=r"prepare.duplicates: .*'auto', 'together' or 'apart'"):
         load_params(params)
+
+
+def test_a_change_on_copies_of_records_is_counted_over_records() -> None:
+    """Two models no different in truth, scored on 400 records written 1 to 5 times: each is
+    right or wrong on all of a record's copies. Counted per sample, their accuracy change is
+    "beyond chance" (over 2 standard errors) far more often than 2 standard errors allow;
+    counted over records (the copies one draw), about as often as they allow."""
+    rng = np.random.default_rng(0)
+    record = np.repeat(np.arange(400), rng.integers(1, 6, 400))
+    called = {"samples": 0, "records": 0}
+    for _ in range(400):
+        base_right, right = (rng.random(400) < 0.6)[record], (rng.random(400) < 0.6)[record]
+        gain = right.mean() - base_right.mean()
+        called["samples"] += abs(gain) > 2 * paired_change_noise(base_right, right)[0]
+        called["records"] += abs(gain) > 2 * paired_change_noise(base_right, right, record)[0]
+    assert called["records"] / 400 < 0.08 and called["samples"] / 400 > 0.2, called
+    # Every record once: the same figure as without records.
+    once = np.arange(300)
+    a, b = rng.random(300) < 0.6, rng.random(300) < 0.7
+    assert paired_standard_error(a, b, once[::-1]) == pytest.approx(paired_standard_error(a, b), rel=1e-12)
+
+
+def test_a_class_loss_on_copies_counts_each_record_once() -> None:
+    """A class's samples only the baseline gets right: 12 samples, but 3 records (fingerprints,
+    uint64, as the prepared data keeps them) of 4 copies each."""
+    fingerprints = np.array([2**63 + 5, 2**63 + 5, 2**63 + 5, 2**63 + 5, 17, 17, 17, 17, 9, 9, 9, 9, 1, 2],
+                            dtype=np.uint64)
+    y = np.array([0] * 12 + [1, 1])
+    baseline, model = np.array([0] * 12 + [1, 0]), np.array([1] * 12 + [1, 1])
+    assert class_disagreements(y, baseline, model, ["a", "b"]) == {"a": (12, 0), "b": (0, 1)}
+    assert class_disagreements(y, baseline, model, ["a", "b"], fingerprints) == {"a": (3, 0), "b": (0, 1)}
+
+
+def test_the_evaluate_stage_reads_the_test_splits_records_from_its_fingerprints(tmp_path: Path) -> None:
+    from tasks.evaluation.benchmark import test_records
+
+    x, y = _records(300, seed=8)
+    path = _write(tmp_path, *_with_copies(x, y))
+    prepared = _prepared(tmp_path, path)
+    write_prepared(prepared, tmp_path / "prepared")
+    records = test_records(tmp_path / "prepared")
+    test_x = prepared.splits["test"][0]
+    assert records is not None and len(records) == len(test_x)
+    same_input = (test_x[:, None, :] == test_x[None, :, :]).all(axis=2)
+    assert np.array_equal(same_input, records[:, None] == records[None, :])
+    assert records.max() + 1 == len(np.unique(test_x, axis=0)) < len(test_x)
+
+    _write(tmp_path, x, y, "distinct.csv")
+    write_prepared(_prepared(tmp_path, "data/raw/distinct.csv"), tmp_path / "prepared-distinct")
+    assert test_records(tmp_path / "prepared-distinct") is None

@@ -74,16 +74,27 @@ def classification_metrics(
 
 
 def class_disagreements(y_true: Any, reference_predictions: Any, predictions: Any,
-                        class_names: Sequence[str]) -> dict[str, tuple[int, int]]:
+                        class_names: Sequence[str], records: Any = None) -> dict[str, tuple[int, int]]:
     """Per class, of its samples: how many only the reference model gets right, and how many
-    only the model gets right (the samples both get right or both wrong move no recall)."""
+    only the model gets right (the samples both get right or both wrong move no recall).
+    With ``records`` (each sample's record: copies of one share an id, and a model answers
+    them alike), each record counts once: its copies are one draw for the chance of a loss."""
     y_true = np.asarray(y_true, dtype=np.int64).ravel()
     reference_right = np.asarray(reference_predictions).ravel() == y_true
     right = np.asarray(predictions).ravel() == y_true
     classes = len(class_names)
     known = (y_true >= 0) & (y_true < classes)
-    only_reference = np.bincount(y_true[known & reference_right & ~right], minlength=classes)
-    only_model = np.bincount(y_true[known & right & ~reference_right], minlength=classes)
+
+    record = None if records is None else np.unique(np.asarray(records).ravel(), return_inverse=True)[1].ravel()
+
+    def per_class(mask: np.ndarray) -> np.ndarray:
+        if record is None:
+            return np.bincount(y_true[mask], minlength=classes)
+        pairs = np.unique(record[mask] * classes + y_true[mask])  # (record, class): once each
+        return np.bincount(pairs % classes, minlength=classes)
+
+    only_reference = per_class(known & reference_right & ~right)
+    only_model = per_class(known & right & ~reference_right)
     return {str(name): (int(only_reference[i]), int(only_model[i])) for i, name in enumerate(class_names)}
 
 
@@ -162,26 +173,39 @@ def _worst_drop(per_class: Mapping[str, Mapping[str, float]], baseline_per_class
     return worst
 
 
-def paired_standard_error(reference: Any, values: Any) -> float:
+def paired_standard_error(reference: Any, values: Any, records: Any = None) -> float:
     """One standard error of the mean of ``values[i] - reference[i]`` (two measurements of
-    the same items, paired): ``sd(d) / sqrt(n)``; NaN for fewer than two pairs."""
+    the same items, paired): ``sd(d) / sqrt(n)``; NaN for fewer than two pairs.
+
+    With ``records`` (one id per item; equal ids: copies of one record, which a model gets
+    right or wrong together), the items of a record are one draw, not several: the
+    cluster-robust standard error ``sqrt(G / (G - 1) * sum_g S_g^2) / n``, ``S_g`` the sum of
+    record g's deviations from the mean; with every record once, the same figure as
+    without. NaN for fewer than two records."""
     paired = np.asarray(values, dtype=np.float64) - np.asarray(reference, dtype=np.float64)
-    if paired.size < 2:
+    if records is None:
+        if paired.size < 2:
+            return float("nan")
+        return float(paired.std(ddof=1) / np.sqrt(paired.size))
+    _, record = np.unique(np.asarray(records), return_inverse=True)
+    sums = np.bincount(record.reshape(-1), weights=paired - paired.mean())
+    if sums.size < 2:
         return float("nan")
-    return float(paired.std(ddof=1) / np.sqrt(paired.size))
+    return float(np.sqrt(sums.size / (sums.size - 1) * np.sum(sums**2)) / paired.size)
 
 
-def paired_change_noise(reference_right: np.ndarray, right: np.ndarray) -> tuple[float, int]:
+def paired_change_noise(reference_right: np.ndarray, right: np.ndarray, records: Any = None) -> tuple[float, int]:
     """One standard error of a model's accuracy change against a reference model scored on
     the same samples (a fraction), and the samples it rests on.
 
     Only the samples exactly one of the two gets right move the change (a paired comparison,
     as McNemar's test reads it): with ``d_i`` = +1 where only the model is right, -1 where
     only the reference is, 0 elsewhere, the change is their mean and its standard error
-    ``sd(d) / sqrt(n)``. A split measures a change no finer than that. ``(nan, 0)`` for fewer
-    than two samples.
+    ``sd(d) / sqrt(n)``; with ``records`` (each sample's record: copies share one), counted
+    over records (:func:`paired_standard_error`). A split measures a change no finer than
+    that. ``(nan, 0)`` for fewer than two samples.
     """
-    noise = paired_standard_error(reference_right, right)
+    noise = paired_standard_error(reference_right, right, records)
     if math.isnan(noise):
         return noise, 0
     return noise, int(np.count_nonzero(np.asarray(right) != np.asarray(reference_right)))

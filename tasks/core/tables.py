@@ -106,6 +106,15 @@ CHANGE_NOISE_NOTE = ("Δ acc ±: one standard error of the change, paired with t
                      "test samples (a change within about two of them may be chance)")
 
 
+def change_noise_note(settings: dict) -> str:
+    """:data:`CHANGE_NOISE_NOTE`, saying where the test split's copies of one record were
+    counted once (``settings["test_records"]``: its distinct records)."""
+    if "test_records" not in settings:
+        return CHANGE_NOISE_NOTE
+    return (f"{CHANGE_NOISE_NOTE[:-1]}; counted over its {settings['test_records']:,} distinct records, each record's "
+            f"copies among its {settings['test_samples']:,} samples right or wrong together)")
+
+
 # Under every table that shows the payback.
 PAYBACK_NOTE = "payback: predictions until a variant's energy saving repays its making (never: no saving beyond its noise)"
 

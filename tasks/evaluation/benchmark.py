@@ -69,6 +69,7 @@ def measure_models(
     test = load_split(prepared, "test", preprocessing)
     if len(test.y) == 0:
         raise EvaluateError(f"{prepared}: the test split is empty")
+    records = test_records(prepared)
     class_names = tuple(preprocessing.class_names)
 
     meter = process_meter()  # on the CPU, where the models run here; it sets up while memory is probed
@@ -81,7 +82,7 @@ def measure_models(
             loaded = {name: load_for_measurement(folder, params.threads) for name, folder in model_dirs.items()}
             results = _score(loaded, model_dirs, test.x, test.y, class_names, params.throughput_batch)
             if meanwhile is not None:
-                meanwhile(Evaluation(results, class_names, test.y, {}))
+                meanwhile(Evaluation(results, class_names, test.y, {}, records=records))
             memory = probe.result()
             flops = all_models_flops(
                 {name: r.manifest for name, r in results.items()},
@@ -113,11 +114,25 @@ def measure_models(
         result.notes["energy"] = meter.source
         _add_energy(result, params.grid_co2e_g_per_kwh)
     add_ratios(results, test.y, {name: timing.energy_readings_per_1k_j for name, timing in timings.items()},
-               {name: timing.energy_step_per_1k_j for name, timing in timings.items()})
+               {name: timing.energy_step_per_1k_j for name, timing in timings.items()}, records)
     settings = _settings(len(test.y), len(class_names), params, meter)
+    if records is not None:  # the changes' noise counts copies of one record once
+        settings["test_records"] = int(records.max()) + 1
     if preprocessing.is_text:  # a text model's cost grows with the sequence: say which one was timed
         settings["sequence_length"] = int(preprocessing.input_shape[0])
-    return Evaluation(results, class_names, test.y, settings)
+    return Evaluation(results, class_names, test.y, settings, records=records)
+
+
+def test_records(prepared: Path) -> np.ndarray | None:
+    """Each test sample's record (equal ids: the same input, copies of one record) where the
+    test split holds copies; None where every test sample is distinct, or no fingerprints
+    were kept."""
+    from tasks.data import load_row_fingerprints
+
+    fingerprints = load_row_fingerprints(prepared, "test")
+    if fingerprints is None or len(np.unique(fingerprints)) == len(fingerprints):
+        return None
+    return np.unique(fingerprints, return_inverse=True)[1].reshape(-1)
 
 
 def _score(

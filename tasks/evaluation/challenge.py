@@ -455,14 +455,18 @@ def _versus(challenger: Challenger, card: dict[str, Any], basis: str, theirs: fl
 
 
 def _paired(challenger: Challenger, their_predictions: Any) -> dict[str, tuple[int, int]] | None:
-    """Per class, the test samples only the champion gets right and only the challenger does,
-    where the champion was re-measured on this run's test split (None otherwise)."""
+    """Per class, the test samples only the champion gets right and only the challenger does
+    (copies of one record counted once), where the champion was re-measured on this run's
+    test split (None otherwise)."""
     if their_predictions is None or challenger.predictions is None or challenger.labels is None:
         return None
     if np.shape(their_predictions) != np.shape(challenger.labels):
         return None
+    rows = challenger.test_rows  # copies of one record share a fingerprint: each counts once
+    records = rows if rows is not None and len(rows) == len(challenger.labels) and len(np.unique(rows)) < len(rows) \
+        else None
     return class_disagreements(challenger.labels, their_predictions, challenger.predictions,
-                               list(challenger.per_class))
+                               list(challenger.per_class), records)
 
 
 def _as_rows(class_recall: dict[str, float], challenger: Challenger) -> dict[str, dict[str, float]]:

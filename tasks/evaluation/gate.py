@@ -266,7 +266,7 @@ def _against_constant_answer(evaluation: Evaluation, name: str) -> ConstantAnswe
     counts = np.bincount(y_true, minlength=len(evaluation.class_names))
     majority = int(counts.argmax())
     constant_right, right = y_true == majority, evaluation.models[name].predictions == y_true
-    noise, _ = paired_change_noise(constant_right, right)
+    noise, _ = paired_change_noise(constant_right, right, evaluation.records)
     gain = float(right.mean() - constant_right.mean())
     if math.isnan(noise) or counts[majority] == len(y_true) or gain > BEYOND_CHANCE * noise + _EPS:
         return None  # (a split of one class: no other answer to tell apart)
@@ -323,7 +323,7 @@ def apply_gate(evaluation: Evaluation, params: EvaluateParams) -> None:
     baseline that was still improving (:func:`still_improving_caveat`)."""
     baseline = evaluation.models[BASELINE]
     disagreements = {name: class_disagreements(evaluation.y_true, baseline.predictions, result.predictions,
-                                               evaluation.class_names)
+                                               evaluation.class_names, evaluation.records)
                      for name, result in evaluation.models.items()}
     champion, reasons = select_champion(evaluation.metrics(), params.gate, params.objective, BASELINE,
                                         {name: result.per_class for name, result in evaluation.models.items()},

@@ -15,7 +15,7 @@ from typing import Any
 
 from tasks.core import metric_names as names
 from tasks.core.config import EvaluateParams
-from tasks.core.tables import CHANGE_NOISE_NOTE, COLUMNS, SAVING_NOISE_NOTE, cell, gains_sentence
+from tasks.core.tables import COLUMNS, SAVING_NOISE_NOTE, cell, change_noise_note, gains_sentence
 from tasks.evaluation.results import BASELINE, Evaluation
 from tasks.evaluation.summary import DETAIL_COLUMNS, ENERGY_COLUMNS, HEADLINE_COLUMNS, summary_rows
 
@@ -176,7 +176,8 @@ def report_markdown(
         lines += [f"**Caveat**: {caveat[0].upper()}{caveat[1:]}.", ""]
     lines += ["## Models", ""]
     lines += models_table(evaluation, HEADLINE_COLUMNS)
-    lines += ["", f"{CHANGE_NOISE_NOTE}.", "", *_plots_section(evaluation, training_curves), "", "## Details", ""]
+    lines += ["", f"{change_noise_note(evaluation.settings)}.", "", *_plots_section(evaluation, training_curves), "",
+              "## Details", ""]
     lines += models_table(evaluation, DETAIL_COLUMNS)
     lines += ["", "## Energy", "", *models_table(evaluation, ENERGY_COLUMNS), "", f"{SAVING_NOISE_NOTE}."]
     lines += ["", *_gate_section(evaluation, params), "", "## How figures were obtained", ""]

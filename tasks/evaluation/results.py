@@ -61,6 +61,9 @@ class Evaluation:
     stage_run_id: str | None = None
     # What may make the comparison mislead (e.g. a baseline still improving): shown with the result.
     caveats: list[str] = field(default_factory=list)
+    # Each test sample's record where the split holds copies of one (equal ids; None: none):
+    # a change is counted over records, which a model gets right or wrong with all their copies.
+    records: np.ndarray | None = None
 
     def metrics(self) -> dict[str, dict[str, float]]:
         return {name: result.metrics for name, result in self.models.items()}
@@ -73,12 +76,13 @@ class Evaluation:
 
 def add_ratios(results: Mapping[str, ModelResult], y_true: np.ndarray | None = None,
                energy_readings: Mapping[str, Sequence[float]] | None = None,
-               energy_steps: Mapping[str, float] | None = None) -> None:
+               energy_steps: Mapping[str, float] | None = None, records: np.ndarray | None = None) -> None:
     """The figures relative to the baseline: accuracy change (points) and "times better" ratios;
     with the split's labels (``y_true``: the predictions' samples) also how finely the split
     measures each accuracy change, and with each model's energy readings (per 1k predictions,
     read in the same passes; ``energy_steps``: the meter's step in those units) how finely
-    the run measures each energy saving (NaN without)."""
+    the run measures each energy saving (NaN without). ``records``: each sample's record, where
+    the split holds copies (:attr:`Evaluation.records`)."""
     base = results[BASELINE].metrics
     readings, steps = energy_readings or {}, energy_steps or {}
     base_right = None if y_true is None else results[BASELINE].predictions == y_true
@@ -91,7 +95,7 @@ def add_ratios(results: Mapping[str, ModelResult], y_true: np.ndarray | None = N
         # Rounded: accuracies are ratios of counts, and -0.5000000000000004 pts helps nobody.
         metrics[names.ACCURACY_CHANGE_PTS] = round(100.0 * (metrics[names.ACCURACY] - base[names.ACCURACY]), 6)
         metrics[names.ACCURACY_CHANGE_NOISE_PTS] = math.nan if base_right is None else round(
-            100.0 * paired_change_noise(base_right, result.predictions == y_true)[0], 6)
+            100.0 * paired_change_noise(base_right, result.predictions == y_true, records)[0], 6)
         metrics[names.SIZE_REDUCTION_X] = ratio(base[names.SIZE_BYTES], metrics[names.SIZE_BYTES])
         metrics[names.SPEEDUP_X] = ratio(base[names.LATENCY_P50_MS], metrics[names.LATENCY_P50_MS])
         metrics[names.THROUGHPUT_GAIN_X] = ratio(metrics[names.THROUGHPUT_SPS], base[names.THROUGHPUT_SPS])

@@ -8,7 +8,7 @@ from typing import Any
 from rich.table import Table
 
 from tasks.core import metric_names as names
-from tasks.core.tables import CHANGE_NOISE_NOTE, PAYBACK_NOTE, results_table
+from tasks.core.tables import PAYBACK_NOTE, change_noise_note, results_table
 from tasks.evaluation.results import Evaluation
 
 # Keys of tasks.core.tables.COLUMNS. The report shows every figure in two tables that fit a
@@ -60,7 +60,7 @@ def summary_table(evaluation: Evaluation) -> Table:
         f"{s['threads']} thread(s), p50/p95 at batch 1, samples/s at batch {s['throughput_batch']}"
         + (f", sequences of {s['sequence_length']} token ids" if "sequence_length" in s else "") + "; "
         f"energy at batch {s['throughput_batch']}: {s['energy_source']}; {PAYBACK_NOTE}; "
-        f"size × / speed × = times smaller / faster than the baseline; {CHANGE_NOISE_NOTE}. "
+        f"size × / speed × = times smaller / faster than the baseline; {change_noise_note(s)}. "
         + (promotion.reason if promotion else "")
     )
     return results_table(
