@@ -144,8 +144,9 @@ def prepare_data(params: PrepareParams, seed: int, root: Path) -> PreparedData:
     columns, categorical, channel_added, moved = raw.columns, raw.categorical, raw.channel_added, raw.channels_last
     del raw
     value_range = {"min": float(np.nanmin(x)), "max": float(np.nanmax(x))}
+    widths = {c.name: len(c.values) for c in categorical}  # a column of categories: one feature per category
     index, duplicates = split_samples(x, y, class_names, params.duplicates, params.val_fraction,
-                                      params.test_fraction, seed, shown)
+                                      params.test_fraction, seed, shown, [widths.get(c, 1) for c in columns])
     splits = {split: (x[index[split]], y[index[split]]) for split in SPLITS}
     missing = missing_counts(x) if params.missing_values == "median" else {}
     fill_values = fill_values_from_train(splits, feature_names, shown) if params.missing_values == "median" else ()

@@ -129,6 +129,23 @@ def read_card(root: Path) -> dict:
     return json.loads((root / "data" / "prepared" / "card.json").read_text())
 
 
+def test_a_table_of_categories_counts_each_column_once_not_each_category(tmp_path: Path) -> None:
+    """Four questions of five answers each (625 possible rows for 600 people): identical rows
+    are answers that coincide. Their 20 0/1 features alone would read as a million rows."""
+    rng = np.random.default_rng(9)
+    answers = rng.integers(0, 5, (600, 4))
+    answers[:, 1] = answers[:, 0]  # two questions answered alike: plenty of repeats
+    labels = np.where(answers.sum(axis=1) > 8, "yes", "no")
+    write_csv(tmp_path / "data" / "raw" / "survey.csv",
+              [[*(f"a{v}" for v in row), label] for row, label in zip(answers, labels)], ["q1", "q2", "q3", "q4", "label"])
+    prepared = prepare_data(PrepareParams(source="csv", path="data/raw/survey.csv",
+                                          csv_categorical_columns=["q1", "q2", "q3", "q4"]), 42, tmp_path)
+    card = prepared.card["duplicates"]
+    assert card["copies"] == "apart" and card["distinct"] == len({tuple(row) for row in answers}), card
+    assert card["reason"] == ("prepare.duplicates auto: the table's columns take few values (about 625 possible rows "
+                              "for 600 samples), so identical rows are natural repeats")
+
+
 def test_the_stage_says_what_it_found_and_names_conflicting_labels(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -104,24 +105,29 @@ def find_duplicates(samples: np.ndarray | list[str], y: np.ndarray) -> Duplicate
                       conflicting=len(conflicting), conflict_example=example)
 
 
-def copies_kept_together(setting: str, samples: np.ndarray | list[str]) -> tuple[bool, str]:
+def copies_kept_together(
+    setting: str, samples: np.ndarray | list[str], column_widths: Sequence[int] = ()
+) -> tuple[bool, str]:
     """Whether ``prepare.duplicates`` (``setting``) keeps each record's copies in one split,
     and why, in words. ``auto``: yes, unless the samples are rows of a table with few possible
     rows (at most :data:`ROWS_PER_SAMPLE` per sample: the product of each column's number of
     distinct values), where identical rows are natural repeats (a survey's answers, a few
-    coded fields), not copies."""
+    coded fields), not copies. ``column_widths``: how many features each raw column is (a
+    column of categories is one 0/1 feature per category); by default one each."""
     if setting != "auto":
         return setting == "together", f"prepare.duplicates {setting}"
     if isinstance(samples, list):
         return True, "prepare.duplicates auto: identical texts are copies of one text"
     if samples.ndim > 2:
         return True, "prepare.duplicates auto: identical arrays are copies of one sample"
+    widths = list(column_widths) or [1] * samples.shape[1]
     limit = math.log(ROWS_PER_SAMPLE * len(samples))
-    log_rows = 0.0
-    for column in range(samples.shape[1]):
-        log_rows += math.log(len(np.unique(samples[:, column])))
+    log_rows, at = 0.0, 0
+    for width in widths:
+        log_rows += math.log(len(np.unique(samples[:, at : at + width], axis=0)))
+        at += width
         if log_rows > limit:
-            return True, (f"prepare.duplicates auto: the values of its {samples.shape[1]} columns make far more "
+            return True, (f"prepare.duplicates auto: the values of its {len(widths)} columns make far more "
                           f"possible rows than its {len(samples):,} samples, so identical rows are copies of one "
                           "record")
     return False, (f"prepare.duplicates auto: the table's columns take few values (about {math.exp(log_rows):,.0f} "
@@ -167,16 +173,17 @@ def check_records_splittable(
 
 def split_samples(
     samples: np.ndarray | list[str], y: np.ndarray, class_names: tuple[str, ...], setting: str, val_fraction: float,
-    test_fraction: float, seed: int, shown: str,
+    test_fraction: float, seed: int, shown: str, column_widths: Sequence[int] = (),
 ) -> tuple[dict[str, np.ndarray], dict | None]:
-    """The prepare stage's split of ``samples`` (raw values or texts) and the data card's
-    ``duplicates`` (None where every sample is distinct: then the split is
-    :func:`stratified_split`'s, as before copies were looked for)."""
+    """The prepare stage's split of ``samples`` (raw values or texts; ``column_widths``: as
+    :func:`copies_kept_together` takes them) and the data card's ``duplicates`` (None where
+    every sample is distinct: then the split is :func:`stratified_split`'s, as before copies
+    were looked for)."""
     duplicates = find_duplicates(samples, y)
     apart = stratified_split(y, len(class_names), val_fraction, test_fraction, seed)
     if duplicates.copies == 0:
         return apart, None
-    together, reason = copies_kept_together(setting, samples)
+    together, reason = copies_kept_together(setting, samples, column_widths)
     if together:
         check_records_splittable(duplicates, y, class_names, val_fraction, test_fraction, shown)
     index = split_records(y, duplicates, len(class_names), val_fraction, test_fraction, seed) if together else apart
