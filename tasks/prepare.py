@@ -324,11 +324,16 @@ def log_prepared(prepared: PreparedData) -> None:
     if prepared.tokenizer_json is not None:
         mlflow.log_text(prepared.tokenizer_json, TOKENIZER_FILE)
     sizes = prepared.card["split_sizes"]
+    copies = prepared.card.get("duplicates")
     mlflow.log_metrics(
         {
             "num_samples": prepared.card["num_samples"],
             "num_classes": prepared.card["num_classes"],
             **{f"num_{split}": sizes[split] for split in SPLITS},
+            # where the data holds copies of a record: its distinct records, and the test
+            # samples that are copies of a training sample in this split
+            **({} if copies is None else {"num_distinct_samples": copies["distinct"],
+                                          "num_test_copies_of_train": copies["test_copies_of_train"][copies["copies"]]}),
         }
     )
 

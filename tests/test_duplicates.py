@@ -172,6 +172,11 @@ def test_the_stage_says_what_it_found_and_names_conflicting_labels(
                         r"in the order read: the same input labelled 'c\d' and 'c\d'\); no model is right on every "
                         r"copy: check the labels", said[logging.WARNING])
     card = read_card(root)["duplicates"]
+    import mlflow
+
+    run = mlflow.search_runs(experiment_names=["slimflow"], output_format="list")[0]
+    assert (run.data.metrics["num_samples"], run.data.metrics["num_distinct_samples"],
+            run.data.metrics["num_test_copies_of_train"]) == (203, 200, 0)
     a, b = card["conflict_example"]["samples"]
     assert card["conflicting_labels"] == 3 and b == a + 200
     assert card["conflict_example"]["labels"] == [f"c{y[a]}", f"c{y[b]}"]
