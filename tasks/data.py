@@ -348,6 +348,18 @@ def load_split(prepared: Path, split: str, preprocessing: Preprocessing | None =
     return Split(preprocessing.apply(x), y.astype(np.int64))
 
 
+def record_ids(prepared: Path, split: str) -> np.ndarray | None:
+    """Each sample's record in ``split`` (equal ids: the same input, copies of one record),
+    from the rows' fingerprints, where the split holds copies; None where every sample is
+    distinct, or no fingerprints were kept. A model answers a record's copies alike, so a
+    change measured on them counts each record once
+    (:func:`tasks.core.classification.paired_change_noise`)."""
+    fingerprints = load_row_fingerprints(prepared, split)
+    if fingerprints is None or len(np.unique(fingerprints)) == len(fingerprints):
+        return None
+    return np.unique(fingerprints, return_inverse=True)[1].reshape(-1)
+
+
 def data_digest(prepared: Path) -> str:
     """The digest of the data a run used, as recorded by ``prepare`` in the data card."""
     card = json.loads((prepared / "card.json").read_text())

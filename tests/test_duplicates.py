@@ -257,13 +257,13 @@ def test_a_class_loss_on_copies_counts_each_record_once() -> None:
 
 
 def test_the_evaluate_stage_reads_the_test_splits_records_from_its_fingerprints(tmp_path: Path) -> None:
-    from tasks.evaluation.benchmark import test_records
+    from tasks.data import record_ids
 
     x, y = _records(300, seed=8)
     path = _write(tmp_path, *_with_copies(x, y))
     prepared = _prepared(tmp_path, path)
     write_prepared(prepared, tmp_path / "prepared")
-    records = test_records(tmp_path / "prepared")
+    records = record_ids(tmp_path / "prepared", "test")
     test_x = prepared.splits["test"][0]
     assert records is not None and len(records) == len(test_x)
     same_input = (test_x[:, None, :] == test_x[None, :, :]).all(axis=2)
@@ -272,4 +272,26 @@ def test_the_evaluate_stage_reads_the_test_splits_records_from_its_fingerprints(
 
     _write(tmp_path, x, y, "distinct.csv")
     write_prepared(_prepared(tmp_path, "data/raw/distinct.csv"), tmp_path / "prepared-distinct")
-    assert test_records(tmp_path / "prepared-distinct") is None
+    assert record_ids(tmp_path / "prepared-distinct", "test") is None
+
+
+def test_a_compression_search_counts_the_validation_splits_copies_once() -> None:
+    """A trial that lost 3 records of one class, each 3 times in the validation split: 9 samples
+    read as a loss beyond chance (0.2%), 3 records as one chance explains (12.5%, over the 5%
+    a class of 10 may take); its drop's noise is the records'."""
+    from tasks.compression.search import Budget
+
+    labels = np.repeat(np.arange(10), 30)  # 10 classes, each 10 records of 3 copies
+    records = np.repeat(np.arange(100), 3)
+    predictions = labels.copy()
+    predictions[:9] = 1  # class 0's first 3 records, all copies
+    baseline_classes = {str(c): {"recall": 1.0, "support": 30} for c in range(10)}
+    logits = np.eye(10)[predictions]
+    per_sample, per_record = (
+        Budget(max_drop_points=5.0, max_trials=4, max_minutes=1.0, baseline_accuracy=1.0, max_class_recall_drop=0.1,
+               baseline_classes=baseline_classes, baseline_predictions=labels, val_records=ids).judge(logits, labels)
+        for ids in (None, records))
+    assert per_sample.class_problem is not None and not per_sample.fits
+    assert per_record.class_problem is None and per_record.fits
+    assert per_record.noise_points == pytest.approx(
+        100 * paired_change_noise(labels[::3] == labels[::3], predictions[::3] == labels[::3])[0])

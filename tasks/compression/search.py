@@ -54,10 +54,13 @@ class Budget:
     # The baseline's class for each validation sample: what a trial's drop is measured
     # against sample by sample, for its noise (None: the drop's noise is not measured).
     baseline_predictions: np.ndarray | None = field(default=None, compare=False, repr=False)
+    # Each validation sample's record where the split holds copies of one (None: none): a
+    # drop and a class's loss count each record once (tasks.data.record_ids).
+    val_records: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def of(cls, params: Params, baseline_accuracy: float, baseline_classes: dict[str, dict[str, float]] | None = None,
-           baseline_predictions: np.ndarray | None = None) -> Budget:
+           baseline_predictions: np.ndarray | None = None, val_records: np.ndarray | None = None) -> Budget:
         budget = params.compress.budget
         drop = budget.max_accuracy_drop
         if drop is None:  # the gate's own allowance, in points
@@ -66,7 +69,7 @@ class Budget:
         if class_drop is None:  # the gate's own class limit (itself None: not applied)
             class_drop = params.evaluate.gate.max_class_recall_drop
         return cls(float(drop), budget.max_trials, budget.max_minutes, baseline_accuracy, class_drop,
-                   dict(baseline_classes or {}), baseline_predictions)
+                   dict(baseline_classes or {}), baseline_predictions, val_records)
 
     def drop_points(self, accuracy: float) -> float:
         return 100.0 * (self.baseline_accuracy - accuracy)
@@ -83,10 +86,14 @@ class Budget:
         accuracy, problem = quality["accuracy"], None
         if self.max_class_recall_drop is not None and self.baseline_classes:
             paired = None if self.baseline_predictions is None else class_disagreements(
-                labels, self.baseline_predictions, predictions, list(self.baseline_classes))
+                labels, self.baseline_predictions, predictions, list(self.baseline_classes), self._records(labels))
             problem = class_recall_problem(per_class, self.baseline_classes, self.max_class_recall_drop, paired)
         return Judgement(accuracy, self.drop_points(accuracy), self.fits(accuracy) and problem is None, problem,
                          *self.drop_noise(predictions, labels))
+
+    def _records(self, labels: np.ndarray) -> np.ndarray | None:
+        """The validation samples' records, where ``labels`` are the whole validation split's."""
+        return self.val_records if self.val_records is not None and len(self.val_records) == len(labels) else None
 
     def drop_noise(self, predictions: np.ndarray, labels: np.ndarray) -> tuple[float | None, int | None]:
         """One standard error of a measured drop, in points, and the samples it rests on: the
@@ -97,7 +104,8 @@ class Budget:
         if self.baseline_predictions is None or len(labels) < 2:
             return None, None
         labels = np.asarray(labels)
-        noise, disagreements = paired_change_noise(self.baseline_predictions == labels, np.asarray(predictions) == labels)
+        noise, disagreements = paired_change_noise(self.baseline_predictions == labels, np.asarray(predictions) == labels,
+                                                   self._records(labels))
         return 100.0 * noise, disagreements
 
 

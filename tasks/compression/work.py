@@ -22,7 +22,7 @@ class Work:
     """What the steps of every variant share: data, settings, caches, the fine-tuning curves."""
 
     def __init__(self, params: Params, paths: ProjectPaths) -> None:
-        from tasks.data import load_preprocessing, load_split
+        from tasks.data import load_preprocessing, load_split, record_ids
 
         self.params, self.paths = params, paths
         preprocessing = load_preprocessing(paths.prepared)
@@ -42,6 +42,7 @@ class Work:
         self.class_names = tuple(preprocessing.class_names)
         self.baseline_classes: dict[str, dict[str, float]] = {}  # its val recall per class (and support)
         self.baseline_predictions: Any = None  # its class for each val sample (a drop's noise is measured against it)
+        self.val_records = record_ids(paths.prepared, "val")  # copies of one record count once (None: no copies)
 
     def set_baseline(self, val_logits: Any) -> float:
         """The baseline's validation figures, which every searched variant's budget is measured
@@ -57,7 +58,8 @@ class Work:
     def budget(self) -> Budget:
         """A searched variant's budget (``compress.budget``; its defaults: the gate's limits), against the baseline."""
         assert self.baseline_accuracy is not None, "the baseline is measured first (set_baseline)"
-        return Budget.of(self.params, self.baseline_accuracy, self.baseline_classes, self.baseline_predictions)
+        return Budget.of(self.params, self.baseline_accuracy, self.baseline_classes, self.baseline_predictions,
+                         self.val_records)
 
     def trained(self, step: TrainingStep, trained: Trained, method: str, epochs: int, extra: dict[str, Any]) -> None:
         """Keep a finished training step's curve (for its DVC plot) and record (for the manifest)."""

@@ -63,13 +63,13 @@ def measure_models(
     predictions, accuracy and confusion matrices; no costs yet) while the memory probe
     process runs, before anything is timed: the evaluate stage logs the models to MLflow
     and draws their figures there (work the timing must not share the CPU with)."""
-    from tasks.data import load_preprocessing, load_split
+    from tasks.data import load_preprocessing, load_split, record_ids
 
     preprocessing = load_preprocessing(prepared)
     test = load_split(prepared, "test", preprocessing)
     if len(test.y) == 0:
         raise EvaluateError(f"{prepared}: the test split is empty")
-    records = test_records(prepared)
+    records = record_ids(prepared, "test")
     class_names = tuple(preprocessing.class_names)
 
     meter = process_meter()  # on the CPU, where the models run here; it sets up while memory is probed
@@ -122,17 +122,6 @@ def measure_models(
         settings["sequence_length"] = int(preprocessing.input_shape[0])
     return Evaluation(results, class_names, test.y, settings, records=records)
 
-
-def test_records(prepared: Path) -> np.ndarray | None:
-    """Each test sample's record (equal ids: the same input, copies of one record) where the
-    test split holds copies; None where every test sample is distinct, or no fingerprints
-    were kept."""
-    from tasks.data import load_row_fingerprints
-
-    fingerprints = load_row_fingerprints(prepared, "test")
-    if fingerprints is None or len(np.unique(fingerprints)) == len(fingerprints):
-        return None
-    return np.unique(fingerprints, return_inverse=True)[1].reshape(-1)
 
 
 def _score(
