@@ -11,7 +11,8 @@ validation accuracy, climbing on copies of its training rows, read as under-trai
 :func:`find_duplicates` finds identical samples (the same raw values, or the same text);
 :func:`copies_kept_together` decides, for ``prepare.duplicates`` ``auto``, whether they are
 copies of one record (kept in one split) or the natural repeats of a table with few
-possible rows (split as any other samples); :func:`split_records` makes the split.
+possible rows (split as any other samples); :func:`split_samples` makes the split and the
+data card's ``duplicates``.
 """
 
 from __future__ import annotations
@@ -135,14 +136,10 @@ def copies_kept_together(
 
 
 def split_records(
-    y: np.ndarray, duplicates: Duplicates | None, num_classes: int, val_fraction: float, test_fraction: float,
-    seed: int,
+    duplicates: Duplicates, num_classes: int, val_fraction: float, test_fraction: float, seed: int
 ) -> dict[str, np.ndarray]:
-    """:func:`stratified_split` of the samples (``duplicates`` None), or of the records, each
-    record's copies all in its split (stratified by each record's label; within a split the
-    order is shuffled). With no copies, the two are the same split."""
-    if duplicates is None or duplicates.copies == 0:
-        return stratified_split(y, num_classes, val_fraction, test_fraction, seed)
+    """:func:`stratified_split` of the records, each record's copies all in its split
+    (stratified by each record's label; within a split the order is shuffled)."""
     by_record = stratified_split(duplicates.record_label, num_classes, val_fraction, test_fraction, seed)
     rng = np.random.default_rng(seed)
     return {split: rng.permutation(np.flatnonzero(np.isin(duplicates.record, by_record[split]))) for split in SPLITS}
@@ -186,7 +183,7 @@ def split_samples(
     together, reason = copies_kept_together(setting, samples, column_widths)
     if together:
         check_records_splittable(duplicates, y, class_names, val_fraction, test_fraction, shown)
-    index = split_records(y, duplicates, len(class_names), val_fraction, test_fraction, seed) if together else apart
+    index = split_records(duplicates, len(class_names), val_fraction, test_fraction, seed) if together else apart
     card = {"samples": len(y), "distinct": duplicates.distinct, "records_with_copies": duplicates.with_copies,
             "most_copies": duplicates.most_copies, "conflicting_labels": duplicates.conflicting,
             "setting": setting, "copies": "together" if together else "apart", "reason": reason,
