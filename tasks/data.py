@@ -7,7 +7,9 @@ computed on the train split only) and ``card.json`` (the data card). Text data s
 token ids ``(N, max_length)`` in ``{split}_x.npy`` (float32, exact; 0 pads), is not
 normalized, and adds ``tokenizer.json`` (trained on the train split only). ``{split}_rows.npy``
 holds each sample's fingerprint (uint64, :func:`row_fingerprints`): which rows a registered
-model trained on, so that a later run measures it only on rows it never saw. Rows with
+model trained on, so that a later run measures it only on rows it never saw; with
+``prepare.csv_group_column``, ``{split}_groups.npy`` holds each sample's group (int64: a
+group's rows are all in one split, and a change is counted over groups). Rows with
 categorical columns store each as its 0/1 features (:class:`CategoricalColumn`);
 :func:`encode_table` / :func:`decode_table` go between a table of the raw columns and
 those features. ``.npy`` files are
@@ -266,6 +268,7 @@ def decode_table(preprocessing: Preprocessing, x: np.ndarray) -> Any:
 
 
 ROWS_FILE = "{split}_rows.npy"  # per split: each sample's fingerprint (:func:`row_fingerprints`)
+GROUPS_FILE = "{split}_groups.npy"  # per split, with prepare.csv_group_column: each sample's group (int64)
 # What :func:`row_fingerprints` computes; a new way of computing them gets a new name, and
 # fingerprints of another scheme are never compared.
 ROW_FINGERPRINT_SCHEME = "blake2b-64/1"
@@ -349,11 +352,17 @@ def load_split(prepared: Path, split: str, preprocessing: Preprocessing | None =
 
 
 def record_ids(prepared: Path, split: str) -> np.ndarray | None:
-    """Each sample's record in ``split`` (equal ids: the same input, copies of one record),
-    from the rows' fingerprints, where the split holds copies; None where every sample is
-    distinct, or no fingerprints were kept. A model answers a record's copies alike, so a
-    change measured on them counts each record once
+    """Each sample's record in ``split``: its group where a column names them
+    (``prepare.csv_group_column``: a patient's visits, a customer's orders), else equal ids
+    for the same input (copies of one record, from the rows' fingerprints), where the split
+    holds more than one sample of a record; None where every sample is its own, or no
+    fingerprints were kept. A model answers a record's copies alike and a group's rows much
+    alike, so a change measured on them counts each record once
     (:func:`tasks.core.classification.paired_change_noise`)."""
+    groups = prepared / GROUPS_FILE.format(split=split)
+    if groups.is_file():
+        ids = np.load(groups)
+        return np.unique(ids, return_inverse=True)[1].reshape(-1) if len(np.unique(ids)) < len(ids) else None
     fingerprints = load_row_fingerprints(prepared, split)
     if fingerprints is None or len(np.unique(fingerprints)) == len(fingerprints):
         return None
@@ -367,15 +376,18 @@ def data_digest(prepared: Path) -> str:
 
 
 def data_split(prepared: Path) -> dict[str, Any] | None:
-    """How ``prepare`` split the data (``seed``, ``val_fraction``, ``test_fraction``, and where
-    the data holds copies of a record, ``copies``: ``together`` or ``apart``), from the data
-    card; None when the card does not say."""
+    """How ``prepare`` split the data (``seed``, ``val_fraction``, ``test_fraction``; where
+    the data holds copies of a record, ``copies``: ``together`` or ``apart``; where a column
+    names each row's group, ``groups``: that column), from the data card; None when the card
+    does not say."""
     try:
         card = json.loads((prepared / "card.json").read_text())
         split = {"seed": int(card["seed"]), "val_fraction": float(card["fractions"]["val"]),
                  "test_fraction": float(card["fractions"]["test"])}
         if "duplicates" in card:
             split["copies"] = str(card["duplicates"]["copies"])
+        if "groups" in card:
+            split["groups"] = str(card["groups"]["column"])
         return split
     except (OSError, KeyError, TypeError, ValueError):
         return None

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tasks.data import ROWS_FILE, SPLITS, Preprocessing, decode_table, row_fingerprints, text_fingerprints
+from tasks.data import GROUPS_FILE, ROWS_FILE, SPLITS, Preprocessing, decode_table, row_fingerprints, text_fingerprints
 from tasks.core.classification import index_names
 from tasks.core.config import BUILTIN_SOURCES
 from tasks.core.errors import disk_full_message, report_stage_error, stage_main
@@ -40,7 +40,7 @@ from tasks.sources.rows import (
     HEAVY_TAIL_SKEWNESS, chosen_log_features, chosen_npz_layout, feature_list, fill_values_from_train,
     heavy_tailed_features, missing_counts, missing_line, npz_layout_line,
 )
-from tasks.sources.splits import duplicates_lines, split_samples
+from tasks.sources.splits import duplicates_lines, groups_line, split_groups, split_samples
 from tasks.sources import (
     DataError,
     RawData,
@@ -78,6 +78,8 @@ class PreparedData:
     card: dict[str, Any]
     tokenizer_json: str | None = None  # text: the tokenizer trained on the train split
     rows: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # split -> each sample's fingerprint
+    # prepare.csv_group_column: split -> each sample's group (0..G-1, the same in every split)
+    groups: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
     @property
     def digest(self) -> str:
@@ -107,7 +109,7 @@ def read_raw(params: PrepareParams, root: Path) -> tuple[RawData | RawText, dict
                               params.npz_channels), {}
     elif params.source == "csv":
         raw = read_csv(path, params.path, params.csv_label_column, params.csv_ignore_columns,
-                       params.missing_values == "median", params.csv_categorical_columns)
+                       params.missing_values == "median", params.csv_categorical_columns, params.csv_group_column)
         extra = {"label_column": params.csv_label_column,
                  **({"ignored_columns": list(params.csv_ignore_columns)} if params.csv_ignore_columns else {})}
     elif params.source == "image_folder":
@@ -142,11 +144,18 @@ def prepare_data(params: PrepareParams, seed: int, root: Path) -> PreparedData:
     x, y, class_names = raw
     feature_names, integer_features = raw.feature_names, raw.integer_features
     columns, categorical, channel_added, moved = raw.columns, raw.categorical, raw.channel_added, raw.channels_last
+    groups = raw.groups
     del raw
     value_range = {"min": float(np.nanmin(x)), "max": float(np.nanmax(x))}
     widths = {c.name: len(c.values) for c in categorical}  # a column of categories: one feature per category
-    index, duplicates = split_samples(x, y, class_names, params.duplicates, params.val_fraction,
-                                      params.test_fraction, seed, shown, [widths.get(c, 1) for c in columns])
+    grouped = None
+    if groups is not None:  # prepare.csv_group_column: a group's rows are the records, kept in one split
+        index, grouped, groups = split_groups(groups, y, class_names, str(params.csv_group_column),
+                                              params.val_fraction, params.test_fraction, seed, shown)
+        duplicates = None
+    else:
+        index, duplicates = split_samples(x, y, class_names, params.duplicates, params.val_fraction,
+                                          params.test_fraction, seed, shown, [widths.get(c, 1) for c in columns])
     splits = {split: (x[index[split]], y[index[split]]) for split in SPLITS}
     missing = missing_counts(x) if params.missing_values == "median" else {}
     fill_values = fill_values_from_train(splits, feature_names, shown) if params.missing_values == "median" else ()
@@ -168,6 +177,8 @@ def prepare_data(params: PrepareParams, seed: int, root: Path) -> PreparedData:
     card = _card(provenance, num_samples, input_shape, value_range, class_names, splits, params, seed)
     if duplicates:
         card["duplicates"] = duplicates
+    if grouped:
+        card["groups"] = grouped
     if npz_layout:
         card["npz_layout"] = npz_layout
     if params.source == "npz" and len(input_shape) == 3 and not channel_added:
@@ -188,7 +199,8 @@ def prepare_data(params: PrepareParams, seed: int, root: Path) -> PreparedData:
                                   "counts": {names[i]: n for i, n in missing.items()},
                                   "fill_values": {names[i]: fill_values[i] for i in missing}}
     rows = {split: row_fingerprints(preprocessing, splits[split][0]) for split in SPLITS}
-    return PreparedData(splits=splits, preprocessing=preprocessing, card=card, rows=rows)
+    return PreparedData(splits=splits, preprocessing=preprocessing, card=card, rows=rows,
+                        groups={} if groups is None else {split: groups[index[split]] for split in SPLITS})
 
 
 def _prepare_text(
@@ -272,6 +284,8 @@ def write_prepared(prepared: PreparedData, out_dir: Path) -> None:
             np.save(tmp / f"{split}_y.npy", np.ascontiguousarray(y, dtype=np.int64), allow_pickle=False)
             if split in prepared.rows:
                 np.save(tmp / ROWS_FILE.format(split=split), prepared.rows[split], allow_pickle=False)
+            if split in prepared.groups:
+                np.save(tmp / GROUPS_FILE.format(split=split), prepared.groups[split].astype(np.int64), allow_pickle=False)
         (tmp / "preprocess.json").write_text(prepared.preprocessing.to_json(), encoding="utf-8")
         if prepared.tokenizer_json is not None:
             (tmp / TOKENIZER_FILE).write_text(prepared.tokenizer_json, encoding="utf-8")
@@ -421,6 +435,8 @@ def main(argv: list[str] | None = None) -> int:
     if duplicates := card.get("duplicates"):
         for level, line in duplicates_lines(duplicates, card["split_sizes"]["test"]):
             logger.log(level, "%s", line)
+    if grouped := card.get("groups"):
+        logger.info("%s", groups_line(grouped))
     if layout := card.get("npz_layout"):
         logger.info("%s", npz_layout_line(layout, card["input_shape"]))
     if channels := card.get("npz_channels"):

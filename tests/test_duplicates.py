@@ -13,7 +13,7 @@ import pytest
 
 from tasks.core.classification import class_disagreements, paired_change_noise, paired_standard_error
 from tasks.core.config import ParamsError, PrepareParams, load_params
-from tasks.data import data_split
+from tasks.data import data_split, record_ids
 from tasks.prepare import main, prepare_data, write_prepared
 from tasks.sources import DataError
 from tasks.sources.splits import copies_kept_together, find_duplicates, stratified_split
@@ -295,3 +295,96 @@ def test_a_compression_search_counts_the_validation_splits_copies_once() -> None
     assert per_record.class_problem is None and per_record.fits
     assert per_record.noise_points == pytest.approx(
         100 * paired_change_noise(labels[::3] == labels[::3], predictions[::3] == labels[::3])[0])
+
+
+# --------------------------------------------------------------------------- a column naming each row's group
+
+
+def _visits(patients: int, seed: int, first_id: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each patient 2 to 9 visits sharing a strong personal signature and a weak sign of the
+    patient's diagnosis (3 classes)."""
+    rng = np.random.default_rng(seed)
+    sign = np.random.default_rng(42).normal(0, 0.6, (3, len(FEATURES)))
+    x, y, ids = [], [], []
+    for patient in range(patients):
+        label, visits = rng.integers(0, 3), rng.integers(2, 10)
+        signature = rng.normal(0, 1.5, len(FEATURES)) + sign[label]
+        x += list(signature + rng.normal(0, 0.4, (visits, len(FEATURES))))
+        y += [label] * visits
+        ids += [f"P{first_id + patient:04d}"] * visits
+    order = rng.permutation(len(y))
+    return np.round(np.array(x), 3)[order], np.array(y)[order], np.array(ids)[order]
+
+
+def _write_visits(root: Path, x: np.ndarray, y: np.ndarray, ids: np.ndarray) -> str:
+    write_csv(root / "data" / "raw" / "visits.csv", [[pid, *row, f"c{label}"] for pid, row, label in
+                                                     zip(ids, x.tolist(), y)], ["patient", *FEATURES, "label"])
+    return "data/raw/visits.csv"
+
+
+def test_a_group_column_keeps_each_groups_rows_in_one_split_and_the_test_figure_is_new_groups(tmp_path: Path) -> None:
+    x, y, ids = _visits(240, seed=0)
+    path = _write_visits(tmp_path, x, y, ids)
+    grouped = _prepared(tmp_path, path, csv_group_column="patient")
+    by_rows = _prepared(tmp_path, path, csv_ignore_columns=["patient"])
+    assert grouped.card["feature_names"] == FEATURES  # the group column is no feature
+
+    where = {split: {row.tobytes() for row in grouped.splits[split][0]} for split in ("train", "val", "test")}
+    patients = {split: {pid for row, pid in zip(x.astype(np.float32), ids) if row.tobytes() in where[split]}
+                for split in where}
+    assert not patients["train"] & patients["test"] and not patients["train"] & patients["val"]
+    assert not patients["val"] & patients["test"] and len(patients["train"] | patients["val"] | patients["test"]) == 240
+    card = grouped.card["groups"]
+    assert (card["column"], card["groups"], card["samples"], card["mixed_labels"]) == ("patient", 240, len(y), 0)
+    assert sum(card["split_groups"].values()) == 240 and card["split_groups"]["test"] == len(patients["test"])
+    assert card["test_rows_of_train_groups"]["apart"] > 0.9 * len(by_rows.splits["test"][1])
+
+    fresh_x, fresh_y, _ = _visits(200, seed=5, first_id=5000)  # new patients
+    results = {}
+    for name, prepared in (("groups", grouped), ("rows", by_rows)):
+        classes = prepared.preprocessing.class_names
+        fresh = np.array([classes.index(f"c{label}") for label in fresh_y])
+        results[name] = (_nearest_neighbour_accuracy(prepared.splits["train"], *prepared.splits["test"]),
+                         _nearest_neighbour_accuracy(prepared.splits["train"], fresh_x.astype(np.float32), fresh))
+    assert abs(results["groups"][0] - results["groups"][1]) < 0.08, results
+    assert results["rows"][0] - results["rows"][1] > 0.3, results
+
+    write_prepared(grouped, tmp_path / "prepared")  # the groups travel with the splits, and the split names them
+    assert data_split(tmp_path / "prepared") == {"seed": 42, "val_fraction": 0.15, "test_fraction": 0.25,
+                                                 "groups": "patient"}
+    records = record_ids(tmp_path / "prepared", "test")
+    test_patients = [pid for row in grouped.splits["test"][0] for pid in
+                     [ids[np.flatnonzero((x.astype(np.float32) == row).all(axis=1))[0]]]]
+    assert np.array_equal(records[:, None] == records[None, :],
+                          np.array(test_patients)[:, None] == np.array(test_patients)[None, :])
+    from tasks.evaluation.challenge import split_text
+
+    assert split_text(data_split(tmp_path / "prepared")) == "seed 42, val/test 0.15/0.25, each 'patient' group in one split"
+
+
+@pytest.mark.parametrize("case", ["no such column", "the label", "an empty cell", "too few groups"])
+def test_a_bad_group_column_is_refused_naming_it(case: str, tmp_path: Path) -> None:
+    x, y, ids = _visits(60, seed=1)
+    column = {"no such column": "customer", "the label": "label"}.get(case, "patient")
+    if case == "an empty cell":
+        ids[4] = ""
+    if case == "too few groups":
+        keep = (y != 2) | np.isin(ids, np.unique(ids[y == 2])[:3])  # class 'c2': 3 patients
+        x, y, ids = x[keep], y[keep], ids[keep]
+    path = _write_visits(tmp_path, x, y, ids)
+    expected = {
+        "no such column": r"prepare.csv_group_column: no column 'customer' in the header \(columns: patient, f0,",
+        "the label": r"prepare.csv_group_column: 'label' is the label column or a categorical feature",
+        "an empty cell": r"line \d+, column 'patient': empty group \(prepare.csv_group_column: every row names its group\)",
+        "too few groups": r"class 'c2' has \d+ rows but 3 groups \(prepare.csv_group_column 'patient': .*needs at least "
+                          r"7 groups per class",
+    }[case]
+    with pytest.raises(DataError, match=rf"^data/raw/visits.csv: {expected}"):
+        _prepared(tmp_path, path, csv_group_column=column)
+
+
+def test_a_group_column_is_for_a_csv(tmp_path: Path) -> None:
+    params = tmp_path / "params.yaml"
+    params.write_text("prepare: {source: npz, path: data/raw/d.npz, csv_group_column: patient}\n")
+    with pytest.raises(ParamsError, match=r"csv_group_column patient: source 'npz' has no named columns; only csv"):
+        load_params(params)

@@ -337,7 +337,8 @@ def test_missing_file(tmp_path: Path) -> None:
                                 r"fills missing values with the train split's median$"),
         ([["1.0", "inf", "a"]], r"line 3, column 'f2': 'inf' is not a finite number"),
         ([["x1", "2", "a"]], r"line 3, column 'f1': not a number: 'x1' \(a column of categories goes in "
-                             r"prepare.csv_categorical_columns; prepare.csv_ignore_columns leaves one out\)$"),
+                             r"prepare.csv_categorical_columns; prepare.csv_ignore_columns leaves one out; "
+                             r"prepare.csv_group_column names whom each row belongs to\)$"),
         ([["1.0", "2"]], r"line 3: expected 3 fields, found 2"),
         ([["1.0", "2", ""]], r"line 3, column 'label': empty label"),
     ],

@@ -99,6 +99,10 @@ class PrepareParams(_Strict):
     # csv: columns of categories (words or codes: plan, region): one 0/1 feature per category;
     # a category the data never had sets none where the registered model meets it.
     csv_categorical_columns: list[str] = []
+    # csv: a column naming whom each row belongs to (a patient, a customer, a device): every
+    # row of a group goes to one split, so the test split holds only groups no model trained
+    # on; not a feature.
+    csv_group_column: str | None = None
     # text_table (a .csv, or .tsv tab-separated) / text_folder (one sub-folder of .txt per
     # class): a word-level tokenizer trained on the train split, text_vocab_size words at
     # most; every text becomes text_max_length token ids (truncated, or padded with id 0).
@@ -149,7 +153,7 @@ class PrepareParams(_Strict):
         for key in ("npz_layout", "npz_channels"):
             if getattr(self, key) != "auto" and self.source != "npz":
                 raise ValueError(f"{key} {getattr(self, key)}: source {self.source!r} is not an npz; only npz reads it")
-        for key in ("csv_ignore_columns", "csv_categorical_columns"):
+        for key in ("csv_ignore_columns", "csv_categorical_columns", "csv_group_column"):
             if getattr(self, key) and self.source != "csv":
                 raise ValueError(f"{key} {getattr(self, key)}: source {self.source!r} has no named columns; only csv "
                                  "reads it")

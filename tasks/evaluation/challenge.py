@@ -404,7 +404,8 @@ def split_text(split: dict[str, Any]) -> str:
     """A data split (``data_split``) in words: ``seed 42, val/test 0.15/0.25`` (and where the
     data holds copies of a record, ``, copies together`` or ``, copies apart``)."""
     said = f"seed {split['seed']}, val/test {float(split['val_fraction']):g}/{float(split['test_fraction']):g}"
-    return said + (f", copies {split['copies']}" if "copies" in split else "")
+    return (said + (f", copies {split['copies']}" if "copies" in split else "")
+            + (f", each {split['groups']!r} group in one split" if "groups" in split else ""))
 
 
 def _other_split_of_the_data(theirs: dict[str, Any] | None, ours: dict[str, Any] | None) -> bool:

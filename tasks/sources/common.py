@@ -67,6 +67,8 @@ class RawData:
     # x's channels were the file's last axis: a 4-D npz's (H, W, C) are (C, H, W) here
     # (prepare.npz_channels); the registered model takes them as the file holds them.
     channels_last: bool = False
+    # A CSV's group column (prepare.csv_group_column): each row's group, as written; None: none.
+    groups: np.ndarray | None = None
 
     @property
     def file_shape(self) -> tuple[int, ...]:

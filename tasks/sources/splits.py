@@ -196,6 +196,44 @@ def split_samples(
     return index, card
 
 
+def split_groups(
+    groups: np.ndarray, y: np.ndarray, class_names: tuple[str, ...], column: str, val_fraction: float,
+    test_fraction: float, seed: int, shown: str,
+) -> tuple[dict[str, np.ndarray], dict, np.ndarray]:
+    """The prepare stage's split where a column names each row's group
+    (``prepare.csv_group_column``): every group's rows in one split, stratified by each
+    group's most frequent label; the data card's ``groups``; each row's group (0..G-1)."""
+    by_group = find_duplicates([str(group) for group in groups], y)
+    need = min_samples_per_class(val_fraction, test_fraction)
+    counts = np.bincount(by_group.record_label, minlength=len(class_names))
+    rows = np.bincount(y, minlength=len(class_names))
+    for index in np.flatnonzero(counts < need):
+        raise DataError(
+            f"{shown}: class {class_names[index]!r} has {int(rows[index])} rows but {int(counts[index])} groups "
+            f"(prepare.csv_group_column {column!r}: a group counts for its most frequent label); a split that keeps "
+            f"each group's rows in one split with val_fraction={val_fraction} and test_fraction={test_fraction} "
+            f"needs at least {need} groups per class"
+        )
+    index = split_records(by_group, len(class_names), val_fraction, test_fraction, seed)
+    apart = stratified_split(y, len(class_names), val_fraction, test_fraction, seed)
+    return index, {"column": column, "groups": by_group.distinct, "samples": len(y), "most_rows": by_group.most_copies,
+                   "mixed_labels": by_group.conflicting, "split_groups": {
+                       split: int(len(np.unique(by_group.record[index[split]]))) for split in SPLITS},
+                   # test rows whose group has rows in train: none, and what a split by rows would give
+                   "test_rows_of_train_groups": {"together": 0, "apart": inputs_seen_in_train(apart, by_group)}}, \
+        by_group.record
+
+
+def groups_line(entry: dict) -> str:
+    """The prepare stage's log line for the card's ``groups``."""
+    column, sizes = entry["column"], entry["split_groups"]
+    return (f"groups: {entry['samples']:,} rows of {entry['groups']:,} {column!r} groups (up to {entry['most_rows']} "
+            f"rows each; prepare.csv_group_column): each group's rows kept in one split (train {sizes['train']:,} / "
+            f"val {sizes['val']:,} / test {sizes['test']:,} groups), so test holds only groups no model trained on; "
+            f"a split by rows would have given {entry['test_rows_of_train_groups']['apart']:,} test rows whose "
+            f"{column!r} has rows in train")
+
+
 def duplicates_lines(entry: dict, test_samples: int) -> list[tuple[int, str]]:
     """The prepare stage's log lines (level, message) for the card's ``duplicates``."""
     most = entry["most_copies"]

@@ -160,7 +160,7 @@ MAX_CATEGORIES = 256
 
 
 def read_csv(path: Path, shown: str, label_column: str, ignore_columns: Sequence[str] = (),
-             missing: bool = False, categorical_columns: Sequence[str] = ()) -> RawData:
+             missing: bool = False, categorical_columns: Sequence[str] = (), group_column: str | None = None) -> RawData:
     """A CSV with a header row: every column but ``label_column`` and ``ignore_columns`` (an
     id, a free-text note) is a numeric feature, named as in the header (the registered
     model's column names); a column of ``categorical_columns`` holds categories instead
@@ -170,11 +170,12 @@ def read_csv(path: Path, shown: str, label_column: str, ignore_columns: Sequence
 
     Labels that are exactly the integers 0..K-1 are class indices (names '0'..'K-1'); other
     integers (1..K, -1/1) are class names in numeric order; any other labels are class names,
-    sorted.
+    sorted. ``group_column`` (not a feature): each row's group, kept as ``groups``.
     """
     require_file(path, shown)
     rows: list[list[float]] = []
     labels: list[str] = []
+    groups: list[str] = []
     try:
         with open(path, newline="", encoding="utf-8-sig") as handle:
             reader = csv.reader(handle)
@@ -182,7 +183,10 @@ def read_csv(path: Path, shown: str, label_column: str, ignore_columns: Sequence
             if header is None:
                 raise DataError(f"{shown}: empty file; expected a header row")
             header = [name.strip() for name in header]
-            label_at, features = _feature_columns(header, label_column, ignore_columns, shown, categorical_columns)
+            group_at = None if group_column is None else _group_column(header, group_column, label_column,
+                                                                      categorical_columns, shown)
+            left_out = [*ignore_columns, *([group_column] if group_column and group_column not in ignore_columns else [])]
+            label_at, features = _feature_columns(header, label_column, left_out, shown, categorical_columns)
             numeric = [i for i in features if header[i] not in categorical_columns]
             numeric_names = tuple(header[i] for i in numeric)
             cells: dict[str, list[str | None]] = {name: [] for name in categorical_columns}
@@ -195,6 +199,11 @@ def read_csv(path: Path, shown: str, label_column: str, ignore_columns: Sequence
                 values = [fields[i] for i in numeric]
                 rows.append(_parse_floats(values, numeric_names, shown, line, missing))
                 labels.append(label)
+                if group_at is not None:
+                    if not (group := fields[group_at].strip()):
+                        raise DataError(f"{shown}: line {line}, column {group_column!r}: empty group "
+                                        "(prepare.csv_group_column: every row names its group)")
+                    groups.append(group)
                 integers.difference_update([j for j in integers if not _INTEGER.fullmatch(values[j])])
                 for at, column in categorical_at:
                     column.append(_category_cell(fields[at], header[at], shown, line, missing))
@@ -208,11 +217,24 @@ def read_csv(path: Path, shown: str, label_column: str, ignore_columns: Sequence
         raise DataError(f"{shown}: header only; no data rows")
     y, class_names = column_labels(labels)
     numbers = np.array(rows, dtype=np.float32).reshape(len(rows), len(numeric))
+    grouped = None if group_at is None else np.array(groups, dtype=object)
     if not categorical_columns:
-        return check_dataset(RawData(numbers, y, class_names, numeric_names, tuple(sorted(integers))), shown,
-                             missing=missing)
+        return check_dataset(RawData(numbers, y, class_names, numeric_names, tuple(sorted(integers)), groups=grouped),
+                             shown, missing=missing)
     x, *columns = _with_categories(header, features, numbers, tuple(numeric[j] for j in sorted(integers)), cells, shown)
-    return check_dataset(RawData(x, y, class_names, *columns), shown, missing=missing)
+    return check_dataset(RawData(x, y, class_names, *columns, groups=grouped), shown, missing=missing)
+
+
+def _group_column(header: list[str], group_column: str, label_column: str, categorical_columns: Sequence[str],
+                  shown: str) -> int:
+    """The group column's position in ``header``; refused where it is missing, the label or a feature of categories."""
+    if group_column not in header:
+        raise DataError(f"{shown}: prepare.csv_group_column: no column {group_column!r} in the header "
+                        f"(columns: {', '.join(header)})")
+    if group_column == label_column or group_column in categorical_columns:
+        raise DataError(f"{shown}: prepare.csv_group_column: {group_column!r} is the label column or a categorical "
+                        "feature (csv_label_column, csv_categorical_columns); a group column is no feature")
+    return header.index(group_column)
 
 
 def _with_categories(header: list[str], features: list[int], numbers: np.ndarray, integer_columns: tuple[int, ...],
@@ -344,7 +366,7 @@ def _parse_floats(fields: list[str], names: Sequence[str], shown: str, line: int
         except ValueError:
             raise DataError(f"{shown}: line {line}, column {name!r}: not a number: {field.strip()!r} (a column of "
                             "categories goes in prepare.csv_categorical_columns; prepare.csv_ignore_columns leaves "
-                            "one out)") from None
+                            "one out; prepare.csv_group_column names whom each row belongs to)") from None
         if not math.isfinite(value):
             raise DataError(f"{shown}: line {line}, column {name!r}: {field.strip()!r} is not a finite number")
         values.append(value)
