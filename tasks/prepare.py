@@ -144,13 +144,13 @@ def prepare_data(params: PrepareParams, seed: int, root: Path) -> PreparedData:
     x, y, class_names = raw
     feature_names, integer_features = raw.feature_names, raw.integer_features
     columns, categorical, channel_added, moved = raw.columns, raw.categorical, raw.channel_added, raw.channels_last
-    groups = raw.groups
+    group_names, groups = raw.groups, None
     del raw
     value_range = {"min": float(np.nanmin(x)), "max": float(np.nanmax(x))}
     widths = {c.name: len(c.values) for c in categorical}  # a column of categories: one feature per category
     grouped = None
-    if groups is not None:  # prepare.csv_group_column: a group's rows are the records, kept in one split
-        index, grouped, groups = split_groups(groups, y, class_names, str(params.csv_group_column),
+    if group_names is not None:  # prepare.csv_group_column: a group's rows are the records, kept in one split
+        index, grouped, groups = split_groups(group_names, y, class_names, str(params.csv_group_column),
                                               params.val_fraction, params.test_fraction, seed, shown)
         duplicates = None
     else:
