@@ -371,6 +371,8 @@ def decide(
             decision.reason += " (none of this run's test rows was among the rows the champion trained on)"
     if caveat:
         decision.reason += f" ({caveat})"
+    if same_data and caveat is None and (flattered := _groups_unseen_by_rows(card, challenger)):
+        decision.reason += f" ({flattered})"
     return decision
 
 
@@ -426,6 +428,21 @@ def _other_split(card: dict[str, Any], challenger: Challenger) -> str | None:
     return (f"the champion was trained on another split of the same data ({split_text(theirs)}; this run "
             f"{split_text(ours)}): "
             "some of this run's test rows were in its train split, so its re-measured figures are optimistic")
+
+
+def _groups_unseen_by_rows(card: dict[str, Any], challenger: Challenger) -> str | None:
+    """Why a champion measured on the rows it never trained on is still flattered, where this
+    run keeps each group of a column together and the champion's split did not: a test row
+    the champion never saw may be of a patient (a customer) whose other rows it trained on.
+    None otherwise."""
+    theirs, ours = card.get("data_split") or {}, challenger.data_split or {}
+    column = ours.get("groups")
+    if not column or theirs.get("groups") == column:
+        return None
+    return (f"the champion's split did not keep each {column!r} group in one split ({split_text(theirs)}"
+            if theirs else f"the champion recorded no split of its data (this run: {split_text(ours)}") + (
+        f"): this run's test rows may belong to {column!r} groups it trained on, so its re-measured figures are "
+        "optimistic")
 
 
 def _versus(challenger: Challenger, card: dict[str, Any], basis: str, theirs: float, their_predictions: Any,
