@@ -155,17 +155,26 @@ def check_records_splittable(
     shown: str,
 ) -> None:
     """Every class must have enough distinct records for a split that keeps copies together."""
-    need = min_samples_per_class(val_fraction, test_fraction)
-    records = np.bincount(duplicates.record_label, minlength=len(class_names))
-    samples = np.bincount(y, minlength=len(class_names))
-    for index in np.flatnonzero(records < need):
+    if (short := _short_class(duplicates, y, len(class_names), val_fraction, test_fraction)) is not None:
+        index, samples, records, need = short
         raise DataError(
-            f"{shown}: class {class_names[index]!r} has {int(samples[index])} samples but {int(records[index])} "
+            f"{shown}: class {class_names[index]!r} has {samples} samples but {records} "
             f"distinct ones (the others are copies); a split that keeps each record's copies in one split "
             f"(prepare.duplicates) with val_fraction={val_fraction} and test_fraction={test_fraction} needs at "
             f"least {need} distinct samples per class; prepare.duplicates=apart splits the copies as separate "
             "samples (test then scores copies of training samples as unseen)"
         )
+
+
+def _short_class(records: Duplicates, y: np.ndarray, num_classes: int, val_fraction: float,
+                 test_fraction: float) -> tuple[int, int, int, int] | None:
+    """The first class with fewer records (a record counts for its most frequent label) than
+    a stratified split needs: (its index, its samples, its records, the records needed)."""
+    need = min_samples_per_class(val_fraction, test_fraction)
+    counts = np.bincount(records.record_label, minlength=num_classes)
+    for index in np.flatnonzero(counts < need):
+        return int(index), int(np.count_nonzero(y == index)), int(counts[index]), need
+    return None
 
 
 def split_samples(
@@ -204,12 +213,10 @@ def split_groups(
     (``prepare.csv_group_column``): every group's rows in one split, stratified by each
     group's most frequent label; the data card's ``groups``; each row's group (0..G-1)."""
     by_group = find_duplicates([str(group) for group in groups], y)
-    need = min_samples_per_class(val_fraction, test_fraction)
-    counts = np.bincount(by_group.record_label, minlength=len(class_names))
-    rows = np.bincount(y, minlength=len(class_names))
-    for index in np.flatnonzero(counts < need):
+    if (short := _short_class(by_group, y, len(class_names), val_fraction, test_fraction)) is not None:
+        index, rows, counted, need = short
         raise DataError(
-            f"{shown}: class {class_names[index]!r} has {int(rows[index])} rows but {int(counts[index])} groups "
+            f"{shown}: class {class_names[index]!r} has {rows} rows but {counted} groups "
             f"(prepare.csv_group_column {column!r}: a group counts for its most frequent label); a split that keeps "
             f"each group's rows in one split with val_fraction={val_fraction} and test_fraction={test_fraction} "
             f"needs at least {need} groups per class"

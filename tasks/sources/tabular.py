@@ -228,9 +228,7 @@ def read_csv(path: Path, shown: str, label_column: str, ignore_columns: Sequence
 def _group_column(header: list[str], group_column: str, label_column: str, categorical_columns: Sequence[str],
                   shown: str) -> int:
     """The group column's position in ``header``; refused where it is missing, the label or a feature of categories."""
-    if group_column not in header:
-        raise DataError(f"{shown}: prepare.csv_group_column: no column {group_column!r} in the header "
-                        f"(columns: {', '.join(header)})")
+    _require_column(header, group_column, "csv_group_column", shown)
     if group_column == label_column or group_column in categorical_columns:
         raise DataError(f"{shown}: prepare.csv_group_column: {group_column!r} is the label column or a categorical "
                         "feature (csv_label_column, csv_categorical_columns); a group column is no feature")
@@ -305,6 +303,12 @@ def _categorical_column(name: str, cells: list[str | None], shown: str) -> tuple
     return CategoricalColumn(name, tuple(values), dtype), cells
 
 
+def _require_column(header: list[str], name: str, key: str, shown: str) -> None:
+    """Refuse the setting ``prepare.<key>`` naming a column ``name`` the header lacks."""
+    if name not in header:
+        raise DataError(f"{shown}: prepare.{key}: no column {name!r} in the header (columns: {', '.join(header)})")
+
+
 def _feature_columns(header: list[str], label_column: str, ignore_columns: Sequence[str],
                      shown: str, categorical_columns: Sequence[str] = ()) -> tuple[int, list[int]]:
     """The label's position and the features' positions in ``header``; refused in one line:
@@ -312,9 +316,7 @@ def _feature_columns(header: list[str], label_column: str, ignore_columns: Seque
     label, or both), a feature column with no name or the name of another (a model's column
     names are its contract)."""
     for name in categorical_columns:
-        if name not in header:
-            raise DataError(f"{shown}: prepare.csv_categorical_columns: no column {name!r} in the header "
-                            f"(columns: {', '.join(header)})")
+        _require_column(header, name, "csv_categorical_columns", shown)
         if name == label_column or name in ignore_columns:
             raise DataError(f"{shown}: prepare.csv_categorical_columns: {name!r} is the label column or left out "
                             "(csv_label_column, csv_ignore_columns)")
@@ -324,9 +326,7 @@ def _feature_columns(header: list[str], label_column: str, ignore_columns: Seque
                 "here is comma-separated (save it as CSV with commas and '.' decimals)" if separator else "")
         raise DataError(f"{shown}: no label column {label_column!r} in the header (columns: {', '.join(header)}){hint}")
     for name in ignore_columns:
-        if name not in header:
-            raise DataError(f"{shown}: prepare.csv_ignore_columns: no column {name!r} in the header "
-                            f"(columns: {', '.join(header)})")
+        _require_column(header, name, "csv_ignore_columns", shown)
     if label_column in ignore_columns:
         raise DataError(f"{shown}: prepare.csv_ignore_columns: {label_column!r} is the label column (csv_label_column)")
     label_at = header.index(label_column)
