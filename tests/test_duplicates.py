@@ -296,6 +296,16 @@ def test_a_compression_search_counts_the_validation_splits_copies_once() -> None
     assert per_record.noise_points == pytest.approx(
         100 * paired_change_noise(labels[::3] == labels[::3], predictions[::3] == labels[::3])[0])
 
+    from tasks.compression.search import Trial, _coarser_than_the_budget
+
+    budget = Budget(max_drop_points=0.5, max_trials=4, max_minutes=1.0, baseline_accuracy=1.0,
+                    baseline_predictions=labels, val_records=records)
+    trial = Trial(1, 0.5, per_record.accuracy, per_record.drop_points, True, 100, 10, 0.5, 1.0,
+                  noise_points=per_record.noise_points, disagreements=per_record.disagreements)
+    assert _coarser_than_the_budget(trial, budget).startswith(
+        f"; but 300 validation samples (100 distinct records) measure that drop only to ±{per_record.noise_points:.2f} "
+        "points (one standard error: the two models disagree on 9 of them)")
+
 
 # --------------------------------------------------------------------------- a column naming each row's group
 

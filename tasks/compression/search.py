@@ -417,8 +417,9 @@ def _coarser_than_the_budget(best: Trial, budget: Budget) -> str | None:
     split, where the gate judges, may then find it over."""
     if best.noise_points is None or best.noise_points <= budget.max_drop_points or budget.baseline_predictions is None:
         return None
-    samples = len(budget.baseline_predictions)
-    return (f"; but {samples} validation samples measure that drop only to ±{best.noise_points:.2f} points "
+    samples = f"{len(budget.baseline_predictions)} validation samples" + (
+        "" if budget.val_records is None else f" ({int(budget.val_records.max()) + 1} distinct records)")
+    return (f"; but {samples} measure that drop only to ±{best.noise_points:.2f} points "
             f"(one standard error: the two models disagree on {best.disagreements} of them), coarser than the "
             f"budget: the gate may find it over on the test split (more validation data narrows it: "
             f"prepare.val_fraction)")
