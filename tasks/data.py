@@ -360,13 +360,11 @@ def record_ids(prepared: Path, split: str) -> np.ndarray | None:
     alike, so a change measured on them counts each record once
     (:func:`tasks.core.classification.paired_change_noise`)."""
     groups = prepared / GROUPS_FILE.format(split=split)
-    if groups.is_file():
-        ids = np.load(groups)
-        return np.unique(ids, return_inverse=True)[1].reshape(-1) if len(np.unique(ids)) < len(ids) else None
-    fingerprints = load_row_fingerprints(prepared, split)
-    if fingerprints is None or len(np.unique(fingerprints)) == len(fingerprints):
+    keys = np.load(groups) if groups.is_file() else load_row_fingerprints(prepared, split)
+    if keys is None:
         return None
-    return np.unique(fingerprints, return_inverse=True)[1].reshape(-1)
+    distinct, ids = np.unique(keys, return_inverse=True)
+    return ids.reshape(-1) if len(distinct) < len(keys) else None
 
 
 def data_digest(prepared: Path) -> str:

@@ -109,6 +109,8 @@ class Challenger:
     labels: np.ndarray | None = field(default=None, compare=False, repr=False)  # this run's test labels
     predictions: np.ndarray | None = field(default=None, compare=False, repr=False)  # ...and its predictions
     test_rows: np.ndarray | None = field(default=None, compare=False, repr=False)  # ...and their fingerprints
+    # ...and their records (tasks.data.record_ids: copies of one, or a group's rows; None: each its own)
+    test_records: np.ndarray | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass
@@ -397,7 +399,8 @@ def _on_rows(challenger: Challenger, their_predictions: np.ndarray, keep: np.nda
     their_quality, their_classes, _ = classification_metrics(labels, theirs, names)
     contender = replace(challenger, figures={**challenger.figures, **{key: our_quality[key] for key in QUALITY}},
                         per_class={name: dict(row) for name, row in our_classes.items()},
-                        labels=labels, predictions=ours, test_rows=challenger.test_rows[keep])
+                        labels=labels, predictions=ours, test_rows=challenger.test_rows[keep],
+                        test_records=None if challenger.test_records is None else challenger.test_records[keep])
     return (contender, theirs, {name: float(row["recall"]) for name, row in their_classes.items()},
             {key: float(their_quality[key]) for key in QUALITY})
 
@@ -480,9 +483,9 @@ def _paired(challenger: Challenger, their_predictions: Any) -> dict[str, tuple[i
         return None
     if np.shape(their_predictions) != np.shape(challenger.labels):
         return None
-    rows = challenger.test_rows  # copies of one record share a fingerprint: each counts once
-    records = rows if rows is not None and len(rows) == len(challenger.labels) and len(np.unique(rows)) < len(rows) \
-        else None
+    records = challenger.test_records
+    if records is not None and len(records) != len(challenger.labels):
+        records = None
     return class_disagreements(challenger.labels, their_predictions, challenger.predictions,
                                list(challenger.per_class), records)
 

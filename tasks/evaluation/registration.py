@@ -48,7 +48,8 @@ def _lock_md5(paths: ProjectPaths) -> str | None:
     return hashlib.md5(lock.read_bytes()).hexdigest() if lock.is_file() else None
 
 
-def challenger_of(result: ModelResult, paths: ProjectPaths, labels: Any = None) -> Challenger:
+def challenger_of(result: ModelResult, paths: ProjectPaths, labels: Any = None, records: Any = None) -> Challenger:
+    """``records``: each test row's record, where the split holds more than one of one (Evaluation.records)."""
     from tasks.data import data_split, load_preprocessing, load_row_fingerprints
 
     preprocessing = load_preprocessing(paths.prepared)
@@ -65,7 +66,7 @@ def challenger_of(result: ModelResult, paths: ProjectPaths, labels: Any = None) 
         runtime_versions=runtime_versions(),
         per_class={name: dict(row) for name, row in result.per_class.items()},
         labels=labels, predictions=None if labels is None else result.predictions,
-        test_rows=load_row_fingerprints(paths.prepared, "test"),
+        test_rows=load_row_fingerprints(paths.prepared, "test"), test_records=records,
     )
 
 
@@ -155,7 +156,7 @@ def register_champion(evaluation: Evaluation, paths: ProjectPaths, params: Evalu
                                               "reason": why})
         return _settled(promotion, evaluation)
     result = evaluation.models[evaluation.champion]
-    challenger = challenger_of(result, paths, evaluation.y_true)
+    challenger = challenger_of(result, paths, evaluation.y_true, evaluation.records)
     with registry_lock(paths):  # the champion read here is the one challenged and replaced
         return _settled(_challenge(evaluation, result, challenger, paths, params), evaluation)
 
