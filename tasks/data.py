@@ -376,7 +376,8 @@ def data_digest(prepared: Path) -> str:
 def data_split(prepared: Path) -> dict[str, Any] | None:
     """How ``prepare`` split the data (``seed``, ``val_fraction``, ``test_fraction``; where
     the data holds copies of a record, ``copies``: ``together`` or ``apart``; where a column
-    names each row's group, ``groups``: that column), from the data card; None when the card
+    names each row's group, ``groups``: that column; where a column says when each row was
+    observed, ``time``: that column), from the data card; None when the card
     does not say."""
     try:
         card = json.loads((prepared / "card.json").read_text())
@@ -386,6 +387,8 @@ def data_split(prepared: Path) -> dict[str, Any] | None:
             split["copies"] = str(card["duplicates"]["copies"])
         if "groups" in card:
             split["groups"] = str(card["groups"]["column"])
+        if "time" in card:
+            split["time"] = str(card["time"]["column"])
         return split
     except (OSError, KeyError, TypeError, ValueError):
         return None

@@ -41,6 +41,7 @@ from tasks.sources.rows import (
     heavy_tailed_features, missing_counts, missing_line, npz_layout_line,
 )
 from tasks.sources.splits import duplicates_lines, groups_line, split_groups, split_samples
+from tasks.sources.time_split import split_by_time, time_line
 from tasks.sources import (
     DataError,
     RawData,
@@ -109,7 +110,8 @@ def read_raw(params: PrepareParams, root: Path) -> tuple[RawData | RawText, dict
                               params.npz_channels), {}
     elif params.source == "csv":
         raw = read_csv(path, params.path, params.csv_label_column, params.csv_ignore_columns,
-                       params.missing_values == "median", params.csv_categorical_columns, params.csv_group_column)
+                       params.missing_values == "median", params.csv_categorical_columns, params.csv_group_column,
+                       params.csv_time_column)
         extra = {"label_column": params.csv_label_column,
                  **({"ignored_columns": list(params.csv_ignore_columns)} if params.csv_ignore_columns else {})}
     elif params.source == "image_folder":
@@ -144,15 +146,17 @@ def prepare_data(params: PrepareParams, seed: int, root: Path) -> PreparedData:
     x, y, class_names = raw
     feature_names, integer_features = raw.feature_names, raw.integer_features
     columns, categorical, channel_added, moved = raw.columns, raw.categorical, raw.channel_added, raw.channels_last
-    group_names, groups = raw.groups, None
+    group_names, groups, times, time_kind = raw.groups, None, raw.times, raw.time_kind
     del raw
     value_range = {"min": float(np.nanmin(x)), "max": float(np.nanmax(x))}
     widths = {c.name: len(c.values) for c in categorical}  # a column of categories: one feature per category
-    grouped = None
-    if group_names is not None:  # prepare.csv_group_column: a group's rows are the records, kept in one split
+    grouped = timed = duplicates = None
+    if times is not None:  # prepare.csv_time_column: the earliest rows train, the latest test
+        index, timed = split_by_time(times, time_kind, y, class_names, str(params.csv_time_column),
+                                     params.val_fraction, params.test_fraction, seed, shown)
+    elif group_names is not None:  # prepare.csv_group_column: a group's rows are the records, kept in one split
         index, grouped, groups = split_groups(group_names, y, class_names, str(params.csv_group_column),
                                               params.val_fraction, params.test_fraction, seed, shown)
-        duplicates = None
     else:
         index, duplicates = split_samples(x, y, class_names, params.duplicates, params.val_fraction,
                                           params.test_fraction, seed, shown, [widths.get(c, 1) for c in columns])
@@ -179,6 +183,8 @@ def prepare_data(params: PrepareParams, seed: int, root: Path) -> PreparedData:
         card["duplicates"] = duplicates
     if grouped:
         card["groups"] = grouped
+    if timed:
+        card["time"] = timed
     if npz_layout:
         card["npz_layout"] = npz_layout
     if params.source == "npz" and len(input_shape) == 3 and not channel_added:
@@ -437,6 +443,8 @@ def main(argv: list[str] | None = None) -> int:
             logger.log(level, "%s", line)
     if grouped := card.get("groups"):
         logger.info("%s", groups_line(grouped))
+    if timed := card.get("time"):
+        logger.info("%s", time_line(timed))
     if layout := card.get("npz_layout"):
         logger.info("%s", npz_layout_line(layout, card["input_shape"]))
     if channels := card.get("npz_channels"):

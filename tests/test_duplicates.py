@@ -14,11 +14,12 @@ import pytest
 from tasks.core.classification import class_disagreements, paired_change_noise, paired_standard_error
 from tasks.core.config import ParamsError, PrepareParams, load_params
 from tasks.data import data_split, record_ids
-from tasks.prepare import main, prepare_data, write_prepared
+from tasks.prepare import prepare_data, write_prepared
 from tasks.sources import DataError
 from tasks.sources.splits import copies_kept_together, find_duplicates, stratified_split
 
 from raw_files import write_csv
+from split_checks import nearest_neighbour_accuracy, prepared_csv, run_prepare_stage
 
 FEATURES = [f"f{i}" for i in range(8)]
 
@@ -44,20 +45,12 @@ def _write(root: Path, x: np.ndarray, y: np.ndarray, name: str = "records.csv") 
     return f"data/raw/{name}"
 
 
-def _prepared(root: Path, path: str, **changes: object):
-    return prepare_data(PrepareParams(source="csv", path=path, **changes), 42, root)
-
-
-def _nearest_neighbour_accuracy(train: tuple[np.ndarray, np.ndarray], x: np.ndarray, y: np.ndarray) -> float:
-    x_train, y_train = train
-    distances = ((x[:, None, :] - x_train[None, :, :]) ** 2).sum(axis=2)
-    return float((y_train[distances.argmin(axis=1)] == y).mean())
 
 
 def test_copies_of_a_record_stay_in_one_split_and_the_test_figure_is_what_new_records_read(tmp_path: Path) -> None:
     x, y = _records(700, seed=0)
     path = _write(tmp_path, *_with_copies(x, y))
-    together, apart = _prepared(tmp_path, path), _prepared(tmp_path, path, duplicates="apart")
+    together, apart = prepared_csv(tmp_path, path), prepared_csv(tmp_path, path, duplicates="apart")
     fresh_x, fresh_y = _records(1500, seed=5)  # new records of the same kind, none in the file
 
     def records(split: tuple[np.ndarray, np.ndarray]) -> set[bytes]:
@@ -68,8 +61,8 @@ def test_copies_of_a_record_stay_in_one_split_and_the_test_figure_is_what_new_re
         test_x, test_y = prepared.splits["test"]
         fresh = np.array([classes.index(f"c{label}") for label in fresh_y])
         train = prepared.splits["train"]
-        return (_nearest_neighbour_accuracy(train, test_x, test_y),
-                _nearest_neighbour_accuracy(train, fresh_x.astype(np.float32), fresh))
+        return (nearest_neighbour_accuracy(train, test_x, test_y),
+                nearest_neighbour_accuracy(train, fresh_x.astype(np.float32), fresh))
 
     train, val, test = (records(together.splits[split]) for split in ("train", "val", "test"))
     assert not train & test and not train & val and not val & test
@@ -100,7 +93,7 @@ def test_copies_of_a_record_stay_in_one_split_and_the_test_figure_is_what_new_re
 def test_data_without_copies_is_split_as_before(tmp_path: Path) -> None:
     x, y = _records(300, seed=2)
     path = _write(tmp_path, x, y)
-    prepared, apart = _prepared(tmp_path, path), _prepared(tmp_path, path, duplicates="apart")
+    prepared, apart = prepared_csv(tmp_path, path), prepared_csv(tmp_path, path, duplicates="apart")
     assert "duplicates" not in prepared.card
     assert prepared.digest == apart.digest
     write_prepared(prepared, tmp_path / "prepared")
@@ -153,14 +146,8 @@ def test_the_stage_says_what_it_found_and_names_conflicting_labels(
     x, y = np.concatenate([x, x[:3]]), np.concatenate([y, (y[:3] + 1) % 6])  # 3 records copied with another label
     root = tmp_path / "project"
     path = _write(root, x, y)
-    (root / "dvc.yaml").write_text("stages: {}\n")
-    (root / "params.yaml").write_text(f"base: {{seed: 42}}\nprepare: {{source: csv, path: {path}}}\n")
-    monkeypatch.chdir(root)
-    monkeypatch.delenv("SLIMFLOW_ROOT", raising=False)
-    monkeypatch.delenv("SLIMFLOW_RUN_CONTEXT", raising=False)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     with caplog.at_level(logging.INFO, logger="slimflow.prepare"):
-        assert main([]) == 0
+        assert run_prepare_stage(root, f"source: csv, path: {path}", tmp_path / "mlflow.db", monkeypatch) == 0
     said = {r.levelno: r.getMessage() for r in caplog.records if r.getMessage().startswith("duplicates:")}
     assert said[logging.INFO] == (
         "duplicates: 203 samples are 200 distinct records (3 of them twice); each record's copies kept in one split "
@@ -191,8 +178,8 @@ def test_a_class_of_too_few_distinct_records_is_refused_with_both_counts(tmp_pat
             r"^data/raw/records.csv: class 'c9' has 12 samples but 1 distinct ones \(the others are copies\); a split "
             r"that keeps each record's copies in one split \(prepare.duplicates\) .* needs at least 7 distinct samples "
             r"per class; prepare.duplicates=apart splits the copies as separate samples")):
-        _prepared(tmp_path, path)
-    assert _prepared(tmp_path, path, duplicates="apart").card["duplicates"]["copies"] == "apart"
+        prepared_csv(tmp_path, path)
+    assert prepared_csv(tmp_path, path, duplicates="apart").card["duplicates"]["copies"] == "apart"
 
 
 def test_copied_texts_and_images_stay_in_one_split(tmp_path: Path) -> None:
@@ -261,7 +248,7 @@ def test_the_evaluate_stage_reads_the_test_splits_records_from_its_fingerprints(
 
     x, y = _records(300, seed=8)
     path = _write(tmp_path, *_with_copies(x, y))
-    prepared = _prepared(tmp_path, path)
+    prepared = prepared_csv(tmp_path, path)
     write_prepared(prepared, tmp_path / "prepared")
     records = record_ids(tmp_path / "prepared", "test")
     test_x = prepared.splits["test"][0]
@@ -271,7 +258,7 @@ def test_the_evaluate_stage_reads_the_test_splits_records_from_its_fingerprints(
     assert records.max() + 1 == len(np.unique(test_x, axis=0)) < len(test_x)
 
     _write(tmp_path, x, y, "distinct.csv")
-    write_prepared(_prepared(tmp_path, "data/raw/distinct.csv"), tmp_path / "prepared-distinct")
+    write_prepared(prepared_csv(tmp_path, "data/raw/distinct.csv"), tmp_path / "prepared-distinct")
     assert record_ids(tmp_path / "prepared-distinct", "test") is None
 
 
@@ -335,8 +322,8 @@ def _write_visits(root: Path, x: np.ndarray, y: np.ndarray, ids: np.ndarray) -> 
 def test_a_group_column_keeps_each_groups_rows_in_one_split_and_the_test_figure_is_new_groups(tmp_path: Path) -> None:
     x, y, ids = _visits(240, seed=0)
     path = _write_visits(tmp_path, x, y, ids)
-    grouped = _prepared(tmp_path, path, csv_group_column="patient")
-    by_rows = _prepared(tmp_path, path, csv_ignore_columns=["patient"])
+    grouped = prepared_csv(tmp_path, path, csv_group_column="patient")
+    by_rows = prepared_csv(tmp_path, path, csv_ignore_columns=["patient"])
     assert grouped.card["feature_names"] == FEATURES  # the group column is no feature
 
     where = {split: {row.tobytes() for row in grouped.splits[split][0]} for split in ("train", "val", "test")}
@@ -354,8 +341,8 @@ def test_a_group_column_keeps_each_groups_rows_in_one_split_and_the_test_figure_
     for name, prepared in (("groups", grouped), ("rows", by_rows)):
         classes = prepared.preprocessing.class_names
         fresh = np.array([classes.index(f"c{label}") for label in fresh_y])
-        results[name] = (_nearest_neighbour_accuracy(prepared.splits["train"], *prepared.splits["test"]),
-                         _nearest_neighbour_accuracy(prepared.splits["train"], fresh_x.astype(np.float32), fresh))
+        results[name] = (nearest_neighbour_accuracy(prepared.splits["train"], *prepared.splits["test"]),
+                         nearest_neighbour_accuracy(prepared.splits["train"], fresh_x.astype(np.float32), fresh))
     assert abs(results["groups"][0] - results["groups"][1]) < 0.08, results
     assert results["rows"][0] - results["rows"][1] > 0.3, results
 
@@ -390,7 +377,7 @@ def test_a_bad_group_column_is_refused_naming_it(case: str, tmp_path: Path) -> N
                           r"7 groups per class",
     }[case]
     with pytest.raises(DataError, match=rf"^data/raw/visits.csv: {expected}"):
-        _prepared(tmp_path, path, csv_group_column=column)
+        prepared_csv(tmp_path, path, csv_group_column=column)
 
 
 def test_a_group_column_is_for_a_csv(tmp_path: Path) -> None:

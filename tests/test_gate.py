@@ -907,9 +907,17 @@ def test_the_stage_log_says_when_a_passing_model_lost_a_class_within_chance(capl
     assert evaluation.reasons["pruned"].endswith("(a class counts below 1.2%: 0.5 shared over 40 classes)")
 
 
-def test_a_champion_from_a_split_by_rows_is_said_to_be_flattered_on_rows_of_groups_it_trained_on() -> None:
-    """The same data, now split by patient (prepare.csv_group_column): the rows the champion
-    never saw may still be visits of patients it trained on, which fingerprints cannot tell.
+@pytest.mark.parametrize("ours, flattered", [
+    ({"groups": "patient"}, "did not keep each 'patient' group in one split (seed 42, val/test 0.15/0.25): this run's "
+                            "test rows may belong to 'patient' groups it trained on"),
+    ({"time": "date"}, "was not in 'date' order (seed 42, val/test 0.15/0.25): it trained on rows from this run's test "
+                       "period"),
+])
+def test_a_champion_from_a_random_split_is_said_to_be_flattered_against_groups_or_time_order(
+        ours: dict[str, str], flattered: str) -> None:
+    """The same data, now split by patient (prepare.csv_group_column) or in time order
+    (prepare.csv_time_column): the rows the champion never saw may still be visits of
+    patients it trained on, or of a period it trained on, which fingerprints cannot tell.
     The decision compares on those rows and says the champion's figures are flattered."""
     import dataclasses
     import json
@@ -917,16 +925,14 @@ def test_a_champion_from_a_split_by_rows_is_said_to_be_flattered_on_rows_of_grou
     challenger, champion, remeasured, seen = _memorising_champion_case(80)
     split = {"seed": 42, "val_fraction": 0.15, "test_fraction": 0.25}
     champion.tags["data_split"] = json.dumps(split)
-    by_patient = dataclasses.replace(challenger, data_digest=champion.tags["data_digest"],
-                                     data_split={**split, "groups": "patient"})
+    resplit = dataclasses.replace(challenger, data_digest=champion.tags["data_digest"], data_split={**split, **ours})
     from tasks.evaluation.challenge import decide
 
-    decision = decide(by_patient, champion, by_patient.input_schema, "slimflow-tx", 0.01, lambda uri: remeasured,
+    decision = decide(resplit, champion, resplit.input_schema, "slimflow-tx", 0.01, lambda uri: remeasured,
                       class_tolerance=0.1, seen_by_champion=lambda version: seen)
     assert decision.basis.endswith("on the 120 of its 200 rows the champion never trained on")
-    assert decision.reason.endswith(
-        "(the champion's split did not keep each 'patient' group in one split (seed 42, val/test 0.15/0.25): this "
-        "run's test rows may belong to 'patient' groups it trained on, so its re-measured figures are optimistic)")
-    same = dataclasses.replace(by_patient, data_split=split)  # the champion's own split: nothing to say
-    assert "optimistic" not in decide(same, champion, same.input_schema, "slimflow-tx", 0.01, lambda uri: remeasured,
-                                      class_tolerance=0.1, seen_by_champion=lambda version: seen).reason
+    assert decision.reason.endswith(f"(the champion's split {flattered}, so its re-measured figures are optimistic)")
+    champion.tags["data_split"] = json.dumps({**split, **ours})  # the champion's own split: nothing to say
+    assert "optimistic" not in decide(resplit, champion, resplit.input_schema, "slimflow-tx", 0.01,
+                                      lambda uri: remeasured, class_tolerance=0.1,
+                                      seen_by_champion=lambda version: seen).reason

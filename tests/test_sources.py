@@ -339,6 +339,9 @@ def test_missing_file(tmp_path: Path) -> None:
         ([["x1", "2", "a"]], r"line 3, column 'f1': not a number: 'x1' \(a column of categories goes in "
                              r"prepare.csv_categorical_columns; prepare.csv_ignore_columns leaves one out; "
                              r"prepare.csv_group_column names whom each row belongs to\)$"),
+        ([["2024-03-04", "2", "a"]], r"line 3, column 'f1': not a number: '2024-03-04' \(a date or time: "
+                                     r"prepare.csv_time_column: f1 splits the rows in its order, the latest rows the "
+                                     r"test split; prepare.csv_ignore_columns leaves it out\)$"),
         ([["1.0", "2"]], r"line 3: expected 3 fields, found 2"),
         ([["1.0", "2", ""]], r"line 3, column 'label': empty label"),
     ],

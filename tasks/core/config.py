@@ -103,6 +103,11 @@ class PrepareParams(_Strict):
     # row of a group goes to one split, so the test split holds only groups no model trained
     # on; not a feature.
     csv_group_column: str | None = None
+    # csv: a column saying when each row was observed (an ISO 8601 date or time, or a number
+    # such as a day index): the earliest rows train, the next validate, the latest test, so
+    # the test split measures what a model does on rows after the ones it learned from; not a
+    # feature. Not with csv_group_column.
+    csv_time_column: str | None = None
     # text_table (a .csv, or .tsv tab-separated) / text_folder (one sub-folder of .txt per
     # class): a word-level tokenizer trained on the train split, text_vocab_size words at
     # most; every text becomes text_max_length token ids (truncated, or padded with id 0).
@@ -153,10 +158,13 @@ class PrepareParams(_Strict):
         for key in ("npz_layout", "npz_channels"):
             if getattr(self, key) != "auto" and self.source != "npz":
                 raise ValueError(f"{key} {getattr(self, key)}: source {self.source!r} is not an npz; only npz reads it")
-        for key in ("csv_ignore_columns", "csv_categorical_columns", "csv_group_column"):
+        for key in ("csv_ignore_columns", "csv_categorical_columns", "csv_group_column", "csv_time_column"):
             if getattr(self, key) and self.source != "csv":
                 raise ValueError(f"{key} {getattr(self, key)}: source {self.source!r} has no named columns; only csv "
                                  "reads it")
+        if self.csv_group_column and self.csv_time_column:
+            raise ValueError(f"csv_group_column {self.csv_group_column} and csv_time_column {self.csv_time_column}: "
+                             "a split keeps each group together or splits in time order, not both; set one")
         if self.missing_values == "median" and (gives := _GIVES_NO_ROWS.get(self.source)):
             raise ValueError(f"missing_values median: source {self.source!r} gives {gives}, not rows of features; "
                              "only rows have missing values to fill (refuse)")

@@ -373,7 +373,7 @@ def decide(
             decision.reason += " (none of this run's test rows was among the rows the champion trained on)"
     if caveat:
         decision.reason += f" ({caveat})"
-    if same_data and caveat is None and (flattered := _groups_unseen_by_rows(card, challenger)):
+    if same_data and caveat is None and (flattered := _flattered_by_its_split(card, challenger)):
         decision.reason += f" ({flattered})"
     return decision
 
@@ -407,10 +407,12 @@ def _on_rows(challenger: Challenger, their_predictions: np.ndarray, keep: np.nda
 
 def split_text(split: dict[str, Any]) -> str:
     """A data split (``data_split``) in words: ``seed 42, val/test 0.15/0.25`` (and where the
-    data holds copies of a record, ``, copies together`` or ``, copies apart``)."""
+    data holds copies of a record, ``, copies together`` or ``, copies apart``; where a column
+    names groups or times, how it split them)."""
     said = f"seed {split['seed']}, val/test {float(split['val_fraction']):g}/{float(split['test_fraction']):g}"
     return (said + (f", copies {split['copies']}" if "copies" in split else "")
-            + (f", each {split['groups']!r} group in one split" if "groups" in split else ""))
+            + (f", each {split['groups']!r} group in one split" if "groups" in split else "")
+            + (f", in {split['time']!r} order" if "time" in split else ""))
 
 
 def _other_split_of_the_data(theirs: dict[str, Any] | None, ours: dict[str, Any] | None) -> bool:
@@ -433,19 +435,22 @@ def _other_split(card: dict[str, Any], challenger: Challenger) -> str | None:
             "some of this run's test rows were in its train split, so its re-measured figures are optimistic")
 
 
-def _groups_unseen_by_rows(card: dict[str, Any], challenger: Challenger) -> str | None:
+def _flattered_by_its_split(card: dict[str, Any], challenger: Challenger) -> str | None:
     """Why a champion measured on the rows it never trained on is still flattered, where this
-    run keeps each group of a column together and the champion's split did not: a test row
-    the champion never saw may be of a patient (a customer) whose other rows it trained on.
-    None otherwise."""
+    run's split keeps what the champion's did not: each group of a column together (a test
+    row the champion never saw may be of a patient, a customer, whose other rows it trained
+    on), or the rows in time order (it trained on rows of this run's test period). None otherwise."""
     theirs, ours = card.get("data_split") or {}, challenger.data_split or {}
-    column = ours.get("groups")
-    if not column or theirs.get("groups") == column:
+    if (column := ours.get("groups")) and theirs.get("groups") != column:
+        kept, why = (f"did not keep each {column!r} group in one split",
+                     f"this run's test rows may belong to {column!r} groups it trained on")
+    elif (column := ours.get("time")) and theirs.get("time") != column:
+        kept, why = (f"was not in {column!r} order", "it trained on rows from this run's test period")
+    else:
         return None
-    return (f"the champion's split did not keep each {column!r} group in one split ({split_text(theirs)}"
-            if theirs else f"the champion recorded no split of its data (this run: {split_text(ours)}") + (
-        f"): this run's test rows may belong to {column!r} groups it trained on, so its re-measured figures are "
-        "optimistic")
+    return (f"the champion's split {kept} ({split_text(theirs)}" if theirs else
+            f"the champion recorded no split of its data (this run: {split_text(ours)}") + (
+        f"): {why}, so its re-measured figures are optimistic")
 
 
 def _versus(challenger: Challenger, card: dict[str, Any], basis: str, theirs: float, their_predictions: Any,

@@ -69,6 +69,10 @@ class RawData:
     channels_last: bool = False
     # A CSV's group column (prepare.csv_group_column): each row's group, as written; None: none.
     groups: np.ndarray | None = None
+    # A CSV's time column (prepare.csv_time_column): when each row was observed (float64:
+    # seconds since 1970 for dates, else the numbers), and time_kind "date" or "number"; None: none.
+    times: np.ndarray | None = None
+    time_kind: str = ""
 
     @property
     def file_shape(self) -> tuple[int, ...]:

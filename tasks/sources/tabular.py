@@ -19,6 +19,7 @@ from tasks.sources.common import (
     MISSING_HINT, MISSING_MARKERS, DataError, RawData, check_dataset, column_labels, csv_records, integer_labels,
     require_file, require_finite, string_labels,
 )
+from tasks.sources.time_split import time_value
 
 
 logger = logging.getLogger(__name__)
@@ -160,7 +161,8 @@ MAX_CATEGORIES = 256
 
 
 def read_csv(path: Path, shown: str, label_column: str, ignore_columns: Sequence[str] = (),
-             missing: bool = False, categorical_columns: Sequence[str] = (), group_column: str | None = None) -> RawData:
+             missing: bool = False, categorical_columns: Sequence[str] = (), group_column: str | None = None,
+             time_column: str | None = None) -> RawData:
     """A CSV with a header row: every column but ``label_column`` and ``ignore_columns`` (an
     id, a free-text note) is a numeric feature, named as in the header (the registered
     model's column names); a column of ``categorical_columns`` holds categories instead
@@ -170,12 +172,16 @@ def read_csv(path: Path, shown: str, label_column: str, ignore_columns: Sequence
 
     Labels that are exactly the integers 0..K-1 are class indices (names '0'..'K-1'); other
     integers (1..K, -1/1) are class names in numeric order; any other labels are class names,
-    sorted. ``group_column`` (not a feature): each row's group, kept as ``groups``.
+    sorted. ``group_column`` (not a feature): each row's group, kept as ``groups``;
+    ``time_column`` (not a feature): when each row was observed, kept as ``times``
+    (:func:`tasks.sources.time_split.time_value`; one kind, dates or numbers, in a column).
     """
     require_file(path, shown)
     rows: list[list[float]] = []
     labels: list[str] = []
     groups: list[str] = []
+    times: list[float] = []
+    time_kind = ""
     try:
         with open(path, newline="", encoding="utf-8-sig") as handle:
             reader = csv.reader(handle)
@@ -183,9 +189,12 @@ def read_csv(path: Path, shown: str, label_column: str, ignore_columns: Sequence
             if header is None:
                 raise DataError(f"{shown}: empty file; expected a header row")
             header = [name.strip() for name in header]
-            group_at = None if group_column is None else _group_column(header, group_column, label_column,
-                                                                      categorical_columns, shown)
-            left_out = [*ignore_columns, *([group_column] if group_column and group_column not in ignore_columns else [])]
+            group_at = None if group_column is None else _column_no_feature(
+                header, group_column, "csv_group_column", "group", label_column, categorical_columns, shown)
+            time_at = None if time_column is None else _column_no_feature(
+                header, time_column, "csv_time_column", "time", label_column, categorical_columns, shown)
+            left_out = [*ignore_columns, *(column for column in (group_column, time_column)
+                                           if column and column not in ignore_columns)]
             label_at, features = _feature_columns(header, label_column, left_out, shown, categorical_columns)
             numeric = [i for i in features if header[i] not in categorical_columns]
             numeric_names = tuple(header[i] for i in numeric)
@@ -204,6 +213,14 @@ def read_csv(path: Path, shown: str, label_column: str, ignore_columns: Sequence
                         raise DataError(f"{shown}: line {line}, column {group_column!r}: empty group "
                                         "(prepare.csv_group_column: every row names its group)")
                     groups.append(group)
+                if time_at is not None:
+                    value, kind = time_value(fields[time_at], header[time_at], shown, line)
+                    if time_kind and kind != time_kind:
+                        raise DataError(f"{shown}: line {line}, column {time_column!r}: {fields[time_at].strip()!r} is "
+                                        f"a {kind}, but the rows before hold {time_kind}s (prepare.csv_time_column: "
+                                        "one kind of time in a column)")
+                    times.append(value)
+                    time_kind = kind
                 integers.difference_update([j for j in integers if not _INTEGER.fullmatch(values[j])])
                 for at, column in categorical_at:
                     column.append(_category_cell(fields[at], header[at], shown, line, missing))
@@ -217,22 +234,24 @@ def read_csv(path: Path, shown: str, label_column: str, ignore_columns: Sequence
         raise DataError(f"{shown}: header only; no data rows")
     y, class_names = column_labels(labels)
     numbers = np.array(rows, dtype=np.float32).reshape(len(rows), len(numeric))
-    grouped = None if group_at is None else np.array(groups, dtype=object)
+    kept = {"groups": None if group_at is None else np.array(groups, dtype=object),
+            "times": None if time_at is None else np.array(times, dtype=np.float64), "time_kind": time_kind}
     if not categorical_columns:
-        return check_dataset(RawData(numbers, y, class_names, numeric_names, tuple(sorted(integers)), groups=grouped),
+        return check_dataset(RawData(numbers, y, class_names, numeric_names, tuple(sorted(integers)), **kept),
                              shown, missing=missing)
     x, *columns = _with_categories(header, features, numbers, tuple(numeric[j] for j in sorted(integers)), cells, shown)
-    return check_dataset(RawData(x, y, class_names, *columns, groups=grouped), shown, missing=missing)
+    return check_dataset(RawData(x, y, class_names, *columns, **kept), shown, missing=missing)
 
 
-def _group_column(header: list[str], group_column: str, label_column: str, categorical_columns: Sequence[str],
-                  shown: str) -> int:
-    """The group column's position in ``header``; refused where it is missing, the label or a feature of categories."""
-    _require_column(header, group_column, "csv_group_column", shown)
-    if group_column == label_column or group_column in categorical_columns:
-        raise DataError(f"{shown}: prepare.csv_group_column: {group_column!r} is the label column or a categorical "
-                        "feature (csv_label_column, csv_categorical_columns); a group column is no feature")
-    return header.index(group_column)
+def _column_no_feature(header: list[str], column: str, key: str, what: str, label_column: str,
+                       categorical_columns: Sequence[str], shown: str) -> int:
+    """The position in ``header`` of a column that is no feature (``prepare.<key>``: the
+    group or the time column); refused where it is missing, the label or a feature of categories."""
+    _require_column(header, column, key, shown)
+    if column == label_column or column in categorical_columns:
+        raise DataError(f"{shown}: prepare.{key}: {column!r} is the label column or a categorical feature "
+                        f"(csv_label_column, csv_categorical_columns); a {what} column is no feature")
+    return header.index(column)
 
 
 def _with_categories(header: list[str], features: list[int], numbers: np.ndarray, integer_columns: tuple[int, ...],
@@ -364,10 +383,21 @@ def _parse_floats(fields: list[str], names: Sequence[str], shown: str, line: int
         try:
             value = float(field)
         except ValueError:
-            raise DataError(f"{shown}: line {line}, column {name!r}: not a number: {field.strip()!r} (a column of "
-                            "categories goes in prepare.csv_categorical_columns; prepare.csv_ignore_columns leaves "
-                            "one out; prepare.csv_group_column names whom each row belongs to)") from None
+            raise DataError(f"{shown}: line {line}, column {name!r}: not a number: {field.strip()!r} "
+                            f"({_not_a_number_hint(field, name)})") from None
         if not math.isfinite(value):
             raise DataError(f"{shown}: line {line}, column {name!r}: {field.strip()!r} is not a finite number")
         values.append(value)
     return values
+
+
+def _not_a_number_hint(field: str, column: str) -> str:
+    """What to do with a feature column whose ``field`` is not a number: a date or time has a
+    setting of its own; any other text is a category, or no feature."""
+    try:
+        time_value(field, column, "", 0)
+    except DataError:
+        return ("a column of categories goes in prepare.csv_categorical_columns; prepare.csv_ignore_columns leaves "
+                "one out; prepare.csv_group_column names whom each row belongs to")
+    return (f"a date or time: prepare.csv_time_column: {column} splits the rows in its order, the latest rows the "
+            "test split; prepare.csv_ignore_columns leaves it out")
