@@ -183,8 +183,13 @@ def test_a_bad_time_column_is_refused_naming_it(case: str, tmp_path: Path) -> No
     ("{source: csv, path: data/raw/d.csv, csv_time_column: date, csv_group_column: patient}",
      r"csv_group_column patient and csv_time_column date: a split keeps each group together or splits in time "
      r"order, not both; set one"),
+    ("{source: csv, path: data/raw/d.csv, csv_time_column: date, duplicates: together}",
+     r"duplicates together: csv_time_column date decides the split \(copies observed at one time fall in one split, "
+     r"and a copy observed later is a new observation\); leave duplicates at auto"),
+    ("{source: csv, path: data/raw/d.csv, csv_group_column: patient, duplicates: apart}",
+     r"duplicates apart: csv_group_column patient decides the split \(a record's copies are rows of its group\)"),
 ])
-def test_a_time_column_is_for_a_csv_and_not_with_groups(yaml: str, expected: str, tmp_path: Path) -> None:
+def test_a_time_column_is_for_a_csv_and_decides_the_split_alone(yaml: str, expected: str, tmp_path: Path) -> None:
     params = tmp_path / "params.yaml"
     params.write_text(f"prepare: {yaml}\n")
     with pytest.raises(ParamsError, match=expected):

@@ -165,6 +165,12 @@ class PrepareParams(_Strict):
         if self.csv_group_column and self.csv_time_column:
             raise ValueError(f"csv_group_column {self.csv_group_column} and csv_time_column {self.csv_time_column}: "
                              "a split keeps each group together or splits in time order, not both; set one")
+        if self.duplicates != "auto" and (column := self.csv_group_column or self.csv_time_column):
+            key, why = (("csv_group_column", "a record's copies are rows of its group") if self.csv_group_column else
+                        ("csv_time_column", "copies observed at one time fall in one split, and a copy observed "
+                         "later is a new observation"))
+            raise ValueError(f"duplicates {self.duplicates}: {key} {column} decides the split ({why}); leave "
+                             "duplicates at auto")
         if self.missing_values == "median" and (gives := _GIVES_NO_ROWS.get(self.source)):
             raise ValueError(f"missing_values median: source {self.source!r} gives {gives}, not rows of features; "
                              "only rows have missing values to fill (refuse)")
