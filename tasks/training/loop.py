@@ -332,7 +332,10 @@ def finish(
          # whether the run was still improving when its epochs ran out (the evaluate stage says so)
          "fit": {"epochs": job.epochs, "epochs_run": state["epoch"], "patience": job.patience,
                  "val_accuracy_late_gain_pts": late_gain, "monitor": job.monitor,
-                 "most_accurate_epoch": top_epoch, "val_accuracy_missed_pts": missed},
+                 "most_accurate_epoch": top_epoch, "val_accuracy_missed_pts": missed,
+                 # the best epoch on its training rows and on the validation split (a model that memorized)
+                 "train_accuracy": history[best["epoch"] - 1]["train_accuracy"],
+                 "val_accuracy": history[best["epoch"] - 1]["val_accuracy"]},
          "ranks_at_end": ranks, **({"start": state["start"]} if state["start"] else {}),
          **({"qat_engine": job.qat} if job.qat else {}),
          # what training it cost, every rank summed (the baseline's make_energy_j)
