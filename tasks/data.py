@@ -394,6 +394,25 @@ def data_split(prepared: Path) -> dict[str, Any] | None:
         return None
 
 
+def described_test_split(prepared: Path) -> dict[str, str]:
+    """What the evaluation's tables and report say about a test split not drawn at random
+    from the card: ``test_split`` (in words: the latest rows of a split in time order, the
+    groups of a split by group) and ``test_groups`` (the group column, whose groups the
+    changes' noise counts); empty for a random split, or a card that does not say."""
+    try:
+        card = json.loads((prepared / "card.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    if time := card.get("time"):
+        test = time["splits"]["test"]
+        return {"test_split": f"its latest {test['rows']:,} rows, {test['first']} to {test['last']} in "
+                              f"{time['column']!r} order"}
+    if groups := card.get("groups"):
+        return {"test_split": f"{groups['split_groups']['test']:,} {groups['column']!r} groups no model trained on",
+                "test_groups": str(groups["column"])}
+    return {}
+
+
 def spec_for_data(spec: ModelSpec, preprocessing: Preprocessing) -> ModelSpec:
     """``spec`` with the vocabulary of token data (text) filled in from the prepared data."""
     if not preprocessing.is_text:

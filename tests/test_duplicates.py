@@ -13,7 +13,7 @@ import pytest
 
 from tasks.core.classification import class_disagreements, paired_change_noise, paired_standard_error
 from tasks.core.config import ParamsError, PrepareParams, load_params
-from tasks.data import data_split, record_ids
+from tasks.data import data_split, described_test_split, record_ids
 from tasks.prepare import prepare_data, write_prepared
 from tasks.sources import DataError
 from tasks.sources.splits import copies_kept_together, find_duplicates, stratified_split
@@ -357,6 +357,8 @@ def test_a_group_column_keeps_each_groups_rows_in_one_split_and_the_test_figure_
     from tasks.evaluation.challenge import split_text
 
     assert split_text(data_split(tmp_path / "prepared")) == "seed 42, val/test 0.15/0.25, each 'patient' group in one split"
+    assert described_test_split(tmp_path / "prepared") == {
+        "test_split": f"{card['split_groups']['test']} 'patient' groups no model trained on", "test_groups": "patient"}
 
 
 @pytest.mark.parametrize("case", ["no such column", "the label", "an empty cell", "too few groups"])

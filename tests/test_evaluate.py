@@ -433,6 +433,30 @@ def test_the_closing_table_uses_the_shared_columns(evaluated: dict[str, Any]) ->
     assert rows["baseline"]["speedup_x"] == 1.0 and rows[evaluation.champion]["gate"] == "champion"
 
 
+def test_the_closing_table_and_report_say_how_the_test_split_was_drawn(evaluated: dict[str, Any]) -> None:
+    """A split in time order or by group: the table's title and the report's methods say
+    which rows the test split holds, and the noise note counts a group's rows together."""
+    import copy
+
+    from tasks.core.tables import as_text
+    from tasks.evaluation.report import _methods
+    from tasks.evaluation.summary import summary_table
+
+    evaluation = copy.deepcopy(evaluated["evaluation"])
+    test_samples = evaluation.settings["test_samples"]
+    evaluation.settings.update(test_split="its latest 200 rows, 2025-07-08 to 2025-12-30 in 'date' order")
+    table = summary_table(evaluation)
+    assert table.title == ("slimflow evaluation (test split: its latest 200 rows, 2025-07-08 to 2025-12-30 in 'date' "
+                           "order)")
+    assert _methods(evaluation, None)[0] == (f"- Test split: {test_samples} samples, {evaluation.settings['classes']} "
+                                             "classes; its latest 200 rows, 2025-07-08 to 2025-12-30 in 'date' order.")
+    evaluation.settings.update(test_split="12 'patient' groups no model trained on", test_groups="patient",
+                               test_records=12)
+    assert (f"counted over its 12 'patient' groups, each group's rows among its {test_samples} samples counted "
+            "together)") in " ".join(as_text(summary_table(evaluation)).split())
+    assert summary_table(evaluated["evaluation"]).title == "slimflow evaluation (test split)"  # at random: as before
+
+
 # ---------------------------------------------------------------------------- the command line
 def _cli_project(tmp_path: Path, params_text: str) -> Path:
     (tmp_path / "dvc.yaml").write_text("stages: {}\n")

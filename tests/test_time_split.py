@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from tasks.core.config import ParamsError, load_params
-from tasks.data import data_split
+from tasks.data import data_split, described_test_split
 from tasks.evaluation.challenge import split_text
 from tasks.prepare import write_prepared
 from tasks.sources import DataError
@@ -90,6 +90,9 @@ def test_a_time_column_trains_on_the_past_and_its_test_figure_is_what_the_next_m
     assert data_split(tmp_path / "prepared") == {"seed": 42, "val_fraction": 0.15, "test_fraction": 0.25,
                                                  "time": "date"}
     assert split_text(data_split(tmp_path / "prepared")) == "seed 42, val/test 0.15/0.25, in 'date' order"
+    assert described_test_split(tmp_path / "prepared") == {  # what the closing table and the report say
+        "test_split": f"its latest {len(days['test'])} rows, {_date(days['test'].min())} to {_date(day.max())} in "
+                      "'date' order"}
 
 
 def test_rows_of_one_time_stay_in_one_split_and_numbers_are_times_too(tmp_path: Path) -> None:

@@ -108,9 +108,13 @@ CHANGE_NOISE_NOTE = ("Δ acc ±: one standard error of the change, paired with t
 
 def change_noise_note(settings: dict) -> str:
     """:data:`CHANGE_NOISE_NOTE`, saying where the test split's copies of one record were
-    counted once (``settings["test_records"]``: its distinct records)."""
+    counted once (``settings["test_records"]``: its distinct records), or a group's rows
+    (``settings["test_groups"]``: the group column)."""
     if "test_records" not in settings:
         return CHANGE_NOISE_NOTE
+    if column := settings.get("test_groups"):  # prepare.csv_group_column: a group's rows are counted as one
+        return (f"{CHANGE_NOISE_NOTE[:-1]}; counted over its {settings['test_records']:,} {column!r} groups, each "
+                f"group's rows among its {settings['test_samples']:,} samples counted together)")
     return (f"{CHANGE_NOISE_NOTE[:-1]}; counted over its {settings['test_records']:,} distinct records, each record's "
             f"copies among its {settings['test_samples']:,} samples right or wrong together)")
 

@@ -63,7 +63,7 @@ def measure_models(
     predictions, accuracy and confusion matrices; no costs yet) while the memory probe
     process runs, before anything is timed: the evaluate stage logs the models to MLflow
     and draws their figures there (work the timing must not share the CPU with)."""
-    from tasks.data import load_preprocessing, load_split, record_ids
+    from tasks.data import described_test_split, load_preprocessing, load_split, record_ids
 
     preprocessing = load_preprocessing(prepared)
     test = load_split(prepared, "test", preprocessing)
@@ -118,6 +118,7 @@ def measure_models(
     settings = _settings(len(test.y), len(class_names), params, meter)
     if records is not None:  # the changes' noise counts copies of one record once
         settings["test_records"] = int(records.max()) + 1
+    settings.update(described_test_split(prepared))  # a split in time order or by group says so
     if preprocessing.is_text:  # a text model's cost grows with the sequence: say which one was timed
         settings["sequence_length"] = int(preprocessing.input_shape[0])
     return Evaluation(results, class_names, test.y, settings, records=records)

@@ -50,6 +50,7 @@ def _methods(evaluation: Evaluation, data_digest: str | None) -> list[str]:
     s = evaluation.settings
     return [f"- {line}" for line in [
         f"Test split: {s['test_samples']} samples, {s['classes']} classes"
+        + (f"; {s['test_split']}" if "test_split" in s else "")
         + (f", data digest `{data_digest}`" if data_digest else "") + ".",
         f"CPU: {s['cpu']}; {s['threads']} thread(s) (torch intra-op and ONNX Runtime intra-op).",
         f"Latency: wall clock at batch 1, {s['latency_repeats']} interleaved rounds x "

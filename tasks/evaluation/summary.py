@@ -64,6 +64,7 @@ def summary_table(evaluation: Evaluation) -> Table:
         + (promotion.reason if promotion else "")
     )
     return results_table(
-        summary_rows(evaluation), SUMMARY_COLUMNS, title="slimflow evaluation (test split)", caption=caption,
+        summary_rows(evaluation), SUMMARY_COLUMNS, caption=caption,
+        title="slimflow evaluation (test split" + (f": {s['test_split']})" if "test_split" in s else ")"),
         highlight=lambda row: row["gate"] == "champion",
     )
