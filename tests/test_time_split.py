@@ -107,6 +107,9 @@ def test_rows_of_one_time_stay_in_one_split_and_numbers_are_times_too(tmp_path: 
     assert prepared.card["split_sizes"] == {"train": 360, "val": 90, "test": 150}
     assert prepared.card["time"]["kind"] == "number"
     assert prepared.card["time"]["splits"]["test"] == {"rows": 150, "first": "15", "last": "19"}
+    path = _write(tmp_path, x, y, [1_709_550_000 + 3600 * int(w) for w in week], column="week")  # Unix times
+    unix = prepared_csv(tmp_path, path, csv_time_column="week", val_fraction=0.12, test_fraction=0.22)
+    assert unix.card["time"]["splits"]["test"]["last"] == "1709618400"
 
 
 def test_times_of_day_and_zones_are_ordered_as_instants(tmp_path: Path) -> None:

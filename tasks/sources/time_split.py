@@ -55,8 +55,8 @@ def time_value(cell: str, column: str, shown: str, line: int) -> tuple[float, st
 def time_text(value: float, kind: str, dates_only: bool) -> str:
     """A time as the card and the log write it: ``2024-03-04`` (dates without a time of day),
     ``2024-03-04T10:15:00+00:00``, or the number."""
-    if kind == NUMBER:
-        return f"{value:g}"
+    if kind == NUMBER:  # every digit of a Unix time, not 1.70955e+09
+        return f"{value:.15g}"
     moment = dt.datetime.fromtimestamp(value, dt.timezone.utc)
     return moment.date().isoformat() if dates_only else moment.isoformat()
 
