@@ -42,6 +42,19 @@ def test_the_report_and_the_flow_say_the_champions_gains_in_the_same_words() -> 
     assert headline(evaluation) == f"**Champion: int8**: {champion_sentence('int8', ROWS[1]).split(': ', 1)[1]}."
     assert headline(evaluation).endswith("latency p50 0.400 ms (2.00× slower) vs the baseline.")
 
+    # The gate's pick that lost its challenge is not called the champion, nor the version it lost to its own
+    # (the report said "Registered as `slimflow-drift` version 1 (@champion)" of a model that was not).
+    from tasks.evaluation.promotion import Promotion
+
+    evaluation.promotion = Promotion(False, "slimflow-drift", "pruned-l1-auto-int8-static-ort", "1", None,
+                                     "int8 accuracy 0.5543 vs the champion's ... 0.0412 worse")
+    assert headline(evaluation) == (
+        f"**Best of this run (not promoted): int8**: {champion_sentence('int8', ROWS[1]).split(': ', 1)[1]}. "
+        "`@champion` of `slimflow-drift` stays version 1 (pruned-l1-auto-int8-static-ort): see Challenger vs. "
+        "champion.")
+    evaluation.promotion = Promotion(True, "slimflow-drift", "int8", "2", "1", "promoted")
+    assert headline(evaluation).endswith("vs the baseline. Registered as `slimflow-drift` version 2 (@champion).")
+
 
 def test_the_comparison_artifact_is_formatted() -> None:
     table = comparison_table(ROWS)

@@ -41,9 +41,18 @@ def headline(evaluation: Evaluation) -> str:
         f" Registered as `{promotion.registered_model}` version {promotion.version} (@champion)."
         if promotion and promotion.version else ""
     )
+    # The gate's pick that lost its challenge (or reads another input) is no champion: the flow's
+    # result says "best of this run (not promoted)", and so does the report.
+    title = "Champion"
+    if promotion and not promotion.promoted:
+        title = "Best of this run (not promoted)"
+        registered = (f" `@champion` of `{promotion.registered_model}` stays version {promotion.version} "
+                      f"({promotion.champion}): see Challenger vs. champion." if promotion.version else
+                      f" No version of `{promotion.registered_model}` holds `@champion`.")
     if evaluation.champion == BASELINE:
-        return f"**Champion: baseline** (accuracy {cell(names.ACCURACY, m)}%): no variant beats it within the gate.{registered}"
-    return f"**Champion: {evaluation.champion}**: {gains_sentence(m)}.{registered}"
+        return (f"**{title}: baseline** (accuracy {cell(names.ACCURACY, m)}%): no variant beats it within the "
+                f"gate.{registered}")
+    return f"**{title}: {evaluation.champion}**: {gains_sentence(m)}.{registered}"
 
 
 def _methods(evaluation: Evaluation, data_digest: str | None) -> list[str]:
