@@ -111,7 +111,7 @@ def read_raw(params: PrepareParams, root: Path) -> tuple[RawData | RawText, dict
     elif params.source == "csv":
         raw = read_csv(path, params.path, params.csv_label_column, params.csv_ignore_columns,
                        params.missing_values == "median", params.csv_categorical_columns, params.csv_group_column,
-                       params.csv_time_column)
+                       params.csv_time_column, params.csv_time_format)
         extra = {"label_column": params.csv_label_column,
                  **({"ignored_columns": list(params.csv_ignore_columns)} if params.csv_ignore_columns else {})}
     elif params.source == "image_folder":

@@ -126,6 +126,23 @@ def test_times_of_day_and_zones_are_ordered_as_instants(tmp_path: Path) -> None:
     assert prepared.card["time"]["splits"]["test"]["last"] == "2025-03-06T11:00:00+00:00"
 
 
+def test_another_layout_of_dates_is_read_as_its_format_says(tmp_path: Path) -> None:
+    x, y, day = _drifting(300, seed=8)
+    iso = prepared_csv(tmp_path, _write(tmp_path, x, y, [_date(d) for d in day]), csv_time_column="date")
+    day_first = [(START + dt.timedelta(days=int(d))).strftime("%d/%m/%Y") for d in day]
+    path = _write(tmp_path, x, y, day_first)
+    with pytest.raises(DataError, match=r"line 2, column 'date': not a time: '\d\d/\d\d/2\d\d\d' .*prepare.csv_time_format "
+                                        r"reads another layout, e.g. '%d/%m/%Y'"):
+        prepared_csv(tmp_path, path, csv_time_column="date")
+    read = prepared_csv(tmp_path, path, csv_time_column="date", csv_time_format="%d/%m/%Y")
+    assert read.card["time"] == iso.card["time"]  # the same days, the same split
+    assert all(np.array_equal(read.splits[split][0], iso.splits[split][0]) for split in ("train", "val", "test"))
+    day_first[5] = "2024-03-04"
+    with pytest.raises(DataError, match=r"line 7, column 'date': '2024-03-04' is no time written as "
+                                        r"prepare.csv_time_format '%d/%m/%Y'$"):
+        prepared_csv(tmp_path, _write(tmp_path, x, y, day_first), csv_time_column="date", csv_time_format="%d/%m/%Y")
+
+
 def test_the_stage_says_how_it_split_in_time(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -192,6 +209,11 @@ def test_a_bad_time_column_is_refused_naming_it(case: str, tmp_path: Path) -> No
     ("{source: csv, path: data/raw/d.csv, csv_time_column: date, duplicates: together}",
      r"duplicates together: csv_time_column date decides the split \(copies observed at one time fall in one split, "
      r"and a copy observed later is a new observation\); leave duplicates at auto"),
+    ("{source: csv, path: data/raw/d.csv, csv_time_format: '%d/%m/%Y'}",
+     r"csv_time_format '%d/%m/%Y': a strptime format such as '%d/%m/%Y' for the cells of csv_time_column, which is "
+     r"not set"),
+    ("{source: csv, path: data/raw/d.csv, csv_time_column: date, csv_time_format: dd/mm/yyyy}",
+     r"csv_time_format 'dd/mm/yyyy': a strptime format such as '%d/%m/%Y' for the cells of csv_time_column$"),
     ("{source: csv, path: data/raw/d.csv, csv_group_column: patient, duplicates: apart}",
      r"duplicates apart: csv_group_column patient decides the split \(a record's copies are rows of its group\)"),
 ])

@@ -108,6 +108,9 @@ class PrepareParams(_Strict):
     # the test split measures what a model does on rows after the ones it learned from; not a
     # feature. Not with csv_group_column.
     csv_time_column: str | None = None
+    # csv: how csv_time_column's cells are written where they are no ISO 8601 dates or
+    # numbers: a strptime format, e.g. '%d/%m/%Y' or '%m/%d/%Y %H:%M' (no layout is guessed).
+    csv_time_format: str | None = None
     # text_table (a .csv, or .tsv tab-separated) / text_folder (one sub-folder of .txt per
     # class): a word-level tokenizer trained on the train split, text_vocab_size words at
     # most; every text becomes text_max_length token ids (truncated, or padded with id 0).
@@ -162,6 +165,9 @@ class PrepareParams(_Strict):
             if getattr(self, key) and self.source != "csv":
                 raise ValueError(f"{key} {getattr(self, key)}: source {self.source!r} has no named columns; only csv "
                                  "reads it")
+        if self.csv_time_format is not None and (not self.csv_time_column or "%" not in self.csv_time_format):
+            raise ValueError(f"csv_time_format {self.csv_time_format!r}: a strptime format such as '%d/%m/%Y' for "
+                             "the cells of csv_time_column" + ("" if self.csv_time_column else ", which is not set"))
         if self.csv_group_column and self.csv_time_column:
             raise ValueError(f"csv_group_column {self.csv_group_column} and csv_time_column {self.csv_time_column}: "
                              "a split keeps each group together or splits in time order, not both; set one")

@@ -162,7 +162,7 @@ MAX_CATEGORIES = 256
 
 def read_csv(path: Path, shown: str, label_column: str, ignore_columns: Sequence[str] = (),
              missing: bool = False, categorical_columns: Sequence[str] = (), group_column: str | None = None,
-             time_column: str | None = None) -> RawData:
+             time_column: str | None = None, time_format: str | None = None) -> RawData:
     """A CSV with a header row: every column but ``label_column`` and ``ignore_columns`` (an
     id, a free-text note) is a numeric feature, named as in the header (the registered
     model's column names); a column of ``categorical_columns`` holds categories instead
@@ -174,7 +174,8 @@ def read_csv(path: Path, shown: str, label_column: str, ignore_columns: Sequence
     integers (1..K, -1/1) are class names in numeric order; any other labels are class names,
     sorted. ``group_column`` (not a feature): each row's group, kept as ``groups``;
     ``time_column`` (not a feature): when each row was observed, kept as ``times``
-    (:func:`tasks.sources.time_split.time_value`; one kind, dates or numbers, in a column).
+    (:func:`tasks.sources.time_split.time_value`, every cell as ``time_format`` where it is
+    given; one kind, dates or numbers, in a column).
     """
     require_file(path, shown)
     rows: list[list[float]] = []
@@ -214,7 +215,7 @@ def read_csv(path: Path, shown: str, label_column: str, ignore_columns: Sequence
                                         "(prepare.csv_group_column: every row names its group)")
                     groups.append(group)
                 if time_at is not None:
-                    value, kind = time_value(fields[time_at], header[time_at], shown, line)
+                    value, kind = time_value(fields[time_at], header[time_at], shown, line, time_format)
                     if time_kind and kind != time_kind:
                         raise DataError(f"{shown}: line {line}, column {time_column!r}: {fields[time_at].strip()!r} is "
                                         f"a {kind}, but the rows before hold {time_kind}s (prepare.csv_time_column: "

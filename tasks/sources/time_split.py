@@ -27,13 +27,21 @@ DATE, NUMBER = "date", "number"
 _DAY = 86_400.0
 
 
-def time_value(cell: str, column: str, shown: str, line: int) -> tuple[float, str]:
+def time_value(cell: str, column: str, shown: str, line: int, time_format: str | None = None) -> tuple[float, str]:
     """A time cell as a number (dates: seconds since 1970 in UTC; a date or time without a
-    zone is read as UTC) and its kind (:data:`DATE` or :data:`NUMBER`)."""
+    zone is read as UTC) and its kind (:data:`DATE` or :data:`NUMBER`). ``time_format``
+    (``prepare.csv_time_format``, a ``strptime`` format such as ``%d/%m/%Y``): how every cell
+    is written, where it is no ISO 8601 date or number."""
     text = cell.strip()
     if not text:
         raise DataError(f"{shown}: line {line}, column {column!r}: empty time (prepare.csv_time_column: every row says "
                         "when it was observed)")
+    if time_format is not None:
+        try:
+            return _utc_seconds(dt.datetime.strptime(text, time_format)), DATE
+        except ValueError:
+            raise DataError(f"{shown}: line {line}, column {column!r}: {text!r} is no time written as "
+                            f"prepare.csv_time_format {time_format!r}") from None
     try:
         number = float(text)
     except ValueError:
@@ -46,10 +54,16 @@ def time_value(cell: str, column: str, shown: str, line: int) -> tuple[float, st
     except ValueError:
         raise DataError(f"{shown}: line {line}, column {column!r}: not a time: {text!r} (prepare.csv_time_column "
                         "reads ISO 8601 dates and times such as 2024-03-04 or 2024-03-04T10:15:00, or numbers such "
-                        "as a day index or a Unix time)") from None
+                        "as a day index or a Unix time; prepare.csv_time_format reads another layout, e.g. "
+                        "'%d/%m/%Y' or '%m/%d/%Y %H:%M')") from None
+    return _utc_seconds(moment), DATE
+
+
+def _utc_seconds(moment: dt.datetime) -> float:
+    """Seconds since 1970; a moment without a zone is read as UTC."""
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=dt.timezone.utc)
-    return moment.timestamp(), DATE
+    return moment.timestamp()
 
 
 def time_text(value: float, kind: str, dates_only: bool) -> str:
