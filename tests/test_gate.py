@@ -831,6 +831,32 @@ def test_a_champion_is_compared_only_on_the_test_rows_it_never_trained_on() -> N
     assert document["compared_on"]["compared"] == 120 and "keep" not in document["compared_on"]
 
 
+def test_a_challenger_worse_within_chance_keeps_out_but_the_decision_says_it_was_chance() -> None:
+    """As in a drift run (3 of 113 rows behind the champion, 0.0265 worse): here 3 of 120 rows
+    behind, 0.0250 worse, more than max_accuracy_drop, so the champion stays; the decision says
+    a difference that small is within what the rows measure."""
+    import dataclasses
+
+    import numpy as np
+
+    labels = np.tile([0, 1], 60)
+    theirs, ours = labels.copy(), labels.copy()
+    theirs[:20] ^= 1  # the champion wrong on 20 rows, the challenger on those and 4 more,
+    ours[:20] ^= 1
+    ours[30:34] ^= 1
+    ours[5] ^= 1  # and right on one the champion gets wrong: 3 rows behind of 120
+    challenger = dataclasses.replace(_challenger({}, accuracy=float((ours == labels).mean())), labels=labels,
+                                     predictions=ours, class_names=("a", "b"))
+    remeasured = {"accuracy": float((theirs == labels).mean()), "macro_f1": 0.8, "predictions": theirs}
+    champion = _champion_version(None, accuracy=0.9)
+    champion.tags.update(git_commit="def")  # other code: re-measured
+    decision = _decide(challenger, champion, remeasured)
+    assert decision.verdict == "worse"
+    assert decision.reason.endswith(
+        "0.0250 worse (±0.0186, one standard error paired on the same 120 test rows: within chance), more than "
+        "max_accuracy_drop 0.01")
+
+
 def test_too_few_unseen_test_rows_compare_the_whole_split_and_say_it_flatters_the_champion() -> None:
     from tasks.evaluation.challenge import MIN_UNSEEN_ROWS, decide
 
@@ -839,6 +865,12 @@ def test_too_few_unseen_test_rows_compare_the_whole_split_and_say_it_flatters_th
                       class_tolerance=0.1, seen_by_champion=lambda version: seen)
     assert decision.verdict == "worse" and decision.basis == "re-measured on this run's test split"
     assert decision.compared_on is None  # the whole split, not the 49 rows
+    from tasks.core.classification import paired_change_noise
+
+    noise, _ = paired_change_noise(remeasured["predictions"] == challenger.labels,
+                                   challenger.predictions == challenger.labels)
+    assert (f"0.1000 worse (±{noise:.4f}, one standard error paired on the same 200 test rows: beyond chance), more "
+            "than max_accuracy_drop 0.01") in decision.reason
     assert decision.reason.endswith(
         f"(151 of this run's 200 test rows were in the champion's train or validation split, leaving fewer than "
         f"{MIN_UNSEEN_ROWS} it never saw to compare on: its re-measured figures are optimistic)")

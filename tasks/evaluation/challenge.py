@@ -46,7 +46,9 @@ import numpy as np
 
 from tasks.core.classification import (
     class_disagreements, class_recall_problem, class_recall_within_chance, classification_metrics, index_names,
+    paired_change_noise,
 )
+from tasks.evaluation.gate import BEYOND_CHANCE
 from tasks.evaluation.signature import column_difference, describe, same_input
 
 _EPS = 1e-9
@@ -461,7 +463,8 @@ def _versus(challenger: Challenger, card: dict[str, Any], basis: str, theirs: fl
     versus = (f"{challenger.name} accuracy {ours:.4f} vs the champion's (version {card['version']}, "
               f"{card['variant']}) {theirs:.4f}, {basis}")
     if ours + tolerance + _EPS < theirs:
-        return Decision(False, "worse", f"{versus}: {theirs - ours:.4f} worse, more than max_accuracy_drop "
+        noise = _difference_noise(challenger, their_predictions)
+        return Decision(False, "worse", f"{versus}: {theirs - ours:.4f} worse{noise}, more than max_accuracy_drop "
                         f"{tolerance:g}", basis=basis, champion=card), False
     within = f"{versus}: within max_accuracy_drop {tolerance:g}"
     if class_tolerance is not None and challenger.per_class:
@@ -478,6 +481,26 @@ def _versus(challenger: Challenger, card: dict[str, Any], basis: str, theirs: fl
                                                              pairs)):
                 within += f" ({note})"
     return Decision(True, "not_worse", within, basis=basis, champion=card), False
+
+
+def _difference_noise(challenger: Challenger, their_predictions: Any) -> str:
+    """`` (±0.0180, one standard error paired on the same 267 test rows: beyond chance)``:
+    how finely this run's test rows measure the accuracy difference, where the champion was
+    re-measured on them (copies of one record, or a group's rows, counted once); empty
+    otherwise. The verdict stays max_accuracy_drop's: the champion keeps the alias unless the
+    challenger is within it."""
+    labels, ours = challenger.labels, challenger.predictions
+    if their_predictions is None or ours is None or labels is None or np.shape(their_predictions) != np.shape(labels):
+        return ""
+    records = challenger.test_records
+    theirs_right, ours_right = np.asarray(their_predictions) == labels, np.asarray(ours) == labels
+    noise, _ = paired_change_noise(theirs_right, ours_right,
+                                   records if records is not None and len(records) == len(labels) else None)
+    if noise != noise:  # nan: fewer than two rows
+        return ""
+    difference = float(theirs_right.mean() - ours_right.mean())
+    chance = "within chance" if difference <= BEYOND_CHANCE * noise + _EPS else "beyond chance"
+    return f" (±{noise:.4f}, one standard error paired on the same {len(labels)} test rows: {chance})"
 
 
 def _paired(challenger: Challenger, their_predictions: Any) -> dict[str, tuple[int, int]] | None:
