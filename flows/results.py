@@ -27,7 +27,7 @@ from tasks.core import metric_names as names
 from tasks.core.config import Params
 from tasks.core.dvc import Reproduced
 from tasks.core.paths import ProjectPaths
-from tasks.core.tables import CHANGE_NOISE_NOTE, COLUMNS, PAYBACK_NOTE, cell, gains_sentence
+from tasks.core.tables import COLUMNS, PAYBACK_NOTE, cell, change_noise_note, gains_sentence
 
 log = logging.getLogger("slimflow.results")
 
@@ -83,7 +83,8 @@ def publish_result(
         outcome.champion = evaluated.get("champion")
         _log_result(paths, outcome, evaluated, decision, links)
     outcome.lines = result_lines(outcome, decision, run_id, (paths.evaluation / "report.html").relative_to(paths.root))
-    _prefect_artifacts(outcome, decision, run_id, links, results)
+    settings = _read_json(paths.evaluation / "models.json").get("settings", {}) if outcome.rows else {}
+    _prefect_artifacts(outcome, decision, run_id, links, results, settings if isinstance(settings, dict) else {})
     return outcome
 
 
@@ -362,16 +363,21 @@ def _figures(outcome: PipelineResult) -> dict[str, Any]:
     return next((r for r in outcome.rows if r["model"] == outcome.champion), {})
 
 
+def comparison_description(settings: dict[str, Any]) -> str:
+    """The Prefect table's description; ``settings``: the evaluation's (``models.json``), which
+    say how the test split was drawn and counted where it was not at random (the closing
+    table's title and note say the same)."""
+    drawn = f" ({settings['test_split']})" if "test_split" in settings else ""
+    return (f"Baseline and compressed variants on the test split{drawn}: size × and speed × are times smaller / "
+            f"faster than the baseline; {change_noise_note(settings)}; {PAYBACK_NOTE}; gate: champion, pass or fail.")
+
+
 def _prefect_artifacts(outcome: PipelineResult, decision: dict[str, Any], run_id: str, links: _Links,
-                       results: list[dict[str, Any]]) -> None:
+                       results: list[dict[str, Any]], settings: dict[str, Any]) -> None:
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
     if outcome.rows:
-        create_table_artifact(
-            key="variant-comparison", table=comparison_table(outcome.rows),
-            description="Baseline and compressed variants on the test split: size × and speed × are times "
-                        f"smaller / faster than the baseline; {CHANGE_NOISE_NOTE}; {PAYBACK_NOTE}; "
-                        "gate: champion, pass or fail.",
-        )
+        create_table_artifact(key="variant-comparison", table=comparison_table(outcome.rows),
+                              description=comparison_description(settings))
     create_markdown_artifact(key="mlflow-runs", markdown=runs_markdown(outcome, decision, run_id, links, results),
                              description="The result and its MLflow runs")

@@ -56,6 +56,18 @@ def test_the_report_and_the_flow_say_the_champions_gains_in_the_same_words() -> 
     assert headline(evaluation).endswith("vs the baseline. Registered as `slimflow-drift` version 2 (@champion).")
 
 
+def test_the_prefect_tables_description_says_how_the_test_split_was_drawn() -> None:
+    from flows.results import comparison_description
+
+    assert comparison_description({}).startswith("Baseline and compressed variants on the test split: size × and")
+    settings = {"test_split": "12 'patient' groups no model trained on", "test_groups": "patient",
+                "test_records": 12, "test_samples": 90}
+    described = comparison_description(settings)
+    assert described.startswith("Baseline and compressed variants on the test split (12 'patient' groups no model "
+                                "trained on): size ×")
+    assert "counted over its 12 'patient' groups, each group's rows among its 90 samples counted together)" in described
+
+
 def test_the_comparison_artifact_is_formatted() -> None:
     table = comparison_table(ROWS)
     assert table[1]["model"] == "int8" and table[1]["gate"] == "champion"
