@@ -33,6 +33,7 @@ evaluate run and a tag of the version.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -492,11 +493,9 @@ def _difference_noise(challenger: Challenger, their_predictions: Any) -> str:
     labels, ours = challenger.labels, challenger.predictions
     if their_predictions is None or ours is None or labels is None or np.shape(their_predictions) != np.shape(labels):
         return ""
-    records = challenger.test_records
     theirs_right, ours_right = np.asarray(their_predictions) == labels, np.asarray(ours) == labels
-    noise, _ = paired_change_noise(theirs_right, ours_right,
-                                   records if records is not None and len(records) == len(labels) else None)
-    if noise != noise:  # nan: fewer than two rows
+    noise, _ = paired_change_noise(theirs_right, ours_right, _test_records(challenger))
+    if math.isnan(noise):  # fewer than two rows
         return ""
     difference = float(theirs_right.mean() - ours_right.mean())
     chance = "within chance" if difference <= BEYOND_CHANCE * noise + _EPS else "beyond chance"
@@ -511,11 +510,15 @@ def _paired(challenger: Challenger, their_predictions: Any) -> dict[str, tuple[i
         return None
     if np.shape(their_predictions) != np.shape(challenger.labels):
         return None
-    records = challenger.test_records
-    if records is not None and len(records) != len(challenger.labels):
-        records = None
     return class_disagreements(challenger.labels, their_predictions, challenger.predictions,
-                               list(challenger.per_class), records)
+                               list(challenger.per_class), _test_records(challenger))
+
+
+def _test_records(challenger: Challenger) -> np.ndarray | None:
+    """The challenger's test rows' records (copies of one, or a group's rows), where there
+    is one for each of its labelled rows; None otherwise (each row its own)."""
+    records = challenger.test_records
+    return records if records is not None and len(records) == len(challenger.labels) else None
 
 
 def _as_rows(class_recall: dict[str, float], challenger: Challenger) -> dict[str, dict[str, float]]:
